@@ -1,0 +1,42 @@
+// AES-256-GCM and randomness (OpenSSL EVP). Used for shard checkpoints at rest.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace shardguard {
+
+class CryptoError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+inline constexpr size_t kAesKeyBytes = 32;
+inline constexpr size_t kGcmNonceBytes = 12;
+inline constexpr size_t kGcmTagBytes = 16;
+
+// n bytes from the OpenSSL CSPRNG.
+std::string random_bytes(size_t n);
+
+// Encrypts plaintext under a 32-byte key with a fresh random nonce, authenticating
+// aad too. Returns nonce || ciphertext || tag.
+std::string aes256gcm_seal(const std::string& key, const std::string& aad,
+                           const std::string& plaintext);
+
+// Inverse of aes256gcm_seal. Throws CryptoError("authentication failed ...") when
+// the key is wrong or any byte of the sealed text or the aad was changed; never
+// returns unauthenticated plaintext.
+std::string aes256gcm_open(const std::string& key, const std::string& aad,
+                           const std::string& sealed);
+
+// Reads a key file that must hold exactly 32 raw bytes; the error names the path
+// and the size found.
+std::string load_key_file(const std::string& path);
+
+// Writes 32 fresh random bytes to path atomically with mode 0600.
+void generate_key_file(const std::string& path);
+
+// Lower-case hex of SHA-256(data).
+std::string sha256_hex(const std::string& data);
+
+}  // namespace shardguard

@@ -1,0 +1,127 @@
+// ShardedTrainingJob: the typed spec shared by every binary, and the one place
+// where it is parsed and validated. The operator decodes the API object (JSON)
+// with job_from_json; shardctl and shardd read the same object from YAML with
+// load_job_file. Both paths produce the same errors, naming the field by its
+// path (`spec.sharding.shards`) and the offending value.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace shardguard {
+
+struct FieldError {
+  std::string path;     // e.g. "spec.training.batchSize"
+  std::string message;  // e.g. "must be at least 1, got 0"
+  std::string str() const { return path + ": " + message; }
+};
+
+// Thrown when a job cannot be decoded or fails validation. what() lists every
+// error, one per line; errors() gives them one by one.
+class JobSpecError : public std::runtime_error {
+ public:
+  explicit JobSpecError(std::vector<FieldError> errors);
+  const std::vector<FieldError>& errors() const { return errors_; }
+
+ private:
+  std::vector<FieldError> errors_;
+};
+
+struct ModelSpec {
+  std::string architecture;  // mlp | cnn | vit
+  int hidden = 128;          // mlp width; cnn classifier width; vit embedding dim
+  int depth = 3;             // mlp hidden layers; vit transformer blocks (cnn: unused)
+  int channels = 32;         // cnn: channels of the first conv block (doubles per block)
+  int heads = 4;             // vit: attention heads (hidden % heads == 0)
+  int patch_size = 7;        // vit: patch side, divides 28
+};
+
+struct DatasetSpec {
+  std::string name = "fashion-mnist";
+  std::string path = "/usr/share/datasets/fashion-mnist";
+  int64_t max_train_samples = 0;  // 0 = all; for quick runs and tests
+  int64_t max_test_samples = 0;   // 0 = all
+};
+
+struct OptimizerSpec {
+  std::string name = "adam";  // sgd | adam
+  double learning_rate = 0.001;
+  double momentum = 0.0;      // sgd only
+  double weight_decay = 0.0;
+};
+
+struct TrainingSpec {
+  int epochs = 1;
+  int batch_size = 128;
+  int micro_batches = 4;       // batch_size % micro_batches == 0
+  OptimizerSpec optimizer;
+  uint64_t seed = 1;
+  std::string schedule = "1f1b";  // 1f1b | gpipe
+  int eval_batch_size = 1000;
+};
+
+struct ShardingSpec {
+  int shards = 1;
+  std::string balance = "parameters";  // parameters | compute
+};
+
+struct ExportSpec {
+  bool allowed = false;
+  std::vector<std::string> principals;
+};
+
+struct ProtectionSpec {
+  double max_exposure = 1.0;  // (0, 1]
+  std::string topology_key = "kubernetes.io/hostname";
+  std::string trust_domain = "shardguard.local";
+  ExportSpec export_;
+};
+
+struct CheckpointSpec {
+  int every_steps = 500;
+  nlohmann::json volume = nlohmann::json::object();  // a Kubernetes volume source
+};
+
+struct RunPolicySpec {
+  int backoff_limit = 3;
+  std::optional<int64_t> active_deadline_seconds;
+  std::optional<int64_t> ttl_seconds_after_finished;
+  bool suspend = false;
+};
+
+struct JobSpec {
+  std::string name;                    // metadata.name
+  std::string namespace_ = "default";  // metadata.namespace
+  ModelSpec model;
+  DatasetSpec dataset;
+  TrainingSpec training;
+  ShardingSpec sharding;
+  ProtectionSpec protection;
+  CheckpointSpec checkpoint;
+  nlohmann::json template_ = nlohmann::json::object();  // spec.template, kept as given
+  nlohmann::json sidecar = nlohmann::json::object();    // spec.sidecar, kept as given
+  RunPolicySpec run_policy;
+};
+
+// YAML text → JSON (mappings, sequences, scalars typed as YAML 1.2 core schema).
+// Throws JobSpecError with path "<yaml>" and the line/column on a syntax error.
+nlohmann::json yaml_to_json(const std::string& yaml_text);
+
+// Decodes a whole ShardedTrainingJob object (apiVersion, kind, metadata, spec),
+// applies defaults and validates; throws JobSpecError listing every problem.
+JobSpec job_from_json(const nlohmann::json& object);
+
+// Reads a YAML (or JSON) file and calls job_from_json. A missing file is an error
+// naming the path.
+JobSpec load_job_file(const std::string& path);
+
+// Cross-field and range validation of an already decoded spec (job_from_json
+// calls it). Empty when valid.
+std::vector<FieldError> validate(const JobSpec& job);
+
+}  // namespace shardguard

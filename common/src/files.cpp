@@ -1,0 +1,132 @@
+// File helpers with no partial state (see files.h).
+#include "shardguard/common/files.h"
+
+#include <cerrno>
+#include <cstring>
+#include <string>
+
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+namespace shardguard {
+namespace {
+
+[[noreturn]] void fail(const std::string& what, const std::string& path, int err) {
+  throw FileError(what + " " + path + ": " + std::strerror(err));
+}
+
+// Closes the descriptor on scope exit unless released.
+class Fd {
+ public:
+  explicit Fd(int fd) : fd_(fd) {}
+  ~Fd() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  int get() const { return fd_; }
+  // Closes now and reports close(2)'s result, so that a failed close is an error.
+  int close_now() {
+    int fd = fd_;
+    fd_ = -1;
+    return ::close(fd);
+  }
+
+ private:
+  int fd_;
+};
+
+std::string parent_dir(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+void write_all(int fd, const char* data, size_t size, const std::string& path) {
+  while (size > 0) {
+    const ssize_t n = ::write(fd, data, size);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      fail("cannot write", path, errno);
+    }
+    data += n;
+    size -= static_cast<size_t>(n);
+  }
+}
+
+void fsync_dir(const std::string& dir) {
+  Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (fd.get() < 0) fail("cannot open directory", dir, errno);
+  if (::fsync(fd.get()) != 0) fail("cannot fsync directory", dir, errno);
+}
+
+}  // namespace
+
+std::string read_file(const std::string& path) {
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) fail("cannot open", path, errno);
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) fail("cannot stat", path, errno);
+  if (S_ISDIR(st.st_mode)) fail("cannot read", path, EISDIR);
+
+  std::string out;
+  if (st.st_size > 0) out.reserve(static_cast<size_t>(st.st_size));
+  char buf[64 * 1024];
+  for (;;) {
+    const ssize_t n = ::read(fd.get(), buf, sizeof buf);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      fail("cannot read", path, errno);
+    }
+    if (n == 0) break;
+    out.append(buf, static_cast<size_t>(n));
+  }
+  return out;
+}
+
+void write_file_atomic(const std::string& path, const std::string& data, unsigned mode) {
+  if (path.empty()) throw FileError("cannot write file: empty path");
+  std::string tmp = path + ".tmp.XXXXXX";
+  Fd fd(::mkostemp(&tmp[0], O_CLOEXEC));
+  if (fd.get() < 0) fail("cannot create temp file for", path, errno);
+
+  // From here on, any failure removes the temp file.
+  bool renamed = false;
+  try {
+    write_all(fd.get(), data.data(), data.size(), tmp);
+    // fchmod, unlike the mode given to open, is not reduced by the umask.
+    if (::fchmod(fd.get(), static_cast<mode_t>(mode & 07777)) != 0) fail("cannot chmod", tmp, errno);
+    if (::fsync(fd.get()) != 0) fail("cannot fsync", tmp, errno);
+    if (fd.close_now() != 0) fail("cannot close", tmp, errno);
+    if (::rename(tmp.c_str(), path.c_str()) != 0) fail("cannot rename " + tmp + " to", path, errno);
+    renamed = true;
+    fsync_dir(parent_dir(path));
+  } catch (...) {
+    if (!renamed) ::unlink(tmp.c_str());
+    throw;
+  }
+}
+
+void make_dirs(const std::string& path) {
+  if (path.empty()) throw FileError("cannot create directory: empty path");
+  // Create each prefix ending just before a '/', then the whole path.
+  size_t pos = 0;
+  for (;;) {
+    pos = path.find('/', pos + 1);
+    const std::string prefix = path.substr(0, pos);
+    if (!prefix.empty() && ::mkdir(prefix.c_str(), 0755) != 0) {
+      const int err = errno;
+      struct stat st {};
+      if (err != EEXIST) fail("cannot create directory", prefix, err);
+      if (::stat(prefix.c_str(), &st) != 0) fail("cannot stat", prefix, errno);
+      if (!S_ISDIR(st.st_mode)) fail("cannot create directory", prefix, ENOTDIR);
+    }
+    if (pos == std::string::npos) break;
+  }
+}
+
+}  // namespace shardguard

@@ -1,0 +1,967 @@
+// ShardedTrainingJob decoding and validation (see jobspec.h).
+//
+// Three layers, each usable on its own:
+//   yaml_to_json   YAML text -> JSON, scalars typed by the YAML 1.2 core schema
+//   job_from_json  JSON object -> JobSpec: structure, JSON types, unknown fields
+//   validate       JobSpec -> errors: ranges and cross-field rules
+// job_from_json runs validate too and throws one JobSpecError listing every
+// problem found by either layer.
+#include "shardguard/common/jobspec.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <cerrno>
+#include <cstddef>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <initializer_list>
+#include <iterator>
+#include <limits>
+#include <sstream>
+#include <system_error>
+#include <type_traits>
+#include <utility>
+
+namespace shardguard {
+
+using json = nlohmann::json;
+
+namespace {
+
+constexpr const char* kApiVersion = "shardguard.io/v1alpha1";
+constexpr const char* kKind = "ShardedTrainingJob";
+
+// Pod names are "<job>-shard-<index>" with index < 64 ("-shard-63" is 9
+// characters); they must stay DNS-1123 labels of at most 63 characters.
+constexpr std::size_t kMaxJobNameLength = 52;
+constexpr std::size_t kMaxLabelLength = 63;
+constexpr std::size_t kMaxDnsNameLength = 253;
+
+std::string join_errors(const std::vector<FieldError>& errors) {
+  if (errors.empty()) return "invalid ShardedTrainingJob";
+  std::string out;
+  for (std::size_t i = 0; i < errors.size(); ++i) {
+    if (i != 0) out += '\n';
+    out += errors[i].str();
+  }
+  return out;
+}
+
+// ---- value formatting ------------------------------------------------------
+
+// A string as a JSON literal (quoted, escaped); invalid UTF-8 is replaced
+// rather than thrown on, since this only ever feeds an error message.
+std::string quote(const std::string& s) {
+  return json(s).dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+std::string format_double(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v < 0 ? "-inf" : "inf";
+  return json(v).dump();
+}
+
+// A JSON value as it appears in a message, shortened when it is large.
+std::string show(const json& v) {
+  std::string out;
+  if (v.is_number_float()) {
+    out = format_double(v.get<double>());
+  } else {
+    out = v.dump(-1, ' ', false, json::error_handler_t::replace);
+  }
+  constexpr std::size_t kMaxShown = 80;
+  if (out.size() > kMaxShown) out = out.substr(0, kMaxShown) + "...";
+  return out;
+}
+
+std::string type_name(const json& v) {
+  switch (v.type()) {
+    case json::value_t::null: return "null";
+    case json::value_t::boolean: return "boolean";
+    case json::value_t::number_integer:
+    case json::value_t::number_unsigned: return "integer";
+    case json::value_t::number_float: return "number";
+    case json::value_t::string: return "string";
+    case json::value_t::array: return "array";
+    case json::value_t::object: return "object";
+    default: return "value";
+  }
+}
+
+// "got string \"64\"", "got null".
+std::string got(const json& v) {
+  if (v.is_null()) return "got null";
+  return "got " + type_name(v) + " " + show(v);
+}
+
+std::string join(std::initializer_list<const char*> items) {
+  std::string out;
+  for (const char* item : items) {
+    if (!out.empty()) out += ", ";
+    out += item;
+  }
+  return out;
+}
+
+// ---- YAML -> JSON ----------------------------------------------------------
+
+constexpr int kMaxYamlDepth = 256;
+// Aliases are expanded while converting; this bounds "billion laughs" input.
+constexpr std::size_t kMaxYamlNodes = 1000000;
+
+std::string mark_text(const YAML::Mark& mark) {
+  if (mark.is_null()) return "";
+  return "line " + std::to_string(mark.line + 1) + ", column " + std::to_string(mark.column + 1) +
+         ": ";
+}
+
+[[noreturn]] void yaml_fail(const YAML::Mark& mark, const std::string& message) {
+  throw JobSpecError({FieldError{"<yaml>", mark_text(mark) + message}});
+}
+
+bool is_digits(const std::string& s, std::size_t from, int base) {
+  if (from >= s.size()) return false;
+  for (std::size_t i = from; i < s.size(); ++i) {
+    const char c = s[i];
+    bool ok = false;
+    if (base == 8) ok = c >= '0' && c <= '7';
+    else if (base == 10) ok = c >= '0' && c <= '9';
+    else ok = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+    if (!ok) return false;
+  }
+  return true;
+}
+
+std::optional<double> parse_double(const std::string& text) {
+  std::string s = text;
+  if (!s.empty() && s[0] == '+') s.erase(0, 1);
+  double value = 0;
+  const auto [ptr, ec] = std::from_chars(s.data(), s.data() + s.size(), value);
+  if (ptr != s.data() + s.size()) return std::nullopt;
+  if (ec == std::errc::result_out_of_range) {
+    // Overflow becomes infinity, underflow zero, as YAML loaders do.
+    const bool negative = !s.empty() && s[0] == '-';
+    const auto e = s.find_first_of("eE");
+    const bool big = e == std::string::npos || s[e + 1] != '-';
+    if (big) return negative ? -std::numeric_limits<double>::infinity()
+                             : std::numeric_limits<double>::infinity();
+    return negative ? -0.0 : 0.0;
+  }
+  if (ec != std::errc()) return std::nullopt;
+  return value;
+}
+
+// Core schema int: [-+]?[0-9]+ | 0o[0-7]+ | 0x[0-9a-fA-F]+ . Integers beyond
+// 64 bits become floating point numbers rather than failing.
+std::optional<json> resolve_int(const std::string& s) {
+  int base = 10;
+  std::size_t start = 0;
+  bool negative = false;
+  if (s.size() > 2 && s[0] == '0' && s[1] == 'o') {
+    base = 8;
+    start = 2;
+  } else if (s.size() > 2 && s[0] == '0' && s[1] == 'x') {
+    base = 16;
+    start = 2;
+  } else if (!s.empty() && (s[0] == '-' || s[0] == '+')) {
+    negative = s[0] == '-';
+    start = 1;
+  }
+  if (!is_digits(s, start, base)) return std::nullopt;
+  uint64_t magnitude = 0;
+  const auto [ptr, ec] = std::from_chars(s.data() + start, s.data() + s.size(), magnitude, base);
+  if (ec == std::errc::result_out_of_range) {
+    if (base != 10) return std::nullopt;
+    auto d = parse_double(s);
+    if (!d) return std::nullopt;
+    return json(*d);
+  }
+  if (ec != std::errc() || ptr != s.data() + s.size()) return std::nullopt;
+  if (!negative) {
+    if (magnitude <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+      return json(static_cast<int64_t>(magnitude));
+    }
+    return json(magnitude);
+  }
+  constexpr uint64_t kMinMagnitude = static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) + 1;
+  if (magnitude < kMinMagnitude) return json(-static_cast<int64_t>(magnitude));
+  if (magnitude == kMinMagnitude) return json(std::numeric_limits<int64_t>::min());
+  return json(-static_cast<double>(magnitude));
+}
+
+// Core schema float:
+//   [-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?
+//   [-+]?(\.inf|\.Inf|\.INF)   \.nan|\.NaN|\.NAN
+std::optional<double> resolve_float(const std::string& s) {
+  if (s == ".nan" || s == ".NaN" || s == ".NAN") return std::numeric_limits<double>::quiet_NaN();
+  std::size_t i = 0;
+  bool negative = false;
+  if (i < s.size() && (s[i] == '-' || s[i] == '+')) {
+    negative = s[i] == '-';
+    ++i;
+  }
+  const std::string rest = s.substr(i);
+  if (rest == ".inf" || rest == ".Inf" || rest == ".INF") {
+    return negative ? -std::numeric_limits<double>::infinity()
+                    : std::numeric_limits<double>::infinity();
+  }
+  auto digits = [&](std::size_t& pos) {
+    const std::size_t begin = pos;
+    while (pos < s.size() && s[pos] >= '0' && s[pos] <= '9') ++pos;
+    return pos - begin;
+  };
+  if (i < s.size() && s[i] == '.') {
+    ++i;
+    if (digits(i) == 0) return std::nullopt;
+  } else {
+    if (digits(i) == 0) return std::nullopt;
+    if (i < s.size() && s[i] == '.') {
+      ++i;
+      digits(i);
+    }
+  }
+  if (i < s.size() && (s[i] == 'e' || s[i] == 'E')) {
+    ++i;
+    if (i < s.size() && (s[i] == '-' || s[i] == '+')) ++i;
+    if (digits(i) == 0) return std::nullopt;
+  }
+  if (i != s.size()) return std::nullopt;
+  return parse_double(s);
+}
+
+std::optional<bool> resolve_bool(const std::string& s) {
+  if (s == "true" || s == "True" || s == "TRUE") return true;
+  if (s == "false" || s == "False" || s == "FALSE") return false;
+  return std::nullopt;
+}
+
+bool is_null_text(const std::string& s) {
+  return s.empty() || s == "~" || s == "null" || s == "Null" || s == "NULL";
+}
+
+json resolve_plain(const std::string& s) {
+  if (is_null_text(s)) return nullptr;
+  if (auto b = resolve_bool(s)) return *b;
+  if (auto i = resolve_int(s)) return *i;
+  if (auto f = resolve_float(s)) return *f;
+  return s;
+}
+
+class YamlConverter {
+ public:
+  json convert(const YAML::Node& node, int depth) {
+    if (++nodes_ > kMaxYamlNodes) {
+      yaml_fail(node.Mark(), "document has more than " + std::to_string(kMaxYamlNodes) +
+                                 " nodes (after expanding aliases)");
+    }
+    if (depth > kMaxYamlDepth) {
+      yaml_fail(node.Mark(), "nesting deeper than " + std::to_string(kMaxYamlDepth) + " levels");
+    }
+    switch (node.Type()) {
+      case YAML::NodeType::Undefined:
+      case YAML::NodeType::Null:
+        return nullptr;
+      case YAML::NodeType::Scalar:
+        return scalar(node);
+      case YAML::NodeType::Sequence: {
+        json out = json::array();
+        for (const YAML::Node& item : node) out.push_back(convert(item, depth + 1));
+        return out;
+      }
+      case YAML::NodeType::Map: {
+        json out = json::object();
+        for (const auto& entry : node) {
+          const YAML::Node& key = entry.first;
+          if (!key.IsScalar()) yaml_fail(key.Mark(), "mapping keys must be non-null scalars");
+          const std::string& name = key.Scalar();
+          if (out.contains(name)) yaml_fail(key.Mark(), "duplicate key " + quote(name));
+          out[name] = convert(entry.second, depth + 1);
+        }
+        return out;
+      }
+    }
+    return nullptr;
+  }
+
+ private:
+  static json scalar(const YAML::Node& node) {
+    const std::string& tag = node.Tag();
+    const std::string& text = node.Scalar();
+    // yaml-cpp tags plain scalars "?" and quoted or block scalars "!".
+    if (tag == "?" || tag.empty()) return resolve_plain(text);
+    if (tag == "!" || tag == "tag:yaml.org,2002:str") return text;
+    if (tag == "tag:yaml.org,2002:int") {
+      if (auto v = resolve_int(text)) return *v;
+      yaml_fail(node.Mark(), "!!int value " + quote(text) + " is not an integer");
+    }
+    if (tag == "tag:yaml.org,2002:float") {
+      if (auto v = resolve_float(text)) return *v;
+      if (auto v = resolve_int(text)) return v->get<double>();
+      yaml_fail(node.Mark(), "!!float value " + quote(text) + " is not a number");
+    }
+    if (tag == "tag:yaml.org,2002:bool") {
+      if (auto v = resolve_bool(text)) return *v;
+      yaml_fail(node.Mark(), "!!bool value " + quote(text) + " is not true or false");
+    }
+    if (tag == "tag:yaml.org,2002:null") {
+      if (is_null_text(text)) return nullptr;
+      yaml_fail(node.Mark(), "!!null value " + quote(text) + " is not null");
+    }
+    yaml_fail(node.Mark(), "unsupported tag " + quote(tag));
+  }
+
+  std::size_t nodes_ = 0;
+};
+
+// ---- JSON -> JobSpec -------------------------------------------------------
+
+std::size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<std::size_t> row(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    std::size_t diagonal = row[0];
+    row[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      const std::size_t above = row[j];
+      const std::size_t substitute = diagonal + (a[i - 1] == b[j - 1] ? 0 : 1);
+      row[j] = std::min({above + 1, row[j - 1] + 1, substitute});
+      diagonal = above;
+    }
+  }
+  return row[b.size()];
+}
+
+std::string lower(std::string s) {
+  for (char& c : s) {
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  }
+  return s;
+}
+
+// Reads one object into the typed spec, collecting every problem instead of
+// stopping at the first. A null or absent field keeps its default.
+class Decoder {
+ public:
+  std::vector<FieldError> errors;
+
+  void fail(std::string path, std::string message) {
+    errors.push_back(FieldError{std::move(path), std::move(message)});
+  }
+
+  // True when `path` lies at or under a path that already has a decode error;
+  // validation errors there would only repeat it.
+  bool covers(const std::string& path) const {
+    for (const FieldError& e : errors) {
+      if (path == e.path) return true;
+      if (path.size() > e.path.size() && path.compare(0, e.path.size(), e.path) == 0 &&
+          (path[e.path.size()] == '.' || path[e.path.size()] == '[')) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  static std::string child(const std::string& parent, const std::string& key) {
+    return parent.empty() ? key : parent + "." + key;
+  }
+
+  // obj[key] when present and not null, else nullptr.
+  static const json* find(const json& obj, const char* key) {
+    auto it = obj.find(key);
+    if (it == obj.end() || it->is_null()) return nullptr;
+    return &*it;
+  }
+
+  // obj[key] when it is an object; reports a type error otherwise.
+  const json* object(const json& obj, const char* key, const std::string& parent) {
+    const json* v = find(obj, key);
+    if (v == nullptr) return nullptr;
+    if (!v->is_object()) {
+      fail(child(parent, key), "expected an object, " + got(*v));
+      return nullptr;
+    }
+    return v;
+  }
+
+  void known_fields(const json& obj, const std::string& path,
+                    std::initializer_list<const char*> known) {
+    for (auto it = obj.begin(); it != obj.end(); ++it) {
+      const std::string& key = it.key();
+      bool found = false;
+      for (const char* k : known) found = found || key == k;
+      if (found) continue;
+      std::string message = "unknown field " + quote(key);
+      const char* best = nullptr;
+      std::size_t best_distance = 3;  // suggest only close matches
+      for (const char* k : known) {
+        std::size_t d = lower(key) == lower(k) ? 0 : edit_distance(key, k);
+        if (d < best_distance) {
+          best_distance = d;
+          best = k;
+        }
+      }
+      if (best != nullptr) {
+        message += " (did you mean " + quote(best) + "?)";
+      } else {
+        message += " (known fields: " + join(known) + ")";
+      }
+      fail(child(path, key), message);
+    }
+  }
+
+  void get(const json& obj, const char* key, const std::string& parent, std::string& out) {
+    const json* v = find(obj, key);
+    if (v == nullptr) return;
+    if (!v->is_string()) {
+      fail(child(parent, key), "expected a string, " + got(*v));
+      return;
+    }
+    out = v->get<std::string>();
+  }
+
+  void get(const json& obj, const char* key, const std::string& parent, bool& out) {
+    const json* v = find(obj, key);
+    if (v == nullptr) return;
+    if (!v->is_boolean()) {
+      fail(child(parent, key), "expected a boolean (true or false), " + got(*v));
+      return;
+    }
+    out = v->get<bool>();
+  }
+
+  void get(const json& obj, const char* key, const std::string& parent, double& out) {
+    const json* v = find(obj, key);
+    if (v == nullptr) return;
+    if (!v->is_number()) {
+      fail(child(parent, key), "expected a number, " + got(*v));
+      return;
+    }
+    out = v->get<double>();
+  }
+
+  template <class T>
+  void get(const json& obj, const char* key, const std::string& parent, T& out) {
+    static_assert(std::is_integral_v<T>);
+    const json* v = find(obj, key);
+    if (v == nullptr) return;
+    integer(*v, child(parent, key), out);
+  }
+
+  template <class T>
+  void get(const json& obj, const char* key, const std::string& parent, std::optional<T>& out) {
+    const json* v = find(obj, key);
+    if (v == nullptr) return;
+    T value{};
+    if (integer(*v, child(parent, key), value)) out = value;
+  }
+
+  // A raw JSON object kept as given (pod template, sidecar, volume source).
+  void get_raw_object(const json& obj, const char* key, const std::string& parent, json& out) {
+    if (const json* v = object(obj, key, parent)) out = *v;
+  }
+
+  void get(const json& obj, const char* key, const std::string& parent,
+           std::vector<std::string>& out) {
+    const json* v = find(obj, key);
+    if (v == nullptr) return;
+    const std::string path = child(parent, key);
+    if (!v->is_array()) {
+      fail(path, "expected an array of strings, " + got(*v));
+      return;
+    }
+    out.clear();
+    for (std::size_t i = 0; i < v->size(); ++i) {
+      const json& item = (*v)[i];
+      if (!item.is_string()) {
+        fail(path + "[" + std::to_string(i) + "]", "expected a string, " + got(item));
+        continue;
+      }
+      out.push_back(item.get<std::string>());
+    }
+  }
+
+ private:
+  // Accepts JSON integers and floating point numbers with no fractional part
+  // (some clients write 2.0); reports values that do not fit in T.
+  template <class T>
+  bool integer(const json& v, const std::string& path, T& out) {
+    const std::string expected =
+        std::is_signed_v<T> ? "expected an integer, " : "expected a non-negative integer, ";
+    bool negative = false;
+    uint64_t magnitude = 0;
+    if (v.is_number_unsigned()) {
+      magnitude = v.get<uint64_t>();
+    } else if (v.is_number_integer()) {
+      const int64_t i = v.get<int64_t>();
+      negative = i < 0;
+      magnitude = negative ? static_cast<uint64_t>(-(i + 1)) + 1 : static_cast<uint64_t>(i);
+    } else if (v.is_number_float()) {
+      const double d = v.get<double>();
+      // 2^64 is exactly representable; anything at or above it cannot fit.
+      if (!std::isfinite(d) || d != std::floor(d) || std::fabs(d) >= 18446744073709551616.0) {
+        fail(path, expected + got(v));
+        return false;
+      }
+      negative = d < 0;
+      magnitude = static_cast<uint64_t>(std::fabs(d));
+    } else {
+      fail(path, expected + got(v));
+      return false;
+    }
+    const uint64_t max = static_cast<uint64_t>(std::numeric_limits<T>::max());
+    const uint64_t min_magnitude =
+        std::is_signed_v<T>
+            ? static_cast<uint64_t>(-(static_cast<int64_t>(std::numeric_limits<T>::min()) + 1)) + 1
+            : 0;
+    if (negative ? magnitude > min_magnitude : magnitude > max) {
+      if (negative && min_magnitude == 0) {
+        fail(path, expected + "got " + show(v));
+      } else {
+        fail(path, "out of range [" + std::to_string(std::numeric_limits<T>::min()) + ", " +
+                       std::to_string(std::numeric_limits<T>::max()) + "], got " + show(v));
+      }
+      return false;
+    }
+    if (negative) {
+      // magnitude <= min_magnitude, so this stays within T.
+      out = static_cast<T>(-static_cast<int64_t>(magnitude - 1) - 1);
+    } else {
+      out = static_cast<T>(magnitude);
+    }
+    return true;
+  }
+};
+
+void decode_metadata(Decoder& d, const json& root, JobSpec& job) {
+  const json* metadata = d.object(root, "metadata", "");
+  if (metadata == nullptr) {
+    if (Decoder::find(root, "metadata") == nullptr) d.fail("metadata", "required, got nothing");
+    return;
+  }
+  // Other metadata (labels, annotations, uid, resourceVersion, ...) belongs to
+  // the API server and is passed over.
+  d.get(*metadata, "name", "metadata", job.name);
+  d.get(*metadata, "namespace", "metadata", job.namespace_);
+}
+
+void decode_spec(Decoder& d, const json& spec, JobSpec& job) {
+  d.known_fields(spec, "spec",
+                 {"model", "dataset", "training", "sharding", "protection", "checkpoint",
+                  "template", "sidecar", "runPolicy"});
+
+  if (const json* m = d.object(spec, "model", "spec")) {
+    const std::string p = "spec.model";
+    d.known_fields(*m, p, {"architecture", "hidden", "depth", "channels", "heads", "patchSize"});
+    d.get(*m, "architecture", p, job.model.architecture);
+    d.get(*m, "hidden", p, job.model.hidden);
+    d.get(*m, "depth", p, job.model.depth);
+    d.get(*m, "channels", p, job.model.channels);
+    d.get(*m, "heads", p, job.model.heads);
+    d.get(*m, "patchSize", p, job.model.patch_size);
+  }
+
+  if (const json* m = d.object(spec, "dataset", "spec")) {
+    const std::string p = "spec.dataset";
+    d.known_fields(*m, p, {"name", "path", "maxTrainSamples", "maxTestSamples"});
+    d.get(*m, "name", p, job.dataset.name);
+    d.get(*m, "path", p, job.dataset.path);
+    d.get(*m, "maxTrainSamples", p, job.dataset.max_train_samples);
+    d.get(*m, "maxTestSamples", p, job.dataset.max_test_samples);
+  }
+
+  if (const json* m = d.object(spec, "training", "spec")) {
+    const std::string p = "spec.training";
+    d.known_fields(*m, p,
+                   {"epochs", "batchSize", "microBatches", "optimizer", "seed", "schedule",
+                    "evalBatchSize"});
+    d.get(*m, "epochs", p, job.training.epochs);
+    d.get(*m, "batchSize", p, job.training.batch_size);
+    d.get(*m, "microBatches", p, job.training.micro_batches);
+    if (const json* o = d.object(*m, "optimizer", p)) {
+      const std::string op = "spec.training.optimizer";
+      d.known_fields(*o, op, {"name", "learningRate", "momentum", "weightDecay"});
+      d.get(*o, "name", op, job.training.optimizer.name);
+      d.get(*o, "learningRate", op, job.training.optimizer.learning_rate);
+      d.get(*o, "momentum", op, job.training.optimizer.momentum);
+      d.get(*o, "weightDecay", op, job.training.optimizer.weight_decay);
+    }
+    d.get(*m, "seed", p, job.training.seed);
+    d.get(*m, "schedule", p, job.training.schedule);
+    d.get(*m, "evalBatchSize", p, job.training.eval_batch_size);
+  }
+
+  if (const json* m = d.object(spec, "sharding", "spec")) {
+    const std::string p = "spec.sharding";
+    d.known_fields(*m, p, {"shards", "balance"});
+    d.get(*m, "shards", p, job.sharding.shards);
+    d.get(*m, "balance", p, job.sharding.balance);
+  }
+
+  if (const json* m = d.object(spec, "protection", "spec")) {
+    const std::string p = "spec.protection";
+    d.known_fields(*m, p, {"maxExposure", "topologyKey", "trustDomain", "export"});
+    d.get(*m, "maxExposure", p, job.protection.max_exposure);
+    d.get(*m, "topologyKey", p, job.protection.topology_key);
+    d.get(*m, "trustDomain", p, job.protection.trust_domain);
+    if (const json* e = d.object(*m, "export", p)) {
+      const std::string ep = "spec.protection.export";
+      d.known_fields(*e, ep, {"allowed", "principals"});
+      d.get(*e, "allowed", ep, job.protection.export_.allowed);
+      d.get(*e, "principals", ep, job.protection.export_.principals);
+    }
+  }
+
+  if (const json* m = d.object(spec, "checkpoint", "spec")) {
+    const std::string p = "spec.checkpoint";
+    d.known_fields(*m, p, {"everySteps", "volume"});
+    d.get(*m, "everySteps", p, job.checkpoint.every_steps);
+    d.get_raw_object(*m, "volume", p, job.checkpoint.volume);
+  }
+
+  d.get_raw_object(spec, "template", "spec", job.template_);
+  d.get_raw_object(spec, "sidecar", "spec", job.sidecar);
+
+  if (const json* m = d.object(spec, "runPolicy", "spec")) {
+    const std::string p = "spec.runPolicy";
+    d.known_fields(*m, p,
+                   {"backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "suspend"});
+    d.get(*m, "backoffLimit", p, job.run_policy.backoff_limit);
+    d.get(*m, "activeDeadlineSeconds", p, job.run_policy.active_deadline_seconds);
+    d.get(*m, "ttlSecondsAfterFinished", p, job.run_policy.ttl_seconds_after_finished);
+    d.get(*m, "suspend", p, job.run_policy.suspend);
+  }
+}
+
+// ---- validation ------------------------------------------------------------
+
+bool is_dns_label(const std::string& s) {
+  if (s.empty() || s.size() > kMaxLabelLength) return false;
+  auto alnum = [](char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9'); };
+  if (!alnum(s.front()) || !alnum(s.back())) return false;
+  return std::all_of(s.begin(), s.end(), [&](char c) { return alnum(c) || c == '-'; });
+}
+
+bool is_dns_name(const std::string& s) {
+  if (s.empty() || s.size() > kMaxDnsNameLength) return false;
+  std::size_t start = 0;
+  while (true) {
+    const std::size_t dot = s.find('.', start);
+    const std::string label = s.substr(start, dot == std::string::npos ? std::string::npos
+                                                                       : dot - start);
+    if (!is_dns_label(label)) return false;
+    if (dot == std::string::npos) return true;
+    start = dot + 1;
+  }
+}
+
+// spiffe://<trust-domain>[/<segment>...] as the SPIFFE ID standard allows.
+bool is_spiffe_id(const std::string& s) {
+  const std::string scheme = "spiffe://";
+  if (s.compare(0, scheme.size(), scheme) != 0) return false;
+  const std::string rest = s.substr(scheme.size());
+  const std::size_t slash = rest.find('/');
+  const std::string domain = rest.substr(0, slash);
+  if (domain.empty()) return false;
+  for (char c : domain) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == '-' ||
+                    c == '_';
+    if (!ok) return false;
+  }
+  if (slash == std::string::npos) return true;
+  std::string path = rest.substr(slash + 1);
+  std::size_t start = 0;
+  while (true) {
+    const std::size_t next = path.find('/', start);
+    const std::string segment =
+        path.substr(start, next == std::string::npos ? std::string::npos : next - start);
+    if (segment.empty() || segment == "." || segment == "..") return false;
+    for (char c : segment) {
+      const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                      c == '.' || c == '-' || c == '_';
+      if (!ok) return false;
+    }
+    if (next == std::string::npos) return true;
+    start = next + 1;
+  }
+}
+
+class Checker {
+ public:
+  std::vector<FieldError> errors;
+
+  void fail(std::string path, std::string message) {
+    errors.push_back(FieldError{std::move(path), std::move(message)});
+  }
+
+  template <class T>
+  void at_least(const std::string& path, T value, T min) {
+    if (value < min) fail(path, "must be at least " + text(min) + ", got " + text(value));
+  }
+
+  template <class T>
+  void between(const std::string& path, T value, T min, T max) {
+    if (value < min) {
+      fail(path, "must be at least " + text(min) + ", got " + text(value));
+    } else if (value > max) {
+      fail(path, "must be at most " + text(max) + ", got " + text(value));
+    }
+  }
+
+  void one_of(const std::string& path, const std::string& value, const char* what,
+              std::initializer_list<const char*> allowed) {
+    for (const char* a : allowed) {
+      if (value == a) return;
+    }
+    if (value.empty()) {
+      fail(path, std::string("required, got \"\" (expected one of: ") + join(allowed) + ")");
+    } else {
+      fail(path, std::string("unknown ") + what + " " + quote(value) +
+                     " (expected one of: " + join(allowed) + ")");
+    }
+  }
+
+  void not_empty(const std::string& path, const std::string& value) {
+    if (value.empty()) fail(path, "must not be empty, got \"\"");
+  }
+
+ private:
+  static std::string text(double v) { return format_double(v); }
+  template <class T>
+  static std::string text(T v) {
+    return std::to_string(v);
+  }
+};
+
+void check_label(Checker& c, const std::string& path, const std::string& value,
+                 std::size_t max_length, const std::string& why_length) {
+  if (value.empty()) {
+    c.fail(path, "required, got \"\"");
+    return;
+  }
+  if (value.size() > max_length) {
+    c.fail(path, "must be at most " + std::to_string(max_length) + " characters" + why_length +
+                     ", got " + quote(value) + " (" + std::to_string(value.size()) +
+                     " characters)");
+    return;
+  }
+  if (!is_dns_label(value)) {
+    c.fail(path,
+           "must be a DNS-1123 label (lower-case letters, digits and '-', starting and ending "
+           "with a letter or digit), got " +
+               quote(value));
+  }
+}
+
+}  // namespace
+
+JobSpecError::JobSpecError(std::vector<FieldError> errors)
+    : std::runtime_error(join_errors(errors)), errors_(std::move(errors)) {}
+
+json yaml_to_json(const std::string& yaml_text) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml_text);
+  } catch (const YAML::ParserException& e) {
+    yaml_fail(e.mark, e.msg);
+  } catch (const YAML::Exception& e) {
+    yaml_fail(e.mark, e.msg);
+  }
+  try {
+    return YamlConverter().convert(root, 0);
+  } catch (const YAML::Exception& e) {
+    yaml_fail(e.mark, e.msg);
+  }
+}
+
+std::vector<FieldError> validate(const JobSpec& job) {
+  Checker c;
+
+  check_label(c, "metadata.name", job.name, kMaxJobNameLength,
+              " so that pod names \"<name>-shard-<index>\" fit in 63");
+  check_label(c, "metadata.namespace", job.namespace_, kMaxLabelLength, "");
+
+  // model
+  const ModelSpec& m = job.model;
+  c.one_of("spec.model.architecture", m.architecture, "architecture", {"mlp", "cnn", "vit"});
+  c.between("spec.model.hidden", m.hidden, 1, 4096);
+  c.between("spec.model.depth", m.depth, 1, 64);
+  c.between("spec.model.channels", m.channels, 1, 512);
+  if (m.architecture == "vit") {
+    c.at_least("spec.model.heads", m.heads, 1);
+    if (m.heads >= 1 && m.hidden >= 1 && m.hidden % m.heads != 0) {
+      c.fail("spec.model.heads",
+             "hidden " + std::to_string(m.hidden) + " is not divisible by heads " +
+                 std::to_string(m.heads) + " (each head gets hidden / heads dimensions)");
+    }
+    constexpr int kPatchSizes[] = {1, 2, 4, 7, 14, 28};
+    if (std::find(std::begin(kPatchSizes), std::end(kPatchSizes), m.patch_size) ==
+        std::end(kPatchSizes)) {
+      c.fail("spec.model.patchSize",
+             "must divide the 28-pixel image side (one of: 1, 2, 4, 7, 14, 28), got " +
+                 std::to_string(m.patch_size));
+    }
+  }
+
+  // dataset
+  const DatasetSpec& ds = job.dataset;
+  if (ds.name != "fashion-mnist") {
+    c.fail("spec.dataset.name", "unsupported dataset " + quote(ds.name) +
+                                    " (only \"fashion-mnist\" is supported so far)");
+  }
+  c.not_empty("spec.dataset.path", ds.path);
+  c.at_least<int64_t>("spec.dataset.maxTrainSamples", ds.max_train_samples, 0);
+  c.at_least<int64_t>("spec.dataset.maxTestSamples", ds.max_test_samples, 0);
+
+  // training
+  const TrainingSpec& t = job.training;
+  c.between("spec.training.epochs", t.epochs, 1, 1000);
+  c.between("spec.training.batchSize", t.batch_size, 1, 65536);
+  if (t.micro_batches < 1) {
+    c.at_least("spec.training.microBatches", t.micro_batches, 1);
+  } else if (t.batch_size >= 1 && t.micro_batches > t.batch_size) {
+    c.fail("spec.training.microBatches", "must be at most batchSize (" +
+                                             std::to_string(t.batch_size) + "), got " +
+                                             std::to_string(t.micro_batches));
+  } else if (t.batch_size >= 1 && t.batch_size % t.micro_batches != 0) {
+    c.fail("spec.training.microBatches",
+           "batchSize " + std::to_string(t.batch_size) + " is not divisible by microBatches " +
+               std::to_string(t.micro_batches));
+  }
+  const OptimizerSpec& o = t.optimizer;
+  c.one_of("spec.training.optimizer.name", o.name, "optimizer", {"sgd", "adam"});
+  if (!(o.learning_rate > 0)) {
+    c.fail("spec.training.optimizer.learningRate",
+           "must be greater than 0, got " + format_double(o.learning_rate));
+  } else if (o.learning_rate > 10) {
+    c.fail("spec.training.optimizer.learningRate",
+           "must be at most 10, got " + format_double(o.learning_rate));
+  }
+  if (!(o.momentum >= 0 && o.momentum < 1)) {
+    c.fail("spec.training.optimizer.momentum",
+           "must be in [0, 1), got " + format_double(o.momentum));
+  }
+  if (!(o.weight_decay >= 0) || std::isinf(o.weight_decay)) {
+    c.fail("spec.training.optimizer.weightDecay",
+           "must be a finite number of at least 0, got " + format_double(o.weight_decay));
+  }
+  c.one_of("spec.training.schedule", t.schedule, "schedule", {"1f1b", "gpipe"});
+  c.at_least("spec.training.evalBatchSize", t.eval_batch_size, 1);
+
+  // sharding
+  c.between("spec.sharding.shards", job.sharding.shards, 1, 64);
+  c.one_of("spec.sharding.balance", job.sharding.balance, "balance", {"parameters", "compute"});
+
+  // protection
+  const ProtectionSpec& p = job.protection;
+  if (!(p.max_exposure > 0 && p.max_exposure <= 1)) {
+    c.fail("spec.protection.maxExposure",
+           "must be in (0, 1], got " + format_double(p.max_exposure));
+  }
+  c.not_empty("spec.protection.topologyKey", p.topology_key);
+  if (!is_dns_name(p.trust_domain)) {
+    c.fail("spec.protection.trustDomain",
+           "must be a lower-case DNS name (e.g. shardguard.local), got " + quote(p.trust_domain));
+  }
+  if (p.export_.allowed && p.export_.principals.empty()) {
+    c.fail("spec.protection.export.principals",
+           "must list at least one SPIFFE ID when export.allowed is true, got []");
+  }
+  for (std::size_t i = 0; i < p.export_.principals.size(); ++i) {
+    const std::string& principal = p.export_.principals[i];
+    if (!is_spiffe_id(principal)) {
+      c.fail("spec.protection.export.principals[" + std::to_string(i) + "]",
+             "must be a SPIFFE ID (spiffe://<trust-domain>/<path>), got " + quote(principal));
+    }
+  }
+
+  // checkpoint
+  c.at_least("spec.checkpoint.everySteps", job.checkpoint.every_steps, 1);
+
+  // runPolicy
+  const RunPolicySpec& r = job.run_policy;
+  c.between("spec.runPolicy.backoffLimit", r.backoff_limit, 0, 100);
+  if (r.active_deadline_seconds) {
+    c.at_least<int64_t>("spec.runPolicy.activeDeadlineSeconds", *r.active_deadline_seconds, 1);
+  }
+  if (r.ttl_seconds_after_finished) {
+    c.at_least<int64_t>("spec.runPolicy.ttlSecondsAfterFinished", *r.ttl_seconds_after_finished,
+                        0);
+  }
+
+  return std::move(c.errors);
+}
+
+JobSpec job_from_json(const json& object) {
+  Decoder d;
+  JobSpec job;
+  if (!object.is_object()) {
+    throw JobSpecError({FieldError{"<root>", "expected a ShardedTrainingJob object, " +
+                                                 got(object)}});
+  }
+
+  const json* api_version = Decoder::find(object, "apiVersion");
+  if (api_version == nullptr) {
+    d.fail("apiVersion", std::string("required (must be \"") + kApiVersion + "\"), got nothing");
+  } else if (!api_version->is_string() || api_version->get<std::string>() != kApiVersion) {
+    d.fail("apiVersion", std::string("must be \"") + kApiVersion + "\", " + got(*api_version));
+  }
+  const json* kind = Decoder::find(object, "kind");
+  if (kind == nullptr) {
+    d.fail("kind", std::string("required (must be \"") + kKind + "\"), got nothing");
+  } else if (!kind->is_string() || kind->get<std::string>() != kKind) {
+    d.fail("kind", std::string("must be \"") + kKind + "\", " + got(*kind));
+  }
+
+  decode_metadata(d, object, job);
+
+  // status is written by the operator and never read back as input.
+  if (const json* spec = d.object(object, "spec", "")) {
+    decode_spec(d, *spec, job);
+  } else if (Decoder::find(object, "spec") == nullptr) {
+    d.fail("spec", "required, got nothing");
+  }
+
+  std::vector<FieldError> errors = d.errors;
+  for (FieldError& e : validate(job)) {
+    if (!d.covers(e.path)) errors.push_back(std::move(e));
+  }
+  if (!errors.empty()) throw JobSpecError(std::move(errors));
+  return job;
+}
+
+JobSpec load_job_file(const std::string& path) {
+  std::error_code ec;
+  const auto status = std::filesystem::status(path, ec);
+  if (ec || !std::filesystem::exists(status)) {
+    throw JobSpecError({FieldError{path, "cannot read job file: no such file"}});
+  }
+  if (std::filesystem::is_directory(status)) {
+    throw JobSpecError({FieldError{path, "cannot read job file: is a directory"}});
+  }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    throw JobSpecError({FieldError{path, std::string("cannot read job file: ") + std::strerror(errno)}});
+  }
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (in.bad()) {
+    throw JobSpecError({FieldError{path, "cannot read job file: read error"}});
+  }
+
+  json object;
+  try {
+    object = yaml_to_json(text.str());
+  } catch (const JobSpecError& e) {
+    // Name the file rather than "<yaml>"; the message keeps line and column.
+    std::vector<FieldError> errors = e.errors();
+    for (FieldError& fe : errors) fe.path = path;
+    throw JobSpecError(std::move(errors));
+  }
+  return job_from_json(object);
+}
+
+}  // namespace shardguard

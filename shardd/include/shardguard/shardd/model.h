@@ -1,0 +1,25 @@
+// The model zoo in LibTorch: builds only the blocks a stage owns.
+#pragma once
+
+#include <cstdint>
+
+#include <torch/nn/modules/container/sequential.h>
+
+#include "shardguard/shardd/model_desc.h"
+
+namespace shardguard::shardd {
+
+// The seed of block `index` of a job: a SplitMix64 mix of both, so the same block
+// gets the same initial weights whatever the cut and whichever process builds it.
+uint64_t block_seed(uint64_t job_seed, int block_index);
+
+// Builds blocks [first, end) of the model as one Sequential whose children are
+// named "block<global index>", so parameter names are the same in every stage
+// layout ("block3.0.weight") and shards can be recombined by name.
+// Thread-safe (construction is serialised: LibTorch's default generator is global).
+torch::nn::Sequential build_blocks(const ModelSpec& spec, int first, int end, uint64_t job_seed);
+
+// Number of parameter elements of a module.
+int64_t count_parameters(const torch::nn::Module& module);
+
+}  // namespace shardguard::shardd

@@ -1,0 +1,100 @@
+// One pipeline stage: holds only its own blocks, trains them with its
+// neighbours over gRPC, checkpoints its shard, and resynchronises with the
+// pipeline when any stage restarts.
+//
+// Protocol (proto/shardguard/v1/pipeline.proto). Stage 0 drives:
+//   1. Sync down the chain: every stage adds the checkpoint steps it can restore;
+//      the intersection comes back (step 0, fresh initialisation, is always in it).
+//   2. Resume(generation g, newest common step c) down the chain: every stage
+//      restores step c and accepts only frames of generation g from then on.
+//   3. Training frames (Forward: activations; Backward: gradients) in the order of
+//      the job's schedule (1F1B or GPipe), an optimizer step per stage after the
+//      flush, a checkpoint every checkpoint.everySteps, a test-set evaluation after
+//      every epoch; then Finish down the chain (final checkpoint on every stage).
+// A stage that (re)starts sends a JoinNotice up to stage 0, which runs 1–2 again:
+// the whole pipeline continues from the newest checkpoint every stage holds.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <prometheus/registry.h>
+
+#include "shardguard/common/jobspec.h"
+
+namespace shardguard::shardd {
+
+struct StageOptions {
+  JobSpec job;
+  int stage = 0;
+  std::string listen = "127.0.0.1:0";  // port 0: any free port (see StageRunner::port)
+  std::string prev;                    // Pipeline endpoint of stage-1 (or the sidecar in front of it)
+  std::string next;                    // Pipeline endpoint of stage+1
+  std::string checkpoint_dir;
+  std::string key;                     // this shard's 32-byte checkpoint key
+  std::string device = "auto";         // auto | cpu | cuda
+  double peer_timeout_s = 300;         // longest wait for a frame from a neighbour
+  double retry_budget_s = 60;          // how long an unreachable neighbour is retried
+  int64_t max_steps = 0;               // stop after this many steps (0 = every epoch)
+};
+
+struct StepReport {  // emitted by the last stage after each optimizer step
+  int64_t step = 0;  // completed steps
+  int64_t total_steps = 0;
+  int epoch = 0;
+  double loss = 0;
+  double accuracy = 0;
+};
+
+struct EvalReport {  // emitted by the last stage after each test-set evaluation
+  int round = 0;     // epochs completed when it ran
+  int64_t step = 0;
+  int64_t correct = 0;
+  int64_t total = 0;
+  double accuracy() const { return total ? static_cast<double>(correct) / static_cast<double>(total) : 0.0; }
+};
+
+struct StageEvents {
+  std::function<void(const StepReport&)> on_step;
+  std::function<void(const EvalReport&)> on_eval;
+  std::function<void(int64_t step)> on_resume;
+};
+
+struct StageResult {
+  bool ok = false;
+  std::string error;             // why the stage stopped, when !ok
+  int64_t steps = 0;             // completed steps at the end
+  std::vector<double> losses;    // last stage: loss of every step it completed, by step
+  std::optional<EvalReport> last_eval;
+  double compute_seconds = 0;
+  double transport_seconds = 0;
+  double wall_seconds = 0;
+  int64_t parameters = 0;
+};
+
+class StageRunner {
+ public:
+  StageRunner(StageOptions options, std::shared_ptr<prometheus::Registry> registry, StageEvents events = {});
+  ~StageRunner();
+  StageRunner(const StageRunner&) = delete;
+  StageRunner& operator=(const StageRunner&) = delete;
+
+  // Builds this stage's blocks (and nothing else), loads the data it needs and
+  // binds the gRPC server. Throws on a bad job, missing data or a busy port.
+  void start();
+  int port() const;
+  int64_t parameters() const;
+  // Trains until Finish, a fatal error, or stop(). Call once, after start().
+  StageResult run();
+  // Asks run() to return (thread-safe, e.g. from a signal-watching thread).
+  void stop(const std::string& reason);
+
+ private:
+  class Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace shardguard::shardd

@@ -1,0 +1,98 @@
+// shardd: trains one pipeline stage of a ShardedTrainingJob.
+#include <csignal>
+#include <iostream>
+#include <thread>
+
+#include <CLI/CLI.hpp>
+
+#include "shardguard/common/crypto.h"
+#include "shardguard/common/jobspec.h"
+#include "shardguard/common/log.h"
+#include "shardguard/common/metrics_server.h"
+#include "shardguard/shardd/stage.h"
+#include "shardguard/shardd/threads.h"
+
+namespace {
+
+using namespace shardguard;
+
+struct Flags {
+  std::string job_file;
+  shardd::StageOptions stage;
+  std::string key_file;
+  std::string metrics = "127.0.0.1:9100";
+  int threads = 1;
+};
+
+int RunShardd(Flags flags) {
+  flags.stage.job = load_job_file(flags.job_file);
+  flags.stage.key = load_key_file(flags.key_file);
+  shardd::set_compute_threads(flags.threads);
+
+  // SIGTERM / SIGINT stop the stage from a watcher thread (no work in a handler).
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  auto registry = std::make_shared<prometheus::Registry>();
+  MetricsServer metrics(registry);
+  if (flags.metrics != "off") {
+    auto [host, port] = split_host_port(flags.metrics);
+    metrics.start(host, port);
+  }
+  shardd::StageRunner runner(flags.stage, registry);
+  runner.start();
+  metrics.set_ready(true);
+  log::info("listening", {{"pipeline_port", runner.port()}, {"metrics_port", metrics.port()}});
+
+  std::thread watcher([&] {
+    int sig = 0;
+    sigwait(&signals, &sig);
+    if (sig == SIGTERM || sig == SIGINT) runner.stop(std::string("stopped by signal ") + strsignal(sig));
+  });
+  const auto result = runner.run();
+  // Wake the watcher if no signal came.
+  pthread_kill(watcher.native_handle(), SIGTERM);
+  watcher.join();
+  metrics.set_ready(false, "finished");
+  metrics.stop();
+  return result.ok ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  shardguard::log::set_component("shardd");
+  CLI::App app{"shardd: trains one pipeline stage of a ShardedTrainingJob, holding only that stage's blocks"};
+  Flags flags;
+  app.add_option("--job", flags.job_file, "ShardedTrainingJob YAML file")->required();
+  app.add_option("--stage", flags.stage.stage, "this stage's index (0-based)")->required();
+  app.add_option("--listen", flags.stage.listen, "gRPC address to listen on (loopback)")->capture_default_str();
+  app.add_option("--prev", flags.stage.prev, "address of the previous stage (or of the sidecar's outbound listener)");
+  app.add_option("--next", flags.stage.next, "address of the next stage (or of the sidecar's outbound listener)");
+  app.add_option("--checkpoint-dir", flags.stage.checkpoint_dir, "directory for this shard's checkpoints")->required();
+  app.add_option("--key-file", flags.key_file, "this shard's 32-byte checkpoint key")->required();
+  app.add_option("--metrics", flags.metrics, "metrics and health address host:port, or off")->capture_default_str();
+  app.add_option("--device", flags.stage.device, "auto | cpu | cuda")->capture_default_str();
+  app.add_option("--threads", flags.threads, "compute threads (LibTorch and OpenBLAS)")->capture_default_str();
+  app.add_option("--peer-timeout", flags.stage.peer_timeout_s, "seconds to wait for a frame from a neighbour")
+      ->capture_default_str();
+  app.add_option("--retry-budget", flags.stage.retry_budget_s, "seconds to keep retrying an unreachable neighbour")
+      ->capture_default_str();
+  app.add_option("--max-steps", flags.stage.max_steps, "stop after this many steps (0 = all epochs)")
+      ->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  try {
+    return RunShardd(std::move(flags));
+  } catch (const shardguard::JobSpecError& e) {
+    shardguard::log::error("invalid job", {{"file", flags.job_file}, {"error", e.what()}});
+    std::cerr << "shardd: invalid job " << flags.job_file << ":\n" << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    shardguard::log::error("cannot start", {{"error", e.what()}});
+    std::cerr << "shardd: " << e.what() << "\n";
+    return 2;
+  }
+}

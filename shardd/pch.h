@@ -1,0 +1,9 @@
+// Precompiled header for everything in shardd/ (and the torch parts of shardctl,
+// the tests and benchmarks that reuse it): LibTorch's headers dominate compile time.
+#pragma once
+#include <torch/nn.h>
+#include <torch/optim.h>
+#include <torch/serialize.h>
+#include <torch/types.h>
+#include <torch/utils.h>
+#include <torch/cuda.h>

@@ -1,0 +1,74 @@
+#include "shardguard/shardd/metrics.h"
+
+namespace shardguard::shardd {
+namespace {
+
+using prometheus::Labels;
+
+prometheus::Histogram::BucketBoundaries seconds_buckets() {
+  return {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
+}
+
+Labels with(Labels base, const std::string& k, const std::string& v) {
+  base[k] = v;
+  return base;
+}
+
+prometheus::Counter& counter(prometheus::Registry& r, const std::string& name, const std::string& help,
+                             const Labels& labels) {
+  return prometheus::BuildCounter().Name(name).Help(help).Register(r).Add(labels);
+}
+
+prometheus::Gauge& gauge(prometheus::Registry& r, const std::string& name, const std::string& help,
+                         const Labels& labels) {
+  return prometheus::BuildGauge().Name(name).Help(help).Register(r).Add(labels);
+}
+
+prometheus::Histogram& histogram(prometheus::Registry& r, const std::string& name, const std::string& help,
+                                 const Labels& labels) {
+  return prometheus::BuildHistogram().Name(name).Help(help).Register(r).Add(labels, seconds_buckets());
+}
+
+}  // namespace
+
+StageMetrics::StageMetrics(prometheus::Registry& r, const std::string& job, int shard)
+    : StageMetrics(r, Labels{{"job", job}, {"shard", std::to_string(shard)}}) {}
+
+StageMetrics::StageMetrics(prometheus::Registry& r, const Labels& l)
+    : parameters(gauge(r, "shardguard_shard_parameters", "Parameters held by this shard.", l)),
+      steps(counter(r, "shardguard_train_steps_total", "Optimizer steps completed by this stage.", l)),
+      samples(counter(r, "shardguard_train_samples_total", "Training samples processed by this stage.", l)),
+      step(gauge(r, "shardguard_train_step", "Last completed optimizer step.", l)),
+      epoch(gauge(r, "shardguard_train_epoch", "Epoch of the last completed step.", l)),
+      loss(gauge(r, "shardguard_train_loss", "Training loss of the last step (last stage).", l)),
+      train_accuracy(gauge(r, "shardguard_train_accuracy", "Training accuracy of the last step (last stage).", l)),
+      eval_accuracy(gauge(r, "shardguard_eval_accuracy", "Test-set accuracy of the last evaluation (last stage).", l)),
+      forward_seconds(histogram(r, "shardguard_stage_compute_seconds", "Compute time of one micro-batch pass.",
+                                with(l, "pass", "forward"))),
+      backward_seconds(histogram(r, "shardguard_stage_compute_seconds", "Compute time of one micro-batch pass.",
+                                 with(l, "pass", "backward"))),
+      optimizer_seconds(histogram(r, "shardguard_stage_compute_seconds", "Compute time of one micro-batch pass.",
+                                  with(l, "pass", "optimizer"))),
+      bytes_sent(counter(r, "shardguard_pipeline_bytes_total", "Pipeline message bytes to and from the neighbours.",
+                         with(l, "direction", "sent"))),
+      bytes_received(counter(r, "shardguard_pipeline_bytes_total",
+                             "Pipeline message bytes to and from the neighbours.", with(l, "direction", "received"))),
+      frames_sent(counter(r, "shardguard_pipeline_frames_total", "Tensor frames to and from the neighbours.",
+                          with(l, "direction", "sent"))),
+      frames_received(counter(r, "shardguard_pipeline_frames_total", "Tensor frames to and from the neighbours.",
+                              with(l, "direction", "received"))),
+      transport_seconds(counter(r, "shardguard_pipeline_transport_seconds_total",
+                                "Time spent serialising and sending tensor frames.", l)),
+      stale_frames(counter(r, "shardguard_pipeline_stale_frames_total",
+                           "Frames dropped because they belong to an older pipeline generation.", l)),
+      rejected_frames(counter(r, "shardguard_pipeline_rejected_frames_total",
+                              "Frames refused for a wrong shape, dtype or size.", l)),
+      resyncs(counter(r, "shardguard_pipeline_resyncs_total", "Pipeline (re)synchronisations this stage took part in.", l)),
+      checkpoint_writes(counter(r, "shardguard_checkpoint_writes_total", "Checkpoints written.", l)),
+      checkpoint_failures(counter(r, "shardguard_checkpoint_failures_total", "Checkpoint writes or loads that failed.", l)),
+      checkpoint_loads(counter(r, "shardguard_checkpoint_loads_total", "Checkpoints restored.", l)),
+      checkpoint_seconds(histogram(r, "shardguard_checkpoint_seconds", "Time to write one checkpoint.", l)),
+      checkpoint_bytes(gauge(r, "shardguard_checkpoint_bytes", "Size of the last checkpoint written.", l)),
+      checkpoint_step(gauge(r, "shardguard_checkpoint_step", "Step of the last checkpoint written or restored.", l)) {}
+
+}  // namespace shardguard::shardd

@@ -1,0 +1,165 @@
+#include "shardguard/common/files.h"
+
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace shardguard {
+namespace {
+
+namespace fs = std::filesystem;
+
+// A fresh directory from mkdtemp, removed with its contents at the end.
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl = (fs::temp_directory_path() / "sg-files-XXXXXX").string();
+    if (::mkdtemp(&tmpl[0]) == nullptr) throw std::runtime_error("mkdtemp failed");
+    path_ = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::permissions(path_, fs::perms::owner_all, fs::perm_options::add, ec);
+    fs::remove_all(path_, ec);
+  }
+  const std::string& path() const { return path_; }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+std::vector<std::string> entries(const std::string& dir) {
+  std::vector<std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) out.push_back(e.path().filename().string());
+  return out;
+}
+
+unsigned mode_of(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return 0xffffffffu;
+  return st.st_mode & 07777;
+}
+
+// The message of the FileError fn throws, or fails the test.
+template <typename Fn>
+std::string file_error(Fn fn) {
+  try {
+    fn();
+  } catch (const FileError& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected FileError";
+  return "";
+}
+
+TEST(Files, WriteThenReadRoundTrip) {
+  TempDir dir;
+  const std::string path = dir.file("data.bin");
+  std::string data(200000, '\0');
+  for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<char>(i * 31);
+  write_file_atomic(path, data);
+  EXPECT_EQ(read_file(path), data);
+
+  write_file_atomic(path, "");
+  EXPECT_EQ(read_file(path), "");
+}
+
+TEST(Files, AtomicWriteLeavesNoTempFilesAndReplacesTarget) {
+  TempDir dir;
+  const std::string path = dir.file("config.json");
+  write_file_atomic(path, "first");
+  write_file_atomic(path, "second");
+  EXPECT_EQ(read_file(path), "second");
+  EXPECT_EQ(entries(dir.path()), std::vector<std::string>{"config.json"});
+}
+
+TEST(Files, AtomicWriteSetsModeRegardlessOfUmask) {
+  TempDir dir;
+  const mode_t old_umask = ::umask(077);
+  write_file_atomic(dir.file("public"), "x", 0644);
+  ::umask(old_umask);
+  EXPECT_EQ(mode_of(dir.file("public")), 0644u);
+
+  write_file_atomic(dir.file("secret"), "x", 0600);
+  EXPECT_EQ(mode_of(dir.file("secret")), 0600u);
+
+  // Rewriting an existing file applies the new mode too.
+  write_file_atomic(dir.file("public"), "y", 0640);
+  EXPECT_EQ(mode_of(dir.file("public")), 0640u);
+}
+
+TEST(Files, WriteIntoMissingDirectoryNamesPath) {
+  TempDir dir;
+  const std::string path = dir.file("no/such/dir/file");
+  const std::string msg = file_error([&] { write_file_atomic(path, "x"); });
+  EXPECT_NE(msg.find(path), std::string::npos) << msg;
+  EXPECT_NE(msg.find("No such file or directory"), std::string::npos) << msg;
+  EXPECT_TRUE(entries(dir.path()).empty());
+}
+
+TEST(Files, FailedWriteRemovesTempFileAndKeepsOldContent) {
+  if (::geteuid() == 0) GTEST_SKIP() << "root ignores directory permissions";
+  TempDir dir;
+  const std::string sub = dir.file("ro");
+  make_dirs(sub);
+  const std::string path = sub + "/f";
+  write_file_atomic(path, "old");
+  ASSERT_EQ(::chmod(sub.c_str(), 0500), 0);
+  const std::string msg = file_error([&] { write_file_atomic(path, "new"); });
+  ASSERT_EQ(::chmod(sub.c_str(), 0700), 0);
+  EXPECT_NE(msg.find(path), std::string::npos) << msg;
+  EXPECT_EQ(read_file(path), "old");
+  EXPECT_EQ(entries(sub), std::vector<std::string>{"f"});
+}
+
+TEST(Files, RenameOntoDirectoryFailsAndRemovesTempFile) {
+  // rename(2) of a file over a non-empty directory fails after the temp file was
+  // written, which exercises the clean-up path even as root.
+  TempDir dir;
+  const std::string target = dir.file("target");
+  make_dirs(target + "/inside");
+  const std::string msg = file_error([&] { write_file_atomic(target, "x"); });
+  EXPECT_NE(msg.find(target), std::string::npos) << msg;
+  EXPECT_EQ(entries(dir.path()), std::vector<std::string>{"target"});
+}
+
+TEST(Files, ReadMissingFileNamesPathAndReason) {
+  TempDir dir;
+  const std::string path = dir.file("absent");
+  const std::string msg = file_error([&] { read_file(path); });
+  EXPECT_NE(msg.find(path), std::string::npos) << msg;
+  EXPECT_NE(msg.find("No such file or directory"), std::string::npos) << msg;
+}
+
+TEST(Files, ReadDirectoryIsAnError) {
+  TempDir dir;
+  const std::string msg = file_error([&] { read_file(dir.path()); });
+  EXPECT_NE(msg.find(dir.path()), std::string::npos) << msg;
+}
+
+TEST(Files, MakeDirsCreatesNestedAndIsIdempotent) {
+  TempDir dir;
+  const std::string deep = dir.file("a/b/c/");
+  make_dirs(deep);
+  EXPECT_TRUE(fs::is_directory(dir.file("a/b/c")));
+  make_dirs(deep);  // already there: fine
+  make_dirs(dir.file("a//b/d"));
+  EXPECT_TRUE(fs::is_directory(dir.file("a/b/d")));
+}
+
+TEST(Files, MakeDirsThroughAFileFails) {
+  TempDir dir;
+  write_file_atomic(dir.file("plain"), "x");
+  const std::string msg = file_error([&] { make_dirs(dir.file("plain/sub")); });
+  EXPECT_NE(msg.find(dir.file("plain")), std::string::npos) << msg;
+  EXPECT_NE(msg.find("Not a directory"), std::string::npos) << msg;
+}
+
+}  // namespace
+}  // namespace shardguard

@@ -1,0 +1,758 @@
+#include "shardguard/common/jobspec.h"
+
+#include <gtest/gtest.h>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+namespace shardguard {
+namespace {
+
+using json = nlohmann::json;
+
+// A minimal valid job; tests change one thing at a time.
+json minimal_job() {
+  return json{
+      {"apiVersion", "shardguard.io/v1alpha1"},
+      {"kind", "ShardedTrainingJob"},
+      {"metadata", {{"name", "fmnist"}}},
+      {"spec", {{"model", {{"architecture", "mlp"}}}}},
+  };
+}
+
+// Runs job_from_json, which must fail, and returns its errors.
+std::vector<FieldError> errors_of(const json& object) {
+  try {
+    job_from_json(object);
+  } catch (const JobSpecError& e) {
+    return e.errors();
+  }
+  ADD_FAILURE() << "job_from_json accepted " << object.dump();
+  return {};
+}
+
+// The single error for `path`, or a failure naming what was reported instead.
+std::string error_at(const std::vector<FieldError>& errors, const std::string& path) {
+  std::string all;
+  for (const FieldError& e : errors) {
+    if (e.path == path) return e.str();
+    all += e.str() + "\n";
+  }
+  ADD_FAILURE() << "no error at " << path << "; got:\n" << all;
+  return "";
+}
+
+std::string one_error(const json& object, const std::string& path) {
+  return error_at(errors_of(object), path);
+}
+
+std::string example(const std::string& name) {
+  return std::string(SHARDGUARD_SOURCE_DIR) + "/examples/" + name;
+}
+
+// ---- yaml_to_json ----------------------------------------------------------
+
+TEST(JobSpecYamlTest, TypesPlainScalarsByTheCoreSchema) {
+  const json j = yaml_to_json(
+      "a: null\n"
+      "b: ~\n"
+      "c:\n"
+      "d: true\n"
+      "e: False\n"
+      "f: 42\n"
+      "g: -7\n"
+      "h: 1.5\n"
+      "i: .5\n"
+      "j: 1e-3\n"
+      "k: -2.5E+2\n"
+      "l: 0x1F\n"
+      "m: 0o17\n"
+      "n: hello world\n"
+      "o: yes\n"
+      "p: 1_000\n"
+      "q: +12\n"
+      "r: .inf\n");
+  EXPECT_TRUE(j["a"].is_null());
+  EXPECT_TRUE(j["b"].is_null());
+  EXPECT_TRUE(j["c"].is_null());
+  EXPECT_EQ(j["d"], true);
+  EXPECT_EQ(j["e"], false);
+  ASSERT_TRUE(j["f"].is_number_integer());
+  EXPECT_EQ(j["f"].get<int64_t>(), 42);
+  ASSERT_TRUE(j["g"].is_number_integer());
+  EXPECT_EQ(j["g"].get<int64_t>(), -7);
+  ASSERT_TRUE(j["h"].is_number_float());
+  EXPECT_DOUBLE_EQ(j["h"].get<double>(), 1.5);
+  ASSERT_TRUE(j["i"].is_number_float());
+  EXPECT_DOUBLE_EQ(j["i"].get<double>(), 0.5);
+  ASSERT_TRUE(j["j"].is_number_float());
+  EXPECT_DOUBLE_EQ(j["j"].get<double>(), 0.001);
+  EXPECT_DOUBLE_EQ(j["k"].get<double>(), -250.0);
+  EXPECT_EQ(j["l"].get<int64_t>(), 31);
+  EXPECT_EQ(j["m"].get<int64_t>(), 15);
+  EXPECT_EQ(j["n"], "hello world");
+  EXPECT_EQ(j["o"], "yes");  // YAML 1.1 booleans are plain strings in 1.2
+  EXPECT_EQ(j["p"], "1_000");
+  EXPECT_EQ(j["q"].get<int64_t>(), 12);
+  EXPECT_TRUE(std::isinf(j["r"].get<double>()));
+}
+
+TEST(JobSpecYamlTest, QuotedAndBlockScalarsStayStrings) {
+  const json j = yaml_to_json(
+      "a: \"123\"\n"
+      "b: 'true'\n"
+      "c: \"null\"\n"
+      "d: ''\n"
+      "e: !!str 1.5\n"
+      "f: |\n"
+      "  42\n");
+  EXPECT_EQ(j["a"], "123");
+  EXPECT_EQ(j["b"], "true");
+  EXPECT_EQ(j["c"], "null");
+  EXPECT_EQ(j["d"], "");
+  EXPECT_EQ(j["e"], "1.5");
+  EXPECT_EQ(j["f"], "42\n");
+}
+
+TEST(JobSpecYamlTest, ConvertsNestedMappingsAndSequences) {
+  const json j = yaml_to_json(
+      "outer:\n"
+      "  list: [1, two, {three: 3}]\n"
+      "  empty: {}\n"
+      "  none: []\n");
+  EXPECT_EQ(j, json::parse(R"({"outer": {"list": [1, "two", {"three": 3}], "empty": {}, "none": []}})"));
+}
+
+TEST(JobSpecYamlTest, HugeIntegersBecomeNumbers) {
+  const json j = yaml_to_json("a: 18446744073709551615\nb: 99999999999999999999999\n");
+  ASSERT_TRUE(j["a"].is_number_unsigned());
+  EXPECT_EQ(j["a"].get<uint64_t>(), 18446744073709551615ULL);
+  EXPECT_TRUE(j["b"].is_number_float());
+}
+
+TEST(JobSpecYamlTest, SyntaxErrorNamesLineAndColumn) {
+  try {
+    yaml_to_json("a: 1\nb: [1, 2\nc: 3\n");
+    FAIL() << "accepted broken YAML";
+  } catch (const JobSpecError& e) {
+    ASSERT_EQ(e.errors().size(), 1u);
+    EXPECT_EQ(e.errors()[0].path, "<yaml>");
+    EXPECT_NE(std::string(e.what()).find("line "), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("column "), std::string::npos) << e.what();
+  }
+  try {
+    // A mapping key indented under a scalar value.
+    yaml_to_json("kind: ShardedTrainingJob\n  name: x\nspec: {}\n");
+    FAIL() << "accepted broken YAML";
+  } catch (const JobSpecError& e) {
+    EXPECT_EQ(std::string(e.what()).rfind("<yaml>: line 2, column 7", 0), 0u) << e.what();
+  }
+}
+
+TEST(JobSpecYamlTest, DuplicateKeyIsAnError) {
+  try {
+    yaml_to_json("a: 1\nb: 2\na: 3\n");
+    FAIL() << "accepted a duplicate key";
+  } catch (const JobSpecError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("duplicate key \"a\""), std::string::npos) << what;
+    EXPECT_NE(what.find("line 3"), std::string::npos) << what;
+  }
+}
+
+TEST(JobSpecYamlTest, EmptyDocumentIsNull) {
+  EXPECT_TRUE(yaml_to_json("").is_null());
+  EXPECT_TRUE(yaml_to_json("# only a comment\n").is_null());
+}
+
+// ---- job_from_json: decoding and defaults -----------------------------------
+
+TEST(JobSpecTest, MinimalJobGetsDefaults) {
+  const JobSpec job = job_from_json(minimal_job());
+  EXPECT_EQ(job.name, "fmnist");
+  EXPECT_EQ(job.namespace_, "default");
+  EXPECT_EQ(job.model.architecture, "mlp");
+  EXPECT_EQ(job.model.hidden, 128);
+  EXPECT_EQ(job.model.depth, 3);
+  EXPECT_EQ(job.dataset.name, "fashion-mnist");
+  EXPECT_EQ(job.dataset.path, "/usr/share/datasets/fashion-mnist");
+  EXPECT_EQ(job.dataset.max_train_samples, 0);
+  EXPECT_EQ(job.training.epochs, 1);
+  EXPECT_EQ(job.training.batch_size, 128);
+  EXPECT_EQ(job.training.micro_batches, 4);
+  EXPECT_EQ(job.training.optimizer.name, "adam");
+  EXPECT_DOUBLE_EQ(job.training.optimizer.learning_rate, 0.001);
+  EXPECT_EQ(job.training.seed, 1u);
+  EXPECT_EQ(job.training.schedule, "1f1b");
+  EXPECT_EQ(job.training.eval_batch_size, 1000);
+  EXPECT_EQ(job.sharding.shards, 1);
+  EXPECT_EQ(job.sharding.balance, "parameters");
+  EXPECT_DOUBLE_EQ(job.protection.max_exposure, 1.0);
+  EXPECT_EQ(job.protection.topology_key, "kubernetes.io/hostname");
+  EXPECT_EQ(job.protection.trust_domain, "shardguard.local");
+  EXPECT_FALSE(job.protection.export_.allowed);
+  EXPECT_TRUE(job.protection.export_.principals.empty());
+  EXPECT_EQ(job.checkpoint.every_steps, 500);
+  EXPECT_EQ(job.checkpoint.volume, json::object());
+  EXPECT_EQ(job.template_, json::object());
+  EXPECT_EQ(job.sidecar, json::object());
+  EXPECT_EQ(job.run_policy.backoff_limit, 3);
+  EXPECT_FALSE(job.run_policy.active_deadline_seconds.has_value());
+  EXPECT_FALSE(job.run_policy.ttl_seconds_after_finished.has_value());
+  EXPECT_FALSE(job.run_policy.suspend);
+}
+
+TEST(JobSpecTest, DecodesEveryField) {
+  const json object = json::parse(R"({
+    "apiVersion": "shardguard.io/v1alpha1",
+    "kind": "ShardedTrainingJob",
+    "metadata": {"name": "vit-run", "namespace": "ml", "labels": {"team": "a"}, "uid": "x"},
+    "spec": {
+      "model": {"architecture": "vit", "hidden": 96, "depth": 6, "channels": 16, "heads": 3, "patchSize": 4},
+      "dataset": {"name": "fashion-mnist", "path": "/data/fm", "maxTrainSamples": 1000, "maxTestSamples": 200},
+      "training": {"epochs": 5, "batchSize": 256, "microBatches": 8,
+                   "optimizer": {"name": "sgd", "learningRate": 0.1, "momentum": 0.9, "weightDecay": 0.0005},
+                   "seed": 18446744073709551615, "schedule": "gpipe", "evalBatchSize": 500},
+      "sharding": {"shards": 6, "balance": "compute"},
+      "protection": {"maxExposure": 0.25, "topologyKey": "topology.kubernetes.io/zone",
+                     "trustDomain": "example.org",
+                     "export": {"allowed": true, "principals": ["spiffe://example.org/ns/ml/job/vit-run/role/exporter"]}},
+      "checkpoint": {"everySteps": 100, "volume": {"persistentVolumeClaim": {"claimName": "ckpt"}}},
+      "template": {"image": "shardd:dev", "nodeSelector": {"gpu": "yes"}, "tolerations": []},
+      "sidecar": {"image": "sidecar:dev"},
+      "runPolicy": {"backoffLimit": 0, "activeDeadlineSeconds": 3600, "ttlSecondsAfterFinished": 0, "suspend": true}
+    },
+    "status": {"phase": "Running", "anything": [1, 2, 3]}
+  })");
+  const JobSpec job = job_from_json(object);
+  EXPECT_EQ(job.name, "vit-run");
+  EXPECT_EQ(job.namespace_, "ml");
+  EXPECT_EQ(job.model.architecture, "vit");
+  EXPECT_EQ(job.model.hidden, 96);
+  EXPECT_EQ(job.model.depth, 6);
+  EXPECT_EQ(job.model.channels, 16);
+  EXPECT_EQ(job.model.heads, 3);
+  EXPECT_EQ(job.model.patch_size, 4);
+  EXPECT_EQ(job.dataset.path, "/data/fm");
+  EXPECT_EQ(job.dataset.max_train_samples, 1000);
+  EXPECT_EQ(job.dataset.max_test_samples, 200);
+  EXPECT_EQ(job.training.epochs, 5);
+  EXPECT_EQ(job.training.batch_size, 256);
+  EXPECT_EQ(job.training.micro_batches, 8);
+  EXPECT_EQ(job.training.optimizer.name, "sgd");
+  EXPECT_DOUBLE_EQ(job.training.optimizer.learning_rate, 0.1);
+  EXPECT_DOUBLE_EQ(job.training.optimizer.momentum, 0.9);
+  EXPECT_DOUBLE_EQ(job.training.optimizer.weight_decay, 0.0005);
+  EXPECT_EQ(job.training.seed, 18446744073709551615ULL);
+  EXPECT_EQ(job.training.schedule, "gpipe");
+  EXPECT_EQ(job.training.eval_batch_size, 500);
+  EXPECT_EQ(job.sharding.shards, 6);
+  EXPECT_EQ(job.sharding.balance, "compute");
+  EXPECT_DOUBLE_EQ(job.protection.max_exposure, 0.25);
+  EXPECT_EQ(job.protection.topology_key, "topology.kubernetes.io/zone");
+  EXPECT_EQ(job.protection.trust_domain, "example.org");
+  EXPECT_TRUE(job.protection.export_.allowed);
+  ASSERT_EQ(job.protection.export_.principals.size(), 1u);
+  EXPECT_EQ(job.checkpoint.every_steps, 100);
+  EXPECT_EQ(job.checkpoint.volume["persistentVolumeClaim"]["claimName"], "ckpt");
+  EXPECT_EQ(job.template_, object["spec"]["template"]);
+  EXPECT_EQ(job.sidecar, object["spec"]["sidecar"]);
+  EXPECT_EQ(job.run_policy.backoff_limit, 0);
+  EXPECT_EQ(job.run_policy.active_deadline_seconds, 3600);
+  EXPECT_EQ(job.run_policy.ttl_seconds_after_finished, 0);
+  EXPECT_TRUE(job.run_policy.suspend);
+}
+
+TEST(JobSpecTest, NullFieldsKeepDefaults) {
+  json object = minimal_job();
+  object["spec"]["runPolicy"] = {{"activeDeadlineSeconds", nullptr},
+                                 {"ttlSecondsAfterFinished", nullptr},
+                                 {"suspend", false}};
+  object["spec"]["training"] = {{"epochs", nullptr}};
+  object["spec"]["sharding"] = nullptr;
+  const JobSpec job = job_from_json(object);
+  EXPECT_FALSE(job.run_policy.active_deadline_seconds.has_value());
+  EXPECT_FALSE(job.run_policy.ttl_seconds_after_finished.has_value());
+  EXPECT_EQ(job.training.epochs, 1);
+  EXPECT_EQ(job.sharding.shards, 1);
+}
+
+TEST(JobSpecTest, WholeNumberFloatsAreAcceptedAsIntegers) {
+  json object = minimal_job();
+  object["spec"]["training"] = {{"batchSize", 64.0}};
+  EXPECT_EQ(job_from_json(object).training.batch_size, 64);
+  object["spec"]["training"] = {{"batchSize", 64.5}};
+  EXPECT_EQ(one_error(object, "spec.training.batchSize"),
+            "spec.training.batchSize: expected an integer, got number 64.5");
+}
+
+// ---- job_from_json: structural errors --------------------------------------
+
+TEST(JobSpecTest, RejectsWrongApiVersionAndKind) {
+  json object = minimal_job();
+  object["apiVersion"] = "shardguard.io/v1";
+  object["kind"] = "Job";
+  const auto errors = errors_of(object);
+  EXPECT_EQ(error_at(errors, "apiVersion"),
+            "apiVersion: must be \"shardguard.io/v1alpha1\", got string \"shardguard.io/v1\"");
+  EXPECT_EQ(error_at(errors, "kind"), "kind: must be \"ShardedTrainingJob\", got string \"Job\"");
+
+  object.erase("apiVersion");
+  EXPECT_NE(one_error(object, "apiVersion").find("required"), std::string::npos);
+}
+
+TEST(JobSpecTest, RejectsNonObjects) {
+  const auto errors = errors_of(json::array({1, 2}));
+  ASSERT_EQ(errors.size(), 1u);
+  EXPECT_NE(errors[0].str().find("got array [1,2]"), std::string::npos) << errors[0].str();
+
+  json object = minimal_job();
+  object["spec"]["model"] = "mlp";
+  EXPECT_EQ(one_error(object, "spec.model"), "spec.model: expected an object, got string \"mlp\"");
+}
+
+TEST(JobSpecTest, MissingMetadataAndSpecAreReportedOnce) {
+  json object = minimal_job();
+  object.erase("metadata");
+  object.erase("spec");
+  const auto errors = errors_of(object);
+  EXPECT_NE(error_at(errors, "metadata").find("required"), std::string::npos);
+  EXPECT_NE(error_at(errors, "spec").find("required"), std::string::npos);
+  // No follow-up errors under the missing objects.
+  EXPECT_EQ(errors.size(), 2u);
+}
+
+TEST(JobSpecTest, WrongTypesNameExpectedTypeAndValue) {
+  json object = minimal_job();
+  object["spec"]["training"] = {{"batchSize", "64"}, {"seed", -1}};
+  object["spec"]["runPolicy"] = {{"suspend", "yes"}};
+  object["spec"]["protection"] = {{"maxExposure", "half"},
+                                  {"export", {{"principals", "spiffe://a/b"}}}};
+  object["spec"]["template"] = "shardd:latest";
+  object["spec"]["model"]["hidden"] = 10000000000LL;
+  const auto errors = errors_of(object);
+  EXPECT_EQ(error_at(errors, "spec.training.batchSize"),
+            "spec.training.batchSize: expected an integer, got string \"64\"");
+  EXPECT_EQ(error_at(errors, "spec.training.seed"),
+            "spec.training.seed: expected a non-negative integer, got -1");
+  EXPECT_EQ(error_at(errors, "spec.runPolicy.suspend"),
+            "spec.runPolicy.suspend: expected a boolean (true or false), got string \"yes\"");
+  EXPECT_EQ(error_at(errors, "spec.protection.maxExposure"),
+            "spec.protection.maxExposure: expected a number, got string \"half\"");
+  EXPECT_EQ(error_at(errors, "spec.protection.export.principals"),
+            "spec.protection.export.principals: expected an array of strings, got string "
+            "\"spiffe://a/b\"");
+  EXPECT_EQ(error_at(errors, "spec.template"),
+            "spec.template: expected an object, got string \"shardd:latest\"");
+  EXPECT_NE(error_at(errors, "spec.model.hidden").find("out of range"), std::string::npos);
+  EXPECT_NE(error_at(errors, "spec.model.hidden").find("10000000000"), std::string::npos);
+  // Type errors are not repeated by validation of the default left in place.
+  EXPECT_EQ(errors.size(), 7u);
+}
+
+TEST(JobSpecTest, NonStringPrincipalNamesItsIndex) {
+  json object = minimal_job();
+  object["spec"]["protection"] = {
+      {"export", {{"allowed", true}, {"principals", {"spiffe://shardguard.local/x", 7}}}}};
+  EXPECT_EQ(one_error(object, "spec.protection.export.principals[1]"),
+            "spec.protection.export.principals[1]: expected a string, got integer 7");
+}
+
+TEST(JobSpecTest, UnknownFieldsAreRejected) {
+  json object = minimal_job();
+  object["spec"]["model"]["hiden"] = 64;
+  object["spec"]["trainning"] = {{"epochs", 1}};
+  object["spec"]["training"] = {{"optimizer", {{"lr", 0.1}}}};
+  object["spec"]["runPolicy"] = {{"restartPolicy", "Never"}};
+  const auto errors = errors_of(object);
+  EXPECT_EQ(error_at(errors, "spec.model.hiden"),
+            "spec.model.hiden: unknown field \"hiden\" (did you mean \"hidden\"?)");
+  EXPECT_NE(error_at(errors, "spec.trainning").find("unknown field \"trainning\""),
+            std::string::npos);
+  EXPECT_NE(error_at(errors, "spec.training.optimizer.lr").find("unknown field \"lr\""),
+            std::string::npos);
+  EXPECT_NE(error_at(errors, "spec.runPolicy.restartPolicy").find("known fields: backoffLimit"),
+            std::string::npos);
+  EXPECT_EQ(errors.size(), 4u);
+}
+
+TEST(JobSpecTest, FreeFormObjectsAcceptAnyField) {
+  json object = minimal_job();
+  object["spec"]["template"] = {{"anything", {{"goes", true}}}};
+  object["spec"]["sidecar"] = {{"image", "s"}, {"env", json::array()}};
+  object["spec"]["checkpoint"] = {{"volume", {{"hostPath", {{"path", "/ckpt"}}}}}};
+  object["metadata"]["annotations"] = {{"a", "b"}};
+  object["somethingTopLevel"] = 1;
+  EXPECT_NO_THROW(job_from_json(object));
+}
+
+TEST(JobSpecTest, CollectsAllErrorsIntoOneException) {
+  json object = minimal_job();
+  object["spec"]["model"]["architecture"] = "resnet";
+  object["spec"]["training"] = {{"batchSize", 0}, {"epochs", 0}};
+  object["spec"]["sharding"] = {{"shards", 65}};
+  try {
+    job_from_json(object);
+    FAIL() << "accepted an invalid job";
+  } catch (const JobSpecError& e) {
+    const std::string what = e.what();
+    EXPECT_EQ(e.errors().size(), 4u) << what;
+    EXPECT_NE(what.find("spec.model.architecture: unknown architecture \"resnet\" (expected one "
+                        "of: mlp, cnn, vit)"),
+              std::string::npos)
+        << what;
+    EXPECT_NE(what.find("spec.training.batchSize: must be at least 1, got 0"), std::string::npos)
+        << what;
+    EXPECT_NE(what.find("spec.training.epochs: must be at least 1, got 0"), std::string::npos)
+        << what;
+    EXPECT_NE(what.find("spec.sharding.shards: must be at most 64, got 65"), std::string::npos)
+        << what;
+    // One error per line.
+    EXPECT_EQ(std::count(what.begin(), what.end(), '\n'), 3) << what;
+  }
+}
+
+// ---- validation ------------------------------------------------------------
+
+TEST(JobSpecTest, ArchitectureIsRequired) {
+  json object = minimal_job();
+  object["spec"]["model"].erase("architecture");
+  EXPECT_EQ(one_error(object, "spec.model.architecture"),
+            "spec.model.architecture: required, got \"\" (expected one of: mlp, cnn, vit)");
+}
+
+TEST(JobSpecTest, ModelRanges) {
+  json object = minimal_job();
+  object["spec"]["model"] = {{"architecture", "cnn"}, {"hidden", 0}, {"depth", 65}, {"channels", 513}};
+  const auto errors = errors_of(object);
+  EXPECT_EQ(error_at(errors, "spec.model.hidden"), "spec.model.hidden: must be at least 1, got 0");
+  EXPECT_EQ(error_at(errors, "spec.model.depth"), "spec.model.depth: must be at most 64, got 65");
+  EXPECT_EQ(error_at(errors, "spec.model.channels"),
+            "spec.model.channels: must be at most 512, got 513");
+
+  object["spec"]["model"] = {{"architecture", "mlp"}, {"hidden", 4097}};
+  EXPECT_EQ(one_error(object, "spec.model.hidden"),
+            "spec.model.hidden: must be at most 4096, got 4097");
+}
+
+TEST(JobSpecTest, VitHeadsAndPatchSize) {
+  json object = minimal_job();
+  object["spec"]["model"] = {{"architecture", "vit"}, {"hidden", 64}, {"heads", 5}, {"patchSize", 5}};
+  const auto errors = errors_of(object);
+  const std::string heads = error_at(errors, "spec.model.heads");
+  EXPECT_NE(heads.find("64"), std::string::npos) << heads;
+  EXPECT_NE(heads.find("heads 5"), std::string::npos) << heads;
+  const std::string patch = error_at(errors, "spec.model.patchSize");
+  EXPECT_NE(patch.find("got 5"), std::string::npos) << patch;
+  EXPECT_NE(patch.find("1, 2, 4, 7, 14, 28"), std::string::npos) << patch;
+
+  object["spec"]["model"]["heads"] = 0;
+  object["spec"]["model"]["patchSize"] = 14;
+  EXPECT_EQ(one_error(object, "spec.model.heads"), "spec.model.heads: must be at least 1, got 0");
+
+  // Not checked for other architectures, where they are unused.
+  object["spec"]["model"] = {{"architecture", "mlp"}, {"hidden", 64}, {"heads", 5}, {"patchSize", 5}};
+  EXPECT_NO_THROW(job_from_json(object));
+}
+
+TEST(JobSpecTest, OnlyFashionMnistIsSupported) {
+  json object = minimal_job();
+  object["spec"]["dataset"] = {{"name", "cifar10"}, {"maxTrainSamples", -1}};
+  const auto errors = errors_of(object);
+  const std::string name = error_at(errors, "spec.dataset.name");
+  EXPECT_NE(name.find("\"cifar10\""), std::string::npos) << name;
+  EXPECT_NE(name.find("only \"fashion-mnist\" is supported so far"), std::string::npos) << name;
+  EXPECT_EQ(error_at(errors, "spec.dataset.maxTrainSamples"),
+            "spec.dataset.maxTrainSamples: must be at least 0, got -1");
+}
+
+TEST(JobSpecTest, MicroBatchesMustDivideBatchSize) {
+  json object = minimal_job();
+  object["spec"]["training"] = {{"batchSize", 100}, {"microBatches", 8}};
+  const std::string e = one_error(object, "spec.training.microBatches");
+  EXPECT_EQ(e, "spec.training.microBatches: batchSize 100 is not divisible by microBatches 8");
+
+  object["spec"]["training"] = {{"batchSize", 4}, {"microBatches", 8}};
+  EXPECT_EQ(one_error(object, "spec.training.microBatches"),
+            "spec.training.microBatches: must be at most batchSize (4), got 8");
+
+  object["spec"]["training"] = {{"microBatches", 0}};
+  EXPECT_EQ(one_error(object, "spec.training.microBatches"),
+            "spec.training.microBatches: must be at least 1, got 0");
+
+  object["spec"]["training"] = {{"batchSize", 65537}};
+  EXPECT_EQ(one_error(object, "spec.training.batchSize"),
+            "spec.training.batchSize: must be at most 65536, got 65537");
+}
+
+TEST(JobSpecTest, OptimizerRanges) {
+  json object = minimal_job();
+  object["spec"]["training"] = {
+      {"optimizer", {{"name", "rmsprop"}, {"learningRate", 0}, {"momentum", 1.0}, {"weightDecay", -0.1}}},
+      {"schedule", "interleaved"},
+      {"evalBatchSize", 0},
+      {"epochs", 1001}};
+  const auto errors = errors_of(object);
+  EXPECT_EQ(error_at(errors, "spec.training.optimizer.name"),
+            "spec.training.optimizer.name: unknown optimizer \"rmsprop\" (expected one of: sgd, adam)");
+  EXPECT_EQ(error_at(errors, "spec.training.optimizer.learningRate"),
+            "spec.training.optimizer.learningRate: must be greater than 0, got 0.0");
+  EXPECT_EQ(error_at(errors, "spec.training.optimizer.momentum"),
+            "spec.training.optimizer.momentum: must be in [0, 1), got 1.0");
+  EXPECT_NE(error_at(errors, "spec.training.optimizer.weightDecay").find("got -0.1"),
+            std::string::npos);
+  EXPECT_EQ(error_at(errors, "spec.training.schedule"),
+            "spec.training.schedule: unknown schedule \"interleaved\" (expected one of: 1f1b, gpipe)");
+  EXPECT_EQ(error_at(errors, "spec.training.evalBatchSize"),
+            "spec.training.evalBatchSize: must be at least 1, got 0");
+  EXPECT_EQ(error_at(errors, "spec.training.epochs"),
+            "spec.training.epochs: must be at most 1000, got 1001");
+
+  object["spec"]["training"] = {{"optimizer", {{"learningRate", 10.5}}}};
+  EXPECT_EQ(one_error(object, "spec.training.optimizer.learningRate"),
+            "spec.training.optimizer.learningRate: must be at most 10, got 10.5");
+}
+
+TEST(JobSpecTest, ShardingRanges) {
+  json object = minimal_job();
+  object["spec"]["sharding"] = {{"shards", 0}, {"balance", "memory"}};
+  const auto errors = errors_of(object);
+  EXPECT_EQ(error_at(errors, "spec.sharding.shards"), "spec.sharding.shards: must be at least 1, got 0");
+  EXPECT_EQ(error_at(errors, "spec.sharding.balance"),
+            "spec.sharding.balance: unknown balance \"memory\" (expected one of: parameters, compute)");
+}
+
+TEST(JobSpecTest, ProtectionRules) {
+  json object = minimal_job();
+  object["spec"]["protection"] = {{"maxExposure", 0},
+                                  {"topologyKey", ""},
+                                  {"trustDomain", "ShardGuard.Local"},
+                                  {"export", {{"allowed", true}}}};
+  auto errors = errors_of(object);
+  EXPECT_EQ(error_at(errors, "spec.protection.maxExposure"),
+            "spec.protection.maxExposure: must be in (0, 1], got 0.0");
+  EXPECT_NE(error_at(errors, "spec.protection.topologyKey").find("must not be empty"),
+            std::string::npos);
+  EXPECT_NE(error_at(errors, "spec.protection.trustDomain").find("\"ShardGuard.Local\""),
+            std::string::npos);
+  EXPECT_NE(error_at(errors, "spec.protection.export.principals").find("export.allowed is true"),
+            std::string::npos);
+
+  object["spec"]["protection"] = {
+      {"maxExposure", 1.5},
+      {"export",
+       {{"allowed", true},
+        {"principals", {"spiffe://shardguard.local/ns/default/job/fmnist/role/exporter",
+                        "https://example.org/x", "spiffe:///no-domain", "spiffe://td/a//b"}}}}};
+  errors = errors_of(object);
+  EXPECT_EQ(error_at(errors, "spec.protection.maxExposure"),
+            "spec.protection.maxExposure: must be in (0, 1], got 1.5");
+  EXPECT_NE(error_at(errors, "spec.protection.export.principals[1]").find("\"https://example.org/x\""),
+            std::string::npos);
+  error_at(errors, "spec.protection.export.principals[2]");
+  error_at(errors, "spec.protection.export.principals[3]");
+  EXPECT_EQ(errors.size(), 4u);
+}
+
+TEST(JobSpecTest, CheckpointAndRunPolicyRanges) {
+  json object = minimal_job();
+  object["spec"]["checkpoint"] = {{"everySteps", 0}};
+  object["spec"]["runPolicy"] = {{"backoffLimit", 101},
+                                 {"activeDeadlineSeconds", 0},
+                                 {"ttlSecondsAfterFinished", -5}};
+  const auto errors = errors_of(object);
+  EXPECT_EQ(error_at(errors, "spec.checkpoint.everySteps"),
+            "spec.checkpoint.everySteps: must be at least 1, got 0");
+  EXPECT_EQ(error_at(errors, "spec.runPolicy.backoffLimit"),
+            "spec.runPolicy.backoffLimit: must be at most 100, got 101");
+  EXPECT_EQ(error_at(errors, "spec.runPolicy.activeDeadlineSeconds"),
+            "spec.runPolicy.activeDeadlineSeconds: must be at least 1, got 0");
+  EXPECT_EQ(error_at(errors, "spec.runPolicy.ttlSecondsAfterFinished"),
+            "spec.runPolicy.ttlSecondsAfterFinished: must be at least 0, got -5");
+}
+
+TEST(JobSpecTest, NamesAreDnsLabels) {
+  json object = minimal_job();
+  object["metadata"] = {{"name", "Fmnist_CNN"}, {"namespace", "-ml"}};
+  auto errors = errors_of(object);
+  EXPECT_NE(error_at(errors, "metadata.name").find("got \"Fmnist_CNN\""), std::string::npos);
+  EXPECT_NE(error_at(errors, "metadata.namespace").find("got \"-ml\""), std::string::npos);
+
+  // 52 characters fit ("<name>-shard-63" is 61); 53 do not.
+  object["metadata"] = {{"name", std::string(52, 'a')}};
+  EXPECT_NO_THROW(job_from_json(object));
+  object["metadata"] = {{"name", std::string(53, 'a')}};
+  const std::string e = one_error(object, "metadata.name");
+  EXPECT_NE(e.find("at most 52 characters"), std::string::npos) << e;
+  EXPECT_NE(e.find("(53 characters)"), std::string::npos) << e;
+
+  object["metadata"] = json::object();
+  EXPECT_NE(one_error(object, "metadata.name").find("required"), std::string::npos);
+}
+
+TEST(JobSpecTest, ValidateWorksOnAStructDirectly) {
+  JobSpec job;
+  job.name = "direct";
+  job.model.architecture = "mlp";
+  EXPECT_TRUE(validate(job).empty());
+
+  job.sharding.shards = 100;
+  job.training.micro_batches = 3;  // 128 % 3 != 0
+  const auto errors = validate(job);
+  ASSERT_EQ(errors.size(), 2u);
+  EXPECT_EQ(error_at(errors, "spec.sharding.shards"), "spec.sharding.shards: must be at most 64, got 100");
+  EXPECT_EQ(error_at(errors, "spec.training.microBatches"),
+            "spec.training.microBatches: batchSize 128 is not divisible by microBatches 3");
+}
+
+// ---- YAML documents and files ----------------------------------------------
+
+TEST(JobSpecYamlTest, QuotedNumberIsAStringAndFailsTheTypeCheck) {
+  const json object = yaml_to_json(
+      "apiVersion: shardguard.io/v1alpha1\n"
+      "kind: ShardedTrainingJob\n"
+      "metadata: {name: quoted}\n"
+      "spec:\n"
+      "  model: {architecture: mlp}\n"
+      "  training: {batchSize: \"123\"}\n");
+  EXPECT_EQ(object["spec"]["training"]["batchSize"], "123");
+  EXPECT_EQ(one_error(object, "spec.training.batchSize"),
+            "spec.training.batchSize: expected an integer, got string \"123\"");
+}
+
+class JobSpecFileTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("jobspec_test_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::create_directories(dir_);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  std::string write(const std::string& name, const std::string& text) {
+    const auto path = dir_ / name;
+    std::ofstream(path) << text;
+    return path.string();
+  }
+
+  std::filesystem::path dir_;
+};
+
+TEST_F(JobSpecFileTest, MissingFileNamesThePath) {
+  const std::string path = (dir_ / "nope.yaml").string();
+  try {
+    load_job_file(path);
+    FAIL() << "loaded a missing file";
+  } catch (const JobSpecError& e) {
+    ASSERT_EQ(e.errors().size(), 1u);
+    EXPECT_EQ(e.errors()[0].path, path);
+    EXPECT_NE(std::string(e.what()).find(path), std::string::npos);
+  }
+  EXPECT_THROW(load_job_file(dir_.string()), JobSpecError);
+}
+
+TEST_F(JobSpecFileTest, SyntaxErrorNamesTheFileAndLine) {
+  const std::string path = write("broken.yaml", "apiVersion: shardguard.io/v1alpha1\nspec: [\n");
+  try {
+    load_job_file(path);
+    FAIL() << "loaded broken YAML";
+  } catch (const JobSpecError& e) {
+    const std::string what = e.what();
+    EXPECT_EQ(what.rfind(path + ": line ", 0), 0u) << what;
+  }
+}
+
+TEST_F(JobSpecFileTest, DecodeErrorsKeepFieldPaths) {
+  const std::string path = write("bad.yaml",
+                                 "apiVersion: shardguard.io/v1alpha1\n"
+                                 "kind: ShardedTrainingJob\n"
+                                 "metadata: {name: bad}\n"
+                                 "spec:\n"
+                                 "  model: {architecture: resnet}\n"
+                                 "  training: {batchSize: 0}\n");
+  try {
+    load_job_file(path);
+    FAIL() << "loaded an invalid job";
+  } catch (const JobSpecError& e) {
+    EXPECT_EQ(error_at(e.errors(), "spec.model.architecture"),
+              "spec.model.architecture: unknown architecture \"resnet\" (expected one of: mlp, "
+              "cnn, vit)");
+    EXPECT_EQ(error_at(e.errors(), "spec.training.batchSize"),
+              "spec.training.batchSize: must be at least 1, got 0");
+  }
+}
+
+TEST_F(JobSpecFileTest, ReadsJson) {
+  const std::string path = write("job.json", minimal_job().dump(2));
+  EXPECT_EQ(load_job_file(path).name, "fmnist");
+}
+
+TEST(JobSpecExamplesTest, CnnExampleLoads) {
+  const JobSpec job = load_job_file(example("fashion-mnist-cnn.yaml"));
+  EXPECT_TRUE(validate(job).empty());
+  EXPECT_EQ(job.name, "fmnist-cnn");
+  EXPECT_EQ(job.namespace_, "default");
+  EXPECT_EQ(job.model.architecture, "cnn");
+  EXPECT_EQ(job.model.channels, 32);
+  EXPECT_EQ(job.model.hidden, 64);
+  EXPECT_EQ(job.dataset.path, "/usr/share/datasets/fashion-mnist");
+  EXPECT_EQ(job.training.epochs, 2);
+  EXPECT_EQ(job.training.batch_size, 64);
+  EXPECT_EQ(job.training.micro_batches, 4);
+  EXPECT_EQ(job.training.optimizer.name, "adam");
+  EXPECT_DOUBLE_EQ(job.training.optimizer.learning_rate, 0.001);
+  EXPECT_EQ(job.training.seed, 1u);
+  EXPECT_EQ(job.training.schedule, "1f1b");
+  EXPECT_EQ(job.sharding.shards, 4);
+  EXPECT_EQ(job.sharding.balance, "parameters");
+  EXPECT_DOUBLE_EQ(job.protection.max_exposure, 0.5);
+  EXPECT_EQ(job.protection.topology_key, "kubernetes.io/hostname");
+  EXPECT_FALSE(job.protection.export_.allowed);
+  EXPECT_EQ(job.checkpoint.every_steps, 200);
+  EXPECT_EQ(job.checkpoint.volume, json::parse(R"({"emptyDir": {}})"));
+  EXPECT_EQ(job.template_["image"], "ghcr.io/shardguard/shardd:0.1.0");
+  EXPECT_EQ(job.template_["resources"]["limits"]["nvidia.com/gpu"], 1);
+  EXPECT_EQ(job.sidecar["image"], "ghcr.io/shardguard/shard-sidecar:0.1.0");
+  EXPECT_EQ(job.run_policy.backoff_limit, 3);
+}
+
+TEST(JobSpecExamplesTest, MlpExampleLoads) {
+  const JobSpec job = load_job_file(example("fashion-mnist-mlp.yaml"));
+  EXPECT_TRUE(validate(job).empty());
+  EXPECT_EQ(job.name, "fmnist-mlp");
+  EXPECT_EQ(job.model.architecture, "mlp");
+  EXPECT_EQ(job.model.hidden, 256);
+  EXPECT_EQ(job.model.depth, 3);
+  EXPECT_EQ(job.sharding.shards, 4);
+  EXPECT_EQ(job.training.epochs, 2);
+  EXPECT_EQ(job.training.batch_size, 64);
+  EXPECT_EQ(job.training.micro_batches, 4);
+  EXPECT_DOUBLE_EQ(job.protection.max_exposure, 0.5);
+}
+
+TEST(JobSpecExamplesTest, VitExampleLoads) {
+  const JobSpec job = load_job_file(example("fashion-mnist-vit.yaml"));
+  EXPECT_TRUE(validate(job).empty());
+  EXPECT_EQ(job.name, "fmnist-vit");
+  EXPECT_EQ(job.model.architecture, "vit");
+  EXPECT_EQ(job.model.hidden, 64);
+  EXPECT_EQ(job.model.depth, 4);
+  EXPECT_EQ(job.model.heads, 4);
+  EXPECT_EQ(job.model.patch_size, 7);
+  EXPECT_EQ(job.sharding.shards, 4);
+  EXPECT_EQ(job.training.epochs, 2);
+  EXPECT_EQ(job.training.batch_size, 64);
+  EXPECT_EQ(job.training.micro_batches, 4);
+  EXPECT_DOUBLE_EQ(job.protection.max_exposure, 0.5);
+}
+
+}  // namespace
+}  // namespace shardguard
