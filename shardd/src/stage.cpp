@@ -263,8 +263,6 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
     me_ = stages[opt_.stage];
     first_ = opt_.stage == 0;
     last_ = opt_.stage == n_ - 1;
-    if (!first_ && opt_.prev.empty()) throw std::invalid_argument("--prev is required for stage " + std::to_string(opt_.stage));
-    if (!last_ && opt_.next.empty()) throw std::invalid_argument("--next is required for stage " + std::to_string(opt_.stage));
     device_ = resolve_device(opt_.device);
     micro_ = opt_.job.training.batch_size / opt_.job.training.micro_batches;
     schedule_ = make_schedule(opt_.job.training.schedule, opt_.stage, n_, opt_.job.training.micro_batches);
@@ -295,13 +293,6 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
       test_y_ = load_labels(opt_.job.dataset, Split::kTest);
     }
 
-    if (!first_) prev_ = std::make_unique<Peer>("stage " + std::to_string(opt_.stage - 1), opt_.prev, opt_.retry_budget_s);
-    if (!last_) next_ = std::make_unique<Peer>("stage " + std::to_string(opt_.stage + 1), opt_.next, opt_.retry_budget_s);
-    auto gen = [this] { return generation_.load(); };
-    auto fatal = [this](const std::string& e) { fail(e); };
-    if (next_) down_ = std::make_unique<Sender<v1::ForwardRequest>>(*next_, &call_forward, gen, fatal, metrics_);
-    if (prev_) up_ = std::make_unique<Sender<v1::BackwardRequest>>(*prev_, &call_backward, gen, fatal, metrics_);
-
     grpc::ServerBuilder builder;
     builder.SetMaxReceiveMessageSize(-1);
     builder.SetMaxSendMessageSize(-1);
@@ -330,10 +321,29 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
   }
 
   // ---- main loop --------------------------------------------------------------
+  void set_neighbours(const std::string& prev, const std::string& next) {
+    opt_.prev = prev;
+    opt_.next = next;
+  }
+
+  // Connects to the neighbours (lazily: gRPC channels connect on first use).
+  void connect() {
+    if (!first_ && opt_.prev.empty()) throw std::invalid_argument("--prev is required for stage " + std::to_string(opt_.stage));
+    if (!last_ && opt_.next.empty()) throw std::invalid_argument("--next is required for stage " + std::to_string(opt_.stage));
+    if (!first_) prev_ = std::make_unique<Peer>("stage " + std::to_string(opt_.stage - 1), opt_.prev, opt_.retry_budget_s);
+    if (!last_) next_ = std::make_unique<Peer>("stage " + std::to_string(opt_.stage + 1), opt_.next, opt_.retry_budget_s);
+    auto gen = [this] { return generation_.load(); };
+    auto fatal = [this](const std::string& e) { fail(e); };
+    if (next_) down_ = std::make_unique<Sender<v1::ForwardRequest>>(*next_, &call_forward, gen, fatal, metrics_);
+    if (prev_) up_ = std::make_unique<Sender<v1::BackwardRequest>>(*prev_, &call_backward, gen, fatal, metrics_);
+    connected_.store(true);
+  }
+
   StageResult run() {
     const auto start = Clock::now();
     StageResult result;
     try {
+      connect();
       if (first_) {
         drive();
       } else {
@@ -364,7 +374,12 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
     result.wall_seconds = seconds_since(start);
     result.parameters = parameters_;
     if (result.ok) {
+      result.train_seconds = seconds_since(train_start_);
+      result.trained_steps = done_ - resumed_step_;
       log::info("stage finished", {{"stage", opt_.stage}, {"steps", done_}, {"wall_seconds", result.wall_seconds},
+                                   {"train_seconds", result.train_seconds}, {"trained_steps", result.trained_steps},
+                                   {"samples_per_second", result.train_seconds > 0 ? result.trained_steps *
+                                        opt_.job.training.batch_size / result.train_seconds : 0.0},
                                    {"compute_seconds", result.compute_seconds},
                                    {"transport_seconds", result.transport_seconds}});
     } else {
@@ -377,6 +392,7 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
   // ---- gRPC service (handler threads) ---------------------------------------
   grpc::Status Forward(grpc::ServerContext*, const v1::ForwardRequest* req, v1::ForwardReply* reply) override {
     metrics_.bytes_received.Increment(static_cast<double>(req->ByteSizeLong()));
+    if (!req->has_frame() && !connected_.load()) return not_running();
     switch (req->body_case()) {
       case v1::ForwardRequest::kFrame:
         return accept_frame(const_cast<v1::TensorFrame*>(&req->frame()), /*forward=*/true);
@@ -394,6 +410,7 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
   grpc::Status Backward(grpc::ServerContext*, const v1::BackwardRequest* req, v1::BackwardReply*) override {
     metrics_.bytes_received.Increment(static_cast<double>(req->ByteSizeLong()));
     if (req->has_frame()) return accept_frame(const_cast<v1::TensorFrame*>(&req->frame()), /*forward=*/false);
+    if (!connected_.load()) return not_running();
     if (req->has_join()) {
       if (first_) {
         std::lock_guard<std::mutex> lock(mu_);
@@ -411,6 +428,11 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
   }
 
  private:
+  // Control messages need the neighbours; before run() connected them the caller retries.
+  grpc::Status not_running() const {
+    return {grpc::StatusCode::UNAVAILABLE, "stage " + std::to_string(opt_.stage) + " is not running yet"};
+  }
+
   void build_fresh() {
     model_ = build_blocks(opt_.job.model, me_.first_block, me_.end_block, opt_.job.training.seed);
     model_->to(device_);
@@ -429,12 +451,12 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
 
   void shutdown() {
     stop("shut down");
-    down_.reset();
-    up_.reset();
-    if (server_) {
+    if (server_) {  // first: handlers may still use the senders
       server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
       server_.reset();
     }
+    down_.reset();
+    up_.reset();
   }
 
   grpc::Status accept_frame(v1::TensorFrame* frame, bool forward) {
@@ -485,7 +507,7 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
     }
     down.mutable_boot_ids()->CopyFrom(req.boot_ids());
     down.add_boot_ids(boot_id_);
-    if (!next_) {
+    if (last_) {
       reply->mutable_steps()->CopyFrom(down.steps());
       reply->mutable_boot_ids()->CopyFrom(down.boot_ids());
       return grpc::Status::OK;
@@ -507,12 +529,9 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
       resume_ = ResumeCmd{req.generation(), req.step(), done};
     }
     cv_.notify_all();
-    if (result.wait_for(std::chrono::duration<double>(opt_.peer_timeout_s)) != std::future_status::ready) {
-      return {grpc::StatusCode::UNAVAILABLE, "stage " + std::to_string(opt_.stage) + " did not resume in time"};
-    }
-    const std::string err = result.get();
+    const std::string err = await(result, "resume");
     if (!err.empty()) return {grpc::StatusCode::FAILED_PRECONDITION, err};
-    if (!next_) return grpc::Status::OK;
+    if (last_) return grpc::Status::OK;
     return forward_control_down([&](v1::ForwardRequest& f) { *f.mutable_resume() = req; });
   }
 
@@ -532,9 +551,21 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
     }
     cv_.notify_all();
     // The main loop flushes, checkpoints and passes Finish on before answering.
-    const std::string err = result.get();
+    const std::string err = await(result, "finish");
     if (!err.empty()) return {grpc::StatusCode::FAILED_PRECONDITION, err};
     return grpc::Status::OK;
+  }
+
+  // Waits for the main loop's answer to a control message, but never past the
+  // stage stopping or the peer timeout (a handler must not outlive the server).
+  std::string await(std::future<std::string>& result, const char* what) {
+    const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                             std::chrono::duration<double>(opt_.peer_timeout_s));
+    while (result.wait_for(std::chrono::milliseconds(50)) != std::future_status::ready) {
+      if (stopping()) return "stage " + std::to_string(opt_.stage) + " is stopping";
+      if (Clock::now() > deadline) return "stage " + std::to_string(opt_.stage) + " did not " + what + " in time";
+    }
+    return result.get();
   }
 
   template <class Fill>
@@ -641,6 +672,8 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
       metrics_.checkpoint_step.Set(static_cast<double>(step));
     }
     done_ = step;
+    resumed_step_ = step;
+    train_start_ = Clock::now();
     last_checkpoint_ = step;
     if (losses_.size() > static_cast<size_t>(step)) losses_.resize(static_cast<size_t>(step));
     eval_seen_ = eval_correct_ = 0;
@@ -1023,10 +1056,13 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
   std::set<std::string> members_;
   std::string stop_reason_;
   std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> connected_{false};
   uint64_t generation_counter_ = 0;
 
   // Main-loop state.
   int64_t done_ = 0;
+  int64_t resumed_step_ = 0;             // step of the last resume
+  Clock::time_point train_start_ = Clock::now();  // when the last resume happened
   int64_t last_checkpoint_ = -1;
   std::vector<double> losses_;
   std::optional<EvalReport> last_eval_;
@@ -1042,5 +1078,6 @@ int StageRunner::port() const { return impl_->port(); }
 int64_t StageRunner::parameters() const { return impl_->parameters(); }
 StageResult StageRunner::run() { return impl_->run(); }
 void StageRunner::stop(const std::string& reason) { impl_->stop(reason); }
+void StageRunner::set_neighbours(const std::string& prev, const std::string& next) { impl_->set_neighbours(prev, next); }
 
 }  // namespace shardguard::shardd

@@ -72,6 +72,8 @@ struct StageResult {
   double compute_seconds = 0;
   double transport_seconds = 0;
   double wall_seconds = 0;
+  double train_seconds = 0;      // from the last resume to the end (ok runs)
+  int64_t trained_steps = 0;     // steps trained since the last resume
   int64_t parameters = 0;
 };
 
@@ -87,6 +89,8 @@ class StageRunner {
   void start();
   int port() const;
   int64_t parameters() const;
+  // Overrides options.prev/next before run() (e.g. once every stage's port is known).
+  void set_neighbours(const std::string& prev, const std::string& next);
   // Trains until Finish, a fatal error, or stop(). Call once, after start().
   StageResult run();
   // Asks run() to return (thread-safe, e.g. from a signal-watching thread).

@@ -1,0 +1,124 @@
+#include <gtest/gtest.h>
+
+#include "shardguard/shardd/model_desc.h"
+#include "shardguard/shardd/partition.h"
+#include "shardd/test_job.h"
+
+namespace shardguard::shardd {
+namespace {
+
+ModelSpec spec(const std::string& arch) {
+  ModelSpec s;
+  s.architecture = arch;
+  s.hidden = 64;
+  s.depth = 3;
+  s.channels = 32;
+  s.heads = 4;
+  s.patch_size = 7;
+  return s;
+}
+
+TEST(ModelDescTest, BlockShapesChain) {
+  for (const char* arch : {"mlp", "cnn", "vit"}) {
+    const auto m = describe_model(spec(arch));
+    ASSERT_GE(m.blocks.size(), 4u) << arch;
+    for (size_t i = 1; i < m.blocks.size(); ++i) {
+      EXPECT_EQ(m.blocks[i - 1].out_shape, m.blocks[i].in_shape) << arch << " block " << i;
+    }
+    EXPECT_EQ(m.blocks.back().out_shape, std::vector<int64_t>{kNumClasses});
+  }
+}
+
+TEST(ModelDescTest, CnnParameterCountsByHand) {
+  const auto m = describe_model(spec("cnn"));
+  ASSERT_EQ(m.blocks.size(), 5u);
+  EXPECT_EQ(m.blocks[0].parameters, 1 * 32 * 9 + 32);
+  EXPECT_EQ(m.blocks[1].parameters, 32 * 64 * 9 + 64);
+  EXPECT_EQ(m.blocks[2].parameters, 64 * 128 * 9 + 128);
+  EXPECT_EQ(m.blocks[3].parameters, 128 * 3 * 3 * 64 + 64);
+  EXPECT_EQ(m.blocks[4].parameters, 64 * 10 + 10);
+}
+
+TEST(ModelDescTest, UnknownArchitectureNamesField) {
+  try {
+    describe_model(spec("resnet"));
+    FAIL();
+  } catch (const JobSpecError& e) {
+    EXPECT_NE(std::string(e.what()).find("spec.model.architecture"), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("resnet"), std::string::npos);
+  }
+}
+
+TEST(PartitionTest, StagesAreContiguousAndCoverTheModel) {
+  for (const char* arch : {"mlp", "cnn", "vit"}) {
+    const auto m = describe_model(spec(arch));
+    for (int n = 1; n <= static_cast<int>(m.blocks.size()); ++n) {
+      for (const char* balance : {"parameters", "compute"}) {
+        const auto stages = partition(m, n, balance);
+        ASSERT_EQ(static_cast<int>(stages.size()), n);
+        int64_t params = 0, flops = 0;
+        int next = 0;
+        for (const auto& s : stages) {
+          EXPECT_EQ(s.first_block, next);
+          EXPECT_GT(s.end_block, s.first_block);
+          next = s.end_block;
+          params += s.parameters;
+          flops += s.flops;
+        }
+        EXPECT_EQ(next, static_cast<int>(m.blocks.size()));
+        EXPECT_EQ(params, m.parameters());
+        EXPECT_EQ(flops, m.flops());
+      }
+    }
+  }
+}
+
+TEST(PartitionTest, MinimisesTheLargestStage) {
+  ModelDesc m;
+  m.architecture = "toy";
+  for (int64_t p : {5, 1, 1, 1, 5, 1}) {
+    BlockDesc b;
+    b.index = static_cast<int>(m.blocks.size());
+    b.parameters = p;
+    b.flops = 10 - p;
+    m.blocks.push_back(b);
+  }
+  const auto by_params = partition(m, 3, "parameters");
+  EXPECT_EQ(by_params[0].end_block, 1);  // [5] [1 1 1] [5 1]
+  EXPECT_EQ(by_params[1].end_block, 4);
+  int64_t worst = 0;
+  for (const auto& s : by_params) worst = std::max(worst, s.parameters);
+  EXPECT_EQ(worst, 6);
+  const auto by_compute = partition(m, 3, "compute");
+  int64_t worst_flops = 0;
+  for (const auto& s : by_compute) worst_flops = std::max(worst_flops, s.flops);
+  EXPECT_EQ(worst_flops, 18);  // flops 5 9 9 9 5 9 → [5 9] [9] ... best max is 18 (e.g. [5 9][9 9][5 9])
+}
+
+TEST(PartitionTest, Deterministic) {
+  const auto m = describe_model(spec("vit"));
+  const auto a = partition(m, 3, "compute");
+  const auto b = partition(m, 3, "compute");
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].first_block, b[i].first_block);
+    EXPECT_EQ(a[i].end_block, b[i].end_block);
+  }
+}
+
+TEST(PartitionTest, TooManyShardsIsAClearError) {
+  const auto m = describe_model(spec("cnn"));
+  try {
+    partition(m, 6, "parameters");
+    FAIL();
+  } catch (const PartitionError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("spec.sharding.shards"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("6 shards"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("5 blocks"), std::string::npos) << msg;
+  }
+  EXPECT_THROW(partition(m, 0, "parameters"), PartitionError);
+  EXPECT_THROW(partition(m, 2, "memory"), PartitionError);
+}
+
+}  // namespace
+}  // namespace shardguard::shardd

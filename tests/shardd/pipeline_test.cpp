@@ -1,0 +1,297 @@
+// The pipeline over real gRPC on loopback, every stage in its own thread of
+// this process: same math as one process, recombination, and bad input.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+#include <torch/torch.h>
+
+#include "shardguard/common/crypto.h"
+#include "shardguard/shardd/checkpoint.h"
+#include "shardguard/shardd/data.h"
+#include "shardguard/shardd/model_desc.h"
+#include "shardguard/shardd/partition.h"
+#include "shardguard/shardd/tensor_codec.h"
+#include "shardguard/shardd/recombine.h"
+#include "shardguard/shardd/stage.h"
+#include "shardguard/shardd/threads.h"
+#include "shardguard/shardd/trainer.h"
+#include "shardguard/v1/pipeline.grpc.pb.h"
+#include "shardd/test_job.h"
+
+namespace shardguard::shardd {
+namespace {
+
+struct PipelineRun {
+  std::vector<StageResult> results;
+  std::vector<int64_t> parameters;
+  const StageResult& last() const { return results.back(); }
+};
+
+class PipelineTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { set_compute_threads(1); }
+  void SetUp() override { dir_ = shardguard::testing::make_temp_dir(); }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  // Runs every stage of `job` in this process; returns when all have stopped.
+  PipelineRun run(const JobSpec& job, int64_t max_steps = 0) {
+    const int n = job.sharding.shards;
+    std::filesystem::create_directories(dir_ + "/keys");
+    std::vector<std::unique_ptr<StageRunner>> runners;
+    for (int i = 0; i < n; ++i) {
+      const std::string key_file = dir_ + "/keys/shard-" + std::to_string(i) + ".key";
+      if (!std::filesystem::exists(key_file)) generate_key_file(key_file);
+      StageOptions o;
+      o.job = job;
+      o.stage = i;
+      o.checkpoint_dir = dir_ + "/checkpoints";
+      o.key = load_key_file(key_file);
+      o.device = "cpu";
+      o.peer_timeout_s = 60;
+      o.retry_budget_s = 30;
+      o.max_steps = max_steps;
+      runners.push_back(std::make_unique<StageRunner>(o, std::make_shared<prometheus::Registry>()));
+      runners.back()->start();
+    }
+    for (int i = 0; i < n; ++i) {
+      runners[i]->set_neighbours(i > 0 ? "127.0.0.1:" + std::to_string(runners[i - 1]->port()) : "",
+                                 i + 1 < n ? "127.0.0.1:" + std::to_string(runners[i + 1]->port()) : "");
+    }
+    PipelineRun out;
+    out.results.resize(n);
+    std::vector<std::thread> threads;
+    for (int i = 0; i < n; ++i) threads.emplace_back([&, i] { out.results[i] = runners[i]->run(); });
+    for (auto& t : threads) t.join();
+    for (auto& r : runners) out.parameters.push_back(r->parameters());
+    return out;
+  }
+
+  std::string dir_;
+};
+
+void expect_same_losses(const std::vector<double>& pipeline, const MonolithicResult& mono, const std::string& what) {
+  ASSERT_EQ(pipeline.size(), mono.steps.size()) << what;
+  for (size_t s = 0; s < pipeline.size(); ++s) {
+    EXPECT_NEAR(pipeline[s], mono.steps[s].loss, 1e-5 * std::max(1.0, std::abs(mono.steps[s].loss)))
+        << what << " step " << s;
+  }
+}
+
+TEST_F(PipelineTest, SameLossesAsOneProcessForOneTwoFourStages) {
+  for (const char* arch : {"mlp", "cnn"}) {
+    for (const char* schedule : {"1f1b", "gpipe"}) {
+      auto json = shardguard::testing::small_job_json(arch, 1, 512);
+      json["spec"]["training"]["schedule"] = schedule;
+      const JobSpec base = job_from_json(json);
+      MonolithicOptions mo;
+      mo.device = "cpu";
+      const auto mono = train_monolithic(base, mo);
+      ASSERT_EQ(mono.steps.size(), 16u);
+      double head = 0, tail = 0;
+      for (int i = 0; i < 4; ++i) {
+        head += mono.steps[i].loss;
+        tail += mono.steps[12 + i].loss;
+      }
+      EXPECT_LT(tail, head) << "the reference does not learn";
+      for (int n : {1, 2, 4}) {
+        auto jn = json;
+        jn["spec"]["sharding"]["shards"] = n;
+        const JobSpec job = job_from_json(jn);
+        std::filesystem::remove_all(dir_ + "/checkpoints");
+        const auto run_result = run(job);
+        for (const auto& r : run_result.results) ASSERT_TRUE(r.ok) << r.error;
+        const std::string what = std::string(arch) + " " + schedule + " n=" + std::to_string(n);
+        expect_same_losses(run_result.last().losses, mono, what);
+        ASSERT_TRUE(run_result.last().last_eval.has_value()) << what;
+        EXPECT_EQ(run_result.last().last_eval->correct, mono.eval.correct) << what;
+        int64_t total = 0;
+        for (auto p : run_result.parameters) total += p;
+        EXPECT_EQ(total, describe_model(job.model).parameters()) << what;
+      }
+    }
+  }
+}
+
+TEST_F(PipelineTest, VitTwoStagesMatchesOneProcess) {
+  auto json = shardguard::testing::small_job_json("vit", 2, 128);
+  const JobSpec job = job_from_json(json);
+  json["spec"]["sharding"]["shards"] = 1;
+  MonolithicOptions mo;
+  mo.device = "cpu";
+  const auto mono = train_monolithic(job_from_json(json), mo);
+  const auto r = run(job);
+  for (const auto& s : r.results) ASSERT_TRUE(s.ok) << s.error;
+  expect_same_losses(r.last().losses, mono, "vit n=2");
+}
+
+TEST_F(PipelineTest, RecombinedModelScoresLikeTheDistributedEvaluation) {
+  const JobSpec job = shardguard::testing::small_job("cnn", 4);
+  const auto r = run(job);
+  for (const auto& s : r.results) ASSERT_TRUE(s.ok) << s.error;
+  ASSERT_TRUE(r.last().last_eval.has_value());
+  const auto files = find_shard_files(job, dir_ + "/checkpoints", dir_ + "/keys");
+  ASSERT_EQ(files.size(), 4u);
+  int64_t step = -1;
+  auto whole = recombine(job, files, &step);
+  EXPECT_EQ(step, r.last().steps);
+  whole->eval();
+  const auto eval = evaluate(whole, load_images(job.dataset, Split::kTest), load_labels(job.dataset, Split::kTest),
+                             job.training.eval_batch_size, torch::kCPU);
+  EXPECT_EQ(eval.total, r.last().last_eval->total);
+  EXPECT_EQ(eval.correct, r.last().last_eval->correct);
+
+  // Without one shard's key there is no model.
+  auto wrong = files;
+  wrong[2].key = random_bytes(32);
+  EXPECT_THROW(recombine(job, wrong, nullptr), CheckpointError);
+  wrong = files;
+  wrong.pop_back();
+  EXPECT_THROW(recombine(job, wrong, nullptr), CheckpointError);
+}
+
+TEST_F(PipelineTest, RestartedPipelineContinuesFromTheCheckpoint) {
+  // 8 steps, checkpoints every 3: a run stopped after 5 steps restarts at 3 and
+  // ends with exactly the losses of an uninterrupted run.
+  const JobSpec job = shardguard::testing::small_job("mlp", 2);
+  const auto full = run(job);
+  for (const auto& s : full.results) ASSERT_TRUE(s.ok) << s.error;
+  std::filesystem::remove_all(dir_ + "/checkpoints");
+  const auto part = run(job, 5);
+  for (const auto& s : part.results) ASSERT_TRUE(s.ok) << s.error;
+  EXPECT_EQ(part.last().steps, 5);
+  const auto rest = run(job);
+  for (const auto& s : rest.results) ASSERT_TRUE(s.ok) << s.error;
+  EXPECT_EQ(rest.last().steps, 8);
+  // Steps 0..4 are known from the first half, 5..7 from the resumed run.
+  ASSERT_EQ(rest.last().losses.size(), 8u);
+  for (size_t s = 5; s < 8; ++s) EXPECT_NEAR(rest.last().losses[s], full.last().losses[s], 1e-6) << s;
+  EXPECT_EQ(rest.last().last_eval->correct, full.last().last_eval->correct);
+}
+
+TEST_F(PipelineTest, WrongShapeFromAPeerStopsTheStageWithBothShapes) {
+  const JobSpec job = shardguard::testing::small_job("cnn", 2);
+  StageOptions o;
+  o.job = job;
+  o.stage = 1;
+  o.checkpoint_dir = dir_ + "/checkpoints";
+  o.key = random_bytes(32);
+  o.device = "cpu";
+  o.prev = "127.0.0.1:1";  // nobody: its join notice is never answered
+  o.peer_timeout_s = 30;
+  o.retry_budget_s = 30;
+  StageRunner stage(o, std::make_shared<prometheus::Registry>());
+  stage.start();
+  StageResult result;
+  std::thread t([&] { result = stage.run(); });
+
+  auto stub = v1::Pipeline::NewStub(
+      grpc::CreateChannel("127.0.0.1:" + std::to_string(stage.port()), grpc::InsecureChannelCredentials()));
+  auto call = [&](const v1::ForwardRequest& req) {
+    for (int attempt = 0;; ++attempt) {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+      v1::ForwardReply reply;
+      auto st = stub->Forward(&ctx, req, &reply);
+      if (st.error_code() != grpc::StatusCode::UNAVAILABLE || attempt > 200) return st;
+      std::this_thread::yield();
+    }
+  };
+  v1::ForwardRequest sync;
+  sync.mutable_sync()->set_generation(5);
+  sync.mutable_sync()->add_steps(0);
+  ASSERT_TRUE(call(sync).ok());
+  v1::ForwardRequest resume;
+  resume.mutable_resume()->set_generation(5);
+  resume.mutable_resume()->set_step(0);
+  ASSERT_TRUE(call(resume).ok());
+
+  v1::ForwardRequest bad;
+  auto* f = bad.mutable_frame();
+  f->set_generation(5);
+  f->set_phase(v1::PHASE_TRAIN);
+  f->mutable_tensor()->set_dtype(v1::DTYPE_FLOAT32);
+  for (int64_t d : {8, 4, 7, 7}) f->mutable_tensor()->add_shape(d);
+  f->mutable_tensor()->set_data(std::string(8 * 4 * 7 * 7 * 4, '\0'));
+  const auto desc = describe_model(job.model);
+  const auto stages = partition(desc, 2, "parameters");
+  auto want = shape_str(desc.blocks[stages[1].first_block].in_shape);  // e.g. [16, 3, 3]
+  want = "float32[1..8, " + want.substr(1);
+  const auto st = call(bad);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find(want), std::string::npos) << st.error_message();
+  EXPECT_NE(st.error_message().find("float32[8, 4, 7, 7]"), std::string::npos) << st.error_message();
+  t.join();
+  EXPECT_FALSE(result.ok);
+  EXPECT_NE(result.error.find("float32[8, 4, 7, 7]"), std::string::npos) << result.error;
+}
+
+TEST_F(PipelineTest, WrongDtypeAndByteCountAreRefused) {
+  v1::Tensor t;
+  t.set_dtype(v1::DTYPE_INT64);
+  t.add_shape(2);
+  t.add_shape(3);
+  t.set_data(std::string(48, '\0'));
+  try {
+    decode_tensor(&t, {3}, 8);
+    FAIL();
+  } catch (const FrameError& e) {
+    EXPECT_NE(std::string(e.what()).find("int64[2, 3]"), std::string::npos) << e.what();
+  }
+  t.set_dtype(v1::DTYPE_FLOAT32);
+  t.set_data(std::string(20, '\0'));
+  EXPECT_THROW(decode_tensor(&t, {3}, 8), FrameError);
+  t.set_data(std::string(24, '\0'));
+  EXPECT_EQ(decode_tensor(&t, {3}, 8).sizes().vec(), (std::vector<int64_t>{2, 3}));
+}
+
+TEST_F(PipelineTest, UnreachablePeerIsRetriedThenAClearError) {
+  const JobSpec job = shardguard::testing::small_job("mlp", 2);
+  StageOptions o;
+  o.job = job;
+  o.stage = 0;
+  o.checkpoint_dir = dir_ + "/checkpoints";
+  o.key = random_bytes(32);
+  o.device = "cpu";
+  o.next = "127.0.0.1:1";
+  o.retry_budget_s = 1.5;
+  StageRunner stage(o, std::make_shared<prometheus::Registry>());
+  stage.start();
+  const auto r = stage.run();
+  EXPECT_FALSE(r.ok);
+  EXPECT_NE(r.error.find("stage 1 at 127.0.0.1:1 unreachable"), std::string::npos) << r.error;
+  EXPECT_NE(r.error.find("attempts"), std::string::npos) << r.error;
+}
+
+TEST_F(PipelineTest, MissingDatasetSaysMakeDeps) {
+  auto json = shardguard::testing::small_job_json("mlp", 1);
+  json["spec"]["dataset"]["path"] = dir_ + "/no-such-dataset";
+  StageOptions o;
+  o.job = job_from_json(json);
+  o.checkpoint_dir = dir_ + "/checkpoints";
+  o.key = random_bytes(32);
+  o.device = "cpu";
+  StageRunner stage(o, std::make_shared<prometheus::Registry>());
+  try {
+    stage.start();
+    FAIL();
+  } catch (const DatasetError& e) {
+    EXPECT_NE(std::string(e.what()).find("make deps"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find(dir_ + "/no-such-dataset"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(PipelineTest, StageOutOfRangeIsRefused) {
+  StageOptions o;
+  o.job = shardguard::testing::small_job("mlp", 2);
+  o.stage = 2;
+  o.checkpoint_dir = dir_ + "/checkpoints";
+  o.key = random_bytes(32);
+  StageRunner stage(o, std::make_shared<prometheus::Registry>());
+  EXPECT_THROW(stage.start(), std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace shardguard::shardd
