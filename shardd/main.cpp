@@ -42,7 +42,14 @@ int RunShardd(Flags flags) {
     auto [host, port] = split_host_port(flags.metrics);
     metrics.start(host, port);
   }
-  shardd::StageRunner runner(flags.stage, registry);
+  // The last stage reports every step and evaluation; `shardctl run` turns these
+  // lines into its progress bar.
+  shardd::StageEvents events;
+  events.on_step = [](const shardd::StepReport& r) {
+    log::info("step", {{"step", r.step}, {"total_steps", r.total_steps}, {"epoch", r.epoch}, {"loss", r.loss},
+                       {"accuracy", r.accuracy}});
+  };
+  shardd::StageRunner runner(flags.stage, registry, events);
   runner.start();
   metrics.set_ready(true);
   log::info("listening", {{"pipeline_port", runner.port()}, {"metrics_port", metrics.port()}});

@@ -1,0 +1,616 @@
+// pipeline_bench: what splitting a model into pipeline stages costs on one
+// machine. For each example model (cnn, vit) it measures, in one run and with the
+// same total number of cores:
+//   monolithic  the whole model in one process (this binary in --monolithic mode,
+//               a child process so that its peak RSS is measured like a stage's);
+//   2-stage     two shardd processes talking gRPC on 127.0.0.1;
+//   4-stage     four of them.
+// Figures (DESIGN.md §8) go to build/bench/results.jsonl, one JSON object per line:
+//   samples_per_second  per configuration, baseline = monolithic
+//   peak_rss            per stage (MiB), baseline = the monolithic process, with the
+//                       stage's parameter share
+//   transport_share     per stage, transport_seconds / train_seconds, baseline = the
+//                       5% target
+#include <signal.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "shardguard/common/crypto.h"
+#include "shardguard/common/jobspec.h"
+#include "shardguard/common/process.h"
+#include "shardguard/shardd/model_desc.h"
+#include "shardguard/shardd/partition.h"
+#include "shardguard/shardd/threads.h"
+#include "shardguard/shardd/trainer.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+using namespace shardguard;
+
+constexpr double kTransportTarget = 0.05;  // transport should stay under 5% of a stage's time
+constexpr int kLogTailLines = 25;
+
+class BenchError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// ---- signals: Ctrl-C / SIGTERM stop the children in order ---------------------
+std::atomic<int> g_signal{0};
+extern "C" void on_signal(int sig) { g_signal.store(sig); }
+
+void install_signal_handlers() {
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+}
+
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// Rounds for the results file (the raw doubles carry meaningless digits).
+double rounded(double x, int decimals = 6) {
+  const double f = std::pow(10.0, decimals);
+  return std::round(x * f) / f;
+}
+
+std::string fixed(double x, int decimals) {
+  std::ostringstream s;
+  s << std::fixed << std::setprecision(decimals) << x;
+  return s.str();
+}
+
+std::string self_exe() {
+  char buf[4096];
+  const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+  if (n <= 0) throw BenchError("cannot read /proc/self/exe");
+  return std::string(buf, static_cast<size_t>(n));
+}
+
+// ---- temporary directory, removed at the end (also on error paths) -------------
+class TempDir {
+ public:
+  TempDir() {
+    std::string templ = (fs::temp_directory_path() / "pipeline_bench.XXXXXX").string();
+    if (!::mkdtemp(templ.data())) throw BenchError("cannot create a temporary directory under " + templ);
+    path_ = templ;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const fs::path& path() const { return path_; }
+
+ private:
+  fs::path path_;
+};
+
+std::deque<std::string> tail_lines(const fs::path& file, size_t n) {
+  std::deque<std::string> lines;
+  std::ifstream in(file);
+  std::string line;
+  while (std::getline(in, line)) {
+    lines.push_back(line);
+    if (lines.size() > n) lines.pop_front();
+  }
+  return lines;
+}
+
+std::vector<json> json_lines(const fs::path& file) {
+  std::vector<json> out;
+  std::ifstream in(file);
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (j.is_object()) out.push_back(std::move(j));
+  }
+  return out;
+}
+
+// ---- a group of child processes: every one is stopped and reaped ---------------
+struct Child {
+  std::string name;  // "stage 2", "monolithic"
+  fs::path log_file;  // its stdout and stderr
+  std::unique_ptr<Process> process;
+  std::optional<ExitStatus> status;
+};
+
+class ChildGroup {
+ public:
+  ~ChildGroup() { stop_all(); }
+
+  Child& spawn(const std::string& name, std::vector<std::string> argv, std::map<std::string, std::string> env,
+               const fs::path& log_file) {
+    SpawnOptions o;
+    o.argv = std::move(argv);
+    o.env = std::move(env);
+    o.log_file = log_file.string();
+    Child c;
+    c.name = name;
+    c.log_file = log_file;
+    c.process = std::make_unique<Process>(o);
+    children_.push_back(std::move(c));
+    return children_.back();
+  }
+
+  std::deque<Child>& children() { return children_; }
+
+  // Waits for every child to exit, at most until `deadline`. A child that fails
+  // (non-zero exit, signal), the deadline or a signal to this process stops the
+  // others and throws with the failing child's last log lines.
+  void wait_all(Clock::time_point deadline, double timeout_s) {
+    for (;;) {
+      bool all_done = true;
+      for (auto& c : children_) {
+        if (c.status) continue;
+        c.status = c.process->wait_for(std::chrono::milliseconds(0));
+        if (!c.status) {
+          all_done = false;
+          continue;
+        }
+        if (!c.status->exited || c.status->code != 0) {
+          const std::string why = c.name + " failed (" + c.status->str() + ")";
+          stop_all();
+          throw BenchError(why + "; its last log lines:\n" + format_tail(c));
+        }
+      }
+      if (all_done) return;
+      if (const int sig = g_signal.load()) {
+        stop_all();
+        throw BenchError(std::string("interrupted by ") + strsignal(sig) + "; stopped every child process");
+      }
+      if (Clock::now() >= deadline) {
+        std::string tails;
+        for (auto& c : children_) {
+          if (!c.status) tails += c.name + " (still running):\n" + format_tail(c);
+        }
+        stop_all();
+        throw BenchError("timed out after " + fixed(timeout_s, 0) + " s; stopped every child process. Last log lines:\n" +
+                         tails);
+      }
+      // Sleep on the first child still running (wakes when it exits).
+      for (auto& c : children_) {
+        if (!c.status) {
+          c.status = c.process->wait_for(std::chrono::milliseconds(200));
+          if (c.status && (!c.status->exited || c.status->code != 0)) {
+            const std::string why = c.name + " failed (" + c.status->str() + ")";
+            stop_all();
+            throw BenchError(why + "; its last log lines:\n" + format_tail(c));
+          }
+          break;
+        }
+      }
+    }
+  }
+
+  // SIGTERM to every child still running, SIGKILL to any left after a grace
+  // period; every child is reaped.
+  void stop_all(std::chrono::milliseconds grace = std::chrono::seconds(10)) {
+    for (auto& c : children_) {
+      if (!c.status && c.process) c.process->signal(SIGTERM);
+    }
+    const auto until = Clock::now() + grace;
+    for (auto& c : children_) {
+      if (c.status || !c.process) continue;
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - Clock::now());
+      c.status = c.process->wait_for(std::max(left, std::chrono::milliseconds(0)));
+      if (!c.status) {
+        c.process->signal(SIGKILL);
+        c.status = c.process->wait();
+      }
+    }
+  }
+
+ private:
+  static std::string format_tail(const Child& c) {
+    std::string out;
+    for (const auto& line : tail_lines(c.log_file, kLogTailLines)) out += "    " + line + "\n";
+    if (out.empty()) out = "    (no output; log " + c.log_file.string() + ")\n";
+    return out;
+  }
+
+  std::deque<Child> children_;  // a deque: references from spawn() stay valid
+};
+
+// ---- the job files ---------------------------------------------------------------
+// The example job, made benchmark-friendly: `shards` stages, a 1000-sample test set
+// for the final evaluation, and no periodic checkpoints.
+json bench_job(const json& example, int shards) {
+  json j = example;
+  j["spec"]["sharding"]["shards"] = shards;
+  j["spec"]["dataset"]["maxTestSamples"] = 1000;
+  j["spec"]["checkpoint"]["everySteps"] = 1000000;
+  return j;
+}
+
+fs::path write_job(const json& job, const fs::path& file) {
+  job_from_json(job);  // validate here: a bad edit fails before any process starts
+  std::ofstream out(file);
+  out << job.dump(2) << "\n";  // JSON is valid YAML
+  out.close();
+  if (!out) throw BenchError("cannot write " + file.string());
+  return file;
+}
+
+// ---- results --------------------------------------------------------------------
+struct Figure {
+  std::string model;
+  std::string config;  // shown in the table
+  json row;            // the results-file object
+};
+
+struct Settings {
+  int cores = 1;
+  double timeout_s = 900;
+  fs::path shardd;
+  fs::path self;
+};
+
+struct MonolithicOutcome {
+  double samples_per_second = 0;
+  double train_seconds = 0;
+  int64_t steps = 0;
+  double peak_rss_mib = 0;
+};
+
+struct StageOutcome {
+  double train_seconds = 0;
+  double transport_seconds = 0;
+  double compute_seconds = 0;
+  int64_t trained_steps = 0;
+  int64_t parameters = -1;  // from "stage ready"
+  double peak_rss_mib = 0;
+};
+
+std::map<std::string, std::string> thread_env(int threads) {
+  return {{"OPENBLAS_NUM_THREADS", std::to_string(threads)}, {"OMP_NUM_THREADS", std::to_string(threads)}};
+}
+
+MonolithicOutcome run_monolithic(const Settings& s, const fs::path& job_file, int64_t steps, const fs::path& dir) {
+  ChildGroup group;
+  const int threads = s.cores;
+  auto& child = group.spawn("monolithic",
+                            {s.self.string(), "--monolithic", job_file.string(), "--threads", std::to_string(threads),
+                             "--steps", std::to_string(steps)},
+                            thread_env(threads), dir / "monolithic.log");
+  group.wait_all(Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(s.timeout_s * 1000)), s.timeout_s);
+  std::optional<json> result;
+  for (auto& j : json_lines(child.log_file)) {
+    if (j.value("mode", "") == "monolithic") result = j;
+  }
+  if (!result) {
+    throw BenchError("the monolithic run printed no result line; its last log lines:\n" +
+                     [&] {
+                       std::string t;
+                       for (auto& l : tail_lines(child.log_file, kLogTailLines)) t += "    " + l + "\n";
+                       return t;
+                     }());
+  }
+  MonolithicOutcome o;
+  o.samples_per_second = result->at("samples_per_second").get<double>();
+  o.train_seconds = result->at("train_seconds").get<double>();
+  o.steps = result->at("steps").get<int64_t>();
+  o.peak_rss_mib = static_cast<double>(child.status->usage.ru_maxrss) / 1024.0;
+  return o;
+}
+
+std::vector<StageOutcome> run_pipeline(const Settings& s, const fs::path& job_file, int stages, int64_t steps,
+                                       const fs::path& dir) {
+  const int threads = std::max(1, s.cores / stages);
+  std::vector<int> ports;
+  std::set<int> seen;
+  while (static_cast<int>(ports.size()) < stages) {
+    const int p = pick_free_port();
+    if (seen.insert(p).second) ports.push_back(p);
+  }
+  auto addr = [&](int i) { return "127.0.0.1:" + std::to_string(ports[static_cast<size_t>(i)]); };
+
+  ChildGroup group;
+  for (int i = 0; i < stages; ++i) {
+    const fs::path stage_dir = dir / ("stage" + std::to_string(i));
+    fs::create_directories(stage_dir / "checkpoints");
+    const fs::path key = stage_dir / "shard.key";
+    generate_key_file(key.string());
+    std::vector<std::string> argv = {s.shardd.string(),
+                                     "--job", job_file.string(),
+                                     "--stage", std::to_string(i),
+                                     "--listen", addr(i),
+                                     "--checkpoint-dir", (stage_dir / "checkpoints").string(),
+                                     "--key-file", key.string(),
+                                     "--metrics", "off",
+                                     "--device", "cpu",
+                                     "--threads", std::to_string(threads),
+                                     "--max-steps", std::to_string(steps),
+                                     "--peer-timeout", "120",
+                                     "--retry-budget", "60"};
+    if (i > 0) argv.insert(argv.end(), {"--prev", addr(i - 1)});
+    if (i + 1 < stages) argv.insert(argv.end(), {"--next", addr(i + 1)});
+    group.spawn("stage " + std::to_string(i), std::move(argv), thread_env(threads), stage_dir / "shardd.log");
+  }
+  group.wait_all(Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(s.timeout_s * 1000)), s.timeout_s);
+
+  std::vector<StageOutcome> out;
+  for (auto& c : group.children()) {
+    StageOutcome o;
+    bool finished = false;
+    for (auto& j : json_lines(c.log_file)) {
+      const std::string msg = j.value("msg", "");
+      if (msg == "stage ready") o.parameters = j.value("parameters", int64_t{-1});
+      if (msg == "stage finished") {
+        finished = true;
+        o.train_seconds = j.value("train_seconds", 0.0);
+        o.transport_seconds = j.value("transport_seconds", 0.0);
+        o.compute_seconds = j.value("compute_seconds", 0.0);
+        o.trained_steps = j.value("trained_steps", int64_t{0});
+      }
+    }
+    if (!finished) {
+      std::string t;
+      for (auto& l : tail_lines(c.log_file, kLogTailLines)) t += "    " + l + "\n";
+      throw BenchError(c.name + " exited 0 but logged no \"stage finished\"; its last log lines:\n" + t);
+    }
+    o.peak_rss_mib = static_cast<double>(c.status->usage.ru_maxrss) / 1024.0;
+    out.push_back(o);
+  }
+  return out;
+}
+
+json figure(const std::string& bench, const std::string& metric, double value, const std::string& unit,
+            double baseline) {
+  return {{"bench", bench},
+          {"metric", metric},
+          {"value", rounded(value)},
+          {"unit", unit},
+          {"baseline", rounded(baseline)},
+          {"ratio", rounded(baseline != 0 ? value / baseline : 0.0, 4)}};
+}
+
+void print_table(const std::vector<Figure>& figures) {
+  const std::vector<std::string> head = {"model", "config", "metric", "value", "unit", "baseline", "ratio", "param share"};
+  std::vector<std::vector<std::string>> rows;
+  for (const auto& f : figures) {
+    const auto& r = f.row;
+    const int dec = r["unit"] == "fraction" ? 4 : 1;
+    rows.push_back({f.model, f.config, r["metric"].get<std::string>(), fixed(r["value"].get<double>(), dec),
+                    r["unit"].get<std::string>(), fixed(r["baseline"].get<double>(), dec),
+                    fixed(r["ratio"].get<double>(), 3),
+                    r.contains("parameter_share") ? fixed(r["parameter_share"].get<double>(), 3) : ""});
+  }
+  std::vector<size_t> width(head.size());
+  for (size_t i = 0; i < head.size(); ++i) width[i] = head[i].size();
+  for (const auto& row : rows) {
+    for (size_t i = 0; i < row.size(); ++i) width[i] = std::max(width[i], row[i].size());
+  }
+  auto print_row = [&](const std::vector<std::string>& row) {
+    for (size_t i = 0; i < row.size(); ++i) {
+      // text columns left-aligned, numbers right-aligned
+      const bool left = i <= 2 || i == 4;
+      std::cout << (left ? std::left : std::right) << std::setw(static_cast<int>(width[i])) << row[i]
+                << (i + 1 < row.size() ? "  " : "\n");
+    }
+  };
+  print_row(head);
+  std::vector<std::string> rule;
+  for (auto w : width) rule.push_back(std::string(w, '-'));
+  print_row(rule);
+  for (const auto& row : rows) print_row(row);
+  std::cout << std::right;
+}
+
+void write_results(const std::vector<Figure>& figures, const fs::path& out) {
+  if (out.has_parent_path()) fs::create_directories(out.parent_path());
+  const fs::path tmp = out.string() + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::trunc);
+    for (const auto& fig : figures) f << fig.row.dump() << "\n";
+    f.flush();
+    if (!f) throw BenchError("cannot write " + tmp.string());
+  }
+  fs::rename(tmp, out);
+}
+
+struct BenchOptions {
+  fs::path out;
+  fs::path examples;
+  std::vector<std::string> models = {"cnn", "vit"};
+  int64_t cnn_steps = 120;
+  int64_t vit_steps = 60;
+  double steps_scale = 1.0;
+  int cores = 0;
+  double timeout_s = 900;
+};
+
+int run_bench(const BenchOptions& opt) {
+  Settings s;
+  s.cores = opt.cores > 0 ? opt.cores : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  s.timeout_s = opt.timeout_s;
+  s.self = self_exe();
+  s.shardd = fs::path(self_dir()) / "shardd";
+  if (::access(s.shardd.c_str(), X_OK) != 0) {
+    throw BenchError("cannot run " + s.shardd.string() + " (build it: cmake --build build --target shardd)");
+  }
+  install_signal_handlers();
+  TempDir tmp;
+  const std::vector<int> stage_counts = {2, 4};
+  const int total_runs = static_cast<int>(opt.models.size() * (1 + stage_counts.size()));
+  std::cout << "pipeline_bench: " << s.cores << " cores; results to " << opt.out.string() << "\n" << std::flush;
+
+  std::vector<Figure> figures;
+  int run = 0;
+  const auto bench_start = Clock::now();
+  for (const auto& model : opt.models) {
+    const fs::path example = opt.examples / ("fashion-mnist-" + model + ".yaml");
+    std::ifstream in(example);
+    if (!in) throw BenchError("cannot read " + example.string());
+    std::stringstream text;
+    text << in.rdbuf();
+    const json example_job = yaml_to_json(text.str());
+    const int64_t base_steps = model == "vit" ? opt.vit_steps : opt.cnn_steps;
+    const int64_t steps = std::max<int64_t>(1, std::llround(static_cast<double>(base_steps) * opt.steps_scale));
+    const JobSpec spec = job_from_json(example_job);
+    const int batch = spec.training.batch_size;
+    const shardd::ModelDesc desc = shardd::describe_model(spec.model);
+    const std::string prefix = "pipeline." + model + ".";
+
+    // (a) monolithic
+    const fs::path mono_dir = tmp.path() / (model + "-monolithic");
+    fs::create_directories(mono_dir);
+    const fs::path mono_job = write_job(bench_job(example_job, 1), mono_dir / "job.yaml");
+    std::cout << "[" << ++run << "/" << total_runs << "] " << model << " monolithic (" << s.cores << " threads, "
+              << steps << " steps of " << batch << ") ...\n"
+              << std::flush;
+    auto t0 = Clock::now();
+    const MonolithicOutcome mono = run_monolithic(s, mono_job, steps, mono_dir);
+    std::cout << "      " << fixed(mono.samples_per_second, 1) << " samples/s, peak RSS "
+              << fixed(mono.peak_rss_mib, 0) << " MiB (" << fixed(seconds_since(t0), 1) << " s)\n"
+              << std::flush;
+    figures.push_back({model, "monolithic",
+                       figure(prefix + "monolithic", "samples_per_second", mono.samples_per_second, "samples/s",
+                              mono.samples_per_second)});
+    {
+      json r = figure(prefix + "monolithic", "peak_rss", mono.peak_rss_mib, "MiB", mono.peak_rss_mib);
+      r["parameter_share"] = 1.0;
+      figures.push_back({model, "monolithic", r});
+    }
+
+    // (b), (c) pipelines
+    for (const int n : stage_counts) {
+      const std::string config = std::to_string(n) + "-stage";
+      const fs::path dir = tmp.path() / (model + "-" + config);
+      fs::create_directories(dir);
+      const json job = bench_job(example_job, n);
+      const fs::path job_file = write_job(job, dir / "job.yaml");
+      const auto parts = shardd::partition(desc, n, job_from_json(job).sharding.balance);
+      const int threads = std::max(1, s.cores / n);
+      std::cout << "[" << ++run << "/" << total_runs << "] " << model << " " << config << " pipeline (" << n
+                << " shardd x " << threads << " thread" << (threads == 1 ? "" : "s") << ", " << steps
+                << " steps) ...\n"
+                << std::flush;
+      t0 = Clock::now();
+      const auto stages = run_pipeline(s, job_file, n, steps, dir);
+      const StageOutcome& first = stages.front();
+      const double sps =
+          first.train_seconds > 0 ? static_cast<double>(first.trained_steps * batch) / first.train_seconds : 0.0;
+      std::cout << "      " << fixed(sps, 1) << " samples/s (" << fixed(sps / mono.samples_per_second, 2)
+                << "x monolithic; " << fixed(seconds_since(t0), 1) << " s)\n"
+                << std::flush;
+      figures.push_back({model, config,
+                         figure(prefix + config, "samples_per_second", sps, "samples/s", mono.samples_per_second)});
+      for (int i = 0; i < n; ++i) {
+        const auto& st = stages[static_cast<size_t>(i)];
+        const double share = shardd::parameter_share(desc, parts[static_cast<size_t>(i)]);
+        if (st.parameters >= 0 && st.parameters != parts[static_cast<size_t>(i)].parameters) {
+          std::cout << "      note: stage " << i << " reports " << st.parameters << " parameters, partition() says "
+                    << parts[static_cast<size_t>(i)].parameters << "\n";
+        }
+        const std::string bench = prefix + config + ".stage" + std::to_string(i);
+        const std::string label = config + " stage " + std::to_string(i);
+        json rss = figure(bench, "peak_rss", st.peak_rss_mib, "MiB", mono.peak_rss_mib);
+        rss["parameter_share"] = rounded(share, 4);
+        figures.push_back({model, label, rss});
+        const double transport = st.train_seconds > 0 ? st.transport_seconds / st.train_seconds : 0.0;
+        figures.push_back({model, label, figure(bench, "transport_share", transport, "fraction", kTransportTarget)});
+      }
+    }
+  }
+  write_results(figures, opt.out);
+  std::cout << "\n";
+  print_table(figures);
+  std::cout << "\n"
+            << figures.size() << " figures written to " << opt.out.string() << " (" << fixed(seconds_since(bench_start), 0)
+            << " s in all)\n";
+  return 0;
+}
+
+int run_monolithic_child(const std::string& job_file, int threads, int64_t steps) {
+  const JobSpec job = load_job_file(job_file);
+  shardd::set_compute_threads(threads);
+  shardd::MonolithicOptions o;
+  o.max_steps = steps;
+  o.device = "cpu";
+  o.evaluate_at_end = false;
+  const auto r = shardd::train_monolithic(job, o);
+  const json line = {{"mode", "monolithic"},
+                     {"job", job.name},
+                     {"threads", threads},
+                     {"steps", static_cast<int64_t>(r.steps.size())},
+                     {"samples", r.samples},
+                     {"train_seconds", r.train_seconds},
+                     {"samples_per_second", r.train_seconds > 0 ? static_cast<double>(r.samples) / r.train_seconds : 0.0}};
+  std::cout << line.dump() << std::endl;
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"pipeline_bench: monolithic training vs 2- and 4-stage shardd pipelines on this machine"};
+  BenchOptions opt;
+  opt.out = fs::path(shardguard::self_dir()).parent_path() / "bench" / "results.jsonl";
+  opt.examples = fs::path(SHARDGUARD_SOURCE_DIR) / "examples";
+  std::string out = opt.out.string();
+  std::string examples = opt.examples.string();
+  std::string monolithic_job;
+  int threads = 0;
+  int64_t steps = 0;
+  app.add_option("--out", out, "results file (JSON lines)")->capture_default_str();
+  app.add_option("--examples-dir", examples, "directory holding fashion-mnist-{cnn,vit}.yaml")->capture_default_str();
+  app.add_option("--models", opt.models, "models to benchmark (cnn, vit)")->capture_default_str()
+      ->check(CLI::IsMember({"cnn", "vit"}));
+  app.add_option("--cnn-steps", opt.cnn_steps, "training steps per cnn run")->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--vit-steps", opt.vit_steps, "training steps per vit run")->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--steps-scale", opt.steps_scale, "multiplies every step count (e.g. 0.1 for a quick check)")
+      ->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--cores", opt.cores, "cores shared by every configuration (0 = all of this machine's)")
+      ->capture_default_str()->check(CLI::NonNegativeNumber);
+  app.add_option("--timeout", opt.timeout_s, "seconds one configuration may run before its processes are killed")
+      ->capture_default_str()->check(CLI::PositiveNumber);
+  // Internal: the monolithic baseline runs as a child process of the benchmark.
+  app.add_option("--monolithic", monolithic_job, "(internal) train JOB whole in this process and print one JSON line");
+  app.add_option("--threads", threads, "(internal, with --monolithic) compute threads");
+  app.add_option("--steps", steps, "(internal, with --monolithic) training steps");
+  CLI11_PARSE(app, argc, argv);
+  opt.out = out;
+  opt.examples = examples;
+  try {
+    if (!monolithic_job.empty()) return run_monolithic_child(monolithic_job, threads, steps);
+    return run_bench(opt);
+  } catch (const shardguard::JobSpecError& e) {
+    std::cerr << "pipeline_bench: invalid job:\n" << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "pipeline_bench: " << e.what() << "\n";
+    return 1;
+  }
+}

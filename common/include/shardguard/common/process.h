@@ -1,0 +1,69 @@
+// Child processes: spawn with argv (no shell), stderr to a file and/or a pipe the
+// parent reads line by line, signal and reap by PID. Used by shardctl run, the
+// benchmarks and the integration tests. Not thread-safe per object.
+#pragma once
+
+#include <sys/resource.h>
+#include <sys/types.h>
+
+#include <chrono>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace shardguard {
+
+struct SpawnOptions {
+  std::vector<std::string> argv;            // argv[0] is the program path
+  std::map<std::string, std::string> env;   // added to (or overriding) the parent's environment
+  std::string log_file;                     // stdout and stderr appended here ("" = inherit)
+  bool capture_stderr = false;              // also expose stderr through read_line()
+};
+
+struct ExitStatus {
+  bool exited = false;     // normal exit (else killed by a signal)
+  int code = 0;            // exit code, or the signal number
+  struct rusage usage {};  // of the child, incl. ru_maxrss (KiB)
+  std::string str() const;
+};
+
+class Process {
+ public:
+  // Throws std::runtime_error naming the program when it cannot be started
+  // (missing, not executable).
+  explicit Process(const SpawnOptions& options);
+  ~Process();  // kills (SIGKILL) and reaps a child still running
+  Process(const Process&) = delete;
+  Process& operator=(const Process&) = delete;
+
+  pid_t pid() const { return pid_; }
+  bool running();
+  void signal(int sig);
+  // Waits up to `timeout` for the child to exit; nullopt if it is still running.
+  std::optional<ExitStatus> wait_for(std::chrono::milliseconds timeout);
+  ExitStatus wait();
+  // SIGTERM, then SIGKILL after `grace`; reaps. Returns the status.
+  ExitStatus terminate(std::chrono::milliseconds grace = std::chrono::seconds(10));
+  // Next line of captured stderr; nullopt on timeout or EOF (check eof()).
+  std::optional<std::string> read_line(std::chrono::milliseconds timeout);
+  bool eof() const { return eof_; }
+  int stderr_fd() const { return err_fd_; }
+
+ private:
+  pid_t pid_ = -1;
+  int err_fd_ = -1;
+  int log_fd_ = -1;
+  int pid_fd_ = -1;
+  bool eof_ = false;
+  std::string buffer_;
+  std::optional<ExitStatus> status_;
+};
+
+// A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read, close).
+int pick_free_port();
+
+// Directory of the running executable (/proc/self/exe), e.g. build/bin.
+std::string self_dir();
+
+}  // namespace shardguard

@@ -1,0 +1,209 @@
+#include "shardguard/common/process.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/syscall.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <stdexcept>
+#include <thread>
+
+extern char** environ;
+
+namespace shardguard {
+
+std::string ExitStatus::str() const {
+  return exited ? "exit code " + std::to_string(code) : std::string("killed by signal ") + strsignal(code);
+}
+
+Process::Process(const SpawnOptions& options) {
+  if (options.argv.empty()) throw std::invalid_argument("Process: empty argv");
+  const std::string& program = options.argv[0];
+  if (::access(program.c_str(), X_OK) != 0) {
+    throw std::runtime_error("cannot run " + program + ": " + std::strerror(errno) + " (was it built? run `make build`)");
+  }
+  int pipe_fds[2] = {-1, -1};
+  if (options.capture_stderr && ::pipe2(pipe_fds, O_CLOEXEC) != 0) {
+    throw std::runtime_error(std::string("pipe: ") + std::strerror(errno));
+  }
+  if (!options.log_file.empty()) {
+    log_fd_ = ::open(options.log_file.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (log_fd_ < 0) throw std::runtime_error("cannot open log file " + options.log_file + ": " + std::strerror(errno));
+  }
+  // Everything the child needs is prepared before fork (no allocation after it).
+  std::vector<std::string> env_strings;
+  for (char** e = environ; *e; ++e) {
+    const std::string kv = *e;
+    const auto eq = kv.find('=');
+    if (eq != std::string::npos && options.env.count(kv.substr(0, eq))) continue;
+    env_strings.push_back(kv);
+  }
+  for (const auto& [k, v] : options.env) env_strings.push_back(k + "=" + v);
+  std::vector<char*> envp, argv;
+  for (auto& s : env_strings) envp.push_back(s.data());
+  envp.push_back(nullptr);
+  std::vector<std::string> args = options.argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+
+  pid_ = ::fork();
+  if (pid_ < 0) throw std::runtime_error(std::string("fork: ") + std::strerror(errno));
+  if (pid_ == 0) {
+    // Child: its own process group, so a terminal's Ctrl-C reaches only the
+    // parent, which then stops its children in order; and SIGTERM if the parent
+    // dies without doing so, so that nothing is left running.
+    ::setpgid(0, 0);
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (log_fd_ >= 0) {
+      ::dup2(log_fd_, STDOUT_FILENO);
+      ::dup2(log_fd_, STDERR_FILENO);
+    }
+    if (pipe_fds[1] >= 0) ::dup2(pipe_fds[1], STDERR_FILENO);
+    sigset_t none;
+    sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
+    ::execve(argv[0], argv.data(), envp.data());
+    ::_exit(127);
+  }
+  if (pipe_fds[1] >= 0) ::close(pipe_fds[1]);
+  err_fd_ = pipe_fds[0];
+  pid_fd_ = static_cast<int>(::syscall(SYS_pidfd_open, pid_, 0));  // readable once the child exits
+}
+
+Process::~Process() {
+  if (pid_ > 0 && !status_) {
+    ::kill(pid_, SIGKILL);
+    wait();
+  }
+  if (err_fd_ >= 0) ::close(err_fd_);
+  if (log_fd_ >= 0) ::close(log_fd_);
+  if (pid_fd_ >= 0) ::close(pid_fd_);
+}
+
+bool Process::running() { return !wait_for(std::chrono::milliseconds(0)).has_value(); }
+
+void Process::signal(int sig) {
+  if (pid_ > 0 && !status_) ::kill(pid_, sig);
+}
+
+std::optional<ExitStatus> Process::wait_for(std::chrono::milliseconds timeout) {
+  if (status_) return status_;
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    int st = 0;
+    struct rusage ru {};
+    const pid_t r = ::wait4(pid_, &st, WNOHANG, &ru);
+    if (r == pid_) {
+      ExitStatus s;
+      s.exited = WIFEXITED(st);
+      s.code = s.exited ? WEXITSTATUS(st) : WTERMSIG(st);
+      s.usage = ru;
+      status_ = s;
+      return status_;
+    }
+    if (r < 0 && errno != EINTR) throw std::runtime_error(std::string("wait4: ") + std::strerror(errno));
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) return std::nullopt;
+    if (pid_fd_ >= 0) {
+      pollfd p{pid_fd_, POLLIN, 0};
+      ::poll(&p, 1, static_cast<int>(std::min<int64_t>(left.count(), 1 << 30)));
+    } else {
+      // No pidfd (old kernel): look again in 10 ms.
+      std::this_thread::sleep_for(std::min(std::chrono::milliseconds(10), left));
+    }
+  }
+}
+
+ExitStatus Process::wait() {
+  for (;;) {
+    if (auto s = wait_for(std::chrono::hours(1))) return *s;
+  }
+}
+
+ExitStatus Process::terminate(std::chrono::milliseconds grace) {
+  signal(SIGTERM);
+  if (auto s = wait_for(grace)) return *s;
+  signal(SIGKILL);
+  return wait();
+}
+
+std::optional<std::string> Process::read_line(std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    const auto nl = buffer_.find('\n');
+    if (nl != std::string::npos) {
+      std::string line = buffer_.substr(0, nl);
+      buffer_.erase(0, nl + 1);
+      return line;
+    }
+    if (eof_ || err_fd_ < 0) {
+      if (!buffer_.empty()) {
+        std::string line;
+        line.swap(buffer_);
+        return line;
+      }
+      return std::nullopt;
+    }
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    if (left.count() < 0) return std::nullopt;
+    pollfd p{err_fd_, POLLIN, 0};
+    const int r = ::poll(&p, 1, static_cast<int>(left.count()));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return std::nullopt;
+    char buf[8192];
+    const ssize_t n = ::read(err_fd_, buf, sizeof buf);
+    if (n <= 0) {
+      eof_ = true;
+      continue;
+    }
+    buffer_.append(buf, static_cast<size_t>(n));
+    if (log_fd_ >= 0) {
+      // Captured stderr also goes to the log file.
+      const char* p2 = buf;
+      ssize_t left_bytes = n;
+      while (left_bytes > 0) {
+        const ssize_t w = ::write(log_fd_, p2, static_cast<size_t>(left_bytes));
+        if (w <= 0) break;
+        p2 += w;
+        left_bytes -= w;
+      }
+    }
+  }
+}
+
+int pick_free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) throw std::runtime_error(std::string("socket: ") + std::strerror(errno));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  socklen_t len = sizeof addr;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    const std::string err = std::strerror(errno);
+    ::close(fd);
+    throw std::runtime_error("cannot find a free port on 127.0.0.1: " + err);
+  }
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+std::string self_dir() {
+  char buf[4096];
+  const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+  if (n <= 0) return ".";
+  std::string path(buf, static_cast<size_t>(n));
+  const auto slash = path.rfind('/');
+  return slash == std::string::npos ? "." : path.substr(0, slash);
+}
+
+}  // namespace shardguard

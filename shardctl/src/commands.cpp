@@ -1,0 +1,75 @@
+#include "shardguard/shardctl/commands.h"
+
+#include <cstdio>
+#include <iostream>
+
+#include <torch/types.h>
+
+#include "shardguard/common/jobspec.h"
+#include "shardguard/shardd/checkpoint.h"
+#include "shardguard/shardd/data.h"
+#include "shardguard/shardd/model_desc.h"
+#include "shardguard/shardd/partition.h"
+#include "shardguard/shardd/recombine.h"
+#include "shardguard/shardd/trainer.h"
+
+namespace shardguard::shardctl {
+
+int RunPlan(const std::string& job_file) {
+  try {
+    const JobSpec job = load_job_file(job_file);
+    const auto desc = shardd::describe_model(job.model);
+    const auto stages = shardd::partition(desc, job.sharding.shards, job.sharding.balance);
+    std::printf("job %s/%s: %s, %lld parameters, %.2f MFLOP per sample, %zu blocks, %d shards by %s\n",
+                job.namespace_.c_str(), job.name.c_str(), job.model.architecture.c_str(),
+                static_cast<long long>(desc.parameters()), desc.flops() / 1e6, desc.blocks.size(),
+                job.sharding.shards, job.sharding.balance.c_str());
+    for (const auto& b : desc.blocks) {
+      std::printf("  block %-2d %-10s %-16s → %-16s %10lld params %9.3f MFLOP\n", b.index, b.name.c_str(),
+                  shardd::shape_str(b.in_shape).c_str(), shardd::shape_str(b.out_shape).c_str(),
+                  static_cast<long long>(b.parameters), b.flops / 1e6);
+    }
+    double largest = 0;
+    for (const auto& s : stages) {
+      const double share = shardd::parameter_share(desc, s);
+      largest = std::max(largest, share);
+      std::printf("  shard %-2d blocks %d..%d  %10lld params (%5.1f%%)  %9.3f MFLOP\n", s.index, s.first_block,
+                  s.end_block - 1, static_cast<long long>(s.parameters), 100 * share, s.flops / 1e6);
+    }
+    std::printf("largest shard holds %.1f%% of the parameters; spec.protection.maxExposure is %.1f%%%s\n",
+                100 * largest, 100 * job.protection.max_exposure,
+                largest > job.protection.max_exposure ? " — EXCEEDED: no placement can keep this job within it" : "");
+    return largest > job.protection.max_exposure ? 1 : 0;
+  } catch (const std::exception& e) {
+    std::cerr << "shardctl plan: invalid job " << job_file << ":\n" << e.what() << "\n";
+    return 2;
+  }
+}
+
+int RunRecombine(const RecombineOptions& o) {
+  try {
+    const JobSpec job = load_job_file(o.job_file);
+    const auto files = shardd::find_shard_files(job, o.checkpoint_dir, o.key_dir);
+    int64_t step = 0;
+    auto model = shardd::recombine(job, files, &step);
+    const auto device = shardd::resolve_device(o.device);
+    model->to(device);
+    model->eval();
+    const auto r = shardd::evaluate(model, shardd::load_images(job.dataset, shardd::Split::kTest),
+                                    shardd::load_labels(job.dataset, shardd::Split::kTest),
+                                    job.training.eval_batch_size, device);
+    std::printf("recombined %zu shards of job %s at step %lld: %lld parameters\n", files.size(), job.name.c_str(),
+                static_cast<long long>(step), static_cast<long long>(shardd::describe_model(job.model).parameters()));
+    std::printf("test accuracy %.4f (%lld/%lld)\n", r.accuracy(), static_cast<long long>(r.correct),
+                static_cast<long long>(r.total));
+    return 0;
+  } catch (const JobSpecError& e) {
+    std::cerr << "shardctl recombine: invalid job " << o.job_file << ":\n" << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "shardctl recombine: " << e.what() << "\n";
+    return 1;
+  }
+}
+
+}  // namespace shardguard::shardctl

@@ -1,0 +1,256 @@
+// End-to-end with real processes: shardd stages on 127.0.0.1, one killed with
+// SIGKILL mid-run and restarted; and `shardctl run` / `shardctl recombine`.
+#include <gtest/gtest.h>
+
+#include <signal.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <regex>
+
+#include <nlohmann/json.hpp>
+
+#include "shardguard/common/crypto.h"
+#include "shardguard/common/files.h"
+#include "shardguard/common/process.h"
+
+namespace shardguard {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+const std::string kBin = SHARDGUARD_BIN_DIR;
+
+nlohmann::json job_json(int shards) {
+  return {{"apiVersion", "shardguard.io/v1alpha1"},
+          {"kind", "ShardedTrainingJob"},
+          {"metadata", {{"name", "it-mlp"}}},
+          {"spec",
+           {{"model", {{"architecture", "mlp"}, {"hidden", 64}, {"depth", 3}}},
+            {"dataset", {{"maxTrainSamples", 1536}, {"maxTestSamples", 500}}},
+            {"training", {{"epochs", 1}, {"batchSize", 32}, {"microBatches", 4}, {"seed", 3},
+                          {"optimizer", {{"name", "adam"}, {"learningRate", 0.002}}}, {"evalBatchSize", 100}}},
+            {"sharding", {{"shards", shards}}},
+            {"checkpoint", {{"everySteps", 8}}}}}};
+}
+
+class ShardProcessTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/shardguard-it-XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+  }
+  void TearDown() override {
+    stages_.clear();  // kills and reaps anything still running
+    fs::remove_all(dir_);
+  }
+
+  std::string write_job(const nlohmann::json& j, const std::string& name = "job.yaml") {
+    const std::string path = dir_ + "/" + name;
+    write_file_atomic(path, j.dump(2));  // JSON is YAML
+    return path;
+  }
+
+  // argv of stage i of n with fixed ports; the run's files live under `run`.
+  std::vector<std::string> stage_argv(const std::string& job, const std::string& run, int i, int n) {
+    const std::string key = run + "/shard-" + std::to_string(i) + ".key";
+    if (!fs::exists(key)) {
+      make_dirs(run);
+      generate_key_file(key);
+    }
+    std::vector<std::string> argv{kBin + "/shardd", "--job", job, "--stage", std::to_string(i),
+                                  "--listen", "127.0.0.1:" + std::to_string(ports_[i]),
+                                  "--checkpoint-dir", run + "/checkpoints", "--key-file", key, "--metrics", "off",
+                                  "--device", "cpu", "--threads", "1", "--peer-timeout", "60", "--retry-budget", "30"};
+    if (i > 0) argv.insert(argv.end(), {"--prev", "127.0.0.1:" + std::to_string(ports_[i - 1])});
+    if (i + 1 < n) argv.insert(argv.end(), {"--next", "127.0.0.1:" + std::to_string(ports_[i + 1])});
+    return argv;
+  }
+
+  void start_stage(const std::string& job, const std::string& run, int i, int n) {
+    SpawnOptions o;
+    o.argv = stage_argv(job, run, i, n);
+    o.env = {{"OMP_NUM_THREADS", "1"}, {"OPENBLAS_NUM_THREADS", "1"}};
+    o.log_file = run + "/stage-" + std::to_string(i) + ".log";
+    o.capture_stderr = true;
+    stages_[i] = std::make_unique<Process>(o);
+  }
+
+  // Reads a stage's JSON log lines until `stop` returns true for one (or EOF / 5 min).
+  template <class Pred>
+  bool read_until(int i, Pred stop, std::vector<nlohmann::json>* seen = nullptr) {
+    const auto deadline = std::chrono::steady_clock::now() + 5min;
+    while (std::chrono::steady_clock::now() < deadline) {
+      auto line = stages_[i]->read_line(1s);
+      if (!line) {
+        if (stages_[i]->eof()) return false;
+        continue;
+      }
+      auto j = nlohmann::json::parse(*line, nullptr, false);
+      if (!j.is_object()) continue;
+      if (seen) seen->push_back(j);
+      if (stop(j)) return true;
+    }
+    return false;
+  }
+
+
+  struct Outcome {
+    std::map<int64_t, double> losses;  // step → loss, from the last stage
+    int64_t correct = -1;
+    std::vector<int64_t> resumes;      // steps the last stage resumed at
+  };
+
+  // Drains the last stage until it exits; all stages must exit 0.
+  Outcome finish(int n, Outcome out) {
+    std::vector<nlohmann::json> lines;
+    read_until(n - 1, [](const nlohmann::json&) { return false; }, &lines);
+    for (const auto& j : lines) absorb(j, out);
+    for (int i = 0; i < n; ++i) {
+      const auto st = stages_[i]->wait_for(120s);
+      EXPECT_TRUE(st.has_value()) << "stage " << i << " did not exit";
+      if (st) EXPECT_TRUE(st->exited && st->code == 0) << "stage " << i << ": " << st->str();
+    }
+    return out;
+  }
+
+  static void absorb(const nlohmann::json& j, Outcome& out) {
+    const std::string msg = j.value("msg", "");
+    if (msg == "step") out.losses[j.at("step").get<int64_t>()] = j.at("loss").get<double>();
+    if (msg == "evaluation") out.correct = j.at("correct").get<int64_t>();
+    if (msg == "pipeline resumed") out.resumes.push_back(j.at("step").get<int64_t>());
+  }
+
+  std::string dir_;
+  std::vector<int> ports_;
+  std::map<int, std::unique_ptr<Process>> stages_;
+};
+
+TEST_F(ShardProcessTest, KilledStageRestartsFromItsCheckpointAndNothingIsLost) {
+  constexpr int n = 3;
+  const std::string job = write_job(job_json(n));
+  for (int i = 0; i < n; ++i) ports_.push_back(pick_free_port());
+
+  // Reference: the same job, uninterrupted.
+  for (int i = 0; i < n; ++i) start_stage(job, dir_ + "/ref", i, n);
+  const Outcome ref = finish(n, Outcome{});
+  ASSERT_EQ(ref.losses.size(), 48u);
+  ASSERT_GE(ref.correct, 0);
+
+  // Interrupted: SIGKILL the middle stage after step 20, then start it again.
+  for (int i = 0; i < n; ++i) start_stage(job, dir_ + "/run", i, n);
+  Outcome out;
+  std::vector<nlohmann::json> lines;
+  ASSERT_TRUE(read_until(n - 1, [](const nlohmann::json& j) {
+    return j.value("msg", "") == "step" && j.value("step", 0) >= 20;
+  }, &lines));
+  for (const auto& j : lines) absorb(j, out);
+  const int64_t killed_at = out.losses.rbegin()->first;
+  stages_[1]->signal(SIGKILL);
+  const auto st = stages_[1]->wait_for(30s);
+  ASSERT_TRUE(st.has_value());
+  EXPECT_FALSE(st->exited);
+  start_stage(job, dir_ + "/run", 1, n);
+  out = finish(n, out);
+
+  // The pipeline went back to the newest checkpoint all stages hold (a multiple
+  // of 8, at most one interval behind), and from there on it computed exactly
+  // what the uninterrupted run did.
+  ASSERT_GE(out.resumes.size(), 2u) << "the last stage never resynchronised";
+  const int64_t resumed = out.resumes.back();
+  EXPECT_EQ(resumed % 8, 0);
+  EXPECT_GE(resumed, killed_at - 8 - 1);
+  EXPECT_LE(resumed, killed_at + 1);
+  EXPECT_GE(resumed, 16);
+  ASSERT_EQ(out.losses.rbegin()->first, 48);
+  for (const auto& [step, loss] : ref.losses) {
+    ASSERT_TRUE(out.losses.count(step)) << "step " << step << " never completed";
+    EXPECT_NEAR(out.losses.at(step), loss, 1e-6) << "step " << step;
+  }
+  EXPECT_EQ(out.correct, ref.correct);
+}
+
+TEST_F(ShardProcessTest, ShardctlRunTrainsAndRecombineAgrees) {
+  const std::string job = write_job(job_json(2));
+  SpawnOptions o;
+  o.argv = {kBin + "/shardctl", "run", job, "--workdir", dir_ + "/work", "--device", "cpu", "--threads", "1"};
+  o.log_file = dir_ + "/shardctl.out";
+  Process run(o);
+  const auto st = run.wait_for(300s);
+  ASSERT_TRUE(st.has_value());
+  const std::string out = read_file(dir_ + "/shardctl.out");
+  ASSERT_TRUE(st->exited && st->code == 0) << out;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(out, m, std::regex("test accuracy +([0-9.]+) \\((\\d+)/500\\)"))) << out;
+  const std::string correct = m[2];
+  EXPECT_GT(std::stod(m[1]), 0.5) << out;  // ten classes: chance is 0.1
+
+  // Every shard's checkpoint and key together give back the same model.
+  SpawnOptions r;
+  r.argv = {kBin + "/shardctl", "recombine", job, "--checkpoints", dir_ + "/work/checkpoints", "--keys",
+            dir_ + "/work/keys"};
+  r.log_file = dir_ + "/recombine.out";
+  Process rec(r);
+  const auto rs = rec.wait_for(120s);
+  ASSERT_TRUE(rs.has_value());
+  const std::string rout = read_file(dir_ + "/recombine.out");
+  ASSERT_TRUE(rs->exited && rs->code == 0) << rout;
+  EXPECT_NE(rout.find("(" + correct + "/500)"), std::string::npos) << rout << "\nvs\n" << out;
+
+  // A second run refuses to silently reuse or drop the checkpoints.
+  SpawnOptions again = o;
+  again.log_file = dir_ + "/again.out";
+  Process second(again);
+  const auto ss = second.wait_for(60s);
+  ASSERT_TRUE(ss.has_value());
+  EXPECT_EQ(ss->code, 2);
+  EXPECT_NE(read_file(dir_ + "/again.out").find("--resume"), std::string::npos);
+}
+
+TEST_F(ShardProcessTest, MalformedJobIsRefusedNamingTheFieldAndValue) {
+  auto j = job_json(2);
+  j["spec"]["training"]["microBatches"] = 5;  // 32 is not divisible by 5
+  j["spec"]["model"]["architecture"] = "resnet";
+  const std::string job = write_job(j);
+  SpawnOptions o;
+  o.argv = {kBin + "/shardctl", "run", job, "--workdir", dir_ + "/work"};
+  o.log_file = dir_ + "/out";
+  Process run(o);
+  const auto st = run.wait_for(60s);
+  ASSERT_TRUE(st.has_value());
+  EXPECT_EQ(st->code, 2);
+  const std::string out = read_file(dir_ + "/out");
+  EXPECT_NE(out.find("spec.model.architecture"), std::string::npos) << out;
+  EXPECT_NE(out.find("resnet"), std::string::npos) << out;
+  EXPECT_NE(out.find("spec.training.microBatches"), std::string::npos) << out;
+  EXPECT_FALSE(fs::exists(dir_ + "/work")) << "a refused job must leave nothing behind";
+
+  auto too_many = job_json(9);
+  const std::string job2 = write_job(too_many, "too-many.yaml");
+  SpawnOptions p;
+  p.argv = {kBin + "/shardd", "--job", job2, "--stage", "0", "--checkpoint-dir", dir_ + "/c", "--key-file",
+            dir_ + "/none.key", "--metrics", "off"};
+  p.log_file = dir_ + "/out2";
+  {
+    Process shardd(p);
+    const auto st2 = shardd.wait_for(60s);
+    ASSERT_TRUE(st2.has_value());
+    EXPECT_EQ(st2->code, 2);
+    EXPECT_NE(read_file(dir_ + "/out2").find("none.key"), std::string::npos);
+  }
+  generate_key_file(dir_ + "/none.key");
+  p.log_file = dir_ + "/out3";
+  Process shardd(p);
+  const auto st3 = shardd.wait_for(60s);
+  ASSERT_TRUE(st3.has_value());
+  EXPECT_EQ(st3->code, 2);
+  const std::string out3 = read_file(dir_ + "/out3");
+  EXPECT_NE(out3.find("spec.sharding.shards: 9 shards cannot be cut from the 4 blocks"), std::string::npos) << out3;
+}
+
+}  // namespace
+}  // namespace shardguard
