@@ -242,7 +242,7 @@ int RunLocal(const LocalRunOptions& options) {
       }
     }
     const auto now = Clock::now();
-    const bool step_moved = state.progress.step != last_printed_step;
+    const bool step_moved = state.progress.step > 0 && state.progress.step != last_printed_step;
     if (options.progress_tty ? (step_moved && now - last_print > std::chrono::milliseconds(200))
                              : (step_moved && now - last_print > std::chrono::seconds(10))) {
       const std::string line = format_progress(state.progress, options.progress_tty);

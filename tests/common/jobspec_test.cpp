@@ -735,7 +735,7 @@ TEST(JobSpecExamplesTest, MlpExampleLoads) {
   EXPECT_EQ(job.training.epochs, 2);
   EXPECT_EQ(job.training.batch_size, 64);
   EXPECT_EQ(job.training.micro_batches, 4);
-  EXPECT_DOUBLE_EQ(job.protection.max_exposure, 0.5);
+  EXPECT_DOUBLE_EQ(job.protection.max_exposure, 0.65);
 }
 
 TEST(JobSpecExamplesTest, VitExampleLoads) {

@@ -122,3 +122,21 @@ TEST(PartitionTest, TooManyShardsIsAClearError) {
 
 }  // namespace
 }  // namespace shardguard::shardd
+
+namespace shardguard::shardd {
+namespace {
+
+// Every example must be admissible: its largest shard within its own maxExposure
+// (the operator refuses a job whose largest stage alone exceeds it).
+TEST(PartitionTest, EveryExampleFitsItsMaxExposure) {
+  for (const char* name : {"fashion-mnist-mlp.yaml", "fashion-mnist-cnn.yaml", "fashion-mnist-vit.yaml"}) {
+    const JobSpec job = load_job_file(std::string(SHARDGUARD_SOURCE_DIR) + "/examples/" + name);
+    const auto desc = describe_model(job.model);
+    for (const auto& s : partition(desc, job.sharding.shards, job.sharding.balance)) {
+      EXPECT_LE(parameter_share(desc, s), job.protection.max_exposure) << name << " shard " << s.index;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace shardguard::shardd

@@ -1,0 +1,64 @@
+# ShardGuard — the two commands: `make demo` and `make test` (see README.md).
+#
+#   make deps    install every Debian package the project needs (apt-get, as root)
+#   make build   configure and build everything into build/ (binaries in build/bin/)
+#   make test    deps + build + every test, then the non-LibTorch tests again under
+#                AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/)
+#   make demo    deps + build + a 4-shard CNN on Fashion-MNIST, locally
+#   make bench   deps + build + benchmarks → build/bench/results.jsonl
+
+BUILD      ?= build
+ASAN_BUILD ?= build-asan
+JOBS       ?= $(shell nproc)
+CMAKE_GEN  := $(shell command -v ninja >/dev/null 2>&1 && echo "-G Ninja")
+
+# Every package, by Debian name. libopenblas0-pthread replaces the reference
+# BLAS that LibTorch would otherwise use (about ten times slower).
+DEB_PACKAGES := \
+  build-essential cmake ninja-build ccache pkg-config \
+  libtorch-dev libopenblas0-pthread \
+  libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev \
+  prometheus-cpp-dev nlohmann-json3-dev libyaml-cpp-dev libcli11-dev libcpp-httplib-dev \
+  libssl-dev zlib1g-dev libgtest-dev libgmock-dev libbenchmark-dev \
+  dataset-fashion-mnist
+
+.PHONY: all deps build configure test test-unit test-asan demo bench clean
+
+all: build
+
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "make deps: installing$$(echo $$missing | sed 's/^/ /')"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root (apt-get install)"; exit 1; fi; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	else echo "make deps: all $(words $(DEB_PACKAGES)) packages present"; fi
+
+$(BUILD)/CMakeCache.txt:
+	cmake -S . -B $(BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=Release
+
+configure: $(BUILD)/CMakeCache.txt
+
+build: configure
+	cmake --build $(BUILD) -j $(JOBS)
+
+test: deps build
+	cd $(BUILD) && OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 ctest --output-on-failure --timeout 900 -j 1
+	$(MAKE) test-asan
+
+# The tests of everything that does not link LibTorch, under ASan + UBSan.
+test-asan:
+	cmake -S . -B $(ASAN_BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=Debug -DSHARDGUARD_WITH_TORCH=OFF -DSHARDGUARD_SANITIZE=ON
+	cmake --build $(ASAN_BUILD) -j $(JOBS)
+	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  ctest --output-on-failure --timeout 600 -j 1
+
+demo: deps build
+	$(BUILD)/bin/shardctl run examples/fashion-mnist-cnn.yaml --workdir $(BUILD)/demo --fresh
+
+bench: deps build
+	$(BUILD)/bin/pipeline_bench --out $(BUILD)/bench/results.jsonl
+
+clean:
+	rm -rf $(BUILD) $(ASAN_BUILD)
