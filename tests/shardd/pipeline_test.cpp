@@ -27,6 +27,7 @@ namespace {
 struct PipelineRun {
   std::vector<StageResult> results;
   std::vector<int64_t> parameters;
+  std::vector<std::shared_ptr<prometheus::Registry>> registries;
   const StageResult& last() const { return results.back(); }
 };
 
@@ -41,6 +42,7 @@ class PipelineTest : public ::testing::Test {
     const int n = job.sharding.shards;
     std::filesystem::create_directories(dir_ + "/keys");
     std::vector<std::unique_ptr<StageRunner>> runners;
+    std::vector<std::shared_ptr<prometheus::Registry>> registries;
     for (int i = 0; i < n; ++i) {
       const std::string key_file = dir_ + "/keys/shard-" + std::to_string(i) + ".key";
       if (!std::filesystem::exists(key_file)) generate_key_file(key_file);
@@ -53,7 +55,8 @@ class PipelineTest : public ::testing::Test {
       o.peer_timeout_s = 60;
       o.retry_budget_s = 30;
       o.max_steps = max_steps;
-      runners.push_back(std::make_unique<StageRunner>(o, std::make_shared<prometheus::Registry>()));
+      registries.push_back(std::make_shared<prometheus::Registry>());
+      runners.push_back(std::make_unique<StageRunner>(o, registries.back()));
       runners.back()->start();
     }
     for (int i = 0; i < n; ++i) {
@@ -66,6 +69,7 @@ class PipelineTest : public ::testing::Test {
     for (int i = 0; i < n; ++i) threads.emplace_back([&, i] { out.results[i] = runners[i]->run(); });
     for (auto& t : threads) t.join();
     for (auto& r : runners) out.parameters.push_back(r->parameters());
+    out.registries = registries;
     return out;
   }
 
@@ -226,6 +230,58 @@ TEST_F(PipelineTest, WrongShapeFromAPeerStopsTheStageWithBothShapes) {
   t.join();
   EXPECT_FALSE(result.ok);
   EXPECT_NE(result.error.find("float32[8, 4, 7, 7]"), std::string::npos) << result.error;
+}
+
+// Value of a sample of a metric family, selected by one label (or the first sample).
+double metric(prometheus::Registry& registry, const std::string& name, const std::string& label = "",
+              const std::string& value = "") {
+  for (const auto& family : registry.Collect()) {
+    if (family.name != name) continue;
+    for (const auto& m : family.metric) {
+      bool match = label.empty();
+      for (const auto& l : m.label) match = match || (l.name == label && l.value == value);
+      if (!match) continue;
+      if (family.type == prometheus::MetricType::Counter) return m.counter.value;
+      if (family.type == prometheus::MetricType::Gauge) return m.gauge.value;
+      if (family.type == prometheus::MetricType::Histogram) return static_cast<double>(m.histogram.sample_count);
+    }
+  }
+  return -1;
+}
+
+TEST_F(PipelineTest, MetricsReflectTheTraining) {
+  const JobSpec job = shardguard::testing::small_job("cnn", 2);
+  const auto r = run(job);
+  for (const auto& s : r.results) ASSERT_TRUE(s.ok) << s.error;
+  for (int i = 0; i < 2; ++i) {
+    auto& reg = *r.registries[i];
+    EXPECT_EQ(metric(reg, "shardguard_shard_parameters"), static_cast<double>(r.parameters[i]));
+    EXPECT_EQ(metric(reg, "shardguard_train_steps_total"), 8);
+    EXPECT_EQ(metric(reg, "shardguard_train_samples_total"), 8 * 32);
+    EXPECT_EQ(metric(reg, "shardguard_stage_compute_seconds", "pass", "forward"), 8 * 4);
+    EXPECT_EQ(metric(reg, "shardguard_stage_compute_seconds", "pass", "backward"), 8 * 4);
+    EXPECT_GT(metric(reg, "shardguard_pipeline_bytes_total", "direction", "sent"), 0);
+    EXPECT_GT(metric(reg, "shardguard_pipeline_bytes_total", "direction", "received"), 0);
+    EXPECT_EQ(metric(reg, "shardguard_checkpoint_writes_total"), 3);  // steps 3, 6 and the end (8)
+    EXPECT_EQ(metric(reg, "shardguard_checkpoint_step"), 8);
+  }
+  // Every frame one side sent, the other received.
+  EXPECT_EQ(metric(*r.registries[0], "shardguard_pipeline_frames_total", "direction", "sent"),
+            metric(*r.registries[1], "shardguard_pipeline_frames_total", "direction", "received"));
+  EXPECT_EQ(metric(*r.registries[1], "shardguard_pipeline_frames_total", "direction", "sent"), 8 * 4);  // gradients
+  EXPECT_NEAR(metric(*r.registries[1], "shardguard_train_loss"), r.last().losses.back(), 1e-9);
+  EXPECT_NEAR(metric(*r.registries[1], "shardguard_eval_accuracy"), r.last().last_eval->accuracy(), 1e-9);
+}
+
+TEST_F(PipelineTest, DeviceSelection) {
+  EXPECT_EQ(resolve_device("cpu").type(), torch::kCPU);
+  if (torch::cuda::is_available()) {
+    EXPECT_EQ(resolve_device("auto").type(), torch::kCUDA);
+  } else {
+    EXPECT_EQ(resolve_device("auto").type(), torch::kCPU);
+    EXPECT_THROW(resolve_device("cuda"), std::runtime_error);
+  }
+  EXPECT_THROW(resolve_device("tpu"), std::invalid_argument);
 }
 
 TEST_F(PipelineTest, WrongDtypeAndByteCountAreRefused) {
