@@ -141,37 +141,47 @@ TEST_F(ShardProcessTest, KilledStageRestartsFromItsCheckpointAndNothingIsLost) {
   ASSERT_EQ(ref.losses.size(), 48u);
   ASSERT_GE(ref.correct, 0);
 
-  // Interrupted: SIGKILL the middle stage after step 20, then start it again.
-  for (int i = 0; i < n; ++i) start_stage(job, dir_ + "/run", i, n);
-  Outcome out;
-  std::vector<nlohmann::json> lines;
-  ASSERT_TRUE(read_until(n - 1, [](const nlohmann::json& j) {
-    return j.value("msg", "") == "step" && j.value("step", 0) >= 20;
-  }, &lines));
-  for (const auto& j : lines) absorb(j, out);
-  const int64_t killed_at = out.losses.rbegin()->first;
-  stages_[1]->signal(SIGKILL);
-  const auto st = stages_[1]->wait_for(30s);
-  ASSERT_TRUE(st.has_value());
-  EXPECT_FALSE(st->exited);
-  start_stage(job, dir_ + "/run", 1, n);
-  out = finish(n, out);
+  // The driver, a middle stage and the last stage in turn: SIGKILL it after
+  // step 20, then start it again with the same arguments.
+  for (int victim = 0; victim < n; ++victim) {
+    SCOPED_TRACE("killed stage " + std::to_string(victim));
+    const std::string run = dir_ + "/run" + std::to_string(victim);
+    for (int i = 0; i < n; ++i) start_stage(job, run, i, n);
+    Outcome out;
+    std::vector<nlohmann::json> lines;
+    ASSERT_TRUE(read_until(n - 1, [](const nlohmann::json& j) {
+      return j.value("msg", "") == "step" && j.value("step", 0) >= 20;
+    }, &lines));
+    for (const auto& j : lines) absorb(j, out);
+    const int64_t killed_at = out.losses.rbegin()->first;
+    stages_[victim]->signal(SIGKILL);
+    const auto st = stages_[victim]->wait_for(30s);
+    ASSERT_TRUE(st.has_value());
+    EXPECT_FALSE(st->exited);
+    if (victim == n - 1) {  // what the killed last stage logged before it died
+      lines.clear();
+      read_until(n - 1, [](const nlohmann::json&) { return false; }, &lines);
+      for (const auto& j : lines) absorb(j, out);
+    }
+    start_stage(job, run, victim, n);
+    out = finish(n, out);
 
-  // The pipeline went back to the newest checkpoint all stages hold (a multiple
-  // of 8, at most one interval behind), and from there on it computed exactly
-  // what the uninterrupted run did.
-  ASSERT_GE(out.resumes.size(), 2u) << "the last stage never resynchronised";
-  const int64_t resumed = out.resumes.back();
-  EXPECT_EQ(resumed % 8, 0);
-  EXPECT_GE(resumed, killed_at - 8 - 1);
-  EXPECT_LE(resumed, killed_at + 1);
-  EXPECT_GE(resumed, 16);
-  ASSERT_EQ(out.losses.rbegin()->first, 48);
-  for (const auto& [step, loss] : ref.losses) {
-    ASSERT_TRUE(out.losses.count(step)) << "step " << step << " never completed";
-    EXPECT_NEAR(out.losses.at(step), loss, 1e-6) << "step " << step;
+    // The pipeline went back to the newest checkpoint all stages hold (a
+    // multiple of 8, at most one interval behind), and from there on computed
+    // exactly what the uninterrupted run did.
+    ASSERT_GE(out.resumes.size(), 2u) << "the last stage never resynchronised";
+    const int64_t resumed = out.resumes.back();
+    EXPECT_EQ(resumed % 8, 0);
+    EXPECT_GE(resumed, 16);
+    EXPECT_GE(resumed, killed_at - 8 - 1);
+    EXPECT_LE(resumed, killed_at + 1);
+    ASSERT_EQ(out.losses.rbegin()->first, 48);
+    for (const auto& [step, loss] : ref.losses) {
+      ASSERT_TRUE(out.losses.count(step)) << "step " << step << " never completed";
+      EXPECT_NEAR(out.losses.at(step), loss, 1e-6) << "step " << step;
+    }
+    EXPECT_EQ(out.correct, ref.correct);
   }
-  EXPECT_EQ(out.correct, ref.correct);
 }
 
 TEST_F(ShardProcessTest, ShardctlRunTrainsAndRecombineAgrees) {
