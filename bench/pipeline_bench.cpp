@@ -94,6 +94,37 @@ std::string self_exe() {
   return std::string(buf, static_cast<size_t>(n));
 }
 
+// CPU time the whole machine spent busy (/proc/stat), in seconds.
+double machine_busy_seconds() {
+  std::ifstream in("/proc/stat");
+  std::string cpu;
+  in >> cpu;
+  double v = 0, busy = 0;
+  for (int i = 0; i < 8 && (in >> v); ++i) {
+    if (i != 3 && i != 4) busy += v;  // everything but idle and iowait
+  }
+  return busy / static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
+double cpu_seconds(const struct rusage& ru) {
+  auto sec = [](const timeval& t) { return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) / 1e6; };
+  return sec(ru.ru_utime) + sec(ru.ru_stime);
+}
+
+// Cores that processes other than the benchmark's children kept busy during a run:
+// (machine busy time - the children's CPU time) / wall time. The monolithic
+// baseline runs one OpenMP/OpenBLAS pool over every core, and its spinning threads
+// slow down many times over when anything else competes for those cores.
+void warn_if_contended(double busy_before, double children_cpu, double wall_s, int cores) {
+  if (wall_s <= 0) return;
+  const double other = (machine_busy_seconds() - busy_before - children_cpu) / wall_s;
+  if (other > 0.25) {
+    std::cout << "      warning: other processes kept " << fixed(other, 1) << " of " << cores
+              << " cores busy during this run; its figures are not reliable (rerun on an idle machine)\n"
+              << std::flush;
+  }
+}
+
 // ---- temporary directory, removed at the end (also on error paths) -------------
 class TempDir {
  public:
@@ -280,6 +311,7 @@ struct MonolithicOutcome {
   double train_seconds = 0;
   int64_t steps = 0;
   double peak_rss_mib = 0;
+  double cpu_seconds = 0;
 };
 
 struct StageOutcome {
@@ -289,6 +321,7 @@ struct StageOutcome {
   int64_t trained_steps = 0;
   int64_t parameters = -1;  // from "stage ready"
   double peak_rss_mib = 0;
+  double cpu_seconds = 0;
 };
 
 std::map<std::string, std::string> thread_env(int threads) {
@@ -320,6 +353,7 @@ MonolithicOutcome run_monolithic(const Settings& s, const fs::path& job_file, in
   o.train_seconds = result->at("train_seconds").get<double>();
   o.steps = result->at("steps").get<int64_t>();
   o.peak_rss_mib = static_cast<double>(child.status->usage.ru_maxrss) / 1024.0;
+  o.cpu_seconds = cpu_seconds(child.status->usage);
   return o;
 }
 
@@ -379,6 +413,7 @@ std::vector<StageOutcome> run_pipeline(const Settings& s, const fs::path& job_fi
       throw BenchError(c.name + " exited 0 but logged no \"stage finished\"; its last log lines:\n" + t);
     }
     o.peak_rss_mib = static_cast<double>(c.status->usage.ru_maxrss) / 1024.0;
+    o.cpu_seconds = cpu_seconds(c.status->usage);
     out.push_back(o);
   }
   return out;
@@ -489,10 +524,12 @@ int run_bench(const BenchOptions& opt) {
               << steps << " steps of " << batch << ") ...\n"
               << std::flush;
     auto t0 = Clock::now();
+    double busy0 = machine_busy_seconds();
     const MonolithicOutcome mono = run_monolithic(s, mono_job, steps, mono_dir);
     std::cout << "      " << fixed(mono.samples_per_second, 1) << " samples/s, peak RSS "
               << fixed(mono.peak_rss_mib, 0) << " MiB (" << fixed(seconds_since(t0), 1) << " s)\n"
               << std::flush;
+    warn_if_contended(busy0, mono.cpu_seconds, seconds_since(t0), s.cores);
     figures.push_back({model, "monolithic",
                        figure(prefix + "monolithic", "samples_per_second", mono.samples_per_second, "samples/s",
                               mono.samples_per_second)});
@@ -516,6 +553,7 @@ int run_bench(const BenchOptions& opt) {
                 << " steps) ...\n"
                 << std::flush;
       t0 = Clock::now();
+      busy0 = machine_busy_seconds();
       const auto stages = run_pipeline(s, job_file, n, steps, dir);
       const StageOutcome& first = stages.front();
       const double sps =
@@ -523,6 +561,9 @@ int run_bench(const BenchOptions& opt) {
       std::cout << "      " << fixed(sps, 1) << " samples/s (" << fixed(sps / mono.samples_per_second, 2)
                 << "x monolithic; " << fixed(seconds_since(t0), 1) << " s)\n"
                 << std::flush;
+      double stages_cpu = 0;
+      for (const auto& st : stages) stages_cpu += st.cpu_seconds;
+      warn_if_contended(busy0, stages_cpu, seconds_since(t0), s.cores);
       figures.push_back({model, config,
                          figure(prefix + config, "samples_per_second", sps, "samples/s", mono.samples_per_second)});
       for (int i = 0; i < n; ++i) {

@@ -113,7 +113,9 @@ class ShardProcessTest : public ::testing::Test {
     for (int i = 0; i < n; ++i) {
       const auto st = stages_[i]->wait_for(120s);
       EXPECT_TRUE(st.has_value()) << "stage " << i << " did not exit";
-      if (st) EXPECT_TRUE(st->exited && st->code == 0) << "stage " << i << ": " << st->str();
+      if (st) {
+        EXPECT_TRUE(st->exited && st->code == 0) << "stage " << i << ": " << st->str();
+      }
     }
     return out;
   }

@@ -24,8 +24,11 @@ TEST(ModelTest, EachStageBuildsOnlyItsShare) {
       for (const auto& s : partition(desc, n, "parameters")) {
         auto part = build_blocks(job.model, s.first_block, s.end_block, job.training.seed);
         EXPECT_EQ(count_parameters(*part), s.parameters) << arch << " n=" << n << " stage " << s.index;
-        if (n > 1) EXPECT_LT(count_parameters(*part), desc.parameters()) << "a stage of " << n << " holds the whole " << arch;
-        if (n == 1) EXPECT_EQ(count_parameters(*part), desc.parameters());
+        if (n > 1) {
+          EXPECT_LT(count_parameters(*part), desc.parameters()) << "a stage of " << n << " holds the whole " << arch;
+        } else {
+          EXPECT_EQ(count_parameters(*part), desc.parameters());
+        }
         sum += count_parameters(*part);
       }
       EXPECT_EQ(sum, count_parameters(*whole)) << arch << " n=" << n;
@@ -82,7 +85,9 @@ TEST(ScheduleTest, EveryMicroBatchOnceForwardBeforeBackward) {
             }
           }
           for (int k = 0; k < m; ++k) EXPECT_LT(f[k], b[k]);
-          if (std::string(kind) == "1f1b") EXPECT_LE(peak, std::min(n - s, m)) << "stage " << s << " of " << n;
+          if (std::string(kind) == "1f1b") {
+            EXPECT_LE(peak, std::min(n - s, m)) << "stage " << s << " of " << n;
+          }
         }
       }
     }
