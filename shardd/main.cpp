@@ -26,7 +26,11 @@ struct Flags {
 
 int RunShardd(Flags flags) {
   flags.stage.job = load_job_file(flags.job_file);
-  flags.stage.key = load_key_file(flags.key_file);
+  try {
+    flags.stage.key = load_key_file(flags.key_file);
+  } catch (const std::exception& e) {
+    throw std::runtime_error(std::string("--key-file: ") + e.what());
+  }
   shardd::set_compute_threads(flags.threads);
 
   // SIGTERM / SIGINT stop the stage from a watcher thread (no work in a handler).
@@ -74,6 +78,7 @@ int main(int argc, char** argv) {
   shardguard::log::set_component("shardd");
   CLI::App app{"shardd: trains one pipeline stage of a ShardedTrainingJob, holding only that stage's blocks"};
   Flags flags;
+  flags.stage.listen = "127.0.0.1:7000";  // DESIGN.md §7; the sidecar is the only way in
   app.add_option("--job", flags.job_file, "ShardedTrainingJob YAML file")->required();
   app.add_option("--stage", flags.stage.stage, "this stage's index (0-based)")->required();
   app.add_option("--listen", flags.stage.listen, "gRPC address to listen on (loopback)")->capture_default_str();

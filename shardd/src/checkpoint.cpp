@@ -165,6 +165,11 @@ void CheckpointStore::load(int64_t step, torch::nn::Sequential& model, torch::op
   }
 }
 
+std::string CheckpointStore::quarantine(int64_t step) const {
+  const std::string from = path_for(step), to = from + ".rejected";
+  return std::rename(from.c_str(), to.c_str()) == 0 ? to : "";
+}
+
 CheckpointHeader read_checkpoint_header(const std::string& path) { return parse_file(path).header; }
 
 void load_checkpoint_model(const std::string& path, const std::string& key, torch::nn::Sequential& model) {

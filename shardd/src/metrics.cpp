@@ -9,6 +9,11 @@ prometheus::Histogram::BucketBoundaries seconds_buckets() {
   return {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
 }
 
+constexpr char kComputeHelp[] =
+    "Compute time of one forward or backward pass over a micro-batch, or of one optimizer step.";
+constexpr char kBytesHelp[] = "Bytes of tensor-frame requests (activations, gradients) to and from the neighbours.";
+constexpr char kFramesHelp[] = "Tensor frames to and from the neighbours.";
+
 Labels with(Labels base, const std::string& k, const std::string& v) {
   base[k] = v;
   return base;
@@ -43,24 +48,24 @@ StageMetrics::StageMetrics(prometheus::Registry& r, const Labels& l)
       loss(gauge(r, "shardguard_train_loss", "Training loss of the last step (last stage).", l)),
       train_accuracy(gauge(r, "shardguard_train_accuracy", "Training accuracy of the last step (last stage).", l)),
       eval_accuracy(gauge(r, "shardguard_eval_accuracy", "Test-set accuracy of the last evaluation (last stage).", l)),
-      forward_seconds(histogram(r, "shardguard_stage_compute_seconds", "Compute time of one micro-batch pass.",
+      forward_seconds(histogram(r, "shardguard_stage_compute_seconds", kComputeHelp,
                                 with(l, "pass", "forward"))),
-      backward_seconds(histogram(r, "shardguard_stage_compute_seconds", "Compute time of one micro-batch pass.",
+      backward_seconds(histogram(r, "shardguard_stage_compute_seconds", kComputeHelp,
                                  with(l, "pass", "backward"))),
-      optimizer_seconds(histogram(r, "shardguard_stage_compute_seconds", "Compute time of one micro-batch pass.",
+      optimizer_seconds(histogram(r, "shardguard_stage_compute_seconds", kComputeHelp,
                                   with(l, "pass", "optimizer"))),
-      bytes_sent(counter(r, "shardguard_pipeline_bytes_total", "Pipeline message bytes to and from the neighbours.",
+      bytes_sent(counter(r, "shardguard_pipeline_bytes_total", kBytesHelp,
                          with(l, "direction", "sent"))),
       bytes_received(counter(r, "shardguard_pipeline_bytes_total",
-                             "Pipeline message bytes to and from the neighbours.", with(l, "direction", "received"))),
-      frames_sent(counter(r, "shardguard_pipeline_frames_total", "Tensor frames to and from the neighbours.",
+                             kBytesHelp, with(l, "direction", "received"))),
+      frames_sent(counter(r, "shardguard_pipeline_frames_total", kFramesHelp,
                           with(l, "direction", "sent"))),
-      frames_received(counter(r, "shardguard_pipeline_frames_total", "Tensor frames to and from the neighbours.",
+      frames_received(counter(r, "shardguard_pipeline_frames_total", kFramesHelp,
                               with(l, "direction", "received"))),
       transport_seconds(counter(r, "shardguard_pipeline_transport_seconds_total",
-                                "Time spent serialising and sending tensor frames.", l)),
+                                "Time the sender threads spent delivering frames to the neighbours (RPC round trips, retries included).", l)),
       stale_frames(counter(r, "shardguard_pipeline_stale_frames_total",
-                           "Frames dropped because they belong to an older pipeline generation.", l)),
+                           "Frames dropped because they belong to another pipeline generation (received, or queued for sending).", l)),
       rejected_frames(counter(r, "shardguard_pipeline_rejected_frames_total",
                               "Frames refused for a wrong shape, dtype or size.", l)),
       resyncs(counter(r, "shardguard_pipeline_resyncs_total", "Pipeline (re)synchronisations this stage took part in.", l)),

@@ -11,6 +11,7 @@
 #include <set>
 #include <thread>
 
+#include <google/protobuf/io/coded_stream.h>
 #include <grpcpp/grpcpp.h>
 #include <torch/nn/functional/loss.h>
 #include <torch/optim.h>
@@ -117,9 +118,9 @@ class Sender {
   using Rpc = grpc::Status (*)(v1::Pipeline::Stub&, grpc::ClientContext*, const Req&);
 
   Sender(Peer& peer, Rpc rpc, std::function<uint64_t()> generation, std::function<void(const std::string&)> fatal,
-         StageMetrics& metrics)
+         StageMetrics& metrics, double deadline_s, size_t max_queued)
       : peer_(peer), rpc_(rpc), generation_(std::move(generation)), fatal_(std::move(fatal)), metrics_(metrics),
-        thread_([this] { loop(); }) {}
+        deadline_s_(deadline_s), max_queued_(max_queued), thread_([this] { loop(); }) {}
 
   ~Sender() {
     {
@@ -131,9 +132,12 @@ class Sender {
     thread_.join();
   }
 
+  // Queues a request; blocks while `max_queued` are waiting, so a slow neighbour
+  // holds the producer back instead of letting memory grow.
   void send(Req req, uint64_t generation) {
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return queue_.size() < max_queued_ || stopping_ || failed_; });
       queue_.push_back({std::move(req), generation});
     }
     cv_.notify_all();
@@ -164,19 +168,22 @@ class Sender {
         queue_.pop_front();
         busy_ = true;
       }
+      cv_.notify_all();  // room in the queue
       const auto start = Clock::now();
       auto stale = [&] { return item.generation != generation_() || is_stopping(); };
       std::string err;
       if (!stale()) {
         err = peer_.call([&](v1::Pipeline::Stub& stub, grpc::ClientContext* ctx) { return rpc_(stub, ctx, item.req); },
-                         stale, 120);
+                         stale, deadline_s_);
       }
       const double took = seconds_since(start);
       transport_seconds_.store(transport_seconds_.load() + took);
       if (err.empty()) {
         metrics_.transport_seconds.Increment(took);
-        metrics_.bytes_sent.Increment(static_cast<double>(item.req.ByteSizeLong()));
-        if (item.req.has_frame()) metrics_.frames_sent.Increment();
+        if (item.req.has_frame()) {
+          metrics_.bytes_sent.Increment(static_cast<double>(item.req.ByteSizeLong()));
+          metrics_.frames_sent.Increment();
+        }
       } else if (err != "cancelled") {
         fatal_(err);
         std::lock_guard<std::mutex> lock(mu_);
@@ -202,6 +209,8 @@ class Sender {
   std::function<uint64_t()> generation_;
   std::function<void(const std::string&)> fatal_;
   StageMetrics& metrics_;
+  const double deadline_s_;
+  const size_t max_queued_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Item> queue_;
@@ -268,7 +277,6 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
     schedule_ = make_schedule(opt_.job.training.schedule, opt_.stage, n_, opt_.job.training.micro_batches);
     in_shape_ = desc_.blocks[me_.first_block].in_shape;
     out_shape_ = desc_.blocks[me_.end_block - 1].out_shape;
-    max_frame_batch_ = std::max(micro_, opt_.job.training.eval_batch_size);
 
     store_ = std::make_unique<CheckpointStore>(opt_.checkpoint_dir,
                                                CheckpointId{opt_.job.name, opt_.stage, me_.first_block, me_.end_block},
@@ -334,8 +342,16 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
     if (!last_) next_ = std::make_unique<Peer>("stage " + std::to_string(opt_.stage + 1), opt_.next, opt_.retry_budget_s);
     auto gen = [this] { return generation_.load(); };
     auto fatal = [this](const std::string& e) { fail(e); };
-    if (next_) down_ = std::make_unique<Sender<v1::ForwardRequest>>(*next_, &call_forward, gen, fatal, metrics_);
-    if (prev_) up_ = std::make_unique<Sender<v1::BackwardRequest>>(*prev_, &call_backward, gen, fatal, metrics_);
+    // At most one step's frames wait in a queue (plus the evaluation batches in flight).
+    const size_t max_queued = static_cast<size_t>(opt_.job.training.micro_batches) + 2;
+    if (next_) {
+      down_ = std::make_unique<Sender<v1::ForwardRequest>>(*next_, &call_forward, gen, fatal, metrics_,
+                                                           opt_.peer_timeout_s, max_queued);
+    }
+    if (prev_) {
+      up_ = std::make_unique<Sender<v1::BackwardRequest>>(*prev_, &call_backward, gen, fatal, metrics_,
+                                                          opt_.peer_timeout_s, max_queued);
+    }
     connected_.store(true);
   }
 
@@ -391,7 +407,6 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
 
   // ---- gRPC service (handler threads) ---------------------------------------
   grpc::Status Forward(grpc::ServerContext*, const v1::ForwardRequest* req, v1::ForwardReply* reply) override {
-    metrics_.bytes_received.Increment(static_cast<double>(req->ByteSizeLong()));
     if (!req->has_frame() && !connected_.load()) return not_running();
     switch (req->body_case()) {
       case v1::ForwardRequest::kFrame:
@@ -408,7 +423,6 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
   }
 
   grpc::Status Backward(grpc::ServerContext*, const v1::BackwardRequest* req, v1::BackwardReply*) override {
-    metrics_.bytes_received.Increment(static_cast<double>(req->ByteSizeLong()));
     if (req->has_frame()) return accept_frame(const_cast<v1::TensorFrame*>(&req->frame()), /*forward=*/false);
     if (!connected_.load()) return not_running();
     if (req->has_join()) {
@@ -460,6 +474,9 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
   }
 
   grpc::Status accept_frame(v1::TensorFrame* frame, bool forward) {
+    // The request's size on the wire: the frame plus its one-byte oneof tag and length.
+    metrics_.bytes_received.Increment(static_cast<double>(frame->ByteSizeLong() + 1 +
+                                                          google::protobuf::io::CodedOutputStream::VarintSize64(frame->ByteSizeLong())));
     if (frame->generation() != generation_.load()) {
       metrics_.stale_frames.Increment();
       return grpc::Status::OK;  // from before the last resynchronisation: dropped
@@ -640,8 +657,8 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
     }
     cmd->done->set_value(err);
     if (!err.empty()) {
-      fail(err);
-      throw Stopped{};
+      // Stay up: the driver resynchronises without the refused checkpoint.
+      log::error("resume refused", {{"stage", opt_.stage}, {"step", cmd->step}, {"error", err}});
     }
     return true;
   }
@@ -651,7 +668,6 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
     {
       std::lock_guard<std::mutex> lock(mu_);
       generation_.store(generation);
-      abort_ = false;
       for (auto& in : fwd_) dropped.push_back(std::move(in));
       for (auto& in : bwd_) dropped.push_back(std::move(in));
       fwd_.clear();
@@ -664,12 +680,20 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
     if (step > 0) {
       try {
         store_->load(step, model_, *optimizer_, device_);
-      } catch (...) {
+      } catch (const CheckpointError& e) {
         metrics_.checkpoint_failures.Increment();
+        // Kept for inspection under another name, and never offered in a Sync again.
+        const std::string moved = store_->quarantine(step);
+        log::error("checkpoint refused", {{"stage", opt_.stage}, {"step", step}, {"error", e.what()},
+                                          {"moved_to", moved}});
         throw;
       }
       metrics_.checkpoint_loads.Increment();
       metrics_.checkpoint_step.Set(static_cast<double>(step));
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      abort_ = false;  // only once the stage really is at `step`
     }
     done_ = step;
     resumed_step_ = step;
@@ -685,37 +709,67 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
 
   // ---- stage 0: the driver ---------------------------------------------------
   void drive() {
-    resync();
-    while (done_ < total_steps_) {
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (!stop_reason_.empty()) throw Stopped{};
+    constexpr int kMaxFinishAttempts = 4;
+    for (int attempt = 1;; ++attempt) {
+      resync_with_retries();
+      while (done_ < total_steps_) {
+        if (stopping()) throw Stopped{};
+        if (take_join()) {
+          resync_with_retries();
+          continue;
+        }
+        try {
+          train_step(done_, nullptr);
+          after_step();
+          if (at_eval_point()) run_eval_round();
+        } catch (const Aborted&) {
+          // a stage (re)joined: resync at the loop top
+        }
       }
-      if (take_join()) {
-        resync();
-        continue;
-      }
-      try {
-        train_step(done_, nullptr);
-        after_step();
-        if (done_ % plan_.steps_per_epoch() == 0 || done_ == total_steps_) run_eval_round();
-      } catch (const Aborted&) {
-        // a stage (re)joined: resync at the loop top
-      }
-    }
-    finish_local(done_);
-    if (next_) {
+      finish_local(done_);
+      if (!next_) return;
       down_->flush();
       if (stopping()) throw Stopped{};
       auto st = forward_control_down([&](v1::ForwardRequest& f) {
         f.mutable_finish()->set_generation(generation_.load());
         f.mutable_finish()->set_step(done_);
       });
-      if (!st.ok()) {
+      if (st.ok()) return;
+      // A stage restarted after the last step (it refuses a Finish of a
+      // generation it never joined): resynchronise and finish again.
+      if (attempt >= kMaxFinishAttempts) {
         fail("finish: " + st.error_message());
         throw Stopped{};
       }
+      log::warn("finish refused, resynchronising", {{"error", st.error_message()}, {"attempt", attempt}});
     }
+  }
+
+  bool at_eval_point() const {
+    return done_ > 0 && (done_ % plan_.steps_per_epoch() == 0 || done_ == total_steps_);
+  }
+
+  // A resync whose Resume failed (a stage refused its checkpoint and set it
+  // aside) is tried again: the next Sync no longer offers that step. After a
+  // resync at an evaluation point the evaluation runs again, since the one
+  // before may have been cut short.
+  void resync_with_retries() {
+    constexpr int kMaxAttempts = 4;
+    for (int attempt = 1;; ++attempt) {
+      std::string err;
+      try {
+        err = resync();
+      } catch (const CheckpointError& e) {
+        err = e.what();
+      }
+      if (err.empty()) break;
+      if (attempt >= kMaxAttempts || stopping()) {
+        fail("resuming the pipeline: " + err);
+        throw Stopped{};
+      }
+      log::warn("resume failed, resynchronising", {{"error", err}, {"attempt", attempt}});
+    }
+    if (at_eval_point()) run_eval_round();
   }
 
   bool take_join() {
@@ -725,7 +779,8 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
     return pending;
   }
 
-  void resync() {
+  // Sync + Resume down the chain. Returns "" or why a stage could not resume.
+  std::string resync() {
     const uint64_t generation = (static_cast<uint64_t>(std::random_device{}()) << 20) ^ ++generation_counter_;
     std::set<int64_t> steps{0};
     for (auto s : store_->steps()) steps.insert(s);
@@ -758,12 +813,10 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
         f.mutable_resume()->set_generation(generation);
         f.mutable_resume()->set_step(step);
       });
-      if (!st.ok()) {
-        fail("resuming the pipeline: " + st.error_message());
-        throw Stopped{};
-      }
+      if (!st.ok()) return st.error_message();
     }
     log::info("pipeline synchronised", {{"stages", n_}, {"step", step}, {"total_steps", total_steps_}});
+    return "";
   }
 
   void run_eval_round() {
@@ -806,25 +859,26 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
         continue;
       }
       if (in.finish) {
-        std::string err;
         try {
           if (down_) down_->flush();
           finish_local(in.step);
-          if (next_) {
-            auto st = forward_control_down([&](v1::ForwardRequest& f) {
-              f.mutable_finish()->set_generation(generation_.load());
-              f.mutable_finish()->set_step(in.step);
-            });
-            if (!st.ok()) err = st.error_message();
-          }
         } catch (const std::exception& e) {
-          err = e.what();
-        }
-        in.done->set_value(err);
-        if (!err.empty()) {
-          fail("finish: " + err);
+          in.done->set_value(e.what());
+          fail(std::string("finish: ") + e.what());
           throw Stopped{};
         }
+        if (next_) {
+          auto st = forward_control_down([&](v1::ForwardRequest& f) {
+            f.mutable_finish()->set_generation(generation_.load());
+            f.mutable_finish()->set_step(in.step);
+          });
+          if (!st.ok()) {
+            // The next stage restarted: stay up for the driver's resync.
+            in.done->set_value("stage " + std::to_string(opt_.stage) + ": " + st.error_message());
+            continue;
+          }
+        }
+        in.done->set_value("");
         return;
       }
       if (in.phase == v1::PHASE_EVAL) {
@@ -1027,7 +1081,6 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
   bool first_ = false, last_ = false;
   torch::Device device_{torch::kCPU};
   int micro_ = 0;
-  int64_t max_frame_batch_ = 0;
   std::vector<PipeOp> schedule_;
   std::vector<int64_t> in_shape_, out_shape_;
   torch::nn::Sequential model_{nullptr};

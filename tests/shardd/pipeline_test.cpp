@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 
 #include "shardguard/common/crypto.h"
+#include "shardguard/common/files.h"
 #include "shardguard/shardd/checkpoint.h"
 #include "shardguard/shardd/data.h"
 #include "shardguard/shardd/model_desc.h"
@@ -75,6 +76,23 @@ class PipelineTest : public ::testing::Test {
 
   std::string dir_;
 };
+
+// Value of a sample of a metric family, selected by one label (or the first sample).
+double metric(prometheus::Registry& registry, const std::string& name, const std::string& label = "",
+              const std::string& value = "") {
+  for (const auto& family : registry.Collect()) {
+    if (family.name != name) continue;
+    for (const auto& m : family.metric) {
+      bool match = label.empty();
+      for (const auto& l : m.label) match = match || (l.name == label && l.value == value);
+      if (!match) continue;
+      if (family.type == prometheus::MetricType::Counter) return m.counter.value;
+      if (family.type == prometheus::MetricType::Gauge) return m.gauge.value;
+      if (family.type == prometheus::MetricType::Histogram) return static_cast<double>(m.histogram.sample_count);
+    }
+  }
+  return -1;
+}
 
 void expect_same_losses(const std::vector<double>& pipeline, const MonolithicResult& mono, const std::string& what) {
   ASSERT_EQ(pipeline.size(), mono.steps.size()) << what;
@@ -175,6 +193,32 @@ TEST_F(PipelineTest, RestartedPipelineContinuesFromTheCheckpoint) {
   EXPECT_EQ(rest.last().last_eval->correct, full.last().last_eval->correct);
 }
 
+TEST_F(PipelineTest, TamperedNewestCheckpointIsSetAsideAndAnOlderCommonOneUsed) {
+  const JobSpec job = shardguard::testing::small_job("mlp", 2);
+  const auto full = run(job);
+  for (const auto& s : full.results) ASSERT_TRUE(s.ok) << s.error;
+  // Stage 1 keeps steps 6 and 8; flip a byte of its step-8 file.
+  const auto desc = describe_model(job.model);
+  const auto stages = partition(desc, 2, "parameters");
+  CheckpointStore s1(dir_ + "/checkpoints", CheckpointId{job.name, 1, stages[1].first_block, stages[1].end_block},
+                     load_key_file(dir_ + "/keys/shard-1.key"));
+  ASSERT_EQ(s1.steps(), (std::vector<int64_t>{6, 8}));
+  std::string bytes = read_file(s1.path_for(8));
+  bytes[bytes.size() - 5] ^= 0x40;
+  write_file_atomic(s1.path_for(8), bytes);
+
+  const auto again = run(job);
+  for (const auto& s : again.results) ASSERT_TRUE(s.ok) << s.error;
+  EXPECT_EQ(again.last().steps, 8);
+  // Steps 6 and 7 were trained again from the step-6 checkpoint, exactly as before.
+  ASSERT_EQ(again.last().losses.size(), 8u);
+  for (size_t st = 6; st < 8; ++st) EXPECT_NEAR(again.last().losses[st], full.last().losses[st], 1e-6) << st;
+  EXPECT_EQ(metric(*again.registries[1], "shardguard_checkpoint_failures_total"), 1);
+  EXPECT_TRUE(std::filesystem::exists(s1.path_for(8) + ".rejected"));  // kept, not deleted
+  EXPECT_EQ(s1.steps(), (std::vector<int64_t>{6, 8}));                 // and a fresh step 8 written
+  EXPECT_EQ(again.last().last_eval->correct, full.last().last_eval->correct);
+}
+
 TEST_F(PipelineTest, WrongShapeFromAPeerStopsTheStageWithBothShapes) {
   const JobSpec job = shardguard::testing::small_job("cnn", 2);
   StageOptions o;
@@ -230,23 +274,6 @@ TEST_F(PipelineTest, WrongShapeFromAPeerStopsTheStageWithBothShapes) {
   t.join();
   EXPECT_FALSE(result.ok);
   EXPECT_NE(result.error.find("float32[8, 4, 7, 7]"), std::string::npos) << result.error;
-}
-
-// Value of a sample of a metric family, selected by one label (or the first sample).
-double metric(prometheus::Registry& registry, const std::string& name, const std::string& label = "",
-              const std::string& value = "") {
-  for (const auto& family : registry.Collect()) {
-    if (family.name != name) continue;
-    for (const auto& m : family.metric) {
-      bool match = label.empty();
-      for (const auto& l : m.label) match = match || (l.name == label && l.value == value);
-      if (!match) continue;
-      if (family.type == prometheus::MetricType::Counter) return m.counter.value;
-      if (family.type == prometheus::MetricType::Gauge) return m.gauge.value;
-      if (family.type == prometheus::MetricType::Histogram) return static_cast<double>(m.histogram.sample_count);
-    }
-  }
-  return -1;
 }
 
 TEST_F(PipelineTest, MetricsReflectTheTraining) {

@@ -52,6 +52,9 @@ class CheckpointStore {
   // job/stage/step; model and optimizer are untouched then.
   void load(int64_t step, torch::nn::Sequential& model, torch::optim::Optimizer& optimizer,
             torch::Device device) const;
+  // Renames the checkpoint of `step` to "<name>.rejected" (kept for inspection,
+  // no longer listed by steps()). Returns the new path ("" if there was no file).
+  std::string quarantine(int64_t step) const;
 
  private:
   std::string dir_;
