@@ -1,5 +1,5 @@
-// Precompiled header for everything in shardd/ (and the torch parts of shardctl,
-// the tests and benchmarks that reuse it): LibTorch's headers dominate compile time.
+// Precompiled header for shardd/ (the shardd tests and the benchmark reuse it):
+// LibTorch's headers dominate compile time.
 #pragma once
 #include <torch/nn.h>
 #include <torch/optim.h>

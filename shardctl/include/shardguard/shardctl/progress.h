@@ -17,7 +17,7 @@ struct Progress {
   double eta_seconds = -1;  // < 0: unknown
 };
 
-// Terminal: "epoch 1/2 [#####.....] 420/1874  22% loss 0.412 acc 0.859  640 samples/s  ETA 3m12s"
+// Terminal: "epoch 1/2 [#####...............] step 50/200  25%  loss 0.4123  acc 0.859  640 samples/s  ETA 3m12s"
 // Plain (not a terminal): the same without the bar.
 std::string format_progress(const Progress& p, bool terminal, int width = 20);
 std::string format_duration(double seconds);  // "3m12s", "45s", "1h02m"
