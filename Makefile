@@ -44,7 +44,7 @@ build: configure
 	cmake --build $(BUILD) -j $(JOBS)
 
 test: deps build
-	cd $(BUILD) && OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 ctest --output-on-failure --timeout 900 -j 1
+	cd $(BUILD) && OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE ctest --output-on-failure --timeout 900 -j 1
 	$(MAKE) test-asan
 
 # The tests of everything that does not link LibTorch, under ASan + UBSan.

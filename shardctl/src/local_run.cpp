@@ -180,7 +180,8 @@ int RunLocal(const LocalRunOptions& options) {
       if (i > 0) s.argv.insert(s.argv.end(), {"--prev", "127.0.0.1:" + std::to_string(ports[i - 1])});
       if (i + 1 < n) s.argv.insert(s.argv.end(), {"--next", "127.0.0.1:" + std::to_string(ports[i + 1])});
       const std::string t = std::to_string(threads);
-      s.env = {{"OMP_NUM_THREADS", t}, {"OPENBLAS_NUM_THREADS", t}, {"SHARDGUARD_LOG_LEVEL", "info"}};
+      // Passive OpenMP workers: spinning ones steal the cores the other shards need.
+      s.env = {{"OMP_NUM_THREADS", t}, {"OPENBLAS_NUM_THREADS", t}, {"OMP_WAIT_POLICY", "PASSIVE"}};
     }
   } catch (const std::exception& e) {
     std::cerr << "shardctl run: " << e.what() << "\n";

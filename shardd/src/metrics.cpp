@@ -64,6 +64,8 @@ StageMetrics::StageMetrics(prometheus::Registry& r, const Labels& l)
                               with(l, "direction", "received"))),
       transport_seconds(counter(r, "shardguard_pipeline_transport_seconds_total",
                                 "Time the sender threads spent delivering frames to the neighbours (RPC round trips, retries included).", l)),
+      serialise_seconds(counter(r, "shardguard_pipeline_serialise_seconds_total",
+                                "Time spent encoding tensors into frames and decoding received frames.", l)),
       stale_frames(counter(r, "shardguard_pipeline_stale_frames_total",
                            "Frames dropped because they belong to another pipeline generation (received, or queued for sending).", l)),
       rejected_frames(counter(r, "shardguard_pipeline_rejected_frames_total",

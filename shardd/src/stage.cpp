@@ -387,6 +387,7 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
     result.last_eval = last_eval_;
     result.compute_seconds = compute_seconds_;
     result.transport_seconds = (down_ ? down_->transport_seconds() : 0) + (up_ ? up_->transport_seconds() : 0);
+    result.serialise_seconds = metrics_.serialise_seconds.Value();
     result.wall_seconds = seconds_since(start);
     result.parameters = parameters_;
     if (result.ok) {
@@ -397,7 +398,8 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
                                    {"samples_per_second", result.train_seconds > 0 ? result.trained_steps *
                                         opt_.job.training.batch_size / result.train_seconds : 0.0},
                                    {"compute_seconds", result.compute_seconds},
-                                   {"transport_seconds", result.transport_seconds}});
+                                   {"transport_seconds", result.transport_seconds},
+                                   {"serialise_seconds", result.serialise_seconds}});
     } else {
       log::error("stage stopped", {{"stage", opt_.stage}, {"reason", result.error}, {"steps", done_}});
     }
@@ -491,7 +493,9 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
       if (!forward && eval) throw FrameError("evaluation frames never travel backward");
       if (in.phase != v1::PHASE_TRAIN && !eval) throw FrameError("frame without a phase");
       const int64_t max_batch = eval ? opt_.job.training.eval_batch_size : micro_;
+      const auto t0 = Clock::now();
       in.tensor = decode_tensor(frame->mutable_tensor(), forward ? in_shape_ : out_shape_, max_batch);
+      metrics_.serialise_seconds.Increment(seconds_since(t0));
     } catch (const FrameError& e) {
       metrics_.rejected_frames.Increment();
       const std::string what = std::string(forward ? "activation" : "gradient") + " frame (step " +
@@ -1054,7 +1058,9 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
     f->set_step(step);
     f->set_micro_batch(m);
     f->set_epoch(epoch);
+    const auto t0 = Clock::now();
     encode_tensor(t, f->mutable_tensor());
+    metrics_.serialise_seconds.Increment(seconds_since(t0));
   }
 
   void send_down(v1::Phase phase, int64_t step, int m, int epoch, const torch::Tensor& t) {

@@ -33,6 +33,7 @@ struct StageMetrics {
   prometheus::Counter& frames_sent;
   prometheus::Counter& frames_received;
   prometheus::Counter& transport_seconds;
+  prometheus::Counter& serialise_seconds;
   prometheus::Counter& stale_frames;
   prometheus::Counter& rejected_frames;
   prometheus::Counter& resyncs;

@@ -70,7 +70,8 @@ struct StageResult {
   std::vector<double> losses;    // last stage: loss of every step it completed, by step
   std::optional<EvalReport> last_eval;
   double compute_seconds = 0;
-  double transport_seconds = 0;
+  double transport_seconds = 0;  // sender threads delivering frames (overlaps compute)
+  double serialise_seconds = 0;  // encoding frames (compute thread) and decoding them (handlers)
   double wall_seconds = 0;
   double train_seconds = 0;      // from the last resume to the end (ok runs)
   int64_t trained_steps = 0;     // steps trained since the last resume
