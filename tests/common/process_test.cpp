@@ -1,0 +1,77 @@
+#include "shardguard/common/process.h"
+
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <cstdio>
+#include <string>
+
+#include "shardguard/common/files.h"
+
+namespace shardguard {
+namespace {
+
+using namespace std::chrono_literals;
+
+TEST(ProcessTest, CapturesStderrLinesAndExitCode) {
+  SpawnOptions o;
+  o.argv = {"/bin/sh", "-c", "echo one >&2; echo two >&2; exit 3"};
+  o.capture_stderr = true;
+  Process p(o);
+  EXPECT_EQ(p.read_line(10s).value_or(""), "one");
+  EXPECT_EQ(p.read_line(10s).value_or(""), "two");
+  EXPECT_FALSE(p.read_line(10s).has_value());
+  EXPECT_TRUE(p.eof());
+  const auto st = p.wait();
+  EXPECT_TRUE(st.exited);
+  EXPECT_EQ(st.code, 3);
+  EXPECT_EQ(st.str(), "exit code 3");
+}
+
+TEST(ProcessTest, EnvironmentAndLogFile) {
+  char tmpl[] = "/tmp/shardguard-proc-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::string log = std::string(tmpl) + "/out.log";
+  SpawnOptions o;
+  o.argv = {"/bin/sh", "-c", "echo \"value=$SHARDGUARD_TEST_VAR\""};
+  o.env = {{"SHARDGUARD_TEST_VAR", "42"}};
+  o.log_file = log;
+  Process p(o);
+  EXPECT_EQ(p.wait().code, 0);
+  EXPECT_EQ(read_file(log), "value=42\n");
+  std::remove(log.c_str());
+  ::rmdir(tmpl);
+}
+
+TEST(ProcessTest, TerminateStopsALongRunningChild) {
+  SpawnOptions o;
+  o.argv = {"/bin/sleep", "300"};
+  Process p(o);
+  EXPECT_TRUE(p.running());
+  EXPECT_FALSE(p.wait_for(50ms).has_value());
+  const auto st = p.terminate(5s);
+  EXPECT_FALSE(st.exited);
+  EXPECT_EQ(st.code, SIGTERM);
+  EXPECT_FALSE(p.running());
+}
+
+TEST(ProcessTest, MissingProgramIsAClearError) {
+  SpawnOptions o;
+  o.argv = {"/nonexistent/shardd"};
+  try {
+    Process p(o);
+    FAIL();
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("/nonexistent/shardd"), std::string::npos) << e.what();
+  }
+}
+
+TEST(ProcessTest, FreePortIsOnLoopback) {
+  const int a = pick_free_port();
+  EXPECT_GT(a, 0);
+  EXPECT_LT(a, 65536);
+  EXPECT_FALSE(self_dir().empty());
+}
+
+}  // namespace
+}  // namespace shardguard
