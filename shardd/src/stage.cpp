@@ -171,7 +171,7 @@ class Sender {
       cv_.notify_all();  // room in the queue
       const auto start = Clock::now();
       auto stale = [&] { return item.generation != generation_() || is_stopping(); };
-      std::string err;
+      std::string err = "cancelled";  // stale before its turn: dropped unsent
       if (!stale()) {
         err = peer_.call([&](v1::Pipeline::Stub& stub, grpc::ClientContext* ctx) { return rpc_(stub, ctx, item.req); },
                          stale, deadline_s_);
@@ -538,7 +538,7 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
     const std::string err = next_->call(
         [&](v1::Pipeline::Stub& stub, grpc::ClientContext* ctx) { return stub.Forward(ctx, fwd, reply); },
         [this] { return stopping(); }, control_deadline());
-    if (!err.empty()) return {grpc::StatusCode::UNAVAILABLE, "stage " + std::to_string(opt_.stage) + ": " + err};
+    if (!err.empty()) return {grpc::StatusCode::FAILED_PRECONDITION, "stage " + std::to_string(opt_.stage) + ": " + err};
     return grpc::Status::OK;
   }
 
@@ -599,7 +599,9 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
           return stub.Forward(ctx, fwd, &reply);
         },
         [this] { return stopping(); }, control_deadline());
-    if (!err.empty()) return {grpc::StatusCode::UNAVAILABLE, "stage " + std::to_string(opt_.stage) + ": " + err};
+    // FAILED_PRECONDITION, not UNAVAILABLE: the stage above must not retry what
+    // this stage already retried; the driver decides whether to resynchronise.
+    if (!err.empty()) return {grpc::StatusCode::FAILED_PRECONDITION, "stage " + std::to_string(opt_.stage) + ": " + err};
     return grpc::Status::OK;
   }
 

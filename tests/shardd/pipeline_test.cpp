@@ -38,6 +38,19 @@ class PipelineTest : public ::testing::Test {
   void SetUp() override { dir_ = shardguard::testing::make_temp_dir(); }
   void TearDown() override { std::filesystem::remove_all(dir_); }
 
+  // Options of one stage of `job` on CPU, with its checkpoints under dir_.
+  StageOptions options(const JobSpec& job, int stage, std::string key = "") {
+    StageOptions o;
+    o.job = job;
+    o.stage = stage;
+    o.checkpoint_dir = dir_ + "/checkpoints";
+    o.key = key.empty() ? random_bytes(32) : std::move(key);
+    o.device = "cpu";
+    o.peer_timeout_s = 60;
+    o.retry_budget_s = 30;
+    return o;
+  }
+
   // Runs every stage of `job` in this process; returns when all have stopped.
   PipelineRun run(const JobSpec& job, int64_t max_steps = 0) {
     const int n = job.sharding.shards;
@@ -47,14 +60,7 @@ class PipelineTest : public ::testing::Test {
     for (int i = 0; i < n; ++i) {
       const std::string key_file = dir_ + "/keys/shard-" + std::to_string(i) + ".key";
       if (!std::filesystem::exists(key_file)) generate_key_file(key_file);
-      StageOptions o;
-      o.job = job;
-      o.stage = i;
-      o.checkpoint_dir = dir_ + "/checkpoints";
-      o.key = load_key_file(key_file);
-      o.device = "cpu";
-      o.peer_timeout_s = 60;
-      o.retry_budget_s = 30;
+      StageOptions o = options(job, i, load_key_file(key_file));
       o.max_steps = max_steps;
       registries.push_back(std::make_shared<prometheus::Registry>());
       runners.push_back(std::make_unique<StageRunner>(o, registries.back()));
@@ -194,14 +200,15 @@ TEST_F(PipelineTest, RestartedPipelineContinuesFromTheCheckpoint) {
 }
 
 TEST_F(PipelineTest, TamperedNewestCheckpointIsSetAsideAndAnOlderCommonOneUsed) {
-  const JobSpec job = shardguard::testing::small_job("mlp", 2);
+  const JobSpec job = shardguard::testing::small_job("mlp", 3);
   const auto full = run(job);
   for (const auto& s : full.results) ASSERT_TRUE(s.ok) << s.error;
-  // Stage 1 keeps steps 6 and 8; flip a byte of its step-8 file.
+  // The last stage, two hops from the driver, keeps steps 6 and 8; flip a byte
+  // of its step-8 file.
   const auto desc = describe_model(job.model);
-  const auto stages = partition(desc, 2, "parameters");
-  CheckpointStore s1(dir_ + "/checkpoints", CheckpointId{job.name, 1, stages[1].first_block, stages[1].end_block},
-                     load_key_file(dir_ + "/keys/shard-1.key"));
+  const auto stages = partition(desc, 3, "parameters");
+  CheckpointStore s1(dir_ + "/checkpoints", CheckpointId{job.name, 2, stages[2].first_block, stages[2].end_block},
+                     load_key_file(dir_ + "/keys/shard-2.key"));
   ASSERT_EQ(s1.steps(), (std::vector<int64_t>{6, 8}));
   std::string bytes = read_file(s1.path_for(8));
   bytes[bytes.size() - 5] ^= 0x40;
@@ -213,7 +220,8 @@ TEST_F(PipelineTest, TamperedNewestCheckpointIsSetAsideAndAnOlderCommonOneUsed) 
   // Steps 6 and 7 were trained again from the step-6 checkpoint, exactly as before.
   ASSERT_EQ(again.last().losses.size(), 8u);
   for (size_t st = 6; st < 8; ++st) EXPECT_NEAR(again.last().losses[st], full.last().losses[st], 1e-6) << st;
-  EXPECT_EQ(metric(*again.registries[1], "shardguard_checkpoint_failures_total"), 1);
+  EXPECT_EQ(metric(*again.registries[2], "shardguard_checkpoint_failures_total"), 1);
+  EXPECT_LT(again.results[0].wall_seconds, 20) << "the driver waited for a retry budget";
   EXPECT_TRUE(std::filesystem::exists(s1.path_for(8) + ".rejected"));  // kept, not deleted
   EXPECT_EQ(s1.steps(), (std::vector<int64_t>{6, 8}));                 // and a fresh step 8 written
   EXPECT_EQ(again.last().last_eval->correct, full.last().last_eval->correct);
@@ -221,15 +229,8 @@ TEST_F(PipelineTest, TamperedNewestCheckpointIsSetAsideAndAnOlderCommonOneUsed) 
 
 TEST_F(PipelineTest, WrongShapeFromAPeerStopsTheStageWithBothShapes) {
   const JobSpec job = shardguard::testing::small_job("cnn", 2);
-  StageOptions o;
-  o.job = job;
-  o.stage = 1;
-  o.checkpoint_dir = dir_ + "/checkpoints";
-  o.key = random_bytes(32);
-  o.device = "cpu";
+  StageOptions o = options(job, 1);
   o.prev = "127.0.0.1:1";  // nobody: its join notice is never answered
-  o.peer_timeout_s = 30;
-  o.retry_budget_s = 30;
   StageRunner stage(o, std::make_shared<prometheus::Registry>());
   stage.start();
   StageResult result;
@@ -332,12 +333,7 @@ TEST_F(PipelineTest, WrongDtypeAndByteCountAreRefused) {
 
 TEST_F(PipelineTest, UnreachablePeerIsRetriedThenAClearError) {
   const JobSpec job = shardguard::testing::small_job("mlp", 2);
-  StageOptions o;
-  o.job = job;
-  o.stage = 0;
-  o.checkpoint_dir = dir_ + "/checkpoints";
-  o.key = random_bytes(32);
-  o.device = "cpu";
+  StageOptions o = options(job, 0);
   o.next = "127.0.0.1:1";
   o.retry_budget_s = 1.5;
   StageRunner stage(o, std::make_shared<prometheus::Registry>());
@@ -351,12 +347,7 @@ TEST_F(PipelineTest, UnreachablePeerIsRetriedThenAClearError) {
 TEST_F(PipelineTest, MissingDatasetSaysMakeDeps) {
   auto json = shardguard::testing::small_job_json("mlp", 1);
   json["spec"]["dataset"]["path"] = dir_ + "/no-such-dataset";
-  StageOptions o;
-  o.job = job_from_json(json);
-  o.checkpoint_dir = dir_ + "/checkpoints";
-  o.key = random_bytes(32);
-  o.device = "cpu";
-  StageRunner stage(o, std::make_shared<prometheus::Registry>());
+  StageRunner stage(options(job_from_json(json), 0), std::make_shared<prometheus::Registry>());
   try {
     stage.start();
     FAIL();
@@ -367,12 +358,7 @@ TEST_F(PipelineTest, MissingDatasetSaysMakeDeps) {
 }
 
 TEST_F(PipelineTest, StageOutOfRangeIsRefused) {
-  StageOptions o;
-  o.job = shardguard::testing::small_job("mlp", 2);
-  o.stage = 2;
-  o.checkpoint_dir = dir_ + "/checkpoints";
-  o.key = random_bytes(32);
-  StageRunner stage(o, std::make_shared<prometheus::Registry>());
+  StageRunner stage(options(shardguard::testing::small_job("mlp", 2), 2), std::make_shared<prometheus::Registry>());
   EXPECT_THROW(stage.start(), std::invalid_argument);
 }
 
