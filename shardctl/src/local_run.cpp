@@ -313,7 +313,10 @@ int RunLocal(const LocalRunOptions& options) {
     std::printf("  test accuracy   %.4f (%lld/%lld)\n", *state.test_accuracy, static_cast<long long>(state.test_correct),
                 static_cast<long long>(state.test_total));
   }
-  std::printf("  final loss      %.4f after %lld steps\n", state.progress.loss, static_cast<long long>(state.progress.step));
+  if (state.progress.step > 0) {  // a resumed run that was already complete trains no step
+    std::printf("  final loss      %.4f after %lld steps\n", state.progress.loss,
+                static_cast<long long>(state.progress.step));
+  }
   for (const auto& st : stages) {
     std::printf("  shard %d         %lld parameters (%.1f%% of the model), restarts %d\n", st.index,
                 static_cast<long long>(st.parameters), 100.0 * shardd::parameter_share(desc, st), shards[st.index].restarts);
