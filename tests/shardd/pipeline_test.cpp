@@ -143,6 +143,19 @@ TEST_F(PipelineTest, SameLossesAsOneProcessForOneTwoFourStages) {
   }
 }
 
+TEST_F(PipelineTest, SgdWithMomentumMatchesOneProcess) {
+  auto json = shardguard::testing::small_job_json("mlp", 1);
+  json["spec"]["training"]["optimizer"] = {{"name", "sgd"}, {"learningRate", 0.05}, {"momentum", 0.9},
+                                           {"weightDecay", 0.0001}};
+  MonolithicOptions mo;
+  mo.device = "cpu";
+  const auto mono = train_monolithic(job_from_json(json), mo);
+  json["spec"]["sharding"]["shards"] = 3;
+  const auto r = run(job_from_json(json));
+  for (const auto& s : r.results) ASSERT_TRUE(s.ok) << s.error;
+  expect_same_losses(r.last().losses, mono, "mlp sgd n=3");
+}
+
 TEST_F(PipelineTest, VitTwoStagesMatchesOneProcess) {
   auto json = shardguard::testing::small_job_json("vit", 2, 128);
   const JobSpec job = job_from_json(json);
