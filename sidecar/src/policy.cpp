@@ -1,0 +1,777 @@
+// The shard access policy: parse + validate once, then a pure decision.
+// See policy.h for the format and the decision order.
+#include "shardguard/sidecar/policy.h"
+
+#include "shardguard/common/pki.h"
+
+#include <algorithm>
+#include <cstddef>
+#include <limits>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <set>
+#include <utility>
+
+namespace shardguard::sidecar {
+namespace {
+
+using nlohmann::json;
+
+constexpr std::size_t kMaxPolicyBytes = 1 << 20;  // 1 MiB: a policy is a few KiB
+constexpr std::size_t kMaxTrustDomainBytes = 255;
+constexpr std::size_t kMaxMethodBytes = 256;
+constexpr std::size_t kMaxRuleNameBytes = 63;
+constexpr std::size_t kMaxShardIndexDigits = 9;  // fits an int
+
+const char* const kShardPatternSuffix = "/shard/*";
+
+bool is_lower(char c) { return c >= 'a' && c <= 'z'; }
+bool is_upper(char c) { return c >= 'A' && c <= 'Z'; }
+bool is_digit(char c) { return c >= '0' && c <= '9'; }
+
+char to_lower(char c) { return is_upper(c) ? static_cast<char>(c - 'A' + 'a') : c; }
+
+bool iequals(const std::string& a, const std::string& b) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (to_lower(a[i]) != to_lower(b[i])) return false;
+  }
+  return true;
+}
+
+// A string quoted as JSON, with invalid UTF-8 replaced and long values cut, so that
+// whatever a peer sends can go into a message or a log line safely.
+std::string quote(const std::string& s) {
+  constexpr std::size_t kMax = 160;
+  std::string shown = s.size() > kMax ? s.substr(0, kMax) : s;
+  std::string out = json(shown).dump(-1, ' ', true, json::error_handler_t::replace);
+  if (s.size() > kMax) out += "... (" + std::to_string(s.size()) + " bytes)";
+  return out;
+}
+
+std::string describe(const json& v) {
+  std::string out = v.dump(-1, ' ', true, json::error_handler_t::replace);
+  if (out.size() > 80) out = out.substr(0, 77) + "...";
+  return out;
+}
+
+bool is_trust_domain(const std::string& td) {
+  if (td.empty() || td.size() > kMaxTrustDomainBytes) return false;
+  for (char c : td) {
+    if (!(is_lower(c) || is_digit(c) || c == '.' || c == '-' || c == '_')) return false;
+  }
+  return true;
+}
+
+// [a-z0-9]([-a-z0-9]*[a-z0-9])?, at most `max` characters.
+bool is_dns_label(const std::string& s, std::size_t max = 63) {
+  if (s.empty() || s.size() > max) return false;
+  for (char c : s) {
+    if (!(is_lower(c) || is_digit(c) || c == '-')) return false;
+  }
+  return s.front() != '-' && s.back() != '-';
+}
+
+// A shard index as it appears in a SPIFFE ID: decimal, no sign, no leading zeros.
+bool is_canonical_index(const std::string& s, std::size_t begin) {
+  const std::size_t n = s.size() - begin;
+  if (n == 0 || n > kMaxShardIndexDigits) return false;
+  if (s[begin] == '0' && n > 1) return false;
+  for (std::size_t i = begin; i < s.size(); ++i) {
+    if (!is_digit(s[i])) return false;
+  }
+  return true;
+}
+
+bool is_shard_pattern(const std::string& peer) { return peer.find('*') != std::string::npos; }
+
+// The pattern `spiffe://<td>/ns/<ns>/job/<job>/shard/*`, checked by substituting an
+// index for the '*' and requiring the exact six-segment shape.
+bool is_valid_shard_pattern(const std::string& pattern) {
+  const std::string suffix = kShardPatternSuffix;
+  if (pattern.size() <= suffix.size() ||
+      pattern.compare(pattern.size() - suffix.size(), suffix.size(), suffix) != 0 ||
+      std::count(pattern.begin(), pattern.end(), '*') != 1) {
+    return false;
+  }
+  const std::string concrete = pattern.substr(0, pattern.size() - 1) + "0";
+  if (!is_spiffe_id(concrete)) return false;
+  const std::string td = spiffe_trust_domain(concrete);
+  const std::string path = concrete.substr(std::string("spiffe://").size() + td.size());
+  std::vector<std::string> segments;
+  std::size_t start = 1;
+  while (start <= path.size()) {
+    const std::size_t next = path.find('/', start);
+    segments.push_back(
+        path.substr(start, next == std::string::npos ? std::string::npos : next - start));
+    if (next == std::string::npos) break;
+    start = next + 1;
+  }
+  return segments.size() == 6 && segments[0] == "ns" && segments[2] == "job" &&
+         segments[4] == "shard";
+}
+
+bool peer_matches(const std::string& rule_peer, const std::string& peer) {
+  if (rule_peer.empty() || rule_peer.back() != '*') return rule_peer == peer;
+  const std::size_t prefix = rule_peer.size() - 1;
+  return peer.size() > prefix && peer.compare(0, prefix, rule_peer, 0, prefix) == 0 &&
+         is_canonical_index(peer, prefix);
+}
+
+const std::vector<std::string>& project_methods() {
+  static const std::vector<std::string> methods = {kForwardMethod, kBackwardMethod, kExportMethod};
+  return methods;
+}
+
+// True when `method` is not one of the project's or the policy's methods but equals
+// one of them when letter case is ignored: a case trick, not an unknown method.
+bool is_case_variant(const Policy& policy, const std::string& method) {
+  bool exact = false;
+  bool variant = false;
+  auto consider = [&](const std::string& known) {
+    if (known == method) {
+      exact = true;
+    } else if (iequals(known, method)) {
+      variant = true;
+    }
+  };
+  for (const std::string& m : project_methods()) consider(m);
+  for (const auto* rules : {&policy.ingress(), &policy.egress()}) {
+    for (const PolicyRule& rule : *rules) {
+      for (const std::string& m : rule.methods) consider(m);
+    }
+  }
+  return variant && !exact;
+}
+
+// ---------------------------------------------------------------------------
+// Parsing
+
+std::string join(const std::string& path, const std::string& key) {
+  return path.empty() ? key : path + "." + key;
+}
+
+std::string at(const std::string& path, std::size_t index) {
+  return path + "[" + std::to_string(index) + "]";
+}
+
+class Checker {
+ public:
+  std::vector<PolicyProblem> problems;
+
+  void fail(std::string path, std::string message) {
+    problems.push_back(
+        PolicyProblem{path.empty() ? "policy" : std::move(path), std::move(message)});
+  }
+
+  // Reports every key of `obj` not in `known`.
+  void known_fields(const json& obj, const std::string& path,
+                    std::initializer_list<const char*> known) {
+    for (auto it = obj.begin(); it != obj.end(); ++it) {
+      const bool ok =
+          std::any_of(known.begin(), known.end(), [&](const char* k) { return it.key() == k; });
+      if (!ok) {
+        std::string names;
+        for (const char* k : known) names += std::string(names.empty() ? "" : ", ") + k;
+        fail(join(path, it.key()), "unknown field (known: " + names + ")");
+      }
+    }
+  }
+
+  const json* field(const json& obj, const std::string& path, const char* key, bool required) {
+    auto it = obj.find(key);
+    if (it == obj.end()) {
+      if (required) fail(join(path, key), "is required");
+      return nullptr;
+    }
+    return &*it;
+  }
+
+  std::optional<std::string> string(const json* v, const std::string& path) {
+    if (v == nullptr) return std::nullopt;
+    if (!v->is_string()) {
+      fail(path, "must be a string, got " + describe(*v));
+      return std::nullopt;
+    }
+    return v->get<std::string>();
+  }
+
+  std::optional<int64_t> integer(const json* v, const std::string& path) {
+    if (v == nullptr) return std::nullopt;
+    if (v->is_number_unsigned()) {
+      const uint64_t u = v->get<uint64_t>();
+      if (u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+        fail(path, "must be at most 9223372036854775807, got " + describe(*v));
+        return std::nullopt;
+      }
+      return static_cast<int64_t>(u);
+    }
+    if (v->is_number_integer()) return v->get<int64_t>();
+    fail(path, "must be an integer, got " + describe(*v));
+    return std::nullopt;
+  }
+
+  std::optional<int> small_int(const json* v, const std::string& path) {
+    const std::optional<int64_t> i = integer(v, path);
+    if (!i) return std::nullopt;
+    if (*i < std::numeric_limits<int>::min() || *i > std::numeric_limits<int>::max()) {
+      fail(path, "is out of range, got " + std::to_string(*i));
+      return std::nullopt;
+    }
+    return static_cast<int>(*i);
+  }
+
+  std::optional<bool> boolean(const json* v, const std::string& path) {
+    if (v == nullptr) return std::nullopt;
+    if (!v->is_boolean()) {
+      fail(path, "must be true or false, got " + describe(*v));
+      return std::nullopt;
+    }
+    return v->get<bool>();
+  }
+
+  bool array(const json* v, const std::string& path) {
+    if (v == nullptr) return false;
+    if (!v->is_array()) {
+      fail(path, "must be an array, got " + describe(*v));
+      return false;
+    }
+    return true;
+  }
+
+  bool object(const json* v, const std::string& path) {
+    if (v == nullptr) return false;
+    if (!v->is_object()) {
+      fail(path, "must be an object, got " + describe(*v));
+      return false;
+    }
+    return true;
+  }
+};
+
+// nlohmann keeps the last of duplicate keys silently; a policy must not be able to
+// hide a field behind a second one, so duplicates are found while parsing.
+json parse_document(const std::string& text, Checker& c) {
+  struct Frame {
+    bool is_array;
+    std::size_t next_index;
+    std::set<std::string> keys;
+    std::string path;
+    std::string key;
+  };
+  std::vector<Frame> stack;
+  auto child_path = [&stack]() -> std::string {
+    if (stack.empty()) return "";
+    Frame& top = stack.back();
+    return top.is_array ? at(top.path, top.next_index++) : join(top.path, top.key);
+  };
+  json::parser_callback_t callback = [&](int, json::parse_event_t event, json& parsed) {
+    switch (event) {
+      case json::parse_event_t::object_start:
+      case json::parse_event_t::array_start: {
+        std::string path = child_path();
+        stack.push_back(
+            Frame{event == json::parse_event_t::array_start, 0, {}, std::move(path), ""});
+        break;
+      }
+      case json::parse_event_t::object_end:
+      case json::parse_event_t::array_end:
+        if (!stack.empty()) stack.pop_back();
+        break;
+      case json::parse_event_t::key: {
+        Frame& top = stack.back();
+        top.key = parsed.get<std::string>();
+        if (!top.keys.insert(top.key).second) {
+          c.fail(join(top.path, top.key), "duplicate key");
+        }
+        break;
+      }
+      case json::parse_event_t::value:
+        child_path();
+        break;
+    }
+    return true;
+  };
+  try {
+    return json::parse(text, callback);
+  } catch (const json::exception& e) {
+    c.fail("policy", std::string("is not valid JSON: ") + e.what());
+    return json();
+  }
+}
+
+std::string peer_problem(const std::string& peer, const std::string& trust_domain) {
+  if (is_shard_pattern(peer)) {
+    if (!is_valid_shard_pattern(peer)) {
+      return quote(peer) +
+             " is not a valid pattern: the only wildcard form is "
+             "spiffe://<trust-domain>/ns/<namespace>/job/<job>/shard/*";
+    }
+    const std::string td = spiffe_trust_domain(peer.substr(0, peer.size() - 1) + "0");
+    if (td != trust_domain) {
+      return quote(peer) + " is not of this policy's trust domain " + quote(trust_domain);
+    }
+    return "";
+  }
+  if (!is_spiffe_id(peer)) {
+    return quote(peer) + " is not a SPIFFE ID (spiffe://<trust-domain>/<path>)";
+  }
+  if (spiffe_trust_domain(peer) != trust_domain) {
+    return quote(peer) + " is not of this policy's trust domain " + quote(trust_domain);
+  }
+  return "";
+}
+
+std::string method_problem(const std::string& method) {
+  if (!is_canonical_method(method)) {
+    return quote(method) +
+           " is not a canonical method path (/<package>.<Service>/<Method>, exact case, "
+           "no '%', no '.' or '..' segments, no empty segments, no trailing '/')";
+  }
+  for (const std::string& known : project_methods()) {
+    if (method != known && iequals(method, known)) {
+      return quote(method) + " is not a canonical method path: the method is spelled " +
+             quote(known);
+    }
+  }
+  return "";
+}
+
+bool is_rule_name(const std::string& name) {
+  if (!is_dns_label(name, kMaxRuleNameBytes)) return false;
+  for (const char* reserved :
+       {kRuleDefaultDeny, kRuleMalformedMethod, kRuleBadPeer, kRuleExport, kRuleExportDenied}) {
+    if (name == reserved) return false;
+  }
+  return true;
+}
+
+// A list of distinct strings, each checked by `problem` (returns "" when fine).
+template <class Problem>
+std::vector<std::string> string_list(Checker& c, const json* v, const std::string& path,
+                                     const char* what, Problem problem,
+                                     bool case_insensitive_duplicates) {
+  std::vector<std::string> out;
+  if (!c.array(v, path)) return out;
+  if (v->empty()) c.fail(path, std::string("must list at least one ") + what);
+  for (std::size_t i = 0; i < v->size(); ++i) {
+    const std::string item_path = at(path, i);
+    const std::optional<std::string> s = c.string(&(*v)[i], item_path);
+    if (!s) continue;
+    const std::string msg = problem(*s);
+    if (!msg.empty()) {
+      c.fail(item_path, msg);
+      continue;
+    }
+    for (std::size_t j = 0; j < out.size(); ++j) {
+      const bool dup = case_insensitive_duplicates ? iequals(out[j], *s) : out[j] == *s;
+      if (dup) {
+        c.fail(item_path, "duplicate of " + quote(out[j]));
+        break;
+      }
+    }
+    out.push_back(*s);
+  }
+  return out;
+}
+
+std::vector<PolicyRule> parse_rules(Checker& c, const json* v, const std::string& path,
+                                    const std::string& trust_domain,
+                                    std::map<std::string, std::string>& names) {
+  std::vector<PolicyRule> rules;
+  if (v == nullptr || !c.array(v, path)) return rules;
+  for (std::size_t i = 0; i < v->size(); ++i) {
+    const std::string rule_path = at(path, i);
+    const json& r = (*v)[i];
+    if (!c.object(&r, rule_path)) continue;
+    c.known_fields(r, rule_path, {"name", "peers", "methods"});
+    PolicyRule rule;
+    const std::string name_path = join(rule_path, "name");
+    if (std::optional<std::string> name =
+            c.string(c.field(r, rule_path, "name", true), name_path)) {
+      if (!is_rule_name(*name)) {
+        c.fail(name_path, quote(*name) +
+                              " is not a valid rule name (lower-case letters, digits and '-', "
+                              "at most 63, not a reserved name such as \"default-deny\")");
+      } else if (auto it = names.find(*name); it != names.end()) {
+        c.fail(name_path, "duplicate rule name " + quote(*name) + " (also at " + it->second + ")");
+      } else {
+        names.emplace(*name, name_path);
+      }
+      rule.name = *name;
+    }
+    const std::string peers_path = join(rule_path, "peers");
+    rule.peers = string_list(
+        c, c.field(r, rule_path, "peers", true), peers_path, "peer",
+        [&](const std::string& p) { return peer_problem(p, trust_domain); }, false);
+    const std::string methods_path = join(rule_path, "methods");
+    rule.methods = string_list(
+        c, c.field(r, rule_path, "methods", true), methods_path, "method",
+        [](const std::string& m) {
+          if (m == kExportMethod) {
+            return quote(m) + " is governed by the \"export\" section, not by rules";
+          }
+          return method_problem(m);
+        },
+        true);
+    rules.push_back(std::move(rule));
+  }
+  return rules;
+}
+
+ExportRules parse_export(Checker& c, const json* v, const std::string& trust_domain) {
+  ExportRules out;
+  const std::string path = "export";
+  if (v == nullptr || !c.object(v, path)) return out;
+  c.known_fields(*v, path, {"allowed", "principals"});
+  out.allowed =
+      c.boolean(c.field(*v, path, "allowed", true), join(path, "allowed")).value_or(false);
+  const std::string list_path = join(path, "principals");
+  const json* list = c.field(*v, path, "principals", false);
+  if (list == nullptr || !c.array(list, list_path)) {
+    if (out.allowed && list == nullptr) {
+      c.fail(list_path, "must list at least one principal when export.allowed is true");
+    }
+    return out;
+  }
+  if (out.allowed && list->empty()) {
+    c.fail(list_path, "must list at least one principal when export.allowed is true, got []");
+  }
+  if (!out.allowed && !list->empty()) {
+    c.fail(list_path, "must be empty when export.allowed is false");
+  }
+  for (std::size_t i = 0; i < list->size(); ++i) {
+    const std::string p_path = at(list_path, i);
+    const json& p = (*list)[i];
+    if (!c.object(&p, p_path)) continue;
+    c.known_fields(p, p_path, {"peer", "budgetBytes"});
+    ExportPrincipal principal;
+    const std::string peer_path = join(p_path, "peer");
+    if (std::optional<std::string> peer = c.string(c.field(p, p_path, "peer", true), peer_path)) {
+      std::string msg;
+      if (is_shard_pattern(*peer)) {
+        msg = quote(*peer) + " must be an exact SPIFFE ID: export principals take no patterns";
+      } else {
+        msg = peer_problem(*peer, trust_domain);
+      }
+      for (const ExportPrincipal& seen : out.principals) {
+        if (msg.empty() && seen.peer == *peer) msg = "duplicate principal " + quote(*peer);
+      }
+      if (!msg.empty()) c.fail(peer_path, msg);
+      principal.peer = *peer;
+    }
+    const std::string budget_path = join(p_path, "budgetBytes");
+    if (std::optional<int64_t> budget =
+            c.integer(c.field(p, p_path, "budgetBytes", true), budget_path)) {
+      if (*budget < 0) {
+        c.fail(budget_path, "must be at least 0, got " + std::to_string(*budget));
+      }
+      principal.budget_bytes = *budget;
+    }
+    out.principals.push_back(std::move(principal));
+  }
+  return out;
+}
+
+// Case variants across rules would make a call ambiguous (exact for one rule,
+// malformed for another), so they are refused outright.
+void check_case_variants(Checker& c, const std::vector<PolicyRule>& ingress,
+                         const std::vector<PolicyRule>& egress) {
+  std::vector<std::pair<std::string, std::string>> seen;  // method, path
+  auto scan = [&](const std::vector<PolicyRule>& rules, const std::string& dir) {
+    for (std::size_t i = 0; i < rules.size(); ++i) {
+      for (std::size_t j = 0; j < rules[i].methods.size(); ++j) {
+        const std::string& m = rules[i].methods[j];
+        const std::string path = at(join(at(dir, i), "methods"), j);
+        for (const auto& [other, other_path] : seen) {
+          if (other != m && iequals(other, m)) {
+            c.fail(path, quote(m) + " differs only in letter case from " + quote(other) + " at " +
+                             other_path);
+            break;
+          }
+        }
+        seen.emplace_back(m, path);
+      }
+    }
+  };
+  scan(ingress, "ingress");
+  scan(egress, "egress");
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+
+namespace {
+std::string problems_text(const std::vector<PolicyProblem>& problems) {
+  std::string out = "invalid shard access policy:";
+  for (const PolicyProblem& p : problems) out += "\n  " + p.str();
+  return out;
+}
+}  // namespace
+
+PolicyError::PolicyError(std::vector<PolicyProblem> problems)
+    : std::runtime_error(problems_text(problems)), problems_(std::move(problems)) {}
+
+Policy::Policy(int version, std::string trust_domain, std::string ns, std::string job, int shard,
+               int shards, std::vector<PolicyRule> ingress, std::vector<PolicyRule> egress,
+               ExportRules exports)
+    : version_(version),
+      trust_domain_(std::move(trust_domain)),
+      namespace_(std::move(ns)),
+      job_(std::move(job)),
+      shard_(shard),
+      shards_(shards),
+      ingress_(std::move(ingress)),
+      egress_(std::move(egress)),
+      export_(std::move(exports)) {}
+
+bool Policy::operator==(const Policy& o) const {
+  return version_ == o.version_ && trust_domain_ == o.trust_domain_ && namespace_ == o.namespace_ &&
+         job_ == o.job_ && shard_ == o.shard_ && shards_ == o.shards_ && ingress_ == o.ingress_ &&
+         egress_ == o.egress_ && export_ == o.export_;
+}
+
+Policy parse_policy(const std::string& json_text) {
+  Checker c;
+  if (json_text.size() > kMaxPolicyBytes) {
+    c.fail("policy", "is " + std::to_string(json_text.size()) + " bytes, more than the limit of " +
+                         std::to_string(kMaxPolicyBytes));
+    throw PolicyError(std::move(c.problems));
+  }
+  const json doc = parse_document(json_text, c);
+  if (!c.problems.empty()) throw PolicyError(std::move(c.problems));
+  if (!doc.is_object()) {
+    c.fail("policy", "must be a JSON object, got " + describe(doc));
+    throw PolicyError(std::move(c.problems));
+  }
+  c.known_fields(doc, "",
+                 {"version", "trustDomain", "namespace", "job", "shard", "shards", "ingress",
+                  "egress", "export"});
+
+  const std::optional<int> version = c.small_int(c.field(doc, "", "version", true), "version");
+  if (version && *version != 1) c.fail("version", "must be 1, got " + std::to_string(*version));
+
+  const std::optional<std::string> td_field =
+      c.string(c.field(doc, "", "trustDomain", true), "trustDomain");
+  const std::string td = td_field.value_or("");
+  if (td_field && !is_trust_domain(td)) {
+    c.fail("trustDomain", quote(td) +
+                              " is not a SPIFFE trust domain (lower-case letters, digits, '.', "
+                              "'-', '_'; at most 255)");
+  }
+  const std::optional<std::string> ns = c.string(c.field(doc, "", "namespace", true), "namespace");
+  if (ns && !is_dns_label(*ns)) {
+    c.fail("namespace", quote(*ns) + " is not a DNS-1123 label");
+  }
+  const std::optional<std::string> job = c.string(c.field(doc, "", "job", true), "job");
+  if (job && !is_dns_label(*job)) c.fail("job", quote(*job) + " is not a DNS-1123 label");
+
+  const std::optional<int> shards = c.small_int(c.field(doc, "", "shards", true), "shards");
+  if (shards && *shards < 1) c.fail("shards", "must be at least 1, got " + std::to_string(*shards));
+  const std::optional<int> shard = c.small_int(c.field(doc, "", "shard", true), "shard");
+  if (shard && (*shard < 0 || (shards && *shards >= 1 && *shard >= *shards))) {
+    c.fail("shard", "must be in [0, shards" +
+                        (shards ? " = " + std::to_string(*shards) : std::string()) + "), got " +
+                        std::to_string(*shard));
+  }
+
+  std::map<std::string, std::string> names;
+  std::vector<PolicyRule> ingress =
+      parse_rules(c, c.field(doc, "", "ingress", false), "ingress", td, names);
+  std::vector<PolicyRule> egress =
+      parse_rules(c, c.field(doc, "", "egress", false), "egress", td, names);
+  check_case_variants(c, ingress, egress);
+  ExportRules exports = parse_export(c, c.field(doc, "", "export", false), td);
+
+  if (!c.problems.empty()) throw PolicyError(std::move(c.problems));
+  return Policy(*version, td, *ns, *job, *shard, *shards, std::move(ingress), std::move(egress),
+                std::move(exports));
+}
+
+std::string to_json(const Policy& policy) {
+  auto rules = [](const std::vector<PolicyRule>& rs) {
+    json out = json::array();
+    for (const PolicyRule& r : rs) {
+      out.push_back({{"name", r.name}, {"peers", r.peers}, {"methods", r.methods}});
+    }
+    return out;
+  };
+  json principals = json::array();
+  for (const ExportPrincipal& p : policy.exports().principals) {
+    principals.push_back({{"peer", p.peer}, {"budgetBytes", p.budget_bytes}});
+  }
+  const json doc = {
+      {"version", policy.version()},
+      {"trustDomain", policy.trust_domain()},
+      {"namespace", policy.ns()},
+      {"job", policy.job()},
+      {"shard", policy.shard()},
+      {"shards", policy.shards()},
+      {"ingress", rules(policy.ingress())},
+      {"egress", rules(policy.egress())},
+      {"export", {{"allowed", policy.exports().allowed}, {"principals", principals}}},
+  };
+  return doc.dump(2);
+}
+
+Decision decide(const Policy& policy, Direction direction, const std::string& peer_spiffe_id,
+                const std::string& method_path) {
+  Decision d;
+  const char* dir = direction == Direction::kIngress ? "ingress" : "egress";
+  if (!is_spiffe_id(peer_spiffe_id) ||
+      spiffe_trust_domain(peer_spiffe_id) != policy.trust_domain()) {
+    d.rule = kRuleBadPeer;
+    d.reason = "peer " + quote(peer_spiffe_id) + " is not a SPIFFE ID of trust domain " +
+               quote(policy.trust_domain());
+    return d;
+  }
+  if (!is_canonical_method(method_path) || is_case_variant(policy, method_path)) {
+    d.rule = kRuleMalformedMethod;
+    d.reason = "method " + quote(method_path) + " is not a canonical method path";
+    return d;
+  }
+  if (direction == Direction::kIngress && method_path == kExportMethod) {
+    const ExportRules& ex = policy.exports();
+    if (!ex.allowed) {
+      d.rule = kRuleExportDenied;
+      d.reason = "export of parameters is not allowed for job " + quote(policy.job());
+      return d;
+    }
+    for (const ExportPrincipal& p : ex.principals) {
+      if (p.peer == peer_spiffe_id) {
+        d.allow = true;
+        d.rule = kRuleExport;
+        d.export_budget_bytes = p.budget_bytes;
+        d.reason = "peer " + quote(peer_spiffe_id) + " is an export principal with a budget of " +
+                   std::to_string(p.budget_bytes) + " bytes";
+        return d;
+      }
+    }
+    d.rule = kRuleExportDenied;
+    d.reason = "peer " + quote(peer_spiffe_id) + " is not an export principal";
+    return d;
+  }
+  const std::vector<PolicyRule>& rules =
+      direction == Direction::kIngress ? policy.ingress() : policy.egress();
+  for (const PolicyRule& rule : rules) {
+    if (std::find(rule.methods.begin(), rule.methods.end(), method_path) == rule.methods.end()) {
+      continue;
+    }
+    for (const std::string& p : rule.peers) {
+      if (peer_matches(p, peer_spiffe_id)) {
+        d.allow = true;
+        d.rule = rule.name;
+        d.reason = std::string(dir) + " rule " + quote(rule.name) + " allows " +
+                   quote(method_path) + " with peer " + quote(peer_spiffe_id);
+        return d;
+      }
+    }
+  }
+  d.rule = kRuleDefaultDeny;
+  d.reason = std::string("no ") + dir + " rule allows " + quote(method_path) + " with peer " +
+             quote(peer_spiffe_id);
+  return d;
+}
+
+bool is_canonical_method(const std::string& m) {
+  if (m.size() < 2 || m.size() > kMaxMethodBytes || m[0] != '/') return false;
+  const std::size_t slash = m.find('/', 1);
+  if (slash == std::string::npos) return false;
+  // Method: [A-Z][A-Za-z0-9_]* up to the end (no further '/', so no trailing '/').
+  if (slash + 1 >= m.size() || !is_upper(m[slash + 1])) return false;
+  for (std::size_t i = slash + 2; i < m.size(); ++i) {
+    const char c = m[i];
+    if (!(is_lower(c) || is_upper(c) || is_digit(c) || c == '_')) return false;
+  }
+  // Service: one or more package parts [a-z_][a-z0-9_]*, then '.', then [A-Z][A-Za-z0-9_]*.
+  const std::size_t last_dot = m.rfind('.', slash);
+  if (last_dot == std::string::npos || last_dot < 1) return false;
+  if (last_dot + 1 >= slash || !is_upper(m[last_dot + 1])) return false;
+  for (std::size_t i = last_dot + 2; i < slash; ++i) {
+    const char c = m[i];
+    if (!(is_lower(c) || is_upper(c) || is_digit(c) || c == '_')) return false;
+  }
+  bool part_start = true;
+  for (std::size_t i = 1; i < last_dot; ++i) {
+    const char c = m[i];
+    if (c == '.') {
+      if (part_start) return false;  // empty package part ("..", leading '.')
+      part_start = true;
+      continue;
+    }
+    if (part_start ? !(is_lower(c) || c == '_') : !(is_lower(c) || is_digit(c) || c == '_')) {
+      return false;
+    }
+    part_start = false;
+  }
+  return !part_start;  // the part before the service name is not empty
+}
+
+// The SPIFFE ID rules live in common/pki (one definition for certificates and policies).
+bool is_spiffe_id(const std::string& id) { return validate_spiffe_id(id).empty(); }
+
+std::string spiffe_trust_domain(const std::string& id) {
+  if (!is_spiffe_id(id)) return "";
+  const std::size_t begin = std::string("spiffe://").size();
+  return id.substr(begin, id.find('/', begin) - begin);
+}
+
+std::string shard_spiffe_id(const std::string& trust_domain, const std::string& ns,
+                            const std::string& job, int index) {
+  if (index < 0) throw PolicyError({PolicyProblem{"shard", "must not be negative, got " + std::to_string(index)}});
+  try {
+    return spiffe_id_for_shard(trust_domain, ns, job, static_cast<uint32_t>(index));
+  } catch (const PkiError& e) {
+    throw PolicyError({PolicyProblem{"peers", e.what()}});
+  }
+}
+
+std::string exporter_spiffe_id(const std::string& trust_domain, const std::string& ns,
+                               const std::string& job) {
+  try {
+    return spiffe_id_for_exporter(trust_domain, ns, job);
+  } catch (const PkiError& e) {
+    throw PolicyError({PolicyProblem{"peers", e.what()}});
+  }
+}
+
+Policy pipeline_policy(const std::string& trust_domain, const std::string& ns,
+                       const std::string& job, int shard, int shards, const ExportRules& exports) {
+  auto rule = [&](const char* name, int peer, const char* method) {
+    return json{{"name", name},
+                {"peers", json::array({shard_spiffe_id(trust_domain, ns, job, peer)})},
+                {"methods", json::array({method})}};
+  };
+  json ingress = json::array();
+  json egress = json::array();
+  if (shard > 0) {
+    ingress.push_back(rule("forward-from-prev", shard - 1, kForwardMethod));
+    egress.push_back(rule("backward-to-prev", shard - 1, kBackwardMethod));
+  }
+  if (static_cast<int64_t>(shard) + 1 < shards) {
+    ingress.push_back(rule("backward-from-next", shard + 1, kBackwardMethod));
+    egress.push_back(rule("forward-to-next", shard + 1, kForwardMethod));
+  }
+  json principals = json::array();
+  if (exports.allowed) {
+    for (const ExportPrincipal& p : exports.principals) {
+      principals.push_back({{"peer", p.peer}, {"budgetBytes", p.budget_bytes}});
+    }
+  }
+  const json doc = {
+      {"version", 1},
+      {"trustDomain", trust_domain},
+      {"namespace", ns},
+      {"job", job},
+      {"shard", shard},
+      {"shards", shards},
+      {"ingress", ingress},
+      {"egress", egress},
+      {"export", {{"allowed", exports.allowed}, {"principals", principals}}},
+  };
+  return parse_policy(doc.dump(-1, ' ', false, json::error_handler_t::replace));
+}
+
+}  // namespace shardguard::sidecar
