@@ -40,7 +40,75 @@ int main(int argc, char** argv) {
   rec_cmd->add_option("--device", rec.device, "auto | cpu | cuda")->capture_default_str();
   rec_cmd->add_option("--threads", rec_threads, "compute threads");
 
+  auto* pki_cmd = app.add_subcommand("pki", "create a job CA and leaf certificates (SPIFFE X509-SVIDs) for local use");
+  pki_cmd->require_subcommand(1);
+  PkiInitOptions pki_init;
+  auto* init_cmd = pki_cmd->add_subcommand("init", "create the job CA: DIR/ca.crt and DIR/ca.key (0600)");
+  init_cmd->add_option("--dir", pki_init.dir, "directory of the CA files")->required();
+  init_cmd->add_option("--job", pki_init.job, "job name (metadata.name)")->required();
+  init_cmd->add_option("--trust-domain", pki_init.trust_domain, "SPIFFE trust domain")->capture_default_str();
+  init_cmd->add_option("--namespace", pki_init.ns, "job namespace")->capture_default_str();
+  init_cmd->add_option("--lifetime", pki_init.lifetime, "CA validity, e.g. 720h, 90m, 3600s")->capture_default_str();
+  init_cmd->add_flag("--force", pki_init.force, "replace an existing CA (certificates it issued stop verifying)");
+
+  PkiIssueOptions pki_issue;
+  auto* issue_cmd = pki_cmd->add_subcommand("issue", "issue a leaf certificate for one shard or the exporter");
+  issue_cmd->add_option("--dir", pki_issue.dir, "directory of the CA files (from pki init)")->required();
+  auto* shard_opt = issue_cmd->add_option("--shard", pki_issue.shard, "shard index: writes shard-N.crt/.key")
+                        ->check(CLI::NonNegativeNumber);
+  auto* exporter_flag = issue_cmd->add_flag("--exporter", pki_issue.exporter, "the export principal: writes exporter.crt/.key");
+  shard_opt->excludes(exporter_flag);
+  exporter_flag->excludes(shard_opt);
+  issue_cmd->add_option("--job", pki_issue.job, "job name (metadata.name)")->required();
+  issue_cmd->add_option("--namespace", pki_issue.ns, "job namespace")->capture_default_str();
+  issue_cmd->add_option("--trust-domain", pki_issue.trust_domain, "SPIFFE trust domain")->capture_default_str();
+  issue_cmd->add_option("--lifetime", pki_issue.lifetime, "leaf validity, e.g. 24h, 90m, 3600s")->capture_default_str();
+  issue_cmd->add_option("--out-dir", pki_issue.out_dir, "where the leaf files go (default: --dir)");
+
+  PkiVerifyOptions pki_verify;
+  auto* verify_cmd = pki_cmd->add_subcommand("verify", "check a certificate as an X509-SVID of the CA; prints its SPIFFE ID");
+  verify_cmd->add_option("--ca", pki_verify.ca_file, "CA certificate file (PEM)")->required();
+  verify_cmd->add_option("cert", pki_verify.cert_file, "leaf certificate file (PEM)")->required();
+  verify_cmd->add_option("--role", pki_verify.role, "check the EKU for a client or a server")
+      ->check(CLI::IsMember({"client", "server"}))
+      ->capture_default_str();
+
+  ExplainOptions explain;
+  auto* explain_cmd = app.add_subcommand("explain", "print what the sidecar's policy decides for a peer and a method");
+  auto* policy_opt = explain_cmd->add_option("--policy", explain.policy_file, "policy JSON file");
+  auto* job_opt = explain_cmd->add_option("--job", explain.job_file, "ShardedTrainingJob YAML: use the policy the operator would render");
+  policy_opt->excludes(job_opt);
+  job_opt->excludes(policy_opt);
+  auto* explain_shard_opt = explain_cmd->add_option("--shard", explain.shard, "with --job: the shard whose policy to use")
+                                ->check(CLI::NonNegativeNumber);
+  explain_shard_opt->needs(job_opt);
+  job_opt->needs(explain_shard_opt);
+  explain_cmd->add_option("--export-budget", explain.export_budget_bytes,
+                          "with --job: byte budget of each export principal")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  explain_cmd->add_option("--peer", explain.peer, "the caller's (ingress) or callee's (egress) SPIFFE ID")->required();
+  explain_cmd->add_option("--method", explain.method, "gRPC method path, e.g. /shardguard.v1.Pipeline/Forward")->required();
+  explain_cmd->add_option("--direction", explain.direction, "ingress | egress")
+      ->check(CLI::IsMember({"ingress", "egress"}))
+      ->capture_default_str();
+  explain_cmd->add_flag("--show-policy", explain.show_policy, "also print the policy as JSON");
+
+  std::string audit_file;
+  auto* audit_cmd = app.add_subcommand("audit", "inspect a sidecar audit log");
+  audit_cmd->require_subcommand(1);
+  auto* audit_verify_cmd = audit_cmd->add_subcommand("verify", "check that no line was edited, dropped or reordered");
+  audit_verify_cmd->add_option("file", audit_file, "audit log (JSON lines)")->required();
+
   CLI11_PARSE(app, argc, argv);
+  if (*audit_cmd) return RunAuditVerify(audit_file);
+  if (*pki_cmd) {
+    if (*init_cmd) return RunPkiInit(pki_init);
+    if (*issue_cmd) return RunPkiIssue(pki_issue);
+    if (*verify_cmd) return RunPkiVerify(pki_verify);
+    return 2;
+  }
+  if (*explain_cmd) return RunExplain(explain);
   if (*run_cmd) {
     run.progress_tty = ::isatty(STDOUT_FILENO) != 0;
     return RunLocal(run);

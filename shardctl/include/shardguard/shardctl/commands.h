@@ -2,6 +2,8 @@
 // process exit code and prints its own errors.
 #pragma once
 
+#include <chrono>
+#include <cstdint>
 #include <string>
 
 namespace shardguard::shardctl {
@@ -18,5 +20,70 @@ struct RecombineOptions {
   std::string device = "cpu";
 };
 int RunRecombine(const RecombineOptions& options);
+
+// ---- shardctl pki (pki_cmd.cpp) ----------------------------------------------
+
+// Parses a duration of one or more <digits><unit> parts, unit h, m or s
+// ("24h", "90m", "3600s", "1h30m"). Must be positive. Throws std::invalid_argument
+// whose message names `flag` and the value.
+std::chrono::seconds ParseDuration(const std::string& flag, const std::string& value);
+
+// `shardctl pki init`: creates the job CA as DIR/ca.crt (0644) and DIR/ca.key (0600).
+// Exit 0 done, 1 refused (CA exists without force, I/O error), 2 bad input.
+struct PkiInitOptions {
+  std::string dir;
+  std::string trust_domain = "shardguard.local";
+  std::string ns = "default";
+  std::string job;
+  std::string lifetime = "720h";
+  bool force = false;
+};
+int RunPkiInit(const PkiInitOptions& options);
+
+// `shardctl pki issue`: a leaf SVID for one shard (shard >= 0) or the exporter,
+// written as OUT/<shard-N|exporter>.crt (0644) and .key (0600), OUT defaulting to DIR.
+// Exit 0 done, 1 no CA / I/O or signing error, 2 bad input.
+struct PkiIssueOptions {
+  std::string dir;
+  int64_t shard = -1;  // -1: not given
+  bool exporter = false;
+  std::string job;
+  std::string ns = "default";
+  std::string trust_domain = "shardguard.local";
+  std::string lifetime = "24h";
+  std::string out_dir;  // "" = dir
+};
+int RunPkiIssue(const PkiIssueOptions& options);
+
+// `shardctl pki verify --ca CA CERT`: prints the SPIFFE ID (exit 0) or the refusal
+// reason (exit 1); unreadable files exit 2. role: "client" (default) or "server".
+struct PkiVerifyOptions {
+  std::string ca_file;
+  std::string cert_file;
+  std::string role = "client";
+};
+int RunPkiVerify(const PkiVerifyOptions& options);
+
+// ---- shardctl explain (explain_cmd.cpp) ---------------------------------------
+
+// Decides one call against a policy file, or against the policy pipeline_policy
+// derives for shard `shard` of a ShardedTrainingJob. Prints ALLOW or DENY, the
+// rule and the reason. Exit 0 allow, 1 deny, 2 bad input (invalid policy or job,
+// listed with their paths).
+struct ExplainOptions {
+  std::string policy_file;  // exactly one of policy_file and job_file
+  std::string job_file;
+  int64_t shard = -1;       // required with job_file
+  int64_t export_budget_bytes = 0;  // job_file only: budget of each export principal
+  std::string peer;
+  std::string method;
+  std::string direction = "ingress";  // ingress | egress
+  bool show_policy = false;           // also print the policy as JSON
+};
+int RunExplain(const ExplainOptions& options);
+
+// `shardctl audit verify FILE`: checks a sidecar audit log's hash chain; prints
+// the number of lines, or the first bad line and why. 0 intact, 1 broken, 2 unreadable.
+int RunAuditVerify(const std::string& path);
 
 }  // namespace shardguard::shardctl
