@@ -341,7 +341,8 @@ std::string method_problem(const std::string& method) {
 bool is_rule_name(const std::string& name) {
   if (!is_dns_label(name, kMaxRuleNameBytes)) return false;
   for (const char* reserved :
-       {kRuleDefaultDeny, kRuleMalformedMethod, kRuleBadPeer, kRuleExport, kRuleExportDenied}) {
+       {kRuleDefaultDeny, kRuleMalformedMethod, kRuleBadPeer, kRuleExport, kRuleExportDenied,
+        kRuleNoPolicy}) {
     if (name == reserved) return false;
   }
   return true;

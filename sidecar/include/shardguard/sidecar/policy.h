@@ -81,6 +81,8 @@ inline constexpr const char* kRuleMalformedMethod = "malformed-method";
 inline constexpr const char* kRuleBadPeer = "bad-peer";
 inline constexpr const char* kRuleExport = "export";
 inline constexpr const char* kRuleExportDenied = "export-denied";
+// Reported by PolicyStore when no valid policy is loaded (fail closed).
+inline constexpr const char* kRuleNoPolicy = "no-policy";
 
 struct PolicyProblem {
   std::string path;     // e.g. "ingress[1].methods[0]"
