@@ -9,104 +9,25 @@
 #include <vector>
 
 #include <openssl/bio.h>
-#include <openssl/err.h>
-#include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 
+#include "support/cert_factory.h"
+
 namespace shardguard {
 namespace {
 
+using testsupport::build_leaf;
+using testsupport::cert_from_pem;
+using testsupport::key_from_pem;
+using testsupport::LeafSpec;
+using testsupport::TBio;
+using testsupport::TCert;
+using testsupport::TKey;
 using std::chrono::hours;
 using std::chrono::seconds;
 using Clock = std::chrono::system_clock;
-
-// ---- test-only OpenSSL helpers: build deliberately malformed leaves ----------------
-
-template <typename T, void (*FreeFn)(T*)>
-struct Del {
-  void operator()(T* p) const { FreeFn(p); }
-};
-using TKey = std::unique_ptr<EVP_PKEY, Del<EVP_PKEY, EVP_PKEY_free>>;
-using TCert = std::unique_ptr<X509, Del<X509, X509_free>>;
-using TBio = std::unique_ptr<BIO, Del<BIO, BIO_free_all>>;
-using TExt = std::unique_ptr<X509_EXTENSION, Del<X509_EXTENSION, X509_EXTENSION_free>>;
-
-void must(bool ok, const std::string& what) {
-  if (!ok) {
-    ERR_print_errors_fp(stderr);
-    throw std::runtime_error("test helper: " + what);
-  }
-}
-
-TCert cert_from_pem(const std::string& pem) {
-  TBio bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
-  must(bio != nullptr, "BIO_new_mem_buf");
-  TCert cert(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
-  must(cert != nullptr, "PEM_read_bio_X509");
-  return cert;
-}
-
-TKey key_from_pem(const std::string& pem) {
-  TBio bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
-  must(bio != nullptr, "BIO_new_mem_buf");
-  TKey key(PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr));
-  must(key != nullptr, "PEM_read_bio_PrivateKey");
-  return key;
-}
-
-struct LeafSpec {
-  std::string san = "URI:spiffe://shardguard.local/ns/default/job/j/shard/0";  // "" = no SAN
-  std::string basic_constraints = "critical,CA:FALSE";
-  std::string key_usage = "critical,digitalSignature,keyAgreement";
-  std::string eku = "clientAuth,serverAuth";  // "" = no EKU extension
-  bool self_signed = false;
-  long not_before = -60;  // seconds relative to now
-  long not_after = 3600;
-};
-
-// A leaf built with OpenSSL directly, signed by ca (or by its own key when self_signed).
-std::string build_leaf(const CaBundle& ca, const LeafSpec& spec) {
-  TCert ca_cert = cert_from_pem(ca.cert_pem);
-  TKey ca_key = key_from_pem(ca.key_pem);
-  TKey key(EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256"));
-  must(key != nullptr, "keygen");
-  TCert cert(X509_new());
-  must(cert != nullptr, "X509_new");
-  must(X509_set_version(cert.get(), X509_VERSION_3) == 1, "version");
-  must(ASN1_INTEGER_set(X509_get_serialNumber(cert.get()), 4242) == 1, "serial");
-  must(X509_gmtime_adj(X509_getm_notBefore(cert.get()), spec.not_before) != nullptr, "notBefore");
-  must(X509_gmtime_adj(X509_getm_notAfter(cert.get()), spec.not_after) != nullptr, "notAfter");
-  X509_NAME* subject = X509_get_subject_name(cert.get());
-  must(X509_NAME_add_entry_by_txt(subject, "CN", MBSTRING_ASC, reinterpret_cast<const unsigned char*>("test-leaf"),
-                                  -1, -1, 0) == 1,
-       "CN");
-  must(X509_set_issuer_name(cert.get(), spec.self_signed ? subject : X509_get_subject_name(ca_cert.get())) == 1,
-       "issuer");
-  must(X509_set_pubkey(cert.get(), key.get()) == 1, "pubkey");
-  X509* issuer = spec.self_signed ? cert.get() : ca_cert.get();
-  auto add = [&](int nid, const std::string& value) {
-    if (value.empty()) return;
-    X509V3_CTX ctx;
-    X509V3_set_ctx(&ctx, issuer, cert.get(), nullptr, nullptr, 0);
-    TExt ext(X509V3_EXT_conf_nid(nullptr, &ctx, nid, value.c_str()));
-    must(ext != nullptr, "extension " + value);
-    must(X509_add_ext(cert.get(), ext.get(), -1) == 1, "add extension " + value);
-  };
-  add(NID_basic_constraints, spec.basic_constraints);
-  add(NID_key_usage, spec.key_usage);
-  add(NID_ext_key_usage, spec.eku);
-  add(NID_subject_key_identifier, "hash");
-  if (!spec.self_signed) add(NID_authority_key_identifier, "keyid:always");
-  add(NID_subject_alt_name, spec.san);
-  must(X509_sign(cert.get(), spec.self_signed ? key.get() : ca_key.get(), EVP_sha256()) > 0, "sign");
-  TBio out(BIO_new(BIO_s_mem()));
-  must(out != nullptr && PEM_write_bio_X509(out.get(), cert.get()) == 1, "write PEM");
-  char* data = nullptr;
-  const long len = BIO_get_mem_data(out.get(), &data);
-  return std::string(data, static_cast<size_t>(len));
-}
 
 // ---- fixture ---------------------------------------------------------------------
 

@@ -1,0 +1,110 @@
+// The shard-sidecar proxy (issue 3 item 2, DESIGN.md §2–§4): the only way into and
+// out of a shard pod.
+//
+//   peer sidecar ══mTLS══▶ inbound listener ─▶ local shardd (loopback, plaintext)
+//   local shardd ─▶ outbound listener (loopback) ══mTLS══▶ peer sidecar
+//
+// Both listeners are gRPC servers with a generic callback service: every call is
+// relayed message by message (one read in flight per direction, so gRPC's flow
+// control reaches from one end to the other), for any method, unary or streaming.
+// Nothing is forwarded before the decision:
+// - inbound: the peer's identity is the SPIFFE ID of the client certificate that the
+//   TLS handshake verified (never a header); decide(ingress, peer, method);
+// - outbound: the target is chosen per call among the peers of `--peer` whose
+//   egress decision for the method is an allow: the `shardguard-target` request
+//   header names one of them, or, without it, the allowed peer must be unique (a
+//   pipeline stage sends Forward only to the next and Backward only to the previous
+//   stage, so shardd needs no header). The peer's server certificate must carry
+//   exactly that SPIFFE ID.
+//
+// TLS (gRPC's TLS credentials on OpenSSL): TLS 1.2 or 1.3 with gRPC's AEAD-only
+// cipher list; client certificates are mandatory. Chain and X509-SVID rules are
+// checked by common/pki verify_svid in a gRPC certificate verifier, so that every
+// refusal is counted under its reason. Before gRPC sees a connection, the inbound
+// acceptor reads (peeks) its first bytes and refuses, counted, what cannot be a TLS
+// 1.2+ ClientHello (plaintext, garbage, TLS <= 1.1) and clients that send nothing
+// within the handshake timeout.
+//
+// Certificates, key and CA bundle are files, re-read when they change (rotation
+// without dropping open streams); the policy is a PolicyStore (hot reload).
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <prometheus/registry.h>
+
+namespace shardguard::sidecar {
+
+// The request header that picks the outbound target (a SPIFFE ID) when the policy
+// allows more than one peer for a method.
+inline constexpr const char* kTargetHeader = "shardguard-target";
+
+struct ProxyConfig {
+  std::string inbound_listen = "0.0.0.0:7443";    // mTLS, the pod's only way in
+  std::string outbound_listen = "127.0.0.1:7001";  // plaintext, loopback only
+  std::string upstream = "127.0.0.1:7000";         // the local shardd
+  std::string cert_file;                           // this pod's leaf SVID (PEM)
+  std::string key_file;                            // its private key (PEM)
+  std::string ca_file;                             // the job CA bundle (PEM)
+  std::string policy_file;                         // DESIGN §4 JSON
+  // Peer SPIFFE ID → host:port of that peer's inbound listener.
+  std::map<std::string, std::string> peers;
+  int64_t max_message_bytes = 64 * 1024 * 1024;
+  std::chrono::milliseconds handshake_timeout{10000};
+  // How often certificate, key, CA and policy files are checked for changes.
+  std::chrono::milliseconds reload_interval{1000};
+  std::string audit_file;  // optional: hash-chained audit log (audit.h)
+};
+
+// Bounded reason tokens for shardguard_tls_handshake_failures_total{reason} that the
+// acceptor decides from a connection's first bytes ("" = looks like a TLS 1.2+
+// ClientHello, or not enough bytes yet to tell — see classify_client_hello).
+//   "plaintext"      an HTTP/1.x request or the HTTP/2 connection preface
+//   "not_tls"        anything else that is not a TLS handshake record
+//   "tls_version"    a ClientHello offering at most TLS 1.1 (or SSL)
+struct HelloClass {
+  bool complete = false;  // enough bytes were seen to decide
+  std::string reason;     // "" when acceptable (complete) or undecided (!complete)
+};
+// Pure: classifies the first bytes of a connection. Needs at most 11 bytes.
+HelloClass classify_client_hello(const uint8_t* data, size_t size);
+
+class Proxy {
+ public:
+  // Validates the configuration (throws std::invalid_argument naming the field and
+  // the value) and registers its metrics in `registry`. Starts nothing.
+  Proxy(ProxyConfig config, std::shared_ptr<prometheus::Registry> registry);
+  ~Proxy();  // shutdown()
+  Proxy(const Proxy&) = delete;
+  Proxy& operator=(const Proxy&) = delete;
+
+  // Loads certificates and policy, binds both listeners and starts serving. Throws
+  // std::runtime_error naming the address or file that failed. A missing or
+  // invalid policy does not throw: the sidecar then refuses every call (rule
+  // "no-policy") until a valid file appears.
+  void start();
+  // Stops accepting, cancels calls in flight after `grace`, joins every thread.
+  // Idempotent.
+  void shutdown(std::chrono::milliseconds grace = std::chrono::milliseconds(2000));
+
+  int inbound_port() const;
+  int outbound_port() const;
+  // Ready: listening, certificates loaded and a policy in force.
+  bool ready(std::string* why_not = nullptr) const;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// Parses "spiffe://…=host:port" (the --peer flag). Throws std::invalid_argument.
+std::pair<std::string, std::string> parse_peer_flag(const std::string& text);
+
+}  // namespace shardguard::sidecar

@@ -1,0 +1,107 @@
+// shard-sidecar: the mTLS proxy in front of and behind one shardd (see proxy.h).
+#include <pthread.h>
+
+#include <csignal>
+#include <cstring>
+#include <iostream>
+
+#include <CLI/CLI.hpp>
+
+#include "shardguard/common/log.h"
+#include "shardguard/common/metrics_server.h"
+#include "shardguard/sidecar/proxy.h"
+
+namespace {
+
+using namespace shardguard;
+
+struct Flags {
+  sidecar::ProxyConfig proxy;
+  std::vector<std::string> peers;
+  double handshake_timeout_s = 10;
+  double reload_interval_s = 1;
+  std::string metrics = "127.0.0.1:9101";
+};
+
+int RunSidecar(Flags flags) {
+  for (const auto& text : flags.peers) {
+    auto [id, address] = sidecar::parse_peer_flag(text);
+    if (!flags.proxy.peers.emplace(id, address).second) {
+      throw std::invalid_argument("--peer " + id + " is given twice");
+    }
+  }
+  if (!(flags.handshake_timeout_s > 0) || !(flags.reload_interval_s > 0)) {
+    throw std::invalid_argument("--handshake-timeout and --reload-interval must be positive");
+  }
+  flags.proxy.handshake_timeout = std::chrono::milliseconds(static_cast<int64_t>(flags.handshake_timeout_s * 1000));
+  flags.proxy.reload_interval = std::chrono::milliseconds(static_cast<int64_t>(flags.reload_interval_s * 1000));
+
+  // SIGTERM / SIGINT are taken by sigwait below (no work in a handler).
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  auto registry = std::make_shared<prometheus::Registry>();
+  sidecar::Proxy proxy(flags.proxy, registry);
+  MetricsServer metrics(registry);
+  if (flags.metrics != "off") {
+    auto [host, port] = split_host_port(flags.metrics);
+    metrics.start(host, port);
+  }
+  proxy.start();
+  // /readyz follows the proxy: no policy or no certificates → not ready, with the reason.
+  std::atomic<bool> done{false};
+  std::thread readiness([&] {
+    while (!done.load()) {
+      std::string why;
+      const bool ok = proxy.ready(&why);
+      metrics.set_ready(ok, why);
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+  });
+  log::info("listening", {{"inbound_port", proxy.inbound_port()}, {"outbound_port", proxy.outbound_port()},
+                          {"metrics_port", metrics.port()}});
+  int sig = 0;
+  sigwait(&signals, &sig);
+  log::info("stopping", {{"signal", strsignal(sig)}});
+  done = true;
+  readiness.join();
+  metrics.set_ready(false, "stopping");
+  proxy.shutdown();
+  metrics.stop();
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  shardguard::log::set_component("shard-sidecar");
+  CLI::App app{"shard-sidecar: mTLS proxy that enforces the shard access policy in front of and behind shardd"};
+  Flags f;
+  app.add_option("--inbound", f.proxy.inbound_listen, "mTLS listen address for peers")->capture_default_str();
+  app.add_option("--outbound", f.proxy.outbound_listen, "loopback listen address for the local shardd")
+      ->capture_default_str();
+  app.add_option("--upstream", f.proxy.upstream, "the local shardd's gRPC address")->capture_default_str();
+  app.add_option("--cert", f.proxy.cert_file, "this pod's certificate (PEM), reloaded on change")->required();
+  app.add_option("--key", f.proxy.key_file, "its private key (PEM), reloaded on change")->required();
+  app.add_option("--ca", f.proxy.ca_file, "the job CA bundle (PEM), reloaded on change")->required();
+  app.add_option("--policy", f.proxy.policy_file, "shard access policy (JSON), reloaded on change")->required();
+  app.add_option("--peer", f.peers, "SPIFFE-ID=host:port of a peer sidecar's inbound listener (repeatable)");
+  app.add_option("--max-message-bytes", f.proxy.max_message_bytes, "largest message relayed")->capture_default_str();
+  app.add_option("--handshake-timeout", f.handshake_timeout_s, "seconds a client has to complete TLS")
+      ->capture_default_str();
+  app.add_option("--reload-interval", f.reload_interval_s, "seconds between checks of the watched files")
+      ->capture_default_str();
+  app.add_option("--audit-log", f.proxy.audit_file, "hash-chained audit log (JSON lines)");
+  app.add_option("--metrics", f.metrics, "metrics and health address host:port, or off")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  try {
+    return RunSidecar(std::move(f));
+  } catch (const std::exception& e) {
+    shardguard::log::error("cannot start", {{"error", e.what()}});
+    std::cerr << "shard-sidecar: " << e.what() << "\n";
+    return 2;
+  }
+}

@@ -1,0 +1,1155 @@
+// The shard-sidecar proxy. See proxy.h for what it does; this file is the I/O around
+// the pure parts (policy decide, verify_svid, classify_client_hello).
+#include "shardguard/sidecar/proxy.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <set>
+#include <stdexcept>
+#include <thread>
+#include <utility>
+
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_certificate_verifier.h>
+#include <grpcpp/security/tls_credentials_options.h>
+#include <grpcpp/support/byte_buffer.h>
+#include <prometheus/counter.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+
+#include "shardguard/common/files.h"
+#include "shardguard/common/log.h"
+#include "shardguard/common/metrics_server.h"
+#include "shardguard/common/pki.h"
+#include "shardguard/sidecar/audit.h"
+#include "shardguard/sidecar/policy.h"
+#include "shardguard/sidecar/policy_store.h"
+
+namespace shardguard::sidecar {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// ---------------------------------------------------------------------------
+// Small helpers
+
+std::string code_name(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::OK: return "OK";
+    case grpc::StatusCode::CANCELLED: return "CANCELLED";
+    case grpc::StatusCode::UNKNOWN: return "UNKNOWN";
+    case grpc::StatusCode::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
+    case grpc::StatusCode::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::NOT_FOUND: return "NOT_FOUND";
+    case grpc::StatusCode::ALREADY_EXISTS: return "ALREADY_EXISTS";
+    case grpc::StatusCode::PERMISSION_DENIED: return "PERMISSION_DENIED";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
+    case grpc::StatusCode::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
+    case grpc::StatusCode::ABORTED: return "ABORTED";
+    case grpc::StatusCode::OUT_OF_RANGE: return "OUT_OF_RANGE";
+    case grpc::StatusCode::UNIMPLEMENTED: return "UNIMPLEMENTED";
+    case grpc::StatusCode::INTERNAL: return "INTERNAL";
+    case grpc::StatusCode::UNAVAILABLE: return "UNAVAILABLE";
+    case grpc::StatusCode::DATA_LOSS: return "DATA_LOSS";
+    case grpc::StatusCode::UNAUTHENTICATED: return "UNAUTHENTICATED";
+    default: return "UNKNOWN";
+  }
+}
+
+bool is_loopback_host(const std::string& host) {
+  if (host == "localhost" || host == "::1" || host == "[::1]") return true;
+  return host.rfind("127.", 0) == 0;
+}
+
+// A file whose contents are re-read when its (inode, size, mtime) changes.
+class WatchedFile {
+ public:
+  explicit WatchedFile(std::string path) : path_(std::move(path)) {}
+  // The current contents; re-reads on change. Throws FileError when unreadable and
+  // nothing was ever read.
+  std::string get(bool* changed = nullptr) {
+    struct stat st {};
+    std::lock_guard<std::mutex> lock(mu_);
+    if (changed) *changed = false;
+    if (::stat(path_.c_str(), &st) == 0) {
+      const auto stamp = std::make_tuple(st.st_ino, st.st_size, st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
+      if (!loaded_ || stamp != stamp_) {
+        try {
+          contents_ = read_file(path_);
+          stamp_ = stamp;
+          loaded_ = true;
+          if (changed) *changed = true;
+        } catch (const FileError&) {
+          if (!loaded_) throw;
+        }
+      }
+    } else if (!loaded_) {
+      throw FileError(path_ + ": " + std::strerror(errno));
+    }
+    return contents_;
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  std::mutex mu_;
+  bool loaded_ = false;
+  std::tuple<ino_t, off_t, time_t, long> stamp_{};
+  std::string contents_;
+};
+
+grpc::ChannelArguments relay_channel_args() {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  args.SetMaxSendMessageSize(-1);
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  return args;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// classify_client_hello (pure)
+
+HelloClass classify_client_hello(const uint8_t* data, size_t size) {
+  HelloClass c;
+  if (size == 0) return c;
+  if (data[0] != 0x16) {  // not a TLS handshake record
+    c.complete = true;
+    // HTTP/1.x methods and the HTTP/2 preface ("PRI * HTTP/2.0") start with an
+    // upper-case ASCII letter.
+    c.reason = (data[0] >= 'A' && data[0] <= 'Z') ? "plaintext" : "not_tls";
+    return c;
+  }
+  // Record header: type(1) version(2) length(2); handshake: type(1) length(3);
+  // ClientHello: client_version(2).
+  if (size >= 2 && data[1] != 0x03) {
+    c.complete = true;
+    c.reason = "not_tls";
+    return c;
+  }
+  if (size >= 6 && data[5] != 0x01) {  // handshake type must be ClientHello
+    c.complete = true;
+    c.reason = "not_tls";
+    return c;
+  }
+  if (size < 11) return c;
+  c.complete = true;
+  if (data[9] != 0x03) {
+    c.reason = "not_tls";
+  } else if (data[10] < 0x03) {  // 0x0300 SSL 3, 0x0301 TLS 1.0, 0x0302 TLS 1.1
+    c.reason = "tls_version";    // TLS 1.3 clients send 0x0303 here too
+  }
+  return c;
+}
+
+std::pair<std::string, std::string> parse_peer_flag(const std::string& text) {
+  const auto eq = text.rfind('=');
+  if (eq == std::string::npos || eq == 0 || eq + 1 == text.size()) {
+    throw std::invalid_argument("--peer \"" + text + "\": expected SPIFFE-ID=host:port");
+  }
+  std::string id = text.substr(0, eq);
+  std::string addr = text.substr(eq + 1);
+  if (!is_spiffe_id(id)) {
+    throw std::invalid_argument("--peer \"" + text + "\": \"" + id + "\" is not a SPIFFE ID");
+  }
+  try {
+    const auto hp = split_host_port(addr);
+    if (hp.second == 0) throw std::invalid_argument("port 0");
+  } catch (const std::exception&) {
+    throw std::invalid_argument("--peer \"" + text + "\": \"" + addr + "\" is not host:port");
+  }
+  return {id, addr};
+}
+
+// ---------------------------------------------------------------------------
+// Metrics
+
+struct SidecarMetrics {
+  explicit SidecarMetrics(prometheus::Registry& r)
+      : decisions(prometheus::BuildCounter()
+                      .Name("shardguard_authz_decisions_total")
+                      .Help("Shard access policy decisions by outcome, rule, method and peer")
+                      .Register(r)),
+        requests(prometheus::BuildCounter()
+                     .Name("shardguard_proxy_requests_total")
+                     .Help("Calls relayed or refused by the sidecar, by method and gRPC status code")
+                     .Register(r)),
+        duration(prometheus::BuildHistogram()
+                     .Name("shardguard_proxy_request_duration_seconds")
+                     .Help("Duration of calls through the sidecar, from the call's arrival to its status")
+                     .Register(r)),
+        bytes(prometheus::BuildCounter()
+                  .Name("shardguard_proxy_bytes_total")
+                  .Help("gRPC message payload bytes through the sidecar, sent to or received from a peer")
+                  .Register(r)),
+        handshake_failures(prometheus::BuildCounter()
+                               .Name("shardguard_tls_handshake_failures_total")
+                               .Help("Refused TLS connections by reason")
+                               .Register(r)),
+        cert_expiry(prometheus::BuildGauge()
+                        .Name("shardguard_cert_expiry_timestamp_seconds")
+                        .Help("notAfter of this sidecar's certificate, Unix seconds")
+                        .Register(r)
+                        .Add({})),
+        reloads(prometheus::BuildCounter()
+                    .Name("shardguard_policy_reloads_total")
+                    .Help("Policy file loads by result (ok, error)")
+                    .Register(r)),
+        policy_generation(prometheus::BuildGauge()
+                              .Name("shardguard_policy_generation")
+                              .Help("Successful policy loads so far; 0 = no policy, everything is refused")
+                              .Register(r)
+                              .Add({})),
+        cert_reloads(prometheus::BuildCounter()
+                         .Name("shardguard_cert_reloads_total")
+                         .Help("Certificate, key or CA bundle file changes picked up")
+                         .Register(r)
+                         .Add({})) {
+    for (const char* d : {"inbound", "outbound"}) {
+      duration_by_direction[d] = &duration.Add(
+          {{"direction", d}}, prometheus::Histogram::BucketBoundaries{
+                                  0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                                  0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10});
+    }
+    reloads_ok = &reloads.Add({{"result", "ok"}});
+    reloads_error = &reloads.Add({{"result", "error"}});
+  }
+
+  prometheus::Family<prometheus::Counter>& decisions;
+  prometheus::Family<prometheus::Counter>& requests;
+  prometheus::Family<prometheus::Histogram>& duration;
+  prometheus::Family<prometheus::Counter>& bytes;
+  prometheus::Family<prometheus::Counter>& handshake_failures;
+  prometheus::Gauge& cert_expiry;
+  prometheus::Family<prometheus::Counter>& reloads;
+  prometheus::Gauge& policy_generation;
+  prometheus::Counter& cert_reloads;
+  std::map<std::string, prometheus::Histogram*> duration_by_direction;
+  prometheus::Counter* reloads_ok = nullptr;
+  prometheus::Counter* reloads_error = nullptr;
+};
+
+// ---------------------------------------------------------------------------
+// Impl
+
+class Relay;
+class SvidVerifier;
+
+struct Proxy::Impl {
+  Impl(ProxyConfig c, std::shared_ptr<prometheus::Registry> r)
+      : config(std::move(c)),
+        registry(std::move(r)),
+        metrics(*registry),
+        ca_file(config.ca_file),
+        cert_file(config.cert_file),
+        key_file(config.key_file) {}
+
+  const ProxyConfig config;
+  std::shared_ptr<prometheus::Registry> registry;
+  SidecarMetrics metrics;
+  std::unique_ptr<PolicyStore> policy;
+  std::unique_ptr<AuditLog> audit;
+  WatchedFile ca_file;
+  WatchedFile cert_file;
+  WatchedFile key_file;
+
+  std::shared_ptr<grpc::experimental::FileWatcherCertificateProvider> cert_provider;
+  std::shared_ptr<grpc::Channel> upstream_channel;
+  std::unique_ptr<grpc::GenericStub> upstream_stub;
+  struct Peer {
+    std::string address;
+    std::shared_ptr<grpc::Channel> channel;
+    std::unique_ptr<grpc::GenericStub> stub;
+  };
+  std::map<std::string, Peer> peers;  // by SPIFFE ID; fixed after start()
+
+  std::unique_ptr<grpc::CallbackGenericService> inbound_service;
+  std::unique_ptr<grpc::CallbackGenericService> outbound_service;
+  std::unique_ptr<grpc::Server> inbound_server;
+  std::unique_ptr<grpc::Server> outbound_server;
+  std::unique_ptr<grpc::experimental::ExternalConnectionAcceptor> acceptor;
+  int listen_fd = -1;
+  int wake_fd = -1;
+  int inbound_port = 0;
+  int outbound_port = 0;
+  std::thread accept_thread;
+  std::thread maintenance_thread;
+  std::mutex maintenance_mu;
+  std::condition_variable maintenance_cv;
+  bool stopping = false;
+  std::atomic<bool> started{false};
+  std::atomic<bool> certs_ok{false};
+  uint64_t seen_reloads_ok = 0;
+  uint64_t seen_reload_errors = 0;
+
+  // --- counting -----------------------------------------------------------
+  void count_handshake_failure(const std::string& reason, const std::string& detail) {
+    metrics.handshake_failures.Add({{"reason", reason}}).Increment();
+    log::warn("TLS connection refused", {{"reason", reason}, {"detail", detail}});
+  }
+  // The method as a metrics label: known methods as they are, anything else "other"
+  // (a peer must not be able to grow the label set).
+  std::string method_label(const std::string& method) const {
+    if (method == kForwardMethod || method == kBackwardMethod || method == kExportMethod) {
+      return method;
+    }
+    if (auto p = policy->current()) {
+      for (const auto* rules : {&p->ingress(), &p->egress()}) {
+        for (const auto& rule : *rules) {
+          if (std::find(rule.methods.begin(), rule.methods.end(), method) != rule.methods.end()) {
+            return method;
+          }
+        }
+      }
+    }
+    return "other";
+  }
+  // Peers as labels: only SPIFFE IDs that our CA vouched for (inbound) or that the
+  // configuration names (outbound) reach here, so the set is bounded.
+  void count_decision(const Decision& d, const std::string& method, const std::string& peer) {
+    metrics.decisions
+        .Add({{"decision", d.allow ? "allow" : "deny"},
+              {"rule", d.rule},
+              {"method", method_label(method)},
+              {"peer", peer}})
+        .Increment();
+  }
+  void count_request(const std::string& method, grpc::StatusCode code, const char* direction,
+                     Clock::time_point started_at) {
+    metrics.requests.Add({{"method", method_label(method)}, {"code", code_name(code)}}).Increment();
+    metrics.duration_by_direction[direction]->Observe(
+        std::chrono::duration<double>(Clock::now() - started_at).count());
+  }
+  void count_bytes(const char* direction, const std::string& peer, size_t n) {
+    if (n == 0) return;
+    metrics.bytes.Add({{"direction", direction}, {"peer", peer}}).Increment(static_cast<double>(n));
+  }
+  void audit_deny(const Decision& d, const std::string& peer, const std::string& method) {
+    log::warn("call refused", {{"peer", peer}, {"method", method}, {"rule", d.rule}, {"reason", d.reason}});
+    if (!audit) return;
+    AuditEvent e;
+    e.peer = peer;
+    e.method = method;
+    e.rule = d.rule;
+    e.decision = "deny";
+    std::string error;
+    if (!audit->append(e, &error)) log::error("audit log append failed", {{"error", error}});
+  }
+
+  // --- certificates ---------------------------------------------------------
+  std::string ca_pem() { return ca_file.get(); }
+  // Re-reads cert, key and CA when they change; updates the expiry gauge.
+  void refresh_certs() {
+    try {
+      bool c1 = false, c2 = false, c3 = false;
+      const std::string cert = cert_file.get(&c1);
+      key_file.get(&c2);
+      ca_file.get(&c3);
+      if (c1) metrics.cert_expiry.Set(static_cast<double>(
+                  std::chrono::duration_cast<std::chrono::seconds>(not_after(cert).time_since_epoch()).count()));
+      if (certs_ok.load() && (c1 || c2 || c3)) {
+        metrics.cert_reloads.Increment();
+        log::info("certificate files changed; new handshakes use them",
+                  {{"cert", config.cert_file}, {"ca", config.ca_file}});
+      }
+      certs_ok = true;
+    } catch (const std::exception& e) {
+      log::error("cannot read certificate files", {{"error", e.what()}});
+    }
+  }
+  void refresh_policy_metrics() {
+    const uint64_t ok = policy->reloads_ok(), err = policy->reload_errors();
+    if (ok > seen_reloads_ok) metrics.reloads_ok->Increment(static_cast<double>(ok - seen_reloads_ok));
+    if (err > seen_reload_errors) metrics.reloads_error->Increment(static_cast<double>(err - seen_reload_errors));
+    seen_reloads_ok = ok;
+    seen_reload_errors = err;
+    metrics.policy_generation.Set(static_cast<double>(policy->generation()));
+  }
+  void maintenance_loop() {
+    std::unique_lock<std::mutex> lock(maintenance_mu);
+    while (!stopping) {
+      maintenance_cv.wait_for(lock, config.reload_interval, [&] { return stopping; });
+      if (stopping) break;
+      lock.unlock();
+      if (policy->changed_on_disk()) {
+        const auto r = policy->reload();
+        if (r.ok) {
+          log::info("policy reloaded", {{"file", config.policy_file}, {"generation", r.generation}});
+        } else {
+          log::error("policy reload failed; keeping the last good policy",
+                     {{"file", config.policy_file}, {"error", r.error}});
+        }
+      }
+      refresh_policy_metrics();
+      refresh_certs();
+      lock.lock();
+    }
+  }
+
+  // --- inbound acceptor -----------------------------------------------------
+  void accept_loop();
+  void start_acceptor();
+
+  // --- relays ---------------------------------------------------------------
+  grpc::ServerGenericBidiReactor* inbound_call(grpc::GenericCallbackServerContext* ctx);
+  grpc::ServerGenericBidiReactor* outbound_call(grpc::GenericCallbackServerContext* ctx);
+
+  std::shared_ptr<grpc::ChannelCredentials> peer_credentials(const std::string& expected_id);
+  std::shared_ptr<grpc::ServerCredentials> inbound_credentials();
+};
+
+// ---------------------------------------------------------------------------
+// Certificate verification inside the TLS handshake (both directions)
+
+class SvidVerifier : public grpc::experimental::ExternalCertificateVerifier {
+ public:
+  SvidVerifier(Proxy::Impl* impl, SvidRole role, std::string expected_id)
+      : impl_(impl), role_(role), expected_id_(std::move(expected_id)) {}
+
+  bool Verify(grpc::experimental::TlsCustomVerificationCheckRequest* request,
+              std::function<void(grpc::Status)> /*callback*/, grpc::Status* sync_status) override {
+    const std::string pem(request->peer_cert().data(), request->peer_cert().size());
+    const char* who = role_ == SvidRole::client ? "client" : "server";
+    if (pem.empty()) {
+      impl_->count_handshake_failure("no_certificate", std::string("the ") + who + " sent no certificate");
+      *sync_status = grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "no certificate");
+      return true;
+    }
+    std::string ca;
+    try {
+      ca = impl_->ca_pem();
+    } catch (const std::exception& e) {
+      impl_->count_handshake_failure("no_ca", e.what());
+      *sync_status = grpc::Status(grpc::StatusCode::UNAVAILABLE, "CA bundle unreadable");
+      return true;
+    }
+    const SvidCheck check = verify_svid(pem, ca, std::chrono::system_clock::now(), role_);
+    if (!check.ok) {
+      impl_->count_handshake_failure(check.reason, std::string(who) + " certificate: " + check.message);
+      *sync_status = grpc::Status(grpc::StatusCode::UNAUTHENTICATED, check.message);
+      return true;
+    }
+    if (!expected_id_.empty() && check.spiffe_id != expected_id_) {
+      impl_->count_handshake_failure("wrong_peer", "dialled " + expected_id_ + " but the server is " +
+                                                       check.spiffe_id);
+      *sync_status = grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "unexpected peer identity");
+      return true;
+    }
+    *sync_status = grpc::Status::OK;
+    return true;
+  }
+  void Cancel(grpc::experimental::TlsCustomVerificationCheckRequest*) override {}
+
+ private:
+  Proxy::Impl* impl_;
+  SvidRole role_;
+  std::string expected_id_;
+};
+
+std::shared_ptr<grpc::ServerCredentials> Proxy::Impl::inbound_credentials() {
+  grpc::experimental::TlsServerCredentialsOptions options(cert_provider);
+  options.watch_identity_key_cert_pairs();
+  // Chain and SVID rules are ours (SvidVerifier), so that each refusal has a reason;
+  // gRPC still requires the client to prove possession of the certificate's key.
+  options.set_cert_request_type(GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_BUT_DONT_VERIFY);
+  options.set_certificate_verifier(
+      grpc::experimental::ExternalCertificateVerifier::Create<SvidVerifier>(this, SvidRole::client, ""));
+  options.set_check_call_host(false);
+  return grpc::experimental::TlsServerCredentials(options);
+}
+
+std::shared_ptr<grpc::ChannelCredentials> Proxy::Impl::peer_credentials(const std::string& expected_id) {
+  grpc::experimental::TlsChannelCredentialsOptions options;
+  options.set_certificate_provider(cert_provider);
+  options.watch_identity_key_cert_pairs();
+  options.set_verify_server_certs(false);  // SvidVerifier does it, and checks the ID
+  options.set_certificate_verifier(
+      grpc::experimental::ExternalCertificateVerifier::Create<SvidVerifier>(this, SvidRole::server,
+                                                                            expected_id));
+  options.set_check_call_host(false);
+  return grpc::experimental::TlsCredentials(options);
+}
+
+// ---------------------------------------------------------------------------
+// The relay: one downstream call (server side) ⇄ one upstream call (client side)
+
+class Relay : public grpc::ServerGenericBidiReactor {
+ public:
+  Relay(Proxy::Impl* impl, grpc::GenericCallbackServerContext* ctx, const char* direction)
+      : impl_(impl), ctx_(ctx), direction_(direction), method_(ctx->method()), started_at_(Clock::now()),
+        upstream_(this) {}
+
+  // Refuses the call without reading anything from it.
+  void refuse(grpc::Status status) {
+    final_code_ = status.error_code();
+    Finish(std::move(status));
+  }
+
+  // Starts relaying to `stub`: reads the first message; the upstream call is opened
+  // when it arrives (or when the caller half-closes), so a refused or oversized
+  // first message never reaches the other side.
+  void forward(grpc::GenericStub* stub, std::string peer, std::string target_header_to_drop) {
+    stub_ = stub;
+    peer_ = std::move(peer);
+    for (const auto& kv : ctx_->client_metadata()) {
+      const std::string key(kv.first.data(), kv.first.size());
+      if (key.empty() || key[0] == ':' || key.rfind("grpc-", 0) == 0 || key == "user-agent" ||
+          key == "te" || key == "content-type" || key == kTargetHeader) {
+        continue;
+      }
+      cctx_.AddMetadata(key, std::string(kv.second.data(), kv.second.size()));
+    }
+    if (ctx_->deadline() != std::chrono::system_clock::time_point::max()) {
+      cctx_.set_deadline(ctx_->deadline());
+    }
+    down_read_pending_ = true;
+    StartRead(&request_);
+  }
+
+  // ---- downstream (server side) -------------------------------------------
+  void OnReadDone(bool ok) override {
+    enum { kNone, kOpenAndWrite, kWrite, kOpenAndClose, kClose, kCancelOversize } action = kNone;
+    size_t size = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      down_read_pending_ = false;
+      if (up_finished_ || up_abandoned_) {
+        action = kNone;
+      } else if (ok) {
+        size = request_.Length();
+        if (static_cast<int64_t>(size) > impl_->config.max_message_bytes) {
+          action = kCancelOversize;
+          override_ = grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                   "message of " + std::to_string(size) +
+                                       " bytes exceeds the sidecar's limit of " +
+                                       std::to_string(impl_->config.max_message_bytes) + " bytes");
+          up_abandoned_ = true;
+        } else {
+          action = up_open_ ? kWrite : kOpenAndWrite;
+          up_open_ = true;
+          up_write_pending_ = true;
+        }
+      } else {
+        action = up_open_ ? kClose : kOpenAndClose;
+        up_open_ = true;
+        up_abandoned_ = true;  // no more writes: release the hold below
+      }
+    }
+    switch (action) {
+      case kNone: break;
+      case kCancelOversize:
+        log::warn("message over the size limit refused",
+                  {{"peer", peer_}, {"method", method_}, {"bytes", size},
+                   {"limit", impl_->config.max_message_bytes}});
+        if (upstream_started_) {
+          cctx_.TryCancel();
+          release_hold();
+        } else {
+          finish_downstream(override_);
+        }
+        break;
+      case kOpenAndWrite:
+        open_upstream();
+        [[fallthrough]];
+      case kWrite:
+        count_out(size);
+        upstream_.StartWrite(&request_);
+        break;
+      case kOpenAndClose:
+        if (ctx_->IsCancelled()) {  // the caller went away before sending anything
+          finish_downstream(grpc::Status::CANCELLED);
+          break;
+        }
+        open_upstream();
+        [[fallthrough]];
+      case kClose:
+        upstream_.StartWritesDone();
+        release_hold();
+        break;
+    }
+  }
+
+  void OnWriteDone(bool ok) override {
+    bool read_next = false, cancel = false, finish = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      down_write_pending_ = false;
+      if (finish_after_write_) {
+        finish = true;
+      } else if (ok && !up_finished_) {
+        read_next = true;
+        up_read_pending_ = true;
+      } else if (!ok) {
+        cancel = true;
+      }
+    }
+    if (read_next) upstream_.StartRead(&response_);
+    if (cancel) cctx_.TryCancel();
+    if (finish) finish_downstream(final_status_);
+  }
+
+  void OnCancel() override {
+    if (upstream_started_) cctx_.TryCancel();
+  }
+
+  void OnDone() override {
+    impl_->count_request(method_, final_code_, direction_, started_at_);
+    delete this;
+  }
+
+ private:
+  // ---- upstream (client side) ---------------------------------------------
+  class Upstream : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+   public:
+    explicit Upstream(Relay* relay) : relay_(relay) {}
+    void OnReadDone(bool ok) override { relay_->up_read_done(ok); }
+    void OnWriteDone(bool ok) override { relay_->up_write_done(ok); }
+    void OnDone(const grpc::Status& status) override { relay_->up_done(status); }
+
+   private:
+    Relay* relay_;
+  };
+
+  void open_upstream() {
+    stub_->PrepareBidiStreamingCall(&cctx_, method_, grpc::StubOptions(), &upstream_);
+    upstream_.AddHold();  // released once no more writes will be started
+    hold_ = true;
+    upstream_started_ = true;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      up_read_pending_ = true;
+    }
+    upstream_.StartRead(&response_);
+    upstream_.StartCall();
+  }
+
+  void release_hold() {
+    bool release = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      release = hold_;
+      hold_ = false;
+    }
+    if (release) upstream_.RemoveHold();
+  }
+
+  // Bytes counted from the pod's point of view: inbound requests are received from
+  // the peer, outbound requests are sent to it (and the replies the other way).
+  void count_out(size_t n) {
+    impl_->count_bytes(std::strcmp(direction_, "inbound") == 0 ? "received" : "sent", peer_, n);
+  }
+  void count_back(size_t n) {
+    impl_->count_bytes(std::strcmp(direction_, "inbound") == 0 ? "sent" : "received", peer_, n);
+  }
+
+  void up_write_done(bool ok) {
+    bool read_next = false, release = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      up_write_pending_ = false;
+      if (ok && !up_abandoned_ && !up_reads_ended_) {
+        read_next = true;
+        down_read_pending_ = true;
+      } else {
+        up_abandoned_ = true;
+        release = true;
+      }
+    }
+    if (read_next) StartRead(&request_);
+    if (release) release_hold();
+  }
+
+  void up_read_done(bool ok) {
+    bool write = false, first = false, release = false;
+    size_t size = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      up_read_pending_ = false;
+      if (!ok) up_reads_ended_ = true;
+      if (ok) {
+        write = true;
+        first = !sent_initial_metadata_;
+        sent_initial_metadata_ = true;
+        down_write_pending_ = true;
+        size = response_.Length();
+      } else if (!up_write_pending_ && !up_abandoned_) {
+        // The other side has stopped sending; nothing we could still write would
+        // change its answer, so let the call end even if our caller keeps its
+        // request stream open.
+        up_abandoned_ = true;
+        release = true;
+      }
+    }
+    if (write) {
+      if (first) {
+        for (const auto& kv : cctx_.GetServerInitialMetadata()) {
+          const std::string key(kv.first.data(), kv.first.size());
+          if (key.empty() || key[0] == ':' || key.rfind("grpc-", 0) == 0 || key == "content-type") continue;
+          ctx_->AddInitialMetadata(key, std::string(kv.second.data(), kv.second.size()));
+        }
+      }
+      count_back(size);
+      StartWrite(&response_);
+    }
+    if (release) release_hold();
+  }
+
+  void up_done(const grpc::Status& status) {
+    for (const auto& kv : cctx_.GetServerTrailingMetadata()) {
+      const std::string key(kv.first.data(), kv.first.size());
+      if (key.empty() || key[0] == ':' || key.rfind("grpc-", 0) == 0) continue;
+      ctx_->AddTrailingMetadata(key, std::string(kv.second.data(), kv.second.size()));
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      up_finished_ = true;
+      final_status_ = override_.ok() ? status : override_;
+      // A reply still being written downstream goes out first: OnWriteDone finishes.
+      if (down_write_pending_) {
+        finish_after_write_ = true;
+        return;
+      }
+    }
+    finish_downstream(final_status_);
+  }
+
+  void finish_downstream(const grpc::Status& status) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (finished_) return;
+      finished_ = true;
+    }
+    final_code_ = status.error_code();
+    Finish(status);
+  }
+
+  Proxy::Impl* impl_;
+  grpc::GenericCallbackServerContext* ctx_;
+  const char* direction_;
+  std::string method_;
+  std::string peer_;
+  Clock::time_point started_at_;
+  grpc::GenericStub* stub_ = nullptr;
+  grpc::ClientContext cctx_;
+  Upstream upstream_;
+  grpc::ByteBuffer request_;
+  grpc::ByteBuffer response_;
+  std::mutex mu_;
+  bool down_read_pending_ = false;
+  bool down_write_pending_ = false;
+  bool up_read_pending_ = false;
+  bool up_write_pending_ = false;
+  bool up_open_ = false;
+  bool up_abandoned_ = false;  // no more upstream writes will be started
+  bool up_finished_ = false;
+  bool hold_ = false;
+  bool finished_ = false;
+  bool sent_initial_metadata_ = false;
+  bool finish_after_write_ = false;
+  bool up_reads_ended_ = false;
+  std::atomic<bool> upstream_started_{false};
+  grpc::Status override_ = grpc::Status::OK;
+  grpc::Status final_status_;
+  grpc::StatusCode final_code_ = grpc::StatusCode::OK;
+};
+
+grpc::ServerGenericBidiReactor* Proxy::Impl::inbound_call(grpc::GenericCallbackServerContext* ctx) {
+  auto* relay = new Relay(this, ctx, "inbound");
+  // The identity is the one the handshake verified (SvidVerifier ran; gRPC exposes the
+  // single URI SAN as the peer's SPIFFE ID). Never a header.
+  std::string peer;
+  const auto auth = ctx->auth_context();
+  if (auth) {
+    const auto ids = auth->FindPropertyValues("peer_spiffe_id");
+    if (ids.size() == 1) peer.assign(ids[0].data(), ids[0].size());
+  }
+  const std::string method = ctx->method();
+  Decision d;
+  if (peer.empty()) {
+    d.allow = false;
+    d.rule = kRuleBadPeer;
+    d.reason = "the TLS handshake established no SPIFFE identity";
+  } else {
+    d = policy->decide(Direction::kIngress, peer, method);
+  }
+  count_decision(d, method, peer);
+  if (!d.allow) {
+    audit_deny(d, peer, method);
+    relay->refuse(grpc::Status(grpc::StatusCode::PERMISSION_DENIED, d.reason + " (rule " + d.rule + ")"));
+    return relay;
+  }
+  if (method == kExportMethod) {
+    // Parameter export needs the ledger wiring of shardd's export service, which is
+    // not built yet: refuse rather than let parameter bytes out uncounted.
+    relay->refuse(grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
+                               "parameter export is not available in this version of shard-sidecar"));
+    return relay;
+  }
+  relay->forward(upstream_stub.get(), peer, "");
+  return relay;
+}
+
+grpc::ServerGenericBidiReactor* Proxy::Impl::outbound_call(grpc::GenericCallbackServerContext* ctx) {
+  auto* relay = new Relay(this, ctx, "outbound");
+  const std::string method = ctx->method();
+  std::string requested;
+  for (const auto& kv : ctx->client_metadata()) {
+    if (kv.first == kTargetHeader) requested.assign(kv.second.data(), kv.second.size());
+  }
+  // Candidates: configured peers the egress policy lets this method go to.
+  std::vector<std::string> allowed;
+  Decision last;
+  last.rule = kRuleDefaultDeny;
+  last.reason = "no configured peer may receive " + method;
+  for (const auto& [id, peer] : peers) {
+    if (!requested.empty() && id != requested) continue;
+    Decision d = policy->decide(Direction::kEgress, id, method);
+    if (d.allow) {
+      allowed.push_back(id);
+      last = d;
+    } else if (allowed.empty()) {
+      last = d;
+    }
+  }
+  std::string deny_reason;
+  if (!requested.empty() && peers.count(requested) == 0) {
+    last.allow = false;
+    last.rule = kRuleDefaultDeny;
+    deny_reason = "target " + requested + " is not a configured peer";
+  } else if (allowed.empty()) {
+    last.allow = false;
+    deny_reason = last.reason;
+  } else if (allowed.size() > 1) {
+    last.allow = false;
+    last.rule = kRuleDefaultDeny;
+    deny_reason = std::to_string(allowed.size()) + " peers may receive " + method + "; name one in the " +
+                  kTargetHeader + " header";
+  }
+  const std::string peer_label = allowed.size() == 1 ? allowed[0] : requested;
+  if (!deny_reason.empty()) {
+    last.reason = deny_reason;
+    count_decision(last, method, peer_label);
+    audit_deny(last, peer_label, method);
+    relay->refuse(grpc::Status(grpc::StatusCode::PERMISSION_DENIED, deny_reason + " (rule " + last.rule + ")"));
+    return relay;
+  }
+  count_decision(last, method, peer_label);
+  relay->forward(peers.at(peer_label).stub.get(), peer_label, kTargetHeader);
+  return relay;
+}
+
+// ---------------------------------------------------------------------------
+// The inbound acceptor: classify the first bytes, then hand the socket to gRPC.
+
+void Proxy::Impl::start_acceptor() {
+  const auto [host, port] = split_host_port(config.inbound_listen);
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* res = nullptr;
+  const std::string port_text = std::to_string(port);
+  const int rc = ::getaddrinfo(host.c_str(), port_text.c_str(), &hints, &res);
+  if (rc != 0 || res == nullptr) {
+    throw std::runtime_error("inbound listener \"" + config.inbound_listen + "\": " + ::gai_strerror(rc));
+  }
+  int fd = ::socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  const int one = 1;
+  if (fd >= 0) ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (fd < 0 || ::bind(fd, res->ai_addr, res->ai_addrlen) != 0 || ::listen(fd, 512) != 0) {
+    const std::string err = std::strerror(errno);
+    if (fd >= 0) ::close(fd);
+    ::freeaddrinfo(res);
+    throw std::runtime_error("inbound listener \"" + config.inbound_listen + "\": " + err);
+  }
+  ::freeaddrinfo(res);
+  sockaddr_storage bound{};
+  socklen_t len = sizeof bound;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &len);
+  inbound_port = ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
+                                                   : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+  listen_fd = fd;
+  wake_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  accept_thread = std::thread([this] { accept_loop(); });
+}
+
+void Proxy::Impl::accept_loop() {
+  struct Pending {
+    int fd;
+    Clock::time_point deadline;
+  };
+  constexpr size_t kMaxPending = 1024;
+  std::deque<Pending> pending;
+  for (;;) {
+    std::vector<pollfd> fds;
+    fds.push_back({wake_fd, POLLIN, 0});
+    fds.push_back({listen_fd, static_cast<short>(pending.size() < kMaxPending ? POLLIN : 0), 0});
+    for (const auto& p : pending) fds.push_back({p.fd, POLLIN, 0});
+    int timeout_ms = -1;
+    const auto now = Clock::now();
+    for (const auto& p : pending) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(p.deadline - now).count();
+      const int ms = static_cast<int>(std::max<int64_t>(0, left) + 1);
+      timeout_ms = timeout_ms < 0 ? ms : std::min(timeout_ms, ms);
+    }
+    const int n = ::poll(fds.data(), fds.size(), timeout_ms);
+    if (n < 0 && errno != EINTR) break;
+    if (fds[0].revents & POLLIN) break;  // shutdown
+    if (fds[1].revents & POLLIN) {
+      const int cfd = ::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
+      if (cfd >= 0) {
+        const int one = 1;
+        ::setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        pending.push_back({cfd, Clock::now() + config.handshake_timeout});
+      }
+    }
+    // Decide on the pending connections (fds[2..] in the same order as `pending`).
+    const auto t = Clock::now();
+    std::deque<Pending> keep;
+    for (size_t i = 0; i < pending.size(); ++i) {
+      const Pending p = pending[i];
+      const short ev = i + 2 < fds.size() && fds[i + 2].fd == p.fd ? fds[i + 2].revents : 0;
+      if (ev & (POLLIN | POLLHUP | POLLERR)) {
+        uint8_t buf[11];
+        const ssize_t got = ::recv(p.fd, buf, sizeof buf, MSG_PEEK | MSG_DONTWAIT);
+        if (got == 0 || (got < 0 && errno != EAGAIN && errno != EINTR)) {
+          count_handshake_failure("closed", "connection closed before a ClientHello");
+          ::close(p.fd);
+          continue;
+        }
+        if (got > 0) {
+          const HelloClass c = classify_client_hello(buf, static_cast<size_t>(got));
+          if (c.complete) {
+            if (!c.reason.empty()) {
+              count_handshake_failure(c.reason, "first bytes of the connection");
+              ::close(p.fd);
+            } else {
+              grpc::experimental::ExternalConnectionAcceptor::NewConnectionParameters params;
+              params.listener_fd = listen_fd;
+              params.fd = p.fd;
+              acceptor->HandleNewConnection(&params);
+            }
+            continue;
+          }
+        }
+      }
+      if (t >= p.deadline) {
+        count_handshake_failure("handshake_timeout", "no ClientHello within the handshake timeout");
+        ::close(p.fd);
+        continue;
+      }
+      keep.push_back(p);
+    }
+    pending.swap(keep);
+  }
+  for (const auto& p : pending) ::close(p.fd);
+}
+
+// ---------------------------------------------------------------------------
+// Generic services
+
+namespace {
+
+class CallbackService : public grpc::CallbackGenericService {
+ public:
+  using Factory = std::function<grpc::ServerGenericBidiReactor*(grpc::GenericCallbackServerContext*)>;
+  explicit CallbackService(Factory f) : factory_(std::move(f)) {}
+  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
+    return factory_(ctx);
+  }
+
+ private:
+  Factory factory_;
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Proxy
+
+Proxy::Proxy(ProxyConfig config, std::shared_ptr<prometheus::Registry> registry) {
+  auto need = [](const std::string& value, const char* field) {
+    if (value.empty()) throw std::invalid_argument(std::string(field) + " is required");
+  };
+  need(config.cert_file, "cert file (--cert)");
+  need(config.key_file, "key file (--key)");
+  need(config.ca_file, "CA bundle (--ca)");
+  need(config.policy_file, "policy file (--policy)");
+  auto address = [](const std::string& value, const char* field) {
+    try {
+      return split_host_port(value);
+    } catch (const std::exception&) {
+      throw std::invalid_argument(std::string(field) + " \"" + value + "\" is not host:port");
+    }
+  };
+  address(config.inbound_listen, "inbound listen address (--inbound)");
+  const auto out = address(config.outbound_listen, "outbound listen address (--outbound)");
+  if (!is_loopback_host(out.first)) {
+    throw std::invalid_argument("outbound listen address (--outbound) \"" + config.outbound_listen +
+                                "\" must be a loopback address: only the local shardd may use it");
+  }
+  const auto up = address(config.upstream, "upstream address (--upstream)");
+  if (!is_loopback_host(up.first) || up.second == 0) {
+    throw std::invalid_argument("upstream address (--upstream) \"" + config.upstream +
+                                "\" must be the local shardd on a loopback address with a port");
+  }
+  if (config.max_message_bytes < 1 || config.max_message_bytes > INT_MAX / 2) {
+    throw std::invalid_argument("max message bytes (--max-message-bytes) " +
+                                std::to_string(config.max_message_bytes) + " must be in 1.." +
+                                std::to_string(INT_MAX / 2));
+  }
+  if (config.handshake_timeout.count() <= 0) {
+    throw std::invalid_argument("handshake timeout must be positive, not " +
+                                std::to_string(config.handshake_timeout.count()) + " ms");
+  }
+  if (config.reload_interval.count() <= 0) {
+    throw std::invalid_argument("reload interval must be positive, not " +
+                                std::to_string(config.reload_interval.count()) + " ms");
+  }
+  impl_ = std::make_unique<Impl>(std::move(config), std::move(registry));
+}
+
+Proxy::~Proxy() { shutdown(); }
+
+void Proxy::start() {
+  Impl& m = *impl_;
+  if (m.started.exchange(true)) throw std::logic_error("Proxy::start called twice");
+  // Certificates must be readable at start; later changes are picked up live.
+  for (const std::string* f : {&m.config.cert_file, &m.config.key_file, &m.config.ca_file}) {
+    try {
+      read_file(*f);
+    } catch (const std::exception& e) {
+      throw std::runtime_error(std::string("cannot read ") + e.what());
+    }
+  }
+  m.refresh_certs();
+  m.policy = std::make_unique<PolicyStore>(m.config.policy_file);
+  if (!m.policy->current()) {
+    log::error("no valid policy: refusing every call until the policy file is fixed",
+               {{"file", m.config.policy_file}});
+  }
+  m.refresh_policy_metrics();
+  if (!m.config.audit_file.empty()) m.audit = std::make_unique<AuditLog>(m.config.audit_file);
+
+  const unsigned refresh_s = static_cast<unsigned>(
+      std::max<int64_t>(1, std::chrono::duration_cast<std::chrono::seconds>(m.config.reload_interval).count()));
+  m.cert_provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+      m.config.key_file, m.config.cert_file, m.config.ca_file, refresh_s);
+
+  m.upstream_channel =
+      grpc::CreateCustomChannel(m.config.upstream, grpc::InsecureChannelCredentials(), relay_channel_args());
+  m.upstream_stub = std::make_unique<grpc::GenericStub>(m.upstream_channel);
+  for (const auto& [id, address] : m.config.peers) {
+    Impl::Peer p;
+    p.address = address;
+    p.channel = grpc::CreateCustomChannel(address, m.peer_credentials(id), relay_channel_args());
+    p.stub = std::make_unique<grpc::GenericStub>(p.channel);
+    m.peers.emplace(id, std::move(p));
+  }
+
+  const int grpc_limit = static_cast<int>(m.config.max_message_bytes * 2);  // ours is counted first
+  m.inbound_service = std::make_unique<CallbackService>([&m](grpc::GenericCallbackServerContext* ctx) {
+    return m.inbound_call(ctx);
+  });
+  {
+    grpc::ServerBuilder b;
+    b.RegisterCallbackGenericService(m.inbound_service.get());
+    b.SetMaxReceiveMessageSize(grpc_limit);
+    b.SetMaxSendMessageSize(-1);
+    b.AddChannelArgument(GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS,
+                         static_cast<int>(m.config.handshake_timeout.count()));
+    m.acceptor = b.experimental().AddExternalConnectionAcceptor(
+        grpc::ServerBuilder::experimental_type::ExternalConnectionType::FROM_FD, m.inbound_credentials());
+    m.inbound_server = b.BuildAndStart();
+    if (!m.inbound_server) throw std::runtime_error("cannot start the inbound gRPC server");
+  }
+  m.outbound_service = std::make_unique<CallbackService>([&m](grpc::GenericCallbackServerContext* ctx) {
+    return m.outbound_call(ctx);
+  });
+  {
+    grpc::ServerBuilder b;
+    b.RegisterCallbackGenericService(m.outbound_service.get());
+    b.SetMaxReceiveMessageSize(grpc_limit);
+    b.SetMaxSendMessageSize(-1);
+    b.AddListeningPort(m.config.outbound_listen, grpc::InsecureServerCredentials(), &m.outbound_port);
+    m.outbound_server = b.BuildAndStart();
+    if (!m.outbound_server || m.outbound_port == 0) {
+      throw std::runtime_error("outbound listener \"" + m.config.outbound_listen + "\": cannot bind");
+    }
+  }
+  m.start_acceptor();
+  m.maintenance_thread = std::thread([&m] { m.maintenance_loop(); });
+  log::info("shard-sidecar listening",
+            {{"inbound", m.config.inbound_listen}, {"inbound_port", m.inbound_port},
+             {"outbound_port", m.outbound_port}, {"upstream", m.config.upstream},
+             {"peers", m.config.peers.size()}});
+}
+
+void Proxy::shutdown(std::chrono::milliseconds grace) {
+  if (!impl_) return;
+  Impl& m = *impl_;
+  {
+    std::lock_guard<std::mutex> lock(m.maintenance_mu);
+    if (m.stopping) return;
+    m.stopping = true;
+  }
+  m.maintenance_cv.notify_all();
+  if (m.wake_fd >= 0) {
+    const uint64_t one = 1;
+    (void)!::write(m.wake_fd, &one, sizeof one);
+  }
+  if (m.accept_thread.joinable()) m.accept_thread.join();
+  if (m.maintenance_thread.joinable()) m.maintenance_thread.join();
+  const auto deadline = std::chrono::system_clock::now() + grace;
+  if (m.inbound_server) m.inbound_server->Shutdown(deadline);
+  if (m.outbound_server) m.outbound_server->Shutdown(deadline);
+  if (m.inbound_server) m.inbound_server->Wait();
+  if (m.outbound_server) m.outbound_server->Wait();
+  if (m.listen_fd >= 0) ::close(m.listen_fd);
+  if (m.wake_fd >= 0) ::close(m.wake_fd);
+  m.listen_fd = m.wake_fd = -1;
+  if (m.policy) m.policy->stop();
+}
+
+int Proxy::inbound_port() const { return impl_->inbound_port; }
+int Proxy::outbound_port() const { return impl_->outbound_port; }
+
+bool Proxy::ready(std::string* why_not) const {
+  const Impl& m = *impl_;
+  auto no = [&](const char* why) {
+    if (why_not) *why_not = why;
+    return false;
+  };
+  if (!m.started.load() || m.inbound_port == 0 || m.outbound_port == 0) return no("not listening");
+  if (!m.certs_ok.load()) return no("certificates not loaded");
+  if (!m.policy || !m.policy->current()) return no("no valid policy");
+  return true;
+}
+
+}  // namespace shardguard::sidecar
