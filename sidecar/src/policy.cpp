@@ -23,6 +23,7 @@ constexpr std::size_t kMaxTrustDomainBytes = 255;
 constexpr std::size_t kMaxMethodBytes = 256;
 constexpr std::size_t kMaxRuleNameBytes = 63;
 constexpr std::size_t kMaxShardIndexDigits = 9;  // fits an int
+constexpr std::size_t kMaxDepth = 32;  // nesting of arrays and objects; a policy needs 4
 
 const char* const kShardPatternSuffix = "/shard/*";
 
@@ -252,27 +253,45 @@ class Checker {
 
 // nlohmann keeps the last of duplicate keys silently; a policy must not be able to
 // hide a field behind a second one, so duplicates are found while parsing.
+// A policy is four levels deep; anything nested deeper than kMaxDepth is refused while
+// parsing, because nlohmann's dump (used in messages) recurses once per level. Paths
+// are built only for a problem: building one per container cost time and memory
+// quadratic in the depth.
 json parse_document(const std::string& text, Checker& c) {
   struct Frame {
     bool is_array;
-    std::size_t next_index;
+    std::size_t next_index;  // arrays: index of the next element
     std::set<std::string> keys;
-    std::string path;
-    std::string key;
+    std::string key;         // objects: the current key
+    bool in_array;           // this container is an element of an array (not a member)
+    std::string segment;     // how the parent names it: "[3]" or a key ("" for the root)
   };
+  struct TooDeep {};
   std::vector<Frame> stack;
-  auto child_path = [&stack]() -> std::string {
-    if (stack.empty()) return "";
-    Frame& top = stack.back();
-    return top.is_array ? at(top.path, top.next_index++) : join(top.path, top.key);
+  auto path_of = [&stack](std::size_t frames) {
+    std::string path;
+    for (std::size_t i = 1; i < frames; ++i) {
+      path = stack[i].in_array ? path + stack[i].segment : join(path, stack[i].segment);
+    }
+    return path;
   };
   json::parser_callback_t callback = [&](int, json::parse_event_t event, json& parsed) {
     switch (event) {
       case json::parse_event_t::object_start:
       case json::parse_event_t::array_start: {
-        std::string path = child_path();
-        stack.push_back(
-            Frame{event == json::parse_event_t::array_start, 0, {}, std::move(path), ""});
+        const bool in_array = !stack.empty() && stack.back().is_array;
+        std::string segment;
+        if (!stack.empty()) {
+          Frame& top = stack.back();
+          segment = in_array ? "[" + std::to_string(top.next_index++) + "]" : top.key;
+        }
+        stack.push_back(Frame{event == json::parse_event_t::array_start, 0, {}, "", in_array,
+                              std::move(segment)});
+        if (stack.size() > kMaxDepth) {
+          c.fail(path_of(stack.size()), "is nested more than " + std::to_string(kMaxDepth) +
+                                            " levels deep");
+          throw TooDeep{};
+        }
         break;
       }
       case json::parse_event_t::object_end:
@@ -283,18 +302,20 @@ json parse_document(const std::string& text, Checker& c) {
         Frame& top = stack.back();
         top.key = parsed.get<std::string>();
         if (!top.keys.insert(top.key).second) {
-          c.fail(join(top.path, top.key), "duplicate key");
+          c.fail(join(path_of(stack.size()), top.key), "duplicate key");
         }
         break;
       }
       case json::parse_event_t::value:
-        child_path();
+        if (!stack.empty() && stack.back().is_array) ++stack.back().next_index;
         break;
     }
     return true;
   };
   try {
     return json::parse(text, callback);
+  } catch (const TooDeep&) {
+    return json();
   } catch (const json::exception& e) {
     c.fail("policy", std::string("is not valid JSON: ") + e.what());
     return json();

@@ -950,6 +950,8 @@ void Proxy::Impl::accept_loop() {
               count_handshake_failure(c.reason, "first bytes of the connection");
               ::close(p.fd);
             } else {
+              // gRPC's own acceptor makes sockets non-blocking; an external one must too.
+              ::fcntl(p.fd, F_SETFL, ::fcntl(p.fd, F_GETFL) | O_NONBLOCK);
               grpc::experimental::ExternalConnectionAcceptor::NewConnectionParameters params;
               params.listener_fd = listen_fd;
               params.fd = p.fd;

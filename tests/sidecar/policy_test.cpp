@@ -527,6 +527,30 @@ TEST(PolicyParse, RefusesMalformedJsonDuplicateKeysAndNonObjects) {
   EXPECT_TRUE(has_problem(ps, "shards", "duplicate key"));
 }
 
+// Found by tests/fuzz/policy_fuzz: deep nesting that fits in the 1 MiB limit built one
+// path string per level (memory and time quadratic in the depth: 300 000 levels ran out
+// of memory) and overflowed the stack in nlohmann's recursive dump when the value was
+// quoted in a message. Nesting past 32 levels is now refused while parsing.
+TEST(PolicyParse, RefusesDeepNestingCheaply) {
+  const std::size_t depth = 400000;  // 800 KB
+  const std::string deep = std::string(depth, '[') + std::string(depth, ']');
+  for (const std::string& doc :
+       {deep, R"({"version":)" + deep + "}", R"({"ingress":[{"peers":)" + deep + "}]}"}) {
+    const std::vector<PolicyProblem> ps = problems_of(doc);
+    SCOPED_TRACE(dump(ps).substr(0, 500));
+    ASSERT_EQ(ps.size(), 1u);
+    EXPECT_NE(ps[0].message.find("nested more than 32 levels"), std::string::npos);
+  }
+  // The problem names the container that went too deep; 32 levels still parse.
+  std::string path = "version";
+  for (int i = 0; i < 31; ++i) path += "[0]";
+  auto nested = [](int levels) {
+    return R"({"version":)" + std::string(levels, '[') + std::string(levels, ']') + "}";
+  };
+  EXPECT_TRUE(has_problem(problems_of(nested(32)), path, "nested more than 32 levels"));
+  EXPECT_TRUE(has_problem(problems_of(nested(31)), "version", "must be an integer"));
+}
+
 TEST(PolicyParse, RefusesPatternsOtherThanTheShardWildcard) {
   for (const std::string& bad : std::vector<std::string>{
            "spiffe://shardguard.local/ns/ml/job/fmnist/shard/*/x",
