@@ -12,6 +12,8 @@ prometheus::Histogram::BucketBoundaries seconds_buckets() {
 constexpr char kComputeHelp[] =
     "Compute time of one forward or backward pass over a micro-batch, or of one optimizer step.";
 constexpr char kBytesHelp[] = "Bytes of tensor-frame requests (activations, gradients) to and from the neighbours.";
+constexpr char kMessageBytesHelp[] =
+    "Bytes of every gRPC message on the pipeline links (frames, control messages, replies); equals the sidecars' shardguard_proxy_bytes_total.";
 constexpr char kFramesHelp[] = "Tensor frames to and from the neighbours.";
 
 Labels with(Labels base, const std::string& k, const std::string& v) {
@@ -58,6 +60,10 @@ StageMetrics::StageMetrics(prometheus::Registry& r, const Labels& l)
                          with(l, "direction", "sent"))),
       bytes_received(counter(r, "shardguard_pipeline_bytes_total",
                              kBytesHelp, with(l, "direction", "received"))),
+      message_bytes_sent(counter(r, "shardguard_pipeline_message_bytes_total", kMessageBytesHelp,
+                                 with(l, "direction", "sent"))),
+      message_bytes_received(counter(r, "shardguard_pipeline_message_bytes_total", kMessageBytesHelp,
+                                     with(l, "direction", "received"))),
       frames_sent(counter(r, "shardguard_pipeline_frames_total", kFramesHelp,
                           with(l, "direction", "sent"))),
       frames_received(counter(r, "shardguard_pipeline_frames_total", kFramesHelp,

@@ -26,6 +26,7 @@
 #include "shardguard/shardd/schedule.h"
 #include "shardguard/shardd/tensor_codec.h"
 #include "shardguard/shardd/trainer.h"
+#include "shardguard/shardd/wire_bytes.h"
 #include "shardguard/v1/pipeline.grpc.pb.h"
 
 namespace shardguard::shardd {
@@ -52,7 +53,7 @@ bool retryable(const grpc::Status& s) {
   }
 }
 
-std::shared_ptr<grpc::Channel> make_channel(const std::string& address) {
+std::shared_ptr<grpc::Channel> make_channel(const std::string& address, WireByteCounters wire) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(-1);
   args.SetMaxSendMessageSize(-1);
@@ -61,15 +62,16 @@ std::shared_ptr<grpc::Channel> make_channel(const std::string& address) {
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   // shardd only ever talks to loopback (its neighbour, or the sidecar in front of
   // it); the sidecar adds mTLS on the way between pods.
-  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  return grpc::experimental::CreateCustomChannelWithInterceptors(address, grpc::InsecureChannelCredentials(), args,
+                                                                 wire_byte_client_interceptors(wire));
 }
 
 // A neighbour: a stub plus retry-with-backoff for calls that must get through.
 class Peer {
  public:
-  Peer(std::string name, const std::string& address, double budget_s)
+  Peer(std::string name, const std::string& address, double budget_s, WireByteCounters wire)
       : name_(std::move(name)), address_(address), budget_s_(budget_s),
-        stub_(v1::Pipeline::NewStub(make_channel(address))) {}
+        stub_(v1::Pipeline::NewStub(make_channel(address, wire))) {}
 
   const std::string& describe() const { return name_; }
 
@@ -306,6 +308,7 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
     builder.SetMaxSendMessageSize(-1);
     builder.AddListeningPort(opt_.listen, grpc::InsecureServerCredentials(), &port_);
     builder.RegisterService(this);
+    builder.experimental().SetInterceptorCreators(wire_byte_server_interceptors(wire_counters()));
     server_ = builder.BuildAndStart();
     if (!server_ || port_ == 0) {
       throw std::runtime_error("--listen: cannot listen on " + opt_.listen + " (address in use or invalid)");
@@ -338,8 +341,8 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
   void connect() {
     if (!first_ && opt_.prev.empty()) throw std::invalid_argument("--prev is required for stage " + std::to_string(opt_.stage));
     if (!last_ && opt_.next.empty()) throw std::invalid_argument("--next is required for stage " + std::to_string(opt_.stage));
-    if (!first_) prev_ = std::make_unique<Peer>("stage " + std::to_string(opt_.stage - 1), opt_.prev, opt_.retry_budget_s);
-    if (!last_) next_ = std::make_unique<Peer>("stage " + std::to_string(opt_.stage + 1), opt_.next, opt_.retry_budget_s);
+    if (!first_) prev_ = std::make_unique<Peer>("stage " + std::to_string(opt_.stage - 1), opt_.prev, opt_.retry_budget_s, wire_counters());
+    if (!last_) next_ = std::make_unique<Peer>("stage " + std::to_string(opt_.stage + 1), opt_.next, opt_.retry_budget_s, wire_counters());
     auto gen = [this] { return generation_.load(); };
     auto fatal = [this](const std::string& e) { fail(e); };
     // At most one step's frames wait in a queue (plus the evaluation batches in flight).
@@ -404,6 +407,10 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
       log::error("stage stopped", {{"stage", opt_.stage}, {"reason", result.error}, {"steps", done_}});
     }
     shutdown();
+    // After the server and the channels are down, so that nothing is still moving.
+    log::info("pipeline traffic", {{"stage", opt_.stage},
+                                   {"message_bytes_sent", metrics_.message_bytes_sent.Value()},
+                                   {"message_bytes_received", metrics_.message_bytes_received.Value()}});
     return result;
   }
 
@@ -604,6 +611,8 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
     if (!err.empty()) return {grpc::StatusCode::FAILED_PRECONDITION, "stage " + std::to_string(opt_.stage) + ": " + err};
     return grpc::Status::OK;
   }
+
+  WireByteCounters wire_counters() { return {&metrics_.message_bytes_sent, &metrics_.message_bytes_received}; }
 
   double control_deadline() const { return opt_.retry_budget_s * (n_ + 1) + opt_.peer_timeout_s; }
 

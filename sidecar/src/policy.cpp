@@ -33,6 +33,11 @@ bool is_digit(char c) { return c >= '0' && c <= '9'; }
 
 char to_lower(char c) { return is_upper(c) ? static_cast<char>(c - 'A' + 'a') : c; }
 
+std::string lower(std::string s) {
+  for (char& c : s) c = to_lower(c);
+  return s;
+}
+
 bool iequals(const std::string& a, const std::string& b) {
   if (a.size() != b.size()) return false;
   for (std::size_t i = 0; i < a.size(); ++i) {
@@ -370,11 +375,14 @@ bool is_rule_name(const std::string& name) {
 }
 
 // A list of distinct strings, each checked by `problem` (returns "" when fine).
+// Duplicates are looked up in a map, not by comparing every pair: a 1 MiB policy holds
+// tens of thousands of items, and pairwise checks took minutes.
 template <class Problem>
 std::vector<std::string> string_list(Checker& c, const json* v, const std::string& path,
                                      const char* what, Problem problem,
                                      bool case_insensitive_duplicates) {
   std::vector<std::string> out;
+  std::map<std::string, std::size_t> first;  // item (lower-cased if so) -> its index in out
   if (!c.array(v, path)) return out;
   if (v->empty()) c.fail(path, std::string("must list at least one ") + what);
   for (std::size_t i = 0; i < v->size(); ++i) {
@@ -386,13 +394,9 @@ std::vector<std::string> string_list(Checker& c, const json* v, const std::strin
       c.fail(item_path, msg);
       continue;
     }
-    for (std::size_t j = 0; j < out.size(); ++j) {
-      const bool dup = case_insensitive_duplicates ? iequals(out[j], *s) : out[j] == *s;
-      if (dup) {
-        c.fail(item_path, "duplicate of " + quote(out[j]));
-        break;
-      }
-    }
+    const auto [it, inserted] =
+        first.emplace(case_insensitive_duplicates ? lower(*s) : *s, out.size());
+    if (!inserted) c.fail(item_path, "duplicate of " + quote(out[it->second]));
     out.push_back(*s);
   }
   return out;
@@ -463,6 +467,7 @@ ExportRules parse_export(Checker& c, const json* v, const std::string& trust_dom
   if (!out.allowed && !list->empty()) {
     c.fail(list_path, "must be empty when export.allowed is false");
   }
+  std::set<std::string> peers;  // of the principals so far
   for (std::size_t i = 0; i < list->size(); ++i) {
     const std::string p_path = at(list_path, i);
     const json& p = (*list)[i];
@@ -477,9 +482,7 @@ ExportRules parse_export(Checker& c, const json* v, const std::string& trust_dom
       } else {
         msg = peer_problem(*peer, trust_domain);
       }
-      for (const ExportPrincipal& seen : out.principals) {
-        if (msg.empty() && seen.peer == *peer) msg = "duplicate principal " + quote(*peer);
-      }
+      if (msg.empty() && peers.count(*peer) != 0) msg = "duplicate principal " + quote(*peer);
       if (!msg.empty()) c.fail(peer_path, msg);
       principal.peer = *peer;
     }
@@ -491,29 +494,36 @@ ExportRules parse_export(Checker& c, const json* v, const std::string& trust_dom
       }
       principal.budget_bytes = *budget;
     }
+    peers.insert(principal.peer);
     out.principals.push_back(std::move(principal));
   }
   return out;
 }
 
 // Case variants across rules would make a call ambiguous (exact for one rule,
-// malformed for another), so they are refused outright.
+// malformed for another), so they are refused outright. Each method is reported
+// against the first earlier method that is spelled differently, so per lower-cased
+// method only the first two spellings (with their paths) are needed.
 void check_case_variants(Checker& c, const std::vector<PolicyRule>& ingress,
                          const std::vector<PolicyRule>& egress) {
-  std::vector<std::pair<std::string, std::string>> seen;  // method, path
+  std::map<std::string, std::vector<std::pair<std::string, std::string>>> seen;
   auto scan = [&](const std::vector<PolicyRule>& rules, const std::string& dir) {
     for (std::size_t i = 0; i < rules.size(); ++i) {
       for (std::size_t j = 0; j < rules[i].methods.size(); ++j) {
         const std::string& m = rules[i].methods[j];
         const std::string path = at(join(at(dir, i), "methods"), j);
-        for (const auto& [other, other_path] : seen) {
-          if (other != m && iequals(other, m)) {
+        std::vector<std::pair<std::string, std::string>>& spellings = seen[lower(m)];
+        bool known = false;
+        for (const auto& [other, other_path] : spellings) {
+          if (other == m) {
+            known = true;
+          } else {
             c.fail(path, quote(m) + " differs only in letter case from " + quote(other) + " at " +
                              other_path);
             break;
           }
         }
-        seen.emplace_back(m, path);
+        if (!known && spellings.size() < 2) spellings.emplace_back(m, path);
       }
     }
   };
@@ -635,7 +645,11 @@ std::string to_json(const Policy& policy) {
       {"egress", rules(policy.egress())},
       {"export", {{"allowed", policy.exports().allowed}, {"principals", principals}}},
   };
-  return doc.dump(2);
+  // Indented for people, unless that would pass the size limit parse_policy enforces
+  // (a policy near 1 MiB grows by half when indented).
+  std::string text = doc.dump(2);
+  if (text.size() > kMaxPolicyBytes) text = doc.dump();
+  return text;
 }
 
 Decision decide(const Policy& policy, Direction direction, const std::string& peer_spiffe_id,

@@ -578,7 +578,7 @@ class Relay : public grpc::ServerGenericBidiReactor {
         open_upstream();
         [[fallthrough]];
       case kWrite:
-        count_out(size);
+        request_size_ = size;  // counted when the other side took it (up_write_done)
         upstream_.StartWrite(&request_);
         break;
       case kOpenAndClose:
@@ -596,6 +596,7 @@ class Relay : public grpc::ServerGenericBidiReactor {
   }
 
   void OnWriteDone(bool ok) override {
+    if (ok) count_back(response_size_);
     bool read_next = false, cancel = false, finish = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -669,6 +670,7 @@ class Relay : public grpc::ServerGenericBidiReactor {
   }
 
   void up_write_done(bool ok) {
+    if (ok) count_out(request_size_);
     bool read_next = false, release = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -714,7 +716,7 @@ class Relay : public grpc::ServerGenericBidiReactor {
           ctx_->AddInitialMetadata(key, std::string(kv.second.data(), kv.second.size()));
         }
       }
-      count_back(size);
+      response_size_ = size;  // counted when the caller took it (OnWriteDone)
       StartWrite(&response_);
     }
     if (release) release_hold();
@@ -760,6 +762,8 @@ class Relay : public grpc::ServerGenericBidiReactor {
   Upstream upstream_;
   grpc::ByteBuffer request_;
   grpc::ByteBuffer response_;
+  size_t request_size_ = 0;   // of the request write in flight
+  size_t response_size_ = 0;  // of the reply write in flight
   std::mutex mu_;
   bool down_read_pending_ = false;
   bool down_write_pending_ = false;

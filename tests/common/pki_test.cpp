@@ -197,6 +197,25 @@ TEST_F(PkiTest, PkiNotAfterOfGarbageThrows) {
   EXPECT_THROW(not_after(""), PkiError);
 }
 
+// Found by tests/fuzz/svid_fuzz: a notAfter past 2262 overflowed system_clock's
+// nanoseconds in from_time_t (undefined behaviour; RFC 5280 even recommends
+// 99991231235959Z for "no expiry"). Such dates are clamped to the clock's range.
+TEST_F(PkiTest, PkiNotAfterClampsDatesTheClockCannotHold) {
+  constexpr long kYear = 365L * 24 * 3600;
+  LeafSpec far;
+  far.not_after = 600 * kYear;
+  EXPECT_EQ(not_after(build_leaf(*ca_, far)), Clock::time_point::max());
+  LeafSpec past;
+  past.not_before = -401 * kYear;
+  past.not_after = -400 * kYear;
+  EXPECT_EQ(not_after(build_leaf(*ca_, past)), Clock::time_point::min());
+  LeafSpec inside;
+  inside.not_after = 200 * kYear;  // 2200s: still representable, not clamped
+  const auto end = not_after(build_leaf(*ca_, inside));
+  EXPECT_LT(end, Clock::time_point::max());
+  EXPECT_GT(end, Clock::now() + hours(24 * 365 * 199));
+}
+
 TEST_F(PkiTest, PkiVerifiesAgainstMultiCaBundle) {
   const Leaf leaf = issue_leaf(*ca_, id_, hours(1));
   const SvidCheck r = verify_svid(leaf.cert_pem, other_ca_->cert_pem + ca_->cert_pem, Clock::now());

@@ -30,6 +30,8 @@ struct StageMetrics {
   prometheus::Histogram& optimizer_seconds;
   prometheus::Counter& bytes_sent;
   prometheus::Counter& bytes_received;
+  prometheus::Counter& message_bytes_sent;      // every message on the links, see wire_bytes.h
+  prometheus::Counter& message_bytes_received;
   prometheus::Counter& frames_sent;
   prometheus::Counter& frames_received;
   prometheus::Counter& transport_seconds;

@@ -171,7 +171,8 @@ struct Decision {
 // Parses and validates a policy document. Throws PolicyError naming every problem.
 Policy parse_policy(const std::string& json_text);
 
-// The policy as JSON, every field present (keys sorted); parse_policy(to_json(p)) == p.
+// The policy as JSON, every field present (keys sorted), indented by 2 unless that
+// would exceed parse_policy's 1 MiB limit (then compact); parse_policy(to_json(p)) == p.
 std::string to_json(const Policy& policy);
 
 // The pure decision. No I/O, no allocation beyond the returned strings, no throw
