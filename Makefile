@@ -3,26 +3,29 @@
 #   make deps    install every Debian package the project needs (apt-get, as root)
 #   make build   configure and build everything into build/ (binaries in build/bin/)
 #   make test    deps + build + every test, then the non-LibTorch tests again under
-#                AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/)
+#                AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/), then
+#                `make fuzz-smoke` (each libFuzzer target for 20 s, build-fuzz/)
 #   make demo    deps + build + a 4-shard CNN on Fashion-MNIST, locally
 #   make bench   deps + build + benchmarks → build/bench/results.jsonl
 
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
+FUZZ_BUILD ?= build-fuzz
+FUZZ_SECONDS ?= 300
 JOBS       ?= $(shell nproc)
 CMAKE_GEN  := $(shell command -v ninja >/dev/null 2>&1 && echo "-G Ninja")
 
 # Every package, by Debian name. libopenblas0-pthread replaces the reference
 # BLAS that LibTorch would otherwise use (about ten times slower).
 DEB_PACKAGES := \
-  build-essential cmake ninja-build ccache pkg-config \
+  build-essential cmake ninja-build ccache pkg-config clang libclang-rt-14-dev \
   libtorch-dev libopenblas0-pthread \
   libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev \
   prometheus-cpp-dev nlohmann-json3-dev libyaml-cpp-dev libcli11-dev libcpp-httplib-dev \
   libssl-dev zlib1g-dev libgtest-dev libgmock-dev libbenchmark-dev \
   dataset-fashion-mnist
 
-.PHONY: all deps build configure test test-unit test-asan demo bench clean
+.PHONY: all deps build configure test test-unit test-asan demo bench clean fuzz-build fuzz-smoke fuzz
 
 all: build
 
@@ -46,6 +49,7 @@ build: configure
 test: deps build
 	cd $(BUILD) && OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE ctest --output-on-failure --timeout 900 -j 1
 	$(MAKE) test-asan
+	$(MAKE) fuzz-smoke
 
 # The tests of everything that does not link LibTorch, under ASan + UBSan.
 test-asan:
@@ -54,6 +58,22 @@ test-asan:
 	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  ctest --output-on-failure --timeout 600 -j 1
 
+# libFuzzer targets (tests/fuzz/) in their own clang tree: no LibTorch, no tests, only
+# the fuzz executables and the libraries they link. See docs/development.md, Fuzzing.
+FUZZ_TARGETS := policy svid
+fuzz-build:
+	CC=clang CXX=clang++ cmake -S . -B $(FUZZ_BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	  "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -gline-tables-only" -DSHARDGUARD_WITH_TORCH=OFF \
+	  -DSHARDGUARD_BUILD_TESTS=OFF -DSHARDGUARD_BUILD_BENCH=OFF -DSHARDGUARD_FUZZ=ON
+	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target $(FUZZ_TARGETS:%=%_fuzz)
+
+# Each target for 20 s on a copy of its seed corpus; fails on any crash.
+fuzz-smoke: fuzz-build
+	tests/fuzz/run_fuzzers.sh $(FUZZ_BUILD) 20 $(FUZZ_TARGETS)
+
+fuzz: fuzz-build
+	tests/fuzz/run_fuzzers.sh $(FUZZ_BUILD) $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
 demo: deps build
 	$(BUILD)/bin/shardctl run examples/fashion-mnist-cnn.yaml --workdir $(BUILD)/demo --fresh
 
@@ -61,4 +81,4 @@ bench: deps build
 	$(BUILD)/bin/pipeline_bench --out $(BUILD)/bench/results.jsonl
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)

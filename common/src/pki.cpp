@@ -466,9 +466,19 @@ SvidCheck verify_svid(const std::string& leaf_pem, const std::string& ca_pem, st
 }
 
 std::chrono::system_clock::time_point not_after(const std::string& cert_pem) {
+  using Clock = std::chrono::system_clock;
   Cert cert = parse_cert(cert_pem);
   if (!cert) throw PkiError("certificate PEM does not parse");
-  return std::chrono::system_clock::from_time_t(cert_not_after(cert.get()));
+  // Clock counts nanoseconds (years 1677..2262), a certificate's time goes to 9999
+  // (RFC 5280's 99991231235959Z means "no expiry"): clamp instead of overflowing.
+  const time_t t = cert_not_after(cert.get());
+  if (t >= std::chrono::duration_cast<std::chrono::seconds>(Clock::duration::max()).count()) {
+    return Clock::time_point::max();
+  }
+  if (t <= std::chrono::duration_cast<std::chrono::seconds>(Clock::duration::min()).count()) {
+    return Clock::time_point::min();
+  }
+  return Clock::from_time_t(t);
 }
 
 }  // namespace shardguard

@@ -201,19 +201,23 @@ TEST_F(PkiTest, PkiNotAfterOfGarbageThrows) {
 // nanoseconds in from_time_t (undefined behaviour; RFC 5280 even recommends
 // 99991231235959Z for "no expiry"). Such dates are clamped to the clock's range.
 TEST_F(PkiTest, PkiNotAfterClampsDatesTheClockCannotHold) {
-  constexpr long kYear = 365L * 24 * 3600;
-  LeafSpec far;
-  far.not_after = 600 * kYear;
-  EXPECT_EQ(not_after(build_leaf(*ca_, far)), Clock::time_point::max());
-  LeafSpec past;
-  past.not_before = -401 * kYear;
-  past.not_after = -400 * kYear;
-  EXPECT_EQ(not_after(build_leaf(*ca_, past)), Clock::time_point::min());
-  LeafSpec inside;
-  inside.not_after = 200 * kYear;  // 2200s: still representable, not clamped
-  const auto end = not_after(build_leaf(*ca_, inside));
-  EXPECT_LT(end, Clock::time_point::max());
-  EXPECT_GT(end, Clock::now() + hours(24 * 365 * 199));
+  // A leaf with its notAfter rewritten (not re-signed: not_after reads, it does not verify).
+  auto with_not_after = [&](const char* generalized_time) {
+    TCert cert = cert_from_pem(issue_leaf(*ca_, id_, hours(1)).cert_pem);
+    std::unique_ptr<ASN1_TIME, void (*)(ASN1_TIME*)> t(ASN1_TIME_new(), ASN1_TIME_free);
+    EXPECT_EQ(ASN1_TIME_set_string(t.get(), generalized_time), 1) << generalized_time;
+    EXPECT_EQ(X509_set1_notAfter(cert.get(), t.get()), 1);
+    EXPECT_GT(i2d_re_X509_tbs(cert.get(), nullptr), 0);  // drop the cached encoding
+    TBio bio(BIO_new(BIO_s_mem()));
+    EXPECT_EQ(PEM_write_bio_X509(bio.get(), cert.get()), 1);
+    char* data = nullptr;
+    const long len = BIO_get_mem_data(bio.get(), &data);
+    return std::string(data, static_cast<size_t>(len));
+  };
+  EXPECT_EQ(not_after(with_not_after("99991231235959Z")), Clock::time_point::max());
+  EXPECT_EQ(not_after(with_not_after("25260101000000Z")), Clock::time_point::max());
+  EXPECT_EQ(not_after(with_not_after("16000101000000Z")), Clock::time_point::min());
+  EXPECT_EQ(not_after(with_not_after("22000101000000Z")), Clock::from_time_t(7258118400));  // 2200
 }
 
 TEST_F(PkiTest, PkiVerifiesAgainstMultiCaBundle) {

@@ -87,6 +87,8 @@ SvidCheck verify_svid(const std::string& leaf_pem, const std::string& ca_pem,
                       std::chrono::system_clock::time_point now, SvidRole role = SvidRole::client);
 
 // notAfter of the first certificate in cert_pem. Throws PkiError when it does not parse.
+// A notAfter the clock cannot hold (after 2262, e.g. 99991231235959Z for "no expiry",
+// or before 1677) gives time_point::max() (or min()).
 std::chrono::system_clock::time_point not_after(const std::string& cert_pem);
 
 }  // namespace shardguard
