@@ -254,6 +254,59 @@ struct Inbound {
 
 }  // namespace
 
+// Serves this shard's parameters as of its newest checkpoint (ShardExport in
+// pipeline.proto). Only the sidecar in front of shardd decides who may call it.
+class ExportService final : public v1::ShardExport::Service {
+ public:
+  static constexpr size_t kChunkBytes = 1 << 20;
+
+  // Copies the parameters (to CPU, float32) into a new snapshot. Training thread.
+  void publish(const torch::nn::Sequential& model, int64_t step) {
+    auto bytes = std::make_shared<std::string>();
+    for (const auto& p : model->parameters()) {
+      const auto t = p.detach().to(torch::kCPU, torch::kFloat32).contiguous();
+      bytes->append(static_cast<const char*>(t.data_ptr()), static_cast<size_t>(t.numel()) * sizeof(float));
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    snapshot_ = std::move(bytes);
+    step_ = step;
+  }
+
+  grpc::Status Export(grpc::ServerContext* ctx, const v1::ExportRequest* req,
+                      grpc::ServerWriter<v1::ExportChunk>* writer) override {
+    std::shared_ptr<const std::string> bytes;
+    int64_t step = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      bytes = snapshot_;
+      step = step_;
+    }
+    if (!bytes) return {grpc::StatusCode::UNAVAILABLE, "no checkpoint written yet: nothing to export"};
+    const uint64_t total = bytes->size();
+    if (req->length() == 0 || req->offset() >= total || req->length() > total - req->offset()) {
+      return {grpc::StatusCode::OUT_OF_RANGE, "range [" + std::to_string(req->offset()) + ", +" +
+                                                  std::to_string(req->length()) + ") is not within the shard's " +
+                                                  std::to_string(total) + " parameter bytes"};
+    }
+    for (uint64_t at = req->offset(), end = req->offset() + req->length(); at < end && !ctx->IsCancelled();) {
+      const uint64_t n = std::min<uint64_t>(kChunkBytes, end - at);
+      v1::ExportChunk chunk;
+      chunk.set_offset(at);
+      chunk.set_data(bytes->data() + at, n);
+      chunk.set_total_bytes(total);
+      chunk.set_step(step);
+      if (!writer->Write(chunk)) return {grpc::StatusCode::CANCELLED, "the caller went away"};
+      at += n;
+    }
+    return grpc::Status::OK;
+  }
+
+ private:
+  std::mutex mu_;
+  std::shared_ptr<const std::string> snapshot_;
+  int64_t step_ = 0;
+};
+
 class StageRunner::Impl final : public v1::Pipeline::Service {
  public:
   Impl(StageOptions options, std::shared_ptr<prometheus::Registry> registry, StageEvents events)
@@ -308,6 +361,7 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
     builder.SetMaxSendMessageSize(-1);
     builder.AddListeningPort(opt_.listen, grpc::InsecureServerCredentials(), &port_);
     builder.RegisterService(this);
+    builder.RegisterService(&export_);
     builder.experimental().SetInterceptorCreators(wire_byte_server_interceptors(wire_counters()));
     server_ = builder.BuildAndStart();
     if (!server_ || port_ == 0) {
@@ -705,6 +759,7 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
       }
       metrics_.checkpoint_loads.Increment();
       metrics_.checkpoint_step.Set(static_cast<double>(step));
+      export_.publish(model_, step);
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -1054,6 +1109,7 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
     metrics_.checkpoint_writes.Increment();
     metrics_.checkpoint_step.Set(static_cast<double>(step));
     last_checkpoint_ = step;
+    export_.publish(model_, step);
     log::info("checkpoint written", {{"stage", opt_.stage}, {"step", step}, {"path", store_->path_for(step)}});
   }
 
@@ -1101,6 +1157,7 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
   std::vector<PipeOp> schedule_;
   std::vector<int64_t> in_shape_, out_shape_;
   torch::nn::Sequential model_{nullptr};
+  ExportService export_;
   std::unique_ptr<torch::optim::Optimizer> optimizer_;
   int64_t parameters_ = 0;
   std::unique_ptr<CheckpointStore> store_;

@@ -42,7 +42,10 @@
 #include "shardguard/common/log.h"
 #include "shardguard/common/metrics_server.h"
 #include "shardguard/common/pki.h"
+#include "shardguard/common/crypto.h"
 #include "shardguard/sidecar/audit.h"
+#include "shardguard/sidecar/ledger.h"
+#include "shardguard/v1/pipeline.pb.h"
 #include "shardguard/sidecar/policy.h"
 #include "shardguard/sidecar/policy_store.h"
 
@@ -226,6 +229,14 @@ struct SidecarMetrics {
                               .Help("Successful policy loads so far; 0 = no policy, everything is refused")
                               .Register(r)
                               .Add({})),
+        exposed(prometheus::BuildCounter()
+                    .Name("shardguard_param_bytes_exposed_total")
+                    .Help("Unique parameter bytes of a shard a principal has received through export")
+                    .Register(r)),
+        exposure_ratio(prometheus::BuildGauge()
+                           .Name("shardguard_exposure_ratio")
+                           .Help("Share of a shard's parameter bytes a principal has received through export")
+                           .Register(r)),
         cert_reloads(prometheus::BuildCounter()
                          .Name("shardguard_cert_reloads_total")
                          .Help("Certificate, key or CA bundle file changes picked up")
@@ -249,6 +260,8 @@ struct SidecarMetrics {
   prometheus::Gauge& cert_expiry;
   prometheus::Family<prometheus::Counter>& reloads;
   prometheus::Gauge& policy_generation;
+  prometheus::Family<prometheus::Counter>& exposed;
+  prometheus::Family<prometheus::Gauge>& exposure_ratio;
   prometheus::Counter& cert_reloads;
   std::map<std::string, prometheus::Histogram*> duration_by_direction;
   prometheus::Counter* reloads_ok = nullptr;
@@ -275,6 +288,9 @@ struct Proxy::Impl {
   SidecarMetrics metrics;
   std::unique_ptr<PolicyStore> policy;
   std::unique_ptr<AuditLog> audit;
+  std::mutex ledger_mu;  // guards ledger (budget check + record are one step)
+  std::unique_ptr<ExposureLedger> ledger;
+  std::string ledger_key;
   WatchedFile ca_file;
   WatchedFile cert_file;
   WatchedFile key_file;
@@ -360,6 +376,19 @@ struct Proxy::Impl {
     e.decision = "deny";
     std::string error;
     if (!audit->append(e, &error)) log::error("audit log append failed", {{"error", error}});
+  }
+
+  void audit_event(AuditEvent e) {
+    if (!audit) return;
+    std::string error;
+    if (!audit->append(e, &error)) log::error("audit log append failed", {{"error", error}});
+  }
+  // Publishes one (principal, shard) of the ledger; ledger_mu held.
+  void publish_exposure(const std::string& principal, uint32_t shard, uint64_t newly) {
+    const prometheus::Labels l{{"peer", principal}, {"shard", std::to_string(shard)}};
+    auto& c = metrics.exposed.Add(l);
+    if (newly > 0) c.Increment(static_cast<double>(newly));
+    metrics.exposure_ratio.Add(l).Set(ledger->ratio(principal, shard));
   }
 
   // --- certificates ---------------------------------------------------------
@@ -499,11 +528,33 @@ std::shared_ptr<grpc::ChannelCredentials> Proxy::Impl::peer_credentials(const st
 // ---------------------------------------------------------------------------
 // The relay: one downstream call (server side) ⇄ one upstream call (client side)
 
+// Sees every message of a call before it is forwarded; a non-OK status stops the
+// call with that status and the message is not forwarded.
+class MessageGuard {
+ public:
+  virtual ~MessageGuard() = default;
+  virtual grpc::Status request(const grpc::ByteBuffer& message) = 0;
+  virtual grpc::Status response(const grpc::ByteBuffer& message) = 0;
+  // Called once the call is over (possibly twice: must be idempotent).
+  virtual void done(grpc::StatusCode code) = 0;
+};
+
+std::string buffer_bytes(const grpc::ByteBuffer& buffer) {
+  std::vector<grpc::Slice> slices;
+  std::string out;
+  if (!buffer.Dump(&slices).ok()) return out;
+  out.reserve(buffer.Length());
+  for (const auto& sl : slices) out.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
+  return out;
+}
+
 class Relay : public grpc::ServerGenericBidiReactor {
  public:
   Relay(Proxy::Impl* impl, grpc::GenericCallbackServerContext* ctx, const char* direction)
       : impl_(impl), ctx_(ctx), direction_(direction), method_(ctx->method()), started_at_(Clock::now()),
         upstream_(this) {}
+
+  void set_guard(std::unique_ptr<MessageGuard> guard) { guard_ = std::move(guard); }
 
   // Refuses the call without reading anything from it.
   void refuse(grpc::Status status) {
@@ -536,11 +587,19 @@ class Relay : public grpc::ServerGenericBidiReactor {
   void OnReadDone(bool ok) override {
     enum { kNone, kOpenAndWrite, kWrite, kOpenAndClose, kClose, kCancelOversize } action = kNone;
     size_t size = 0;
+    grpc::Status guarded;
+    if (ok && guard_ && static_cast<int64_t>(request_.Length()) <= impl_->config.max_message_bytes) {
+      guarded = guard_->request(request_);
+    }
     {
       std::lock_guard<std::mutex> lock(mu_);
       down_read_pending_ = false;
       if (up_finished_ || up_abandoned_) {
         action = kNone;
+      } else if (ok && !guarded.ok()) {
+        action = kCancelOversize;
+        override_ = guarded;
+        up_abandoned_ = true;
       } else if (ok) {
         size = request_.Length();
         if (static_cast<int64_t>(size) > impl_->config.max_message_bytes) {
@@ -564,9 +623,11 @@ class Relay : public grpc::ServerGenericBidiReactor {
     switch (action) {
       case kNone: break;
       case kCancelOversize:
-        log::warn("message over the size limit refused",
-                  {{"peer", peer_}, {"method", method_}, {"bytes", size},
-                   {"limit", impl_->config.max_message_bytes}});
+        if (guarded.ok()) {
+          log::warn("message over the size limit refused",
+                    {{"peer", peer_}, {"method", method_}, {"bytes", size},
+                     {"limit", impl_->config.max_message_bytes}});
+        }
         if (upstream_started_) {
           cctx_.TryCancel();
           release_hold();
@@ -620,6 +681,7 @@ class Relay : public grpc::ServerGenericBidiReactor {
   }
 
   void OnDone() override {
+    if (guard_) guard_->done(final_code_);
     impl_->count_request(method_, final_code_, direction_, started_at_);
     delete this;
   }
@@ -688,6 +750,20 @@ class Relay : public grpc::ServerGenericBidiReactor {
   }
 
   void up_read_done(bool ok) {
+    if (ok && guard_) {
+      grpc::Status st = guard_->response(response_);
+      if (!st.ok()) {  // not forwarded: end the call with that status
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          override_ = std::move(st);
+          up_abandoned_ = true;
+          up_reads_ended_ = true;
+        }
+        cctx_.TryCancel();
+        release_hold();
+        return;
+      }
+    }
     bool write = false, first = false, release = false;
     size_t size = 0;
     {
@@ -723,6 +799,7 @@ class Relay : public grpc::ServerGenericBidiReactor {
   }
 
   void up_done(const grpc::Status& status) {
+    if (guard_) guard_->done(override_.ok() ? status.error_code() : override_.error_code());
     for (const auto& kv : cctx_.GetServerTrailingMetadata()) {
       const std::string key(kv.first.data(), kv.first.size());
       if (key.empty() || key[0] == ':' || key.rfind("grpc-", 0) == 0) continue;
@@ -733,6 +810,7 @@ class Relay : public grpc::ServerGenericBidiReactor {
       up_finished_ = true;
       final_status_ = override_.ok() ? status : override_;
       // A reply still being written downstream goes out first: OnWriteDone finishes.
+      // (The guard has persisted what it must before the caller sees the status.)
       if (down_write_pending_) {
         finish_after_write_ = true;
         return;
@@ -778,9 +856,119 @@ class Relay : public grpc::ServerGenericBidiReactor {
   bool finish_after_write_ = false;
   bool up_reads_ended_ = false;
   std::atomic<bool> upstream_started_{false};
+  std::unique_ptr<MessageGuard> guard_;
   grpc::Status override_ = grpc::Status::OK;
   grpc::Status final_status_;
   grpc::StatusCode final_code_ = grpc::StatusCode::OK;
+};
+
+// The exposure ledger at work on one export call (see proxy.h).
+class ExportGuard : public MessageGuard {
+ public:
+  ExportGuard(Proxy::Impl* impl, std::string principal, int64_t budget, uint32_t shard)
+      : impl_(impl), principal_(std::move(principal)), budget_(static_cast<uint64_t>(budget)), shard_(shard) {}
+
+  grpc::Status request(const grpc::ByteBuffer& message) override {
+    v1::ExportRequest req;
+    if (seen_request_) return refuse(grpc::StatusCode::INVALID_ARGUMENT, "an export carries exactly one request", 0);
+    seen_request_ = true;
+    if (!req.ParseFromString(buffer_bytes(message))) {
+      return refuse(grpc::StatusCode::INVALID_ARGUMENT, "the request is not an ExportRequest", 0);
+    }
+    begin_ = req.offset();
+    if (req.length() == 0 || req.length() > UINT64_MAX - req.offset()) {
+      return refuse(grpc::StatusCode::INVALID_ARGUMENT,
+                    "ExportRequest.length " + std::to_string(req.length()) + " must be > 0 and fit after offset " +
+                        std::to_string(req.offset()),
+                    0);
+    }
+    end_ = begin_ + req.length();
+    std::lock_guard<std::mutex> lock(impl_->ledger_mu);
+    if (impl_->ledger->would_exceed(principal_, budget_, shard_, begin_, end_)) {
+      const uint64_t had = impl_->ledger->exposed_bytes(principal_);
+      return refuse(grpc::StatusCode::PERMISSION_DENIED,
+                    "export of bytes [" + std::to_string(begin_) + ", " + std::to_string(end_) + ") would take " +
+                        principal_ + " beyond its export budget of " + std::to_string(budget_) +
+                        " bytes (already received " + std::to_string(had) + ")",
+                    req.length());
+    }
+    Decision d;
+    d.allow = true;
+    d.rule = kRuleExport;
+    impl_->count_decision(d, kExportMethod, principal_);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status response(const grpc::ByteBuffer& message) override {
+    v1::ExportChunk chunk;
+    if (!chunk.ParseFromString(buffer_bytes(message))) {
+      return {grpc::StatusCode::INTERNAL, "shardd sent something that is not an ExportChunk; nothing forwarded"};
+    }
+    const uint64_t b = chunk.offset(), e = b + chunk.data().size();
+    if (b < begin_ || e > end_ || e < b) {
+      return {grpc::StatusCode::INTERNAL, "shardd sent bytes outside the requested range; nothing forwarded"};
+    }
+    std::lock_guard<std::mutex> lock(impl_->ledger_mu);
+    if (chunk.total_bytes() > 0) impl_->ledger->set_shard_bytes(shard_, chunk.total_bytes());
+    const auto newly = impl_->ledger->try_record(principal_, budget_, shard_, b, e);
+    if (!newly) {  // another export of the same principal took the budget meanwhile
+      return {grpc::StatusCode::PERMISSION_DENIED, "export budget of " + principal_ + " used up during the call"};
+    }
+    impl_->publish_exposure(principal_, shard_, *newly);
+    bytes_ += e - b;
+    ranges_.push_back({b, e});
+    dirty_ = true;
+    return grpc::Status::OK;
+  }
+
+  void done(grpc::StatusCode) override {
+    if (!dirty_) return;
+    dirty_ = false;  // once: at the end of the upstream call, or when the relay ends
+    {
+      std::lock_guard<std::mutex> lock(impl_->ledger_mu);
+      try {
+        impl_->ledger->save(impl_->config.ledger_file, impl_->ledger_key);
+      } catch (const std::exception& e) {
+        log::error("cannot save the exposure ledger", {{"file", impl_->config.ledger_file}, {"error", e.what()}});
+      }
+    }
+    AuditEvent ev;
+    ev.peer = principal_;
+    ev.method = kExportMethod;
+    ev.rule = kRuleExport;
+    ev.decision = "allow";
+    ev.bytes = bytes_;
+    ev.ranges_digest = ranges_digest(ranges_);
+    impl_->audit_event(ev);
+  }
+
+ private:
+  grpc::Status refuse(grpc::StatusCode code, const std::string& reason, uint64_t asked) {
+    Decision d;
+    d.rule = kRuleExportDenied;
+    d.reason = reason;
+    impl_->count_decision(d, kExportMethod, principal_);
+    log::warn("export refused", {{"peer", principal_}, {"reason", reason}});
+    AuditEvent ev;
+    ev.peer = principal_;
+    ev.method = kExportMethod;
+    ev.rule = kRuleExportDenied;
+    ev.decision = "deny";
+    ev.bytes = asked;
+    if (end_ > begin_) ev.ranges_digest = ranges_digest({{begin_, end_}});
+    impl_->audit_event(ev);
+    return {code, reason + " (rule " + kRuleExportDenied + ")"};
+  }
+
+  Proxy::Impl* impl_;
+  const std::string principal_;
+  const uint64_t budget_;
+  const uint32_t shard_;
+  bool seen_request_ = false;
+  uint64_t begin_ = 0, end_ = 0;
+  uint64_t bytes_ = 0;
+  std::vector<ByteRange> ranges_;
+  bool dirty_ = false;
 };
 
 grpc::ServerGenericBidiReactor* Proxy::Impl::inbound_call(grpc::GenericCallbackServerContext* ctx) {
@@ -802,18 +990,22 @@ grpc::ServerGenericBidiReactor* Proxy::Impl::inbound_call(grpc::GenericCallbackS
   } else {
     d = policy->decide(Direction::kIngress, peer, method);
   }
-  count_decision(d, method, peer);
+  if (d.allow && method == kExportMethod && !ledger) {
+    d.allow = false;
+    d.rule = kRuleExportDenied;
+    d.reason = "this sidecar keeps no exposure ledger (--ledger, --ledger-key), so it exports nothing";
+  }
+  const bool export_call = d.allow && method == kExportMethod;
+  if (!export_call) count_decision(d, method, peer);  // an export is counted by its guard
   if (!d.allow) {
     audit_deny(d, peer, method);
     relay->refuse(grpc::Status(grpc::StatusCode::PERMISSION_DENIED, d.reason + " (rule " + d.rule + ")"));
     return relay;
   }
-  if (method == kExportMethod) {
-    // Parameter export needs the ledger wiring of shardd's export service, which is
-    // not built yet: refuse rather than let parameter bytes out uncounted.
-    relay->refuse(grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                               "parameter export is not available in this version of shard-sidecar"));
-    return relay;
+  if (export_call) {
+    const auto p = policy->current();
+    relay->set_guard(std::make_unique<ExportGuard>(this, peer, d.export_budget_bytes,
+                                                   static_cast<uint32_t>(p ? p->shard() : 0)));
   }
   relay->forward(upstream_stub.get(), peer, "");
   return relay;
@@ -1007,6 +1199,10 @@ Proxy::Proxy(ProxyConfig config, std::shared_ptr<prometheus::Registry> registry)
   need(config.key_file, "key file (--key)");
   need(config.ca_file, "CA bundle (--ca)");
   need(config.policy_file, "policy file (--policy)");
+  if (config.ledger_file.empty() != config.ledger_key_file.empty()) {
+    throw std::invalid_argument("--ledger and --ledger-key go together (ledger \"" + config.ledger_file +
+                                "\", key \"" + config.ledger_key_file + "\")");
+  }
   auto address = [](const std::string& value, const char* field) {
     try {
       return split_host_port(value);
@@ -1062,6 +1258,17 @@ void Proxy::start() {
   }
   m.refresh_policy_metrics();
   if (!m.config.audit_file.empty()) m.audit = std::make_unique<AuditLog>(m.config.audit_file);
+  if (!m.config.ledger_file.empty()) {
+    try {
+      m.ledger_key = load_key_file(m.config.ledger_key_file);
+    } catch (const std::exception& e) {
+      throw std::runtime_error("ledger key (--ledger-key) \"" + m.config.ledger_key_file + "\": " + e.what());
+    }
+    // A tampered or foreign ledger stops the start: budgets must survive restarts.
+    m.ledger = std::make_unique<ExposureLedger>(ExposureLedger::load(m.config.ledger_file, m.ledger_key));
+    std::lock_guard<std::mutex> lock(m.ledger_mu);
+    for (const auto& e : m.ledger->entries()) m.publish_exposure(e.principal, e.shard, e.exposed_bytes);
+  }
 
   const unsigned refresh_s = static_cast<unsigned>(
       std::max<int64_t>(1, std::chrono::duration_cast<std::chrono::seconds>(m.config.reload_interval).count()));

@@ -25,6 +25,13 @@
 // 1.2+ ClientHello (plaintext, garbage, TLS <= 1.1) and clients that send nothing
 // within the handshake timeout.
 //
+// Parameter export (/shardguard.v1.ShardExport/Export, the only parameter-bearing
+// RPC): allowed by the policy's export section only; the requested byte range is
+// checked against the principal's budget in the exposure ledger before anything is
+// forwarded, every chunk coming back must lie inside it and is recorded, and the
+// ledger is saved (HMAC-sealed) at the end of the call. An allowed export is audited
+// with its bytes and the digest of its ranges.
+//
 // Certificates, key and CA bundle are files, re-read when they change (rotation
 // without dropping open streams); the policy is a PolicyStore (hot reload).
 #pragma once
@@ -60,6 +67,10 @@ struct ProxyConfig {
   // How often certificate, key, CA and policy files are checked for changes.
   std::chrono::milliseconds reload_interval{1000};
   std::string audit_file;  // optional: hash-chained audit log (audit.h)
+  // The exposure ledger (ledger.h): required for parameter export to be possible at
+  // all; without it every export is refused. The key file holds the 32-byte HMAC key.
+  std::string ledger_file;
+  std::string ledger_key_file;
 };
 
 // Bounded reason tokens for shardguard_tls_handshake_failures_total{reason} that the

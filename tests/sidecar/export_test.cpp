@@ -1,0 +1,236 @@
+// Parameter export through the sidecar (sidecar/proxy.h, ledger.h): the budget is
+// checked before anything is forwarded, every received range is recorded, and the
+// HMAC-sealed ledger keeps budgets across a restart and refuses to be tampered with.
+#include <gtest/gtest.h>
+
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <string>
+
+#include <grpcpp/grpcpp.h>
+#include <prometheus/registry.h>
+
+#include "shardguard/common/crypto.h"
+#include "shardguard/common/files.h"
+#include "shardguard/common/pki.h"
+#include "shardguard/sidecar/audit.h"
+#include "shardguard/sidecar/ledger.h"
+#include "shardguard/sidecar/policy.h"
+#include "shardguard/sidecar/proxy.h"
+#include "shardguard/v1/pipeline.grpc.pb.h"
+#include "support/grpc_echo.h"
+
+namespace shardguard::sidecar {
+namespace {
+
+using namespace std::chrono_literals;
+
+constexpr uint64_t kMiB = 1 << 20;
+constexpr uint64_t kShardBytes = 3 * kMiB;
+const std::string kTd = "shardguard.local";
+
+// What shardd's ShardExport does, over a fixed byte pattern: the sidecar's side of
+// the contract is under test here (the integration test uses the real shardd).
+class PatternExport final : public v1::ShardExport::Service {
+ public:
+  grpc::Status Export(grpc::ServerContext*, const v1::ExportRequest* req,
+                      grpc::ServerWriter<v1::ExportChunk>* writer) override {
+    calls++;
+    if (req->length() == 0 || req->offset() + req->length() > kShardBytes) {
+      return {grpc::StatusCode::OUT_OF_RANGE, "bad range"};
+    }
+    for (uint64_t at = req->offset(); at < req->offset() + req->length();) {
+      const uint64_t n = std::min<uint64_t>(kMiB, req->offset() + req->length() - at);
+      v1::ExportChunk c;
+      c.set_offset(rogue ? at + kShardBytes : at);
+      c.set_data(std::string(n, static_cast<char>('a' + at / kMiB)));
+      c.set_total_bytes(kShardBytes);
+      c.set_step(8);
+      if (!writer->Write(c)) break;
+      at += n;
+    }
+    return grpc::Status::OK;
+  }
+  std::atomic<int> calls{0};
+  std::atomic<bool> rogue{false};  // sends bytes outside the requested range
+};
+
+class ExportTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string tmpl = ::testing::TempDir() + "export_test.XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+    dir_ = tmpl;
+    grpc::ServerBuilder b;
+    b.RegisterService(&backend_);
+    b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &backend_port_);
+    server_ = b.BuildAndStart();
+    ASSERT_TRUE(server_ && backend_port_ > 0);
+
+    const CaBundle ca = create_ca("ca", std::chrono::hours(1));
+    exporter_ = issue_leaf(ca, exporter_spiffe_id(kTd, "ml", "fm"), std::chrono::hours(1));
+    const Leaf me = issue_leaf(ca, shard_spiffe_id(kTd, "ml", "fm", 1), std::chrono::hours(1));
+    write_file_atomic(dir_ + "/ca.pem", ca.cert_pem);
+    write_file_atomic(dir_ + "/cert.pem", me.cert_pem);
+    write_file_atomic(dir_ + "/key.pem", me.key_pem, 0600);
+    ExportRules rules;
+    rules.allowed = true;
+    rules.principals.push_back({exporter_spiffe_id(kTd, "ml", "fm"), static_cast<int64_t>(2 * kMiB)});
+    write_file_atomic(dir_ + "/policy.json", to_json(pipeline_policy(kTd, "ml", "fm", 1, 3, rules)));
+    generate_key_file(dir_ + "/ledger.key");
+  }
+  void TearDown() override {
+    proxy_.reset();
+    server_->Shutdown(std::chrono::system_clock::now() + 1s);
+    std::filesystem::remove_all(dir_);
+  }
+
+  void start_proxy() {
+    ProxyConfig c;
+    c.inbound_listen = c.outbound_listen = "127.0.0.1:0";
+    c.upstream = "127.0.0.1:" + std::to_string(backend_port_);
+    c.cert_file = dir_ + "/cert.pem";
+    c.key_file = dir_ + "/key.pem";
+    c.ca_file = dir_ + "/ca.pem";
+    c.policy_file = dir_ + "/policy.json";
+    c.audit_file = dir_ + "/audit.jsonl";
+    c.ledger_file = dir_ + "/ledger.json";
+    c.ledger_key_file = dir_ + "/ledger.key";
+    registry_ = std::make_shared<prometheus::Registry>();
+    proxy_ = std::make_unique<Proxy>(c, registry_);
+    proxy_->start();
+  }
+
+  // Pulls [offset, offset+length) as the exporter; returns the status and the bytes.
+  grpc::Status pull(uint64_t offset, uint64_t length, std::string* got = nullptr) {
+    auto channel = testsupport::tls_channel("127.0.0.1:" + std::to_string(proxy_->inbound_port()),
+                                            exporter_.cert_pem, exporter_.key_pem);
+    auto stub = v1::ShardExport::NewStub(channel);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + 20s);
+    v1::ExportRequest req;
+    req.set_offset(offset);
+    req.set_length(length);
+    auto reader = stub->Export(&ctx, req);
+    v1::ExportChunk chunk;
+    while (reader->Read(&chunk)) {
+      if (got) got->append(chunk.data());
+    }
+    return reader->Finish();
+  }
+
+  double metric(const std::string& name, const std::map<std::string, std::string>& labels) {
+    double total = 0;
+    for (const auto& f : registry_->Collect()) {
+      if (f.name != name) continue;
+      for (const auto& m : f.metric) {
+        bool match = true;
+        for (const auto& [k, v] : labels) {
+          bool found = false;
+          for (const auto& l : m.label) found = found || (l.name == k && l.value == v);
+          match = match && found;
+        }
+        if (match) total += m.counter.value + m.gauge.value;
+      }
+    }
+    return total;
+  }
+  std::map<std::string, std::string> exporter_labels() const {
+    return {{"peer", exporter_spiffe_id(kTd, "ml", "fm")}, {"shard", "1"}};
+  }
+
+  std::string dir_;
+  PatternExport backend_;
+  int backend_port_ = 0;
+  std::unique_ptr<grpc::Server> server_;
+  Leaf exporter_;
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<Proxy> proxy_;
+};
+
+TEST_F(ExportTest, WithinBudgetIsRecordedAndBeyondBudgetIsRefusedAcrossARestart) {
+  start_proxy();
+  std::string got;
+  ASSERT_TRUE(pull(0, kMiB, &got).ok());
+  EXPECT_EQ(got, std::string(kMiB, 'a'));
+  EXPECT_EQ(metric("shardguard_param_bytes_exposed_total", exporter_labels()), kMiB);
+  EXPECT_NEAR(metric("shardguard_exposure_ratio", exporter_labels()), 1.0 / 3, 1e-9);
+  // The same bytes again cost nothing; half new, half old costs the new half.
+  ASSERT_TRUE(pull(0, kMiB).ok());
+  ASSERT_TRUE(pull(kMiB / 2, kMiB).ok());
+  EXPECT_EQ(metric("shardguard_param_bytes_exposed_total", exporter_labels()), 1.5 * kMiB);
+  ASSERT_TRUE(pull(kMiB, kMiB).ok());  // exactly the 2 MiB budget now
+  const int calls = backend_.calls.load();
+
+  // One byte more is refused before anything reaches shardd.
+  const auto over = pull(2 * kMiB, 1);
+  EXPECT_EQ(over.error_code(), grpc::StatusCode::PERMISSION_DENIED) << over.error_message();
+  EXPECT_NE(over.error_message().find("budget"), std::string::npos) << over.error_message();
+  EXPECT_EQ(backend_.calls.load(), calls);
+  EXPECT_EQ(metric("shardguard_authz_decisions_total", {{"decision", "deny"}, {"rule", kRuleExportDenied}}), 1);
+
+  // A restart neither resets the budget nor the metrics.
+  proxy_.reset();
+  start_proxy();
+  EXPECT_EQ(metric("shardguard_param_bytes_exposed_total", exporter_labels()), 2 * kMiB);
+  EXPECT_EQ(pull(2 * kMiB, kMiB).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_TRUE(pull(0, 2 * kMiB).ok());  // already received: still free
+  EXPECT_EQ(backend_.calls.load(), calls + 1);
+
+  // The audit log holds every allow with its bytes and every deny, chained.
+  const auto v = verify_audit_log(dir_ + "/audit.jsonl");
+  EXPECT_TRUE(v.ok) << v.reason;
+  EXPECT_EQ(v.lines, 7u);
+}
+
+TEST_F(ExportTest, TamperedLedgerStopsTheStart) {
+  start_proxy();
+  ASSERT_TRUE(pull(0, kMiB).ok());
+  proxy_.reset();
+  std::string text = read_file(dir_ + "/ledger.json");
+  const auto at = text.find("1048576");
+  ASSERT_NE(at, std::string::npos) << text;
+  text.replace(at, 7, "0000001");
+  write_file_atomic(dir_ + "/ledger.json", text, 0600);
+  try {
+    start_proxy();
+    FAIL() << "started with a tampered ledger";
+  } catch (const LedgerError& e) {
+    EXPECT_NE(std::string(e.what()).find("ledger.json"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(ExportTest, MalformedRequestsAndRogueRepliesAreStopped) {
+  start_proxy();
+  EXPECT_EQ(pull(0, 0).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(pull(UINT64_MAX, 2).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(backend_.calls.load(), 0);
+  // shardd answering outside the requested range: nothing is forwarded or recorded.
+  backend_.rogue = true;
+  std::string got;
+  const auto st = pull(0, kMiB, &got);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INTERNAL) << st.error_message();
+  EXPECT_TRUE(got.empty());
+  EXPECT_EQ(metric("shardguard_param_bytes_exposed_total", exporter_labels()), 0);
+}
+
+TEST_F(ExportTest, WithoutALedgerNothingIsExported) {
+  ProxyConfig c;
+  c.inbound_listen = c.outbound_listen = "127.0.0.1:0";
+  c.upstream = "127.0.0.1:" + std::to_string(backend_port_);
+  c.cert_file = dir_ + "/cert.pem";
+  c.key_file = dir_ + "/key.pem";
+  c.ca_file = dir_ + "/ca.pem";
+  c.policy_file = dir_ + "/policy.json";
+  registry_ = std::make_shared<prometheus::Registry>();
+  proxy_ = std::make_unique<Proxy>(c, registry_);
+  proxy_->start();
+  const auto st = pull(0, kMiB);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_NE(st.error_message().find("ledger"), std::string::npos) << st.error_message();
+  EXPECT_EQ(backend_.calls.load(), 0);
+}
+
+}  // namespace
+}  // namespace shardguard::sidecar
