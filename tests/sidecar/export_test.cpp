@@ -20,6 +20,7 @@
 #include "shardguard/sidecar/proxy.h"
 #include "shardguard/v1/pipeline.grpc.pb.h"
 #include "support/grpc_echo.h"
+#include "support/wait.h"
 
 namespace shardguard::sidecar {
 namespace {
@@ -86,7 +87,7 @@ class ExportTest : public ::testing::Test {
     std::filesystem::remove_all(dir_);
   }
 
-  void start_proxy() {
+  void start_proxy(bool with_ledger = true) {
     ProxyConfig c;
     c.inbound_listen = c.outbound_listen = "127.0.0.1:0";
     c.upstream = "127.0.0.1:" + std::to_string(backend_port_);
@@ -95,8 +96,10 @@ class ExportTest : public ::testing::Test {
     c.ca_file = dir_ + "/ca.pem";
     c.policy_file = dir_ + "/policy.json";
     c.audit_file = dir_ + "/audit.jsonl";
-    c.ledger_file = dir_ + "/ledger.json";
-    c.ledger_key_file = dir_ + "/ledger.key";
+    if (with_ledger) {
+      c.ledger_file = dir_ + "/ledger.json";
+      c.ledger_key_file = dir_ + "/ledger.key";
+    }
     registry_ = std::make_shared<prometheus::Registry>();
     proxy_ = std::make_unique<Proxy>(c, registry_);
     proxy_->start();
@@ -121,20 +124,7 @@ class ExportTest : public ::testing::Test {
   }
 
   double metric(const std::string& name, const std::map<std::string, std::string>& labels) {
-    double total = 0;
-    for (const auto& f : registry_->Collect()) {
-      if (f.name != name) continue;
-      for (const auto& m : f.metric) {
-        bool match = true;
-        for (const auto& [k, v] : labels) {
-          bool found = false;
-          for (const auto& l : m.label) found = found || (l.name == k && l.value == v);
-          match = match && found;
-        }
-        if (match) total += m.counter.value + m.gauge.value;
-      }
-    }
-    return total;
+    return testsupport::registry_sum(*registry_, name, labels);
   }
   std::map<std::string, std::string> exporter_labels() const {
     return {{"peer", exporter_spiffe_id(kTd, "ml", "fm")}, {"shard", "1"}};
@@ -216,16 +206,7 @@ TEST_F(ExportTest, MalformedRequestsAndRogueRepliesAreStopped) {
 }
 
 TEST_F(ExportTest, WithoutALedgerNothingIsExported) {
-  ProxyConfig c;
-  c.inbound_listen = c.outbound_listen = "127.0.0.1:0";
-  c.upstream = "127.0.0.1:" + std::to_string(backend_port_);
-  c.cert_file = dir_ + "/cert.pem";
-  c.key_file = dir_ + "/key.pem";
-  c.ca_file = dir_ + "/ca.pem";
-  c.policy_file = dir_ + "/policy.json";
-  registry_ = std::make_shared<prometheus::Registry>();
-  proxy_ = std::make_unique<Proxy>(c, registry_);
-  proxy_->start();
+  start_proxy(/*with_ledger=*/false);
   const auto st = pull(0, kMiB);
   EXPECT_EQ(st.error_code(), grpc::StatusCode::PERMISSION_DENIED);
   EXPECT_NE(st.error_message().find("ledger"), std::string::npos) << st.error_message();

@@ -26,6 +26,7 @@
 #include "shardguard/sidecar/policy.h"
 #include "support/cert_factory.h"
 #include "support/grpc_echo.h"
+#include "support/wait.h"
 
 namespace shardguard::sidecar {
 namespace {
@@ -42,36 +43,11 @@ const std::string kJob = "fm";
 
 std::string shard_id(int i) { return shard_spiffe_id(kTd, kNs, kJob, i); }
 
-// Sum of the samples of `name` whose labels include `labels`.
 double metric(prometheus::Registry& registry, const std::string& name,
               const std::map<std::string, std::string>& labels = {}) {
-  double total = 0;
-  for (const auto& family : registry.Collect()) {
-    if (family.name != name) continue;
-    for (const auto& m : family.metric) {
-      bool match = true;
-      for (const auto& [k, v] : labels) {
-        bool found = false;
-        for (const auto& l : m.label) found = found || (l.name == k && l.value == v);
-        match = match && found;
-      }
-      if (!match) continue;
-      total += m.counter.value + m.gauge.value + static_cast<double>(m.histogram.sample_count);
-    }
-  }
-  return total;
+  return testsupport::registry_sum(registry, name, labels);
 }
-
-// Waits (bounded) until pred() holds; polls a condition, not a fixed sleep.
-template <typename Pred>
-bool eventually(Pred pred, std::chrono::milliseconds limit = 10s) {
-  const auto deadline = std::chrono::steady_clock::now() + limit;
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(10ms);
-  }
-  return pred();
-}
+using testsupport::eventually;
 
 class ProxyTest : public ::testing::Test {
  protected:
@@ -210,36 +186,66 @@ TEST_F(ProxyTest, ForwardCrossesBothSidecarsAndIsCountedOnEachSide) {
   EXPECT_TRUE(a_->ready(&why)) << why;
 }
 
+// A bidi stream over the generic API, driven step by step from the test thread.
+class Stream {
+ public:
+  Stream(const std::shared_ptr<grpc::Channel>& channel, const std::string& method)
+      : stub_(channel), call_(stub_.PrepareCall(&ctx_, method, &cq_)) {
+    call_->StartCall(tag(1));
+    started_ = next();
+  }
+  ~Stream() {
+    cq_.Shutdown();
+    void* t = nullptr;
+    bool ok = false;
+    while (cq_.Next(&t, &ok)) {
+    }
+  }
+  bool started() const { return started_; }
+  // Sends msg and waits for one reply; "<...>" when the stream broke.
+  std::string round_trip(const std::string& msg) {
+    call_->Write(testsupport::to_buffer(msg), tag(2));
+    if (!next()) return "<write failed>";
+    grpc::ByteBuffer back;
+    call_->Read(&back, tag(3));
+    if (!next()) return "<read failed>";
+    return testsupport::from_buffer(back);
+  }
+  grpc::Status close() {
+    call_->WritesDone(tag(4));
+    next();
+    grpc::Status status;
+    call_->Finish(&status, tag(5));
+    next();
+    return status;
+  }
+
+ private:
+  static void* tag(intptr_t i) { return reinterpret_cast<void*>(i); }
+  bool next() {
+    void* t = nullptr;
+    bool ok = false;
+    return cq_.Next(&t, &ok) && ok;
+  }
+  grpc::GenericStub stub_;
+  grpc::ClientContext ctx_;
+  grpc::CompletionQueue cq_;
+  std::unique_ptr<grpc::GenericClientAsyncReaderWriter> call_;
+  bool started_ = false;
+};
+
 TEST_F(ProxyTest, StreamIsRelayedMessageByMessage) {
   start_pair();
-  grpc::GenericStub stub(a_outbound());
-  grpc::ClientContext ctx;
-  grpc::CompletionQueue cq;
-  auto call = stub.PrepareCall(&ctx, kForwardMethod, &cq);
-  void* tag = nullptr;
-  bool ok = false;
-  call->StartCall(reinterpret_cast<void*>(1));
-  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+  Stream stream(a_outbound(), kForwardMethod);
+  ASSERT_TRUE(stream.started());
   for (int i = 0; i < 5; ++i) {
     const std::string msg(1 << 16, static_cast<char>('a' + i));
-    call->Write(testsupport::to_buffer(msg), reinterpret_cast<void*>(2));
-    ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
-    grpc::ByteBuffer back;
-    call->Read(&back, reinterpret_cast<void*>(3));
-    ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
     // Each reply arrives before the next request is sent: nothing is batched up.
-    EXPECT_EQ(testsupport::from_buffer(back), msg);
+    EXPECT_EQ(stream.round_trip(msg), msg);
   }
-  call->WritesDone(reinterpret_cast<void*>(4));
-  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
-  grpc::Status status;
-  call->Finish(&status, reinterpret_cast<void*>(5));
-  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+  const grpc::Status status = stream.close();
   EXPECT_TRUE(status.ok()) << status.error_message();
   EXPECT_EQ(backend_b_.messages(), 5);
-  cq.Shutdown();
-  while (cq.Next(&tag, &ok)) {
-  }
 }
 
 TEST_F(ProxyTest, EgressToNoAllowedPeerIsRefusedLocally) {
@@ -512,23 +518,9 @@ TEST_F(ProxyTest, ClassifiesFirstBytes) {
 TEST_F(ProxyTest, RotatedCertificateIsServedWithoutDroppingOpenStreams) {
   start_pair();
   // An open stream from A to B.
-  grpc::GenericStub stub(a_outbound());
-  grpc::ClientContext ctx;
-  grpc::CompletionQueue cq;
-  auto call = stub.PrepareCall(&ctx, kForwardMethod, &cq);
-  void* tag = nullptr;
-  bool ok = false;
-  call->StartCall(reinterpret_cast<void*>(1));
-  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
-  auto round_trip = [&](const std::string& msg) {
-    call->Write(testsupport::to_buffer(msg), reinterpret_cast<void*>(2));
-    if (!cq.Next(&tag, &ok) || !ok) return std::string("<write failed>");
-    grpc::ByteBuffer back;
-    call->Read(&back, reinterpret_cast<void*>(3));
-    if (!cq.Next(&tag, &ok) || !ok) return std::string("<read failed>");
-    return testsupport::from_buffer(back);
-  };
-  EXPECT_EQ(round_trip("before"), "before");
+  Stream stream(a_outbound(), kForwardMethod);
+  ASSERT_TRUE(stream.started());
+  EXPECT_EQ(stream.round_trip("before"), "before");
 
   // Rotate B's certificate and key (same identity, new key), as a re-issue would.
   const Leaf rotated = issue_leaf(*ca_, shard_id(1), std::chrono::hours(48));
@@ -539,7 +531,7 @@ TEST_F(ProxyTest, RotatedCertificateIsServedWithoutDroppingOpenStreams) {
             std::chrono::duration_cast<std::chrono::seconds>(not_after(rotated.cert_pem).time_since_epoch()).count());
 
   // The open stream still works.
-  EXPECT_EQ(round_trip("after"), "after");
+  EXPECT_EQ(stream.round_trip("after"), "after");
   // New connections get the new certificate (gRPC's file watcher refreshes each second).
   auto seen = std::make_shared<std::string>();
   EXPECT_TRUE(eventually(
@@ -550,15 +542,8 @@ TEST_F(ProxyTest, RotatedCertificateIsServedWithoutDroppingOpenStreams) {
       },
       15s));
 
-  call->WritesDone(reinterpret_cast<void*>(4));
-  cq.Next(&tag, &ok);
-  grpc::Status status;
-  call->Finish(&status, reinterpret_cast<void*>(5));
-  ASSERT_TRUE(cq.Next(&tag, &ok));
+  const grpc::Status status = stream.close();
   EXPECT_TRUE(status.ok()) << status.error_message();
-  cq.Shutdown();
-  while (cq.Next(&tag, &ok)) {
-  }
 }
 
 TEST_F(ProxyTest, ConfigErrorsNameTheFieldAndValue) {
