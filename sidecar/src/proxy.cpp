@@ -672,7 +672,10 @@ class Relay : public grpc::ServerGenericBidiReactor {
       }
     }
     if (read_next) upstream_.StartRead(&response_);
-    if (cancel) cctx_.TryCancel();
+    if (cancel) {  // the caller is gone: tear the upstream call down, read no more
+      cctx_.TryCancel();
+      release_read_hold();
+    }
     if (finish) finish_downstream(final_status_);
   }
 
@@ -701,8 +704,14 @@ class Relay : public grpc::ServerGenericBidiReactor {
 
   void open_upstream() {
     stub_->PrepareBidiStreamingCall(&cctx_, method_, grpc::StubOptions(), &upstream_);
-    upstream_.AddHold();  // released once no more writes will be started
+    // Two holds keep the upstream call alive while this relay may still start an
+    // operation on it from outside its own callbacks: one until no more writes will
+    // be started, one until no more reads will (the reply stream ended, or the call
+    // is being torn down). Without the read hold, gRPC may end the call between a
+    // reply's downstream write and the next upstream read.
+    upstream_.AddMultipleHolds(2);
     hold_ = true;
+    read_hold_ = true;
     upstream_started_ = true;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -718,6 +727,15 @@ class Relay : public grpc::ServerGenericBidiReactor {
       std::lock_guard<std::mutex> lock(mu_);
       release = hold_;
       hold_ = false;
+    }
+    if (release) upstream_.RemoveHold();
+  }
+  void release_read_hold() {
+    bool release = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      release = read_hold_;
+      read_hold_ = false;
     }
     if (release) upstream_.RemoveHold();
   }
@@ -756,11 +774,13 @@ class Relay : public grpc::ServerGenericBidiReactor {
         {
           std::lock_guard<std::mutex> lock(mu_);
           override_ = std::move(st);
+          up_read_pending_ = false;
           up_abandoned_ = true;
           up_reads_ended_ = true;
         }
         cctx_.TryCancel();
         release_hold();
+        release_read_hold();
         return;
       }
     }
@@ -796,6 +816,7 @@ class Relay : public grpc::ServerGenericBidiReactor {
       StartWrite(&response_);
     }
     if (release) release_hold();
+    if (!ok) release_read_hold();  // the reply stream has ended: no more reads
   }
 
   void up_done(const grpc::Status& status) {
@@ -850,7 +871,8 @@ class Relay : public grpc::ServerGenericBidiReactor {
   bool up_open_ = false;
   bool up_abandoned_ = false;  // no more upstream writes will be started
   bool up_finished_ = false;
-  bool hold_ = false;
+  bool hold_ = false;       // the write hold, see open_upstream
+  bool read_hold_ = false;  // the read hold
   bool finished_ = false;
   bool sent_initial_metadata_ = false;
   bool finish_after_write_ = false;
