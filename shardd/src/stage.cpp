@@ -45,9 +45,10 @@ bool retryable(const grpc::Status& s) {
   switch (s.error_code()) {
     case grpc::StatusCode::UNAVAILABLE:
     case grpc::StatusCode::DEADLINE_EXCEEDED:
-    case grpc::StatusCode::RESOURCE_EXHAUSTED:
     case grpc::StatusCode::ABORTED:
       return true;
+    // Not RESOURCE_EXHAUSTED: a sidecar answers it for a message over its size
+    // limit, which the same message will never get under.
     default:
       return false;
   }

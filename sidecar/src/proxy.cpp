@@ -321,6 +321,7 @@ struct Proxy::Impl {
   bool stopping = false;
   std::atomic<bool> started{false};
   std::atomic<bool> certs_ok{false};
+  bool cert_parses = false;  // maintenance thread (and start) only
   uint64_t seen_reloads_ok = 0;
   uint64_t seen_reload_errors = 0;
 
@@ -400,8 +401,18 @@ struct Proxy::Impl {
       const std::string cert = cert_file.get(&c1);
       key_file.get(&c2);
       ca_file.get(&c3);
-      if (c1) metrics.cert_expiry.Set(static_cast<double>(
-                  std::chrono::duration_cast<std::chrono::seconds>(not_after(cert).time_since_epoch()).count()));
+      if (c1) {
+        // A certificate that does not parse leaves the sidecar not ready until the
+        // file changes again (PkiError below).
+        cert_parses = false;
+        metrics.cert_expiry.Set(static_cast<double>(
+            std::chrono::duration_cast<std::chrono::seconds>(not_after(cert).time_since_epoch()).count()));
+        cert_parses = true;
+      }
+      if (!cert_parses) {
+        certs_ok = false;
+        return;
+      }
       if (certs_ok.load() && (c1 || c2 || c3)) {
         metrics.cert_reloads.Increment();
         log::info("certificate files changed; new handshakes use them",
@@ -409,7 +420,8 @@ struct Proxy::Impl {
       }
       certs_ok = true;
     } catch (const std::exception& e) {
-      log::error("cannot read certificate files", {{"error", e.what()}});
+      certs_ok = false;
+      log::error("cannot read or parse the certificate files", {{"error", e.what()}});
     }
   }
   void refresh_policy_metrics() {
@@ -565,7 +577,7 @@ class Relay : public grpc::ServerGenericBidiReactor {
   // Starts relaying to `stub`: reads the first message; the upstream call is opened
   // when it arrives (or when the caller half-closes), so a refused or oversized
   // first message never reaches the other side.
-  void forward(grpc::GenericStub* stub, std::string peer, std::string target_header_to_drop) {
+  void forward(grpc::GenericStub* stub, std::string peer) {
     stub_ = stub;
     peer_ = std::move(peer);
     for (const auto& kv : ctx_->client_metadata()) {
@@ -918,6 +930,7 @@ class ExportGuard : public MessageGuard {
     d.allow = true;
     d.rule = kRuleExport;
     impl_->count_decision(d, kExportMethod, principal_);
+    accepted_ = true;
     return grpc::Status::OK;
   }
 
@@ -937,23 +950,24 @@ class ExportGuard : public MessageGuard {
       return {grpc::StatusCode::PERMISSION_DENIED, "export budget of " + principal_ + " used up during the call"};
     }
     impl_->publish_exposure(principal_, shard_, *newly);
+    // Persisted before the bytes go out: a crash after this point over-counts, never
+    // under-counts what the principal received.
+    try {
+      impl_->ledger->save(impl_->config.ledger_file, impl_->ledger_key);
+    } catch (const std::exception& ex) {
+      log::error("cannot save the exposure ledger; export stopped",
+                 {{"file", impl_->config.ledger_file}, {"error", ex.what()}});
+      return {grpc::StatusCode::INTERNAL, "the exposure ledger cannot be saved; nothing more is exported"};
+    }
     bytes_ += e - b;
     ranges_.push_back({b, e});
-    dirty_ = true;
     return grpc::Status::OK;
   }
 
+  // Audits an accepted export once, with what it really carried (maybe nothing).
   void done(grpc::StatusCode) override {
-    if (!dirty_) return;
-    dirty_ = false;  // once: at the end of the upstream call, or when the relay ends
-    {
-      std::lock_guard<std::mutex> lock(impl_->ledger_mu);
-      try {
-        impl_->ledger->save(impl_->config.ledger_file, impl_->ledger_key);
-      } catch (const std::exception& e) {
-        log::error("cannot save the exposure ledger", {{"file", impl_->config.ledger_file}, {"error", e.what()}});
-      }
-    }
+    if (!accepted_ || audited_) return;
+    audited_ = true;
     AuditEvent ev;
     ev.peer = principal_;
     ev.method = kExportMethod;
@@ -990,7 +1004,8 @@ class ExportGuard : public MessageGuard {
   uint64_t begin_ = 0, end_ = 0;
   uint64_t bytes_ = 0;
   std::vector<ByteRange> ranges_;
-  bool dirty_ = false;
+  bool accepted_ = false;
+  bool audited_ = false;
 };
 
 grpc::ServerGenericBidiReactor* Proxy::Impl::inbound_call(grpc::GenericCallbackServerContext* ctx) {
@@ -1029,7 +1044,7 @@ grpc::ServerGenericBidiReactor* Proxy::Impl::inbound_call(grpc::GenericCallbackS
     relay->set_guard(std::make_unique<ExportGuard>(this, peer, d.export_budget_bytes,
                                                    static_cast<uint32_t>(p ? p->shard() : 0)));
   }
-  relay->forward(upstream_stub.get(), peer, "");
+  relay->forward(upstream_stub.get(), peer);
   return relay;
 }
 
@@ -1069,7 +1084,10 @@ grpc::ServerGenericBidiReactor* Proxy::Impl::outbound_call(grpc::GenericCallback
     deny_reason = std::to_string(allowed.size()) + " peers may receive " + method + "; name one in the " +
                   kTargetHeader + " header";
   }
-  const std::string peer_label = allowed.size() == 1 ? allowed[0] : requested;
+  // Labels stay bounded: only configured peers, or "unknown" for anything else the
+  // local shardd may put in the header.
+  const std::string peer_label =
+      allowed.size() == 1 ? allowed[0] : (peers.count(requested) ? requested : std::string("unknown"));
   if (!deny_reason.empty()) {
     last.reason = deny_reason;
     count_decision(last, method, peer_label);
@@ -1078,7 +1096,7 @@ grpc::ServerGenericBidiReactor* Proxy::Impl::outbound_call(grpc::GenericCallback
     return relay;
   }
   count_decision(last, method, peer_label);
-  relay->forward(peers.at(peer_label).stub.get(), peer_label, kTargetHeader);
+  relay->forward(peers.at(peer_label).stub.get(), peer_label);
   return relay;
 }
 
