@@ -7,6 +7,7 @@
 #                `make fuzz-smoke` (each libFuzzer target for 20 s, build-fuzz/)
 #   make demo    deps + build + a 4-shard CNN on Fashion-MNIST, locally
 #   make bench   deps + build + benchmarks → build/bench/results.jsonl
+#                (pipeline_bench, then sidecar_bench; `make bench-sidecar` runs only the latter)
 
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
@@ -25,7 +26,7 @@ DEB_PACKAGES := \
   libssl-dev zlib1g-dev libgtest-dev libgmock-dev libbenchmark-dev \
   dataset-fashion-mnist
 
-.PHONY: all deps build configure test test-unit test-asan demo bench clean fuzz-build fuzz-smoke fuzz
+.PHONY: all deps build configure test test-unit test-asan demo bench bench-sidecar clean fuzz-build fuzz-smoke fuzz
 
 all: build
 
@@ -79,6 +80,12 @@ demo: deps build
 
 bench: deps build
 	$(BUILD)/bin/pipeline_bench --out $(BUILD)/bench/results.jsonl
+	$(BUILD)/bin/sidecar_bench --out $(BUILD)/bench/results.jsonl
+
+# Only the sidecar benchmark (no LibTorch needed): appends to build/bench/results.jsonl.
+bench-sidecar: configure
+	cmake --build $(BUILD) -j $(JOBS) --target sidecar_bench shard-sidecar
+	$(BUILD)/bin/sidecar_bench --out $(BUILD)/bench/results.jsonl
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)
