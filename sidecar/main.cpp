@@ -1,4 +1,5 @@
 // shard-sidecar: the mTLS proxy in front of and behind one shardd (see proxy.h).
+#include <malloc.h>
 #include <pthread.h>
 
 #include <csignal>
@@ -77,6 +78,9 @@ int RunSidecar(Flags flags) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Two malloc arenas instead of one per thread: gRPC's threads otherwise each keep
+  // freed 1 MiB message buffers, which doubled the peak RSS while streaming.
+  mallopt(M_ARENA_MAX, 2);
   shardguard::log::set_component("shard-sidecar");
   CLI::App app{"shard-sidecar: mTLS proxy that enforces the shard access policy in front of and behind shardd"};
   Flags f;
