@@ -387,7 +387,14 @@ std::vector<std::pair<std::string, const json*>> decoded_leaves() {
 
 // ---- the CRD object ----------------------------------------------------------
 
+// Stops a test early (rather than indexing a missing key) when the CRD is not there.
+#define ASSERT_CRD_LOADED()                                                              \
+  ASSERT_TRUE(crd().is_object() && crd().contains("metadata") && crd().contains("spec") && \
+              crd()["spec"].contains("versions") && !crd()["spec"]["versions"].empty())  \
+      << "cannot load " << kCrdPath
+
 TEST(Crd, NamesScopeAndVersion) {
+  ASSERT_CRD_LOADED();
   const json& c = crd();
   EXPECT_EQ(c.value("apiVersion", ""), "apiextensions.k8s.io/v1");
   EXPECT_EQ(c.value("kind", ""), "CustomResourceDefinition");
@@ -417,6 +424,7 @@ TEST(Crd, NamesScopeAndVersion) {
 }
 
 TEST(Crd, PrinterColumns) {
+  ASSERT_CRD_LOADED();
   const json& columns = crd()["spec"]["versions"][0]["additionalPrinterColumns"];
   const std::vector<std::vector<std::string>> expected = {
       {"Phase", "string", ".status.phase"},
