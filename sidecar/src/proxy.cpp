@@ -271,8 +271,38 @@ struct SidecarMetrics {
 // ---------------------------------------------------------------------------
 // Impl
 
-class Relay;
 class SvidVerifier;
+class AsyncRelay;
+
+// Sees every message of a call before it is forwarded; a non-OK status stops the
+// call with that status and the message is not forwarded.
+class MessageGuard {
+ public:
+  virtual ~MessageGuard() = default;
+  virtual grpc::Status request(const grpc::ByteBuffer& message) = 0;
+  virtual grpc::Status response(const grpc::ByteBuffer& message) = 0;
+  // Called once the call is over (possibly twice: must be idempotent).
+  virtual void done(grpc::StatusCode code) = 0;
+};
+
+std::string buffer_bytes(const grpc::ByteBuffer& buffer) {
+  std::vector<grpc::Slice> slices;
+  std::string out;
+  if (!buffer.Dump(&slices).ok()) return out;
+  out.reserve(buffer.Length());
+  for (const auto& sl : slices) out.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
+  return out;
+}
+
+// Where a call goes, decided once when it arrives (Impl::route_inbound / route_outbound).
+struct Route {
+  bool allow = false;
+  grpc::Status refusal;  // when !allow
+  grpc::GenericStub* stub = nullptr;
+  std::string peer;  // the peer's SPIFFE ID, also the metrics label
+  std::unique_ptr<MessageGuard> guard;
+};
+
 
 struct Proxy::Impl {
   Impl(ProxyConfig c, std::shared_ptr<prometheus::Registry> r)
@@ -305,8 +335,20 @@ struct Proxy::Impl {
   };
   std::map<std::string, Peer> peers;  // by SPIFFE ID; fixed after start()
 
-  std::unique_ptr<grpc::CallbackGenericService> inbound_service;
-  std::unique_ptr<grpc::CallbackGenericService> outbound_service;
+  // One gRPC server per listener, served by one thread on one completion queue:
+  // both halves of every relay (the server call and its upstream client call) use
+  // that queue, so a message crosses the sidecar without a thread hand-off.
+  struct Listener {
+    explicit Listener(const char* d) : direction(d) {}
+    const char* direction;  // "inbound" | "outbound"
+    std::atomic<int> live{0};  // relays of this listener (accept slots included)
+    grpc::AsyncGenericService service;
+    std::unique_ptr<grpc::ServerCompletionQueue> cq;
+    std::thread thread;
+  };
+  Listener inbound_listener{"inbound"};
+  Listener outbound_listener{"outbound"};
+  std::atomic<bool> accepting{false};
   std::unique_ptr<grpc::Server> inbound_server;
   std::unique_ptr<grpc::Server> outbound_server;
   std::unique_ptr<grpc::experimental::ExternalConnectionAcceptor> acceptor;
@@ -458,8 +500,9 @@ struct Proxy::Impl {
   void start_acceptor();
 
   // --- relays ---------------------------------------------------------------
-  grpc::ServerGenericBidiReactor* inbound_call(grpc::GenericCallbackServerContext* ctx);
-  grpc::ServerGenericBidiReactor* outbound_call(grpc::GenericCallbackServerContext* ctx);
+  Route route_inbound(grpc::GenericServerContext* ctx);
+  Route route_outbound(grpc::GenericServerContext* ctx);
+  void serve(Listener& l);
 
   std::shared_ptr<grpc::ChannelCredentials> peer_credentials(const std::string& expected_id);
   std::shared_ptr<grpc::ServerCredentials> inbound_credentials();
@@ -540,362 +583,348 @@ std::shared_ptr<grpc::ChannelCredentials> Proxy::Impl::peer_credentials(const st
 // ---------------------------------------------------------------------------
 // The relay: one downstream call (server side) ⇄ one upstream call (client side)
 
-// Sees every message of a call before it is forwarded; a non-OK status stops the
-// call with that status and the message is not forwarded.
-class MessageGuard {
+// One relayed call: the downstream call on a listener (server side) and the
+// upstream call it opens (client side), both on the listener's completion queue and
+// so both handled by its one serving thread — no locks, no thread hand-offs. At most
+// one read and one write are in flight per direction, and the next read in a
+// direction starts only when the previous message was written on the other side:
+// gRPC's flow control reaches from one end to the other.
+class AsyncRelay {
  public:
-  virtual ~MessageGuard() = default;
-  virtual grpc::Status request(const grpc::ByteBuffer& message) = 0;
-  virtual grpc::Status response(const grpc::ByteBuffer& message) = 0;
-  // Called once the call is over (possibly twice: must be idempotent).
-  virtual void done(grpc::StatusCode code) = 0;
-};
-
-std::string buffer_bytes(const grpc::ByteBuffer& buffer) {
-  std::vector<grpc::Slice> slices;
-  std::string out;
-  if (!buffer.Dump(&slices).ok()) return out;
-  out.reserve(buffer.Length());
-  for (const auto& sl : slices) out.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
-  return out;
-}
-
-class Relay : public grpc::ServerGenericBidiReactor {
- public:
-  Relay(Proxy::Impl* impl, grpc::GenericCallbackServerContext* ctx, const char* direction)
-      : impl_(impl), ctx_(ctx), direction_(direction), method_(ctx->method()), started_at_(Clock::now()),
-        upstream_(this) {}
-
-  void set_guard(std::unique_ptr<MessageGuard> guard) { guard_ = std::move(guard); }
-
-  // Refuses the call without reading anything from it.
-  void refuse(grpc::Status status) {
-    final_code_ = status.error_code();
-    Finish(std::move(status));
+  AsyncRelay(Proxy::Impl* impl, Proxy::Impl::Listener* l) : impl_(impl), l_(l), stream_(&ctx_) {
+    l_->live++;
+    ctx_.AsyncNotifyWhenDone(&done_tag_);
+    ++ops_;
+    l_->service.RequestCall(&ctx_, &stream_, l_->cq.get(), l_->cq.get(), &accept_tag_);
   }
 
-  // Starts relaying to `stub`: reads the first message; the upstream call is opened
-  // when it arrives (or when the caller half-closes), so a refused or oversized
-  // first message never reaches the other side.
-  void forward(grpc::GenericStub* stub, std::string peer) {
-    stub_ = stub;
-    peer_ = std::move(peer);
-    for (const auto& kv : ctx_->client_metadata()) {
+  // A completion-queue tag: the relay and the step to run.
+  struct Tag {
+    AsyncRelay* relay;
+    void (AsyncRelay::*step)(bool);
+    void run(bool ok) { (relay->*step)(ok); }
+  };
+
+ private:
+  ~AsyncRelay() { l_->live--; }
+
+  // ---- arrival and decision ------------------------------------------------------
+  void on_accept(bool ok) {
+    --ops_;
+    if (!ok) return maybe_delete();  // the server is shutting down; no call came
+    accepted_ = true;
+    ++ops_;  // the done tag is delivered for every call that started
+    if (impl_->accepting.load()) new AsyncRelay(impl_, l_);  // the next call's slot
+    started_at_ = Clock::now();
+    method_ = ctx_.method();
+    Route r = std::strcmp(l_->direction, "inbound") == 0 ? impl_->route_inbound(&ctx_) : impl_->route_outbound(&ctx_);
+    if (!r.allow) {
+      finish_down(r.refusal);  // nothing was read from the call, nothing goes anywhere
+      return maybe_delete();
+    }
+    stub_ = r.stub;
+    peer_ = std::move(r.peer);
+    guard_ = std::move(r.guard);
+    for (const auto& kv : ctx_.client_metadata()) {
       const std::string key(kv.first.data(), kv.first.size());
-      if (key.empty() || key[0] == ':' || key.rfind("grpc-", 0) == 0 || key == "user-agent" ||
-          key == "te" || key == "content-type" || key == kTargetHeader) {
+      if (key.empty() || key[0] == ':' || key.rfind("grpc-", 0) == 0 || key == "user-agent" || key == "te" ||
+          key == "content-type" || key == kTargetHeader) {
         continue;
       }
       cctx_.AddMetadata(key, std::string(kv.second.data(), kv.second.size()));
     }
-    if (ctx_->deadline() != std::chrono::system_clock::time_point::max()) {
-      cctx_.set_deadline(ctx_->deadline());
-    }
-    down_read_pending_ = true;
-    StartRead(&request_);
+    if (ctx_.deadline() != std::chrono::system_clock::time_point::max()) cctx_.set_deadline(ctx_.deadline());
+    read_down();
+    maybe_delete();
   }
 
-  // ---- downstream (server side) -------------------------------------------
-  void OnReadDone(bool ok) override {
-    enum { kNone, kOpenAndWrite, kWrite, kOpenAndClose, kClose, kCancelOversize } action = kNone;
-    size_t size = 0;
-    grpc::Status guarded;
-    if (ok && guard_ && static_cast<int64_t>(request_.Length()) <= impl_->config.max_message_bytes) {
-      guarded = guard_->request(request_);
-    }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      down_read_pending_ = false;
-      if (up_finished_ || up_abandoned_) {
-        action = kNone;
-      } else if (ok && !guarded.ok()) {
-        action = kCancelOversize;
-        override_ = guarded;
-        up_abandoned_ = true;
-      } else if (ok) {
-        size = request_.Length();
-        if (static_cast<int64_t>(size) > impl_->config.max_message_bytes) {
-          action = kCancelOversize;
-          override_ = grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                                   "message of " + std::to_string(size) +
-                                       " bytes exceeds the sidecar's limit of " +
-                                       std::to_string(impl_->config.max_message_bytes) + " bytes");
-          up_abandoned_ = true;
-        } else {
-          action = up_open_ ? kWrite : kOpenAndWrite;
-          up_open_ = true;
-          up_write_pending_ = true;
-        }
+  // ---- requests: downstream → upstream ---------------------------------------------
+  void read_down() {
+    ++ops_;
+    stream_.Read(&request_, &down_read_tag_);
+  }
+
+  void on_down_read(bool ok) {
+    --ops_;
+    if (finishing_down_) return maybe_delete();
+    if (ok) {
+      const size_t size = request_.Length();
+      grpc::Status refused;
+      if (static_cast<int64_t>(size) > impl_->config.max_message_bytes) {
+        refused = grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                               "message of " + std::to_string(size) + " bytes exceeds the sidecar's limit of " +
+                                   std::to_string(impl_->config.max_message_bytes) + " bytes");
+        log::warn("message over the size limit refused", {{"peer", peer_}, {"method", method_}, {"bytes", size},
+                                                           {"limit", impl_->config.max_message_bytes}});
+      } else if (guard_) {
+        refused = guard_->request(request_);
+      }
+      if (!refused.ok()) {
+        stop_with(refused);
+        return maybe_delete();
+      }
+      request_size_ = size;
+      if (!up_started_) {
+        start_up();
+        pending_write_ = true;  // written once the call has started
       } else {
-        action = up_open_ ? kClose : kOpenAndClose;
-        up_open_ = true;
-        up_abandoned_ = true;  // no more writes: release the hold below
+        write_up();
       }
+    } else if (!up_started_) {  // half-closed (or cancelled) before any message
+      if (ctx_.IsCancelled()) {
+        finish_down(grpc::Status::CANCELLED);
+        return maybe_delete();
+      }
+      start_up();
+      pending_writes_done_ = true;
+    } else if (up_ready_) {
+      if (!up_finishing_) {
+        ++ops_;
+        call_->WritesDone(&up_writes_done_tag_);
+      }
+    } else {
+      pending_writes_done_ = true;
     }
-    switch (action) {
-      case kNone: break;
-      case kCancelOversize:
-        if (guarded.ok()) {
-          log::warn("message over the size limit refused",
-                    {{"peer", peer_}, {"method", method_}, {"bytes", size},
-                     {"limit", impl_->config.max_message_bytes}});
-        }
-        if (upstream_started_) {
-          cctx_.TryCancel();
-          release_hold();
-        } else {
-          finish_downstream(override_);
-        }
-        break;
-      case kOpenAndWrite:
-        open_upstream();
-        [[fallthrough]];
-      case kWrite:
-        request_size_ = size;  // counted when the other side took it (up_write_done)
-        upstream_.StartWrite(&request_);
-        break;
-      case kOpenAndClose:
-        if (ctx_->IsCancelled()) {  // the caller went away before sending anything
-          finish_downstream(grpc::Status::CANCELLED);
-          break;
-        }
-        open_upstream();
-        [[fallthrough]];
-      case kClose:
-        upstream_.StartWritesDone();
-        release_hold();
-        break;
-    }
+    maybe_delete();
   }
 
-  void OnWriteDone(bool ok) override {
-    if (ok) count_back(response_size_);
-    bool read_next = false, cancel = false, finish = false;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      down_write_pending_ = false;
-      if (finish_after_write_) {
-        finish = true;
-      } else if (ok && !up_finished_) {
-        read_next = true;
-        up_read_pending_ = true;
-      } else if (!ok) {
-        cancel = true;
+  void start_up() {
+    up_started_ = true;
+    call_ = stub_->PrepareCall(&cctx_, method_, l_->cq.get());
+    ++ops_;
+    call_->StartCall(&up_start_tag_);
+  }
+
+  void on_up_start(bool ok) {
+    --ops_;
+    up_ready_ = true;
+    if (!ok) {  // the call could not start; Finish says why
+      finish_up();
+      return maybe_delete();
+    }
+    read_up();
+    if (!override_.ok()) {  // stopped meanwhile: the read fails and Finish follows
+      pending_write_ = pending_writes_done_ = false;
+    } else if (pending_write_) {
+      pending_write_ = false;
+      write_up();
+    } else if (pending_writes_done_) {
+      pending_writes_done_ = false;
+      ++ops_;
+      call_->WritesDone(&up_writes_done_tag_);
+    }
+    maybe_delete();
+  }
+
+  void write_up() {
+    ++ops_;
+    call_->Write(request_, &up_write_tag_);
+  }
+
+  void on_up_write(bool ok) {
+    --ops_;
+    if (ok) {
+      count_out(request_size_);
+      if (!finishing_down_ && !up_reads_ended_ && override_.ok()) read_down();
+    }
+    // Not ok: the upstream call is broken; its pending read fails and Finish says why.
+    maybe_delete();
+  }
+
+  void on_up_writes_done(bool) {
+    --ops_;
+    maybe_delete();
+  }
+
+  // ---- replies: upstream → downstream ---------------------------------------------
+  void read_up() {
+    ++ops_;
+    call_->Read(&response_, &up_read_tag_);
+  }
+
+  void on_up_read(bool ok) {
+    --ops_;
+    if (!ok) {  // the reply stream ended: the status follows
+      up_reads_ended_ = true;
+      finish_up();
+      return maybe_delete();
+    }
+    if (guard_) {
+      grpc::Status refused = guard_->response(response_);
+      if (!refused.ok()) {  // not forwarded
+        up_reads_ended_ = true;
+        stop_with(refused);
+        return maybe_delete();
       }
     }
-    if (read_next) upstream_.StartRead(&response_);
-    if (cancel) {  // the caller is gone: tear the upstream call down, read no more
+    if (!sent_initial_metadata_) {
+      sent_initial_metadata_ = true;
+      for (const auto& kv : cctx_.GetServerInitialMetadata()) {
+        const std::string key(kv.first.data(), kv.first.size());
+        if (key.empty() || key[0] == ':' || key.rfind("grpc-", 0) == 0 || key == "content-type") continue;
+        ctx_.AddInitialMetadata(key, std::string(kv.second.data(), kv.second.size()));
+      }
+    }
+    response_size_ = response_.Length();
+    down_writing_ = true;
+    ++ops_;
+    stream_.Write(response_, &down_write_tag_);
+    maybe_delete();
+  }
+
+  void on_down_write(bool ok) {
+    --ops_;
+    down_writing_ = false;
+    if (ok) {
+      count_back(response_size_);
+      if (!up_reads_ended_ && !finishing_down_) read_up();
+    } else {  // the caller is gone
       cctx_.TryCancel();
-      release_read_hold();
+      up_reads_ended_ = true;
+      finish_up();
     }
-    if (finish) finish_downstream(final_status_);
-  }
-
-  void OnCancel() override {
-    if (upstream_started_) cctx_.TryCancel();
-  }
-
-  void OnDone() override {
-    if (guard_) guard_->done(final_code_);
-    impl_->count_request(method_, final_code_, direction_, started_at_);
-    delete this;
-  }
-
- private:
-  // ---- upstream (client side) ---------------------------------------------
-  class Upstream : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
-   public:
-    explicit Upstream(Relay* relay) : relay_(relay) {}
-    void OnReadDone(bool ok) override { relay_->up_read_done(ok); }
-    void OnWriteDone(bool ok) override { relay_->up_write_done(ok); }
-    void OnDone(const grpc::Status& status) override { relay_->up_done(status); }
-
-   private:
-    Relay* relay_;
-  };
-
-  void open_upstream() {
-    stub_->PrepareBidiStreamingCall(&cctx_, method_, grpc::StubOptions(), &upstream_);
-    // Two holds keep the upstream call alive while this relay may still start an
-    // operation on it from outside its own callbacks: one until no more writes will
-    // be started, one until no more reads will (the reply stream ended, or the call
-    // is being torn down). Without the read hold, gRPC may end the call between a
-    // reply's downstream write and the next upstream read.
-    upstream_.AddMultipleHolds(2);
-    hold_ = true;
-    read_hold_ = true;
-    upstream_started_ = true;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      up_read_pending_ = true;
+    if (finish_after_write_) {
+      finish_after_write_ = false;
+      finish_down(final_status_);
     }
-    upstream_.StartRead(&response_);
-    upstream_.StartCall();
+    maybe_delete();
   }
 
-  void release_hold() {
-    bool release = false;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      release = hold_;
-      hold_ = false;
+  // ---- the end ---------------------------------------------------------------------
+  // Stops the call with `status` (a refusal after the decision: size, guard).
+  void stop_with(const grpc::Status& status) {
+    override_ = status;
+    if (up_started_) {
+      cctx_.TryCancel();  // the upstream call ends; its Finish then finishes ours
+      if (up_ready_ && !up_reads_ended_) return;  // the pending read fails and calls finish_up
+      if (up_ready_) finish_up();
+      return;
     }
-    if (release) upstream_.RemoveHold();
-  }
-  void release_read_hold() {
-    bool release = false;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      release = read_hold_;
-      read_hold_ = false;
-    }
-    if (release) upstream_.RemoveHold();
+    finish_down(status);
   }
 
-  // Bytes counted from the pod's point of view: inbound requests are received from
-  // the peer, outbound requests are sent to it (and the replies the other way).
-  void count_out(size_t n) {
-    impl_->count_bytes(std::strcmp(direction_, "inbound") == 0 ? "received" : "sent", peer_, n);
-  }
-  void count_back(size_t n) {
-    impl_->count_bytes(std::strcmp(direction_, "inbound") == 0 ? "sent" : "received", peer_, n);
+  void finish_up() {
+    if (up_finishing_) return;
+    up_finishing_ = true;
+    ++ops_;
+    call_->Finish(&up_status_, &up_finish_tag_);
   }
 
-  void up_write_done(bool ok) {
-    if (ok) count_out(request_size_);
-    bool read_next = false, release = false;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      up_write_pending_ = false;
-      if (ok && !up_abandoned_ && !up_reads_ended_) {
-        read_next = true;
-        down_read_pending_ = true;
-      } else {
-        up_abandoned_ = true;
-        release = true;
-      }
-    }
-    if (read_next) StartRead(&request_);
-    if (release) release_hold();
-  }
-
-  void up_read_done(bool ok) {
-    if (ok && guard_) {
-      grpc::Status st = guard_->response(response_);
-      if (!st.ok()) {  // not forwarded: end the call with that status
-        {
-          std::lock_guard<std::mutex> lock(mu_);
-          override_ = std::move(st);
-          up_read_pending_ = false;
-          up_abandoned_ = true;
-          up_reads_ended_ = true;
-        }
-        cctx_.TryCancel();
-        release_hold();
-        release_read_hold();
-        return;
-      }
-    }
-    bool write = false, first = false, release = false;
-    size_t size = 0;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      up_read_pending_ = false;
-      if (!ok) up_reads_ended_ = true;
-      if (ok) {
-        write = true;
-        first = !sent_initial_metadata_;
-        sent_initial_metadata_ = true;
-        down_write_pending_ = true;
-        size = response_.Length();
-      } else if (!up_write_pending_ && !up_abandoned_) {
-        // The other side has stopped sending; nothing we could still write would
-        // change its answer, so let the call end even if our caller keeps its
-        // request stream open.
-        up_abandoned_ = true;
-        release = true;
-      }
-    }
-    if (write) {
-      if (first) {
-        for (const auto& kv : cctx_.GetServerInitialMetadata()) {
-          const std::string key(kv.first.data(), kv.first.size());
-          if (key.empty() || key[0] == ':' || key.rfind("grpc-", 0) == 0 || key == "content-type") continue;
-          ctx_->AddInitialMetadata(key, std::string(kv.second.data(), kv.second.size()));
-        }
-      }
-      response_size_ = size;  // counted when the caller took it (OnWriteDone)
-      StartWrite(&response_);
-    }
-    if (release) release_hold();
-    if (!ok) release_read_hold();  // the reply stream has ended: no more reads
-  }
-
-  void up_done(const grpc::Status& status) {
-    if (guard_) guard_->done(override_.ok() ? status.error_code() : override_.error_code());
+  void on_up_finish(bool) {
+    --ops_;
+    const grpc::Status status = override_.ok() ? up_status_ : override_;
+    if (guard_) guard_->done(status.error_code());  // persisted before the caller sees the status
     for (const auto& kv : cctx_.GetServerTrailingMetadata()) {
       const std::string key(kv.first.data(), kv.first.size());
       if (key.empty() || key[0] == ':' || key.rfind("grpc-", 0) == 0) continue;
-      ctx_->AddTrailingMetadata(key, std::string(kv.second.data(), kv.second.size()));
+      ctx_.AddTrailingMetadata(key, std::string(kv.second.data(), kv.second.size()));
     }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      up_finished_ = true;
-      final_status_ = override_.ok() ? status : override_;
-      // A reply still being written downstream goes out first: OnWriteDone finishes.
-      // (The guard has persisted what it must before the caller sees the status.)
-      if (down_write_pending_) {
-        finish_after_write_ = true;
-        return;
-      }
+    if (down_writing_) {  // the last reply goes out first
+      finish_after_write_ = true;
+      final_status_ = status;
+    } else {
+      finish_down(status);
     }
-    finish_downstream(final_status_);
+    maybe_delete();
   }
 
-  void finish_downstream(const grpc::Status& status) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (finished_) return;
-      finished_ = true;
-    }
+  void finish_down(const grpc::Status& status) {
+    if (finishing_down_) return;
+    finishing_down_ = true;
     final_code_ = status.error_code();
-    Finish(status);
+    ++ops_;
+    stream_.Finish(status, &down_finish_tag_);
   }
+
+  void on_down_finish(bool) {
+    --ops_;
+    maybe_delete();
+  }
+
+  void on_done(bool) {
+    --ops_;
+    // The caller cancelled (or the deadline passed): tear the upstream call down too.
+    if (ctx_.IsCancelled() && up_started_) cctx_.TryCancel();
+    maybe_delete();
+  }
+
+  void maybe_delete() {
+    if (ops_ != 0) return;
+    if (accepted_) {
+      if (guard_) guard_->done(final_code_);
+      impl_->count_request(method_, final_code_, l_->direction, started_at_);
+    }
+    delete this;
+  }
+
+  // Bytes from the pod's point of view: inbound requests are received from the peer,
+  // outbound requests are sent to it (and the replies the other way).
+  bool inbound() const { return std::strcmp(l_->direction, "inbound") == 0; }
+  void count_out(size_t n) { impl_->count_bytes(inbound() ? "received" : "sent", peer_, n); }
+  void count_back(size_t n) { impl_->count_bytes(inbound() ? "sent" : "received", peer_, n); }
 
   Proxy::Impl* impl_;
-  grpc::GenericCallbackServerContext* ctx_;
-  const char* direction_;
+  Proxy::Impl::Listener* l_;
+  grpc::GenericServerContext ctx_;
+  grpc::GenericServerAsyncReaderWriter stream_;
+  grpc::ClientContext cctx_;
+  std::unique_ptr<grpc::GenericClientAsyncReaderWriter> call_;
+  grpc::GenericStub* stub_ = nullptr;
+  std::unique_ptr<MessageGuard> guard_;
   std::string method_;
   std::string peer_;
   Clock::time_point started_at_;
-  grpc::GenericStub* stub_ = nullptr;
-  grpc::ClientContext cctx_;
-  Upstream upstream_;
   grpc::ByteBuffer request_;
   grpc::ByteBuffer response_;
-  size_t request_size_ = 0;   // of the request write in flight
-  size_t response_size_ = 0;  // of the reply write in flight
-  std::mutex mu_;
-  bool down_read_pending_ = false;
-  bool down_write_pending_ = false;
-  bool up_read_pending_ = false;
-  bool up_write_pending_ = false;
-  bool up_open_ = false;
-  bool up_abandoned_ = false;  // no more upstream writes will be started
-  bool up_finished_ = false;
-  bool hold_ = false;       // the write hold, see open_upstream
-  bool read_hold_ = false;  // the read hold
-  bool finished_ = false;
-  bool sent_initial_metadata_ = false;
-  bool finish_after_write_ = false;
-  bool up_reads_ended_ = false;
-  std::atomic<bool> upstream_started_{false};
-  std::unique_ptr<MessageGuard> guard_;
+  size_t request_size_ = 0;
+  size_t response_size_ = 0;
+  grpc::Status up_status_;
   grpc::Status override_ = grpc::Status::OK;
   grpc::Status final_status_;
   grpc::StatusCode final_code_ = grpc::StatusCode::OK;
+  int ops_ = 0;  // operations in flight on the queue; the relay is deleted at 0
+  bool accepted_ = false;
+  bool up_started_ = false;
+  bool up_ready_ = false;
+  bool pending_write_ = false;
+  bool pending_writes_done_ = false;
+  bool up_reads_ended_ = false;
+  bool up_finishing_ = false;
+  bool down_writing_ = false;
+  bool finishing_down_ = false;
+  bool finish_after_write_ = false;
+  bool sent_initial_metadata_ = false;
+
+  Tag accept_tag_{this, &AsyncRelay::on_accept};
+  Tag done_tag_{this, &AsyncRelay::on_done};
+  Tag down_read_tag_{this, &AsyncRelay::on_down_read};
+  Tag down_write_tag_{this, &AsyncRelay::on_down_write};
+  Tag down_finish_tag_{this, &AsyncRelay::on_down_finish};
+  Tag up_start_tag_{this, &AsyncRelay::on_up_start};
+  Tag up_read_tag_{this, &AsyncRelay::on_up_read};
+  Tag up_write_tag_{this, &AsyncRelay::on_up_write};
+  Tag up_writes_done_tag_{this, &AsyncRelay::on_up_writes_done};
+  Tag up_finish_tag_{this, &AsyncRelay::on_up_finish};
 };
 
+void Proxy::Impl::serve(Listener& l) {
+  constexpr int kAcceptSlots = 4;  // calls that can arrive at once; each re-arms itself
+  for (int i = 0; i < kAcceptSlots; ++i) new AsyncRelay(this, &l);
+  bool queue_shut = false;
+  for (;;) {
+    void* tag = nullptr;
+    bool ok = false;
+    const auto got = l.cq->AsyncNext(&tag, &ok, std::chrono::system_clock::now() + std::chrono::milliseconds(100));
+    if (got == grpc::CompletionQueue::SHUTDOWN) break;
+    if (got == grpc::CompletionQueue::GOT_EVENT) static_cast<AsyncRelay::Tag*>(tag)->run(ok);
+    // Shutting down: once the server has cancelled what was open and every relay of
+    // this listener is gone, no operation can be started on the queue any more.
+    if (!queue_shut && !accepting.load() && l.live.load() == 0) {
+      l.cq->Shutdown();
+      queue_shut = true;
+    }
+  }
+}
 // The exposure ledger at work on one export call (see proxy.h).
 class ExportGuard : public MessageGuard {
  public:
@@ -1008,8 +1037,8 @@ class ExportGuard : public MessageGuard {
   bool audited_ = false;
 };
 
-grpc::ServerGenericBidiReactor* Proxy::Impl::inbound_call(grpc::GenericCallbackServerContext* ctx) {
-  auto* relay = new Relay(this, ctx, "inbound");
+Route Proxy::Impl::route_inbound(grpc::GenericServerContext* ctx) {
+  Route route;
   // The identity is the one the handshake verified (SvidVerifier ran; gRPC exposes the
   // single URI SAN as the peer's SPIFFE ID). Never a header.
   std::string peer;
@@ -1036,20 +1065,22 @@ grpc::ServerGenericBidiReactor* Proxy::Impl::inbound_call(grpc::GenericCallbackS
   if (!export_call) count_decision(d, method, peer);  // an export is counted by its guard
   if (!d.allow) {
     audit_deny(d, peer, method);
-    relay->refuse(grpc::Status(grpc::StatusCode::PERMISSION_DENIED, d.reason + " (rule " + d.rule + ")"));
-    return relay;
+    route.refusal = grpc::Status(grpc::StatusCode::PERMISSION_DENIED, d.reason + " (rule " + d.rule + ")");
+    return route;
   }
   if (export_call) {
     const auto p = policy->current();
-    relay->set_guard(std::make_unique<ExportGuard>(this, peer, d.export_budget_bytes,
-                                                   static_cast<uint32_t>(p ? p->shard() : 0)));
+    route.guard = std::make_unique<ExportGuard>(this, peer, d.export_budget_bytes,
+                                                static_cast<uint32_t>(p ? p->shard() : 0));
   }
-  relay->forward(upstream_stub.get(), peer);
-  return relay;
+  route.allow = true;
+  route.stub = upstream_stub.get();
+  route.peer = peer;
+  return route;
 }
 
-grpc::ServerGenericBidiReactor* Proxy::Impl::outbound_call(grpc::GenericCallbackServerContext* ctx) {
-  auto* relay = new Relay(this, ctx, "outbound");
+Route Proxy::Impl::route_outbound(grpc::GenericServerContext* ctx) {
+  Route route;
   const std::string method = ctx->method();
   std::string requested;
   for (const auto& kv : ctx->client_metadata()) {
@@ -1092,12 +1123,14 @@ grpc::ServerGenericBidiReactor* Proxy::Impl::outbound_call(grpc::GenericCallback
     last.reason = deny_reason;
     count_decision(last, method, peer_label);
     audit_deny(last, peer_label, method);
-    relay->refuse(grpc::Status(grpc::StatusCode::PERMISSION_DENIED, deny_reason + " (rule " + last.rule + ")"));
-    return relay;
+    route.refusal = grpc::Status(grpc::StatusCode::PERMISSION_DENIED, deny_reason + " (rule " + last.rule + ")");
+    return route;
   }
   count_decision(last, method, peer_label);
-  relay->forward(peers.at(peer_label).stub.get(), peer_label);
-  return relay;
+  route.allow = true;
+  route.stub = peers.at(peer_label).stub.get();
+  route.peer = peer_label;
+  return route;
 }
 
 // ---------------------------------------------------------------------------
@@ -1210,25 +1243,6 @@ void Proxy::Impl::accept_loop() {
 }
 
 // ---------------------------------------------------------------------------
-// Generic services
-
-namespace {
-
-class CallbackService : public grpc::CallbackGenericService {
- public:
-  using Factory = std::function<grpc::ServerGenericBidiReactor*(grpc::GenericCallbackServerContext*)>;
-  explicit CallbackService(Factory f) : factory_(std::move(f)) {}
-  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
-    return factory_(ctx);
-  }
-
- private:
-  Factory factory_;
-};
-
-}  // namespace
-
-// ---------------------------------------------------------------------------
 // Proxy
 
 Proxy::Proxy(ProxyConfig config, std::shared_ptr<prometheus::Registry> registry) {
@@ -1327,34 +1341,41 @@ void Proxy::start() {
   }
 
   const int grpc_limit = static_cast<int>(m.config.max_message_bytes * 2);  // ours is counted first
-  m.inbound_service = std::make_unique<CallbackService>([&m](grpc::GenericCallbackServerContext* ctx) {
-    return m.inbound_call(ctx);
-  });
   {
     grpc::ServerBuilder b;
-    b.RegisterCallbackGenericService(m.inbound_service.get());
+    b.RegisterAsyncGenericService(&m.inbound_listener.service);
     b.SetMaxReceiveMessageSize(grpc_limit);
     b.SetMaxSendMessageSize(-1);
     b.AddChannelArgument(GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS,
                          static_cast<int>(m.config.handshake_timeout.count()));
     m.acceptor = b.experimental().AddExternalConnectionAcceptor(
         grpc::ServerBuilder::experimental_type::ExternalConnectionType::FROM_FD, m.inbound_credentials());
+    m.inbound_listener.cq = b.AddCompletionQueue();
     m.inbound_server = b.BuildAndStart();
     if (!m.inbound_server) throw std::runtime_error("cannot start the inbound gRPC server");
   }
-  m.outbound_service = std::make_unique<CallbackService>([&m](grpc::GenericCallbackServerContext* ctx) {
-    return m.outbound_call(ctx);
-  });
   {
     grpc::ServerBuilder b;
-    b.RegisterCallbackGenericService(m.outbound_service.get());
+    b.RegisterAsyncGenericService(&m.outbound_listener.service);
     b.SetMaxReceiveMessageSize(grpc_limit);
     b.SetMaxSendMessageSize(-1);
     b.AddListeningPort(m.config.outbound_listen, grpc::InsecureServerCredentials(), &m.outbound_port);
+    m.outbound_listener.cq = b.AddCompletionQueue();
     m.outbound_server = b.BuildAndStart();
     if (!m.outbound_server || m.outbound_port == 0) {
+      m.inbound_server->Shutdown();
+      m.inbound_listener.cq->Shutdown();
+      void* tag = nullptr;
+      bool ok = false;
+      while (m.inbound_listener.cq->Next(&tag, &ok)) {
+      }
+      m.inbound_server.reset();
       throw std::runtime_error("outbound listener \"" + m.config.outbound_listen + "\": cannot bind");
     }
+  }
+  m.accepting = true;
+  for (Impl::Listener* l : {&m.inbound_listener, &m.outbound_listener}) {
+    l->thread = std::thread([&m, l] { m.serve(*l); });
   }
   m.start_acceptor();
   m.maintenance_thread = std::thread([&m] { m.maintenance_loop(); });
@@ -1380,10 +1401,14 @@ void Proxy::shutdown(std::chrono::milliseconds grace) {
   if (m.accept_thread.joinable()) m.accept_thread.join();
   if (m.maintenance_thread.joinable()) m.maintenance_thread.join();
   const auto deadline = std::chrono::system_clock::now() + grace;
+  m.accepting = false;
+  // Calls still open after `grace` are cancelled; their relays then wind down on the
+  // serving threads, which run until every relay is gone and the queues are drained.
   if (m.inbound_server) m.inbound_server->Shutdown(deadline);
   if (m.outbound_server) m.outbound_server->Shutdown(deadline);
-  if (m.inbound_server) m.inbound_server->Wait();
-  if (m.outbound_server) m.outbound_server->Wait();
+  for (Impl::Listener* l : {&m.inbound_listener, &m.outbound_listener}) {
+    if (l->thread.joinable()) l->thread.join();
+  }
   if (m.listen_fd >= 0) ::close(m.listen_fd);
   if (m.wake_fd >= 0) ::close(m.wake_fd);
   m.listen_fd = m.wake_fd = -1;
