@@ -21,14 +21,12 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <deque>
 #include <filesystem>
 #include <fstream>
-#include <iomanip>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -43,6 +41,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "bench_util.h"
 #include "shardguard/common/crypto.h"
 #include "shardguard/common/jobspec.h"
 #include "shardguard/common/process.h"
@@ -55,60 +54,17 @@ namespace {
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
-using Clock = std::chrono::steady_clock;
 using namespace shardguard;
+using namespace shardguard::bench;
 
 constexpr double kTransportTarget = 0.05;  // transport should stay under 5% of a stage's time
 constexpr int kLogTailLines = 25;
-
-class BenchError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
-// ---- signals: Ctrl-C / SIGTERM stop the children in order ---------------------
-std::atomic<int> g_signal{0};
-extern "C" void on_signal(int sig) { g_signal.store(sig); }
-
-void install_signal_handlers() {
-  struct sigaction sa {};
-  sa.sa_handler = on_signal;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGINT, &sa, nullptr);
-  sigaction(SIGTERM, &sa, nullptr);
-}
-
-double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-// Rounds for the results file (the raw doubles carry meaningless digits).
-double rounded(double x, int decimals = 6) {
-  const double f = std::pow(10.0, decimals);
-  return std::round(x * f) / f;
-}
-
-std::string fixed(double x, int decimals) {
-  std::ostringstream s;
-  s << std::fixed << std::setprecision(decimals) << x;
-  return s.str();
-}
 
 std::string self_exe() {
   char buf[4096];
   const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
   if (n <= 0) throw BenchError("cannot read /proc/self/exe");
   return std::string(buf, static_cast<size_t>(n));
-}
-
-// CPU time the whole machine spent busy (/proc/stat), in seconds.
-double machine_busy_seconds() {
-  std::ifstream in("/proc/stat");
-  std::string cpu;
-  in >> cpu;
-  double v = 0, busy = 0;
-  for (int i = 0; i < 8 && (in >> v); ++i) {
-    if (i != 3 && i != 4) busy += v;  // everything but idle and iowait
-  }
-  return busy / static_cast<double>(::sysconf(_SC_CLK_TCK));
 }
 
 double cpu_seconds(const struct rusage& ru) {
@@ -128,48 +84,6 @@ void warn_if_contended(double busy_before, double children_cpu, double wall_s, i
               << " cores busy during this run; its figures are not reliable (rerun on an idle machine)\n"
               << std::flush;
   }
-}
-
-// ---- temporary directory, removed at the end (also on error paths) -------------
-class TempDir {
- public:
-  TempDir() {
-    std::string templ = (fs::temp_directory_path() / "pipeline_bench.XXXXXX").string();
-    if (!::mkdtemp(templ.data())) throw BenchError("cannot create a temporary directory under " + templ);
-    path_ = templ;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
-
-std::deque<std::string> tail_lines(const fs::path& file, size_t n) {
-  std::deque<std::string> lines;
-  std::ifstream in(file);
-  std::string line;
-  while (std::getline(in, line)) {
-    lines.push_back(line);
-    if (lines.size() > n) lines.pop_front();
-  }
-  return lines;
-}
-
-std::vector<json> json_lines(const fs::path& file) {
-  std::vector<json> out;
-  std::ifstream in(file);
-  std::string line;
-  while (std::getline(in, line)) {
-    auto j = json::parse(line, nullptr, /*allow_exceptions=*/false);
-    if (j.is_object()) out.push_back(std::move(j));
-  }
-  return out;
 }
 
 // ---- a group of child processes: every one is stopped and reaped ---------------
@@ -220,7 +134,7 @@ class ChildGroup {
         }
       }
       if (all_done) return;
-      if (const int sig = g_signal.load()) {
+      if (const int sig = interrupted_signal()) {
         stop_all();
         throw BenchError(std::string("interrupted by ") + strsignal(sig) + "; stopped every child process");
       }
@@ -268,8 +182,7 @@ class ChildGroup {
 
  private:
   static std::string format_tail(const Child& c) {
-    std::string out;
-    for (const auto& line : tail_lines(c.log_file, kLogTailLines)) out += "    " + line + "\n";
+    std::string out = indented_tail(c.log_file, kLogTailLines);
     if (out.empty()) out = "    (no output; log " + c.log_file.string() + ")\n";
     return out;
   }
@@ -352,11 +265,7 @@ MonolithicOutcome run_monolithic(const Settings& s, const fs::path& job_file, in
   }
   if (!result) {
     throw BenchError("the monolithic run printed no result line; its last log lines:\n" +
-                     [&] {
-                       std::string t;
-                       for (auto& l : tail_lines(child.log_file, kLogTailLines)) t += "    " + l + "\n";
-                       return t;
-                     }());
+                     indented_tail(child.log_file, kLogTailLines));
   }
   MonolithicOutcome o;
   o.samples_per_second = result->at("samples_per_second").get<double>();
@@ -419,25 +328,14 @@ std::vector<StageOutcome> run_pipeline(const Settings& s, const fs::path& job_fi
       }
     }
     if (!finished) {
-      std::string t;
-      for (auto& l : tail_lines(c.log_file, kLogTailLines)) t += "    " + l + "\n";
-      throw BenchError(c.name + " exited 0 but logged no \"stage finished\"; its last log lines:\n" + t);
+      throw BenchError(c.name + " exited 0 but logged no \"stage finished\"; its last log lines:\n" +
+                       indented_tail(c.log_file, kLogTailLines));
     }
     o.peak_rss_mib = static_cast<double>(c.status->usage.ru_maxrss) / 1024.0;
     o.cpu_seconds = cpu_seconds(c.status->usage);
     out.push_back(o);
   }
   return out;
-}
-
-json figure(const std::string& bench, const std::string& metric, double value, const std::string& unit,
-            double baseline) {
-  return {{"bench", bench},
-          {"metric", metric},
-          {"value", rounded(value)},
-          {"unit", unit},
-          {"baseline", rounded(baseline)},
-          {"ratio", rounded(baseline != 0 ? value / baseline : 0.0, 4)}};
 }
 
 void print_table(const std::vector<Figure>& figures) {
@@ -451,37 +349,8 @@ void print_table(const std::vector<Figure>& figures) {
                     fixed(r["ratio"].get<double>(), 3),
                     r.contains("parameter_share") ? fixed(r["parameter_share"].get<double>(), 3) : ""});
   }
-  std::vector<size_t> width(head.size());
-  for (size_t i = 0; i < head.size(); ++i) width[i] = head[i].size();
-  for (const auto& row : rows) {
-    for (size_t i = 0; i < row.size(); ++i) width[i] = std::max(width[i], row[i].size());
-  }
-  auto print_row = [&](const std::vector<std::string>& row) {
-    for (size_t i = 0; i < row.size(); ++i) {
-      // text columns left-aligned, numbers right-aligned
-      const bool left = i <= 2 || i == 4;
-      std::cout << (left ? std::left : std::right) << std::setw(static_cast<int>(width[i])) << row[i]
-                << (i + 1 < row.size() ? "  " : "\n");
-    }
-  };
-  print_row(head);
-  std::vector<std::string> rule;
-  for (auto w : width) rule.push_back(std::string(w, '-'));
-  print_row(rule);
-  for (const auto& row : rows) print_row(row);
-  std::cout << std::right;
-}
-
-void write_results(const std::vector<Figure>& figures, const fs::path& out) {
-  if (out.has_parent_path()) fs::create_directories(out.parent_path());
-  const fs::path tmp = out.string() + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::trunc);
-    for (const auto& fig : figures) f << fig.row.dump() << "\n";
-    f.flush();
-    if (!f) throw BenchError("cannot write " + tmp.string());
-  }
-  fs::rename(tmp, out);
+  // text columns left-aligned, numbers right-aligned
+  bench::print_table(head, rows, [](size_t i) { return i <= 2 || i == 4; });
 }
 
 struct BenchOptions {
@@ -505,7 +374,7 @@ int run_bench(const BenchOptions& opt) {
     throw BenchError("cannot run " + s.shardd.string() + " (build it: cmake --build build --target shardd)");
   }
   install_signal_handlers();
-  TempDir tmp;
+  TempDir tmp("pipeline_bench");
   const std::vector<int> stage_counts = {2, 4};
   const int total_runs = static_cast<int>(opt.models.size() * (1 + stage_counts.size()));
   std::cout << "pipeline_bench: " << s.cores << " cores; results to " << opt.out.string() << "\n" << std::flush;
@@ -596,7 +465,11 @@ int run_bench(const BenchOptions& opt) {
       }
     }
   }
-  write_results(figures, opt.out);
+  {
+    std::vector<json> rows;
+    for (const auto& f : figures) rows.push_back(f.row);
+    write_results(rows, opt.out, WriteMode::kTruncate);
+  }
   std::cout << "\n";
   print_table(figures);
   std::cout << "\n"
@@ -629,7 +502,7 @@ int run_monolithic_child(const std::string& job_file, int threads, int64_t steps
 int main(int argc, char** argv) {
   CLI::App app{"pipeline_bench: monolithic training vs 2- and 4-stage shardd pipelines on this machine"};
   BenchOptions opt;
-  opt.out = fs::path(shardguard::self_dir()).parent_path() / "bench" / "results.jsonl";
+  opt.out = shardguard::bench::default_results_file();
   opt.examples = fs::path(SHARDGUARD_SOURCE_DIR) / "examples";
   std::string out = opt.out.string();
   std::string examples = opt.examples.string();

@@ -31,7 +31,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -59,6 +58,7 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
+#include "bench_util.h"
 #include "shardguard/common/files.h"
 #include "shardguard/common/pki.h"
 #include "shardguard/common/process.h"
@@ -68,9 +68,9 @@ namespace {
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
-using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 using namespace shardguard;
+using namespace shardguard::bench;
 
 // Issue 3's targets.
 constexpr double kTargetAddedP90Ms = 0.10;
@@ -86,41 +86,7 @@ const std::string kJob = "sidecar-bench";
 // like any custom metadata): "ack" = one small cumulative ack per message it received.
 constexpr const char* kReplyHeader = "x-bench-reply";
 
-class BenchError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
-// ---- signals: Ctrl-C / SIGTERM end the run; the children are stopped on the way out ---
-std::atomic<int> g_signal{0};
-extern "C" void on_signal(int sig) { g_signal.store(sig); }
-
-void install_signal_handlers() {
-  struct sigaction sa {};
-  sa.sa_handler = on_signal;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGINT, &sa, nullptr);
-  sigaction(SIGTERM, &sa, nullptr);
-}
-
-void check_interrupted() {
-  if (g_signal.load() != 0) throw BenchError(std::string("interrupted by ") + strsignal(g_signal.load()));
-}
-
 // ---- small helpers --------------------------------------------------------------
-double seconds_between(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
-
-double rounded(double x, int decimals = 6) {
-  const double f = std::pow(10.0, decimals);
-  return std::round(x * f) / f;
-}
-
-std::string fixed(double x, int decimals) {
-  std::ostringstream s;
-  s << std::fixed << std::setprecision(decimals) << x;
-  return s.str();
-}
-
 // Nearest-rank percentile of sorted values.
 double percentile(const std::vector<double>& sorted, double p) {
   if (sorted.empty()) return 0;
@@ -179,18 +145,6 @@ int64_t proc_threads(pid_t pid) {
   return -1;
 }
 
-// CPU time the whole machine spent busy (/proc/stat), seconds.
-double machine_busy_seconds() {
-  std::ifstream in("/proc/stat");
-  std::string cpu;
-  in >> cpu;
-  double v = 0, busy = 0;
-  for (int i = 0; i < 8 && (in >> v); ++i) {
-    if (i != 3 && i != 4) busy += v;  // everything but idle and iowait
-  }
-  return busy / static_cast<double>(::sysconf(_SC_CLK_TCK));
-}
-
 double mb(int64_t bytes) { return static_cast<double>(bytes) / 1e6; }
 
 // 1048576 → "1mib", 1024 → "1kib", 1000 → "1000b" (for bench names).
@@ -198,39 +152,6 @@ std::string size_label(size_t bytes) {
   if (bytes % (1 << 20) == 0) return std::to_string(bytes >> 20) + "mib";
   if (bytes % 1024 == 0) return std::to_string(bytes >> 10) + "kib";
   return std::to_string(bytes) + "b";
-}
-
-class TempDir {
- public:
-  TempDir() {
-    std::string templ = (fs::temp_directory_path() / "sidecar_bench.XXXXXX").string();
-    if (!::mkdtemp(templ.data())) throw BenchError("cannot create a temporary directory under " + templ);
-    path_ = templ;
-  }
-  ~TempDir() {
-    if (keep_) return;
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const fs::path& path() const { return path_; }
-  void keep() { keep_ = true; }
-
- private:
-  fs::path path_;
-  bool keep_ = false;
-};
-
-std::deque<std::string> tail_lines(const fs::path& file, size_t n) {
-  std::deque<std::string> lines;
-  std::ifstream in(file);
-  std::string line;
-  while (std::getline(in, line)) {
-    lines.push_back(line);
-    if (lines.size() > n) lines.pop_front();
-  }
-  return lines;
 }
 
 // ---- the echo server (stands for shardd) -------------------------------------------
@@ -448,7 +369,7 @@ UnaryResult run_unary(const std::shared_ptr<grpc::Channel>& channel, double rate
   ::prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
   const auto interval = std::chrono::nanoseconds(static_cast<int64_t>(1e9 / rate));
   const auto t0 = Clock::now() + 20ms;
-  for (int64_t i = 0; i < total && g_signal.load() == 0; ++i) {
+  for (int64_t i = 0; i < total && interrupted_signal() == 0; ++i) {
     const auto idx = static_cast<size_t>(i);
     st->scheduled[idx] = t0 + interval * i;
     if (i == warmup && on_measure_start) on_measure_start();  // before the sleep: off the clock
@@ -636,11 +557,7 @@ struct Sidecar {
   int metrics_port = 0;
 
   pid_t pid() const { return process->pid(); }
-  std::string log_tail() const {
-    std::string t;
-    for (const auto& l : tail_lines(log, 20)) t += "    " + l + "\n";
-    return t;
-  }
+  std::string log_tail() const { return indented_tail(log, 20); }
   // Throws, naming how it ended and quoting its log, when the process is gone.
   void ensure_alive(const std::string& during) {
     if (!process || process->running()) return;
@@ -687,11 +604,8 @@ std::unique_ptr<Sidecar> start_sidecar(const std::string& name, const fs::path& 
     check_interrupted();
     if (!s->process->running()) throw BenchError("sidecar " + name + " exited at start; its log:\n" + s->log_tail());
     if (Clock::now() > deadline) throw BenchError("sidecar " + name + " logged no \"listening\" line in 20 s:\n" + s->log_tail());
-    std::ifstream in(s->log);
-    std::string line;
-    while (std::getline(in, line)) {
-      const json j = json::parse(line, nullptr, false);
-      if (j.is_object() && j.value("msg", "") == "listening" && j.contains("metrics_port")) {
+    for (const json& j : json_lines(s->log)) {
+      if (j.value("msg", "") == "listening" && j.contains("metrics_port")) {
         s->inbound_port = j.value("inbound_port", 0);
         s->outbound_port = j.value("outbound_port", 0);
         s->metrics_port = j.value("metrics_port", 0);
@@ -797,50 +711,13 @@ struct Row {
   std::string verdict;
 };
 
-json figure(const std::string& bench, const std::string& metric, double value, const std::string& unit,
-            double baseline) {
-  return {{"bench", bench},
-          {"metric", metric},
-          {"value", rounded(value)},
-          {"unit", unit},
-          {"baseline", rounded(baseline)},
-          {"ratio", rounded(baseline != 0 ? value / baseline : 0.0, 4)}};
-}
-
 void print_table(const std::vector<Row>& rows) {
   const std::vector<std::string> head = {"figure", "value", "baseline", "ratio", "target", ""};
   std::vector<std::vector<std::string>> cells;
   for (const auto& r : rows) {
     cells.push_back({r.label, r.shown, r.base, fixed(r.j["ratio"].get<double>(), 3), r.target, r.verdict});
   }
-  std::vector<size_t> width(head.size());
-  for (size_t i = 0; i < head.size(); ++i) width[i] = head[i].size();
-  for (const auto& c : cells) {
-    for (size_t i = 0; i < c.size(); ++i) width[i] = std::max(width[i], c[i].size());
-  }
-  auto line = [&](const std::vector<std::string>& c) {
-    for (size_t i = 0; i < c.size(); ++i) {
-      const bool left = i == 0 || i >= 4;
-      std::cout << (left ? std::left : std::right) << std::setw(static_cast<int>(width[i])) << c[i]
-                << (i + 1 < c.size() ? "  " : "\n");
-    }
-  };
-  line(head);
-  std::vector<std::string> rule;
-  for (auto w : width) rule.push_back(std::string(w, '-'));
-  line(rule);
-  for (const auto& c : cells) line(c);
-  std::cout << std::right;
-}
-
-void append_results(const std::vector<Row>& rows, const fs::path& out) {
-  if (out.has_parent_path()) fs::create_directories(out.parent_path());
-  std::string text;
-  for (const auto& r : rows) text += r.j.dump() + "\n";
-  std::ofstream f(out, std::ios::app);  // pipeline_bench (run first by `make bench`) rewrites the file
-  f << text;
-  f.flush();
-  if (!f) throw BenchError("cannot append to " + out.string());
+  bench::print_table(head, cells, [](size_t i) { return i == 0 || i >= 4; });
 }
 
 struct Options {
@@ -887,7 +764,7 @@ int run_bench(const Options& opt) {
   const auto limit = std::chrono::seconds(opt.timeout_s);
   std::cout << "sidecar_bench: " << cores << " cores; results appended to " << opt.out.string() << "\n" << std::flush;
 
-  TempDir tmp;
+  TempDir tmp("sidecar_bench");
   if (opt.keep_dir) tmp.keep();
   write_pki_and_policies(tmp.path());
   EchoServer echo;
@@ -1093,7 +970,12 @@ int run_bench(const Options& opt) {
     std::cout << "note: a sidecar did not exit cleanly on SIGTERM: A " << (a_exit.empty() ? "ok" : a_exit) << ", B "
               << (b_exit.empty() ? "ok" : b_exit) << "\n";
   }
-  append_results(rows, opt.out);
+  {
+    std::vector<json> lines;
+    for (const auto& r : rows) lines.push_back(r.j);
+    // Appended: pipeline_bench (run first by `make bench`) rewrites the file.
+    write_results(lines, opt.out, WriteMode::kAppend);
+  }
 
   std::cout << "\n";
   print_table(rows);
@@ -1118,7 +1000,7 @@ int run_bench(const Options& opt) {
 int main(int argc, char** argv) {
   CLI::App app{"sidecar_bench: a client and a gRPC echo server directly vs through two shard-sidecars (mTLS)"};
   Options opt;
-  opt.out = fs::path(shardguard::self_dir()).parent_path() / "bench" / "results.jsonl";
+  opt.out = shardguard::bench::default_results_file();
   opt.sidecar = fs::path(shardguard::self_dir()) / "shard-sidecar";
   std::string out = opt.out.string(), sidecar_path = opt.sidecar.string();
   app.add_option("--out", out, "results file (JSON lines, appended)")->capture_default_str();
