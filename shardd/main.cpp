@@ -9,6 +9,7 @@
 #include "shardguard/common/jobspec.h"
 #include "shardguard/common/log.h"
 #include "shardguard/common/metrics_server.h"
+#include "shardguard/common/process.h"
 #include "shardguard/shardd/stage.h"
 #include "shardguard/shardd/threads.h"
 
@@ -34,11 +35,7 @@ int RunShardd(Flags flags) {
   shardd::set_compute_threads(flags.threads);
 
   // SIGTERM / SIGINT stop the stage from a watcher thread (no work in a handler).
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  sigset_t signals = block_stop_signals();
 
   auto registry = std::make_shared<prometheus::Registry>();
   MetricsServer metrics(registry);

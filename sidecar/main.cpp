@@ -10,6 +10,7 @@
 
 #include "shardguard/common/log.h"
 #include "shardguard/common/metrics_server.h"
+#include "shardguard/common/process.h"
 #include "shardguard/sidecar/proxy.h"
 
 namespace {
@@ -38,11 +39,7 @@ int RunSidecar(Flags flags) {
   flags.proxy.reload_interval = std::chrono::milliseconds(static_cast<int64_t>(flags.reload_interval_s * 1000));
 
   // SIGTERM / SIGINT are taken by sigwait below (no work in a handler).
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  sigset_t signals = block_stop_signals();
 
   auto registry = std::make_shared<prometheus::Registry>();
   sidecar::Proxy proxy(flags.proxy, registry);

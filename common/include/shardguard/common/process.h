@@ -3,6 +3,7 @@
 // benchmarks and the integration tests. Not thread-safe per object.
 #pragma once
 
+#include <signal.h>
 #include <sys/resource.h>
 #include <sys/types.h>
 
@@ -65,5 +66,10 @@ int pick_free_port();
 
 // Directory of the running executable (/proc/self/exe), e.g. build/bin.
 std::string self_dir();
+
+// Blocks SIGTERM and SIGINT in the calling thread (and so in every thread it starts
+// afterwards) and returns that set, for a daemon's main thread to sigwait() on: no
+// work happens in a signal handler. Call it before starting any thread.
+sigset_t block_stop_signals();
 
 }  // namespace shardguard
