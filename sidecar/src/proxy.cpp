@@ -21,7 +21,6 @@
 #include <deque>
 #include <functional>
 #include <mutex>
-#include <set>
 #include <stdexcept>
 #include <thread>
 #include <utility>
