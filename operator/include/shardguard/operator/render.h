@@ -1,0 +1,121 @@
+// render(job, inputs) → the Kubernetes objects the operator wants to exist for one
+// ShardedTrainingJob (DESIGN.md §3–§8, issue 4 item 3). Pure and deterministic: no
+// I/O, no clock, no randomness. Everything secret or random (the job CA, each shard's
+// leaf certificate and key, each shard's 32-byte checkpoint key) is made by the caller
+// (the reconciler, later `shardctl render`/`run`) and passed in RenderInputs, so
+// rendering the same inputs twice yields byte-identical JSON.
+//
+// Objects (names for job J; every object carries the labels shardguard.io/job=J,
+// app.kubernetes.io/managed-by=shardguard-operator, per-shard objects also
+// shardguard.io/shard=<i>, and one ownerReference to the job with controller=true
+// and blockOwnerDeletion=true):
+//   Secret    J-ca             CA cert + key (operator only; no pod mounts it)
+//   Secret    J-shard-<i>      type kubernetes.io/tls: tls.crt, tls.key (shard i's leaf),
+//                              ca.crt (CA cert only), checkpoint.key (shard i's 32 bytes)
+//   ConfigMap J-shard-<i>      policy.json (sidecar::pipeline_policy of stage i) and
+//                              job.json (the ShardedTrainingJob that shardd --job reads)
+//   Service   J                headless (clusterIP None), publishNotReadyAddresses,
+//                              port 7443 "mtls", selects shardguard.io/job=J
+//   Pod       J-shard-<i>      hostname J-shard-<i>, subdomain J; containers shardd and
+//                              sidecar; restricted securityContext; required pod
+//                              anti-affinity on spec.protection.topologyKey against all
+//                              pods of the job
+//
+// Not here yet (issue 4): the Kubernetes client, apply, finalizers, status, exposure
+// from placement history, runPolicy, probes. See docs/operator.md.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "shardguard/common/jobspec.h"
+
+namespace shardguard::op {
+
+inline constexpr const char* kJobApiVersion = "shardguard.io/v1alpha1";
+inline constexpr const char* kJobKind = "ShardedTrainingJob";
+inline constexpr const char* kLabelJob = "shardguard.io/job";
+inline constexpr const char* kLabelShard = "shardguard.io/shard";
+inline constexpr const char* kLabelManagedBy = "app.kubernetes.io/managed-by";
+inline constexpr const char* kManagedBy = "shardguard-operator";
+
+// Ports (DESIGN.md §7).
+inline constexpr int kShardGrpcPort = 7000;      // shardd, loopback
+inline constexpr int kSidecarOutboundPort = 7001;  // sidecar, loopback
+inline constexpr int kSidecarInboundPort = 7443;   // sidecar, mTLS, pod IP
+inline constexpr int kShardMetricsPort = 9100;
+inline constexpr int kSidecarMetricsPort = 9101;
+
+// Paths inside the shard pod.
+inline constexpr const char* kTlsDir = "/etc/shardguard/tls";          // sidecar: tls.crt, tls.key, ca.crt
+inline constexpr const char* kKeyDir = "/etc/shardguard/key";          // shardd: checkpoint.key
+inline constexpr const char* kConfigDir = "/etc/shardguard/config";    // policy.json, job.json
+inline constexpr const char* kCheckpointDir = "/var/lib/shardguard/checkpoint";
+
+// What shard i gets; made by the caller.
+struct ShardMaterial {
+  std::string cert_pem;        // leaf for spiffe://<td>/ns/<ns>/job/<job>/shard/<i>
+  std::string key_pem;         // its private key
+  std::string checkpoint_key;  // exactly 32 raw bytes
+};
+
+struct RenderInputs {
+  // metadata.uid of the ShardedTrainingJob, for the ownerReferences. The namespace
+  // and the job name come from JobSpec (namespace_, name), which the caller decoded
+  // from the same object, so they cannot disagree.
+  std::string uid;
+  std::string ca_cert_pem;
+  std::string ca_key_pem;
+  std::vector<ShardMaterial> shards;  // exactly spec.sharding.shards entries, index = shard
+  // The ShardedTrainingJob object as read (at least "spec"); job.json in each
+  // ConfigMap is {apiVersion, kind, metadata: {name, namespace}, spec} of it.
+  nlohmann::json job_object = nlohmann::json::object();
+  // Images; empty = spec.template.image / spec.sidecar.image.
+  std::string shardd_image;
+  std::string sidecar_image;
+  // Byte budget of each export principal of spec.protection.export (the spec has no
+  // per-principal budget yet; 0 = nothing may actually be exported).
+  int64_t export_budget_bytes = 0;
+  std::string cluster_domain = "cluster.local";
+  int64_t run_as_user = 65532;  // non-root uid/gid/fsGroup of both containers
+};
+
+struct DesiredObjects {
+  nlohmann::json ca_secret;
+  std::vector<nlohmann::json> shard_secrets;  // index = shard
+  std::vector<nlohmann::json> config_maps;    // index = shard
+  nlohmann::json service;
+  std::vector<nlohmann::json> pods;           // index = shard
+  // Every object, in apply order: CA Secret, shard Secrets, ConfigMaps, Service, Pods.
+  std::vector<nlohmann::json> all() const;
+};
+
+// A job render() refuses, or inputs that do not fit the job. what() names the field
+// and the value (e.g. the stage whose parameter share exceeds maxExposure).
+class RenderError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// The spec is assumed valid (job_from_json validated it). Refuses, with RenderError:
+// - a largest stage (shardguard::shardd::partition with spec.sharding.balance) whose
+//   parameter share alone exceeds spec.protection.maxExposure;
+// - inputs that do not match the job (shard count, checkpoint key size, empty uid,
+//   certificate or image, no spec in job_object), and names longer than a DNS label.
+DesiredObjects render(const JobSpec& job, const RenderInputs& in);
+
+// Names, shared with the reconciler and shardctl.
+std::string ca_secret_name(const JobSpec& job);
+std::string shard_name(const JobSpec& job, int index);  // Secret, ConfigMap and Pod
+std::string service_name(const JobSpec& job);
+// <pod>.<service>.<namespace>.svc.<cluster domain>
+std::string shard_dns_name(const JobSpec& job, int index, const std::string& cluster_domain);
+
+// Standard base64 (with padding), for Secret data.
+std::string base64_encode(const std::string& bytes);
+
+}  // namespace shardguard::op

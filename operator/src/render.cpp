@@ -1,0 +1,350 @@
+#include "shardguard/operator/render.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <string>
+
+#include "shardguard/shardd/model_desc.h"
+#include "shardguard/shardd/partition.h"
+#include "shardguard/sidecar/policy.h"
+
+namespace shardguard::op {
+
+using nlohmann::json;
+
+namespace {
+
+std::string fmt_share(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.4f", v);
+  return buf;
+}
+
+json labels(const JobSpec& job, int shard) {
+  json l = {{kLabelJob, job.name}, {kLabelManagedBy, kManagedBy}};
+  if (shard >= 0) l[kLabelShard] = std::to_string(shard);
+  return l;
+}
+
+json metadata(const JobSpec& job, const RenderInputs& in, const std::string& name, int shard) {
+  return {{"name", name},
+          {"namespace", job.namespace_},
+          {"labels", labels(job, shard)},
+          {"ownerReferences",
+           json::array({{{"apiVersion", kJobApiVersion},
+                         {"kind", kJobKind},
+                         {"name", job.name},
+                         {"uid", in.uid},
+                         {"controller", true},
+                         {"blockOwnerDeletion", true}}})}};
+}
+
+// Largest stage's parameter share must fit maxExposure: with one shard per topology
+// domain (the anti-affinity below), a domain holds exactly one stage and never both
+// neighbours of another, so that share is the smallest exposure any placement gets.
+void check_exposure(const JobSpec& job) {
+  const auto model = shardd::describe_model(job.model);
+  std::vector<shardd::StageDesc> stages;
+  try {
+    stages = shardd::partition(model, job.sharding.shards, job.sharding.balance);
+  } catch (const shardd::PartitionError& e) {
+    throw RenderError(std::string("spec.sharding.shards: ") + e.what());
+  }
+  for (const auto& s : stages) {
+    const double share = shardd::parameter_share(model, s);
+    if (share > job.protection.max_exposure) {
+      throw RenderError("spec.protection.maxExposure: stage " + std::to_string(s.index) + " alone holds " +
+                        fmt_share(share) + " of the model's parameters (" + std::to_string(s.parameters) +
+                        " of " + std::to_string(model.parameters()) + "), more than maxExposure " +
+                        fmt_share(job.protection.max_exposure) +
+                        "; use more shards or raise maxExposure");
+    }
+  }
+}
+
+void check_dns_label(const std::string& what, const std::string& name) {
+  if (name.size() > 63) {
+    throw RenderError(what + " \"" + name + "\" is " + std::to_string(name.size()) +
+                      " characters, more than a DNS label's 63; use a shorter job name");
+  }
+}
+
+std::string image_of(const std::string& override_image, const json& section, const char* path) {
+  if (!override_image.empty()) return override_image;
+  if (section.is_object() && section.contains("image") && section["image"].is_string() &&
+      !section["image"].get<std::string>().empty()) {
+    return section["image"].get<std::string>();
+  }
+  throw RenderError(std::string(path) + ": no image given (and none in the render inputs)");
+}
+
+json container_security_context() {
+  return {{"runAsNonRoot", true},
+          {"readOnlyRootFilesystem", true},
+          {"allowPrivilegeEscalation", false},
+          {"privileged", false},
+          {"capabilities", {{"drop", json::array({"ALL"})}}},
+          {"seccompProfile", {{"type", "RuntimeDefault"}}}};
+}
+
+std::string loopback(int port) { return "127.0.0.1:" + std::to_string(port); }
+std::string any_addr(int port) { return "0.0.0.0:" + std::to_string(port); }
+
+json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::string& shardd_image,
+              const std::string& sidecar_image) {
+  const int n = job.sharding.shards;
+  const std::string name = shard_name(job, i);
+  const json& tmpl = job.template_;
+  const std::string td = job.protection.trust_domain;
+
+  json shardd_args = json::array({"--job", std::string(kConfigDir) + "/job.json", "--stage", std::to_string(i),
+                                  "--listen", loopback(kShardGrpcPort)});
+  if (i > 0) shardd_args.insert(shardd_args.end(), {"--prev", loopback(kSidecarOutboundPort)});
+  if (i < n - 1) shardd_args.insert(shardd_args.end(), {"--next", loopback(kSidecarOutboundPort)});
+  shardd_args.insert(shardd_args.end(), {"--checkpoint-dir", kCheckpointDir, "--key-file",
+                                         std::string(kKeyDir) + "/checkpoint.key", "--metrics",
+                                         any_addr(kShardMetricsPort)});
+
+  json shardd = {{"name", "shardd"},
+                 {"image", shardd_image},
+                 {"args", shardd_args},
+                 {"ports", json::array({{{"name", "metrics"}, {"containerPort", kShardMetricsPort},
+                                         {"protocol", "TCP"}}})},
+                 {"securityContext", container_security_context()},
+                 {"volumeMounts", json::array({
+                                      {{"name", "checkpoint-key"}, {"mountPath", kKeyDir}, {"readOnly", true}},
+                                      {{"name", "config"}, {"mountPath", kConfigDir}, {"readOnly", true}},
+                                      {{"name", "checkpoint"}, {"mountPath", kCheckpointDir}},
+                                      {{"name", "tmp"}, {"mountPath", "/tmp"}},
+                                  })}};
+  if (tmpl.is_object() && tmpl.contains("resources") && tmpl["resources"].is_object()) {
+    shardd["resources"] = tmpl["resources"];  // GPU limits and requests as given
+  }
+  if (tmpl.is_object() && tmpl.contains("imagePullPolicy")) shardd["imagePullPolicy"] = tmpl["imagePullPolicy"];
+
+  json sidecar_args = json::array({"--inbound", any_addr(kSidecarInboundPort), "--outbound",
+                                   loopback(kSidecarOutboundPort), "--upstream", loopback(kShardGrpcPort),
+                                   "--cert", std::string(kTlsDir) + "/tls.crt", "--key",
+                                   std::string(kTlsDir) + "/tls.key", "--ca", std::string(kTlsDir) + "/ca.crt",
+                                   "--policy", std::string(kConfigDir) + "/policy.json"});
+  for (int p : {i - 1, i + 1}) {
+    if (p < 0 || p >= n) continue;
+    sidecar_args.push_back("--peer");
+    sidecar_args.push_back(sidecar::shard_spiffe_id(td, job.namespace_, job.name, p) + "=" +
+                           shard_dns_name(job, p, in.cluster_domain) + ":" + std::to_string(kSidecarInboundPort));
+  }
+  sidecar_args.insert(sidecar_args.end(), {"--metrics", any_addr(kSidecarMetricsPort)});
+
+  json sidecar = {{"name", "sidecar"},
+                  {"image", sidecar_image},
+                  {"args", sidecar_args},
+                  {"ports", json::array({{{"name", "mtls"}, {"containerPort", kSidecarInboundPort},
+                                          {"protocol", "TCP"}},
+                                         {{"name", "sidecar-metrics"}, {"containerPort", kSidecarMetricsPort},
+                                          {"protocol", "TCP"}}})},
+                  {"securityContext", container_security_context()},
+                  {"volumeMounts", json::array({
+                                       {{"name", "tls"}, {"mountPath", kTlsDir}, {"readOnly", true}},
+                                       {{"name", "config"}, {"mountPath", kConfigDir}, {"readOnly", true}},
+                                       {{"name", "tmp"}, {"mountPath", "/tmp"}},
+                                   })}};
+  if (job.sidecar.is_object() && job.sidecar.contains("resources") && job.sidecar["resources"].is_object()) {
+    sidecar["resources"] = job.sidecar["resources"];
+  }
+
+  // One Secret, two projections: the sidecar sees the TLS files, shardd only the
+  // checkpoint key.
+  json checkpoint_volume = {{"name", "checkpoint"}};
+  if (job.checkpoint.volume.is_object() && !job.checkpoint.volume.empty()) {
+    for (const auto& [k, v] : job.checkpoint.volume.items()) {
+      if (k != "name") checkpoint_volume[k] = v;
+    }
+  } else {
+    checkpoint_volume["emptyDir"] = json::object();
+  }
+  json volumes = json::array({
+      {{"name", "tls"},
+       {"secret", {{"secretName", name}, {"defaultMode", 0440},
+                   {"items", json::array({{{"key", "tls.crt"}, {"path", "tls.crt"}},
+                                          {{"key", "tls.key"}, {"path", "tls.key"}},
+                                          {{"key", "ca.crt"}, {"path", "ca.crt"}}})}}}},
+      {{"name", "checkpoint-key"},
+       {"secret", {{"secretName", name}, {"defaultMode", 0440},
+                   {"items", json::array({{{"key", "checkpoint.key"}, {"path", "checkpoint.key"}}})}}}},
+      {{"name", "config"}, {"configMap", {{"name", name}}}},
+      {{"name", "tmp"}, {"emptyDir", json::object()}},
+      checkpoint_volume,
+  });
+
+  json selector = {{"matchLabels", {{kLabelJob, job.name}}}};
+  json spec = {
+      {"hostname", name},
+      {"subdomain", service_name(job)},
+      {"restartPolicy", "Never"},  // the operator recreates failed shards (runPolicy.backoffLimit)
+      {"automountServiceAccountToken", false},
+      {"enableServiceLinks", false},
+      {"securityContext",
+       {{"runAsNonRoot", true},
+        {"runAsUser", in.run_as_user},
+        {"runAsGroup", in.run_as_user},
+        {"fsGroup", in.run_as_user},
+        {"seccompProfile", {{"type", "RuntimeDefault"}}}}},
+      {"affinity",
+       {{"podAntiAffinity",
+         {{"requiredDuringSchedulingIgnoredDuringExecution",
+           json::array({{{"labelSelector", selector}, {"topologyKey", job.protection.topology_key}}})}}}}},
+      {"containers", json::array({shardd, sidecar})},
+      {"volumes", volumes},
+  };
+  if (tmpl.is_object() && tmpl.contains("nodeSelector") && tmpl["nodeSelector"].is_object() &&
+      !tmpl["nodeSelector"].empty()) {
+    spec["nodeSelector"] = tmpl["nodeSelector"];
+  }
+  if (tmpl.is_object() && tmpl.contains("tolerations") && tmpl["tolerations"].is_array() &&
+      !tmpl["tolerations"].empty()) {
+    spec["tolerations"] = tmpl["tolerations"];
+  }
+  return {{"apiVersion", "v1"}, {"kind", "Pod"}, {"metadata", metadata(job, in, name, i)}, {"spec", spec}};
+}
+
+}  // namespace
+
+std::string ca_secret_name(const JobSpec& job) { return job.name + "-ca"; }
+std::string shard_name(const JobSpec& job, int index) { return job.name + "-shard-" + std::to_string(index); }
+std::string service_name(const JobSpec& job) { return job.name; }
+std::string shard_dns_name(const JobSpec& job, int index, const std::string& cluster_domain) {
+  return shard_name(job, index) + "." + service_name(job) + "." + job.namespace_ + ".svc." + cluster_domain;
+}
+
+std::string base64_encode(const std::string& bytes) {
+  static const char* kAlphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  out.reserve((bytes.size() + 2) / 3 * 4);
+  size_t i = 0;
+  for (; i + 2 < bytes.size(); i += 3) {
+    const uint32_t v = (uint32_t(uint8_t(bytes[i])) << 16) | (uint32_t(uint8_t(bytes[i + 1])) << 8) |
+                       uint32_t(uint8_t(bytes[i + 2]));
+    out += kAlphabet[(v >> 18) & 63];
+    out += kAlphabet[(v >> 12) & 63];
+    out += kAlphabet[(v >> 6) & 63];
+    out += kAlphabet[v & 63];
+  }
+  const size_t rest = bytes.size() - i;
+  if (rest == 1) {
+    const uint32_t v = uint32_t(uint8_t(bytes[i])) << 16;
+    out += kAlphabet[(v >> 18) & 63];
+    out += kAlphabet[(v >> 12) & 63];
+    out += "==";
+  } else if (rest == 2) {
+    const uint32_t v = (uint32_t(uint8_t(bytes[i])) << 16) | (uint32_t(uint8_t(bytes[i + 1])) << 8);
+    out += kAlphabet[(v >> 18) & 63];
+    out += kAlphabet[(v >> 12) & 63];
+    out += kAlphabet[(v >> 6) & 63];
+    out += '=';
+  }
+  return out;
+}
+
+std::vector<json> DesiredObjects::all() const {
+  std::vector<json> out;
+  out.push_back(ca_secret);
+  out.insert(out.end(), shard_secrets.begin(), shard_secrets.end());
+  out.insert(out.end(), config_maps.begin(), config_maps.end());
+  out.push_back(service);
+  out.insert(out.end(), pods.begin(), pods.end());
+  return out;
+}
+
+DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
+  const int n = job.sharding.shards;
+  // Inputs first: a refusal must not depend on which check runs first.
+  if (in.uid.empty()) throw RenderError("metadata.uid: empty; ownerReferences need the job's uid");
+  if (in.ca_cert_pem.empty() || in.ca_key_pem.empty()) {
+    throw RenderError("render inputs: the job CA certificate and key are required");
+  }
+  if (static_cast<int>(in.shards.size()) != n) {
+    throw RenderError("render inputs: " + std::to_string(in.shards.size()) +
+                      " shard certificates/keys for spec.sharding.shards " + std::to_string(n));
+  }
+  for (int i = 0; i < n; ++i) {
+    const auto& s = in.shards[i];
+    if (s.cert_pem.empty() || s.key_pem.empty()) {
+      throw RenderError("render inputs: shard " + std::to_string(i) + " has no leaf certificate or key");
+    }
+    if (s.checkpoint_key.size() != 32) {
+      throw RenderError("render inputs: shard " + std::to_string(i) + " checkpoint key is " +
+                        std::to_string(s.checkpoint_key.size()) + " bytes, want 32");
+    }
+  }
+  if (!in.job_object.is_object() || !in.job_object.contains("spec") || !in.job_object["spec"].is_object()) {
+    throw RenderError("render inputs: job_object has no spec (shardd --job reads it from job.json)");
+  }
+  const std::string shardd_image = image_of(in.shardd_image, job.template_, "spec.template.image");
+  const std::string sidecar_image = image_of(in.sidecar_image, job.sidecar, "spec.sidecar.image");
+  check_dns_label("pod hostname", shard_name(job, n - 1));
+  check_dns_label("service name", service_name(job));
+  check_exposure(job);
+
+  sidecar::ExportRules exports;
+  exports.allowed = job.protection.export_.allowed;
+  if (exports.allowed) {
+    for (const auto& p : job.protection.export_.principals) exports.principals.push_back({p, in.export_budget_bytes});
+  }
+
+  const json job_file = {{"apiVersion", kJobApiVersion},
+                         {"kind", kJobKind},
+                         {"metadata", {{"name", job.name}, {"namespace", job.namespace_}}},
+                         {"spec", in.job_object["spec"]}};
+
+  DesiredObjects out;
+  out.ca_secret = {{"apiVersion", "v1"},
+                   {"kind", "Secret"},
+                   {"metadata", metadata(job, in, ca_secret_name(job), -1)},
+                   {"type", "Opaque"},
+                   {"immutable", true},
+                   {"data", {{"ca.crt", base64_encode(in.ca_cert_pem)}, {"ca.key", base64_encode(in.ca_key_pem)}}}};
+
+  for (int i = 0; i < n; ++i) {
+    const auto& s = in.shards[i];
+    const std::string name = shard_name(job, i);
+    out.shard_secrets.push_back({{"apiVersion", "v1"},
+                                 {"kind", "Secret"},
+                                 {"metadata", metadata(job, in, name, i)},
+                                 {"type", "kubernetes.io/tls"},
+                                 {"data",
+                                  {{"tls.crt", base64_encode(s.cert_pem)},
+                                   {"tls.key", base64_encode(s.key_pem)},
+                                   {"ca.crt", base64_encode(in.ca_cert_pem)},
+                                   {"checkpoint.key", base64_encode(s.checkpoint_key)}}}});
+
+    sidecar::Policy policy = [&] {
+      try {
+        return sidecar::pipeline_policy(job.protection.trust_domain, job.namespace_, job.name, i, n, exports);
+      } catch (const sidecar::PolicyError& e) {
+        throw RenderError(std::string("policy of shard ") + std::to_string(i) + ": " + e.what());
+      }
+    }();
+    out.config_maps.push_back({{"apiVersion", "v1"},
+                               {"kind", "ConfigMap"},
+                               {"metadata", metadata(job, in, name, i)},
+                               {"data", {{"policy.json", sidecar::to_json(policy)},
+                                         {"job.json", job_file.dump(2) + "\n"}}}});
+  }
+
+  out.service = {{"apiVersion", "v1"},
+                 {"kind", "Service"},
+                 {"metadata", metadata(job, in, service_name(job), -1)},
+                 {"spec",
+                  {{"clusterIP", "None"},
+                   {"publishNotReadyAddresses", true},  // peers must resolve before shards are ready
+                   {"selector", {{kLabelJob, job.name}, {kLabelManagedBy, kManagedBy}}},
+                   {"ports", json::array({{{"name", "mtls"},
+                                           {"port", kSidecarInboundPort},
+                                           {"targetPort", "mtls"},
+                                           {"protocol", "TCP"}}})}}}};
+
+  for (int i = 0; i < n; ++i) out.pods.push_back(make_pod(job, in, i, shardd_image, sidecar_image));
+  return out;
+}
+
+}  // namespace shardguard::op

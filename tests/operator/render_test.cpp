@@ -1,0 +1,390 @@
+// render(job, inputs): the objects the operator would create (issue 4 item 3).
+#include "shardguard/operator/render.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <set>
+#include <string>
+
+#include "shardguard/common/jobspec.h"
+#include "shardguard/shardd/model_desc.h"
+#include "shardguard/shardd/partition.h"
+#include "shardguard/sidecar/policy.h"
+
+namespace shardguard::op {
+namespace {
+
+using nlohmann::json;
+
+json job_object(const std::string& extra_yaml_spec = "") {
+  std::string yaml = R"(apiVersion: shardguard.io/v1alpha1
+kind: ShardedTrainingJob
+metadata: {name: fmnist, namespace: ml}
+spec:
+  model: {architecture: cnn, hidden: 64, channels: 32}
+  training: {epochs: 1, batchSize: 64, microBatches: 4}
+  sharding: {shards: 4, balance: parameters}
+  protection:
+    maxExposure: 0.9
+    topologyKey: topology.kubernetes.io/zone
+    export: {allowed: true, principals: ["spiffe://shardguard.local/ns/ml/job/fmnist/role/exporter"]}
+  checkpoint: {everySteps: 100, volume: {persistentVolumeClaim: {claimName: ckpt}}}
+  template:
+    image: example.com/shardd:1
+    resources: {limits: {nvidia.com/gpu: 1}}
+    nodeSelector: {pool: gpu}
+    tolerations: [{key: gpu, operator: Exists, effect: NoSchedule}]
+  sidecar: {image: example.com/sidecar:1}
+)";
+  return yaml_to_json(yaml + extra_yaml_spec);
+}
+
+std::string key_of(int i) { return std::string(32, static_cast<char>('a' + i)); }
+
+RenderInputs inputs_for(const JobSpec& job, const json& object) {
+  RenderInputs in;
+  in.uid = "0b4e6a52-1111-2222-3333-444455556666";
+  in.ca_cert_pem = "-----CA CERT-----\n";
+  in.ca_key_pem = "-----CA KEY SECRET-----\n";
+  for (int i = 0; i < job.sharding.shards; ++i) {
+    in.shards.push_back({"-----LEAF CERT " + std::to_string(i) + "-----\n",
+                         "-----LEAF KEY " + std::to_string(i) + "-----\n", key_of(i)});
+  }
+  in.job_object = object;
+  in.export_budget_bytes = 1 << 20;
+  return in;
+}
+
+struct Rendered {
+  JobSpec job;
+  RenderInputs in;
+  DesiredObjects out;
+};
+
+Rendered render_example() {
+  const json obj = job_object();
+  Rendered r{job_from_json(obj), {}, {}};
+  r.in = inputs_for(r.job, obj);
+  r.out = render(r.job, r.in);
+  return r;
+}
+
+std::vector<std::string> args_of(const json& pod, const std::string& container) {
+  for (const auto& c : pod["spec"]["containers"]) {
+    if (c["name"] == container) return c["args"].get<std::vector<std::string>>();
+  }
+  ADD_FAILURE() << "no container " << container;
+  return {};
+}
+
+std::vector<std::string> flag_values(const std::vector<std::string>& args, const std::string& flag) {
+  std::vector<std::string> v;
+  for (size_t i = 0; i + 1 < args.size(); ++i) {
+    if (args[i] == flag) v.push_back(args[i + 1]);
+  }
+  return v;
+}
+
+TEST(Base64, MatchesRfc4648Vectors) {
+  EXPECT_EQ(base64_encode(""), "");
+  EXPECT_EQ(base64_encode("f"), "Zg==");
+  EXPECT_EQ(base64_encode("fo"), "Zm8=");
+  EXPECT_EQ(base64_encode("foo"), "Zm9v");
+  EXPECT_EQ(base64_encode("foob"), "Zm9vYg==");
+  EXPECT_EQ(base64_encode("fooba"), "Zm9vYmE=");
+  EXPECT_EQ(base64_encode("foobar"), "Zm9vYmFy");
+  EXPECT_EQ(base64_encode(std::string("\xff\x00\xfe", 3)), "/wD+");
+}
+
+TEST(Render, ObjectCountsAndNames) {
+  const auto r = render_example();
+  const auto all = r.out.all();
+  ASSERT_EQ(all.size(), 1u + 4 + 4 + 1 + 4);
+  EXPECT_EQ(r.out.ca_secret["metadata"]["name"], "fmnist-ca");
+  EXPECT_EQ(r.out.service["metadata"]["name"], "fmnist");
+  std::set<std::string> keys;
+  for (const auto& o : all) {
+    EXPECT_EQ(o["metadata"]["namespace"], "ml");
+    keys.insert(o["kind"].get<std::string>() + "/" + o["metadata"]["name"].get<std::string>());
+  }
+  EXPECT_EQ(keys.size(), all.size()) << "duplicate kind/name";
+  for (int i = 0; i < 4; ++i) {
+    const std::string n = "fmnist-shard-" + std::to_string(i);
+    EXPECT_TRUE(keys.count("Secret/" + n)) << n;
+    EXPECT_TRUE(keys.count("ConfigMap/" + n)) << n;
+    EXPECT_TRUE(keys.count("Pod/" + n)) << n;
+    EXPECT_EQ(r.out.pods[i]["metadata"]["labels"][kLabelShard], std::to_string(i));
+  }
+}
+
+TEST(Render, EveryObjectIsOwnedByTheJobAndLabelled) {
+  const auto r = render_example();
+  for (const auto& o : r.out.all()) {
+    const auto& md = o["metadata"];
+    ASSERT_EQ(md["ownerReferences"].size(), 1u) << md["name"];
+    const auto& ref = md["ownerReferences"][0];
+    EXPECT_EQ(ref["apiVersion"], "shardguard.io/v1alpha1");
+    EXPECT_EQ(ref["kind"], "ShardedTrainingJob");
+    EXPECT_EQ(ref["name"], "fmnist");
+    EXPECT_EQ(ref["uid"], r.in.uid);
+    EXPECT_EQ(ref["controller"], true);
+    EXPECT_EQ(ref["blockOwnerDeletion"], true);
+    EXPECT_EQ(md["labels"][kLabelJob], "fmnist");
+    EXPECT_EQ(md["labels"][kLabelManagedBy], "shardguard-operator");
+  }
+}
+
+TEST(Render, CaSecretHoldsCertAndKeyAndNoPodMountsIt) {
+  const auto r = render_example();
+  EXPECT_EQ(r.out.ca_secret["data"]["ca.crt"], base64_encode(r.in.ca_cert_pem));
+  EXPECT_EQ(r.out.ca_secret["data"]["ca.key"], base64_encode(r.in.ca_key_pem));
+  for (const auto& pod : r.out.pods) {
+    EXPECT_EQ(pod.dump().find("fmnist-ca"), std::string::npos);
+  }
+}
+
+TEST(Render, EachShardSecretHoldsOnlyItsOwnMaterial) {
+  const auto r = render_example();
+  for (int i = 0; i < 4; ++i) {
+    const auto& s = r.out.shard_secrets[i];
+    EXPECT_EQ(s["type"], "kubernetes.io/tls");
+    const auto& d = s["data"];
+    EXPECT_EQ(d.size(), 4u);
+    EXPECT_EQ(d["tls.crt"], base64_encode(r.in.shards[i].cert_pem));
+    EXPECT_EQ(d["tls.key"], base64_encode(r.in.shards[i].key_pem));
+    EXPECT_EQ(d["ca.crt"], base64_encode(r.in.ca_cert_pem));
+    EXPECT_EQ(d["checkpoint.key"], base64_encode(key_of(i)));
+    const std::string text = s.dump();
+    EXPECT_EQ(text.find(base64_encode(r.in.ca_key_pem)), std::string::npos) << "CA key in shard " << i;
+    for (int j = 0; j < 4; ++j) {
+      if (j == i) continue;
+      EXPECT_EQ(text.find(base64_encode(r.in.shards[j].cert_pem)), std::string::npos) << i << " has " << j;
+      EXPECT_EQ(text.find(base64_encode(r.in.shards[j].key_pem)), std::string::npos) << i << " has " << j;
+      EXPECT_EQ(text.find(base64_encode(key_of(j))), std::string::npos) << i << " has key of " << j;
+    }
+  }
+}
+
+TEST(Render, PodMountsOnlyItsOwnSecret) {
+  const auto r = render_example();
+  for (int i = 0; i < 4; ++i) {
+    for (const auto& v : r.out.pods[i]["spec"]["volumes"]) {
+      if (v.contains("secret")) { EXPECT_EQ(v["secret"]["secretName"], "fmnist-shard-" + std::to_string(i)); }
+      if (v.contains("configMap")) { EXPECT_EQ(v["configMap"]["name"], "fmnist-shard-" + std::to_string(i)); }
+    }
+  }
+}
+
+TEST(Render, PolicyConfigMapParsesAndAllowsForwardOnlyFromPrevious) {
+  const auto r = render_example();
+  const auto id = [](int s) { return sidecar::shard_spiffe_id("shardguard.local", "ml", "fmnist", s); };
+  for (int i = 0; i < 4; ++i) {
+    const auto& cm = r.out.config_maps[i];
+    const auto policy = sidecar::parse_policy(cm["data"]["policy.json"].get<std::string>());
+    EXPECT_EQ(policy.shard(), i);
+    EXPECT_EQ(policy.shards(), 4);
+    EXPECT_EQ(policy.job(), "fmnist");
+    EXPECT_EQ(policy.ns(), "ml");
+    for (int p = 0; p < 4; ++p) {
+      const auto d = sidecar::decide(policy, sidecar::Direction::kIngress, id(p), sidecar::kForwardMethod);
+      EXPECT_EQ(d.allow, p == i - 1) << "shard " << i << " Forward from " << p << ": " << d.rule;
+    }
+    EXPECT_TRUE(policy.exports().allowed);
+    ASSERT_EQ(policy.exports().principals.size(), 1u);
+    EXPECT_EQ(policy.exports().principals[0].budget_bytes, 1 << 20);
+    // job.json is the job shardd --job reads.
+    const auto job = job_from_json(json::parse(cm["data"]["job.json"].get<std::string>()));
+    EXPECT_EQ(job.name, "fmnist");
+    EXPECT_EQ(job.sharding.shards, 4);
+  }
+}
+
+TEST(Render, HeadlessServiceSelectsTheJobsPods) {
+  const auto r = render_example();
+  const auto& spec = r.out.service["spec"];
+  EXPECT_EQ(spec["clusterIP"], "None");
+  ASSERT_EQ(spec["ports"].size(), 1u);
+  EXPECT_EQ(spec["ports"][0]["name"], "mtls");
+  EXPECT_EQ(spec["ports"][0]["port"], 7443);
+  for (const auto& [k, v] : spec["selector"].items()) {
+    for (const auto& pod : r.out.pods) EXPECT_EQ(pod["metadata"]["labels"][k], v) << k;
+  }
+  for (const auto& pod : r.out.pods) EXPECT_EQ(pod["spec"]["subdomain"], "fmnist");
+}
+
+TEST(Render, PodAntiAffinityOnTheTopologyKeyAgainstAllPodsOfTheJob) {
+  const auto r = render_example();
+  for (const auto& pod : r.out.pods) {
+    const auto& req = pod["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"];
+    ASSERT_EQ(req.size(), 1u);
+    EXPECT_EQ(req[0]["topologyKey"], "topology.kubernetes.io/zone");
+    const json want = {{kLabelJob, "fmnist"}};
+    EXPECT_EQ(req[0]["labelSelector"]["matchLabels"], want);
+    EXPECT_EQ(pod["metadata"]["labels"][kLabelJob], "fmnist");  // so it matches every shard
+  }
+}
+
+TEST(Render, RestrictedSecurityContext) {
+  const auto r = render_example();
+  for (const auto& pod : r.out.pods) {
+    const auto& psc = pod["spec"]["securityContext"];
+    EXPECT_EQ(psc["runAsNonRoot"], true);
+    EXPECT_GT(psc["runAsUser"].get<int64_t>(), 0);
+    EXPECT_EQ(psc["seccompProfile"]["type"], "RuntimeDefault");
+    EXPECT_EQ(pod["spec"]["automountServiceAccountToken"], false);
+    ASSERT_EQ(pod["spec"]["containers"].size(), 2u);
+    for (const auto& c : pod["spec"]["containers"]) {
+      const auto& sc = c["securityContext"];
+      EXPECT_EQ(sc["runAsNonRoot"], true) << c["name"];
+      EXPECT_EQ(sc["readOnlyRootFilesystem"], true) << c["name"];
+      EXPECT_EQ(sc["allowPrivilegeEscalation"], false) << c["name"];
+      EXPECT_EQ(sc["capabilities"]["drop"], json::array({"ALL"})) << c["name"];
+      EXPECT_FALSE(sc["capabilities"].contains("add")) << c["name"];
+      EXPECT_EQ(sc["seccompProfile"]["type"], "RuntimeDefault") << c["name"];
+    }
+  }
+}
+
+TEST(Render, TemplateResourcesPlacementImagesAndVolumes) {
+  const auto r = render_example();
+  for (const auto& pod : r.out.pods) {
+    const auto& spec = pod["spec"];
+    const auto& shardd = spec["containers"][0];
+    EXPECT_EQ(shardd["name"], "shardd");
+    EXPECT_EQ(shardd["image"], "example.com/shardd:1");
+    EXPECT_EQ(shardd["resources"]["limits"]["nvidia.com/gpu"], 1);
+    EXPECT_EQ(spec["containers"][1]["image"], "example.com/sidecar:1");
+    EXPECT_EQ(spec["nodeSelector"]["pool"], "gpu");
+    EXPECT_EQ(spec["tolerations"][0]["key"], "gpu");
+    std::set<std::string> names;
+    for (const auto& v : spec["volumes"]) names.insert(v["name"]);
+    EXPECT_EQ(names, (std::set<std::string>{"tls", "checkpoint-key", "config", "tmp", "checkpoint"}));
+    for (const auto& v : spec["volumes"]) {
+      if (v["name"] == "checkpoint") { EXPECT_EQ(v["persistentVolumeClaim"]["claimName"], "ckpt"); }
+      if (v["name"] == "tmp") { EXPECT_TRUE(v.contains("emptyDir")); }
+    }
+  }
+}
+
+TEST(Render, ContainerArgsUseLoopbackAndTheMountedFiles) {
+  const auto r = render_example();
+  for (int i = 0; i < 4; ++i) {
+    const auto s = args_of(r.out.pods[i], "shardd");
+    EXPECT_EQ(flag_values(s, "--stage"), std::vector<std::string>{std::to_string(i)});
+    EXPECT_EQ(flag_values(s, "--listen"), std::vector<std::string>{"127.0.0.1:7000"});
+    EXPECT_EQ(flag_values(s, "--prev").size(), i > 0 ? 1u : 0u);
+    EXPECT_EQ(flag_values(s, "--next").size(), i < 3 ? 1u : 0u);
+    for (const auto& a : flag_values(s, "--prev")) EXPECT_EQ(a, "127.0.0.1:7001");
+    for (const auto& a : flag_values(s, "--next")) EXPECT_EQ(a, "127.0.0.1:7001");
+    EXPECT_EQ(flag_values(s, "--key-file"), std::vector<std::string>{"/etc/shardguard/key/checkpoint.key"});
+    EXPECT_EQ(flag_values(s, "--metrics"), std::vector<std::string>{"0.0.0.0:9100"});
+    const auto c = args_of(r.out.pods[i], "sidecar");
+    EXPECT_EQ(flag_values(c, "--inbound"), std::vector<std::string>{"0.0.0.0:7443"});
+    EXPECT_EQ(flag_values(c, "--outbound"), std::vector<std::string>{"127.0.0.1:7001"});
+    EXPECT_EQ(flag_values(c, "--upstream"), std::vector<std::string>{"127.0.0.1:7000"});
+    EXPECT_EQ(flag_values(c, "--policy"), std::vector<std::string>{"/etc/shardguard/config/policy.json"});
+    EXPECT_EQ(flag_values(c, "--metrics"), std::vector<std::string>{"0.0.0.0:9101"});
+  }
+}
+
+TEST(Render, SidecarPeersAreOnlyTheNeighbours) {
+  const auto r = render_example();
+  for (int i = 0; i < 4; ++i) {
+    std::vector<std::string> want;
+    for (int p : {i - 1, i + 1}) {
+      if (p < 0 || p > 3) continue;
+      want.push_back(sidecar::shard_spiffe_id("shardguard.local", "ml", "fmnist", p) + "=fmnist-shard-" +
+                     std::to_string(p) + ".fmnist.ml.svc.cluster.local:7443");
+    }
+    EXPECT_EQ(flag_values(args_of(r.out.pods[i], "sidecar"), "--peer"), want) << "shard " << i;
+  }
+}
+
+TEST(Render, IsDeterministic) {
+  const auto a = render_example();
+  const auto b = render_example();
+  const auto ja = a.out.all();
+  const auto jb = b.out.all();
+  ASSERT_EQ(ja.size(), jb.size());
+  for (size_t k = 0; k < ja.size(); ++k) EXPECT_EQ(ja[k].dump(), jb[k].dump()) << k;
+}
+
+TEST(Render, RefusesAStageLargerThanMaxExposure) {
+  json obj = job_object();
+  obj["spec"]["protection"]["maxExposure"] = 0.3;
+  obj["spec"]["sharding"]["shards"] = 2;
+  const JobSpec job = job_from_json(obj);
+  const auto model = shardd::describe_model(job.model);
+  const auto stages = shardd::partition(model, 2, "parameters");
+  int worst = 0;
+  for (const auto& s : stages) {
+    if (shardd::parameter_share(model, s) > shardd::parameter_share(model, stages[worst])) worst = s.index;
+  }
+  ASSERT_GT(shardd::parameter_share(model, stages[worst]), 0.3);
+  try {
+    render(job, inputs_for(job, obj));
+    FAIL() << "rendered a job whose stage exceeds maxExposure";
+  } catch (const RenderError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("spec.protection.maxExposure"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("stage " + std::to_string(worst)), std::string::npos) << msg;
+    EXPECT_NE(msg.find("maxExposure 0.3000"), std::string::npos) << msg;
+    char share[32];
+    std::snprintf(share, sizeof share, "%.4f", shardd::parameter_share(model, stages[worst]));
+    EXPECT_NE(msg.find(share), std::string::npos) << msg;
+  }
+}
+
+TEST(Render, RefusesInputsThatDoNotFitTheJob) {
+  const json obj = job_object();
+  const JobSpec job = job_from_json(obj);
+  {
+    auto in = inputs_for(job, obj);
+    in.shards.pop_back();
+    EXPECT_THROW(render(job, in), RenderError);
+  }
+  {
+    auto in = inputs_for(job, obj);
+    in.shards[2].checkpoint_key = "short";
+    EXPECT_THROW(render(job, in), RenderError);
+  }
+  {
+    auto in = inputs_for(job, obj);
+    in.uid.clear();
+    EXPECT_THROW(render(job, in), RenderError);
+  }
+  {
+    auto in = inputs_for(job, obj);
+    in.job_object = json::object();
+    EXPECT_THROW(render(job, in), RenderError);
+  }
+}
+
+TEST(Render, ExampleJobRendersWithDefaults) {
+  const json obj = yaml_to_json(R"(apiVersion: shardguard.io/v1alpha1
+kind: ShardedTrainingJob
+metadata: {name: tiny}
+spec:
+  model: {architecture: mlp}
+  sharding: {shards: 2}
+  template: {image: img/shardd}
+  sidecar: {image: img/sidecar}
+)");
+  const JobSpec job = job_from_json(obj);
+  const auto out = render(job, inputs_for(job, obj));
+  ASSERT_EQ(out.pods.size(), 2u);
+  EXPECT_EQ(out.pods[0]["metadata"]["namespace"], "default");
+  EXPECT_FALSE(out.pods[0]["spec"].contains("nodeSelector"));
+  EXPECT_FALSE(out.pods[0]["spec"]["containers"][0].contains("resources"));
+  bool has_empty_dir_checkpoint = false;
+  for (const auto& v : out.pods[0]["spec"]["volumes"]) {
+    if (v["name"] == "checkpoint") has_empty_dir_checkpoint = v.contains("emptyDir");
+  }
+  EXPECT_TRUE(has_empty_dir_checkpoint);
+  // export not allowed → empty export section in every policy.
+  EXPECT_FALSE(sidecar::parse_policy(out.config_maps[1]["data"]["policy.json"].get<std::string>()).exports().allowed);
+}
+
+}  // namespace
+}  // namespace shardguard::op
