@@ -404,9 +404,9 @@ struct Proxy::Impl {
     metrics.duration_by_direction[direction]->Observe(
         std::chrono::duration<double>(Clock::now() - started_at).count());
   }
-  void count_bytes(const char* direction, const std::string& peer, size_t n) {
-    if (n == 0) return;
-    metrics.bytes.Add({{"direction", direction}, {"peer", peer}}).Increment(static_cast<double>(n));
+  // The byte counter of one (direction, peer) series; a relay looks its two up once.
+  prometheus::Counter& bytes_counter(const char* direction, const std::string& peer) {
+    return metrics.bytes.Add({{"direction", direction}, {"peer", peer}});
   }
   void audit_deny(const Decision& d, const std::string& peer, const std::string& method) {
     log::warn("call refused", {{"peer", peer}, {"method", method}, {"rule", d.rule}, {"reason", d.reason}});
@@ -624,6 +624,10 @@ class AsyncRelay {
     stub_ = r.stub;
     peer_ = std::move(r.peer);
     guard_ = std::move(r.guard);
+    // Bytes from the pod's point of view: inbound requests are received from the peer,
+    // outbound requests are sent to it (and the replies the other way).
+    out_bytes_ = &impl_->bytes_counter(inbound() ? "received" : "sent", peer_);
+    back_bytes_ = &impl_->bytes_counter(inbound() ? "sent" : "received", peer_);
     for (const auto& kv : ctx_.client_metadata()) {
       const std::string key(kv.first.data(), kv.first.size());
       if (key.empty() || key[0] == ':' || key.rfind("grpc-", 0) == 0 || key == "user-agent" || key == "te" ||
@@ -856,11 +860,9 @@ class AsyncRelay {
     delete this;
   }
 
-  // Bytes from the pod's point of view: inbound requests are received from the peer,
-  // outbound requests are sent to it (and the replies the other way).
   bool inbound() const { return std::strcmp(l_->direction, "inbound") == 0; }
-  void count_out(size_t n) { impl_->count_bytes(inbound() ? "received" : "sent", peer_, n); }
-  void count_back(size_t n) { impl_->count_bytes(inbound() ? "sent" : "received", peer_, n); }
+  void count_out(size_t n) { out_bytes_->Increment(static_cast<double>(n)); }
+  void count_back(size_t n) { back_bytes_->Increment(static_cast<double>(n)); }
 
   Proxy::Impl* impl_;
   Proxy::Impl::Listener* l_;
@@ -870,6 +872,8 @@ class AsyncRelay {
   std::unique_ptr<grpc::GenericClientAsyncReaderWriter> call_;
   grpc::GenericStub* stub_ = nullptr;
   std::unique_ptr<MessageGuard> guard_;
+  prometheus::Counter* out_bytes_ = nullptr;   // set when the call is routed
+  prometheus::Counter* back_bytes_ = nullptr;
   std::string method_;
   std::string peer_;
   Clock::time_point started_at_;
