@@ -46,15 +46,19 @@ class ApiError : public std::runtime_error {
   nlohmann::json status_;
 };
 
+// KubeApiServer::Options (outside the class so that `Options opt = {}` works as a
+// default argument).
+struct KubeApiServerOptions {
+  std::string token = "test-token";  // the one accepted bearer token (user "test-user")
+  int port = 0;                      // 0 = pick a free port on 127.0.0.1
+  size_t history_limit = 10000;      // watch events kept; older resourceVersions get 410
+  std::chrono::milliseconds bookmark_interval{1000};
+  size_t threads = 128;              // HTTP worker threads (each open watch holds one)
+};
+
 class KubeApiServer {
  public:
-  struct Options {
-    std::string token = "test-token";  // the one accepted bearer token (user "test-user")
-    int port = 0;                      // 0 = pick a free port on 127.0.0.1
-    size_t history_limit = 10000;      // watch events kept; older resourceVersions get 410
-    std::chrono::milliseconds bookmark_interval{1000};
-    size_t threads = 128;              // HTTP worker threads (each open watch holds one)
-  };
+  using Options = KubeApiServerOptions;
 
   explicit KubeApiServer(Options opt = {});  // serving HTTPS on 127.0.0.1 when it returns
   ~KubeApiServer();                          // ends every watch, stops and joins everything
