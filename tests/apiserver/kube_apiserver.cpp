@@ -20,6 +20,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
 #include <deque>
 #include <fstream>
@@ -217,6 +218,9 @@ json yaml_to_json(const YAML::Node& n) {
 }
 
 json parse_body(const std::string& body, const std::string& content_type) {
+  if (content_type.find("protobuf") != std::string::npos || content_type.find("cbor") != std::string::npos)
+    fail(415, "the body of the request was in an unknown format - accepted media types include: "
+              "application/json, application/yaml");
   if (trim(body).empty()) fail(400, "the request body is empty");
   try {
     return json::parse(body);
@@ -543,6 +547,7 @@ struct KubeApiServer::Impl {
   std::chrono::milliseconds latency{0};
   std::vector<RequestRecord> log;
   std::atomic<size_t> open_watch_count{0};
+  const bool log_to_stderr = std::getenv("SHARDGUARD_APISERVER_LOG") != nullptr;  // debugging aid
 
   // ---- types ----------------------------------------------------------------------
 
@@ -1414,6 +1419,9 @@ struct KubeApiServer::Impl {
     r.name = t.name;
     r.user_agent = req.get_header_value("User-Agent");
     r.code = code;
+    if (log_to_stderr)
+      std::fprintf(stderr, "test-apiserver: %s %s %s [%s] -> %d\n", req.method.c_str(), req.path.c_str(),
+                   req.params.empty() ? "" : "?", req.get_header_value("Content-Type").c_str(), code);
     std::lock_guard<std::mutex> lk(fmu);
     log.push_back(std::move(r));
   }
