@@ -31,6 +31,14 @@ int main(int argc, char** argv) {
   auto* plan_cmd = app.add_subcommand("plan", "validate a job and print how it is cut into shards");
   plan_cmd->add_option("job", plan_job, "ShardedTrainingJob YAML file")->required();
 
+  RenderOptions render;
+  auto* render_cmd = app.add_subcommand("render", "print the Kubernetes objects the operator would create for a job");
+  render_cmd->add_option("job", render.job_file, "ShardedTrainingJob YAML file")->required();
+  render_cmd->add_option("--out", render.out_file, "write them to this file (mode 0600) instead of stdout");
+  render_cmd->add_option("--format", render.format, "yaml (one document per object) | json (a List)")
+      ->check(CLI::IsMember({"yaml", "json"}))
+      ->capture_default_str();
+
   RecombineOptions rec;
   int rec_threads = 0;
   auto* rec_cmd = app.add_subcommand("recombine", "assemble the whole model from every shard's checkpoint and evaluate it");
@@ -114,6 +122,7 @@ int main(int argc, char** argv) {
     return RunLocal(run);
   }
   if (*plan_cmd) return RunPlan(plan_job);
+  if (*render_cmd) return RunRender(render);
   if (*rec_cmd) {
     shardguard::shardd::set_compute_threads(rec_threads);
     return RunRecombine(rec);

@@ -5,6 +5,9 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
 
 namespace shardguard::shardctl {
 
@@ -81,6 +84,27 @@ struct ExplainOptions {
   bool show_policy = false;           // also print the policy as JSON
 };
 int RunExplain(const ExplainOptions& options);
+
+// ---- shardctl render (render_cmd.cpp) -----------------------------------------
+
+// Prints the Kubernetes objects the operator would create for a job, from the
+// operator's render(): the job is validated as the operator validates it, then a
+// fresh job CA, per-shard leaf SVIDs and 32-byte checkpoint keys and a random uid
+// stand in for what the operator and the API server would make. Output: a YAML
+// stream (one document per object) or a JSON List, on stdout or into out_file
+// (mode 0600, as it holds private keys). Exit 0 done, 1 the operator would refuse
+// the job (e.g. a stage above maxExposure) or I/O error, 2 bad input (invalid job,
+// every error with its field and value; unknown format).
+struct RenderOptions {
+  std::string job_file;
+  std::string out_file;         // "" = stdout
+  std::string format = "yaml";  // yaml | json
+};
+int RunRender(const RenderOptions& options);
+
+// The YAML stream render prints: "---" before each document, block style, strings
+// quoted whenever a YAML 1.1 or 1.2 reader could take them for something else.
+std::string ToYamlStream(const std::vector<nlohmann::json>& documents);
 
 // `shardctl audit verify FILE`: checks a sidecar audit log's hash chain; prints
 // the number of lines, or the first bad line and why. 0 intact, 1 broken, 2 unreadable.
