@@ -196,6 +196,14 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
       {"containers", json::array({shardd, sidecar})},
       {"volumes", volumes},
   };
+  if (i < static_cast<int>(in.avoid_nodes.size()) && !in.avoid_nodes[i].empty()) {
+    spec["affinity"]["nodeAffinity"] = {
+        {"requiredDuringSchedulingIgnoredDuringExecution",
+         {{"nodeSelectorTerms",
+           json::array({{{"matchExpressions", json::array({{{"key", "kubernetes.io/hostname"},
+                                                             {"operator", "NotIn"},
+                                                             {"values", in.avoid_nodes[i]}}})}}})}}}};
+  }
   if (tmpl.is_object() && tmpl.contains("nodeSelector") && tmpl["nodeSelector"].is_object() &&
       !tmpl["nodeSelector"].empty()) {
     spec["nodeSelector"] = tmpl["nodeSelector"];
@@ -241,6 +249,42 @@ std::string base64_encode(const std::string& bytes) {
     out += kAlphabet[(v >> 12) & 63];
     out += kAlphabet[(v >> 6) & 63];
     out += '=';
+  }
+  return out;
+}
+
+std::string base64_decode(const std::string& text) {
+  auto value = [](char c) -> int {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+') return 62;
+    if (c == '/') return 63;
+    return -1;
+  };
+  if (text.size() % 4 != 0) {
+    throw RenderError("base64: length " + std::to_string(text.size()) + " is not a multiple of 4");
+  }
+  std::string out;
+  out.reserve(text.size() / 4 * 3);
+  for (size_t i = 0; i < text.size(); i += 4) {
+    int v[4];
+    int pad = 0;
+    for (int k = 0; k < 4; ++k) {
+      const char c = text[i + k];
+      if (c == '=' && i + 4 == text.size() && k >= 2) {
+        v[k] = 0;
+        ++pad;
+        continue;
+      }
+      if (pad > 0 || (v[k] = value(c)) < 0) {
+        throw RenderError("base64: bad character at offset " + std::to_string(i + k));
+      }
+    }
+    const uint32_t w = (uint32_t(v[0]) << 18) | (uint32_t(v[1]) << 12) | (uint32_t(v[2]) << 6) | uint32_t(v[3]);
+    out += static_cast<char>((w >> 16) & 0xff);
+    if (pad < 2) out += static_cast<char>((w >> 8) & 0xff);
+    if (pad < 1) out += static_cast<char>(w & 0xff);
   }
   return out;
 }

@@ -1029,14 +1029,18 @@ TEST(Crd, StatusSchema) {
             json::array({"Pending", "Running", "Succeeded", "Failed", "Suspended"}));
   EXPECT_EQ(property_names("status"),
             (std::set<std::string>{"phase", "observedGeneration", "conditions", "shards",
-                                   "exposure", "progress"}));
+                                   "failedPods", "startTime", "completionTime", "exposure",
+                                   "progress"}));
   EXPECT_EQ(property_names("status.conditions", true),
             (std::set<std::string>{"type", "status", "reason", "message", "lastTransitionTime",
                                    "observedGeneration"}));
   EXPECT_EQ(property_names("status.shards", true),
-            (std::set<std::string>{"index", "pod", "node", "phase", "parameters", "restarts"}));
+            (std::set<std::string>{"index", "pod", "node", "phase", "parameters", "restarts",
+                                   "lastFailedPodUID"}));
   EXPECT_EQ(property_names("status.exposure"),
-            (std::set<std::string>{"maxNode", "maxPrincipal"}));
+            (std::set<std::string>{"maxNode", "maxPrincipal", "nodes"}));
+  EXPECT_EQ(property_names("status.exposure.nodes", true),
+            (std::set<std::string>{"node", "shards", "exposedShards", "ratio"}));
   EXPECT_EQ(property_names("status.progress"),
             (std::set<std::string>{"step", "epoch", "loss", "accuracy"}));
   // Status is written by the operator only: nothing there is defaulted.
@@ -1051,7 +1055,9 @@ TEST(Crd, StatusSchema) {
                     "lastTransitionTime": "2024-05-01T12:00:00Z"}],
     "shards": [{"index": 0, "pod": "fmnist-shard-0", "node": "n1", "phase": "Running",
                 "parameters": 12345, "restarts": 0}],
-    "exposure": {"maxNode": 0.25, "maxPrincipal": 0.25},
+    "exposure": {"maxNode": 0.25, "maxPrincipal": 0.25,
+                 "nodes": [{"node": "n1", "shards": [0], "exposedShards": [0], "ratio": 0.25}]},
+    "failedPods": 0, "startTime": "2024-05-01T12:00:00Z",
     "progress": {"step": 420, "epoch": 1, "loss": 0.41, "accuracy": 0.87}})");
   EXPECT_TRUE(schema_errors(job).empty()) << joined(schema_errors(job));
   // The decoder ignores status (it is never input).

@@ -82,6 +82,11 @@ struct RenderInputs {
   int64_t export_budget_bytes = 0;
   std::string cluster_domain = "cluster.local";
   int64_t run_as_user = 65532;  // non-root uid/gid/fsGroup of both containers
+  // Per shard index (may be shorter than the shard count): nodes the pod must not be
+  // scheduled on, because its shard there would push that node's exposure (with what
+  // it held before, DESIGN.md §5) above maxExposure. Rendered as a required node
+  // affinity term `kubernetes.io/hostname NotIn [...]`.
+  std::vector<std::vector<std::string>> avoid_nodes;
 };
 
 struct DesiredObjects {
@@ -115,7 +120,9 @@ std::string service_name(const JobSpec& job);
 // <pod>.<service>.<namespace>.svc.<cluster domain>
 std::string shard_dns_name(const JobSpec& job, int index, const std::string& cluster_domain);
 
-// Standard base64 (with padding), for Secret data.
+// Standard base64 (with padding), for Secret data. base64_decode throws RenderError
+// on a character outside the alphabet or a bad length.
 std::string base64_encode(const std::string& bytes);
+std::string base64_decode(const std::string& text);
 
 }  // namespace shardguard::op

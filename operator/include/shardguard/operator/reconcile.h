@@ -1,0 +1,84 @@
+// plan(observed) → what the operator does next for one ShardedTrainingJob (issue 4
+// items 3–5). Pure: the reconciler gathers the job, the objects it owns (from the
+// informer caches) and the PKI material, calls plan(), then carries the plan out
+// with the API client. Everything that decides — phases, conditions, exposure,
+// runPolicy, which pods to create or delete and where they may go, which Events to
+// emit — lives here and is unit-tested without a server.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "shardguard/operator/render.h"
+#include "shardguard/operator/status.h"
+
+namespace shardguard::op {
+
+inline constexpr const char* kFinalizer = "shardguard.io/cleanup";
+
+// Training progress read from the shards (the last stage's /metrics).
+struct Progress {
+  int64_t step = 0;
+  int64_t epoch = 0;
+  double loss = 0;
+  std::optional<double> accuracy;  // latest evaluation, when there was one
+};
+
+struct Observed {
+  nlohmann::json job;  // the ShardedTrainingJob as read (metadata, spec, status)
+  // The objects the job owns, as read; index = shard for the per-shard ones.
+  std::optional<nlohmann::json> ca_secret;
+  std::vector<std::optional<nlohmann::json>> shard_secrets;
+  std::vector<std::optional<nlohmann::json>> config_maps;
+  std::optional<nlohmann::json> service;
+  std::vector<std::optional<nlohmann::json>> pods;
+  // PKI for render(); filled by the caller from the existing Secrets, or fresh.
+  // Empty uid in `render_inputs` when the caller could not prepare them (then
+  // plan() only updates status).
+  RenderInputs render_inputs;
+  std::optional<Progress> progress;
+  int64_t now = 0;  // seconds since the epoch
+};
+
+struct Action {
+  enum class Verb { kCreate, kUpdate, kDelete };
+  Verb verb;
+  std::string kind;  // Secret, ConfigMap, Service, Pod, ShardedTrainingJob
+  std::string name;
+  nlohmann::json object;  // create/update: the whole object (update: with resourceVersion)
+  std::string reason;     // for logs
+};
+
+struct EventNote {
+  std::string type;  // Normal | Warning
+  std::string reason;
+  std::string message;
+};
+
+struct Plan {
+  std::vector<Action> before_status;  // finalizer, PKI, config, Service, pod creations
+  std::optional<nlohmann::json> status;  // the new status, only when it changed
+  std::vector<Action> after_status;   // deletions that status must record first
+  std::vector<EventNote> events;
+  std::optional<std::chrono::seconds> requeue_after;
+  std::string phase;                  // the phase after this plan
+  ExposureReport exposure;            // for the metrics
+};
+
+struct PlanOptions {
+  std::chrono::seconds progress_interval{15};  // requeue running jobs to refresh progress
+};
+
+// Decodes job.spec (JobSpecError → Failed with InvalidSpec), and plans. Never throws
+// for a bad job: every refusal becomes status and an Event.
+Plan plan(const Observed& observed, const PlanOptions& options = {});
+
+// Parameters per stage of the job's model (the partitioner, as shardd builds it).
+std::vector<int64_t> stage_parameters(const JobSpec& job);
+
+}  // namespace shardguard::op

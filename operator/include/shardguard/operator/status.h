@@ -1,0 +1,64 @@
+// Pure status arithmetic of the operator (DESIGN.md §5, issue 4 item 4): exposure from
+// a job's placement history, the nodes a shard may no longer be placed on, and
+// Kubernetes-style conditions. No I/O, no clock (the caller passes `now`).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace shardguard::op {
+
+// Node → every shard index a pod on that node has ever held (status.exposure.nodes).
+using PlacementHistory = std::map<std::string, std::set<int>>;
+
+// Stages a domain is exposed to: those it held, plus every stage i both of whose
+// neighbours (i-1 and i+1) it held — it sees that stage's inputs and outputs, so the
+// stage can be fitted from them ("sandwiched").
+std::set<int> exposed_stages(const std::set<int>& held, int num_stages);
+
+// Σ p_i over exposed_stages(held) / Σ p_i, in [0, 1]. 0 when the model is empty.
+double exposure_of(const std::vector<int64_t>& stage_params, const std::set<int>& held);
+
+struct NodeExposure {
+  std::string node;
+  std::set<int> held;     // shards placed there (history)
+  std::set<int> exposed;  // held ∪ sandwiched
+  double ratio = 0;
+};
+
+struct ExposureReport {
+  std::vector<NodeExposure> nodes;  // sorted by node name
+  double max_node = 0;              // largest node exposure (0 before any placement)
+  double max_principal = 0;         // largest shard principal exposure: max p_i / P
+};
+
+ExposureReport compute_exposure(const std::vector<int64_t>& stage_params, const PlacementHistory& history);
+
+// Nodes on which a new pod for `shard` would push that node's exposure above
+// max_exposure (given everything it already held). Sorted.
+std::vector<std::string> nodes_to_avoid(const std::vector<int64_t>& stage_params, const PlacementHistory& history,
+                                        int shard, double max_exposure);
+
+// status.exposure.nodes[] ⇄ PlacementHistory. Entries that do not parse are skipped.
+PlacementHistory history_from_status(const nlohmann::json& status);
+nlohmann::json exposure_to_json(const ExposureReport& report);
+
+// Sets condition `type` in a conditions array (metav1.Condition shape). The
+// lastTransitionTime changes only when the status value changes; reason, message and
+// observedGeneration are always updated. `now` is RFC 3339 UTC.
+void set_condition(nlohmann::json& conditions, const std::string& type, bool status, const std::string& reason,
+                   const std::string& message, int64_t generation, const std::string& now);
+// The condition's status is "True".
+bool condition_true(const nlohmann::json& conditions, const std::string& type);
+
+// RFC 3339 UTC with second precision, e.g. 2026-11-26T03:40:00Z, and back (seconds
+// since the epoch; -1 when it does not parse).
+std::string format_time(int64_t unix_seconds);
+int64_t parse_time(const std::string& rfc3339);
+
+}  // namespace shardguard::op

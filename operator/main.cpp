@@ -1,0 +1,208 @@
+// shardguard-operator: reconciles ShardedTrainingJobs into isolated shard pods
+// (docs/operator.md). Metrics on --metrics-bind-address, /healthz and /readyz on
+// --health-probe-bind-address, JSON logs on stderr, optional leader election.
+#include <unistd.h>
+
+#include <atomic>
+#include <csignal>
+#include <cstring>
+#include <iostream>
+#include <thread>
+
+#include <CLI/CLI.hpp>
+
+#include "shardguard/common/log.h"
+#include "shardguard/common/metrics_server.h"
+#include "shardguard/common/process.h"
+#include "shardguard/kube/config.h"
+#include "shardguard/kube/leader.h"
+#include "shardguard/operator/controller.h"
+
+namespace {
+
+using namespace shardguard;
+
+struct Flags {
+  std::string kubeconfig;
+  std::vector<std::string> namespaces;
+  int workers = 2;
+  std::string metrics = ":8080";
+  std::string health = ":8081";
+  bool leader_elect = false;
+  std::string leader_ns;
+  std::string leader_id = "shardguard-operator";
+  double lease_duration = 15, renew_deadline = 10, retry_period = 2;
+  int shard_metrics_port = op::kShardMetricsPort;
+  double progress_interval = 15;
+  double resync = 600;
+  std::string shardd_image = "ghcr.io/shardguard/shardd:0.1.0";
+  std::string sidecar_image = "ghcr.io/shardguard/shard-sidecar:0.1.0";
+  int64_t export_budget = 0;
+  std::string cluster_domain = "cluster.local";
+  std::string log_level = "info";
+};
+
+std::chrono::milliseconds ms(double s) { return std::chrono::milliseconds(static_cast<int64_t>(s * 1000)); }
+
+std::string identity() {
+  char host[256] = {0};
+  gethostname(host, sizeof host - 1);
+  return std::string(host) + "_" + std::to_string(getpid());
+}
+
+int Run(const Flags& f) {
+  if (auto level = log::parse_level(f.log_level)) {
+    log::set_min_level(*level);
+  } else {
+    throw std::invalid_argument("--log-level: unknown level \"" + f.log_level + "\" (debug, info, warn, error)");
+  }
+  if (f.workers < 1) throw std::invalid_argument("--workers must be at least 1, got " + std::to_string(f.workers));
+  if (!(f.renew_deadline < f.lease_duration) || !(f.retry_period < f.renew_deadline) || !(f.retry_period > 0)) {
+    throw std::invalid_argument("leader election needs 0 < --retry-period < --renew-deadline < --lease-duration");
+  }
+  sigset_t signals = block_stop_signals();
+
+  kube::Config cfg = kube::load_config(f.kubeconfig);
+  kube::Client client(cfg);
+  auto registry = std::make_shared<prometheus::Registry>();
+  auto health_registry = std::make_shared<prometheus::Registry>();
+  MetricsServer metrics(registry), health(health_registry);
+  {
+    auto [host, port] = split_host_port(f.metrics);
+    metrics.start(host, port);
+    auto [hhost, hport] = split_host_port(f.health);
+    health.start(hhost, hport);
+  }
+
+  op::ControllerOptions opt;
+  opt.namespaces = f.namespaces;
+  opt.workers = f.workers;
+  opt.shard_metrics_port = f.shard_metrics_port;
+  opt.progress_interval = std::chrono::seconds(static_cast<int64_t>(f.progress_interval));
+  opt.resync = std::chrono::seconds(static_cast<int64_t>(f.resync));
+  opt.shardd_image = f.shardd_image;
+  opt.sidecar_image = f.sidecar_image;
+  opt.export_budget_bytes = f.export_budget;
+  opt.cluster_domain = f.cluster_domain;
+  opt.identity = identity();
+  log::info("starting", {{"server", cfg.server},
+                         {"namespaces", f.namespaces.empty() ? std::vector<std::string>{"(all)"} : f.namespaces},
+                         {"workers", f.workers},
+                         {"leader_elect", f.leader_elect},
+                         {"identity", opt.identity},
+                         {"metrics_port", metrics.port()},
+                         {"health_port", health.port()}});
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> exit_code{0};
+  std::unique_ptr<op::Controller> controller;
+  std::mutex controller_mu;
+  auto start_controller = [&] {
+    std::lock_guard<std::mutex> lock(controller_mu);
+    controller = std::make_unique<op::Controller>(client, opt, registry);
+    if (!controller->start()) {
+      log::error("caches did not sync within 60 s; exiting", {});
+      exit_code = 1;
+      stop = true;
+      return;
+    }
+    metrics.set_ready(true);
+    health.set_ready(true);
+  };
+
+  std::thread signal_thread([&] {
+    int sig = 0;
+    sigwait(&signals, &sig);
+    if (!stop) log::info("stopping", {{"signal", strsignal(sig)}});
+    stop = true;
+  });
+
+  if (f.leader_elect) {
+    kube::LeaderElectionConfig lc;
+    lc.ns = f.leader_ns.empty() ? cfg.ns : f.leader_ns;
+    lc.name = f.leader_id;
+    lc.identity = opt.identity;
+    lc.lease_duration = ms(f.lease_duration);
+    lc.renew_deadline = ms(f.renew_deadline);
+    lc.retry_period = ms(f.retry_period);
+    // A candidate that is not leading is healthy and ready: it stands by.
+    metrics.set_ready(true);
+    health.set_ready(true);
+    kube::LeaderElector elector(
+        client, lc,
+        [&] {
+          log::info("became leader", {{"lease", lc.ns + "/" + lc.name}});
+          start_controller();
+        },
+        [&] {
+          if (!stop) {
+            // As controller-runtime does: a lost lease ends the process, and
+            // Kubernetes restarts it as a fresh candidate.
+            log::error("lost the leader lease; exiting", {{"lease", lc.ns + "/" + lc.name}});
+            exit_code = 1;
+            stop = true;
+          }
+        },
+        registry.get());
+    elector.run(stop);
+  } else {
+    start_controller();
+    while (!stop) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  // Wake the signal thread if the stop came from elsewhere.
+  if (signal_thread.joinable()) {
+    pthread_kill(signal_thread.native_handle(), SIGTERM);
+    signal_thread.join();
+  }
+  metrics.set_ready(false, "stopping");
+  health.set_ready(false, "stopping");
+  {
+    std::lock_guard<std::mutex> lock(controller_mu);
+    if (controller) controller->stop();
+  }
+  health.stop();
+  metrics.stop();
+  log::info("stopped", {{"exit_code", exit_code.load()}});
+  return exit_code;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  shardguard::log::set_component("shardguard-operator");
+  CLI::App app{"shardguard-operator: reconciles ShardedTrainingJobs into isolated, policy-guarded shard pods"};
+  Flags f;
+  app.add_option("--kubeconfig", f.kubeconfig,
+                 "kubeconfig file (default: $KUBECONFIG, in-cluster service account, ~/.kube/config)");
+  app.add_option("--namespace", f.namespaces, "namespace to watch (repeatable; default: all)");
+  app.add_option("--workers", f.workers, "concurrent reconciles")->capture_default_str();
+  app.add_option("--metrics-bind-address", f.metrics, "host:port of /metrics")->capture_default_str();
+  app.add_option("--health-probe-bind-address", f.health, "host:port of /healthz and /readyz")->capture_default_str();
+  app.add_flag("--leader-elect", f.leader_elect, "run only while holding the coordination.k8s.io Lease");
+  app.add_option("--leader-election-namespace", f.leader_ns, "namespace of the Lease (default: the config's)");
+  app.add_option("--leader-election-id", f.leader_id, "name of the Lease")->capture_default_str();
+  app.add_option("--lease-duration", f.lease_duration, "seconds a lease is valid")->capture_default_str();
+  app.add_option("--renew-deadline", f.renew_deadline, "seconds the leader keeps trying to renew")->capture_default_str();
+  app.add_option("--retry-period", f.retry_period, "seconds between tries")->capture_default_str();
+  app.add_option("--shard-metrics-port", f.shard_metrics_port, "port of shardd's /metrics in the shard pods")
+      ->capture_default_str();
+  app.add_option("--progress-interval", f.progress_interval, "seconds between progress reads of a running job")
+      ->capture_default_str();
+  app.add_option("--resync", f.resync, "seconds between full resyncs of every job (0 = never)")->capture_default_str();
+  app.add_option("--shardd-image", f.shardd_image, "shardd image when spec.template.image is empty")
+      ->capture_default_str();
+  app.add_option("--sidecar-image", f.sidecar_image, "sidecar image when spec.sidecar.image is empty")
+      ->capture_default_str();
+  app.add_option("--export-budget-bytes", f.export_budget, "bytes each export principal may read per shard")
+      ->capture_default_str();
+  app.add_option("--cluster-domain", f.cluster_domain, "cluster DNS domain")->capture_default_str();
+  app.add_option("--log-level", f.log_level, "debug, info, warn or error")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  try {
+    return Run(f);
+  } catch (const std::exception& e) {
+    shardguard::log::error("cannot start", {{"error", e.what()}});
+    std::cerr << "shardguard-operator: " << e.what() << "\n";
+    return 2;
+  }
+}

@@ -1,0 +1,518 @@
+#include "shardguard/operator/reconcile.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+
+#include "shardguard/common/jobspec.h"
+#include "shardguard/shardd/model_desc.h"
+#include "shardguard/shardd/partition.h"
+
+namespace shardguard::op {
+
+using nlohmann::json;
+
+std::vector<int64_t> stage_parameters(const JobSpec& job) {
+  const auto model = shardd::describe_model(job.model);
+  std::vector<int64_t> out;
+  for (const auto& s : shardd::partition(model, job.sharding.shards, job.sharding.balance)) {
+    out.push_back(s.parameters);
+  }
+  return out;
+}
+
+namespace {
+
+std::string fmt4(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.4f", v);
+  return buf;
+}
+
+double round4(double v) { return std::round(v * 10000.0) / 10000.0; }
+
+bool being_deleted(const json& obj) {
+  return obj.contains("metadata") && obj["metadata"].contains("deletionTimestamp") &&
+         !obj["metadata"]["deletionTimestamp"].is_null();
+}
+
+std::string pod_phase(const json& pod) {
+  if (pod.contains("status") && pod["status"].is_object()) {
+    const std::string p = pod["status"].value("phase", "");
+    if (!p.empty()) return p;
+  }
+  return "Pending";
+}
+
+std::string pod_node(const json& pod) {
+  if (pod.contains("spec") && pod["spec"].is_object()) return pod["spec"].value("nodeName", "");
+  return "";
+}
+
+bool pod_ready(const json& pod) {
+  if (!pod.contains("status") || !pod["status"].is_object()) return false;
+  for (const auto& c : pod["status"].value("conditions", json::array())) {
+    if (c.value("type", "") == "Ready") return c.value("status", "") == "True";
+  }
+  return false;
+}
+
+// Why a pod failed, from its status (reason, or the first terminated container's).
+std::string pod_failure(const json& pod) {
+  std::string out;
+  if (pod.contains("status") && pod["status"].is_object()) {
+    const json& s = pod["status"];
+    out = s.value("reason", "");
+    if (s.contains("message") && s["message"].is_string()) {
+      out += (out.empty() ? "" : ": ") + s["message"].get<std::string>();
+    }
+    for (const auto& cs : s.value("containerStatuses", json::array())) {
+      if (!cs.contains("state") || !cs["state"].contains("terminated")) continue;
+      const json& t = cs["state"]["terminated"];
+      if (t.value("exitCode", 0) == 0) continue;
+      out += (out.empty() ? "" : "; ") + std::string("container ") + cs.value("name", "?") + " exited " +
+             std::to_string(t.value("exitCode", 0)) + (t.contains("reason") ? " (" + t.value("reason", "") + ")" : "");
+      break;
+    }
+  }
+  return out.empty() ? "no reason given" : out;
+}
+
+bool has_finalizer(const json& job) {
+  const json& m = job["metadata"];
+  if (!m.contains("finalizers") || !m["finalizers"].is_array()) return false;
+  return std::find(m["finalizers"].begin(), m["finalizers"].end(), json(kFinalizer)) != m["finalizers"].end();
+}
+
+std::string obj_name(const json& obj) { return obj["metadata"].value("name", ""); }
+
+Action make_action(Action::Verb verb, const json& obj, const std::string& reason) {
+  return {verb, obj.value("kind", ""), obj_name(obj), obj, reason};
+}
+
+// Does the existing object differ from the desired one in what the operator owns
+// (data, type, labels, Service selector and ports)? Fields the API server adds
+// (uid, resourceVersion, defaults) are not compared.
+bool differs(const json& existing, const json& desired) {
+  const json& el = existing["metadata"].value("labels", json::object());
+  for (const auto& [k, v] : desired["metadata"]["labels"].items()) {
+    if (!el.contains(k) || el[k] != v) return true;
+  }
+  const std::string kind = desired.value("kind", "");
+  if (kind == "Secret" || kind == "ConfigMap") {
+    if (existing.value("data", json::object()) != desired.value("data", json::object())) return true;
+    if (kind == "Secret" && existing.value("type", "Opaque") != desired.value("type", "Opaque")) return true;
+    return false;
+  }
+  if (kind == "Service") {
+    const json& es = existing.value("spec", json::object());
+    const json& ds = desired["spec"];
+    if (es.value("selector", json::object()) != ds["selector"]) return true;
+    const json eports = es.value("ports", json::array());
+    if (eports.size() != ds["ports"].size()) return true;
+    for (size_t i = 0; i < eports.size(); ++i) {
+      if (eports[i].value("port", 0) != ds["ports"][i].value("port", 0)) return true;
+    }
+  }
+  return false;
+}
+
+// The desired object carried onto the existing one (so the update keeps the server's
+// fields and the resourceVersion precondition).
+json merged_for_update(const json& existing, const json& desired) {
+  json out = existing;
+  for (const auto& [k, v] : desired["metadata"]["labels"].items()) out["metadata"]["labels"][k] = v;
+  for (const char* field : {"data", "type"}) {
+    if (desired.contains(field)) out[field] = desired[field];
+  }
+  if (desired.value("kind", "") == "Service") {
+    out["spec"]["selector"] = desired["spec"]["selector"];
+    out["spec"]["ports"] = desired["spec"]["ports"];
+  }
+  return out;
+}
+
+void ensure(Plan& p, const std::optional<json>& existing, const json& desired, bool immutable) {
+  if (!existing) {
+    p.before_status.push_back(make_action(Action::Verb::kCreate, desired, "missing"));
+  } else if (!immutable && !being_deleted(*existing) && differs(*existing, desired)) {
+    p.before_status.push_back(make_action(Action::Verb::kUpdate, merged_for_update(*existing, desired), "drifted"));
+  }
+}
+
+// Deletes every shard pod that exists and is not already going.
+int delete_pods(Plan& p, const Observed& ob, const std::string& reason) {
+  int n = 0;
+  for (const auto& pod : ob.pods) {
+    if (pod && !being_deleted(*pod)) {
+      p.after_status.push_back(make_action(Action::Verb::kDelete, *pod, reason));
+      ++n;
+    }
+  }
+  return n;
+}
+
+struct Conditions {
+  json& c;
+  int64_t gen;
+  const std::string& now;
+  void set(const std::string& type, bool status, const std::string& reason, const std::string& message) {
+    set_condition(c, type, status, reason, message, gen, now);
+  }
+};
+
+}  // namespace
+
+Plan plan(const Observed& ob, const PlanOptions& opt) {
+  Plan p;
+  const json& job = ob.job;
+  const json& meta = job["metadata"];
+  const std::string job_name = meta.value("name", "");
+  const int64_t generation = meta.value("generation", int64_t{1});
+  const std::string now = format_time(ob.now);
+  const json old_status = job.contains("status") && job["status"].is_object() ? job["status"] : json::object();
+  const std::string old_phase = old_status.value("phase", "");
+
+  json st = old_status;
+  st["observedGeneration"] = generation;
+  json conditions = old_status.value("conditions", json::array());
+  Conditions cond{conditions, generation, now};
+
+  auto finish = [&](const std::string& phase) {
+    st["phase"] = phase;
+    st["conditions"] = conditions;
+    if (st != old_status) p.status = st;
+    p.phase = phase;
+    if (phase != old_phase && (phase == "Running" || phase == "Succeeded")) {
+      p.events.push_back({"Normal", phase,
+                          phase == "Running" ? "every shard pod is running"
+                                             : "every shard finished training" +
+                                                   (st.contains("progress") && st["progress"].contains("accuracy")
+                                                        ? "; test accuracy " +
+                                                              fmt4(st["progress"]["accuracy"].get<double>())
+                                                        : std::string())});
+    }
+  };
+
+  // --- deletion: owned objects go (pods first), then the finalizer ------------------
+  if (being_deleted(job)) {
+    int remaining = delete_pods(p, ob, "job deleted");
+    for (const auto& pod : ob.pods) remaining += pod && being_deleted(*pod) ? 1 : 0;
+    auto drop = [&](const std::optional<json>& o) {
+      if (!o) return;
+      ++remaining;
+      if (!being_deleted(*o)) p.after_status.push_back(make_action(Action::Verb::kDelete, *o, "job deleted"));
+    };
+    drop(ob.ca_secret);
+    drop(ob.service);
+    for (const auto& o : ob.shard_secrets) drop(o);
+    for (const auto& o : ob.config_maps) drop(o);
+    if (remaining == 0 && has_finalizer(job)) {
+      json updated = job;
+      auto& f = updated["metadata"]["finalizers"];
+      f.erase(std::remove(f.begin(), f.end(), json(kFinalizer)), f.end());
+      updated.erase("status");
+      p.before_status.push_back(make_action(Action::Verb::kUpdate, updated, "cleanup done"));
+      p.events.push_back({"Normal", "CleanedUp", "every owned object deleted; finalizer removed"});
+    }
+    p.phase = old_phase;
+    return p;
+  }
+
+  if (!has_finalizer(job)) {
+    json updated = job;
+    if (!updated["metadata"].contains("finalizers") || !updated["metadata"]["finalizers"].is_array()) {
+      updated["metadata"]["finalizers"] = json::array();
+    }
+    updated["metadata"]["finalizers"].push_back(kFinalizer);
+    updated.erase("status");
+    p.before_status.push_back(make_action(Action::Verb::kUpdate, updated, "add finalizer"));
+  }
+
+  // --- the spec -------------------------------------------------------------------------
+  JobSpec spec;
+  std::vector<int64_t> params;
+  try {
+    spec = job_from_json(job);
+    params = stage_parameters(spec);
+  } catch (const std::exception& e) {
+    std::string msg = e.what();
+    if (!msg.empty() && msg.back() == '\n') msg.pop_back();
+    if (old_phase != "Failed") p.events.push_back({"Warning", "InvalidSpec", msg});
+    cond.set("Failed", true, "InvalidSpec", msg);
+    cond.set("Running", false, "InvalidSpec", "the spec is invalid");
+    cond.set("Ready", false, "InvalidSpec", "the spec is invalid");
+    delete_pods(p, ob, "invalid spec");
+    finish("Failed");
+    return p;
+  }
+  const int n = spec.sharding.shards;
+  const double max_exposure = spec.protection.max_exposure;
+
+  // --- placement history and exposure ---------------------------------------------------
+  PlacementHistory history = history_from_status(old_status);
+  for (int i = 0; i < n && i < static_cast<int>(ob.pods.size()); ++i) {
+    if (ob.pods[i]) {
+      const std::string node = pod_node(*ob.pods[i]);
+      if (!node.empty()) history[node].insert(i);
+    }
+  }
+  p.exposure = compute_exposure(params, history);
+  st["exposure"] = exposure_to_json(p.exposure);
+  // --- per-shard status entries ---------------------------------------------------------
+  json shards = json::array();
+  const json old_shards = old_status.value("shards", json::array());
+  int64_t failed_pods = old_status.value("failedPods", int64_t{0});
+  for (int i = 0; i < n; ++i) {
+    json e = {{"index", i}, {"parameters", params[i]}, {"restarts", 0}, {"phase", "Pending"}};
+    for (const auto& o : old_shards) {
+      if (o.value("index", -1) == i) {
+        for (const char* k : {"restarts", "lastFailedPodUID", "phase", "node", "pod"}) {
+          if (o.contains(k)) e[k] = o[k];
+        }
+      }
+    }
+    shards.push_back(e);
+  }
+
+  const bool terminal = old_phase == "Succeeded" || old_phase == "Failed";
+  auto observe_pods = [&]() {
+    for (int i = 0; i < n; ++i) {
+      const auto& pod = i < static_cast<int>(ob.pods.size()) ? ob.pods[i] : std::nullopt;
+      json& e = shards[i];
+      if (!pod) {
+        if (e.value("phase", "") != "Succeeded") e["phase"] = "Pending";
+        continue;
+      }
+      e["pod"] = obj_name(*pod);
+      const std::string node = pod_node(*pod);
+      if (!node.empty()) e["node"] = node;
+      e["phase"] = pod_phase(*pod);
+    }
+  };
+
+  // --- finished jobs: keep what is left, honour ttlSecondsAfterFinished --------------------
+  if (terminal) {
+    observe_pods();
+    st["shards"] = shards;
+    if (old_phase == "Failed") delete_pods(p, ob, "job failed");
+    if (spec.run_policy.ttl_seconds_after_finished) {
+      const int64_t done_at = parse_time(old_status.value("completionTime", now));
+      const int64_t left = done_at + *spec.run_policy.ttl_seconds_after_finished - ob.now;
+      if (left <= 0) {
+        p.after_status.push_back(make_action(Action::Verb::kDelete, job, "ttlSecondsAfterFinished"));
+        p.events.push_back({"Normal", "TTLExpired", "deleting the job " + std::to_string(
+                                                        *spec.run_policy.ttl_seconds_after_finished) +
+                                                        " s after it finished"});
+      } else {
+        p.requeue_after = std::chrono::seconds(left);
+      }
+    }
+    finish(old_phase);
+    return p;
+  }
+
+  // (A finished job keeps the condition it ended with.)
+  const bool isolated = p.exposure.max_node <= max_exposure + 1e-12;
+  cond.set("ShardIsolation", isolated, isolated ? "ExposureWithinLimit" : "ExposureAboveLimit",
+           "largest node exposure " + fmt4(p.exposure.max_node) + (isolated ? " <= " : " > ") + "maxExposure " +
+               fmt4(max_exposure) + " over " + std::to_string(history.size()) + " node(s)");
+  if (!isolated && condition_true(old_status.value("conditions", json::array()), "ShardIsolation")) {
+    p.events.push_back({"Warning", "ExposureAboveLimit",
+                        "a node has held " + fmt4(p.exposure.max_node) + " of the model, above maxExposure " +
+                            fmt4(max_exposure)});
+  }
+
+  // --- render (refuses a spec whose largest stage exceeds maxExposure) ---------------------
+  RenderInputs in = ob.render_inputs;
+  in.avoid_nodes.assign(n, {});
+  for (int i = 0; i < n; ++i) in.avoid_nodes[i] = nodes_to_avoid(params, history, i, max_exposure);
+  DesiredObjects desired;
+  try {
+    desired = render(spec, in);
+  } catch (const RenderError& e) {
+    const std::string msg = e.what();
+    const bool exposure = msg.rfind("spec.protection.maxExposure", 0) == 0;
+    const std::string reason = exposure ? "ExposureRefused" : "RenderFailed";
+    if (old_phase != "Failed") p.events.push_back({"Warning", reason, msg});
+    if (exposure) cond.set("ShardIsolation", false, reason, msg);
+    cond.set("Failed", true, reason, msg);
+    cond.set("Running", false, reason, "the job was refused");
+    cond.set("Ready", false, reason, "the job was refused");
+    delete_pods(p, ob, "refused");
+    st["shards"] = shards;
+    st["completionTime"] = now;
+    finish("Failed");
+    return p;
+  }
+
+  // PKI, policies and the Service exist whatever the phase (suspend keeps them).
+  if (!ob.ca_secret) {
+    p.events.push_back({"Normal", "Created", "created the job CA, " + std::to_string(n) +
+                                                 " shard identities, policies and the headless Service"});
+  }
+  ensure(p, ob.ca_secret, desired.ca_secret, /*immutable=*/true);
+  for (int i = 0; i < n; ++i) {
+    ensure(p, i < static_cast<int>(ob.shard_secrets.size()) ? ob.shard_secrets[i] : std::nullopt,
+           desired.shard_secrets[i], false);
+    ensure(p, i < static_cast<int>(ob.config_maps.size()) ? ob.config_maps[i] : std::nullopt,
+           desired.config_maps[i], false);
+  }
+  ensure(p, ob.service, desired.service, false);
+
+  // --- suspend ---------------------------------------------------------------------------
+  if (spec.run_policy.suspend) {
+    const int deleted = delete_pods(p, ob, "suspended");
+    if (old_phase != "Suspended") {
+      p.events.push_back({"Normal", "Suspended", "deleted " + std::to_string(deleted) +
+                                                     " shard pod(s); PKI and checkpoints are kept"});
+    }
+    observe_pods();
+    st["shards"] = shards;
+    st.erase("startTime");  // activeDeadlineSeconds counts from the resume, as for a Job
+    cond.set("Suspended", true, "Suspended", "spec.runPolicy.suspend is true");
+    cond.set("Running", false, "Suspended", "suspended");
+    cond.set("Ready", false, "Suspended", "suspended");
+    finish("Suspended");
+    return p;
+  }
+  if (old_phase == "Suspended") {
+    p.events.push_back({"Normal", "Resumed", "recreating the shard pods; they continue from their checkpoints"});
+  }
+  cond.set("Suspended", false, "NotSuspended", "spec.runPolicy.suspend is false");
+  if (!st.contains("startTime")) st["startTime"] = now;
+
+  // --- activeDeadlineSeconds -------------------------------------------------------------
+  if (spec.run_policy.active_deadline_seconds) {
+    const int64_t started = parse_time(st["startTime"].get<std::string>());
+    const int64_t left = started + *spec.run_policy.active_deadline_seconds - ob.now;
+    if (left <= 0) {
+      const std::string msg = "the job ran longer than spec.runPolicy.activeDeadlineSeconds " +
+                              std::to_string(*spec.run_policy.active_deadline_seconds);
+      p.events.push_back({"Warning", "DeadlineExceeded", msg});
+      cond.set("Failed", true, "DeadlineExceeded", msg);
+      cond.set("Running", false, "DeadlineExceeded", msg);
+      cond.set("Ready", false, "DeadlineExceeded", msg);
+      delete_pods(p, ob, "deadline exceeded");
+      observe_pods();
+      st["shards"] = shards;
+      st["completionTime"] = now;
+      finish("Failed");
+      return p;
+    }
+    p.requeue_after = std::chrono::seconds(left);
+  }
+
+  // --- shard pods --------------------------------------------------------------------------
+  int running = 0, ready = 0, succeeded = 0, created = 0;
+  std::vector<std::string> failures;
+  for (int i = 0; i < n; ++i) {
+    const auto& pod = i < static_cast<int>(ob.pods.size()) ? ob.pods[i] : std::nullopt;
+    json& e = shards[i];
+    if (!pod) {
+      if (e.value("phase", "") == "Succeeded") {
+        ++succeeded;  // finished, and its pod is gone: never rerun a finished shard
+        continue;
+      }
+      p.before_status.push_back(make_action(Action::Verb::kCreate, desired.pods[i],
+                                            e.value("restarts", 0) > 0 ? "recreate" : "create"));
+      if (e.value("restarts", 0) > 0) {
+        p.events.push_back({"Normal", "ShardPodRecreated",
+                            "recreated the pod of shard " + std::to_string(i) +
+                                (in.avoid_nodes[i].empty()
+                                     ? std::string()
+                                     : " away from node(s) " + json(in.avoid_nodes[i]).dump() +
+                                           " that would exceed maxExposure")});
+      }
+      ++created;
+      e["phase"] = "Pending";
+      e["pod"] = desired.pods[i]["metadata"]["name"];
+      continue;
+    }
+    e["pod"] = obj_name(*pod);
+    const std::string node = pod_node(*pod);
+    if (!node.empty()) e["node"] = node;
+    const std::string phase = pod_phase(*pod);
+    e["phase"] = phase;
+    if (being_deleted(*pod)) continue;
+    if (phase == "Failed") {
+      const std::string uid = (*pod)["metadata"].value("uid", "");
+      if (e.value("lastFailedPodUID", "") != uid) {
+        e["lastFailedPodUID"] = uid;
+        e["restarts"] = e.value("restarts", 0) + 1;
+        ++failed_pods;
+        failures.push_back("shard " + std::to_string(i) + " (pod " + obj_name(*pod) +
+                           (node.empty() ? "" : " on " + node) + "): " + pod_failure(*pod));
+        p.events.push_back({"Warning", "ShardPodFailed", failures.back()});
+      }
+      p.after_status.push_back(make_action(Action::Verb::kDelete, *pod, "failed; recreated from its checkpoint"));
+    } else if (phase == "Succeeded") {
+      ++succeeded;
+    } else if (phase == "Running") {
+      ++running;
+      if (pod_ready(*pod)) ++ready;
+    }
+  }
+  st["shards"] = shards;
+  st["failedPods"] = failed_pods;
+
+  if (failed_pods > spec.run_policy.backoff_limit) {
+    const std::string msg = std::to_string(failed_pods) + " shard pod failure(s), more than spec.runPolicy.backoffLimit " +
+                            std::to_string(spec.run_policy.backoff_limit) +
+                            (failures.empty() ? std::string() : "; last: " + failures.back());
+    p.events.push_back({"Warning", "BackoffLimitExceeded", msg});
+    // Nothing is recreated: drop the creations planned above, delete what runs.
+    p.before_status.erase(std::remove_if(p.before_status.begin(), p.before_status.end(),
+                                         [](const Action& a) { return a.kind == "Pod"; }),
+                          p.before_status.end());
+    p.events.erase(std::remove_if(p.events.begin(), p.events.end(),
+                                  [](const EventNote& e) { return e.reason == "ShardPodRecreated"; }),
+                   p.events.end());
+    p.after_status.clear();
+    delete_pods(p, ob, "backoff limit exceeded");
+    for (auto& e : shards) {
+      if (e.value("phase", "") != "Succeeded") e["phase"] = "Failed";
+    }
+    st["shards"] = shards;
+    cond.set("Failed", true, "BackoffLimitExceeded", msg);
+    cond.set("Running", false, "BackoffLimitExceeded", msg);
+    cond.set("Ready", false, "BackoffLimitExceeded", msg);
+    st["completionTime"] = now;
+    finish("Failed");
+    return p;
+  }
+
+  if (ob.progress) {
+    json prog = {{"step", ob.progress->step}, {"epoch", ob.progress->epoch}, {"loss", round4(ob.progress->loss)}};
+    if (ob.progress->accuracy) prog["accuracy"] = round4(*ob.progress->accuracy);
+    st["progress"] = prog;
+  }
+
+  std::string phase = "Pending";
+  if (succeeded == n) {
+    phase = "Succeeded";
+    st["completionTime"] = now;
+  } else if (running + succeeded == n && running > 0) {
+    phase = "Running";
+  }
+  cond.set("Ready", ready == n, ready == n ? "AllShardsReady" : "ShardsNotReady",
+           std::to_string(ready) + " of " + std::to_string(n) + " shard pods ready");
+  cond.set("Running", phase == "Running", phase == "Running" ? "AllShardsRunning" : phase,
+           std::to_string(running) + " of " + std::to_string(n) + " shard pods running");
+  cond.set("Succeeded", phase == "Succeeded", phase == "Succeeded" ? "AllShardsSucceeded" : "NotFinished",
+           std::to_string(succeeded) + " of " + std::to_string(n) + " shards finished");
+  cond.set("Failed", false, "NoFailure",
+           std::to_string(failed_pods) + " shard pod failure(s) of backoffLimit " +
+               std::to_string(spec.run_policy.backoff_limit));
+  if (phase == "Running" && opt.progress_interval.count() > 0) {
+    p.requeue_after = p.requeue_after ? std::min(*p.requeue_after, opt.progress_interval) : opt.progress_interval;
+  }
+  if (phase == "Succeeded") p.requeue_after.reset();
+  if (phase == "Succeeded" && spec.run_policy.ttl_seconds_after_finished) {
+    p.requeue_after = std::chrono::seconds(std::max<int64_t>(1, *spec.run_policy.ttl_seconds_after_finished));
+  }
+  finish(phase);
+  return p;
+}
+
+}  // namespace shardguard::op

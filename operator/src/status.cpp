@@ -1,0 +1,146 @@
+#include "shardguard/operator/status.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <ctime>
+#include <numeric>
+
+namespace shardguard::op {
+
+using nlohmann::json;
+
+std::set<int> exposed_stages(const std::set<int>& held, int num_stages) {
+  std::set<int> out;
+  for (int i : held) {
+    if (i >= 0 && i < num_stages) out.insert(i);
+  }
+  for (int i = 1; i + 1 < num_stages; ++i) {
+    if (held.count(i - 1) && held.count(i + 1)) out.insert(i);
+  }
+  return out;
+}
+
+double exposure_of(const std::vector<int64_t>& stage_params, const std::set<int>& held) {
+  const int64_t total = std::accumulate(stage_params.begin(), stage_params.end(), int64_t{0});
+  if (total <= 0) return 0;
+  int64_t sum = 0;
+  for (int i : exposed_stages(held, static_cast<int>(stage_params.size()))) sum += stage_params[i];
+  return static_cast<double>(sum) / static_cast<double>(total);
+}
+
+ExposureReport compute_exposure(const std::vector<int64_t>& stage_params, const PlacementHistory& history) {
+  ExposureReport r;
+  const int n = static_cast<int>(stage_params.size());
+  for (const auto& [node, held] : history) {
+    NodeExposure e;
+    e.node = node;
+    e.held = held;
+    e.exposed = exposed_stages(held, n);
+    e.ratio = exposure_of(stage_params, held);
+    r.max_node = std::max(r.max_node, e.ratio);
+    r.nodes.push_back(std::move(e));
+  }
+  for (int i = 0; i < n; ++i) r.max_principal = std::max(r.max_principal, exposure_of(stage_params, {i}));
+  return r;
+}
+
+std::vector<std::string> nodes_to_avoid(const std::vector<int64_t>& stage_params, const PlacementHistory& history,
+                                        int shard, double max_exposure) {
+  std::vector<std::string> out;
+  for (const auto& [node, held] : history) {
+    std::set<int> with = held;
+    with.insert(shard);
+    // A tiny tolerance: shares are ratios of integers and maxExposure a decimal.
+    if (exposure_of(stage_params, with) > max_exposure + 1e-12) out.push_back(node);
+  }
+  return out;  // std::map iteration: already sorted
+}
+
+PlacementHistory history_from_status(const json& status) {
+  PlacementHistory h;
+  if (!status.is_object() || !status.contains("exposure") || !status["exposure"].is_object()) return h;
+  const json& nodes = status["exposure"].value("nodes", json::array());
+  if (!nodes.is_array()) return h;
+  for (const auto& e : nodes) {
+    if (!e.is_object() || !e.contains("node") || !e["node"].is_string() || !e.contains("shards") ||
+        !e["shards"].is_array()) {
+      continue;
+    }
+    auto& held = h[e["node"].get<std::string>()];
+    for (const auto& s : e["shards"]) {
+      if (s.is_number_integer()) held.insert(s.get<int>());
+    }
+  }
+  return h;
+}
+
+namespace {
+// Ratios are written rounded to 4 decimals so that status stays byte-stable.
+double round4(double v) { return static_cast<double>(static_cast<int64_t>(v * 10000.0 + 0.5)) / 10000.0; }
+}  // namespace
+
+json exposure_to_json(const ExposureReport& report) {
+  json nodes = json::array();
+  for (const auto& e : report.nodes) {
+    nodes.push_back({{"node", e.node},
+                     {"shards", json(std::vector<int>(e.held.begin(), e.held.end()))},
+                     {"exposedShards", json(std::vector<int>(e.exposed.begin(), e.exposed.end()))},
+                     {"ratio", round4(e.ratio)}});
+  }
+  return {{"maxNode", round4(report.max_node)}, {"maxPrincipal", round4(report.max_principal)}, {"nodes", nodes}};
+}
+
+void set_condition(json& conditions, const std::string& type, bool status, const std::string& reason,
+                   const std::string& message, int64_t generation, const std::string& now) {
+  if (!conditions.is_array()) conditions = json::array();
+  const std::string value = status ? "True" : "False";
+  for (auto& c : conditions) {
+    if (!c.is_object() || c.value("type", "") != type) continue;
+    if (c.value("status", "") != value) {
+      c["status"] = value;
+      c["lastTransitionTime"] = now;
+    }
+    c["reason"] = reason;
+    c["message"] = message;
+    c["observedGeneration"] = generation;
+    return;
+  }
+  conditions.push_back({{"type", type},
+                        {"status", value},
+                        {"reason", reason},
+                        {"message", message},
+                        {"lastTransitionTime", now},
+                        {"observedGeneration", generation}});
+}
+
+bool condition_true(const json& conditions, const std::string& type) {
+  if (!conditions.is_array()) return false;
+  for (const auto& c : conditions) {
+    if (c.is_object() && c.value("type", "") == type) return c.value("status", "") == "True";
+  }
+  return false;
+}
+
+std::string format_time(int64_t unix_seconds) {
+  const std::time_t t = static_cast<std::time_t>(unix_seconds);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+int64_t parse_time(const std::string& text) {
+  std::tm tm{};
+  int y, mo, d, h, mi, s;
+  if (std::sscanf(text.c_str(), "%4d-%2d-%2dT%2d:%2d:%2d", &y, &mo, &d, &h, &mi, &s) != 6) return -1;
+  tm.tm_year = y - 1900;
+  tm.tm_mon = mo - 1;
+  tm.tm_mday = d;
+  tm.tm_hour = h;
+  tm.tm_min = mi;
+  tm.tm_sec = s;
+  return static_cast<int64_t>(timegm(&tm));
+}
+
+}  // namespace shardguard::op

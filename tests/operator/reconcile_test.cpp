@@ -1,0 +1,395 @@
+// plan(observed) and the status arithmetic behind it (issue 4 items 3-5): exposure
+// from placement history, placement restrictions, conditions, runPolicy, and that a
+// settled job plans no writes at all.
+#include "shardguard/operator/reconcile.h"
+
+#include <gtest/gtest.h>
+
+#include <map>
+#include <string>
+
+#include "shardguard/common/jobspec.h"
+#include "shardguard/operator/status.h"
+
+namespace shardguard::op {
+namespace {
+
+using nlohmann::json;
+
+// ---- exposure arithmetic -------------------------------------------------------------
+
+TEST(ExposureTest, HeldStagesPlusSandwichedOnes) {
+  EXPECT_EQ(exposed_stages({0, 2}, 4), (std::set<int>{0, 1, 2}));
+  EXPECT_EQ(exposed_stages({1, 3}, 4), (std::set<int>{1, 2, 3}));
+  EXPECT_EQ(exposed_stages({0, 3}, 4), (std::set<int>{0, 3}));
+  EXPECT_EQ(exposed_stages({}, 4), (std::set<int>{}));
+  EXPECT_EQ(exposed_stages({7}, 4), (std::set<int>{}));  // out of range: ignored
+}
+
+TEST(ExposureTest, RatioIsParameterWeighted) {
+  const std::vector<int64_t> p = {10, 20, 30, 40};
+  EXPECT_DOUBLE_EQ(exposure_of(p, {0}), 0.1);
+  EXPECT_DOUBLE_EQ(exposure_of(p, {3}), 0.4);
+  EXPECT_DOUBLE_EQ(exposure_of(p, {0, 2}), 0.6);  // 0 and 2 held, 1 sandwiched
+  EXPECT_DOUBLE_EQ(exposure_of(p, {0, 1, 2, 3}), 1.0);
+  EXPECT_DOUBLE_EQ(exposure_of({}, {0}), 0.0);
+}
+
+TEST(ExposureTest, ReportHasMaxNodeAndMaxPrincipal) {
+  const std::vector<int64_t> p = {10, 20, 30, 40};
+  const auto r = compute_exposure(p, {{"a", {0}}, {"b", {1, 3}}, {"c", {2}}});
+  ASSERT_EQ(r.nodes.size(), 3u);
+  EXPECT_EQ(r.nodes[1].node, "b");
+  EXPECT_EQ(r.nodes[1].exposed, (std::set<int>{1, 2, 3}));
+  EXPECT_DOUBLE_EQ(r.max_node, 0.9);
+  EXPECT_DOUBLE_EQ(r.max_principal, 0.4);
+  const json j = exposure_to_json(r);
+  EXPECT_EQ(j["maxNode"], 0.9);
+  EXPECT_EQ(history_from_status({{"exposure", j}}), (PlacementHistory{{"a", {0}}, {"b", {1, 3}}, {"c", {2}}}));
+}
+
+TEST(ExposureTest, NodesToAvoidKeepEveryNodeWithinTheLimit) {
+  const std::vector<int64_t> p = {25, 25, 25, 25};
+  const PlacementHistory h = {{"a", {0}}, {"b", {1}}, {"c", {2}}, {"d", {3}}};
+  // Shard 2 again on c: unchanged. On a: holds 0 and 2, sandwiches 1 → 0.75.
+  EXPECT_EQ(nodes_to_avoid(p, h, 2, 0.25), (std::vector<std::string>{"a", "b", "d"}));
+  EXPECT_EQ(nodes_to_avoid(p, h, 2, 0.5), (std::vector<std::string>{"a"}));
+  EXPECT_EQ(nodes_to_avoid(p, h, 2, 0.75), (std::vector<std::string>{}));
+}
+
+TEST(ConditionTest, TransitionTimeMovesOnlyWhenTheStatusChanges) {
+  json c = json::array();
+  set_condition(c, "Ready", false, "ShardsNotReady", "0 of 4", 1, "2026-01-01T00:00:00Z");
+  set_condition(c, "Ready", false, "ShardsNotReady", "2 of 4", 2, "2026-01-01T00:01:00Z");
+  ASSERT_EQ(c.size(), 1u);
+  EXPECT_EQ(c[0]["lastTransitionTime"], "2026-01-01T00:00:00Z");
+  EXPECT_EQ(c[0]["message"], "2 of 4");
+  EXPECT_EQ(c[0]["observedGeneration"], 2);
+  set_condition(c, "Ready", true, "AllShardsReady", "4 of 4", 2, "2026-01-01T00:02:00Z");
+  EXPECT_EQ(c[0]["lastTransitionTime"], "2026-01-01T00:02:00Z");
+  EXPECT_TRUE(condition_true(c, "Ready"));
+  EXPECT_FALSE(condition_true(c, "Running"));
+}
+
+TEST(ConditionTest, TimesRoundTrip) {
+  EXPECT_EQ(format_time(0), "1970-01-01T00:00:00Z");
+  EXPECT_EQ(parse_time(format_time(1795000000)), 1795000000);
+  EXPECT_EQ(parse_time("yesterday"), -1);
+}
+
+// ---- plan(): a small simulated cluster ---------------------------------------------------
+
+constexpr int64_t kT0 = 1795000000;
+
+json job_yaml(const std::string& run_policy = "", double max_exposure = 0.5) {
+  return yaml_to_json(R"(apiVersion: shardguard.io/v1alpha1
+kind: ShardedTrainingJob
+metadata: {name: fm, namespace: ml, uid: 11111111-2222-3333-4444-555555555555, generation: 1}
+spec:
+  model: {architecture: vit}
+  sharding: {shards: 4}
+  protection: {maxExposure: )" + std::to_string(max_exposure) + R"(}
+  template: {image: shardd:1}
+  sidecar: {image: sidecar:1}
+)" + run_policy);
+}
+
+// Applies plans the way the API server would, and plays the kubelet.
+struct Cluster {
+  json job;
+  std::map<std::string, json> objects;  // "Kind/name"
+  int64_t now = kT0;
+  int uid_counter = 0;
+  int writes = 0;
+  std::vector<EventNote> events;
+
+  explicit Cluster(json j) : job(std::move(j)) {}
+
+  Observed observe() const {
+    Observed ob;
+    ob.job = job;
+    ob.now = now;
+    const JobSpec spec = job_from_json(job);
+    auto get = [&](const std::string& kind, const std::string& name) -> std::optional<json> {
+      auto it = objects.find(kind + "/" + name);
+      if (it == objects.end()) return std::nullopt;
+      return it->second;
+    };
+    ob.ca_secret = get("Secret", ca_secret_name(spec));
+    ob.service = get("Service", service_name(spec));
+    for (int i = 0; i < spec.sharding.shards; ++i) {
+      ob.shard_secrets.push_back(get("Secret", shard_name(spec, i)));
+      ob.config_maps.push_back(get("ConfigMap", shard_name(spec, i)));
+      ob.pods.push_back(get("Pod", shard_name(spec, i)));
+    }
+    ob.render_inputs.uid = job["metadata"]["uid"];
+    ob.render_inputs.ca_cert_pem = "CA";
+    ob.render_inputs.ca_key_pem = "CAKEY";
+    for (int i = 0; i < spec.sharding.shards; ++i) {
+      ob.render_inputs.shards.push_back({"C" + std::to_string(i), "K" + std::to_string(i), std::string(32, 'k')});
+    }
+    ob.render_inputs.job_object = job;
+    return ob;
+  }
+
+  Observed observe_raw() const {
+    Observed ob;
+    ob.job = job;
+    ob.now = now;
+    return ob;
+  }
+
+  void apply(const Action& a) {
+    ++writes;
+    const std::string key = a.kind + "/" + a.name;
+    if (a.kind == "ShardedTrainingJob") {
+      if (a.verb == Action::Verb::kDelete) {
+        job = json();
+        return;
+      }
+      json status = job.value("status", json::object());
+      job = a.object;
+      job["status"] = status;
+      if (job["metadata"].contains("deletionTimestamp") && job["metadata"]["finalizers"].empty()) job = json();
+      return;
+    }
+    if (a.verb == Action::Verb::kDelete) {
+      objects.erase(key);
+    } else {
+      json o = a.object;
+      if (a.verb == Action::Verb::kCreate) o["metadata"]["uid"] = "uid-" + std::to_string(++uid_counter);
+      objects[key] = o;
+    }
+  }
+
+  Plan step() {
+    Plan p = plan(observe());
+    for (const auto& a : p.before_status) apply(a);
+    if (p.status && !job.is_null()) {
+      ++writes;
+      job["status"] = *p.status;
+    }
+    for (const auto& a : p.after_status) apply(a);
+    events.insert(events.end(), p.events.begin(), p.events.end());
+    return p;
+  }
+
+  // Reconciles until nothing is left to write (bounded).
+  int settle() {
+    const int before = writes;
+    for (int i = 0; i < 10; ++i) {
+      Plan p = step();
+      if (p.before_status.empty() && !p.status && p.after_status.empty()) return writes - before;
+    }
+    ADD_FAILURE() << "did not settle";
+    return writes - before;
+  }
+
+  json& pod(int i) { return objects.at("Pod/fm-shard-" + std::to_string(i)); }
+  bool has_pod(int i) const { return objects.count("Pod/fm-shard-" + std::to_string(i)) > 0; }
+  void kubelet(int i, const std::string& node, const std::string& phase, bool ready = true) {
+    pod(i)["spec"]["nodeName"] = node;
+    pod(i)["status"] = {{"phase", phase},
+                        {"conditions", json::array({{{"type", "Ready"}, {"status", ready ? "True" : "False"}}})}};
+  }
+  bool has_event(const std::string& reason) const {
+    for (const auto& e : events) {
+      if (e.reason == reason) return true;
+    }
+    return false;
+  }
+};
+
+TEST(PlanTest, NewJobGetsFinalizerObjectsAndPendingStatus) {
+  Cluster c(job_yaml());
+  Plan p = c.step();
+  ASSERT_FALSE(p.before_status.empty());
+  EXPECT_EQ(p.before_status[0].kind, "ShardedTrainingJob");  // the finalizer first
+  EXPECT_EQ(c.job["metadata"]["finalizers"][0], kFinalizer);
+  // CA + 4 Secrets + 4 ConfigMaps + Service + 4 Pods.
+  EXPECT_EQ(c.objects.size(), 14u);
+  ASSERT_TRUE(p.status);
+  EXPECT_EQ(c.job["status"]["phase"], "Pending");
+  EXPECT_EQ(c.job["status"]["observedGeneration"], 1);
+  EXPECT_EQ(c.job["status"]["shards"].size(), 4u);
+  EXPECT_TRUE(c.has_event("Created"));
+  // 14 objects + finalizer + status, and then nothing more to write.
+  EXPECT_EQ(c.writes, 16);
+  EXPECT_EQ(c.settle(), 0);
+}
+
+TEST(PlanTest, RunningJobReportsExposureAndSettlesWithNoWrites) {
+  Cluster c(job_yaml());
+  c.settle();
+  for (int i = 0; i < 4; ++i) c.kubelet(i, "node-" + std::to_string(i), "Running");
+  c.settle();
+  const json& st = c.job["status"];
+  EXPECT_EQ(st["phase"], "Running");
+  EXPECT_TRUE(condition_true(st["conditions"], "Ready"));
+  EXPECT_TRUE(condition_true(st["conditions"], "Running"));
+  EXPECT_TRUE(condition_true(st["conditions"], "ShardIsolation"));
+  EXPECT_EQ(st["exposure"]["nodes"].size(), 4u);
+  EXPECT_LE(st["exposure"]["maxNode"].get<double>(), 0.5);
+  EXPECT_GT(st["exposure"]["maxNode"].get<double>(), 0.0);
+  EXPECT_EQ(st["shards"][2]["node"], "node-2");
+  EXPECT_TRUE(c.has_event("Running"));
+  // A resync of a settled job writes nothing.
+  Plan again = plan(c.observe());
+  EXPECT_TRUE(again.before_status.empty());
+  EXPECT_FALSE(again.status);
+  EXPECT_TRUE(again.after_status.empty());
+  for (int i = 0; i < 4; ++i) c.kubelet(i, "node-" + std::to_string(i), "Succeeded");
+  c.settle();
+  EXPECT_EQ(c.job["status"]["phase"], "Succeeded");
+  EXPECT_TRUE(condition_true(c.job["status"]["conditions"], "Succeeded"));
+  EXPECT_TRUE(c.job["status"].contains("completionTime"));
+}
+
+TEST(PlanTest, FailedPodIsCountedOnceAndRecreatedAwayFromUnsafeNodes) {
+  // Equal-ish stages, maxExposure 0.5: a node that held shard 0 must not get shard 2.
+  Cluster c(job_yaml());
+  c.settle();
+  for (int i = 0; i < 4; ++i) c.kubelet(i, "node-" + std::to_string(i), "Running");
+  c.settle();
+  c.kubelet(2, "node-2", "Failed");
+  c.pod(2)["status"]["reason"] = "Error";
+  Plan p = plan(c.observe());
+  ASSERT_TRUE(p.status);
+  EXPECT_EQ((*p.status)["shards"][2]["restarts"], 1);
+  EXPECT_EQ((*p.status)["failedPods"], 1);
+  ASSERT_EQ(p.after_status.size(), 1u);  // the failed pod goes after status recorded it
+  EXPECT_EQ(p.after_status[0].verb, Action::Verb::kDelete);
+  // The same observation again (status not yet written, cache stale) plans the same:
+  // it is counted by pod uid, so a retry does not double count.
+  c.step();
+  EXPECT_FALSE(c.has_pod(2));
+  c.step();  // recreate
+  ASSERT_TRUE(c.has_pod(2));
+  EXPECT_EQ(c.job["status"]["shards"][2]["restarts"], 1);
+  EXPECT_TRUE(c.has_event("ShardPodFailed"));
+  EXPECT_TRUE(c.has_event("ShardPodRecreated"));
+  const json& aff = c.pod(2)["spec"]["affinity"];
+  ASSERT_TRUE(aff.contains("nodeAffinity")) << aff.dump();
+  const json avoid = aff["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+                        ["matchExpressions"][0]["values"];
+  const std::vector<int64_t> params = stage_parameters(job_from_json(c.job));
+  const PlacementHistory h = history_from_status(c.job["status"]);
+  EXPECT_EQ(avoid.get<std::vector<std::string>>(), nodes_to_avoid(params, h, 2, 0.5));
+  // node-0 held shard 0: adding shard 2 sandwiches shard 1 — more than half the ViT.
+  EXPECT_NE(std::find(avoid.begin(), avoid.end(), "node-0"), avoid.end());
+  // The recreated pod lands on a fresh node: exposure stays within bounds.
+  c.kubelet(2, "node-9", "Running");
+  c.settle();
+  EXPECT_EQ(c.job["status"]["phase"], "Running");
+  EXPECT_TRUE(condition_true(c.job["status"]["conditions"], "ShardIsolation"));
+  EXPECT_EQ(c.job["status"]["exposure"]["nodes"].size(), 5u);  // node-2 keeps shard 2 in its history
+}
+
+TEST(PlanTest, BackoffLimitExhaustedFailsTheJob) {
+  Cluster c(job_yaml("  runPolicy: {backoffLimit: 1}\n"));
+  c.settle();
+  for (int round = 0; round < 2; ++round) {
+    for (int i = 0; i < 4; ++i) c.kubelet(i, "node-" + std::to_string(i), "Running");
+    c.kubelet(1, "node-1", "Failed");
+    c.settle();
+  }
+  EXPECT_EQ(c.job["status"]["phase"], "Failed");
+  EXPECT_TRUE(condition_true(c.job["status"]["conditions"], "Failed"));
+  EXPECT_TRUE(c.has_event("BackoffLimitExceeded"));
+  for (int i = 0; i < 4; ++i) EXPECT_FALSE(c.has_pod(i)) << i;  // every pod deleted, none recreated
+  EXPECT_EQ(c.settle(), 0);
+}
+
+TEST(PlanTest, SuspendDeletesPodsKeepsPkiAndResumeRecreates) {
+  Cluster c(job_yaml());
+  c.settle();
+  for (int i = 0; i < 4; ++i) c.kubelet(i, "node-" + std::to_string(i), "Running");
+  c.settle();
+  const json ca = c.objects.at("Secret/fm-ca");
+  c.job["spec"]["runPolicy"]["suspend"] = true;
+  c.settle();
+  EXPECT_EQ(c.job["status"]["phase"], "Suspended");
+  EXPECT_TRUE(condition_true(c.job["status"]["conditions"], "Suspended"));
+  for (int i = 0; i < 4; ++i) EXPECT_FALSE(c.has_pod(i));
+  EXPECT_EQ(c.objects.at("Secret/fm-ca"), ca);
+  EXPECT_EQ(c.objects.count("Secret/fm-shard-3"), 1u);
+  c.job["spec"]["runPolicy"]["suspend"] = false;
+  c.settle();
+  for (int i = 0; i < 4; ++i) EXPECT_TRUE(c.has_pod(i));
+  EXPECT_TRUE(c.has_event("Suspended"));
+  EXPECT_TRUE(c.has_event("Resumed"));
+  EXPECT_FALSE(condition_true(c.job["status"]["conditions"], "Suspended"));
+}
+
+TEST(PlanTest, ActiveDeadlineFailsTheJobAndRequeuesBeforeIt) {
+  Cluster c(job_yaml("  runPolicy: {activeDeadlineSeconds: 60}\n"));
+  Plan p = c.step();
+  ASSERT_TRUE(p.requeue_after);
+  EXPECT_EQ(p.requeue_after->count(), 60);
+  c.settle();
+  c.now += 61;
+  c.settle();
+  EXPECT_EQ(c.job["status"]["phase"], "Failed");
+  EXPECT_TRUE(c.has_event("DeadlineExceeded"));
+  for (int i = 0; i < 4; ++i) EXPECT_FALSE(c.has_pod(i));
+}
+
+TEST(PlanTest, TtlAfterFinishedDeletesTheJob) {
+  Cluster c(job_yaml("  runPolicy: {ttlSecondsAfterFinished: 30}\n"));
+  c.settle();
+  for (int i = 0; i < 4; ++i) c.kubelet(i, "node-" + std::to_string(i), "Succeeded");
+  Plan p = c.step();
+  ASSERT_TRUE(p.requeue_after);
+  c.settle();
+  EXPECT_EQ(c.job["status"]["phase"], "Succeeded");
+  c.now += 31;
+  Plan last = c.step();
+  ASSERT_EQ(last.after_status.size(), 1u);
+  EXPECT_EQ(last.after_status[0].kind, "ShardedTrainingJob");
+  EXPECT_TRUE(c.job.is_null());
+}
+
+TEST(PlanTest, LargestStageAboveMaxExposureIsRefusedWithACondition) {
+  Cluster c(job_yaml("", 0.1));
+  c.settle();
+  const json& st = c.job["status"];
+  EXPECT_EQ(st["phase"], "Failed");
+  EXPECT_FALSE(condition_true(st["conditions"], "ShardIsolation"));
+  bool found = false;
+  for (const auto& cond : st["conditions"]) {
+    if (cond["type"] == "ShardIsolation") {
+      EXPECT_EQ(cond["reason"], "ExposureRefused");
+      EXPECT_NE(cond["message"].get<std::string>().find("maxExposure"), std::string::npos);
+      found = true;
+    }
+  }
+  EXPECT_TRUE(found);
+  for (int i = 0; i < 4; ++i) EXPECT_FALSE(c.has_pod(i));
+  EXPECT_TRUE(c.has_event("ExposureRefused"));
+}
+
+TEST(PlanTest, InvalidSpecFailsWithTheFieldAndValue) {
+  json j = job_yaml();
+  j["spec"]["sharding"]["shards"] = 0;
+  Cluster c(j);
+  Plan p = plan(c.observe_raw());
+  ASSERT_TRUE(p.status);
+  EXPECT_EQ((*p.status)["phase"], "Failed");
+  const std::string msg = (*p.status)["conditions"][0]["message"];
+  EXPECT_NE(msg.find("spec.sharding.shards"), std::string::npos) << msg;
+}
+
+TEST(PlanTest, DeletionRemovesOwnedObjectsThenTheFinalizer) {
+  Cluster c(job_yaml());
+  c.settle();
+  c.job["metadata"]["deletionTimestamp"] = format_time(c.now);
+  Plan p = c.step();
+  EXPECT_FALSE(p.status);  // no status writes while going
+  EXPECT_TRUE(c.objects.empty());
+  c.step();
+  EXPECT_TRUE(c.job.is_null());  // finalizer removed → gone
+  EXPECT_TRUE(c.has_event("CleanedUp"));
+}
+
+}  // namespace
+}  // namespace shardguard::op
