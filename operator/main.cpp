@@ -63,7 +63,8 @@ int Run(const Flags& f) {
   sigset_t signals = block_stop_signals();
 
   kube::Config cfg = kube::load_config(f.kubeconfig);
-  kube::Client client(cfg);
+  const std::string self = identity();
+  kube::Client client(cfg, "shardguard-operator/" + self);
   auto registry = std::make_shared<prometheus::Registry>();
   auto health_registry = std::make_shared<prometheus::Registry>();
   MetricsServer metrics(registry), health(health_registry);
@@ -84,7 +85,7 @@ int Run(const Flags& f) {
   opt.sidecar_image = f.sidecar_image;
   opt.export_budget_bytes = f.export_budget;
   opt.cluster_domain = f.cluster_domain;
-  opt.identity = identity();
+  opt.identity = self;
   log::info("starting", {{"server", cfg.server},
                          {"namespaces", f.namespaces.empty() ? std::vector<std::string>{"(all)"} : f.namespaces},
                          {"workers", f.workers},

@@ -1,0 +1,566 @@
+// The real shardguard-operator process against the test Kubernetes API server
+// (tests/apiserver), which speaks the REST and watch protocol over HTTPS. The test
+// plays the user (creates, edits and deletes jobs), the scheduler and the kubelet
+// (binds pods to nodes and sets their phases, honouring the pods' node affinity),
+// and the last shard's shardd (a /metrics endpoint the operator reads progress from).
+#include <gtest/gtest.h>
+#include <httplib.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+
+#include "apiserver/kube_apiserver.h"
+#include "shardguard/common/jobspec.h"
+#include "shardguard/common/pki.h"
+#include "shardguard/common/process.h"
+#include "shardguard/operator/render.h"
+#include "support/wait.h"
+
+namespace shardguard {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using testing::KubeApiServer;
+using testsupport::eventually;
+using namespace std::chrono_literals;
+
+constexpr const char* kNs = "ml";
+constexpr const char* kGroup = "shardguard.io";
+constexpr const char* kVersion = "v1alpha1";
+constexpr const char* kJobs = "shardedtrainingjobs";
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// A ViT in 4 stages (shares about 0.02 / 0.33 / 0.33 / 0.33): with maxExposure 0.5
+// a node that held stage 0 must never get stage 2 (it would sandwich stage 1).
+json job_object(const std::string& name, const std::string& extra_spec = "", double max_exposure = 0.5) {
+  return yaml_to_json("apiVersion: shardguard.io/v1alpha1\nkind: ShardedTrainingJob\n"
+                      "metadata: {name: " + name + ", namespace: ml}\n"
+                      "spec:\n"
+                      "  model: {architecture: vit}\n"
+                      "  sharding: {shards: 4}\n"
+                      "  protection: {maxExposure: " + std::to_string(max_exposure) + "}\n"
+                      "  template: {image: shardd:test}\n"
+                      "  sidecar: {image: sidecar:test}\n" + extra_spec);
+}
+
+std::string pod_name(const std::string& job, int i) { return job + "-shard-" + std::to_string(i); }
+
+// A stand-in for the last stage's shardd /metrics (what the operator scrapes).
+class FakeShardMetrics {
+ public:
+  FakeShardMetrics() {
+    server_.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+      std::lock_guard<std::mutex> lock(mu_);
+      res.set_content(body_, "text/plain; version=0.0.4");
+    });
+    port_ = server_.bind_to_any_port("127.0.0.1");
+    thread_ = std::thread([this] { server_.listen_after_bind(); });
+  }
+  ~FakeShardMetrics() {
+    server_.stop();
+    thread_.join();
+  }
+  int port() const { return port_; }
+  void set(int step, int epoch, double loss, double accuracy) {
+    std::lock_guard<std::mutex> lock(mu_);
+    body_ = "# TYPE shardguard_train_step gauge\nshardguard_train_step{stage=\"3\"} " + std::to_string(step) +
+            "\nshardguard_train_epoch{stage=\"3\"} " + std::to_string(epoch) +
+            "\nshardguard_train_loss{stage=\"3\"} " + std::to_string(loss) +
+            "\nshardguard_eval_accuracy{stage=\"3\"} " + std::to_string(accuracy) + "\n";
+  }
+
+ private:
+  httplib::Server server_;
+  int port_ = 0;
+  std::thread thread_;
+  std::mutex mu_;
+  std::string body_ = "# nothing yet\n";
+};
+
+// One shardguard-operator process; its log goes to a file in the test's directory.
+class OperatorProcess {
+ public:
+  OperatorProcess(const std::string& kubeconfig, const std::string& log_file, std::vector<std::string> extra) {
+    SpawnOptions so;
+    so.argv = {std::string(SHARDGUARD_BIN_DIR) + "/shardguard-operator",
+               "--kubeconfig", kubeconfig,
+               "--metrics-bind-address", "127.0.0.1:0",
+               "--health-probe-bind-address", "127.0.0.1:0",
+               "--progress-interval", "1",
+               "--workers", "2"};
+    so.argv.insert(so.argv.end(), extra.begin(), extra.end());
+    so.log_file = log_file;
+    log_file_ = log_file;
+    process_ = std::make_unique<Process>(so);
+    // The "starting" line names the metrics port and the identity.
+    EXPECT_TRUE(eventually([&] { return parse_start(); }, 20s)) << read_file(log_file_);
+  }
+  ~OperatorProcess() {
+    if (process_ && process_->running()) process_->terminate(10s);
+  }
+  pid_t pid() const { return process_->pid(); }
+  int metrics_port() const { return metrics_port_; }
+  const std::string& identity() const { return identity_; }
+  ExitStatus stop() { return process_->terminate(10s); }
+  void kill9() {
+    process_->signal(SIGKILL);
+    process_->wait();
+  }
+  std::string log() const { return read_file(log_file_); }
+  std::string metrics() const {
+    httplib::Client cli("127.0.0.1", metrics_port_);
+    auto res = cli.Get("/metrics");
+    return res && res->status == 200 ? res->body : "";
+  }
+  // The value of the first sample of `metric` whose label text contains `labels`.
+  std::optional<double> sample(const std::string& metric, const std::string& labels = "") const {
+    std::istringstream in(metrics());
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.rfind(metric, 0) != 0 || line.size() <= metric.size()) continue;
+      if (line[metric.size()] != '{' && line[metric.size()] != ' ') continue;
+      if (!labels.empty() && line.find(labels) == std::string::npos) continue;
+      return std::stod(line.substr(line.rfind(' ') + 1));
+    }
+    return std::nullopt;
+  }
+
+ private:
+  bool parse_start() {
+    std::istringstream in(read_file(log_file_));
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.find("\"msg\":\"starting\"") == std::string::npos) continue;
+      const json j = json::parse(line, nullptr, false);
+      if (j.is_discarded() || !j.contains("metrics_port")) continue;
+      metrics_port_ = j["metrics_port"].get<int>();
+      identity_ = j.value("identity", "");
+      return metrics_port_ > 0;
+    }
+    return false;
+  }
+  std::unique_ptr<Process> process_;
+  std::string log_file_;
+  int metrics_port_ = 0;
+  std::string identity_;
+};
+
+class OperatorTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("shardguard-op-" + std::to_string(getpid()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    kubeconfig_ = api_.write_kubeconfig((dir_ / "kubeconfig").string(), kNs);
+    api_.create("apiextensions.k8s.io", "v1", "customresourcedefinitions", "",
+                yaml_to_json(read_file(std::string(SHARDGUARD_SOURCE_DIR) +
+                                       "/crds/shardedtrainingjobs.shardguard.io.yaml")));
+    api_.create("", "v1", "namespaces", "", {{"metadata", {{"name", kNs}}}});
+  }
+  void TearDown() override {
+    ops_.clear();
+    if (!HasFailure()) fs::remove_all(dir_);
+  }
+
+  OperatorProcess& start_operator(std::vector<std::string> extra = {}) {
+    extra.insert(extra.end(), {"--shard-metrics-port", std::to_string(shard_metrics_.port())});
+    const std::string log = (dir_ / ("operator-" + std::to_string(ops_.size()) + ".log")).string();
+    ops_.push_back(std::make_unique<OperatorProcess>(kubeconfig_, log, extra));
+    return *ops_.back();
+  }
+
+  json create_job(const json& job) { return api_.create(kGroup, kVersion, kJobs, kNs, job); }
+  std::optional<json> job(const std::string& name) const { return api_.get(kGroup, kVersion, kJobs, kNs, name); }
+  json status(const std::string& name) const {
+    auto j = job(name);
+    return j && j->contains("status") ? (*j)["status"] : json::object();
+  }
+  std::optional<json> pod(const std::string& job_name, int i) const {
+    return api_.get("", "v1", "pods", kNs, pod_name(job_name, i));
+  }
+  bool condition(const std::string& job_name, const std::string& type, const std::string& value = "True") const {
+    for (const auto& c : status(job_name).value("conditions", json::array())) {
+      if (c.value("type", "") == type) return c.value("status", "") == value;
+    }
+    return false;
+  }
+  std::string condition_reason(const std::string& job_name, const std::string& type) const {
+    for (const auto& c : status(job_name).value("conditions", json::array())) {
+      if (c.value("type", "") == type) return c.value("reason", "");
+    }
+    return "";
+  }
+  std::set<std::string> event_reasons(const std::string& job_name) const {
+    std::set<std::string> out;
+    for (const auto& e : api_.list("", "v1", "events", kNs)) {
+      if (e["involvedObject"].value("name", "") == job_name) out.insert(e.value("reason", ""));
+    }
+    return out;
+  }
+  // Events are recorded after the status they describe: wait for them.
+  bool has_event(const std::string& job_name, const std::string& reason) const {
+    return eventually([&] { return event_reasons(job_name).count(reason) > 0; }, 10s);
+  }
+  size_t owned_objects(const std::string& job_name) const {
+    const std::string sel = "shardguard.io/job=" + job_name;
+    return api_.list("", "v1", "pods", kNs, sel).size() + api_.list("", "v1", "secrets", kNs, sel).size() +
+           api_.list("", "v1", "configmaps", kNs, sel).size() + api_.list("", "v1", "services", kNs, sel).size();
+  }
+  bool all_pods_exist(const std::string& job_name, int n = 4) const {
+    for (int i = 0; i < n; ++i) {
+      if (!pod(job_name, i)) return false;
+    }
+    return true;
+  }
+
+  // The kubelet's part: the pod is bound to `node` and gets `phase`. The last stage
+  // gets 127.0.0.1 as its IP, where FakeShardMetrics answers.
+  void kubelet(const std::string& job_name, int i, const std::string& node, const std::string& phase) {
+    json p = *pod(job_name, i);
+    if (p["spec"].value("nodeName", "") != node) {
+      p["spec"]["nodeName"] = node;
+      p["metadata"].erase("resourceVersion");
+      p = api_.update("", "v1", "pods", kNs, p);
+    }
+    p["status"] = {{"phase", phase},
+                   {"podIP", i == 3 ? "127.0.0.1" : "10.0.0." + std::to_string(i + 1)},
+                   {"conditions", json::array({{{"type", "Ready"}, {"status", phase == "Running" ? "True" : "False"}}})}};
+    if (phase == "Failed") {
+      p["status"]["reason"] = "Error";
+      p["status"]["containerStatuses"] = json::array(
+          {{{"name", "shardd"},
+            {"ready", false},
+            {"restartCount", 0},
+            {"image", "shardd:test"},
+            {"imageID", "docker-pullable://shardd@sha256:0"},
+            {"state", {{"terminated", {{"exitCode", 137}, {"reason", "OOMKilled"}}}}}}});
+    }
+    p["metadata"].erase("resourceVersion");
+    api_.update("", "v1", "pods", kNs, p, /*status=*/true);
+  }
+
+  // The scheduler's part: the first of `nodes` that the pod's required node affinity
+  // allows and that hosts no other pod of the job (its required anti-affinity).
+  std::string schedule(const std::string& job_name, int i, const std::vector<std::string>& nodes) {
+    const json p = *pod(job_name, i);
+    std::set<std::string> banned;
+    const json aff = p["spec"].value("affinity", json::object());
+    if (aff.contains("nodeAffinity")) {
+      for (const auto& term :
+           aff["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]) {
+        for (const auto& e : term["matchExpressions"]) {
+          if (e["key"] == "kubernetes.io/hostname" && e["operator"] == "NotIn") {
+            for (const auto& v : e["values"]) banned.insert(v.get<std::string>());
+          }
+        }
+      }
+    }
+    for (const auto& other : api_.list("", "v1", "pods", kNs, "shardguard.io/job=" + job_name)) {
+      if (other["metadata"]["name"] != p["metadata"]["name"]) banned.insert(other["spec"].value("nodeName", ""));
+    }
+    for (const auto& n : nodes) {
+      if (!banned.count(n)) return n;
+    }
+    return "";
+  }
+
+  void run_all(const std::string& job_name) {
+    for (int i = 0; i < 4; ++i) kubelet(job_name, i, "node-" + std::to_string(i), "Running");
+  }
+
+  // Writes by the operator (everything but reads, watches and Events).
+  std::vector<KubeApiServer::RequestRecord> operator_writes(const std::string& identity = "") const {
+    std::vector<KubeApiServer::RequestRecord> out;
+    for (const auto& r : api_.requests()) {
+      if (r.user_agent.find("shardguard-operator") == std::string::npos) continue;
+      if (!identity.empty() && r.user_agent.find(identity) == std::string::npos) continue;
+      if (r.verb == "create" || r.verb == "update" || r.verb == "patch" || r.verb == "delete") out.push_back(r);
+    }
+    return out;
+  }
+
+  KubeApiServer api_;
+  FakeShardMetrics shard_metrics_;
+  fs::path dir_;
+  std::string kubeconfig_;
+  std::vector<std::unique_ptr<OperatorProcess>> ops_;
+};
+
+TEST_F(OperatorTest, JobLifecycleFromCreateToSucceededThenCleanup) {
+  auto& op = start_operator({"--resync", "1"});
+  create_job(job_object("life"));
+  ASSERT_TRUE(eventually([&] { return owned_objects("life") == 14 && status("life").value("phase", "") == "Pending"; },
+                         30s))
+      << status("life").dump(2) << op.log();
+  const json j = *job("life");
+  EXPECT_EQ(j["metadata"]["finalizers"], json::array({"shardguard.io/cleanup"}));
+  EXPECT_EQ(status("life")["observedGeneration"], j["metadata"]["generation"]);
+
+  // Each shard's Secret: its own SVID (verified against the job CA), its own key.
+  const json ca_secret = *api_.get("", "v1", "secrets", kNs, "life-ca");
+  const std::string ca_pem = op::base64_decode(ca_secret["data"]["ca.crt"]);
+  std::set<std::string> keys;
+  for (int i = 0; i < 4; ++i) {
+    const json s = *api_.get("", "v1", "secrets", kNs, pod_name("life", i));
+    std::set<std::string> fields;
+    for (const auto& [k, v] : s["data"].items()) fields.insert(k);
+    EXPECT_EQ(fields, (std::set<std::string>{"tls.crt", "tls.key", "ca.crt", "checkpoint.key"}));
+    const SvidCheck check = verify_svid(op::base64_decode(s["data"]["tls.crt"]), ca_pem, std::chrono::system_clock::now());
+    EXPECT_TRUE(check.ok) << check.message;
+    EXPECT_EQ(check.spiffe_id, spiffe_id_for_shard("shardguard.local", kNs, "life", i));
+    keys.insert(s["data"]["checkpoint.key"]);
+    EXPECT_EQ(s["metadata"]["ownerReferences"][0]["uid"], j["metadata"]["uid"]);
+  }
+  EXPECT_EQ(keys.size(), 4u);  // four different checkpoint keys
+
+  // Scheduler + kubelet: every pod runs on its own node; the last stage reports progress.
+  shard_metrics_.set(42, 1, 0.5, 0.81);
+  run_all("life");
+  ASSERT_TRUE(eventually([&] {
+    const json st = status("life");
+    return st.value("phase", "") == "Running" && st.contains("progress") && st["progress"].value("step", 0) == 42;
+  }, 30s)) << status("life").dump(2);
+  EXPECT_TRUE(condition("life", "Ready"));
+  EXPECT_TRUE(condition("life", "Running"));
+  EXPECT_TRUE(condition("life", "ShardIsolation"));
+  const json st = status("life");
+  EXPECT_EQ(st["exposure"]["nodes"].size(), 4u);
+  EXPECT_LE(st["exposure"]["maxNode"].get<double>(), 0.5);
+  EXPECT_EQ(st["progress"]["accuracy"], 0.81);
+  EXPECT_EQ(st["shards"][1]["node"], "node-1");
+  EXPECT_EQ(st["shards"][1]["phase"], "Running");
+
+  // The operator's metrics tell the same story.
+  ASSERT_TRUE(eventually([&] { return op.sample("shardguard_jobs", "phase=\"Running\"") == 1.0; }, 10s))
+      << op.metrics();
+  const auto node2 = op.sample("shardguard_node_exposure_ratio", "node=\"node-2\"");
+  ASSERT_TRUE(node2);
+  EXPECT_NEAR(*node2, st["exposure"]["nodes"][2]["ratio"].get<double>(), 1e-4);
+  EXPECT_NEAR(*op.sample("shardguard_job_max_exposure_ratio", "job=\"life\""), st["exposure"]["maxNode"].get<double>(),
+              1e-4);
+  EXPECT_GT(op.sample("controller_runtime_reconcile_total", "result=\"success\"").value_or(0) +
+                op.sample("controller_runtime_reconcile_total", "result=\"requeue_after\"").value_or(0),
+            0);
+  EXPECT_TRUE(op.sample("workqueue_adds_total"));
+  EXPECT_TRUE(op.sample("controller_runtime_reconcile_time_seconds_count"));
+
+  // Finished.
+  for (int i = 0; i < 4; ++i) kubelet("life", i, "node-" + std::to_string(i), "Succeeded");
+  ASSERT_TRUE(eventually([&] { return status("life").value("phase", "") == "Succeeded"; }, 30s))
+      << status("life").dump(2);
+  EXPECT_TRUE(condition("life", "Succeeded"));
+  EXPECT_TRUE(status("life").contains("completionTime"));
+  // Events are recorded after the status they describe.
+  ASSERT_TRUE(eventually([&] { return event_reasons("life").count("Succeeded") > 0; }, 10s));
+  for (const char* r : {"Created", "Running"}) EXPECT_TRUE(event_reasons("life").count(r)) << r;
+
+  // Settled: resyncs (every second) reconcile it again and write nothing.
+  api_.clear_requests();
+  const double before = op.sample("controller_runtime_reconcile_total", "result=\"success\"").value_or(0);
+  ASSERT_TRUE(eventually([&] {
+    return op.sample("controller_runtime_reconcile_total", "result=\"success\"").value_or(0) >= before + 3;
+  }, 20s));
+  EXPECT_TRUE(operator_writes().empty()) << operator_writes().front().method << " " << operator_writes().front().path;
+
+  // Deleted: every owned object goes, then the finalizer, then the job.
+  api_.remove(kGroup, kVersion, kJobs, kNs, "life");
+  ASSERT_TRUE(eventually([&] { return !job("life"); }, 30s)) << (job("life") ? job("life")->dump(2) : "");
+  EXPECT_EQ(owned_objects("life"), 0u);
+  ASSERT_TRUE(eventually([&] { return !op.sample("shardguard_job_max_exposure_ratio", "job=\"life\""); }, 10s));
+  const ExitStatus exit = op.stop();
+  EXPECT_TRUE(exit.exited && exit.code == 0) << exit.str() << op.log();
+}
+
+TEST_F(OperatorTest, FailedShardIsRecreatedAwayFromUnsafeNodesUntilTheBackoffLimit) {
+  auto& op = start_operator();
+  create_job(job_object("flaky", "  runPolicy: {backoffLimit: 1}\n"));
+  ASSERT_TRUE(eventually([&] { return all_pods_exist("flaky"); }, 30s)) << op.log();
+  run_all("flaky");
+  ASSERT_TRUE(eventually([&] { return status("flaky").value("phase", "") == "Running"; }, 30s));
+
+  const std::string old_uid = (*pod("flaky", 2))["metadata"]["uid"];
+  kubelet("flaky", 2, "node-2", "Failed");
+  ASSERT_TRUE(eventually([&] {
+    auto p = pod("flaky", 2);
+    return p && (*p)["metadata"]["uid"] != old_uid;
+  }, 30s)) << status("flaky").dump(2);
+  ASSERT_TRUE(eventually([&] { return status("flaky")["shards"][2].value("restarts", 0) == 1; }, 10s));
+  EXPECT_EQ(status("flaky")["failedPods"], 1);
+  // node-0 held stage 0: stage 2 there would sandwich stage 1 (0.02 + 0.33 + 0.33 > 0.5).
+  const std::string node = schedule("flaky", 2, {"node-0", "node-1", "node-2", "node-3", "node-4"});
+  EXPECT_NE(node, "node-0");
+  EXPECT_NE(node, "");
+  kubelet("flaky", 2, node, "Running");
+  ASSERT_TRUE(eventually([&] { return status("flaky").value("phase", "") == "Running"; }, 30s));
+  EXPECT_TRUE(condition("flaky", "ShardIsolation"));
+  EXPECT_LE(status("flaky")["exposure"]["maxNode"].get<double>(), 0.5);
+  EXPECT_TRUE(has_event("flaky", "ShardPodFailed"));
+  EXPECT_TRUE(has_event("flaky", "ShardPodRecreated"));
+
+  // A second failure exceeds backoffLimit 1: the job fails and nothing is recreated.
+  kubelet("flaky", 1, "node-1", "Failed");
+  ASSERT_TRUE(eventually([&] { return status("flaky").value("phase", "") == "Failed"; }, 30s))
+      << status("flaky").dump(2);
+  EXPECT_EQ(condition_reason("flaky", "Failed"), "BackoffLimitExceeded");
+  ASSERT_TRUE(eventually([&] { return api_.list("", "v1", "pods", kNs, "shardguard.io/job=flaky").empty(); }, 30s));
+  EXPECT_TRUE(has_event("flaky", "BackoffLimitExceeded"));
+  EXPECT_EQ(status("flaky")["failedPods"], 2);
+}
+
+TEST_F(OperatorTest, SuspendDeletesPodsKeepsKeysAndResumeRecreatesThem) {
+  auto& op = start_operator();
+  create_job(job_object("nap"));
+  ASSERT_TRUE(eventually([&] { return all_pods_exist("nap"); }, 30s)) << op.log();
+  run_all("nap");
+  ASSERT_TRUE(eventually([&] { return status("nap").value("phase", "") == "Running"; }, 30s));
+  const json key_before = (*api_.get("", "v1", "secrets", kNs, "nap-shard-1"))["data"]["checkpoint.key"];
+
+  json j = *job("nap");
+  j["spec"]["runPolicy"]["suspend"] = true;
+  api_.update(kGroup, kVersion, kJobs, kNs, j);
+  ASSERT_TRUE(eventually([&] {
+    return status("nap").value("phase", "") == "Suspended" &&
+           api_.list("", "v1", "pods", kNs, "shardguard.io/job=nap").empty();
+  }, 30s)) << status("nap").dump(2);
+  EXPECT_TRUE(condition("nap", "Suspended"));
+  EXPECT_EQ(owned_objects("nap"), 10u);  // PKI, policies and the Service stay
+
+  j = *job("nap");
+  j["spec"]["runPolicy"]["suspend"] = false;
+  api_.update(kGroup, kVersion, kJobs, kNs, j);
+  ASSERT_TRUE(eventually([&] { return all_pods_exist("nap"); }, 30s));
+  EXPECT_EQ((*api_.get("", "v1", "secrets", kNs, "nap-shard-1"))["data"]["checkpoint.key"], key_before);
+  ASSERT_TRUE(eventually([&] { return condition("nap", "Suspended", "False"); }, 10s));
+  EXPECT_TRUE(has_event("nap", "Suspended"));
+  EXPECT_TRUE(has_event("nap", "Resumed"));
+}
+
+TEST_F(OperatorTest, StageAboveMaxExposureIsRefused) {
+  auto& op = start_operator();
+  create_job(job_object("greedy", "", 0.1));
+  ASSERT_TRUE(eventually([&] { return status("greedy").value("phase", "") == "Failed"; }, 30s)) << op.log();
+  EXPECT_TRUE(condition("greedy", "ShardIsolation", "False"));
+  EXPECT_EQ(condition_reason("greedy", "ShardIsolation"), "ExposureRefused");
+  EXPECT_TRUE(has_event("greedy", "ExposureRefused"));
+  EXPECT_TRUE(api_.list("", "v1", "pods", kNs, "shardguard.io/job=greedy").empty());
+}
+
+TEST_F(OperatorTest, ServerErrorsAndDroppedWatchesLoseNothing) {
+  auto& op = start_operator();
+  // Every third write fails for a while, and the first creates all fail.
+  api_.fail_next(6, 500, "POST");
+  create_job(job_object("bumpy"));
+  ASSERT_TRUE(eventually([&] { return owned_objects("bumpy") == 14; }, 60s)) << op.log();
+  // Watches dropped, history compacted (the next watch from an old resourceVersion
+  // gets 410 and the informers relist), and the kubelet's updates land meanwhile.
+  for (int i = 0; i < 4; ++i) {
+    api_.drop_watches();
+    api_.compact();
+    kubelet("bumpy", i, "node-" + std::to_string(i), "Running");
+  }
+  ASSERT_TRUE(eventually([&] { return status("bumpy").value("phase", "") == "Running"; }, 60s))
+      << status("bumpy").dump(2) << op.log();
+  api_.set_latency(50ms);
+  for (int i = 0; i < 4; ++i) kubelet("bumpy", i, "node-" + std::to_string(i), "Succeeded");
+  api_.drop_watches();
+  ASSERT_TRUE(eventually([&] { return status("bumpy").value("phase", "") == "Succeeded"; }, 60s))
+      << status("bumpy").dump(2);
+  EXPECT_GT(op.sample("controller_runtime_reconcile_errors_total").value_or(0), 0);
+}
+
+TEST_F(OperatorTest, LeaderElectionOneReconcilesTheOtherTakesOverWhenItDies) {
+  const std::vector<std::string> le = {"--leader-elect", "--leader-election-namespace", kNs, "--lease-duration", "3",
+                                       "--renew-deadline", "2", "--retry-period", "0.5"};
+  auto& a = start_operator(le);
+  auto& b = start_operator(le);
+  std::string holder;
+  ASSERT_TRUE(eventually([&] {
+    auto lease = api_.get("coordination.k8s.io", "v1", "leases", kNs, "shardguard-operator");
+    if (!lease) return false;
+    holder = (*lease)["spec"].value("holderIdentity", "");
+    return holder == a.identity() || holder == b.identity();
+  }, 30s)) << a.log() << b.log();
+  OperatorProcess& leader = holder == a.identity() ? a : b;
+  OperatorProcess& standby = holder == a.identity() ? b : a;
+
+  create_job(job_object("one"));
+  ASSERT_TRUE(eventually([&] { return owned_objects("one") == 14; }, 30s));
+  EXPECT_FALSE(operator_writes(leader.identity()).empty());
+  for (const auto& w : operator_writes(standby.identity())) {
+    EXPECT_EQ(w.resource, "leases") << "the standby wrote " << w.method << " " << w.path;
+  }
+  EXPECT_EQ(leader.sample("leader_election_master_status"), 1.0);
+  EXPECT_EQ(standby.sample("leader_election_master_status"), 0.0);
+
+  // The leader dies without releasing the lease: the standby takes over once the
+  // lease has not been renewed for its duration (3 s), and reconciles new work.
+  leader.kill9();
+  const auto killed = std::chrono::steady_clock::now();
+  auto seconds_since_kill = [&] {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - killed).count();
+  };
+  create_job(job_object("two"));
+  ASSERT_TRUE(eventually([&] {
+    auto lease = api_.get("coordination.k8s.io", "v1", "leases", kNs, "shardguard-operator");
+    return lease && (*lease)["spec"].value("holderIdentity", "") == standby.identity();
+  }, 30s)) << standby.log();
+  const double takeover = seconds_since_kill();
+  // The lease was renewed at most one retry period before the kill and is taken over
+  // once it has stood still for its duration, checked every retry period.
+  EXPECT_LT(takeover, 3.0 + 2 * 0.5 + 0.5) << "lease 3 s, retry 0.5 s";
+  ASSERT_TRUE(eventually([&] { return owned_objects("two") == 14; }, 30s)) << standby.log();
+  const double reconciled = seconds_since_kill();
+  std::printf("after the leader's SIGKILL: lease taken over in %.2f s (lease 3 s), new job reconciled in %.2f s\n",
+              takeover, reconciled);
+}
+
+// Everything the operator wrote in a full lifecycle validates against the published
+// Kubernetes schemas (kubernetes-models) and the CRD.
+TEST_F(OperatorTest, EveryObjectWrittenValidatesAgainstTheKubernetesSchemas) {
+  const std::string node_modules = std::string(SHARDGUARD_SOURCE_DIR) + "/tools/node_modules";
+  if (!fs::exists(node_modules)) {
+    FAIL() << node_modules << " is missing: run `make deps` (installs kubernetes-models with npm)";
+  }
+  auto& op = start_operator();
+  create_job(job_object("valid", "  runPolicy: {backoffLimit: 2, activeDeadlineSeconds: 3600}\n"));
+  ASSERT_TRUE(eventually([&] { return all_pods_exist("valid"); }, 30s)) << op.log();
+  shard_metrics_.set(7, 0, 1.25, 0.5);
+  run_all("valid");
+  kubelet("valid", 0, "node-0", "Failed");
+  ASSERT_TRUE(eventually([&] {
+    return status("valid").value("phase", "") == "Pending" && status("valid").value("failedPods", 0) == 1 &&
+           all_pods_exist("valid");
+  }, 30s)) << status("valid").dump(2);
+  json dump = api_.dump();
+  json items = json::array();
+  for (const auto& o : dump["items"]) {
+    if (o.value("kind", "") != "Namespace") items.push_back(o);  // ours, not the operator's
+  }
+  const std::string file = (dir_ / "objects.json").string();
+  std::ofstream(file) << json{{"apiVersion", "v1"}, {"kind", "List"}, {"items", items}}.dump(1);
+  const std::string cmd = "cd " + std::string(SHARDGUARD_SOURCE_DIR) +
+                          " && node tests/schema/validate.mjs --crd crds/shardedtrainingjobs.shardguard.io.yaml " + file +
+                          " > " + (dir_ / "validate.log").string() + " 2>&1";
+  const int rc = std::system(cmd.c_str());
+  EXPECT_EQ(rc, 0) << read_file((dir_ / "validate.log").string());
+  std::printf("%s", read_file((dir_ / "validate.log").string()).c_str());
+}
+
+}  // namespace
+}  // namespace shardguard
