@@ -453,6 +453,18 @@ TEST(ApiServer, WatchFromZeroSendsTheCurrentStateThenLiveEvents) {
   EXPECT_EQ(all.changes()[3]["type"], "MODIFIED");
 }
 
+// Go clients (kubectl, client-go) send Accept-Encoding: gzip; a compressed watch stream
+// would hold events back in the compressor, so watch responses are never compressed.
+TEST(ApiServer, WatchEventsArriveAtOnceForClientsAcceptingGzip) {
+  KubeApiServer s;
+  WatchStream w(s, kCm + "?watch=true&resourceVersion=" + s.resource_version(),
+                {{"Accept-Encoding", "gzip, deflate"}});
+  ASSERT_TRUE(eventually([&] { return s.open_watches() == 1; }));
+  s.create("", "v1", "configmaps", "default", cm("a"));
+  ASSERT_TRUE(eventually([&] { return w.changes().size() == 1; }, std::chrono::seconds(5)));
+  EXPECT_EQ(w.changes()[0]["type"], "ADDED");
+}
+
 TEST(ApiServer, BookmarksArrive) {
   KubeApiServer::Options opt;
   opt.bookmark_interval = std::chrono::milliseconds(50);

@@ -1627,9 +1627,14 @@ struct KubeApiServer::Impl {
     }
     std::shared_ptr<Watcher> w;
     std::string api_version;
+    // kubectl get -w asks for Table events: each object becomes a one-row Table, the
+    // column definitions only in the first one (as the real server does).
+    std::shared_ptr<const ResType> table_type;
     {
       std::lock_guard<std::mutex> lk(mu);
       const ResType& t = require_type(tg.group, tg.version, tg.plural);
+      if (req.get_header_value("Accept").find("as=Table") != std::string::npos)
+        table_type = std::make_shared<const ResType>(t);
       if (!t.namespaced && !tg.ns.empty()) fail(404, "the server could not find the requested resource");
       api_version = t.api_version();
       if (stopping) fail(503, "the server is shutting down");
@@ -1662,9 +1667,12 @@ struct KubeApiServer::Impl {
       kind = t ? t->kind : "";
     }
     res.status = 200;
+    // ";stream=watch" as the real server says; it also keeps httplib from gzipping the
+    // stream (a compressor would hold events back until its buffer fills).
     res.set_chunked_content_provider(
-        "application/json",
-        [this, w, deadline, next_bookmark, bookmarks, api_version, kind](size_t, httplib::DataSink& sink) mutable {
+        "application/json;stream=watch",
+        [this, w, deadline, next_bookmark, bookmarks, api_version, kind, table_type,
+         first_table = true](size_t, httplib::DataSink& sink) mutable {
           std::unique_lock<std::mutex> lk(mu);
           for (;;) {
             if (stopping || w->closed) {
@@ -1679,6 +1687,11 @@ struct KubeApiServer::Impl {
                 w->queue.pop_front();
                 json o = *obj;
                 if (type != "BOOKMARK" && o.value("apiVersion", "") != api_version) o["apiVersion"] = api_version;
+                if (type != "BOOKMARK" && type != "ERROR" && table_type) {
+                  o = table_for(*table_type, {obj});
+                  if (!first_table) o["columnDefinitions"] = json::array();
+                  first_table = false;
+                }
                 chunk += json{{"type", type}, {"object", std::move(o)}}.dump();
                 chunk += '\n';
               }

@@ -95,9 +95,11 @@ class Api {
 // A watch request read on its own thread: newline-delimited events collected as JSON.
 class WatchStream {
  public:
-  WatchStream(const KubeApiServer& s, std::string path) : cli_(make_client(s)) {
+  WatchStream(const KubeApiServer& s, std::string path, httplib::Headers extra = {})
+      : cli_(make_client(s)) {
     cli_->set_read_timeout(60, 0);
-    httplib::Headers h{{"Authorization", "Bearer " + s.token()}};
+    httplib::Headers h = std::move(extra);
+    h.emplace("Authorization", "Bearer " + s.token());
     thread_ = std::thread([this, path, h] {
       auto res = cli_->Get(path.c_str(), h, [this](const char* data, size_t n) {
         std::lock_guard<std::mutex> lk(mu_);
