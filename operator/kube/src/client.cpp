@@ -246,6 +246,7 @@ struct Client::Impl {
     c->set_read_timeout(read_timeout_s);
     c->set_write_timeout(kReadTimeoutS);
     c->set_url_encode(false);
+    c->set_tcp_nodelay(true);  // headers and body go in separate writes: no Nagle delay
     c->set_follow_location(false);
     return c;
   }
