@@ -221,7 +221,7 @@ struct Client::Impl {
           token = t;
           token_read = now;
         } else {
-          log::warn("cannot read the token file; using the last token", {{"component", "kube"}, {"file", cfg.token_file}});
+          log::warn("cannot read the token file; using the last token", {{"file", cfg.token_file}});
           if (token.empty()) token = cfg.token;
           token_read = now;
         }

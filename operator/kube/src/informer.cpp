@@ -93,7 +93,7 @@ bool Informer::relist() {
   try {
     lr = client_.list(res_, ns_, selector_);
   } catch (const std::exception& e) {
-    log::warn("informer list failed", {{"component", "kube"}, {"resource", res_.plural}, {"namespace", ns_},
+    log::warn("informer list failed", {{"resource", res_.plural}, {"namespace", ns_},
                                        {"error", e.what()}});
     return false;
   }
@@ -176,7 +176,7 @@ void Informer::resync_all() {
 }
 
 void Informer::run() {
-  const json where = {{"component", "kube"}, {"resource", res_.plural}, {"namespace", ns_}};
+  const json where = {{"resource", res_.plural}, {"namespace", ns_}};
   auto backoff = opt_.initial_backoff;
   auto fail = [&](const std::string& what, const std::exception& e) {
     reconnects_++;

@@ -57,7 +57,7 @@ bool LeaderElector::try_acquire_or_renew() {
   const std::string now_text = format_micro_time(std::chrono::system_clock::now());
   const int64_t duration_s =
       std::max<int64_t>(1, (cfg_.lease_duration.count() + 999) / 1000);
-  const json where = {{"component", "kube"}, {"lease", cfg_.ns + "/" + cfg_.name}, {"identity", cfg_.identity}};
+  const json where = {{"lease", cfg_.ns + "/" + cfg_.name}, {"identity", cfg_.identity}};
 
   json lease;
   try {
@@ -136,10 +136,10 @@ void LeaderElector::release() {
     lease["spec"]["leaseDurationSeconds"] = 1;
     lease["spec"]["renewTime"] = format_micro_time(std::chrono::system_clock::now());
     client_.update(kLeases, cfg_.ns, lease);
-    log::info("released the lease", {{"component", "kube"}, {"lease", cfg_.ns + "/" + cfg_.name},
+    log::info("released the lease", {{"lease", cfg_.ns + "/" + cfg_.name},
                                      {"identity", cfg_.identity}});
   } catch (const ApiError& e) {
-    log::warn("cannot release the lease", {{"component", "kube"}, {"lease", cfg_.ns + "/" + cfg_.name},
+    log::warn("cannot release the lease", {{"lease", cfg_.ns + "/" + cfg_.name},
                                            {"identity", cfg_.identity}, {"error", e.what()}});
   }
 }
@@ -153,7 +153,7 @@ void LeaderElector::run(const std::atomic<bool>& stop) {
     }
     return !stop.load();
   };
-  const json where = {{"component", "kube"}, {"lease", cfg_.ns + "/" + cfg_.name}, {"identity", cfg_.identity}};
+  const json where = {{"lease", cfg_.ns + "/" + cfg_.name}, {"identity", cfg_.identity}};
 
   while (!stop.load()) {
     bool acquired = false;
