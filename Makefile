@@ -8,7 +8,8 @@
 #                `make fuzz-smoke` (each libFuzzer target for 20 s, build-fuzz/)
 #   make demo    deps + build + a 4-shard CNN on Fashion-MNIST, locally
 #   make bench   deps + build + benchmarks → build/bench/results.jsonl
-#                (pipeline_bench, then sidecar_bench; `make bench-sidecar` runs only the latter)
+#                (pipeline_bench, sidecar_bench, operator_bench; `make bench-sidecar` and
+#                `make bench-operator` run one each)
 
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
@@ -113,11 +114,17 @@ demo: deps build
 bench: deps build
 	$(BUILD)/bin/pipeline_bench --out $(BUILD)/bench/results.jsonl
 	$(BUILD)/bin/sidecar_bench --out $(BUILD)/bench/results.jsonl
+	$(BUILD)/bin/operator_bench --out $(BUILD)/bench/results.jsonl
 
 # Only the sidecar benchmark (no LibTorch needed): appends to build/bench/results.jsonl.
 bench-sidecar: configure
 	cmake --build $(BUILD) -j $(JOBS) --target sidecar_bench shard-sidecar
 	$(BUILD)/bin/sidecar_bench --out $(BUILD)/bench/results.jsonl
+
+# Only the operator benchmark (1,000 jobs × 4 shards against the test API server).
+bench-operator: configure
+	cmake --build $(BUILD) -j $(JOBS) --target operator_bench shardguard-operator
+	$(BUILD)/bin/operator_bench --out $(BUILD)/bench/results.jsonl
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)

@@ -53,6 +53,20 @@ std::string fixed(double x, int decimals) {
   return s.str();
 }
 
+int64_t proc_status_bytes(pid_t pid, const std::string& key) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(key + ":", 0) == 0) {
+      std::istringstream s(line.substr(key.size() + 1));
+      int64_t kib = -1;
+      s >> kib;
+      return kib < 0 ? -1 : kib * 1024;
+    }
+  }
+  return -1;
+}
+
 double machine_busy_seconds() {
   std::ifstream in("/proc/stat");
   std::string cpu;

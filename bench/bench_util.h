@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include <sys/types.h>
+
 #include <nlohmann/json.hpp>
 
 namespace shardguard::bench {
@@ -43,6 +45,9 @@ std::string fixed(double x, int decimals);
 
 // CPU time the whole machine spent busy (/proc/stat), in seconds.
 double machine_busy_seconds();
+
+// A "<key>:  <n> kB" field of /proc/<pid>/status in bytes (VmRSS, VmHWM, ...), -1 if absent.
+int64_t proc_status_bytes(pid_t pid, const std::string& key);
 
 // ---- results (DESIGN.md §8) ------------------------------------------------------------
 // One results-file object: {bench, metric, value, unit, baseline, ratio}.

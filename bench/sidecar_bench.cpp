@@ -122,20 +122,6 @@ double process_cpu_seconds(pid_t pid) {
 }
 
 // A "Key:   123 kB" line of /proc/<pid>/status, in bytes (-1 when absent).
-int64_t proc_status_bytes(pid_t pid, const std::string& key) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind(key + ":", 0) == 0) {
-      std::istringstream s(line.substr(key.size() + 1));
-      int64_t kib = -1;
-      s >> kib;
-      return kib < 0 ? -1 : kib * 1024;
-    }
-  }
-  return -1;
-}
-
 int64_t proc_threads(pid_t pid) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/status");
   std::string line;

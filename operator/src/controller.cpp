@@ -65,6 +65,49 @@ std::optional<double> sample(const std::string& text, const std::string& metric)
   return std::nullopt;
 }
 
+// What the caches keep of a Pod: identity, node, and the status fields plan() reads.
+void trim_pod(json& pod) {
+  json meta = json::object();
+  for (const char* k : {"name", "namespace", "uid", "resourceVersion", "labels", "deletionTimestamp"}) {
+    if (pod["metadata"].contains(k)) meta[k] = pod["metadata"][k];
+  }
+  json spec = json::object();
+  if (pod.contains("spec") && pod["spec"].contains("nodeName")) spec["nodeName"] = pod["spec"]["nodeName"];
+  json status = json::object();
+  if (pod.contains("status") && pod["status"].is_object()) {
+    const json& s = pod["status"];
+    for (const char* k : {"phase", "podIP", "reason", "message"}) {
+      if (s.contains(k)) status[k] = s[k];
+    }
+    for (const auto& c : s.value("conditions", json::array())) {
+      if (c.value("type", "") == "Ready") status["conditions"] = json::array({{{"type", "Ready"}, {"status", c.value("status", "")}}});
+    }
+    for (const auto& cs : s.value("containerStatuses", json::array())) {
+      json t = {{"name", cs.value("name", "")}};
+      if (cs.contains("state") && cs["state"].contains("terminated")) {
+        t["state"]["terminated"] = {{"exitCode", cs["state"]["terminated"].value("exitCode", 0)},
+                                    {"reason", cs["state"]["terminated"].value("reason", "")}};
+      }
+      status["containerStatuses"].push_back(t);
+    }
+  }
+  pod = {{"apiVersion", pod.value("apiVersion", "v1")}, {"kind", "Pod"}, {"metadata", meta}, {"spec", spec},
+         {"status", status}};
+}
+
+// A ConfigMap's data (the job and the policy, a few KiB per shard) becomes a digest.
+void digest_config_map(json& cm) {
+  if (cm.contains("data")) {
+    cm[kCachedDataDigest] = data_digest(cm["data"]);
+    cm.erase("data");
+  }
+  if (cm.contains("metadata")) cm["metadata"].erase("managedFields");
+}
+
+void drop_managed_fields(json& obj) {
+  if (obj.contains("metadata")) obj["metadata"].erase("managedFields");
+}
+
 }  // namespace
 
 struct Controller::Owned {
@@ -127,6 +170,7 @@ Controller::Controller(kube::Client& client, ControllerOptions opt, std::shared_
     o->ns = ns;
     kube::InformerOptions job_opt;
     job_opt.resync = opt_.resync;
+    job_opt.transform = drop_managed_fields;
     o->jobs = std::make_unique<kube::Informer>(
         client_, kube::kShardedTrainingJobs, ns, "",
         kube::Informer::Handlers{[this](const json& j) { enqueue_job(j); },
@@ -136,10 +180,14 @@ Controller::Controller(kube::Client& client, ControllerOptions opt, std::shared_
     kube::Informer::Handlers owner{[this](const json& x) { enqueue_owner(x); },
                                    [this](const json&, const json& x) { enqueue_owner(x); },
                                    [this](const json& x) { enqueue_owner(x); }};
-    o->pods = std::make_unique<kube::Informer>(client_, kube::kPods, ns, owned_selector, owner);
-    o->secrets = std::make_unique<kube::Informer>(client_, kube::kSecrets, ns, owned_selector, owner);
-    o->config_maps = std::make_unique<kube::Informer>(client_, kube::kConfigMaps, ns, owned_selector, owner);
-    o->services = std::make_unique<kube::Informer>(client_, kube::kServices, ns, owned_selector, owner);
+    kube::InformerOptions pod_opt, cm_opt, plain_opt;
+    pod_opt.transform = trim_pod;
+    cm_opt.transform = digest_config_map;
+    plain_opt.transform = drop_managed_fields;
+    o->pods = std::make_unique<kube::Informer>(client_, kube::kPods, ns, owned_selector, owner, pod_opt);
+    o->secrets = std::make_unique<kube::Informer>(client_, kube::kSecrets, ns, owned_selector, owner, plain_opt);
+    o->config_maps = std::make_unique<kube::Informer>(client_, kube::kConfigMaps, ns, owned_selector, owner, cm_opt);
+    o->services = std::make_unique<kube::Informer>(client_, kube::kServices, ns, owned_selector, owner, plain_opt);
     owned_.push_back(std::move(o));
   }
 }

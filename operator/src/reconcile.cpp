@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 
+#include "shardguard/common/crypto.h"
 #include "shardguard/common/jobspec.h"
 #include "shardguard/shardd/model_desc.h"
 #include "shardguard/shardd/partition.h"
@@ -20,6 +21,8 @@ std::vector<int64_t> stage_parameters(const JobSpec& job) {
   }
   return out;
 }
+
+std::string data_digest(const json& data) { return sha256_hex(data.dump()); }
 
 namespace {
 
@@ -100,7 +103,11 @@ bool differs(const json& existing, const json& desired) {
   }
   const std::string kind = desired.value("kind", "");
   if (kind == "Secret" || kind == "ConfigMap") {
-    if (existing.value("data", json::object()) != desired.value("data", json::object())) return true;
+    if (!existing.contains("data") && existing.contains(kCachedDataDigest)) {
+      if (existing[kCachedDataDigest] != data_digest(desired.value("data", json::object()))) return true;
+    } else if (existing.value("data", json::object()) != desired.value("data", json::object())) {
+      return true;
+    }
     if (kind == "Secret" && existing.value("type", "Opaque") != desired.value("type", "Opaque")) return true;
     return false;
   }
@@ -121,6 +128,7 @@ bool differs(const json& existing, const json& desired) {
 // fields and the resourceVersion precondition).
 json merged_for_update(const json& existing, const json& desired) {
   json out = existing;
+  out.erase(kCachedDataDigest);
   for (const auto& [k, v] : desired["metadata"]["labels"].items()) out["metadata"]["labels"][k] = v;
   for (const char* field : {"data", "type"}) {
     if (desired.contains(field)) out[field] = desired[field];

@@ -285,6 +285,22 @@ TEST(PlanTest, FailedPodIsCountedOnceAndRecreatedAwayFromUnsafeNodes) {
   EXPECT_EQ(c.job["status"]["exposure"]["nodes"].size(), 5u);  // node-2 keeps shard 2 in its history
 }
 
+TEST(PlanTest, ConfigMapCachedAsADigestIsUpdatedOnlyWhenItsDataChanged) {
+  Cluster c(job_yaml());
+  c.settle();
+  json& cm = c.objects.at("ConfigMap/fm-shard-1");
+  cm[kCachedDataDigest] = data_digest(cm["data"]);
+  const json data = cm["data"];
+  cm.erase("data");
+  EXPECT_EQ(c.settle(), 0);  // same digest: nothing to write
+  c.objects.at("ConfigMap/fm-shard-1")[kCachedDataDigest] = data_digest({{"policy.json", "{}"}});
+  Plan p = plan(c.observe());
+  ASSERT_EQ(p.before_status.size(), 1u);
+  EXPECT_EQ(p.before_status[0].verb, Action::Verb::kUpdate);
+  EXPECT_EQ(p.before_status[0].object["data"], data);  // the desired data, not the digest
+  EXPECT_FALSE(p.before_status[0].object.contains(kCachedDataDigest));
+}
+
 TEST(PlanTest, BackoffLimitExhaustedFailsTheJob) {
   Cluster c(job_yaml("  runPolicy: {backoffLimit: 1}\n"));
   c.settle();

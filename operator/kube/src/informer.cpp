@@ -52,19 +52,26 @@ bool Informer::wait_for_sync(std::chrono::milliseconds timeout) const {
   return cv_.wait_for(lock, timeout, [this] { return synced_; });
 }
 
+Informer::Entry Informer::encode(const json& obj) { return {rv_of(obj), json::to_cbor(obj)}; }
+json Informer::decode(const Entry& e) { return json::from_cbor(e.cbor); }
+
 std::optional<json> Informer::get(const std::string& ns, const std::string& name) const {
-  std::lock_guard<std::mutex> lock(mu_);
-  const auto it = cache_.find(ns.empty() ? name : ns + "/" + name);
-  if (it == cache_.end()) return std::nullopt;
-  return it->second;
+  std::vector<uint8_t> bytes;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto it = cache_.find(ns.empty() ? name : ns + "/" + name);
+    if (it == cache_.end()) return std::nullopt;
+    bytes = it->second.cbor;
+  }
+  return json::from_cbor(bytes);  // decoded outside the lock
 }
 
 std::vector<json> Informer::list(const std::string& ns) const {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<json> out;
   const std::string prefix = ns + "/";
-  for (const auto& [key, obj] : cache_) {
-    if (ns.empty() || key.compare(0, prefix.size(), prefix) == 0) out.push_back(obj);
+  for (const auto& [key, e] : cache_) {
+    if (ns.empty() || key.compare(0, prefix.size(), prefix) == 0) out.push_back(decode(e));
   }
   return out;
 }
@@ -102,20 +109,22 @@ bool Informer::relist() {
   std::vector<std::pair<json, json>> updated;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    std::map<std::string, json> fresh;
+    std::map<std::string, Entry> fresh;
     for (auto& item : lr.items) {
+      if (opt_.transform) opt_.transform(item);
       const std::string key = key_of(item);
       if (key.empty()) continue;
+      Entry e = encode(item);
       const auto old = cache_.find(key);
       if (old == cache_.end()) {
-        added.push_back(item);
-      } else if (rv_of(old->second) != rv_of(item) || rv_of(item).empty()) {
-        updated.emplace_back(old->second, item);
+        added.push_back(std::move(item));
+      } else if (old->second.rv != e.rv || e.rv.empty()) {
+        updated.emplace_back(decode(old->second), std::move(item));
       }
-      fresh.emplace(key, std::move(item));
+      fresh.emplace(key, std::move(e));
     }
-    for (auto& [key, obj] : cache_) {
-      if (!fresh.count(key)) deleted.push_back(std::move(obj));
+    for (auto& [key, e] : cache_) {
+      if (!fresh.count(key)) deleted.push_back(decode(e));
     }
     cache_ = std::move(fresh);
   }
@@ -137,22 +146,28 @@ bool Informer::relist() {
   return true;
 }
 
-void Informer::handle(const WatchEvent& ev) {
-  const std::string rv = rv_of(ev.object);
+void Informer::handle(const WatchEvent& event) {
+  const std::string rv = rv_of(event.object);
   if (!rv.empty()) resource_version_ = rv;
-  if (ev.type == "BOOKMARK") return;
-  const std::string key = key_of(ev.object);
+  if (event.type == "BOOKMARK") return;
+  const std::string key = key_of(event.object);
   if (key.empty()) return;
+  WatchEvent transformed;
+  if (opt_.transform) {
+    transformed = event;
+    opt_.transform(transformed.object);
+  }
+  const WatchEvent& ev = opt_.transform ? transformed : event;
   if (ev.type == "ADDED" || ev.type == "MODIFIED") {
     std::optional<json> old;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = cache_.find(key);
       if (it != cache_.end()) {
-        old = std::move(it->second);
-        it->second = ev.object;
+        old = decode(it->second);
+        it->second = encode(ev.object);
       } else {
-        cache_.emplace(key, ev.object);
+        cache_.emplace(key, encode(ev.object));
       }
     }
     if (old) {

@@ -78,6 +78,11 @@ struct PlanOptions {
 // for a bad job: every refusal becomes status and an Event.
 Plan plan(const Observed& observed, const PlanOptions& options = {});
 
+// The informer caches keep a ConfigMap's `data` only as this digest (under
+// kCachedDataDigest) to stay small; plan() compares digests when `data` is absent.
+inline constexpr const char* kCachedDataDigest = "shardguardCachedDataDigest";
+std::string data_digest(const nlohmann::json& data);
+
 // Parameters per stage of the job's model (the partitioner, as shardd builds it).
 std::vector<int64_t> stage_parameters(const JobSpec& job);
 
