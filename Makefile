@@ -28,7 +28,7 @@ DEB_PACKAGES := \
   libssl-dev zlib1g-dev libgtest-dev libgmock-dev libbenchmark-dev \
   dataset-fashion-mnist nodejs unzip
 
-.PHONY: all deps deps-apt deps-tools build configure test test-unit test-asan demo bench bench-sidecar clean fuzz-build fuzz-smoke fuzz
+.PHONY: all deps deps-apt deps-tools build configure test test-unit test-asan demo bench bench-sidecar bench-operator clean fuzz-build fuzz-smoke fuzz
 
 all: build
 
