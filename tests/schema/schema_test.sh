@@ -3,6 +3,7 @@
 #
 #   schema_test.sh NODE SOURCE_DIR crds
 #   schema_test.sh NODE SOURCE_DIR examples
+#   schema_test.sh NODE SOURCE_DIR deploy
 #   schema_test.sh NODE SOURCE_DIR negative
 #   schema_test.sh NODE SOURCE_DIR render SHARDCTL WORKDIR
 #
@@ -37,6 +38,12 @@ case "$mode" in
     ;;
   examples)
     exec "${validate[@]}" "${crd_args[@]}" "$src"/examples/*.yaml
+    ;;
+  deploy)
+    # deploy/*.yaml (the operator installed by hand) against the Kubernetes schemas.
+    deploy_files=("$src"/deploy/*.yaml)
+    [ -e "${deploy_files[0]}" ] || fail "no $src/deploy/*.yaml"
+    exec "${validate[@]}" "${crd_args[@]}" "${deploy_files[@]}"
     ;;
   negative)
     # Every object of testdata/broken.yaml must fail, each for its own reason.
@@ -80,6 +87,6 @@ case "$mode" in
     exit $rc
     ;;
   *)
-    fail "unknown mode (crds, examples, negative, render)"
+    fail "unknown mode (crds, examples, deploy, negative, render)"
     ;;
 esac
