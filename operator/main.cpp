@@ -119,6 +119,12 @@ int Run(const Flags& f) {
     stop = true;
   });
 
+  // The controller starts on its own thread (its caches may take seconds to sync),
+  // so that the elector keeps renewing the lease meanwhile.
+  std::thread starter;
+  std::atomic<bool> elector_stop{false};
+  std::thread elector_thread;
+  std::unique_ptr<kube::LeaderElector> elector;
   if (f.leader_elect) {
     kube::LeaderElectionConfig lc;
     lc.ns = f.leader_ns.empty() ? cfg.ns : f.leader_ns;
@@ -130,37 +136,43 @@ int Run(const Flags& f) {
     // A candidate that is not leading is healthy and ready: it stands by.
     metrics.set_ready(true);
     health.set_ready(true);
-    kube::LeaderElector elector(
+    const std::string lease = lc.ns + "/" + lc.name;
+    elector = std::make_unique<kube::LeaderElector>(
         client, lc,
-        [&] {
-          log::info("became leader", {{"lease", lc.ns + "/" + lc.name}});
-          start_controller();
+        [&, lease] {
+          log::info("became leader", {{"lease", lease}});
+          if (!starter.joinable()) starter = std::thread(start_controller);
         },
-        [&] {
+        [&, lease] {
           if (!stop) {
             // As controller-runtime does: a lost lease ends the process, and
             // Kubernetes restarts it as a fresh candidate.
-            log::error("lost the leader lease; exiting", {{"lease", lc.ns + "/" + lc.name}});
+            log::error("lost the leader lease; exiting", {{"lease", lease}});
             exit_code = 1;
             stop = true;
           }
         },
         registry.get());
-    elector.run(stop);
+    elector_thread = std::thread([&] { elector->run(elector_stop); });
   } else {
-    start_controller();
-    while (!stop) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    starter = std::thread(start_controller);
   }
+  while (!stop) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+
   // Wake the signal thread if the stop came from elsewhere.
-  if (signal_thread.joinable()) {
-    pthread_kill(signal_thread.native_handle(), SIGTERM);
-    signal_thread.join();
-  }
+  pthread_kill(signal_thread.native_handle(), SIGTERM);
+  signal_thread.join();
   metrics.set_ready(false, "stopping");
   health.set_ready(false, "stopping");
+  // Work stops before the lease is released: the next leader never overlaps with us.
+  if (starter.joinable()) starter.join();
   {
     std::lock_guard<std::mutex> lock(controller_mu);
     if (controller) controller->stop();
+  }
+  if (elector_thread.joinable()) {
+    elector_stop = true;
+    elector_thread.join();
   }
   health.stop();
   metrics.stop();

@@ -2,6 +2,7 @@
 
 #include <httplib.h>
 
+#include <algorithm>
 #include <sstream>
 
 #include "shardguard/common/crypto.h"
@@ -68,7 +69,7 @@ std::optional<double> sample(const std::string& text, const std::string& metric)
 // What the caches keep of a Pod: identity, node, and the status fields plan() reads.
 void trim_pod(json& pod) {
   json meta = json::object();
-  for (const char* k : {"name", "namespace", "uid", "resourceVersion", "labels", "deletionTimestamp"}) {
+  for (const char* k : {"name", "namespace", "uid", "resourceVersion", "labels", "annotations", "deletionTimestamp"}) {
     if (pod["metadata"].contains(k)) meta[k] = pod["metadata"][k];
   }
   json spec = json::object();
@@ -224,15 +225,6 @@ void Controller::stop() {
   }
 }
 
-bool Controller::synced() const {
-  for (const auto& o : owned_) {
-    for (auto* inf : {o->jobs.get(), o->pods.get(), o->secrets.get(), o->config_maps.get(), o->services.get()}) {
-      if (!inf->has_synced()) return false;
-    }
-  }
-  return true;
-}
-
 void Controller::enqueue_job(const json& job) {
   const json& m = job.value("metadata", json::object());
   queue_->add(key_of(m.value("namespace", ""), m.value("name", "")));
@@ -346,8 +338,9 @@ std::optional<Progress> Controller::read_progress(const std::optional<json>& pod
   const json& s = (*pod)["status"];
   if (s.value("phase", "") != "Running" || s.value("podIP", "").empty()) return std::nullopt;
   httplib::Client cli(s["podIP"].get<std::string>(), opt_.shard_metrics_port);
-  cli.set_connection_timeout(1, 0);
-  cli.set_read_timeout(2, 0);
+  // Short: a worker waits for this (a shard that does not answer costs at most ~1 s).
+  cli.set_connection_timeout(0, 300000);
+  cli.set_read_timeout(0, 700000);
   auto res = cli.Get("/metrics");
   if (!res || res->status != 200) return std::nullopt;
   const auto step = sample(res->body, "shardguard_train_step");
@@ -389,7 +382,12 @@ seconds Controller::reconcile(const std::string& ns, const std::string& name) {
       if (!ob.pods.empty()) ob.progress = read_progress(ob.pods.back());
     }
   } catch (const JobSpecError&) {
-    // plan() turns it into status and an Event.
+    // plan() turns it into status and an Event, and deletes the job's pods: found by
+    // label here, as the names come from a spec that no longer decodes.
+    for (const auto& pod : o.pods->list(ns)) {
+      const json& labels = pod["metadata"].value("labels", json::object());
+      if (labels.value(kLabelJob, "") == name) ob.pods.push_back(pod);
+    }
   }
   PlanOptions popt;
   popt.progress_interval = opt_.progress_interval;
@@ -401,24 +399,44 @@ seconds Controller::reconcile(const std::string& ns, const std::string& name) {
 
 void Controller::execute(const std::string& ns, const json& job, const Plan& p) {
   json current = job;
+  const std::string name = job["metadata"].value("name", "");
+  // Where new shard pods may go comes from the placement history in the job's
+  // status; the pod creations below are not guarded by the job's resourceVersion
+  // (only the status write is), so check first that the cached job is current.
+  const bool creates_pods = std::any_of(p.before_status.begin(), p.before_status.end(), [](const Action& a) {
+    return a.kind == "Pod" && a.verb == Action::Verb::kCreate;
+  });
+  if (creates_pods) {
+    const json live = client_.get(kube::kShardedTrainingJobs, ns, name);
+    if (live["metadata"].value("resourceVersion", "") != job["metadata"].value("resourceVersion", "")) {
+      throw kube::ApiError(409, "Conflict", "job " + ns + "/" + name +
+                                                " changed since the cache saw it; reconciling it again before creating pods");
+    }
+  }
   for (const auto& a : p.before_status) {
     const kube::Resource& res = resource_of(a.kind);
     if (a.verb == Action::Verb::kCreate) {
-      client_.create(res, ns, a.object);
+      try {
+        client_.create(res, ns, a.object);
+      } catch (const kube::ApiError& e) {
+        // The cache is behind a create of ours. Harmless for objects rendered the same
+        // every time; not for Secrets, whose PKI was just made from a cache miss.
+        if (e.code() != 409 || a.kind == "Secret") throw;
+      }
     } else if (a.verb == Action::Verb::kUpdate) {
       const json out = client_.update(res, ns, a.object);
       if (a.kind == kJobKind) current["metadata"]["resourceVersion"] = out["metadata"]["resourceVersion"];
     }
-    log::debug("applied", {{"job", ns + "/" + job["metadata"].value("name", "")},
-                           {"kind", a.kind},
-                           {"name", a.name},
-                           {"why", a.reason}});
+    log::debug("applied", {{"job", ns + "/" + name}, {"kind", a.kind}, {"name", a.name}, {"why", a.reason}});
   }
   if (p.status) {
     json obj = current;
     obj["status"] = *p.status;
     client_.update_status(kube::kShardedTrainingJobs, ns, obj);
   }
+  // Events describe the status just written: record them before the deletions, which
+  // may fail and be retried.
+  for (const auto& e : p.events) emit_event(job, e);
   for (const auto& a : p.after_status) {
     try {
       client_.remove(resource_of(a.kind), ns, a.name);
@@ -426,7 +444,6 @@ void Controller::execute(const std::string& ns, const json& job, const Plan& p) 
       if (e.code() != 404) throw;
     }
   }
-  for (const auto& e : p.events) emit_event(job, e);
 }
 
 void Controller::emit_event(const json& job, const EventNote& e) {

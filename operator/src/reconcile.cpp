@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <set>
 
 #include "shardguard/common/crypto.h"
 #include "shardguard/common/jobspec.h"
@@ -158,6 +159,32 @@ int delete_pods(Plan& p, const Observed& ob, const std::string& reason) {
     }
   }
   return n;
+}
+
+// Does the pod's keep-off list (kAnnotationAvoidNodes) cover every node in `avoid`
+// that is not `occupied`? (A node that runs another shard of the job is already ruled
+// out by the pod anti-affinity; it matters only once that shard's pod is gone.)
+bool avoid_list_current(const json& pod, const std::vector<std::string>& avoid,
+                        const std::set<std::string>& occupied) {
+  if (avoid.empty()) return true;
+  std::string listed;
+  const json& m = pod["metadata"];
+  if (m.contains("annotations") && m["annotations"].is_object()) {
+    listed = m["annotations"].value(kAnnotationAvoidNodes, "");
+  }
+  std::set<std::string> have;
+  size_t start = 0;
+  while (start <= listed.size()) {
+    const size_t comma = listed.find(',', start);
+    const std::string item = listed.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    if (!item.empty()) have.insert(item);
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  for (const auto& n : avoid) {
+    if (!have.count(n) && !occupied.count(n)) return false;
+  }
+  return true;
 }
 
 struct Conditions {
@@ -412,6 +439,13 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   }
 
   // --- shard pods --------------------------------------------------------------------------
+  std::set<std::string> occupied;  // nodes running a pod of this job now
+  for (const auto& pod : ob.pods) {
+    if (pod && !being_deleted(*pod) && !pod_node(*pod).empty()) {
+      const std::string ph = pod_phase(*pod);
+      if (ph == "Running" || ph == "Pending") occupied.insert(pod_node(*pod));
+    }
+  }
   int running = 0, ready = 0, succeeded = 0, created = 0;
   std::vector<std::string> failures;
   for (int i = 0; i < n; ++i) {
@@ -421,6 +455,17 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
       if (e.value("phase", "") == "Succeeded") {
         ++succeeded;  // finished, and its pod is gone: never rerun a finished shard
         continue;
+      }
+      // Running when last seen, and gone though the operator did not delete it (it
+      // deletes failed pods only after status says Failed, and all pods on suspend):
+      // evicted, preempted, lost with its node or deleted by hand — a failure.
+      if (e.value("phase", "") == "Running" && old_phase != "Suspended") {
+        e["restarts"] = e.value("restarts", 0) + 1;
+        ++failed_pods;
+        failures.push_back("shard " + std::to_string(i) + " (pod " + e.value("pod", std::string("?")) +
+                           (e.contains("node") ? " on " + e["node"].get<std::string>() : std::string()) +
+                           "): gone while running (evicted, preempted, node lost or deleted)");
+        p.events.push_back({"Warning", "ShardPodFailed", failures.back()});
       }
       p.before_status.push_back(make_action(Action::Verb::kCreate, desired.pods[i],
                                             e.value("restarts", 0) > 0 ? "recreate" : "create"));
@@ -443,6 +488,15 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
     const std::string phase = pod_phase(*pod);
     e["phase"] = phase;
     if (being_deleted(*pod)) continue;
+    if (node.empty() && phase == "Pending" && !avoid_list_current(*pod, in.avoid_nodes[i], occupied)) {
+      // Still waiting for a node, with a keep-off list from before the history grew:
+      // replaced, so that it cannot land where it would now exceed maxExposure.
+      p.after_status.push_back(make_action(Action::Verb::kDelete, *pod, "placement limits changed"));
+      p.events.push_back({"Normal", "ShardPodReplaced",
+                          "replaced the unscheduled pod of shard " + std::to_string(i) +
+                              ": it must now also avoid node(s) " + json(in.avoid_nodes[i]).dump()});
+      continue;
+    }
     if (phase == "Failed") {
       const std::string uid = (*pod)["metadata"].value("uid", "");
       if (e.value("lastFailedPodUID", "") != uid) {

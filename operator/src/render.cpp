@@ -196,13 +196,21 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
       {"containers", json::array({shardd, sidecar})},
       {"volumes", volumes},
   };
+  json pod_meta = metadata(job, in, name, i);
   if (i < static_cast<int>(in.avoid_nodes.size()) && !in.avoid_nodes[i].empty()) {
+    // By node name (matchFields metadata.name), not by the hostname label, which can
+    // differ from it: the history records spec.nodeName.
     spec["affinity"]["nodeAffinity"] = {
         {"requiredDuringSchedulingIgnoredDuringExecution",
          {{"nodeSelectorTerms",
-           json::array({{{"matchExpressions", json::array({{{"key", "kubernetes.io/hostname"},
-                                                             {"operator", "NotIn"},
-                                                             {"values", in.avoid_nodes[i]}}})}}})}}}};
+           json::array({{{"matchFields", json::array({{{"key", "metadata.name"},
+                                                        {"operator", "NotIn"},
+                                                        {"values", in.avoid_nodes[i]}}})}}})}}}};
+    // The same list, readable from the trimmed pod the operator caches: a pod still
+    // waiting for a node whose list is out of date is replaced (reconcile.cpp).
+    std::string joined;
+    for (const auto& n : in.avoid_nodes[i]) joined += (joined.empty() ? "" : ",") + n;
+    pod_meta["annotations"][kAnnotationAvoidNodes] = joined;
   }
   if (tmpl.is_object() && tmpl.contains("nodeSelector") && tmpl["nodeSelector"].is_object() &&
       !tmpl["nodeSelector"].empty()) {
@@ -212,7 +220,7 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
       !tmpl["tolerations"].empty()) {
     spec["tolerations"] = tmpl["tolerations"];
   }
-  return {{"apiVersion", "v1"}, {"kind", "Pod"}, {"metadata", metadata(job, in, name, i)}, {"spec", spec}};
+  return {{"apiVersion", "v1"}, {"kind", "Pod"}, {"metadata", pod_meta}, {"spec", spec}};
 }
 
 }  // namespace

@@ -271,7 +271,7 @@ TEST(PlanTest, FailedPodIsCountedOnceAndRecreatedAwayFromUnsafeNodes) {
   const json& aff = c.pod(2)["spec"]["affinity"];
   ASSERT_TRUE(aff.contains("nodeAffinity")) << aff.dump();
   const json avoid = aff["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
-                        ["matchExpressions"][0]["values"];
+                        ["matchFields"][0]["values"];
   const std::vector<int64_t> params = stage_parameters(job_from_json(c.job));
   const PlacementHistory h = history_from_status(c.job["status"]);
   EXPECT_EQ(avoid.get<std::vector<std::string>>(), nodes_to_avoid(params, h, 2, 0.5));
@@ -299,6 +299,56 @@ TEST(PlanTest, ConfigMapCachedAsADigestIsUpdatedOnlyWhenItsDataChanged) {
   EXPECT_EQ(p.before_status[0].verb, Action::Verb::kUpdate);
   EXPECT_EQ(p.before_status[0].object["data"], data);  // the desired data, not the digest
   EXPECT_FALSE(p.before_status[0].object.contains(kCachedDataDigest));
+}
+
+TEST(PlanTest, PodGoneWhileRunningCountsAsAFailure) {
+  Cluster c(job_yaml());
+  c.settle();
+  for (int i = 0; i < 4; ++i) c.kubelet(i, "node-" + std::to_string(i), "Running");
+  c.settle();
+  c.objects.erase("Pod/fm-shard-1");  // evicted: gone without a Failed phase
+  c.settle();
+  EXPECT_TRUE(c.has_pod(1));
+  EXPECT_EQ(c.job["status"]["shards"][1]["restarts"], 1);
+  EXPECT_EQ(c.job["status"]["failedPods"], 1);
+  EXPECT_TRUE(c.has_event("ShardPodFailed"));
+  // Suspending deletes every pod on purpose: no failures counted for that.
+  c.kubelet(1, "node-5", "Running");
+  c.settle();
+  c.job["spec"]["runPolicy"]["suspend"] = true;
+  c.settle();
+  c.job["spec"]["runPolicy"]["suspend"] = false;
+  c.settle();
+  EXPECT_EQ(c.job["status"]["failedPods"], 1);
+}
+
+TEST(PlanTest, UnscheduledPodIsReplacedWhenItsKeepOffListIsOutOfDate) {
+  Cluster c(job_yaml());
+  c.settle();
+  for (int i = 0; i < 4; ++i) c.kubelet(i, "node-" + std::to_string(i), "Running");
+  c.settle();
+  c.kubelet(2, "node-2", "Failed");
+  c.settle();  // shard 2 recreated, waiting for a node
+  ASSERT_TRUE(c.has_pod(2));
+  EXPECT_EQ(c.pod(2)["metadata"]["annotations"][kAnnotationAvoidNodes], "node-0,node-1,node-3");
+  // (Nodes 1 and 3 hold a third of the model each: another third is too much.)
+  // Meanwhile shard 0 fails and its new pod runs on node-9. While it runs there, the
+  // anti-affinity keeps shard 2 off node-9: nothing to replace yet.
+  c.kubelet(0, "node-0", "Failed");
+  c.settle();
+  c.kubelet(0, "node-9", "Running");
+  const std::string before = c.pod(2)["metadata"]["uid"];
+  c.settle();
+  EXPECT_EQ(c.pod(2)["metadata"]["uid"], before);
+  // Once shard 0 has left node-9, shard 2 there would sandwich stage 1: the waiting
+  // pod's keep-off list is out of date and it is replaced.
+  c.kubelet(0, "node-9", "Failed");
+  c.settle();
+  ASSERT_TRUE(c.has_pod(2));
+  EXPECT_NE(c.pod(2)["metadata"]["uid"], before);
+  EXPECT_EQ(c.pod(2)["metadata"]["annotations"][kAnnotationAvoidNodes], "node-0,node-1,node-3,node-9");
+  EXPECT_TRUE(c.has_event("ShardPodReplaced"));
+  EXPECT_EQ(c.job["status"]["failedPods"], 3);  // the replacement is not a failure
 }
 
 TEST(PlanTest, BackoffLimitExhaustedFailsTheJob) {

@@ -264,8 +264,8 @@ class OperatorTest : public ::testing::Test {
     if (aff.contains("nodeAffinity")) {
       for (const auto& term :
            aff["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]) {
-        for (const auto& e : term["matchExpressions"]) {
-          if (e["key"] == "kubernetes.io/hostname" && e["operator"] == "NotIn") {
+        for (const auto& e : term.value("matchFields", json::array())) {
+          if (e["key"] == "metadata.name" && e["operator"] == "NotIn") {
             for (const auto& v : e["values"]) banned.insert(v.get<std::string>());
           }
         }

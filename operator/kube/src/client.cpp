@@ -444,23 +444,31 @@ void Client::watch(const Resource& res, const std::string& ns, const std::string
     status = r.status;
     return true;
   };
+  // An exception from on_event must not unwind through httplib (and past the stopper
+  // thread below): it ends the stream and is rethrown once the thread is joined.
+  std::exception_ptr handler_error;
   req.content_receiver = [&](const char* data, size_t len, uint64_t, uint64_t) -> bool {
     if (status < 200 || status >= 300) {
       if (error_body.size() < 65536) error_body.append(data, len);
       return true;
     }
-    buffer.append(data, len);
-    size_t start = 0;
-    for (size_t nl = buffer.find('\n', start); nl != std::string::npos; nl = buffer.find('\n', start)) {
-      const std::string line = buffer.substr(start, nl - start);
-      start = nl + 1;
-      if (!dispatch(line)) {
-        buffer.clear();
-        return false;
+    try {
+      buffer.append(data, len);
+      size_t start = 0;
+      for (size_t nl = buffer.find('\n', start); nl != std::string::npos; nl = buffer.find('\n', start)) {
+        const std::string line = buffer.substr(start, nl - start);
+        start = nl + 1;
+        if (!dispatch(line)) {
+          buffer.clear();
+          return false;
+        }
       }
+      buffer.erase(0, start);
+      return true;
+    } catch (...) {
+      handler_error = std::current_exception();
+      return false;
     }
-    buffer.erase(0, start);
-    return true;
   };
 
   // The stopper: while the request runs, watch `stop` and shut the socket down once it
@@ -483,6 +491,7 @@ void Client::watch(const Resource& res, const std::string& ns, const std::string
   cv.notify_all();
   stopper.join();
 
+  if (handler_error) std::rethrow_exception(handler_error);
   if (event_error) throw *event_error;
   if (ended_by_handler || stop.load()) return;
   if (status != 0 && (status < 200 || status >= 300)) {

@@ -52,6 +52,19 @@ bool Informer::wait_for_sync(std::chrono::milliseconds timeout) const {
   return cv_.wait_for(lock, timeout, [this] { return synced_; });
 }
 
+void Informer::transform(json& obj) const {
+  if (!opt_.transform) return;
+  json original = obj;
+  try {
+    opt_.transform(obj);
+  } catch (const std::exception& e) {
+    // An object the transform did not expect is cached whole rather than lost.
+    log::warn("informer transform failed; caching the object as is",
+              {{"resource", res_.plural}, {"error", e.what()}});
+    obj = std::move(original);
+  }
+}
+
 Informer::Entry Informer::encode(const json& obj) { return {rv_of(obj), json::to_cbor(obj)}; }
 json Informer::decode(const Entry& e) { return json::from_cbor(e.cbor); }
 
@@ -111,7 +124,7 @@ bool Informer::relist() {
     std::lock_guard<std::mutex> lock(mu_);
     std::map<std::string, Entry> fresh;
     for (auto& item : lr.items) {
-      if (opt_.transform) opt_.transform(item);
+      transform(item);
       const std::string key = key_of(item);
       if (key.empty()) continue;
       Entry e = encode(item);
@@ -155,7 +168,7 @@ void Informer::handle(const WatchEvent& event) {
   WatchEvent transformed;
   if (opt_.transform) {
     transformed = event;
-    opt_.transform(transformed.object);
+    transform(transformed.object);
   }
   const WatchEvent& ev = opt_.transform ? transformed : event;
   if (ev.type == "ADDED" || ev.type == "MODIFIED") {

@@ -232,7 +232,10 @@ void WorkQueue::delay_loop() {
     if (heap_.empty()) {
       delay_cv_.wait(lock);
     } else {
-      delay_cv_.wait_until(lock, heap_.top().first);
+      // A copy: wait_until keeps reading its deadline while the lock is released, and
+      // an add_after() meanwhile may reallocate the heap under a reference.
+      const Clock::time_point next = heap_.top().first;
+      delay_cv_.wait_until(lock, next);
     }
   }
 }

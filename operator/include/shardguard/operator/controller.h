@@ -56,7 +56,6 @@ class Controller {
   // they did not sync), then the workers.
   bool start(std::chrono::milliseconds sync_timeout = std::chrono::seconds(60));
   void stop();  // workers, then informers; idempotent
-  bool synced() const;
 
  private:
   struct Owned;  // the informers of one namespace ("" = all)

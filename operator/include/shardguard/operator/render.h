@@ -21,8 +21,7 @@
 //                              anti-affinity on spec.protection.topologyKey against all
 //                              pods of the job
 //
-// Not here yet (issue 4): the Kubernetes client, apply, finalizers, status, exposure
-// from placement history, runPolicy, probes. See docs/operator.md.
+// plan() (reconcile.h) decides when to render and what to write; see docs/operator.md.
 #pragma once
 
 #include <cstdint>
@@ -42,6 +41,8 @@ inline constexpr const char* kLabelJob = "shardguard.io/job";
 inline constexpr const char* kLabelShard = "shardguard.io/shard";
 inline constexpr const char* kLabelManagedBy = "app.kubernetes.io/managed-by";
 inline constexpr const char* kManagedBy = "shardguard-operator";
+// On a shard pod: the comma-separated nodes its node affinity keeps it off.
+inline constexpr const char* kAnnotationAvoidNodes = "shardguard.io/avoid-nodes";
 
 // Ports (DESIGN.md §7).
 inline constexpr int kShardGrpcPort = 7000;      // shardd, loopback
@@ -85,7 +86,8 @@ struct RenderInputs {
   // Per shard index (may be shorter than the shard count): nodes the pod must not be
   // scheduled on, because its shard there would push that node's exposure (with what
   // it held before, DESIGN.md §5) above maxExposure. Rendered as a required node
-  // affinity term `kubernetes.io/hostname NotIn [...]`.
+  // affinity term `matchFields metadata.name NotIn [...]` and the annotation
+  // kAnnotationAvoidNodes.
   std::vector<std::vector<std::string>> avoid_nodes;
 };
 

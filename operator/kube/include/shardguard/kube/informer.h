@@ -87,6 +87,7 @@ class Informer {
     std::string rv;
     std::vector<uint8_t> cbor;
   };
+  void transform(nlohmann::json& obj) const;  // opt_.transform, never throwing
   static Entry encode(const nlohmann::json& obj);
   static nlohmann::json decode(const Entry& e);
   std::map<std::string, Entry> cache_;  // "ns/name" (or "name") → object
