@@ -831,6 +831,22 @@ const json* rule_containing(const std::string& path, const std::string& fragment
   return nullptr;
 }
 
+// What a job's shards, keys and placement history are tied to cannot change under it
+// (CEL transition rules; the API server evaluates them on update only).
+TEST(Crd, ModelDataTrainingShardingAndProtectionAreImmutable) {
+  for (const char* field : {"spec.model", "spec.dataset", "spec.training", "spec.sharding", "spec.protection"}) {
+    SCOPED_TRACE(field);
+    const json* rule = rule_containing(field, "self == oldSelf");
+    ASSERT_NE(rule, nullptr);
+    EXPECT_EQ((*rule)["rule"], "self == oldSelf");
+    EXPECT_NE((*rule)["message"].get<std::string>().find(std::string(field) + " is immutable"), std::string::npos);
+  }
+  // runPolicy (suspend), template and sidecar stay editable.
+  for (const char* field : {"spec.runPolicy", "spec.template", "spec.sidecar"}) {
+    EXPECT_EQ(rule_containing(field, "oldSelf"), nullptr) << field;
+  }
+}
+
 TEST(Crd, EveryCrossFieldRuleOfTheDecoderHasACelRule) {
   struct Case {
     const char* what;
