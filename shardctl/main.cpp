@@ -16,7 +16,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
 
   LocalRunOptions run;
-  auto* run_cmd = app.add_subcommand("run", "run a ShardedTrainingJob on this machine, one shardd process per shard");
+  auto* run_cmd = app.add_subcommand("run", "run a ShardedTrainingJob on this machine: per shard, shardd behind its mTLS sidecar");
   run_cmd->add_option("job", run.job_file, "ShardedTrainingJob YAML file")->required();
   run_cmd->add_option("--workdir", run.workdir, "keys, checkpoints and logs (default .shardguard/<job>)");
   run_cmd->add_option("--device", run.device, "auto | cpu | cuda")->capture_default_str();
@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   run_cmd->add_flag("--fresh", run.fresh, "delete the workdir's checkpoints and start over");
   run_cmd->add_option("--threads", run.threads, "compute threads per shard process (default: cores / shards)");
   run_cmd->add_option("--shardd", run.shardd, "path of the shardd binary (default: next to shardctl)");
+  run_cmd->add_option("--sidecar", run.sidecar, "path of the shard-sidecar binary (default: next to shardctl)");
   run_cmd->add_option("--peer-timeout", run.peer_timeout_s, "seconds a shard waits for a neighbour")
       ->capture_default_str();
 

@@ -7,18 +7,25 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <optional>
+#include <regex>
+#include <sstream>
 #include <thread>
 #include <vector>
 
+#include <httplib.h>
 #include <nlohmann/json.hpp>
 
 #include "shardguard/common/crypto.h"
 #include "shardguard/common/files.h"
 #include "shardguard/common/jobspec.h"
 #include "shardguard/common/process.h"
+#include "shardguard/operator/render.h"
+#include "shardguard/shardctl/job_pki.h"
 #include "shardguard/shardctl/progress.h"
 #include "shardguard/shardd/model_desc.h"
 #include "shardguard/shardd/partition.h"
@@ -29,15 +36,181 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-struct Shard {
-  int index = 0;
+using nlohmann::json;
+
+// One container of a shard pod, as a local process.
+struct Child {
   std::vector<std::string> argv;
   std::map<std::string, std::string> env;
   std::string log_file;
   std::unique_ptr<Process> process;
+};
+
+// Ports of one shard pod on 127.0.0.1 (DESIGN.md §7 gives the in-pod ones).
+struct PodPorts {
+  int shardd = 0, shardd_metrics = 0, inbound = 0, outbound = 0, sidecar_metrics = 0;
+};
+
+struct Shard {
+  int index = 0;
+  PodPorts ports;
+  std::string dir;        // <workdir>/shard-<i>: the pod's Secret and ConfigMap files
+  std::string audit_log;  // the sidecar's hash-chained audit log
+  Child shardd, sidecar;
+  std::streamoff log_start = 0;  // shardd's log before this run
   bool done = false;
   int restarts = 0;
 };
+
+std::string local(int port) { return "127.0.0.1:" + std::to_string(port); }
+
+// Where the in-pod paths and addresses of one shard pod land on this machine.
+struct PodMapping {
+  std::map<std::string, std::string> paths;      // mounted file or directory → local path
+  std::map<std::string, std::string> addresses;  // host:port in the pod → 127.0.0.1:port
+};
+
+// The pod's mounts, read from its volumes and volumeMounts: a Secret item or a
+// ConfigMap key becomes <dir>/<key>, the checkpoint volume the shared checkpoint
+// directory, anything else (the tmp emptyDir) is not referenced by any argument.
+void map_mounts(const json& pod, const json& config_map, const std::string& dir, const std::string& ckpt_dir,
+                PodMapping& m) {
+  std::map<std::string, json> volumes;
+  for (const json& v : pod.at("spec").at("volumes")) volumes[v.value("name", "")] = v;
+  for (const json& c : pod.at("spec").at("containers")) {
+    if (!c.contains("volumeMounts")) continue;
+    for (const json& vm : c["volumeMounts"]) {
+      const std::string mount = vm.value("mountPath", "");
+      const json& v = volumes[vm.value("name", "")];
+      if (!v.is_object()) continue;
+      if (v.contains("secret")) {
+        for (const json& item : v.at("secret").at("items")) {
+          m.paths[mount + "/" + item.value("path", "")] = dir + "/" + item.value("key", "");
+        }
+      } else if (v.contains("configMap")) {
+        for (const auto& [key, value] : config_map.at("data").items()) m.paths[mount + "/" + key] = dir + "/" + key;
+      } else if (v.value("name", "") == "checkpoint") {
+        m.paths[mount] = ckpt_dir;
+      }
+    }
+  }
+}
+
+// A container's args with every in-pod path and address replaced by its local
+// counterpart (also the address of "--peer ID=ADDRESS"). A path or address with no
+// counterpart is an error: local mode must never quietly differ from the pod.
+std::vector<std::string> localize(const json& container, const PodMapping& m) {
+  static const std::regex address(R"(^[A-Za-z0-9.\-]+:[0-9]+$)");
+  std::vector<std::string> argv{container.value("image", "")};
+  for (const json& a : container.at("args")) {
+    const std::string arg = a.get<std::string>();
+    const size_t eq = arg.find('=');
+    if (auto it = m.addresses.find(arg); it != m.addresses.end()) {
+      argv.push_back(it->second);
+    } else if (auto p = m.paths.find(arg); p != m.paths.end()) {
+      argv.push_back(p->second);
+    } else if (eq != std::string::npos && m.addresses.count(arg.substr(eq + 1))) {
+      argv.push_back(arg.substr(0, eq + 1) + m.addresses.at(arg.substr(eq + 1)));
+    } else if (arg.rfind("/", 0) == 0 || std::regex_match(arg, address) ||
+               (eq != std::string::npos && std::regex_match(arg.substr(eq + 1), address))) {
+      throw std::runtime_error("container " + container.value("name", "") + ": argument \"" + arg +
+                               "\" has no local counterpart");
+    } else {
+      argv.push_back(arg);
+    }
+  }
+  return argv;
+}
+
+json container_named(const json& pod, const std::string& name) {
+  for (const json& c : pod.at("spec").at("containers")) {
+    if (c.value("name", "") == name) return c;
+  }
+  throw std::runtime_error("rendered pod " + pod.at("metadata").value("name", "") + " has no container " + name);
+}
+
+// The pod's Secret and ConfigMap contents as files in dir: private keys 0600,
+// everything atomic.
+void write_pod_files(const json& secret, const json& config_map, const std::string& dir) {
+  make_dirs(dir);
+  ::chmod(dir.c_str(), 0700);
+  for (const auto& [key, value] : secret.at("data").items()) {
+    const bool is_private = key == "tls.key" || key == "checkpoint.key";
+    write_file_atomic(dir + "/" + key, op::base64_decode(value.get<std::string>()), is_private ? 0600 : 0644);
+  }
+  for (const auto& [key, value] : config_map.at("data").items()) {
+    write_file_atomic(dir + "/" + key, value.get<std::string>());
+  }
+}
+
+// Sum of the samples of `name` in a Prometheus text page whose labels include every
+// key="value" of `want`.
+double metric_sum(const std::string& page, const std::string& name, const std::map<std::string, std::string>& want) {
+  double total = 0;
+  std::istringstream in(page);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(name, 0) != 0) continue;
+    if (line.size() > name.size() && line[name.size()] != '{' && line[name.size()] != ' ') continue;
+    bool match = true;
+    for (const auto& [k, v] : want) match = match && line.find(k + "=\"" + v + "\"") != std::string::npos;
+    if (match) total += std::strtod(line.c_str() + line.rfind(' ') + 1, nullptr);
+  }
+  return total;
+}
+
+// Deny decisions by rule, from a sidecar's metrics page.
+std::map<std::string, double> denials_by_rule(const std::string& page) {
+  std::map<std::string, double> out;
+  static const std::regex rule(R"re(rule="([^"]*)")re");
+  std::istringstream in(page);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("shardguard_authz_decisions_total{", 0) != 0) continue;
+    if (line.find("decision=\"deny\"") == std::string::npos) continue;
+    std::smatch m;
+    const std::string r = std::regex_search(line, m, rule) ? m[1].str() : "?";
+    out[r] += std::strtod(line.c_str() + line.rfind(' ') + 1, nullptr);
+  }
+  return out;
+}
+
+std::string get_page(int port, const std::string& path) {
+  httplib::Client c("127.0.0.1", port);
+  c.set_connection_timeout(1);
+  c.set_read_timeout(5);
+  auto r = c.Get(path);
+  return r && r->status == 200 ? r->body : std::string();
+}
+
+// What shardd logged as its message bytes ("pipeline traffic", the final value of
+// shardguard_pipeline_message_bytes_total, logged after its links closed), summed
+// over the processes of this run (a restarted shardd starts from zero; one that was
+// killed logs nothing).
+struct ShardTraffic {
+  double sent = 0, received = 0;
+  int reports = 0;
+};
+ShardTraffic shardd_traffic(const std::string& log_file, std::streamoff from) {
+  ShardTraffic t;
+  std::ifstream in(log_file);
+  in.seekg(from);
+  std::string line;
+  while (std::getline(in, line)) {
+    const json j = json::parse(line, nullptr, false);
+    if (!j.is_object() || j.value("msg", "") != "pipeline traffic") continue;
+    t.sent += j.value("message_bytes_sent", 0.0);
+    t.received += j.value("message_bytes_received", 0.0);
+    ++t.reports;
+  }
+  return t;
+}
+
+std::streamoff file_size(const std::string& path) {
+  std::error_code ec;
+  const auto size = fs::file_size(path, ec);
+  return ec ? 0 : static_cast<std::streamoff>(size);
+}
 
 std::string tail_of(const std::string& path, size_t lines) {
   std::string text;
@@ -86,22 +259,54 @@ void absorb(const std::string& line, RunState& st, RateMeter& rate, double now) 
 
 // Only the last stage's stderr is read (progress); the others go to their log
 // files only, so no unread pipe can ever fill up and block a shard.
-void start(Shard& s, bool capture) {
+void start(Child& c, bool capture) {
   SpawnOptions o;
-  o.argv = s.argv;
-  o.env = s.env;
-  o.log_file = s.log_file;
+  o.argv = c.argv;
+  o.env = c.env;
+  o.log_file = c.log_file;
   o.capture_stderr = capture;
-  s.process = std::make_unique<Process>(o);
+  c.process = std::make_unique<Process>(o);
 }
 
+void stop(std::vector<Shard>& shards, Child Shard::*which) {
+  for (auto& s : shards) {
+    if ((s.*which).process) (s.*which).process->signal(SIGTERM);
+  }
+  for (auto& s : shards) {
+    if ((s.*which).process) (s.*which).process->terminate(std::chrono::seconds(15));
+  }
+}
+
+// Every shardd first, then the sidecars (no shardd ever loses its way out while
+// it is still running).
 void stop_all(std::vector<Shard>& shards) {
+  stop(shards, &Shard::shardd);
+  stop(shards, &Shard::sidecar);
+}
+
+// Waits (bounded) until every sidecar answers /readyz; "" when all are, else why not.
+std::string wait_for_sidecars(std::vector<Shard>& shards, std::chrono::seconds limit) {
+  const auto deadline = Clock::now() + limit;
   for (auto& s : shards) {
-    if (s.process) s.process->signal(SIGTERM);
+    for (;;) {
+      if (auto st = s.sidecar.process->wait_for(std::chrono::milliseconds(0))) {
+        return "the sidecar of shard " + std::to_string(s.index) + " could not start (" + st->str() +
+               "); its log " + s.sidecar.log_file + " ends with:\n" + tail_of(s.sidecar.log_file, 8);
+      }
+      httplib::Client c("127.0.0.1", s.ports.sidecar_metrics);
+      c.set_connection_timeout(0, 200000);
+      c.set_read_timeout(1);
+      auto r = c.Get("/readyz");
+      if (r && r->status == 200) break;
+      if (Clock::now() > deadline) {
+        return "the sidecar of shard " + std::to_string(s.index) + " was not ready after " +
+               std::to_string(limit.count()) + " s" + (r ? " (/readyz: " + r->body + ")" : "") + "; its log " +
+               s.sidecar.log_file + " ends with:\n" + tail_of(s.sidecar.log_file, 8);
+      }
+      s.sidecar.process->wait_for(std::chrono::milliseconds(100));  // returns early if it exits
+    }
   }
-  for (auto& s : shards) {
-    if (s.process) s.process->terminate(std::chrono::seconds(15));
-  }
+  return "";
 }
 
 }  // namespace
@@ -109,10 +314,14 @@ void stop_all(std::vector<Shard>& shards) {
 int RunLocal(const LocalRunOptions& options) {
   const auto started = Clock::now();
   JobSpec job;
+  json object;
   std::vector<shardd::StageDesc> stages;
   shardd::ModelDesc desc;
   try {
+    // Decoded and validated exactly as the operator does (job_from_json behind
+    // load_job_file); the object itself goes into each shard's job.json.
     job = load_job_file(options.job_file);
+    object = yaml_to_json(read_file(options.job_file));
     desc = shardd::describe_model(job.model);
     stages = shardd::partition(desc, job.sharding.shards, job.sharding.balance);
   } catch (const JobSpecError& e) {
@@ -126,62 +335,97 @@ int RunLocal(const LocalRunOptions& options) {
   const std::string workdir = options.workdir.empty() ? ".shardguard/" + job.name : options.workdir;
   const std::string ckpt_dir = workdir + "/checkpoints", key_dir = workdir + "/keys", log_dir = workdir + "/logs";
   const std::string shardd_path = options.shardd.empty() ? self_dir() + "/shardd" : options.shardd;
-  if (::access(shardd_path.c_str(), X_OK) != 0) {
-    std::cerr << "shardctl run: cannot run " << shardd_path << " (build it with `make build`, or pass --shardd)\n";
-    return 2;
+  const std::string sidecar_path = options.sidecar.empty() ? self_dir() + "/shard-sidecar" : options.sidecar;
+  for (const auto& [path, flag] : {std::pair{shardd_path, "--shardd"}, std::pair{sidecar_path, "--sidecar"}}) {
+    if (::access(path.c_str(), X_OK) != 0) {
+      std::cerr << "shardctl run: cannot run " << path << " (build it with `make build`, or pass " << flag << ")\n";
+      return 2;
+    }
   }
 
   // Old checkpoints are never silently reused or thrown away.
   bool has_checkpoints = fs::exists(ckpt_dir) && !fs::is_empty(ckpt_dir);
-  if (has_checkpoints && options.fresh) {
-    fs::remove_all(ckpt_dir);
-    has_checkpoints = false;
-  }
-  if (has_checkpoints && !options.resume) {
+  if (has_checkpoints && !options.resume && !options.fresh) {
     std::cerr << "shardctl run: " << ckpt_dir << " holds checkpoints of an earlier run; pass --resume to continue it "
               << "or --fresh to start over\n";
     return 2;
   }
+
+  // The job's PKI (reused by --resume; checkpoint keys always), then the objects the
+  // operator would create, rendered by its own code. Nothing is written before
+  // render() has accepted the job.
+  LocalPki pki;
+  op::DesiredObjects objects;
+  try {
+    pki = load_or_create_local_pki(job, workdir, options.resume);
+    op::RenderInputs in = make_render_inputs(object, pki.ca, pki.shards);
+    in.shardd_image = shardd_path;  // locally, a container's image is its binary
+    in.sidecar_image = sidecar_path;
+    objects = op::render(job, in);
+  } catch (const op::RenderError& e) {
+    std::cerr << "shardctl run: the operator would refuse job " << job.namespace_ << "/" << job.name << ": "
+              << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "shardctl run: the job's PKI in " << workdir << ": " << e.what() << "\n";
+    return 2;
+  }
+
+  if (has_checkpoints && options.fresh) {
+    fs::remove_all(ckpt_dir);
+    has_checkpoints = false;
+  }
   if (options.resume && !has_checkpoints) {
     std::cerr << "shardctl run: --resume given but " << ckpt_dir << " holds no checkpoints; starting from step 0\n";
-  }
-  try {
-    make_dirs(ckpt_dir);
-    make_dirs(key_dir);
-    make_dirs(log_dir);
-    ::chmod(key_dir.c_str(), 0700);
-  } catch (const std::exception& e) {
-    std::cerr << "shardctl run: " << e.what() << "\n";
-    return 2;
   }
 
   const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
   const int threads = options.threads > 0 ? options.threads : std::max(1, static_cast<int>(cores) / n);
-  std::vector<int> ports(n);
   std::vector<Shard> shards(n);
   try {
-    for (int i = 0; i < n; ++i) ports[i] = pick_free_port();
+    make_dirs(ckpt_dir);
+    make_dirs(log_dir);
+    save_local_pki(pki, workdir);
+    for (int i = 0; i < n; ++i) {
+      PodPorts& p = shards[i].ports;
+      for (int* port : {&p.shardd, &p.shardd_metrics, &p.inbound, &p.outbound, &p.sidecar_metrics}) {
+        *port = pick_free_port();
+      }
+    }
     for (int i = 0; i < n; ++i) {
       Shard& s = shards[i];
       s.index = i;
-      const std::string key_file = key_dir + "/shard-" + std::to_string(i) + ".key";
-      if (!fs::exists(key_file)) generate_key_file(key_file);
-      s.log_file = log_dir + "/shard-" + std::to_string(i) + ".log";
-      s.argv = {shardd_path,
-                "--job", options.job_file,
-                "--stage", std::to_string(i),
-                "--listen", "127.0.0.1:" + std::to_string(ports[i]),
-                "--checkpoint-dir", ckpt_dir,
-                "--key-file", key_file,
-                "--metrics", "127.0.0.1:0",
-                "--device", options.device,
-                "--threads", std::to_string(threads),
-                "--peer-timeout", std::to_string(options.peer_timeout_s)};
-      if (i > 0) s.argv.insert(s.argv.end(), {"--prev", "127.0.0.1:" + std::to_string(ports[i - 1])});
-      if (i + 1 < n) s.argv.insert(s.argv.end(), {"--next", "127.0.0.1:" + std::to_string(ports[i + 1])});
+      s.dir = workdir + "/shard-" + std::to_string(i);
+      s.audit_log = log_dir + "/audit-shard-" + std::to_string(i) + ".jsonl";
+      const json& pod = objects.pods[i];
+      write_pod_files(objects.shard_secrets[i], objects.config_maps[i], s.dir);
+
+      // The pod's addresses: its own listeners, and every peer's inbound mTLS port
+      // under its headless-Service DNS name.
+      PodMapping m;
+      m.addresses = {{"127.0.0.1:" + std::to_string(op::kShardGrpcPort), local(s.ports.shardd)},
+                     {"127.0.0.1:" + std::to_string(op::kSidecarOutboundPort), local(s.ports.outbound)},
+                     {"0.0.0.0:" + std::to_string(op::kSidecarInboundPort), local(s.ports.inbound)},
+                     {"0.0.0.0:" + std::to_string(op::kShardMetricsPort), local(s.ports.shardd_metrics)},
+                     {"0.0.0.0:" + std::to_string(op::kSidecarMetricsPort), local(s.ports.sidecar_metrics)}};
+      for (int j = 0; j < n; ++j) {
+        m.addresses[op::shard_dns_name(job, j, "cluster.local") + ":" + std::to_string(op::kSidecarInboundPort)] =
+            local(shards[j].ports.inbound);
+      }
+      map_mounts(pod, objects.config_maps[i], s.dir, ckpt_dir, m);
+
+      s.sidecar.argv = localize(container_named(pod, "sidecar"), m);
+      s.sidecar.argv.insert(s.sidecar.argv.end(), {"--audit-log", s.audit_log});
+      s.sidecar.log_file = log_dir + "/sidecar-" + std::to_string(i) + ".log";
+
+      s.shardd.argv = localize(container_named(pod, "shardd"), m);
+      s.shardd.argv.insert(s.shardd.argv.end(), {"--device", options.device, "--threads", std::to_string(threads),
+                                                 "--peer-timeout", std::to_string(options.peer_timeout_s)});
+      s.shardd.log_file = log_dir + "/shard-" + std::to_string(i) + ".log";
+      s.log_start = file_size(s.shardd.log_file);
       const std::string t = std::to_string(threads);
       // Passive OpenMP workers: spinning ones steal the cores the other shards need.
-      s.env = {{"OMP_NUM_THREADS", t}, {"OPENBLAS_NUM_THREADS", t}, {"OMP_WAIT_POLICY", "PASSIVE"}};
+      s.shardd.env = {{"OMP_NUM_THREADS", t}, {"OPENBLAS_NUM_THREADS", t}, {"OMP_WAIT_POLICY", "PASSIVE"}};
     }
   } catch (const std::exception& e) {
     std::cerr << "shardctl run: " << e.what() << "\n";
@@ -198,13 +442,29 @@ int RunLocal(const LocalRunOptions& options) {
   std::cout << "shardctl run: job " << job.name << ", model " << job.model.architecture << " ("
             << desc.parameters() << " parameters), " << n << " shards, " << threads << " thread(s) each\n";
   for (const auto& st : stages) {
-    std::printf("  shard %d: blocks %d..%d  %lld parameters (%.1f%%)\n", st.index, st.first_block, st.end_block - 1,
-                static_cast<long long>(st.parameters), 100.0 * shardd::parameter_share(desc, st));
+    const PodPorts& p = shards[st.index].ports;
+    std::printf("  shard %d: blocks %d..%d  %lld parameters (%.1f%%)  sidecar mTLS :%d, shardd :%d\n", st.index,
+                st.first_block, st.end_block - 1, static_cast<long long>(st.parameters),
+                100.0 * shardd::parameter_share(desc, st), p.inbound, p.shardd);
   }
-  std::cout << "  workdir " << workdir << "  (logs in " << log_dir << ")\n" << std::flush;
+  std::cout << "  workdir " << workdir << "  (pod files in shard-<i>/, logs in " << log_dir << ")\n" << std::flush;
 
+  // Sidecars first and ready (certificates and policy loaded), then shardd.
   try {
-    for (auto& s : shards) start(s, &s == &shards.back());
+    for (auto& s : shards) start(s.sidecar, false);
+  } catch (const std::exception& e) {
+    std::cerr << "shardctl run: " << e.what() << "\n";
+    stop_all(shards);
+    return 2;
+  }
+  if (const std::string why = wait_for_sidecars(shards, std::chrono::seconds(30)); !why.empty()) {
+    std::cerr << "shardctl run: " << why << "\n";
+    stop_all(shards);
+    std::cerr << "shardctl run: every started process was stopped\n";
+    return 2;
+  }
+  try {
+    for (auto& s : shards) start(s.shardd, &s == &shards.back());
   } catch (const std::exception& e) {
     std::cerr << "shardctl run: " << e.what() << "\n";
     stop_all(shards);
@@ -229,15 +489,15 @@ int RunLocal(const LocalRunOptions& options) {
     }
     // 2. Progress from the last stage's log lines.
     Shard& tail = shards.back();
-    if (tail.process && !tail.process->eof()) {
-      if (auto line = tail.process->read_line(std::chrono::milliseconds(200))) {
+    if (tail.shardd.process && !tail.shardd.process->eof()) {
+      if (auto line = tail.shardd.process->read_line(std::chrono::milliseconds(200))) {
         absorb(*line, state, rate, std::chrono::duration<double>(Clock::now() - started).count());
       }
     } else {
       // Nothing to read: wait for a child to change state instead of spinning.
       for (auto& s : shards) {
-        if (s.process && !s.done) {
-          s.process->wait_for(std::chrono::milliseconds(200));
+        if (s.shardd.process && !s.done) {
+          s.shardd.process->wait_for(std::chrono::milliseconds(200));
           break;
         }
       }
@@ -255,17 +515,26 @@ int RunLocal(const LocalRunOptions& options) {
       last_print = now;
       last_printed_step = state.progress.step;
     }
-    // 3. Children that ended.
+    // 3. A sidecar that ended takes its shard's only way in and out with it.
+    for (auto& s : shards) {
+      if (auto st = s.sidecar.process->wait_for(std::chrono::milliseconds(0))) {
+        failure = "the sidecar of shard " + std::to_string(s.index) + " exited (" + st->str() + "); its log " +
+                  s.sidecar.log_file + " ends with:\n" + tail_of(s.sidecar.log_file, 8);
+        break;
+      }
+    }
+    if (!failure.empty()) break;
+    // 4. shardd processes that ended.
     bool all_done = true;
     for (auto& s : shards) {
       if (s.done) continue;
-      auto st = s.process->wait_for(std::chrono::milliseconds(0));
+      auto st = s.shardd.process->wait_for(std::chrono::milliseconds(0));
       if (!st) {
         all_done = false;
         continue;
       }
       if (&s == &shards.back()) {
-        while (auto line = s.process->read_line(std::chrono::milliseconds(0))) {
+        while (auto line = s.shardd.process->read_line(std::chrono::milliseconds(0))) {
           absorb(*line, state, rate, std::chrono::duration<double>(Clock::now() - started).count());
         }
       }
@@ -277,7 +546,7 @@ int RunLocal(const LocalRunOptions& options) {
       if (s.restarts >= job.run_policy.backoff_limit) {
         failure = "shard " + std::to_string(s.index) + " failed (" + st->str() + ") after " +
                   std::to_string(s.restarts) + " restart(s), the job's runPolicy.backoffLimit; its log ends with:\n" +
-                  tail_of(s.log_file, 8);
+                  tail_of(s.shardd.log_file, 8);
         break;
       }
       ++s.restarts;
@@ -285,7 +554,7 @@ int RunLocal(const LocalRunOptions& options) {
       std::cout << "shard " << s.index << " stopped (" << st->str() << "); restarting it from its checkpoint ("
                 << s.restarts << "/" << job.run_policy.backoff_limit << ")\n" << std::flush;
       try {
-        start(s, &s == &shards.back());
+        start(s.shardd, &s == &shards.back());
       } catch (const std::exception& e) {
         failure = std::string("restarting shard ") + std::to_string(s.index) + ": " + e.what();
         break;
@@ -295,17 +564,39 @@ int RunLocal(const LocalRunOptions& options) {
     if (all_done) break;
   }
   if (options.progress_tty) std::cout << "\n";
-  stop_all(shards);
+  // shardd first; the sidecars' counters are read once nothing moves any more, then
+  // the sidecars are stopped too.
+  stop(shards, &Shard::shardd);
+  std::vector<std::string> pages(n);
+  for (int i = 0; i < n; ++i) {
+    if (shards[i].sidecar.process && shards[i].sidecar.process->running()) {
+      pages[i] = get_page(shards[i].ports.sidecar_metrics, "/metrics");
+    }
+  }
+  stop(shards, &Shard::sidecar);
   const double wall = std::chrono::duration<double>(Clock::now() - started).count();
 
+  double denied = 0;
+  for (const auto& page : pages) denied += metric_sum(page, "shardguard_authz_decisions_total", {{"decision", "deny"}});
+  auto print_denials = [&](std::ostream& out) {
+    for (int i = 0; i < n; ++i) {
+      for (const auto& [rule, count] : denials_by_rule(pages[i])) {
+        out << "  shard " << i << " sidecar denied " << count << " call(s) by rule " << rule << " (audit log "
+            << shards[i].audit_log << ")\n";
+      }
+    }
+  };
+
   if (interrupted) {
-    std::cout << "shardctl run: stopped by signal; every shard process was stopped. Checkpoints are kept in "
+    std::cout << "shardctl run: stopped by signal; every shard process and sidecar was stopped. Checkpoints are kept in "
               << ckpt_dir << "; continue with `shardctl run " << options.job_file << " --resume"
               << (options.workdir.empty() ? "" : " --workdir " + options.workdir) << "`\n";
     return 130;
   }
   if (!failure.empty()) {
     std::cerr << "shardctl run: the run failed: " << failure << "\n";
+    print_denials(std::cerr);
+    std::cerr << "shardctl run: every shard process and sidecar was stopped\n";
     return 1;
   }
   std::cout << "\nshardctl run: done in " << format_duration(wall) << "\n";
@@ -321,7 +612,32 @@ int RunLocal(const LocalRunOptions& options) {
     std::printf("  shard %d         %lld parameters (%.1f%% of the model), restarts %d\n", st.index,
                 static_cast<long long>(st.parameters), 100.0 * shardd::parameter_share(desc, st), shards[st.index].restarts);
   }
+  // Every byte a shardd sent or received crossed its sidecar: the sidecar's relayed
+  // bytes (shardguard_proxy_bytes_total) against shardd's own count
+  // (shardguard_pipeline_message_bytes_total, as its last log line reports it).
+  std::cout << "  traffic         bytes relayed by each sidecar vs sent/received by its shardd\n";
+  for (int i = 0; i < n; ++i) {
+    const ShardTraffic t = shardd_traffic(shards[i].shardd.log_file, shards[i].log_start);
+    const double sent = metric_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", "sent"}});
+    const double received = metric_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", "received"}});
+    const bool match = !pages[i].empty() && t.reports > 0 && sent == t.sent && received == t.received;
+    std::printf("  shard %d traffic sidecar sent %.0f received %.0f; shardd sent %.0f received %.0f  %s\n", i, sent,
+                received, t.sent, t.received,
+                pages[i].empty() ? "(sidecar metrics unreadable)"
+                : match          ? "(equal: all through the sidecar)"
+                : shards[i].restarts > 0 ? "(differ: a killed shardd reports no count)"
+                                         : "(DIFFER)");
+  }
+  std::printf("  policy denials  %.0f\n", denied);
+  print_denials(std::cout);
   std::cout << "  checkpoints     " << ckpt_dir << " (each shard encrypted under its own key in " << key_dir << ")\n";
+  std::cout << "  job PKI         " << workdir << "/pki (CA), " << workdir << "/shard-<i>/ (each pod's files)\n";
+  std::vector<std::string> audits;
+  for (const auto& s : shards) {
+    if (fs::exists(s.audit_log) && fs::file_size(s.audit_log) > 0) audits.push_back(s.audit_log);
+  }
+  std::cout << "  audit logs      "
+            << (audits.empty() ? "none written (no call was refused)" : log_dir + "/audit-shard-<i>.jsonl") << "\n";
   std::cout << "  logs            " << log_dir << "\n";
   return 0;
 }

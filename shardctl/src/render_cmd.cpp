@@ -17,15 +17,12 @@
 #include "shardguard/common/pki.h"
 #include "shardguard/operator/render.h"
 #include "shardguard/shardctl/commands.h"
+#include "shardguard/shardctl/job_pki.h"
 
 namespace shardguard::shardctl {
 namespace {
 
 using nlohmann::json;
-
-// Lifetimes as the operator issues them (DESIGN.md §3): leaves 24 h, the CA 30 days.
-constexpr std::chrono::hours kCaLifetime{24 * 30};
-constexpr std::chrono::hours kLeafLifetime{24};
 
 // ---- YAML emitter ---------------------------------------------------------------
 // Block style. A string is written plain only when every YAML 1.1 and 1.2 reader
@@ -135,22 +132,6 @@ void emit_node(std::string& out, const json& v, int indent) {
   }
 }
 
-// A random (version 4) UUID.
-std::string random_uuid() {
-  std::string b = random_bytes(16);
-  b[6] = static_cast<char>((b[6] & 0x0f) | 0x40);
-  b[8] = static_cast<char>((b[8] & 0x3f) | 0x80);
-  static const char* hex = "0123456789abcdef";
-  std::string out;
-  for (size_t i = 0; i < b.size(); ++i) {
-    if (i == 4 || i == 6 || i == 8 || i == 10) out += '-';
-    const unsigned char c = static_cast<unsigned char>(b[i]);
-    out += hex[c >> 4];
-    out += hex[c & 0x0f];
-  }
-  return out;
-}
-
 }  // namespace
 
 std::string ToYamlStream(const std::vector<json>& documents) {
@@ -192,26 +173,15 @@ int RunRender(const RenderOptions& o) {
 
   std::vector<json> objects;
   try {
-    op::RenderInputs in;
-    // The real metadata.uid is assigned by the API server when the job is created;
-    // a random one stands in for it in the ownerReferences.
-    in.uid = random_uuid();
-    if (!object.contains("metadata") || !object["metadata"].is_object()) object["metadata"] = json::object();
-    object["metadata"]["uid"] = in.uid;
-    in.job_object = object;
-    // Fresh PKI and keys, made as the operator makes them: one CA per job, one leaf
-    // SVID and one 32-byte checkpoint key per shard.
-    const CaBundle ca = create_ca("ShardGuard CA " + job.protection.trust_domain + " ns/" + job.namespace_ +
-                                      " job/" + job.name,
-                                  kCaLifetime);
-    in.ca_cert_pem = ca.cert_pem;
-    in.ca_key_pem = ca.key_pem;
+    // Fresh PKI and keys, made as the operator makes them (job_pki.h): one CA per
+    // job, one leaf SVID and one 32-byte checkpoint key per shard.
+    const CaBundle ca = create_job_ca(job);
+    std::vector<op::ShardMaterial> shards;
     for (int i = 0; i < job.sharding.shards; ++i) {
-      const Leaf leaf = issue_leaf(
-          ca, spiffe_id_for_shard(job.protection.trust_domain, job.namespace_, job.name, static_cast<uint32_t>(i)),
-          kLeafLifetime);
-      in.shards.push_back({leaf.cert_pem, leaf.key_pem, random_bytes(kAesKeyBytes)});
+      const Leaf leaf = issue_shard_leaf(job, ca, i);
+      shards.push_back({leaf.cert_pem, leaf.key_pem, random_bytes(kAesKeyBytes)});
     }
+    const op::RenderInputs in = make_render_inputs(object, ca, std::move(shards));
     objects = op::render(job, in).all();
   } catch (const op::RenderError& e) {
     std::cerr << cmd << "the operator would refuse job " << job.namespace_ << "/" << job.name << ": " << e.what()

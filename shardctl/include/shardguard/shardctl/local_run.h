@@ -1,5 +1,9 @@
-// `shardctl run`: a ShardedTrainingJob on one machine, one shardd process per
-// shard on 127.0.0.1, each with its own key and checkpoint files.
+// `shardctl run`: a ShardedTrainingJob on one machine. The job is rendered with the
+// operator's own render(); each shard pod becomes two processes on 127.0.0.1, its
+// shardd and its shard-sidecar, started with the pod's arguments (its ports and
+// mounted paths mapped to local ones) and the pod's Secret and ConfigMap contents
+// as files in <workdir>/shard-<i>/. All stage-to-stage traffic crosses the sidecars
+// (mTLS between them, shardd on loopback), as in the cluster. See docs/shardctl.md.
 #pragma once
 
 #include <string>
@@ -14,6 +18,7 @@ struct LocalRunOptions {
   bool fresh = false;            // delete old checkpoints first
   int threads = 0;               // per shard process; 0 = cores / shards (at least 1)
   std::string shardd;            // path of shardd; default: next to shardctl
+  std::string sidecar;           // path of shard-sidecar; default: next to shardctl
   double peer_timeout_s = 300;
   bool progress_tty = false;     // draw a live bar (stdout is a terminal)
 };

@@ -1,0 +1,57 @@
+// The job's PKI and keys as the operator makes them (DESIGN.md §3): one ECDSA CA
+// per job, one leaf SVID and one 32-byte checkpoint key per shard, and the
+// RenderInputs that carry them into op::render. Shared by `shardctl render` (fresh,
+// in memory) and `shardctl run` (kept in the workdir, reused by --resume).
+#pragma once
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "shardguard/common/jobspec.h"
+#include "shardguard/common/pki.h"
+#include "shardguard/operator/render.h"
+
+namespace shardguard::shardctl {
+
+// Lifetimes as the operator issues them: leaves 24 h, the CA 30 days.
+inline constexpr std::chrono::hours kCaLifetime{24 * 30};
+inline constexpr std::chrono::hours kLeafLifetime{24};
+
+// A random (version 4) UUID, standing in for the metadata.uid the API server assigns.
+std::string random_uuid();
+
+// A fresh job CA, named after the job's trust domain, namespace and name.
+CaBundle create_job_ca(const JobSpec& job);
+
+// A fresh leaf SVID for spiffe://<td>/ns/<ns>/job/<job>/shard/<index>.
+Leaf issue_shard_leaf(const JobSpec& job, const CaBundle& ca, int index);
+
+// The inputs of op::render for `object` (the job as read; its metadata.uid is set
+// to a random UUID), `ca` and one ShardMaterial per shard. The images stay empty
+// (spec.template.image / spec.sidecar.image) unless the caller sets them.
+op::RenderInputs make_render_inputs(nlohmann::json object, const CaBundle& ca, std::vector<op::ShardMaterial> shards);
+
+// The job's PKI kept in a `shardctl run` workdir, as the operator keeps it in the
+// job's Secrets:
+//   <workdir>/pki/ca.crt, ca.key (0600)      the job CA
+//   <workdir>/keys/shard-<i>.key (0600)      each shard's checkpoint key
+// A checkpoint key that exists is always reused, never replaced (the checkpoints
+// are sealed under it); one of the wrong size is an error. With reuse (--resume),
+// the CA is reused when it still parses and signs, and so is each shard's leaf in
+// <workdir>/shard-<i>/tls.crt, tls.key when the CA still verifies it for another
+// hour with the expected SPIFFE ID; otherwise they are made afresh.
+struct LocalPki {
+  CaBundle ca;
+  std::vector<op::ShardMaterial> shards;
+  std::vector<std::string> reused;  // what came from the workdir, for the log
+};
+
+// Reads and makes, but writes nothing (so a job render() refuses leaves no state).
+LocalPki load_or_create_local_pki(const JobSpec& job, const std::string& workdir, bool reuse);
+// Writes the CA and the checkpoint keys (atomic, keys 0600, directories 0700).
+void save_local_pki(const LocalPki& pki, const std::string& workdir);
+
+}  // namespace shardguard::shardctl

@@ -1,0 +1,130 @@
+#include "shardguard/shardctl/job_pki.h"
+
+#include <sys/stat.h>
+
+#include <filesystem>
+
+#include "shardguard/common/crypto.h"
+#include "shardguard/common/files.h"
+
+namespace shardguard::shardctl {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::system_clock;
+
+std::string shard_id(const JobSpec& job, int index) {
+  return spiffe_id_for_shard(job.protection.trust_domain, job.namespace_, job.name, static_cast<uint32_t>(index));
+}
+
+// The CA in the workdir, when it parses, signs and outlives a fresh leaf.
+bool usable_ca(const JobSpec& job, const CaBundle& ca) {
+  try {
+    if (not_after(ca.cert_pem) < Clock::now() + kLeafLifetime) return false;
+    issue_leaf(ca, shard_id(job, 0), std::chrono::minutes(1));  // throws when cert and key do not match
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+}  // namespace
+
+std::string random_uuid() {
+  std::string b = random_bytes(16);
+  b[6] = static_cast<char>((b[6] & 0x0f) | 0x40);
+  b[8] = static_cast<char>((b[8] & 0x3f) | 0x80);
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (size_t i = 0; i < b.size(); ++i) {
+    if (i == 4 || i == 6 || i == 8 || i == 10) out += '-';
+    const unsigned char c = static_cast<unsigned char>(b[i]);
+    out += hex[c >> 4];
+    out += hex[c & 0x0f];
+  }
+  return out;
+}
+
+CaBundle create_job_ca(const JobSpec& job) {
+  return create_ca("ShardGuard CA " + job.protection.trust_domain + " ns/" + job.namespace_ + " job/" + job.name,
+                   kCaLifetime);
+}
+
+Leaf issue_shard_leaf(const JobSpec& job, const CaBundle& ca, int index) {
+  return issue_leaf(ca, shard_id(job, index), kLeafLifetime);
+}
+
+op::RenderInputs make_render_inputs(nlohmann::json object, const CaBundle& ca, std::vector<op::ShardMaterial> shards) {
+  op::RenderInputs in;
+  // The real metadata.uid is assigned by the API server when the job is created;
+  // a random one stands in for it in the ownerReferences.
+  in.uid = random_uuid();
+  if (!object.is_object()) object = nlohmann::json::object();
+  if (!object.contains("metadata") || !object["metadata"].is_object()) object["metadata"] = nlohmann::json::object();
+  object["metadata"]["uid"] = in.uid;
+  in.job_object = std::move(object);
+  in.ca_cert_pem = ca.cert_pem;
+  in.ca_key_pem = ca.key_pem;
+  in.shards = std::move(shards);
+  return in;
+}
+
+LocalPki load_or_create_local_pki(const JobSpec& job, const std::string& workdir, bool reuse) {
+  const std::string pki_dir = workdir + "/pki", key_dir = workdir + "/keys";
+  LocalPki pki;
+  bool ca_reused = false;
+  if (reuse && fs::exists(pki_dir + "/ca.crt") && fs::exists(pki_dir + "/ca.key")) {
+    CaBundle old{read_file(pki_dir + "/ca.crt"), read_file(pki_dir + "/ca.key")};
+    if (usable_ca(job, old)) {
+      pki.ca = std::move(old);
+      ca_reused = true;
+      pki.reused.push_back(pki_dir + "/ca.crt");
+    }
+  }
+  if (!ca_reused) pki.ca = create_job_ca(job);
+
+  for (int i = 0; i < job.sharding.shards; ++i) {
+    op::ShardMaterial m;
+    const std::string key_file = key_dir + "/shard-" + std::to_string(i) + ".key";
+    if (fs::exists(key_file)) {
+      m.checkpoint_key = load_key_file(key_file);  // throws on a wrong size: never replaced
+      pki.reused.push_back(key_file);
+    } else {
+      m.checkpoint_key = random_bytes(kAesKeyBytes);
+    }
+    const std::string shard_dir = workdir + "/shard-" + std::to_string(i);
+    if (ca_reused && fs::exists(shard_dir + "/tls.crt") && fs::exists(shard_dir + "/tls.key")) {
+      const std::string cert = read_file(shard_dir + "/tls.crt");
+      const SvidCheck check = verify_svid(cert, pki.ca.cert_pem, Clock::now() + std::chrono::hours(1));
+      if (check.ok && check.spiffe_id == shard_id(job, i)) {
+        m.cert_pem = cert;
+        m.key_pem = read_file(shard_dir + "/tls.key");
+        pki.reused.push_back(shard_dir + "/tls.crt");
+      }
+    }
+    if (m.cert_pem.empty()) {
+      const Leaf leaf = issue_shard_leaf(job, pki.ca, i);
+      m.cert_pem = leaf.cert_pem;
+      m.key_pem = leaf.key_pem;
+    }
+    pki.shards.push_back(std::move(m));
+  }
+  return pki;
+}
+
+void save_local_pki(const LocalPki& pki, const std::string& workdir) {
+  const std::string pki_dir = workdir + "/pki", key_dir = workdir + "/keys";
+  make_dirs(pki_dir);
+  make_dirs(key_dir);
+  ::chmod(pki_dir.c_str(), 0700);
+  ::chmod(key_dir.c_str(), 0700);
+  write_file_atomic(pki_dir + "/ca.crt", pki.ca.cert_pem);
+  write_file_atomic(pki_dir + "/ca.key", pki.ca.key_pem, 0600);
+  for (size_t i = 0; i < pki.shards.size(); ++i) {
+    const std::string key_file = key_dir + "/shard-" + std::to_string(i) + ".key";
+    if (fs::exists(key_file)) continue;  // never replaced
+    write_file_atomic(key_file, pki.shards[i].checkpoint_key, 0600);
+  }
+}
+
+}  // namespace shardguard::shardctl

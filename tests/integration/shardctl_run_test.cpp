@@ -1,0 +1,192 @@
+// `shardctl run` end to end (issue 5): the job rendered by the operator's code, each
+// shard pod as a shardd behind its own shard-sidecar on 127.0.0.1, every
+// stage-to-stage byte through the sidecars; Ctrl-C stops everything and --resume
+// continues from the checkpoints.
+#include <gtest/gtest.h>
+
+#include <signal.h>
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <sstream>
+
+#include "integration/pipeline_fixture.h"
+
+namespace shardguard {
+namespace {
+
+using ShardctlRunTest = PipelineFixture;
+
+// Processes whose command line mentions `needle` (the run's workdir is in every
+// child's arguments), as "pid: cmdline".
+std::vector<std::string> processes_mentioning(const std::string& needle) {
+  std::vector<std::string> out;
+  for (const auto& e : fs::directory_iterator("/proc")) {
+    const std::string pid = e.path().filename();
+    if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream in(e.path() / "cmdline", std::ios::binary);
+    std::string cmd((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    for (char& c : cmd) c = c == '\0' ? ' ' : c;
+    if (cmd.find(needle) != std::string::npos) out.push_back(pid + ": " + cmd);
+  }
+  return out;
+}
+
+std::string joined(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& x : v) s += x + "\n";
+  return s;
+}
+
+// The JSON lines of a log file with the given msg.
+std::vector<nlohmann::json> log_lines(const std::string& file, const std::string& msg) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(file);
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_object() && j.value("msg", "") == msg) out.push_back(j);
+  }
+  return out;
+}
+
+std::unique_ptr<Process> start_run(const std::string& job, const std::string& work, const std::string& out,
+                                   std::vector<std::string> extra = {}) {
+  SpawnOptions o;
+  o.argv = {kBin + "/shardctl", "run", job, "--workdir", work, "--device", "cpu", "--threads", "1"};
+  o.argv.insert(o.argv.end(), extra.begin(), extra.end());
+  o.log_file = out;
+  return std::make_unique<Process>(o);
+}
+
+TEST_F(ShardctlRunTest, TrainsThroughTheSidecarsWhichRelayEveryByteAndLeavesNothingRunning) {
+  constexpr int n = 3;
+  const std::string job = write_job(job_json(n));
+  const std::string work = dir_ + "/work";
+  auto run = start_run(job, work, dir_ + "/run.out");
+  const auto st = run->wait_for(300s);
+  ASSERT_TRUE(st.has_value()) << "shardctl run did not finish in 300 s";
+  const std::string out = read_file(dir_ + "/run.out");
+  ASSERT_TRUE(st->exited && st->code == 0) << st->str() << "\n" << out;
+
+  // It trained: every step, and the loss fell.
+  const auto steps = log_lines(work + "/logs/shard-" + std::to_string(n - 1) + ".log", "step");
+  ASSERT_EQ(steps.size(), 48u) << out;
+  double first = 0, last = 0;
+  for (int k = 0; k < 6; ++k) {
+    first += steps[k].at("loss").get<double>() / 6;
+    last += steps[steps.size() - 1 - k].at("loss").get<double>() / 6;
+  }
+  EXPECT_LT(last, 0.7 * first) << "loss " << first << " → " << last;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(out, m, std::regex("test accuracy +([0-9.]+) \\((\\d+)/500\\)"))) << out;
+  EXPECT_GT(std::stod(m[1]), 0.5) << out;
+
+  // Each pod's files, from its rendered Secret and ConfigMap; private keys 0600.
+  for (int i = 0; i < n; ++i) {
+    const std::string pod = work + "/shard-" + std::to_string(i);
+    for (const char* f : {"tls.crt", "tls.key", "ca.crt", "checkpoint.key", "policy.json", "job.json"}) {
+      EXPECT_TRUE(fs::exists(pod + "/" + f)) << pod << "/" << f;
+    }
+    for (const char* f : {"tls.key", "checkpoint.key"}) {
+      struct stat sb {};
+      ASSERT_EQ(::stat((pod + "/" + f).c_str(), &sb), 0);
+      EXPECT_EQ(sb.st_mode & 0777, 0600u) << pod << "/" << f;
+    }
+    EXPECT_EQ(read_file(pod + "/checkpoint.key"), read_file(work + "/keys/shard-" + std::to_string(i) + ".key"));
+  }
+
+  // Every byte each shardd sent or received crossed its own sidecar: the sidecar's
+  // shardguard_proxy_bytes_total as the report reads it equals shardd's own count,
+  // which the test reads independently from shardd's last log line.
+  const std::regex traffic(
+      "shard (\\d+) traffic sidecar sent (\\d+) received (\\d+); shardd sent (\\d+) received (\\d+)");
+  int rows = 0;
+  for (auto it = std::sregex_iterator(out.begin(), out.end(), traffic); it != std::sregex_iterator(); ++it) {
+    const int i = std::stoi((*it)[1]);
+    SCOPED_TRACE("shard " + std::to_string(i));
+    ++rows;
+    const double sidecar_sent = std::stod((*it)[2]), sidecar_received = std::stod((*it)[3]);
+    const auto fin = log_lines(work + "/logs/shard-" + std::to_string(i) + ".log", "pipeline traffic");
+    ASSERT_EQ(fin.size(), 1u);
+    const double shardd_sent = fin[0].at("message_bytes_sent").get<double>();
+    const double shardd_received = fin[0].at("message_bytes_received").get<double>();
+    EXPECT_EQ(std::stod((*it)[4]), shardd_sent);
+    EXPECT_EQ(std::stod((*it)[5]), shardd_received);
+    EXPECT_GT(sidecar_sent, 100000);
+    EXPECT_GT(sidecar_received, 100000);
+    EXPECT_EQ(sidecar_sent, shardd_sent);
+    EXPECT_EQ(sidecar_received, shardd_received);
+    std::cout << "[ figures  ] shard " << i << ": sidecar sent " << sidecar_sent << " received " << sidecar_received
+              << "; shardd sent " << shardd_sent << " received " << shardd_received << "\n";
+  }
+  EXPECT_EQ(rows, n) << out;
+  EXPECT_NE(out.find("policy denials  0"), std::string::npos) << out;
+
+  // Each sidecar was asked to stop (SIGTERM) and stopped cleanly; no child is left.
+  for (int i = 0; i < n; ++i) {
+    EXPECT_EQ(log_lines(work + "/logs/sidecar-" + std::to_string(i) + ".log", "stopping").size(), 1u)
+        << "sidecar " << i;
+  }
+  const auto left = processes_mentioning(work + "/");
+  EXPECT_TRUE(left.empty()) << joined(left);
+}
+
+TEST_F(ShardctlRunTest, SigintStopsEveryProcessAndResumeFinishesTheRun) {
+  constexpr int n = 2;
+  auto spec = job_json(n);
+  spec["spec"]["training"]["epochs"] = 3;  // 144 steps: long enough to be interrupted
+  const std::string job = write_job(spec);
+  const std::string work = dir_ + "/work";
+  const std::string last_log = work + "/logs/shard-" + std::to_string(n - 1) + ".log";
+  auto run = start_run(job, work, dir_ + "/run.out");
+
+  // Wait (bounded) for a checkpoint to exist and training to go on past it.
+  const auto deadline = std::chrono::steady_clock::now() + 120s;
+  bool trained = false;
+  while (!trained && std::chrono::steady_clock::now() < deadline) {
+    ASSERT_FALSE(run->wait_for(200ms).has_value()) << read_file(dir_ + "/run.out");
+    const auto steps = log_lines(last_log, "step");
+    trained = !steps.empty() && steps.back().value("step", 0) >= 12;
+  }
+  ASSERT_TRUE(trained) << read_file(dir_ + "/run.out");
+  // Per shard pod, one shardd and one shard-sidecar.
+  const auto running = processes_mentioning(work + "/");
+  EXPECT_EQ(running.size(), 2u * n) << joined(running);
+  int sidecars = 0;
+  for (const auto& p : running) sidecars += p.find("shard-sidecar ") != std::string::npos;
+  EXPECT_EQ(sidecars, n) << joined(running);
+
+  run->signal(SIGINT);
+  const auto st = run->wait_for(60s);
+  ASSERT_TRUE(st.has_value());
+  const std::string out = read_file(dir_ + "/run.out");
+  EXPECT_TRUE(st->exited && st->code == 130) << st->str() << "\n" << out;
+  EXPECT_NE(out.find("--resume"), std::string::npos) << out;
+  const auto left = processes_mentioning(work + "/");
+  EXPECT_TRUE(left.empty()) << joined(left);
+
+  // The same PKI and keys, and the run continues from its checkpoints to the end.
+  const std::string ca = read_file(work + "/pki/ca.crt");
+  const std::string key0 = read_file(work + "/keys/shard-0.key");
+  auto resumed = start_run(job, work, dir_ + "/resume.out", {"--resume"});
+  const auto rs = resumed->wait_for(300s);
+  ASSERT_TRUE(rs.has_value());
+  const std::string rout = read_file(dir_ + "/resume.out");
+  ASSERT_TRUE(rs->exited && rs->code == 0) << rs->str() << "\n" << rout;
+  EXPECT_NE(rout.find("final loss"), std::string::npos) << rout;
+  EXPECT_NE(rout.find("after 144 steps"), std::string::npos) << rout;
+  EXPECT_EQ(read_file(work + "/pki/ca.crt"), ca);
+  EXPECT_EQ(read_file(work + "/keys/shard-0.key"), key0);
+  EXPECT_EQ(read_file(work + "/shard-0/checkpoint.key"), key0);
+  const auto resumes = log_lines(last_log, "pipeline resumed");
+  ASSERT_FALSE(resumes.empty());
+  EXPECT_GE(resumes.back().value("step", 0), 8);
+  const auto left_after = processes_mentioning(work + "/");
+  EXPECT_TRUE(left_after.empty()) << joined(left_after);
+}
+
+}  // namespace
+}  // namespace shardguard
