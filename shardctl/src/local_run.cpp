@@ -13,6 +13,7 @@
 #include <memory>
 #include <optional>
 #include <regex>
+#include <set>
 #include <sstream>
 #include <thread>
 #include <vector>
@@ -386,10 +387,12 @@ int RunLocal(const LocalRunOptions& options) {
     make_dirs(ckpt_dir);
     make_dirs(log_dir);
     save_local_pki(pki, workdir);
+    std::set<int> taken;  // five distinct ports per shard, none handed out twice
     for (int i = 0; i < n; ++i) {
       PodPorts& p = shards[i].ports;
       for (int* port : {&p.shardd, &p.shardd_metrics, &p.inbound, &p.outbound, &p.sidecar_metrics}) {
-        *port = pick_free_port();
+        for (int tries = 0; tries < 100 && (*port == 0 || taken.count(*port)); ++tries) *port = pick_free_port();
+        if (!taken.insert(*port).second) throw std::runtime_error("could not find enough free ports on 127.0.0.1");
       }
     }
     for (int i = 0; i < n; ++i) {
