@@ -5,6 +5,12 @@
 //               a child process so that its peak RSS is measured like a stage's);
 //   2-stage     two shardd processes talking gRPC on 127.0.0.1;
 //   4-stage     four of them.
+// and, for the cnn, the protection overhead (issue 5): the same 2-shard job run
+// with `shardctl run` (every shardd behind its own mTLS shard-sidecar, as in the
+// cluster) against the direct 2-stage shardd pipeline above (no sidecars), same
+// job file, same steps, one after the other in this run:
+//   sidecar_overhead    samples/s through the sidecars, baseline = the direct
+//                       pipeline; the ratio's target is >= 0.95
 // Figures (DESIGN.md §8) go to build/bench/results.jsonl, one JSON object per line:
 //   samples_per_second  per configuration, baseline = monolithic
 //   peak_rss            per stage (MiB), baseline = the monolithic process, with the
@@ -225,6 +231,7 @@ struct Settings {
   int cores = 1;
   double timeout_s = 900;
   fs::path shardd;
+  fs::path shardctl;
   fs::path self;
 };
 
@@ -362,7 +369,102 @@ struct BenchOptions {
   double steps_scale = 1.0;
   int cores = 0;
   double timeout_s = 900;
+  int64_t sidecar_steps = 100;  // steps of each run of the sidecar comparison
+  bool sidecars_only = false;  // run only the sidecar comparison
 };
+
+// The shard-0 "stage finished" figures of a run of `shardctl run`, from the shardd
+// log it writes in <workdir>/logs/ (the same line run_pipeline reads).
+StageOutcome run_shardctl(const Settings& s, const fs::path& job_file, int stages, const fs::path& dir) {
+  const int threads = std::max(1, s.cores / stages);
+  const fs::path work = dir / "work";
+  fs::create_directories(dir);
+  ChildGroup group;
+  auto& child = group.spawn("shardctl run",
+                            {s.shardctl.string(), "run", job_file.string(), "--workdir", work.string(), "--device",
+                             "cpu", "--threads", std::to_string(threads)},
+                            thread_env(threads), dir / "shardctl.log");
+  group.wait_all(Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(s.timeout_s * 1000)), s.timeout_s);
+  const fs::path log = work / "logs" / "shard-0.log";
+  StageOutcome o;
+  bool finished = false;
+  for (auto& j : json_lines(log)) {
+    if (j.value("msg", "") != "stage finished") continue;
+    finished = true;
+    o.train_seconds = j.value("train_seconds", 0.0);
+    o.trained_steps = j.value("trained_steps", int64_t{0});
+  }
+  if (!finished) {
+    throw BenchError("shardctl run exited 0 but shard 0 logged no \"stage finished\" in " + log.string() +
+                     "; shardctl's last lines:\n" + indented_tail(child.log_file, kLogTailLines));
+  }
+  o.cpu_seconds = cpu_seconds(child.status->usage);
+  return o;
+}
+
+// The sidecar overhead (issue 5 "Benchmark"): one cnn job with `steps` steps (one
+// epoch of steps x batchSize samples, so that shardctl run, which has no step
+// limit, trains exactly as many as the direct pipeline's --max-steps), run first
+// as the direct 2-stage pipeline, then with `shardctl run` through the sidecars.
+// samples/s is shard 0's trained samples / train seconds in both.
+void sidecar_comparison(const Settings& s, const json& example_job, int64_t steps, const fs::path& tmp,
+                        std::vector<Figure>& figures) {
+  constexpr int n = 2;
+  const fs::path dir = tmp / "cnn-sidecars";
+  fs::create_directories(dir);
+  json job = bench_job(example_job, n);
+  const int64_t batch = job["spec"]["training"]["batchSize"].get<int64_t>();
+  job["spec"]["training"]["epochs"] = 1;
+  job["spec"]["dataset"]["maxTrainSamples"] = steps * batch;
+  // Two shards of the example cnn: stage 0 holds 0.55 of it, above the example's
+  // 0.5, which the operator's render() (behind shardctl run) refuses.
+  job["spec"]["protection"]["maxExposure"] = 0.6;
+  const fs::path job_file = write_job(job, dir / "job.yaml");
+  const int threads = std::max(1, s.cores / n);
+  auto sps_of = [&](const StageOutcome& o) {
+    return o.train_seconds > 0 ? static_cast<double>(o.trained_steps * batch) / o.train_seconds : 0.0;
+  };
+
+  std::cout << "[sidecars 1/2] cnn 2-stage pipeline without sidecars (" << n << " shardd x " << threads
+            << " thread(s), " << steps << " steps) ...\n"
+            << std::flush;
+  auto t0 = Clock::now();
+  const auto direct = run_pipeline(s, job_file, n, steps, dir / "direct");
+  const double direct_sps = sps_of(direct.front());
+  std::cout << "      " << fixed(direct_sps, 1) << " samples/s (" << fixed(seconds_since(t0), 1) << " s)\n"
+            << std::flush;
+
+  std::cout << "[sidecars 2/2] cnn the same job with shardctl run (" << n << " shardd, each behind its "
+            << "shard-sidecar) ...\n"
+            << std::flush;
+  t0 = Clock::now();
+  const StageOutcome through = run_shardctl(s, job_file, n, dir / "shardctl");
+  if (through.trained_steps != direct.front().trained_steps) {
+    throw BenchError("shardctl run trained " + std::to_string(through.trained_steps) + " steps, the direct pipeline " +
+                     std::to_string(direct.front().trained_steps) + ": not the same job");
+  }
+  const double sidecar_sps = sps_of(through);
+  const double ratio = direct_sps > 0 ? sidecar_sps / direct_sps : 0.0;
+  std::cout << "      " << fixed(sidecar_sps, 1) << " samples/s (" << fixed(seconds_since(t0), 1)
+            << " s); through sidecars / direct = " << fixed(ratio, 3) << " (target >= 0.95)\n"
+            << std::flush;
+  figures.push_back({"cnn", "2-stage direct",
+                     figure("pipeline.cnn.2-stage.direct", "samples_per_second", direct_sps, "samples/s", direct_sps)});
+  figures.push_back({"cnn", "2-stage sidecars",
+                     figure("pipeline.cnn.2-stage.sidecars", "samples_per_second", sidecar_sps, "samples/s",
+                            direct_sps)});
+  figures.push_back({"cnn", "2-stage sidecars",
+                     figure("pipeline.cnn.2-stage.sidecars", "sidecar_overhead", ratio, "fraction", 0.95)});
+}
+
+json read_example(const fs::path& examples, const std::string& model) {
+  const fs::path example = examples / ("fashion-mnist-" + model + ".yaml");
+  std::ifstream in(example);
+  if (!in) throw BenchError("cannot read " + example.string());
+  std::stringstream text;
+  text << in.rdbuf();
+  return yaml_to_json(text.str());
+}
 
 int run_bench(const BenchOptions& opt) {
   Settings s;
@@ -373,22 +475,24 @@ int run_bench(const BenchOptions& opt) {
   if (::access(s.shardd.c_str(), X_OK) != 0) {
     throw BenchError("cannot run " + s.shardd.string() + " (build it: cmake --build build --target shardd)");
   }
+  s.shardctl = fs::path(self_dir()) / "shardctl";
+  for (const fs::path& p : {s.shardctl, fs::path(self_dir()) / "shard-sidecar"}) {
+    if (::access(p.c_str(), X_OK) != 0) {
+      throw BenchError("cannot run " + p.string() + " (build it: cmake --build build --target shardctl shard-sidecar)");
+    }
+  }
   install_signal_handlers();
   TempDir tmp("pipeline_bench");
   const std::vector<int> stage_counts = {2, 4};
-  const int total_runs = static_cast<int>(opt.models.size() * (1 + stage_counts.size()));
+  const std::vector<std::string> models = opt.sidecars_only ? std::vector<std::string>{} : opt.models;
+  const int total_runs = static_cast<int>(models.size() * (1 + stage_counts.size()));
   std::cout << "pipeline_bench: " << s.cores << " cores; results to " << opt.out.string() << "\n" << std::flush;
 
   std::vector<Figure> figures;
   int run = 0;
   const auto bench_start = Clock::now();
-  for (const auto& model : opt.models) {
-    const fs::path example = opt.examples / ("fashion-mnist-" + model + ".yaml");
-    std::ifstream in(example);
-    if (!in) throw BenchError("cannot read " + example.string());
-    std::stringstream text;
-    text << in.rdbuf();
-    const json example_job = yaml_to_json(text.str());
+  for (const auto& model : models) {
+    const json example_job = read_example(opt.examples, model);
     const int64_t base_steps = model == "vit" ? opt.vit_steps : opt.cnn_steps;
     const int64_t steps = std::max<int64_t>(1, std::llround(static_cast<double>(base_steps) * opt.steps_scale));
     const JobSpec spec = job_from_json(bench_job(example_job, 1));  // what every configuration runs
@@ -465,6 +569,10 @@ int run_bench(const BenchOptions& opt) {
       }
     }
   }
+  if (opt.sidecars_only || std::find(opt.models.begin(), opt.models.end(), "cnn") != opt.models.end()) {
+    const int64_t steps = std::max<int64_t>(1, std::llround(static_cast<double>(opt.sidecar_steps) * opt.steps_scale));
+    sidecar_comparison(s, read_example(opt.examples, "cnn"), steps, tmp.path(), figures);
+  }
   {
     std::vector<json> rows;
     for (const auto& f : figures) rows.push_back(f.row);
@@ -523,6 +631,10 @@ int main(int argc, char** argv) {
       ->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--timeout", opt.timeout_s, "seconds one configuration may run before its processes are killed")
       ->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--sidecar-steps", opt.sidecar_steps, "training steps per run of the cnn sidecar comparison")
+      ->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_flag("--sidecars-only", opt.sidecars_only,
+               "run only the sidecar comparison (cnn 2-stage: shardctl run through the sidecars vs direct)");
   // Internal: the monolithic baseline runs as a child process of the benchmark.
   app.add_option("--monolithic", monolithic_job, "(internal) train JOB whole in this process and print one JSON line");
   app.add_option("--threads", threads, "(internal, with --monolithic) compute threads");
