@@ -24,8 +24,11 @@
 #include "shardguard/common/crypto.h"
 #include "shardguard/common/files.h"
 #include "shardguard/common/jobspec.h"
+#include "shardguard/common/pki.h"
 #include "shardguard/common/process.h"
+#include "shardguard/operator/reconcile.h"
 #include "shardguard/operator/render.h"
+#include "shardguard/operator/status.h"
 #include "shardguard/shardctl/job_pki.h"
 #include "shardguard/shardctl/progress.h"
 #include "shardguard/shardd/model_desc.h"
@@ -614,6 +617,33 @@ int RunLocal(const LocalRunOptions& options) {
   for (const auto& st : stages) {
     std::printf("  shard %d         %lld parameters (%.1f%% of the model), restarts %d\n", st.index,
                 static_cast<long long>(st.parameters), 100.0 * shardd::parameter_share(desc, st), shards[st.index].restarts);
+  }
+  // Exposure, computed as the operator computes status.exposure: each shard's
+  // principal (its SPIFFE ID) holds its own stage only; locally every shard pod is
+  // its own node (local-shard-<i>), so the placement history is {node i: {i}}.
+  {
+    const std::vector<int64_t> params = op::stage_parameters(job);
+    op::PlacementHistory history;
+    for (int i = 0; i < n; ++i) history["local-shard-" + std::to_string(i)] = {i};
+    const op::ExposureReport report = op::compute_exposure(params, history);
+    std::printf("  exposure        per principal and per node (each shard is its own node here); maxExposure %.4f\n",
+                job.protection.max_exposure);
+    for (int i = 0; i < n; ++i) {
+      const std::string node = "local-shard-" + std::to_string(i);
+      double node_ratio = 0;
+      for (const auto& ne : report.nodes) {
+        if (ne.node == node) node_ratio = ne.ratio;
+      }
+      std::printf("  exposure shard %d principal %s %.4f node %s %.4f\n", i,
+                  spiffe_id_for_shard(job.protection.trust_domain, job.namespace_, job.name,
+                                      static_cast<uint32_t>(i)).c_str(),
+                  op::exposure_of(params, {i}), node.c_str(), node_ratio);
+    }
+    std::printf("  exposure max    principal %.4f, node %.4f  (%s maxExposure %.4f)\n", report.max_principal,
+                report.max_node,
+                std::max(report.max_principal, report.max_node) <= job.protection.max_exposure + 1e-9 ? "within"
+                                                                                                       : "ABOVE",
+                job.protection.max_exposure);
   }
   // Every byte a shardd sent or received crossed its sidecar: the sidecar's relayed
   // bytes (shardguard_proxy_bytes_total) against shardd's own count

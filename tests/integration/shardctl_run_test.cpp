@@ -63,7 +63,9 @@ std::unique_ptr<Process> start_run(const std::string& job, const std::string& wo
 
 TEST_F(ShardctlRunTest, TrainsThroughTheSidecarsWhichRelayEveryByteAndLeavesNothingRunning) {
   constexpr int n = 3;
-  const std::string job = write_job(job_json(n));
+  auto spec = job_json(n);
+  spec["spec"]["protection"]["maxExposure"] = 0.9;
+  const std::string job = write_job(spec);
   const std::string work = dir_ + "/work";
   auto run = start_run(job, work, dir_ + "/run.out");
   const auto st = run->wait_for(300s);
@@ -124,6 +126,40 @@ TEST_F(ShardctlRunTest, TrainsThroughTheSidecarsWhichRelayEveryByteAndLeavesNoth
   }
   EXPECT_EQ(rows, n) << out;
   EXPECT_NE(out.find("policy denials  0"), std::string::npos) << out;
+
+  // Exposure per principal and per node (each shard its own node): each equals its
+  // stage's share of the parameters, read independently from the report's
+  // parameter counts, and none is above maxExposure.
+  std::vector<double> params(n, -1);
+  double total = 0;
+  const std::regex shard_params("shard (\\d+) +(\\d+) parameters \\(");
+  for (auto it = std::sregex_iterator(out.begin(), out.end(), shard_params); it != std::sregex_iterator(); ++it) {
+    const int i = std::stoi((*it)[1]);
+    ASSERT_TRUE(i >= 0 && i < n) << out;
+    params[i] = std::stod((*it)[2]);
+    total += params[i];
+  }
+  ASSERT_GT(total, 0) << out;
+  ASSERT_TRUE(std::regex_search(out, m, std::regex("maxExposure ([0-9.]+)\n"))) << out;
+  const double max_exposure = std::stod(m[1]);
+  EXPECT_DOUBLE_EQ(max_exposure, spec["spec"]["protection"]["maxExposure"].get<double>());
+  const std::regex exposure("exposure shard (\\d+) principal (\\S+) ([0-9.]+) node (\\S+) ([0-9.]+)");
+  int exposures = 0;
+  for (auto it = std::sregex_iterator(out.begin(), out.end(), exposure); it != std::sregex_iterator(); ++it) {
+    const int i = std::stoi((*it)[1]);
+    SCOPED_TRACE("shard " + std::to_string(i));
+    ++exposures;
+    ASSERT_GE(params[i], 0) << out;
+    EXPECT_EQ((*it)[2].str(), "spiffe://shardguard.local/ns/default/job/it-mlp/shard/" + std::to_string(i));
+    EXPECT_EQ((*it)[4].str(), "local-shard-" + std::to_string(i));
+    const double principal = std::stod((*it)[3]), node = std::stod((*it)[5]);
+    EXPECT_NEAR(principal, params[i] / total, 1e-4);
+    EXPECT_NEAR(node, params[i] / total, 1e-4);
+    EXPECT_LE(principal, max_exposure);
+    EXPECT_LE(node, max_exposure);
+  }
+  EXPECT_EQ(exposures, n) << out;
+  EXPECT_NE(out.find("within maxExposure"), std::string::npos) << out;
 
   // Each sidecar was asked to stop (SIGTERM) and stopped cleanly; no child is left.
   for (int i = 0; i < n; ++i) {
