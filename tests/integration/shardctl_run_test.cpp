@@ -1,7 +1,8 @@
 // `shardctl run` end to end (issue 5): the job rendered by the operator's code, each
 // shard pod as a shardd behind its own shard-sidecar on 127.0.0.1, every
-// stage-to-stage byte through the sidecars; Ctrl-C stops everything and --resume
-// continues from the checkpoints.
+// stage-to-stage byte through the sidecars; the report's exposure per principal and
+// per node; a shardd SIGKILLed mid-run is restarted from its checkpoint and every
+// step gets done; Ctrl-C stops everything and --resume continues from the checkpoints.
 #include <gtest/gtest.h>
 
 #include <signal.h>
@@ -10,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <regex>
+#include <set>
 #include <sstream>
 
 #include "integration/pipeline_fixture.h"
@@ -222,6 +224,89 @@ TEST_F(ShardctlRunTest, SigintStopsEveryProcessAndResumeFinishesTheRun) {
   EXPECT_GE(resumes.back().value("step", 0), 8);
   const auto left_after = processes_mentioning(work + "/");
   EXPECT_TRUE(left_after.empty()) << joined(left_after);
+}
+
+TEST_F(ShardctlRunTest, KilledShardIsRestartedFromItsCheckpointAndEveryStepIsDone) {
+  constexpr int n = 3;
+  constexpr int64_t total = 96;  // 2 epochs of 48 steps; checkpoints every 8
+  auto spec = job_json(n);
+  spec["spec"]["training"]["epochs"] = 2;
+  const std::string job = write_job(spec);
+  const std::string work = dir_ + "/work";
+  const std::string last_log = work + "/logs/shard-" + std::to_string(n - 1) + ".log";
+  auto run = start_run(job, work, dir_ + "/run.out");
+
+  // Wait (bounded) until training is past two checkpoints, then SIGKILL the middle
+  // shard's shardd (found by its command line: the shardd binary, --stage 1, this
+  // run's workdir). Its sidecar stays.
+  const auto deadline = std::chrono::steady_clock::now() + 120s;
+  bool trained = false;
+  while (!trained && std::chrono::steady_clock::now() < deadline) {
+    ASSERT_FALSE(run->wait_for(100ms).has_value()) << read_file(dir_ + "/run.out");
+    const auto steps = log_lines(last_log, "step");
+    trained = !steps.empty() && steps.back().value("step", 0) >= 20;
+  }
+  ASSERT_TRUE(trained) << read_file(dir_ + "/run.out");
+  pid_t victim = 0;
+  for (const auto& p : processes_mentioning(work + "/")) {
+    const std::string cmd = p.substr(p.find(": ") + 2);
+    if (cmd.rfind(kBin + "/shardd ", 0) == 0 && cmd.find(" --stage 1 ") != std::string::npos) {
+      ASSERT_EQ(victim, 0) << "two shardd processes of stage 1:\n" << joined(processes_mentioning(work + "/"));
+      victim = static_cast<pid_t>(std::stol(p.substr(0, p.find(':'))));
+    }
+  }
+  ASSERT_GT(victim, 0) << joined(processes_mentioning(work + "/"));
+  ASSERT_EQ(::kill(victim, SIGKILL), 0);
+
+  const auto st = run->wait_for(300s);
+  ASSERT_TRUE(st.has_value()) << "shardctl run did not finish in 300 s";
+  const std::string out = read_file(dir_ + "/run.out");
+  ASSERT_TRUE(st->exited && st->code == 0) << st->str() << "\n" << out;
+
+  // shardctl restarted it once, within runPolicy.backoffLimit, and said so.
+  EXPECT_NE(out.find("shard 1 stopped (killed by signal"), std::string::npos) << out;
+  EXPECT_NE(out.find("restarting it from its checkpoint (1/"), std::string::npos) << out;
+  EXPECT_TRUE(std::regex_search(out, std::regex("shard 1 +\\d+ parameters \\([0-9.]+% of the model\\), restarts 1")))
+      << out;
+  EXPECT_NE(out.find("after " + std::to_string(total) + " steps"), std::string::npos) << out;
+
+  // The last stage went back to a checkpoint every stage holds (a multiple of 8, at
+  // most one interval behind the last step it had logged) and from there trained
+  // every step to the end: no step lost beyond the checkpoint.
+  std::ifstream in(last_log);
+  std::string line;
+  int64_t max_before = 0;
+  std::vector<std::pair<int64_t, int64_t>> restarts;  // (resumed at, last step logged before)
+  std::set<int64_t> after_resume;
+  while (std::getline(in, line)) {
+    const auto j = nlohmann::json::parse(line, nullptr, false);
+    if (!j.is_object()) continue;
+    const std::string msg = j.value("msg", "");
+    if (msg == "pipeline resumed" && j.value("step", int64_t{0}) > 0) {
+      restarts.emplace_back(j.value("step", int64_t{0}), max_before);
+      after_resume.clear();
+    } else if (msg == "step") {
+      const int64_t step = j.value("step", int64_t{0});
+      max_before = std::max(max_before, step);
+      after_resume.insert(step);
+    }
+  }
+  ASSERT_FALSE(restarts.empty()) << "the last stage never resynchronised after the kill\n" << out;
+  const auto [resumed, killed_at] = restarts.back();
+  EXPECT_EQ(resumed % 8, 0);
+  EXPECT_GE(resumed, 16);
+  EXPECT_GE(resumed, killed_at - 8 - 1);
+  EXPECT_LE(resumed, killed_at + 1);
+  for (int64_t step = resumed + 1; step <= total; ++step) {
+    EXPECT_TRUE(after_resume.count(step)) << "step " << step << " was not trained after the resume at " << resumed;
+  }
+  EXPECT_EQ(*after_resume.rbegin(), total);
+  std::cout << "[ figures  ] killed shard 1 with the last stage at step " << killed_at << "; resumed at checkpoint "
+            << resumed << ", finished " << total << " steps\n";
+
+  // Nothing of the run is left behind.
+  const auto left = processes_mentioning(work + "/");
+  EXPECT_TRUE(left.empty()) << joined(left);
 }
 
 }  // namespace
