@@ -429,15 +429,20 @@ void sidecar_comparison(const Settings& s, const json& example_job, int64_t step
             << " thread(s), " << steps << " steps) ...\n"
             << std::flush;
   auto t0 = Clock::now();
+  double busy0 = machine_busy_seconds();
   const auto direct = run_pipeline(s, job_file, n, steps, dir / "direct");
   const double direct_sps = sps_of(direct.front());
   std::cout << "      " << fixed(direct_sps, 1) << " samples/s (" << fixed(seconds_since(t0), 1) << " s)\n"
             << std::flush;
+  double direct_cpu = 0;
+  for (const auto& st : direct) direct_cpu += st.cpu_seconds;
+  warn_if_contended(busy0, direct_cpu, seconds_since(t0), s.cores);
 
   std::cout << "[sidecars 2/2] cnn the same job with shardctl run (" << n << " shardd, each behind its "
             << "shard-sidecar) ...\n"
             << std::flush;
   t0 = Clock::now();
+  busy0 = machine_busy_seconds();
   const StageOutcome through = run_shardctl(s, job_file, n, dir / "shardctl");
   if (through.trained_steps != direct.front().trained_steps) {
     throw BenchError("shardctl run trained " + std::to_string(through.trained_steps) + " steps, the direct pipeline " +
@@ -448,6 +453,8 @@ void sidecar_comparison(const Settings& s, const json& example_job, int64_t step
   std::cout << "      " << fixed(sidecar_sps, 1) << " samples/s (" << fixed(seconds_since(t0), 1)
             << " s); through sidecars / direct = " << fixed(ratio, 3) << " (target >= 0.95)\n"
             << std::flush;
+  // shardctl's rusage includes its reaped children: every shardd and sidecar.
+  warn_if_contended(busy0, through.cpu_seconds, seconds_since(t0), s.cores);
   figures.push_back({"cnn", "2-stage direct",
                      figure("pipeline.cnn.2-stage.direct", "samples_per_second", direct_sps, "samples/s", direct_sps)});
   figures.push_back({"cnn", "2-stage sidecars",
