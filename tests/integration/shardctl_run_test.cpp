@@ -103,8 +103,9 @@ TEST_F(ShardctlRunTest, TrainsThroughTheSidecarsWhichRelayEveryByteAndLeavesNoth
   }
 
   // Every byte each shardd sent or received crossed its own sidecar: the sidecar's
-  // shardguard_proxy_bytes_total as the report reads it equals shardd's own count,
-  // which the test reads independently from shardd's last log line.
+  // shardguard_proxy_bytes_total as the report reads it equals shardd's own count
+  // (received exactly; sent up to a last message to a finished peer, below), which
+  // the test reads independently from shardd's last log line.
   const std::regex traffic(
       "shard (\\d+) traffic sidecar sent (\\d+) received (\\d+); shardd sent (\\d+) received (\\d+)");
   int rows = 0;
@@ -121,8 +122,13 @@ TEST_F(ShardctlRunTest, TrainsThroughTheSidecarsWhichRelayEveryByteAndLeavesNoth
     EXPECT_EQ(std::stod((*it)[5]), shardd_received);
     EXPECT_GT(sidecar_sent, 100000);
     EXPECT_GT(sidecar_received, 100000);
-    EXPECT_EQ(sidecar_sent, shardd_sent);
     EXPECT_EQ(sidecar_received, shardd_received);
+    // shardd counts a message as sent when it hands it to gRPC; the sidecar when it has
+    // relayed it. At the very end a stage may send a last small message towards a
+    // neighbour that has already finished: counted by shardd, never relayed (seen: 22 to
+    // 66 bytes in 1 run of 4). Anything that bypassed the sidecar would be megabytes.
+    EXPECT_LE(sidecar_sent, shardd_sent);
+    EXPECT_LE(shardd_sent - sidecar_sent, 256.0) << "more than one small final message not relayed";
     std::cout << "[ figures  ] shard " << i << ": sidecar sent " << sidecar_sent << " received " << sidecar_received
               << "; shardd sent " << shardd_sent << " received " << shardd_received << "\n";
   }
