@@ -87,7 +87,7 @@ test: deps build
 
 # The tests of everything that does not link LibTorch, under ASan + UBSan.
 test-asan:
-	cmake -S . -B $(ASAN_BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=Debug -DSHARDGUARD_WITH_TORCH=OFF -DSHARDGUARD_SANITIZE=ON
+	cmake -S . -B $(ASAN_BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=Debug -DSHARDGUARD_WITH_TORCH=OFF -DSHARDGUARD_SANITIZE=ON -DSHARDGUARD_BUILD_BENCH=OFF
 	cmake --build $(ASAN_BUILD) -j $(JOBS)
 	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  ctest --output-on-failure --timeout 600 -j 1

@@ -166,7 +166,12 @@ TEST_F(InformerTest, RelistsAfter410AndEmitsTheDifference) {
   srv_.compact();
   srv_.set_latency(0ms);
 
-  ASSERT_TRUE(eventually([&] { return inf.relists() >= 1 && inf.list().size() == 3u; }, 20s));
+  // The handlers run after the relist replaced the cache: wait for them too.
+  ASSERT_TRUE(eventually([&] {
+    return inf.relists() >= 1 && inf.list().size() == 3u && rec_.with([&] {
+             return rec_.adds.count("new") > 0 && rec_.deletes.count("gone") > 0 && rec_.updates.count("change") > 0;
+           });
+  }, 20s));
   rec_.with([&] {
     EXPECT_EQ(rec_.adds["new"], 1);
     EXPECT_EQ(rec_.deletes["gone"], 1);
