@@ -27,14 +27,6 @@ std::string data_digest(const json& data) { return sha256_hex(data.dump()); }
 
 namespace {
 
-std::string fmt4(double v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.4f", v);
-  return buf;
-}
-
-double round4(double v) { return std::round(v * 10000.0) / 10000.0; }
-
 bool being_deleted(const json& obj) {
   return obj.contains("metadata") && obj["metadata"].contains("deletionTimestamp") &&
          !obj["metadata"]["deletionTimestamp"].is_null();
@@ -224,7 +216,7 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
                                              : "every shard finished training" +
                                                    (st.contains("progress") && st["progress"].contains("accuracy")
                                                         ? "; test accuracy " +
-                                                              fmt4(st["progress"]["accuracy"].get<double>())
+                                                              format4(st["progress"]["accuracy"].get<double>())
                                                         : std::string())});
     }
   };
@@ -350,12 +342,12 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   // (A finished job keeps the condition it ended with.)
   const bool isolated = p.exposure.max_node <= max_exposure + 1e-12;
   cond.set("ShardIsolation", isolated, isolated ? "ExposureWithinLimit" : "ExposureAboveLimit",
-           "largest node exposure " + fmt4(p.exposure.max_node) + (isolated ? " <= " : " > ") + "maxExposure " +
-               fmt4(max_exposure) + " over " + std::to_string(history.size()) + " node(s)");
+           "largest node exposure " + format4(p.exposure.max_node) + (isolated ? " <= " : " > ") + "maxExposure " +
+               format4(max_exposure) + " over " + std::to_string(history.size()) + " node(s)");
   if (!isolated && condition_true(old_status.value("conditions", json::array()), "ShardIsolation")) {
     p.events.push_back({"Warning", "ExposureAboveLimit",
-                        "a node has held " + fmt4(p.exposure.max_node) + " of the model, above maxExposure " +
-                            fmt4(max_exposure)});
+                        "a node has held " + format4(p.exposure.max_node) + " of the model, above maxExposure " +
+                            format4(max_exposure)});
   }
 
   // --- render (refuses a spec whose largest stage exceeds maxExposure) ---------------------

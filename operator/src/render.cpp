@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <string>
 
+#include "shardguard/operator/status.h"
 #include "shardguard/shardd/model_desc.h"
 #include "shardguard/shardd/partition.h"
 #include "shardguard/sidecar/policy.h"
@@ -13,12 +14,6 @@ namespace shardguard::op {
 using nlohmann::json;
 
 namespace {
-
-std::string fmt_share(double v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.4f", v);
-  return buf;
-}
 
 json labels(const JobSpec& job, int shard) {
   json l = {{kLabelJob, job.name}, {kLabelManagedBy, kManagedBy}};
@@ -54,9 +49,9 @@ void check_exposure(const JobSpec& job) {
     const double share = shardd::parameter_share(model, s);
     if (share > job.protection.max_exposure) {
       throw RenderError("spec.protection.maxExposure: stage " + std::to_string(s.index) + " alone holds " +
-                        fmt_share(share) + " of the model's parameters (" + std::to_string(s.parameters) +
+                        format4(share) + " of the model's parameters (" + std::to_string(s.parameters) +
                         " of " + std::to_string(model.parameters()) + "), more than maxExposure " +
-                        fmt_share(job.protection.max_exposure) +
+                        format4(job.protection.max_exposure) +
                         "; use more shards or raise maxExposure");
     }
   }

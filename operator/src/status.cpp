@@ -1,6 +1,7 @@
 #include "shardguard/operator/status.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <ctime>
 #include <numeric>
@@ -74,10 +75,13 @@ PlacementHistory history_from_status(const json& status) {
   return h;
 }
 
-namespace {
-// Ratios are written rounded to 4 decimals so that status stays byte-stable.
-double round4(double v) { return static_cast<double>(static_cast<int64_t>(v * 10000.0 + 0.5)) / 10000.0; }
-}  // namespace
+double round4(double v) { return std::round(v * 10000.0) / 10000.0; }
+
+std::string format4(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.4f", v);
+  return buf;
+}
 
 json exposure_to_json(const ExposureReport& report) {
   json nodes = json::array();

@@ -56,6 +56,11 @@ void set_condition(nlohmann::json& conditions, const std::string& type, bool sta
 // The condition's status is "True".
 bool condition_true(const nlohmann::json& conditions, const std::string& type);
 
+// A ratio rounded to 4 decimals (status stays byte-stable between reconciles), and the
+// same as text ("0.2500") for conditions, Events and refusals.
+double round4(double v);
+std::string format4(double v);
+
 // RFC 3339 UTC with second precision, e.g. 2026-11-26T03:40:00Z, and back (seconds
 // since the epoch; -1 when it does not parse).
 std::string format_time(int64_t unix_seconds);
