@@ -25,6 +25,13 @@ int main(int argc, char** argv) {
   run_cmd->add_option("--threads", run.threads, "compute threads per shard process (default: cores / shards)");
   run_cmd->add_option("--shardd", run.shardd, "path of the shardd binary (default: next to shardctl)");
   run_cmd->add_option("--sidecar", run.sidecar, "path of the shard-sidecar binary (default: next to shardctl)");
+  run_cmd->add_flag("--prometheus", run.prometheus,
+                    "also run Prometheus (Debian package) scraping every shardd and sidecar; the report adds "
+                    "the exposure it reads back with PromQL");
+  run_cmd->add_option("--prometheus-bin", run.prometheus_bin, "the prometheus binary (name in PATH, or a path)")
+      ->capture_default_str();
+  run_cmd->add_option("--prometheus-port", run.prometheus_port, "Prometheus' port on 127.0.0.1 (default: a free one)")
+      ->check(CLI::Range(0, 65535));
   run_cmd->add_option("--peer-timeout", run.peer_timeout_s, "seconds a shard waits for a neighbour")
       ->capture_default_str();
 

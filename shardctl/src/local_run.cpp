@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -33,6 +34,7 @@
 #include "shardguard/shardctl/progress.h"
 #include "shardguard/shardd/model_desc.h"
 #include "shardguard/shardd/partition.h"
+#include "shardguard/shardctl/local_prometheus.h"
 
 namespace shardguard::shardctl {
 namespace {
@@ -313,6 +315,69 @@ std::string wait_for_sidecars(std::vector<Shard>& shards, std::chrono::seconds l
   return "";
 }
 
+// Short, so that even a short run's shardd processes are scraped before they finish.
+constexpr std::chrono::milliseconds kScrapeInterval{500};
+
+// Every shardd and sidecar, labelled as the chart's PodMonitor labels shard pods.
+std::vector<ScrapeTarget> scrape_targets(const JobSpec& job, const op::DesiredObjects& objects,
+                                         const std::vector<Shard>& shards) {
+  std::vector<ScrapeTarget> out;
+  for (const Shard& s : shards) {
+    std::map<std::string, std::string> labels{
+        {"namespace", job.namespace_},
+        {"job", job.name},
+        {"shard", std::to_string(s.index)},
+        {"pod", objects.pods[s.index].at("metadata").value("name", "")},
+        {"node", "local-shard-" + std::to_string(s.index)}};
+    labels["container"] = "shardd";
+    out.push_back({local(s.ports.shardd_metrics), labels});
+    labels["container"] = "sidecar";
+    out.push_back({local(s.ports.sidecar_metrics), labels});
+  }
+  return out;
+}
+
+// The report's Prometheus part: which targets were ever scraped, and each
+// principal's exposure as PromQL computes it (read over the run, as the processes
+// have stopped). False when a target was never scraped, a query failed, or an
+// exposure is above maxExposure.
+bool report_from_prometheus(LocalPrometheus& prometheus, const JobSpec& job, int n, double wall_s) {
+  const std::string selector = "namespace=\"" + job.namespace_ + "\", job=\"" + job.name + "\"";
+  const std::string range = std::to_string(static_cast<int64_t>(wall_s) + 60) + "s";
+  try {
+    const json up = prometheus.query("max by (pod, container) (max_over_time(up{" + selector + "}[" + range + "]))");
+    int scraped = 0;
+    std::vector<std::string> missed;
+    for (const json& r : up) {
+      if (r.at("value").at(1).get<std::string>() == "1") {
+        ++scraped;
+      } else {
+        missed.push_back(r.at("metric").value("pod", "?") + "/" + r.at("metric").value("container", "?"));
+      }
+    }
+    std::printf("  prometheus      %s scraped %d of %d targets\n", prometheus.url().c_str(), scraped, 2 * n);
+    for (const auto& m : missed) std::printf("  prometheus      NEVER scraped successfully: %s\n", m.c_str());
+
+    const json exposure = prometheus.query(principal_exposure_query(selector, range));
+    double largest = 0;
+    std::vector<std::pair<std::string, double>> rows;
+    for (const json& r : exposure) {
+      const double v = std::stod(r.at("value").at(1).get<std::string>());
+      rows.emplace_back(r.at("metric").value("peer", "?"), v);
+      largest = std::max(largest, v);
+    }
+    std::sort(rows.begin(), rows.end());
+    for (const auto& [peer, v] : rows) std::printf("  exposure (PromQL) principal %s %.4f\n", peer.c_str(), v);
+    const bool within = largest <= job.protection.max_exposure + 1e-9;
+    std::printf("  exposure (PromQL) max %.4f over %zu principal(s)  (%s maxExposure %.4f)\n", largest, rows.size(),
+                within ? "within" : "ABOVE", job.protection.max_exposure);
+    return scraped == 2 * n && !rows.empty() && within;
+  } catch (const std::exception& e) {
+    std::cerr << "shardctl run: --prometheus: " << e.what() << "\n";
+    return false;
+  }
+}
+
 }  // namespace
 
 int RunLocal(const LocalRunOptions& options) {
@@ -343,6 +408,22 @@ int RunLocal(const LocalRunOptions& options) {
   for (const auto& [path, flag] : {std::pair{shardd_path, "--shardd"}, std::pair{sidecar_path, "--sidecar"}}) {
     if (::access(path.c_str(), X_OK) != 0) {
       std::cerr << "shardctl run: cannot run " << path << " (build it with `make build`, or pass " << flag << ")\n";
+      return 2;
+    }
+  }
+
+  std::string prometheus_path;
+  if (options.prometheus) {
+    prometheus_path = find_in_path(options.prometheus_bin);
+    if (prometheus_path.empty()) {
+      std::cerr << "shardctl run: --prometheus: cannot find " << options.prometheus_bin
+                << (options.prometheus_bin.find('/') == std::string::npos ? " in PATH" : "")
+                << " (Debian package prometheus, installed by `make deps`; or pass --prometheus-bin)\n";
+      return 2;
+    }
+    if (options.prometheus_port != 0 && !port_free(options.prometheus_port)) {
+      std::cerr << "shardctl run: --prometheus-port " << options.prometheus_port << ": 127.0.0.1:"
+                << options.prometheus_port << " is already in use\n";
       return 2;
     }
   }
@@ -386,16 +467,26 @@ int RunLocal(const LocalRunOptions& options) {
   const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
   const int threads = options.threads > 0 ? options.threads : std::max(1, static_cast<int>(cores) / n);
   std::vector<Shard> shards(n);
+  int prometheus_port = options.prometheus_port;  // 0: picked below
   try {
     make_dirs(ckpt_dir);
     make_dirs(log_dir);
     save_local_pki(pki, workdir);
     std::set<int> taken;  // five distinct ports per shard, none handed out twice
+    if (options.prometheus_port != 0) taken.insert(options.prometheus_port);
     for (int i = 0; i < n; ++i) {
       PodPorts& p = shards[i].ports;
       for (int* port : {&p.shardd, &p.shardd_metrics, &p.inbound, &p.outbound, &p.sidecar_metrics}) {
         for (int tries = 0; tries < 100 && (*port == 0 || taken.count(*port)); ++tries) *port = pick_free_port();
         if (!taken.insert(*port).second) throw std::runtime_error("could not find enough free ports on 127.0.0.1");
+      }
+    }
+    if (options.prometheus) {
+      for (int tries = 0; tries < 100 && (prometheus_port == 0 || taken.count(prometheus_port)); ++tries) {
+        prometheus_port = pick_free_port();
+      }
+      if (!taken.insert(prometheus_port).second || prometheus_port == 0) {
+        throw std::runtime_error("could not find a free port on 127.0.0.1 for Prometheus");
       }
     }
     for (int i = 0; i < n; ++i) {
@@ -468,6 +559,30 @@ int RunLocal(const LocalRunOptions& options) {
     stop_all(shards);
     std::cerr << "shardctl run: every started process was stopped\n";
     return 2;
+  }
+  // Prometheus before shardd, so that it sees every shardd from its first steps.
+  std::unique_ptr<LocalPrometheus> prometheus;
+  if (options.prometheus) {
+    std::string why;
+    try {
+      prometheus = std::make_unique<LocalPrometheus>(prometheus_path, workdir + "/prometheus", prometheus_port,
+                                                     scrape_targets(job, objects, shards), kScrapeInterval);
+      why = prometheus->wait_ready(std::chrono::seconds(30));
+      // The sidecars are up already: once Prometheus scrapes them, it scrapes.
+      if (why.empty()) why = prometheus->wait_targets_up(static_cast<size_t>(n), std::chrono::seconds(30));
+    } catch (const std::exception& e) {
+      why = e.what();
+    }
+    if (!why.empty()) {
+      std::cerr << "shardctl run: --prometheus: " << why << "\n";
+      if (prometheus) prometheus->stop();
+      stop_all(shards);
+      std::cerr << "shardctl run: every started process was stopped\n";
+      return 2;
+    }
+    std::cout << "  prometheus " << prometheus->url() << "  (scraping " << 2 * n << " targets every "
+              << kScrapeInterval.count() << " ms; config, data and log in " << workdir << "/prometheus)\n"
+              << std::flush;
   }
   try {
     for (auto& s : shards) start(s.shardd, &s == &shards.back());
@@ -672,6 +787,13 @@ int RunLocal(const LocalRunOptions& options) {
   std::cout << "  audit logs      "
             << (audits.empty() ? "none written (no call was refused)" : log_dir + "/audit-shard-<i>.jsonl") << "\n";
   std::cout << "  logs            " << log_dir << "\n";
+  if (prometheus) {
+    const bool ok = report_from_prometheus(*prometheus, job, n, wall);
+    prometheus->stop();
+    std::cout << "  prometheus      stopped; to look again: prometheus --config.file=" << workdir
+              << "/prometheus/prometheus.yml --storage.tsdb.path=" << workdir << "/prometheus/data\n";
+    if (!ok) return 1;
+  }
   return 0;
 }
 

@@ -234,7 +234,8 @@ struct SidecarMetrics {
                     .Register(r)),
         exposure_ratio(prometheus::BuildGauge()
                            .Name("shardguard_exposure_ratio")
-                           .Help("Share of a shard's parameter bytes a principal has received through export")
+                           .Help("Share of a shard's parameters a principal holds: 1 for the shard's own principal, "
+                                 "the unique bytes received through export for an export principal")
                            .Register(r)),
         cert_reloads(prometheus::BuildCounter()
                          .Name("shardguard_cert_reloads_total")
@@ -472,6 +473,14 @@ struct Proxy::Impl {
     seen_reloads_ok = ok;
     seen_reload_errors = err;
     metrics.policy_generation.Set(static_cast<double>(policy->generation()));
+    // The shard's own principal holds the whole shard (DESIGN.md §5, held(D)): with
+    // the export principals' shares this makes shardguard_exposure_ratio the
+    // per-shard half of every principal's exposure (docs/sidecar.md gives the query).
+    if (auto p = policy->current()) {
+      const std::string self =
+          spiffe_id_for_shard(p->trust_domain(), p->ns(), p->job(), static_cast<uint32_t>(p->shard()));
+      metrics.exposure_ratio.Add({{"peer", self}, {"shard", std::to_string(p->shard())}}).Set(1.0);
+    }
   }
   void maintenance_loop() {
     std::unique_lock<std::mutex> lock(maintenance_mu);

@@ -2,17 +2,24 @@
 // shard pod as a shardd behind its own shard-sidecar on 127.0.0.1, every
 // stage-to-stage byte through the sidecars; the report's exposure per principal and
 // per node; a shardd SIGKILLed mid-run is restarted from its checkpoint and every
-// step gets done; Ctrl-C stops everything and --resume continues from the checkpoints.
+// step gets done; Ctrl-C stops everything and --resume continues from the checkpoints;
+// --prometheus runs a real Prometheus that scrapes every process, whose PromQL gives
+// each principal's exposure; a taken port or a missing binary stops nothing-started.
 #include <gtest/gtest.h>
 
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
 #include <regex>
 #include <set>
 #include <sstream>
+
+#include <httplib.h>
 
 #include "integration/pipeline_fixture.h"
 
@@ -313,6 +320,133 @@ TEST_F(ShardctlRunTest, KilledShardIsRestartedFromItsCheckpointAndEveryStepIsDon
   // Nothing of the run is left behind.
   const auto left = processes_mentioning(work + "/");
   EXPECT_TRUE(left.empty()) << joined(left);
+}
+
+// A Prometheus instant query's data.result (empty array on any failure, with the
+// reason in *error).
+nlohmann::json prom_query(int port, const std::string& q, std::string* error) {
+  httplib::Client c("127.0.0.1", port);
+  c.set_read_timeout(10);
+  auto r = c.Get("/api/v1/query", httplib::Params{{"query", q}}, httplib::Headers{});
+  if (!r) {
+    *error = "no answer";
+    return nlohmann::json::array();
+  }
+  const auto j = nlohmann::json::parse(r->body, nullptr, false);
+  if (!j.is_object() || j.value("status", "") != "success") {
+    *error = r->body;
+    return nlohmann::json::array();
+  }
+  return j["data"]["result"];
+}
+
+TEST_F(ShardctlRunTest, PrometheusScrapesEveryProcessAndReadsEachPrincipalsExposureBack) {
+  constexpr int n = 3;
+  auto spec = job_json(n);
+  spec["spec"]["protection"]["maxExposure"] = 0.9;
+  spec["spec"]["training"]["epochs"] = 2;  // long enough for a few scrapes of every shardd
+  const std::string job = write_job(spec);
+  const std::string work = dir_ + "/work";
+  auto run = start_run(job, work, dir_ + "/run.out", {"--prometheus"});
+  const auto st = run->wait_for(300s);
+  ASSERT_TRUE(st.has_value()) << "shardctl run did not finish in 300 s";
+  const std::string out = read_file(dir_ + "/run.out");
+  ASSERT_TRUE(st->exited && st->code == 0) << st->str() << "\n" << out;
+  EXPECT_TRUE(std::regex_search(out, std::regex("prometheus http://127\\.0\\.0\\.1:\\d+ +\\(scraping 6 targets")))
+      << out;
+  EXPECT_NE(out.find("scraped 6 of 6 targets"), std::string::npos) << out;
+
+  // The PromQL exposure of each shard principal equals its stage's share of the
+  // parameters (from the report's parameter counts), and nothing else holds any.
+  std::map<int, double> params;
+  double total = 0;
+  const std::regex shard_params("shard (\\d+) +(\\d+) parameters \\(");
+  for (auto it = std::sregex_iterator(out.begin(), out.end(), shard_params); it != std::sregex_iterator(); ++it) {
+    params[std::stoi((*it)[1])] = std::stod((*it)[2]);
+    total += std::stod((*it)[2]);
+  }
+  ASSERT_EQ(params.size(), static_cast<size_t>(n)) << out;
+  const std::string prefix = "spiffe://shardguard.local/ns/default/job/it-mlp/shard/";
+  const std::regex promql("exposure \\(PromQL\\) principal (\\S+) ([0-9.]+)");
+  std::set<int> seen;
+  for (auto it = std::sregex_iterator(out.begin(), out.end(), promql); it != std::sregex_iterator(); ++it) {
+    const std::string peer = (*it)[1];
+    ASSERT_EQ(peer.rfind(prefix, 0), 0u) << peer;
+    const int i = std::stoi(peer.substr(prefix.size()));
+    seen.insert(i);
+    EXPECT_NEAR(std::stod((*it)[2]), params[i] / total, 1e-4) << peer;
+    EXPECT_LE(std::stod((*it)[2]), 0.9) << peer;
+  }
+  EXPECT_EQ(seen.size(), static_cast<size_t>(n)) << out;
+  EXPECT_TRUE(std::regex_search(out, std::regex("exposure \\(PromQL\\) max [0-9.]+ over 3 principal\\(s\\)  \\(within "
+                                                "maxExposure 0\\.9000\\)")))
+      << out;
+  const auto left = processes_mentioning(work + "/");
+  EXPECT_TRUE(left.empty()) << joined(left);
+
+  // Independently of shardctl: a second Prometheus over the TSDB the run left behind
+  // (no scrape targets of its own) holds samples of every process and the sidecars'
+  // exposure series of every shard principal.
+  const std::string cfg = dir_ + "/empty.yml";
+  { std::ofstream(cfg) << "global:\n  scrape_interval: 1s\n"; }
+  const int port = pick_free_port();
+  SpawnOptions o;
+  o.argv = {"/usr/bin/prometheus", "--config.file=" + cfg, "--storage.tsdb.path=" + work + "/prometheus/data",
+            "--web.listen-address=127.0.0.1:" + std::to_string(port)};
+  o.log_file = dir_ + "/prometheus2.log";
+  Process prometheus(o);
+  nlohmann::json up;
+  std::string error;
+  for (int tries = 0; tries < 150 && up.empty(); ++tries) {  // bounded: until it answers
+    prometheus.wait_for(200ms);
+    up = prom_query(port, "max by (pod, container) (max_over_time(up{job=\"it-mlp\"}[30m]))", &error);
+  }
+  ASSERT_EQ(up.size(), 2u * n) << error << "\n" << read_file(dir_ + "/prometheus2.log");
+  for (const auto& r : up) EXPECT_EQ(r["value"][1], "1") << r.dump();
+  const auto own = prom_query(port, "last_over_time(shardguard_exposure_ratio{job=\"it-mlp\"}[30m]) == 1", &error);
+  EXPECT_EQ(own.size(), static_cast<size_t>(n)) << error << own.dump();
+  prometheus.terminate(10s);
+}
+
+TEST_F(ShardctlRunTest, TakenPrometheusPortOrMissingBinaryStartsNothing) {
+  const std::string job = write_job(job_json(2));
+  // A port someone else listens on.
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(::listen(fd, 1), 0);
+  socklen_t len = sizeof addr;
+  ASSERT_EQ(::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  const std::string port = std::to_string(ntohs(addr.sin_port));
+
+  struct Case {
+    std::vector<std::string> args;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {{"--prometheus", "--prometheus-port", port}, "--prometheus-port " + port + ": 127.0.0.1:" + port +
+                                                        " is already in use"},
+      {{"--prometheus", "--prometheus-bin", dir_ + "/no-such-prometheus"},
+       "--prometheus: cannot find " + dir_ + "/no-such-prometheus"},
+      {{"--shardd", dir_ + "/no-such-shardd"}, "cannot run " + dir_ + "/no-such-shardd"},
+  };
+  for (size_t k = 0; k < cases.size(); ++k) {
+    SCOPED_TRACE(cases[k].message);
+    const std::string work = dir_ + "/work" + std::to_string(k);
+    auto run = start_run(job, work, dir_ + "/run" + std::to_string(k) + ".out", cases[k].args);
+    const auto st = run->wait_for(60s);
+    ASSERT_TRUE(st.has_value());
+    const std::string out = read_file(dir_ + "/run" + std::to_string(k) + ".out");
+    EXPECT_TRUE(st->exited && st->code == 2) << st->str() << "\n" << out;
+    EXPECT_NE(out.find(cases[k].message), std::string::npos) << out;
+    EXPECT_FALSE(fs::exists(work)) << "nothing is written before the inputs are checked";
+    const auto left = processes_mentioning(work + "/");
+    EXPECT_TRUE(left.empty()) << joined(left);
+  }
+  ::close(fd);
 }
 
 }  // namespace

@@ -146,6 +146,10 @@ TEST_F(ExportTest, WithinBudgetIsRecordedAndBeyondBudgetIsRefusedAcrossARestart)
   EXPECT_EQ(got, std::string(kMiB, 'a'));
   EXPECT_EQ(metric("shardguard_param_bytes_exposed_total", exporter_labels()), kMiB);
   EXPECT_NEAR(metric("shardguard_exposure_ratio", exporter_labels()), 1.0 / 3, 1e-9);
+  // The shard's own principal holds all of it; no other shard principal holds any.
+  EXPECT_EQ(metric("shardguard_exposure_ratio", {{"peer", spiffe_id_for_shard(kTd, "ml", "fm", 1)}, {"shard", "1"}}),
+            1.0);
+  EXPECT_EQ(metric("shardguard_exposure_ratio", {{"peer", spiffe_id_for_shard(kTd, "ml", "fm", 0)}}), 0.0);
   // The same bytes again cost nothing; half new, half old costs the new half.
   ASSERT_TRUE(pull(0, kMiB).ok());
   ASSERT_TRUE(pull(kMiB / 2, kMiB).ok());

@@ -64,6 +64,9 @@ class Process {
 // A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read, close).
 int pick_free_port();
 
+// Whether 127.0.0.1:port can be bound right now (false: in use or not allowed).
+bool port_free(int port);
+
 // Directory of the running executable (/proc/self/exe), e.g. build/bin.
 std::string self_dir();
 

@@ -21,6 +21,9 @@ struct LocalRunOptions {
   std::string sidecar;           // path of shard-sidecar; default: next to shardctl
   double peer_timeout_s = 300;
   bool progress_tty = false;     // draw a live bar (stdout is a terminal)
+  bool prometheus = false;       // run a Prometheus that scrapes every process
+  std::string prometheus_bin = "prometheus";  // name (searched in PATH) or path
+  int prometheus_port = 0;       // on 127.0.0.1; 0 = any free port
 };
 
 // Returns the process exit code: 0 done, 1 the run failed, 2 bad input,
