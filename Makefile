@@ -109,7 +109,7 @@ fuzz: fuzz-build
 	tests/fuzz/run_fuzzers.sh $(FUZZ_BUILD) $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 demo: deps build
-	$(BUILD)/bin/shardctl run examples/fashion-mnist-cnn.yaml --workdir $(BUILD)/demo --fresh
+	$(BUILD)/bin/shardctl run examples/fashion-mnist-cnn.yaml --workdir $(BUILD)/demo --fresh --prometheus
 
 bench: deps build
 	$(BUILD)/bin/pipeline_bench --out $(BUILD)/bench/results.jsonl

@@ -17,8 +17,12 @@
 //       recording rule to OUT_RULES.yaml so that `promtool check rules` parses it.
 //   node check_chart.mjs metrics REPO
 //       Every metric named in the dashboards and in files/alerts.yaml is registered in
-//       the sources (operator/, shardd/, sidecar/, common/). Grep-based: the names come
-//       from string literals of the C++ sources, not from a live /metrics page.
+//       the sources (operator/, shardd/, sidecar/, common/). A quick static check on
+//       string literals; the live one (names from real /metrics pages scraped by a real
+//       Prometheus) is tests/integration/monitoring_e2e_test.cpp.
+//   node check_chart.mjs queries REPO OUT.json
+//       Every dashboard and alert expression, runnable as PromQL, with its metric names
+//       (input of the monitoring end-to-end test).
 //
 // Exit 0 when everything holds, 1 on a failed check, 2 on a usage error or missing
 // tooling ("run make deps").
@@ -385,18 +389,32 @@ function sourceMetricNames(repo) {
 }
 // Series Prometheus makes itself for every target; not exported by any process.
 const PROMETHEUS_SERIES = { up: "Prometheus' own per-target health series (ShardPodCrashLooping counts shard pod incarnations with it)" };
-function cmdMetrics(repo) {
-  const known = sourceMetricNames(repo);
-  process.stdout.write(`${known.size} metric names registered in operator/, shardd/, sidecar/, common/ (grep of string literals; ` +
-    `not yet a live /metrics page: that needs \`shardctl run --prometheus\`, issue 5)\n`);
+// Every PromQL expression of the dashboards (panels, and the query behind each
+// label_values variable) and of the alert rules, with where it comes from.
+function expressions(repo) {
   const uses = [];
   for (const { file, text } of dashboards(repo)) {
     const d = JSON.parse(text);
-    for (const p of allPanels(d.panels)) for (const t of p.targets || []) uses.push({ where: `${file} panel ${p.id} ${t.refId}`, expr: t.expr });
+    for (const p of allPanels(d.panels)) for (const t of p.targets || []) uses.push({ where: `${file} panel ${p.id} ${t.refId} "${p.title}"`, expr: t.expr });
     for (const v of d.templating?.list || []) if (v.type === "query") uses.push({ where: `${file} variable ${v.name}`, expr: (v.definition || "").replace(/^label_values\((.*),\s*[a-z_]+\)$/, "$1") });
   }
   const alerts = YAML.parse(fs.readFileSync(path.join(repo, "charts/shardguard/files/alerts.yaml"), "utf8"));
-  for (const g of alerts.groups) for (const r of g.rules) uses.push({ where: `alerts.yaml ${r.alert || r.record}`, expr: r.expr });
+  for (const g of alerts.groups) for (const r of g.rules) uses.push({ where: `alerts.yaml ${r.alert || r.record}`, expr: r.expr, alert: r.alert });
+  return uses;
+}
+// For the monitoring end-to-end test (tests/integration/monitoring_e2e_test.cpp): every
+// expression as Prometheus can run it (Grafana variables: $namespace/$job match all,
+// intervals 5m) with the metric names it reads.
+function cmdQueries(repo, out) {
+  const q = expressions(repo).map((u) => ({ where: u.where, expr: grafanaToPromql(u.expr), metrics: metricNames(u.expr), alert: u.alert || "" }));
+  fs.writeFileSync(out, JSON.stringify(q, null, 1));
+  process.stdout.write(`${q.length} expressions written to ${out}\n`);
+}
+function cmdMetrics(repo) {
+  const known = sourceMetricNames(repo);
+  process.stdout.write(`${known.size} metric names registered in operator/, shardd/, sidecar/, common/ (string literals; ` +
+    `the live check against real /metrics pages is tests/integration/monitoring_e2e_test.cpp)\n`);
+  const uses = expressions(repo);
   const seen = new Set();
   for (const u of uses) {
     const names = metricNames(u.expr);
@@ -423,6 +441,7 @@ if (cmd === "split" && rest.length === 2) cmdSplit(...rest);
 else if (cmd === "objects" && rest.length === 3 && ["default", "full"].includes(rest[0])) cmdObjects(...rest);
 else if (cmd === "dashboards" && rest.length === 2) cmdDashboards(...rest);
 else if (cmd === "metrics" && rest.length === 1) cmdMetrics(...rest);
-else die("usage: check_chart.mjs split RENDERED OUT | objects default|full RENDERED REPO | dashboards REPO OUT_RULES | metrics REPO");
+else if (cmd === "queries" && rest.length === 2) cmdQueries(...rest);
+else die("usage: check_chart.mjs split RENDERED OUT | objects default|full RENDERED REPO | dashboards REPO OUT_RULES | metrics REPO | queries REPO OUT");
 process.stdout.write(failures ? `${failures} check(s) failed\n` : "all checks passed\n");
 process.exit(failures ? 1 : 0);

@@ -22,6 +22,7 @@
 #include "shardguard/common/pki.h"
 #include "shardguard/common/process.h"
 #include "shardguard/operator/render.h"
+#include "support/operator_process.h"
 #include "support/wait.h"
 
 namespace shardguard {
@@ -31,6 +32,7 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 using testing::KubeApiServer;
 using testsupport::eventually;
+using testsupport::OperatorProcess;
 using namespace std::chrono_literals;
 
 constexpr const char* kNs = "ml";
@@ -92,74 +94,6 @@ class FakeShardMetrics {
   std::string body_ = "# nothing yet\n";
 };
 
-// One shardguard-operator process; its log goes to a file in the test's directory.
-class OperatorProcess {
- public:
-  OperatorProcess(const std::string& kubeconfig, const std::string& log_file, std::vector<std::string> extra) {
-    SpawnOptions so;
-    so.argv = {std::string(SHARDGUARD_BIN_DIR) + "/shardguard-operator",
-               "--kubeconfig", kubeconfig,
-               "--metrics-bind-address", "127.0.0.1:0",
-               "--health-probe-bind-address", "127.0.0.1:0",
-               "--progress-interval", "1",
-               "--workers", "2"};
-    so.argv.insert(so.argv.end(), extra.begin(), extra.end());
-    so.log_file = log_file;
-    log_file_ = log_file;
-    process_ = std::make_unique<Process>(so);
-    // The "starting" line names the metrics port and the identity.
-    EXPECT_TRUE(eventually([&] { return parse_start(); }, 20s)) << read_file(log_file_);
-  }
-  ~OperatorProcess() {
-    if (process_ && process_->running()) process_->terminate(10s);
-  }
-  pid_t pid() const { return process_->pid(); }
-  int metrics_port() const { return metrics_port_; }
-  const std::string& identity() const { return identity_; }
-  ExitStatus stop() { return process_->terminate(10s); }
-  void kill9() {
-    process_->signal(SIGKILL);
-    process_->wait();
-  }
-  std::string log() const { return read_file(log_file_); }
-  std::string metrics() const {
-    httplib::Client cli("127.0.0.1", metrics_port_);
-    auto res = cli.Get("/metrics");
-    return res && res->status == 200 ? res->body : "";
-  }
-  // The value of the first sample of `metric` whose label text contains `labels`.
-  std::optional<double> sample(const std::string& metric, const std::string& labels = "") const {
-    std::istringstream in(metrics());
-    std::string line;
-    while (std::getline(in, line)) {
-      if (line.rfind(metric, 0) != 0 || line.size() <= metric.size()) continue;
-      if (line[metric.size()] != '{' && line[metric.size()] != ' ') continue;
-      if (!labels.empty() && line.find(labels) == std::string::npos) continue;
-      return std::stod(line.substr(line.rfind(' ') + 1));
-    }
-    return std::nullopt;
-  }
-
- private:
-  bool parse_start() {
-    std::istringstream in(read_file(log_file_));
-    std::string line;
-    while (std::getline(in, line)) {
-      if (line.find("\"msg\":\"starting\"") == std::string::npos) continue;
-      const json j = json::parse(line, nullptr, false);
-      if (j.is_discarded() || !j.contains("metrics_port")) continue;
-      metrics_port_ = j["metrics_port"].get<int>();
-      identity_ = j.value("identity", "");
-      return metrics_port_ > 0;
-    }
-    return false;
-  }
-  std::unique_ptr<Process> process_;
-  std::string log_file_;
-  int metrics_port_ = 0;
-  std::string identity_;
-};
-
 class OperatorTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -182,7 +116,7 @@ class OperatorTest : public ::testing::Test {
   OperatorProcess& start_operator(std::vector<std::string> extra = {}) {
     extra.insert(extra.end(), {"--shard-metrics-port", std::to_string(shard_metrics_.port())});
     const std::string log = (dir_ / ("operator-" + std::to_string(ops_.size()) + ".log")).string();
-    ops_.push_back(std::make_unique<OperatorProcess>(kubeconfig_, log, extra));
+    ops_.push_back(std::make_unique<OperatorProcess>(SHARDGUARD_BIN_DIR, kubeconfig_, log, extra));
     return *ops_.back();
   }
 
