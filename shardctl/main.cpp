@@ -7,6 +7,7 @@
 #include "shardguard/common/log.h"
 #include "shardguard/shardctl/commands.h"
 #include "shardguard/shardctl/local_run.h"
+#include "shardguard/shardctl/study.h"
 #include "shardguard/shardd/threads.h"
 
 int main(int argc, char** argv) {
@@ -116,6 +117,34 @@ int main(int argc, char** argv) {
   auto* audit_verify_cmd = audit_cmd->add_subcommand("verify", "check that no line was edited, dropped or reordered");
   audit_verify_cmd->add_option("file", audit_file, "audit log (JSON lines)")->required();
 
+  StudyOptions study;
+  int study_threads = 1;
+  auto* study_cmd = app.add_subcommand("study", "exposure study: how much of a sharded model an attacker recovers from the shards it holds");
+  study_cmd->add_option("--job", study.job_files, "ShardedTrainingJob YAML (one per model; repeat for cnn and vit)")->required();
+  study_cmd->add_option("--out", study.out_dir, "output directory: results.csv (resumable), results.md, plot-<model>.png")->required();
+  study_cmd->add_option("--rows", study.rows, "attacker rows: none, all, s<i>[+<j>..], sw<i>, single, pair, triple, sandwich, default")
+      ->capture_default_str();
+  study_cmd->add_option("--attacks", study.attacks, "attacks: A1-frozen, A1-lowlr, A2, A3")->capture_default_str();
+  study_cmd->add_option("--samples", study.samples, "attacker's labelled samples (columns)")->capture_default_str();
+  study_cmd->add_option("--seeds", study.seeds, "seeds per cell")->capture_default_str();
+  study_cmd->add_option("--first-seed", study.first_seed, "first seed")->capture_default_str();
+  study_cmd->add_option("--steps", study.steps, "training steps of every attack and scratch run")->capture_default_str();
+  study_cmd->add_option("--fit-steps", study.fit_steps, "A3: steps fitting the sandwiched stage")->capture_default_str();
+  study_cmd->add_option("--batch", study.batch_size, "attacker's batch size")->capture_default_str();
+  study_cmd->add_option("--lr", study.learning_rate, "attacker's Adam learning rate")->capture_default_str();
+  study_cmd->add_option("--low-lr-factor", study.low_lr_factor, "A1-lowlr: known shards at lr times this")->capture_default_str();
+  study_cmd->add_option("--test-samples", study.test_samples, "test subset for accuracy and fidelity (0 = all)")
+      ->capture_default_str();
+  study_cmd->add_option("--victim-samples", study.victim_train_samples, "victim's training samples (0 = all)")
+      ->capture_default_str();
+  study_cmd->add_option("--victim-epochs", study.victim_epochs, "victim's epochs (0 = the job's)")->capture_default_str();
+  study_cmd->add_option("--checkpoints", study.checkpoint_dir, "load the victim from these shard checkpoints (one --job)");
+  study_cmd->add_option("--keys", study.key_dir, "with --checkpoints: directory of the shard-<i>.key files");
+  study_cmd->add_flag("--quick", study.quick, "tiny cells: 1 seed, sizes 60,600, 200 steps of 32, 1000 test samples, victim 2 epochs of 30000");
+  study_cmd->add_flag("--report-only", study.report_only, "rewrite results.md and the plots from results.csv");
+  study_cmd->add_flag("--no-plots", study.no_plots, "skip gnuplot");
+  study_cmd->add_option("--threads", study_threads, "compute threads")->capture_default_str();
+
   CLI11_PARSE(app, argc, argv);
   if (*audit_cmd) return RunAuditVerify(audit_file);
   if (*pki_cmd) {
@@ -134,6 +163,19 @@ int main(int argc, char** argv) {
   if (*rec_cmd) {
     shardguard::shardd::set_compute_threads(rec_threads);
     return RunRecombine(rec);
+  }
+  if (*study_cmd) {
+    shardguard::shardd::set_compute_threads(study_threads);
+    if (study.quick) {
+      std::vector<std::string> given;
+      for (const char* f : {"--seeds", "--samples", "--steps", "--fit-steps", "--batch", "--test-samples",
+                            "--victim-samples", "--victim-epochs"}) {
+        if (study_cmd->count(f) > 0) given.push_back(f);
+      }
+      apply_quick(study, given);
+    }
+    study.progress_tty = ::isatty(STDOUT_FILENO) != 0;
+    return RunStudy(study);
   }
   return 2;
 }

@@ -1,0 +1,184 @@
+// `shardctl study`: the exposure study of issue 7 — how much of a sharded model an
+// attacker recovers from the shards it holds (or the stage traffic it observes),
+// against how much of the model that is (exposure, DESIGN.md §5).
+//
+// Two halves. The plan and the report (study_report.cpp) are pure: rows, their
+// exposure, the cells, CSV lines, the aggregation into R and the Markdown table,
+// tested without LibTorch. The runner (study.cpp) trains the victim and the
+// attacks with LibTorch and appends one CSV line per finished cell, so that an
+// interrupted study resumes by skipping the cells already in the CSV.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace shardguard::shardctl {
+
+// Bad input to the study: the message names the flag and the value.
+class StudyError : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+// ---- the plan (pure) ----------------------------------------------------------
+
+// One attacker setting (a row of the table).
+struct StudyRow {
+  std::string name;       // "none", "s1", "s0+1", "s0+1+3", "all", "sw1"
+  std::vector<int> held;  // stages whose parameters the attacker holds, ascending
+  int sandwiched = -1;    // sandwich rows: the stage whose input and output it observes
+};
+
+// Every row of the study for n stages, in table order: none; each single stage;
+// each contiguous pair; each n-1 of n; all; and the sandwich of each interior
+// stage i (the attacker holds stages i-1 and i+1, as in DESIGN.md §5).
+std::vector<StudyRow> default_rows(int stages);
+
+// Resolves a --rows list (comma-separated). Entries: a row name ("s2", "s0+1",
+// "sw1", "none", "all") or a group ("single", "pair", "triple" = every n-1 of n,
+// "sandwich", "default" = all of default_rows). Any stage set may be named
+// ("s0+2"), in any order; duplicates are dropped. Throws StudyError naming
+// --rows and the entry for an unknown name, an out-of-range stage or a sandwich
+// of a stage without two neighbours.
+std::vector<StudyRow> parse_rows(const std::string& list, int stages);
+
+// Exposure of a row per DESIGN.md §5: Σ shares of held ∪ sandwiched stages.
+double row_exposure(const StudyRow& row, const std::vector<double>& stage_shares);
+
+// The attacks of a row. Controls "scratch" and "victim" are separate cells (row
+// "-"). A1 fine-tune: known shards loaded, "A1-frozen" keeps them fixed,
+// "A1-lowlr" trains them at a tenth of the learning rate; unknown shards random.
+// "A2" substitute: unknown shards from the attacker's own scratch model, then
+// fine-tuned with the known ones frozen. "A3" (sandwich rows only): the
+// sandwiched stage fitted to the recorded (input, output) activation pairs, the
+// stages still unknown then trained as in A1-frozen.
+// Rows where an attack would repeat another exactly are left out: none has only
+// A1-frozen (nothing is known, so frozen = lower LR, and A2 = more scratch).
+std::vector<std::string> row_attacks(const StudyRow& row, int stages, const std::vector<std::string>& wanted);
+
+inline const std::vector<std::string>& all_attacks() {
+  static const std::vector<std::string> kAll{"A1-frozen", "A1-lowlr", "A2", "A3"};
+  return kAll;
+}
+
+// Parses "60,600,6000" (positive integers). Throws StudyError naming `flag`.
+std::vector<int64_t> parse_sizes(const std::string& flag, const std::string& list);
+
+// One measured cell: one line of the CSV.
+struct CellResult {
+  std::string model;      // architecture of the job
+  std::string row;        // row name, or "-" for the controls
+  std::string held;       // "0+1" ("" for none and controls)
+  double exposure = 0;
+  std::string attack;     // A1-frozen | A1-lowlr | A2 | A3 | scratch | victim
+  int64_t samples = 0;    // attacker's labelled samples
+  int seed = 0;
+  double accuracy = 0;    // on the test subset
+  double fidelity = 0;    // top-1 agreement with the victim on the test subset
+  double wall_seconds = 0;
+  std::string key() const;  // model|row|attack|samples|seed
+};
+
+std::string csv_header();
+std::string to_csv_line(const CellResult& cell);
+// Parses the CSV text (header line first); malformed lines are skipped, and a
+// last line without its newline (a write cut short) is ignored.
+std::vector<CellResult> parse_csv(const std::string& text);
+
+// ---- the report (pure) ----------------------------------------------------------
+
+struct Stat {
+  double mean = 0;
+  double std = 0;  // sample standard deviation (n-1); 0 for one value
+  int n = 0;
+};
+Stat stat_of(const std::vector<double>& values);
+
+// R = (attack − scratch) / (victim − scratch); NaN when victim == scratch.
+double recovered_fraction(double attack, double scratch, double victim);
+
+// One table row after aggregation over seeds.
+struct Aggregate {
+  std::string model;
+  std::string row;
+  std::string held;
+  double exposure = 0;
+  std::string attack;
+  int64_t samples = 0;
+  Stat accuracy;
+  Stat fidelity;
+  Stat r;        // per seed R against that seed's scratch of the same size, then mean/std
+  Stat wall;
+};
+
+// Groups cells by (model, row, attack, samples) in the order first seen; R of
+// each seed uses the scratch and victim cells of the same model, size and seed
+// (cells without both are left out of r).
+std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells);
+
+// The Markdown table of one model: one line per (row, attack), the sizes as
+// column groups "acc ± sd / fid / R ± sd".
+std::string markdown_table(const std::vector<Aggregate>& aggregates, const std::string& model);
+
+// For the plots: per model and size, each row's exposure and its best R (the
+// strongest attack, by mean R).
+struct PlotPoint {
+  std::string row;
+  double exposure = 0;
+  double r = 0;
+  double r_std = 0;
+  std::string attack;
+};
+std::map<int64_t, std::vector<PlotPoint>> best_r_by_size(const std::vector<Aggregate>& aggregates,
+                                                         const std::string& model);
+
+// ---- the runner (LibTorch) ------------------------------------------------------
+
+struct StudyOptions {
+  std::vector<std::string> job_files;   // one per model; the job gives model, shards, optimizer, victim epochs
+  std::string out_dir;                  // results.csv, results.md, plots, cached models
+  std::string rows = "default";
+  std::string attacks = "A1-frozen,A1-lowlr,A2,A3";
+  std::string samples = "60,600,6000";
+  int seeds = 3;
+  int first_seed = 1;
+  int64_t steps = 300;                  // optimisation steps of every attack and scratch run
+  int batch_size = 64;                  // attacker's batch (at most its sample count)
+  double learning_rate = 3e-3;          // attacker's Adam learning rate (cosine-decayed to 0 over the steps)
+  double low_lr_factor = 0.1;           // A1-lowlr: known shards at lr × this
+  int64_t fit_steps = 300;              // A3: steps fitting the sandwiched stage
+  int64_t test_samples = 10000;         // test subset for accuracy and fidelity (0 = all)
+  int64_t victim_train_samples = 0;     // victim's training set (0 = all)
+  int victim_epochs = 0;                // 0 = the job's spec.training.epochs
+  std::string checkpoint_dir;           // load the victim from shard checkpoints (one job only)
+  std::string key_dir;
+  bool quick = false;                   // tiny cells: see apply_quick
+  bool report_only = false;             // rewrite results.md and plots from the CSV, train nothing
+  bool no_plots = false;
+  bool progress_tty = false;
+};
+
+// --quick: one seed, sizes 60 and 600, 200 steps of 32, 1,000 test samples, a
+// victim of two epochs over 30,000 samples. Values the user set explicitly are kept (flags
+// given on the command line are listed in `explicit_flags`).
+void apply_quick(StudyOptions& options, const std::vector<std::string>& explicit_flags);
+
+// Checks every option that can be checked before training, throwing StudyError
+// naming the flag and the value: no job, seeds < 1, steps < 1, an unknown attack
+// or row, a size above the training set, --checkpoints without --keys or with
+// more than one job, a checkpoint directory without a complete set.
+void validate_study(const StudyOptions& options);
+
+// Runs (or resumes) the study and writes the report. Exit 0 done, 1 failure
+// during the run, 2 bad input (the message names the flag and the value).
+int RunStudy(const StudyOptions& options);
+
+// Writes results.md (and results-<model>.dat + plot-<model>.png through gnuplot
+// when it is installed and plots are wanted) from the CSV in out_dir.
+void write_report(const std::string& out_dir, bool plots);
+
+}  // namespace shardguard::shardctl

@@ -1,0 +1,709 @@
+// The LibTorch half of `shardctl study`: trains (or loads) the victim, runs every
+// cell, appends it to results.csv and writes the report.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <set>
+#include <sstream>
+
+#include <torch/nn/functional/loss.h>
+#include <torch/optim/adam.h>
+#include <torch/serialize.h>
+#include <torch/types.h>
+
+#include "shardguard/common/jobspec.h"
+#include "shardguard/shardctl/progress.h"
+#include "shardguard/shardctl/study.h"
+#include "shardguard/shardd/data.h"
+#include "shardguard/shardd/model.h"
+#include "shardguard/shardd/model_desc.h"
+#include "shardguard/shardd/partition.h"
+#include "shardguard/shardd/recombine.h"
+#include "shardguard/shardd/trainer.h"
+
+namespace fs = std::filesystem;
+
+namespace shardguard::shardctl {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// FNV-1a: a stable hash for deriving per-cell seeds (std::hash is not stable).
+uint64_t fnv1a(const std::string& s) {
+  uint64_t h = 1469598103934665603ULL;
+  for (unsigned char c : s) {
+    h ^= c;
+    h *= 1099511628211ULL;
+  }
+  return h & 0x7FFFFFFFFFFFFFFFULL;
+}
+
+// A model as its stages, each a Sequential of the stage's blocks (parameter
+// names "block<k>...." as in every other layout).
+struct StagedModel {
+  std::vector<torch::nn::Sequential> stages;
+
+  torch::Tensor forward(torch::Tensor x, size_t from, size_t to) {
+    for (size_t i = from; i < to; ++i) x = stages[i]->forward(x);
+    return x;
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return forward(x, 0, stages.size()); }
+  void train(bool on) {
+    for (auto& s : stages) s->train(on);
+  }
+};
+
+StagedModel build_model(const ModelSpec& spec, const std::vector<shardd::StageDesc>& cut, uint64_t seed) {
+  StagedModel m;
+  for (const auto& s : cut) m.stages.push_back(shardd::build_blocks(spec, s.first_block, s.end_block, seed));
+  return m;
+}
+
+void copy_stage(torch::nn::Sequential& dst, torch::nn::Sequential& src) {
+  torch::NoGradGuard no_grad;
+  auto from = src->named_parameters();
+  for (auto& p : dst->named_parameters()) p.value().copy_(from[p.key()]);
+}
+
+void save_model(StagedModel& m, const std::string& path) {
+  torch::serialize::OutputArchive ar;
+  for (auto& s : m.stages) {
+    for (const auto& p : s->named_parameters()) ar.write(p.key(), p.value().detach());
+  }
+  const std::string tmp = path + ".tmp";
+  ar.save_to(tmp);
+  fs::rename(tmp, path);
+}
+
+void load_model(StagedModel& m, const std::string& path) {
+  torch::serialize::InputArchive ar;
+  ar.load_from(path);
+  torch::NoGradGuard no_grad;
+  for (auto& s : m.stages) {
+    for (auto& p : s->named_parameters()) {
+      torch::Tensor t;
+      ar.read(p.key(), t);
+      p.value().copy_(t);
+    }
+  }
+}
+
+// Plain minibatch training: `steps` steps of `batch` samples, reshuffled with
+// torch::randperm (seeded by the caller) every pass over the data.
+// Cosine decay of every parameter group's learning rate from its initial value
+// to 0 over `steps`: the attacker's runs end at a small learning rate, so their
+// result depends less on where the last few steps happened to land.
+std::vector<double> group_lrs(torch::optim::Optimizer& opt) {
+  std::vector<double> lrs;
+  for (auto& g : opt.param_groups()) lrs.push_back(g.options().get_lr());
+  return lrs;
+}
+
+void set_cosine_lr(torch::optim::Optimizer& opt, const std::vector<double>& base, int64_t step, int64_t steps) {
+  const double f = 0.5 * (1.0 + std::cos(M_PI * static_cast<double>(step) / static_cast<double>(steps)));
+  auto& groups = opt.param_groups();
+  for (size_t i = 0; i < groups.size(); ++i) groups[i].options().set_lr(base[i] * f);
+}
+
+void train(StagedModel& m, torch::optim::Optimizer& opt, const torch::Tensor& x, const torch::Tensor& y, int64_t steps,
+           int64_t batch, bool cosine) {
+  const auto base_lrs = group_lrs(opt);
+  const int64_t n = x.size(0);
+  batch = std::min(batch, n);
+  m.train(true);
+  torch::Tensor perm;
+  int64_t cursor = n;
+  for (int64_t step = 0; step < steps; ++step) {
+    if (cursor + batch > n) {
+      perm = torch::randperm(n, torch::kLong);
+      cursor = 0;
+    }
+    const auto idx = perm.slice(0, cursor, cursor + batch);
+    cursor += batch;
+    if (cosine) set_cosine_lr(opt, base_lrs, step, steps);
+    opt.zero_grad();
+    auto loss = torch::nn::functional::cross_entropy(m.forward(x.index_select(0, idx)), y.index_select(0, idx));
+    loss.backward();
+    opt.step();
+  }
+  m.train(false);
+}
+
+torch::Tensor predict(StagedModel& m, const torch::Tensor& x) {
+  torch::NoGradGuard no_grad;
+  m.train(false);
+  std::vector<torch::Tensor> out;
+  for (int64_t b = 0; b < x.size(0); b += 1000) out.push_back(m.forward(x.slice(0, b, b + 1000)).argmax(1));
+  return torch::cat(out);
+}
+
+struct Job {
+  std::string file;
+  JobSpec spec;
+  std::string model;  // architecture
+  std::vector<shardd::StageDesc> cut;
+  std::vector<double> shares;
+};
+
+std::string settings_line(const StudyOptions& o, const std::vector<Job>& jobs) {
+  std::ostringstream s;
+  s << "steps=" << o.steps << " batch=" << o.batch_size << " lr=" << o.learning_rate << " low_lr_factor=" << o.low_lr_factor
+    << " fit_steps=" << o.fit_steps << " test_samples=" << o.test_samples << " victim_train_samples=" << o.victim_train_samples
+    << " victim_epochs=" << o.victim_epochs << " checkpoints=" << (o.checkpoint_dir.empty() ? "no" : o.checkpoint_dir);
+  for (const auto& j : jobs) {
+    const auto& m = j.spec.model;
+    s << " " << j.model << "(h" << m.hidden << ",d" << m.depth << ",c" << m.channels << ",heads" << m.heads << ",p"
+      << m.patch_size << ",shards" << j.spec.sharding.shards << "," << j.spec.sharding.balance << ",seed"
+      << j.spec.training.seed << ",epochs" << j.spec.training.epochs << ",batch" << j.spec.training.batch_size << ")";
+  }
+  return s.str();
+}
+
+std::vector<Job> load_jobs(const StudyOptions& o) {
+  std::vector<Job> jobs;
+  std::set<std::string> models;
+  for (const auto& f : o.job_files) {
+    Job j;
+    j.file = f;
+    try {
+      j.spec = load_job_file(f);
+    } catch (const std::exception& e) {
+      throw StudyError("--job " + f + ": invalid job:\n" + e.what());
+    }
+    j.model = j.spec.model.architecture;
+    if (!models.insert(j.model).second) {
+      throw StudyError("--job " + f + ": a second job of model " + j.model + " (one job per architecture)");
+    }
+    const auto desc = shardd::describe_model(j.spec.model);
+    try {
+      j.cut = shardd::partition(desc, j.spec.sharding.shards, j.spec.sharding.balance);
+    } catch (const std::exception& e) {
+      throw StudyError("--job " + f + ": " + e.what());
+    }
+    for (const auto& s : j.cut) j.shares.push_back(shardd::parameter_share(desc, s));
+    jobs.push_back(std::move(j));
+  }
+  return jobs;
+}
+
+std::vector<std::string> parse_attacks(const std::string& list) {
+  std::vector<std::string> out;
+  std::stringstream ss(list);
+  std::string a;
+  while (std::getline(ss, a, ',')) {
+    if (std::find(all_attacks().begin(), all_attacks().end(), a) == all_attacks().end()) {
+      throw StudyError("--attacks: unknown attack \"" + a + "\" (known: A1-frozen, A1-lowlr, A2, A3)");
+    }
+    if (std::find(out.begin(), out.end(), a) == out.end()) out.push_back(a);
+  }
+  if (out.empty()) throw StudyError("--attacks \"" + list + "\": no attack");
+  return out;
+}
+
+// One planned cell.
+struct Cell {
+  size_t job = 0;
+  int seed = 0;
+  int64_t samples = 0;
+  StudyRow row;        // name "-" for the controls
+  std::string attack;  // scratch | victim | A1-frozen | A1-lowlr | A2 | A3
+  double exposure = 0;
+};
+
+std::string held_of(const StudyRow& r) {
+  std::string s;
+  for (size_t i = 0; i < r.held.size(); ++i) s += (i ? "+" : "") + std::to_string(r.held[i]);
+  return s;
+}
+
+// Everything one model's cells share.
+struct ModelState {
+  const Job* job = nullptr;
+  StagedModel victim;
+  double victim_seconds = 0;
+  torch::Tensor test_x, test_y, victim_pred;
+  double victim_accuracy = 0;
+};
+
+class Runner {
+ public:
+  Runner(const StudyOptions& o, std::vector<Job> jobs) : o_(o), jobs_(std::move(jobs)) {}
+
+  int run();
+
+ private:
+  void prepare_model(size_t j);
+  CellResult run_cell(const Cell& c);
+  void attacker_data(int seed, int64_t n, torch::Tensor* x, torch::Tensor* y) const;
+  StagedModel& scratch_model(const Cell& c);
+  std::string scratch_path(const Cell& c) const;
+  void train_cell(StagedModel& m, const std::vector<int>& frozen, const std::vector<int>& low, const Cell& c);
+  void evaluate(StagedModel& m, CellResult* r);
+
+  const StudyOptions& o_;
+  std::vector<Job> jobs_;
+  torch::Tensor train_x_, train_y_;
+  size_t loaded_ = static_cast<size_t>(-1);
+  ModelState state_;
+  std::map<std::string, StagedModel> scratch_;
+};
+
+void Runner::prepare_model(size_t j) {
+  if (loaded_ == j) return;
+  scratch_.clear();
+  const Job& job = jobs_[j];
+  state_ = ModelState{};
+  state_.job = &job;
+  DatasetSpec test_ds = job.spec.dataset;
+  test_ds.max_test_samples = o_.test_samples;
+  state_.test_x = shardd::load_images(test_ds, shardd::Split::kTest);
+  state_.test_y = shardd::load_labels(test_ds, shardd::Split::kTest);
+
+  state_.victim = build_model(job.spec.model, job.cut, job.spec.training.seed);
+  if (!o_.checkpoint_dir.empty()) {
+    std::vector<shardd::ShardFile> files;
+    try {
+      files = shardd::find_shard_files(job.spec, o_.checkpoint_dir, o_.key_dir);
+    } catch (const std::exception& e) {
+      throw StudyError("--checkpoints " + o_.checkpoint_dir + ": " + e.what());
+    }
+    int64_t step = 0;
+    auto whole = shardd::recombine(job.spec, files, &step);
+    for (auto& s : state_.victim.stages) copy_stage(s, whole);
+    std::printf("victim %s: recombined from %zu shard checkpoints at step %lld\n", job.model.c_str(), files.size(),
+                static_cast<long long>(step));
+  } else {
+    const int epochs = o_.victim_epochs > 0 ? o_.victim_epochs : job.spec.training.epochs;
+    const int64_t n = o_.victim_train_samples > 0 ? std::min<int64_t>(o_.victim_train_samples, train_x_.size(0))
+                                                  : train_x_.size(0);
+    const std::string path = o_.out_dir + "/models/victim-" + job.model + "-n" + std::to_string(n) + "-e" +
+                             std::to_string(epochs) + "-seed" + std::to_string(job.spec.training.seed) + ".pt";
+    if (fs::exists(path)) {
+      load_model(state_.victim, path);
+      std::printf("victim %s: loaded %s\n", job.model.c_str(), path.c_str());
+    } else {
+      const auto t0 = Clock::now();
+      const int64_t batch = job.spec.training.batch_size;
+      const int64_t steps = epochs * (n / batch);
+      std::printf("victim %s: training on %lld samples, %d epoch(s), %lld steps of %lld\n", job.model.c_str(),
+                  static_cast<long long>(n), epochs, static_cast<long long>(steps), static_cast<long long>(batch));
+      std::fflush(stdout);
+      torch::manual_seed(job.spec.training.seed);
+      std::vector<torch::Tensor> params;
+      for (auto& s : state_.victim.stages) {
+        for (auto& p : s->parameters()) params.push_back(p);
+      }
+      auto opt = shardd::make_optimizer(job.spec.training.optimizer, params);
+      train(state_.victim, *opt, train_x_.slice(0, 0, n), train_y_.slice(0, 0, n), steps, batch, /*cosine=*/false);
+      state_.victim_seconds = seconds_since(t0);
+      save_model(state_.victim, path);
+    }
+  }
+  state_.victim_pred = predict(state_.victim, state_.test_x);
+  state_.victim_accuracy = state_.victim_pred.eq(state_.test_y).to(torch::kDouble).mean().item<double>();
+  std::printf("victim %s: test accuracy %.4f on %lld test samples\n", job.model.c_str(), state_.victim_accuracy,
+              static_cast<long long>(state_.test_x.size(0)));
+  std::fflush(stdout);
+  loaded_ = j;
+}
+
+// The attacker's labelled samples: the first n of a permutation of the training
+// set drawn from the seed, so that for one seed the 60 lie inside the 600, and
+// the 600 inside the 6,000.
+void Runner::attacker_data(int seed, int64_t n, torch::Tensor* x, torch::Tensor* y) const {
+  const auto order = shardd::epoch_order(fnv1a("attacker-data") ^ static_cast<uint64_t>(seed), 0, train_x_.size(0));
+  auto idx = torch::tensor(std::vector<int64_t>(order.begin(), order.begin() + n), torch::kLong);
+  *x = train_x_.index_select(0, idx);
+  *y = train_y_.index_select(0, idx);
+}
+
+uint64_t cell_seed(const Cell& c, const std::string& model, const std::string& what) {
+  return fnv1a(model + "|" + c.row.name + "|" + what + "|" + std::to_string(c.samples) + "|" + std::to_string(c.seed));
+}
+
+// Trains the stages not in `frozen`; stages in `low` at lr × low_lr_factor.
+void Runner::train_cell(StagedModel& m, const std::vector<int>& frozen, const std::vector<int>& low, const Cell& c) {
+  std::vector<torch::Tensor> normal, slow;
+  for (size_t i = 0; i < m.stages.size(); ++i) {
+    const int si = static_cast<int>(i);
+    const bool is_frozen = std::find(frozen.begin(), frozen.end(), si) != frozen.end();
+    const bool is_low = std::find(low.begin(), low.end(), si) != low.end();
+    for (auto& p : m.stages[i]->parameters()) {
+      p.set_requires_grad(!is_frozen);
+      if (is_frozen) continue;
+      (is_low ? slow : normal).push_back(p);
+    }
+  }
+  if (normal.empty() && slow.empty()) return;
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  if (!normal.empty()) groups.emplace_back(normal, std::make_unique<torch::optim::AdamOptions>(o_.learning_rate));
+  if (!slow.empty()) {
+    groups.emplace_back(slow, std::make_unique<torch::optim::AdamOptions>(o_.learning_rate * o_.low_lr_factor));
+  }
+  torch::optim::Adam opt(std::move(groups), torch::optim::AdamOptions(o_.learning_rate));
+  torch::Tensor x, y;
+  attacker_data(c.seed, c.samples, &x, &y);
+  torch::manual_seed(cell_seed(c, state_.job->model, "batches"));
+  train(m, opt, x, y, o_.steps, o_.batch_size, /*cosine=*/true);
+}
+
+std::string Runner::scratch_path(const Cell& c) const {
+  return o_.out_dir + "/models/scratch-" + state_.job->model + "-n" + std::to_string(c.samples) + "-seed" +
+         std::to_string(c.seed) + ".pt";
+}
+
+// The attacker's own model from scratch on its data (the scratch control, and A2's substitute).
+StagedModel& Runner::scratch_model(const Cell& c) {
+  const std::string key = std::to_string(c.samples) + "|" + std::to_string(c.seed);
+  auto it = scratch_.find(key);
+  if (it != scratch_.end()) return it->second;
+  Cell sc = c;
+  sc.row = StudyRow{"-", {}, -1};
+  sc.attack = "scratch";
+  StagedModel m = build_model(state_.job->spec.model, state_.job->cut, cell_seed(sc, state_.job->model, "init"));
+  const std::string path = scratch_path(sc);
+  if (fs::exists(path)) {
+    load_model(m, path);
+  } else {
+    train_cell(m, {}, {}, sc);
+    save_model(m, path);
+  }
+  return scratch_.emplace(key, std::move(m)).first->second;
+}
+
+void Runner::evaluate(StagedModel& m, CellResult* r) {
+  const auto pred = predict(m, state_.test_x);
+  r->accuracy = pred.eq(state_.test_y).to(torch::kDouble).mean().item<double>();
+  r->fidelity = pred.eq(state_.victim_pred).to(torch::kDouble).mean().item<double>();
+}
+
+CellResult Runner::run_cell(const Cell& c) {
+  prepare_model(c.job);
+  const Job& job = jobs_[c.job];
+  CellResult r;
+  r.model = job.model;
+  r.row = c.row.name;
+  r.held = held_of(c.row);
+  r.exposure = c.exposure;
+  r.attack = c.attack;
+  r.samples = c.samples;
+  r.seed = c.seed;
+  const auto t0 = Clock::now();
+  const int n = static_cast<int>(job.cut.size());
+
+  if (c.attack == "victim") {
+    r.accuracy = state_.victim_accuracy;
+    r.fidelity = 1.0;
+    r.wall_seconds = state_.victim_seconds;
+    return r;
+  }
+  if (c.attack == "scratch") {
+    scratch_.erase(std::to_string(c.samples) + "|" + std::to_string(c.seed));
+    fs::remove(scratch_path(c));
+    evaluate(scratch_model(c), &r);
+    r.wall_seconds = seconds_since(t0);
+    return r;
+  }
+
+  StagedModel m = build_model(job.spec.model, job.cut, cell_seed(c, job.model, "init"));
+  std::vector<int> known = c.row.held;
+  std::vector<int> unknown;
+  for (int i = 0; i < n; ++i) {
+    if (std::find(known.begin(), known.end(), i) == known.end()) unknown.push_back(i);
+  }
+  for (int i : known) copy_stage(m.stages[i], state_.victim.stages[i]);
+
+  if (c.attack == "A1-frozen") {
+    train_cell(m, known, {}, c);
+  } else if (c.attack == "A1-lowlr") {
+    train_cell(m, {}, known, c);
+  } else if (c.attack == "A2") {
+    StagedModel& sub = scratch_model(c);
+    for (int i : unknown) copy_stage(m.stages[i], sub.stages[i]);
+    train_cell(m, known, {}, c);
+  } else if (c.attack == "A3") {
+    // Fit the sandwiched stage to the (input, output) pairs recorded at its two
+    // boundaries while the attacker's samples flowed through the victim.
+    const int s = c.row.sandwiched;
+    torch::Tensor x, y;
+    attacker_data(c.seed, c.samples, &x, &y);
+    torch::Tensor in, out;
+    {
+      torch::NoGradGuard no_grad;
+      in = state_.victim.forward(x, 0, s);
+      out = state_.victim.forward(in, s, s + 1);
+    }
+    auto params = m.stages[s]->parameters();
+    torch::optim::Adam opt(params, torch::optim::AdamOptions(o_.learning_rate));
+    const auto fit_lrs = group_lrs(opt);
+    torch::manual_seed(cell_seed(c, job.model, "fit"));
+    const int64_t rows = in.size(0), batch = std::min<int64_t>(o_.batch_size, rows);
+    m.stages[s]->train(true);
+    torch::Tensor perm;
+    int64_t cursor = rows;
+    for (int64_t step = 0; step < o_.fit_steps; ++step) {
+      if (cursor + batch > rows) {
+        perm = torch::randperm(rows, torch::kLong);
+        cursor = 0;
+      }
+      const auto idx = perm.slice(0, cursor, cursor + batch);
+      cursor += batch;
+      set_cosine_lr(opt, fit_lrs, step, o_.fit_steps);
+      opt.zero_grad();
+      auto loss = torch::mse_loss(m.stages[s]->forward(in.index_select(0, idx)), out.index_select(0, idx));
+      loss.backward();
+      opt.step();
+    }
+    // Then the stages still unknown, as in A1-frozen.
+    std::vector<int> fixed = known;
+    fixed.push_back(s);
+    train_cell(m, fixed, {}, c);
+  }
+  evaluate(m, &r);
+  r.wall_seconds = seconds_since(t0);
+  return r;
+}
+
+int Runner::run() {
+  fs::create_directories(o_.out_dir + "/models");
+  const std::string csv = o_.out_dir + "/results.csv";
+  const std::string settings_file = o_.out_dir + "/settings.txt";
+  const std::string settings = settings_line(o_, jobs_);
+  if (fs::exists(settings_file)) {
+    std::ifstream in(settings_file);
+    std::string old;
+    std::getline(in, old);
+    if (old != settings) {
+      throw StudyError("--out " + o_.out_dir + ": holds results of other settings (" + old +
+                       "); use another --out, or the same flags");
+    }
+  } else {
+    std::ofstream(settings_file) << settings << "\n";
+  }
+
+  // Cells already measured; a line cut short by an interruption is dropped.
+  std::set<std::string> done;
+  if (fs::exists(csv)) {
+    std::ifstream in(csv, std::ios::binary);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    for (const auto& c : parse_csv(text)) done.insert(c.key());
+    const auto last_nl = text.rfind('\n');
+    const size_t keep = last_nl == std::string::npos ? 0 : last_nl + 1;
+    if (keep != text.size()) fs::resize_file(csv, keep);
+  }
+  const bool fresh = !fs::exists(csv) || fs::file_size(csv) == 0;
+  std::FILE* out = std::fopen(csv.c_str(), "a");
+  if (!out) throw std::runtime_error("cannot open " + csv + " for appending");
+  if (fresh) std::fprintf(out, "%s\n", csv_header().c_str());
+  std::fflush(out);
+
+  // The plan.
+  const auto sizes = parse_sizes("--samples", o_.samples);
+  const auto attacks = parse_attacks(o_.attacks);
+  std::vector<Cell> cells;
+  for (size_t j = 0; j < jobs_.size(); ++j) {
+    const int n = static_cast<int>(jobs_[j].cut.size());
+    const auto rows = parse_rows(o_.rows, n);
+    for (int seed = o_.first_seed; seed < o_.first_seed + o_.seeds; ++seed) {
+      for (int64_t size : sizes) {
+        Cell base;
+        base.job = j;
+        base.seed = seed;
+        base.samples = size;
+        base.row = StudyRow{"-", {}, -1};
+        base.attack = "scratch";
+        cells.push_back(base);
+        base.attack = "victim";
+        base.exposure = 1.0;
+        cells.push_back(base);
+        for (const auto& row : rows) {
+          for (const auto& a : row_attacks(row, n, attacks)) {
+            Cell c = base;
+            c.row = row;
+            c.attack = a;
+            c.exposure = row_exposure(row, jobs_[j].shares);
+            cells.push_back(c);
+          }
+        }
+      }
+    }
+  }
+  const auto key_of = [&](const Cell& c) {
+    return jobs_[c.job].model + "|" + c.row.name + "|" + c.attack + "|" + std::to_string(c.samples) + "|" +
+           std::to_string(c.seed);
+  };
+  size_t todo = 0;
+  for (const auto& c : cells) todo += done.count(key_of(c)) ? 0 : 1;
+  std::printf("study: %zu cells (%zu model(s)), %zu already in %s, %zu to run\n", cells.size(), jobs_.size(),
+              cells.size() - todo, csv.c_str(), todo);
+  std::fflush(stdout);
+
+  if (todo > 0) {
+    train_x_ = shardd::load_images(jobs_[0].spec.dataset, shardd::Split::kTrain);
+    train_y_ = shardd::load_labels(jobs_[0].spec.dataset, shardd::Split::kTrain);
+  }
+  const auto start = Clock::now();
+  size_t ran = 0;
+  for (size_t i = 0; i < cells.size(); ++i) {
+    const Cell& c = cells[i];
+    if (done.count(key_of(c))) continue;
+    const CellResult r = run_cell(c);
+    std::fprintf(out, "%s\n", to_csv_line(r).c_str());
+    std::fflush(out);
+    ++ran;
+    const double elapsed = seconds_since(start);
+    const double eta = elapsed / static_cast<double>(ran) * static_cast<double>(todo - ran);
+    std::printf("cell %zu of %zu  %s %-8s %-9s n=%-5lld seed %d  acc %.4f  fid %.4f  %.1fs  ETA %s\n", i + 1,
+                cells.size(), r.model.c_str(), r.row.c_str(), r.attack.c_str(), static_cast<long long>(r.samples),
+                r.seed, r.accuracy, r.fidelity, r.wall_seconds, format_duration(eta).c_str());
+    std::fflush(stdout);
+  }
+  std::fclose(out);
+  return 0;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+}  // namespace
+
+void apply_quick(StudyOptions& o, const std::vector<std::string>& given) {
+  auto unset = [&](const char* flag) { return std::find(given.begin(), given.end(), flag) == given.end(); };
+  if (unset("--seeds")) o.seeds = 1;
+  if (unset("--samples")) o.samples = "60,600";
+  if (unset("--steps")) o.steps = 200;
+  if (unset("--fit-steps")) o.fit_steps = 200;
+  if (unset("--batch")) o.batch_size = 32;
+  if (unset("--test-samples")) o.test_samples = 1000;
+  if (unset("--victim-samples")) o.victim_train_samples = 30000;
+  if (unset("--victim-epochs")) o.victim_epochs = 2;
+}
+
+void validate_study(const StudyOptions& o) {
+  if (o.job_files.empty()) throw StudyError("--job: at least one ShardedTrainingJob file is needed");
+  if (o.out_dir.empty()) throw StudyError("--out: an output directory is needed");
+  if (o.seeds < 1) throw StudyError("--seeds " + std::to_string(o.seeds) + ": must be at least 1");
+  if (o.steps < 1) throw StudyError("--steps " + std::to_string(o.steps) + ": must be at least 1");
+  if (o.fit_steps < 1) throw StudyError("--fit-steps " + std::to_string(o.fit_steps) + ": must be at least 1");
+  if (o.batch_size < 1) throw StudyError("--batch " + std::to_string(o.batch_size) + ": must be at least 1");
+  if (!(o.learning_rate > 0)) throw StudyError("--lr " + std::to_string(o.learning_rate) + ": must be positive");
+  if (!(o.low_lr_factor > 0)) {
+    throw StudyError("--low-lr-factor " + std::to_string(o.low_lr_factor) + ": must be positive");
+  }
+  if (o.test_samples < 0) throw StudyError("--test-samples " + std::to_string(o.test_samples) + ": must be ≥ 0");
+  parse_attacks(o.attacks);
+  const auto jobs = load_jobs(o);
+  const auto sizes = parse_sizes("--samples", o.samples);
+  for (const auto& j : jobs) {
+    parse_rows(o.rows, static_cast<int>(j.cut.size()));
+    int64_t train_n = 0;
+    try {
+      train_n = shardd::count_samples(j.spec.dataset, shardd::Split::kTrain);
+    } catch (const std::exception& e) {
+      throw StudyError("--job " + j.file + ": " + e.what());
+    }
+    for (int64_t s : sizes) {
+      if (s > train_n) {
+        throw StudyError("--samples " + std::to_string(s) + ": above the " + std::to_string(train_n) +
+                         " samples of the training set of " + j.spec.dataset.path);
+      }
+    }
+    if (o.victim_train_samples > train_n) {
+      throw StudyError("--victim-samples " + std::to_string(o.victim_train_samples) + ": above the " +
+                       std::to_string(train_n) + " samples of the training set");
+    }
+  }
+  if (!o.checkpoint_dir.empty() || !o.key_dir.empty()) {
+    if (o.checkpoint_dir.empty() || o.key_dir.empty()) {
+      throw StudyError("--checkpoints and --keys go together (got only " +
+                       std::string(o.checkpoint_dir.empty() ? "--keys " + o.key_dir : "--checkpoints " + o.checkpoint_dir) +
+                       ")");
+    }
+    if (jobs.size() != 1) throw StudyError("--checkpoints: the victim can be loaded for one --job only");
+    if (!fs::is_directory(o.checkpoint_dir)) {
+      throw StudyError("--checkpoints " + o.checkpoint_dir + ": no such directory");
+    }
+    try {
+      shardd::find_shard_files(jobs[0].spec, o.checkpoint_dir, o.key_dir);
+    } catch (const std::exception& e) {
+      throw StudyError("--checkpoints " + o.checkpoint_dir + ": " + e.what());
+    }
+  }
+}
+
+void write_report(const std::string& out_dir, bool plots) {
+  const auto cells = parse_csv(read_file(out_dir + "/results.csv"));
+  const auto aggs = aggregate(cells);
+  std::vector<std::string> models;
+  for (const auto& c : cells) {
+    if (std::find(models.begin(), models.end(), c.model) == models.end()) models.push_back(c.model);
+  }
+  const bool have_gnuplot = plots && std::system("command -v gnuplot >/dev/null 2>&1") == 0;
+  std::ostringstream md;
+  md << "<!-- written by shardctl study from results.csv -->\n";
+  for (const auto& m : models) {
+    md << "\n### " << m << "\n\n" << markdown_table(aggs, m);
+    const auto pts = best_r_by_size(aggs, m);
+    if (pts.empty()) continue;
+    const std::string dat = out_dir + "/plot-" + m + ".dat";
+    {
+      std::ofstream d(dat);
+      for (const auto& [n, list] : pts) {
+        d << "# samples " << n << "\n";
+        for (const auto& p : list) d << p.exposure << " " << p.r << " " << p.r_std << " " << p.row << "\n";
+        d << "\n\n";
+      }
+    }
+    if (!have_gnuplot) continue;
+    const std::string gp = out_dir + "/plot-" + m + ".gp";
+    {
+      std::ofstream g(gp);
+      g << "set terminal pngcairo size 900,560 font 'sans,10'\n"
+        << "set output '" << out_dir << "/plot-" << m << ".png'\n"
+        << "set title 'Exposure study, " << m << ": best attack per row'\n"
+        << "set xlabel 'exposure (share of parameters held or sandwiched)'\n"
+        << "set ylabel 'recovered fraction R'\n"
+        << "set xrange [-0.02:1.02]\nset yrange [-0.3:1.15]\nset grid\nset key left top\n"
+        << "plot ";
+      size_t i = 0;
+      for (const auto& [n, list] : pts) {
+        g << (i ? ", \\\n     " : "") << "'" << dat << "' index " << i << " using 1:2:3 with yerrorbars pt " << (5 + 2 * i)
+          << " title '" << n << " samples'";
+        ++i;
+      }
+      g << "\n";
+    }
+    if (std::system(("gnuplot '" + gp + "'").c_str()) != 0) std::fprintf(stderr, "study: gnuplot failed on %s\n", gp.c_str());
+  }
+  std::ofstream(out_dir + "/results.md") << md.str();
+}
+
+int RunStudy(const StudyOptions& options) {
+  try {
+    validate_study(options);
+    if (!options.report_only) {
+      Runner runner(options, load_jobs(options));
+      const int rc = runner.run();
+      if (rc != 0) return rc;
+    }
+    write_report(options.out_dir, !options.no_plots);
+    std::printf("study: wrote %s/results.csv and results.md\n", options.out_dir.c_str());
+    return 0;
+  } catch (const StudyError& e) {
+    std::cerr << "shardctl study: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "shardctl study: " << e.what() << "\n";
+    return 1;
+  }
+}
+
+}  // namespace shardguard::shardctl

@@ -1,0 +1,387 @@
+// The pure half of `shardctl study`: rows, exposure, CSV and the report.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <set>
+#include <sstream>
+
+#include "shardguard/shardctl/study.h"
+
+namespace shardguard::shardctl {
+namespace {
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  std::string cur;
+  for (char c : s) {
+    if (c == sep) {
+      out.push_back(cur);
+      cur.clear();
+    } else {
+      cur += c;
+    }
+  }
+  out.push_back(cur);
+  return out;
+}
+
+std::string trim(const std::string& s) {
+  const auto b = s.find_first_not_of(" \t\r\n");
+  if (b == std::string::npos) return "";
+  const auto e = s.find_last_not_of(" \t\r\n");
+  return s.substr(b, e - b + 1);
+}
+
+std::string held_str(const std::vector<int>& held) {
+  std::string s;
+  for (size_t i = 0; i < held.size(); ++i) s += (i ? "+" : "") + std::to_string(held[i]);
+  return s;
+}
+
+StudyRow held_row(std::vector<int> held, int stages) {
+  std::sort(held.begin(), held.end());
+  held.erase(std::unique(held.begin(), held.end()), held.end());
+  StudyRow r;
+  r.held = held;
+  if (held.empty()) {
+    r.name = "none";
+  } else if (static_cast<int>(held.size()) == stages) {
+    r.name = "all";
+  } else {
+    r.name = "s" + held_str(held);
+  }
+  return r;
+}
+
+StudyRow sandwich_row(int i) {
+  StudyRow r;
+  r.name = "sw" + std::to_string(i);
+  r.held = {i - 1, i + 1};
+  r.sandwiched = i;
+  return r;
+}
+
+std::vector<StudyRow> group(const std::string& name, int n) {
+  std::vector<StudyRow> rows;
+  if (name == "single") {
+    for (int i = 0; i < n; ++i) rows.push_back(held_row({i}, n));
+  } else if (name == "pair") {
+    for (int i = 0; i + 1 < n; ++i) rows.push_back(held_row({i, i + 1}, n));
+  } else if (name == "triple") {  // every n-1 of n
+    for (int skip = n - 1; skip >= 0; --skip) {
+      std::vector<int> held;
+      for (int i = 0; i < n; ++i) {
+        if (i != skip) held.push_back(i);
+      }
+      rows.push_back(held_row(held, n));
+    }
+  } else if (name == "sandwich") {
+    for (int i = 1; i + 1 < n; ++i) rows.push_back(sandwich_row(i));
+  }
+  return rows;
+}
+
+bool parse_int(const std::string& s, int64_t* out) {
+  if (s.empty() || s.size() > 18) return false;
+  for (char c : s) {
+    if (c < '0' || c > '9') return false;
+  }
+  *out = std::stoll(s);
+  return true;
+}
+
+}  // namespace
+
+std::vector<StudyRow> default_rows(int n) {
+  std::vector<StudyRow> rows{held_row({}, n)};
+  for (const char* g : {"single", "pair", "triple"}) {
+    for (auto& r : group(g, n)) {
+      if (std::none_of(rows.begin(), rows.end(), [&](const StudyRow& x) { return x.name == r.name; })) {
+        rows.push_back(r);
+      }
+    }
+  }
+  std::vector<int> all;
+  for (int i = 0; i < n; ++i) all.push_back(i);
+  if (n > 1) rows.push_back(held_row(all, n));
+  for (auto& r : group("sandwich", n)) rows.push_back(r);
+  return rows;
+}
+
+std::vector<StudyRow> parse_rows(const std::string& list, int n) {
+  std::vector<StudyRow> out;
+  auto add = [&](const StudyRow& r) {
+    if (std::none_of(out.begin(), out.end(), [&](const StudyRow& x) { return x.name == r.name; })) out.push_back(r);
+  };
+  const std::string known = " (known: none, all, s<i>[+<j>...], sw<i>, single, pair, triple, sandwich, default)";
+  for (const auto& raw : split(list, ',')) {
+    const std::string e = trim(raw);
+    if (e.empty()) throw StudyError("--rows \"" + list + "\": empty entry");
+    if (e == "default") {
+      for (auto& r : default_rows(n)) add(r);
+    } else if (e == "none") {
+      add(held_row({}, n));
+    } else if (e == "all") {
+      std::vector<int> all;
+      for (int i = 0; i < n; ++i) all.push_back(i);
+      add(held_row(all, n));
+    } else if (e == "single" || e == "pair" || e == "triple" || e == "sandwich") {
+      const auto rows = group(e, n);
+      if (rows.empty()) throw StudyError("--rows " + e + ": a model of " + std::to_string(n) + " stages has no such row");
+      for (auto& r : rows) add(r);
+    } else if (e.rfind("sw", 0) == 0) {
+      int64_t i = 0;
+      if (!parse_int(e.substr(2), &i)) throw StudyError("--rows: unknown row \"" + e + "\"" + known);
+      if (i < 1 || i + 1 >= n) {
+        throw StudyError("--rows " + e + ": stage " + std::to_string(i) + " has no two neighbours in a model of " +
+                         std::to_string(n) + " stages (sandwich needs 1 ≤ i ≤ " + std::to_string(n - 2) + ")");
+      }
+      add(sandwich_row(static_cast<int>(i)));
+    } else if (e[0] == 's' && e.size() > 1) {
+      std::vector<int> held;
+      for (const auto& part : split(e.substr(1), '+')) {
+        int64_t i = 0;
+        if (!parse_int(part, &i)) throw StudyError("--rows: unknown row \"" + e + "\"" + known);
+        if (i >= n) {
+          throw StudyError("--rows " + e + ": stage " + std::to_string(i) + " does not exist (the model has " +
+                           std::to_string(n) + " stages, 0.." + std::to_string(n - 1) + ")");
+        }
+        held.push_back(static_cast<int>(i));
+      }
+      add(held_row(held, n));
+    } else {
+      throw StudyError("--rows: unknown row \"" + e + "\"" + known);
+    }
+  }
+  return out;
+}
+
+double row_exposure(const StudyRow& row, const std::vector<double>& shares) {
+  std::set<int> exposed(row.held.begin(), row.held.end());
+  if (row.sandwiched >= 0) exposed.insert(row.sandwiched);
+  double e = 0;
+  for (int i : exposed) e += shares.at(static_cast<size_t>(i));
+  return std::min(1.0, e);
+}
+
+std::vector<std::string> row_attacks(const StudyRow& row, int stages, const std::vector<std::string>& wanted) {
+  std::vector<std::string> out;
+  for (const auto& a : all_attacks()) {
+    if (std::find(wanted.begin(), wanted.end(), a) == wanted.end()) continue;
+    if (row.sandwiched >= 0) {
+      if (a == "A3") out.push_back(a);
+      continue;
+    }
+    if (a == "A3") continue;
+    if (row.held.empty() && a != "A1-frozen") continue;
+    out.push_back(a);
+  }
+  return out;
+}
+
+std::vector<int64_t> parse_sizes(const std::string& flag, const std::string& list) {
+  std::vector<int64_t> out;
+  for (const auto& raw : split(list, ',')) {
+    int64_t v = 0;
+    if (!parse_int(trim(raw), &v) || v < 1) {
+      throw StudyError(flag + " \"" + list + "\": \"" + trim(raw) + "\" is not a positive integer");
+    }
+    if (std::find(out.begin(), out.end(), v) == out.end()) out.push_back(v);
+  }
+  return out;
+}
+
+std::string CellResult::key() const {
+  return model + "|" + row + "|" + attack + "|" + std::to_string(samples) + "|" + std::to_string(seed);
+}
+
+std::string csv_header() { return "model,row,held,exposure,attack,samples,seed,accuracy,fidelity,wall_s"; }
+
+std::string to_csv_line(const CellResult& c) {
+  char buf[512];
+  std::snprintf(buf, sizeof buf, "%s,%s,%s,%.6f,%s,%lld,%d,%.6f,%.6f,%.3f", c.model.c_str(), c.row.c_str(),
+                c.held.c_str(), c.exposure, c.attack.c_str(), static_cast<long long>(c.samples), c.seed, c.accuracy,
+                c.fidelity, c.wall_seconds);
+  return buf;
+}
+
+std::vector<CellResult> parse_csv(const std::string& text) {
+  std::vector<CellResult> out;
+  size_t pos = 0;
+  bool first = true;
+  while (pos < text.size()) {
+    const size_t nl = text.find('\n', pos);
+    if (nl == std::string::npos) break;  // a line cut short by an interruption
+    const std::string line = text.substr(pos, nl - pos);
+    pos = nl + 1;
+    if (first) {
+      first = false;
+      if (line.rfind("model,", 0) == 0) continue;
+    }
+    const auto f = split(line, ',');
+    if (f.size() != 10) continue;
+    try {
+      CellResult c;
+      c.model = f[0];
+      c.row = f[1];
+      c.held = f[2];
+      c.exposure = std::stod(f[3]);
+      c.attack = f[4];
+      c.samples = std::stoll(f[5]);
+      c.seed = std::stoi(f[6]);
+      c.accuracy = std::stod(f[7]);
+      c.fidelity = std::stod(f[8]);
+      c.wall_seconds = std::stod(f[9]);
+      out.push_back(c);
+    } catch (const std::exception&) {
+      continue;
+    }
+  }
+  return out;
+}
+
+Stat stat_of(const std::vector<double>& v) {
+  Stat s;
+  s.n = static_cast<int>(v.size());
+  if (v.empty()) return s;
+  double sum = 0;
+  for (double x : v) sum += x;
+  s.mean = sum / s.n;
+  if (s.n > 1) {
+    double ss = 0;
+    for (double x : v) ss += (x - s.mean) * (x - s.mean);
+    s.std = std::sqrt(ss / (s.n - 1));
+  }
+  return s;
+}
+
+double recovered_fraction(double attack, double scratch, double victim) {
+  const double gap = victim - scratch;
+  if (std::fabs(gap) < 1e-12) return std::nan("");
+  return (attack - scratch) / gap;
+}
+
+std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells) {
+  // Controls per (model, samples, seed).
+  std::map<std::string, double> scratch, victim;
+  auto ctl = [](const CellResult& c) { return c.model + "|" + std::to_string(c.samples) + "|" + std::to_string(c.seed); };
+  for (const auto& c : cells) {
+    if (c.attack == "scratch") scratch[ctl(c)] = c.accuracy;
+    if (c.attack == "victim") victim[ctl(c)] = c.accuracy;
+  }
+  struct Acc {
+    Aggregate a;
+    std::vector<double> acc, fid, r, wall;
+  };
+  std::vector<std::string> order;
+  std::map<std::string, Acc> groups;
+  std::set<std::string> seen;
+  for (const auto& c : cells) {
+    if (!seen.insert(c.key()).second) continue;  // a cell measured twice counts once
+    const std::string g = c.model + "|" + c.row + "|" + c.attack + "|" + std::to_string(c.samples);
+    auto [it, fresh] = groups.try_emplace(g);
+    if (fresh) {
+      order.push_back(g);
+      it->second.a.model = c.model;
+      it->second.a.row = c.row;
+      it->second.a.held = c.held;
+      it->second.a.exposure = c.exposure;
+      it->second.a.attack = c.attack;
+      it->second.a.samples = c.samples;
+    }
+    it->second.acc.push_back(c.accuracy);
+    it->second.fid.push_back(c.fidelity);
+    it->second.wall.push_back(c.wall_seconds);
+    const auto s = scratch.find(ctl(c));
+    const auto v = victim.find(ctl(c));
+    if (s != scratch.end() && v != victim.end()) {
+      const double r = recovered_fraction(c.accuracy, s->second, v->second);
+      if (!std::isnan(r)) it->second.r.push_back(r);
+    }
+  }
+  std::vector<Aggregate> out;
+  for (const auto& g : order) {
+    auto& x = groups[g];
+    x.a.accuracy = stat_of(x.acc);
+    x.a.fidelity = stat_of(x.fid);
+    x.a.r = stat_of(x.r);
+    x.a.wall = stat_of(x.wall);
+    out.push_back(x.a);
+  }
+  return out;
+}
+
+std::string markdown_table(const std::vector<Aggregate>& aggs, const std::string& model) {
+  std::vector<int64_t> sizes;
+  std::vector<std::pair<std::string, std::string>> lines;  // (row, attack) in order
+  std::map<std::string, const Aggregate*> by;
+  for (const auto& a : aggs) {
+    if (a.model != model) continue;
+    if (std::find(sizes.begin(), sizes.end(), a.samples) == sizes.end()) sizes.push_back(a.samples);
+    const std::pair<std::string, std::string> key{a.row, a.attack};
+    if (std::find(lines.begin(), lines.end(), key) == lines.end()) lines.push_back(key);
+    by[a.row + "|" + a.attack + "|" + std::to_string(a.samples)] = &a;
+  }
+  std::sort(sizes.begin(), sizes.end());
+  // Controls first, then rows in the order measured.
+  std::stable_partition(lines.begin(), lines.end(), [](const auto& l) { return l.first == "-"; });
+  std::ostringstream o;
+  o << "| row | held | exposure | attack |";
+  for (auto n : sizes) o << " " << n << ": acc | fid | R |";
+  o << " seeds |\n|---|---|---|---|";
+  for (size_t i = 0; i < sizes.size(); ++i) o << "---|---|---|";
+  o << "---|\n";
+  char buf[128];
+  for (const auto& [row, attack] : lines) {
+    const Aggregate* any = nullptr;
+    int seeds = 0;
+    for (auto n : sizes) {
+      auto it = by.find(row + "|" + attack + "|" + std::to_string(n));
+      if (it != by.end()) {
+        any = it->second;
+        seeds = std::max(seeds, it->second->accuracy.n);
+      }
+    }
+    std::snprintf(buf, sizeof buf, "%.1f%%", any ? 100 * any->exposure : 0.0);
+    o << "| " << row << " | " << (any && !any->held.empty() ? any->held : "–") << " | " << (row == "-" ? "–" : buf)
+      << " | " << attack << " |";
+    for (auto n : sizes) {
+      auto it = by.find(row + "|" + attack + "|" + std::to_string(n));
+      if (it == by.end()) {
+        o << " … | … | … |";
+        continue;
+      }
+      const Aggregate& a = *it->second;
+      std::snprintf(buf, sizeof buf, " %.3f ± %.3f | %.3f |", a.accuracy.mean, a.accuracy.std, a.fidelity.mean);
+      o << buf;
+      if (a.r.n == 0 || attack == "victim" || attack == "scratch") {
+        o << " – |";
+      } else {
+        std::snprintf(buf, sizeof buf, " %.2f ± %.2f |", a.r.mean, a.r.std);
+        o << buf;
+      }
+    }
+    o << " " << seeds << " |\n";
+  }
+  return o.str();
+}
+
+std::map<int64_t, std::vector<PlotPoint>> best_r_by_size(const std::vector<Aggregate>& aggs, const std::string& model) {
+  std::map<int64_t, std::vector<PlotPoint>> out;
+  for (const auto& a : aggs) {
+    if (a.model != model || a.row == "-" || a.r.n == 0) continue;
+    auto& pts = out[a.samples];
+    auto it = std::find_if(pts.begin(), pts.end(), [&](const PlotPoint& p) { return p.row == a.row; });
+    if (it == pts.end()) {
+      pts.push_back({a.row, a.exposure, a.r.mean, a.r.std, a.attack});
+    } else if (a.r.mean > it->r) {
+      *it = {a.row, a.exposure, a.r.mean, a.r.std, a.attack};
+    }
+  }
+  for (auto& [n, pts] : out) {
+    std::stable_sort(pts.begin(), pts.end(), [](const PlotPoint& a, const PlotPoint& b) { return a.exposure < b.exposure; });
+  }
+  return out;
+}
+
+}  // namespace shardguard::shardctl
