@@ -480,6 +480,15 @@ struct Proxy::Impl {
       const std::string self =
           spiffe_id_for_shard(p->trust_domain(), p->ns(), p->job(), static_cast<uint32_t>(p->shard()));
       metrics.exposure_ratio.Add({{"peer", self}, {"shard", std::to_string(p->shard())}}).Set(1.0);
+      // Every export principal the policy names has its series from the start, at 0
+      // until it receives bytes: dashboards show it, and increase() sees the first export.
+      if (p->exports().allowed) {
+        for (const auto& e : p->exports().principals) {
+          const prometheus::Labels l{{"peer", e.peer}, {"shard", std::to_string(p->shard())}};
+          metrics.exposed.Add(l);
+          metrics.exposure_ratio.Add(l);
+        }
+      }
     }
   }
   void maintenance_loop() {

@@ -141,6 +141,10 @@ class ExportTest : public ::testing::Test {
 
 TEST_F(ExportTest, WithinBudgetIsRecordedAndBeyondBudgetIsRefusedAcrossARestart) {
   start_proxy();
+  // The policy's export principal has its series before any export, at 0.
+  EXPECT_EQ(testsupport::registry_series(*registry_, "shardguard_param_bytes_exposed_total", exporter_labels()), 1);
+  EXPECT_EQ(testsupport::registry_series(*registry_, "shardguard_exposure_ratio", exporter_labels()), 1);
+  EXPECT_EQ(metric("shardguard_param_bytes_exposed_total", exporter_labels()), 0.0);
   std::string got;
   ASSERT_TRUE(pull(0, kMiB, &got).ok());
   EXPECT_EQ(got, std::string(kMiB, 'a'));

@@ -10,11 +10,10 @@
 
 namespace shardguard::testsupport {
 
-// Sum of the samples of `name` whose labels include every pair of `labels`
-// (counter and gauge values, histogram sample counts).
-inline double registry_sum(prometheus::Registry& registry, const std::string& name,
-                           const std::map<std::string, std::string>& labels = {}) {
-  double total = 0;
+// Calls f(metric) for every sample of `name` whose labels include every pair of `labels`.
+template <typename F>
+void for_each_series(prometheus::Registry& registry, const std::string& name,
+                     const std::map<std::string, std::string>& labels, F f) {
   for (const auto& family : registry.Collect()) {
     if (family.name != name) continue;
     for (const auto& m : family.metric) {
@@ -24,10 +23,28 @@ inline double registry_sum(prometheus::Registry& registry, const std::string& na
         for (const auto& l : m.label) found = found || (l.name == k && l.value == v);
         match = match && found;
       }
-      if (match) total += m.counter.value + m.gauge.value + static_cast<double>(m.histogram.sample_count);
+      if (match) f(m);
     }
   }
+}
+
+// Sum of the samples of `name` whose labels include every pair of `labels`
+// (counter and gauge values, histogram sample counts).
+inline double registry_sum(prometheus::Registry& registry, const std::string& name,
+                           const std::map<std::string, std::string>& labels = {}) {
+  double total = 0;
+  for_each_series(registry, name, labels, [&](const prometheus::ClientMetric& m) {
+    total += m.counter.value + m.gauge.value + static_cast<double>(m.histogram.sample_count);
+  });
   return total;
+}
+
+// How many series of `name` match `labels` (a series at 0 counts: it exists).
+inline int registry_series(prometheus::Registry& registry, const std::string& name,
+                           const std::map<std::string, std::string>& labels = {}) {
+  int n = 0;
+  for_each_series(registry, name, labels, [&](const prometheus::ClientMetric&) { ++n; });
+  return n;
 }
 
 // Polls pred() every 10 ms until it holds or `limit` passes; returns its last value.
