@@ -128,3 +128,28 @@ bench-operator: configure
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)
+
+# Container images of images/*.Dockerfile (docs/images.md), tagged as charts/shardguard
+# and the operator's --shardd-image/--sidecar-image defaults expect. Not part of
+# `make test`, and it cannot run on the build machine (there is no container engine
+# there; ctest -L images checks the Dockerfiles instead). Needs Docker with BuildKit.
+#   make images                               three images, $(IMAGE_REGISTRY)/<name>:$(IMAGE_TAG)
+#   make images IMAGE_REGISTRY=registry.example.com/ml IMAGE_TAG=0.1.0-rc1
+#   make images SHARDD_TORCH=cuda             shardd on LibTorch CUDA, tag suffix -cuda
+#   make images-push                          docker push the three
+IMAGE_REGISTRY ?= ghcr.io/shardguard
+IMAGE_TAG      ?= $(shell sed -n 's/^appVersion:[[:space:]]*"\{0,1\}\([^"[:space:]]*\)"\{0,1\}.*/\1/p' charts/shardguard/Chart.yaml)
+SHARDD_TORCH   ?= cpu
+SHARDD_TAG     := $(IMAGE_TAG)$(if $(filter cuda,$(SHARDD_TORCH)),-cuda)
+DOCKER         ?= docker
+
+.PHONY: images images-push
+images:
+	$(DOCKER) build -f images/operator.Dockerfile -t $(IMAGE_REGISTRY)/shardguard-operator:$(IMAGE_TAG) .
+	$(DOCKER) build -f images/sidecar.Dockerfile -t $(IMAGE_REGISTRY)/shard-sidecar:$(IMAGE_TAG) .
+	$(DOCKER) build -f images/shardd.Dockerfile --build-arg TORCH=$(SHARDD_TORCH) -t $(IMAGE_REGISTRY)/shardd:$(SHARDD_TAG) .
+
+images-push: images
+	$(DOCKER) push $(IMAGE_REGISTRY)/shardguard-operator:$(IMAGE_TAG)
+	$(DOCKER) push $(IMAGE_REGISTRY)/shard-sidecar:$(IMAGE_TAG)
+	$(DOCKER) push $(IMAGE_REGISTRY)/shardd:$(SHARDD_TAG)
