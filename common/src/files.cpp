@@ -129,4 +129,22 @@ void make_dirs(const std::string& path) {
   }
 }
 
+std::string tail_of_file(const std::string& path, size_t lines) {
+  std::string text;
+  try {
+    text = read_file(path);
+  } catch (const std::exception&) {
+    return "";
+  }
+  size_t pos = text.size();
+  for (size_t n = 0; n <= lines && pos > 0; ++n) {
+    pos = text.rfind('\n', pos - 1);
+    if (pos == std::string::npos) {
+      pos = 0;
+      break;
+    }
+  }
+  return text.substr(pos == 0 ? 0 : pos + 1);
+}
+
 }  // namespace shardguard

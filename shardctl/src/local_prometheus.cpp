@@ -17,16 +17,6 @@ namespace {
 // A YAML double-quoted scalar (JSON strings are valid YAML).
 std::string quoted(const std::string& s) { return nlohmann::json(s).dump(); }
 
-std::string last_lines(const std::string& path, size_t max_chars) {
-  std::string text;
-  try {
-    text = read_file(path);
-  } catch (const std::exception&) {
-    return "";
-  }
-  return text.size() > max_chars ? text.substr(text.size() - max_chars) : text;
-}
-
 }  // namespace
 
 std::string prometheus_config(const std::vector<ScrapeTarget>& targets, std::chrono::milliseconds interval) {
@@ -99,7 +89,7 @@ std::string LocalPrometheus::wait_ready(std::chrono::seconds limit) {
   for (;;) {
     if (auto st = process_->wait_for(std::chrono::milliseconds(0))) {
       return "prometheus exited (" + st->str() + "); its log " + log_file_ + " ends with:\n" +
-             last_lines(log_file_, 1500);
+             tail_of_file(log_file_, 12);
     }
     httplib::Client c("127.0.0.1", port_);
     c.set_connection_timeout(0, 200000);
@@ -107,7 +97,7 @@ std::string LocalPrometheus::wait_ready(std::chrono::seconds limit) {
     if (auto r = c.Get("/-/ready"); r && r->status == 200) return "";
     if (std::chrono::steady_clock::now() > deadline) {
       return "prometheus was not ready on " + url() + " after " + std::to_string(limit.count()) + " s; its log " +
-             log_file_ + " ends with:\n" + last_lines(log_file_, 1500);
+             log_file_ + " ends with:\n" + tail_of_file(log_file_, 12);
     }
     process_->wait_for(std::chrono::milliseconds(100));  // returns early if it exits
   }
@@ -119,7 +109,7 @@ std::string LocalPrometheus::wait_targets_up(size_t count, std::chrono::seconds 
   for (;;) {
     if (auto st = process_->wait_for(std::chrono::milliseconds(0))) {
       return "prometheus exited (" + st->str() + "); its log " + log_file_ + " ends with:\n" +
-             last_lines(log_file_, 1500);
+             tail_of_file(log_file_, 12);
     }
     httplib::Client c("127.0.0.1", port_);
     c.set_connection_timeout(1);

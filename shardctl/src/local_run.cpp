@@ -218,24 +218,6 @@ std::streamoff file_size(const std::string& path) {
   return ec ? 0 : static_cast<std::streamoff>(size);
 }
 
-std::string tail_of(const std::string& path, size_t lines) {
-  std::string text;
-  try {
-    text = read_file(path);
-  } catch (const std::exception&) {
-    return "";
-  }
-  size_t pos = text.size();
-  for (size_t n = 0; n <= lines && pos > 0; ++n) {
-    pos = text.rfind('\n', pos - 1);
-    if (pos == std::string::npos) {
-      pos = 0;
-      break;
-    }
-  }
-  return text.substr(pos == 0 ? 0 : pos + 1);
-}
-
 // Last stage's JSON log lines that matter to the user.
 struct RunState {
   Progress progress;
@@ -297,7 +279,7 @@ std::string wait_for_sidecars(std::vector<Shard>& shards, std::chrono::seconds l
     for (;;) {
       if (auto st = s.sidecar.process->wait_for(std::chrono::milliseconds(0))) {
         return "the sidecar of shard " + std::to_string(s.index) + " could not start (" + st->str() +
-               "); its log " + s.sidecar.log_file + " ends with:\n" + tail_of(s.sidecar.log_file, 8);
+               "); its log " + s.sidecar.log_file + " ends with:\n" + tail_of_file(s.sidecar.log_file, 8);
       }
       httplib::Client c("127.0.0.1", s.ports.sidecar_metrics);
       c.set_connection_timeout(0, 200000);
@@ -307,7 +289,7 @@ std::string wait_for_sidecars(std::vector<Shard>& shards, std::chrono::seconds l
       if (Clock::now() > deadline) {
         return "the sidecar of shard " + std::to_string(s.index) + " was not ready after " +
                std::to_string(limit.count()) + " s" + (r ? " (/readyz: " + r->body + ")" : "") + "; its log " +
-               s.sidecar.log_file + " ends with:\n" + tail_of(s.sidecar.log_file, 8);
+               s.sidecar.log_file + " ends with:\n" + tail_of_file(s.sidecar.log_file, 8);
       }
       s.sidecar.process->wait_for(std::chrono::milliseconds(100));  // returns early if it exits
     }
@@ -640,7 +622,7 @@ int RunLocal(const LocalRunOptions& options) {
     for (auto& s : shards) {
       if (auto st = s.sidecar.process->wait_for(std::chrono::milliseconds(0))) {
         failure = "the sidecar of shard " + std::to_string(s.index) + " exited (" + st->str() + "); its log " +
-                  s.sidecar.log_file + " ends with:\n" + tail_of(s.sidecar.log_file, 8);
+                  s.sidecar.log_file + " ends with:\n" + tail_of_file(s.sidecar.log_file, 8);
         break;
       }
     }
@@ -667,7 +649,7 @@ int RunLocal(const LocalRunOptions& options) {
       if (s.restarts >= job.run_policy.backoff_limit) {
         failure = "shard " + std::to_string(s.index) + " failed (" + st->str() + ") after " +
                   std::to_string(s.restarts) + " restart(s), the job's runPolicy.backoffLimit; its log ends with:\n" +
-                  tail_of(s.shardd.log_file, 8);
+                  tail_of_file(s.shardd.log_file, 8);
         break;
       }
       ++s.restarts;

@@ -72,6 +72,17 @@ TEST(Files, WriteThenReadRoundTrip) {
   EXPECT_EQ(read_file(path), "");
 }
 
+TEST(Files, TailOfFileQuotesTheLastLines) {
+  TempDir dir;
+  const std::string path = dir.file("log.txt");
+  write_file_atomic(path, "one\ntwo\nthree\nfour\n");
+  EXPECT_EQ(tail_of_file(path, 2), "three\nfour\n");
+  EXPECT_EQ(tail_of_file(path, 10), "one\ntwo\nthree\nfour\n");
+  write_file_atomic(path, "no newline at the end");
+  EXPECT_EQ(tail_of_file(path, 1), "no newline at the end");
+  EXPECT_EQ(tail_of_file(dir.file("missing"), 3), "");
+}
+
 TEST(Files, AtomicWriteLeavesNoTempFilesAndReplacesTarget) {
   TempDir dir;
   const std::string path = dir.file("config.json");
