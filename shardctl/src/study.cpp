@@ -671,7 +671,7 @@ void write_report(const std::string& out_dir, bool plots) {
         << "set title 'Exposure study, " << m << ": best attack per row'\n"
         << "set xlabel 'exposure (share of parameters held or sandwiched)'\n"
         << "set ylabel 'recovered fraction R'\n"
-        << "set xrange [-0.02:1.02]\nset yrange [-0.3:1.15]\nset grid\nset key left top\n"
+        << "set xrange [-0.02:1.02]\nset yrange [*<-0.3:1.15]\nset grid\nset key left top\n"
         << "plot ";
       size_t i = 0;
       for (const auto& [n, list] : pts) {
@@ -679,7 +679,8 @@ void write_report(const std::string& out_dir, bool plots) {
           << " title '" << n << " samples'";
         ++i;
       }
-      g << "\n";
+      // Row names next to the points of the first series.
+      g << ", \\\n     '" << dat << "' index 0 using 1:2:4 with labels offset 0.6,0.6 left font ',7' notitle\n";
     }
     if (std::system(("gnuplot '" + gp + "'").c_str()) != 0) std::fprintf(stderr, "study: gnuplot failed on %s\n", gp.c_str());
   }
