@@ -327,7 +327,7 @@ std::string markdown_table(const std::vector<Aggregate>& aggs, const std::string
   std::stable_partition(lines.begin(), lines.end(), [](const auto& l) { return l.first == "-"; });
   std::ostringstream o;
   o << "| row | held | exposure | attack |";
-  for (auto n : sizes) o << " " << n << ": acc | fid | R |";
+  for (auto n : sizes) o << " " << n << ": acc (± sd) | fid | R (± sd) |";
   o << " seeds |\n|---|---|---|---|";
   for (size_t i = 0; i < sizes.size(); ++i) o << "---|---|---|";
   o << "---|\n";
@@ -352,12 +352,20 @@ std::string markdown_table(const std::vector<Aggregate>& aggs, const std::string
         continue;
       }
       const Aggregate& a = *it->second;
-      std::snprintf(buf, sizeof buf, " %.3f ± %.3f | %.3f |", a.accuracy.mean, a.accuracy.std, a.fidelity.mean);
+      // With one seed there is no spread to show: the mean alone.
+      if (a.accuracy.n > 1) {
+        std::snprintf(buf, sizeof buf, " %.3f ± %.3f | %.3f |", a.accuracy.mean, a.accuracy.std, a.fidelity.mean);
+      } else {
+        std::snprintf(buf, sizeof buf, " %.3f | %.3f |", a.accuracy.mean, a.fidelity.mean);
+      }
       o << buf;
       if (a.r.n == 0 || attack == "victim" || attack == "scratch") {
         o << " – |";
-      } else {
+      } else if (a.r.n > 1) {
         std::snprintf(buf, sizeof buf, " %.2f ± %.2f |", a.r.mean, a.r.std);
+        o << buf;
+      } else {
+        std::snprintf(buf, sizeof buf, " %.2f |", a.r.mean);
         o << buf;
       }
     }

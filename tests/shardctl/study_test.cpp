@@ -155,6 +155,11 @@ TEST(StudyReport, RecoveredFractionPerSeed) {
   const std::string md = markdown_table(aggs, "cnn");
   EXPECT_NE(md.find("| s0 |"), std::string::npos) << md;
   EXPECT_NE(md.find("0.75 ± 0.35"), std::string::npos) << md;
+  // One seed: the mean alone, no "± 0.000".
+  const std::string one = markdown_table(aggregate({cells[0], cells[1], cells[2]}), "cnn");
+  EXPECT_NE(one.find("| s0 | – | 25.0% | A1-frozen | 0.750 | 0.500 | 0.50 | 1 |"), std::string::npos) << one;
+  EXPECT_EQ(one.substr(one.find('\n')).find("±"), std::string::npos) << one;  // (the header has one)
+
   const auto pts = best_r_by_size(aggs, "cnn");
   ASSERT_EQ(pts.at(60).size(), 1u);
   EXPECT_NEAR(pts.at(60)[0].r, 0.75, 1e-12);
