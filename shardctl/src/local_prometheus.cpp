@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <functional>
 #include <sstream>
 #include <stdexcept>
 
@@ -84,54 +85,60 @@ void LocalPrometheus::stop() {
   process_.reset();
 }
 
-std::string LocalPrometheus::wait_ready(std::chrono::seconds limit) {
+std::string LocalPrometheus::poll(std::chrono::seconds limit, const std::function<bool()>& done,
+                                  const std::function<std::string()>& why_not) {
   const auto deadline = std::chrono::steady_clock::now() + limit;
   for (;;) {
     if (auto st = process_->wait_for(std::chrono::milliseconds(0))) {
       return "prometheus exited (" + st->str() + "); its log " + log_file_ + " ends with:\n" +
              tail_of_file(log_file_, 12);
     }
-    httplib::Client c("127.0.0.1", port_);
-    c.set_connection_timeout(0, 200000);
-    c.set_read_timeout(1);
-    if (auto r = c.Get("/-/ready"); r && r->status == 200) return "";
+    if (done()) return "";
     if (std::chrono::steady_clock::now() > deadline) {
-      return "prometheus was not ready on " + url() + " after " + std::to_string(limit.count()) + " s; its log " +
-             log_file_ + " ends with:\n" + tail_of_file(log_file_, 12);
-    }
-    process_->wait_for(std::chrono::milliseconds(100));  // returns early if it exits
-  }
-}
-
-std::string LocalPrometheus::wait_targets_up(size_t count, std::chrono::seconds limit) {
-  const auto deadline = std::chrono::steady_clock::now() + limit;
-  size_t up = 0, active = 0;
-  for (;;) {
-    if (auto st = process_->wait_for(std::chrono::milliseconds(0))) {
-      return "prometheus exited (" + st->str() + "); its log " + log_file_ + " ends with:\n" +
+      return why_not() + " after " + std::to_string(limit.count()) + " s; its log " + log_file_ + " ends with:\n" +
              tail_of_file(log_file_, 12);
-    }
-    httplib::Client c("127.0.0.1", port_);
-    c.set_connection_timeout(1);
-    c.set_read_timeout(5);
-    if (auto r = c.Get("/api/v1/targets?state=active"); r && r->status == 200) {
-      const auto j = nlohmann::json::parse(r->body, nullptr, false);
-      up = active = 0;
-      if (j.is_object() && j.contains("data") && j["data"].contains("activeTargets")) {
-        for (const auto& t : j["data"]["activeTargets"]) {
-          ++active;
-          up += t.value("health", "") == "up";
-        }
-      }
-      if (up >= count) return "";
-    }
-    if (std::chrono::steady_clock::now() > deadline) {
-      return "prometheus scraped " + std::to_string(up) + " of the " + std::to_string(count) +
-             " targets expected up (" + std::to_string(active) + " active) within " + std::to_string(limit.count()) +
-             " s; see " + url() + "/targets";
     }
     process_->wait_for(std::chrono::milliseconds(200));  // returns early if it exits
   }
+}
+
+std::string LocalPrometheus::wait_ready(std::chrono::seconds limit) {
+  return poll(
+      limit,
+      [&] {
+        httplib::Client c("127.0.0.1", port_);
+        c.set_connection_timeout(0, 200000);
+        c.set_read_timeout(1);
+        auto r = c.Get("/-/ready");
+        return r && r->status == 200;
+      },
+      [&] { return "prometheus was not ready on " + url(); });
+}
+
+std::string LocalPrometheus::wait_targets_up(size_t count, std::chrono::seconds limit) {
+  size_t up = 0, active = 0;
+  return poll(
+      limit,
+      [&] {
+        httplib::Client c("127.0.0.1", port_);
+        c.set_connection_timeout(1);
+        c.set_read_timeout(5);
+        auto r = c.Get("/api/v1/targets?state=active");
+        if (!r || r->status != 200) return false;
+        const auto j = nlohmann::json::parse(r->body, nullptr, false);
+        up = active = 0;
+        if (j.is_object() && j.contains("data") && j["data"].contains("activeTargets")) {
+          for (const auto& t : j["data"]["activeTargets"]) {
+            ++active;
+            up += t.value("health", "") == "up";
+          }
+        }
+        return up >= count;
+      },
+      [&] {
+        return "prometheus scraped " + std::to_string(up) + " of the " + std::to_string(count) +
+               " targets expected up (" + std::to_string(active) + " active; " + url() + "/targets)";
+      });
 }
 
 nlohmann::json LocalPrometheus::query(const std::string& promql) {

@@ -31,6 +31,7 @@
 
 #include "apiserver/kube_apiserver.h"
 #include "integration/pipeline_fixture.h"
+#include "integration/prom_server.h"
 #include "shardguard/common/jobspec.h"
 #include "shardguard/common/pki.h"
 #include "shardguard/v1/pipeline.grpc.pb.h"
@@ -43,70 +44,7 @@ namespace {
 
 using nlohmann::json;
 using testsupport::eventually;
-
-// A Prometheus server over `data_dir` scraping what `scrape_yaml` lists (may be none).
-class PromServer {
- public:
-  PromServer(const std::string& dir, const std::string& name, const std::string& data_dir,
-             const std::string& scrape_yaml) {
-    const std::string cfg = dir + "/" + name + ".yml";
-    std::ofstream(cfg) << "global:\n  scrape_interval: 500ms\n  scrape_timeout: 500ms\n" << scrape_yaml;
-    port_ = pick_free_port();
-    SpawnOptions o;
-    o.argv = {"/usr/bin/prometheus", "--config.file=" + cfg, "--storage.tsdb.path=" + data_dir,
-              "--web.listen-address=127.0.0.1:" + std::to_string(port_)};
-    o.log_file = dir + "/" + name + ".log";
-    log_ = o.log_file;
-    process_ = std::make_unique<Process>(o);
-    ready_ = eventually(
-        [&] {
-          httplib::Client c("127.0.0.1", port_);
-          auto r = c.Get("/-/ready");
-          return r && r->status == 200;
-        },
-        std::chrono::seconds(30));
-  }
-  ~PromServer() { process_->terminate(std::chrono::seconds(10)); }
-  bool ready() const { return ready_; }
-  std::string log() const { return testsupport::slurp(log_); }
-
-  // data.result of a query_range over [start, end] (empty on error, reason in *error).
-  json range(const std::string& q, double start, double end, std::string* error) const {
-    httplib::Client c("127.0.0.1", port_);
-    c.set_read_timeout(20);
-    auto r = c.Get("/api/v1/query_range",
-                   httplib::Params{{"query", q}, {"start", std::to_string(start)}, {"end", std::to_string(end)},
-                                   {"step", "2"}},
-                   httplib::Headers{});
-    const json j = r ? json::parse(r->body, nullptr, false) : json();
-    if (!j.is_object() || j.value("status", "") != "success") {
-      *error = r ? r->body : "no answer";
-      return json::array();
-    }
-    return j["data"]["result"];
-  }
-  json instant(const std::string& q) const {
-    std::string error;
-    const double now = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-    return range(q, now - 1, now, &error);
-  }
-  std::set<std::string> metric_names() const {
-    httplib::Client c("127.0.0.1", port_);
-    auto r = c.Get("/api/v1/label/__name__/values");
-    std::set<std::string> out;
-    const json j = r ? json::parse(r->body, nullptr, false) : json();
-    if (j.is_object() && j.contains("data")) {
-      for (const auto& n : j["data"]) out.insert(n.get<std::string>());
-    }
-    return out;
-  }
-
- private:
-  int port_ = 0;
-  std::string log_;
-  bool ready_ = false;
-  std::unique_ptr<Process> process_;
-};
+using testsupport::PromServer;
 
 double now_s() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
@@ -258,6 +196,10 @@ TEST_F(MonitoringE2ETest, EveryDashboardQueryAndTheExposureAlertReturnDataFromRe
   ASSERT_FALSE(exposure_alert.empty());
   EXPECT_TRUE(eventually([&] { return !operator_side.instant(exposure_alert).empty(); }, std::chrono::seconds(60)))
       << "the ShardExposureAboveLimit expression returned nothing\n" << op.log();
+  // rate() needs two scrapes of a series: wait until the operator's counters have them.
+  EXPECT_TRUE(eventually([&] { return !operator_side.instant("rate(workqueue_adds_total[5m]) > 0").empty(); },
+                         std::chrono::seconds(30)))
+      << "the operator's counters were not scraped twice";
   const double t2 = now_s() + 5;
 
   // ---- every expression returns data from one side; every metric is a live one ----

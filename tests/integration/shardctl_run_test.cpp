@@ -22,6 +22,7 @@
 #include <httplib.h>
 
 #include "integration/pipeline_fixture.h"
+#include "integration/prom_server.h"
 
 namespace shardguard {
 namespace {
@@ -322,24 +323,6 @@ TEST_F(ShardctlRunTest, KilledShardIsRestartedFromItsCheckpointAndEveryStepIsDon
   EXPECT_TRUE(left.empty()) << joined(left);
 }
 
-// A Prometheus instant query's data.result (empty array on any failure, with the
-// reason in *error).
-nlohmann::json prom_query(int port, const std::string& q, std::string* error) {
-  httplib::Client c("127.0.0.1", port);
-  c.set_read_timeout(10);
-  auto r = c.Get("/api/v1/query", httplib::Params{{"query", q}}, httplib::Headers{});
-  if (!r) {
-    *error = "no answer";
-    return nlohmann::json::array();
-  }
-  const auto j = nlohmann::json::parse(r->body, nullptr, false);
-  if (!j.is_object() || j.value("status", "") != "success") {
-    *error = r->body;
-    return nlohmann::json::array();
-  }
-  return j["data"]["result"];
-}
-
 TEST_F(ShardctlRunTest, PrometheusScrapesEveryProcessAndReadsEachPrincipalsExposureBack) {
   constexpr int n = 3;
   auto spec = job_json(n);
@@ -387,25 +370,14 @@ TEST_F(ShardctlRunTest, PrometheusScrapesEveryProcessAndReadsEachPrincipalsExpos
   // Independently of shardctl: a second Prometheus over the TSDB the run left behind
   // (no scrape targets of its own) holds samples of every process and the sidecars'
   // exposure series of every shard principal.
-  const std::string cfg = dir_ + "/empty.yml";
-  { std::ofstream(cfg) << "global:\n  scrape_interval: 1s\n"; }
-  const int port = pick_free_port();
-  SpawnOptions o;
-  o.argv = {"/usr/bin/prometheus", "--config.file=" + cfg, "--storage.tsdb.path=" + work + "/prometheus/data",
-            "--web.listen-address=127.0.0.1:" + std::to_string(port)};
-  o.log_file = dir_ + "/prometheus2.log";
-  Process prometheus(o);
-  nlohmann::json up;
+  testsupport::PromServer prometheus(dir_, "prometheus2", work + "/prometheus/data", "");
+  ASSERT_TRUE(prometheus.ready()) << prometheus.log();
   std::string error;
-  for (int tries = 0; tries < 150 && up.empty(); ++tries) {  // bounded: until it answers
-    prometheus.wait_for(200ms);
-    up = prom_query(port, "max by (pod, container) (max_over_time(up{job=\"it-mlp\"}[30m]))", &error);
-  }
-  ASSERT_EQ(up.size(), 2u * n) << error << "\n" << read_file(dir_ + "/prometheus2.log");
+  const auto up = prometheus.instant("max by (pod, container) (max_over_time(up{job=\"it-mlp\"}[30m]))", &error);
+  ASSERT_EQ(up.size(), 2u * n) << error << "\n" << prometheus.log();
   for (const auto& r : up) EXPECT_EQ(r["value"][1], "1") << r.dump();
-  const auto own = prom_query(port, "last_over_time(shardguard_exposure_ratio{job=\"it-mlp\"}[30m]) == 1", &error);
+  const auto own = prometheus.instant("last_over_time(shardguard_exposure_ratio{job=\"it-mlp\"}[30m]) == 1", &error);
   EXPECT_EQ(own.size(), static_cast<size_t>(n)) << error << own.dump();
-  prometheus.terminate(10s);
 }
 
 TEST_F(ShardctlRunTest, TakenPrometheusPortOrMissingBinaryStartsNothing) {

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -64,6 +65,11 @@ class LocalPrometheus {
   void stop();
 
  private:
+  // Until done() holds (""), the child exits or `limit` passes (the reason, with the
+  // end of its log; why_not() says what was still missing).
+  std::string poll(std::chrono::seconds limit, const std::function<bool()>& done,
+                   const std::function<std::string()>& why_not);
+
   int port_;
   std::string log_file_;
   std::unique_ptr<Process> process_;
