@@ -92,7 +92,7 @@ double baseline_seconds_per_job(testing::KubeApiServer& api, const kube::Config&
     in.uid = obj["metadata"]["uid"];
     in.ca_cert_pem = "-----BEGIN CERTIFICATE-----\nbaseline\n-----END CERTIFICATE-----\n";
     in.ca_key_pem = "-----BEGIN PRIVATE KEY-----\nbaseline\n-----END PRIVATE KEY-----\n";
-    for (int i = 0; i < spec.sharding.shards; ++i) in.shards.push_back({in.ca_cert_pem, in.ca_key_pem, std::string(32, 'k')});
+    for (int i = 0; i < spec.sharding.shards; ++i) in.shards.push_back({in.ca_cert_pem, in.ca_key_pem, std::string(32, 'k'), std::string(32, 'l')});
     in.job_object = obj;
     work.emplace_back(obj, op::render(spec, in));
   }

@@ -33,6 +33,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   run_cmd->add_option("--prometheus-port", run.prometheus_port, "Prometheus' port on 127.0.0.1 (default: a free one)")
       ->check(CLI::Range(0, 65535));
+  run_cmd->add_option("--export-budget", run.export_budget_bytes,
+                      "bytes each export principal of spec.protection.export may read per shard (as the "
+                      "operator's --export-budget-bytes)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   run_cmd->add_option("--peer-timeout", run.peer_timeout_s, "seconds a shard waits for a neighbour")
       ->capture_default_str();
 

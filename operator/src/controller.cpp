@@ -313,6 +313,7 @@ RenderInputs Controller::prepare_material(const json& job, const JobSpec& spec, 
       m.cert_pem = data_field(*s, "tls.crt");
       m.key_pem = data_field(*s, "tls.key");
       m.checkpoint_key = data_field(*s, "checkpoint.key");
+      m.ledger_key = data_field(*s, "ledger.key");
       // Re-issue a leaf that is not ours, names another identity, or is past half-life.
       bool keep = !m.cert_pem.empty() && !m.key_pem.empty();
       if (keep) {
@@ -328,6 +329,8 @@ RenderInputs Controller::prepare_material(const json& job, const JobSpec& spec, 
     }
     // The checkpoint key is never replaced: the shard's checkpoints are sealed with it.
     if (m.checkpoint_key.size() != 32) m.checkpoint_key = random_bytes(32);
+    // Nor is the ledger key: the sidecar's exposure ledger is sealed with it.
+    if (m.ledger_key.size() != 32) m.ledger_key = random_bytes(32);
     in.shards.push_back(std::move(m));
   }
   return in;

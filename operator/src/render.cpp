@@ -82,6 +82,14 @@ json container_security_context() {
           {"seccompProfile", {{"type", "RuntimeDefault"}}}};
 }
 
+}  // namespace
+
+std::string ledger_file(int shard) {
+  return std::string(kLedgerDir) + "/exposure-ledger-shard-" + std::to_string(shard) + ".json";
+}
+
+namespace {
+
 std::string loopback(int port) { return "127.0.0.1:" + std::to_string(port); }
 std::string any_addr(int port) { return "0.0.0.0:" + std::to_string(port); }
 
@@ -121,7 +129,8 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
                                    loopback(kSidecarOutboundPort), "--upstream", loopback(kShardGrpcPort),
                                    "--cert", std::string(kTlsDir) + "/tls.crt", "--key",
                                    std::string(kTlsDir) + "/tls.key", "--ca", std::string(kTlsDir) + "/ca.crt",
-                                   "--policy", std::string(kConfigDir) + "/policy.json"});
+                                   "--policy", std::string(kConfigDir) + "/policy.json", "--ledger",
+                                   ledger_file(i), "--ledger-key", std::string(kTlsDir) + "/ledger.key"});
   for (int p : {i - 1, i + 1}) {
     if (p < 0 || p >= n) continue;
     sidecar_args.push_back("--peer");
@@ -141,6 +150,7 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
                   {"volumeMounts", json::array({
                                        {{"name", "tls"}, {"mountPath", kTlsDir}, {"readOnly", true}},
                                        {{"name", "config"}, {"mountPath", kConfigDir}, {"readOnly", true}},
+                                       {{"name", "checkpoint"}, {"mountPath", kLedgerDir}, {"subPath", kLedgerSubPath}},
                                        {{"name", "tmp"}, {"mountPath", "/tmp"}},
                                    })}};
   if (job.sidecar.is_object() && job.sidecar.contains("resources") && job.sidecar["resources"].is_object()) {
@@ -162,7 +172,8 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
        {"secret", {{"secretName", name}, {"defaultMode", 0440},
                    {"items", json::array({{{"key", "tls.crt"}, {"path", "tls.crt"}},
                                           {{"key", "tls.key"}, {"path", "tls.key"}},
-                                          {{"key", "ca.crt"}, {"path", "ca.crt"}}})}}}},
+                                          {{"key", "ca.crt"}, {"path", "ca.crt"}},
+                                          {{"key", "ledger.key"}, {"path", "ledger.key"}}})}}}},
       {{"name", "checkpoint-key"},
        {"secret", {{"secretName", name}, {"defaultMode", 0440},
                    {"items", json::array({{{"key", "checkpoint.key"}, {"path", "checkpoint.key"}}})}}}},
@@ -322,6 +333,10 @@ DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
       throw RenderError("render inputs: shard " + std::to_string(i) + " checkpoint key is " +
                         std::to_string(s.checkpoint_key.size()) + " bytes, want 32");
     }
+    if (s.ledger_key.size() != 32) {
+      throw RenderError("render inputs: shard " + std::to_string(i) + " ledger key is " +
+                        std::to_string(s.ledger_key.size()) + " bytes, want 32");
+    }
   }
   if (!in.job_object.is_object() || !in.job_object.contains("spec") || !in.job_object["spec"].is_object()) {
     throw RenderError("render inputs: job_object has no spec (shardd --job reads it from job.json)");
@@ -362,7 +377,8 @@ DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
                                   {{"tls.crt", base64_encode(s.cert_pem)},
                                    {"tls.key", base64_encode(s.key_pem)},
                                    {"ca.crt", base64_encode(in.ca_cert_pem)},
-                                   {"checkpoint.key", base64_encode(s.checkpoint_key)}}}});
+                                   {"checkpoint.key", base64_encode(s.checkpoint_key)},
+                                   {"ledger.key", base64_encode(s.ledger_key)}}}});
 
     sidecar::Policy policy = [&] {
       try {

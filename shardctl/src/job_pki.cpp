@@ -17,6 +17,13 @@ std::string shard_id(const JobSpec& job, int index) {
   return spiffe_id_for_shard(job.protection.trust_domain, job.namespace_, job.name, static_cast<uint32_t>(index));
 }
 
+std::string checkpoint_key_file(const std::string& key_dir, int i) {
+  return key_dir + "/shard-" + std::to_string(i) + ".key";
+}
+std::string ledger_key_file(const std::string& key_dir, int i) {
+  return key_dir + "/shard-" + std::to_string(i) + ".ledger.key";
+}
+
 // The CA in the workdir, when it parses, signs and outlives a fresh leaf.
 bool usable_ca(const JobSpec& job, const CaBundle& ca) {
   try {
@@ -85,12 +92,15 @@ LocalPki load_or_create_local_pki(const JobSpec& job, const std::string& workdir
 
   for (int i = 0; i < job.sharding.shards; ++i) {
     op::ShardMaterial m;
-    const std::string key_file = key_dir + "/shard-" + std::to_string(i) + ".key";
-    if (fs::exists(key_file)) {
-      m.checkpoint_key = load_key_file(key_file);  // throws on a wrong size: never replaced
-      pki.reused.push_back(key_file);
-    } else {
-      m.checkpoint_key = random_bytes(kAesKeyBytes);
+    // Both keys: reused when present (a wrong size throws), never replaced.
+    for (auto [file, key] : {std::pair{checkpoint_key_file(key_dir, i), &m.checkpoint_key},
+                             std::pair{ledger_key_file(key_dir, i), &m.ledger_key}}) {
+      if (fs::exists(file)) {
+        *key = load_key_file(file);
+        pki.reused.push_back(file);
+      } else {
+        *key = random_bytes(kAesKeyBytes);
+      }
     }
     const std::string shard_dir = workdir + "/shard-" + std::to_string(i);
     if (ca_reused && fs::exists(shard_dir + "/tls.crt") && fs::exists(shard_dir + "/tls.key")) {
@@ -121,9 +131,10 @@ void save_local_pki(const LocalPki& pki, const std::string& workdir) {
   write_file_atomic(pki_dir + "/ca.crt", pki.ca.cert_pem);
   write_file_atomic(pki_dir + "/ca.key", pki.ca.key_pem, 0600);
   for (size_t i = 0; i < pki.shards.size(); ++i) {
-    const std::string key_file = key_dir + "/shard-" + std::to_string(i) + ".key";
-    if (fs::exists(key_file)) continue;  // never replaced
-    write_file_atomic(key_file, pki.shards[i].checkpoint_key, 0600);
+    for (auto [file, key] : {std::pair{checkpoint_key_file(key_dir, i), &pki.shards[i].checkpoint_key},
+                             std::pair{ledger_key_file(key_dir, i), &pki.shards[i].ledger_key}}) {
+      if (!fs::exists(file)) write_file_atomic(file, *key, 0600);  // never replaced
+    }
   }
 }
 

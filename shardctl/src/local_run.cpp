@@ -78,7 +78,7 @@ struct PodMapping {
 
 // The pod's mounts, read from its volumes and volumeMounts: a Secret item or a
 // ConfigMap key becomes <dir>/<key>, the checkpoint volume the shared checkpoint
-// directory, anything else (the tmp emptyDir) is not referenced by any argument.
+// directory (a subPath of it, that subdirectory), anything else (the tmp emptyDir) is not referenced by any argument.
 void map_mounts(const json& pod, const json& config_map, const std::string& dir, const std::string& ckpt_dir,
                 PodMapping& m) {
   std::map<std::string, json> volumes;
@@ -96,10 +96,24 @@ void map_mounts(const json& pod, const json& config_map, const std::string& dir,
       } else if (v.contains("configMap")) {
         for (const auto& [key, value] : config_map.at("data").items()) m.paths[mount + "/" + key] = dir + "/" + key;
       } else if (v.value("name", "") == "checkpoint") {
-        m.paths[mount] = ckpt_dir;
+        const std::string sub = vm.value("subPath", "");
+        m.paths[mount] = sub.empty() ? ckpt_dir : ckpt_dir + "/" + sub;
+        if (!sub.empty()) make_dirs(ckpt_dir + "/" + sub);  // as the kubelet creates a subPath
       }
     }
   }
+}
+
+// The mounted directory `arg` lies in (its mount path is a proper prefix ending at
+// a '/'), or m.paths.end().
+std::map<std::string, std::string>::const_iterator mounted_dir_of(const std::string& arg, const PodMapping& m) {
+  for (auto it = m.paths.begin(); it != m.paths.end(); ++it) {
+    if (arg.size() > it->first.size() + 1 && arg.compare(0, it->first.size(), it->first) == 0 &&
+        arg[it->first.size()] == '/') {
+      return it;
+    }
+  }
+  return m.paths.end();
 }
 
 // A container's args with every in-pod path and address replaced by its local
@@ -115,6 +129,8 @@ std::vector<std::string> localize(const json& container, const PodMapping& m) {
       argv.push_back(it->second);
     } else if (auto p = m.paths.find(arg); p != m.paths.end()) {
       argv.push_back(p->second);
+    } else if (auto dir = mounted_dir_of(arg, m); dir != m.paths.end()) {
+      argv.push_back(dir->second + arg.substr(dir->first.size()));  // a file in a mounted directory
     } else if (eq != std::string::npos && m.addresses.count(arg.substr(eq + 1))) {
       argv.push_back(arg.substr(0, eq + 1) + m.addresses.at(arg.substr(eq + 1)));
     } else if (arg.rfind("/", 0) == 0 || std::regex_match(arg, address) ||
@@ -141,7 +157,7 @@ void write_pod_files(const json& secret, const json& config_map, const std::stri
   make_dirs(dir);
   ::chmod(dir.c_str(), 0700);
   for (const auto& [key, value] : secret.at("data").items()) {
-    const bool is_private = key == "tls.key" || key == "checkpoint.key";
+    const bool is_private = key == "tls.key" || key == "checkpoint.key" || key == "ledger.key";
     write_file_atomic(dir + "/" + key, op::base64_decode(value.get<std::string>()), is_private ? 0600 : 0644);
   }
   for (const auto& [key, value] : config_map.at("data").items()) {
@@ -428,6 +444,7 @@ int RunLocal(const LocalRunOptions& options) {
     op::RenderInputs in = make_render_inputs(object, pki.ca, pki.shards);
     in.shardd_image = shardd_path;  // locally, a container's image is its binary
     in.sidecar_image = sidecar_path;
+    in.export_budget_bytes = options.export_budget_bytes;
     objects = op::render(job, in);
   } catch (const op::RenderError& e) {
     std::cerr << "shardctl run: the operator would refuse job " << job.namespace_ << "/" << job.name << ": "

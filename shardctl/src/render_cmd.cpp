@@ -174,12 +174,12 @@ int RunRender(const RenderOptions& o) {
   std::vector<json> objects;
   try {
     // Fresh PKI and keys, made as the operator makes them (job_pki.h): one CA per
-    // job, one leaf SVID and one 32-byte checkpoint key per shard.
+    // job, one leaf SVID and 32-byte checkpoint and ledger keys per shard.
     const CaBundle ca = create_job_ca(job);
     std::vector<op::ShardMaterial> shards;
     for (int i = 0; i < job.sharding.shards; ++i) {
       const Leaf leaf = issue_shard_leaf(job, ca, i);
-      shards.push_back({leaf.cert_pem, leaf.key_pem, random_bytes(kAesKeyBytes)});
+      shards.push_back({leaf.cert_pem, leaf.key_pem, random_bytes(kAesKeyBytes), random_bytes(kAesKeyBytes)});
     }
     const op::RenderInputs in = make_render_inputs(object, ca, std::move(shards));
     objects = op::render(job, in).all();

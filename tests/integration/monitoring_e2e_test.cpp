@@ -4,7 +4,9 @@
 //   shard side     `shardctl run --prometheus` of a small job: every shardd and sidecar,
 //                  scraped with the PodMonitor's labels. During the run the test makes
 //                  the events some panels exist for: a garbage (non-TLS) connection to
-//                  a sidecar and a call from a principal the policy refuses.
+//                  a sidecar, a call from a principal the policy refuses, and a
+//                  parameter export by the job's export principal, which the rendered
+//                  sidecar's exposure ledger records.
 //   operator side  shardguard-operator against the test API server with a job whose
 //                  pods a careless scheduler put three stages on one node (exposure
 //                  above maxExposure), scraped by a second Prometheus as the
@@ -75,13 +77,14 @@ TEST_F(MonitoringE2ETest, EveryDashboardQueryAndTheExposureAlertReturnDataFromRe
   spec["metadata"]["namespace"] = "ml";
   spec["spec"]["protection"]["maxExposure"] = 0.9;
   spec["spec"]["training"]["epochs"] = 3;
-  // An export principal: the sidecars publish its (still empty) export series.
-  spec["spec"]["protection"]["export"] = {
-      {"allowed", true}, {"principals", {spiffe_id_for_exporter("shardguard.local", "ml", "it-mlp")}}};
+  // An export principal, with a budget of 64 KiB per shard (--export-budget).
+  const std::string exporter = spiffe_id_for_exporter("shardguard.local", "ml", "it-mlp");
+  spec["spec"]["protection"]["export"] = {{"allowed", true}, {"principals", {exporter}}};
   const std::string job = write_job(spec);
   const std::string work = dir_ + "/work";
   SpawnOptions ro;
-  ro.argv = {kBin + "/shardctl", "run", job, "--workdir", work, "--device", "cpu", "--threads", "1", "--prometheus"};
+  ro.argv = {kBin + "/shardctl", "run",     job, "--workdir",      work,   "--device", "cpu",
+             "--threads",          "1",       "--prometheus", "--export-budget", "65536"};
   ro.log_file = dir_ + "/run.out";
   Process run(ro);
   // Sidecar 0's mTLS port from the header; wait until training is under way.
@@ -144,6 +147,46 @@ TEST_F(MonitoringE2ETest, EveryDashboardQueryAndTheExposureAlertReturnDataFromRe
         << "shardctl's Prometheus never saw the denial";
   }
   refused_call();
+
+  // The export principal reads bytes [0, 4096) of shard 0 through its sidecar, once
+  // shardd has a checkpoint to serve (UNAVAILABLE before). The sidecar's ledger
+  // records them, so shard 0 counts 4096 bytes exposed to it; a read beyond the
+  // 64 KiB budget is refused before shardd sees it.
+  const Leaf exporter_leaf = issue_leaf(ca, exporter, std::chrono::hours(1));
+  auto export_call = [&](uint64_t offset, uint64_t length, uint64_t* got) {
+    auto stub = v1::ShardExport::NewStub(testsupport::tls_channel("127.0.0.1:" + std::to_string(inbound0),
+                                                                  exporter_leaf.cert_pem, exporter_leaf.key_pem));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    v1::ExportRequest req;
+    req.set_offset(offset);
+    req.set_length(length);
+    auto reader = stub->Export(&ctx, req);
+    v1::ExportChunk chunk;
+    *got = 0;
+    while (reader->Read(&chunk)) {
+      EXPECT_GE(chunk.offset(), offset);
+      EXPECT_LE(chunk.offset() + chunk.data().size(), offset + length);
+      *got += chunk.data().size();
+    }
+    return reader->Finish();
+  };
+  uint64_t exported = 0;
+  grpc::Status export_status;
+  EXPECT_TRUE(eventually(
+      [&] {
+        export_status = export_call(0, 4096, &exported);
+        return export_status.error_code() != grpc::StatusCode::UNAVAILABLE;
+      },
+      std::chrono::seconds(60)))
+      << "shard 0 never had a checkpoint to export: " << export_status.error_message();
+  EXPECT_TRUE(export_status.ok()) << export_status.error_message();
+  EXPECT_EQ(exported, 4096u);
+  uint64_t refused_bytes = 0;
+  const grpc::Status over = export_call(0, 65537, &refused_bytes);
+  EXPECT_EQ(over.error_code(), grpc::StatusCode::PERMISSION_DENIED) << over.error_message();
+  EXPECT_EQ(refused_bytes, 0u);
+
   const auto st = run.wait_for(std::chrono::seconds(300));
   ASSERT_TRUE(st.has_value()) << "shardctl run did not finish in 300 s";
   ASSERT_TRUE(st->exited && st->code == 0) << st->str() << "\n" << read_file(ro.log_file);
@@ -151,6 +194,12 @@ TEST_F(MonitoringE2ETest, EveryDashboardQueryAndTheExposureAlertReturnDataFromRe
   const double t1 = now_s() + 5;
   PromServer shard_side(dir_, "shard-side", work + "/prometheus/data", "");
   ASSERT_TRUE(shard_side.ready()) << shard_side.log();
+  // The export as the sidecar counted it, and its sealed ledger on the checkpoint volume.
+  const json exposed = shard_side.instant("max_over_time(shardguard_param_bytes_exposed_total{shard=\"0\",peer=\"" +
+                                          exporter + "\"}[10m])");
+  ASSERT_EQ(exposed.size(), 1u) << exposed.dump();
+  EXPECT_EQ(exposed[0]["value"][1], "4096");
+  EXPECT_TRUE(fs::exists(work + "/checkpoints/ledger/exposure-ledger-shard-0.json"));
 
   // ---- operator side: the operator and a Prometheus scraping it ----
   testing::KubeApiServer api;

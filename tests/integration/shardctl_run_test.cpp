@@ -99,15 +99,16 @@ TEST_F(ShardctlRunTest, TrainsThroughTheSidecarsWhichRelayEveryByteAndLeavesNoth
   // Each pod's files, from its rendered Secret and ConfigMap; private keys 0600.
   for (int i = 0; i < n; ++i) {
     const std::string pod = work + "/shard-" + std::to_string(i);
-    for (const char* f : {"tls.crt", "tls.key", "ca.crt", "checkpoint.key", "policy.json", "job.json"}) {
+    for (const char* f : {"tls.crt", "tls.key", "ca.crt", "checkpoint.key", "ledger.key", "policy.json", "job.json"}) {
       EXPECT_TRUE(fs::exists(pod + "/" + f)) << pod << "/" << f;
     }
-    for (const char* f : {"tls.key", "checkpoint.key"}) {
+    for (const char* f : {"tls.key", "checkpoint.key", "ledger.key"}) {
       struct stat sb {};
       ASSERT_EQ(::stat((pod + "/" + f).c_str(), &sb), 0);
       EXPECT_EQ(sb.st_mode & 0777, 0600u) << pod << "/" << f;
     }
     EXPECT_EQ(read_file(pod + "/checkpoint.key"), read_file(work + "/keys/shard-" + std::to_string(i) + ".key"));
+    EXPECT_EQ(read_file(pod + "/ledger.key"), read_file(work + "/keys/shard-" + std::to_string(i) + ".ledger.key"));
   }
 
   // Every byte each shardd sent or received crossed its own sidecar: the sidecar's
@@ -223,6 +224,7 @@ TEST_F(ShardctlRunTest, SigintStopsEveryProcessAndResumeFinishesTheRun) {
   // The same PKI and keys, and the run continues from its checkpoints to the end.
   const std::string ca = read_file(work + "/pki/ca.crt");
   const std::string key0 = read_file(work + "/keys/shard-0.key");
+  const std::string ledger_key0 = read_file(work + "/keys/shard-0.ledger.key");
   auto resumed = start_run(job, work, dir_ + "/resume.out", {"--resume"});
   const auto rs = resumed->wait_for(300s);
   ASSERT_TRUE(rs.has_value());
@@ -233,6 +235,7 @@ TEST_F(ShardctlRunTest, SigintStopsEveryProcessAndResumeFinishesTheRun) {
   EXPECT_EQ(read_file(work + "/pki/ca.crt"), ca);
   EXPECT_EQ(read_file(work + "/keys/shard-0.key"), key0);
   EXPECT_EQ(read_file(work + "/shard-0/checkpoint.key"), key0);
+  EXPECT_EQ(read_file(work + "/keys/shard-0.ledger.key"), ledger_key0);
   const auto resumes = log_lines(last_log, "pipeline resumed");
   ASSERT_FALSE(resumes.empty());
   EXPECT_GE(resumes.back().value("step", 0), 8);

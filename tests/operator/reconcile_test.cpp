@@ -126,7 +126,8 @@ struct Cluster {
     ob.render_inputs.ca_cert_pem = "CA";
     ob.render_inputs.ca_key_pem = "CAKEY";
     for (int i = 0; i < spec.sharding.shards; ++i) {
-      ob.render_inputs.shards.push_back({"C" + std::to_string(i), "K" + std::to_string(i), std::string(32, 'k')});
+      ob.render_inputs.shards.push_back(
+          {"C" + std::to_string(i), "K" + std::to_string(i), std::string(32, 'k'), std::string(32, 'l')});
     }
     ob.render_inputs.job_object = job;
     return ob;

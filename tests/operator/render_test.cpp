@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <map>
 #include <set>
 #include <string>
 
@@ -41,6 +42,7 @@ spec:
 }
 
 std::string key_of(int i) { return std::string(32, static_cast<char>('a' + i)); }
+std::string ledger_key_of(int i) { return std::string(32, static_cast<char>('A' + i)); }
 
 RenderInputs inputs_for(const JobSpec& job, const json& object) {
   RenderInputs in;
@@ -49,7 +51,7 @@ RenderInputs inputs_for(const JobSpec& job, const json& object) {
   in.ca_key_pem = "-----CA KEY SECRET-----\n";
   for (int i = 0; i < job.sharding.shards; ++i) {
     in.shards.push_back({"-----LEAF CERT " + std::to_string(i) + "-----\n",
-                         "-----LEAF KEY " + std::to_string(i) + "-----\n", key_of(i)});
+                         "-----LEAF KEY " + std::to_string(i) + "-----\n", key_of(i), ledger_key_of(i)});
   }
   in.job_object = object;
   in.export_budget_bytes = 1 << 20;
@@ -150,11 +152,12 @@ TEST(Render, EachShardSecretHoldsOnlyItsOwnMaterial) {
     const auto& s = r.out.shard_secrets[i];
     EXPECT_EQ(s["type"], "kubernetes.io/tls");
     const auto& d = s["data"];
-    EXPECT_EQ(d.size(), 4u);
+    EXPECT_EQ(d.size(), 5u);
     EXPECT_EQ(d["tls.crt"], base64_encode(r.in.shards[i].cert_pem));
     EXPECT_EQ(d["tls.key"], base64_encode(r.in.shards[i].key_pem));
     EXPECT_EQ(d["ca.crt"], base64_encode(r.in.ca_cert_pem));
     EXPECT_EQ(d["checkpoint.key"], base64_encode(key_of(i)));
+    EXPECT_EQ(d["ledger.key"], base64_encode(ledger_key_of(i)));
     const std::string text = s.dump();
     EXPECT_EQ(text.find(base64_encode(r.in.ca_key_pem)), std::string::npos) << "CA key in shard " << i;
     for (int j = 0; j < 4; ++j) {
@@ -162,6 +165,7 @@ TEST(Render, EachShardSecretHoldsOnlyItsOwnMaterial) {
       EXPECT_EQ(text.find(base64_encode(r.in.shards[j].cert_pem)), std::string::npos) << i << " has " << j;
       EXPECT_EQ(text.find(base64_encode(r.in.shards[j].key_pem)), std::string::npos) << i << " has " << j;
       EXPECT_EQ(text.find(base64_encode(key_of(j))), std::string::npos) << i << " has key of " << j;
+      EXPECT_EQ(text.find(base64_encode(ledger_key_of(j))), std::string::npos) << i << " has ledger key of " << j;
     }
   }
 }
@@ -246,6 +250,37 @@ TEST(Render, RestrictedSecurityContext) {
   }
 }
 
+// The exposure ledger (sidecar --ledger): its key reaches the sidecar only, through the
+// TLS projection; its file lives in the "ledger" subPath of the checkpoint volume, the
+// sidecar's only view of that volume, so it survives the pod as the checkpoints do.
+TEST(Render, LedgerKeyAndFileBelongToTheSidecarOnly) {
+  const auto r = render_example();
+  for (int i = 0; i < 4; ++i) {
+    const auto& spec = r.out.pods[i]["spec"];
+    std::map<std::string, std::set<std::string>> projected;  // volume → Secret keys
+    for (const auto& v : spec["volumes"]) {
+      if (!v.contains("secret")) continue;
+      for (const auto& item : v["secret"]["items"]) projected[v["name"]].insert(item["key"].get<std::string>());
+    }
+    EXPECT_EQ(projected["tls"], (std::set<std::string>{"tls.crt", "tls.key", "ca.crt", "ledger.key"}));
+    EXPECT_EQ(projected["checkpoint-key"], std::set<std::string>{"checkpoint.key"});
+    for (const auto& c : spec["containers"]) {
+      std::map<std::string, json> mounts;
+      for (const auto& m : c["volumeMounts"]) mounts[m["name"]] = m;
+      if (c["name"] == "sidecar") {
+        EXPECT_FALSE(mounts.count("checkpoint-key"));
+        ASSERT_TRUE(mounts.count("checkpoint"));
+        EXPECT_EQ(mounts["checkpoint"]["mountPath"], "/var/lib/shardguard/ledger");
+        EXPECT_EQ(mounts["checkpoint"]["subPath"], "ledger");
+        EXPECT_FALSE(mounts["checkpoint"].value("readOnly", false));
+      } else {
+        EXPECT_FALSE(mounts.count("tls")) << "shardd must not see the TLS key or the ledger key";
+        EXPECT_FALSE(mounts["checkpoint"].contains("subPath"));
+      }
+    }
+  }
+}
+
 TEST(Render, TemplateResourcesPlacementImagesAndVolumes) {
   const auto r = render_example();
   for (const auto& pod : r.out.pods) {
@@ -284,6 +319,9 @@ TEST(Render, ContainerArgsUseLoopbackAndTheMountedFiles) {
     EXPECT_EQ(flag_values(c, "--outbound"), std::vector<std::string>{"127.0.0.1:7001"});
     EXPECT_EQ(flag_values(c, "--upstream"), std::vector<std::string>{"127.0.0.1:7000"});
     EXPECT_EQ(flag_values(c, "--policy"), std::vector<std::string>{"/etc/shardguard/config/policy.json"});
+    EXPECT_EQ(flag_values(c, "--ledger"),
+              std::vector<std::string>{"/var/lib/shardguard/ledger/exposure-ledger-shard-" + std::to_string(i) + ".json"});
+    EXPECT_EQ(flag_values(c, "--ledger-key"), std::vector<std::string>{"/etc/shardguard/tls/ledger.key"});
     EXPECT_EQ(flag_values(c, "--metrics"), std::vector<std::string>{"0.0.0.0:9101"});
   }
 }
@@ -348,6 +386,16 @@ TEST(Render, RefusesInputsThatDoNotFitTheJob) {
     auto in = inputs_for(job, obj);
     in.shards[2].checkpoint_key = "short";
     EXPECT_THROW(render(job, in), RenderError);
+  }
+  {
+    auto in = inputs_for(job, obj);
+    in.shards[1].ledger_key.clear();
+    try {
+      render(job, in);
+      ADD_FAILURE() << "an empty ledger key was rendered";
+    } catch (const RenderError& e) {
+      EXPECT_STREQ(e.what(), "render inputs: shard 1 ledger key is 0 bytes, want 32");
+    }
   }
   {
     auto in = inputs_for(job, obj);

@@ -257,14 +257,15 @@ TEST_F(OperatorTest, JobLifecycleFromCreateToSucceededThenCleanup) {
     const json s = *api_.get("", "v1", "secrets", kNs, pod_name("life", i));
     std::set<std::string> fields;
     for (const auto& [k, v] : s["data"].items()) fields.insert(k);
-    EXPECT_EQ(fields, (std::set<std::string>{"tls.crt", "tls.key", "ca.crt", "checkpoint.key"}));
+    EXPECT_EQ(fields, (std::set<std::string>{"tls.crt", "tls.key", "ca.crt", "checkpoint.key", "ledger.key"}));
     const SvidCheck check = verify_svid(op::base64_decode(s["data"]["tls.crt"]), ca_pem, std::chrono::system_clock::now());
     EXPECT_TRUE(check.ok) << check.message;
     EXPECT_EQ(check.spiffe_id, spiffe_id_for_shard("shardguard.local", kNs, "life", i));
     keys.insert(s["data"]["checkpoint.key"]);
+    keys.insert(s["data"]["ledger.key"]);
     EXPECT_EQ(s["metadata"]["ownerReferences"][0]["uid"], j["metadata"]["uid"]);
   }
-  EXPECT_EQ(keys.size(), 4u);  // four different checkpoint keys
+  EXPECT_EQ(keys.size(), 8u);  // four different checkpoint keys and four different ledger keys
 
   // Scheduler + kubelet: every pod runs on its own node; the last stage reports progress.
   shard_metrics_.set(42, 1, 0.5, 0.81);
@@ -367,6 +368,7 @@ TEST_F(OperatorTest, SuspendDeletesPodsKeepsKeysAndResumeRecreatesThem) {
   run_all("nap");
   ASSERT_TRUE(eventually([&] { return status("nap").value("phase", "") == "Running"; }, 30s));
   const json key_before = (*api_.get("", "v1", "secrets", kNs, "nap-shard-1"))["data"]["checkpoint.key"];
+  const json ledger_key_before = (*api_.get("", "v1", "secrets", kNs, "nap-shard-1"))["data"]["ledger.key"];
 
   json j = *job("nap");
   j["spec"]["runPolicy"]["suspend"] = true;
@@ -383,6 +385,7 @@ TEST_F(OperatorTest, SuspendDeletesPodsKeepsKeysAndResumeRecreatesThem) {
   api_.update(kGroup, kVersion, kJobs, kNs, j);
   ASSERT_TRUE(eventually([&] { return all_pods_exist("nap"); }, 30s));
   EXPECT_EQ((*api_.get("", "v1", "secrets", kNs, "nap-shard-1"))["data"]["checkpoint.key"], key_before);
+  EXPECT_EQ((*api_.get("", "v1", "secrets", kNs, "nap-shard-1"))["data"]["ledger.key"], ledger_key_before);
   ASSERT_TRUE(eventually([&] { return condition("nap", "Suspended", "False"); }, 10s));
   EXPECT_TRUE(has_event("nap", "Suspended"));
   EXPECT_TRUE(has_event("nap", "Resumed"));

@@ -176,7 +176,7 @@ TEST_F(RenderCmdTest, EachShardSecretHoldsOnlyItsOwnKeyMaterial) {
   const json& ca_secret = items[0];
   const std::string ca_crt = ca_secret.at("data").at("ca.crt");
   const std::string ca_pem = b64decode(ca_crt);
-  std::set<std::string> checkpoint_keys;
+  std::set<std::string> checkpoint_keys, ledger_keys;
   for (int i = 0; i < 4; ++i) {
     const json& secret = items[1 + i];
     ASSERT_EQ(secret.at("metadata").at("name"), "fmnist-shard-" + std::to_string(i));
@@ -184,7 +184,7 @@ TEST_F(RenderCmdTest, EachShardSecretHoldsOnlyItsOwnKeyMaterial) {
     const json& data = secret.at("data");
     std::set<std::string> keys;
     for (const auto& [k, v] : data.items()) keys.insert(k);
-    EXPECT_EQ(keys, (std::set<std::string>{"tls.crt", "tls.key", "ca.crt", "checkpoint.key"}));
+    EXPECT_EQ(keys, (std::set<std::string>{"tls.crt", "tls.key", "ca.crt", "checkpoint.key", "ledger.key"}));
 
     // Its leaf is shard i's SVID, issued by the job CA.
     const SvidCheck check = verify_svid(b64decode(data.at("tls.crt")), ca_pem, std::chrono::system_clock::now(),
@@ -196,6 +196,10 @@ TEST_F(RenderCmdTest, EachShardSecretHoldsOnlyItsOwnKeyMaterial) {
     const std::string key = b64decode(data.at("checkpoint.key"));
     EXPECT_EQ(key.size(), 32u);
     checkpoint_keys.insert(key);
+    const std::string ledger_key = b64decode(data.at("ledger.key"));
+    EXPECT_EQ(ledger_key.size(), 32u);
+    EXPECT_NE(ledger_key, key);
+    ledger_keys.insert(ledger_key);
 
     // Nothing in it but the CA certificate is shared with another shard's Secret or
     // with the CA Secret (so no CA key, no other leaf key, no other checkpoint key).
@@ -214,6 +218,7 @@ TEST_F(RenderCmdTest, EachShardSecretHoldsOnlyItsOwnKeyMaterial) {
     }
   }
   EXPECT_EQ(checkpoint_keys.size(), 4u) << "every shard has its own checkpoint key";
+  EXPECT_EQ(ledger_keys.size(), 4u) << "every shard has its own ledger key";
 
   // Each pod mounts only its own Secret.
   for (int i = 0; i < 4; ++i) {

@@ -1,7 +1,7 @@
 // render(job, inputs) → the Kubernetes objects the operator wants to exist for one
 // ShardedTrainingJob (DESIGN.md §3–§8, issue 4 item 3). Pure and deterministic: no
 // I/O, no clock, no randomness. Everything secret or random (the job CA, each shard's
-// leaf certificate and key, each shard's 32-byte checkpoint key) is made by the caller
+// leaf certificate and key, each shard's 32-byte checkpoint and ledger keys) is made by the caller
 // (the reconciler, later `shardctl render`/`run`) and passed in RenderInputs, so
 // rendering the same inputs twice yields byte-identical JSON.
 //
@@ -11,7 +11,8 @@
 // and blockOwnerDeletion=true):
 //   Secret    J-ca             CA cert + key (operator only; no pod mounts it)
 //   Secret    J-shard-<i>      type kubernetes.io/tls: tls.crt, tls.key (shard i's leaf),
-//                              ca.crt (CA cert only), checkpoint.key (shard i's 32 bytes)
+//                              ca.crt (CA cert only), checkpoint.key (shard i's 32 bytes),
+//                              ledger.key (the 32-byte HMAC key of its sidecar's exposure ledger)
 //   ConfigMap J-shard-<i>      policy.json (sidecar::pipeline_policy of stage i) and
 //                              job.json (the ShardedTrainingJob that shardd --job reads)
 //   Service   J                headless (clusterIP None), publishNotReadyAddresses,
@@ -52,16 +53,26 @@ inline constexpr int kShardMetricsPort = 9100;
 inline constexpr int kSidecarMetricsPort = 9101;
 
 // Paths inside the shard pod.
-inline constexpr const char* kTlsDir = "/etc/shardguard/tls";          // sidecar: tls.crt, tls.key, ca.crt
+inline constexpr const char* kTlsDir = "/etc/shardguard/tls";          // sidecar: tls.crt, tls.key, ca.crt, ledger.key
 inline constexpr const char* kKeyDir = "/etc/shardguard/key";          // shardd: checkpoint.key
 inline constexpr const char* kConfigDir = "/etc/shardguard/config";    // policy.json, job.json
 inline constexpr const char* kCheckpointDir = "/var/lib/shardguard/checkpoint";
+// The sidecar's exposure ledger: subPath kLedgerSubPath of the checkpoint volume, so
+// that it lives as long as the checkpoints whose bytes it counts. The file name
+// carries the shard index, as a checkpoint volume may be shared by the job's pods.
+inline constexpr const char* kLedgerDir = "/var/lib/shardguard/ledger";
+inline constexpr const char* kLedgerSubPath = "ledger";
+std::string ledger_file(int shard);  // kLedgerDir + "/exposure-ledger-shard-<i>.json"
 
 // What shard i gets; made by the caller.
 struct ShardMaterial {
   std::string cert_pem;        // leaf for spiffe://<td>/ns/<ns>/job/<job>/shard/<i>
   std::string key_pem;         // its private key
   std::string checkpoint_key;  // exactly 32 raw bytes
+  // Exactly 32 raw bytes: HMAC key of the sidecar's exposure ledger. Like the
+  // checkpoint key it is never replaced, or the ledger it sealed no longer verifies
+  // and the sidecar refuses to start.
+  std::string ledger_key;
 };
 
 struct RenderInputs {

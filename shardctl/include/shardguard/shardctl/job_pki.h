@@ -1,5 +1,5 @@
 // The job's PKI and keys as the operator makes them (DESIGN.md §3): one ECDSA CA
-// per job, one leaf SVID and one 32-byte checkpoint key per shard, and the
+// per job, one leaf SVID, one 32-byte checkpoint key and one 32-byte ledger key per shard, and the
 // RenderInputs that carry them into op::render. Shared by `shardctl render` (fresh,
 // in memory) and `shardctl run` (kept in the workdir, reused by --resume).
 #pragma once
@@ -38,8 +38,9 @@ op::RenderInputs make_render_inputs(nlohmann::json object, const CaBundle& ca, s
 // job's Secrets:
 //   <workdir>/pki/ca.crt, ca.key (0600)      the job CA
 //   <workdir>/keys/shard-<i>.key (0600)      each shard's checkpoint key
-// A checkpoint key that exists is always reused, never replaced (the checkpoints
-// are sealed under it); one of the wrong size is an error. With reuse (--resume),
+//   <workdir>/keys/shard-<i>.ledger.key      each sidecar's exposure-ledger HMAC key
+// A key that exists is always reused, never replaced (the checkpoints and the
+// ledger are sealed under them); one of the wrong size is an error. With reuse (--resume),
 // the CA is reused when it still parses and signs, and so is each shard's leaf in
 // <workdir>/shard-<i>/tls.crt, tls.key when the CA still verifies it for another
 // hour with the expected SPIFFE ID; otherwise they are made afresh.
@@ -51,7 +52,7 @@ struct LocalPki {
 
 // Reads and makes, but writes nothing (so a job render() refuses leaves no state).
 LocalPki load_or_create_local_pki(const JobSpec& job, const std::string& workdir, bool reuse);
-// Writes the CA and the checkpoint keys (atomic, keys 0600, directories 0700).
+// Writes the CA and the checkpoint and ledger keys (atomic, keys 0600, directories 0700).
 void save_local_pki(const LocalPki& pki, const std::string& workdir);
 
 }  // namespace shardguard::shardctl

@@ -6,6 +6,7 @@
 // (mTLS between them, shardd on loopback), as in the cluster. See docs/shardctl.md.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace shardguard::shardctl {
@@ -24,6 +25,9 @@ struct LocalRunOptions {
   bool prometheus = false;       // run a Prometheus that scrapes every process
   std::string prometheus_bin = "prometheus";  // name (searched in PATH) or path
   int prometheus_port = 0;       // on 127.0.0.1; 0 = any free port
+  // Bytes each export principal of spec.protection.export may read per shard, as the
+  // operator's --export-budget-bytes (the job spec has no budget field); 0 = none.
+  int64_t export_budget_bytes = 0;
 };
 
 // Returns the process exit code: 0 done, 1 the run failed, 2 bad input,
