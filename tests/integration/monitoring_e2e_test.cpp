@@ -37,6 +37,7 @@
 #include "shardguard/common/jobspec.h"
 #include "shardguard/common/pki.h"
 #include "shardguard/v1/pipeline.grpc.pb.h"
+#include "support/export_client.h"
 #include "support/grpc_echo.h"
 #include "support/operator_process.h"
 #include "support/wait.h"
@@ -154,22 +155,15 @@ TEST_F(MonitoringE2ETest, EveryDashboardQueryAndTheExposureAlertReturnDataFromRe
   // 64 KiB budget is refused before shardd sees it.
   const Leaf exporter_leaf = issue_leaf(ca, exporter, std::chrono::hours(1));
   auto export_call = [&](uint64_t offset, uint64_t length, uint64_t* got) {
-    auto stub = v1::ShardExport::NewStub(testsupport::tls_channel("127.0.0.1:" + std::to_string(inbound0),
-                                                                  exporter_leaf.cert_pem, exporter_leaf.key_pem));
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-    v1::ExportRequest req;
-    req.set_offset(offset);
-    req.set_length(length);
-    auto reader = stub->Export(&ctx, req);
-    v1::ExportChunk chunk;
-    *got = 0;
-    while (reader->Read(&chunk)) {
-      EXPECT_GE(chunk.offset(), offset);
-      EXPECT_LE(chunk.offset() + chunk.data().size(), offset + length);
-      *got += chunk.data().size();
-    }
-    return reader->Finish();
+    std::string bytes;
+    const grpc::Status st = testsupport::export_pull(
+        "127.0.0.1:" + std::to_string(inbound0), exporter_leaf.cert_pem, exporter_leaf.key_pem, offset, length, &bytes,
+        [&](const v1::ExportChunk& c) {
+          EXPECT_GE(c.offset(), offset);
+          EXPECT_LE(c.offset() + c.data().size(), offset + length);
+        });
+    *got = bytes.size();
+    return st;
   };
   uint64_t exported = 0;
   grpc::Status export_status;

@@ -19,6 +19,7 @@
 #include "shardguard/sidecar/policy.h"
 #include "shardguard/sidecar/proxy.h"
 #include "shardguard/v1/pipeline.grpc.pb.h"
+#include "support/export_client.h"
 #include "support/grpc_echo.h"
 #include "support/wait.h"
 
@@ -107,20 +108,8 @@ class ExportTest : public ::testing::Test {
 
   // Pulls [offset, offset+length) as the exporter; returns the status and the bytes.
   grpc::Status pull(uint64_t offset, uint64_t length, std::string* got = nullptr) {
-    auto channel = testsupport::tls_channel("127.0.0.1:" + std::to_string(proxy_->inbound_port()),
-                                            exporter_.cert_pem, exporter_.key_pem);
-    auto stub = v1::ShardExport::NewStub(channel);
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + 20s);
-    v1::ExportRequest req;
-    req.set_offset(offset);
-    req.set_length(length);
-    auto reader = stub->Export(&ctx, req);
-    v1::ExportChunk chunk;
-    while (reader->Read(&chunk)) {
-      if (got) got->append(chunk.data());
-    }
-    return reader->Finish();
+    return testsupport::export_pull("127.0.0.1:" + std::to_string(proxy_->inbound_port()), exporter_.cert_pem,
+                                    exporter_.key_pem, offset, length, got);
   }
 
   double metric(const std::string& name, const std::map<std::string, std::string>& labels) {
