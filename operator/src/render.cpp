@@ -150,7 +150,7 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
                   {"volumeMounts", json::array({
                                        {{"name", "tls"}, {"mountPath", kTlsDir}, {"readOnly", true}},
                                        {{"name", "config"}, {"mountPath", kConfigDir}, {"readOnly", true}},
-                                       {{"name", "checkpoint"}, {"mountPath", kLedgerDir}, {"subPath", kLedgerSubPath}},
+                                       {{"name", "checkpoint"}, {"mountPath", kLedgerDir}},
                                        {{"name", "tmp"}, {"mountPath", "/tmp"}},
                                    })}};
   if (job.sidecar.is_object() && job.sidecar.contains("resources") && job.sidecar["resources"].is_object()) {

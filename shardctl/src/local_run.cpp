@@ -78,7 +78,7 @@ struct PodMapping {
 
 // The pod's mounts, read from its volumes and volumeMounts: a Secret item or a
 // ConfigMap key becomes <dir>/<key>, the checkpoint volume the shared checkpoint
-// directory (a subPath of it, that subdirectory), anything else (the tmp emptyDir) is not referenced by any argument.
+// directory (wherever a container mounts it), anything else (the tmp emptyDir) is not referenced by any argument.
 void map_mounts(const json& pod, const json& config_map, const std::string& dir, const std::string& ckpt_dir,
                 PodMapping& m) {
   std::map<std::string, json> volumes;
@@ -96,9 +96,7 @@ void map_mounts(const json& pod, const json& config_map, const std::string& dir,
       } else if (v.contains("configMap")) {
         for (const auto& [key, value] : config_map.at("data").items()) m.paths[mount + "/" + key] = dir + "/" + key;
       } else if (v.value("name", "") == "checkpoint") {
-        const std::string sub = vm.value("subPath", "");
-        m.paths[mount] = sub.empty() ? ckpt_dir : ckpt_dir + "/" + sub;
-        if (!sub.empty()) make_dirs(ckpt_dir + "/" + sub);  // as the kubelet creates a subPath
+        m.paths[mount] = ckpt_dir;
       }
     }
   }

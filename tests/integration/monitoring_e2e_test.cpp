@@ -193,7 +193,7 @@ TEST_F(MonitoringE2ETest, EveryDashboardQueryAndTheExposureAlertReturnDataFromRe
                                           exporter + "\"}[10m])");
   ASSERT_EQ(exposed.size(), 1u) << exposed.dump();
   EXPECT_EQ(exposed[0]["value"][1], "4096");
-  EXPECT_TRUE(fs::exists(work + "/checkpoints/ledger/exposure-ledger-shard-0.json"));
+  EXPECT_TRUE(fs::exists(work + "/checkpoints/exposure-ledger-shard-0.json"));
 
   // ---- operator side: the operator and a Prometheus scraping it ----
   testing::KubeApiServer api;

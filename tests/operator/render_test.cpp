@@ -251,8 +251,8 @@ TEST(Render, RestrictedSecurityContext) {
 }
 
 // The exposure ledger (sidecar --ledger): its key reaches the sidecar only, through the
-// TLS projection; its file lives in the "ledger" subPath of the checkpoint volume, the
-// sidecar's only view of that volume, so it survives the pod as the checkpoints do.
+// TLS projection; its file lives on the checkpoint volume (mounted whole: the kubelet
+// makes a subPath directory root-owned), so it survives the pod as the checkpoints do.
 TEST(Render, LedgerKeyAndFileBelongToTheSidecarOnly) {
   const auto r = render_example();
   for (int i = 0; i < 4; ++i) {
@@ -268,14 +268,14 @@ TEST(Render, LedgerKeyAndFileBelongToTheSidecarOnly) {
       std::map<std::string, json> mounts;
       for (const auto& m : c["volumeMounts"]) mounts[m["name"]] = m;
       if (c["name"] == "sidecar") {
-        EXPECT_FALSE(mounts.count("checkpoint-key"));
+        EXPECT_FALSE(mounts.count("checkpoint-key")) << "the sidecar must not see the checkpoint key";
+        EXPECT_FALSE(mounts["checkpoint"].contains("subPath"));
         ASSERT_TRUE(mounts.count("checkpoint"));
         EXPECT_EQ(mounts["checkpoint"]["mountPath"], "/var/lib/shardguard/ledger");
-        EXPECT_EQ(mounts["checkpoint"]["subPath"], "ledger");
         EXPECT_FALSE(mounts["checkpoint"].value("readOnly", false));
       } else {
         EXPECT_FALSE(mounts.count("tls")) << "shardd must not see the TLS key or the ledger key";
-        EXPECT_FALSE(mounts["checkpoint"].contains("subPath"));
+        EXPECT_EQ(mounts["checkpoint"]["mountPath"], "/var/lib/shardguard/checkpoint");
       }
     }
   }

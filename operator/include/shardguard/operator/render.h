@@ -57,11 +57,12 @@ inline constexpr const char* kTlsDir = "/etc/shardguard/tls";          // sideca
 inline constexpr const char* kKeyDir = "/etc/shardguard/key";          // shardd: checkpoint.key
 inline constexpr const char* kConfigDir = "/etc/shardguard/config";    // policy.json, job.json
 inline constexpr const char* kCheckpointDir = "/var/lib/shardguard/checkpoint";
-// The sidecar's exposure ledger: subPath kLedgerSubPath of the checkpoint volume, so
-// that it lives as long as the checkpoints whose bytes it counts. The file name
-// carries the shard index, as a checkpoint volume may be shared by the job's pods.
+// The sidecar's exposure ledger lives on the checkpoint volume, mounted in the
+// sidecar at kLedgerDir, so that it lasts as long as the checkpoints whose bytes it
+// counts. Not a subPath: the kubelet creates a subPath directory root-owned 0755,
+// which the non-root sidecar could not write (kubernetes/kubernetes#41638). The file
+// name carries the shard index, as a checkpoint volume may be shared by the job's pods.
 inline constexpr const char* kLedgerDir = "/var/lib/shardguard/ledger";
-inline constexpr const char* kLedgerSubPath = "ledger";
 std::string ledger_file(int shard);  // kLedgerDir + "/exposure-ledger-shard-<i>.json"
 
 // What shard i gets; made by the caller.
