@@ -52,6 +52,11 @@ int main(int argc, char** argv) {
   render_cmd->add_option("--format", render.format, "yaml (one document per object) | json (a List)")
       ->check(CLI::IsMember({"yaml", "json"}))
       ->capture_default_str();
+  render_cmd->add_option("--export-budget", render.export_budget_bytes,
+                         "bytes each export principal may read per shard, written into each policy (as the "
+                         "operator's --export-budget-bytes)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
 
   RecombineOptions rec;
   int rec_threads = 0;

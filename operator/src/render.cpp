@@ -84,8 +84,8 @@ json container_security_context() {
 
 }  // namespace
 
-std::string ledger_file(int shard) {
-  return std::string(kLedgerDir) + "/exposure-ledger-shard-" + std::to_string(shard) + ".json";
+std::string ledger_file(const std::string& job, int shard) {
+  return std::string(kLedgerDir) + "/" + job + "-shard-" + std::to_string(shard) + ".ledger.json";
 }
 
 namespace {
@@ -130,7 +130,7 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
                                    "--cert", std::string(kTlsDir) + "/tls.crt", "--key",
                                    std::string(kTlsDir) + "/tls.key", "--ca", std::string(kTlsDir) + "/ca.crt",
                                    "--policy", std::string(kConfigDir) + "/policy.json", "--ledger",
-                                   ledger_file(i), "--ledger-key", std::string(kTlsDir) + "/ledger.key"});
+                                   ledger_file(job.name, i), "--ledger-key", std::string(kTlsDir) + "/ledger.key"});
   for (int p : {i - 1, i + 1}) {
     if (p < 0 || p >= n) continue;
     sidecar_args.push_back("--peer");

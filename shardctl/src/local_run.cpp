@@ -70,48 +70,55 @@ struct Shard {
 
 std::string local(int port) { return "127.0.0.1:" + std::to_string(port); }
 
-// Where the in-pod paths and addresses of one shard pod land on this machine.
+// Where the in-pod paths and addresses of one container of a shard pod land on this
+// machine.
 struct PodMapping {
   std::map<std::string, std::string> paths;      // mounted file or directory → local path
+  std::map<std::string, std::string> dirs;       // mounted directory → local directory
   std::map<std::string, std::string> addresses;  // host:port in the pod → 127.0.0.1:port
 };
 
-// The pod's mounts, read from its volumes and volumeMounts: a Secret item or a
-// ConfigMap key becomes <dir>/<key>, the checkpoint volume the shared checkpoint
-// directory (wherever a container mounts it), anything else (the tmp emptyDir) is not referenced by any argument.
-void map_mounts(const json& pod, const json& config_map, const std::string& dir, const std::string& ckpt_dir,
-                PodMapping& m) {
+// The container's own mounts (its volumeMounts against the pod's volumes): a Secret
+// item or a ConfigMap key becomes <dir>/<key>, the checkpoint volume the shared
+// checkpoint directory; anything else (the tmp emptyDir) is not referenced by any
+// argument. Another container's mounts are not this one's: a path only shardd
+// mounts has no counterpart in the sidecar's arguments.
+void map_mounts(const json& pod, const json& container, const json& config_map, const std::string& dir,
+                const std::string& ckpt_dir, PodMapping& m) {
   std::map<std::string, json> volumes;
   for (const json& v : pod.at("spec").at("volumes")) volumes[v.value("name", "")] = v;
-  for (const json& c : pod.at("spec").at("containers")) {
-    if (!c.contains("volumeMounts")) continue;
-    for (const json& vm : c["volumeMounts"]) {
-      const std::string mount = vm.value("mountPath", "");
-      const json& v = volumes[vm.value("name", "")];
-      if (!v.is_object()) continue;
-      if (v.contains("secret")) {
-        for (const json& item : v.at("secret").at("items")) {
-          m.paths[mount + "/" + item.value("path", "")] = dir + "/" + item.value("key", "");
-        }
-      } else if (v.contains("configMap")) {
-        for (const auto& [key, value] : config_map.at("data").items()) m.paths[mount + "/" + key] = dir + "/" + key;
-      } else if (v.value("name", "") == "checkpoint") {
-        m.paths[mount] = ckpt_dir;
+  if (!container.contains("volumeMounts")) return;
+  for (const json& vm : container["volumeMounts"]) {
+    const std::string mount = vm.value("mountPath", "");
+    const json& v = volumes[vm.value("name", "")];
+    if (!v.is_object()) continue;
+    if (v.contains("secret")) {
+      for (const json& item : v.at("secret").at("items")) {
+        m.paths[mount + "/" + item.value("path", "")] = dir + "/" + item.value("key", "");
       }
+    } else if (v.contains("configMap")) {
+      for (const auto& [key, value] : config_map.at("data").items()) m.paths[mount + "/" + key] = dir + "/" + key;
+    } else if (v.value("name", "") == "checkpoint") {
+      m.paths[mount] = ckpt_dir;
+      m.dirs[mount] = ckpt_dir;
     }
   }
 }
 
-// The mounted directory `arg` lies in (its mount path is a proper prefix ending at
-// a '/'), or m.paths.end().
-std::map<std::string, std::string>::const_iterator mounted_dir_of(const std::string& arg, const PodMapping& m) {
-  for (auto it = m.paths.begin(); it != m.paths.end(); ++it) {
-    if (arg.size() > it->first.size() + 1 && arg.compare(0, it->first.size(), it->first) == 0 &&
-        arg[it->first.size()] == '/') {
-      return it;
+// `arg` as a file in a mounted directory (the longest mount path that is a proper
+// prefix of it ending at a '/'), or "" when it is in none or climbs out with "..".
+std::string in_mounted_dir(const std::string& arg, const PodMapping& m) {
+  if (arg.find("/../") != std::string::npos || (arg.size() >= 3 && arg.compare(arg.size() - 3, 3, "/..") == 0)) {
+    return "";
+  }
+  const std::pair<const std::string, std::string>* best = nullptr;
+  for (const auto& d : m.dirs) {
+    if (arg.size() > d.first.size() + 1 && arg.compare(0, d.first.size(), d.first) == 0 && arg[d.first.size()] == '/' &&
+        (!best || d.first.size() > best->first.size())) {
+      best = &d;
     }
   }
-  return m.paths.end();
+  return best ? best->second + arg.substr(best->first.size()) : "";
 }
 
 // A container's args with every in-pod path and address replaced by its local
@@ -127,8 +134,8 @@ std::vector<std::string> localize(const json& container, const PodMapping& m) {
       argv.push_back(it->second);
     } else if (auto p = m.paths.find(arg); p != m.paths.end()) {
       argv.push_back(p->second);
-    } else if (auto dir = mounted_dir_of(arg, m); dir != m.paths.end()) {
-      argv.push_back(dir->second + arg.substr(dir->first.size()));  // a file in a mounted directory
+    } else if (const std::string file = in_mounted_dir(arg, m); !file.empty()) {
+      argv.push_back(file);
     } else if (eq != std::string::npos && m.addresses.count(arg.substr(eq + 1))) {
       argv.push_back(arg.substr(0, eq + 1) + m.addresses.at(arg.substr(eq + 1)));
     } else if (arg.rfind("/", 0) == 0 || std::regex_match(arg, address) ||
@@ -506,13 +513,17 @@ int RunLocal(const LocalRunOptions& options) {
         m.addresses[op::shard_dns_name(job, j, "cluster.local") + ":" + std::to_string(op::kSidecarInboundPort)] =
             local(shards[j].ports.inbound);
       }
-      map_mounts(pod, objects.config_maps[i], s.dir, ckpt_dir, m);
-
-      s.sidecar.argv = localize(container_named(pod, "sidecar"), m);
+      const auto argv_of = [&](const char* name) {
+        const json c = container_named(pod, name);
+        PodMapping cm = m;  // the pod's addresses, and this container's own mounts
+        map_mounts(pod, c, objects.config_maps[i], s.dir, ckpt_dir, cm);
+        return localize(c, cm);
+      };
+      s.sidecar.argv = argv_of("sidecar");
       s.sidecar.argv.insert(s.sidecar.argv.end(), {"--audit-log", s.audit_log});
       s.sidecar.log_file = log_dir + "/sidecar-" + std::to_string(i) + ".log";
 
-      s.shardd.argv = localize(container_named(pod, "shardd"), m);
+      s.shardd.argv = argv_of("shardd");
       s.shardd.argv.insert(s.shardd.argv.end(), {"--device", options.device, "--threads", std::to_string(threads),
                                                  "--peer-timeout", std::to_string(options.peer_timeout_s)});
       s.shardd.log_file = log_dir + "/shard-" + std::to_string(i) + ".log";

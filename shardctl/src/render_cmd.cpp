@@ -181,7 +181,8 @@ int RunRender(const RenderOptions& o) {
       const Leaf leaf = issue_shard_leaf(job, ca, i);
       shards.push_back({leaf.cert_pem, leaf.key_pem, random_bytes(kAesKeyBytes), random_bytes(kAesKeyBytes)});
     }
-    const op::RenderInputs in = make_render_inputs(object, ca, std::move(shards));
+    op::RenderInputs in = make_render_inputs(object, ca, std::move(shards));
+    in.export_budget_bytes = o.export_budget_bytes;
     objects = op::render(job, in).all();
   } catch (const op::RenderError& e) {
     std::cerr << cmd << "the operator would refuse job " << job.namespace_ << "/" << job.name << ": " << e.what()

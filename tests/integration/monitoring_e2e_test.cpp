@@ -151,8 +151,9 @@ TEST_F(MonitoringE2ETest, EveryDashboardQueryAndTheExposureAlertReturnDataFromRe
 
   // The export principal reads bytes [0, 4096) of shard 0 through its sidecar, once
   // shardd has a checkpoint to serve (UNAVAILABLE before). The sidecar's ledger
-  // records them, so shard 0 counts 4096 bytes exposed to it; a read beyond the
-  // 64 KiB budget is refused before shardd sees it.
+  // records them, so shard 0 counts 4096 bytes exposed to it; then [4096, 65537),
+  // within the 64 KiB budget on its own but not with the 4 KiB already read, is
+  // refused before shardd sees it.
   const Leaf exporter_leaf = issue_leaf(ca, exporter, std::chrono::hours(1));
   auto export_call = [&](uint64_t offset, uint64_t length, uint64_t* got) {
     std::string bytes;
@@ -177,7 +178,7 @@ TEST_F(MonitoringE2ETest, EveryDashboardQueryAndTheExposureAlertReturnDataFromRe
   EXPECT_TRUE(export_status.ok()) << export_status.error_message();
   EXPECT_EQ(exported, 4096u);
   uint64_t refused_bytes = 0;
-  const grpc::Status over = export_call(0, 65537, &refused_bytes);
+  const grpc::Status over = export_call(4096, 65537 - 4096, &refused_bytes);
   EXPECT_EQ(over.error_code(), grpc::StatusCode::PERMISSION_DENIED) << over.error_message();
   EXPECT_EQ(refused_bytes, 0u);
 
@@ -193,7 +194,7 @@ TEST_F(MonitoringE2ETest, EveryDashboardQueryAndTheExposureAlertReturnDataFromRe
                                           exporter + "\"}[10m])");
   ASSERT_EQ(exposed.size(), 1u) << exposed.dump();
   EXPECT_EQ(exposed[0]["value"][1], "4096");
-  EXPECT_TRUE(fs::exists(work + "/checkpoints/exposure-ledger-shard-0.json"));
+  EXPECT_TRUE(fs::exists(work + "/checkpoints/it-mlp-shard-0.ledger.json"));
 
   // ---- operator side: the operator and a Prometheus scraping it ----
   testing::KubeApiServer api;

@@ -267,15 +267,16 @@ TEST(Render, LedgerKeyAndFileBelongToTheSidecarOnly) {
     for (const auto& c : spec["containers"]) {
       std::map<std::string, json> mounts;
       for (const auto& m : c["volumeMounts"]) mounts[m["name"]] = m;
+      ASSERT_TRUE(mounts.count("checkpoint")) << c["name"];
+      const json& ckpt = mounts.at("checkpoint");
+      EXPECT_FALSE(ckpt.contains("subPath"));
+      EXPECT_FALSE(ckpt.value("readOnly", false));
       if (c["name"] == "sidecar") {
         EXPECT_FALSE(mounts.count("checkpoint-key")) << "the sidecar must not see the checkpoint key";
-        EXPECT_FALSE(mounts["checkpoint"].contains("subPath"));
-        ASSERT_TRUE(mounts.count("checkpoint"));
-        EXPECT_EQ(mounts["checkpoint"]["mountPath"], "/var/lib/shardguard/ledger");
-        EXPECT_FALSE(mounts["checkpoint"].value("readOnly", false));
+        EXPECT_EQ(ckpt["mountPath"], "/var/lib/shardguard/ledger");
       } else {
         EXPECT_FALSE(mounts.count("tls")) << "shardd must not see the TLS key or the ledger key";
-        EXPECT_EQ(mounts["checkpoint"]["mountPath"], "/var/lib/shardguard/checkpoint");
+        EXPECT_EQ(ckpt["mountPath"], "/var/lib/shardguard/checkpoint");
       }
     }
   }
@@ -320,7 +321,7 @@ TEST(Render, ContainerArgsUseLoopbackAndTheMountedFiles) {
     EXPECT_EQ(flag_values(c, "--upstream"), std::vector<std::string>{"127.0.0.1:7000"});
     EXPECT_EQ(flag_values(c, "--policy"), std::vector<std::string>{"/etc/shardguard/config/policy.json"});
     EXPECT_EQ(flag_values(c, "--ledger"),
-              std::vector<std::string>{"/var/lib/shardguard/ledger/exposure-ledger-shard-" + std::to_string(i) + ".json"});
+              std::vector<std::string>{"/var/lib/shardguard/ledger/fmnist-shard-" + std::to_string(i) + ".ledger.json"});
     EXPECT_EQ(flag_values(c, "--ledger-key"), std::vector<std::string>{"/etc/shardguard/tls/ledger.key"});
     EXPECT_EQ(flag_values(c, "--metrics"), std::vector<std::string>{"0.0.0.0:9101"});
   }

@@ -361,6 +361,26 @@ TEST_F(OperatorTest, FailedShardIsRecreatedAwayFromUnsafeNodesUntilTheBackoffLim
   EXPECT_EQ(status("flaky")["failedPods"], 2);
 }
 
+// A shard Secret written by an operator from before the exposure ledger has no
+// ledger.key: the operator adds one and keeps everything else (checkpoint key, leaf).
+TEST_F(OperatorTest, SecretWithoutALedgerKeyGetsOneAndKeepsItsCheckpointKey) {
+  auto& op = start_operator();
+  create_job(job_object("old"));
+  ASSERT_TRUE(eventually([&] { return all_pods_exist("old"); }, 30s)) << op.log();
+  json s = *api_.get("", "v1", "secrets", kNs, "old-shard-1");
+  const json before = s["data"];
+  s["data"].erase("ledger.key");
+  api_.update("", "v1", "secrets", kNs, s);
+  json after;
+  ASSERT_TRUE(eventually([&] {
+    after = (*api_.get("", "v1", "secrets", kNs, "old-shard-1"))["data"];
+    return after.contains("ledger.key");
+  }, 30s)) << op.log();
+  EXPECT_EQ(op::base64_decode(after["ledger.key"]).size(), 32u);
+  EXPECT_NE(after["ledger.key"], before["ledger.key"]) << "a new key, not a remembered one";
+  for (const char* kept : {"checkpoint.key", "tls.crt", "tls.key", "ca.crt"}) EXPECT_EQ(after[kept], before[kept]) << kept;
+}
+
 TEST_F(OperatorTest, SuspendDeletesPodsKeepsKeysAndResumeRecreatesThem) {
   auto& op = start_operator();
   create_job(job_object("nap"));

@@ -333,5 +333,40 @@ TEST_F(RenderCmdTest, RefusedLikeTheOperatorWhenAStageExceedsMaxExposure) {
   EXPECT_NE(r.err.find("maxExposure"), std::string::npos) << r.err;
 }
 
+// --export-budget reaches every shard's policy as the operator's --export-budget-bytes
+// does, and the sidecar is given its ledger, so what render prints can export.
+TEST_F(RenderCmdTest, ExportBudgetReachesEveryPolicyAndTheSidecarKeepsALedger) {
+  std::string yaml = kJobYaml;
+  yaml.replace(yaml.find("    maxExposure: 0.9\n"), std::string("    maxExposure: 0.9\n").size(),
+               "    maxExposure: 0.9\n    export:\n      allowed: true\n      principals:\n"
+               "        - spiffe://shardguard.local/ns/ml/job/fmnist/role/exporter\n");
+  write_file_atomic(root_ + "/job.yaml", yaml);
+  RenderOptions o;
+  o.job_file = root_ + "/job.yaml";
+  o.format = "json";
+  o.out_file = root_ + "/out.json";
+  o.export_budget_bytes = 1234;
+  const Result r = render(o);
+  ASSERT_EQ(r.rc, 0) << r.err;
+  const std::vector<json> items = json::parse(read_file(o.out_file)).at("items").get<std::vector<json>>();
+  int policies = 0;
+  for (const json& item : items) {
+    if (item.at("kind") == "ConfigMap") {
+      const json policy = json::parse(item.at("data").at("policy.json").get<std::string>());
+      EXPECT_NE(policy.dump().find("\"budgetBytes\":1234"), std::string::npos) << policy.dump();
+      ++policies;
+    }
+    if (item.at("kind") == "Pod") {
+      for (const json& c : item.at("spec").at("containers")) {
+        if (c.at("name") != "sidecar") continue;
+        const std::string args = c.at("args").dump();
+        EXPECT_NE(args.find("\"--ledger\""), std::string::npos) << args;
+        EXPECT_NE(args.find("\"/etc/shardguard/tls/ledger.key\""), std::string::npos) << args;
+      }
+    }
+  }
+  EXPECT_EQ(policies, 4);
+}
+
 }  // namespace
 }  // namespace shardguard::shardctl

@@ -61,9 +61,10 @@ inline constexpr const char* kCheckpointDir = "/var/lib/shardguard/checkpoint";
 // sidecar at kLedgerDir, so that it lasts as long as the checkpoints whose bytes it
 // counts. Not a subPath: the kubelet creates a subPath directory root-owned 0755,
 // which the non-root sidecar could not write (kubernetes/kubernetes#41638). The file
-// name carries the shard index, as a checkpoint volume may be shared by the job's pods.
+// name carries the job and the shard, as the checkpoint files do (a volume may be
+// shared by the job's pods, or by several jobs).
 inline constexpr const char* kLedgerDir = "/var/lib/shardguard/ledger";
-std::string ledger_file(int shard);  // kLedgerDir + "/exposure-ledger-shard-<i>.json"
+std::string ledger_file(const std::string& job, int shard);  // kLedgerDir + "/<job>-shard-<i>.ledger.json"
 
 // What shard i gets; made by the caller.
 struct ShardMaterial {

@@ -99,6 +99,7 @@ struct RenderOptions {
   std::string job_file;
   std::string out_file;         // "" = stdout
   std::string format = "yaml";  // yaml | json
+  int64_t export_budget_bytes = 0;  // as the operator's --export-budget-bytes
 };
 int RunRender(const RenderOptions& options);
 
