@@ -34,6 +34,7 @@
 #include <unordered_map>
 
 #include "shardguard/common/pki.h"
+#include "shardguard/common/strings.h"
 
 namespace shardguard::testing {
 
@@ -103,28 +104,6 @@ std::string human_duration(long long seconds) {
     std::snprintf(buf, sizeof buf, "%lldy", hours / 24 / 365);
   }
   return buf;
-}
-
-std::string trim(const std::string& s) {
-  size_t b = s.find_first_not_of(" \t\r\n");
-  if (b == std::string::npos) return "";
-  size_t e = s.find_last_not_of(" \t\r\n");
-  return s.substr(b, e - b + 1);
-}
-
-std::vector<std::string> split(const std::string& s, char sep) {
-  std::vector<std::string> out;
-  std::string cur;
-  for (char c : s) {
-    if (c == sep) {
-      out.push_back(cur);
-      cur.clear();
-    } else {
-      cur += c;
-    }
-  }
-  out.push_back(cur);
-  return out;
 }
 
 std::string base64(const std::string& in) {

@@ -7,6 +7,8 @@
 #include <openssl/evp.h>
 #include <yaml-cpp/yaml.h>
 
+#include "shardguard/common/strings.h"
+
 namespace shardguard::kube {
 namespace {
 
@@ -18,13 +20,6 @@ bool read_file(const std::string& path, std::string& out) {
   if (in.bad()) return false;
   out = ss.str();
   return true;
-}
-
-std::string trim(const std::string& s) {
-  const auto b = s.find_first_not_of(" \t\r\n");
-  if (b == std::string::npos) return "";
-  const auto e = s.find_last_not_of(" \t\r\n");
-  return s.substr(b, e - b + 1);
 }
 
 std::string env(const char* name) {
