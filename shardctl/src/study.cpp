@@ -649,6 +649,17 @@ void write_report(const std::string& out_dir, bool plots) {
   const bool have_gnuplot = plots && std::system("command -v gnuplot >/dev/null 2>&1") == 0;
   std::ostringstream md;
   md << "<!-- written by shardctl study from results.csv -->\n";
+  // Headlines first (best attack per row, per size in the CSV's order), then the
+  // full tables.
+  for (const auto& m : models) {
+    std::vector<int64_t> sizes;
+    for (const auto& c : cells) {
+      if (c.model == m && std::find(sizes.begin(), sizes.end(), c.samples) == sizes.end()) sizes.push_back(c.samples);
+    }
+    for (int64_t n : sizes) {
+      md << "\n### Headline: " << m << ", " << n << " samples\n\n" << headline_table(aggs, m, n);
+    }
+  }
   for (const auto& m : models) {
     md << "\n### " << m << "\n\n" << markdown_table(aggs, m);
     const auto pts = best_r_by_size(aggs, m);
@@ -671,7 +682,7 @@ void write_report(const std::string& out_dir, bool plots) {
         << "set title 'Exposure study, " << m << ": best attack per row'\n"
         << "set xlabel 'exposure (share of parameters held or sandwiched)'\n"
         << "set ylabel 'recovered fraction R'\n"
-        << "set xrange [-0.02:1.02]\nset yrange [*<-0.3:1.15]\nset grid\nset key left top\n"
+        << "set xrange [-0.02:1.02]\nset yrange [*<-0.3:1.15<*]\nset grid\nset key left top\n"
         << "plot ";
       size_t i = 0;
       for (const auto& [n, list] : pts) {

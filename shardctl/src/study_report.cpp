@@ -353,6 +353,35 @@ std::string markdown_table(const std::vector<Aggregate>& aggs, const std::string
   return o.str();
 }
 
+std::string headline_table(const std::vector<Aggregate>& aggs, const std::string& model, int64_t samples) {
+  std::vector<const Aggregate*> best;  // per row, in table order
+  size_t stages = 0;
+  for (const auto& a : aggs) {
+    if (a.model != model || a.row == "-") continue;
+    stages = std::max(stages, split(a.held, '+').size());
+    if (a.samples != samples || a.r.n == 0) continue;
+    auto it = std::find_if(best.begin(), best.end(), [&](const Aggregate* b) { return b->row == a.row; });
+    if (it == best.end()) {
+      best.push_back(&a);
+    } else if (a.r.mean > (*it)->r.mean) {
+      *it = &a;
+    }
+  }
+  std::ostringstream o;
+  o << "| group | row | exposure | best attack | R (mean ± sd over seeds) | seeds |\n|---|---|---|---|---|---|\n";
+  char buf[96];
+  for (const Aggregate* a : best) {
+    const size_t held = a->held == "–" || a->held.empty() ? 0 : split(a->held, '+').size();
+    const std::string grp =
+        a->row.rfind("sw", 0) == 0 ? "sandwich" : std::to_string(held) + " of " + std::to_string(stages);
+    std::snprintf(buf, sizeof buf, "%.1f%%", 100 * a->exposure);
+    o << "| " << grp << " | " << a->row << " | " << buf << " | " << a->attack << " | ";
+    std::snprintf(buf, sizeof buf, a->r.n > 1 ? "%.2f ± %.2f" : "%.2f", a->r.mean, a->r.std);
+    o << buf << " | " << a->r.n << " |\n";
+  }
+  return o.str();
+}
+
 std::map<int64_t, std::vector<PlotPoint>> best_r_by_size(const std::vector<Aggregate>& aggs, const std::string& model) {
   std::map<int64_t, std::vector<PlotPoint>> out;
   for (const auto& a : aggs) {

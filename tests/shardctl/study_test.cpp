@@ -165,6 +165,31 @@ TEST(StudyReport, RecoveredFractionPerSeed) {
   EXPECT_NEAR(pts.at(60)[0].r, 0.75, 1e-12);
 }
 
+// The headline: per row the attack with the highest mean R, in table order, with
+// its group, exposure and mean ± sd over seeds.
+TEST(StudyReport, HeadlinePicksTheBestAttackPerRow) {
+  std::vector<CellResult> cells;
+  auto add = [&](const std::string& row, const std::string& held, double expo, const std::string& attack, int seed,
+                 double acc) { cells.push_back({"vit", row, held, expo, attack, 600, seed, acc, 0.5, 1.0}); };
+  for (int seed : {1, 2}) {
+    add("-", "", 0, "scratch", seed, 0.60);
+    add("-", "", 0, "victim", seed, 0.80);
+    add("s0", "0", 0.271, "A1-frozen", seed, seed == 1 ? 0.70 : 0.72);  // R 0.50, 0.60
+    add("s0", "0", 0.271, "A2", seed, 0.66);                             // R 0.30
+    add("s0+1", "0+1", 0.512, "A1-lowlr", seed, 0.75);                   // R 0.75
+    add("sw1", "0+2", 0.753, "A3", seed, 0.78);                          // R 0.90
+    add("all", "0+1+2+3", 1.0, "A1-lowlr", seed, 0.79);                  // R 0.95
+  }
+  const std::string md = headline_table(aggregate(cells), "vit", 600);
+  EXPECT_EQ(md,
+            "| group | row | exposure | best attack | R (mean ± sd over seeds) | seeds |\n|---|---|---|---|---|---|\n"
+            "| 1 of 4 | s0 | 27.1% | A1-frozen | 0.55 ± 0.07 | 2 |\n"
+            "| 2 of 4 | s0+1 | 51.2% | A1-lowlr | 0.75 ± 0.00 | 2 |\n"
+            "| sandwich | sw1 | 75.3% | A3 | 0.90 ± 0.00 | 2 |\n"
+            "| 4 of 4 | all | 100.0% | A1-lowlr | 0.95 ± 0.00 | 2 |\n");
+  EXPECT_EQ(headline_table(aggregate(cells), "vit", 60).find("| s0"), std::string::npos) << "no cells at 60";
+}
+
 TEST(StudyValidate, BadInputNamesFlagAndValue) {
   StudyOptions o;
   o.job_files = {kCnnJob};
@@ -212,15 +237,15 @@ TEST(StudyValidate, BadInputNamesFlagAndValue) {
 // example's architecture and 4-shard cut at a sixteenth of its convolution cost)
 // so that it fits the 3 minutes of `make test` on two cores.
 //
-// Tolerances (docs/exposure-study.md, "Tolerances of the quick test"): this very
-// configuration run over 6 seeds (all 8 rows) gave a pooled standard deviation of
-// one cell's accuracy of 0.036 at 60 samples and 0.016 at 600. Two cells compared
-// differ by noise with sd σ√2; the tolerance is 3σ√2 rounded up (0.16 and 0.07).
-// R of the no-shard row had a sd of 0.19 at 60 samples and 0.09 at 600 across the
-// 6 seeds; its bound is 3 sd rounded up (0.6 and 0.3).
+// Tolerances (docs/exposure-study.md, "Tolerances of the quick test"): σ, the pooled
+// standard deviation of one cell's accuracy, is the larger of the full run's (cnn,
+// 3 seeds: 0.045 at 60 samples, 0.0085 at 600) and this very configuration's over 6
+// seeds (0.036, 0.016). Two cells compared differ by noise with sd σ√2; the tolerance
+// is 3σ√2 rounded up (0.20 and 0.07). The bound on |R| of the no-shard row is 3 × the
+// larger sd of that R (full run 0.07 and 0.12, quick 0.19 and 0.09): 0.6 and 0.4.
 TEST(StudyQuick, OrderingsHold) {
-  const std::map<int64_t, double> acc_tol{{60, 0.16}, {600, 0.07}};
-  const std::map<int64_t, double> r_tol{{60, 0.6}, {600, 0.3}};
+  const std::map<int64_t, double> acc_tol{{60, 0.20}, {600, 0.07}};
+  const std::map<int64_t, double> r_tol{{60, 0.6}, {600, 0.4}};
   const fs::path dir = temp_dir("quick");
   std::string yaml;
   {

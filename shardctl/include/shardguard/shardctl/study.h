@@ -124,6 +124,12 @@ std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells);
 // column groups "acc ± sd / fid / R ± sd".
 std::string markdown_table(const std::vector<Aggregate>& aggregates, const std::string& model);
 
+// The headline of one model and size: per row (table order; not the controls), its
+// group ("1 of 4", "2 of 4", "sandwich", ...; the stage count from the `all` row or
+// the most stages held), exposure, the attack with the highest mean R, and that
+// R's mean ± sd over seeds.
+std::string headline_table(const std::vector<Aggregate>& aggregates, const std::string& model, int64_t samples);
+
 // For the plots: per model and size, each row's exposure and its best R (the
 // strongest attack, by mean R).
 struct PlotPoint {
