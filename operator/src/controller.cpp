@@ -440,10 +440,19 @@ void Controller::execute(const std::string& ns, const json& job, const Plan& p) 
   // Events describe the status just written: record them before the deletions, which
   // may fail and be retried.
   for (const auto& e : p.events) emit_event(job, e);
+  // Each delete names the uid it was planned for: an object created again under the
+  // same name since the cache saw it (409) is not the one planned, and is left to the
+  // next reconcile, like one already gone (404).
   for (const auto& a : p.after_status) {
+    const std::string uid = a.object.contains("metadata") ? a.object["metadata"].value("uid", "") : "";
     try {
-      client_.remove(resource_of(a.kind), ns, a.name);
+      client_.remove(resource_of(a.kind), ns, a.name, "Background", uid);
     } catch (const kube::ApiError& e) {
+      if (e.code() == 409) {
+        log::info("not deleted: replaced since it was read",
+                  {{"job", ns + "/" + name}, {"kind", a.kind}, {"name", a.name}, {"uid", uid}, {"why", a.reason}});
+        continue;
+      }
       if (e.code() != 404) throw;
     }
   }

@@ -87,14 +87,18 @@ TEST(ApiServerClientTest, CrudWithOptimisticConcurrency) {
   EXPECT_EQ(sel.items[0]["kind"], "ConfigMap");
   EXPECT_FALSE(sel.resource_version.empty());
 
-  c.remove(kConfigMaps, "ns1", "cm");
+  // A uid precondition: a stale uid leaves the object alone (409), the right one deletes.
+  const std::string uid = c.get(kConfigMaps, "ns1", "cm")["metadata"]["uid"];
+  EXPECT_EQ(code_of([&] { c.remove(kConfigMaps, "ns1", "cm", "Background", "not-" + uid); }), 409);
+  EXPECT_EQ(c.get(kConfigMaps, "ns1", "cm")["metadata"]["uid"], uid);
+  c.remove(kConfigMaps, "ns1", "cm", "Background", uid);
   EXPECT_EQ(code_of([&] { c.get(kConfigMaps, "ns1", "cm"); }), 404);
   EXPECT_EQ(code_of([&] { c.remove(kConfigMaps, "ns1", "cm"); }), 404);
   const ClientStats st = c.stats();
   EXPECT_EQ(st.creates, 4u);
   EXPECT_EQ(st.updates, 2u);
   EXPECT_EQ(st.patches, 1u);
-  EXPECT_EQ(st.deletes, 2u);
+  EXPECT_EQ(st.deletes, 3u);
 }
 
 TEST(ApiServerClientTest, StatusSubresource) {

@@ -233,12 +233,15 @@ TEST(ClientTest, WritesUseTheRightMethodsBodiesAndContentTypes) {
   c.remove(kSecrets, "default", "s", "Foreground");
   EXPECT_EQ(s.last().method, "DELETE");
   EXPECT_EQ(json::parse(s.last().body)["propagationPolicy"], "Foreground");
+  EXPECT_FALSE(json::parse(s.last().body).contains("preconditions"));
+  c.remove(kSecrets, "default", "s", "Background", "u-1");
+  EXPECT_EQ(json::parse(s.last().body)["preconditions"], (json{{"uid", "u-1"}}));
   const ClientStats st = c.stats();
   EXPECT_EQ(st.creates, 1u);
   EXPECT_EQ(st.updates, 3u);
   EXPECT_EQ(st.patches, 3u);
-  EXPECT_EQ(st.deletes, 1u);
-  EXPECT_EQ(st.writes(), 8u);
+  EXPECT_EQ(st.deletes, 2u);
+  EXPECT_EQ(st.writes(), 9u);
 }
 
 TEST(ClientTest, WatchDeliversEventsSplitAcrossChunksAndReturnsAtStreamEnd) {

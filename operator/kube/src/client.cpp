@@ -385,10 +385,11 @@ json Client::patch(const Resource& res, const std::string& ns, const std::string
 }
 
 void Client::remove(const Resource& res, const std::string& ns, const std::string& name,
-                    const std::string& propagation) {
+                    const std::string& propagation, const std::string& uid) {
   impl_->deletes++;
   json opts = {{"kind", "DeleteOptions"}, {"apiVersion", "v1"}};
   if (!propagation.empty()) opts["propagationPolicy"] = propagation;
+  if (!uid.empty()) opts["preconditions"] = {{"uid", uid}};
   impl_->call("delete", "DELETE", res.path(impl_->ns_of(res, ns), name), opts.dump(), "application/json");
 }
 

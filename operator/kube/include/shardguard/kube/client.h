@@ -67,9 +67,11 @@ class Client {
   nlohmann::json update_status(const Resource& res, const std::string& ns, const nlohmann::json& obj);
   nlohmann::json patch(const Resource& res, const std::string& ns, const std::string& name,
                        const nlohmann::json& patch, PatchType type, const std::string& subresource = "");
-  // DELETE with DeleteOptions{propagationPolicy}; missing → ApiError 404.
+  // DELETE with DeleteOptions{propagationPolicy}; missing → ApiError 404. With a
+  // uid, DeleteOptions.preconditions.uid too: an object of that name with another uid
+  // (deleted and created again since the caller read it) is left alone → ApiError 409.
   void remove(const Resource& res, const std::string& ns, const std::string& name,
-              const std::string& propagation = "Background");
+              const std::string& propagation = "Background", const std::string& uid = "");
 
   // Streams ?watch=1&resourceVersion=RV&allowWatchBookmarks=true&timeoutSeconds=T
   // [&labelSelector=S] and calls on_event for each event, on the calling thread;
