@@ -125,7 +125,14 @@ int Run(const Flags& f) {
   std::atomic<bool> elector_stop{false};
   std::thread elector_thread;
   std::unique_ptr<kube::LeaderElector> elector;
+  std::unique_ptr<kube::Client> lease_client;
   if (f.leader_elect) {
+    // The Lease calls have a client of their own whose every call ends within half the
+    // renew deadline: a renewal that hangs fails in time for the elector to give up
+    // before --lease-duration lets a standby take over (the shared client waits 30 s).
+    lease_client = std::make_unique<kube::Client>(
+        cfg, "shardguard-operator/" + self,
+        std::max(std::chrono::milliseconds(200), ms(f.renew_deadline) / 2));
     kube::LeaderElectionConfig lc;
     lc.ns = f.leader_ns.empty() ? cfg.ns : f.leader_ns;
     lc.name = f.leader_id;
@@ -138,7 +145,7 @@ int Run(const Flags& f) {
     health.set_ready(true);
     const std::string lease = lc.ns + "/" + lc.name;
     elector = std::make_unique<kube::LeaderElector>(
-        client, lc,
+        *lease_client, lc,
         [&, lease] {
           log::info("became leader", {{"lease", lease}});
           if (!starter.joinable()) starter = std::thread(start_controller);

@@ -101,6 +101,23 @@ TEST(ApiServerClientTest, CrudWithOptimisticConcurrency) {
   EXPECT_EQ(st.deletes, 3u);
 }
 
+// A client's timeout bounds every call: against a server that answers after 1.5 s, a
+// 300 ms client gives up with a transport error (code 0) well before the answer, and
+// a client with the default 30 s waits for it.
+TEST(ApiServerClientTest, TimeoutBoundsEachCall) {
+  KubeApiServer srv;
+  make_namespaces(srv, {"ns1"});
+  Client(config_of(srv)).create(kConfigMaps, "ns1", configmap("cm", "1"));
+  srv.set_latency(std::chrono::milliseconds(1500));
+  Client quick(config_of(srv), "test", std::chrono::milliseconds(300));
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(code_of([&] { quick.get(kConfigMaps, "ns1", "cm"); }), 0);
+  const auto waited = std::chrono::steady_clock::now() - t0;
+  EXPECT_LT(waited, std::chrono::milliseconds(1400)) << "the call outlasted its 300 ms timeout";
+  EXPECT_EQ(Client(config_of(srv)).get(kConfigMaps, "ns1", "cm")["data"]["k"], "1");
+  EXPECT_THROW(Client(config_of(srv), "test", std::chrono::milliseconds(0)), ConfigError);
+}
+
 TEST(ApiServerClientTest, StatusSubresource) {
   KubeApiServer srv;
   Client c(config_of(srv));

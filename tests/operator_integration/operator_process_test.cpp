@@ -308,13 +308,20 @@ TEST_F(OperatorTest, JobLifecycleFromCreateToSucceededThenCleanup) {
   ASSERT_TRUE(eventually([&] { return event_reasons("life").count("Succeeded") > 0; }, 10s));
   for (const char* r : {"Created", "Running"}) EXPECT_TRUE(event_reasons("life").count(r)) << r;
 
-  // Settled: resyncs (every second) reconcile it again and write nothing.
+  // Settled: resyncs (every second) reconcile it again and write nothing. A status PUT
+  // planned from a cache that has not yet seen the operator's own last status write is
+  // refused (409, nothing written) and retried; under load that happens, so refused
+  // attempts do not count.
   api_.clear_requests();
   const double before = op.sample("controller_runtime_reconcile_total", "result=\"success\"").value_or(0);
   ASSERT_TRUE(eventually([&] {
     return op.sample("controller_runtime_reconcile_total", "result=\"success\"").value_or(0) >= before + 3;
   }, 20s));
-  EXPECT_TRUE(operator_writes().empty()) << operator_writes().front().method << " " << operator_writes().front().path;
+  std::vector<KubeApiServer::RequestRecord> written;
+  for (const auto& w : operator_writes()) {
+    if (w.code < 300) written.push_back(w);
+  }
+  EXPECT_TRUE(written.empty()) << written.front().method << " " << written.front().path << " -> " << written.front().code;
 
   // Deleted: every owned object goes, then the finalizer, then the job.
   api_.remove(kGroup, kVersion, kJobs, kNs, "life");

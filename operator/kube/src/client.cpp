@@ -159,6 +159,7 @@ void free_x509_stack(STACK_OF(X509)* sk) { sk_X509_pop_free(sk, X509_free); }
 struct Client::Impl {
   Config cfg;
   std::string user_agent;
+  std::chrono::milliseconds timeout{kReadTimeoutS * 1000};  // non-watch calls
   Endpoint ep;
   STACK_OF(X509)* ca_stack = nullptr;
   X509* client_cert = nullptr;
@@ -231,7 +232,8 @@ struct Client::Impl {
     return cfg.token;
   }
 
-  std::unique_ptr<httplib::ClientImpl> make_client(time_t read_timeout_s) {
+  // A connection whose waits are all bounded by `limit` (the connect also by 5 s).
+  std::unique_ptr<httplib::ClientImpl> make_client(std::chrono::milliseconds limit) {
     std::unique_ptr<httplib::ClientImpl> c;
     if (ep.tls) {
       auto ssl = std::make_unique<httplib::SSLClient>(ep.host, ep.port, client_cert, client_key);
@@ -242,9 +244,9 @@ struct Client::Impl {
     } else {
       c = std::make_unique<httplib::ClientImpl>(ep.host, ep.port);
     }
-    c->set_connection_timeout(kConnectTimeoutS);
-    c->set_read_timeout(read_timeout_s);
-    c->set_write_timeout(kReadTimeoutS);
+    c->set_connection_timeout(std::min<std::chrono::milliseconds>(limit, std::chrono::seconds(kConnectTimeoutS)));
+    c->set_read_timeout(limit);
+    c->set_write_timeout(limit);
     c->set_url_encode(false);
     c->set_tcp_nodelay(true);  // headers and body go in separate writes: no Nagle delay
     c->set_follow_location(false);
@@ -286,7 +288,7 @@ struct Client::Impl {
         }
       }
       if (!cli) {
-        cli = make_client(kReadTimeoutS);
+        cli = make_client(timeout);
         cli->set_keep_alive(true);
       }
       httplib::Result res = cli->send(req);
@@ -313,7 +315,10 @@ struct Client::Impl {
   std::string ns_of(const Resource& res, const std::string& ns) const { return res.namespaced ? ns : ""; }
 };
 
-Client::Client(Config cfg, std::string user_agent) : impl_(std::make_unique<Impl>()) {
+Client::Client(Config cfg, std::string user_agent, std::chrono::milliseconds timeout)
+    : impl_(std::make_unique<Impl>()) {
+  if (timeout <= std::chrono::milliseconds(0)) throw ConfigError("client timeout must be positive");
+  impl_->timeout = timeout;
   impl_->ep = parse_server(cfg.server);
   impl_->cfg = std::move(cfg);
   impl_->user_agent = std::move(user_agent);
@@ -406,7 +411,7 @@ void Client::watch(const Resource& res, const std::string& ns, const std::string
 
   // A client of its own: the read timeout outlives the server's timeoutSeconds, and
   // stop() on it (from the stopper thread below) shuts the socket down at once.
-  std::unique_ptr<httplib::ClientImpl> cli = impl_->make_client(timeout_seconds + 30);
+  std::unique_ptr<httplib::ClientImpl> cli = impl_->make_client(std::chrono::seconds(timeout_seconds + 30));
   cli->set_keep_alive(false);
 
   int status = 0;

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -52,8 +53,11 @@ struct ClientStats {
 
 class Client {
  public:
-  // Throws ConfigError on an unusable config (server URL, PEM data).
-  explicit Client(Config cfg, std::string user_agent = "shardguard-operator");
+  // Throws ConfigError on an unusable config (server URL, PEM data). `timeout` bounds
+  // each non-watch call's connect, send and wait for the answer (a call past it throws
+  // ApiError code 0); watches have their own (timeoutSeconds + 30 s).
+  explicit Client(Config cfg, std::string user_agent = "shardguard-operator",
+                  std::chrono::milliseconds timeout = std::chrono::seconds(30));
   ~Client();
   Client(const Client&) = delete;
   Client& operator=(const Client&) = delete;
