@@ -73,7 +73,7 @@ std::string local(int port) { return "127.0.0.1:" + std::to_string(port); }
 // Where the in-pod paths and addresses of one container of a shard pod land on this
 // machine.
 struct PodMapping {
-  std::map<std::string, std::string> paths;      // mounted file or directory → local path
+  std::map<std::string, std::string> paths;      // mounted file → local path
   std::map<std::string, std::string> dirs;       // mounted directory → local directory
   std::map<std::string, std::string> addresses;  // host:port in the pod → 127.0.0.1:port
 };
@@ -99,15 +99,15 @@ void map_mounts(const json& pod, const json& container, const json& config_map, 
     } else if (v.contains("configMap")) {
       for (const auto& [key, value] : config_map.at("data").items()) m.paths[mount + "/" + key] = dir + "/" + key;
     } else if (v.value("name", "") == "checkpoint") {
-      m.paths[mount] = ckpt_dir;
       m.dirs[mount] = ckpt_dir;
     }
   }
 }
 
-// `arg` as a file in a mounted directory (the longest mount path that is a proper
+// `arg` as a mounted directory or a file in one (the longest mount path that is a
 // prefix of it ending at a '/'), or "" when it is in none or climbs out with "..".
 std::string in_mounted_dir(const std::string& arg, const PodMapping& m) {
+  if (auto d = m.dirs.find(arg); d != m.dirs.end()) return d->second;
   if (arg.find("/../") != std::string::npos || (arg.size() >= 3 && arg.compare(arg.size() - 3, 3, "/..") == 0)) {
     return "";
   }
