@@ -353,13 +353,15 @@ std::string markdown_table(const std::vector<Aggregate>& aggs, const std::string
   return o.str();
 }
 
-std::string headline_table(const std::vector<Aggregate>& aggs, const std::string& model, int64_t samples) {
-  std::vector<const Aggregate*> best;  // per row, in table order
-  size_t stages = 0;
+namespace {
+
+// Per row of `model` at `samples` (table order; not the controls), the aggregate of
+// the attack with the highest mean R; rows without R are left out.
+std::vector<const Aggregate*> best_per_row(const std::vector<Aggregate>& aggs, const std::string& model,
+                                           int64_t samples) {
+  std::vector<const Aggregate*> best;
   for (const auto& a : aggs) {
-    if (a.model != model || a.row == "-") continue;
-    stages = std::max(stages, split(a.held, '+').size());
-    if (a.samples != samples || a.r.n == 0) continue;
+    if (a.model != model || a.row == "-" || a.samples != samples || a.r.n == 0) continue;
     auto it = std::find_if(best.begin(), best.end(), [&](const Aggregate* b) { return b->row == a.row; });
     if (it == best.end()) {
       best.push_back(&a);
@@ -367,11 +369,21 @@ std::string headline_table(const std::vector<Aggregate>& aggs, const std::string
       *it = &a;
     }
   }
+  return best;
+}
+
+}  // namespace
+
+std::string headline_table(const std::vector<Aggregate>& aggs, const std::string& model, int64_t samples) {
+  size_t stages = 0;
+  for (const auto& a : aggs) {
+    if (a.model == model && a.row != "-") stages = std::max(stages, split(a.held, '+').size());
+  }
   std::ostringstream o;
   o << "| group | row | exposure | best attack | R (mean ± sd over seeds) | seeds |\n|---|---|---|---|---|---|\n";
   char buf[96];
-  for (const Aggregate* a : best) {
-    const size_t held = a->held == "–" || a->held.empty() ? 0 : split(a->held, '+').size();
+  for (const Aggregate* a : best_per_row(aggs, model, samples)) {
+    const size_t held = a->held.empty() ? 0 : split(a->held, '+').size();
     const std::string grp =
         a->row.rfind("sw", 0) == 0 ? "sandwich" : std::to_string(held) + " of " + std::to_string(stages);
     std::snprintf(buf, sizeof buf, "%.1f%%", 100 * a->exposure);
@@ -385,17 +397,12 @@ std::string headline_table(const std::vector<Aggregate>& aggs, const std::string
 std::map<int64_t, std::vector<PlotPoint>> best_r_by_size(const std::vector<Aggregate>& aggs, const std::string& model) {
   std::map<int64_t, std::vector<PlotPoint>> out;
   for (const auto& a : aggs) {
-    if (a.model != model || a.row == "-" || a.r.n == 0) continue;
+    if (a.model != model || a.row == "-" || a.r.n == 0 || out.count(a.samples)) continue;
     auto& pts = out[a.samples];
-    auto it = std::find_if(pts.begin(), pts.end(), [&](const PlotPoint& p) { return p.row == a.row; });
-    if (it == pts.end()) {
-      pts.push_back({a.row, a.exposure, a.r.mean, a.r.std, a.attack});
-    } else if (a.r.mean > it->r) {
-      *it = {a.row, a.exposure, a.r.mean, a.r.std, a.attack};
+    for (const Aggregate* b : best_per_row(aggs, model, a.samples)) {
+      pts.push_back({b->row, b->exposure, b->r.mean, b->r.std, b->attack});
     }
-  }
-  for (auto& [n, pts] : out) {
-    std::stable_sort(pts.begin(), pts.end(), [](const PlotPoint& a, const PlotPoint& b) { return a.exposure < b.exposure; });
+    std::stable_sort(pts.begin(), pts.end(), [](const PlotPoint& x, const PlotPoint& y) { return x.exposure < y.exposure; });
   }
   return out;
 }
