@@ -3,7 +3,10 @@
 #   make deps    install every Debian package the project needs (apt-get, as root),
 #                then the node tooling of tools/ (npm ci) and tools/bin/kubectl, helm
 #   make build   configure and build everything into build/ (binaries in build/bin/)
-#   make test    deps + build + every test, then the non-LibTorch tests again under
+#   make realapi build the real Kubernetes API server (../shared/realapi: Kubernetes'
+#                apiextensions-apiserver + etcd, from Debian packages) when it is missing;
+#                ctest's fixture `realapi` starts a fresh one for the tests of shardguard.io
+#   make test    deps + realapi + build + every test, then the non-LibTorch tests again under
 #                AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/), then
 #                `make fuzz-smoke` (each libFuzzer target for 20 s, build-fuzz/)
 #   make demo    deps + build + a 4-shard CNN on Fashion-MNIST, locally
@@ -26,9 +29,10 @@ DEB_PACKAGES := \
   libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev \
   prometheus-cpp-dev nlohmann-json3-dev libyaml-cpp-dev libcli11-dev libcpp-httplib-dev \
   libssl-dev zlib1g-dev libgtest-dev libgmock-dev libbenchmark-dev \
-  dataset-fashion-mnist nodejs unzip prometheus gnuplot-nox
+  dataset-fashion-mnist nodejs unzip prometheus gnuplot-nox \
+  curl openssl python3 ca-certificates debian-archive-keyring
 
-.PHONY: all deps deps-apt deps-tools build configure test test-unit test-asan demo bench bench-sidecar bench-operator clean fuzz-build fuzz-smoke fuzz
+.PHONY: all deps deps-apt deps-tools realapi build configure test test-unit test-asan demo bench bench-sidecar bench-operator clean fuzz-build fuzz-smoke fuzz
 
 all: build
 
@@ -72,22 +76,29 @@ deps-tools: deps-apt
 
 deps: deps-apt deps-tools
 
+# The real API server for everything under shardguard.io (docs/crd.md, "Which server").
+# build.sh returns at once when it is built; a fresh machine builds it once (6-12 min).
+REALAPI_SRC ?= $(CURDIR)/../shared/realapi
+realapi: deps-apt
+	@[ -x $(REALAPI_SRC)/build.sh ] || { echo "make realapi: $(REALAPI_SRC)/build.sh not found (set REALAPI_SRC)" >&2; exit 1; }
+	$(REALAPI_SRC)/build.sh
+
 $(BUILD)/CMakeCache.txt:
-	cmake -S . -B $(BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=Release
+	cmake -S . -B $(BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=Release -DSHARDGUARD_REALAPI_SRC=$(REALAPI_SRC)
 
 configure: $(BUILD)/CMakeCache.txt
 
 build: configure
 	cmake --build $(BUILD) -j $(JOBS)
 
-test: deps build
+test: deps realapi build
 	cd $(BUILD) && OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE ctest --output-on-failure --timeout 900 -j 1
 	$(MAKE) test-asan
 	$(MAKE) fuzz-smoke
 
 # The tests of everything that does not link LibTorch, under ASan + UBSan.
 test-asan:
-	cmake -S . -B $(ASAN_BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=Debug -DSHARDGUARD_WITH_TORCH=OFF -DSHARDGUARD_SANITIZE=ON -DSHARDGUARD_BUILD_BENCH=OFF
+	cmake -S . -B $(ASAN_BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=Debug -DSHARDGUARD_WITH_TORCH=OFF -DSHARDGUARD_SANITIZE=ON -DSHARDGUARD_BUILD_BENCH=OFF -DSHARDGUARD_REALAPI_SRC=$(REALAPI_SRC)
 	cmake --build $(ASAN_BUILD) -j $(JOBS)
 	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  ctest --output-on-failure --timeout 600 -j 1

@@ -21,6 +21,7 @@
 #include <initializer_list>
 #include <iterator>
 #include <limits>
+#include <regex>
 #include <sstream>
 #include <system_error>
 #include <type_traits>
@@ -243,6 +244,59 @@ bool is_null_text(const std::string& s) {
   return s.empty() || s == "~" || s == "null" || s == "Null" || s == "NULL";
 }
 
+// ---- one meaning for one file ------------------------------------------------
+// kubectl reads YAML 1.1 (sigs.k8s.io/yaml): `yes` is true, `064` is 52, `1_000` is
+// 1000, `<<:` merges. shardctl reads YAML 1.2, where those are a string, 64, a
+// string and a key. A job file must mean the same to both, so every plain scalar
+// that the two read differently (or that YAML 1.1 reads as a number in a form
+// YAML 1.2 does not have) is refused with the way to write it. Quoting makes any
+// of them a plain string for both.
+
+bool all_of_chars(const std::string& s, std::size_t from, const char* allowed) {
+  if (from >= s.size()) return false;
+  return s.find_first_not_of(allowed, from) == std::string::npos;
+}
+
+// Why `s`, written plain, means something else to kubectl; nullopt when it does not.
+std::optional<std::string> yaml11_difference(const std::string& s) {
+  static const char* const kBool11[] = {"y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No",
+                                        "NO", "on", "On", "ON", "off", "Off", "OFF"};
+  for (const char* b : kBool11) {
+    if (s == b) {
+      const bool value = s[0] == 'y' || s[0] == 'Y' || s == "on" || s == "On" || s == "ON";
+      return quote(s) + " is the boolean " + (value ? "true" : "false") +
+             " to kubectl (YAML 1.1) but the string " + quote(s) +
+             " here (YAML 1.2); write " + (value ? "true" : "false") +
+             ", or quote it for a string";
+    }
+  }
+  const std::size_t sign = !s.empty() && (s[0] == '-' || s[0] == '+') ? 1 : 0;
+  const std::string body = s.substr(sign);
+  if (body.size() > 1 && body[0] == '0' &&
+      (body[1] == 'x' || body[1] == 'X' || body[1] == 'o' || body[1] == 'O' || body[1] == 'b' ||
+       body[1] == 'B') &&
+      all_of_chars(body, 2, "0123456789abcdefABCDEF_")) {
+    return quote(s) + " is a hexadecimal, octal or binary number, which YAML 1.1 (kubectl) and "
+           "YAML 1.2 read differently; write the number in decimal, or quote it for a string";
+  }
+  if (body.size() > 1 && body[0] == '0' && all_of_chars(body, 1, "0123456789_")) {
+    return quote(s) + " has a leading 0: kubectl (YAML 1.1) reads it as an octal number, this "
+           "file's reader (YAML 1.2) as decimal; write it without the leading 0, or quote it "
+           "for a string";
+  }
+  if (!body.empty() && body[0] >= '0' && body[0] <= '9' && body.find('_') != std::string::npos &&
+      all_of_chars(body, 0, "0123456789_.eE+-")) {
+    return quote(s) + " is a number to kubectl (YAML 1.1 drops the '_') but a string here "
+           "(YAML 1.2); write it without '_', or quote it for a string";
+  }
+  if (!body.empty() && body[0] >= '0' && body[0] <= '9' && body.find(':') != std::string::npos &&
+      all_of_chars(body, 0, "0123456789_:.")) {
+    return quote(s) + " is a base-60 number in YAML 1.1 but a string in YAML 1.2; quote it "
+           "for a string";
+  }
+  return std::nullopt;
+}
+
 json resolve_plain(const std::string& s) {
   if (is_null_text(s)) return nullptr;
   if (auto b = resolve_bool(s)) return *b;
@@ -278,7 +332,17 @@ class YamlConverter {
           const YAML::Node& key = entry.first;
           if (!key.IsScalar()) yaml_fail(key.Mark(), "mapping keys must be non-null scalars");
           const std::string& name = key.Scalar();
-          if (out.contains(name)) yaml_fail(key.Mark(), "duplicate key " + quote(name));
+          if (key.Tag() == "?" && name != "<<") {
+            if (auto why = yaml11_difference(name)) yaml_fail(key.Mark(), "key " + *why);
+          }
+          if (name == "<<" && key.Tag() == "?") {
+            yaml_fail(key.Mark(), "merge keys (<<) merge a mapping in YAML 1.1 (kubectl) but are "
+                                  "a plain key in YAML 1.2; write the fields out");
+          }
+          if (out.contains(name)) {
+            yaml_fail(key.Mark(), "duplicate key " + quote(name) +
+                                      " (kubectl would keep the last one); write each key once");
+          }
           out[name] = convert(entry.second, depth + 1);
         }
         return out;
@@ -292,7 +356,10 @@ class YamlConverter {
     const std::string& tag = node.Tag();
     const std::string& text = node.Scalar();
     // yaml-cpp tags plain scalars "?" and quoted or block scalars "!".
-    if (tag == "?" || tag.empty()) return resolve_plain(text);
+    if (tag == "?" || tag.empty()) {
+      if (auto why = yaml11_difference(text)) yaml_fail(node.Mark(), *why);
+      return resolve_plain(text);
+    }
     if (tag == "!" || tag == "tag:yaml.org,2002:str") return text;
     if (tag == "tag:yaml.org,2002:int") {
       if (auto v = resolve_int(text)) return *v;
@@ -340,6 +407,27 @@ std::string lower(std::string s) {
     if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
   }
   return s;
+}
+
+// The CRD's patterns, matched whole (each is anchored), after the length check
+// that keeps std::regex's recursion short.
+bool matches(const std::string& text, const char* pattern) {
+  const std::regex re(pattern, std::regex::ECMAScript);
+  return std::regex_match(text, re);
+}
+
+// A Kubernetes resource quantity (500m, 2, 1.5Gi, 1e3), as the CRD's pattern.
+bool is_quantity(const std::string& s) {
+  return matches(s, R"(^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$)");
+}
+
+// A label key: an optional DNS-subdomain prefix and '/', then a name of at most 63.
+bool is_label_key(const std::string& s) {
+  return matches(s, R"(^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$)");
+}
+
+bool is_label_value(const std::string& s) {
+  return matches(s, R"(^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$)");
 }
 
 // Reads one object into the typed spec, collecting every problem instead of
@@ -459,9 +547,207 @@ class Decoder {
     if (integer(*v, child(parent, key), value)) out = value;
   }
 
-  // A raw JSON object kept as given (pod template, sidecar, volume source).
-  void get_raw_object(const json& obj, const char* key, const std::string& parent, json& out) {
-    if (const json* v = object(obj, key, parent)) out = *v;
+  // ---- the schema of the objects passed on to the pods as given ----
+  // (spec.template, spec.sidecar, spec.checkpoint.volume, metadata.labels): the
+  // same types, enums and bounds as the CRD, so that a file shardctl runs is one
+  // the API server takes.
+
+  // A string of min..max bytes; an empty `pattern_check` accepts any text.
+  void bounded_string(const json& obj, const char* key, const std::string& parent,
+                      std::size_t min, std::size_t max, bool (*valid)(const std::string&) = nullptr,
+                      const char* what = nullptr) {
+    const json* v = find(obj, key);
+    if (v == nullptr) return;
+    const std::string path = child(parent, key);
+    if (!v->is_string()) return fail(path, "expected a string, " + got(*v));
+    length_and_syntax(path, v->get_ref<const std::string&>(), min, max, valid, what);
+  }
+
+  void length_and_syntax(const std::string& path, const std::string& text, std::size_t min,
+                         std::size_t max, bool (*valid)(const std::string&), const char* what) {
+    if (text.size() < min) return fail(path, "must not be empty, got \"\"");
+    if (text.size() > max) {
+      return fail(path, "must be at most " + std::to_string(max) + " characters, got " +
+                            std::to_string(text.size()));
+    }
+    if (valid != nullptr && !valid(text)) fail(path, std::string("must be ") + what + ", got " + quote(text));
+  }
+
+  void enum_string(const json& obj, const char* key, const std::string& parent,
+                   std::initializer_list<const char*> allowed) {
+    const json* v = find(obj, key);
+    if (v == nullptr) return;
+    const std::string path = child(parent, key);
+    if (!v->is_string()) return fail(path, "expected a string, " + got(*v));
+    for (const char* a : allowed) {
+      if (v->get_ref<const std::string&>() == a) return;
+    }
+    std::string list;
+    for (const char* a : allowed) list += std::string(list.empty() ? "" : ", ") + quote(a);
+    fail(path, "unsupported value " + quote(v->get<std::string>()) + " (expected one of: " + list + ")");
+  }
+
+  void boolean(const json& obj, const char* key, const std::string& parent) {
+    bool ignored = false;
+    get(obj, key, parent, ignored);
+  }
+
+  // A map of at most max_entries entries, each checked by `entry(path, value)`.
+  template <class F>
+  const json* map_of(const json& obj, const char* key, const std::string& parent,
+                     std::size_t max_entries, F entry) {
+    const json* m = object(obj, key, parent);
+    if (m == nullptr) return nullptr;
+    const std::string path = child(parent, key);
+    if (m->size() > max_entries) {
+      fail(path, "must have at most " + std::to_string(max_entries) + " entries, got " +
+                     std::to_string(m->size()));
+    }
+    for (auto it = m->begin(); it != m->end(); ++it) {
+      if (it->is_null()) continue;  // the API server drops null values
+      entry(path + "." + it.key(), it.key(), *it);
+    }
+    return m;
+  }
+
+  // limits / requests: resource name → quantity (an integer or a quantity string).
+  void resources(const json& obj, const char* key, const std::string& parent) {
+    const json* r = object(obj, key, parent);
+    if (r == nullptr) return;
+    const std::string path = child(parent, key);
+    known_fields(*r, path, {"limits", "requests"});
+    for (const char* k : {"limits", "requests"}) {
+      map_of(*r, k, path, 16, [&](const std::string& p, const std::string&, const json& v) {
+        if (v.is_string()) {
+          length_and_syntax(p, v.get_ref<const std::string&>(), 0, 64, &is_quantity,
+                            "a quantity such as 500m, 2, 1.5Gi or 1e3");
+        } else if (!v.is_number_integer() && !v.is_number_unsigned()) {
+          fail(p, "expected an integer or a quantity string, " + got(v));
+        }
+      });
+    }
+  }
+
+  // Checks spec.template; returns it when it is an object (to keep as given).
+  const json* decode_template(const json& spec) {
+    const json* t = object(spec, "template", "spec");
+    if (t == nullptr) return nullptr;
+    const std::string p = "spec.template";
+    known_fields(*t, p, {"image", "imagePullPolicy", "resources", "nodeSelector", "tolerations"});
+    bounded_string(*t, "image", p, 1, 512);
+    enum_string(*t, "imagePullPolicy", p, {"Always", "IfNotPresent", "Never"});
+    resources(*t, "resources", p);
+    map_of(*t, "nodeSelector", p, 64, [&](const std::string& path, const std::string& k, const json& v) {
+      length_and_syntax(path, k, 1, 317, &is_label_key,
+                        "a label key ([prefix/]name, the name at most 63 letters, digits, '-', "
+                        "'_' or '.', starting and ending with a letter or digit) for its key");
+      if (!v.is_string()) return fail(path, "expected a string, " + got(v));
+      length_and_syntax(path, v.get_ref<const std::string&>(), 0, 63, &is_label_value,
+                        "a label value (letters, digits, '-', '_' and '.', starting and ending "
+                        "with a letter or digit)");
+    });
+    if (const json* tol = find(*t, "tolerations")) {
+      const std::string tp = p + ".tolerations";
+      if (!tol->is_array()) {
+        fail(tp, "expected an array of tolerations, " + got(*tol));
+        return t;
+      }
+      if (tol->size() > 32) fail(tp, "must have at most 32 items, got " + std::to_string(tol->size()));
+      for (std::size_t i = 0; i < tol->size(); ++i) {
+        const std::string ip = tp + "[" + std::to_string(i) + "]";
+        const json& item = (*tol)[i];
+        if (!item.is_object()) {
+          fail(ip, "expected an object, " + got(item));
+          continue;
+        }
+        known_fields(item, ip, {"key", "operator", "value", "effect", "tolerationSeconds"});
+        bounded_string(item, "key", ip, 0, 317);
+        enum_string(item, "operator", ip, {"Exists", "Equal"});
+        bounded_string(item, "value", ip, 0, 63);
+        enum_string(item, "effect", ip, {"", "NoSchedule", "PreferNoSchedule", "NoExecute"});
+        std::optional<int64_t> seconds;
+        get(item, "tolerationSeconds", ip, seconds);
+      }
+    }
+    return t;
+  }
+
+  const json* decode_sidecar(const json& spec) {
+    const json* sc = object(spec, "sidecar", "spec");
+    if (sc == nullptr) return nullptr;
+    const std::string p = "spec.sidecar";
+    known_fields(*sc, p, {"image", "resources"});
+    bounded_string(*sc, "image", p, 1, 512);
+    resources(*sc, "resources", p);
+    return sc;
+  }
+
+  // Exactly one volume source of the three the CRD declares.
+  const json* decode_volume(const json& checkpoint) {
+    const json* v = object(checkpoint, "volume", "spec.checkpoint");
+    if (v == nullptr) return nullptr;
+    const std::string p = "spec.checkpoint.volume";
+    known_fields(*v, p, {"emptyDir", "persistentVolumeClaim", "nfs"});
+    if (v->size() != 1) {
+      fail(p, "must have exactly one volume source (emptyDir, persistentVolumeClaim or nfs), got " +
+                  std::to_string(v->size()));
+    }
+    if (const json* e = object(*v, "emptyDir", p)) {
+      const std::string ep = p + ".emptyDir";
+      known_fields(*e, ep, {"medium", "sizeLimit"});
+      enum_string(*e, "medium", ep, {"", "Memory"});
+      if (const json* size = find(*e, "sizeLimit")) {
+        if (size->is_string()) {
+          length_and_syntax(ep + ".sizeLimit", size->get_ref<const std::string&>(), 0, 64,
+                            &is_quantity, "a quantity such as 1Gi");
+        } else if (!size->is_number_integer() && !size->is_number_unsigned()) {
+          fail(ep + ".sizeLimit", "expected an integer or a quantity string, " + got(*size));
+        }
+      }
+    }
+    if (const json* c = object(*v, "persistentVolumeClaim", p)) {
+      const std::string cp = p + ".persistentVolumeClaim";
+      known_fields(*c, cp, {"claimName", "readOnly"});
+      if (find(*c, "claimName") == nullptr) fail(cp + ".claimName", "required, got nothing");
+      bounded_string(*c, "claimName", cp, 1, 253);
+      boolean(*c, "readOnly", cp);
+    }
+    if (const json* n = object(*v, "nfs", p)) {
+      const std::string np = p + ".nfs";
+      known_fields(*n, np, {"server", "path", "readOnly"});
+      if (find(*n, "server") == nullptr) fail(np + ".server", "required, got nothing");
+      if (find(*n, "path") == nullptr) fail(np + ".path", "required, got nothing");
+      bounded_string(*n, "server", np, 1, 253);
+      bounded_string(*n, "path", np, 1, 1024);
+      boolean(*n, "readOnly", np);
+    }
+    return v;
+  }
+
+  // metadata.labels and metadata.annotations, as the API server checks any object's.
+  void decode_labels(const json& metadata) {
+    map_of(metadata, "labels", "metadata", std::numeric_limits<std::size_t>::max(),
+           [&](const std::string& path, const std::string& k, const json& v) {
+             length_and_syntax(path, k, 1, 317, &is_label_key,
+                               "a label key ([prefix/]name) for its key");
+             if (!v.is_string()) return fail(path, "expected a string, " + got(v));
+             length_and_syntax(path, v.get_ref<const std::string&>(), 0, 63, &is_label_value,
+                               "a label value (letters, digits, '-', '_' and '.', starting and "
+                               "ending with a letter or digit)");
+           });
+    std::size_t total = 0;
+    const json* a = map_of(metadata, "annotations", "metadata", std::numeric_limits<std::size_t>::max(),
+                           [&](const std::string& path, const std::string& k, const json& v) {
+                             length_and_syntax(path, k, 1, 317, &is_label_key,
+                                               "an annotation key ([prefix/]name) for its key");
+                             if (!v.is_string()) return fail(path, "expected a string, " + got(v));
+                             total += k.size() + v.get_ref<const std::string&>().size();
+                           });
+    constexpr std::size_t kMaxAnnotationBytes = 256 * 1024;
+    if (a != nullptr && total > kMaxAnnotationBytes) {
+      fail("metadata.annotations", "must have at most " + std::to_string(kMaxAnnotationBytes) +
+                                       " bytes in all, got " + std::to_string(total));
+    }
   }
 
   void get(const json& obj, const char* key, const std::string& parent,
@@ -546,6 +832,7 @@ void decode_metadata(Decoder& d, const json& root, JobSpec& job) {
   // the API server and is passed over.
   d.get(*metadata, "name", "metadata", job.name);
   d.get(*metadata, "namespace", "metadata", job.namespace_);
+  d.decode_labels(*metadata);
 }
 
 void decode_spec(Decoder& d, const json& spec, JobSpec& job) {
@@ -589,7 +876,14 @@ void decode_spec(Decoder& d, const json& spec, JobSpec& job) {
       d.get(*o, "momentum", op, job.training.optimizer.momentum);
       d.get(*o, "weightDecay", op, job.training.optimizer.weight_decay);
     }
-    d.get(*m, "seed", p, job.training.seed);
+    // An int64 in the CRD (and to every Kubernetes client), kept as uint64 here.
+    int64_t seed = static_cast<int64_t>(job.training.seed);
+    d.get(*m, "seed", p, seed);
+    if (seed < 0) {
+      d.fail(p + ".seed", "must be at least 0, got " + std::to_string(seed));
+    } else {
+      job.training.seed = static_cast<uint64_t>(seed);
+    }
     d.get(*m, "schedule", p, job.training.schedule);
     d.get(*m, "evalBatchSize", p, job.training.eval_batch_size);
   }
@@ -619,11 +913,11 @@ void decode_spec(Decoder& d, const json& spec, JobSpec& job) {
     const std::string p = "spec.checkpoint";
     d.known_fields(*m, p, {"everySteps", "volume"});
     d.get(*m, "everySteps", p, job.checkpoint.every_steps);
-    d.get_raw_object(*m, "volume", p, job.checkpoint.volume);
+    if (const json* v = d.decode_volume(*m)) job.checkpoint.volume = *v;
   }
 
-  d.get_raw_object(spec, "template", "spec", job.template_);
-  d.get_raw_object(spec, "sidecar", "spec", job.sidecar);
+  if (const json* t = d.decode_template(spec)) job.template_ = *t;
+  if (const json* sc = d.decode_sidecar(spec)) job.sidecar = *sc;
 
   if (const json* m = d.object(spec, "runPolicy", "spec")) {
     const std::string p = "spec.runPolicy";
@@ -728,6 +1022,14 @@ class Checker {
     if (value.empty()) fail(path, "must not be empty, got \"\"");
   }
 
+  // False (and an error) when value is longer than max bytes.
+  bool max_length(const std::string& path, const std::string& value, std::size_t max) {
+    if (value.size() <= max) return true;
+    fail(path, "must be at most " + std::to_string(max) + " characters, got " +
+                   std::to_string(value.size()));
+    return false;
+  }
+
  private:
   static std::string text(double v) { return format_double(v); }
   template <class T>
@@ -764,7 +1066,19 @@ JobSpecError::JobSpecError(std::vector<FieldError> errors)
 json yaml_to_json(const std::string& yaml_text) {
   YAML::Node root;
   try {
-    root = YAML::Load(yaml_text);
+    // One object per text: kubectl apply would act on every document of a file,
+    // shardctl on one job.
+    std::vector<YAML::Node> docs = YAML::LoadAll(yaml_text);
+    std::size_t used = 0;
+    for (const YAML::Node& doc : docs) {
+      if (doc.IsNull()) continue;
+      if (++used == 1) {
+        root = doc;
+      } else {
+        yaml_fail(doc.Mark(), "a second YAML document; a job file holds one object (kubectl "
+                              "apply would act on each document), so split it into files");
+      }
+    }
   } catch (const YAML::ParserException& e) {
     yaml_fail(e.mark, e.msg);
   } catch (const YAML::Exception& e) {
@@ -813,6 +1127,7 @@ std::vector<FieldError> validate(const JobSpec& job) {
                                     " (only \"fashion-mnist\" is supported so far)");
   }
   c.not_empty("spec.dataset.path", ds.path);
+  c.max_length("spec.dataset.path", ds.path, 1024);
   c.at_least<int64_t>("spec.dataset.maxTrainSamples", ds.max_train_samples, 0);
   c.at_least<int64_t>("spec.dataset.maxTestSamples", ds.max_test_samples, 0);
 
@@ -862,6 +1177,12 @@ std::vector<FieldError> validate(const JobSpec& job) {
            "must be in (0, 1], got " + format_double(p.max_exposure));
   }
   c.not_empty("spec.protection.topologyKey", p.topology_key);
+  if (!p.topology_key.empty() && c.max_length("spec.protection.topologyKey", p.topology_key, 317) &&
+      !is_label_key(p.topology_key)) {
+    c.fail("spec.protection.topologyKey",
+           "must be a label key ([prefix/]name, e.g. kubernetes.io/hostname), got " +
+               quote(p.topology_key));
+  }
   if (!is_dns_name(p.trust_domain)) {
     c.fail("spec.protection.trustDomain",
            "must be a lower-case DNS name (e.g. shardguard.local), got " + quote(p.trust_domain));
@@ -870,8 +1191,21 @@ std::vector<FieldError> validate(const JobSpec& job) {
     c.fail("spec.protection.export.principals",
            "must list at least one SPIFFE ID when export.allowed is true, got []");
   }
+  constexpr std::size_t kMaxPrincipals = 16;
+  if (p.export_.principals.size() > kMaxPrincipals) {
+    c.fail("spec.protection.export.principals",
+           "must have at most " + std::to_string(kMaxPrincipals) + " items, got " +
+               std::to_string(p.export_.principals.size()));
+  }
   for (std::size_t i = 0; i < p.export_.principals.size(); ++i) {
     const std::string& principal = p.export_.principals[i];
+    const std::string path = "spec.protection.export.principals[" + std::to_string(i) + "]";
+    if (std::find(p.export_.principals.begin(), p.export_.principals.begin() + i, principal) !=
+        p.export_.principals.begin() + i) {
+      c.fail(path, "duplicate value " + quote(principal));
+      continue;
+    }
+    if (!c.max_length(path, principal, 2048)) continue;
     if (!is_spiffe_id(principal)) {
       c.fail("spec.protection.export.principals[" + std::to_string(i) + "]",
              "must be a SPIFFE ID (spiffe://<trust-domain>/<path>), got " + quote(principal));
@@ -916,6 +1250,7 @@ JobSpec job_from_json(const json& object) {
     d.fail("kind", std::string("must be \"") + kKind + "\", " + got(*kind));
   }
 
+  d.known_fields(object, "", {"apiVersion", "kind", "metadata", "spec", "status"});
   decode_metadata(d, object, job);
 
   // status is written by the operator and never read back as input.

@@ -90,6 +90,19 @@ std::string ledger_file(const std::string& job, int shard) {
 
 namespace {
 
+void check_data_size(const json& object) {
+  constexpr std::size_t kMaxDataBytes = 1024 * 1024;
+  std::size_t bytes = 0;
+  for (const auto& [key, value] : object.value("data", json::object()).items()) {
+    bytes += key.size() + (value.is_string() ? value.get_ref<const std::string&>().size() : value.dump().size());
+  }
+  if (bytes > kMaxDataBytes) {
+    throw RenderError(object.value("kind", "") + " " + object["metadata"].value("name", "") + ": data is " +
+                      std::to_string(bytes) + " bytes, over the 1 MiB (" + std::to_string(kMaxDataBytes) +
+                      " bytes) the API server accepts");
+  }
+}
+
 std::string loopback(int port) { return "127.0.0.1:" + std::to_string(port); }
 std::string any_addr(int port) { return "0.0.0.0:" + std::to_string(port); }
 
@@ -407,6 +420,12 @@ DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
                                            {"protocol", "TCP"}}})}}}};
 
   for (int i = 0; i < n; ++i) out.pods.push_back(make_pod(job, in, i, shardd_image, sidecar_image));
+  // The API server refuses a ConfigMap or Secret whose data exceeds 1 MiB. The CRD's
+  // bounds keep a job far below that; this names the object if they ever do not.
+  for (const auto* list : {&out.config_maps, &out.shard_secrets}) {
+    for (const json& o : *list) check_data_size(o);
+  }
+  check_data_size(out.ca_secret);
   return out;
 }
 

@@ -454,14 +454,15 @@ const std::set<std::string> kAllowedKeywords = {
     "type", "format", "description", "properties", "additionalProperties", "items",
     "required", "enum", "default", "minimum", "maximum", "exclusiveMinimum",
     "exclusiveMaximum", "minLength", "maxLength", "pattern", "minItems", "maxItems",
+    "minProperties", "maxProperties",
     "anyOf", "nullable", "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string",
     "x-kubernetes-validations", "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
     "x-kubernetes-map-type"};
 
-// Where unknown fields are kept: the pod template and sidecar (the decoder keeps
-// them as given), resource requirements, and the checkpoint volume source.
-const std::set<std::string> kPreserveUnknown = {"spec.template", "spec.template.resources",
-                                                "spec.sidecar", "spec.checkpoint.volume"};
+// Where unknown fields are kept: nowhere. The template, sidecar and volume source
+// declare what the operator uses, so that every field is bounded (the rendered
+// ConfigMap stays far below 1 MiB) and a field the operator would ignore is refused.
+const std::set<std::string> kPreserveUnknown = {};
 
 void check_structural(const json& node, const std::string& path, int& rules) {
   SCOPED_TRACE("schema node " + (path.empty() ? std::string("<root>") : path));
@@ -525,7 +526,8 @@ void check_structural(const json& node, const std::string& path, int& rules) {
     ++rules;
     ASSERT_TRUE(rule.is_object());
     for (const auto& [key, value] : rule.items()) {
-      EXPECT_TRUE(key == "rule" || key == "message") << "validation key " << key;
+      EXPECT_TRUE(key == "rule" || key == "message" || key == "fieldPath" || key == "reason")
+          << "validation key " << key;
     }
     EXPECT_TRUE(rule.contains("rule") && rule["rule"].is_string() &&
                 !rule["rule"].get<std::string>().empty())
@@ -543,8 +545,10 @@ TEST(Crd, SchemaIsStructural) {
   check_structural(root, "", rules);
   EXPECT_EQ(root.value("type", ""), "object");
   EXPECT_EQ(root.value("required", json()), json::array({"spec"}));
-  // At the root only metadata.name/generateName may be restricted; we restrict none.
-  EXPECT_EQ(root["properties"]["metadata"], json({{"type", "object"}}));
+  // At the root only metadata.name/generateName may be restricted; name is declared
+  // (as a plain string) so that the root rules can name it in fieldPath.
+  EXPECT_EQ(root["properties"]["metadata"],
+            json::parse(R"({"type": "object", "properties": {"name": {"type": "string"}}})"));
   EXPECT_GT(rules, 0);
 }
 
@@ -881,6 +885,10 @@ TEST(Crd, EveryCrossFieldRuleOfTheDecoderHasACelRule) {
        R"({"spec": {"protection": {"export": {"allowed": true}}}})",
        "spec.protection.export.principals", "spec.protection.export",
        "size(self.principals) > 0", "at least one SPIFFE ID"},
+      {"nodeSelector key that is no label key",
+       R"({"spec": {"template": {"nodeSelector": {"gpu type": "h200"}}}})",
+       "spec.template.nodeSelector.gpu type", "spec.template.nodeSelector", "self.all(k",
+       "must be a label key"},
   };
   int rules = 0;
   for (const Case& c : cases) {
@@ -999,34 +1007,36 @@ TEST(Crd, BadJobsAreRejectedByBoth) {
   EXPECT_TRUE(schema_rejects_at(no_spec, "spec"));
 }
 
-TEST(Crd, PassedThroughObjectsKeepUnknownFields) {
-  // The decoder keeps template, sidecar and the volume source as given; the CRD
-  // keeps their unknown fields too, while typing what DESIGN §6 names.
+TEST(Crd, TemplateSidecarAndVolumeAreTypedByBoth) {
+  // The fields the operator uses are accepted by both ...
   json job = minimal_job();
   job["spec"]["template"] = {{"image", "img"},
-                             {"env", {{{"name", "A"}, {"value", "1"}}}},
-                             {"resources", {{"limits", {{"nvidia.com/gpu", 1}, {"memory", "8Gi"}}},
-                                            {"claims", json::array()}}},
+                             {"imagePullPolicy", "IfNotPresent"},
+                             {"resources", {{"limits", {{"nvidia.com/gpu", 1}, {"memory", "8Gi"}}}}},
                              {"nodeSelector", {{"pool", "gpu"}}},
                              {"tolerations", {{{"key", "gpu"}, {"operator", "Exists"},
                                                {"effect", "NoSchedule"}}}}};
-  job["spec"]["sidecar"] = {{"image", "s"}, {"env", json::array()}};
+  job["spec"]["sidecar"] = {{"image", "s"}, {"resources", {{"requests", {{"cpu", "100m"}}}}}};
   job["spec"]["checkpoint"] = {{"volume", {{"persistentVolumeClaim", {{"claimName", "ckpt"}}}}}};
   EXPECT_TRUE(decoder_errors(job).empty()) << joined(decoder_errors(job));
   EXPECT_TRUE(schema_errors(job).empty()) << joined(schema_errors(job));
 
-  // The typed parts are checked by the schema only (the decoder does not look inside).
+  // ... and what it would ignore, or what a pod could not take, is refused by both
+  // (tests/realapi checks the same on the real API server).
   for (const auto& [path, value] :
        std::vector<std::pair<std::string, json>>{
            {"spec.template.image", 5},
+           {"spec.template.env", json::array()},
            {"spec.template.resources.limits.memory", "eight gigs"},
            {"spec.template.nodeSelector.pool", 1},
            {"spec.template.tolerations", json::array({{{"operator", "Maybe"}}})},
-           {"spec.sidecar.image", false}}) {
+           {"spec.sidecar.image", false},
+           {"spec.sidecar.command", json::array()},
+           {"spec.checkpoint.volume.hostPath", {{"path", "/data"}}}}) {
     SCOPED_TRACE(path);
     json bad = job;
     set_at(bad, path, value);
-    EXPECT_TRUE(decoder_errors(bad).empty());
+    EXPECT_FALSE(decoder_errors(bad).empty());
     EXPECT_FALSE(schema_errors(bad).empty());
   }
 }
