@@ -15,6 +15,7 @@
 #include "shardguard/common/log.h"
 #include "shardguard/common/metrics_server.h"
 #include "shardguard/common/process.h"
+#include "shardguard/kube/api_availability.h"
 #include "shardguard/kube/config.h"
 #include "shardguard/kube/leader.h"
 #include "shardguard/operator/controller.h"
@@ -76,7 +77,11 @@ int Run(const Flags& f) {
     health.start(hhost, hport);
   }
 
+  // Resources the server answers 404 for: logged, in shardguard_operator_api_missing,
+  // and /readyz stays 503 naming them until they are served.
+  kube::ApiAvailability apis(registry.get());
   op::ControllerOptions opt;
+  opt.apis = &apis;
   opt.namespaces = f.namespaces;
   opt.workers = f.workers;
   opt.shard_metrics_port = f.shard_metrics_port;
@@ -97,19 +102,22 @@ int Run(const Flags& f) {
 
   std::atomic<bool> stop{false};
   std::atomic<int> exit_code{0};
+  // Ready = caches synced (or, with leader election, standing by) and no needed
+  // resource missing; the main loop below sets /readyz from these.
+  std::atomic<bool> working{false};
   std::unique_ptr<op::Controller> controller;
   std::mutex controller_mu;
   auto start_controller = [&] {
     std::lock_guard<std::mutex> lock(controller_mu);
     controller = std::make_unique<op::Controller>(client, opt, registry);
-    if (!controller->start()) {
+    if (!controller->start(std::chrono::seconds(60), &stop)) {
+      if (stop) return;
       log::error("caches did not sync within 60 s; exiting", {});
       exit_code = 1;
       stop = true;
       return;
     }
-    metrics.set_ready(true);
-    health.set_ready(true);
+    working = true;
   };
 
   std::thread signal_thread([&] {
@@ -140,9 +148,9 @@ int Run(const Flags& f) {
     lc.lease_duration = ms(f.lease_duration);
     lc.renew_deadline = ms(f.renew_deadline);
     lc.retry_period = ms(f.retry_period);
-    // A candidate that is not leading is healthy and ready: it stands by.
-    metrics.set_ready(true);
-    health.set_ready(true);
+    // A candidate that is not leading is healthy and ready: it stands by (unless the
+    // server has no Leases for it: then apis names them and it is not ready).
+    working = true;
     const std::string lease = lc.ns + "/" + lc.name;
     elector = std::make_unique<kube::LeaderElector>(
         *lease_client, lc,
@@ -159,12 +167,22 @@ int Run(const Flags& f) {
             stop = true;
           }
         },
-        registry.get());
+        registry.get(), &apis);
     elector_thread = std::thread([&] { elector->run(elector_stop); });
   } else {
     starter = std::thread(start_controller);
   }
-  while (!stop) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  std::string readiness = "starting";  // what /readyz says now ("" = ready)
+  while (!stop) {
+    std::string why = apis.reason();
+    if (why.empty() && !working) why = "starting: waiting for the caches to sync";
+    if (why != readiness) {
+      readiness = why;
+      metrics.set_ready(why.empty(), why);
+      health.set_ready(why.empty(), why);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
 
   // Wake the signal thread if the stop came from elsewhere.
   pthread_kill(signal_thread.native_handle(), SIGTERM);

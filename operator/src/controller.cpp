@@ -170,6 +170,7 @@ Controller::Controller(kube::Client& client, ControllerOptions opt, std::shared_
     auto o = std::make_unique<Owned>();
     o->ns = ns;
     kube::InformerOptions job_opt;
+    job_opt.availability = opt_.apis;
     job_opt.resync = opt_.resync;
     job_opt.transform = drop_managed_fields;
     o->jobs = std::make_unique<kube::Informer>(
@@ -185,27 +186,40 @@ Controller::Controller(kube::Client& client, ControllerOptions opt, std::shared_
     pod_opt.transform = trim_pod;
     cm_opt.transform = digest_config_map;
     plain_opt.transform = drop_managed_fields;
+    pod_opt.availability = cm_opt.availability = plain_opt.availability = opt_.apis;
     o->pods = std::make_unique<kube::Informer>(client_, kube::kPods, ns, owned_selector, owner, pod_opt);
     o->secrets = std::make_unique<kube::Informer>(client_, kube::kSecrets, ns, owned_selector, owner, plain_opt);
     o->config_maps = std::make_unique<kube::Informer>(client_, kube::kConfigMaps, ns, owned_selector, owner, cm_opt);
     o->services = std::make_unique<kube::Informer>(client_, kube::kServices, ns, owned_selector, owner, plain_opt);
     owned_.push_back(std::move(o));
   }
+  if (opt_.apis) {
+    for (const auto* r : {&kube::kShardedTrainingJobs, &kube::kPods, &kube::kSecrets, &kube::kConfigMaps,
+                          &kube::kServices}) {
+      opt_.apis->need(*r);
+    }
+  }
 }
 
 Controller::~Controller() { stop(); }
 
-bool Controller::start(std::chrono::milliseconds sync_timeout) {
+bool Controller::start(std::chrono::milliseconds sync_timeout, const std::atomic<bool>* cancel) {
   for (auto& o : owned_) {
     for (auto* inf : {o->pods.get(), o->secrets.get(), o->config_maps.get(), o->services.get(), o->jobs.get()}) {
       inf->start();
     }
   }
-  const auto deadline = std::chrono::steady_clock::now() + sync_timeout;
+  using Clock = std::chrono::steady_clock;
+  auto deadline = Clock::now() + sync_timeout;
   for (auto& o : owned_) {
     for (auto* inf : {o->pods.get(), o->secrets.get(), o->config_maps.get(), o->services.get(), o->jobs.get()}) {
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-      if (!inf->wait_for_sync(std::max(left, std::chrono::milliseconds(0)))) return false;
+      while (!inf->wait_for_sync(std::chrono::milliseconds(100))) {
+        if (cancel && cancel->load()) return false;
+        // A resource the server does not serve is waited for (without end: it may be
+        // installed later); the timeout counts only time without one.
+        if (opt_.apis && !opt_.apis->missing_now().empty()) deadline = Clock::now() + sync_timeout;
+        if (Clock::now() >= deadline) return false;
+      }
     }
   }
   log::info("caches synced", {{"namespaces", opt_.namespaces}, {"workers", opt_.workers}});

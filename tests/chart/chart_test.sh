@@ -9,6 +9,12 @@
 #               by flag; every object validates (tests/schema/validate.mjs, the
 #               monitoring.coreos.com kinds structurally) and holds what the chart
 #               promises (check_chart.mjs objects)
+#   rbac        who may write a job's status: in the chart rendered for every namespace,
+#               for watchNamespaces and with leader election, and in deploy/operator.yaml,
+#               only the operator's roles grant create/update/patch/* on
+#               shardedtrainingjobs/status (check_chart.mjs rbac); the -edit and -view
+#               ClusterRoles for people exist and are aggregated; the check itself fails
+#               on manifests that break each rule
 #   schema      bad values are refused by values.schema.json (helm template fails)
 #   crd         the chart's CRD is byte-identical to crds/
 #   rules       promtool check rules (files/alerts.yaml and the rendered
@@ -75,6 +81,42 @@ case $CASE in
     grep -q 'name: sg-shardguard-leader-election' "$WORK/leader.yaml" ||
       { echo "FAIL: leaderElection.enabled=true without the Lease Role" >&2; exit 1; }
     echo "ok   leaderElection.enabled=true with 1 replica: --leader-elect and the Lease Role"
+    ;;
+
+  rbac)
+    need helm; need node
+    template "$WORK/all-namespaces.yaml"
+    template "$WORK/watch-namespaces.yaml" -f "$HERE/values-full.yaml"
+    template "$WORK/leader.yaml" --set leaderElection.enabled=true
+    template "$WORK/no-user-roles.yaml" --set rbac.userRoles=false
+    for f in all-namespaces watch-namespaces leader; do
+      "$NODE" "$HERE/check_chart.mjs" rbac "$WORK/$f.yaml" users
+    done
+    "$NODE" "$HERE/check_chart.mjs" rbac "$WORK/no-user-roles.yaml"
+    if grep -q 'aggregate-to-' "$WORK/no-user-roles.yaml"; then
+      echo "FAIL: rbac.userRoles=false still renders aggregated ClusterRoles" >&2; exit 1
+    fi
+    "$NODE" "$HERE/check_chart.mjs" rbac "$REPO/deploy/operator.yaml" users
+    # The check must fail where a rule is broken: status writes for people (by a verb,
+    # by "*", by "*/status"), the operator without update on status, the operator's
+    # role aggregated into user roles.
+    broken() { # NAME SED-SCRIPT: deploy/operator.yaml edited; the check must refuse it
+      sed -e "$2" "$REPO/deploy/operator.yaml" > "$WORK/broken-$1.yaml"
+      cmp -s "$REPO/deploy/operator.yaml" "$WORK/broken-$1.yaml" &&
+        { echo "FAIL: broken case $1 changed nothing (update the sed script)" >&2; exit 1; }
+      local rc=0
+      "$NODE" "$HERE/check_chart.mjs" rbac "$WORK/broken-$1.yaml" users > "$WORK/broken-$1.out" 2>&1 || rc=$?
+      # 1 = a check failed (2 would be a usage or parse error: not the refusal we want).
+      if [[ $rc != 1 ]]; then
+        cat "$WORK/broken-$1.out" >&2; echo "FAIL: check_chart.mjs rbac gave $rc for broken case $1, want 1" >&2; exit 1
+      fi
+      echo "ok   broken case $1 refused: $(grep -m1 '^FAIL' "$WORK/broken-$1.out")"
+    }
+    broken edit-patches-status '/name: shardguard-edit/,/^---/{/resources: \["shardedtrainingjobs\/status"\]/{n;s/"watch"\]/"watch", "patch"]/}}'
+    broken view-star-verbs '/name: shardguard-view/,/^---/s/verbs: \["get", "list", "watch"\]/verbs: ["*"]/'
+    broken edit-star-status '/name: shardguard-edit/,/^---/s/resources: \["shardedtrainingjobs"\]/resources: ["shardedtrainingjobs", "*\/status"]/'
+    broken operator-no-status '/resources: \["shardedtrainingjobs\/status"\]/{n;s/verbs: \["update"\]/verbs: ["get"]/}'
+    broken operator-aggregated '0,/^rules:/s/^    app.kubernetes.io\/part-of: shardguard$/&\n    rbac.authorization.k8s.io\/aggregate-to-edit: "true"/'
     ;;
 
   schema)

@@ -11,6 +11,15 @@
 //       What the chart must render for tests/chart/values-full.yaml or the defaults:
 //       probes, securityContext, leader election, the RBAC rules against
 //       deploy/operator.yaml, monitors, PrometheusRule = files/alerts.yaml, dashboards.
+//   node check_chart.mjs rbac FILE.yaml [KIND]
+//       Who may write a job's status: every Role and ClusterRole in FILE (a rendered
+//       chart or deploy/operator.yaml), evaluated as the RBAC authorizer matches rules
+//       (apiGroups/resources/verbs with "*", "*/status", "shardedtrainingjobs/*").
+//       Fails when a role not bound to the operator's ServiceAccount grants create,
+//       update, patch or * on shardedtrainingjobs/status, when the operator's roles do
+//       not grant update on it or carry aggregate-to-* labels (that would hand status to
+//       every admin/edit/view user), and, with KIND "users", unless <..>-edit is
+//       aggregated to admin and edit with the job verbs and <..>-view to view, read-only.
 //   node check_chart.mjs dashboards REPO OUT_RULES.yaml
 //       Every dashboard: valid JSON, unique panel ids, the datasource, namespace and job
 //       variables, every query on ${datasource}. Writes each PromQL expression as a
@@ -171,6 +180,71 @@ function cmdSplit(rendered, out) {
   process.stdout.write(`${rest.length} object(s) left for validate.mjs\n`);
 }
 
+// ---- who may write status ---------------------------------------------------------
+const AGGREGATE = /^rbac\.authorization\.k8s\.io\/aggregate-to-/;
+const isAggregated = (r) => Object.keys(r.metadata?.labels || {}).some((k) => AGGREGATE.test(k));
+const STATUS_WRITES = ["create", "update", "patch"];
+// Does `rule` grant `verb` on shardguard.io's shardedtrainingjobs[/sub]? As the RBAC
+// authorizer matches: "*" anywhere, "*/sub" for a subresource of any resource,
+// "resource/*" for every subresource of one. resourceNames narrow a grant, they do
+// not remove it, so a rule with them still counts.
+function grants(rule, resource, verb) {
+  const [res, sub] = resource.split("/");
+  const groupOk = (rule.apiGroups || []).some((g) => g === "*" || g === "shardguard.io");
+  const resOk = (rule.resources || []).some((r) =>
+    r === "*" || r === resource || (sub && (r === `*/${sub}` || r === `${res}/*`)));
+  const verbOk = (rule.verbs || []).some((v) => v === "*" || v === verb);
+  return groupOk && resOk && verbOk;
+}
+const roleGrants = (role, resource, verb) => (role.rules || []).some((r) => grants(r, resource, verb));
+
+function cmdRbac(file, kindOfCheck) {
+  const docs = loadDocs(file);
+  const dep = docs.filter((o) => o.kind === "Deployment");
+  if (!check(dep.length === 1, `${file}: one Deployment (whose ServiceAccount is the operator's)`)) return;
+  const sa = { name: dep[0].spec.template.spec.serviceAccountName || "default", namespace: dep[0].metadata.namespace };
+  const roles = docs.filter((o) => o.kind === "Role" || o.kind === "ClusterRole");
+  const bindings = docs.filter((o) => o.kind === "RoleBinding" || o.kind === "ClusterRoleBinding");
+  const boundToOperator = new Set();
+  for (const b of bindings) {
+    const toSa = (b.subjects || []).some((s) => s.kind === "ServiceAccount" && s.name === sa.name &&
+      (s.namespace || b.metadata.namespace) === sa.namespace);
+    if (!toSa) continue;
+    const target = roles.find((r) => r.kind === b.roleRef.kind && r.metadata.name === b.roleRef.name &&
+      (r.kind === "ClusterRole" || r.metadata.namespace === b.metadata.namespace));
+    if (target) boundToOperator.add(target);
+  }
+  const operatorRoles = roles.filter((r) => boundToOperator.has(r));
+  const others = roles.filter((r) => !boundToOperator.has(r));
+  check(operatorRoles.length > 0, `${operatorRoles.length} role(s) bound to ServiceAccount ${sa.namespace}/${sa.name}`);
+  for (const r of others) {
+    const bad = ["*", ...STATUS_WRITES].filter((v) => roleGrants(r, "shardedtrainingjobs/status", v));
+    check(bad.length === 0, `${idOf(r)} (not the operator's) grants no write of shardedtrainingjobs/status` +
+      (bad.length ? `: it grants ${bad.join(", ")}` : ""));
+  }
+  for (const r of operatorRoles) {
+    check(!isAggregated(r), `${idOf(r)} (the operator's) is not aggregated into user roles`);
+  }
+  // The operator needs update on status in every place it reconciles: the ClusterRole,
+  // or the Role of every watched namespace.
+  const jobRoles = operatorRoles.filter((r) => roleGrants(r, "shardedtrainingjobs", "list"));
+  check(jobRoles.length > 0 && jobRoles.every((r) => roleGrants(r, "shardedtrainingjobs/status", "update")),
+        `the operator's job role(s) grant update on shardedtrainingjobs/status (${jobRoles.map(idOf).join(", ")})`);
+  if (kindOfCheck !== "users") return;
+  const edit = others.find((r) => r.kind === "ClusterRole" && r.metadata.name.endsWith("-edit"));
+  const view = others.find((r) => r.kind === "ClusterRole" && r.metadata.name.endsWith("-view"));
+  const labels = (r) => r?.metadata?.labels || {};
+  check(edit && labels(edit)["rbac.authorization.k8s.io/aggregate-to-admin"] === "true" &&
+        labels(edit)["rbac.authorization.k8s.io/aggregate-to-edit"] === "true" &&
+        ["get", "list", "watch", "create", "update", "patch", "delete"].every((v) => roleGrants(edit, "shardedtrainingjobs", v)) &&
+        ["get", "list", "watch"].every((v) => roleGrants(edit, "shardedtrainingjobs/status", v)),
+        `${edit ? idOf(edit) : "an -edit ClusterRole"}: aggregated to admin and edit, the job verbs, status read-only`);
+  check(view && labels(view)["rbac.authorization.k8s.io/aggregate-to-view"] === "true" &&
+        ["get", "list", "watch"].every((v) => roleGrants(view, "shardedtrainingjobs", v)) &&
+        !["create", "update", "patch", "delete", "*"].some((v) => roleGrants(view, "shardedtrainingjobs", v)),
+        `${view ? idOf(view) : "a -view ClusterRole"}: aggregated to view, read-only`);
+}
+
 // ---- what the chart renders -------------------------------------------------------
 const norm = (rules) =>
   JSON.stringify(
@@ -190,7 +264,7 @@ const leaseVerbs = (rules) =>
 function cmdObjects(mode, rendered, repo) {
   const docs = loadDocs(rendered);
   const deploy = loadDocs(path.join(repo, "deploy", "operator.yaml"));
-  const want = deploy.find((o) => o.kind === "ClusterRole");
+  const want = deploy.find((o) => o.kind === "ClusterRole" && o.metadata.name === "shardguard-operator");
   const wantLease = deploy.find((o) => o.kind === "Role");
   const kinds = (k) => docs.filter((o) => o.kind === k);
   const dep = kinds("Deployment");
@@ -212,7 +286,8 @@ function cmdObjects(mode, rendered, repo) {
         "restricted securityContext (non-root, RuntimeDefault seccomp, no escalation, read-only root, drop ALL)");
   check(c.resources?.requests?.memory && c.resources?.limits?.memory, "memory request and limit");
   const leader = args.includes("--leader-elect");
-  const crs = kinds("ClusterRole");
+  // The operator's ClusterRoles (not the aggregated ones for people: case rbac).
+  const crs = kinds("ClusterRole").filter((r) => !isAggregated(r));
   const roles = kinds("Role");
   const leaseRoles = roles.filter((r) => r.rules.some((x) => x.resources.includes("leases")));
   const jobRoles = roles.filter((r) => !leaseRoles.includes(r));
@@ -439,9 +514,10 @@ function cmdMetrics(repo) {
 const [cmd, ...rest] = process.argv.slice(2);
 if (cmd === "split" && rest.length === 2) cmdSplit(...rest);
 else if (cmd === "objects" && rest.length === 3 && ["default", "full"].includes(rest[0])) cmdObjects(...rest);
+else if (cmd === "rbac" && (rest.length === 1 || (rest.length === 2 && rest[1] === "users"))) cmdRbac(...rest);
 else if (cmd === "dashboards" && rest.length === 2) cmdDashboards(...rest);
 else if (cmd === "metrics" && rest.length === 1) cmdMetrics(...rest);
 else if (cmd === "queries" && rest.length === 2) cmdQueries(...rest);
-else die("usage: check_chart.mjs split RENDERED OUT | objects default|full RENDERED REPO | dashboards REPO OUT_RULES | metrics REPO | queries REPO OUT");
+else die("usage: check_chart.mjs split RENDERED OUT | rbac FILE [users] | objects default|full RENDERED REPO | dashboards REPO OUT_RULES | metrics REPO | queries REPO OUT");
 process.stdout.write(failures ? `${failures} check(s) failed\n` : "all checks passed\n");
 process.exit(failures ? 1 : 0);

@@ -548,6 +548,8 @@ std::set<Grant> granted_by(const std::string& manifest_file) {
     const json doc = yaml_to_json(text.substr(start, end - start));
     start = end + 4;
     if (!doc.is_object() || (doc.value("kind", "") != "ClusterRole" && doc.value("kind", "") != "Role")) continue;
+    // Only the operator's own roles (not shardguard-edit/-view, which are for people).
+    if (doc["metadata"].value("name", "").rfind("shardguard-operator", 0) != 0) continue;
     for (const auto& rule : doc.value("rules", json::array())) {
       for (const auto& g : rule["apiGroups"]) {
         for (const auto& r : rule["resources"]) {

@@ -274,12 +274,13 @@ struct Client::Impl {
       req.body = body;
     }
     // A reused keep-alive connection the server has closed fails at once; retry such a
-    // failure once on a fresh connection, but only for requests that are safe to repeat.
+    // failure once on a fresh connection (never another pooled one: after an idle spell
+    // they are all closed), but only for requests that are safe to repeat.
     const bool repeatable = method == "GET" || method == "PUT" || method == "DELETE";
     for (int attempt = 0; attempt < 2; ++attempt) {
       std::unique_ptr<httplib::ClientImpl> cli;
       bool reused = false;
-      {
+      if (attempt == 0) {
         std::lock_guard<std::mutex> lock(pool_mu);
         if (!pool.empty()) {
           cli = std::move(pool.back());

@@ -112,6 +112,12 @@ bool Informer::relist() {
   ListResult lr;
   try {
     lr = client_.list(res_, ns_, selector_);
+  } catch (const ApiError& e) {
+    // A list answers 404 only when the resource is not served (a namespace that does
+    // not exist lists as empty).
+    if (e.code() == 404 && opt_.availability) opt_.availability->missing(res_, ns_, e.what());
+    log::warn("informer list failed", {{"resource", res_.plural}, {"namespace", ns_}, {"error", e.what()}});
+    return false;
   } catch (const std::exception& e) {
     log::warn("informer list failed", {{"resource", res_.plural}, {"namespace", ns_},
                                        {"error", e.what()}});
@@ -142,6 +148,7 @@ bool Informer::relist() {
     cache_ = std::move(fresh);
   }
   resource_version_ = lr.resource_version;
+  if (opt_.availability) opt_.availability->served(res_, ns_);
   for (const auto& o : deleted) {
     if (handlers_.on_delete) handlers_.on_delete(o);
   }
@@ -268,6 +275,12 @@ void Informer::run() {
         log::info("informer watch expired; relisting", f);
         need_list = true;
         continue;
+      }
+      if (e.code() == 404) {
+        // The resource is no longer served (its CRD was deleted, say): report it and
+        // list again once the backoff has passed (it may come back as a new one).
+        if (opt_.availability) opt_.availability->missing(res_, ns_, e.what());
+        need_list = true;
       }
       if (!fail("informer watch failed", e)) break;
     } catch (const std::exception& e) {

@@ -32,9 +32,11 @@ std::string format_micro_time(std::chrono::system_clock::time_point t) {
 }
 
 LeaderElector::LeaderElector(Client& client, LeaderElectionConfig cfg, std::function<void()> on_started_leading,
-                             std::function<void()> on_stopped_leading, prometheus::Registry* registry)
+                             std::function<void()> on_stopped_leading, prometheus::Registry* registry,
+                             ApiAvailability* apis)
     : client_(client), cfg_(std::move(cfg)), on_started_(std::move(on_started_leading)),
-      on_stopped_(std::move(on_stopped_leading)) {
+      on_stopped_(std::move(on_stopped_leading)), apis_(apis) {
+  if (apis_) apis_->need(kLeases);
   if (registry) {
     gauge_ = &prometheus::BuildGauge()
                   .Name("leader_election_master_status")
@@ -60,8 +62,10 @@ bool LeaderElector::try_acquire_or_renew() {
   const json where = {{"lease", cfg_.ns + "/" + cfg_.name}, {"identity", cfg_.identity}};
 
   json lease;
+  lease_missing_ = false;
   try {
     lease = client_.get(kLeases, cfg_.ns, cfg_.name);
+    if (apis_) apis_->served(kLeases, cfg_.ns);
   } catch (const ApiError& e) {
     if (e.code() != 404) {
       json f = where;
@@ -75,10 +79,17 @@ bool LeaderElector::try_acquire_or_renew() {
                 {"metadata", {{"name", cfg_.name}, {"namespace", cfg_.ns}}}, {"spec", spec}};
     try {
       const json created = client_.create(kLeases, cfg_.ns, obj);
+      if (apis_) apis_->served(kLeases, cfg_.ns);
       observed_spec_ = created.value("spec", spec);
       observed_time_ = now;
       return true;
     } catch (const ApiError& ce) {
+      if (ce.code() == 404) {
+        // Not a lost race (that is 409): the server has no Leases, or no such namespace.
+        lease_missing_ = true;
+        if (apis_) apis_->missing(kLeases, cfg_.ns, ce.what());
+        return false;
+      }
       json f = where;
       f["error"] = ce.what();
       log::info("cannot create the lease", f);
@@ -157,12 +168,25 @@ void LeaderElector::run(const std::atomic<bool>& stop) {
 
   while (!stop.load()) {
     bool acquired = false;
+    // Spacing of tries while the Lease cannot be created (404): a server without the
+    // Lease API is not asked every retry_period forever.
+    auto backoff = cfg_.retry_period;
     while (!stop.load()) {
       if (try_acquire_or_renew()) {
         acquired = true;
         break;
       }
-      if (!pause(cfg_.retry_period)) break;
+      if (!lease_missing_) {
+        backoff = cfg_.retry_period;
+        if (!pause(cfg_.retry_period)) break;
+        continue;
+      }
+      json f = where;
+      f["resource"] = resource_name(kLeases);
+      f["retry_in_ms"] = backoff.count();
+      log::warn("cannot create the lease: the server answers 404 (no Lease API, or no such namespace)", f);
+      if (!pause(backoff)) break;
+      backoff = std::min(std::max(cfg_.max_backoff, cfg_.retry_period), backoff * 2);
     }
     if (!acquired) break;
 

@@ -21,6 +21,7 @@
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 
+#include "shardguard/kube/api_availability.h"
 #include "shardguard/kube/client.h"
 #include "shardguard/kube/informer.h"
 #include "shardguard/kube/workqueue.h"
@@ -43,6 +44,9 @@ struct ControllerOptions {
   std::chrono::seconds ca_lifetime{365 * 24 * 3600};
   std::string cluster_domain = "cluster.local";
   std::string identity = "shardguard-operator";  // Events' reportingInstance
+  // Optional: where the informers report a resource the server does not serve (404).
+  // While one is missing, start() waits for it without a timeout.
+  kube::ApiAvailability* apis = nullptr;
 };
 
 class Controller {
@@ -52,9 +56,12 @@ class Controller {
   Controller(const Controller&) = delete;
   Controller& operator=(const Controller&) = delete;
 
-  // Starts the informers, waits for their first list (up to `sync_timeout`; false if
-  // they did not sync), then the workers.
-  bool start(std::chrono::milliseconds sync_timeout = std::chrono::seconds(60));
+  // Starts the informers, waits for their first list, then starts the workers. False
+  // when they did not sync within `sync_timeout` (not counting time during which
+  // opt.apis reports a missing resource: that is waited for, logged and shown in
+  // /readyz, and picked up when it appears), or when *cancel became true.
+  bool start(std::chrono::milliseconds sync_timeout = std::chrono::seconds(60),
+             const std::atomic<bool>* cancel = nullptr);
   void stop();  // workers, then informers; idempotent
 
  private:

@@ -17,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "shardguard/kube/api_availability.h"
 #include "shardguard/kube/client.h"
 #include "shardguard/kube/resource.h"
 
@@ -31,6 +32,9 @@ struct InformerOptions {
   // SetTransform): drop what the controller never reads to keep the cache small.
   // Must keep metadata.name, namespace and resourceVersion.
   std::function<void(nlohmann::json&)> transform;
+  // Optional: told when the server answers 404 to the list or watch (the resource is
+  // not served: the informer keeps retrying with backoff) and when a list succeeds.
+  ApiAvailability* availability = nullptr;
 };
 
 // Thread-safety: get/list/has_synced/wait_for_sync/relists/reconnects may be called
@@ -53,7 +57,8 @@ class Informer {
   // Starts the background thread: list, replace the cache (emitting add/update/delete
   // against the old cache), then watch from the list's resourceVersion with bookmarks;
   // on a normal stream end re-watch from the newest resourceVersion seen; on 410
-  // relist; on any other error retry with exponential backoff. Idempotent.
+  // relist; on any other error retry with exponential backoff (a 404, the resource not
+  // served, is also reported to opt.availability and followed by a relist). Idempotent.
   void start();
   void stop();  // joins the thread (returns within about a second)
 
