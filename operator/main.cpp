@@ -37,8 +37,8 @@ struct Flags {
   int shard_metrics_port = op::kShardMetricsPort;
   double progress_interval = 15;
   double resync = 600;
-  std::string shardd_image = "ghcr.io/shardguard/shardd:0.1.0";
-  std::string sidecar_image = "ghcr.io/shardguard/shard-sidecar:0.1.0";
+  std::string shardd_image = op::kDefaultShardImage;
+  std::string sidecar_image = op::kDefaultSidecarImage;
   int64_t export_budget = 0;
   std::string cluster_domain = "cluster.local";
   std::string log_level = "info";

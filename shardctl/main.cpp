@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 
 #include "shardguard/common/log.h"
+#include "shardguard/operator/render.h"
 #include "shardguard/shardctl/commands.h"
 #include "shardguard/shardctl/local_run.h"
 #include "shardguard/shardctl/study.h"
@@ -57,6 +58,12 @@ int main(int argc, char** argv) {
                          "operator's --export-budget-bytes)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  render.shardd_image = shardguard::op::kDefaultShardImage;
+  render.sidecar_image = shardguard::op::kDefaultSidecarImage;
+  render_cmd->add_option("--shardd-image", render.shardd_image, "shardd image when spec.template.image is empty (as the operator's flag)")
+      ->capture_default_str();
+  render_cmd->add_option("--sidecar-image", render.sidecar_image, "sidecar image when spec.sidecar.image is empty (as the operator's flag)")
+      ->capture_default_str();
 
   RecombineOptions rec;
   int rec_threads = 0;

@@ -409,6 +409,24 @@ std::string lower(std::string s) {
   return s;
 }
 
+// A copy without the object fields that are null, at any depth: the API server
+// drops them before it stores an object, so the pods never see them either.
+json without_nulls(const json& v) {
+  if (v.is_object()) {
+    json out = json::object();
+    for (auto it = v.begin(); it != v.end(); ++it) {
+      if (!it->is_null()) out[it.key()] = without_nulls(*it);
+    }
+    return out;
+  }
+  if (v.is_array()) {
+    json out = json::array();
+    for (const json& item : v) out.push_back(without_nulls(item));
+    return out;
+  }
+  return v;
+}
+
 // The CRD's patterns, matched whole (each is anchored), after the length check
 // that keeps std::regex's recursion short.
 bool matches(const std::string& text, const char* pattern) {
@@ -913,11 +931,11 @@ void decode_spec(Decoder& d, const json& spec, JobSpec& job) {
     const std::string p = "spec.checkpoint";
     d.known_fields(*m, p, {"everySteps", "volume"});
     d.get(*m, "everySteps", p, job.checkpoint.every_steps);
-    if (const json* v = d.decode_volume(*m)) job.checkpoint.volume = *v;
+    if (const json* v = d.decode_volume(*m)) job.checkpoint.volume = without_nulls(*v);
   }
 
-  if (const json* t = d.decode_template(spec)) job.template_ = *t;
-  if (const json* sc = d.decode_sidecar(spec)) job.sidecar = *sc;
+  if (const json* t = d.decode_template(spec)) job.template_ = without_nulls(*t);
+  if (const json* sc = d.decode_sidecar(spec)) job.sidecar = without_nulls(*sc);
 
   if (const json* m = d.object(spec, "runPolicy", "spec")) {
     const std::string p = "spec.runPolicy";

@@ -1,6 +1,8 @@
 // Job CA, leaf X509-SVIDs and SVID validation over OpenSSL 3 (see pki.h).
 #include "shardguard/common/pki.h"
 
+#include "shardguard/common/crypto.h"
+
 #include <climits>
 #include <cstdio>
 #include <ctime>
@@ -305,6 +307,14 @@ std::string spiffe_id_for_exporter(const std::string& trust_domain, const std::s
   check_component("namespace", ns);
   check_component("job", job);
   return make_id(trust_domain, "/ns/" + ns + "/job/" + job + "/role/exporter");
+}
+
+std::string job_ca_common_name(const std::string& trust_domain, const std::string& ns,
+                               const std::string& job) {
+  const std::string full = "ShardGuard CA " + trust_domain + " ns/" + ns + " job/" + job;
+  constexpr std::size_t kMax = 64;
+  if (full.size() <= kMax) return full;
+  return full.substr(0, kMax - 9) + "~" + sha256_hex(full).substr(0, 8);
 }
 
 CaBundle create_ca(const std::string& common_name, std::chrono::seconds lifetime) {

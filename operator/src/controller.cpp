@@ -315,7 +315,8 @@ RenderInputs Controller::prepare_material(const json& job, const JobSpec& spec, 
     ca.key_pem = data_field(*s, "ca.key");
   }
   if (ca.cert_pem.empty() || ca.key_pem.empty()) {
-    ca = create_ca("shardguard job " + spec.namespace_ + "/" + spec.name, opt_.ca_lifetime);
+    ca = create_ca(job_ca_common_name(spec.protection.trust_domain, spec.namespace_, spec.name),
+                   opt_.ca_lifetime);
   }
   in.ca_cert_pem = ca.cert_pem;
   in.ca_key_pem = ca.key_pem;

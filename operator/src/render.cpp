@@ -93,7 +93,8 @@ namespace {
 void check_data_size(const json& object) {
   constexpr std::size_t kMaxDataBytes = 1024 * 1024;
   std::size_t bytes = 0;
-  for (const auto& [key, value] : object.value("data", json::object()).items()) {
+  const json data = object.value("data", json::object());
+  for (const auto& [key, value] : data.items()) {
     bytes += key.size() + (value.is_string() ? value.get_ref<const std::string&>().size() : value.dump().size());
   }
   if (bytes > kMaxDataBytes) {

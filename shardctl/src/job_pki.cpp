@@ -53,8 +53,7 @@ std::string random_uuid() {
 }
 
 CaBundle create_job_ca(const JobSpec& job) {
-  return create_ca("ShardGuard CA " + job.protection.trust_domain + " ns/" + job.namespace_ + " job/" + job.name,
-                   kCaLifetime);
+  return create_ca(job_ca_common_name(job.protection.trust_domain, job.namespace_, job.name), kCaLifetime);
 }
 
 Leaf issue_shard_leaf(const JobSpec& job, const CaBundle& ca, int index) {

@@ -104,7 +104,7 @@ int RunPkiInit(const PkiInitOptions& o) {
       }
     }
     make_dirs(o.dir);
-    const CaBundle ca = create_ca("ShardGuard CA " + o.trust_domain + " ns/" + o.ns + " job/" + o.job, lifetime);
+    const CaBundle ca = create_ca(job_ca_common_name(o.trust_domain, o.ns, o.job), lifetime);
     // Key first: a crash in between leaves no certificate without its key.
     write_file_atomic(key_path, ca.key_pem, 0600);
     write_file_atomic(cert_path, ca.cert_pem, 0644);

@@ -183,6 +183,9 @@ int RunRender(const RenderOptions& o) {
     }
     op::RenderInputs in = make_render_inputs(object, ca, std::move(shards));
     in.export_budget_bytes = o.export_budget_bytes;
+    // As the operator: its default images where the job names none.
+    if (job.template_.value("image", "").empty()) in.shardd_image = o.shardd_image;
+    if (job.sidecar.value("image", "").empty()) in.sidecar_image = o.sidecar_image;
     objects = op::render(job, in).all();
   } catch (const op::RenderError& e) {
     std::cerr << cmd << "the operator would refuse job " << job.namespace_ << "/" << job.name << ": " << e.what()

@@ -421,3 +421,18 @@ TEST(PkiSpiffeId, PkiInvalidIds) {
 
 }  // namespace
 }  // namespace shardguard
+
+// A job the API server accepts (namespace up to 63, name up to 52 characters) gets a CA
+// whose CN fits X.509's 64; two such jobs never share one.
+TEST(JobCaName, FitsAndStaysDistinct) {
+  EXPECT_EQ(shardguard::job_ca_common_name("shardguard.local", "ml", "fmnist"),
+            "ShardGuard CA shardguard.local ns/ml job/fmnist");
+  const std::string ns(63, 'n');
+  const std::string a = shardguard::job_ca_common_name("shardguard.local", ns, std::string(52, 'a'));
+  const std::string b = shardguard::job_ca_common_name("shardguard.local", ns, std::string(51, 'a') + "b");
+  EXPECT_EQ(a.size(), 64u);
+  EXPECT_EQ(b.size(), 64u);
+  EXPECT_NE(a, b);
+  EXPECT_EQ(a.rfind("ShardGuard CA shardguard.local ns/", 0), 0u);
+  EXPECT_NO_THROW(shardguard::create_ca(a, std::chrono::hours(1)));
+}

@@ -4,7 +4,8 @@
 #   charts/shardguard/values.yaml   operator/shardd/sidecar .image.repository
 #   charts/shardguard/Chart.yaml    appVersion (the chart's default tag)
 #   CMakeLists.txt                  project(shardguard VERSION …) == appVersion
-#   operator/main.cpp               --shardd-image / --sidecar-image defaults
+#   operator/include/.../render.h   kDefault{Shard,Sidecar}Image: the operator's and
+#                                   shardctl render's --shardd-image / --sidecar-image defaults
 #   deploy/operator.yaml            the operator Deployment's image
 #   Makefile                        `make images` tags (make -n)
 #
@@ -49,12 +50,13 @@ for pair in operator:operator shardd:shardd sidecar:sidecar; do
   fi
 done
 
-for pair in shardd:shardd_image sidecar:sidecar_image; do
+render_h=$SRC/operator/include/shardguard/operator/render.h
+for pair in shardd:kDefaultShardImage sidecar:kDefaultSidecarImage; do
   key=${pair%%:*} var=${pair#*:}
-  got=$(sed -n "s/.*std::string ${var} = \"\([^\"]*\)\".*/\1/p" "$SRC/operator/main.cpp")
+  got=$(sed -n "s/.*${var} = \"\([^\"]*\)\".*/\1/p" "$render_h")
   want=${REPO[$key]}:$app
-  if [[ $got == "$want" ]]; then ok "operator/main.cpp --${key}-image default $got"
-  else fail "operator/main.cpp --${key}-image default '$got' != values.yaml + appVersion '$want'"; fi
+  if [[ $got == "$want" ]]; then ok "render.h ${var} (--${key}-image default) $got"
+  else fail "render.h ${var} (--${key}-image default) '$got' != values.yaml + appVersion '$want'"; fi
 done
 
 got=$(sed -n 's/^[[:space:]]*image:[[:space:]]*\([^[:space:]]*shardguard-operator[^[:space:]]*\).*/\1/p' "$SRC/deploy/operator.yaml" | head -n1)

@@ -168,7 +168,7 @@ std::vector<std::pair<std::string, std::string>> valid_cases() {
                 "  dataset: {path: /data/fmnist, maxTrainSamples: 1000}\n"
                 "  training: {epochs: 2, batchSize: 64, microBatches: 4, seed: 9223372036854775807,\n"
                 "             optimizer: {name: sgd, learningRate: 10, momentum: 0.9}}\n"
-                "  sharding: {shards: 64, balance: compute}\n"
+                "  sharding: {shards: 4, balance: compute}\n"
                 "  protection: {maxExposure: 1, topologyKey: topology.kubernetes.io/zone, trustDomain: ml.example.com,\n"
                 "               export: {allowed: true, principals: [\"spiffe://ml.example.com/ns/ml/job/j/role/exporter\"]}}\n"
                 "  checkpoint: {everySteps: 100, volume: {persistentVolumeClaim: {claimName: ckpt}}}\n"

@@ -36,6 +36,13 @@ struct Leaf {
 // 128-bit serial, valid from one minute ago for `lifetime`. Throws PkiError.
 CaBundle create_ca(const std::string& common_name, std::chrono::seconds lifetime);
 
+// The CN of a job's CA: "ShardGuard CA <td> ns/<ns> job/<job>". X.509 allows 64
+// characters and a valid job's names can take 150, so a longer one keeps its first
+// 55 characters and ends in "~" + 8 hex digits of the SHA-256 of the whole (unique
+// per trust domain, namespace and job, and still readable).
+std::string job_ca_common_name(const std::string& trust_domain, const std::string& ns,
+                               const std::string& job);
+
 // Issues a leaf SVID signed by `ca`: ECDSA P-256, exactly one URI SAN = spiffe_id,
 // basicConstraints CA:FALSE (critical), keyUsage digitalSignature+keyAgreement
 // (critical), extendedKeyUsage clientAuth (+serverAuth when server_auth), subject and

@@ -77,6 +77,12 @@ struct ShardMaterial {
   std::string ledger_key;
 };
 
+// The images a job gets when it names none: the operator's --shardd-image and
+// --sidecar-image defaults and `shardctl render`'s. tests/images checks that they are
+// the chart's values.yaml repositories with its appVersion.
+inline constexpr const char* kDefaultShardImage = "ghcr.io/shardguard/shardd:0.1.0";
+inline constexpr const char* kDefaultSidecarImage = "ghcr.io/shardguard/shard-sidecar:0.1.0";
+
 struct RenderInputs {
   // metadata.uid of the ShardedTrainingJob, for the ownerReferences. The namespace
   // and the job name come from JobSpec (namespace_, name), which the caller decoded
@@ -88,7 +94,8 @@ struct RenderInputs {
   // The ShardedTrainingJob object as read (at least "spec"); job.json in each
   // ConfigMap is {apiVersion, kind, metadata: {name, namespace}, spec} of it.
   nlohmann::json job_object = nlohmann::json::object();
-  // Images; empty = spec.template.image / spec.sidecar.image.
+  // Images; empty = spec.template.image / spec.sidecar.image. Callers pass the
+  // defaults below when the spec names none.
   std::string shardd_image;
   std::string sidecar_image;
   // Byte budget of each export principal of spec.protection.export (the spec has no

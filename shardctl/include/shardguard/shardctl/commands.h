@@ -100,6 +100,9 @@ struct RenderOptions {
   std::string out_file;         // "" = stdout
   std::string format = "yaml";  // yaml | json
   int64_t export_budget_bytes = 0;  // as the operator's --export-budget-bytes
+  // Used when the job names no image, as the operator's flags of the same names.
+  std::string shardd_image;
+  std::string sidecar_image;
 };
 int RunRender(const RenderOptions& options);
 
