@@ -98,29 +98,17 @@ fs::path test_dir(const std::string& suite) {
 
 // ---- against the real API server (no core kinds) ------------------------------------
 
-class RealApiServer : public ::testing::Test {
+class RealApiServer : public testsupport::RealApiTest {
  protected:
-  void SetUp() override {
-    std::string why;
-    auto api = RealApi::find(&why);
-    ASSERT_TRUE(api) << why;
-    api_ = *api;
-    const std::string err = api_.install_crd();
-    ASSERT_EQ(err, "");
-    dir_ = test_dir("apimissing");
-  }
   void TearDown() override {
     op_.reset();
-    if (!HasFailure()) fs::remove_all(dir_);
+    RealApiTest::TearDown();
   }
   OperatorProcess& start(std::vector<std::string> extra) {
-    op_ = std::make_unique<OperatorProcess>(SHARDGUARD_BIN_DIR, api_.kubeconfig, (dir_ / "operator.log").string(),
-                                            extra);
+    op_ = std::make_unique<OperatorProcess>(SHARDGUARD_BIN_DIR, api_.kubeconfig, dir_ + "/operator.log", extra);
     return *op_;
   }
 
-  RealApi api_;
-  fs::path dir_;
   std::unique_ptr<OperatorProcess> op_;
 };
 

@@ -54,19 +54,7 @@ std::vector<std::string> undescribed_fields(const std::string& text, int* listed
   return out;
 }
 
-class RealCrd : public ::testing::Test {
- protected:
-  void SetUp() override {
-    std::string why;
-    auto api = RealApi::find(&why);
-    ASSERT_TRUE(api) << why;
-    api_ = *api;
-    ASSERT_FALSE(testsupport::find_kubectl().empty()) << "kubectl not found; `make deps` installs tools/bin/kubectl";
-    const std::string err = api_.install_crd();
-    ASSERT_EQ(err, "") << err;
-  }
-  RealApi api_;
-};
+using RealCrd = testsupport::RealApiTest;
 
 TEST_F(RealCrd, InstallsAndIsEstablished) {
   auto r = api_.kubectl({"get", "crd", "shardedtrainingjobs.shardguard.io", "-o",

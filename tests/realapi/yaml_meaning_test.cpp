@@ -63,26 +63,8 @@ std::vector<YamlCase> cases() {
   };
 }
 
-class YamlMeaning : public ::testing::Test {
+class YamlMeaning : public testsupport::RealApiTest {
  protected:
-  void SetUp() override {
-    std::string why;
-    auto api = RealApi::find(&why);
-    ASSERT_TRUE(api) << why;
-    api_ = *api;
-    ASSERT_EQ(api_.install_crd(), "");
-    char templ[] = "/tmp/shardguard-yaml-XXXXXX";
-    ASSERT_NE(::mkdtemp(templ), nullptr);
-    dir_ = templ;
-  }
-  void TearDown() override {
-    if (!HasFailure()) fs::remove_all(dir_);
-  }
-  std::string write(const std::string& name, const std::string& text) {
-    const std::string path = dir_ + "/" + name + ".yaml";
-    std::ofstream(path) << text;
-    return path;
-  }
   // What the cluster would store for the file, as kubectl sends it (server-side dry run).
   std::optional<json> kubectl_stores(const std::string& file) {
     auto r = api_.kubectl({"create", "--dry-run=server", "-o", "json", "-f", file});
@@ -91,14 +73,12 @@ class YamlMeaning : public ::testing::Test {
     if (j.is_discarded()) return std::nullopt;
     return j;
   }
-  RealApi api_;
-  std::string dir_;
 };
 
 TEST_F(YamlMeaning, AmbiguousScalarsAndConstructsAreRefusedByShardctl) {
   for (const YamlCase& c : cases()) {
     SCOPED_TRACE(c.name);
-    const std::string file = write(c.name, job(c.name, c.spec));
+    const std::string file = write(c.name + ".yaml", job(c.name, c.spec));
     // kubectl's reading, on the real server.
     const auto stored = kubectl_stores(file);
     if (c.kubectl_value.is_null()) {
@@ -129,7 +109,7 @@ TEST_F(YamlMeaning, PortableSpellingMeansTheSameToBoth) {
   for (const YamlCase& c : cases()) {
     if (c.portable_value.is_null()) continue;
     SCOPED_TRACE(c.name);
-    const std::string file = write(c.name + "-portable", job(c.name, c.portable));
+    const std::string file = write(c.name + "-portable.yaml", job(c.name, c.portable));
     const auto stored = kubectl_stores(file);
     ASSERT_TRUE(stored) << "kubectl refused " << file;
     EXPECT_EQ((*stored)[json::json_pointer(c.pointer)], c.portable_value);
@@ -141,7 +121,7 @@ TEST_F(YamlMeaning, PortableSpellingMeansTheSameToBoth) {
 
 // kubectl apply acts on every document of a file; shardctl runs one job per file.
 TEST_F(YamlMeaning, SeveralDocumentsAreRefused) {
-  const std::string file = write("two", job("first", "") + "---\n" + job("second", ""));
+  const std::string file = write("two.yaml", job("first", "") + "---\n" + job("second", ""));
   auto r = api_.kubectl({"create", "--dry-run=server", "-o", "name", "-f", file});
   ASSERT_EQ(r.code, 0) << r.output;
   EXPECT_NE(r.output.find("first"), std::string::npos) << r.output;
@@ -153,7 +133,7 @@ TEST_F(YamlMeaning, SeveralDocumentsAreRefused) {
     EXPECT_NE(std::string(e.what()).find("second YAML document"), std::string::npos) << e.what();
   }
   // A leading "---" or a trailing empty document is still one job.
-  EXPECT_NO_THROW(load_job_file(write("one", "---\n" + job("only", "") + "---\n")));
+  EXPECT_NO_THROW(load_job_file(write("one.yaml", "---\n" + job("only", "") + "---\n")));
 }
 
 }  // namespace

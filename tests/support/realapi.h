@@ -8,6 +8,7 @@
 #ifndef CPPHTTPLIB_OPENSSL_SUPPORT
 #define CPPHTTPLIB_OPENSSL_SUPPORT
 #endif
+#include <gtest/gtest.h>
 #include <httplib.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -153,6 +154,37 @@ struct RealApi {
     if (r.code != 0) return "CRD not Established: " + r.output;
     return "";
   }
+};
+
+// A test on the fixture's server: SetUp finds it (failing with the reason when it is
+// not running), installs crds/ and makes an empty directory; TearDown removes the
+// directory unless the test failed (its files then help to see why).
+class RealApiTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string why;
+    auto api = RealApi::find(&why);
+    ASSERT_TRUE(api) << why;
+    api_ = *api;
+    ASSERT_FALSE(find_kubectl().empty()) << "kubectl not found; `make deps` installs tools/bin/kubectl";
+    const std::string err = api_.install_crd();
+    ASSERT_EQ(err, "") << err;
+    char templ[] = "/tmp/shardguard-realapi-test-XXXXXX";
+    ASSERT_NE(::mkdtemp(templ), nullptr);
+    dir_ = templ;
+  }
+  void TearDown() override {
+    if (!dir_.empty() && !HasFailure()) std::filesystem::remove_all(dir_);
+  }
+  // Writes `text` to DIR/name and returns the path.
+  std::string write(const std::string& name, const std::string& text) const {
+    const std::string path = dir_ + "/" + name;
+    std::ofstream(path) << text;
+    return path;
+  }
+
+  RealApi api_;
+  std::string dir_;
 };
 
 }  // namespace shardguard::testsupport
