@@ -325,6 +325,19 @@ TEST_F(OperatorTest, JobLifecycleFromCreateToSucceededThenCleanup) {
   const json j = *job("life");
   EXPECT_EQ(j["metadata"]["finalizers"], json::array({"shardguard.io/cleanup"}));
   EXPECT_EQ(status("life")["observedGeneration"], j["metadata"]["generation"]);
+  // The job lives on the real server: its field managers (which the test server does
+  // not keep) name the operator's finalizer and status writes, and the operator's
+  // informer watched it through the route.
+  std::set<std::string> managed;
+  for (const auto& m : j["metadata"].value("managedFields", json::array()))
+    managed.insert(m.value("manager", "") + (m.contains("subresource") ? "/" + m.value("subresource", "") : ""));
+  EXPECT_TRUE(managed.count("shardguard-operator")) << j["metadata"].dump();
+  EXPECT_TRUE(managed.count("shardguard-operator/status")) << j["metadata"].dump();
+  bool watched = false;
+  for (const auto& r : api_->requests())
+    watched = watched || (r.verb == "watch" && r.resource == kJobs && r.code == 200 &&
+                          r.user_agent.find("shardguard-operator") != std::string::npos);
+  EXPECT_TRUE(watched);
 
   // Each shard's Secret: its own SVID (verified against the job CA), its own key.
   const json ca_secret = *api_->get("", "v1", "secrets", ns_, "life-ca");
@@ -499,6 +512,27 @@ TEST_F(OperatorTest, StageAboveMaxExposureIsRefused) {
   EXPECT_EQ(condition_reason("greedy", "ShardIsolation"), "ExposureRefused");
   EXPECT_TRUE(has_event("greedy", "ExposureRefused"));
   EXPECT_TRUE(api_->list("", "v1", "pods", ns_, "shardguard.io/job=greedy").empty());
+}
+
+// A spec the API server accepts (every field within the CRD's rules) that the
+// operator still cannot run: 64 shards cannot be cut from a one-layer MLP.
+TEST_F(OperatorTest, SpecThatCannotBeShardedFailsAsInvalidSpec) {
+  auto& op = start_operator();
+  json j = job_object("tiny");
+  j["spec"]["model"] = {{"architecture", "mlp"}, {"depth", 1}};
+  j["spec"]["sharding"]["shards"] = 64;
+  create_job(j);  // accepted by the real server
+  ASSERT_TRUE(eventually([&] { return status("tiny").value("phase", "") == "Failed"; }, 30s))
+      << status("tiny").dump(2) << op.log();
+  EXPECT_TRUE(condition("tiny", "Failed"));
+  EXPECT_EQ(condition_reason("tiny", "Failed"), "InvalidSpec");
+  std::string message;
+  for (const auto& c : status("tiny").value("conditions", json::array()))
+    if (c.value("type", "") == "Failed") message = c.value("message", "");
+  EXPECT_NE(message.find("spec.sharding.shards"), std::string::npos) << message;
+  EXPECT_TRUE(has_event("tiny", "InvalidSpec"));
+  EXPECT_EQ(owned_objects("tiny"), 0u) << "nothing is created for a job that cannot run";
+  EXPECT_EQ(status("tiny")["observedGeneration"], (*job("tiny"))["metadata"]["generation"]);
 }
 
 TEST_F(OperatorTest, ServerErrorsAndDroppedWatchesLoseNothing) {
