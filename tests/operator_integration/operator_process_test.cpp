@@ -67,6 +67,10 @@ class FakeShardMetrics {
     });
     port_ = server_.bind_to_any_port("127.0.0.1");
     thread_ = std::thread([this] { server_.listen_after_bind(); });
+    // Serving before the constructor returns: a stop() that came before the listen loop
+    // started would be missed and the destructor's join would wait forever (a test that
+    // fails in SetUp destroys this at once).
+    testsupport::eventually([this] { return server_.is_running(); }, std::chrono::seconds(10));
   }
   ~FakeShardMetrics() {
     server_.stop();
