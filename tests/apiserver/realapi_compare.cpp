@@ -9,7 +9,10 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <fstream>
+#include <mutex>
+#include <thread>
 #include <set>
 #include <sstream>
 #include <string>
@@ -20,6 +23,7 @@
 #include "shardguard/common/jobspec.h"
 #include "support/realapi.h"
 #include "support/rest.h"
+#include "support/wait.h"
 
 namespace shardguard {
 namespace {
@@ -262,6 +266,85 @@ TEST_F(SameAsRealApi, ServerSideApplyWithoutFieldManagerIsRefused) {
   Pair ok = both("PATCH", path("ssa") + "?fieldManager=test", body, "application/apply-patch+yaml");
   EXPECT_EQ(ok.real.code, 201) << ok.real.raw;
   EXPECT_EQ(ok.test.code, 201) << ok.test.raw;
+}
+
+// One address for both: a test server that routes /apis/shardguard.io to the real
+// server serves the real server's jobs (requests, warnings, watches, discovery) while
+// its fault injection, request log and drop_watches() still apply.
+TEST_F(SameAsRealApi, RouteServesTheRealServersGroupAtOneAddress) {
+  std::string why;
+  const auto api = testsupport::RealApi::find(&why);
+  ASSERT_TRUE(api) << why;
+  KubeApiServer::Options opt;
+  testing::KubeApiRoute route;
+  route.prefix = "/apis/shardguard.io/";
+  route.port = api->port;
+  route.ca_file = api->ca_file;
+  route.cert_file = api->cert_file;
+  route.key_file = api->key_file;
+  opt.routes.push_back(route);
+  KubeApiServer front(opt);
+  front.create("", "v1", "namespaces", "", {{"metadata", {{"name", ns_}}}});
+  RestClient via(front.port(), front.ca_pem(), front.token());
+
+  // Discovery lists both servers' groups.
+  const RestResponse groups = via.get("/apis");
+  ASSERT_EQ(groups.code, 200) << groups.raw;
+  std::set<std::string> names;
+  for (const auto& g : groups.body["groups"]) names.insert(g.value("name", ""));
+  EXPECT_TRUE(names.count("shardguard.io")) << groups.raw;
+  EXPECT_TRUE(names.count("coordination.k8s.io")) << groups.raw;
+
+  // A job written through the front is on the real server, with its warnings passed on.
+  json j = job("routed");
+  j["spec"]["bogus"] = 1;
+  const RestResponse created = via.post(path(), j);
+  ASSERT_EQ(created.code, 201) << created.raw;
+  EXPECT_EQ(warnings(created), (std::set<std::string>{R"(299 - "unknown field \"spec.bogus\"")"}));
+  const RestResponse direct = real_->get(path("routed"));
+  ASSERT_EQ(direct.code, 200);
+  EXPECT_EQ(direct.body["metadata"]["uid"], created.body["metadata"]["uid"]);
+  EXPECT_FALSE(front.get("", "v1", "namespaces", "", ns_)->is_null());  // core kinds stay here
+
+  // A watch through the front sees a change made on the real server; drop_watches()
+  // ends it.
+  std::mutex mu;
+  std::string stream;
+  std::atomic<bool> ended{false};
+  std::thread watcher([&] {
+    httplib::SSLClient cli("127.0.0.1", front.port());
+    cli.enable_server_certificate_verification(false);  // the content is what is tested here
+    cli.set_read_timeout(std::chrono::seconds(30));
+    cli.Get((path() + "?watch=1&resourceVersion=" + created.body["metadata"].value("resourceVersion", "")).c_str(),
+            {{"Authorization", "Bearer " + front.token()}}, [&](const char* data, size_t n) {
+              std::lock_guard<std::mutex> lock(mu);
+              stream.append(data, n);
+              return true;
+            });
+    ended = true;
+  });
+  ASSERT_TRUE(testsupport::eventually([&] { return front.open_watches() == 1; }, std::chrono::seconds(10)));
+  const RestResponse labelled =
+      real_->patch(path("routed"), R"({"metadata":{"labels":{"seen":"yes"}}})", "application/merge-patch+json");
+  ASSERT_EQ(labelled.code, 200) << labelled.raw;
+  EXPECT_TRUE(testsupport::eventually([&] {
+    std::lock_guard<std::mutex> lock(mu);
+    return stream.find("\"MODIFIED\"") != std::string::npos && stream.find("\"seen\":\"yes\"") != std::string::npos;
+  }, std::chrono::seconds(10))) << stream;
+  front.drop_watches();
+  EXPECT_TRUE(testsupport::eventually([&] { return ended.load(); }, std::chrono::seconds(10)));
+  watcher.join();
+  // The count drops when the server side lets go of the stream, just after the client saw its end.
+  EXPECT_TRUE(testsupport::eventually([&] { return front.open_watches() == 0; }, std::chrono::seconds(10)));
+
+  // Injected faults and the request log cover routed requests too.
+  front.fail_next(1, 503, "GET", "/apis/shardguard.io/");
+  EXPECT_EQ(via.get(path("routed")).code, 503);
+  EXPECT_EQ(via.get(path("routed")).code, 200);
+  bool logged = false;
+  for (const auto& r : front.requests())
+    logged = logged || (r.verb == "watch" && r.group == "shardguard.io" && r.resource == "shardedtrainingjobs");
+  EXPECT_TRUE(logged);
 }
 
 }  // namespace
