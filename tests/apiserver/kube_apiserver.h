@@ -2,7 +2,8 @@
 // operator's integration tests, the kubectl check and the benchmark run against.
 //
 // It speaks the real REST and watch protocol over HTTPS with bearer-token auth and
-// implements the real semantics in memory: one global resourceVersion counter,
+// implements the real semantics in memory (issue 14 compares several of them with the
+// real Kubernetes API server: tests/apiserver/realapi_compare.cpp): one global resourceVersion counter,
 // optimistic concurrency (409 Conflict), generation, the status subresource,
 // finalizers and deletionTimestamp, ownerReference garbage collection (background,
 // synchronous and recursive), label and field selectors, list + watch from a
@@ -106,7 +107,8 @@ class KubeApiServer {
                                    const std::string& plural, const std::string& ns = "",
                                    const std::string& label_selector = "") const;
   // Like PUT (status=false) or PUT …/status (status=true): a metadata.resourceVersion
-  // that is not the current one → ApiError 409 Conflict; none = unconditional.
+  // that is not the current one → ApiError 409 Conflict; none = unconditional for the
+  // built-in kinds, ApiError 422 for custom resources and CRDs (as Kubernetes does).
   nlohmann::json update(const std::string& group, const std::string& version,
                         const std::string& plural, const std::string& ns, nlohmann::json obj,
                         bool status = false);
