@@ -14,10 +14,12 @@
 #include <openssl/rand.h>
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
+#include <strings.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -414,6 +416,124 @@ void apply_defaults(json& v, const json& schema) {
   }
 }
 
+// ---- decoding as the real server does: nulls dropped, unknown fields pruned ---------
+
+// What one create/update/patch request asked for and was told (HTTP requests only;
+// direct calls run without one: unknown fields are pruned silently).
+struct RequestContext {
+  bool strict = false;               // ?fieldValidation=Strict: unknown fields are a 400
+  std::vector<std::string> unknown;  // paths of the unknown fields pruned (299 warnings)
+};
+thread_local RequestContext* t_request = nullptr;
+
+// ObjectMeta's fields: anything else under metadata is unknown.
+const std::set<std::string>& object_meta_fields() {
+  static const std::set<std::string> f = {
+      "name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "generation",
+      "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "labels",
+      "annotations", "ownerReferences", "finalizers", "managedFields"};
+  return f;
+}
+
+// A JSON null in a typed object means "not set": object fields that are null go (at
+// every depth), and a null label or annotation value becomes "" (map[string]string).
+void drop_nulls(json& v) {
+  if (v.is_object()) {
+    for (auto it = v.begin(); it != v.end();) {
+      if (it->is_null()) {
+        it = v.erase(it);
+      } else {
+        drop_nulls(*it);
+        ++it;
+      }
+    }
+  } else if (v.is_array()) {
+    for (auto& e : v) drop_nulls(e);
+  }
+}
+
+void metadata_nulls_to_empty(json& md) {
+  for (const char* m : {"labels", "annotations"}) {
+    if (!md.contains(m) || !md[m].is_object()) continue;
+    for (auto& [k, val] : md[m].items())
+      if (val.is_null()) val = "";
+  }
+}
+
+// Structural pruning of a custom resource below `schema`: fields the schema does not
+// declare (and no x-kubernetes-preserve-unknown-fields keeps) are removed and their
+// paths collected; null fields are removed unless the schema says nullable.
+void prune(json& v, const json& schema, const std::string& path, std::vector<std::string>& unknown) {
+  if (!schema.is_object()) return;
+  const bool preserve = schema.value("x-kubernetes-preserve-unknown-fields", false);
+  if (v.is_object()) {
+    const json* props = schema.contains("properties") && schema["properties"].is_object() ? &schema["properties"] : nullptr;
+    const json* addl = schema.contains("additionalProperties") && schema["additionalProperties"].is_object()
+                           ? &schema["additionalProperties"] : nullptr;
+    for (auto it = v.begin(); it != v.end();) {
+      const std::string child_path = path.empty() ? it.key() : path + "." + it.key();
+      const json* child = nullptr;
+      if (props && props->contains(it.key())) child = &(*props)[it.key()];
+      else if (addl) child = addl;
+      if (!child) {
+        if (preserve) {
+          ++it;
+          continue;
+        }
+        unknown.push_back(child_path);
+        it = v.erase(it);
+        continue;
+      }
+      if (it->is_null() && !child->value("nullable", false)) {
+        it = v.erase(it);
+        continue;
+      }
+      prune(*it, *child, child_path, unknown);
+      ++it;
+    }
+  } else if (v.is_array() && schema.contains("items") && schema["items"].is_object()) {
+    for (size_t i = 0; i < v.size(); ++i) prune(v[i], schema["items"], path + "[" + std::to_string(i) + "]", unknown);
+  }
+}
+
+// The root of a custom resource: apiVersion and kind, metadata as ObjectMeta, the
+// rest by the schema.
+void prune_custom_resource(json& obj, const json& schema, std::vector<std::string>& unknown) {
+  for (auto it = obj.begin(); it != obj.end();) {
+    const std::string& k = it.key();
+    if (k == "apiVersion" || k == "kind") {
+      ++it;
+    } else if (k == "metadata") {
+      if (it->is_object()) {
+        for (auto m = it->begin(); m != it->end();) {
+          if (object_meta_fields().count(m.key())) {
+            ++m;
+          } else {
+            unknown.push_back("metadata." + m.key());
+            m = it->erase(m);
+          }
+        }
+      }
+      ++it;
+    } else {
+      const json* child = schema.contains("properties") && schema["properties"].is_object() &&
+                                  schema["properties"].contains(k)
+                              ? &schema["properties"][k] : nullptr;
+      if (!child) {
+        unknown.push_back(k);
+        it = obj.erase(it);
+        continue;
+      }
+      if (it->is_null() && !child->value("nullable", false)) {
+        it = obj.erase(it);
+        continue;
+      }
+      prune(*it, *child, k, unknown);
+      ++it;
+    }
+  }
+}
+
 // ---- resource types -----------------------------------------------------------------
 
 struct ResType {
@@ -494,6 +614,37 @@ void add_ext(X509* cert, X509* issuer, int nid, const char* value) {
 }
 
 
+// Percent-encodes a query parameter name or value (RFC 3986 unreserved kept).
+std::string query_escape(const std::string& in) {
+  static const char* hex = "0123456789ABCDEF";
+  std::string out;
+  for (unsigned char c : in) {
+    if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~') {
+      out.push_back(static_cast<char>(c));
+    } else {
+      out.push_back('%');
+      out.push_back(hex[c >> 4]);
+      out.push_back(hex[c & 15]);
+    }
+  }
+  return out;
+}
+
+// One routed watch: a pump thread reads the upstream stream into `buf`; the HTTP
+// worker that serves the client writes it out. `closed` ends both.
+struct ProxyStream {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::string buf;
+  bool got_headers = false, done = false, closed = false;
+  int status = 0;
+  std::string content_type, error;
+  httplib::Headers warnings;
+  std::unique_ptr<httplib::SSLClient> cli;
+  std::thread pump;
+};
+
+
 }  // namespace
 
 // =====================================================================================
@@ -526,6 +677,10 @@ struct KubeApiServer::Impl {
   std::chrono::milliseconds latency{0};
   std::vector<RequestRecord> log;
   std::atomic<size_t> open_watch_count{0};
+
+  std::mutex pmu;  // routed watches and idle upstream clients
+  std::set<std::shared_ptr<ProxyStream>> proxied;
+  std::map<size_t, std::vector<std::unique_ptr<httplib::SSLClient>>> idle_upstream;  // route index → clients
   const bool log_to_stderr = std::getenv("SHARDGUARD_APISERVER_LOG") != nullptr;  // debugging aid
 
   // ---- types ----------------------------------------------------------------------
@@ -754,6 +909,28 @@ struct KubeApiServer::Impl {
     obj.erase("stringData");
   }
 
+  // Decoding as the real server does: nulls dropped, a custom resource's unknown
+  // fields pruned (reported as 299 warnings, or a 400 under fieldValidation=Strict).
+  void decode(const ResType& t, json& obj) const {
+    if (obj.contains("metadata") && obj["metadata"].is_object()) metadata_nulls_to_empty(obj["metadata"]);
+    if (!t.schema.is_object()) {
+      drop_nulls(obj);
+      return;
+    }
+    std::vector<std::string> unknown;
+    prune_custom_resource(obj, t.schema, unknown);
+    if (obj.contains("metadata") && obj["metadata"].is_object()) drop_nulls(obj["metadata"]);
+    if (unknown.empty() || !t_request) return;
+    std::sort(unknown.begin(), unknown.end());
+    if (t_request->strict) {
+      std::string msg;
+      for (const auto& u : unknown) msg += (msg.empty() ? "" : ", ") + std::string("unknown field \"") + u + "\"";
+      fail(400, t.kind + " in version \"" + t.version + "\" cannot be handled as a " + t.kind +
+                    ": strict decoding error: " + msg);
+    }
+    t_request->unknown.insert(t_request->unknown.end(), unknown.begin(), unknown.end());
+  }
+
   void prepare(const ResType& t, json& obj) {
     if (t.group.empty() && t.plural == "secrets") {
       merge_string_data(obj);
@@ -764,6 +941,10 @@ struct KubeApiServer::Impl {
       apply_defaults(obj, t.schema);
       obj["metadata"] = meta;
     }
+  }
+
+  static bool allows_unconditional_update(const ResType& t) {
+    return t.crd.empty() && !(t.group == "apiextensions.k8s.io" && t.plural == "customresourcedefinitions");
   }
 
   static json strip_for_generation(const json& obj, bool has_status) {
@@ -831,6 +1012,7 @@ struct KubeApiServer::Impl {
     check_ns(t, ns);
     if (!obj.is_object()) fail(400, "the request body must be a JSON object");
     if (!obj.contains("metadata") || !obj["metadata"].is_object()) obj["metadata"] = json::object();
+    decode(t, obj);
     json& md = obj["metadata"];
     if (md.contains("namespace") && md["namespace"].is_string() && !md["namespace"].get<std::string>().empty() &&
         md["namespace"] != ns) {
@@ -898,6 +1080,7 @@ struct KubeApiServer::Impl {
     check_ns(t, ns);
     if (!obj.is_object()) fail(400, "the request body must be a JSON object");
     if (!obj.contains("metadata") || !obj["metadata"].is_object()) obj["metadata"] = json::object();
+    decode(t, obj);
     std::string name = obj["metadata"].value("name", "");
     if (name.empty()) name = url_name;
     if (!url_name.empty() && name != url_name)
@@ -911,6 +1094,12 @@ struct KubeApiServer::Impl {
     if (!old) fail(404, t.qualified() + " \"" + name + "\" not found", name, t.group, t.plural);
     std::string want_rv = obj["metadata"].value("resourceVersion", "");
     const std::string cur_rv = (*old)["metadata"].value("resourceVersion", "");
+    // Custom resources and CRDs (AllowUnconditionalUpdate false in their strategies)
+    // need the resourceVersion; the core kinds served here allow an unconditional update.
+    if (want_rv.empty() && !allows_unconditional_update(t))
+      fail(422, t.qualified() + " \"" + name + "\" is invalid: metadata.resourceVersion: Invalid value: 0: "
+                "must be specified for an update",
+           name, t.group, t.plural);
     if (!want_rv.empty() && want_rv != cur_rv)
       fail(409, "Operation cannot be fulfilled on " + t.qualified() + " \"" + name +
                     "\": the object has been modified; please apply your changes to the latest "
@@ -1074,6 +1263,9 @@ struct KubeApiServer::Impl {
       json next = *old;
       next["metadata"]["deletionTimestamp"] = now_rfc3339();
       next["metadata"]["deletionGracePeriodSeconds"] = 0;
+      // As the real server's BeforeDelete: the deletion is a change of the object.
+      const long long gen = next["metadata"].value("generation", 0LL);
+      if (gen > 0) next["metadata"]["generation"] = gen + 1;
       return server_modify(k, old, std::move(next));
     }
     remove_now(k, old);
@@ -1447,7 +1639,9 @@ struct KubeApiServer::Impl {
       return;
     }
     try {
-      if (!t.resource) {
+      if (auto r = route_for(p)) {
+        proxy(req, res, *r, t.verb == "watch");
+      } else if (!t.resource) {
         handle_discovery(req, res, t);
       } else if (t.verb == "watch") {
         handle_watch(req, res, t);
@@ -1462,9 +1656,277 @@ struct KubeApiServer::Impl {
     record(req, t, res.status);
   }
 
+  // ---- routes: prefixes another API server serves --------------------------------------
+
+  static std::string route_prefix(const KubeApiRoute& r) {
+    std::string p = r.prefix;
+    while (p.size() > 1 && p.back() == '/') p.pop_back();
+    return p;
+  }
+
+  // The index of the route serving `path`, if any.
+  std::optional<size_t> route_for(const std::string& path) const {
+    for (size_t i = 0; i < opt.routes.size(); ++i) {
+      const std::string p = route_prefix(opt.routes[i]);
+      if (!p.empty() && (path == p || path.rfind(p + "/", 0) == 0)) return i;
+    }
+    return std::nullopt;
+  }
+
+  std::unique_ptr<httplib::SSLClient> upstream_client(size_t route) {
+    {
+      std::lock_guard<std::mutex> lk(pmu);
+      auto& v = idle_upstream[route];
+      if (!v.empty()) {
+        auto c = std::move(v.back());
+        v.pop_back();
+        return c;
+      }
+    }
+    const KubeApiRoute& r = opt.routes[route];
+    auto c = std::make_unique<httplib::SSLClient>(r.host, r.port, r.cert_file, r.key_file);
+    if (!c->is_valid())
+      fail(503, "route " + r.prefix + ": cannot load the client certificate " + r.cert_file + " / " + r.key_file);
+    c->set_ca_cert_path(r.ca_file.c_str());
+    c->enable_server_certificate_verification(true);
+    c->set_connection_timeout(5, 0);
+    c->set_read_timeout(60, 0);
+    c->set_write_timeout(30, 0);
+    c->set_keep_alive(true);
+    return c;
+  }
+
+  void return_upstream(size_t route, std::unique_ptr<httplib::SSLClient> c) {
+    std::lock_guard<std::mutex> lk(pmu);
+    auto& v = idle_upstream[route];
+    if (v.size() < 16 && !stopping_proxies) v.push_back(std::move(c));
+  }
+  bool stopping_proxies = false;  // under pmu
+
+  // The request's path and query as sent upstream.
+  static std::string upstream_target(const httplib::Request& req) {
+    std::string target;
+    for (const auto& seg : split(req.path, '/')) {
+      if (seg.empty()) continue;
+      target += '/';
+      target += query_escape(seg);
+    }
+    if (target.empty()) target = "/";
+    char sep = '?';
+    for (const auto& [k, v] : req.params) {
+      target += sep;
+      target += query_escape(k) + "=" + query_escape(v);
+      sep = '&';
+    }
+    return target;
+  }
+
+  static httplib::Headers upstream_headers(const httplib::Request& req) {
+    httplib::Headers h;
+    for (const char* name : {"Accept", "User-Agent"})
+      if (req.has_header(name)) h.emplace(name, req.get_header_value(name));
+    return h;
+  }
+
+  static void copy_warnings(const httplib::Headers& from, httplib::Response& res) {
+    for (const auto& [k, v] : from)
+      if (strcasecmp(k.c_str(), "Warning") == 0) res.headers.emplace("Warning", v);
+  }
+
+  void proxy(const httplib::Request& req, httplib::Response& res, size_t route, bool watch) {
+    if (watch) {
+      proxy_watch(req, res, route);
+      return;
+    }
+    auto cli = upstream_client(route);
+    const std::string target = upstream_target(req);
+    const httplib::Headers headers = upstream_headers(req);
+    const std::string ctype = req.has_header("Content-Type") ? req.get_header_value("Content-Type")
+                                                              : std::string("application/json");
+    auto send = [&]() -> httplib::Result {
+      if (req.method == "GET") return cli->Get(target.c_str(), headers);
+      if (req.method == "POST") return cli->Post(target.c_str(), headers, req.body, ctype.c_str());
+      if (req.method == "PUT") return cli->Put(target.c_str(), headers, req.body, ctype.c_str());
+      if (req.method == "PATCH") return cli->Patch(target.c_str(), headers, req.body, ctype.c_str());
+      if (req.method == "DELETE") return cli->Delete(target.c_str(), headers, req.body, ctype.c_str());
+      fail(405, "the server does not allow this method on the requested resource");
+    };
+    httplib::Result r = send();
+    if (!r)
+      fail(503, "route " + opt.routes[route].prefix + ": upstream 127.0.0.1:" +
+                    std::to_string(opt.routes[route].port) + " did not answer: " + httplib::to_string(r.error()));
+    res.status = r->status;
+    res.set_content(r->body, r->has_header("Content-Type") ? r->get_header_value("Content-Type").c_str()
+                                                           : "application/json");
+    copy_warnings(r->headers, res);
+    return_upstream(route, std::move(cli));
+  }
+
+  // Ends a routed watch: the client stream and the pump (whose blocking read is cut by
+  // stopping its client, retried until the pump notices; bounded).
+  static void close_stream(ProxyStream& ps) {
+    std::unique_lock<std::mutex> lk(ps.mu);
+    ps.closed = true;
+    ps.cv.notify_all();
+    for (int i = 0; i < 200 && !ps.done; ++i) {
+      lk.unlock();
+      ps.cli->stop();
+      lk.lock();
+      ps.cv.wait_for(lk, std::chrono::milliseconds(25), [&] { return ps.done; });
+    }
+  }
+
+  void proxy_watch(const httplib::Request& req, httplib::Response& res, size_t route) {
+    auto ps = std::make_shared<ProxyStream>();
+    {
+      const KubeApiRoute& r = opt.routes[route];
+      ps->cli = std::make_unique<httplib::SSLClient>(r.host, r.port, r.cert_file, r.key_file);
+      if (!ps->cli->is_valid())
+        fail(503, "route " + r.prefix + ": cannot load the client certificate " + r.cert_file);
+      ps->cli->set_ca_cert_path(r.ca_file.c_str());
+      ps->cli->enable_server_certificate_verification(true);
+      ps->cli->set_connection_timeout(5, 0);
+      ps->cli->set_read_timeout(24 * 3600, 0);  // a watch is quiet for as long as nothing changes
+    }
+    {
+      std::lock_guard<std::mutex> lk(pmu);
+      if (stopping_proxies) fail(503, "the server is shutting down");
+      proxied.insert(ps);
+    }
+    ++open_watch_count;
+    ProxyStream* raw = ps.get();  // the pump never owns the stream: its owners join it
+    const std::string target = upstream_target(req);
+    const httplib::Headers headers = upstream_headers(req);
+    ps->pump = std::thread([raw, target, headers] {
+      httplib::Request ureq;
+      ureq.method = "GET";
+      ureq.path = target;
+      ureq.headers = headers;
+      ureq.response_handler = [raw](const httplib::Response& r) {
+        std::lock_guard<std::mutex> lk(raw->mu);
+        raw->status = r.status;
+        raw->content_type = r.get_header_value("Content-Type");
+        for (const auto& [k, v] : r.headers)
+          if (strcasecmp(k.c_str(), "Warning") == 0) raw->warnings.emplace("Warning", v);
+        raw->got_headers = true;
+        raw->cv.notify_all();
+        return true;
+      };
+      ureq.content_receiver = [raw](const char* data, size_t n, uint64_t, uint64_t) {
+        std::lock_guard<std::mutex> lk(raw->mu);
+        if (raw->closed) return false;
+        raw->buf.append(data, n);
+        raw->cv.notify_all();
+        return true;
+      };
+      httplib::Response ures;
+      httplib::Error err = httplib::Error::Success;
+      const bool ok = raw->cli->send(ureq, ures, err);
+      std::lock_guard<std::mutex> lk(raw->mu);
+      if (!ok && !raw->got_headers) raw->error = httplib::to_string(err);
+      raw->done = true;
+      raw->cv.notify_all();
+    });
+    auto finish = [this, ps] {
+      close_stream(*ps);
+      if (ps->pump.joinable()) ps->pump.join();
+      std::lock_guard<std::mutex> lk(pmu);
+      if (proxied.erase(ps)) --open_watch_count;
+      cv.notify_all();
+    };
+    // The upstream's status decides: anything but 200 is passed on whole.
+    std::unique_lock<std::mutex> lk(ps->mu);
+    ps->cv.wait_for(lk, std::chrono::seconds(30), [&] { return ps->got_headers || ps->done || ps->closed; });
+    if (!ps->got_headers || ps->status != 200) {
+      ps->cv.wait_for(lk, std::chrono::seconds(30), [&] { return ps->done || ps->closed; });
+      const int status = ps->status;
+      const std::string body = ps->buf, error = ps->error, ctype = ps->content_type;
+      const httplib::Headers warnings = ps->warnings;
+      lk.unlock();
+      finish();
+      if (status == 0)
+        fail(503, "route " + opt.routes[route].prefix + ": the upstream watch did not answer" +
+                      (error.empty() ? "" : ": " + error));
+      res.status = status;
+      res.set_content(body, ctype.empty() ? "application/json" : ctype.c_str());
+      copy_warnings(warnings, res);
+      return;
+    }
+    const std::string ctype = ps->content_type.empty() ? "application/json;stream=watch" : ps->content_type;
+    copy_warnings(ps->warnings, res);
+    lk.unlock();
+    res.status = 200;
+    res.set_chunked_content_provider(
+        ctype,
+        [ps](size_t, httplib::DataSink& sink) {
+          std::unique_lock<std::mutex> lk(ps->mu);
+          ps->cv.wait_for(lk, std::chrono::milliseconds(500),
+                          [&] { return !ps->buf.empty() || ps->done || ps->closed; });
+          if (!ps->buf.empty() && !ps->closed) {
+            std::string chunk;
+            chunk.swap(ps->buf);
+            lk.unlock();
+            if (!sink.write(chunk.data(), chunk.size())) return false;
+            return true;
+          }
+          if (ps->done || ps->closed) {
+            lk.unlock();
+            sink.done();
+          }
+          return true;
+        },
+        [finish](bool) { finish(); });
+  }
+
+  // Ends every routed watch and forgets idle upstream clients (drop_watches, shutdown).
+  void close_proxied(bool shutting_down) {
+    std::vector<std::shared_ptr<ProxyStream>> open;
+    {
+      std::lock_guard<std::mutex> lk(pmu);
+      if (shutting_down) {
+        stopping_proxies = true;
+        idle_upstream.clear();
+      }
+      open.assign(proxied.begin(), proxied.end());
+    }
+    for (const auto& ps : open) {
+      std::lock_guard<std::mutex> lk(ps->mu);
+      ps->closed = true;
+      ps->cv.notify_all();
+    }
+    for (const auto& ps : open) close_stream(*ps);
+  }
+
+  // The APIGroup a route serves ("/apis/<group>" prefixes only), asked of its upstream.
+  json routed_group(size_t route) {
+    const std::string prefix = route_prefix(opt.routes[route]);
+    if (prefix.rfind("/apis/", 0) != 0 || prefix.find('/', 6) != std::string::npos) return nullptr;
+    auto cli = upstream_client(route);
+    auto r = cli->Get(prefix.c_str(), {{"Accept", "application/json"}});
+    if (!r || r->status != 200) return nullptr;
+    return_upstream(route, std::move(cli));
+    json g = json::parse(r->body, nullptr, false);
+    if (!g.is_object()) return nullptr;
+    g.erase("kind");
+    g.erase("apiVersion");
+    return g;
+  }
+
   void handle_discovery(const httplib::Request& req, httplib::Response& res, const Target& t) {
     if (req.method != "GET") fail(405, "the server does not allow this method on the requested resource");
     const std::string& p = req.path;
+    if (p == "/apis" || p == "/apis/") {
+      // Our groups and those the routes serve, so that kubectl finds both at one address.
+      json list;
+      {
+        std::lock_guard<std::mutex> lk(mu);
+        list = api_group_list();
+      }
+      for (size_t i = 0; i < opt.routes.size(); ++i)
+        if (json g = routed_group(i); g.is_object()) list["groups"].push_back(g);
+      send_json(res, 200, list);
+      return;
+    }
     std::lock_guard<std::mutex> lk(mu);
     if (p == "/version" || p == "/version/") {
       send_json(res, 200, {{"major", "1"}, {"minor", "32"}, {"gitVersion", "v1.32.0"},
@@ -1511,6 +1973,22 @@ struct KubeApiServer::Impl {
     return req.has_param(name) ? req.get_param_value(name) : "";
   }
 
+  // The RequestContext of one write: strict or not; on success its warnings become
+  // `Warning: 299 - "unknown field \"spec.x\""` headers, as the real server sends them.
+  struct RequestScope {
+    RequestContext ctx;
+    httplib::Response& res;
+    RequestScope(const httplib::Request& req, httplib::Response& r) : res(r) {
+      ctx.strict = param(req, "fieldValidation") == "Strict";
+      t_request = &ctx;
+    }
+    ~RequestScope() {
+      t_request = nullptr;
+      if (res.status >= 200 && res.status < 300)
+        for (const auto& u : ctx.unknown) res.headers.emplace("Warning", "299 - \"unknown field \\\"" + u + "\\\"\"");
+    }
+  };
+
   void handle_resource(const httplib::Request& req, httplib::Response& res, const Target& tg) {
     const std::string ctype = req.get_header_value("Content-Type");
     bool as_table = req.get_header_value("Accept").find("as=Table") != std::string::npos;
@@ -1551,12 +2029,18 @@ struct KubeApiServer::Impl {
       res.set_content(body, "application/json");
     } else if (tg.verb == "create") {
       if (!tg.name.empty()) fail(405, "the server does not allow this method on the requested resource");
+      RequestScope scope(req, res);
       json obj = parse_body(req.body, ctype);
       send_json(res, 201, do_create(t, tg.ns, std::move(obj)));
     } else if (tg.verb == "update") {
+      RequestScope scope(req, res);
       json obj = parse_body(req.body, ctype);
       send_json(res, 200, do_update(t, tg.ns, tg.name, std::move(obj), status_sub));
     } else if (tg.verb == "patch") {
+      if (ctype.find("apply-patch") != std::string::npos && param(req, "fieldManager").empty())
+        fail(422, "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+             "", "meta.k8s.io", "PatchOptions");
+      RequestScope scope(req, res);
       bool created = false;
       json r = do_patch(t, tg.ns, tg.name, ctype, req.body, status_sub, &created);
       send_json(res, created ? 201 : 200, r);
@@ -1785,6 +2269,7 @@ KubeApiServer::~KubeApiServer() {
     impl_->stopping = true;
     impl_->cv.notify_all();
   }
+  impl_->close_proxied(true);
   impl_->svr->stop();
   if (impl_->listener.joinable()) impl_->listener.join();
 }
@@ -1874,9 +2359,12 @@ void KubeApiServer::set_latency(std::chrono::milliseconds per_request) {
 }
 
 void KubeApiServer::drop_watches() {
-  std::lock_guard<std::mutex> lk(impl_->mu);
-  for (const auto& w : impl_->watchers) w->closed = true;
-  impl_->cv.notify_all();
+  {
+    std::lock_guard<std::mutex> lk(impl_->mu);
+    for (const auto& w : impl_->watchers) w->closed = true;
+    impl_->cv.notify_all();
+  }
+  impl_->close_proxied(false);
 }
 
 void KubeApiServer::compact() {

@@ -2,7 +2,8 @@
 // operator's integration tests, the kubectl check and the benchmark run against.
 //
 // It speaks the real REST and watch protocol over HTTPS with bearer-token auth and
-// implements the real semantics in memory: one global resourceVersion counter,
+// implements the real semantics in memory (issue 14 compares several of them with the
+// real Kubernetes API server: tests/apiserver/realapi_compare.cpp): one global resourceVersion counter,
 // optimistic concurrency (409 Conflict), generation, the status subresource,
 // finalizers and deletionTimestamp, ownerReference garbage collection (background,
 // synchronous and recursive), label and field selectors, list + watch from a
@@ -46,6 +47,25 @@ class ApiError : public std::runtime_error {
   nlohmann::json status_;
 };
 
+// A path prefix that the test server forwards to another API server instead of serving
+// it itself (KubeApiServerOptions::routes): typically "/apis/shardguard.io" to the real
+// Kubernetes API server of tests/realapi, so that one address serves the custom API
+// group from the real thing and the core kinds from the test server. Every request whose
+// path is `prefix` or lies under `prefix/` goes upstream over HTTPS with the client
+// certificate below (the caller's bearer token is checked here and not passed on):
+// method, path, query, body, Content-Type, Accept and User-Agent. The answer comes back
+// as the upstream sent it (status, body, Content-Type, Warning headers); a watch is
+// streamed event by event. Fault injection, latency and the request log apply to
+// routed requests too; drop_watches() also ends routed watches. Direct calls (create,
+// get, ...) never route: a routed group is not served by this process at all.
+struct KubeApiRoute {
+  std::string prefix;              // e.g. "/apis/shardguard.io" (a trailing '/' is ignored)
+  std::string host = "127.0.0.1";  // the upstream API server
+  int port = 0;
+  std::string ca_file;             // PEM CA that signed the upstream's serving certificate
+  std::string cert_file, key_file; // PEM client certificate and key presented upstream
+};
+
 // KubeApiServer::Options (outside the class so that `Options opt = {}` works as a
 // default argument).
 struct KubeApiServerOptions {
@@ -54,6 +74,7 @@ struct KubeApiServerOptions {
   size_t history_limit = 10000;      // watch events kept; older resourceVersions get 410
   std::chrono::milliseconds bookmark_interval{1000};
   size_t threads = 128;              // HTTP worker threads (each open watch holds one)
+  std::vector<KubeApiRoute> routes;  // path prefixes served by another API server
 };
 
 class KubeApiServer {
@@ -86,7 +107,8 @@ class KubeApiServer {
                                    const std::string& plural, const std::string& ns = "",
                                    const std::string& label_selector = "") const;
   // Like PUT (status=false) or PUT …/status (status=true): a metadata.resourceVersion
-  // that is not the current one → ApiError 409 Conflict; none = unconditional.
+  // that is not the current one → ApiError 409 Conflict; none = unconditional for the
+  // built-in kinds, ApiError 422 for custom resources and CRDs (as Kubernetes does).
   nlohmann::json update(const std::string& group, const std::string& version,
                         const std::string& plural, const std::string& ns, nlohmann::json obj,
                         bool status = false);

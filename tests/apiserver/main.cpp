@@ -3,6 +3,11 @@
 //
 //   test-apiserver [--port N] [--kubeconfig PATH] [--ready-file PATH] [--token T]
 //                  [--namespace NS]
+//                  [--route PREFIX=https://127.0.0.1:PORT --route-ca F --route-cert F --route-key F]
+//
+// --route forwards every request under PREFIX (e.g. /apis/shardguard.io) to another API
+// server (the real one of tests/realapi), with the client certificate of --route-cert /
+// --route-key, trusting --route-ca; the flags after a --route apply to it.
 #include <signal.h>
 
 #include <cstdio>
@@ -31,9 +36,31 @@ int main(int argc, char** argv) {
     else if (a == "--ready-file") ready_file = next();
     else if (a == "--token") opt.token = next();
     else if (a == "--namespace") ns = next();
+    else if (a == "--route") {
+      const std::string v = next();
+      const auto eq = v.find('=');
+      const std::string url = eq == std::string::npos ? "" : v.substr(eq + 1);
+      const std::string scheme = "https://127.0.0.1:";
+      if (eq == std::string::npos || url.rfind(scheme, 0) != 0) {
+        std::cerr << "test-apiserver: --route wants PREFIX=https://127.0.0.1:PORT, got " << v << "\n";
+        return 2;
+      }
+      shardguard::testing::KubeApiRoute r;
+      r.prefix = v.substr(0, eq);
+      r.port = std::atoi(url.c_str() + scheme.size());
+      opt.routes.push_back(r);
+    } else if (a == "--route-ca" || a == "--route-cert" || a == "--route-key") {
+      if (opt.routes.empty()) {
+        std::cerr << "test-apiserver: " << a << " must follow a --route\n";
+        return 2;
+      }
+      auto& r = opt.routes.back();
+      (a == "--route-ca" ? r.ca_file : a == "--route-cert" ? r.cert_file : r.key_file) = next();
+    }
     else if (a == "--help" || a == "-h") {
       std::cout << "usage: test-apiserver [--port N] [--kubeconfig PATH] [--ready-file PATH] "
-                   "[--token T] [--namespace NS]\n";
+                   "[--token T] [--namespace NS]\n"
+                   "       [--route PREFIX=https://127.0.0.1:PORT --route-ca F --route-cert F --route-key F]\n";
       return 0;
     } else {
       std::cerr << "test-apiserver: unknown argument " << a << "\n";

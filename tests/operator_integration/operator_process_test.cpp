@@ -1,14 +1,21 @@
-// The real shardguard-operator process against the test Kubernetes API server
-// (tests/apiserver), which speaks the REST and watch protocol over HTTPS. The test
-// plays the user (creates, edits and deletes jobs), the scheduler and the kubelet
-// (binds pods to nodes and sets their phases, honouring the pods' node affinity),
-// and the last shard's shardd (a /metrics endpoint the operator reads progress from).
+// The real shardguard-operator process against one address that serves
+// ShardedTrainingJobs (/apis/shardguard.io) from the real Kubernetes API server of the
+// `realapi` fixture (Kubernetes' own apiextensions-apiserver + etcd: validation,
+// defaulting, pruning, optimistic concurrency, finalizers, list+watch as in a cluster)
+// and the core kinds (Pods, Secrets, ConfigMaps, Services, Events, Leases) from the
+// test Kubernetes API server (tests/apiserver), which routes the former upstream. The
+// test plays the user (creates, edits and deletes jobs on the real server), the
+// scheduler and the kubelet (binds pods to nodes and sets their phases, honouring the
+// pods' node affinity), and the last shard's shardd (a /metrics endpoint the operator
+// reads progress from). Each test has its own namespace and its operator watches only
+// that one, so tests can share the fixture's server and run in parallel.
 #include <gtest/gtest.h>
 #include <httplib.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <memory>
 #include <set>
@@ -23,6 +30,8 @@
 #include "shardguard/common/process.h"
 #include "shardguard/operator/render.h"
 #include "support/operator_process.h"
+#include "support/realapi.h"
+#include "support/rest.h"
 #include "support/wait.h"
 
 namespace shardguard {
@@ -35,7 +44,6 @@ using testsupport::eventually;
 using testsupport::OperatorProcess;
 using namespace std::chrono_literals;
 
-constexpr const char* kNs = "ml";
 constexpr const char* kGroup = "shardguard.io";
 constexpr const char* kVersion = "v1alpha1";
 constexpr const char* kJobs = "shardedtrainingjobs";
@@ -45,19 +53,6 @@ std::string read_file(const std::string& path) {
   std::stringstream ss;
   ss << in.rdbuf();
   return ss.str();
-}
-
-// A ViT in 4 stages (shares about 0.02 / 0.33 / 0.33 / 0.33): with maxExposure 0.5
-// a node that held stage 0 must never get stage 2 (it would sandwich stage 1).
-json job_object(const std::string& name, const std::string& extra_spec = "", double max_exposure = 0.5) {
-  return yaml_to_json("apiVersion: shardguard.io/v1alpha1\nkind: ShardedTrainingJob\n"
-                      "metadata: {name: " + name + ", namespace: ml}\n"
-                      "spec:\n"
-                      "  model: {architecture: vit}\n"
-                      "  sharding: {shards: 4}\n"
-                      "  protection: {maxExposure: " + std::to_string(max_exposure) + "}\n"
-                      "  template: {image: shardd:test}\n"
-                      "  sidecar: {image: sidecar:test}\n" + extra_spec);
 }
 
 std::string pod_name(const std::string& job, int i) { return job + "-shard-" + std::to_string(i); }
@@ -72,6 +67,10 @@ class FakeShardMetrics {
     });
     port_ = server_.bind_to_any_port("127.0.0.1");
     thread_ = std::thread([this] { server_.listen_after_bind(); });
+    // Serving before the constructor returns: a stop() that came before the listen loop
+    // started would be missed and the destructor's join would wait forever (a test that
+    // fails in SetUp destroys this at once).
+    testsupport::eventually([this] { return server_.is_running(); }, std::chrono::seconds(10));
   }
   ~FakeShardMetrics() {
     server_.stop();
@@ -102,32 +101,111 @@ class OperatorTest : public ::testing::Test {
             ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(dir_);
     fs::create_directories(dir_);
-    kubeconfig_ = api_.write_kubeconfig((dir_ / "kubeconfig").string(), kNs);
-    api_.create("apiextensions.k8s.io", "v1", "customresourcedefinitions", "",
-                yaml_to_json(read_file(std::string(SHARDGUARD_SOURCE_DIR) +
-                                       "/crds/shardedtrainingjobs.shardguard.io.yaml")));
-    api_.create("", "v1", "namespaces", "", {{"metadata", {{"name", kNs}}}});
+    // The real server of the fixture, with the CRD (applied by every test: the first
+    // creates it; parallel tests may race on that create, so a failure is retried).
+    std::string why;
+    auto real = testsupport::RealApi::find(&why);
+    ASSERT_TRUE(real) << why;
+    real_ = *real;
+    std::string err = "not tried";
+    for (int attempt = 0; attempt < 3 && !err.empty(); ++attempt) err = real_.install_crd();
+    ASSERT_EQ(err, "") << err;
+    jobs_ = std::make_unique<testsupport::RestClient>(real_);
+    // A namespace of this test's own on both servers (the real one has no Namespace
+    // objects: a custom resource may name any namespace).
+    static int counter = 0;
+    ns_ = "ml-" + std::to_string(getpid()) + "-" + std::to_string(++counter);
+    KubeApiServer::Options opt;
+    testing::KubeApiRoute route;
+    route.prefix = "/apis/shardguard.io";
+    route.port = real_.port;
+    route.ca_file = real_.ca_file;
+    route.cert_file = real_.cert_file;
+    route.key_file = real_.key_file;
+    opt.routes.push_back(route);
+    api_ = std::make_unique<KubeApiServer>(opt);
+    kubeconfig_ = api_->write_kubeconfig((dir_ / "kubeconfig").string(), ns_);
+    api_->create("", "v1", "namespaces", "", {{"metadata", {{"name", ns_}}}});
   }
   void TearDown() override {
     ops_.clear();
+    // The jobs this test left on the shared real server go (finalizers first).
+    if (jobs_) {
+      auto list = jobs_->get(jobs_path());
+      if (list.code == 200) {
+        for (const auto& j : list.body.value("items", json::array())) {
+          const std::string name = j["metadata"].value("name", "");
+          jobs_->patch(jobs_path(name), R"({"metadata":{"finalizers":null}})", "application/merge-patch+json");
+          jobs_->del(jobs_path(name));
+        }
+      }
+    }
     if (!HasFailure()) fs::remove_all(dir_);
   }
 
+  // A ViT in 4 stages (shares about 0.02 / 0.33 / 0.33 / 0.33): with maxExposure 0.5
+  // a node that held stage 0 must never get stage 2 (it would sandwich stage 1).
+  json job_object(const std::string& name, const std::string& extra_spec = "", double max_exposure = 0.5) const {
+    return yaml_to_json("apiVersion: shardguard.io/v1alpha1\nkind: ShardedTrainingJob\n"
+                        "metadata: {name: " + name + ", namespace: " + ns_ + "}\n"
+                        "spec:\n"
+                        "  model: {architecture: vit}\n"
+                        "  sharding: {shards: 4}\n"
+                        "  protection: {maxExposure: " + std::to_string(max_exposure) + "}\n"
+                        "  template: {image: shardd:test}\n"
+                        "  sidecar: {image: sidecar:test}\n" + extra_spec);
+  }
+
+  // /apis/shardguard.io/v1alpha1/namespaces/NS/shardedtrainingjobs[/NAME[/SUB]] on the real server.
+  std::string jobs_path(const std::string& name = "", const std::string& sub = "") const {
+    std::string p = std::string("/apis/") + kGroup + "/" + kVersion + "/namespaces/" + ns_ + "/" + kJobs;
+    if (!name.empty()) p += "/" + name;
+    if (!sub.empty()) p += "/" + sub;
+    return p;
+  }
+
   OperatorProcess& start_operator(std::vector<std::string> extra = {}) {
-    extra.insert(extra.end(), {"--shard-metrics-port", std::to_string(shard_metrics_.port())});
+    extra.insert(extra.end(), {"--shard-metrics-port", std::to_string(shard_metrics_.port()), "--namespace", ns_});
     const std::string log = (dir_ / ("operator-" + std::to_string(ops_.size()) + ".log")).string();
     ops_.push_back(std::make_unique<OperatorProcess>(SHARDGUARD_BIN_DIR, kubeconfig_, log, extra));
     return *ops_.back();
   }
 
-  json create_job(const json& job) { return api_.create(kGroup, kVersion, kJobs, kNs, job); }
-  std::optional<json> job(const std::string& name) const { return api_.get(kGroup, kVersion, kJobs, kNs, name); }
+  // The user's part, on the real server.
+  json create_job(const json& job) {
+    const auto r = jobs_->post(jobs_path(), job);
+    if (r.code != 201) throw std::runtime_error("create job: " + std::to_string(r.code) + " " + r.raw + r.error);
+    return r.body;
+  }
+  std::optional<json> job(const std::string& name) const {
+    const auto r = jobs_->get(jobs_path(name));
+    if (r.code == 404) return std::nullopt;
+    if (r.code != 200) throw std::runtime_error("get job: " + std::to_string(r.code) + " " + r.raw + r.error);
+    return r.body;
+  }
+  // Read, change, write back with the resourceVersion read; a 409 (the operator wrote
+  // in between) reads again. Bounded.
+  json edit_job(const std::string& name, const std::function<void(json&)>& change) {
+    for (int attempt = 0; attempt < 20; ++attempt) {
+      json j = job(name).value();
+      change(j);
+      const auto r = jobs_->put(jobs_path(name), j);
+      if (r.code == 200) return r.body;
+      if (r.code != 409) throw std::runtime_error("update job: " + std::to_string(r.code) + " " + r.raw + r.error);
+    }
+    throw std::runtime_error("update job " + name + ": 20 conflicts in a row");
+  }
+  void delete_job(const std::string& name) {
+    const auto r = jobs_->del(jobs_path(name));
+    if (r.code != 200 && r.code != 202)
+      throw std::runtime_error("delete job: " + std::to_string(r.code) + " " + r.raw + r.error);
+  }
   json status(const std::string& name) const {
     auto j = job(name);
     return j && j->contains("status") ? (*j)["status"] : json::object();
   }
   std::optional<json> pod(const std::string& job_name, int i) const {
-    return api_.get("", "v1", "pods", kNs, pod_name(job_name, i));
+    return api_->get("", "v1", "pods", ns_, pod_name(job_name, i));
   }
   bool condition(const std::string& job_name, const std::string& type, const std::string& value = "True") const {
     for (const auto& c : status(job_name).value("conditions", json::array())) {
@@ -143,7 +221,7 @@ class OperatorTest : public ::testing::Test {
   }
   std::set<std::string> event_reasons(const std::string& job_name) const {
     std::set<std::string> out;
-    for (const auto& e : api_.list("", "v1", "events", kNs)) {
+    for (const auto& e : api_->list("", "v1", "events", ns_)) {
       if (e["involvedObject"].value("name", "") == job_name) out.insert(e.value("reason", ""));
     }
     return out;
@@ -154,8 +232,8 @@ class OperatorTest : public ::testing::Test {
   }
   size_t owned_objects(const std::string& job_name) const {
     const std::string sel = "shardguard.io/job=" + job_name;
-    return api_.list("", "v1", "pods", kNs, sel).size() + api_.list("", "v1", "secrets", kNs, sel).size() +
-           api_.list("", "v1", "configmaps", kNs, sel).size() + api_.list("", "v1", "services", kNs, sel).size();
+    return api_->list("", "v1", "pods", ns_, sel).size() + api_->list("", "v1", "secrets", ns_, sel).size() +
+           api_->list("", "v1", "configmaps", ns_, sel).size() + api_->list("", "v1", "services", ns_, sel).size();
   }
   bool all_pods_exist(const std::string& job_name, int n = 4) const {
     for (int i = 0; i < n; ++i) {
@@ -173,7 +251,7 @@ class OperatorTest : public ::testing::Test {
     if (p["spec"].value("nodeName", "") != node) {
       p["spec"]["nodeName"] = node;
       p["metadata"].erase("resourceVersion");
-      p = api_.update("", "v1", "pods", kNs, p);
+      p = api_->update("", "v1", "pods", ns_, p);
     }
     p["status"] = {{"phase", phase},
                    {"podIP", i == 3 ? "127.0.0.1" : "10.0.0." + std::to_string(i + 1)},
@@ -189,7 +267,7 @@ class OperatorTest : public ::testing::Test {
             {"state", {{"terminated", {{"exitCode", 137}, {"reason", "OOMKilled"}}}}}}});
     }
     p["metadata"].erase("resourceVersion");
-    api_.update("", "v1", "pods", kNs, p, /*status=*/true);
+    api_->update("", "v1", "pods", ns_, p, /*status=*/true);
   }
 
   // The scheduler's part: the first of `nodes` that the pod's required node affinity
@@ -208,7 +286,7 @@ class OperatorTest : public ::testing::Test {
         }
       }
     }
-    for (const auto& other : api_.list("", "v1", "pods", kNs, "shardguard.io/job=" + job_name)) {
+    for (const auto& other : api_->list("", "v1", "pods", ns_, "shardguard.io/job=" + job_name)) {
       if (other["metadata"]["name"] != p["metadata"]["name"]) banned.insert(other["spec"].value("nodeName", ""));
     }
     for (const auto& n : nodes) {
@@ -224,7 +302,7 @@ class OperatorTest : public ::testing::Test {
   // Writes by the operator (everything but reads, watches and Events).
   std::vector<KubeApiServer::RequestRecord> operator_writes(const std::string& identity = "") const {
     std::vector<KubeApiServer::RequestRecord> out;
-    for (const auto& r : api_.requests()) {
+    for (const auto& r : api_->requests()) {
       if (r.user_agent.find("shardguard-operator") == std::string::npos) continue;
       if (!identity.empty() && r.user_agent.find(identity) == std::string::npos) continue;
       if (r.verb == "create" || r.verb == "update" || r.verb == "patch" || r.verb == "delete") out.push_back(r);
@@ -232,7 +310,10 @@ class OperatorTest : public ::testing::Test {
     return out;
   }
 
-  KubeApiServer api_;
+  testsupport::RealApi real_;
+  std::unique_ptr<testsupport::RestClient> jobs_;
+  std::string ns_;
+  std::unique_ptr<KubeApiServer> api_;  // core kinds here; shardguard.io routed to real_
   FakeShardMetrics shard_metrics_;
   fs::path dir_;
   std::string kubeconfig_;
@@ -248,19 +329,32 @@ TEST_F(OperatorTest, JobLifecycleFromCreateToSucceededThenCleanup) {
   const json j = *job("life");
   EXPECT_EQ(j["metadata"]["finalizers"], json::array({"shardguard.io/cleanup"}));
   EXPECT_EQ(status("life")["observedGeneration"], j["metadata"]["generation"]);
+  // The job lives on the real server: its field managers (which the test server does
+  // not keep) name the operator's finalizer and status writes, and the operator's
+  // informer watched it through the route.
+  std::set<std::string> managed;
+  for (const auto& m : j["metadata"].value("managedFields", json::array()))
+    managed.insert(m.value("manager", "") + (m.contains("subresource") ? "/" + m.value("subresource", "") : ""));
+  EXPECT_TRUE(managed.count("shardguard-operator")) << j["metadata"].dump();
+  EXPECT_TRUE(managed.count("shardguard-operator/status")) << j["metadata"].dump();
+  bool watched = false;
+  for (const auto& r : api_->requests())
+    watched = watched || (r.verb == "watch" && r.resource == kJobs && r.code == 200 &&
+                          r.user_agent.find("shardguard-operator") != std::string::npos);
+  EXPECT_TRUE(watched);
 
   // Each shard's Secret: its own SVID (verified against the job CA), its own key.
-  const json ca_secret = *api_.get("", "v1", "secrets", kNs, "life-ca");
+  const json ca_secret = *api_->get("", "v1", "secrets", ns_, "life-ca");
   const std::string ca_pem = op::base64_decode(ca_secret["data"]["ca.crt"]);
   std::set<std::string> keys;
   for (int i = 0; i < 4; ++i) {
-    const json s = *api_.get("", "v1", "secrets", kNs, pod_name("life", i));
+    const json s = *api_->get("", "v1", "secrets", ns_, pod_name("life", i));
     std::set<std::string> fields;
     for (const auto& [k, v] : s["data"].items()) fields.insert(k);
     EXPECT_EQ(fields, (std::set<std::string>{"tls.crt", "tls.key", "ca.crt", "checkpoint.key", "ledger.key"}));
     const SvidCheck check = verify_svid(op::base64_decode(s["data"]["tls.crt"]), ca_pem, std::chrono::system_clock::now());
     EXPECT_TRUE(check.ok) << check.message;
-    EXPECT_EQ(check.spiffe_id, spiffe_id_for_shard("shardguard.local", kNs, "life", i));
+    EXPECT_EQ(check.spiffe_id, spiffe_id_for_shard("shardguard.local", ns_, "life", i));
     keys.insert(s["data"]["checkpoint.key"]);
     keys.insert(s["data"]["ledger.key"]);
     EXPECT_EQ(s["metadata"]["ownerReferences"][0]["uid"], j["metadata"]["uid"]);
@@ -312,7 +406,7 @@ TEST_F(OperatorTest, JobLifecycleFromCreateToSucceededThenCleanup) {
   // planned from a cache that has not yet seen the operator's own last status write is
   // refused (409, nothing written) and retried; under load that happens, so refused
   // attempts do not count.
-  api_.clear_requests();
+  api_->clear_requests();
   const double before = op.sample("controller_runtime_reconcile_total", "result=\"success\"").value_or(0);
   ASSERT_TRUE(eventually([&] {
     return op.sample("controller_runtime_reconcile_total", "result=\"success\"").value_or(0) >= before + 3;
@@ -324,7 +418,7 @@ TEST_F(OperatorTest, JobLifecycleFromCreateToSucceededThenCleanup) {
   EXPECT_TRUE(written.empty()) << written.front().method << " " << written.front().path << " -> " << written.front().code;
 
   // Deleted: every owned object goes, then the finalizer, then the job.
-  api_.remove(kGroup, kVersion, kJobs, kNs, "life");
+  delete_job("life");
   ASSERT_TRUE(eventually([&] { return !job("life"); }, 30s)) << (job("life") ? job("life")->dump(2) : "");
   EXPECT_EQ(owned_objects("life"), 0u);
   ASSERT_TRUE(eventually([&] { return !op.sample("shardguard_job_max_exposure_ratio", "job=\"life\""); }, 10s));
@@ -363,7 +457,7 @@ TEST_F(OperatorTest, FailedShardIsRecreatedAwayFromUnsafeNodesUntilTheBackoffLim
   ASSERT_TRUE(eventually([&] { return status("flaky").value("phase", "") == "Failed"; }, 30s))
       << status("flaky").dump(2);
   EXPECT_EQ(condition_reason("flaky", "Failed"), "BackoffLimitExceeded");
-  ASSERT_TRUE(eventually([&] { return api_.list("", "v1", "pods", kNs, "shardguard.io/job=flaky").empty(); }, 30s));
+  ASSERT_TRUE(eventually([&] { return api_->list("", "v1", "pods", ns_, "shardguard.io/job=flaky").empty(); }, 30s));
   EXPECT_TRUE(has_event("flaky", "BackoffLimitExceeded"));
   EXPECT_EQ(status("flaky")["failedPods"], 2);
 }
@@ -374,13 +468,13 @@ TEST_F(OperatorTest, SecretWithoutALedgerKeyGetsOneAndKeepsItsCheckpointKey) {
   auto& op = start_operator();
   create_job(job_object("old"));
   ASSERT_TRUE(eventually([&] { return all_pods_exist("old"); }, 30s)) << op.log();
-  json s = *api_.get("", "v1", "secrets", kNs, "old-shard-1");
+  json s = *api_->get("", "v1", "secrets", ns_, "old-shard-1");
   const json before = s["data"];
   s["data"].erase("ledger.key");
-  api_.update("", "v1", "secrets", kNs, s);
+  api_->update("", "v1", "secrets", ns_, s);
   json after;
   ASSERT_TRUE(eventually([&] {
-    after = (*api_.get("", "v1", "secrets", kNs, "old-shard-1"))["data"];
+    after = (*api_->get("", "v1", "secrets", ns_, "old-shard-1"))["data"];
     return after.contains("ledger.key");
   }, 30s)) << op.log();
   EXPECT_EQ(op::base64_decode(after["ledger.key"]).size(), 32u);
@@ -394,25 +488,21 @@ TEST_F(OperatorTest, SuspendDeletesPodsKeepsKeysAndResumeRecreatesThem) {
   ASSERT_TRUE(eventually([&] { return all_pods_exist("nap"); }, 30s)) << op.log();
   run_all("nap");
   ASSERT_TRUE(eventually([&] { return status("nap").value("phase", "") == "Running"; }, 30s));
-  const json key_before = (*api_.get("", "v1", "secrets", kNs, "nap-shard-1"))["data"]["checkpoint.key"];
-  const json ledger_key_before = (*api_.get("", "v1", "secrets", kNs, "nap-shard-1"))["data"]["ledger.key"];
+  const json key_before = (*api_->get("", "v1", "secrets", ns_, "nap-shard-1"))["data"]["checkpoint.key"];
+  const json ledger_key_before = (*api_->get("", "v1", "secrets", ns_, "nap-shard-1"))["data"]["ledger.key"];
 
-  json j = *job("nap");
-  j["spec"]["runPolicy"]["suspend"] = true;
-  api_.update(kGroup, kVersion, kJobs, kNs, j);
+  edit_job("nap", [](json& j) { j["spec"]["runPolicy"]["suspend"] = true; });
   ASSERT_TRUE(eventually([&] {
     return status("nap").value("phase", "") == "Suspended" &&
-           api_.list("", "v1", "pods", kNs, "shardguard.io/job=nap").empty();
+           api_->list("", "v1", "pods", ns_, "shardguard.io/job=nap").empty();
   }, 30s)) << status("nap").dump(2);
   EXPECT_TRUE(condition("nap", "Suspended"));
   EXPECT_EQ(owned_objects("nap"), 10u);  // PKI, policies and the Service stay
 
-  j = *job("nap");
-  j["spec"]["runPolicy"]["suspend"] = false;
-  api_.update(kGroup, kVersion, kJobs, kNs, j);
+  edit_job("nap", [](json& j) { j["spec"]["runPolicy"]["suspend"] = false; });
   ASSERT_TRUE(eventually([&] { return all_pods_exist("nap"); }, 30s));
-  EXPECT_EQ((*api_.get("", "v1", "secrets", kNs, "nap-shard-1"))["data"]["checkpoint.key"], key_before);
-  EXPECT_EQ((*api_.get("", "v1", "secrets", kNs, "nap-shard-1"))["data"]["ledger.key"], ledger_key_before);
+  EXPECT_EQ((*api_->get("", "v1", "secrets", ns_, "nap-shard-1"))["data"]["checkpoint.key"], key_before);
+  EXPECT_EQ((*api_->get("", "v1", "secrets", ns_, "nap-shard-1"))["data"]["ledger.key"], ledger_key_before);
   ASSERT_TRUE(eventually([&] { return condition("nap", "Suspended", "False"); }, 10s));
   EXPECT_TRUE(has_event("nap", "Suspended"));
   EXPECT_TRUE(has_event("nap", "Resumed"));
@@ -425,40 +515,61 @@ TEST_F(OperatorTest, StageAboveMaxExposureIsRefused) {
   EXPECT_TRUE(condition("greedy", "ShardIsolation", "False"));
   EXPECT_EQ(condition_reason("greedy", "ShardIsolation"), "ExposureRefused");
   EXPECT_TRUE(has_event("greedy", "ExposureRefused"));
-  EXPECT_TRUE(api_.list("", "v1", "pods", kNs, "shardguard.io/job=greedy").empty());
+  EXPECT_TRUE(api_->list("", "v1", "pods", ns_, "shardguard.io/job=greedy").empty());
+}
+
+// A spec the API server accepts (every field within the CRD's rules) that the
+// operator still cannot run: 64 shards cannot be cut from a one-layer MLP.
+TEST_F(OperatorTest, SpecThatCannotBeShardedFailsAsInvalidSpec) {
+  auto& op = start_operator();
+  json j = job_object("tiny");
+  j["spec"]["model"] = {{"architecture", "mlp"}, {"depth", 1}};
+  j["spec"]["sharding"]["shards"] = 64;
+  create_job(j);  // accepted by the real server
+  ASSERT_TRUE(eventually([&] { return status("tiny").value("phase", "") == "Failed"; }, 30s))
+      << status("tiny").dump(2) << op.log();
+  EXPECT_TRUE(condition("tiny", "Failed"));
+  EXPECT_EQ(condition_reason("tiny", "Failed"), "InvalidSpec");
+  std::string message;
+  for (const auto& c : status("tiny").value("conditions", json::array()))
+    if (c.value("type", "") == "Failed") message = c.value("message", "");
+  EXPECT_NE(message.find("spec.sharding.shards"), std::string::npos) << message;
+  EXPECT_TRUE(has_event("tiny", "InvalidSpec"));
+  EXPECT_EQ(owned_objects("tiny"), 0u) << "nothing is created for a job that cannot run";
+  EXPECT_EQ(status("tiny")["observedGeneration"], (*job("tiny"))["metadata"]["generation"]);
 }
 
 TEST_F(OperatorTest, ServerErrorsAndDroppedWatchesLoseNothing) {
   auto& op = start_operator();
   // Every third write fails for a while, and the first creates all fail.
-  api_.fail_next(6, 500, "POST");
+  api_->fail_next(6, 500, "POST");
   create_job(job_object("bumpy"));
   ASSERT_TRUE(eventually([&] { return owned_objects("bumpy") == 14; }, 60s)) << op.log();
   // Watches dropped, history compacted (the next watch from an old resourceVersion
   // gets 410 and the informers relist), and the kubelet's updates land meanwhile.
   for (int i = 0; i < 4; ++i) {
-    api_.drop_watches();
-    api_.compact();
+    api_->drop_watches();
+    api_->compact();
     kubelet("bumpy", i, "node-" + std::to_string(i), "Running");
   }
   ASSERT_TRUE(eventually([&] { return status("bumpy").value("phase", "") == "Running"; }, 60s))
       << status("bumpy").dump(2) << op.log();
-  api_.set_latency(50ms);
+  api_->set_latency(50ms);
   for (int i = 0; i < 4; ++i) kubelet("bumpy", i, "node-" + std::to_string(i), "Succeeded");
-  api_.drop_watches();
+  api_->drop_watches();
   ASSERT_TRUE(eventually([&] { return status("bumpy").value("phase", "") == "Succeeded"; }, 60s))
       << status("bumpy").dump(2);
   EXPECT_GT(op.sample("controller_runtime_reconcile_errors_total").value_or(0), 0);
 }
 
 TEST_F(OperatorTest, LeaderElectionOneReconcilesTheOtherTakesOverWhenItDies) {
-  const std::vector<std::string> le = {"--leader-elect", "--leader-election-namespace", kNs, "--lease-duration", "3",
+  const std::vector<std::string> le = {"--leader-elect", "--leader-election-namespace", ns_, "--lease-duration", "3",
                                        "--renew-deadline", "2", "--retry-period", "0.5"};
   auto& a = start_operator(le);
   auto& b = start_operator(le);
   std::string holder;
   ASSERT_TRUE(eventually([&] {
-    auto lease = api_.get("coordination.k8s.io", "v1", "leases", kNs, "shardguard-operator");
+    auto lease = api_->get("coordination.k8s.io", "v1", "leases", ns_, "shardguard-operator");
     if (!lease) return false;
     holder = (*lease)["spec"].value("holderIdentity", "");
     return holder == a.identity() || holder == b.identity();
@@ -484,7 +595,7 @@ TEST_F(OperatorTest, LeaderElectionOneReconcilesTheOtherTakesOverWhenItDies) {
   };
   create_job(job_object("two"));
   ASSERT_TRUE(eventually([&] {
-    auto lease = api_.get("coordination.k8s.io", "v1", "leases", kNs, "shardguard-operator");
+    auto lease = api_->get("coordination.k8s.io", "v1", "leases", ns_, "shardguard-operator");
     return lease && (*lease)["spec"].value("holderIdentity", "") == standby.identity();
   }, 30s)) << standby.log();
   const double takeover = seconds_since_kill();
@@ -514,10 +625,18 @@ TEST_F(OperatorTest, EveryObjectWrittenValidatesAgainstTheKubernetesSchemas) {
     return status("valid").value("phase", "") == "Pending" && status("valid").value("failedPods", 0) == 1 &&
            all_pods_exist("valid");
   }, 30s)) << status("valid").dump(2);
-  json dump = api_.dump();
+  json dump = api_->dump();
   json items = json::array();
   for (const auto& o : dump["items"]) {
     if (o.value("kind", "") != "Namespace") items.push_back(o);  // ours, not the operator's
+  }
+  // The jobs (with the status the operator wrote) live on the real server.
+  const auto jobs = jobs_->get(jobs_path());
+  ASSERT_EQ(jobs.code, 200) << jobs.raw;
+  for (auto o : jobs.body["items"]) {
+    o["apiVersion"] = std::string(kGroup) + "/" + kVersion;
+    o["kind"] = "ShardedTrainingJob";
+    items.push_back(o);
   }
   const std::string file = (dir_ / "objects.json").string();
   std::ofstream(file) << json{{"apiVersion", "v1"}, {"kind", "List"}, {"items", items}}.dump(1);
@@ -565,26 +684,26 @@ std::set<Grant> granted_by(const std::string& manifest_file) {
 // keeps equal to it) against every API call the operator made through a whole job
 // life: each call is allowed, and every grant but one documented exception was used.
 TEST_F(OperatorTest, RbacGrantsExactlyTheCallsTheOperatorMakes) {
-  auto& op = start_operator({"--leader-elect", "--leader-election-namespace", kNs, "--lease-duration", "3",
+  auto& op = start_operator({"--leader-elect", "--leader-election-namespace", ns_, "--lease-duration", "3",
                              "--renew-deadline", "2", "--retry-period", "0.5", "--resync", "1"});
   create_job(job_object("rbac", "  runPolicy: {ttlSecondsAfterFinished: 1}\n"));
   ASSERT_TRUE(eventually([&] { return owned_objects("rbac") == 14; }, 30s)) << op.log();
   run_all("rbac");
   ASSERT_TRUE(eventually([&] { return status("rbac").value("phase", "") == "Running"; }, 30s));
   // Drift: a ConfigMap's data, the Service's selector and a Secret's labels are put back.
-  json cm = *api_.get("", "v1", "configmaps", kNs, "rbac-shard-1");
+  json cm = *api_->get("", "v1", "configmaps", ns_, "rbac-shard-1");
   cm["data"]["policy.json"] = "{}";
-  api_.update("", "v1", "configmaps", kNs, cm);
-  json svc = *api_.get("", "v1", "services", kNs, "rbac");
+  api_->update("", "v1", "configmaps", ns_, cm);
+  json svc = *api_->get("", "v1", "services", ns_, "rbac");
   svc["spec"]["selector"] = {{"app", "other"}};
-  api_.update("", "v1", "services", kNs, svc);
-  json sec = *api_.get("", "v1", "secrets", kNs, "rbac-shard-2");
+  api_->update("", "v1", "services", ns_, svc);
+  json sec = *api_->get("", "v1", "secrets", ns_, "rbac-shard-2");
   sec["metadata"]["labels"].erase("shardguard.io/shard");
-  api_.update("", "v1", "secrets", kNs, sec);
+  api_->update("", "v1", "secrets", ns_, sec);
   ASSERT_TRUE(eventually([&] {
-    return (*api_.get("", "v1", "configmaps", kNs, "rbac-shard-1"))["data"]["policy.json"] != "{}" &&
-           (*api_.get("", "v1", "services", kNs, "rbac"))["spec"]["selector"].contains("shardguard.io/job") &&
-           (*api_.get("", "v1", "secrets", kNs, "rbac-shard-2"))["metadata"]["labels"].contains("shardguard.io/shard");
+    return (*api_->get("", "v1", "configmaps", ns_, "rbac-shard-1"))["data"]["policy.json"] != "{}" &&
+           (*api_->get("", "v1", "services", ns_, "rbac"))["spec"]["selector"].contains("shardguard.io/job") &&
+           (*api_->get("", "v1", "secrets", ns_, "rbac-shard-2"))["metadata"]["labels"].contains("shardguard.io/shard");
   }, 30s));
   // A failed pod (delete + create), then success, then the TTL deletes the job, and the
   // finalizer's cleanup deletes what it owns.
@@ -600,7 +719,7 @@ TEST_F(OperatorTest, RbacGrantsExactlyTheCallsTheOperatorMakes) {
   ASSERT_TRUE(eventually([&] { return owned_objects("rbac") == 0; }, 30s));
 
   std::set<Grant> used;
-  for (const auto& r : api_.requests()) {
+  for (const auto& r : api_->requests()) {
     if (r.user_agent.find("shardguard-operator") == std::string::npos || r.verb.empty()) continue;
     used.insert({r.group, r.resource + (r.subresource.empty() ? "" : "/" + r.subresource), r.verb});
   }
