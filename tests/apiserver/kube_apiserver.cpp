@@ -614,21 +614,6 @@ void add_ext(X509* cert, X509* issuer, int nid, const char* value) {
 }
 
 
-// Percent-encodes a query parameter name or value (RFC 3986 unreserved kept).
-std::string query_escape(const std::string& in) {
-  static const char* hex = "0123456789ABCDEF";
-  std::string out;
-  for (unsigned char c : in) {
-    if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~') {
-      out.push_back(static_cast<char>(c));
-    } else {
-      out.push_back('%');
-      out.push_back(hex[c >> 4]);
-      out.push_back(hex[c & 15]);
-    }
-  }
-  return out;
-}
 
 // One routed watch: a pump thread reads the upstream stream into `buf`; the HTTP
 // worker that serves the client writes it out. `closed` ends both.
@@ -1709,13 +1694,13 @@ struct KubeApiServer::Impl {
     for (const auto& seg : split(req.path, '/')) {
       if (seg.empty()) continue;
       target += '/';
-      target += query_escape(seg);
+      target += url_encode(seg);
     }
     if (target.empty()) target = "/";
     char sep = '?';
     for (const auto& [k, v] : req.params) {
       target += sep;
-      target += query_escape(k) + "=" + query_escape(v);
+      target += url_encode(k) + "=" + url_encode(v);
       sep = '&';
     }
     return target;

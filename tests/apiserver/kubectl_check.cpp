@@ -14,29 +14,12 @@
 #include <vector>
 
 #include "shardguard/common/process.h"
+#include "support/realapi.h"
 
 namespace {
 
-std::string read_file(const std::string& path) {
-  std::ifstream f(path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-std::string find_kubectl() {
-  std::string local = std::string(SHARDGUARD_SOURCE_DIR) + "/tools/bin/kubectl";
-  if (::access(local.c_str(), X_OK) == 0) return local;
-  const char* path = std::getenv("PATH");
-  std::stringstream dirs(path ? path : "");
-  std::string dir;
-  while (std::getline(dirs, dir, ':')) {
-    if (dir.empty()) continue;
-    std::string candidate = dir + "/kubectl";
-    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
-  }
-  return "";
-}
+using shardguard::testsupport::find_kubectl;
+std::string read_file(const std::string& path) { return shardguard::testsupport::read_text(path); }
 
 struct KubectlRun {
   int code = -1;

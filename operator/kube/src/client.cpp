@@ -28,6 +28,7 @@
 #include <openssl/x509_vfy.h>
 
 #include "shardguard/common/log.h"
+#include "shardguard/common/strings.h"
 
 namespace shardguard::kube {
 namespace {
@@ -92,21 +93,6 @@ Endpoint parse_server(const std::string& server) {
   ep.host_header = v6 ? "[" + ep.host + "]" : ep.host;
   if ((ep.tls && ep.port != 443) || (!ep.tls && ep.port != 80)) ep.host_header += ":" + std::to_string(ep.port);
   return ep;
-}
-
-std::string url_encode(const std::string& s) {
-  static const char* hex = "0123456789ABCDEF";
-  std::string out;
-  for (unsigned char c : s) {
-    if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~') {
-      out.push_back(static_cast<char>(c));
-    } else {
-      out.push_back('%');
-      out.push_back(hex[c >> 4]);
-      out.push_back(hex[c & 15]);
-    }
-  }
-  return out;
 }
 
 std::string reason_for(int code) {

@@ -21,6 +21,25 @@ inline std::vector<std::string> split(const std::string& s, char sep) {
   return out;
 }
 
+// `s` percent-encoded for a URL query or path segment: RFC 3986's unreserved
+// characters (letters, digits, '-', '_', '.', '~') stay, every other byte is %XX.
+inline std::string url_encode(const std::string& s) {
+  static const char* hex = "0123456789ABCDEF";
+  std::string out;
+  for (unsigned char c : s) {
+    const bool unreserved = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                            c == '-' || c == '_' || c == '.' || c == '~';
+    if (unreserved) {
+      out.push_back(static_cast<char>(c));
+    } else {
+      out.push_back('%');
+      out.push_back(hex[c >> 4]);
+      out.push_back(hex[c & 15]);
+    }
+  }
+  return out;
+}
+
 // `s` without leading and trailing spaces, tabs, CRs and LFs.
 inline std::string trim(const std::string& s) {
   const auto b = s.find_first_not_of(" \t\r\n");
