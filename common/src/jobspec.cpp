@@ -8,6 +8,9 @@
 // problem found by either layer.
 #include "shardguard/common/jobspec.h"
 
+#include "shardguard/common/pki.h"
+#include "shardguard/common/strings.h"
+
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -950,12 +953,6 @@ void decode_spec(Decoder& d, const json& spec, JobSpec& job) {
 
 // ---- validation ------------------------------------------------------------
 
-bool is_dns_label(const std::string& s) {
-  if (s.empty() || s.size() > kMaxLabelLength) return false;
-  auto alnum = [](char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9'); };
-  if (!alnum(s.front()) || !alnum(s.back())) return false;
-  return std::all_of(s.begin(), s.end(), [&](char c) { return alnum(c) || c == '-'; });
-}
 
 bool is_dns_name(const std::string& s) {
   if (s.empty() || s.size() > kMaxDnsNameLength) return false;
@@ -967,37 +964,6 @@ bool is_dns_name(const std::string& s) {
     if (!is_dns_label(label)) return false;
     if (dot == std::string::npos) return true;
     start = dot + 1;
-  }
-}
-
-// spiffe://<trust-domain>[/<segment>...] as the SPIFFE ID standard allows.
-bool is_spiffe_id(const std::string& s) {
-  const std::string scheme = "spiffe://";
-  if (s.compare(0, scheme.size(), scheme) != 0) return false;
-  const std::string rest = s.substr(scheme.size());
-  const std::size_t slash = rest.find('/');
-  const std::string domain = rest.substr(0, slash);
-  if (domain.empty()) return false;
-  for (char c : domain) {
-    const bool ok = (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == '-' ||
-                    c == '_';
-    if (!ok) return false;
-  }
-  if (slash == std::string::npos) return true;
-  std::string path = rest.substr(slash + 1);
-  std::size_t start = 0;
-  while (true) {
-    const std::size_t next = path.find('/', start);
-    const std::string segment =
-        path.substr(start, next == std::string::npos ? std::string::npos : next - start);
-    if (segment.empty() || segment == "." || segment == "..") return false;
-    for (char c : segment) {
-      const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                      c == '.' || c == '-' || c == '_';
-      if (!ok) return false;
-    }
-    if (next == std::string::npos) return true;
-    start = next + 1;
   }
 }
 
@@ -1223,10 +1189,10 @@ std::vector<FieldError> validate(const JobSpec& job) {
       c.fail(path, "duplicate value " + quote(principal));
       continue;
     }
-    if (!c.max_length(path, principal, 2048)) continue;
-    if (!is_spiffe_id(principal)) {
-      c.fail("spec.protection.export.principals[" + std::to_string(i) + "]",
-             "must be a SPIFFE ID (spiffe://<trust-domain>/<path>), got " + quote(principal));
+    if (!c.max_length(path, principal, kMaxSpiffeIdBytes)) continue;
+    // The one SPIFFE ID check (pki.h), the one the leaf certificates are issued under.
+    if (const std::string why = validate_spiffe_id(principal); !why.empty()) {
+      c.fail(path, "must be a SPIFFE ID (spiffe://<trust-domain>/<path>): " + why + ", got " + quote(principal));
     }
   }
 

@@ -3,6 +3,7 @@
 #include "shardguard/sidecar/policy.h"
 
 #include "shardguard/common/pki.h"
+#include "shardguard/common/strings.h"
 
 #include <algorithm>
 #include <cstddef>
@@ -70,14 +71,6 @@ bool is_trust_domain(const std::string& td) {
   return true;
 }
 
-// [a-z0-9]([-a-z0-9]*[a-z0-9])?, at most `max` characters.
-bool is_dns_label(const std::string& s, std::size_t max = 63) {
-  if (s.empty() || s.size() > max) return false;
-  for (char c : s) {
-    if (!(is_lower(c) || is_digit(c) || c == '-')) return false;
-  }
-  return s.front() != '-' && s.back() != '-';
-}
 
 // A shard index as it appears in a SPIFFE ID: decimal, no sign, no leading zeros.
 bool is_canonical_index(const std::string& s, std::size_t begin) {

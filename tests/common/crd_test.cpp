@@ -797,11 +797,11 @@ TEST(Crd, StringRulesMatchTheDecoder) {
        {"shardguard.local", "a", "a-b.c0", label63, label63 + ".x", long_name.substr(1)},
        {"", "A.b", "-a", "a-", "a..b", ".a", "a.", "a_b", "a b", label63 + "a", long_name + "x"}},
       {"spec.protection.export.principals",
-       {"spiffe://a", "spiffe://shardguard.local/ns/ml/sa/trainer", "spiffe://x_y-1.z/A.b_c",
+       {"spiffe://a/b", "spiffe://shardguard.local/ns/ml/sa/trainer", "spiffe://x_y-1.z/A.b_c",
         "spiffe://a/.b", "spiffe://a/b./c", "spiffe://a/...", "spiffe://a/..b"},
        {"spiffe://", "spiffe://A/b", "spiffe://a/", "spiffe://a//b", "spiffe://a/./b",
         "spiffe://a/..", "http://a/b", "spiffe://a/b c", "spiffe://a:8080/b", "spiffe://a/b?c",
-        "spiffe:///b"}},
+        "spiffe:///b", "spiffe://a"}},
   };
   for (const Case& c : cases) {
     const bool list = std::string(c.path) == "spec.protection.export.principals";

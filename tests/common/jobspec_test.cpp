@@ -1,4 +1,5 @@
 #include "shardguard/common/jobspec.h"
+#include "shardguard/common/pki.h"
 
 #include <gtest/gtest.h>
 
@@ -606,6 +607,17 @@ TEST(JobSpecTest, ProtectionRules) {
   error_at(errors, "spec.protection.export.principals[2]");
   error_at(errors, "spec.protection.export.principals[3]");
   EXPECT_EQ(errors.size(), 4u);
+}
+
+// One SPIFFE ID rule for the job, the policy and the certificates (pki.h): a trust
+// domain alone names no workload, so a job cannot name it as an export principal and
+// then fail at render when its policy is built.
+TEST(JobSpecTest, PrincipalWithoutAPathIsRefusedWithTheReason) {
+  json object = minimal_job();
+  object["spec"]["protection"] = {{"export", {{"allowed", true}, {"principals", {"spiffe://td"}}}}};
+  const std::string e = one_error(object, "spec.protection.export.principals[0]");
+  EXPECT_NE(e.find("path is empty"), std::string::npos) << e;
+  EXPECT_NE(e.find(validate_spiffe_id("spiffe://td")), std::string::npos) << e;
 }
 
 TEST(JobSpecTest, CheckpointAndRunPolicyRanges) {

@@ -109,6 +109,8 @@ std::vector<Case> invalid_cases() {
   spec("topology-syntax", kModel + "  protection: {topologyKey: \"zone name\"}\n", 422, "spec.protection.topologyKey", "should match");
   spec("principal-scheme", kModel + "  protection: {export: {allowed: true, principals: [\"https://td/x\"]}}\n", 422,
        "spec.protection.export.principals[0]", "should match");
+  spec("principal-no-path", kModel + "  protection: {export: {allowed: true, principals: [\"spiffe://td\"]}}\n", 422,
+       "spec.protection.export.principals[0]", "should match");
   spec("principal-duplicate", kModel + "  protection: {export: {allowed: true, principals: [\"spiffe://td/a\", \"spiffe://td/a\"]}}\n", 422,
        "spec.protection.export.principals[1]", "Duplicate value");
   {

@@ -40,6 +40,16 @@ inline std::string url_encode(const std::string& s) {
   return out;
 }
 
+// A DNS-1123 label: [a-z0-9]([-a-z0-9]*[a-z0-9])?, at most `max` characters (63 in
+// DNS; names built from a label may need it shorter).
+inline bool is_dns_label(const std::string& s, std::size_t max = 63) {
+  if (s.empty() || s.size() > max) return false;
+  for (char c : s) {
+    if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-')) return false;
+  }
+  return s.front() != '-' && s.back() != '-';
+}
+
 // `s` without leading and trailing spaces, tabs, CRs and LFs.
 inline std::string trim(const std::string& s) {
   const auto b = s.find_first_not_of(" \t\r\n");
