@@ -10,25 +10,6 @@ namespace shardguard::op {
 
 using nlohmann::json;
 
-std::set<int> exposed_stages(const std::set<int>& held, int num_stages) {
-  std::set<int> out;
-  for (int i : held) {
-    if (i >= 0 && i < num_stages) out.insert(i);
-  }
-  for (int i = 1; i + 1 < num_stages; ++i) {
-    if (held.count(i - 1) && held.count(i + 1)) out.insert(i);
-  }
-  return out;
-}
-
-double exposure_of(const std::vector<int64_t>& stage_params, const std::set<int>& held) {
-  const int64_t total = std::accumulate(stage_params.begin(), stage_params.end(), int64_t{0});
-  if (total <= 0) return 0;
-  int64_t sum = 0;
-  for (int i : exposed_stages(held, static_cast<int>(stage_params.size()))) sum += stage_params[i];
-  return static_cast<double>(sum) / static_cast<double>(total);
-}
-
 ExposureReport compute_exposure(const std::vector<int64_t>& stage_params, const PlacementHistory& history) {
   ExposureReport r;
   const int n = static_cast<int>(stage_params.size());

@@ -5,6 +5,7 @@
 #include <set>
 #include <sstream>
 
+#include "shardguard/common/exposure.h"
 #include "shardguard/common/strings.h"
 #include "shardguard/shardctl/study.h"
 
@@ -136,11 +137,11 @@ std::vector<StudyRow> parse_rows(const std::string& list, int n) {
 }
 
 double row_exposure(const StudyRow& row, const std::vector<double>& shares) {
-  std::set<int> exposed(row.held.begin(), row.held.end());
-  if (row.sandwiched >= 0) exposed.insert(row.sandwiched);
-  double e = 0;
-  for (int i : exposed) e += shares.at(static_cast<size_t>(i));
-  return std::min(1.0, e);
+  // The operator's definition (common/exposure.h): a row holding stages i-1 and i+1
+  // is exposed to stage i too, whether or not the row is a sandwich row.
+  std::set<int> held(row.held.begin(), row.held.end());
+  if (row.sandwiched >= 0) held.insert(row.sandwiched);
+  return exposure_of(shares, held);
 }
 
 std::vector<std::string> row_attacks(const StudyRow& row, int stages, const std::vector<std::string>& wanted) {

@@ -6,12 +6,17 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 
 #include <unistd.h>
 
 #include <gtest/gtest.h>
 
+#include "shardguard/common/jobspec.h"
+#include "shardguard/operator/status.h"
 #include "shardguard/shardctl/study.h"
+#include "shardguard/shardd/model_desc.h"
+#include "shardguard/shardd/partition.h"
 
 namespace fs = std::filesystem;
 using namespace shardguard::shardctl;
@@ -97,6 +102,37 @@ TEST(StudyRows, ExposureFollowsDesignSection5) {
   // The sandwich of stage 1 holds stages 0 and 2 and counts stage 1 as exposed.
   EXPECT_NEAR(exposure("sw1"), (18816 + 73856 + 73792) / 167114.0, 1e-12);
   EXPECT_NEAR(exposure("sw2"), (73856 + 73792 + 650) / 167114.0, 1e-12);
+  // Holding stages 1 and 3 sandwiches stage 2 whether or not the row is a sandwich row.
+  EXPECT_NEAR(exposure("s0+1+3"), 1.0, 1e-12);
+}
+
+// The study's exposure of every row equals the operator's exposure_of for the same
+// holding, for both models of the study as the example jobs cut them.
+TEST(StudyRows, ExposureIsTheOperatorsForEveryRowOfBothModels) {
+  for (const char* example : {"fashion-mnist-cnn.yaml", "fashion-mnist-vit.yaml"}) {
+    SCOPED_TRACE(example);
+    const auto job = shardguard::load_job_file(std::string(SHARDGUARD_SOURCE_DIR) + "/examples/" + example);
+    const auto desc = shardguard::shardd::describe_model(job.model);
+    const auto cut = shardguard::shardd::partition(desc, job.sharding.shards, job.sharding.balance);
+    std::vector<double> shares;
+    std::vector<int64_t> params;
+    for (const auto& s : cut) {
+      shares.push_back(shardguard::shardd::parameter_share(desc, s));
+      params.push_back(s.parameters);
+    }
+    const auto rows = default_rows(static_cast<int>(cut.size()));
+    EXPECT_GE(rows.size(), 14u);
+    for (const auto& r : rows) {
+      SCOPED_TRACE(r.name);
+      std::set<int> held(r.held.begin(), r.held.end());
+      if (r.sandwiched >= 0) {
+        // What a sandwich row observes: the neighbours of the sandwiched stage.
+        held.insert(r.sandwiched - 1);
+        held.insert(r.sandwiched + 1);
+      }
+      EXPECT_NEAR(row_exposure(r, shares), shardguard::op::exposure_of(params, held), 1e-9);
+    }
+  }
 }
 
 TEST(StudyRows, AttacksPerRow) {

@@ -11,18 +11,19 @@
 
 #include <nlohmann/json.hpp>
 
+#include "shardguard/common/exposure.h"
+
 namespace shardguard::op {
 
 // Node → every shard index a pod on that node has ever held (status.exposure.nodes).
 using PlacementHistory = std::map<std::string, std::set<int>>;
 
-// Stages a domain is exposed to: those it held, plus every stage i both of whose
-// neighbours (i-1 and i+1) it held — it sees that stage's inputs and outputs, so the
-// stage can be fitted from them ("sandwiched").
-std::set<int> exposed_stages(const std::set<int>& held, int num_stages);
-
-// Σ p_i over exposed_stages(held) / Σ p_i, in [0, 1]. 0 when the model is empty.
-double exposure_of(const std::vector<int64_t>& stage_params, const std::set<int>& held);
+// Stages a domain is exposed to (held ∪ sandwiched) and its exposure: the one
+// definition of DESIGN.md §5, in common/exposure.h, over parameter counts.
+using shardguard::exposed_stages;
+inline double exposure_of(const std::vector<int64_t>& stage_params, const std::set<int>& held) {
+  return shardguard::exposure_of(std::vector<double>(stage_params.begin(), stage_params.end()), held);
+}
 
 struct NodeExposure {
   std::string node;

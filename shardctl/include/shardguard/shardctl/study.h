@@ -46,7 +46,9 @@ std::vector<StudyRow> default_rows(int stages);
 // of a stage without two neighbours.
 std::vector<StudyRow> parse_rows(const std::string& list, int stages);
 
-// Exposure of a row per DESIGN.md §5: Σ shares of held ∪ sandwiched stages.
+// Exposure of a row per DESIGN.md §5 (common/exposure.h, as the operator computes
+// it): Σ shares of held ∪ sandwiched stages, a stage both of whose neighbours are
+// held counting as sandwiched.
 double row_exposure(const StudyRow& row, const std::vector<double>& stage_shares);
 
 // The attacks of a row. Controls "scratch" and "victim" are separate cells (row

@@ -1,0 +1,25 @@
+// Exposure, DESIGN.md §5 — the one definition, used by the operator's status and
+// placement, `shardctl`'s report and the exposure study.
+//
+// A domain (a node, a principal, or any set that may collude) that holds some
+// stages also observes the input and the output activations of every stage both
+// of whose neighbours it holds, so such a stage counts as exposed too:
+//   exposed(D)  = held(D) ∪ { i : i-1 ∈ held(D) and i+1 ∈ held(D) }
+//   exposure(D) = Σ_{i ∈ exposed(D)} w_i / Σ_i w_i      (w_i: stage i's parameters)
+#pragma once
+
+#include <cstdint>
+#include <set>
+#include <vector>
+
+namespace shardguard {
+
+// held ∪ sandwiched, for a model of `num_stages` stages; indices outside
+// [0, num_stages) are ignored.
+std::set<int> exposed_stages(const std::set<int>& held, int num_stages);
+
+// The weight of exposed_stages(held) over the total weight, in [0, 1]; 0 when the
+// total is not positive. Weights are parameter counts or parameter shares.
+double exposure_of(const std::vector<double>& stage_weights, const std::set<int>& held);
+
+}  // namespace shardguard

@@ -1,0 +1,27 @@
+#include "shardguard/common/exposure.h"
+
+#include <algorithm>
+
+namespace shardguard {
+
+std::set<int> exposed_stages(const std::set<int>& held, int num_stages) {
+  std::set<int> out;
+  for (int i : held) {
+    if (i >= 0 && i < num_stages) out.insert(i);
+  }
+  for (int i = 1; i + 1 < num_stages; ++i) {
+    if (held.count(i - 1) && held.count(i + 1)) out.insert(i);
+  }
+  return out;
+}
+
+double exposure_of(const std::vector<double>& stage_weights, const std::set<int>& held) {
+  double total = 0;
+  for (double w : stage_weights) total += w;
+  if (!(total > 0)) return 0;
+  double sum = 0;
+  for (int i : exposed_stages(held, static_cast<int>(stage_weights.size()))) sum += stage_weights[i];
+  return std::clamp(sum / total, 0.0, 1.0);
+}
+
+}  // namespace shardguard
