@@ -15,6 +15,7 @@
 #include <torch/serialize.h>
 #include <torch/types.h>
 
+#include "shardguard/common/files.h"
 #include "shardguard/common/jobspec.h"
 #include "shardguard/shardctl/progress.h"
 #include "shardguard/shardctl/study.h"
@@ -639,8 +640,14 @@ void validate_study(const StudyOptions& o) {
   }
 }
 
-void write_report(const std::string& out_dir, bool plots) {
-  const auto cells = parse_csv(read_file(out_dir + "/results.csv"));
+void write_report(const std::string& out_dir, bool plots, const std::map<std::string, std::vector<double>>& shares) {
+  auto cells = parse_csv(read_file(out_dir + "/results.csv"));
+  if (const int changed = restate_exposure(cells, shares); changed > 0) {
+    std::string csv = csv_header() + "\n";
+    for (const auto& c : cells) csv += to_csv_line(c) + "\n";
+    write_file_atomic(out_dir + "/results.csv", csv);
+    std::printf("study: restated the exposure of %d cells from their holdings (held and sandwiched stages)\n", changed);
+  }
   const auto aggs = aggregate(cells);
   std::vector<std::string> models;
   for (const auto& c : cells) {
@@ -701,12 +708,15 @@ void write_report(const std::string& out_dir, bool plots) {
 int RunStudy(const StudyOptions& options) {
   try {
     validate_study(options);
+    auto jobs = load_jobs(options);
+    std::map<std::string, std::vector<double>> shares;
+    for (const auto& j : jobs) shares[j.model] = j.shares;
     if (!options.report_only) {
-      Runner runner(options, load_jobs(options));
+      Runner runner(options, std::move(jobs));
       const int rc = runner.run();
       if (rc != 0) return rc;
     }
-    write_report(options.out_dir, !options.no_plots);
+    write_report(options.out_dir, !options.no_plots, shares);
     std::printf("study: wrote %s/results.csv and results.md\n", options.out_dir.c_str());
     return 0;
   } catch (const StudyError& e) {

@@ -177,6 +177,28 @@ std::string CellResult::key() const {
 
 std::string csv_header() { return "model,row,held,exposure,attack,samples,seed,accuracy,fidelity,wall_s"; }
 
+int restate_exposure(std::vector<CellResult>& cells, const std::map<std::string, std::vector<double>>& shares) {
+  int changed = 0;
+  for (CellResult& c : cells) {
+    if (c.row == "-") continue;
+    const auto it = shares.find(c.model);
+    if (it == shares.end()) continue;
+    std::set<int> held;
+    if (!c.held.empty()) {
+      for (const auto& part : split(c.held, '+')) {
+        int64_t v = 0;
+        if (parse_int(part, &v) && v >= 0) held.insert(static_cast<int>(v));
+      }
+    }
+    const double e = exposure_of(it->second, held);
+    if (std::fabs(e - c.exposure) > 5e-7) {  // the CSV keeps 6 decimals
+      c.exposure = e;
+      ++changed;
+    }
+  }
+  return changed;
+}
+
 std::string to_csv_line(const CellResult& c) {
   char buf[512];
   std::snprintf(buf, sizeof buf, "%s,%s,%s,%.6f,%s,%lld,%d,%.6f,%.6f,%.3f", c.model.c_str(), c.row.c_str(),

@@ -106,6 +106,19 @@ TEST(StudyRows, ExposureFollowsDesignSection5) {
   EXPECT_NEAR(exposure("s0+1+3"), 1.0, 1e-12);
 }
 
+// A CSV written before implicit sandwiches were counted is restated from the holdings.
+TEST(StudyReport, RestateExposureFromHoldings) {
+  std::vector<CellResult> cells(3);
+  cells[0].model = "cnn"; cells[0].row = "s0+1+3"; cells[0].held = "0+1+3"; cells[0].exposure = 0.558433;
+  cells[1].model = "cnn"; cells[1].row = "s1"; cells[1].held = "1"; cells[1].exposure = 73856 / 167114.0;
+  cells[2].model = "cnn"; cells[2].row = "-"; cells[2].held = ""; cells[2].exposure = 1.0;  // victim control
+  EXPECT_EQ(restate_exposure(cells, {{"cnn", kCnnShares}}), 1);
+  EXPECT_NEAR(cells[0].exposure, 1.0, 1e-12);
+  EXPECT_NEAR(cells[1].exposure, 73856 / 167114.0, 1e-12);
+  EXPECT_DOUBLE_EQ(cells[2].exposure, 1.0);
+  EXPECT_EQ(restate_exposure(cells, {{"vit", kCnnShares}}), 0);  // no shares for cnn: left alone
+}
+
 // The study's exposure of every row equals the operator's exposure_of for the same
 // holding, for both models of the study as the example jobs cut them.
 TEST(StudyRows, ExposureIsTheOperatorsForEveryRowOfBothModels) {

@@ -86,6 +86,12 @@ struct CellResult {
 };
 
 std::string csv_header();
+
+// Sets each cell's exposure from its holding (`held`, "0+2") and its model's stage
+// shares, by the one exposure function (common/exposure.h). Cells of models missing
+// from `shares` and the controls (row "-") are left as they are. Returns how many
+// changed: a CSV written before the study counted implicit sandwiches is restated.
+int restate_exposure(std::vector<CellResult>& cells, const std::map<std::string, std::vector<double>>& shares);
 std::string to_csv_line(const CellResult& cell);
 // Parses the CSV text (header line first); malformed lines are skipped, and a
 // last line without its newline (a write cut short) is ignored.
@@ -186,7 +192,9 @@ void validate_study(const StudyOptions& options);
 int RunStudy(const StudyOptions& options);
 
 // Writes results.md (and results-<model>.dat + plot-<model>.png through gnuplot
-// when it is installed and plots are wanted) from the CSV in out_dir.
-void write_report(const std::string& out_dir, bool plots);
+// when it is installed and plots are wanted) from the CSV in out_dir, after
+// restate_exposure with `shares` (the CSV is rewritten when an exposure changed).
+void write_report(const std::string& out_dir, bool plots,
+                  const std::map<std::string, std::vector<double>>& shares = {});
 
 }  // namespace shardguard::shardctl
