@@ -178,6 +178,37 @@ void generate_key_file(const std::string& path) {
   OPENSSL_cleanse(&key[0], key.size());
 }
 
+std::string base64_encode(const std::string& bytes) {
+  std::string out((bytes.size() + 2) / 3 * 4 + 1, '\0');
+  const int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()),
+                                reinterpret_cast<const unsigned char*>(bytes.data()), static_cast<int>(bytes.size()));
+  out.resize(n < 0 ? 0 : static_cast<size_t>(n));
+  return out;
+}
+
+bool base64_decode(const std::string& text, std::string& out, std::string* error) {
+  auto fail = [&](const std::string& why) {
+    if (error != nullptr) *error = why;
+    return false;
+  };
+  if (text.size() % 4 != 0) return fail("length " + std::to_string(text.size()) + " is not a multiple of 4");
+  if (text.size() > static_cast<size_t>(INT_MAX)) return fail("longer than " + std::to_string(INT_MAX) + " bytes");
+  size_t pad = 0;
+  if (!text.empty() && text.back() == '=') pad = text[text.size() - 2] == '=' ? 2 : 1;
+  for (size_t i = 0; i + pad < text.size(); ++i) {
+    const char c = text[i];
+    const bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '+' || c == '/';
+    if (!ok) return fail("bad character at offset " + std::to_string(i));
+  }
+  std::string buf(text.size() / 4 * 3, '\0');
+  const int n = EVP_DecodeBlock(reinterpret_cast<unsigned char*>(buf.data()),
+                                reinterpret_cast<const unsigned char*>(text.data()), static_cast<int>(text.size()));
+  if (n < 0 || static_cast<size_t>(n) < pad) return fail("not valid base64");
+  buf.resize(static_cast<size_t>(n) - pad);
+  out = std::move(buf);
+  return true;
+}
+
 std::string sha256_hex(const std::string& data) {
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned int md_len = 0;

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <string>
 
+#include "shardguard/common/crypto.h"
 #include "shardguard/operator/status.h"
 #include "shardguard/shardd/model_desc.h"
 #include "shardguard/shardd/partition.h"
@@ -252,68 +253,11 @@ std::string shard_dns_name(const JobSpec& job, int index, const std::string& clu
   return shard_name(job, index) + "." + service_name(job) + "." + job.namespace_ + ".svc." + cluster_domain;
 }
 
-std::string base64_encode(const std::string& bytes) {
-  static const char* kAlphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  std::string out;
-  out.reserve((bytes.size() + 2) / 3 * 4);
-  size_t i = 0;
-  for (; i + 2 < bytes.size(); i += 3) {
-    const uint32_t v = (uint32_t(uint8_t(bytes[i])) << 16) | (uint32_t(uint8_t(bytes[i + 1])) << 8) |
-                       uint32_t(uint8_t(bytes[i + 2]));
-    out += kAlphabet[(v >> 18) & 63];
-    out += kAlphabet[(v >> 12) & 63];
-    out += kAlphabet[(v >> 6) & 63];
-    out += kAlphabet[v & 63];
-  }
-  const size_t rest = bytes.size() - i;
-  if (rest == 1) {
-    const uint32_t v = uint32_t(uint8_t(bytes[i])) << 16;
-    out += kAlphabet[(v >> 18) & 63];
-    out += kAlphabet[(v >> 12) & 63];
-    out += "==";
-  } else if (rest == 2) {
-    const uint32_t v = (uint32_t(uint8_t(bytes[i])) << 16) | (uint32_t(uint8_t(bytes[i + 1])) << 8);
-    out += kAlphabet[(v >> 18) & 63];
-    out += kAlphabet[(v >> 12) & 63];
-    out += kAlphabet[(v >> 6) & 63];
-    out += '=';
-  }
-  return out;
-}
+std::string base64_encode(const std::string& bytes) { return shardguard::base64_encode(bytes); }
 
 std::string base64_decode(const std::string& text) {
-  auto value = [](char c) -> int {
-    if (c >= 'A' && c <= 'Z') return c - 'A';
-    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
-    if (c >= '0' && c <= '9') return c - '0' + 52;
-    if (c == '+') return 62;
-    if (c == '/') return 63;
-    return -1;
-  };
-  if (text.size() % 4 != 0) {
-    throw RenderError("base64: length " + std::to_string(text.size()) + " is not a multiple of 4");
-  }
-  std::string out;
-  out.reserve(text.size() / 4 * 3);
-  for (size_t i = 0; i < text.size(); i += 4) {
-    int v[4];
-    int pad = 0;
-    for (int k = 0; k < 4; ++k) {
-      const char c = text[i + k];
-      if (c == '=' && i + 4 == text.size() && k >= 2) {
-        v[k] = 0;
-        ++pad;
-        continue;
-      }
-      if (pad > 0 || (v[k] = value(c)) < 0) {
-        throw RenderError("base64: bad character at offset " + std::to_string(i + k));
-      }
-    }
-    const uint32_t w = (uint32_t(v[0]) << 18) | (uint32_t(v[1]) << 12) | (uint32_t(v[2]) << 6) | uint32_t(v[3]);
-    out += static_cast<char>((w >> 16) & 0xff);
-    if (pad < 2) out += static_cast<char>((w >> 8) & 0xff);
-    if (pad < 1) out += static_cast<char>(w & 0xff);
-  }
+  std::string out, why;
+  if (!shardguard::base64_decode(text, out, &why)) throw RenderError("base64: " + why);
   return out;
 }
 

@@ -171,3 +171,27 @@ TEST(Crypto, MissingKeyFileNamesPath) {
 
 }  // namespace
 }  // namespace shardguard
+
+// One base64 (through OpenSSL) for Secrets, kubeconfigs and the shardctl pod files.
+TEST(Base64, RoundTripsAndRefusesWhatIsNotBase64) {
+  using shardguard::base64_decode;
+  using shardguard::base64_encode;
+  EXPECT_EQ(base64_encode(""), "");
+  EXPECT_EQ(base64_encode("f"), "Zg==");
+  EXPECT_EQ(base64_encode("foobar"), "Zm9vYmFy");
+  EXPECT_EQ(base64_encode(std::string("\xff\x00\xfe", 3)), "/wD+");
+  for (const std::string& s : {std::string(""), std::string("f"), std::string("fo"), std::string("foo"),
+                               std::string(1000, '\x01'), std::string("\0\0\0\xff", 4)}) {
+    std::string out = "unchanged";
+    ASSERT_TRUE(base64_decode(base64_encode(s), out));
+    EXPECT_EQ(out, s);
+  }
+  for (const std::string& bad : {std::string("Zg="), std::string("Z==="), std::string("Zg==Zg=="),
+                                 std::string("Zm9v\n"), std::string("Zm 9"), std::string("Zm9-"), std::string("=Zm9")}) {
+    SCOPED_TRACE(bad);
+    std::string out = "unchanged", why;
+    EXPECT_FALSE(base64_decode(bad, out, &why));
+    EXPECT_EQ(out, "unchanged");
+    EXPECT_FALSE(why.empty());
+  }
+}

@@ -7,6 +7,7 @@
 #include <openssl/evp.h>
 #include <yaml-cpp/yaml.h>
 
+#include "shardguard/common/crypto.h"
 #include "shardguard/common/strings.h"
 
 namespace shardguard::kube {
@@ -27,23 +28,14 @@ std::string env(const char* name) {
   return v ? v : "";
 }
 
-// Standard base64 (whitespace ignored); nullopt-like: returns false on bad input.
+// Standard base64 with whitespace ignored (kubeconfig *-data fields may be wrapped).
 bool base64_decode(const std::string& in, std::string& out) {
   std::string s;
   s.reserve(in.size());
   for (char c : in) {
     if (c != ' ' && c != '\n' && c != '\r' && c != '\t') s.push_back(c);
   }
-  if (s.size() % 4 != 0) return false;
-  std::string buf(s.size() / 4 * 3, '\0');
-  const int n = EVP_DecodeBlock(reinterpret_cast<unsigned char*>(buf.data()),
-                                reinterpret_cast<const unsigned char*>(s.data()), static_cast<int>(s.size()));
-  if (n < 0) return false;
-  size_t pad = 0;
-  if (!s.empty() && s.back() == '=') pad = (s.size() >= 2 && s[s.size() - 2] == '=') ? 2 : 1;
-  buf.resize(static_cast<size_t>(n) - pad);
-  out = std::move(buf);
-  return true;
+  return shardguard::base64_decode(s, out);
 }
 
 std::string dir_of(const std::string& path) {

@@ -39,4 +39,11 @@ void generate_key_file(const std::string& path);
 // Lower-case hex of SHA-256(data).
 std::string sha256_hex(const std::string& data);
 
+// Standard base64 (RFC 4648, '+' '/', '=' padding), through OpenSSL.
+std::string base64_encode(const std::string& bytes);
+// Its inverse, strict: the length a multiple of 4, only the alphabet, '=' only as the
+// last one or two characters. On bad input returns false and says why in *error
+// (with the offset); `out` is then unchanged.
+bool base64_decode(const std::string& text, std::string& out, std::string* error = nullptr);
+
 }  // namespace shardguard
