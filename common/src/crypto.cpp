@@ -24,16 +24,6 @@ using CipherCtx = std::unique_ptr<EVP_CIPHER_CTX, CipherCtxDeleter>;
 // OpenSSL's update calls take an int length; feed larger inputs in chunks.
 constexpr size_t kChunk = size_t{1} << 30;
 
-// The most recent OpenSSL error as text, clearing the queue.
-std::string openssl_error() {
-  const unsigned long code = ERR_get_error();
-  ERR_clear_error();
-  if (code == 0) return "unknown OpenSSL error";
-  char buf[256];
-  ERR_error_string_n(code, buf, sizeof buf);
-  return buf;
-}
-
 [[noreturn]] void fail(const std::string& what) { throw CryptoError(what + ": " + openssl_error()); }
 
 unsigned char* bytes(std::string& s) { return reinterpret_cast<unsigned char*>(&s[0]); }
@@ -176,6 +166,15 @@ void generate_key_file(const std::string& path) {
     throw;
   }
   OPENSSL_cleanse(&key[0], key.size());
+}
+
+std::string openssl_error() {
+  const unsigned long code = ERR_get_error();  // the oldest queued error: the cause
+  ERR_clear_error();
+  if (code == 0) return "unknown OpenSSL error";
+  char buf[256];
+  ERR_error_string_n(code, buf, sizeof buf);
+  return buf;
 }
 
 std::string base64_encode(const std::string& bytes) {

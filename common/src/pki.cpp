@@ -43,16 +43,6 @@ constexpr std::chrono::seconds kMaxLifetime{std::chrono::hours(24) * 365 * 100};
 constexpr const char* kSpiffePrefix = "spiffe://";
 constexpr size_t kSpiffePrefixLen = 9;
 
-// The oldest OpenSSL error as text, clearing the queue.
-std::string openssl_error() {
-  const unsigned long code = ERR_get_error();
-  ERR_clear_error();
-  if (code == 0) return "unknown OpenSSL error";
-  char buf[256];
-  ERR_error_string_n(code, buf, sizeof buf);
-  return buf;
-}
-
 [[noreturn]] void fail(const std::string& what) { throw PkiError(what + ": " + openssl_error()); }
 
 // Shortened for messages, so a 2 KiB ID does not flood a log line.

@@ -6,6 +6,8 @@
 #include <string>
 
 #include <gtest/gtest.h>
+#include <openssl/err.h>
+#include <openssl/x509.h>
 #include <sys/stat.h>
 
 #include "shardguard/common/files.h"
@@ -194,4 +196,20 @@ TEST(Base64, RoundTripsAndRefusesWhatIsNotBase64) {
     EXPECT_EQ(out, "unchanged");
     EXPECT_FALSE(why.empty());
   }
+}
+
+// The cause first, and the queue left empty for the next call.
+TEST(OpensslError, NamesTheOldestErrorAndClearsTheQueue) {
+  ERR_clear_error();
+  const unsigned char garbage[] = {0x30, 0x03, 0x02, 0x01};
+  const unsigned char* p = garbage;
+  X509* cert = d2i_X509(nullptr, &p, sizeof garbage);
+  ASSERT_EQ(cert, nullptr);
+  const unsigned long oldest = ERR_peek_error();
+  ASSERT_NE(oldest, 0u);
+  char expected[256];
+  ERR_error_string_n(oldest, expected, sizeof expected);
+  EXPECT_EQ(shardguard::openssl_error(), expected);
+  EXPECT_EQ(ERR_peek_error(), 0u);
+  EXPECT_EQ(shardguard::openssl_error(), "unknown OpenSSL error");
 }

@@ -39,6 +39,10 @@ void generate_key_file(const std::string& path);
 // Lower-case hex of SHA-256(data).
 std::string sha256_hex(const std::string& data);
 
+// The oldest queued OpenSSL error of this thread as text (the first failure, the
+// cause of the others), clearing the queue; "unknown OpenSSL error" when it is empty.
+std::string openssl_error();
+
 // Standard base64 (RFC 4648, '+' '/', '=' padding), through OpenSSL.
 std::string base64_encode(const std::string& bytes);
 // Its inverse, strict: the length a multiple of 4, only the alphabet, '=' only as the
