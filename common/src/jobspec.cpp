@@ -430,25 +430,24 @@ json without_nulls(const json& v) {
   return v;
 }
 
-// The CRD's patterns, matched whole (each is anchored), after the length check
-// that keeps std::regex's recursion short.
-bool matches(const std::string& text, const char* pattern) {
-  const std::regex re(pattern, std::regex::ECMAScript);
-  return std::regex_match(text, re);
-}
+// The CRD's patterns, each compiled once and matched whole (each is anchored),
+// after the length check that keeps std::regex's recursion short.
 
 // A Kubernetes resource quantity (500m, 2, 1.5Gi, 1e3), as the CRD's pattern.
 bool is_quantity(const std::string& s) {
-  return matches(s, R"(^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$)");
+  static const std::regex re(R"(^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$)");
+  return std::regex_match(s, re);
 }
 
 // A label key: an optional DNS-subdomain prefix and '/', then a name of at most 63.
 bool is_label_key(const std::string& s) {
-  return matches(s, R"(^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$)");
+  static const std::regex re(R"(^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$)");
+  return std::regex_match(s, re);
 }
 
 bool is_label_value(const std::string& s) {
-  return matches(s, R"(^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$)");
+  static const std::regex re(R"(^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$)");
+  return std::regex_match(s, re);
 }
 
 // Reads one object into the typed spec, collecting every problem instead of

@@ -15,6 +15,7 @@
 
 #include "shardguard/common/jobspec.h"
 #include "support/realapi.h"
+#include "support/rest.h"
 
 namespace shardguard {
 namespace {
@@ -213,11 +214,9 @@ class RealApiValidation : public ::testing::Test {
 
   // POST (dry run, strict field validation, as kubectl apply does by default).
   std::pair<int, std::string> server_create(const json& object) {
-    auto cli = api_.client();
-    auto res = cli->Post(std::string(kJobs) + "?dryRun=All&fieldValidation=Strict", object.dump(), "application/json");
-    if (!res) return {0, "no answer: " + httplib::to_string(res.error())};
-    const json body = json::parse(res->body, nullptr, false);
-    return {res->status, body.is_object() ? body.value("message", res->body) : res->body};
+    const auto r = testsupport::RestClient(api_).post(std::string(kJobs) + "?dryRun=All&fieldValidation=Strict", object);
+    if (r.code == 0) return {0, "no answer: " + r.error};
+    return {r.code, r.message()};
   }
 
   std::string write(const std::string& name, const std::string& text) {
