@@ -81,7 +81,14 @@ deps: deps-apt deps-tools
 REALAPI_SRC ?= $(CURDIR)/../shared/realapi
 realapi: deps-apt
 	@[ -x $(REALAPI_SRC)/build.sh ] || { echo "make realapi: $(REALAPI_SRC)/build.sh not found (set REALAPI_SRC)" >&2; exit 1; }
-	$(REALAPI_SRC)/build.sh
+	@# build.sh ends with `etcd --version | head -1` under pipefail: when head closes the
+	@# pipe first, the finished build exits 141 (SIGPIPE). The binaries are there then, and a
+	@# second call says so at once; any other failure stands.
+	@$(REALAPI_SRC)/build.sh; rc=$$?; \
+	if [ $$rc -eq 141 ]; then \
+	  echo "make realapi: build.sh exited 141 (SIGPIPE in its version report); checking the build again"; \
+	  $(REALAPI_SRC)/build.sh; \
+	else exit $$rc; fi
 
 $(BUILD)/CMakeCache.txt:
 	cmake -S . -B $(BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=Release -DSHARDGUARD_REALAPI_SRC=$(REALAPI_SRC)

@@ -51,8 +51,8 @@
 #include "shardguard/common/crypto.h"
 #include "shardguard/common/jobspec.h"
 #include "shardguard/common/process.h"
-#include "shardguard/shardd/model_desc.h"
-#include "shardguard/shardd/partition.h"
+#include "shardguard/model/model_desc.h"
+#include "shardguard/model/partition.h"
 #include "shardguard/shardd/threads.h"
 #include "shardguard/shardd/trainer.h"
 
@@ -504,7 +504,7 @@ int run_bench(const BenchOptions& opt) {
     const int64_t steps = std::max<int64_t>(1, std::llround(static_cast<double>(base_steps) * opt.steps_scale));
     const JobSpec spec = job_from_json(bench_job(example_job, 1));  // what every configuration runs
     const int batch = spec.training.batch_size;
-    const shardd::ModelDesc desc = shardd::describe_model(spec.model);
+    const model::ModelDesc desc = model::describe_model(spec.model);
     const std::string prefix = "pipeline." + model + ".";
 
     // (a) monolithic
@@ -537,7 +537,7 @@ int run_bench(const BenchOptions& opt) {
       fs::create_directories(dir);
       const json job = bench_job(example_job, n);
       const fs::path job_file = write_job(job, dir / "job.yaml");
-      const auto parts = shardd::partition(desc, n, job_from_json(job).sharding.balance);
+      const auto parts = model::partition(desc, n, job_from_json(job).sharding.balance);
       const int threads = std::max(1, s.cores / n);
       std::cout << "[" << ++run << "/" << total_runs << "] " << model << " " << config << " pipeline (" << n
                 << " shardd x " << threads << " thread" << (threads == 1 ? "" : "s") << ", " << steps
@@ -559,7 +559,7 @@ int run_bench(const BenchOptions& opt) {
                          figure(prefix + config, "samples_per_second", sps, "samples/s", mono.samples_per_second)});
       for (int i = 0; i < n; ++i) {
         const auto& st = stages[static_cast<size_t>(i)];
-        const double share = shardd::parameter_share(desc, parts[static_cast<size_t>(i)]);
+        const double share = model::parameter_share(desc, parts[static_cast<size_t>(i)]);
         if (st.parameters >= 0 && st.parameters != parts[static_cast<size_t>(i)].parameters) {
           std::cout << "      note: stage " << i << " reports " << st.parameters << " parameters, partition() says "
                     << parts[static_cast<size_t>(i)].parameters << "\n";

@@ -62,7 +62,7 @@
 #include "shardguard/common/files.h"
 #include "shardguard/common/pki.h"
 #include "shardguard/common/process.h"
-#include "shardguard/sidecar/policy.h"
+#include "shardguard/policy/policy.h"
 
 namespace {
 
@@ -283,7 +283,7 @@ grpc::Status unary_once(const std::shared_ptr<grpc::Channel>& channel, const std
   std::condition_variable cv;
   bool done = false;
   grpc::Status result;
-  stub.UnaryCall(&ctx, sidecar::kForwardMethod, grpc::StubOptions(), &request, &response, [&](grpc::Status s) {
+  stub.UnaryCall(&ctx, policy::kForwardMethod, grpc::StubOptions(), &request, &response, [&](grpc::Status s) {
     std::lock_guard<std::mutex> lock(mu);
     result = std::move(s);
     done = true;
@@ -365,7 +365,7 @@ UnaryResult run_unary(const std::shared_ptr<grpc::Channel>& channel, double rate
     c->ctx.set_deadline(std::chrono::system_clock::now() + 5s);
     st->started[idx] = Clock::now();
     ++issued;
-    stub.UnaryCall(&c->ctx, sidecar::kForwardMethod, grpc::StubOptions(), &request, &c->response,
+    stub.UnaryCall(&c->ctx, policy::kForwardMethod, grpc::StubOptions(), &request, &c->response,
                    [st, idx, c, payload_bytes](grpc::Status s) {
                      const auto now = Clock::now();
                      const bool size_ok = c->response.Length() == payload_bytes;
@@ -434,7 +434,7 @@ class StreamCall : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBu
   StreamResult run(grpc::GenericStub& stub, std::chrono::seconds limit) {
     ctx_.AddMetadata(kReplyHeader, mode_ == StreamMode::kAck ? "ack" : "echo");
     ctx_.set_deadline(std::chrono::system_clock::now() + limit + 5s);
-    stub.PrepareBidiStreamingCall(&ctx_, sidecar::kForwardMethod, grpc::StubOptions(), this);
+    stub.PrepareBidiStreamingCall(&ctx_, policy::kForwardMethod, grpc::StubOptions(), this);
     StartRead(&in_);
     if (count_ > 0) {
       StartWrite(&payload_);
@@ -729,11 +729,11 @@ void write_pki_and_policies(const fs::path& dir) {
     const fs::path d = dir / sub;
     fs::create_directories(d);
     const Leaf leaf =
-        issue_leaf(ca, sidecar::shard_spiffe_id(kTrustDomain, kNamespace, kJob, shard), std::chrono::hours(24));
+        issue_leaf(ca, policy::shard_spiffe_id(kTrustDomain, kNamespace, kJob, shard), std::chrono::hours(24));
     write_file_atomic((d / "cert.pem").string(), leaf.cert_pem);
     write_file_atomic((d / "key.pem").string(), leaf.key_pem, 0600);
     write_file_atomic((d / "policy.json").string(),
-                      sidecar::to_json(sidecar::pipeline_policy(kTrustDomain, kNamespace, kJob, shard, 2, {})));
+                      policy::to_json(policy::pipeline_policy(kTrustDomain, kNamespace, kJob, shard, 2, {})));
   }
 }
 
@@ -755,7 +755,7 @@ int run_bench(const Options& opt) {
   write_pki_and_policies(tmp.path());
   EchoServer echo;
 
-  const std::string shard1 = sidecar::shard_spiffe_id(kTrustDomain, kNamespace, kJob, 1);
+  const std::string shard1 = policy::shard_spiffe_id(kTrustDomain, kNamespace, kJob, 1);
   const int64_t max_msg = std::max<int64_t>(64LL << 20, static_cast<int64_t>(opt.message_bytes) + 4096);
   auto b = start_sidecar("B", opt.sidecar, tmp.path() / "b", echo.address(), {}, max_msg);
   auto a = start_sidecar("A", opt.sidecar, tmp.path() / "a", echo.address() /* shard 0's shardd: no call goes there */,

@@ -7,17 +7,17 @@
 
 #include "shardguard/common/crypto.h"
 #include "shardguard/common/jobspec.h"
-#include "shardguard/shardd/model_desc.h"
-#include "shardguard/shardd/partition.h"
+#include "shardguard/model/model_desc.h"
+#include "shardguard/model/partition.h"
 
 namespace shardguard::op {
 
 using nlohmann::json;
 
 std::vector<int64_t> stage_parameters(const JobSpec& job) {
-  const auto model = shardd::describe_model(job.model);
+  const auto model = model::describe_model(job.model);
   std::vector<int64_t> out;
-  for (const auto& s : shardd::partition(model, job.sharding.shards, job.sharding.balance)) {
+  for (const auto& s : model::partition(model, job.sharding.shards, job.sharding.balance)) {
     out.push_back(s.parameters);
   }
   return out;
@@ -216,7 +216,7 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
                                              : "every shard finished training" +
                                                    (st.contains("progress") && st["progress"].contains("accuracy")
                                                         ? "; test accuracy " +
-                                                              format4(st["progress"]["accuracy"].get<double>())
+                                                              format_ratio(st["progress"]["accuracy"].get<double>())
                                                         : std::string())});
     }
   };
@@ -342,12 +342,12 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   // (A finished job keeps the condition it ended with.)
   const bool isolated = p.exposure.max_node <= max_exposure + 1e-12;
   cond.set("ShardIsolation", isolated, isolated ? "ExposureWithinLimit" : "ExposureAboveLimit",
-           "largest node exposure " + format4(p.exposure.max_node) + (isolated ? " <= " : " > ") + "maxExposure " +
-               format4(max_exposure) + " over " + std::to_string(history.size()) + " node(s)");
+           "largest node exposure " + format_ratio(p.exposure.max_node) + (isolated ? " <= " : " > ") + "maxExposure " +
+               format_ratio(max_exposure) + " over " + std::to_string(history.size()) + " node(s)");
   if (!isolated && condition_true(old_status.value("conditions", json::array()), "ShardIsolation")) {
     p.events.push_back({"Warning", "ExposureAboveLimit",
-                        "a node has held " + format4(p.exposure.max_node) + " of the model, above maxExposure " +
-                            format4(max_exposure)});
+                        "a node has held " + format_ratio(p.exposure.max_node) + " of the model, above maxExposure " +
+                            format_ratio(max_exposure)});
   }
 
   // --- render (refuses a spec whose largest stage exceeds maxExposure) ---------------------

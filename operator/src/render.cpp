@@ -5,10 +5,10 @@
 #include <string>
 
 #include "shardguard/common/crypto.h"
-#include "shardguard/operator/status.h"
-#include "shardguard/shardd/model_desc.h"
-#include "shardguard/shardd/partition.h"
-#include "shardguard/sidecar/policy.h"
+#include "shardguard/common/strings.h"
+#include "shardguard/model/model_desc.h"
+#include "shardguard/model/partition.h"
+#include "shardguard/policy/policy.h"
 
 namespace shardguard::op {
 
@@ -39,20 +39,20 @@ json metadata(const JobSpec& job, const RenderInputs& in, const std::string& nam
 // domain (the anti-affinity below), a domain holds exactly one stage and never both
 // neighbours of another, so that share is the smallest exposure any placement gets.
 void check_exposure(const JobSpec& job) {
-  const auto model = shardd::describe_model(job.model);
-  std::vector<shardd::StageDesc> stages;
+  const auto desc = model::describe_model(job.model);
+  std::vector<model::StageDesc> stages;
   try {
-    stages = shardd::partition(model, job.sharding.shards, job.sharding.balance);
-  } catch (const shardd::PartitionError& e) {
+    stages = model::partition(desc, job.sharding.shards, job.sharding.balance);
+  } catch (const model::PartitionError& e) {
     throw RenderError(std::string("spec.sharding.shards: ") + e.what());
   }
   for (const auto& s : stages) {
-    const double share = shardd::parameter_share(model, s);
+    const double share = model::parameter_share(desc, s);
     if (share > job.protection.max_exposure) {
       throw RenderError("spec.protection.maxExposure: stage " + std::to_string(s.index) + " alone holds " +
-                        format4(share) + " of the model's parameters (" + std::to_string(s.parameters) +
-                        " of " + std::to_string(model.parameters()) + "), more than maxExposure " +
-                        format4(job.protection.max_exposure) +
+                        format_ratio(share) + " of the model's parameters (" + std::to_string(s.parameters) +
+                        " of " + std::to_string(desc.parameters()) + "), more than maxExposure " +
+                        format_ratio(job.protection.max_exposure) +
                         "; use more shards or raise maxExposure");
     }
   }
@@ -149,7 +149,7 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
   for (int p : {i - 1, i + 1}) {
     if (p < 0 || p >= n) continue;
     sidecar_args.push_back("--peer");
-    sidecar_args.push_back(sidecar::shard_spiffe_id(td, job.namespace_, job.name, p) + "=" +
+    sidecar_args.push_back(policy::shard_spiffe_id(td, job.namespace_, job.name, p) + "=" +
                            shard_dns_name(job, p, in.cluster_domain) + ":" + std::to_string(kSidecarInboundPort));
   }
   sidecar_args.insert(sidecar_args.end(), {"--metrics", any_addr(kSidecarMetricsPort)});
@@ -305,7 +305,7 @@ DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
   check_dns_label("service name", service_name(job));
   check_exposure(job);
 
-  sidecar::ExportRules exports;
+  policy::ExportRules exports;
   exports.allowed = job.protection.export_.allowed;
   if (exports.allowed) {
     for (const auto& p : job.protection.export_.principals) exports.principals.push_back({p, in.export_budget_bytes});
@@ -338,17 +338,17 @@ DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
                                    {"checkpoint.key", base64_encode(s.checkpoint_key)},
                                    {"ledger.key", base64_encode(s.ledger_key)}}}});
 
-    sidecar::Policy policy = [&] {
+    policy::Policy policy = [&] {
       try {
-        return sidecar::pipeline_policy(job.protection.trust_domain, job.namespace_, job.name, i, n, exports);
-      } catch (const sidecar::PolicyError& e) {
+        return policy::pipeline_policy(job.protection.trust_domain, job.namespace_, job.name, i, n, exports);
+      } catch (const policy::PolicyError& e) {
         throw RenderError(std::string("policy of shard ") + std::to_string(i) + ": " + e.what());
       }
     }();
     out.config_maps.push_back({{"apiVersion", "v1"},
                                {"kind", "ConfigMap"},
                                {"metadata", metadata(job, in, name, i)},
-                               {"data", {{"policy.json", sidecar::to_json(policy)},
+                               {"data", {{"policy.json", policy::to_json(policy)},
                                          {"job.json", job_file.dump(2) + "\n"}}}});
   }
 

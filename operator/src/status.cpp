@@ -58,12 +58,6 @@ PlacementHistory history_from_status(const json& status) {
 
 double round4(double v) { return std::round(v * 10000.0) / 10000.0; }
 
-std::string format4(double v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.4f", v);
-  return buf;
-}
-
 json exposure_to_json(const ExposureReport& report) {
   json nodes = json::array();
   for (const auto& e : report.nodes) {

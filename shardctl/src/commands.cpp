@@ -8,8 +8,8 @@
 #include "shardguard/common/jobspec.h"
 #include "shardguard/shardd/checkpoint.h"
 #include "shardguard/shardd/data.h"
-#include "shardguard/shardd/model_desc.h"
-#include "shardguard/shardd/partition.h"
+#include "shardguard/model/model_desc.h"
+#include "shardguard/model/partition.h"
 #include "shardguard/shardd/recombine.h"
 #include "shardguard/shardd/trainer.h"
 
@@ -18,20 +18,20 @@ namespace shardguard::shardctl {
 int RunPlan(const std::string& job_file) {
   try {
     const JobSpec job = load_job_file(job_file);
-    const auto desc = shardd::describe_model(job.model);
-    const auto stages = shardd::partition(desc, job.sharding.shards, job.sharding.balance);
+    const auto desc = model::describe_model(job.model);
+    const auto stages = model::partition(desc, job.sharding.shards, job.sharding.balance);
     std::printf("job %s/%s: %s, %lld parameters, %.2f MFLOP per sample, %zu blocks, %d shards by %s\n",
                 job.namespace_.c_str(), job.name.c_str(), job.model.architecture.c_str(),
                 static_cast<long long>(desc.parameters()), desc.flops() / 1e6, desc.blocks.size(),
                 job.sharding.shards, job.sharding.balance.c_str());
     for (const auto& b : desc.blocks) {
       std::printf("  block %-2d %-10s %-16s → %-16s %10lld params %9.3f MFLOP\n", b.index, b.name.c_str(),
-                  shardd::shape_str(b.in_shape).c_str(), shardd::shape_str(b.out_shape).c_str(),
+                  model::shape_str(b.in_shape).c_str(), model::shape_str(b.out_shape).c_str(),
                   static_cast<long long>(b.parameters), b.flops / 1e6);
     }
     double largest = 0;
     for (const auto& s : stages) {
-      const double share = shardd::parameter_share(desc, s);
+      const double share = model::parameter_share(desc, s);
       largest = std::max(largest, share);
       std::printf("  shard %-2d blocks %d..%d  %10lld params (%5.1f%%)  %9.3f MFLOP\n", s.index, s.first_block,
                   s.end_block - 1, static_cast<long long>(s.parameters), 100 * share, s.flops / 1e6);
@@ -59,7 +59,7 @@ int RunRecombine(const RecombineOptions& o) {
                                     shardd::load_labels(job.dataset, shardd::Split::kTest),
                                     job.training.eval_batch_size, device);
     std::printf("recombined %zu shards of job %s at step %lld: %lld parameters\n", files.size(), job.name.c_str(),
-                static_cast<long long>(step), static_cast<long long>(shardd::describe_model(job.model).parameters()));
+                static_cast<long long>(step), static_cast<long long>(model::describe_model(job.model).parameters()));
     std::printf("test accuracy %.4f (%lld/%lld)\n", r.accuracy(), static_cast<long long>(r.correct),
                 static_cast<long long>(r.total));
     return 0;

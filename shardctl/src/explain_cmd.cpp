@@ -7,15 +7,15 @@
 #include "shardguard/common/files.h"
 #include "shardguard/common/jobspec.h"
 #include "shardguard/shardctl/commands.h"
-#include "shardguard/sidecar/policy.h"
+#include "shardguard/policy/policy.h"
 
 namespace shardguard::shardctl {
 namespace {
 
-using sidecar::Decision;
-using sidecar::Direction;
-using sidecar::Policy;
-using sidecar::PolicyError;
+using policy::Decision;
+using policy::Direction;
+using policy::Policy;
+using policy::PolicyError;
 
 void print_policy_error(const std::string& source, const PolicyError& e) {
   std::cerr << "shardctl explain: invalid policy " << source << ":\n";
@@ -30,7 +30,7 @@ Policy job_policy(const ExplainOptions& o, std::string* source) {
                                 " (it has " + std::to_string(job.sharding.shards) + ", numbered 0 to " +
                                 std::to_string(job.sharding.shards - 1) + ")");
   }
-  sidecar::ExportRules exports;
+  policy::ExportRules exports;
   exports.allowed = job.protection.export_.allowed;
   if (exports.allowed) {
     for (const std::string& p : job.protection.export_.principals) {
@@ -39,7 +39,7 @@ Policy job_policy(const ExplainOptions& o, std::string* source) {
   }
   *source = "derived from " + o.job_file + " (job " + job.namespace_ + "/" + job.name + ", shard " +
             std::to_string(o.shard) + " of " + std::to_string(job.sharding.shards) + ")";
-  return sidecar::pipeline_policy(job.protection.trust_domain, job.namespace_, job.name,
+  return policy::pipeline_policy(job.protection.trust_domain, job.namespace_, job.name,
                                   static_cast<int>(o.shard), job.sharding.shards, exports);
 }
 
@@ -67,14 +67,14 @@ int RunExplain(const ExplainOptions& o) {
     return 2;
   }
 
-  std::optional<Policy> policy;
+  std::optional<Policy> loaded;
   std::string source;
   try {
     if (!o.policy_file.empty()) {
       source = o.policy_file;
-      policy.emplace(sidecar::parse_policy(read_file(o.policy_file)));
+      loaded.emplace(policy::parse_policy(read_file(o.policy_file)));
     } else {
-      policy.emplace(job_policy(o, &source));
+      loaded.emplace(job_policy(o, &source));
     }
   } catch (const PolicyError& e) {
     print_policy_error(source, e);
@@ -88,12 +88,12 @@ int RunExplain(const ExplainOptions& o) {
     return 2;
   }
 
-  if (o.show_policy) std::cout << sidecar::to_json(*policy) << "\n";
-  const Decision d = sidecar::decide(*policy, direction, o.peer, o.method);
+  if (o.show_policy) std::cout << policy::to_json(*loaded) << "\n";
+  const Decision d = policy::decide(*loaded, direction, o.peer, o.method);
   std::cout << (d.allow ? "ALLOW" : "DENY") << "\n"
             << "  rule       " << d.rule << "\n"
             << "  reason     " << d.reason << "\n";
-  if (d.allow && d.rule == sidecar::kRuleExport) {
+  if (d.allow && d.rule == policy::kRuleExport) {
     std::cout << "  budget     " << d.export_budget_bytes << " bytes\n";
   }
   std::cout << "  policy     " << source << ", " << o.direction << "\n";

@@ -32,8 +32,8 @@
 #include "shardguard/operator/status.h"
 #include "shardguard/shardctl/job_pki.h"
 #include "shardguard/shardctl/progress.h"
-#include "shardguard/shardd/model_desc.h"
-#include "shardguard/shardd/partition.h"
+#include "shardguard/model/model_desc.h"
+#include "shardguard/model/partition.h"
 #include "shardguard/shardctl/local_prometheus.h"
 
 namespace shardguard::shardctl {
@@ -387,15 +387,15 @@ int RunLocal(const LocalRunOptions& options) {
   const auto started = Clock::now();
   JobSpec job;
   json object;
-  std::vector<shardd::StageDesc> stages;
-  shardd::ModelDesc desc;
+  std::vector<model::StageDesc> stages;
+  model::ModelDesc desc;
   try {
     // Decoded and validated exactly as the operator does (job_from_json behind
     // load_job_file); the object itself goes into each shard's job.json.
     job = load_job_file(options.job_file);
     object = yaml_to_json(read_file(options.job_file));
-    desc = shardd::describe_model(job.model);
-    stages = shardd::partition(desc, job.sharding.shards, job.sharding.balance);
+    desc = model::describe_model(job.model);
+    stages = model::partition(desc, job.sharding.shards, job.sharding.balance);
   } catch (const JobSpecError& e) {
     std::cerr << "shardctl run: invalid job " << options.job_file << ":\n" << e.what() << "\n";
     return 2;
@@ -550,7 +550,7 @@ int RunLocal(const LocalRunOptions& options) {
     const PodPorts& p = shards[st.index].ports;
     std::printf("  shard %d: blocks %d..%d  %lld parameters (%.1f%%)  sidecar mTLS :%d, shardd :%d\n", st.index,
                 st.first_block, st.end_block - 1, static_cast<long long>(st.parameters),
-                100.0 * shardd::parameter_share(desc, st), p.inbound, p.shardd);
+                100.0 * model::parameter_share(desc, st), p.inbound, p.shardd);
   }
   std::cout << "  workdir " << workdir << "  (pod files in shard-<i>/, logs in " << log_dir << ")\n" << std::flush;
 
@@ -739,7 +739,7 @@ int RunLocal(const LocalRunOptions& options) {
   }
   for (const auto& st : stages) {
     std::printf("  shard %d         %lld parameters (%.1f%% of the model), restarts %d\n", st.index,
-                static_cast<long long>(st.parameters), 100.0 * shardd::parameter_share(desc, st), shards[st.index].restarts);
+                static_cast<long long>(st.parameters), 100.0 * model::parameter_share(desc, st), shards[st.index].restarts);
   }
   // Exposure, computed as the operator computes status.exposure: each shard's
   // principal (its SPIFFE ID) holds its own stage only; locally every shard pod is

@@ -21,8 +21,8 @@
 #include "shardguard/shardctl/study.h"
 #include "shardguard/shardd/data.h"
 #include "shardguard/shardd/model.h"
-#include "shardguard/shardd/model_desc.h"
-#include "shardguard/shardd/partition.h"
+#include "shardguard/model/model_desc.h"
+#include "shardguard/model/partition.h"
 #include "shardguard/shardd/recombine.h"
 #include "shardguard/shardd/trainer.h"
 
@@ -60,7 +60,7 @@ struct StagedModel {
   }
 };
 
-StagedModel build_model(const ModelSpec& spec, const std::vector<shardd::StageDesc>& cut, uint64_t seed) {
+StagedModel build_model(const ModelSpec& spec, const std::vector<model::StageDesc>& cut, uint64_t seed) {
   StagedModel m;
   for (const auto& s : cut) m.stages.push_back(shardd::build_blocks(spec, s.first_block, s.end_block, seed));
   return m;
@@ -148,7 +148,7 @@ struct Job {
   std::string file;
   JobSpec spec;
   std::string model;  // architecture
-  std::vector<shardd::StageDesc> cut;
+  std::vector<model::StageDesc> cut;
   std::vector<double> shares;
 };
 
@@ -181,13 +181,13 @@ std::vector<Job> load_jobs(const StudyOptions& o) {
     if (!models.insert(j.model).second) {
       throw StudyError("--job " + f + ": a second job of model " + j.model + " (one job per architecture)");
     }
-    const auto desc = shardd::describe_model(j.spec.model);
+    const auto desc = model::describe_model(j.spec.model);
     try {
-      j.cut = shardd::partition(desc, j.spec.sharding.shards, j.spec.sharding.balance);
+      j.cut = model::partition(desc, j.spec.sharding.shards, j.spec.sharding.balance);
     } catch (const std::exception& e) {
       throw StudyError("--job " + f + ": " + e.what());
     }
-    for (const auto& s : j.cut) j.shares.push_back(shardd::parameter_share(desc, s));
+    for (const auto& s : j.cut) j.shares.push_back(model::parameter_share(desc, s));
     jobs.push_back(std::move(j));
   }
   return jobs;

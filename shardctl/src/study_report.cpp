@@ -5,7 +5,7 @@
 #include <set>
 #include <sstream>
 
-#include "shardguard/common/exposure.h"
+#include "shardguard/model/exposure.h"
 #include "shardguard/common/strings.h"
 #include "shardguard/shardctl/study.h"
 
@@ -137,11 +137,11 @@ std::vector<StudyRow> parse_rows(const std::string& list, int n) {
 }
 
 double row_exposure(const StudyRow& row, const std::vector<double>& shares) {
-  // The operator's definition (common/exposure.h): a row holding stages i-1 and i+1
+  // The operator's definition (model/exposure.h): a row holding stages i-1 and i+1
   // is exposed to stage i too, whether or not the row is a sandwich row.
   std::set<int> held(row.held.begin(), row.held.end());
   if (row.sandwiched >= 0) held.insert(row.sandwiched);
-  return exposure_of(shares, held);
+  return model::exposure_of(shares, held);
 }
 
 std::vector<std::string> row_attacks(const StudyRow& row, int stages, const std::vector<std::string>& wanted) {
@@ -190,7 +190,7 @@ int restate_exposure(std::vector<CellResult>& cells, const std::map<std::string,
         if (parse_int(part, &v) && v >= 0) held.insert(static_cast<int>(v));
       }
     }
-    const double e = exposure_of(it->second, held);
+    const double e = model::exposure_of(it->second, held);
     if (std::fabs(e - c.exposure) > 5e-7) {  // the CSV keeps 6 decimals
       c.exposure = e;
       ++changed;

@@ -14,12 +14,12 @@ namespace nn = torch::nn;
 // add a learned position embedding.
 struct PatchEmbedImpl : nn::Module {
   PatchEmbedImpl(int patch, int dim) : patch(patch) {
-    const int per_side = kImageSide / patch;
+    const int per_side = model::kImageSide / patch;
     proj = register_module("proj", nn::Linear(patch * patch, dim));
     pos = register_parameter("pos", torch::randn({per_side * per_side, dim}) * 0.02);
   }
   torch::Tensor forward(torch::Tensor x) {
-    const int64_t n = x.size(0), s = kImageSide / patch;
+    const int64_t n = x.size(0), s = model::kImageSide / patch;
     x = x.reshape({n, s, patch, s, patch}).permute({0, 1, 3, 2, 4}).reshape({n, s * s, patch * patch});
     return proj(x) + pos;
   }
@@ -58,7 +58,7 @@ TORCH_MODULE(Encoder);
 struct VitHeadImpl : nn::Module {
   explicit VitHeadImpl(int dim) {
     ln = register_module("ln", nn::LayerNorm(nn::LayerNormOptions({dim})));
-    fc = register_module("fc", nn::Linear(dim, kNumClasses));
+    fc = register_module("fc", nn::Linear(dim, model::kNumClasses));
   }
   torch::Tensor forward(torch::Tensor x) { return fc(ln(x).mean(1)); }
   nn::LayerNorm ln{nullptr};
@@ -74,11 +74,11 @@ struct BlockImpl : nn::SequentialImpl {
 };
 TORCH_MODULE(Block);
 
-Block build_block(const ModelSpec& spec, const BlockDesc& b, int num_blocks) {
+Block build_block(const ModelSpec& spec, const model::BlockDesc& b, int num_blocks) {
   const bool last = b.index == num_blocks - 1;
   if (spec.architecture == "mlp") {
-    if (b.index == 0) return Block(nn::Flatten(), nn::Linear(kImageSide * kImageSide, spec.hidden), nn::ReLU());
-    if (last) return Block(nn::Linear(spec.hidden, kNumClasses));
+    if (b.index == 0) return Block(nn::Flatten(), nn::Linear(model::kImageSide * model::kImageSide, spec.hidden), nn::ReLU());
+    if (last) return Block(nn::Linear(spec.hidden, model::kNumClasses));
     return Block(nn::Linear(spec.hidden, spec.hidden), nn::ReLU());
   }
   if (spec.architecture == "cnn") {
@@ -90,7 +90,7 @@ Block build_block(const ModelSpec& spec, const BlockDesc& b, int num_blocks) {
       const int64_t flat = b.in_shape[0] * b.in_shape[1] * b.in_shape[2];
       return Block(nn::Flatten(), nn::Linear(flat, spec.hidden), nn::ReLU());
     }
-    return Block(nn::Linear(spec.hidden, kNumClasses));
+    return Block(nn::Linear(spec.hidden, model::kNumClasses));
   }
   // vit
   if (b.index == 0) return Block(PatchEmbed(spec.patch_size, spec.hidden));
@@ -109,7 +109,7 @@ uint64_t block_seed(uint64_t job_seed, int block_index) {
 
 torch::nn::Sequential build_blocks(const ModelSpec& spec, int first, int end, uint64_t job_seed) {
   static std::mutex generator_mu;
-  const ModelDesc desc = describe_model(spec);
+  const model::ModelDesc desc = model::describe_model(spec);
   nn::Sequential stage;
   std::lock_guard<std::mutex> lock(generator_mu);
   for (int i = first; i < end; ++i) {

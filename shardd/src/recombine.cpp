@@ -6,12 +6,12 @@
 #include "shardguard/common/crypto.h"
 #include "shardguard/shardd/checkpoint.h"
 #include "shardguard/shardd/model.h"
-#include "shardguard/shardd/partition.h"
+#include "shardguard/model/partition.h"
 
 namespace shardguard::shardd {
 
 torch::nn::Sequential recombine(const JobSpec& job, const std::vector<ShardFile>& shards, int64_t* step) {
-  const ModelDesc desc = describe_model(job.model);
+  const model::ModelDesc desc = model::describe_model(job.model);
   const int blocks = static_cast<int>(desc.blocks.size());
   std::vector<int> owner(blocks, -1);
   auto whole = build_blocks(job.model, 0, blocks, job.training.seed);
@@ -50,8 +50,8 @@ torch::nn::Sequential recombine(const JobSpec& job, const std::vector<ShardFile>
 }
 
 std::vector<ShardFile> find_shard_files(const JobSpec& job, const std::string& checkpoint_dir, const std::string& key_dir) {
-  const ModelDesc desc = describe_model(job.model);
-  const auto stages = partition(desc, job.sharding.shards, job.sharding.balance);
+  const model::ModelDesc desc = model::describe_model(job.model);
+  const auto stages = model::partition(desc, job.sharding.shards, job.sharding.balance);
   std::vector<CheckpointStore> stores;
   std::vector<std::string> keys;
   std::map<int64_t, int> count;

@@ -22,7 +22,7 @@
 #include "shardguard/shardd/data.h"
 #include "shardguard/shardd/metrics.h"
 #include "shardguard/shardd/model.h"
-#include "shardguard/shardd/partition.h"
+#include "shardguard/model/partition.h"
 #include "shardguard/shardd/schedule.h"
 #include "shardguard/shardd/tensor_codec.h"
 #include "shardguard/shardd/trainer.h"
@@ -318,8 +318,8 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
 
   // ---- setup -----------------------------------------------------------------
   void start() {
-    desc_ = describe_model(opt_.job.model);
-    const auto stages = partition(desc_, opt_.job.sharding.shards, opt_.job.sharding.balance);
+    desc_ = model::describe_model(opt_.job.model);
+    const auto stages = model::partition(desc_, opt_.job.sharding.shards, opt_.job.sharding.balance);
     n_ = static_cast<int>(stages.size());
     if (opt_.stage < 0 || opt_.stage >= n_) {
       throw std::invalid_argument("--stage: " + std::to_string(opt_.stage) + " is out of range for a job with " +
@@ -1149,8 +1149,8 @@ class StageRunner::Impl final : public v1::Pipeline::Service {
   StageMetrics metrics_;
   const std::string boot_id_;
 
-  ModelDesc desc_;
-  StageDesc me_;
+  model::ModelDesc desc_;
+  model::StageDesc me_;
   int n_ = 0;
   bool first_ = false, last_ = false;
   torch::Device device_{torch::kCPU};

@@ -3,7 +3,7 @@
 #include <cstring>
 #include <memory>
 
-#include "shardguard/shardd/model_desc.h"
+#include "shardguard/model/model_desc.h"
 
 namespace shardguard::shardd {
 namespace {
@@ -27,13 +27,13 @@ void encode_tensor(const torch::Tensor& tensor, v1::Tensor* msg) {
 }
 
 std::string describe(const v1::Tensor& msg) {
-  return std::string(dtype_name(msg.dtype())) + shape_str({msg.shape().begin(), msg.shape().end()});
+  return std::string(dtype_name(msg.dtype())) + model::shape_str({msg.shape().begin(), msg.shape().end()});
 }
 
 torch::Tensor decode_tensor(v1::Tensor* msg, const std::vector<int64_t>& sample_shape, int64_t max_batch) {
   std::vector<int64_t> expected{-1};
   expected.insert(expected.end(), sample_shape.begin(), sample_shape.end());
-  const std::string want = "float32[1.." + std::to_string(max_batch) + shape_str(sample_shape).replace(0, 1, ", ");
+  const std::string want = "float32[1.." + std::to_string(max_batch) + model::shape_str(sample_shape).replace(0, 1, ", ");
   bool ok = msg->dtype() == v1::DTYPE_FLOAT32 && msg->shape_size() == static_cast<int>(expected.size());
   if (ok) {
     ok = msg->shape(0) >= 1 && msg->shape(0) <= max_batch;

@@ -53,7 +53,7 @@ EvalResult evaluate(torch::nn::Sequential& model, const torch::Tensor& images, c
 
 MonolithicResult train_monolithic(const JobSpec& job, const MonolithicOptions& options) {
   const torch::Device device = resolve_device(options.device);
-  const ModelDesc desc = describe_model(job.model);
+  const model::ModelDesc desc = model::describe_model(job.model);
   auto model = build_blocks(job.model, 0, static_cast<int>(desc.blocks.size()), job.training.seed);
   model->to(device);
   auto optimizer = make_optimizer(job.training.optimizer, model->parameters());

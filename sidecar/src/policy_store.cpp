@@ -20,10 +20,10 @@ int64_t to_ns(const struct timespec& ts) {
   return static_cast<int64_t>(ts.tv_sec) * 1000000000LL + static_cast<int64_t>(ts.tv_nsec);
 }
 
-Decision no_policy_decision() {
-  Decision d;
+policy::Decision no_policy_decision() {
+  policy::Decision d;
   d.allow = false;
-  d.rule = kRuleNoPolicy;
+  d.rule = policy::kRuleNoPolicy;
   d.reason =
       "no valid shard access policy is loaded (the policy file is missing or invalid), "
       "so every call is refused";
@@ -50,16 +50,16 @@ PolicyStore::FileStamp PolicyStore::stamp_of(const std::string& path) {
   return s;
 }
 
-std::shared_ptr<const Policy> PolicyStore::current() const {
+std::shared_ptr<const policy::Policy> PolicyStore::current() const {
   std::lock_guard<std::mutex> lock(policy_mu_);
   return policy_;
 }
 
-Decision PolicyStore::decide(Direction direction, const std::string& peer_spiffe_id,
+policy::Decision PolicyStore::decide(policy::Direction direction, const std::string& peer_spiffe_id,
                              const std::string& method_path) const {
-  const std::shared_ptr<const Policy> policy = current();
-  if (!policy) return no_policy_decision();
-  return sidecar::decide(*policy, direction, peer_spiffe_id, method_path);
+  const std::shared_ptr<const policy::Policy> snapshot = current();
+  if (!snapshot) return no_policy_decision();
+  return policy::decide(*snapshot, direction, peer_spiffe_id, method_path);
 }
 
 ReloadResult PolicyStore::reload() {
@@ -69,11 +69,11 @@ ReloadResult PolicyStore::reload() {
   seen_ = stamp_of(path_);
 
   ReloadResult result;
-  std::shared_ptr<const Policy> fresh;
+  std::shared_ptr<const policy::Policy> fresh;
   try {
     const std::string text = read_file(path_);
-    fresh = std::make_shared<const Policy>(parse_policy(text));
-  } catch (const PolicyError& e) {
+    fresh = std::make_shared<const policy::Policy>(policy::parse_policy(text));
+  } catch (const policy::PolicyError& e) {
     result.problems = e.problems();
     result.error = "invalid policy file " + path_ + ": ";
     for (std::size_t i = 0; i < result.problems.size(); ++i) {
@@ -110,7 +110,7 @@ ReloadResult PolicyStore::reload() {
     have_policy = policy_ != nullptr;
   }
   nlohmann::json problems = nlohmann::json::array();
-  for (const PolicyProblem& p : result.problems) {
+  for (const policy::PolicyProblem& p : result.problems) {
     problems.push_back({{"path", p.path}, {"message", p.message}});
   }
   log::error(have_policy ? "policy reload failed; keeping the last good policy"

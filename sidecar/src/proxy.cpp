@@ -45,7 +45,7 @@
 #include "shardguard/sidecar/audit.h"
 #include "shardguard/sidecar/ledger.h"
 #include "shardguard/v1/pipeline.pb.h"
-#include "shardguard/sidecar/policy.h"
+#include "shardguard/policy/policy.h"
 #include "shardguard/sidecar/policy_store.h"
 
 namespace shardguard::sidecar {
@@ -177,7 +177,7 @@ std::pair<std::string, std::string> parse_peer_flag(const std::string& text) {
   }
   std::string id = text.substr(0, eq);
   std::string addr = text.substr(eq + 1);
-  if (!is_spiffe_id(id)) {
+  if (!policy::is_spiffe_id(id)) {
     throw std::invalid_argument("--peer \"" + text + "\": \"" + id + "\" is not a SPIFFE ID");
   }
   try {
@@ -375,7 +375,7 @@ struct Proxy::Impl {
   // The method as a metrics label: known methods as they are, anything else "other"
   // (a peer must not be able to grow the label set).
   std::string method_label(const std::string& method) const {
-    if (method == kForwardMethod || method == kBackwardMethod || method == kExportMethod) {
+    if (method == policy::kForwardMethod || method == policy::kBackwardMethod || method == policy::kExportMethod) {
       return method;
     }
     if (auto p = policy->current()) {
@@ -391,7 +391,7 @@ struct Proxy::Impl {
   }
   // Peers as labels: only SPIFFE IDs that our CA vouched for (inbound) or that the
   // configuration names (outbound) reach here, so the set is bounded.
-  void count_decision(const Decision& d, const std::string& method, const std::string& peer) {
+  void count_decision(const policy::Decision& d, const std::string& method, const std::string& peer) {
     metrics.decisions
         .Add({{"decision", d.allow ? "allow" : "deny"},
               {"rule", d.rule},
@@ -409,7 +409,7 @@ struct Proxy::Impl {
   prometheus::Counter& bytes_counter(const char* direction, const std::string& peer) {
     return metrics.bytes.Add({{"direction", direction}, {"peer", peer}});
   }
-  void audit_deny(const Decision& d, const std::string& peer, const std::string& method) {
+  void audit_deny(const policy::Decision& d, const std::string& peer, const std::string& method) {
     log::warn("call refused", {{"peer", peer}, {"method", method}, {"rule", d.rule}, {"reason", d.reason}});
     if (!audit) return;
     AuditEvent e;
@@ -976,10 +976,10 @@ class ExportGuard : public MessageGuard {
                         " bytes (already received " + std::to_string(had) + ")",
                     req.length());
     }
-    Decision d;
+    policy::Decision d;
     d.allow = true;
-    d.rule = kRuleExport;
-    impl_->count_decision(d, kExportMethod, principal_);
+    d.rule = policy::kRuleExport;
+    impl_->count_decision(d, policy::kExportMethod, principal_);
     accepted_ = true;
     return grpc::Status::OK;
   }
@@ -1020,8 +1020,8 @@ class ExportGuard : public MessageGuard {
     audited_ = true;
     AuditEvent ev;
     ev.peer = principal_;
-    ev.method = kExportMethod;
-    ev.rule = kRuleExport;
+    ev.method = policy::kExportMethod;
+    ev.rule = policy::kRuleExport;
     ev.decision = "allow";
     ev.bytes = bytes_;
     ev.ranges_digest = ranges_digest(ranges_);
@@ -1030,20 +1030,20 @@ class ExportGuard : public MessageGuard {
 
  private:
   grpc::Status refuse(grpc::StatusCode code, const std::string& reason, uint64_t asked) {
-    Decision d;
-    d.rule = kRuleExportDenied;
+    policy::Decision d;
+    d.rule = policy::kRuleExportDenied;
     d.reason = reason;
-    impl_->count_decision(d, kExportMethod, principal_);
+    impl_->count_decision(d, policy::kExportMethod, principal_);
     log::warn("export refused", {{"peer", principal_}, {"reason", reason}});
     AuditEvent ev;
     ev.peer = principal_;
-    ev.method = kExportMethod;
-    ev.rule = kRuleExportDenied;
+    ev.method = policy::kExportMethod;
+    ev.rule = policy::kRuleExportDenied;
     ev.decision = "deny";
     ev.bytes = asked;
     if (end_ > begin_) ev.ranges_digest = ranges_digest({{begin_, end_}});
     impl_->audit_event(ev);
-    return {code, reason + " (rule " + kRuleExportDenied + ")"};
+    return {code, reason + " (rule " + policy::kRuleExportDenied + ")"};
   }
 
   Proxy::Impl* impl_;
@@ -1069,20 +1069,20 @@ Route Proxy::Impl::route_inbound(grpc::GenericServerContext* ctx) {
     if (ids.size() == 1) peer.assign(ids[0].data(), ids[0].size());
   }
   const std::string method = ctx->method();
-  Decision d;
+  policy::Decision d;
   if (peer.empty()) {
     d.allow = false;
-    d.rule = kRuleBadPeer;
+    d.rule = policy::kRuleBadPeer;
     d.reason = "the TLS handshake established no SPIFFE identity";
   } else {
-    d = policy->decide(Direction::kIngress, peer, method);
+    d = policy->decide(policy::Direction::kIngress, peer, method);
   }
-  if (d.allow && method == kExportMethod && !ledger) {
+  if (d.allow && method == policy::kExportMethod && !ledger) {
     d.allow = false;
-    d.rule = kRuleExportDenied;
+    d.rule = policy::kRuleExportDenied;
     d.reason = "this sidecar keeps no exposure ledger (--ledger, --ledger-key), so it exports nothing";
   }
-  const bool export_call = d.allow && method == kExportMethod;
+  const bool export_call = d.allow && method == policy::kExportMethod;
   if (!export_call) count_decision(d, method, peer);  // an export is counted by its guard
   if (!d.allow) {
     audit_deny(d, peer, method);
@@ -1109,12 +1109,12 @@ Route Proxy::Impl::route_outbound(grpc::GenericServerContext* ctx) {
   }
   // Candidates: configured peers the egress policy lets this method go to.
   std::vector<std::string> allowed;
-  Decision last;
-  last.rule = kRuleDefaultDeny;
+  policy::Decision last;
+  last.rule = policy::kRuleDefaultDeny;
   last.reason = "no configured peer may receive " + method;
   for (const auto& [id, peer] : peers) {
     if (!requested.empty() && id != requested) continue;
-    Decision d = policy->decide(Direction::kEgress, id, method);
+    policy::Decision d = policy->decide(policy::Direction::kEgress, id, method);
     if (d.allow) {
       allowed.push_back(id);
       last = d;
@@ -1125,14 +1125,14 @@ Route Proxy::Impl::route_outbound(grpc::GenericServerContext* ctx) {
   std::string deny_reason;
   if (!requested.empty() && peers.count(requested) == 0) {
     last.allow = false;
-    last.rule = kRuleDefaultDeny;
+    last.rule = policy::kRuleDefaultDeny;
     deny_reason = "target " + requested + " is not a configured peer";
   } else if (allowed.empty()) {
     last.allow = false;
     deny_reason = last.reason;
   } else if (allowed.size() > 1) {
     last.allow = false;
-    last.rule = kRuleDefaultDeny;
+    last.rule = policy::kRuleDefaultDeny;
     deny_reason = std::to_string(allowed.size()) + " peers may receive " + method + "; name one in the " +
                   kTargetHeader + " header";
   }

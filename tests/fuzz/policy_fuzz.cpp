@@ -10,7 +10,7 @@
 //   case variants of methods are refused, and an allow always names a rule that
 //   really lists the method and matches the peer.
 // Violations print what went wrong and abort(), which libFuzzer records as a crash.
-#include "shardguard/sidecar/policy.h"
+#include "shardguard/policy/policy.h"
 
 #include <cstddef>
 #include <cstdint>

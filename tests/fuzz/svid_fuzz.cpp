@@ -21,7 +21,7 @@
 // a bounded reason, a valid SPIFFE ID only when ok). Violations abort().
 // SVID_FUZZ_VERBOSE=1 prints every verify_svid result (to see what a seed reaches).
 #include "shardguard/common/pki.h"
-#include "shardguard/sidecar/policy.h"
+#include "shardguard/policy/policy.h"
 
 #include <chrono>
 #include <cstddef>
@@ -81,8 +81,8 @@ bool has_dot_segment(const std::string& id) {
 void check_spiffe_id(const std::string& s) {
   const std::string why = shardguard::validate_spiffe_id(s);
   const bool valid = why.empty();
-  check(shardguard::sidecar::is_spiffe_id(s) == valid, "is_spiffe_id disagrees with validate_spiffe_id", s);
-  const std::string td = shardguard::sidecar::spiffe_trust_domain(s);
+  check(shardguard::policy::is_spiffe_id(s) == valid, "is_spiffe_id disagrees with validate_spiffe_id", s);
+  const std::string td = shardguard::policy::spiffe_trust_domain(s);
   if (!valid) {
     check(td.empty(), "trust domain of an invalid SPIFFE ID", s);
   } else {
@@ -98,7 +98,7 @@ void check_spiffe_id(const std::string& s) {
 }
 
 void check_method(const std::string& s) {
-  const bool canonical = shardguard::sidecar::is_canonical_method(s);
+  const bool canonical = shardguard::policy::is_canonical_method(s);
   if (canonical) check(s.size() <= 256, "canonical method longer than 256 bytes", s);
   if (s.size() <= kMaxRegexInput) {
     const bool ref = s.size() <= 256 && std::regex_match(s, method_regex());

@@ -11,7 +11,7 @@
 #include "integration/pipeline_fixture.h"
 #include "shardguard/common/pki.h"
 #include "shardguard/sidecar/audit.h"
-#include "shardguard/sidecar/policy.h"
+#include "shardguard/policy/policy.h"
 #include "support/grpc_echo.h"
 
 namespace shardguard {
@@ -46,7 +46,7 @@ class SidecarPipelineTest : public PipelineFixture {
     PipelineFixture::TearDown();
   }
 
-  std::string shard_id(int i) const { return sidecar::shard_spiffe_id(kTd, kNs, kJobName, i); }
+  std::string shard_id(int i) const { return policy::shard_spiffe_id(kTd, kNs, kJobName, i); }
 
   // Issues the PKI, writes each pod's files and starts its sidecar.
   void start_sidecars(int n) {
@@ -65,7 +65,7 @@ class SidecarPipelineTest : public PipelineFixture {
       write_file_atomic(pod + "/key.pem", leaf.key_pem, 0600);
       write_file_atomic(pod + "/ca.pem", ca.cert_pem);
       write_file_atomic(pod + "/policy.json",
-                        sidecar::to_json(sidecar::pipeline_policy(kTd, kNs, kJobName, i, n, {})));
+                        policy::to_json(policy::pipeline_policy(kTd, kNs, kJobName, i, n, {})));
       SpawnOptions o;
       o.argv = {kBin + "/shard-sidecar", "--inbound", "127.0.0.1:" + std::to_string(inbound_[i]), "--outbound",
                 "127.0.0.1:" + std::to_string(outbound_[i]), "--upstream", "127.0.0.1:" + std::to_string(ports_[i]),
@@ -170,7 +170,7 @@ TEST_F(SidecarPipelineTest, TrainsThroughSidecarsWithTheSameLossesAndEqualByteCo
   // call that got through would fail differently (UNAVAILABLE).
   auto channel = testsupport::tls_channel("127.0.0.1:" + std::to_string(inbound_[0]), leaves_[2].cert_pem,
                                           leaves_[2].key_pem);
-  const auto r = testsupport::unary_call(channel, sidecar::kBackwardMethod, "not a frame", {}, 10s);
+  const auto r = testsupport::unary_call(channel, policy::kBackwardMethod, "not a frame", {}, 10s);
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << r.status.error_message();
   const std::string page0 = scrape(0);
   EXPECT_EQ(scrape_sum(page0, "shardguard_authz_decisions_total",

@@ -9,9 +9,9 @@
 #include <string>
 
 #include "shardguard/common/jobspec.h"
-#include "shardguard/shardd/model_desc.h"
-#include "shardguard/shardd/partition.h"
-#include "shardguard/sidecar/policy.h"
+#include "shardguard/model/model_desc.h"
+#include "shardguard/model/partition.h"
+#include "shardguard/policy/policy.h"
 
 namespace shardguard::op {
 namespace {
@@ -182,21 +182,21 @@ TEST(Render, PodMountsOnlyItsOwnSecret) {
 
 TEST(Render, PolicyConfigMapParsesAndAllowsForwardOnlyFromPrevious) {
   const auto r = render_example();
-  const auto id = [](int s) { return sidecar::shard_spiffe_id("shardguard.local", "ml", "fmnist", s); };
+  const auto id = [](int s) { return policy::shard_spiffe_id("shardguard.local", "ml", "fmnist", s); };
   for (int i = 0; i < 4; ++i) {
     const auto& cm = r.out.config_maps[i];
-    const auto policy = sidecar::parse_policy(cm["data"]["policy.json"].get<std::string>());
-    EXPECT_EQ(policy.shard(), i);
-    EXPECT_EQ(policy.shards(), 4);
-    EXPECT_EQ(policy.job(), "fmnist");
-    EXPECT_EQ(policy.ns(), "ml");
+    const auto parsed = policy::parse_policy(cm["data"]["policy.json"].get<std::string>());
+    EXPECT_EQ(parsed.shard(), i);
+    EXPECT_EQ(parsed.shards(), 4);
+    EXPECT_EQ(parsed.job(), "fmnist");
+    EXPECT_EQ(parsed.ns(), "ml");
     for (int p = 0; p < 4; ++p) {
-      const auto d = sidecar::decide(policy, sidecar::Direction::kIngress, id(p), sidecar::kForwardMethod);
+      const auto d = policy::decide(parsed, policy::Direction::kIngress, id(p), policy::kForwardMethod);
       EXPECT_EQ(d.allow, p == i - 1) << "shard " << i << " Forward from " << p << ": " << d.rule;
     }
-    EXPECT_TRUE(policy.exports().allowed);
-    ASSERT_EQ(policy.exports().principals.size(), 1u);
-    EXPECT_EQ(policy.exports().principals[0].budget_bytes, 1 << 20);
+    EXPECT_TRUE(parsed.exports().allowed);
+    ASSERT_EQ(parsed.exports().principals.size(), 1u);
+    EXPECT_EQ(parsed.exports().principals[0].budget_bytes, 1 << 20);
     // job.json is the job shardd --job reads.
     const auto job = job_from_json(json::parse(cm["data"]["job.json"].get<std::string>()));
     EXPECT_EQ(job.name, "fmnist");
@@ -333,7 +333,7 @@ TEST(Render, SidecarPeersAreOnlyTheNeighbours) {
     std::vector<std::string> want;
     for (int p : {i - 1, i + 1}) {
       if (p < 0 || p > 3) continue;
-      want.push_back(sidecar::shard_spiffe_id("shardguard.local", "ml", "fmnist", p) + "=fmnist-shard-" +
+      want.push_back(policy::shard_spiffe_id("shardguard.local", "ml", "fmnist", p) + "=fmnist-shard-" +
                      std::to_string(p) + ".fmnist.ml.svc.cluster.local:7443");
     }
     EXPECT_EQ(flag_values(args_of(r.out.pods[i], "sidecar"), "--peer"), want) << "shard " << i;
@@ -354,13 +354,13 @@ TEST(Render, RefusesAStageLargerThanMaxExposure) {
   obj["spec"]["protection"]["maxExposure"] = 0.3;
   obj["spec"]["sharding"]["shards"] = 2;
   const JobSpec job = job_from_json(obj);
-  const auto model = shardd::describe_model(job.model);
-  const auto stages = shardd::partition(model, 2, "parameters");
+  const auto model = model::describe_model(job.model);
+  const auto stages = model::partition(model, 2, "parameters");
   int worst = 0;
   for (const auto& s : stages) {
-    if (shardd::parameter_share(model, s) > shardd::parameter_share(model, stages[worst])) worst = s.index;
+    if (model::parameter_share(model, s) > model::parameter_share(model, stages[worst])) worst = s.index;
   }
-  ASSERT_GT(shardd::parameter_share(model, stages[worst]), 0.3);
+  ASSERT_GT(model::parameter_share(model, stages[worst]), 0.3);
   try {
     render(job, inputs_for(job, obj));
     FAIL() << "rendered a job whose stage exceeds maxExposure";
@@ -370,7 +370,7 @@ TEST(Render, RefusesAStageLargerThanMaxExposure) {
     EXPECT_NE(msg.find("stage " + std::to_string(worst)), std::string::npos) << msg;
     EXPECT_NE(msg.find("maxExposure 0.3000"), std::string::npos) << msg;
     char share[32];
-    std::snprintf(share, sizeof share, "%.4f", shardd::parameter_share(model, stages[worst]));
+    std::snprintf(share, sizeof share, "%.4f", model::parameter_share(model, stages[worst]));
     EXPECT_NE(msg.find(share), std::string::npos) << msg;
   }
 }
@@ -432,7 +432,7 @@ spec:
   }
   EXPECT_TRUE(has_empty_dir_checkpoint);
   // export not allowed → empty export section in every policy.
-  EXPECT_FALSE(sidecar::parse_policy(out.config_maps[1]["data"]["policy.json"].get<std::string>()).exports().allowed);
+  EXPECT_FALSE(policy::parse_policy(out.config_maps[1]["data"]["policy.json"].get<std::string>()).exports().allowed);
 }
 
 }  // namespace

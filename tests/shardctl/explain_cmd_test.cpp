@@ -8,7 +8,7 @@
 
 #include "shardguard/common/files.h"
 #include "shardguard/shardctl/commands.h"
-#include "shardguard/sidecar/policy.h"
+#include "shardguard/policy/policy.h"
 
 namespace shardguard::shardctl {
 namespace {
@@ -137,7 +137,7 @@ TEST_F(ExplainCmdTest, ShowPolicyPrintsWhatTheOperatorRenders) {
   const Result r = explain(o);
   EXPECT_EQ(r.rc, 0) << r.out;
   const std::string json = r.out.substr(0, r.out.find("\nALLOW\n") + 1);
-  const sidecar::Policy p = sidecar::parse_policy(json);
+  const policy::Policy p = policy::parse_policy(json);
   EXPECT_EQ(p.shard(), 0);
   EXPECT_EQ(p.shards(), 4);
   EXPECT_EQ(p.ns(), "ml");
@@ -158,9 +158,9 @@ TEST_F(ExplainCmdTest, ShardOutOfRangeOrBadJob) {
 }
 
 TEST_F(ExplainCmdTest, PolicyFileAllowAndDeny) {
-  const sidecar::Policy p =
-      sidecar::pipeline_policy("shardguard.local", "ml", "fmnist", 2, 4, sidecar::ExportRules{});
-  write_file_atomic(root_ + "/policy.json", sidecar::to_json(p));
+  const policy::Policy p =
+      policy::pipeline_policy("shardguard.local", "ml", "fmnist", 2, 4, policy::ExportRules{});
+  write_file_atomic(root_ + "/policy.json", policy::to_json(p));
   ExplainOptions o;
   o.policy_file = root_ + "/policy.json";
   o.peer = shard_id(1);

@@ -15,8 +15,8 @@
 #include "shardguard/common/jobspec.h"
 #include "shardguard/operator/status.h"
 #include "shardguard/shardctl/study.h"
-#include "shardguard/shardd/model_desc.h"
-#include "shardguard/shardd/partition.h"
+#include "shardguard/model/model_desc.h"
+#include "shardguard/model/partition.h"
 
 namespace fs = std::filesystem;
 using namespace shardguard::shardctl;
@@ -125,12 +125,12 @@ TEST(StudyRows, ExposureIsTheOperatorsForEveryRowOfBothModels) {
   for (const char* example : {"fashion-mnist-cnn.yaml", "fashion-mnist-vit.yaml"}) {
     SCOPED_TRACE(example);
     const auto job = shardguard::load_job_file(std::string(SHARDGUARD_SOURCE_DIR) + "/examples/" + example);
-    const auto desc = shardguard::shardd::describe_model(job.model);
-    const auto cut = shardguard::shardd::partition(desc, job.sharding.shards, job.sharding.balance);
+    const auto desc = shardguard::model::describe_model(job.model);
+    const auto cut = shardguard::model::partition(desc, job.sharding.shards, job.sharding.balance);
     std::vector<double> shares;
     std::vector<int64_t> params;
     for (const auto& s : cut) {
-      shares.push_back(shardguard::shardd::parameter_share(desc, s));
+      shares.push_back(shardguard::model::parameter_share(desc, s));
       params.push_back(s.parameters);
     }
     const auto rows = default_rows(static_cast<int>(cut.size()));

@@ -3,7 +3,7 @@
 #include <torch/torch.h>
 
 #include "shardguard/shardd/model.h"
-#include "shardguard/shardd/partition.h"
+#include "shardguard/model/partition.h"
 #include "shardguard/shardd/schedule.h"
 #include "shardd/test_job.h"
 
@@ -15,13 +15,13 @@ namespace {
 TEST(ModelTest, EachStageBuildsOnlyItsShare) {
   for (const char* arch : {"mlp", "cnn", "vit"}) {
     const JobSpec job = shardguard::testing::small_job(arch, 1);
-    const auto desc = describe_model(job.model);
+    const auto desc = model::describe_model(job.model);
     const int blocks = static_cast<int>(desc.blocks.size());
     auto whole = build_blocks(job.model, 0, blocks, job.training.seed);
     EXPECT_EQ(count_parameters(*whole), desc.parameters()) << arch;
     for (int n : {1, 2, 4}) {
       int64_t sum = 0;
-      for (const auto& s : partition(desc, n, "parameters")) {
+      for (const auto& s : model::partition(desc, n, "parameters")) {
         auto part = build_blocks(job.model, s.first_block, s.end_block, job.training.seed);
         EXPECT_EQ(count_parameters(*part), s.parameters) << arch << " n=" << n << " stage " << s.index;
         if (n > 1) {
@@ -52,7 +52,7 @@ TEST(ModelTest, SameBlockSameWeightsWhateverTheCut) {
 TEST(ModelTest, ForwardShapesMatchTheDescription) {
   for (const char* arch : {"mlp", "cnn", "vit"}) {
     const JobSpec job = shardguard::testing::small_job(arch, 1);
-    const auto desc = describe_model(job.model);
+    const auto desc = model::describe_model(job.model);
     auto x = torch::randn({3, 1, 28, 28});
     for (const auto& b : desc.blocks) {
       auto blk = build_blocks(job.model, b.index, b.index + 1, 1);

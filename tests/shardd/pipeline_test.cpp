@@ -12,8 +12,8 @@
 #include "shardguard/common/files.h"
 #include "shardguard/shardd/checkpoint.h"
 #include "shardguard/shardd/data.h"
-#include "shardguard/shardd/model_desc.h"
-#include "shardguard/shardd/partition.h"
+#include "shardguard/model/model_desc.h"
+#include "shardguard/model/partition.h"
 #include "shardguard/shardd/tensor_codec.h"
 #include "shardguard/shardd/recombine.h"
 #include "shardguard/shardd/stage.h"
@@ -137,7 +137,7 @@ TEST_F(PipelineTest, SameLossesAsOneProcessForOneTwoFourStages) {
         EXPECT_EQ(run_result.last().last_eval->correct, mono.eval.correct) << what;
         int64_t total = 0;
         for (auto p : run_result.parameters) total += p;
-        EXPECT_EQ(total, describe_model(job.model).parameters()) << what;
+        EXPECT_EQ(total, model::describe_model(job.model).parameters()) << what;
       }
     }
   }
@@ -218,8 +218,8 @@ TEST_F(PipelineTest, TamperedNewestCheckpointIsSetAsideAndAnOlderCommonOneUsed) 
   for (const auto& s : full.results) ASSERT_TRUE(s.ok) << s.error;
   // The last stage, two hops from the driver, keeps steps 6 and 8; flip a byte
   // of its step-8 file.
-  const auto desc = describe_model(job.model);
-  const auto stages = partition(desc, 3, "parameters");
+  const auto desc = model::describe_model(job.model);
+  const auto stages = model::partition(desc, 3, "parameters");
   CheckpointStore s1(dir_ + "/checkpoints", CheckpointId{job.name, 2, stages[2].first_block, stages[2].end_block},
                      load_key_file(dir_ + "/keys/shard-2.key"));
   ASSERT_EQ(s1.steps(), (std::vector<int64_t>{6, 8}));
@@ -277,9 +277,9 @@ TEST_F(PipelineTest, WrongShapeFromAPeerStopsTheStageWithBothShapes) {
   f->mutable_tensor()->set_dtype(v1::DTYPE_FLOAT32);
   for (int64_t d : {8, 4, 7, 7}) f->mutable_tensor()->add_shape(d);
   f->mutable_tensor()->set_data(std::string(8 * 4 * 7 * 7 * 4, '\0'));
-  const auto desc = describe_model(job.model);
-  const auto stages = partition(desc, 2, "parameters");
-  auto want = shape_str(desc.blocks[stages[1].first_block].in_shape);  // e.g. [16, 3, 3]
+  const auto desc = model::describe_model(job.model);
+  const auto stages = model::partition(desc, 2, "parameters");
+  auto want = model::shape_str(desc.blocks[stages[1].first_block].in_shape);  // e.g. [16, 3, 3]
   want = "float32[1..8, " + want.substr(1);
   const auto st = call(bad);
   EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);

@@ -16,7 +16,7 @@
 #include "shardguard/common/pki.h"
 #include "shardguard/sidecar/audit.h"
 #include "shardguard/sidecar/ledger.h"
-#include "shardguard/sidecar/policy.h"
+#include "shardguard/policy/policy.h"
 #include "shardguard/sidecar/proxy.h"
 #include "shardguard/v1/pipeline.grpc.pb.h"
 #include "support/export_client.h"
@@ -71,15 +71,15 @@ class ExportTest : public ::testing::Test {
     ASSERT_TRUE(server_ && backend_port_ > 0);
 
     const CaBundle ca = create_ca("ca", std::chrono::hours(1));
-    exporter_ = issue_leaf(ca, exporter_spiffe_id(kTd, "ml", "fm"), std::chrono::hours(1));
-    const Leaf me = issue_leaf(ca, shard_spiffe_id(kTd, "ml", "fm", 1), std::chrono::hours(1));
+    exporter_ = issue_leaf(ca, policy::exporter_spiffe_id(kTd, "ml", "fm"), std::chrono::hours(1));
+    const Leaf me = issue_leaf(ca, policy::shard_spiffe_id(kTd, "ml", "fm", 1), std::chrono::hours(1));
     write_file_atomic(dir_ + "/ca.pem", ca.cert_pem);
     write_file_atomic(dir_ + "/cert.pem", me.cert_pem);
     write_file_atomic(dir_ + "/key.pem", me.key_pem, 0600);
-    ExportRules rules;
+    policy::ExportRules rules;
     rules.allowed = true;
-    rules.principals.push_back({exporter_spiffe_id(kTd, "ml", "fm"), static_cast<int64_t>(2 * kMiB)});
-    write_file_atomic(dir_ + "/policy.json", to_json(pipeline_policy(kTd, "ml", "fm", 1, 3, rules)));
+    rules.principals.push_back({policy::exporter_spiffe_id(kTd, "ml", "fm"), static_cast<int64_t>(2 * kMiB)});
+    write_file_atomic(dir_ + "/policy.json", to_json(policy::pipeline_policy(kTd, "ml", "fm", 1, 3, rules)));
     generate_key_file(dir_ + "/ledger.key");
   }
   void TearDown() override {
@@ -116,7 +116,7 @@ class ExportTest : public ::testing::Test {
     return testsupport::registry_sum(*registry_, name, labels);
   }
   std::map<std::string, std::string> exporter_labels() const {
-    return {{"peer", exporter_spiffe_id(kTd, "ml", "fm")}, {"shard", "1"}};
+    return {{"peer", policy::exporter_spiffe_id(kTd, "ml", "fm")}, {"shard", "1"}};
   }
 
   std::string dir_;
@@ -155,7 +155,7 @@ TEST_F(ExportTest, WithinBudgetIsRecordedAndBeyondBudgetIsRefusedAcrossARestart)
   EXPECT_EQ(over.error_code(), grpc::StatusCode::PERMISSION_DENIED) << over.error_message();
   EXPECT_NE(over.error_message().find("budget"), std::string::npos) << over.error_message();
   EXPECT_EQ(backend_.calls.load(), calls);
-  EXPECT_EQ(metric("shardguard_authz_decisions_total", {{"decision", "deny"}, {"rule", kRuleExportDenied}}), 1);
+  EXPECT_EQ(metric("shardguard_authz_decisions_total", {{"decision", "deny"}, {"rule", policy::kRuleExportDenied}}), 1);
 
   // A restart neither resets the budget nor the metrics.
   proxy_.reset();

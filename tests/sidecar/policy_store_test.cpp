@@ -30,16 +30,16 @@ const std::string kTd = "shardguard.local";
 const std::string kNs = "ml";
 const std::string kJob = "fmnist";
 
-std::string shard_id(int i) { return shard_spiffe_id(kTd, kNs, kJob, i); }
+std::string shard_id(int i) { return policy::shard_spiffe_id(kTd, kNs, kJob, i); }
 
 // Shard 1 of 4 with one ingress rule: Forward from shard 0 (and, when
 // `with_backward`, Backward from shard 2), under the given rule name.
 std::string policy_text(const std::string& rule, bool with_backward = false) {
   json rules = json::array();
-  rules.push_back({{"name", rule}, {"peers", {shard_id(0)}}, {"methods", {kForwardMethod}}});
+  rules.push_back({{"name", rule}, {"peers", {shard_id(0)}}, {"methods", {policy::kForwardMethod}}});
   if (with_backward) {
     rules.push_back(
-        {{"name", "backward-from-next"}, {"peers", {shard_id(2)}}, {"methods", {kBackwardMethod}}});
+        {{"name", "backward-from-next"}, {"peers", {shard_id(2)}}, {"methods", {policy::kBackwardMethod}}});
   }
   return json{{"version", 1},  {"trustDomain", kTd}, {"namespace", kNs}, {"job", kJob},
               {"shard", 1},    {"shards", 4},        {"ingress", rules}}
@@ -99,7 +99,7 @@ bool wait_for_generation(const PolicyStore& store, uint64_t want) {
 }
 
 bool has_problem_at(const ReloadResult& r, const std::string& path) {
-  for (const PolicyProblem& p : r.problems) {
+  for (const policy::PolicyProblem& p : r.problems) {
     if (p.path == path) return true;
   }
   return false;
@@ -117,17 +117,17 @@ TEST(PolicyStore, ValidFileAtStartDecides) {
   EXPECT_EQ(store.reload_errors(), 0u);
   EXPECT_EQ(store.path(), path);
 
-  const Decision allow = store.decide(Direction::kIngress, shard_id(0), kForwardMethod);
+  const policy::Decision allow = store.decide(policy::Direction::kIngress, shard_id(0), policy::kForwardMethod);
   EXPECT_TRUE(allow.allow);
   EXPECT_EQ(allow.rule, "forward-from-prev");
 
-  const Decision deny = store.decide(Direction::kIngress, shard_id(3), kForwardMethod);
+  const policy::Decision deny = store.decide(policy::Direction::kIngress, shard_id(3), policy::kForwardMethod);
   EXPECT_FALSE(deny.allow);
-  EXPECT_EQ(deny.rule, kRuleDefaultDeny);
+  EXPECT_EQ(deny.rule, policy::kRuleDefaultDeny);
 
   // Same as the pure function on the same policy.
-  const Decision pure = sidecar::decide(*store.current(), Direction::kIngress, shard_id(0),
-                                        kForwardMethod);
+  const policy::Decision pure = policy::decide(*store.current(), policy::Direction::kIngress, shard_id(0),
+                                        policy::kForwardMethod);
   EXPECT_EQ(pure.rule, allow.rule);
 }
 
@@ -141,10 +141,10 @@ TEST(PolicyStore, MissingFileAtStartRefusesEverythingUntilLoaded) {
   EXPECT_EQ(store.reloads_ok(), 0u);
   EXPECT_EQ(store.reload_errors(), 1u);
 
-  for (Direction d : {Direction::kIngress, Direction::kEgress}) {
-    const Decision deny = store.decide(d, shard_id(0), kForwardMethod);
+  for (policy::Direction d : {policy::Direction::kIngress, policy::Direction::kEgress}) {
+    const policy::Decision deny = store.decide(d, shard_id(0), policy::kForwardMethod);
     EXPECT_FALSE(deny.allow);
-    EXPECT_EQ(deny.rule, kRuleNoPolicy);
+    EXPECT_EQ(deny.rule, policy::kRuleNoPolicy);
     EXPECT_NE(deny.reason.find("missing or invalid"), std::string::npos) << deny.reason;
   }
 
@@ -160,7 +160,7 @@ TEST(PolicyStore, MissingFileAtStartRefusesEverythingUntilLoaded) {
   EXPECT_TRUE(r.ok) << r.error;
   EXPECT_EQ(r.generation, 1u);
   EXPECT_EQ(store.generation(), 1u);
-  const Decision allow = store.decide(Direction::kIngress, shard_id(0), kForwardMethod);
+  const policy::Decision allow = store.decide(policy::Direction::kIngress, shard_id(0), policy::kForwardMethod);
   EXPECT_TRUE(allow.allow);
   EXPECT_EQ(allow.rule, "forward-from-prev");
 }
@@ -173,7 +173,7 @@ TEST(PolicyStore, InvalidFileAtStartRefusesEverything) {
   PolicyStore store(path);
   EXPECT_EQ(store.current(), nullptr);
   EXPECT_EQ(store.reload_errors(), 1u);
-  EXPECT_EQ(store.decide(Direction::kIngress, shard_id(0), kForwardMethod).rule, kRuleNoPolicy);
+  EXPECT_EQ(store.decide(policy::Direction::kIngress, shard_id(0), policy::kForwardMethod).rule, policy::kRuleNoPolicy);
 }
 
 TEST(PolicyStore, BrokenFileKeepsTheLastGoodPolicy) {
@@ -182,7 +182,7 @@ TEST(PolicyStore, BrokenFileKeepsTheLastGoodPolicy) {
   replace(path, policy_text("forward-from-prev"));
   PolicyStore store(path);
   ASSERT_EQ(store.generation(), 1u);
-  const std::shared_ptr<const Policy> good = store.current();
+  const std::shared_ptr<const policy::Policy> good = store.current();
 
   // Not JSON at all.
   replace(path, "{\"version\": 1, \"ingress\": [");
@@ -193,7 +193,7 @@ TEST(PolicyStore, BrokenFileKeepsTheLastGoodPolicy) {
   EXPECT_EQ(syntax.generation, 1u);
   EXPECT_EQ(store.reload_errors(), 1u);
   EXPECT_EQ(store.current(), good);
-  Decision d = store.decide(Direction::kIngress, shard_id(0), kForwardMethod);
+  policy::Decision d = store.decide(policy::Direction::kIngress, shard_id(0), policy::kForwardMethod);
   EXPECT_TRUE(d.allow);
   EXPECT_EQ(d.rule, "forward-from-prev");
 
@@ -225,10 +225,10 @@ TEST(PolicyStore, BrokenFileKeepsTheLastGoodPolicy) {
   EXPECT_EQ(store.generation(), 2u);
   EXPECT_EQ(store.reloads_ok(), 2u);
   EXPECT_EQ(store.reload_errors(), 3u);
-  d = store.decide(Direction::kIngress, shard_id(0), kForwardMethod);
+  d = store.decide(policy::Direction::kIngress, shard_id(0), policy::kForwardMethod);
   EXPECT_TRUE(d.allow);
   EXPECT_EQ(d.rule, "forward-b");
-  EXPECT_TRUE(store.decide(Direction::kIngress, shard_id(2), kBackwardMethod).allow);
+  EXPECT_TRUE(store.decide(policy::Direction::kIngress, shard_id(2), policy::kBackwardMethod).allow);
 
   // The old policy a reader still holds is untouched.
   EXPECT_EQ(good->ingress().at(0).name, "forward-from-prev");
@@ -274,7 +274,7 @@ TEST(PolicyStore, WatchPicksUpAnAtomicRename) {
 
   replace(path, policy_text("forward-b"));
   ASSERT_TRUE(wait_for_generation(store, 2)) << "watcher did not reload within 10 s";
-  EXPECT_EQ(store.decide(Direction::kIngress, shard_id(0), kForwardMethod).rule, "forward-b");
+  EXPECT_EQ(store.decide(policy::Direction::kIngress, shard_id(0), policy::kForwardMethod).rule, "forward-b");
 
   // A broken file: counted once, the policy stays.
   replace(path, "{");
@@ -283,11 +283,11 @@ TEST(PolicyStore, WatchPicksUpAnAtomicRename) {
     std::this_thread::yield();
   }
   EXPECT_EQ(store.reload_errors(), 1u);
-  EXPECT_EQ(store.decide(Direction::kIngress, shard_id(0), kForwardMethod).rule, "forward-b");
+  EXPECT_EQ(store.decide(policy::Direction::kIngress, shard_id(0), policy::kForwardMethod).rule, "forward-b");
 
   replace(path, policy_text("forward-from-prev"));
   ASSERT_TRUE(wait_for_generation(store, 3));
-  EXPECT_EQ(store.decide(Direction::kIngress, shard_id(0), kForwardMethod).rule,
+  EXPECT_EQ(store.decide(policy::Direction::kIngress, shard_id(0), policy::kForwardMethod).rule,
             "forward-from-prev");
   store.stop();
   store.stop();  // idempotent
@@ -302,7 +302,7 @@ TEST(PolicyStore, WatchLoadsAFileThatAppearsLater) {
   store.watch(std::chrono::milliseconds(5));
   replace(path, policy_text("forward-from-prev"));
   ASSERT_TRUE(wait_for_generation(store, 1));
-  EXPECT_TRUE(store.decide(Direction::kIngress, shard_id(0), kForwardMethod).allow);
+  EXPECT_TRUE(store.decide(policy::Direction::kIngress, shard_id(0), policy::kForwardMethod).allow);
   // The destructor stops the watcher.
 }
 
@@ -341,10 +341,10 @@ TEST(PolicyStore, ConcurrentReadersDuringReloads) {
     readers.emplace_back([&] {
       while (!go.load()) std::this_thread::yield();
       for (int i = 0; i < kDecisions; ++i) {
-        const Decision d = store.decide(Direction::kIngress, shard_id(0), kForwardMethod);
+        const policy::Decision d = store.decide(policy::Direction::kIngress, shard_id(0), policy::kForwardMethod);
         if (!d.allow || (d.rule != "forward-from-prev" && d.rule != "forward-b")) ++bad;
         if (i % 64 == 0) {
-          const std::shared_ptr<const Policy> p = store.current();
+          const std::shared_ptr<const policy::Policy> p = store.current();
           if (!p || p->ingress().empty()) ++bad;
         }
       }

@@ -23,7 +23,7 @@
 #include "shardguard/common/files.h"
 #include "shardguard/common/pki.h"
 #include "shardguard/sidecar/audit.h"
-#include "shardguard/sidecar/policy.h"
+#include "shardguard/policy/policy.h"
 #include "support/cert_factory.h"
 #include "support/grpc_echo.h"
 #include "support/wait.h"
@@ -41,7 +41,7 @@ const std::string kTd = "shardguard.local";
 const std::string kNs = "ml";
 const std::string kJob = "fm";
 
-std::string shard_id(int i) { return shard_spiffe_id(kTd, kNs, kJob, i); }
+std::string shard_id(int i) { return policy::shard_spiffe_id(kTd, kNs, kJob, i); }
 
 double metric(prometheus::Registry& registry, const std::string& name,
               const std::map<std::string, std::string>& labels = {}) {
@@ -78,7 +78,7 @@ class ProxyTest : public ::testing::Test {
     std::filesystem::create_directories(d);
     write_file_atomic(d + "/cert.pem", leaves_[shard].cert_pem);
     write_file_atomic(d + "/key.pem", leaves_[shard].key_pem, 0600);
-    write_file_atomic(d + "/policy.json", to_json(pipeline_policy(kTd, kNs, kJob, shard, 3, {})));
+    write_file_atomic(d + "/policy.json", to_json(policy::pipeline_policy(kTd, kNs, kJob, shard, 3, {})));
     ProxyConfig c;
     c.inbound_listen = "127.0.0.1:0";
     c.outbound_listen = "127.0.0.1:0";
@@ -113,7 +113,7 @@ class ProxyTest : public ::testing::Test {
   }
 
   // A direct mTLS call to B's inbound listener with the given identity.
-  testsupport::CallResult dial_b(const Leaf& leaf, const std::string& method = kForwardMethod,
+  testsupport::CallResult dial_b(const Leaf& leaf, const std::string& method = policy::kForwardMethod,
                                  const std::string& payload = "x") {
     auto channel = tls_channel(b_inbound(), leaf.cert_pem, leaf.key_pem);
     return unary_call(channel, method, payload, {}, 10s);
@@ -157,11 +157,11 @@ Leaf ProxyTest::leaves_[3];
 TEST_F(ProxyTest, ForwardCrossesBothSidecarsAndIsCountedOnEachSide) {
   start_pair();
   const std::string payload(100000, 'p');
-  const auto r = unary_call(a_outbound(), kForwardMethod, payload, {{"x-trace", "t1"}});
+  const auto r = unary_call(a_outbound(), policy::kForwardMethod, payload, {{"x-trace", "t1"}});
   ASSERT_TRUE(r.status.ok()) << r.status.error_message();
   EXPECT_EQ(r.reply, payload);
   EXPECT_EQ(backend_b_.calls(), 1);
-  EXPECT_EQ(backend_b_.methods().at(0), kForwardMethod);
+  EXPECT_EQ(backend_b_.methods().at(0), policy::kForwardMethod);
   // Custom request metadata crosses; the identity is not taken from it.
   EXPECT_EQ(backend_b_.last_metadata().count("x-trace"), 1u);
   EXPECT_EQ(backend_a_.calls(), 0);
@@ -180,7 +180,7 @@ TEST_F(ProxyTest, ForwardCrossesBothSidecarsAndIsCountedOnEachSide) {
                    {{"decision", "allow"}, {"rule", "forward-to-next"}, {"peer", shard_id(1)}}),
             1);
   EXPECT_TRUE(eventually([&] {
-    return metric(*b_reg_, "shardguard_proxy_requests_total", {{"method", kForwardMethod}, {"code", "OK"}}) == 1;
+    return metric(*b_reg_, "shardguard_proxy_requests_total", {{"method", policy::kForwardMethod}, {"code", "OK"}}) == 1;
   }));
   std::string why;
   EXPECT_TRUE(a_->ready(&why)) << why;
@@ -236,7 +236,7 @@ class Stream {
 
 TEST_F(ProxyTest, StreamIsRelayedMessageByMessage) {
   start_pair();
-  Stream stream(a_outbound(), kForwardMethod);
+  Stream stream(a_outbound(), policy::kForwardMethod);
   ASSERT_TRUE(stream.started());
   for (int i = 0; i < 5; ++i) {
     const std::string msg(1 << 16, static_cast<char>('a' + i));
@@ -251,11 +251,11 @@ TEST_F(ProxyTest, StreamIsRelayedMessageByMessage) {
 TEST_F(ProxyTest, EgressToNoAllowedPeerIsRefusedLocally) {
   start_pair();
   // Shard 0 has no previous stage: Backward may go nowhere.
-  const auto r = unary_call(a_outbound(), kBackwardMethod, "g");
+  const auto r = unary_call(a_outbound(), policy::kBackwardMethod, "g");
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
   EXPECT_EQ(metric(*a_reg_, "shardguard_authz_decisions_total", {{"decision", "deny"}}), 1);
   // Naming a target that is not a configured peer is refused too.
-  const auto r2 = unary_call(a_outbound(), kForwardMethod, "f", {{kTargetHeader, shard_id(2)}});
+  const auto r2 = unary_call(a_outbound(), policy::kForwardMethod, "f", {{kTargetHeader, shard_id(2)}});
   EXPECT_EQ(r2.status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
   EXPECT_NE(r2.status.error_message().find("not a configured peer"), std::string::npos);
   EXPECT_EQ(backend_b_.calls(), 0);
@@ -321,23 +321,23 @@ TEST_F(ProxyTest, RefusesLeafThatIsACa) {
 
 TEST_F(ProxyTest, RefusesAnotherJobOrNamespace) {
   start_pair();
-  expect_denied(dial_b(issue_leaf(*ca_, shard_spiffe_id(kTd, kNs, "other-job", 0), std::chrono::hours(1))),
-                kRuleDefaultDeny);
-  expect_denied(dial_b(issue_leaf(*ca_, shard_spiffe_id(kTd, "other-ns", kJob, 0), std::chrono::hours(1))),
-                kRuleDefaultDeny);
+  expect_denied(dial_b(issue_leaf(*ca_, policy::shard_spiffe_id(kTd, kNs, "other-job", 0), std::chrono::hours(1))),
+                policy::kRuleDefaultDeny);
+  expect_denied(dial_b(issue_leaf(*ca_, policy::shard_spiffe_id(kTd, "other-ns", kJob, 0), std::chrono::hours(1))),
+                policy::kRuleDefaultDeny);
   // Another trust domain signed by the same CA is not a peer of this policy at all.
   expect_denied(dial_b(issue_leaf(*ca_, "spiffe://evil.example/ns/ml/job/fm/shard/0", std::chrono::hours(1))),
-                kRuleBadPeer);
+                policy::kRuleBadPeer);
 }
 
 TEST_F(ProxyTest, RefusesNonNeighbourAndUnknownMethod) {
   start_pair();
   // Shard 2 is shard 1's next stage: it may send Backward, never Forward.
-  expect_denied(dial_b(leaves_[2], kForwardMethod), kRuleDefaultDeny);
+  expect_denied(dial_b(leaves_[2], policy::kForwardMethod), policy::kRuleDefaultDeny);
   // Shard 0 is the previous stage, but may call only Forward.
-  expect_denied(dial_b(leaves_[0], "/shardguard.v1.Pipeline/Steal"), kRuleDefaultDeny);
+  expect_denied(dial_b(leaves_[0], "/shardguard.v1.Pipeline/Steal"), policy::kRuleDefaultDeny);
   // And the allowed pair still works, through the same listener.
-  const auto ok = dial_b(leaves_[2], kBackwardMethod, "grad");
+  const auto ok = dial_b(leaves_[2], policy::kBackwardMethod, "grad");
   EXPECT_TRUE(ok.status.ok()) << ok.status.error_message();
   EXPECT_EQ(backend_b_.calls(), 1);
   // Every deny is in the audit log, hash-chained.
@@ -355,7 +355,7 @@ TEST_F(ProxyTest, RefusesMethodPathTricks) {
     const auto r = dial_b(leaves_[0], m);
     EXPECT_EQ(r.status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << m << ": " << r.status.error_message();
   }
-  EXPECT_GE(metric(*b_reg_, "shardguard_authz_decisions_total", {{"rule", kRuleMalformedMethod}}), 7);
+  EXPECT_GE(metric(*b_reg_, "shardguard_authz_decisions_total", {{"rule", policy::kRuleMalformedMethod}}), 7);
   EXPECT_EQ(backend_b_.calls(), 0);
   // A peer cannot grow the method label set.
   EXPECT_GE(metric(*b_reg_, "shardguard_authz_decisions_total", {{"method", "other"}}), 7);
@@ -364,26 +364,26 @@ TEST_F(ProxyTest, RefusesMethodPathTricks) {
 TEST_F(ProxyTest, RefusesExportWithoutPermission) {
   start_pair();
   // The policy has no export section: even the exporter principal is refused.
-  const auto exporter = issue_leaf(*ca_, exporter_spiffe_id(kTd, kNs, kJob), std::chrono::hours(1));
-  expect_denied(dial_b(exporter, kExportMethod), kRuleExportDenied);
-  expect_denied(dial_b(leaves_[0], kExportMethod), kRuleExportDenied);
+  const auto exporter = issue_leaf(*ca_, policy::exporter_spiffe_id(kTd, kNs, kJob), std::chrono::hours(1));
+  expect_denied(dial_b(exporter, policy::kExportMethod), policy::kRuleExportDenied);
+  expect_denied(dial_b(leaves_[0], policy::kExportMethod), policy::kRuleExportDenied);
 }
 
 TEST_F(ProxyTest, RefusesMessageOverTheSizeLimit) {
   start_pair();
   const std::string big((1 << 20) + 1, 'b');
-  const auto r = unary_call(a_outbound(), kForwardMethod, big);
+  const auto r = unary_call(a_outbound(), policy::kForwardMethod, big);
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << r.status.error_message();
   EXPECT_EQ(backend_b_.calls(), 0);
   EXPECT_TRUE(eventually([&] {
     return metric(*a_reg_, "shardguard_proxy_requests_total", {{"code", "RESOURCE_EXHAUSTED"}}) == 1;
   }));
   // The same over mTLS straight at the inbound listener.
-  const auto r2 = dial_b(leaves_[0], kForwardMethod, big);
+  const auto r2 = dial_b(leaves_[0], policy::kForwardMethod, big);
   EXPECT_EQ(r2.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << r2.status.error_message();
   EXPECT_EQ(backend_b_.calls(), 0);
   // At the limit it passes.
-  const auto r3 = unary_call(a_outbound(), kForwardMethod, std::string(1 << 20, 'b'));
+  const auto r3 = unary_call(a_outbound(), policy::kForwardMethod, std::string(1 << 20, 'b'));
   EXPECT_TRUE(r3.status.ok()) << r3.status.error_message();
 }
 
@@ -396,10 +396,10 @@ TEST_F(ProxyTest, NoValidPolicyRefusesEverythingAndIsNotReady) {
   std::string why;
   EXPECT_FALSE(b_->ready(&why));
   EXPECT_EQ(why, "no valid policy");
-  expect_denied(dial_b(leaves_[0]), kRuleNoPolicy);
+  expect_denied(dial_b(leaves_[0]), policy::kRuleNoPolicy);
   EXPECT_EQ(metric(*b_reg_, "shardguard_policy_generation"), 0);
   // A valid file appears: hot reload, then the neighbour gets through.
-  write_file_atomic(c.policy_file, to_json(pipeline_policy(kTd, kNs, kJob, 1, 3, {})));
+  write_file_atomic(c.policy_file, to_json(policy::pipeline_policy(kTd, kNs, kJob, 1, 3, {})));
   ASSERT_TRUE(eventually([&] { return b_->ready(); }));
   const auto r = dial_b(leaves_[0]);
   EXPECT_TRUE(r.status.ok()) << r.status.error_message();
@@ -447,7 +447,7 @@ bool closed_by_server(int fd) {
 TEST_F(ProxyTest, RefusesPlaintextToTheMtlsPort) {
   start_pair();
   auto channel = grpc::CreateChannel(b_inbound(), grpc::InsecureChannelCredentials());
-  const auto r = unary_call(channel, kForwardMethod, "x", {}, 5s);
+  const auto r = unary_call(channel, policy::kForwardMethod, "x", {}, 5s);
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE);
   EXPECT_GE(metric(*b_reg_, "shardguard_tls_handshake_failures_total", {{"reason", "plaintext"}}), 1);
   EXPECT_EQ(backend_b_.calls(), 0);
@@ -518,7 +518,7 @@ TEST_F(ProxyTest, ClassifiesFirstBytes) {
 TEST_F(ProxyTest, RotatedCertificateIsServedWithoutDroppingOpenStreams) {
   start_pair();
   // An open stream from A to B.
-  Stream stream(a_outbound(), kForwardMethod);
+  Stream stream(a_outbound(), policy::kForwardMethod);
   ASSERT_TRUE(stream.started());
   EXPECT_EQ(stream.round_trip("before"), "before");
 
@@ -537,7 +537,7 @@ TEST_F(ProxyTest, RotatedCertificateIsServedWithoutDroppingOpenStreams) {
   EXPECT_TRUE(eventually(
       [&] {
         auto channel = tls_channel(b_inbound(), leaves_[0].cert_pem, leaves_[0].key_pem, seen);
-        const auto r = unary_call(channel, kForwardMethod, "new", {}, 5s);
+        const auto r = unary_call(channel, policy::kForwardMethod, "new", {}, 5s);
         return r.status.ok() && *seen == rotated.cert_pem;
       },
       15s));

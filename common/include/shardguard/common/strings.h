@@ -2,6 +2,7 @@
 // tokens, label selectors).
 #pragma once
 
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -56,6 +57,14 @@ inline std::string trim(const std::string& s) {
   if (b == std::string::npos) return "";
   const auto e = s.find_last_not_of(" \t\r\n");
   return s.substr(b, e - b + 1);
+}
+
+// A ratio or share as people read it in messages and reports: four decimals ("0.2500"),
+// the precision the job's status keeps (status rounds to the same four).
+inline std::string format_ratio(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.4f", v);
+  return buf;
 }
 
 }  // namespace shardguard

@@ -11,7 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "shardguard/common/exposure.h"
+#include "shardguard/model/exposure.h"
 
 namespace shardguard::op {
 
@@ -19,10 +19,10 @@ namespace shardguard::op {
 using PlacementHistory = std::map<std::string, std::set<int>>;
 
 // Stages a domain is exposed to (held ∪ sandwiched) and its exposure: the one
-// definition of DESIGN.md §5, in common/exposure.h, over parameter counts.
-using shardguard::exposed_stages;
+// definition of DESIGN.md §5, in model/exposure.h, over parameter counts.
+using model::exposed_stages;
 inline double exposure_of(const std::vector<int64_t>& stage_params, const std::set<int>& held) {
-  return shardguard::exposure_of(std::vector<double>(stage_params.begin(), stage_params.end()), held);
+  return model::exposure_of(std::vector<double>(stage_params.begin(), stage_params.end()), held);
 }
 
 struct NodeExposure {
@@ -57,10 +57,9 @@ void set_condition(nlohmann::json& conditions, const std::string& type, bool sta
 // The condition's status is "True".
 bool condition_true(const nlohmann::json& conditions, const std::string& type);
 
-// A ratio rounded to 4 decimals (status stays byte-stable between reconciles), and the
-// same as text ("0.2500") for conditions, Events and refusals.
+// A ratio rounded to 4 decimals, so status stays byte-stable between reconciles (the
+// same as text for conditions, Events and refusals: format_ratio, common/strings.h).
 double round4(double v);
-std::string format4(double v);
 
 // RFC 3339 UTC with second precision, e.g. 2026-11-26T03:40:00Z, and back (seconds
 // since the epoch; -1 when it does not parse).

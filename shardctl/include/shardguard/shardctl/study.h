@@ -46,7 +46,7 @@ std::vector<StudyRow> default_rows(int stages);
 // of a stage without two neighbours.
 std::vector<StudyRow> parse_rows(const std::string& list, int stages);
 
-// Exposure of a row per DESIGN.md §5 (common/exposure.h, as the operator computes
+// Exposure of a row per DESIGN.md §5 (model/exposure.h, as the operator computes
 // it): Σ shares of held ∪ sandwiched stages, a stage both of whose neighbours are
 // held counting as sandwiched.
 double row_exposure(const StudyRow& row, const std::vector<double>& stage_shares);
@@ -88,7 +88,7 @@ struct CellResult {
 std::string csv_header();
 
 // Sets each cell's exposure from its holding (`held`, "0+2") and its model's stage
-// shares, by the one exposure function (common/exposure.h). Cells of models missing
+// shares, by the one exposure function (model/exposure.h). Cells of models missing
 // from `shares` and the controls (row "-") are left as they are. Returns how many
 // changed: a CSV written before the study counted implicit sandwiches is restated.
 int restate_exposure(std::vector<CellResult>& cells, const std::map<std::string, std::vector<double>>& shares);

@@ -5,7 +5,7 @@
 
 #include <torch/nn/modules/container/sequential.h>
 
-#include "shardguard/shardd/model_desc.h"
+#include "shardguard/model/model_desc.h"
 
 namespace shardguard::shardd {
 

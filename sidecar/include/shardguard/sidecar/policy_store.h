@@ -31,7 +31,7 @@
 #include <thread>
 #include <vector>
 
-#include "shardguard/sidecar/policy.h"
+#include "shardguard/policy/policy.h"
 
 namespace shardguard::sidecar {
 
@@ -41,7 +41,7 @@ struct ReloadResult {
   // policy problems joined with "; ").
   std::string error;
   // Failure only: the validation problems with their JSON paths (empty for I/O errors).
-  std::vector<PolicyProblem> problems;
+  std::vector<policy::PolicyProblem> problems;
   // The generation in force after this call (unchanged on failure).
   uint64_t generation = 0;
 };
@@ -58,10 +58,10 @@ class PolicyStore {
   const std::string& path() const { return path_; }
 
   // The policy in force, or nullptr when no valid policy has ever been loaded.
-  std::shared_ptr<const Policy> current() const;
+  std::shared_ptr<const policy::Policy> current() const;
 
   // decide() of the current policy; a "no-policy" deny when there is none.
-  Decision decide(Direction direction, const std::string& peer_spiffe_id,
+  policy::Decision decide(policy::Direction direction, const std::string& peer_spiffe_id,
                   const std::string& method_path) const;
 
   // Re-reads and re-validates the file. Never throws (except std::bad_alloc).
@@ -105,7 +105,7 @@ class PolicyStore {
   const std::string path_;
 
   mutable std::mutex policy_mu_;  // guards policy_ and the counters (short sections only)
-  std::shared_ptr<const Policy> policy_;
+  std::shared_ptr<const policy::Policy> policy_;
   uint64_t reloads_ok_ = 0;
   uint64_t reload_errors_ = 0;
   uint64_t generation_ = 0;

@@ -1,9 +1,9 @@
-#include "shardguard/shardd/partition.h"
+#include "shardguard/model/partition.h"
 
 #include <algorithm>
 #include <limits>
 
-namespace shardguard::shardd {
+namespace shardguard::model {
 
 std::vector<StageDesc> partition(const ModelDesc& model, int n, const std::string& balance) {
   const int blocks = static_cast<int>(model.blocks.size());
@@ -63,4 +63,4 @@ double parameter_share(const ModelDesc& model, const StageDesc& stage) {
   return total == 0 ? 0.0 : static_cast<double>(stage.parameters) / static_cast<double>(total);
 }
 
-}  // namespace shardguard::shardd
+}  // namespace shardguard::model

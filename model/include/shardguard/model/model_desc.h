@@ -10,7 +10,7 @@
 
 #include "shardguard/common/jobspec.h"
 
-namespace shardguard::shardd {
+namespace shardguard::model {
 
 struct BlockDesc {
   int index = 0;
@@ -36,4 +36,4 @@ ModelDesc describe_model(const ModelSpec& spec);
 
 std::string shape_str(const std::vector<int64_t>& shape);
 
-}  // namespace shardguard::shardd
+}  // namespace shardguard::model

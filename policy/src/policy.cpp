@@ -1,6 +1,6 @@
 // The shard access policy: parse + validate once, then a pure decision.
 // See policy.h for the format and the decision order.
-#include "shardguard/sidecar/policy.h"
+#include "shardguard/policy/policy.h"
 
 #include "shardguard/common/pki.h"
 #include "shardguard/common/strings.h"
@@ -14,7 +14,7 @@
 #include <set>
 #include <utility>
 
-namespace shardguard::sidecar {
+namespace shardguard::policy {
 namespace {
 
 using nlohmann::json;
@@ -803,4 +803,4 @@ Policy pipeline_policy(const std::string& trust_domain, const std::string& ns,
   return parse_policy(doc.dump(-1, ' ', false, json::error_handler_t::replace));
 }
 
-}  // namespace shardguard::sidecar
+}  // namespace shardguard::policy

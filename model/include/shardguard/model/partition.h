@@ -6,9 +6,9 @@
 #include <string>
 #include <vector>
 
-#include "shardguard/shardd/model_desc.h"
+#include "shardguard/model/model_desc.h"
 
-namespace shardguard::shardd {
+namespace shardguard::model {
 
 struct StageDesc {
   int index = 0;
@@ -33,4 +33,4 @@ std::vector<StageDesc> partition(const ModelDesc& model, int n, const std::strin
 // Share of the model's parameters held by a stage, in [0, 1].
 double parameter_share(const ModelDesc& model, const StageDesc& stage);
 
-}  // namespace shardguard::shardd
+}  // namespace shardguard::model

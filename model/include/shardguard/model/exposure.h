@@ -12,7 +12,7 @@
 #include <set>
 #include <vector>
 
-namespace shardguard {
+namespace shardguard::model {
 
 // held ∪ sandwiched, for a model of `num_stages` stages; indices outside
 // [0, num_stages) are ignored.
@@ -22,4 +22,4 @@ std::set<int> exposed_stages(const std::set<int>& held, int num_stages);
 // total is not positive. Weights are parameter counts or parameter shares.
 double exposure_of(const std::vector<double>& stage_weights, const std::set<int>& held);
 
-}  // namespace shardguard
+}  // namespace shardguard::model

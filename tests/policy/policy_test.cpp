@@ -1,6 +1,6 @@
 // The shard access policy: parsing/validation, the pure decision, the pipeline
 // rules of DESIGN.md §4 and the round trip through JSON. No I/O.
-#include "shardguard/sidecar/policy.h"
+#include "shardguard/policy/policy.h"
 
 #include <gtest/gtest.h>
 
@@ -12,7 +12,7 @@
 #include <utility>
 #include <vector>
 
-namespace shardguard::sidecar {
+namespace shardguard::policy {
 namespace {
 
 using nlohmann::json;
@@ -686,4 +686,4 @@ TEST(PolicyImmutable, OnlyParsingMakesOneAndNothingChangesIt) {
 }
 
 }  // namespace
-}  // namespace shardguard::sidecar
+}  // namespace shardguard::policy

@@ -1,8 +1,8 @@
-#include "shardguard/common/exposure.h"
+#include "shardguard/model/exposure.h"
 
 #include <algorithm>
 
-namespace shardguard {
+namespace shardguard::model {
 
 std::set<int> exposed_stages(const std::set<int>& held, int num_stages) {
   std::set<int> out;
@@ -24,4 +24,4 @@ double exposure_of(const std::vector<double>& stage_weights, const std::set<int>
   return std::clamp(sum / total, 0.0, 1.0);
 }
 
-}  // namespace shardguard
+}  // namespace shardguard::model

@@ -69,7 +69,7 @@
 #include <string>
 #include <vector>
 
-namespace shardguard::sidecar {
+namespace shardguard::policy {
 
 inline constexpr const char* kForwardMethod = "/shardguard.v1.Pipeline/Forward";
 inline constexpr const char* kBackwardMethod = "/shardguard.v1.Pipeline/Backward";
@@ -210,4 +210,4 @@ std::string exporter_spiffe_id(const std::string& trust_domain, const std::strin
 Policy pipeline_policy(const std::string& trust_domain, const std::string& ns,
                        const std::string& job, int shard, int shards, const ExportRules& exports);
 
-}  // namespace shardguard::sidecar
+}  // namespace shardguard::policy

@@ -1,8 +1,8 @@
-#include "shardguard/shardd/model_desc.h"
+#include "shardguard/model/model_desc.h"
 
 #include <sstream>
 
-namespace shardguard::shardd {
+namespace shardguard::model {
 namespace {
 
 int64_t linear_params(int64_t in, int64_t out) { return in * out + out; }
@@ -107,4 +107,4 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return out.str();
 }
 
-}  // namespace shardguard::shardd
+}  // namespace shardguard::model

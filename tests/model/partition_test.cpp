@@ -1,10 +1,10 @@
 #include <gtest/gtest.h>
 
-#include "shardguard/shardd/model_desc.h"
-#include "shardguard/shardd/partition.h"
+#include "shardguard/model/model_desc.h"
+#include "shardguard/model/partition.h"
 #include "shardd/test_job.h"
 
-namespace shardguard::shardd {
+namespace shardguard::model {
 namespace {
 
 ModelSpec spec(const std::string& arch) {
@@ -77,7 +77,7 @@ TEST(PartitionTest, MinimisesTheLargestStage) {
   ModelDesc m;
   m.architecture = "toy";
   for (int64_t p : {5, 1, 1, 1, 5, 1}) {
-    BlockDesc b;
+    model::BlockDesc b;
     b.index = static_cast<int>(m.blocks.size());
     b.parameters = p;
     b.flops = 10 - p;
@@ -121,9 +121,9 @@ TEST(PartitionTest, TooManyShardsIsAClearError) {
 }
 
 }  // namespace
-}  // namespace shardguard::shardd
+}  // namespace shardguard::model
 
-namespace shardguard::shardd {
+namespace shardguard::model {
 namespace {
 
 // Every example must be admissible: its largest shard within its own maxExposure
@@ -139,4 +139,4 @@ TEST(PartitionTest, EveryExampleFitsItsMaxExposure) {
 }
 
 }  // namespace
-}  // namespace shardguard::shardd
+}  // namespace shardguard::model
