@@ -2,14 +2,33 @@
 // function of the shardctl library.
 #include <unistd.h>
 
+#include <cstdio>
+
 #include <CLI/CLI.hpp>
 
 #include "shardguard/common/log.h"
 #include "shardguard/operator/render.h"
 #include "shardguard/shardctl/commands.h"
 #include "shardguard/shardctl/local_run.h"
-#include "shardguard/shardctl/study.h"
+#include "shardguard/shardctl/study_report.h"
+#include "shardguard/shardctl/torch_commands.h"
+#ifdef SHARDCTL_WITH_TORCH
 #include "shardguard/shardd/threads.h"
+#endif
+
+namespace {
+
+// recombine and training studies need LibTorch; a shardctl built without it
+// (SHARDGUARD_WITH_TORCH=OFF, e.g. the sanitizer tree) says so instead.
+[[maybe_unused]] int without_torch(const char* what) {
+  std::fprintf(stderr,
+               "shardctl %s: this shardctl was built without LibTorch (SHARDGUARD_WITH_TORCH=OFF); "
+               "use a build with LibTorch\n",
+               what);
+  return 2;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   using namespace shardguard::shardctl;
@@ -178,10 +197,20 @@ int main(int argc, char** argv) {
   if (*plan_cmd) return RunPlan(plan_job);
   if (*render_cmd) return RunRender(render);
   if (*rec_cmd) {
+#ifdef SHARDCTL_WITH_TORCH
     shardguard::shardd::set_compute_threads(rec_threads);
     return RunRecombine(rec);
+#else
+    (void)rec_threads;
+    return without_torch("recombine");
+#endif
   }
   if (*study_cmd) {
+    if (study.report_only) return RunStudyReport(study);
+#ifndef SHARDCTL_WITH_TORCH
+    (void)study_threads;
+    return without_torch("study (without --report-only)");
+#else
     shardguard::shardd::set_compute_threads(study_threads);
     if (study.quick) {
       std::vector<std::string> given;
@@ -193,6 +222,7 @@ int main(int argc, char** argv) {
     }
     study.progress_tty = ::isatty(STDOUT_FILENO) != 0;
     return RunStudy(study);
+#endif
   }
   return 2;
 }

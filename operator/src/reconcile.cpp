@@ -7,6 +7,7 @@
 
 #include "shardguard/common/crypto.h"
 #include "shardguard/common/jobspec.h"
+#include "shardguard/common/strings.h"
 #include "shardguard/model/model_desc.h"
 #include "shardguard/model/partition.h"
 

@@ -51,18 +51,6 @@ std::string principal_exposure_query(const std::string& selector, const std::str
          " / on (namespace, job) group_left () sum by (namespace, job) (" + params + ")))";
 }
 
-std::string find_in_path(const std::string& name) {
-  if (name.find('/') != std::string::npos) return ::access(name.c_str(), X_OK) == 0 ? name : "";
-  const char* path = std::getenv("PATH");
-  std::istringstream dirs(path ? path : "/usr/local/bin:/usr/bin:/bin");
-  std::string dir;
-  while (std::getline(dirs, dir, ':')) {
-    const std::string candidate = (dir.empty() ? "." : dir) + "/" + name;
-    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
-  }
-  return "";
-}
-
 LocalPrometheus::LocalPrometheus(const std::string& binary, const std::string& dir, int port,
                                  const std::vector<ScrapeTarget>& targets, std::chrono::milliseconds interval)
     : port_(port), log_file_(dir + "/prometheus.log") {

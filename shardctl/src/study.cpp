@@ -3,10 +3,13 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <memory>
 #include <set>
 #include <sstream>
 
@@ -17,8 +20,9 @@
 
 #include "shardguard/common/files.h"
 #include "shardguard/common/jobspec.h"
+#include "shardguard/common/strings.h"
 #include "shardguard/shardctl/progress.h"
-#include "shardguard/shardctl/study.h"
+#include "shardguard/shardctl/torch_commands.h"
 #include "shardguard/shardd/data.h"
 #include "shardguard/shardd/model.h"
 #include "shardguard/model/model_desc.h"
@@ -144,15 +148,7 @@ torch::Tensor predict(StagedModel& m, const torch::Tensor& x) {
   return torch::cat(out);
 }
 
-struct Job {
-  std::string file;
-  JobSpec spec;
-  std::string model;  // architecture
-  std::vector<model::StageDesc> cut;
-  std::vector<double> shares;
-};
-
-std::string settings_line(const StudyOptions& o, const std::vector<Job>& jobs) {
+std::string settings_line(const StudyOptions& o, const std::vector<StudyJob>& jobs) {
   std::ostringstream s;
   s << "steps=" << o.steps << " batch=" << o.batch_size << " lr=" << o.learning_rate << " low_lr_factor=" << o.low_lr_factor
     << " fit_steps=" << o.fit_steps << " test_samples=" << o.test_samples << " victim_train_samples=" << o.victim_train_samples
@@ -164,33 +160,6 @@ std::string settings_line(const StudyOptions& o, const std::vector<Job>& jobs) {
       << j.spec.training.seed << ",epochs" << j.spec.training.epochs << ",batch" << j.spec.training.batch_size << ")";
   }
   return s.str();
-}
-
-std::vector<Job> load_jobs(const StudyOptions& o) {
-  std::vector<Job> jobs;
-  std::set<std::string> models;
-  for (const auto& f : o.job_files) {
-    Job j;
-    j.file = f;
-    try {
-      j.spec = load_job_file(f);
-    } catch (const std::exception& e) {
-      throw StudyError("--job " + f + ": invalid job:\n" + e.what());
-    }
-    j.model = j.spec.model.architecture;
-    if (!models.insert(j.model).second) {
-      throw StudyError("--job " + f + ": a second job of model " + j.model + " (one job per architecture)");
-    }
-    const auto desc = model::describe_model(j.spec.model);
-    try {
-      j.cut = model::partition(desc, j.spec.sharding.shards, j.spec.sharding.balance);
-    } catch (const std::exception& e) {
-      throw StudyError("--job " + f + ": " + e.what());
-    }
-    for (const auto& s : j.cut) j.shares.push_back(model::parameter_share(desc, s));
-    jobs.push_back(std::move(j));
-  }
-  return jobs;
 }
 
 std::vector<std::string> parse_attacks(const std::string& list) {
@@ -225,7 +194,7 @@ std::string held_of(const StudyRow& r) {
 
 // Everything one model's cells share.
 struct ModelState {
-  const Job* job = nullptr;
+  const StudyJob* job = nullptr;
   StagedModel victim;
   double victim_seconds = 0;
   torch::Tensor test_x, test_y, victim_pred;
@@ -234,7 +203,7 @@ struct ModelState {
 
 class Runner {
  public:
-  Runner(const StudyOptions& o, std::vector<Job> jobs) : o_(o), jobs_(std::move(jobs)) {}
+  Runner(const StudyOptions& o, std::vector<StudyJob> jobs) : o_(o), jobs_(std::move(jobs)) {}
 
   int run();
 
@@ -248,7 +217,7 @@ class Runner {
   void evaluate(StagedModel& m, CellResult* r);
 
   const StudyOptions& o_;
-  std::vector<Job> jobs_;
+  std::vector<StudyJob> jobs_;
   torch::Tensor train_x_, train_y_;
   size_t loaded_ = static_cast<size_t>(-1);
   ModelState state_;
@@ -258,7 +227,7 @@ class Runner {
 void Runner::prepare_model(size_t j) {
   if (loaded_ == j) return;
   scratch_.clear();
-  const Job& job = jobs_[j];
+  const StudyJob& job = jobs_[j];
   state_ = ModelState{};
   state_.job = &job;
   DatasetSpec test_ds = job.spec.dataset;
@@ -386,7 +355,7 @@ void Runner::evaluate(StagedModel& m, CellResult* r) {
 
 CellResult Runner::run_cell(const Cell& c) {
   prepare_model(c.job);
-  const Job& job = jobs_[c.job];
+  const StudyJob& job = jobs_[c.job];
   CellResult r;
   r.model = job.model;
   r.row = c.row.name;
@@ -477,32 +446,35 @@ int Runner::run() {
   const std::string settings_file = o_.out_dir + "/settings.txt";
   const std::string settings = settings_line(o_, jobs_);
   if (fs::exists(settings_file)) {
-    std::ifstream in(settings_file);
-    std::string old;
-    std::getline(in, old);
+    const std::string old = trim(read_file(settings_file));
     if (old != settings) {
       throw StudyError("--out " + o_.out_dir + ": holds results of other settings (" + old +
                        "); use another --out, or the same flags");
     }
   } else {
-    std::ofstream(settings_file) << settings << "\n";
+    write_file_atomic(settings_file, settings + "\n");
   }
 
   // Cells already measured; a line cut short by an interruption is dropped.
   std::set<std::string> done;
   if (fs::exists(csv)) {
-    std::ifstream in(csv, std::ios::binary);
-    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const std::string text = read_file(csv);
     for (const auto& c : parse_csv(text)) done.insert(c.key());
     const auto last_nl = text.rfind('\n');
     const size_t keep = last_nl == std::string::npos ? 0 : last_nl + 1;
     if (keep != text.size()) fs::resize_file(csv, keep);
   }
   const bool fresh = !fs::exists(csv) || fs::file_size(csv) == 0;
-  std::FILE* out = std::fopen(csv.c_str(), "a");
-  if (!out) throw std::runtime_error("cannot open " + csv + " for appending");
-  if (fresh) std::fprintf(out, "%s\n", csv_header().c_str());
-  std::fflush(out);
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> out(std::fopen(csv.c_str(), "a"), &std::fclose);
+  if (!out) throw std::runtime_error("cannot open " + csv + " for appending: " + std::strerror(errno));
+  // One whole line per finished cell, flushed at once: a full disk or a lost volume
+  // stops the study with the reason instead of training cells whose results vanish.
+  const auto append = [&](const std::string& line) {
+    if (std::fprintf(out.get(), "%s\n", line.c_str()) < 0 || std::fflush(out.get()) != 0) {
+      throw std::runtime_error("cannot append to " + csv + ": " + std::strerror(errno));
+    }
+  };
+  if (fresh) append(csv_header());
 
   // The plan.
   const auto sizes = parse_sizes("--samples", o_.samples);
@@ -555,8 +527,7 @@ int Runner::run() {
     const Cell& c = cells[i];
     if (done.count(key_of(c))) continue;
     const CellResult r = run_cell(c);
-    std::fprintf(out, "%s\n", to_csv_line(r).c_str());
-    std::fflush(out);
+    append(to_csv_line(r));
     ++ran;
     const double elapsed = seconds_since(start);
     const double eta = elapsed / static_cast<double>(ran) * static_cast<double>(todo - ran);
@@ -565,28 +536,11 @@ int Runner::run() {
                 r.seed, r.accuracy, r.fidelity, r.wall_seconds, format_duration(eta).c_str());
     std::fflush(stdout);
   }
-  std::fclose(out);
+  if (std::fclose(out.release()) != 0) throw std::runtime_error("cannot close " + csv + ": " + std::strerror(errno));
   return 0;
 }
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
-
 }  // namespace
-
-void apply_quick(StudyOptions& o, const std::vector<std::string>& given) {
-  auto unset = [&](const char* flag) { return std::find(given.begin(), given.end(), flag) == given.end(); };
-  if (unset("--seeds")) o.seeds = 1;
-  if (unset("--samples")) o.samples = "60,600";
-  if (unset("--steps")) o.steps = 200;
-  if (unset("--fit-steps")) o.fit_steps = 200;
-  if (unset("--batch")) o.batch_size = 32;
-  if (unset("--test-samples")) o.test_samples = 1000;
-  if (unset("--victim-samples")) o.victim_train_samples = 30000;
-  if (unset("--victim-epochs")) o.victim_epochs = 2;
-}
 
 void validate_study(const StudyOptions& o) {
   if (o.job_files.empty()) throw StudyError("--job: at least one ShardedTrainingJob file is needed");
@@ -601,7 +555,7 @@ void validate_study(const StudyOptions& o) {
   }
   if (o.test_samples < 0) throw StudyError("--test-samples " + std::to_string(o.test_samples) + ": must be ≥ 0");
   parse_attacks(o.attacks);
-  const auto jobs = load_jobs(o);
+  const auto jobs = load_study_jobs(o);
   const auto sizes = parse_sizes("--samples", o.samples);
   for (const auto& j : jobs) {
     parse_rows(o.rows, static_cast<int>(j.cut.size()));
@@ -640,82 +594,15 @@ void validate_study(const StudyOptions& o) {
   }
 }
 
-void write_report(const std::string& out_dir, bool plots, const std::map<std::string, std::vector<double>>& shares) {
-  auto cells = parse_csv(read_file(out_dir + "/results.csv"));
-  if (const int changed = restate_exposure(cells, shares); changed > 0) {
-    std::string csv = csv_header() + "\n";
-    for (const auto& c : cells) csv += to_csv_line(c) + "\n";
-    write_file_atomic(out_dir + "/results.csv", csv);
-    std::printf("study: restated the exposure of %d cells from their holdings (held and sandwiched stages)\n", changed);
-  }
-  const auto aggs = aggregate(cells);
-  std::vector<std::string> models;
-  for (const auto& c : cells) {
-    if (std::find(models.begin(), models.end(), c.model) == models.end()) models.push_back(c.model);
-  }
-  const bool have_gnuplot = plots && std::system("command -v gnuplot >/dev/null 2>&1") == 0;
-  std::ostringstream md;
-  md << "<!-- written by shardctl study from results.csv -->\n";
-  // Headlines first (best attack per row, per size in the CSV's order), then the
-  // full tables.
-  for (const auto& m : models) {
-    std::vector<int64_t> sizes;
-    for (const auto& c : cells) {
-      if (c.model == m && std::find(sizes.begin(), sizes.end(), c.samples) == sizes.end()) sizes.push_back(c.samples);
-    }
-    for (int64_t n : sizes) {
-      md << "\n### Headline: " << m << ", " << n << " samples\n\n" << headline_table(aggs, m, n);
-    }
-  }
-  for (const auto& m : models) {
-    md << "\n### " << m << "\n\n" << markdown_table(aggs, m);
-    const auto pts = best_r_by_size(aggs, m);
-    if (pts.empty()) continue;
-    const std::string dat = out_dir + "/plot-" + m + ".dat";
-    {
-      std::ofstream d(dat);
-      for (const auto& [n, list] : pts) {
-        d << "# samples " << n << "\n";
-        for (const auto& p : list) d << p.exposure << " " << p.r << " " << p.r_std << " " << p.row << "\n";
-        d << "\n\n";
-      }
-    }
-    if (!have_gnuplot) continue;
-    const std::string gp = out_dir + "/plot-" + m + ".gp";
-    {
-      std::ofstream g(gp);
-      g << "set terminal pngcairo size 900,560 font 'sans,10'\n"
-        << "set output '" << out_dir << "/plot-" << m << ".png'\n"
-        << "set title 'Exposure study, " << m << ": best attack per row'\n"
-        << "set xlabel 'exposure (share of parameters held or sandwiched)'\n"
-        << "set ylabel 'recovered fraction R'\n"
-        << "set xrange [-0.02:1.02]\nset yrange [*<-0.3:1.15<*]\nset grid\nset key left top\n"
-        << "plot ";
-      size_t i = 0;
-      for (const auto& [n, list] : pts) {
-        g << (i ? ", \\\n     " : "") << "'" << dat << "' index " << i << " using 1:2:3 with yerrorbars pt " << (5 + 2 * i)
-          << " title '" << n << " samples'";
-        ++i;
-      }
-      // Row names next to the points of the first series.
-      g << ", \\\n     '" << dat << "' index 0 using 1:2:4 with labels offset 0.6,0.6 left font ',7' notitle\n";
-    }
-    if (std::system(("gnuplot '" + gp + "'").c_str()) != 0) std::fprintf(stderr, "study: gnuplot failed on %s\n", gp.c_str());
-  }
-  std::ofstream(out_dir + "/results.md") << md.str();
-}
-
 int RunStudy(const StudyOptions& options) {
+  if (options.report_only) return RunStudyReport(options);
   try {
     validate_study(options);
-    auto jobs = load_jobs(options);
-    std::map<std::string, std::vector<double>> shares;
-    for (const auto& j : jobs) shares[j.model] = j.shares;
-    if (!options.report_only) {
-      Runner runner(options, std::move(jobs));
-      const int rc = runner.run();
-      if (rc != 0) return rc;
-    }
+    auto jobs = load_study_jobs(options);
+    const auto shares = shares_by_model(jobs);
+    Runner runner(options, std::move(jobs));
+    const int rc = runner.run();
+    if (rc != 0) return rc;
     write_report(options.out_dir, !options.no_plots, shares);
     std::printf("study: wrote %s/results.csv and results.md\n", options.out_dir.c_str());
     return 0;

@@ -1,13 +1,18 @@
 // The pure half of `shardctl study`: rows, exposure, CSV and the report.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <iostream>
 #include <set>
 #include <sstream>
 
-#include "shardguard/model/exposure.h"
+#include "shardguard/common/files.h"
+#include "shardguard/common/process.h"
 #include "shardguard/common/strings.h"
-#include "shardguard/shardctl/study.h"
+#include "shardguard/model/exposure.h"
+#include "shardguard/model/model_desc.h"
+#include "shardguard/shardctl/study_report.h"
 
 namespace shardguard::shardctl {
 namespace {
@@ -428,6 +433,172 @@ std::map<int64_t, std::vector<PlotPoint>> best_r_by_size(const std::vector<Aggre
     std::stable_sort(pts.begin(), pts.end(), [](const PlotPoint& x, const PlotPoint& y) { return x.exposure < y.exposure; });
   }
   return out;
+}
+
+void apply_quick(StudyOptions& o, const std::vector<std::string>& given) {
+  auto unset = [&](const char* flag) { return std::find(given.begin(), given.end(), flag) == given.end(); };
+  if (unset("--seeds")) o.seeds = 1;
+  if (unset("--samples")) o.samples = "60,600";
+  if (unset("--steps")) o.steps = 200;
+  if (unset("--fit-steps")) o.fit_steps = 200;
+  if (unset("--batch")) o.batch_size = 32;
+  if (unset("--test-samples")) o.test_samples = 1000;
+  if (unset("--victim-samples")) o.victim_train_samples = 30000;
+  if (unset("--victim-epochs")) o.victim_epochs = 2;
+}
+
+std::vector<StudyJob> load_study_jobs(const StudyOptions& o) {
+  std::vector<StudyJob> jobs;
+  std::set<std::string> models;
+  for (const auto& f : o.job_files) {
+    StudyJob j;
+    j.file = f;
+    try {
+      j.spec = load_job_file(f);
+    } catch (const std::exception& e) {
+      throw StudyError("--job " + f + ": invalid job:\n" + e.what());
+    }
+    j.model = j.spec.model.architecture;
+    if (!models.insert(j.model).second) {
+      throw StudyError("--job " + f + ": a second job of model " + j.model + " (one job per architecture)");
+    }
+    const auto desc = model::describe_model(j.spec.model);
+    try {
+      j.cut = model::partition(desc, j.spec.sharding.shards, j.spec.sharding.balance);
+    } catch (const std::exception& e) {
+      throw StudyError("--job " + f + ": " + e.what());
+    }
+    for (const auto& s : j.cut) j.shares.push_back(model::parameter_share(desc, s));
+    jobs.push_back(std::move(j));
+  }
+  return jobs;
+}
+
+std::map<std::string, std::vector<double>> shares_by_model(const std::vector<StudyJob>& jobs) {
+  std::map<std::string, std::vector<double>> shares;
+  for (const auto& j : jobs) shares[j.model] = j.shares;
+  return shares;
+}
+
+namespace {
+
+// A gnuplot single-quoted string: a quote inside is written twice.
+std::string gnuplot_quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("''") : std::string(1, c);
+  return out + "'";
+}
+
+std::string plot_data(const std::map<int64_t, std::vector<PlotPoint>>& points) {
+  std::ostringstream d;
+  for (const auto& [n, list] : points) {
+    d << "# samples " << n << "\n";
+    for (const auto& p : list) d << p.exposure << " " << p.r << " " << p.r_std << " " << p.row << "\n";
+    d << "\n\n";
+  }
+  return d.str();
+}
+
+std::string plot_script(const std::string& model, const std::string& dat, const std::string& png,
+                        const std::map<int64_t, std::vector<PlotPoint>>& points) {
+  std::ostringstream g;
+  g << "set terminal pngcairo size 900,560 font 'sans,10'\n"
+    << "set output " << gnuplot_quote(png) << "\n"
+    << "set title " << gnuplot_quote("Exposure study, " + model + ": best attack per row") << "\n"
+    << "set xlabel 'exposure (share of parameters held or sandwiched)'\n"
+    << "set ylabel 'recovered fraction R'\n"
+    << "set xrange [-0.02:1.02]\nset yrange [*<-0.3:1.15<*]\nset grid\nset key left top\n"
+    << "plot ";
+  size_t i = 0;
+  for (const auto& entry : points) {
+    g << (i ? ", \\\n     " : "") << gnuplot_quote(dat) << " index " << i << " using 1:2:3 with yerrorbars pt "
+      << (5 + 2 * i) << " title '" << entry.first << " samples'";
+    ++i;
+  }
+  // Row names next to the points of the first series.
+  g << ", \\\n     " << gnuplot_quote(dat) << " index 0 using 1:2:4 with labels offset 0.6,0.6 left font ',7' notitle\n";
+  return g.str();
+}
+
+// Runs gnuplot on one script, at most a minute; its output goes to `log`.
+bool run_gnuplot(const std::string& gnuplot, const std::string& script, const std::string& log) {
+  SpawnOptions o;
+  o.argv = {gnuplot, script};
+  o.log_file = log;
+  Process p(o);
+  auto status = p.wait_for(std::chrono::minutes(1));
+  if (!status) {
+    p.terminate(std::chrono::seconds(2));
+    std::fprintf(stderr, "study: gnuplot ran past a minute on %s; stopped it (log %s)\n", script.c_str(), log.c_str());
+    return false;
+  }
+  if (!status->exited || status->code != 0) {
+    std::fprintf(stderr, "study: gnuplot failed on %s (%s; log %s)\n", script.c_str(), status->str().c_str(),
+                 log.c_str());
+    return false;
+  }
+  std::remove(log.c_str());  // kept only when gnuplot failed
+  return true;
+}
+
+}  // namespace
+
+void write_report(const std::string& out_dir, bool plots, const std::map<std::string, std::vector<double>>& shares) {
+  auto cells = parse_csv(read_file(out_dir + "/results.csv"));
+  if (const int changed = restate_exposure(cells, shares); changed > 0) {
+    std::string csv = csv_header() + "\n";
+    for (const auto& c : cells) csv += to_csv_line(c) + "\n";
+    write_file_atomic(out_dir + "/results.csv", csv);
+    std::printf("study: restated the exposure of %d cells from their holdings (held and sandwiched stages)\n", changed);
+  }
+  const auto aggs = aggregate(cells);
+  std::vector<std::string> models;
+  for (const auto& c : cells) {
+    if (std::find(models.begin(), models.end(), c.model) == models.end()) models.push_back(c.model);
+  }
+  const std::string gnuplot = plots ? find_in_path("gnuplot") : "";
+  if (plots && gnuplot.empty()) std::printf("study: gnuplot is not on PATH; writing the plot data without plots\n");
+  std::ostringstream md;
+  md << "<!-- written by shardctl study from results.csv -->\n";
+  // Headlines first (best attack per row, per size in the CSV's order), then the
+  // full tables.
+  for (const auto& m : models) {
+    std::vector<int64_t> sizes;
+    for (const auto& c : cells) {
+      if (c.model == m && std::find(sizes.begin(), sizes.end(), c.samples) == sizes.end()) sizes.push_back(c.samples);
+    }
+    for (int64_t n : sizes) {
+      md << "\n### Headline: " << m << ", " << n << " samples\n\n" << headline_table(aggs, m, n);
+    }
+  }
+  for (const auto& m : models) {
+    md << "\n### " << m << "\n\n" << markdown_table(aggs, m);
+    const auto points = best_r_by_size(aggs, m);
+    if (points.empty()) continue;
+    const std::string base = out_dir + "/plot-" + m;
+    write_file_atomic(base + ".dat", plot_data(points));
+    if (gnuplot.empty()) continue;
+    write_file_atomic(base + ".gp", plot_script(m, base + ".dat", base + ".png", points));
+    run_gnuplot(gnuplot, base + ".gp", base + ".gnuplot.log");
+  }
+  write_file_atomic(out_dir + "/results.md", md.str());
+}
+
+int RunStudyReport(const StudyOptions& options) {
+  try {
+    if (options.job_files.empty()) throw StudyError("--job: at least one ShardedTrainingJob file is needed");
+    if (options.out_dir.empty()) throw StudyError("--out: an output directory is needed");
+    const auto jobs = load_study_jobs(options);
+    write_report(options.out_dir, !options.no_plots, shares_by_model(jobs));
+    std::printf("study: wrote %s/results.csv and results.md\n", options.out_dir.c_str());
+    return 0;
+  } catch (const StudyError& e) {
+    std::cerr << "shardctl study: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "shardctl study: " << e.what() << "\n";
+    return 1;
+  }
 }
 
 }  // namespace shardguard::shardctl

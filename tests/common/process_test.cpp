@@ -73,5 +73,14 @@ TEST(ProcessTest, FreePortIsOnLoopback) {
   EXPECT_FALSE(self_dir().empty());
 }
 
+TEST(FindInPathTest, FindsExecutablesAndRejectsMissingOnes) {
+  // A directory is not an executable, whatever its mode bits say.
+  EXPECT_EQ(find_in_path("/tmp"), "");
+  EXPECT_EQ(find_in_path("sh").empty(), false);
+  EXPECT_EQ(find_in_path("/bin/sh"), "/bin/sh");
+  EXPECT_EQ(find_in_path("/no/such/binary"), "");
+  EXPECT_EQ(find_in_path("shardguard-no-such-binary"), "");
+}
+
 }  // namespace
 }  // namespace shardguard

@@ -64,12 +64,5 @@ TEST_F(LocalPrometheusTest, ExposureQueryParsesAsPromQL) {
   }
 }
 
-TEST(FindInPathTest, FindsExecutablesAndRejectsMissingOnes) {
-  EXPECT_EQ(find_in_path("sh").empty(), false);
-  EXPECT_EQ(find_in_path("/bin/sh"), "/bin/sh");
-  EXPECT_EQ(find_in_path("/no/such/binary"), "");
-  EXPECT_EQ(find_in_path("shardguard-no-such-binary"), "");
-}
-
 }  // namespace
 }  // namespace shardguard::shardctl

@@ -67,6 +67,11 @@ int pick_free_port();
 // Whether 127.0.0.1:port can be bound right now (false: in use or not allowed).
 bool port_free(int port);
 
+// The executable `name` would run as: itself when it contains a '/', else the first
+// executable file of that name in $PATH (/usr/local/bin:/usr/bin:/bin when unset);
+// "" when there is none.
+std::string find_in_path(const std::string& name);
+
 // Directory of the running executable (/proc/self/exe), e.g. build/bin.
 std::string self_dir();
 

@@ -1,4 +1,5 @@
-// shardctl subcommands other than `run` (see local_run.h). Each returns the
+// shardctl's torch-free subcommands other than `run` (see local_run.h) and
+// `study --report-only` (study_report.h); recombine and study are in torch_commands.h. Each returns the
 // process exit code and prints its own errors.
 #pragma once
 
@@ -13,16 +14,6 @@ namespace shardguard::shardctl {
 
 // `shardctl plan JOB.yaml`: validates the job and prints its partition.
 int RunPlan(const std::string& job_file);
-
-// `shardctl recombine`: assembles the whole model from every shard's checkpoint
-// and key and evaluates it on the test set.
-struct RecombineOptions {
-  std::string job_file;
-  std::string checkpoint_dir;
-  std::string key_dir;
-  std::string device = "cpu";
-};
-int RunRecombine(const RecombineOptions& options);
 
 // ---- shardctl pki (pki_cmd.cpp) ----------------------------------------------
 

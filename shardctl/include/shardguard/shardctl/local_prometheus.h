@@ -37,8 +37,6 @@ std::string prometheus_config(const std::vector<ScrapeTarget>& targets, std::chr
 // processes have stopped. Result: one series per (namespace, job, peer).
 std::string principal_exposure_query(const std::string& selector, const std::string& range = "");
 
-// Searches PATH for `name` as execvp would; "" when not found.
-std::string find_in_path(const std::string& name);
 
 class LocalPrometheus {
  public:

@@ -2,11 +2,13 @@
 // attacker recovers from the shards it holds (or the stage traffic it observes),
 // against how much of the model that is (exposure, DESIGN.md §5).
 //
-// Two halves. The plan and the report (study_report.cpp) are pure: rows, their
-// exposure, the cells, CSV lines, the aggregation into R and the Markdown table,
-// tested without LibTorch. The runner (study.cpp) trains the victim and the
-// attacks with LibTorch and appends one CSV line per finished cell, so that an
-// interrupted study resumes by skipping the cells already in the CSV.
+// Two halves. This header is the plan and the report (study_report.cpp, in the
+// torch-free shardguard_shardctl library): rows, their exposure, the cells, CSV
+// lines, the aggregation into R, the Markdown tables and plots, and `--report-only`,
+// tested without LibTorch (and under the sanitizers). The runner (study.h,
+// study.cpp, in shardguard_shardctl_torch) trains the victim and the attacks with
+// LibTorch and appends one CSV line per finished cell, so that an interrupted study
+// resumes by skipping the cells already in the CSV.
 #pragma once
 
 #include <cstdint>
@@ -15,6 +17,9 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include "shardguard/common/jobspec.h"
+#include "shardguard/model/partition.h"
 
 namespace shardguard::shardctl {
 
@@ -150,7 +155,7 @@ struct PlotPoint {
 std::map<int64_t, std::vector<PlotPoint>> best_r_by_size(const std::vector<Aggregate>& aggregates,
                                                          const std::string& model);
 
-// ---- the runner (LibTorch) ------------------------------------------------------
+// ---- options and jobs -----------------------------------------------------------
 
 struct StudyOptions {
   std::vector<std::string> job_files;   // one per model; the job gives model, shards, optimizer, victim epochs
@@ -181,20 +186,33 @@ struct StudyOptions {
 // given on the command line are listed in `explicit_flags`).
 void apply_quick(StudyOptions& options, const std::vector<std::string>& explicit_flags);
 
-// Checks every option that can be checked before training, throwing StudyError
-// naming the flag and the value: no job, seeds < 1, steps < 1, an unknown attack
-// or row, a size above the training set, --checkpoints without --keys or with
-// more than one job, a checkpoint directory without a complete set.
-void validate_study(const StudyOptions& options);
+// One --job of the study: the model it trains and how the job cuts it.
+struct StudyJob {
+  std::string file;
+  JobSpec spec;
+  std::string model;                 // architecture; one job per architecture
+  std::vector<model::StageDesc> cut;
+  std::vector<double> shares;        // each stage's share of the parameters
+};
 
-// Runs (or resumes) the study and writes the report. Exit 0 done, 1 failure
-// during the run, 2 bad input (the message names the flag and the value).
-int RunStudy(const StudyOptions& options);
+// Loads and partitions every --job file. Throws StudyError naming --job and the
+// file for an invalid job, a second job of the same architecture or a cut that
+// does not fit.
+std::vector<StudyJob> load_study_jobs(const StudyOptions& options);
 
-// Writes results.md (and results-<model>.dat + plot-<model>.png through gnuplot
-// when it is installed and plots are wanted) from the CSV in out_dir, after
-// restate_exposure with `shares` (the CSV is rewritten when an exposure changed).
+// Each job's stage shares by model, what restate_exposure and write_report need.
+std::map<std::string, std::vector<double>> shares_by_model(const std::vector<StudyJob>& jobs);
+
+// Writes results.md (and plot-<model>.dat, .gp and .png through gnuplot when it is
+// on PATH and plots are wanted) from results.csv in out_dir, after restate_exposure
+// with `shares` (the CSV is rewritten, atomically, when an exposure changed). Throws
+// FileError when results.csv cannot be read or a file cannot be written; a gnuplot
+// that fails or runs past a minute is reported on stderr and the report stands.
 void write_report(const std::string& out_dir, bool plots,
                   const std::map<std::string, std::vector<double>>& shares = {});
+
+// `shardctl study --report-only`: the report from the CSV and the jobs, without
+// training (and without LibTorch). Exit 0 done, 1 I/O failure, 2 bad input.
+int RunStudyReport(const StudyOptions& options);
 
 }  // namespace shardguard::shardctl

@@ -1,0 +1,34 @@
+// The shardctl subcommands that build models with LibTorch (library
+// shardguard_shardctl_torch, only in trees built with SHARDGUARD_WITH_TORCH):
+// `recombine` and the runner of `study`. Everything else shardctl does, the
+// study's plan and report included, is in the torch-free shardguard_shardctl.
+#pragma once
+
+#include <string>
+
+#include "shardguard/shardctl/study_report.h"
+
+namespace shardguard::shardctl {
+
+// `shardctl recombine`: assembles the whole model from every shard's checkpoint
+// and key and evaluates it on the test set.
+struct RecombineOptions {
+  std::string job_file;
+  std::string checkpoint_dir;
+  std::string key_dir;
+  std::string device = "cpu";
+};
+int RunRecombine(const RecombineOptions& options);
+
+// Checks every option that can be checked before training, throwing StudyError
+// naming the flag and the value: no job, seeds < 1, steps < 1, an unknown attack
+// or row, a size above the training set, --checkpoints without --keys or with
+// more than one job, a checkpoint directory without a complete set.
+void validate_study(const StudyOptions& options);
+
+// Runs (or resumes) the study and writes the report (--report-only: RunStudyReport).
+// Exit 0 done, 1 failure during the run, 2 bad input (the message names the flag
+// and the value).
+int RunStudy(const StudyOptions& options);
+
+}  // namespace shardguard::shardctl
