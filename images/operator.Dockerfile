@@ -10,28 +10,24 @@
 
 # ---- build: Debian's -dev packages, only the shardguard-operator target ------------
 FROM debian:12 AS build
-# The top-level CMakeLists.txt finds every dependency (gRPC and Protobuf too, for the
-# sidecar library the operator's render step links), so all of the non-torch -dev
-# packages of the Makefile's DEB_PACKAGES are needed to configure; LibTorch is not.
+# SHARDGUARD_OPERATOR_ONLY=ON configures only common, model, policy and operator: the
+# operator links neither the sidecar nor gRPC, Protobuf or LibTorch, so none of their
+# packages are installed here (tests/images/check_operator_build.sh builds exactly
+# this stage's COPY set with gRPC and Protobuf hidden from CMake).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       build-essential cmake ninja-build pkg-config \
-      libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev \
       prometheus-cpp-dev nlohmann-json3-dev libyaml-cpp-dev libcli11-dev libcpp-httplib-dev \
       libssl-dev zlib1g-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-# What a torch-free configure reads: the operator compiles shardd/src/model_desc.cpp
-# and partition.cpp (the partitioner) itself, and the top level adds sidecar/.
 COPY CMakeLists.txt ./
 COPY cmake/ cmake/
 COPY common/ common/
-COPY proto/ proto/
-COPY sidecar/ sidecar/
+COPY model/ model/
+COPY policy/ policy/
 COPY operator/ operator/
-COPY shardd/ shardd/
-RUN cmake -S /src -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release \
-      -DSHARDGUARD_WITH_TORCH=OFF -DSHARDGUARD_BUILD_TESTS=OFF -DSHARDGUARD_BUILD_BENCH=OFF \
+RUN cmake -S /src -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHARDGUARD_OPERATOR_ONLY=ON \
  && cmake --build /build --target shardguard-operator \
  && strip --strip-unneeded /build/bin/shardguard-operator
 

@@ -75,11 +75,13 @@ ENV TORCH_PREFIX=/opt/libtorch \
 # ---- build: only the shardd target, against the chosen LibTorch --------------------
 FROM build-${TORCH} AS build
 WORKDIR /src
-# With LibTorch the top level also adds shardctl/, so its sources must be present to
-# configure even though only shardd is built.
+# The top level adds every library (model, policy, sidecar, operator, shardctl), so
+# their sources must be present to configure even though only shardd is built.
 COPY CMakeLists.txt ./
 COPY cmake/ cmake/
 COPY common/ common/
+COPY model/ model/
+COPY policy/ policy/
 COPY proto/ proto/
 COPY sidecar/ sidecar/
 COPY operator/ operator/

@@ -17,15 +17,18 @@ RUN apt-get update \
       libssl-dev zlib1g-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-# A torch-free configure also adds operator/ (which compiles two shardd/src files), so
-# those sources must be present even though only shard-sidecar is built.
+# A torch-free configure adds every torch-free library (model, policy, operator and
+# shardctl besides the sidecar's own), so their sources must be present even though
+# only shard-sidecar is built.
 COPY CMakeLists.txt ./
 COPY cmake/ cmake/
 COPY common/ common/
+COPY model/ model/
+COPY policy/ policy/
 COPY proto/ proto/
 COPY sidecar/ sidecar/
 COPY operator/ operator/
-COPY shardd/ shardd/
+COPY shardctl/ shardctl/
 RUN cmake -S /src -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release \
       -DSHARDGUARD_WITH_TORCH=OFF -DSHARDGUARD_BUILD_TESTS=OFF -DSHARDGUARD_BUILD_BENCH=OFF \
  && cmake --build /build --target shard-sidecar \
