@@ -596,7 +596,7 @@ void validate_study(const StudyOptions& o) {
 
 int RunStudy(const StudyOptions& options) {
   if (options.report_only) return RunStudyReport(options);
-  try {
+  return study_exit_code([&] {
     validate_study(options);
     auto jobs = load_study_jobs(options);
     const auto shares = shares_by_model(jobs);
@@ -604,15 +604,8 @@ int RunStudy(const StudyOptions& options) {
     const int rc = runner.run();
     if (rc != 0) return rc;
     write_report(options.out_dir, !options.no_plots, shares);
-    std::printf("study: wrote %s/results.csv and results.md\n", options.out_dir.c_str());
     return 0;
-  } catch (const StudyError& e) {
-    std::cerr << "shardctl study: " << e.what() << "\n";
-    return 2;
-  } catch (const std::exception& e) {
-    std::cerr << "shardctl study: " << e.what() << "\n";
-    return 1;
-  }
+  });
 }
 
 }  // namespace shardguard::shardctl

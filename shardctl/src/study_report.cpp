@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <iostream>
 #include <set>
 #include <sstream>
@@ -582,16 +583,12 @@ void write_report(const std::string& out_dir, bool plots, const std::map<std::st
     run_gnuplot(gnuplot, base + ".gp", base + ".gnuplot.log");
   }
   write_file_atomic(out_dir + "/results.md", md.str());
+  std::printf("study: wrote %s/results.csv and results.md\n", out_dir.c_str());
 }
 
-int RunStudyReport(const StudyOptions& options) {
+int study_exit_code(const std::function<int()>& body) {
   try {
-    if (options.job_files.empty()) throw StudyError("--job: at least one ShardedTrainingJob file is needed");
-    if (options.out_dir.empty()) throw StudyError("--out: an output directory is needed");
-    const auto jobs = load_study_jobs(options);
-    write_report(options.out_dir, !options.no_plots, shares_by_model(jobs));
-    std::printf("study: wrote %s/results.csv and results.md\n", options.out_dir.c_str());
-    return 0;
+    return body();
   } catch (const StudyError& e) {
     std::cerr << "shardctl study: " << e.what() << "\n";
     return 2;
@@ -599,6 +596,16 @@ int RunStudyReport(const StudyOptions& options) {
     std::cerr << "shardctl study: " << e.what() << "\n";
     return 1;
   }
+}
+
+int RunStudyReport(const StudyOptions& options) {
+  return study_exit_code([&] {
+    if (options.job_files.empty()) throw StudyError("--job: at least one ShardedTrainingJob file is needed");
+    if (options.out_dir.empty()) throw StudyError("--out: an output directory is needed");
+    const auto jobs = load_study_jobs(options);
+    write_report(options.out_dir, !options.no_plots, shares_by_model(jobs));
+    return 0;
+  });
 }
 
 }  // namespace shardguard::shardctl

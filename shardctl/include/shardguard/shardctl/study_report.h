@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <optional>
 #include <stdexcept>
@@ -210,6 +211,10 @@ std::map<std::string, std::vector<double>> shares_by_model(const std::vector<Stu
 // that fails or runs past a minute is reported on stderr and the report stands.
 void write_report(const std::string& out_dir, bool plots,
                   const std::map<std::string, std::vector<double>>& shares = {});
+
+// Runs one study command body and turns what it throws into the exit code, with the
+// message on stderr: StudyError (bad input) → 2, any other exception → 1.
+int study_exit_code(const std::function<int()>& body);
 
 // `shardctl study --report-only`: the report from the CSV and the jobs, without
 // training (and without LibTorch). Exit 0 done, 1 I/O failure, 2 bad input.
