@@ -2,11 +2,13 @@
 #include "shardguard/common/files.h"
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
 #include <fcntl.h>
 #include <stdlib.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -145,6 +147,40 @@ std::string tail_of_file(const std::string& path, size_t lines) {
     }
   }
   return text.substr(pos == 0 ? 0 : pos + 1);
+}
+
+FileLockBusy::FileLockBusy(const std::string& path, long holder_pid)
+    : FileError(path + " is locked by " +
+                (holder_pid > 0 ? "process " + std::to_string(holder_pid) : std::string("another process"))),
+      holder_pid_(holder_pid) {}
+
+FileLock::FileLock(const std::string& path) : path_(path) {
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd_ < 0) throw FileError("cannot open lock file " + path + ": " + std::strerror(errno));
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    long holder = 0;
+    if (err == EWOULDBLOCK) {
+      char buf[32] = {};
+      const ssize_t n = ::pread(fd_, buf, sizeof buf - 1, 0);
+      if (n > 0) holder = std::strtol(buf, nullptr, 10);
+    }
+    ::close(fd_);
+    fd_ = -1;
+    if (err == EWOULDBLOCK) throw FileLockBusy(path, holder);
+    throw FileError("cannot lock " + path + ": " + std::strerror(err));
+  }
+  const std::string pid = std::to_string(static_cast<long>(::getpid())) + "\n";
+  if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
+    const int err = errno;
+    ::close(fd_);
+    fd_ = -1;
+    throw FileError("cannot write the pid into lock file " + path + ": " + std::strerror(err));
+  }
+}
+
+FileLock::~FileLock() {
+  if (fd_ >= 0) ::close(fd_);
 }
 
 }  // namespace shardguard

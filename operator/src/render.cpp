@@ -5,6 +5,7 @@
 #include <string>
 
 #include "shardguard/common/crypto.h"
+#include "shardguard/common/shard_files.h"
 #include "shardguard/common/strings.h"
 #include "shardguard/model/model_desc.h"
 #include "shardguard/model/partition.h"
@@ -86,7 +87,7 @@ json container_security_context() {
 }  // namespace
 
 std::string ledger_file(const std::string& job, int shard) {
-  return std::string(kLedgerDir) + "/" + job + "-shard-" + std::to_string(shard) + ".ledger.json";
+  return std::string(kLedgerDir) + "/" + ledger_file_name(job, shard);
 }
 
 namespace {

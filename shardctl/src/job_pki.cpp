@@ -2,10 +2,14 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <filesystem>
+#include <tuple>
+#include <vector>
 
 #include "shardguard/common/crypto.h"
 #include "shardguard/common/files.h"
+#include "shardguard/common/shard_files.h"
 
 namespace shardguard::shardctl {
 namespace {
@@ -22,6 +26,29 @@ std::string checkpoint_key_file(const std::string& key_dir, int i) {
 }
 std::string ledger_key_file(const std::string& key_dir, int i) {
   return key_dir + "/shard-" + std::to_string(i) + ".ledger.key";
+}
+
+// Files in dir whose names start with prefix (checkpoints, also set-aside ones).
+std::vector<std::string> files_starting(const std::string& dir, const std::string& prefix) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.compare(0, prefix.size(), prefix) == 0) out.push_back(name);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// What a key that is missing would orphan: the shard's checkpoints for its
+// checkpoint key, its sealed ledger for its ledger key.
+std::vector<std::string> sealed_by(const JobSpec& job, const std::string& dir, int shard, bool ledger) {
+  if (dir.empty()) return {};
+  if (ledger) {
+    const std::string f = ledger_file_name(job.name, shard);
+    return fs::exists(dir + "/" + f) ? std::vector<std::string>{f} : std::vector<std::string>{};
+  }
+  return files_starting(dir, checkpoint_file_prefix(job.name, shard));
 }
 
 // The CA in the workdir, when it parses, signs and outlives a fresh leaf.
@@ -75,7 +102,8 @@ op::RenderInputs make_render_inputs(nlohmann::json object, const CaBundle& ca, s
   return in;
 }
 
-LocalPki load_or_create_local_pki(const JobSpec& job, const std::string& workdir, bool reuse) {
+LocalPki load_or_create_local_pki(const JobSpec& job, const std::string& workdir, bool reuse,
+                                  const std::string& kept_checkpoint_dir) {
   const std::string pki_dir = workdir + "/pki", key_dir = workdir + "/keys";
   LocalPki pki;
   bool ca_reused = false;
@@ -92,14 +120,24 @@ LocalPki load_or_create_local_pki(const JobSpec& job, const std::string& workdir
   for (int i = 0; i < job.sharding.shards; ++i) {
     op::ShardMaterial m;
     // Both keys: reused when present (a wrong size throws), never replaced.
-    for (auto [file, key] : {std::pair{checkpoint_key_file(key_dir, i), &m.checkpoint_key},
-                             std::pair{ledger_key_file(key_dir, i), &m.ledger_key}}) {
+    for (auto [file, key, ledger] : {std::tuple{checkpoint_key_file(key_dir, i), &m.checkpoint_key, false},
+                                     std::tuple{ledger_key_file(key_dir, i), &m.ledger_key, true}}) {
       if (fs::exists(file)) {
         *key = load_key_file(file);
         pki.reused.push_back(file);
-      } else {
-        *key = random_bytes(kAesKeyBytes);
+        continue;
       }
+      if (const auto orphans = sealed_by(job, kept_checkpoint_dir, i, ledger); !orphans.empty()) {
+        std::string list;
+        for (size_t k = 0; k < orphans.size() && k < 3; ++k) list += (k ? ", " : "") + orphans[k];
+        if (orphans.size() > 3) list += " and " + std::to_string(orphans.size() - 3) + " more";
+        throw LocalPkiError(
+            "shard " + std::to_string(i) + ": its " + (ledger ? "ledger key " : "checkpoint key ") + file +
+            " is missing, but " + kept_checkpoint_dir + " holds what it sealed (" + list +
+            "); a new key could never read them. Restore " + file + " from a backup, or start over with --fresh " +
+            "(deletes every checkpoint of the run)");
+      }
+      *key = random_bytes(kAesKeyBytes);
     }
     const std::string shard_dir = workdir + "/shard-" + std::to_string(i);
     if (ca_reused && fs::exists(shard_dir + "/tls.crt") && fs::exists(shard_dir + "/tls.key")) {

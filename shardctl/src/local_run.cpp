@@ -431,6 +431,23 @@ int RunLocal(const LocalRunOptions& options) {
     }
   }
 
+  // One run per workdir, for the whole run: a second one (even --fresh) must not
+  // delete this one's checkpoints or hand its sidecars a new CA. Taken before
+  // anything in the workdir is read or changed; released when this process ends.
+  std::optional<FileLock> workdir_lock;
+  try {
+    make_dirs(workdir);
+    workdir_lock.emplace(workdir + "/run.lock");
+  } catch (const FileLockBusy& e) {
+    std::cerr << "shardctl run: " << workdir << " is in use by another shardctl run ("
+              << (e.holder_pid() > 0 ? "pid " + std::to_string(e.holder_pid()) : std::string("pid unknown"))
+              << ", lock " << workdir << "/run.lock); wait for it to end, stop it, or pass another --workdir\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "shardctl run: --workdir " << workdir << ": " << e.what() << "\n";
+    return 2;
+  }
+
   // Old checkpoints are never silently reused or thrown away.
   bool has_checkpoints = fs::exists(ckpt_dir) && !fs::is_empty(ckpt_dir);
   if (has_checkpoints && !options.resume && !options.fresh) {
@@ -445,7 +462,7 @@ int RunLocal(const LocalRunOptions& options) {
   LocalPki pki;
   op::DesiredObjects objects;
   try {
-    pki = load_or_create_local_pki(job, workdir, options.resume);
+    pki = load_or_create_local_pki(job, workdir, options.resume, options.fresh ? "" : ckpt_dir);
     op::RenderInputs in = make_render_inputs(object, pki.ca, pki.shards);
     in.shardd_image = shardd_path;  // locally, a container's image is its binary
     in.sidecar_image = sidecar_path;

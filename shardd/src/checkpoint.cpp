@@ -12,6 +12,7 @@
 
 #include "shardguard/common/crypto.h"
 #include "shardguard/common/files.h"
+#include "shardguard/common/shard_files.h"
 
 namespace shardguard::shardd {
 namespace {
@@ -19,8 +20,8 @@ namespace {
 constexpr char kMagic[] = "SGCKPT01";
 constexpr size_t kMagicLen = 8;
 
-std::string file_prefix(const CheckpointId& id) { return id.job + "-shard-" + std::to_string(id.stage) + "-step-"; }
-constexpr char kSuffix[] = ".sgckpt";
+std::string file_prefix(const CheckpointId& id) { return checkpoint_file_prefix(id.job, id.stage); }
+constexpr const char* kSuffix = kCheckpointSuffix;
 
 std::string encode_header(const CheckpointHeader& h) {
   nlohmann::json j = {{"format", "shardguard-checkpoint/v1"},

@@ -178,5 +178,22 @@ TEST(Files, MakeDirsThroughAFileFails) {
   EXPECT_NE(msg.find("Not a directory"), std::string::npos) << msg;
 }
 
+TEST(FileLockTest, SecondHolderIsRefusedWithTheFirstOnesPid) {
+  const std::string path = (fs::temp_directory_path() / ("shardguard-lock-" + std::to_string(::getpid()))).string();
+  {
+    FileLock first(path);
+    try {
+      FileLock second(path);  // another open file description: flock refuses it
+      FAIL() << "locked twice";
+    } catch (const FileLockBusy& e) {
+      EXPECT_EQ(e.holder_pid(), static_cast<long>(::getpid()));
+      EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+    }
+  }
+  FileLock again(path);  // released with the first
+  EXPECT_EQ(read_file(path), std::to_string(::getpid()) + "\n");
+  fs::remove(path);
+}
+
 }  // namespace
 }  // namespace shardguard

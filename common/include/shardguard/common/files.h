@@ -19,6 +19,35 @@ void write_file_atomic(const std::string& path, const std::string& data, unsigne
 // mkdir -p; throws FileError.
 void make_dirs(const std::string& path);
 
+// An exclusive advisory lock (flock) on a file, held for the object's lifetime:
+// one `shardctl run` per workdir. The holder's pid is written into the file, so the
+// one refused can say who holds it. The descriptor is close-on-exec (children do not
+// keep the lock), and the kernel drops the lock when the holder dies, however it dies.
+class FileLock {
+ public:
+  // Creates `path` if needed and locks it without waiting. Throws FileLockBusy when
+  // another process holds it (holder_pid() of the exception: its pid, or 0 when the
+  // file does not say), FileError on any other failure.
+  explicit FileLock(const std::string& path);
+  ~FileLock();
+  FileLock(const FileLock&) = delete;
+  FileLock& operator=(const FileLock&) = delete;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+};
+
+class FileLockBusy : public FileError {
+ public:
+  FileLockBusy(const std::string& path, long holder_pid);
+  long holder_pid() const { return holder_pid_; }
+
+ private:
+  long holder_pid_;
+};
+
 // The last `lines` lines of a text file (all of it when shorter; "" when unreadable),
 // for error messages that quote a child's log.
 std::string tail_of_file(const std::string& path, size_t lines);

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <chrono>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -44,6 +45,11 @@ op::RenderInputs make_render_inputs(nlohmann::json object, const CaBundle& ca, s
 // the CA is reused when it still parses and signs, and so is each shard's leaf in
 // <workdir>/shard-<i>/tls.crt, tls.key when the CA still verifies it for another
 // hour with the expected SPIFFE ID; otherwise they are made afresh.
+class LocalPkiError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 struct LocalPki {
   CaBundle ca;
   std::vector<op::ShardMaterial> shards;
@@ -51,7 +57,12 @@ struct LocalPki {
 };
 
 // Reads and makes, but writes nothing (so a job render() refuses leaves no state).
-LocalPki load_or_create_local_pki(const JobSpec& job, const std::string& workdir, bool reuse);
+// A key is never made for a shard whose checkpoints (or sealed ledger) are in
+// `kept_checkpoint_dir` ("" when none are kept, e.g. with --fresh): without its key
+// they could never be read again, so a missing key throws LocalPkiError naming the
+// shard, the key file and the files it seals, and how to recover.
+LocalPki load_or_create_local_pki(const JobSpec& job, const std::string& workdir, bool reuse,
+                                  const std::string& kept_checkpoint_dir = "");
 // Writes the CA and the checkpoint and ledger keys (atomic, keys 0600, directories 0700).
 void save_local_pki(const LocalPki& pki, const std::string& workdir);
 
