@@ -46,13 +46,16 @@ MemoryNetwork::Call::~Call() {
 
 void MemoryNetwork::attach(int stage, Receiver& receiver, StageMetrics& metrics) {
   std::lock_guard<std::mutex> lock(mu_);
-  slots_.at(static_cast<size_t>(stage)) = {&receiver, &metrics, 0};
+  Slot& s = slots_.at(static_cast<size_t>(stage));
+  s.receiver = &receiver;
+  s.metrics = &metrics;
 }
 
 // Calls in progress end on their own: a stopping engine answers at once.
-void MemoryNetwork::detach(int stage) {
+void MemoryNetwork::detach(int stage, Receiver& receiver) {
   std::unique_lock<std::mutex> lock(mu_);
   Slot& s = slots_.at(static_cast<size_t>(stage));
+  if (s.receiver != &receiver) return;  // a newer engine of the same stage (a restart), or nobody
   s.receiver = nullptr;
   cv_.wait(lock, [&] { return s.calls == 0; });
 }
@@ -163,7 +166,7 @@ void MemoryTransport::wake() {
 }
 
 void MemoryTransport::close() {
-  if (receiver_) network_.detach(stage_);  // first: neighbours' calls may still use the senders
+  if (receiver_) network_.detach(stage_, *receiver_);  // first: neighbours' calls may still use the senders
   closed_seconds_ = transport_seconds();
   links_->down.reset();
   links_->up.reset();

@@ -46,8 +46,9 @@ class MemoryNetwork {
     Slot* slot_ = nullptr;
   };
   void attach(int stage, Receiver& receiver, StageMetrics& metrics);
-  // Nothing calls the stage's receiver once this returns.
-  void detach(int stage);
+  // Nothing calls `receiver` once this returns (a stage may be attached again,
+  // by a new engine: a restart).
+  void detach(int stage, Receiver& receiver);
 
   std::mutex mu_;
   std::condition_variable cv_;
