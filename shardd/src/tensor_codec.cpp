@@ -31,15 +31,7 @@ std::string describe(const v1::Tensor& msg) {
 }
 
 torch::Tensor decode_tensor(v1::Tensor* msg, const std::vector<int64_t>& sample_shape, int64_t max_batch) {
-  std::vector<int64_t> expected{-1};
-  expected.insert(expected.end(), sample_shape.begin(), sample_shape.end());
-  const std::string want = "float32[1.." + std::to_string(max_batch) + model::shape_str(sample_shape).replace(0, 1, ", ");
-  bool ok = msg->dtype() == v1::DTYPE_FLOAT32 && msg->shape_size() == static_cast<int>(expected.size());
-  if (ok) {
-    ok = msg->shape(0) >= 1 && msg->shape(0) <= max_batch;
-    for (size_t i = 1; ok && i < expected.size(); ++i) ok = msg->shape(static_cast<int>(i)) == expected[i];
-  }
-  if (!ok) throw FrameError("expected a tensor " + want + ", received " + describe(*msg));
+  check_frame_shape(dtype_name(msg->dtype()), {msg->shape().begin(), msg->shape().end()}, sample_shape, max_batch);
   int64_t numel = 1;
   for (auto d : msg->shape()) numel *= d;
   if (msg->data().size() != static_cast<size_t>(numel) * sizeof(float)) {

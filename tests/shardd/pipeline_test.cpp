@@ -20,6 +20,7 @@
 #include "shardguard/shardd/threads.h"
 #include "shardguard/shardd/trainer.h"
 #include "shardguard/v1/pipeline.grpc.pb.h"
+#include "shardd/pipeline_helpers.h"
 #include "shardd/test_job.h"
 
 namespace shardguard::shardd {
@@ -83,30 +84,8 @@ class PipelineTest : public ::testing::Test {
   std::string dir_;
 };
 
-// Value of a sample of a metric family, selected by one label (or the first sample).
-double metric(prometheus::Registry& registry, const std::string& name, const std::string& label = "",
-              const std::string& value = "") {
-  for (const auto& family : registry.Collect()) {
-    if (family.name != name) continue;
-    for (const auto& m : family.metric) {
-      bool match = label.empty();
-      for (const auto& l : m.label) match = match || (l.name == label && l.value == value);
-      if (!match) continue;
-      if (family.type == prometheus::MetricType::Counter) return m.counter.value;
-      if (family.type == prometheus::MetricType::Gauge) return m.gauge.value;
-      if (family.type == prometheus::MetricType::Histogram) return static_cast<double>(m.histogram.sample_count);
-    }
-  }
-  return -1;
-}
-
-void expect_same_losses(const std::vector<double>& pipeline, const MonolithicResult& mono, const std::string& what) {
-  ASSERT_EQ(pipeline.size(), mono.steps.size()) << what;
-  for (size_t s = 0; s < pipeline.size(); ++s) {
-    EXPECT_NEAR(pipeline[s], mono.steps[s].loss, 1e-5 * std::max(1.0, std::abs(mono.steps[s].loss)))
-        << what << " step " << s;
-  }
-}
+using shardguard::testing::expect_same_losses;
+using shardguard::testing::metric;
 
 TEST_F(PipelineTest, SameLossesAsOneProcessForOneTwoFourStages) {
   for (const char* arch : {"mlp", "cnn"}) {

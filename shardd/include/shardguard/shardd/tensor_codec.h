@@ -1,20 +1,15 @@
 // Tensors on the wire: dtype, shape and raw bytes (shardguard.v1.Tensor).
 #pragma once
 
-#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include <torch/types.h>
 
+#include "shardguard/shardd/transport.h"  // FrameError, check_frame_shape
 #include "shardguard/v1/pipeline.pb.h"
 
 namespace shardguard::shardd {
-
-class FrameError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
 
 // Copies a float32 tensor (any device) into msg.
 void encode_tensor(const torch::Tensor& tensor, v1::Tensor* msg);

@@ -1,0 +1,152 @@
+// Engine::Impl, shared by engine.cpp (lifecycle, inbound messages, the
+// Sync/Resume/Finish protocol) and engine_steps.cpp (training steps,
+// evaluation, checkpoints).
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <future>
+#include <mutex>
+#include <optional>
+#include <set>
+
+#include <torch/optim.h>
+
+#include "shardguard/model/model_desc.h"
+#include "shardguard/model/partition.h"
+#include "shardguard/shardd/checkpoint.h"
+#include "shardguard/shardd/data.h"
+#include "shardguard/shardd/engine.h"
+#include "shardguard/shardd/schedule.h"
+
+namespace shardguard::shardd {
+
+using Clock = std::chrono::steady_clock;
+
+inline double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+// Thrown inside the main loop when a resynchronisation preempts the current step.
+struct Aborted {};
+// Thrown inside the main loop when the stage must stop (fatal error or stop()).
+struct Stopped {};
+
+class Engine::Impl final : public Receiver {
+ public:
+  Impl(StageOptions options, StageMetrics& metrics, Transport& transport, StageEvents events, ParameterSink publish);
+  ~Impl() override;
+
+  void start(const std::function<nlohmann::json()>& open);
+  int64_t parameters() const { return parameters_; }
+  StageResult run();
+  void stop(const std::string& reason);
+
+  // ---- Receiver: the transport's threads ----------------------------------------
+  Status on_frame(Direction direction, InFrame frame) override;
+  Status on_sync(const SyncMsg& msg, SyncReply* reply) override;
+  Status on_resume(const ResumeMsg& msg) override;
+  Status on_finish(const FinishMsg& msg) override;
+  Status on_join(const JoinMsg& msg) override;
+  uint64_t generation() const override { return generation_.load(); }
+  bool stopping() const override;
+  void link_failed(const std::string& reason) override { fail(reason); }
+
+ private:
+  // A frame the main loop consumes: a tensor from a neighbour, or Finish.
+  struct Inbound {
+    Phase phase = Phase::kUnspecified;
+    int64_t step = 0;
+    int micro_batch = 0;
+    int epoch = 0;
+    torch::Tensor tensor;
+    bool finish = false;
+    std::shared_ptr<std::promise<std::string>> done;  // finish: fulfilled with "" or the error
+  };
+  struct ResumeCmd {
+    uint64_t generation;
+    int64_t step;
+    std::shared_ptr<std::promise<std::string>> done;
+  };
+
+  // engine.cpp
+  void build_fresh();
+  void fail(const std::string& reason);
+  void shutdown();
+  Status not_running() const;
+  std::string await(std::future<std::string>& result, const char* what);
+  std::string prefixed(const std::string& err) const;  // "stage K: err", or "" for ""
+  Inbound wait_for(std::deque<Inbound>& queue, const char* what);
+  Inbound expect(std::deque<Inbound>& queue, const char* what, int64_t step, int micro_batch);
+  bool handle_resume();
+  void resume_at(uint64_t generation, int64_t step);
+  void drive();
+  bool at_eval_point() const;
+  void resync_with_retries();
+  bool take_join();
+  std::string resync();
+  void follow();
+
+  // engine_steps.cpp
+  void run_eval_round();
+  void eval_forward(Inbound& in);
+  void eval_batch(int64_t batch, int round, const torch::Tensor& logits);
+  void train_step(int64_t step, Inbound* first_in);
+  void after_step();
+  void finish_local(int64_t step);
+  void write_checkpoint(int64_t step);
+  void observe(prometheus::Histogram& h, Clock::time_point t0);
+  OutFrame frame(Phase phase, int64_t step, int m, int epoch, const torch::Tensor& t) const;
+
+  StageOptions opt_;
+  StageMetrics& metrics_;
+  Transport& transport_;
+  StageEvents events_;
+  ParameterSink publish_;
+  const std::string boot_id_;
+
+  model::ModelDesc desc_;
+  model::StageDesc me_;
+  int n_ = 0;
+  bool first_ = false, last_ = false;
+  torch::Device device_{torch::kCPU};
+  int micro_ = 0;
+  std::vector<PipeOp> schedule_;
+  std::vector<int64_t> in_shape_, out_shape_;
+  torch::nn::Sequential model_{nullptr};
+  std::unique_ptr<torch::optim::Optimizer> optimizer_;
+  int64_t parameters_ = 0;
+  std::unique_ptr<CheckpointStore> store_;
+
+  BatchPlan plan_;
+  std::unique_ptr<BatchSampler> sampler_;
+  int64_t total_steps_ = 0;
+  torch::Tensor train_x_, test_x_, train_y_, test_y_;
+
+  // Shared between the transport's threads and the main loop.
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Inbound> fwd_, bwd_;
+  std::optional<ResumeCmd> resume_;
+  bool abort_ = false;
+  bool join_pending_ = false;
+  std::set<std::string> members_;
+  std::string stop_reason_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> connected_{false};
+  uint64_t generation_counter_ = 0;
+
+  // Main-loop state.
+  int64_t done_ = 0;
+  int64_t resumed_step_ = 0;                      // step of the last resume
+  Clock::time_point train_start_ = Clock::now();  // when the last resume happened
+  int64_t last_checkpoint_ = -1;
+  std::vector<double> losses_;
+  std::optional<EvalReport> last_eval_;
+  int64_t eval_seen_ = 0, eval_correct_ = 0, next_eval_batch_ = 0;
+  double compute_seconds_ = 0;
+};
+
+}  // namespace shardguard::shardd

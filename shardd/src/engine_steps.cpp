@@ -1,0 +1,189 @@
+// The engine's compute: one optimizer step under the stage's schedule,
+// evaluation rounds, checkpoints. Main-loop thread only.
+#include "engine_impl.h"
+
+#include <torch/nn/functional/loss.h>
+#include <torch/utils.h>
+
+#include "shardguard/common/log.h"
+
+namespace shardguard::shardd {
+
+void Engine::Impl::run_eval_round() {
+  const int round = static_cast<int>(done_ / plan_.steps_per_epoch());
+  const int64_t n = test_x_.size(0);
+  const int batch = opt_.job.training.eval_batch_size;
+  model_->eval();
+  torch::NoGradGuard no_grad;
+  for (int64_t b = 0; b * batch < n; ++b) {
+    auto x = test_x_.slice(0, b * batch, std::min<int64_t>(n, (b + 1) * batch)).to(device_);
+    auto out = model_->forward(x);
+    if (last_) {
+      eval_batch(b, round, out);
+    } else {
+      transport_.send_down(frame(Phase::kEval, b, 0, round, out));
+    }
+  }
+  model_->train();
+}
+
+void Engine::Impl::eval_forward(Inbound& in) {
+  torch::NoGradGuard no_grad;
+  model_->eval();
+  auto out = model_->forward(in.tensor.to(device_));
+  model_->train();
+  if (last_) {
+    eval_batch(in.step, in.epoch, out);
+  } else {
+    transport_.send_down(frame(Phase::kEval, in.step, 0, in.epoch, out));
+  }
+}
+
+void Engine::Impl::eval_batch(int64_t batch, int round, const torch::Tensor& logits) {
+  if (batch != next_eval_batch_) {
+    fail("protocol error: expected evaluation batch " + std::to_string(next_eval_batch_) + ", received " +
+         std::to_string(batch));
+    throw Stopped{};
+  }
+  const int64_t begin = batch * opt_.job.training.eval_batch_size;
+  const auto y = test_y_.slice(0, begin, begin + logits.size(0)).to(device_);
+  if (y.size(0) != logits.size(0)) {
+    fail("evaluation batch " + std::to_string(batch) + " has more samples than the test set");
+    throw Stopped{};
+  }
+  eval_correct_ += logits.argmax(1).eq(y).sum().item<int64_t>();
+  eval_seen_ += logits.size(0);
+  ++next_eval_batch_;
+  if (eval_seen_ == test_y_.size(0)) {
+    EvalReport r;
+    r.round = round;
+    r.step = done_;
+    r.correct = eval_correct_;
+    r.total = eval_seen_;
+    last_eval_ = r;
+    metrics_.eval_accuracy.Set(r.accuracy());
+    log::info("evaluation", {{"round", round}, {"step", done_}, {"accuracy", r.accuracy()}, {"correct", r.correct},
+                             {"total", r.total}});
+    if (events_.on_eval) events_.on_eval(r);
+    eval_seen_ = eval_correct_ = 0;
+    next_eval_batch_ = 0;
+  }
+}
+
+// One optimizer step: the schedule's forwards and backwards (receiving from and
+// sending to the neighbours as it goes), then the optimizer. `first_in` is the
+// frame that started the step on a follower (its micro-batch 0 activation).
+void Engine::Impl::train_step(int64_t step, Inbound* first_in) {
+  const int m_count = opt_.job.training.micro_batches;
+  const int epoch = first_in ? first_in->epoch : plan_.epoch_of(step);
+  std::vector<torch::Tensor> inputs(m_count), outputs(m_count);
+  double loss_sum = 0;
+  int64_t correct = 0;
+  optimizer_->zero_grad();
+  for (const PipeOp& op : schedule_) {
+    const int m = op.micro_batch;
+    if (op.kind == PipeOp::kForward) {
+      torch::Tensor x;
+      if (first_) {
+        x = train_x_.index_select(0, sampler_->indices(step, m)).to(device_);
+      } else {
+        Inbound in = (m == 0 && first_in) ? std::move(*first_in) : expect(fwd_, "activation", step, m);
+        if (in.step != step || in.micro_batch != m) {
+          fail("protocol error: step " + std::to_string(step) + " began with micro-batch " +
+               std::to_string(in.micro_batch));
+          throw Stopped{};
+        }
+        x = in.tensor.to(device_).requires_grad_(true);
+      }
+      const auto t0 = Clock::now();
+      auto out = model_->forward(x);
+      if (last_) {
+        const auto y = train_y_.index_select(0, sampler_->indices(step, m)).to(device_);
+        auto loss = torch::nn::functional::cross_entropy(out, y);
+        loss_sum += loss.item<double>();
+        correct += out.argmax(1).eq(y).sum().item<int64_t>();
+        out = loss / m_count;
+      }
+      observe(metrics_.forward_seconds, t0);
+      inputs[m] = x;
+      outputs[m] = out;
+      if (!last_) transport_.send_down(frame(Phase::kTrain, step, m, epoch, out));
+    } else {
+      torch::Tensor grad;
+      if (!last_) grad = expect(bwd_, "gradient", step, m).tensor.to(device_);
+      const auto t0 = Clock::now();
+      if (last_) {
+        outputs[m].backward();
+      } else {
+        outputs[m].backward(grad);
+      }
+      observe(metrics_.backward_seconds, t0);
+      if (!first_) transport_.send_up(frame(Phase::kTrain, step, m, epoch, inputs[m].grad()));
+      inputs[m] = torch::Tensor();
+      outputs[m] = torch::Tensor();
+    }
+  }
+  const auto t0 = Clock::now();
+  optimizer_->step();
+  observe(metrics_.optimizer_seconds, t0);
+  done_ = step + 1;
+  metrics_.steps.Increment();
+  metrics_.samples.Increment(opt_.job.training.batch_size);
+  metrics_.step.Set(static_cast<double>(done_));
+  metrics_.epoch.Set(epoch);
+  if (last_) {
+    StepReport r;
+    r.step = done_;
+    r.total_steps = total_steps_;
+    r.epoch = epoch;
+    r.loss = loss_sum / m_count;
+    r.accuracy = static_cast<double>(correct) / opt_.job.training.batch_size;
+    losses_.resize(static_cast<size_t>(step));
+    losses_.push_back(r.loss);
+    metrics_.loss.Set(r.loss);
+    metrics_.train_accuracy.Set(r.accuracy);
+    if (events_.on_step) events_.on_step(r);
+  }
+}
+
+void Engine::Impl::after_step() {
+  if (done_ % opt_.job.checkpoint.every_steps == 0) write_checkpoint(done_);
+}
+
+void Engine::Impl::finish_local(int64_t step) {
+  if (step != done_) {
+    throw std::runtime_error("finish at step " + std::to_string(step) + " but this stage completed " +
+                             std::to_string(done_) + " steps");
+  }
+  if (last_checkpoint_ != done_) write_checkpoint(done_);
+}
+
+void Engine::Impl::write_checkpoint(int64_t step) {
+  const auto t0 = Clock::now();
+  try {
+    const size_t bytes = store_->save(step, model_, *optimizer_);
+    metrics_.checkpoint_bytes.Set(static_cast<double>(bytes));
+  } catch (const std::exception& e) {
+    metrics_.checkpoint_failures.Increment();
+    throw std::runtime_error(std::string("writing checkpoint of step ") + std::to_string(step) + ": " + e.what());
+  }
+  observe(metrics_.checkpoint_seconds, t0);
+  metrics_.checkpoint_writes.Increment();
+  metrics_.checkpoint_step.Set(static_cast<double>(step));
+  last_checkpoint_ = step;
+  if (publish_) publish_(model_, step);
+  log::info("checkpoint written", {{"stage", opt_.stage}, {"step", step}, {"path", store_->path_for(step)}});
+}
+
+void Engine::Impl::observe(prometheus::Histogram& h, Clock::time_point t0) {
+  const double s = seconds_since(t0);
+  h.Observe(s);
+  compute_seconds_ += s;
+}
+
+// Tagged with the current generation: a resynchronisation before it is sent drops it.
+OutFrame Engine::Impl::frame(Phase phase, int64_t step, int m, int epoch, const torch::Tensor& t) const {
+  return {{generation_.load(), phase, step, m, epoch}, t};
+}
+
+}  // namespace shardguard::shardd
