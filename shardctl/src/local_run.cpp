@@ -32,6 +32,7 @@
 #include "shardguard/operator/status.h"
 #include "shardguard/shardctl/job_pki.h"
 #include "shardguard/shardctl/progress.h"
+#include "shardguard/shardctl/restart.h"
 #include "shardguard/model/model_desc.h"
 #include "shardguard/model/partition.h"
 #include "shardguard/shardctl/local_prometheus.h"
@@ -66,6 +67,7 @@ struct Shard {
   std::streamoff log_start = 0;  // shardd's log before this run
   bool done = false;
   int restarts = 0;
+  std::optional<Clock::time_point> restart_at;  // backing off: start shardd again then
 };
 
 std::string local(int port) { return "127.0.0.1:" + std::to_string(port); }
@@ -231,6 +233,13 @@ ShardTraffic shardd_traffic(const std::string& log_file, std::streamoff from) {
     ++t.reports;
   }
   return t;
+}
+
+// The log written since `from` (this run's part of it).
+std::string log_since(const std::string& log_file, std::streamoff from) {
+  std::ifstream in(log_file, std::ios::binary);
+  in.seekg(from);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
 
 std::streamoff file_size(const std::string& path) {
@@ -640,10 +649,21 @@ int RunLocal(const LocalRunOptions& options) {
         absorb(*line, state, rate, std::chrono::duration<double>(Clock::now() - started).count());
       }
     } else {
-      // Nothing to read: wait for a child to change state instead of spinning.
+      // Nothing to read: wait for a child to change state instead of spinning, or,
+      // when every shardd is backing off, for a stop signal until the next restart.
+      bool waited = false;
       for (auto& s : shards) {
-        if (s.shardd.process && !s.done) {
+        if (s.shardd.process && !s.done && !s.restart_at) {
           s.shardd.process->wait_for(std::chrono::milliseconds(200));
+          waited = true;
+          break;
+        }
+      }
+      if (!waited) {
+        timespec pause{0, 200 * 1000 * 1000};
+        const int got = sigtimedwait(&signals, nullptr, &pause);
+        if (got == SIGINT || got == SIGTERM) {
+          interrupted = true;
           break;
         }
       }
@@ -670,15 +690,24 @@ int RunLocal(const LocalRunOptions& options) {
       }
     }
     if (!failure.empty()) break;
-    // 4. shardd processes that ended.
+    // 4. shardd processes that ended, and those whose backoff is over.
     bool all_done = true;
     for (auto& s : shards) {
       if (s.done) continue;
-      auto st = s.shardd.process->wait_for(std::chrono::milliseconds(0));
-      if (!st) {
-        all_done = false;
+      all_done = false;
+      if (s.restart_at) {
+        if (Clock::now() < *s.restart_at) continue;
+        s.restart_at.reset();
+        try {
+          start(s.shardd, &s == &shards.back());
+        } catch (const std::exception& e) {
+          failure = std::string("restarting shard ") + std::to_string(s.index) + ": " + e.what();
+          break;
+        }
         continue;
       }
+      auto st = s.shardd.process->wait_for(std::chrono::milliseconds(0));
+      if (!st) continue;
       if (&s == &shards.back()) {
         while (auto line = s.shardd.process->read_line(std::chrono::milliseconds(0))) {
           absorb(*line, state, rate, std::chrono::duration<double>(Clock::now() - started).count());
@@ -688,23 +717,22 @@ int RunLocal(const LocalRunOptions& options) {
         s.done = true;
         continue;
       }
-      all_done = false;
-      if (s.restarts >= job.run_policy.backoff_limit) {
-        failure = "shard " + std::to_string(s.index) + " failed (" + st->str() + ") after " +
-                  std::to_string(s.restarts) + " restart(s), the job's runPolicy.backoffLimit; its log ends with:\n" +
-                  tail_of_file(s.shardd.log_file, 8);
+      const RestartDecision d = decide_restart(*st, s.restarts, job.run_policy.backoff_limit);
+      if (!d.restart) {
+        failure = "shard " + std::to_string(s.index) + " failed (" + st->str() + ") " + d.why_not + ".";
+        const std::string log_text = log_since(s.shardd.log_file, s.log_start);
+        if (const std::string cause = last_error_line(log_text); !cause.empty()) {
+          failure += "\nIts last error: " + cause;
+        }
+        failure += "\nIts log " + s.shardd.log_file + " ends with:\n" + tail_of_file(s.shardd.log_file, 8);
         break;
       }
       ++s.restarts;
+      s.restart_at = Clock::now() + d.delay;
       if (options.progress_tty) std::cout << "\n";
-      std::cout << "shard " << s.index << " stopped (" << st->str() << "); restarting it from its checkpoint ("
-                << s.restarts << "/" << job.run_policy.backoff_limit << ")\n" << std::flush;
-      try {
-        start(s.shardd, &s == &shards.back());
-      } catch (const std::exception& e) {
-        failure = std::string("restarting shard ") + std::to_string(s.index) + ": " + e.what();
-        break;
-      }
+      std::cout << "shard " << s.index << " stopped (" << st->str() << "); restarting it from its checkpoint in "
+                << format_duration(std::chrono::duration<double>(d.delay).count()) << " (" << s.restarts << "/"
+                << job.run_policy.backoff_limit << ")\n" << std::flush;
     }
     if (!failure.empty()) break;
     if (all_done) break;

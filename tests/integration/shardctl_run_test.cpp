@@ -282,7 +282,7 @@ TEST_F(ShardctlRunTest, KilledShardIsRestartedFromItsCheckpointAndEveryStepIsDon
 
   // shardctl restarted it once, within runPolicy.backoffLimit, and said so.
   EXPECT_NE(out.find("shard 1 stopped (killed by signal"), std::string::npos) << out;
-  EXPECT_NE(out.find("restarting it from its checkpoint (1/"), std::string::npos) << out;
+  EXPECT_NE(out.find("restarting it from its checkpoint in 1s (1/"), std::string::npos) << out;
   EXPECT_TRUE(std::regex_search(out, std::regex("shard 1 +\\d+ parameters \\([0-9.]+% of the model\\), restarts 1")))
       << out;
   EXPECT_NE(out.find("after " + std::to_string(total) + " steps"), std::string::npos) << out;
