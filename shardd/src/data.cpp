@@ -21,7 +21,17 @@ struct GzCloser {
 };
 using GzFile = std::unique_ptr<gzFile_s, GzCloser>;
 
-GzFile open_gz(const std::string& path) {
+// gzip's deflate cannot shrink data by more than about 1032:1, so a file of S bytes
+// holds at most this many bytes of content: an IDX header that claims more is lying,
+// and is refused before anything is allocated for it.
+constexpr int64_t kMaxDeflateRatio = 1032;
+
+struct GzInput {
+  GzFile file;
+  int64_t compressed_bytes = 0;
+};
+
+GzInput open_gz(const std::string& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) {
     throw DatasetError("dataset file " + path + " does not exist (spec.dataset.path; run `make deps` to install " +
@@ -29,7 +39,7 @@ GzFile open_gz(const std::string& path) {
   }
   GzFile f(gzopen(path.c_str(), "rb"));
   if (!f) throw DatasetError("cannot open dataset file " + path);
-  return f;
+  return {std::move(f), static_cast<int64_t>(st.st_size)};
 }
 
 void read_exact(gzFile_s* f, void* buf, size_t n, const std::string& path) {
@@ -66,6 +76,34 @@ std::vector<int64_t> read_header(gzFile_s* f, const std::string& path, int expec
 
 int64_t limited(int64_t n, int64_t limit) { return limit > 0 && limit < n ? limit : n; }
 
+// The header's item count, checked against what the file can hold (bytes_per_item
+// bytes each): a count of 0xFFFFFFFF in a small file is refused, naming the file.
+int64_t checked_count(const GzInput& in, const std::vector<int64_t>& dims, int64_t bytes_per_item,
+                      const std::string& path) {
+  const int64_t n = dims[0];
+  const int64_t can_hold = in.compressed_bytes * kMaxDeflateRatio / bytes_per_item;
+  if (n > can_hold) {
+    throw DatasetError("dataset file " + path + " claims " + std::to_string(n) + " items in its header, but its " +
+                       std::to_string(in.compressed_bytes) + " compressed bytes can hold at most " +
+                       std::to_string(can_hold) + "; the file is damaged");
+  }
+  return n;
+}
+
+// The images and the labels of a split must describe the same samples.
+int64_t split_count(const DatasetSpec& d, Split split) {
+  const std::string images = idx_path(d, split, true), labels = idx_path(d, split, false);
+  auto image_in = open_gz(images);
+  const int64_t n_images = checked_count(image_in, read_header(image_in.file.get(), images, 3), 28 * 28, images);
+  auto label_in = open_gz(labels);
+  const int64_t n_labels = checked_count(label_in, read_header(label_in.file.get(), labels, 1), 1, labels);
+  if (n_images != n_labels) {
+    throw DatasetError("dataset files disagree: " + images + " holds " + std::to_string(n_images) + " images but " +
+                       labels + " holds " + std::to_string(n_labels) + " labels");
+  }
+  return n_images;
+}
+
 int64_t split_limit(const DatasetSpec& d, Split split) {
   return split == Split::kTrain ? d.max_train_samples : d.max_test_samples;
 }
@@ -74,36 +112,38 @@ int64_t split_limit(const DatasetSpec& d, Split split) {
 
 torch::Tensor load_images(const DatasetSpec& dataset, Split split) {
   const std::string path = idx_path(dataset, split, true);
-  auto f = open_gz(path);
-  const auto dims = read_header(f.get(), path, 3);
+  auto in = open_gz(path);
+  const auto dims = read_header(in.file.get(), path, 3);
   if (dims[1] != 28 || dims[2] != 28) {
     throw DatasetError("dataset file " + path + " holds " + std::to_string(dims[1]) + "x" +
                        std::to_string(dims[2]) + " images, expected 28x28");
   }
-  const int64_t n = limited(dims[0], split_limit(dataset, split));
+  checked_count(in, dims, 28 * 28, path);
+  const int64_t n = limited(split_count(dataset, split), split_limit(dataset, split));
   auto raw = torch::empty({n, 1, 28, 28}, torch::kUInt8);
-  read_exact(f.get(), raw.data_ptr<uint8_t>(), static_cast<size_t>(n) * 28 * 28, path);
+  read_exact(in.file.get(), raw.data_ptr<uint8_t>(), static_cast<size_t>(n) * 28 * 28, path);
   return (raw.to(torch::kFloat32).div_(255.0).sub_(kMean).div_(kStd)).contiguous();
 }
 
 torch::Tensor load_labels(const DatasetSpec& dataset, Split split) {
   const std::string path = idx_path(dataset, split, false);
-  auto f = open_gz(path);
-  const auto dims = read_header(f.get(), path, 1);
-  const int64_t n = limited(dims[0], split_limit(dataset, split));
+  auto in = open_gz(path);
+  read_header(in.file.get(), path, 1);
+  const int64_t n = limited(split_count(dataset, split), split_limit(dataset, split));
   auto raw = torch::empty({n}, torch::kUInt8);
-  read_exact(f.get(), raw.data_ptr<uint8_t>(), static_cast<size_t>(n), path);
-  auto labels = raw.to(torch::kInt64);
-  if (n > 0 && labels.max().item<int64_t>() >= 10) {
-    throw DatasetError("dataset file " + path + " holds a label outside 0..9");
+  read_exact(in.file.get(), raw.data_ptr<uint8_t>(), static_cast<size_t>(n), path);
+  const uint8_t* p = raw.data_ptr<uint8_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    if (p[i] >= 10) {
+      throw DatasetError("dataset file " + path + " holds label " + std::to_string(p[i]) + " at item " +
+                         std::to_string(i) + ", outside 0..9");
+    }
   }
-  return labels;
+  return raw.to(torch::kInt64);
 }
 
 int64_t count_samples(const DatasetSpec& dataset, Split split) {
-  const std::string path = idx_path(dataset, split, false);
-  auto f = open_gz(path);
-  return limited(read_header(f.get(), path, 1)[0], split_limit(dataset, split));
+  return limited(split_count(dataset, split), split_limit(dataset, split));
 }
 
 std::vector<int64_t> epoch_order(uint64_t seed, int epoch, int64_t n) {
