@@ -81,8 +81,8 @@ bool has_dot_segment(const std::string& id) {
 void check_spiffe_id(const std::string& s) {
   const std::string why = shardguard::validate_spiffe_id(s);
   const bool valid = why.empty();
-  check(shardguard::policy::is_spiffe_id(s) == valid, "is_spiffe_id disagrees with validate_spiffe_id", s);
-  const std::string td = shardguard::policy::spiffe_trust_domain(s);
+  check(shardguard::is_spiffe_id(s) == valid, "is_spiffe_id disagrees with validate_spiffe_id", s);
+  const std::string td = shardguard::spiffe_trust_domain(s);
   if (!valid) {
     check(td.empty(), "trust domain of an invalid SPIFFE ID", s);
   } else {
