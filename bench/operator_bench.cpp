@@ -23,7 +23,7 @@
 #include <thread>
 
 #include <CLI/CLI.hpp>
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 
 #include "apiserver/kube_apiserver.h"
 #include "bench_util.h"

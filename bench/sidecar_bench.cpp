@@ -55,7 +55,7 @@
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 #include <nlohmann/json.hpp>
 
 #include "bench_util.h"
@@ -729,7 +729,7 @@ void write_pki_and_policies(const fs::path& dir) {
     const fs::path d = dir / sub;
     fs::create_directories(d);
     const Leaf leaf =
-        issue_leaf(ca, policy::shard_spiffe_id(kTrustDomain, kNamespace, kJob, shard), std::chrono::hours(24));
+        issue_leaf(ca, spiffe_id_for_shard(kTrustDomain, kNamespace, kJob, shard), std::chrono::hours(24));
     write_file_atomic((d / "cert.pem").string(), leaf.cert_pem);
     write_file_atomic((d / "key.pem").string(), leaf.key_pem, 0600);
     write_file_atomic((d / "policy.json").string(),
@@ -755,7 +755,7 @@ int run_bench(const Options& opt) {
   write_pki_and_policies(tmp.path());
   EchoServer echo;
 
-  const std::string shard1 = policy::shard_spiffe_id(kTrustDomain, kNamespace, kJob, 1);
+  const std::string shard1 = spiffe_id_for_shard(kTrustDomain, kNamespace, kJob, 1);
   const int64_t max_msg = std::max<int64_t>(64LL << 20, static_cast<int64_t>(opt.message_bytes) + 4096);
   auto b = start_sidecar("B", opt.sidecar, tmp.path() / "b", echo.address(), {}, max_msg);
   auto a = start_sidecar("A", opt.sidecar, tmp.path() / "a", echo.address() /* shard 0's shardd: no call goes there */,

@@ -3,7 +3,7 @@
 // the sidecars, shardd on loopback), compared with the same job run directly.
 #include <gtest/gtest.h>
 
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 
 #include <regex>
 #include <sstream>
@@ -46,7 +46,7 @@ class SidecarPipelineTest : public PipelineFixture {
     PipelineFixture::TearDown();
   }
 
-  std::string shard_id(int i) const { return policy::shard_spiffe_id(kTd, kNs, kJobName, i); }
+  std::string shard_id(int i) const { return spiffe_id_for_shard(kTd, kNs, kJobName, i); }
 
   // Issues the PKI, writes each pod's files and starts its sidecar.
   void start_sidecars(int n) {

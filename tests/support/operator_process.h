@@ -5,7 +5,7 @@
 #pragma once
 
 #include <gtest/gtest.h>
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 
 #include <fstream>
 #include <memory>
