@@ -19,7 +19,7 @@
 #include <thread>
 #include <vector>
 
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 #include <nlohmann/json.hpp>
 
 #include "shardguard/common/crypto.h"

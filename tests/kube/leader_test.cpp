@@ -10,6 +10,7 @@
 #include <prometheus/registry.h>
 
 #include "kube_apiserver.h"
+#include "shardguard/common/time.h"
 #include "support/wait.h"
 
 namespace shardguard::kube {
@@ -73,9 +74,10 @@ json lease(const KubeApiServer& srv) {
   return l ? (*l)["spec"] : json();
 }
 
+// A Lease's MicroTime is common/time.h's RFC 3339 with six fraction digits.
 TEST(LeaderTest, MicroTimeFormat) {
   const auto t = std::chrono::system_clock::time_point(std::chrono::microseconds(1795664400123456LL));
-  EXPECT_EQ(format_micro_time(t), "2026-11-26T03:40:00.123456Z");
+  EXPECT_EQ(format_rfc3339(t, 6), "2026-11-26T03:40:00.123456Z");
 }
 
 TEST(LeaderTest, OneOfTwoLeadsAndTheLeaseSaysWho) {
