@@ -132,18 +132,6 @@ void print_table(const std::vector<std::string>& head, const std::vector<std::ve
   std::cout << std::right;
 }
 
-TempDir::TempDir(const std::string& prefix) {
-  std::string templ = (fs::temp_directory_path() / (prefix + ".XXXXXX")).string();
-  if (!::mkdtemp(templ.data())) throw BenchError("cannot create a temporary directory under " + templ);
-  path_ = templ;
-}
-
-TempDir::~TempDir() {
-  if (keep_) return;
-  std::error_code ec;
-  fs::remove_all(path_, ec);
-}
-
 std::deque<std::string> tail_lines(const fs::path& file, size_t n) {
   std::deque<std::string> lines;
   std::ifstream in(file);

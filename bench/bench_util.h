@@ -16,6 +16,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "support/temp_dir.h"
+
 namespace shardguard::bench {
 
 using Clock = std::chrono::steady_clock;
@@ -71,20 +73,9 @@ void print_table(const std::vector<std::string>& head, const std::vector<std::ve
 
 // ---- files ---------------------------------------------------------------------------------
 // A fresh directory under the system's temporary directory (<prefix>.XXXXXX), removed
-// with everything in it at the end (also on error paths) unless keep() was called.
-class TempDir {
- public:
-  explicit TempDir(const std::string& prefix);
-  ~TempDir();
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const std::filesystem::path& path() const { return path_; }
-  void keep() { keep_ = true; }
-
- private:
-  std::filesystem::path path_;
-  bool keep_ = false;
-};
+// with everything in it at the end (also on error paths) unless keep() was called: the
+// tests' helper (tests/support/temp_dir.h, header-only).
+using TempDir = shardguard::testsupport::TempDir;
 
 // The last n lines of a file.
 std::deque<std::string> tail_lines(const std::filesystem::path& file, size_t n);

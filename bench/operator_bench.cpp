@@ -23,7 +23,7 @@
 #include <thread>
 
 #include <CLI/CLI.hpp>
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 
 #include "apiserver/kube_apiserver.h"
 #include "bench_util.h"
@@ -32,6 +32,7 @@
 #include "shardguard/kube/client.h"
 #include "shardguard/kube/config.h"
 #include "shardguard/operator/render.h"
+#include "shardguard/common/prom_text.h"
 
 namespace {
 
@@ -124,15 +125,7 @@ double metric_sum(int port, const std::string& name) {
   httplib::Client cli("127.0.0.1", port);
   auto res = cli.Get("/metrics");
   if (!res || res->status != 200) return -1;
-  std::istringstream in(res->body);
-  std::string line;
-  double total = 0;
-  while (std::getline(in, line)) {
-    if (line.rfind(name, 0) != 0 || line.size() <= name.size()) continue;
-    if (line[name.size()] != '{' && line[name.size()] != ' ') continue;
-    total += std::stod(line.substr(line.rfind(' ') + 1));
-  }
-  return total;
+  return prometheus_sum(res->body, name);
 }
 
 int Run(const Options& opt) {

@@ -55,7 +55,7 @@
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 #include <nlohmann/json.hpp>
 
 #include "bench_util.h"
@@ -63,6 +63,7 @@
 #include "shardguard/common/pki.h"
 #include "shardguard/common/process.h"
 #include "shardguard/policy/policy.h"
+#include "support/grpc_echo.h"
 
 namespace {
 
@@ -82,9 +83,6 @@ constexpr double kTargetRssMB = 20.0;  // MB = 10^6 bytes
 const std::string kTrustDomain = "shardguard.local";
 const std::string kNamespace = "bench";
 const std::string kJob = "sidecar-bench";
-// Request header that tells the echo server how to answer a stream (crosses the sidecars
-// like any custom metadata): "ack" = one small cumulative ack per message it received.
-constexpr const char* kReplyHeader = "x-bench-reply";
 
 // ---- small helpers --------------------------------------------------------------
 // Nearest-rank percentile of sorted values.
@@ -94,10 +92,6 @@ double percentile(const std::vector<double>& sorted, double p) {
   return sorted[std::min(sorted.size() - 1, rank == 0 ? 0 : rank - 1)];
 }
 
-grpc::ByteBuffer to_buffer(const std::string& bytes) {
-  grpc::Slice slice(bytes);
-  return grpc::ByteBuffer(&slice, 1);
-}
 
 // Everything after the process name's closing ')' of /proc/<pid>/stat, split on spaces
 // (token 0 is field 3, "state").
@@ -140,129 +134,12 @@ std::string size_label(size_t bytes) {
   return std::to_string(bytes) + "b";
 }
 
-// ---- the echo server (stands for shardd) -------------------------------------------
-// Any method. Default: every message is sent back as it came (a unary call is one
-// message each way). With "x-bench-reply: ack": reads continuously and answers with an
-// 8-byte little-endian count of the messages received so far, one write in flight,
-// coalescing (the last ack always carries the final count).
-class EchoServer {
- public:
-  EchoServer() {
-    grpc::ServerBuilder b;
-    b.RegisterCallbackGenericService(&service_);
-    b.SetMaxReceiveMessageSize(-1);
-    b.SetMaxSendMessageSize(-1);
-    b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
-    server_ = b.BuildAndStart();
-    if (!server_ || port_ == 0) throw BenchError("echo server: cannot listen on 127.0.0.1");
-  }
-  ~EchoServer() {
-    server_->Shutdown(std::chrono::system_clock::now() + 2s);
-    server_->Wait();
-  }
-  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
-
- private:
-  class Echo : public grpc::ServerGenericBidiReactor {
-   public:
-    Echo() { StartRead(&buf_); }
-    void OnReadDone(bool ok) override {
-      if (!ok) {
-        Finish(grpc::Status::OK);
-        return;
-      }
-      StartWrite(&buf_);
-    }
-    void OnWriteDone(bool ok) override {
-      if (ok) {
-        StartRead(&buf_);
-      } else {
-        Finish(grpc::Status(grpc::StatusCode::CANCELLED, "write failed"));
-      }
-    }
-    void OnDone() override { delete this; }
-
-   private:
-    grpc::ByteBuffer buf_;
-  };
-
-  class Acker : public grpc::ServerGenericBidiReactor {
-   public:
-    Acker() { StartRead(&in_); }
-    void OnReadDone(bool ok) override {
-      bool write = false, finish = false;
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (!ok) {
-          reads_done_ = true;
-          finish = !writing_ && !finished_;
-          finished_ = finished_ || finish;
-        } else {
-          ++received_;
-          if (!writing_) write = writing_ = true;
-        }
-      }
-      if (write) write_ack();
-      if (ok) StartRead(&in_);
-      if (finish) Finish(grpc::Status::OK);
-    }
-    void OnWriteDone(bool ok) override {
-      bool write = false, finish = false;
-      grpc::Status status = grpc::Status::OK;
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        writing_ = false;
-        if (!ok) {
-          status = grpc::Status(grpc::StatusCode::CANCELLED, "write failed");
-          finish = !finished_;
-        } else if (acked_ < received_) {
-          write = writing_ = true;
-        } else if (reads_done_) {
-          finish = !finished_;
-        }
-        finished_ = finished_ || finish;
-      }
-      if (write) write_ack();
-      if (finish) Finish(status);
-    }
-    void OnDone() override { delete this; }
-
-   private:
-    void write_ack() {
-      uint64_t n = 0;
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        n = acked_ = received_;
-      }
-      char bytes[8];
-      for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>((n >> (8 * i)) & 0xff);
-      ack_ = to_buffer(std::string(bytes, 8));
-      StartWrite(&ack_);
-    }
-    std::mutex mu_;
-    uint64_t received_ = 0;
-    uint64_t acked_ = 0;
-    bool writing_ = false;
-    bool reads_done_ = false;
-    bool finished_ = false;
-    grpc::ByteBuffer in_;
-    grpc::ByteBuffer ack_;
-  };
-
-  class Service : public grpc::CallbackGenericService {
-   public:
-    grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
-      for (const auto& kv : ctx->client_metadata()) {
-        if (kv.first == kReplyHeader && kv.second == "ack") return new Acker();
-      }
-      return new Echo();
-    }
-  };
-
-  Service service_;
-  std::unique_ptr<grpc::Server> server_;
-  int port_ = 0;
-};
+// ---- the echo server (stands for shardd): the tests' (tests/support/grpc_echo.h) ----
+// Any method, every message back as it came; with kEchoReplyHeader "ack", a cumulative
+// 8-byte count per message received instead.
+using testsupport::EchoServer;
+using testsupport::kEchoReplyHeader;
+using testsupport::to_buffer;
 
 std::shared_ptr<grpc::Channel> plaintext_channel(const std::string& address) {
   grpc::ChannelArguments args;
@@ -432,7 +309,7 @@ class StreamCall : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBu
         payload_(to_buffer(std::string(message_bytes, 's'))) {}
 
   StreamResult run(grpc::GenericStub& stub, std::chrono::seconds limit) {
-    ctx_.AddMetadata(kReplyHeader, mode_ == StreamMode::kAck ? "ack" : "echo");
+    ctx_.AddMetadata(kEchoReplyHeader, mode_ == StreamMode::kAck ? "ack" : "echo");
     ctx_.set_deadline(std::chrono::system_clock::now() + limit + 5s);
     stub.PrepareBidiStreamingCall(&ctx_, policy::kForwardMethod, grpc::StubOptions(), this);
     StartRead(&in_);
@@ -729,7 +606,7 @@ void write_pki_and_policies(const fs::path& dir) {
     const fs::path d = dir / sub;
     fs::create_directories(d);
     const Leaf leaf =
-        issue_leaf(ca, policy::shard_spiffe_id(kTrustDomain, kNamespace, kJob, shard), std::chrono::hours(24));
+        issue_leaf(ca, spiffe_id_for_shard(kTrustDomain, kNamespace, kJob, shard), std::chrono::hours(24));
     write_file_atomic((d / "cert.pem").string(), leaf.cert_pem);
     write_file_atomic((d / "key.pem").string(), leaf.key_pem, 0600);
     write_file_atomic((d / "policy.json").string(),
@@ -755,7 +632,7 @@ int run_bench(const Options& opt) {
   write_pki_and_policies(tmp.path());
   EchoServer echo;
 
-  const std::string shard1 = policy::shard_spiffe_id(kTrustDomain, kNamespace, kJob, 1);
+  const std::string shard1 = spiffe_id_for_shard(kTrustDomain, kNamespace, kJob, 1);
   const int64_t max_msg = std::max<int64_t>(64LL << 20, static_cast<int64_t>(opt.message_bytes) + 4096);
   auto b = start_sidecar("B", opt.sidecar, tmp.path() / "b", echo.address(), {}, max_msg);
   auto a = start_sidecar("A", opt.sidecar, tmp.path() / "a", echo.address() /* shard 0's shardd: no call goes there */,

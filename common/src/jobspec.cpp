@@ -45,71 +45,10 @@ constexpr std::size_t kMaxJobNameLength = 52;
 constexpr std::size_t kMaxLabelLength = 63;
 constexpr std::size_t kMaxDnsNameLength = 253;
 
-std::string join_errors(const std::vector<FieldError>& errors) {
-  if (errors.empty()) return "invalid ShardedTrainingJob";
-  std::string out;
-  for (std::size_t i = 0; i < errors.size(); ++i) {
-    if (i != 0) out += '\n';
-    out += errors[i].str();
-  }
-  return out;
-}
-
-// ---- value formatting ------------------------------------------------------
-
-// A string as a JSON literal (quoted, escaped); invalid UTF-8 is replaced
-// rather than thrown on, since this only ever feeds an error message.
-std::string quote(const std::string& s) {
-  return json(s).dump(-1, ' ', false, json::error_handler_t::replace);
-}
-
-std::string format_double(double v) {
-  if (std::isnan(v)) return "nan";
-  if (std::isinf(v)) return v < 0 ? "-inf" : "inf";
-  return json(v).dump();
-}
-
-// A JSON value as it appears in a message, shortened when it is large.
-std::string show(const json& v) {
-  std::string out;
-  if (v.is_number_float()) {
-    out = format_double(v.get<double>());
-  } else {
-    out = v.dump(-1, ' ', false, json::error_handler_t::replace);
-  }
-  constexpr std::size_t kMaxShown = 80;
-  if (out.size() > kMaxShown) out = out.substr(0, kMaxShown) + "...";
-  return out;
-}
-
-std::string type_name(const json& v) {
-  switch (v.type()) {
-    case json::value_t::null: return "null";
-    case json::value_t::boolean: return "boolean";
-    case json::value_t::number_integer:
-    case json::value_t::number_unsigned: return "integer";
-    case json::value_t::number_float: return "number";
-    case json::value_t::string: return "string";
-    case json::value_t::array: return "array";
-    case json::value_t::object: return "object";
-    default: return "value";
-  }
-}
-
-// "got string \"64\"", "got null".
-std::string got(const json& v) {
-  if (v.is_null()) return "got null";
-  return "got " + type_name(v) + " " + show(v);
-}
-
-std::string join(std::initializer_list<const char*> items) {
-  std::string out;
-  for (const char* item : items) {
-    if (!out.empty()) out += ", ";
-    out += item;
-  }
-  return out;
-}
+using decode::format_double;
+using decode::got;
+using decode::quote;
+using decode::show;
 
 // ---- YAML -> JSON ----------------------------------------------------------
 
@@ -343,7 +282,7 @@ class YamlConverter {
                                   "a plain key in YAML 1.2; write the fields out");
           }
           if (out.contains(name)) {
-            yaml_fail(key.Mark(), "duplicate key " + quote(name) +
+            yaml_fail(key.Mark(), decode::duplicate_key(name) +
                                       " (kubectl would keep the last one); write each key once");
           }
           out[name] = convert(entry.second, depth + 1);
@@ -389,29 +328,6 @@ class YamlConverter {
 
 // ---- JSON -> JobSpec -------------------------------------------------------
 
-std::size_t edit_distance(const std::string& a, const std::string& b) {
-  std::vector<std::size_t> row(b.size() + 1);
-  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
-  for (std::size_t i = 1; i <= a.size(); ++i) {
-    std::size_t diagonal = row[0];
-    row[0] = i;
-    for (std::size_t j = 1; j <= b.size(); ++j) {
-      const std::size_t above = row[j];
-      const std::size_t substitute = diagonal + (a[i - 1] == b[j - 1] ? 0 : 1);
-      row[j] = std::min({above + 1, row[j - 1] + 1, substitute});
-      diagonal = above;
-    }
-  }
-  return row[b.size()];
-}
-
-std::string lower(std::string s) {
-  for (char& c : s) {
-    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
-  }
-  return s;
-}
-
 // A copy without the object fields that are null, at any depth: the API server
 // drops them before it stores an object, so the pods never see them either.
 json without_nulls(const json& v) {
@@ -452,119 +368,44 @@ bool is_label_value(const std::string& s) {
 
 // Reads one object into the typed spec, collecting every problem instead of
 // stopping at the first. A null or absent field keeps its default.
-class Decoder {
+class Decoder : public decode::Reader {
  public:
-  std::vector<FieldError> errors;
+  Decoder() : Reader(Rules{/*null_is_absent=*/true, /*whole_floats_are_integers=*/true}) {}
 
-  void fail(std::string path, std::string message) {
-    errors.push_back(FieldError{std::move(path), std::move(message)});
-  }
-
-  // True when `path` lies at or under a path that already has a decode error;
-  // validation errors there would only repeat it.
-  bool covers(const std::string& path) const {
-    for (const FieldError& e : errors) {
-      if (path == e.path) return true;
-      if (path.size() > e.path.size() && path.compare(0, e.path.size(), e.path) == 0 &&
-          (path[e.path.size()] == '.' || path[e.path.size()] == '[')) {
-        return true;
-      }
-    }
-    return false;
-  }
-
+  using Reader::object;
+  using Reader::integer;
+  using Reader::boolean;
+  using decode::Reader::find;
   static std::string child(const std::string& parent, const std::string& key) {
-    return parent.empty() ? key : parent + "." + key;
-  }
-
-  // obj[key] when present and not null, else nullptr.
-  static const json* find(const json& obj, const char* key) {
-    auto it = obj.find(key);
-    if (it == obj.end() || it->is_null()) return nullptr;
-    return &*it;
+    return decode::child(parent, key);
   }
 
   // obj[key] when it is an object; reports a type error otherwise.
   const json* object(const json& obj, const char* key, const std::string& parent) {
-    const json* v = find(obj, key);
-    if (v == nullptr) return nullptr;
-    if (!v->is_object()) {
-      fail(child(parent, key), "expected an object, " + got(*v));
-      return nullptr;
-    }
-    return v;
-  }
-
-  void known_fields(const json& obj, const std::string& path,
-                    std::initializer_list<const char*> known) {
-    for (auto it = obj.begin(); it != obj.end(); ++it) {
-      const std::string& key = it.key();
-      bool found = false;
-      for (const char* k : known) found = found || key == k;
-      if (found) continue;
-      std::string message = "unknown field " + quote(key);
-      const char* best = nullptr;
-      std::size_t best_distance = 3;  // suggest only close matches
-      for (const char* k : known) {
-        std::size_t d = lower(key) == lower(k) ? 0 : edit_distance(key, k);
-        if (d < best_distance) {
-          best_distance = d;
-          best = k;
-        }
-      }
-      if (best != nullptr) {
-        message += " (did you mean " + quote(best) + "?)";
-      } else {
-        message += " (known fields: " + join(known) + ")";
-      }
-      fail(child(path, key), message);
-    }
+    return object(find(obj, key), child(parent, key));
   }
 
   void get(const json& obj, const char* key, const std::string& parent, std::string& out) {
-    const json* v = find(obj, key);
-    if (v == nullptr) return;
-    if (!v->is_string()) {
-      fail(child(parent, key), "expected a string, " + got(*v));
-      return;
-    }
-    out = v->get<std::string>();
+    if (auto v = string(find(obj, key), child(parent, key))) out = std::move(*v);
   }
 
   void get(const json& obj, const char* key, const std::string& parent, bool& out) {
-    const json* v = find(obj, key);
-    if (v == nullptr) return;
-    if (!v->is_boolean()) {
-      fail(child(parent, key), "expected a boolean (true or false), " + got(*v));
-      return;
-    }
-    out = v->get<bool>();
+    if (auto v = boolean(find(obj, key), child(parent, key))) out = *v;
   }
 
   void get(const json& obj, const char* key, const std::string& parent, double& out) {
-    const json* v = find(obj, key);
-    if (v == nullptr) return;
-    if (!v->is_number()) {
-      fail(child(parent, key), "expected a number, " + got(*v));
-      return;
-    }
-    out = v->get<double>();
+    if (auto v = number(find(obj, key), child(parent, key))) out = *v;
   }
 
   template <class T>
   void get(const json& obj, const char* key, const std::string& parent, T& out) {
     static_assert(std::is_integral_v<T>);
-    const json* v = find(obj, key);
-    if (v == nullptr) return;
-    integer(*v, child(parent, key), out);
+    if (auto v = integer<T>(find(obj, key), child(parent, key))) out = *v;
   }
 
   template <class T>
   void get(const json& obj, const char* key, const std::string& parent, std::optional<T>& out) {
-    const json* v = find(obj, key);
-    if (v == nullptr) return;
-    T value{};
-    if (integer(*v, child(parent, key), value)) out = value;
+    if (auto v = integer<T>(find(obj, key), child(parent, key))) out = *v;
   }
 
   // ---- the schema of the objects passed on to the pods as given ----
@@ -579,32 +420,21 @@ class Decoder {
     const json* v = find(obj, key);
     if (v == nullptr) return;
     const std::string path = child(parent, key);
-    if (!v->is_string()) return fail(path, "expected a string, " + got(*v));
+    if (!v->is_string()) return fail(path, decode::wrong_type("a string", *v));
     length_and_syntax(path, v->get_ref<const std::string&>(), min, max, valid, what);
   }
 
   void length_and_syntax(const std::string& path, const std::string& text, std::size_t min,
                          std::size_t max, bool (*valid)(const std::string&), const char* what) {
-    if (text.size() < min) return fail(path, "must not be empty, got \"\"");
-    if (text.size() > max) {
-      return fail(path, "must be at most " + std::to_string(max) + " characters, got " +
-                            std::to_string(text.size()));
-    }
+    if (text.size() < min) return fail(path, decode::empty_string());
+    if (text.size() > max) return fail(path, decode::too_long(max, text.size()));
     if (valid != nullptr && !valid(text)) fail(path, std::string("must be ") + what + ", got " + quote(text));
   }
 
   void enum_string(const json& obj, const char* key, const std::string& parent,
                    std::initializer_list<const char*> allowed) {
-    const json* v = find(obj, key);
-    if (v == nullptr) return;
     const std::string path = child(parent, key);
-    if (!v->is_string()) return fail(path, "expected a string, " + got(*v));
-    for (const char* a : allowed) {
-      if (v->get_ref<const std::string&>() == a) return;
-    }
-    std::string list;
-    for (const char* a : allowed) list += std::string(list.empty() ? "" : ", ") + quote(a);
-    fail(path, "unsupported value " + quote(v->get<std::string>()) + " (expected one of: " + list + ")");
+    if (auto v = string(find(obj, key), path)) one_of(path, *v, "value", allowed);
   }
 
   void boolean(const json& obj, const char* key, const std::string& parent) {
@@ -620,8 +450,7 @@ class Decoder {
     if (m == nullptr) return nullptr;
     const std::string path = child(parent, key);
     if (m->size() > max_entries) {
-      fail(path, "must have at most " + std::to_string(max_entries) + " entries, got " +
-                     std::to_string(m->size()));
+      fail(path, decode::too_many(max_entries, m->size()));
     }
     for (auto it = m->begin(); it != m->end(); ++it) {
       if (it->is_null()) continue;  // the API server drops null values
@@ -642,7 +471,7 @@ class Decoder {
           length_and_syntax(p, v.get_ref<const std::string&>(), 0, 64, &is_quantity,
                             "a quantity such as 500m, 2, 1.5Gi or 1e3");
         } else if (!v.is_number_integer() && !v.is_number_unsigned()) {
-          fail(p, "expected an integer or a quantity string, " + got(v));
+          fail(p, decode::wrong_type("an integer or a quantity string", v));
         }
       });
     }
@@ -661,25 +490,19 @@ class Decoder {
       length_and_syntax(path, k, 1, 317, &is_label_key,
                         "a label key ([prefix/]name, the name at most 63 letters, digits, '-', "
                         "'_' or '.', starting and ending with a letter or digit) for its key");
-      if (!v.is_string()) return fail(path, "expected a string, " + got(v));
+      if (!v.is_string()) return fail(path, decode::wrong_type("a string", v));
       length_and_syntax(path, v.get_ref<const std::string&>(), 0, 63, &is_label_value,
                         "a label value (letters, digits, '-', '_' and '.', starting and ending "
                         "with a letter or digit)");
     });
     if (const json* tol = find(*t, "tolerations")) {
       const std::string tp = p + ".tolerations";
-      if (!tol->is_array()) {
-        fail(tp, "expected an array of tolerations, " + got(*tol));
-        return t;
-      }
-      if (tol->size() > 32) fail(tp, "must have at most 32 items, got " + std::to_string(tol->size()));
+      if (array(tol, tp, "tolerations") == nullptr) return t;
+      if (tol->size() > 32) fail(tp, decode::too_many(32, tol->size()));
       for (std::size_t i = 0; i < tol->size(); ++i) {
         const std::string ip = tp + "[" + std::to_string(i) + "]";
         const json& item = (*tol)[i];
-        if (!item.is_object()) {
-          fail(ip, "expected an object, " + got(item));
-          continue;
-        }
+        if (object(&item, ip) == nullptr) continue;
         known_fields(item, ip, {"key", "operator", "value", "effect", "tolerationSeconds"});
         bounded_string(item, "key", ip, 0, 317);
         enum_string(item, "operator", ip, {"Exists", "Equal"});
@@ -721,22 +544,22 @@ class Decoder {
           length_and_syntax(ep + ".sizeLimit", size->get_ref<const std::string&>(), 0, 64,
                             &is_quantity, "a quantity such as 1Gi");
         } else if (!size->is_number_integer() && !size->is_number_unsigned()) {
-          fail(ep + ".sizeLimit", "expected an integer or a quantity string, " + got(*size));
+          fail(ep + ".sizeLimit", decode::wrong_type("an integer or a quantity string", *size));
         }
       }
     }
     if (const json* c = object(*v, "persistentVolumeClaim", p)) {
       const std::string cp = p + ".persistentVolumeClaim";
       known_fields(*c, cp, {"claimName", "readOnly"});
-      if (find(*c, "claimName") == nullptr) fail(cp + ".claimName", "required, got nothing");
+      require(*c, cp, "claimName");
       bounded_string(*c, "claimName", cp, 1, 253);
       boolean(*c, "readOnly", cp);
     }
     if (const json* n = object(*v, "nfs", p)) {
       const std::string np = p + ".nfs";
       known_fields(*n, np, {"server", "path", "readOnly"});
-      if (find(*n, "server") == nullptr) fail(np + ".server", "required, got nothing");
-      if (find(*n, "path") == nullptr) fail(np + ".path", "required, got nothing");
+      require(*n, np, "server");
+      require(*n, np, "path");
       bounded_string(*n, "server", np, 1, 253);
       bounded_string(*n, "path", np, 1, 1024);
       boolean(*n, "readOnly", np);
@@ -750,7 +573,7 @@ class Decoder {
            [&](const std::string& path, const std::string& k, const json& v) {
              length_and_syntax(path, k, 1, 317, &is_label_key,
                                "a label key ([prefix/]name) for its key");
-             if (!v.is_string()) return fail(path, "expected a string, " + got(v));
+             if (!v.is_string()) return fail(path, decode::wrong_type("a string", v));
              length_and_syntax(path, v.get_ref<const std::string&>(), 0, 63, &is_label_value,
                                "a label value (letters, digits, '-', '_' and '.', starting and "
                                "ending with a letter or digit)");
@@ -760,7 +583,7 @@ class Decoder {
                            [&](const std::string& path, const std::string& k, const json& v) {
                              length_and_syntax(path, k, 1, 317, &is_label_key,
                                                "an annotation key ([prefix/]name) for its key");
-                             if (!v.is_string()) return fail(path, "expected a string, " + got(v));
+                             if (!v.is_string()) return fail(path, decode::wrong_type("a string", v));
                              total += k.size() + v.get_ref<const std::string&>().size();
                            });
     constexpr std::size_t kMaxAnnotationBytes = 256 * 1024;
@@ -772,80 +595,20 @@ class Decoder {
 
   void get(const json& obj, const char* key, const std::string& parent,
            std::vector<std::string>& out) {
-    const json* v = find(obj, key);
-    if (v == nullptr) return;
     const std::string path = child(parent, key);
-    if (!v->is_array()) {
-      fail(path, "expected an array of strings, " + got(*v));
-      return;
-    }
+    const json* v = array(find(obj, key), path, "strings");
+    if (v == nullptr) return;
     out.clear();
     for (std::size_t i = 0; i < v->size(); ++i) {
-      const json& item = (*v)[i];
-      if (!item.is_string()) {
-        fail(path + "[" + std::to_string(i) + "]", "expected a string, " + got(item));
-        continue;
-      }
-      out.push_back(item.get<std::string>());
+      if (auto item = string(&(*v)[i], decode::at(path, i))) out.push_back(std::move(*item));
     }
-  }
-
- private:
-  // Accepts JSON integers and floating point numbers with no fractional part
-  // (some clients write 2.0); reports values that do not fit in T.
-  template <class T>
-  bool integer(const json& v, const std::string& path, T& out) {
-    const std::string expected =
-        std::is_signed_v<T> ? "expected an integer, " : "expected a non-negative integer, ";
-    bool negative = false;
-    uint64_t magnitude = 0;
-    if (v.is_number_unsigned()) {
-      magnitude = v.get<uint64_t>();
-    } else if (v.is_number_integer()) {
-      const int64_t i = v.get<int64_t>();
-      negative = i < 0;
-      magnitude = negative ? static_cast<uint64_t>(-(i + 1)) + 1 : static_cast<uint64_t>(i);
-    } else if (v.is_number_float()) {
-      const double d = v.get<double>();
-      // 2^64 is exactly representable; anything at or above it cannot fit.
-      if (!std::isfinite(d) || d != std::floor(d) || std::fabs(d) >= 18446744073709551616.0) {
-        fail(path, expected + got(v));
-        return false;
-      }
-      negative = d < 0;
-      magnitude = static_cast<uint64_t>(std::fabs(d));
-    } else {
-      fail(path, expected + got(v));
-      return false;
-    }
-    const uint64_t max = static_cast<uint64_t>(std::numeric_limits<T>::max());
-    const uint64_t min_magnitude =
-        std::is_signed_v<T>
-            ? static_cast<uint64_t>(-(static_cast<int64_t>(std::numeric_limits<T>::min()) + 1)) + 1
-            : 0;
-    if (negative ? magnitude > min_magnitude : magnitude > max) {
-      if (negative && min_magnitude == 0) {
-        fail(path, expected + "got " + show(v));
-      } else {
-        fail(path, "out of range [" + std::to_string(std::numeric_limits<T>::min()) + ", " +
-                       std::to_string(std::numeric_limits<T>::max()) + "], got " + show(v));
-      }
-      return false;
-    }
-    if (negative) {
-      // magnitude <= min_magnitude, so this stays within T.
-      out = static_cast<T>(-static_cast<int64_t>(magnitude - 1) - 1);
-    } else {
-      out = static_cast<T>(magnitude);
-    }
-    return true;
   }
 };
 
 void decode_metadata(Decoder& d, const json& root, JobSpec& job) {
   const json* metadata = d.object(root, "metadata", "");
   if (metadata == nullptr) {
-    if (Decoder::find(root, "metadata") == nullptr) d.fail("metadata", "required, got nothing");
+    if (d.find(root, "metadata") == nullptr) d.fail("metadata", decode::required());
     return;
   }
   // Other metadata (labels, annotations, uid, resourceVersion, ...) belongs to
@@ -900,7 +663,7 @@ void decode_spec(Decoder& d, const json& spec, JobSpec& job) {
     int64_t seed = static_cast<int64_t>(job.training.seed);
     d.get(*m, "seed", p, seed);
     if (seed < 0) {
-      d.fail(p + ".seed", "must be at least 0, got " + std::to_string(seed));
+      d.at_least(p + ".seed", seed, 0);
     } else {
       job.training.seed = static_cast<uint64_t>(seed);
     }
@@ -966,85 +729,9 @@ bool is_dns_name(const std::string& s) {
   }
 }
 
-class Checker {
- public:
-  std::vector<FieldError> errors;
-
-  void fail(std::string path, std::string message) {
-    errors.push_back(FieldError{std::move(path), std::move(message)});
-  }
-
-  template <class T>
-  void at_least(const std::string& path, T value, T min) {
-    if (value < min) fail(path, "must be at least " + text(min) + ", got " + text(value));
-  }
-
-  template <class T>
-  void between(const std::string& path, T value, T min, T max) {
-    if (value < min) {
-      fail(path, "must be at least " + text(min) + ", got " + text(value));
-    } else if (value > max) {
-      fail(path, "must be at most " + text(max) + ", got " + text(value));
-    }
-  }
-
-  void one_of(const std::string& path, const std::string& value, const char* what,
-              std::initializer_list<const char*> allowed) {
-    for (const char* a : allowed) {
-      if (value == a) return;
-    }
-    if (value.empty()) {
-      fail(path, std::string("required, got \"\" (expected one of: ") + join(allowed) + ")");
-    } else {
-      fail(path, std::string("unknown ") + what + " " + quote(value) +
-                     " (expected one of: " + join(allowed) + ")");
-    }
-  }
-
-  void not_empty(const std::string& path, const std::string& value) {
-    if (value.empty()) fail(path, "must not be empty, got \"\"");
-  }
-
-  // False (and an error) when value is longer than max bytes.
-  bool max_length(const std::string& path, const std::string& value, std::size_t max) {
-    if (value.size() <= max) return true;
-    fail(path, "must be at most " + std::to_string(max) + " characters, got " +
-                   std::to_string(value.size()));
-    return false;
-  }
-
- private:
-  static std::string text(double v) { return format_double(v); }
-  template <class T>
-  static std::string text(T v) {
-    return std::to_string(v);
-  }
-};
-
-void check_label(Checker& c, const std::string& path, const std::string& value,
-                 std::size_t max_length, const std::string& why_length) {
-  if (value.empty()) {
-    c.fail(path, "required, got \"\"");
-    return;
-  }
-  if (value.size() > max_length) {
-    c.fail(path, "must be at most " + std::to_string(max_length) + " characters" + why_length +
-                     ", got " + quote(value) + " (" + std::to_string(value.size()) +
-                     " characters)");
-    return;
-  }
-  if (!is_dns_label(value)) {
-    c.fail(path,
-           "must be a DNS-1123 label (lower-case letters, digits and '-', starting and ending "
-           "with a letter or digit), got " +
-               quote(value));
-  }
-}
+using Checker = decode::Reader;
 
 }  // namespace
-
-JobSpecError::JobSpecError(std::vector<FieldError> errors)
-    : std::runtime_error(join_errors(errors)), errors_(std::move(errors)) {}
 
 json yaml_to_json(const std::string& yaml_text) {
   YAML::Node root;
@@ -1075,11 +762,15 @@ json yaml_to_json(const std::string& yaml_text) {
 }
 
 std::vector<FieldError> validate(const JobSpec& job) {
-  Checker c;
+  Checker c(Checker::Rules{});
 
-  check_label(c, "metadata.name", job.name, kMaxJobNameLength,
-              " so that pod names \"<name>-shard-<index>\" fit in 63");
-  check_label(c, "metadata.namespace", job.namespace_, kMaxLabelLength, "");
+  if (job.name.size() > kMaxJobNameLength) {
+    c.fail("metadata.name", decode::too_long(kMaxJobNameLength, job.name.size()) +
+                                " (pod names \"<name>-shard-<index>\" must fit in 63)");
+  } else {
+    c.dns_label("metadata.name", job.name, kMaxJobNameLength);
+  }
+  c.dns_label("metadata.namespace", job.namespace_, kMaxLabelLength);
 
   // model
   const ModelSpec& m = job.model;
@@ -1105,14 +796,11 @@ std::vector<FieldError> validate(const JobSpec& job) {
 
   // dataset
   const DatasetSpec& ds = job.dataset;
-  if (ds.name != "fashion-mnist") {
-    c.fail("spec.dataset.name", "unsupported dataset " + quote(ds.name) +
-                                    " (only \"fashion-mnist\" is supported so far)");
-  }
+  c.one_of("spec.dataset.name", ds.name, "dataset", {"fashion-mnist"});
   c.not_empty("spec.dataset.path", ds.path);
   c.max_length("spec.dataset.path", ds.path, 1024);
-  c.at_least<int64_t>("spec.dataset.maxTrainSamples", ds.max_train_samples, 0);
-  c.at_least<int64_t>("spec.dataset.maxTestSamples", ds.max_test_samples, 0);
+  c.at_least("spec.dataset.maxTrainSamples", ds.max_train_samples, 0);
+  c.at_least("spec.dataset.maxTestSamples", ds.max_test_samples, 0);
 
   // training
   const TrainingSpec& t = job.training;
@@ -1172,27 +860,26 @@ std::vector<FieldError> validate(const JobSpec& job) {
   }
   if (p.export_.allowed && p.export_.principals.empty()) {
     c.fail("spec.protection.export.principals",
-           "must list at least one SPIFFE ID when export.allowed is true, got []");
+           decode::none_listed("principal when export.allowed is true"));
   }
   constexpr std::size_t kMaxPrincipals = 16;
   if (p.export_.principals.size() > kMaxPrincipals) {
     c.fail("spec.protection.export.principals",
-           "must have at most " + std::to_string(kMaxPrincipals) + " items, got " +
-               std::to_string(p.export_.principals.size()));
+           decode::too_many(kMaxPrincipals, p.export_.principals.size()));
   }
   for (std::size_t i = 0; i < p.export_.principals.size(); ++i) {
     const std::string& principal = p.export_.principals[i];
-    const std::string path = "spec.protection.export.principals[" + std::to_string(i) + "]";
-    if (std::find(p.export_.principals.begin(), p.export_.principals.begin() + i, principal) !=
-        p.export_.principals.begin() + i) {
-      c.fail(path, "duplicate value " + quote(principal));
+    const std::string path = decode::at("spec.protection.export.principals", i);
+    const auto first = std::find(p.export_.principals.begin(), p.export_.principals.begin() + i, principal);
+    if (first != p.export_.principals.begin() + i) {
+      c.fail(path, decode::duplicate(principal,
+                                     decode::at("spec.protection.export.principals",
+                                                static_cast<std::size_t>(first - p.export_.principals.begin()))));
       continue;
     }
     if (!c.max_length(path, principal, kMaxSpiffeIdBytes)) continue;
     // The one SPIFFE ID check (pki.h), the one the leaf certificates are issued under.
-    if (const std::string why = validate_spiffe_id(principal); !why.empty()) {
-      c.fail(path, "must be a SPIFFE ID (spiffe://<trust-domain>/<path>): " + why + ", got " + quote(principal));
-    }
+    c.spiffe_id(path, principal);
   }
 
   // checkpoint
@@ -1202,10 +889,10 @@ std::vector<FieldError> validate(const JobSpec& job) {
   const RunPolicySpec& r = job.run_policy;
   c.between("spec.runPolicy.backoffLimit", r.backoff_limit, 0, 100);
   if (r.active_deadline_seconds) {
-    c.at_least<int64_t>("spec.runPolicy.activeDeadlineSeconds", *r.active_deadline_seconds, 1);
+    c.at_least("spec.runPolicy.activeDeadlineSeconds", *r.active_deadline_seconds, 1);
   }
   if (r.ttl_seconds_after_finished) {
-    c.at_least<int64_t>("spec.runPolicy.ttlSecondsAfterFinished", *r.ttl_seconds_after_finished,
+    c.at_least("spec.runPolicy.ttlSecondsAfterFinished", *r.ttl_seconds_after_finished,
                         0);
   }
 
@@ -1216,19 +903,18 @@ JobSpec job_from_json(const json& object) {
   Decoder d;
   JobSpec job;
   if (!object.is_object()) {
-    throw JobSpecError({FieldError{"<root>", "expected a ShardedTrainingJob object, " +
-                                                 got(object)}});
+    throw JobSpecError({FieldError{"<root>", decode::wrong_type("a ShardedTrainingJob object", object)}});
   }
 
-  const json* api_version = Decoder::find(object, "apiVersion");
+  const json* api_version = d.find(object, "apiVersion");
   if (api_version == nullptr) {
-    d.fail("apiVersion", std::string("required (must be \"") + kApiVersion + "\"), got nothing");
+    d.fail("apiVersion", decode::required() + " (must be \"" + kApiVersion + "\")");
   } else if (!api_version->is_string() || api_version->get<std::string>() != kApiVersion) {
     d.fail("apiVersion", std::string("must be \"") + kApiVersion + "\", " + got(*api_version));
   }
-  const json* kind = Decoder::find(object, "kind");
+  const json* kind = d.find(object, "kind");
   if (kind == nullptr) {
-    d.fail("kind", std::string("required (must be \"") + kKind + "\"), got nothing");
+    d.fail("kind", decode::required() + " (must be \"" + kKind + "\")");
   } else if (!kind->is_string() || kind->get<std::string>() != kKind) {
     d.fail("kind", std::string("must be \"") + kKind + "\", " + got(*kind));
   }
@@ -1239,8 +925,8 @@ JobSpec job_from_json(const json& object) {
   // status is written by the operator and never read back as input.
   if (const json* spec = d.object(object, "spec", "")) {
     decode_spec(d, *spec, job);
-  } else if (Decoder::find(object, "spec") == nullptr) {
-    d.fail("spec", "required, got nothing");
+  } else if (d.find(object, "spec") == nullptr) {
+    d.fail("spec", decode::required());
   }
 
   std::vector<FieldError> errors = d.errors;

@@ -1,5 +1,6 @@
 // JSON-lines logging on stderr (see log.h).
 #include "shardguard/common/log.h"
+#include "shardguard/common/time.h"
 
 #include <atomic>
 #include <cerrno>
@@ -45,16 +46,7 @@ const char* level_name(Level level) {
 }
 
 // RFC 3339 UTC with milliseconds, e.g. 2026-11-25T19:20:01.123Z.
-std::string timestamp() {
-  timespec now{};
-  clock_gettime(CLOCK_REALTIME, &now);
-  tm utc{};
-  gmtime_r(&now.tv_sec, &utc);
-  char buf[40];
-  const size_t n = std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &utc);
-  std::snprintf(buf + n, sizeof buf - n, ".%03dZ", static_cast<int>(now.tv_nsec / 1000000));
-  return buf;
-}
+std::string timestamp() { return format_rfc3339(std::chrono::system_clock::now(), 3); }
 
 bool is_reserved(const std::string& key) {
   return key == "ts" || key == "level" || key == "msg" || key == "component";

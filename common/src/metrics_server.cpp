@@ -9,7 +9,7 @@
 
 #include <sys/socket.h>
 
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 #include <prometheus/text_serializer.h>
 
 namespace shardguard {

@@ -42,6 +42,7 @@ constexpr long kClockSkewSeconds = 60;
 constexpr std::chrono::seconds kMaxLifetime{std::chrono::hours(24) * 365 * 100};
 constexpr const char* kSpiffePrefix = "spiffe://";
 constexpr size_t kSpiffePrefixLen = 9;
+constexpr size_t kMaxTrustDomainBytes = 255;
 
 [[noreturn]] void fail(const std::string& what) { throw PkiError(what + ": " + openssl_error()); }
 
@@ -279,6 +280,25 @@ std::string validate_spiffe_id(const std::string& id) {
     }
     if (seg_end == id.size()) break;
     seg_begin = seg_end + 1;
+  }
+  return "";
+}
+
+bool is_spiffe_id(const std::string& id) { return validate_spiffe_id(id).empty(); }
+
+std::string spiffe_trust_domain(const std::string& id) {
+  if (!is_spiffe_id(id)) return "";
+  return id.substr(kSpiffePrefixLen, id.find('/', kSpiffePrefixLen) - kSpiffePrefixLen);
+}
+
+std::string validate_trust_domain(const std::string& td) {
+  if (td.empty()) return "trust domain is empty";
+  if (td.size() > kMaxTrustDomainBytes) {
+    return "trust domain longer than " + std::to_string(kMaxTrustDomainBytes) + " bytes (" +
+           std::to_string(td.size()) + ")";
+  }
+  for (char c : td) {
+    if (!allowed_char(c, true)) return bad_char(c, "trust domain");
   }
   return "";
 }

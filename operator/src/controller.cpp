@@ -1,6 +1,6 @@
 #include "shardguard/operator/controller.h"
 
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 
 #include <algorithm>
 #include <sstream>
@@ -9,6 +9,7 @@
 #include "shardguard/common/jobspec.h"
 #include "shardguard/common/log.h"
 #include "shardguard/common/pki.h"
+#include "shardguard/common/time.h"
 
 namespace shardguard::op {
 
@@ -476,7 +477,7 @@ void Controller::execute(const std::string& ns, const json& job, const Plan& p) 
 void Controller::emit_event(const json& job, const EventNote& e) {
   const json& m = job["metadata"];
   const auto now = std::chrono::system_clock::now();
-  const std::string ts = format_time(std::chrono::duration_cast<seconds>(now.time_since_epoch()).count());
+  const std::string ts = format_rfc3339(now);
   char suffix[40];
   std::snprintf(suffix, sizeof suffix, ".%llx%04llx",
                 static_cast<unsigned long long>(

@@ -10,6 +10,7 @@
 #include "shardguard/common/strings.h"
 #include "shardguard/model/model_desc.h"
 #include "shardguard/model/partition.h"
+#include "shardguard/common/time.h"
 
 namespace shardguard::op {
 
@@ -197,7 +198,7 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   const json& meta = job["metadata"];
   const std::string job_name = meta.value("name", "");
   const int64_t generation = meta.value("generation", int64_t{1});
-  const std::string now = format_time(ob.now);
+  const std::string now = format_rfc3339(ob.now);
   const json old_status = job.contains("status") && job["status"].is_object() ? job["status"] : json::object();
   const std::string old_phase = old_status.value("phase", "");
 
@@ -325,7 +326,7 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
     st["shards"] = shards;
     if (old_phase == "Failed") delete_pods(p, ob, "job failed");
     if (spec.run_policy.ttl_seconds_after_finished) {
-      const int64_t done_at = parse_time(old_status.value("completionTime", now));
+      const int64_t done_at = parse_rfc3339_seconds(old_status.value("completionTime", now)).value_or(-1);
       const int64_t left = done_at + *spec.run_policy.ttl_seconds_after_finished - ob.now;
       if (left <= 0) {
         p.after_status.push_back(make_action(Action::Verb::kDelete, job, "ttlSecondsAfterFinished"));
@@ -412,7 +413,7 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
 
   // --- activeDeadlineSeconds -------------------------------------------------------------
   if (spec.run_policy.active_deadline_seconds) {
-    const int64_t started = parse_time(st["startTime"].get<std::string>());
+    const int64_t started = parse_rfc3339_seconds(st["startTime"].get<std::string>()).value_or(-1);
     const int64_t left = started + *spec.run_policy.active_deadline_seconds - ob.now;
     if (left <= 0) {
       const std::string msg = "the job ran longer than spec.runPolicy.activeDeadlineSeconds " +

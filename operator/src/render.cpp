@@ -9,6 +9,7 @@
 #include "shardguard/common/strings.h"
 #include "shardguard/model/model_desc.h"
 #include "shardguard/model/partition.h"
+#include "shardguard/common/pki.h"
 #include "shardguard/policy/policy.h"
 
 namespace shardguard::op {
@@ -150,7 +151,7 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
   for (int p : {i - 1, i + 1}) {
     if (p < 0 || p >= n) continue;
     sidecar_args.push_back("--peer");
-    sidecar_args.push_back(policy::shard_spiffe_id(td, job.namespace_, job.name, p) + "=" +
+    sidecar_args.push_back(spiffe_id_for_shard(td, job.namespace_, job.name, p) + "=" +
                            shard_dns_name(job, p, in.cluster_domain) + ":" + std::to_string(kSidecarInboundPort));
   }
   sidecar_args.insert(sidecar_args.end(), {"--metrics", any_addr(kSidecarMetricsPort)});

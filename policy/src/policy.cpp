@@ -47,29 +47,10 @@ bool iequals(const std::string& a, const std::string& b) {
   return true;
 }
 
-// A string quoted as JSON, with invalid UTF-8 replaced and long values cut, so that
-// whatever a peer sends can go into a message or a log line safely.
-std::string quote(const std::string& s) {
-  constexpr std::size_t kMax = 160;
-  std::string shown = s.size() > kMax ? s.substr(0, kMax) : s;
-  std::string out = json(shown).dump(-1, ' ', true, json::error_handler_t::replace);
-  if (s.size() > kMax) out += "... (" + std::to_string(s.size()) + " bytes)";
-  return out;
-}
+// Values in messages and decision reasons: JSON literals, ASCII, cut (decode.h).
+using decode::quote;
 
-std::string describe(const json& v) {
-  std::string out = v.dump(-1, ' ', true, json::error_handler_t::replace);
-  if (out.size() > 80) out = out.substr(0, 77) + "...";
-  return out;
-}
-
-bool is_trust_domain(const std::string& td) {
-  if (td.empty() || td.size() > kMaxTrustDomainBytes) return false;
-  for (char c : td) {
-    if (!(is_lower(c) || is_digit(c) || c == '.' || c == '-' || c == '_')) return false;
-  }
-  return true;
-}
+bool is_trust_domain(const std::string& td) { return validate_trust_domain(td).empty(); }
 
 
 // A shard index as it appears in a SPIFFE ID: decimal, no sign, no leading zeros.
@@ -147,105 +128,17 @@ bool is_case_variant(const Policy& policy, const std::string& method) {
 // ---------------------------------------------------------------------------
 // Parsing
 
-std::string join(const std::string& path, const std::string& key) {
-  return path.empty() ? key : path + "." + key;
-}
+using decode::at;
+std::string join(const std::string& path, const std::string& key) { return decode::child(path, key); }
 
-std::string at(const std::string& path, std::size_t index) {
-  return path + "[" + std::to_string(index) + "]";
-}
-
-class Checker {
+// The decode kit with the policy's rules: a null is a value (of the wrong type), and
+// an integer is written as one (2.0 is not 2).
+class Checker : public decode::Reader {
  public:
-  std::vector<PolicyProblem> problems;
-
-  void fail(std::string path, std::string message) {
-    problems.push_back(
-        PolicyProblem{path.empty() ? "policy" : std::move(path), std::move(message)});
-  }
-
-  // Reports every key of `obj` not in `known`.
-  void known_fields(const json& obj, const std::string& path,
-                    std::initializer_list<const char*> known) {
-    for (auto it = obj.begin(); it != obj.end(); ++it) {
-      const bool ok =
-          std::any_of(known.begin(), known.end(), [&](const char* k) { return it.key() == k; });
-      if (!ok) {
-        std::string names;
-        for (const char* k : known) names += std::string(names.empty() ? "" : ", ") + k;
-        fail(join(path, it.key()), "unknown field (known: " + names + ")");
-      }
-    }
-  }
+  Checker() : Reader(Rules{/*null_is_absent=*/false, /*whole_floats_are_integers=*/false}) {}
 
   const json* field(const json& obj, const std::string& path, const char* key, bool required) {
-    auto it = obj.find(key);
-    if (it == obj.end()) {
-      if (required) fail(join(path, key), "is required");
-      return nullptr;
-    }
-    return &*it;
-  }
-
-  std::optional<std::string> string(const json* v, const std::string& path) {
-    if (v == nullptr) return std::nullopt;
-    if (!v->is_string()) {
-      fail(path, "must be a string, got " + describe(*v));
-      return std::nullopt;
-    }
-    return v->get<std::string>();
-  }
-
-  std::optional<int64_t> integer(const json* v, const std::string& path) {
-    if (v == nullptr) return std::nullopt;
-    if (v->is_number_unsigned()) {
-      const uint64_t u = v->get<uint64_t>();
-      if (u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
-        fail(path, "must be at most 9223372036854775807, got " + describe(*v));
-        return std::nullopt;
-      }
-      return static_cast<int64_t>(u);
-    }
-    if (v->is_number_integer()) return v->get<int64_t>();
-    fail(path, "must be an integer, got " + describe(*v));
-    return std::nullopt;
-  }
-
-  std::optional<int> small_int(const json* v, const std::string& path) {
-    const std::optional<int64_t> i = integer(v, path);
-    if (!i) return std::nullopt;
-    if (*i < std::numeric_limits<int>::min() || *i > std::numeric_limits<int>::max()) {
-      fail(path, "is out of range, got " + std::to_string(*i));
-      return std::nullopt;
-    }
-    return static_cast<int>(*i);
-  }
-
-  std::optional<bool> boolean(const json* v, const std::string& path) {
-    if (v == nullptr) return std::nullopt;
-    if (!v->is_boolean()) {
-      fail(path, "must be true or false, got " + describe(*v));
-      return std::nullopt;
-    }
-    return v->get<bool>();
-  }
-
-  bool array(const json* v, const std::string& path) {
-    if (v == nullptr) return false;
-    if (!v->is_array()) {
-      fail(path, "must be an array, got " + describe(*v));
-      return false;
-    }
-    return true;
-  }
-
-  bool object(const json* v, const std::string& path) {
-    if (v == nullptr) return false;
-    if (!v->is_object()) {
-      fail(path, "must be an object, got " + describe(*v));
-      return false;
-    }
-    return true;
+    return required ? require(obj, path, key) : find(obj, key);
   }
 };
 
@@ -300,7 +193,7 @@ json parse_document(const std::string& text, Checker& c) {
         Frame& top = stack.back();
         top.key = parsed.get<std::string>();
         if (!top.keys.insert(top.key).second) {
-          c.fail(join(path_of(stack.size()), top.key), "duplicate key");
+          c.fail(join(path_of(stack.size()), top.key), decode::duplicate_key(top.key));
         }
         break;
       }
@@ -333,9 +226,7 @@ std::string peer_problem(const std::string& peer, const std::string& trust_domai
     }
     return "";
   }
-  if (!is_spiffe_id(peer)) {
-    return quote(peer) + " is not a SPIFFE ID (spiffe://<trust-domain>/<path>)";
-  }
+  if (std::string why = decode::not_spiffe_id(peer); !why.empty()) return why;
   if (spiffe_trust_domain(peer) != trust_domain) {
     return quote(peer) + " is not of this policy's trust domain " + quote(trust_domain);
   }
@@ -357,14 +248,13 @@ std::string method_problem(const std::string& method) {
   return "";
 }
 
-bool is_rule_name(const std::string& name) {
-  if (!is_dns_label(name, kMaxRuleNameBytes)) return false;
+bool is_reserved_rule_name(const std::string& name) {
   for (const char* reserved :
        {kRuleDefaultDeny, kRuleMalformedMethod, kRuleBadPeer, kRuleExport, kRuleExportDenied,
         kRuleNoPolicy}) {
-    if (name == reserved) return false;
+    if (name == reserved) return true;
   }
-  return true;
+  return false;
 }
 
 // A list of distinct strings, each checked by `problem` (returns "" when fine).
@@ -375,9 +265,9 @@ std::vector<std::string> string_list(Checker& c, const json* v, const std::strin
                                      const char* what, Problem problem,
                                      bool case_insensitive_duplicates) {
   std::vector<std::string> out;
-  std::map<std::string, std::size_t> first;  // item (lower-cased if so) -> its index in out
+  std::map<std::string, std::size_t> first;  // item (lower-cased if so) -> its index in v
   if (!c.array(v, path)) return out;
-  if (v->empty()) c.fail(path, std::string("must list at least one ") + what);
+  if (v->empty()) c.fail(path, decode::none_listed(what));
   for (std::size_t i = 0; i < v->size(); ++i) {
     const std::string item_path = at(path, i);
     const std::optional<std::string> s = c.string(&(*v)[i], item_path);
@@ -387,9 +277,10 @@ std::vector<std::string> string_list(Checker& c, const json* v, const std::strin
       c.fail(item_path, msg);
       continue;
     }
-    const auto [it, inserted] =
-        first.emplace(case_insensitive_duplicates ? lower(*s) : *s, out.size());
-    if (!inserted) c.fail(item_path, "duplicate of " + quote(out[it->second]));
+    const auto [it, inserted] = first.emplace(case_insensitive_duplicates ? lower(*s) : *s, i);
+    if (!inserted) {
+      c.fail(item_path, decode::duplicate((*v)[it->second].get<std::string>(), at(path, it->second)));
+    }
     out.push_back(*s);
   }
   return out;
@@ -409,12 +300,14 @@ std::vector<PolicyRule> parse_rules(Checker& c, const json* v, const std::string
     const std::string name_path = join(rule_path, "name");
     if (std::optional<std::string> name =
             c.string(c.field(r, rule_path, "name", true), name_path)) {
-      if (!is_rule_name(*name)) {
-        c.fail(name_path, quote(*name) +
-                              " is not a valid rule name (lower-case letters, digits and '-', "
-                              "at most 63, not a reserved name such as \"default-deny\")");
+      if (!c.dns_label(name_path, *name, kMaxRuleNameBytes)) {
+        // reported: the name is a metrics label
+      } else if (is_reserved_rule_name(*name)) {
+        c.fail(name_path, "must not be a rule name the engine reports (\"default-deny\", "
+                          "\"malformed-method\", \"bad-peer\", \"export\", \"export-denied\", "
+                          "\"no-policy\"), got " + quote(*name));
       } else if (auto it = names.find(*name); it != names.end()) {
-        c.fail(name_path, "duplicate rule name " + quote(*name) + " (also at " + it->second + ")");
+        c.fail(name_path, decode::duplicate(*name, it->second));
       } else {
         names.emplace(*name, name_path);
       }
@@ -450,17 +343,17 @@ ExportRules parse_export(Checker& c, const json* v, const std::string& trust_dom
   const json* list = c.field(*v, path, "principals", false);
   if (list == nullptr || !c.array(list, list_path)) {
     if (out.allowed && list == nullptr) {
-      c.fail(list_path, "must list at least one principal when export.allowed is true");
+      c.fail(list_path, decode::none_listed("principal when export.allowed is true"));
     }
     return out;
   }
   if (out.allowed && list->empty()) {
-    c.fail(list_path, "must list at least one principal when export.allowed is true, got []");
+    c.fail(list_path, decode::none_listed("principal when export.allowed is true"));
   }
   if (!out.allowed && !list->empty()) {
     c.fail(list_path, "must be empty when export.allowed is false");
   }
-  std::set<std::string> peers;  // of the principals so far
+  std::map<std::string, std::string> peers;  // of the principals so far -> the first's path
   for (std::size_t i = 0; i < list->size(); ++i) {
     const std::string p_path = at(list_path, i);
     const json& p = (*list)[i];
@@ -475,19 +368,19 @@ ExportRules parse_export(Checker& c, const json* v, const std::string& trust_dom
       } else {
         msg = peer_problem(*peer, trust_domain);
       }
-      if (msg.empty() && peers.count(*peer) != 0) msg = "duplicate principal " + quote(*peer);
+      if (auto it = peers.find(*peer); msg.empty() && it != peers.end()) {
+        msg = decode::duplicate(*peer, it->second);
+      }
       if (!msg.empty()) c.fail(peer_path, msg);
       principal.peer = *peer;
     }
     const std::string budget_path = join(p_path, "budgetBytes");
     if (std::optional<int64_t> budget =
-            c.integer(c.field(p, p_path, "budgetBytes", true), budget_path)) {
-      if (*budget < 0) {
-        c.fail(budget_path, "must be at least 0, got " + std::to_string(*budget));
-      }
+            c.integer<int64_t>(c.field(p, p_path, "budgetBytes", true), budget_path)) {
+      c.at_least(budget_path, *budget, 0);
       principal.budget_bytes = *budget;
     }
-    peers.insert(principal.peer);
+    peers.emplace(principal.peer, peer_path);
     out.principals.push_back(std::move(principal));
   }
   return out;
@@ -528,17 +421,6 @@ void check_case_variants(Checker& c, const std::vector<PolicyRule>& ingress,
 
 // ---------------------------------------------------------------------------
 
-namespace {
-std::string problems_text(const std::vector<PolicyProblem>& problems) {
-  std::string out = "invalid shard access policy:";
-  for (const PolicyProblem& p : problems) out += "\n  " + p.str();
-  return out;
-}
-}  // namespace
-
-PolicyError::PolicyError(std::vector<PolicyProblem> problems)
-    : std::runtime_error(problems_text(problems)), problems_(std::move(problems)) {}
-
 Policy::Policy(int version, std::string trust_domain, std::string ns, std::string job, int shard,
                int shards, std::vector<PolicyRule> ingress, std::vector<PolicyRule> egress,
                ExportRules exports)
@@ -563,39 +445,36 @@ Policy parse_policy(const std::string& json_text) {
   if (json_text.size() > kMaxPolicyBytes) {
     c.fail("policy", "is " + std::to_string(json_text.size()) + " bytes, more than the limit of " +
                          std::to_string(kMaxPolicyBytes));
-    throw PolicyError(std::move(c.problems));
+    throw PolicyError(std::move(c.errors));
   }
   const json doc = parse_document(json_text, c);
-  if (!c.problems.empty()) throw PolicyError(std::move(c.problems));
+  if (!c.errors.empty()) throw PolicyError(std::move(c.errors));
   if (!doc.is_object()) {
-    c.fail("policy", "must be a JSON object, got " + describe(doc));
-    throw PolicyError(std::move(c.problems));
+    c.fail("policy", decode::wrong_type("a JSON object", doc));
+    throw PolicyError(std::move(c.errors));
   }
   c.known_fields(doc, "",
                  {"version", "trustDomain", "namespace", "job", "shard", "shards", "ingress",
                   "egress", "export"});
 
-  const std::optional<int> version = c.small_int(c.field(doc, "", "version", true), "version");
+  const std::optional<int> version = c.integer<int>(c.field(doc, "", "version", true), "version");
   if (version && *version != 1) c.fail("version", "must be 1, got " + std::to_string(*version));
 
   const std::optional<std::string> td_field =
       c.string(c.field(doc, "", "trustDomain", true), "trustDomain");
   const std::string td = td_field.value_or("");
   if (td_field && !is_trust_domain(td)) {
-    c.fail("trustDomain", quote(td) +
-                              " is not a SPIFFE trust domain (lower-case letters, digits, '.', "
-                              "'-', '_'; at most 255)");
+    c.fail("trustDomain", "must be a SPIFFE trust domain (lower-case letters, digits, '.', '-', "
+                          "'_'; at most 255): " + validate_trust_domain(td) + ", got " + quote(td));
   }
   const std::optional<std::string> ns = c.string(c.field(doc, "", "namespace", true), "namespace");
-  if (ns && !is_dns_label(*ns)) {
-    c.fail("namespace", quote(*ns) + " is not a DNS-1123 label");
-  }
+  if (ns) c.dns_label("namespace", *ns);
   const std::optional<std::string> job = c.string(c.field(doc, "", "job", true), "job");
-  if (job && !is_dns_label(*job)) c.fail("job", quote(*job) + " is not a DNS-1123 label");
+  if (job) c.dns_label("job", *job);
 
-  const std::optional<int> shards = c.small_int(c.field(doc, "", "shards", true), "shards");
-  if (shards && *shards < 1) c.fail("shards", "must be at least 1, got " + std::to_string(*shards));
-  const std::optional<int> shard = c.small_int(c.field(doc, "", "shard", true), "shard");
+  const std::optional<int> shards = c.integer<int>(c.field(doc, "", "shards", true), "shards");
+  if (shards) c.at_least("shards", *shards, 1);
+  const std::optional<int> shard = c.integer<int>(c.field(doc, "", "shard", true), "shard");
   if (shard && (*shard < 0 || (shards && *shards >= 1 && *shard >= *shards))) {
     c.fail("shard", "must be in [0, shards" +
                         (shards ? " = " + std::to_string(*shards) : std::string()) + "), got " +
@@ -610,7 +489,7 @@ Policy parse_policy(const std::string& json_text) {
   check_case_variants(c, ingress, egress);
   ExportRules exports = parse_export(c, c.field(doc, "", "export", false), td);
 
-  if (!c.problems.empty()) throw PolicyError(std::move(c.problems));
+  if (!c.errors.empty()) throw PolicyError(std::move(c.errors));
   return Policy(*version, td, *ns, *job, *shard, *shards, std::move(ingress), std::move(egress),
                 std::move(exports));
 }
@@ -738,40 +617,17 @@ bool is_canonical_method(const std::string& m) {
   return !part_start;  // the part before the service name is not empty
 }
 
-// The SPIFFE ID rules live in common/pki (one definition for certificates and policies).
-bool is_spiffe_id(const std::string& id) { return validate_spiffe_id(id).empty(); }
-
-std::string spiffe_trust_domain(const std::string& id) {
-  if (!is_spiffe_id(id)) return "";
-  const std::size_t begin = std::string("spiffe://").size();
-  return id.substr(begin, id.find('/', begin) - begin);
-}
-
-std::string shard_spiffe_id(const std::string& trust_domain, const std::string& ns,
-                            const std::string& job, int index) {
-  if (index < 0) throw PolicyError({PolicyProblem{"shard", "must not be negative, got " + std::to_string(index)}});
-  try {
-    return spiffe_id_for_shard(trust_domain, ns, job, static_cast<uint32_t>(index));
-  } catch (const PkiError& e) {
-    throw PolicyError({PolicyProblem{"peers", e.what()}});
-  }
-}
-
-std::string exporter_spiffe_id(const std::string& trust_domain, const std::string& ns,
-                               const std::string& job) {
-  try {
-    return spiffe_id_for_exporter(trust_domain, ns, job);
-  } catch (const PkiError& e) {
-    throw PolicyError({PolicyProblem{"peers", e.what()}});
-  }
-}
-
 Policy pipeline_policy(const std::string& trust_domain, const std::string& ns,
                        const std::string& job, int shard, int shards, const ExportRules& exports) {
   auto rule = [&](const char* name, int peer, const char* method) {
-    return json{{"name", name},
-                {"peers", json::array({shard_spiffe_id(trust_domain, ns, job, peer)})},
-                {"methods", json::array({method})}};
+    if (peer < 0) throw PolicyError({PolicyProblem{"shard", decode::at_least("0", std::to_string(peer))}});
+    std::string id;
+    try {
+      id = spiffe_id_for_shard(trust_domain, ns, job, static_cast<uint32_t>(peer));
+    } catch (const PkiError& e) {
+      throw PolicyError({PolicyProblem{"peers", e.what()}});
+    }
+    return json{{"name", name}, {"peers", json::array({id})}, {"methods", json::array({method})}};
   };
   json ingress = json::array();
   json egress = json::array();

@@ -19,7 +19,7 @@
 #include <thread>
 #include <vector>
 
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 #include <nlohmann/json.hpp>
 
 #include "shardguard/common/crypto.h"
@@ -36,6 +36,7 @@
 #include "shardguard/model/model_desc.h"
 #include "shardguard/model/partition.h"
 #include "shardguard/shardctl/local_prometheus.h"
+#include "shardguard/common/prom_text.h"
 
 namespace shardguard::shardctl {
 namespace {
@@ -175,31 +176,14 @@ void write_pod_files(const json& secret, const json& config_map, const std::stri
 // Sum of the samples of `name` in a Prometheus text page whose labels include every
 // key="value" of `want`.
 double metric_sum(const std::string& page, const std::string& name, const std::map<std::string, std::string>& want) {
-  double total = 0;
-  std::istringstream in(page);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind(name, 0) != 0) continue;
-    if (line.size() > name.size() && line[name.size()] != '{' && line[name.size()] != ' ') continue;
-    bool match = true;
-    for (const auto& [k, v] : want) match = match && line.find(k + "=\"" + v + "\"") != std::string::npos;
-    if (match) total += std::strtod(line.c_str() + line.rfind(' ') + 1, nullptr);
-  }
-  return total;
+  return prometheus_sum(page, name, want);
 }
 
 // Deny decisions by rule, from a sidecar's metrics page.
 std::map<std::string, double> denials_by_rule(const std::string& page) {
   std::map<std::string, double> out;
-  static const std::regex rule(R"re(rule="([^"]*)")re");
-  std::istringstream in(page);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("shardguard_authz_decisions_total{", 0) != 0) continue;
-    if (line.find("decision=\"deny\"") == std::string::npos) continue;
-    std::smatch m;
-    const std::string r = std::regex_search(line, m, rule) ? m[1].str() : "?";
-    out[r] += std::strtod(line.c_str() + line.rfind(' ') + 1, nullptr);
+  for (const PromSample& s : prometheus_samples(page, "shardguard_authz_decisions_total", {{"decision", "deny"}})) {
+    out[s.labels.count("rule") != 0 ? s.labels.at("rule") : "?"] += s.value;
   }
   return out;
 }

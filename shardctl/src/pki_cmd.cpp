@@ -13,6 +13,7 @@
 
 #include "shardguard/common/files.h"
 #include "shardguard/common/pki.h"
+#include "shardguard/common/time.h"
 #include "shardguard/shardctl/commands.h"
 
 namespace shardguard::shardctl {
@@ -31,14 +32,6 @@ bool exists(const std::string& path) {
   throw FileError("cannot stat " + path + ": " + std::strerror(errno));
 }
 
-std::string utc_time(std::chrono::system_clock::time_point t) {
-  const std::time_t tt = std::chrono::system_clock::to_time_t(t);
-  std::tm tm{};
-  ::gmtime_r(&tt, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
 
 }  // namespace
 
@@ -111,7 +104,7 @@ int RunPkiInit(const PkiInitOptions& o) {
     std::cout << "created the CA of job " << o.ns << "/" << o.job << " (trust domain " << o.trust_domain << ")\n"
               << "  certificate  " << cert_path << "\n"
               << "  key          " << key_path << " (mode 0600)\n"
-              << "  not after    " << utc_time(not_after(ca.cert_pem)) << "\n";
+              << "  not after    " << format_rfc3339(not_after(ca.cert_pem)) << "\n";
     return 0;
   } catch (const std::exception& e) {
     std::cerr << cmd << e.what() << "\n";
@@ -167,7 +160,7 @@ int RunPkiIssue(const PkiIssueOptions& o) {
     std::cout << spiffe_id << "\n"
               << "  certificate  " << cert_path << "\n"
               << "  key          " << key_path << " (mode 0600)\n"
-              << "  not after    " << utc_time(not_after(leaf.cert_pem)) << "\n";
+              << "  not after    " << format_rfc3339(not_after(leaf.cert_pem)) << "\n";
     return 0;
   } catch (const std::exception& e) {
     std::cerr << cmd << e.what() << "\n";
@@ -202,7 +195,7 @@ int RunPkiVerify(const PkiVerifyOptions& o) {
   }
   std::cout << check.spiffe_id << "\n";
   try {
-    std::cout << "  not after    " << utc_time(not_after(leaf_pem)) << "\n";
+    std::cout << "  not after    " << format_rfc3339(not_after(leaf_pem)) << "\n";
   } catch (const std::exception&) {
     // verify_svid parsed it; nothing to add if this one cannot.
   }

@@ -177,7 +177,7 @@ std::pair<std::string, std::string> parse_peer_flag(const std::string& text) {
   }
   std::string id = text.substr(0, eq);
   std::string addr = text.substr(eq + 1);
-  if (!policy::is_spiffe_id(id)) {
+  if (!is_spiffe_id(id)) {
     throw std::invalid_argument("--peer \"" + text + "\": \"" + id + "\" is not a SPIFFE ID");
   }
   try {

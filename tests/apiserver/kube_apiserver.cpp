@@ -3,10 +3,7 @@
 // calls go through the same operations under it, so both produce the same events.
 #include "kube_apiserver.h"
 
-#ifndef CPPHTTPLIB_OPENSSL_SUPPORT
-#define CPPHTTPLIB_OPENSSL_SUPPORT
-#endif
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 
 #include <openssl/bio.h>
 #include <openssl/evp.h>
@@ -37,6 +34,7 @@
 
 #include "shardguard/common/pki.h"
 #include "shardguard/common/strings.h"
+#include "shardguard/common/time.h"
 
 namespace shardguard::testing {
 
@@ -49,21 +47,7 @@ using ObjKey = std::tuple<std::string, std::string, std::string>;  // group/plur
 
 // ---- small helpers -----------------------------------------------------------------
 
-std::string now_rfc3339() {
-  std::time_t t = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
-  std::tm tm{};
-  gmtime_r(&t, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
-
-// Seconds since the epoch of an RFC 3339 UTC timestamp ("...Z"); -1 when it does not parse.
-long long parse_rfc3339(const std::string& s) {
-  std::tm tm{};
-  if (s.size() < 20 || !strptime(s.c_str(), "%Y-%m-%dT%H:%M:%S", &tm)) return -1;
-  return static_cast<long long>(timegm(&tm));
-}
+std::string now_rfc3339() { return format_rfc3339(std::chrono::system_clock::now()); }
 
 // Kubernetes' HumanDuration (k8s.io/apimachinery/pkg/util/duration), as kubectl shows ages.
 std::string human_duration(long long seconds) {
@@ -1441,9 +1425,9 @@ struct KubeApiServer::Impl {
     long long now = static_cast<long long>(std::time(nullptr));
     auto age = [&](const json& v) -> json {
       if (!v.is_string()) return nullptr;
-      long long ts = parse_rfc3339(v.get<std::string>());
-      if (ts < 0) return "<invalid>";
-      return human_duration(now - ts);
+      const std::optional<int64_t> ts = parse_rfc3339_seconds(v.get<std::string>());
+      if (!ts) return "<invalid>";
+      return human_duration(now - *ts);
     };
     json rows = json::array();
     for (const auto& o : items) {

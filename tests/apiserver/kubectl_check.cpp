@@ -15,6 +15,7 @@
 
 #include "shardguard/common/process.h"
 #include "support/realapi.h"
+#include "support/temp_dir.h"
 
 namespace {
 
@@ -33,9 +34,8 @@ class KubectlCheck : public ::testing::Test {
     if (kubectl_.empty())
       GTEST_SKIP() << "kubectl not found (looked for " << SHARDGUARD_SOURCE_DIR
                    << "/tools/bin/kubectl and on PATH); `make deps` installs it";
-    std::string templ = ::testing::TempDir() + "/kubectl-check-XXXXXX";
-    ASSERT_NE(::mkdtemp(templ.data()), nullptr);
-    dir_ = templ;
+    tmp_ = std::make_unique<shardguard::testsupport::TempDir>("kubectl-check");
+    dir_ = tmp_->str();
     kubeconfig_ = dir_ + "/kubeconfig";
     shardguard::SpawnOptions so;
     so.argv = {std::string(SHARDGUARD_BIN_DIR) + "/test-apiserver", "--kubeconfig", kubeconfig_,
@@ -73,6 +73,7 @@ class KubectlCheck : public ::testing::Test {
     return r;
   }
 
+  std::unique_ptr<shardguard::testsupport::TempDir> tmp_;  // outlives server_ (declared after)
   std::string kubectl_, dir_, kubeconfig_;
   std::unique_ptr<shardguard::Process> server_;
   int runs_ = 0;

@@ -2,10 +2,7 @@
 // sends its bearer token, and a watch stream read on its own thread.
 #pragma once
 
-#ifndef CPPHTTPLIB_OPENSSL_SUPPORT
-#define CPPHTTPLIB_OPENSSL_SUPPORT
-#endif
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 

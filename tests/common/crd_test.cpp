@@ -667,7 +667,7 @@ TEST(Crd, EnumsMatchTheDecoder) {
     EXPECT_TRUE(schema_rejects_at(job, e.path));
     if (e.decoder_lists_them) {
       std::string list;
-      for (const std::string& v : e.values) list += (list.empty() ? "" : ", ") + v;
+      for (const std::string& v : e.values) list += (list.empty() ? "" : ", ") + json(v).dump();
       EXPECT_NE(err->message.find("(expected one of: " + list + ")"), std::string::npos)
           << err->message;
     }

@@ -6,6 +6,8 @@
 #include <string>
 
 #include <gtest/gtest.h>
+
+#include "support/temp_dir.h"
 #include <openssl/err.h>
 #include <openssl/x509.h>
 #include <sys/stat.h>
@@ -15,21 +17,7 @@
 namespace shardguard {
 namespace {
 
-// A fresh directory from mkdtemp, removed with its contents at the end.
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "sg-crypto-XXXXXX").string();
-    if (::mkdtemp(&tmpl[0]) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  const std::string& path() const { return path_; }
-  std::string file(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
+using testsupport::TempDir;
 
 // The error message of the CryptoError fn throws, or fails the test.
 template <typename Fn>
@@ -145,7 +133,7 @@ TEST(Crypto, GenerateThenLoadKeyFile) {
   generate_key_file(path);  // replaces it with a different key
   EXPECT_NE(load_key_file(path), key);
   // No temp files left beside it.
-  EXPECT_EQ(std::distance(std::filesystem::directory_iterator(dir.path()), std::filesystem::directory_iterator()), 1);
+  EXPECT_EQ(std::distance(std::filesystem::directory_iterator(dir.str()), std::filesystem::directory_iterator()), 1);
 }
 
 TEST(Crypto, KeyFileOfWrongSizeIsRejectedNamingPathAndSize) {

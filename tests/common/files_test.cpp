@@ -6,6 +6,8 @@
 #include <vector>
 
 #include <gtest/gtest.h>
+
+#include "support/temp_dir.h"
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -16,25 +18,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// A fresh directory from mkdtemp, removed with its contents at the end.
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "sg-files-XXXXXX").string();
-    if (::mkdtemp(&tmpl[0]) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::permissions(path_, fs::perms::owner_all, fs::perm_options::add, ec);
-    fs::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-  std::string file(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
+using testsupport::TempDir;
 
 std::vector<std::string> entries(const std::string& dir) {
   std::vector<std::string> out;
@@ -89,7 +73,7 @@ TEST(Files, AtomicWriteLeavesNoTempFilesAndReplacesTarget) {
   write_file_atomic(path, "first");
   write_file_atomic(path, "second");
   EXPECT_EQ(read_file(path), "second");
-  EXPECT_EQ(entries(dir.path()), std::vector<std::string>{"config.json"});
+  EXPECT_EQ(entries(dir.str()), std::vector<std::string>{"config.json"});
 }
 
 TEST(Files, AtomicWriteSetsModeRegardlessOfUmask) {
@@ -113,7 +97,7 @@ TEST(Files, WriteIntoMissingDirectoryNamesPath) {
   const std::string msg = file_error([&] { write_file_atomic(path, "x"); });
   EXPECT_NE(msg.find(path), std::string::npos) << msg;
   EXPECT_NE(msg.find("No such file or directory"), std::string::npos) << msg;
-  EXPECT_TRUE(entries(dir.path()).empty());
+  EXPECT_TRUE(entries(dir.str()).empty());
 }
 
 TEST(Files, FailedWriteRemovesTempFileAndKeepsOldContent) {
@@ -132,7 +116,7 @@ TEST(Files, FailedWriteRemovesTempFileAndKeepsOldContent) {
   ::signal(SIGXFSZ, previous);
   EXPECT_NE(msg.find(path), std::string::npos) << msg;
   EXPECT_EQ(read_file(path), "old");
-  EXPECT_EQ(entries(dir.path()), std::vector<std::string>{"f"});
+  EXPECT_EQ(entries(dir.str()), std::vector<std::string>{"f"});
 }
 
 TEST(Files, RenameOntoDirectoryFailsAndRemovesTempFile) {
@@ -143,7 +127,7 @@ TEST(Files, RenameOntoDirectoryFailsAndRemovesTempFile) {
   make_dirs(target + "/inside");
   const std::string msg = file_error([&] { write_file_atomic(target, "x"); });
   EXPECT_NE(msg.find(target), std::string::npos) << msg;
-  EXPECT_EQ(entries(dir.path()), std::vector<std::string>{"target"});
+  EXPECT_EQ(entries(dir.str()), std::vector<std::string>{"target"});
 }
 
 TEST(Files, ReadMissingFileNamesPathAndReason) {
@@ -156,8 +140,8 @@ TEST(Files, ReadMissingFileNamesPathAndReason) {
 
 TEST(Files, ReadDirectoryIsAnError) {
   TempDir dir;
-  const std::string msg = file_error([&] { read_file(dir.path()); });
-  EXPECT_NE(msg.find(dir.path()), std::string::npos) << msg;
+  const std::string msg = file_error([&] { read_file(dir.str()); });
+  EXPECT_NE(msg.find(dir.str()), std::string::npos) << msg;
 }
 
 TEST(Files, MakeDirsCreatesNestedAndIsIdempotent) {

@@ -452,8 +452,8 @@ TEST(JobSpecTest, CollectsAllErrorsIntoOneException) {
   } catch (const JobSpecError& e) {
     const std::string what = e.what();
     EXPECT_EQ(e.errors().size(), 4u) << what;
-    EXPECT_NE(what.find("spec.model.architecture: unknown architecture \"resnet\" (expected one "
-                        "of: mlp, cnn, vit)"),
+    EXPECT_NE(what.find("spec.model.architecture: unsupported architecture \"resnet\" (expected one "
+                        "of: \"mlp\", \"cnn\", \"vit\")"),
               std::string::npos)
         << what;
     EXPECT_NE(what.find("spec.training.batchSize: must be at least 1, got 0"), std::string::npos)
@@ -473,7 +473,7 @@ TEST(JobSpecTest, ArchitectureIsRequired) {
   json object = minimal_job();
   object["spec"]["model"].erase("architecture");
   EXPECT_EQ(one_error(object, "spec.model.architecture"),
-            "spec.model.architecture: required, got \"\" (expected one of: mlp, cnn, vit)");
+            "spec.model.architecture: required, got nothing (expected one of: \"mlp\", \"cnn\", \"vit\")");
 }
 
 TEST(JobSpecTest, ModelRanges) {
@@ -516,7 +516,7 @@ TEST(JobSpecTest, OnlyFashionMnistIsSupported) {
   const auto errors = errors_of(object);
   const std::string name = error_at(errors, "spec.dataset.name");
   EXPECT_NE(name.find("\"cifar10\""), std::string::npos) << name;
-  EXPECT_NE(name.find("only \"fashion-mnist\" is supported so far"), std::string::npos) << name;
+  EXPECT_NE(name.find("unsupported dataset \"cifar10\" (expected one of: \"fashion-mnist\")"), std::string::npos) << name;
   EXPECT_EQ(error_at(errors, "spec.dataset.maxTrainSamples"),
             "spec.dataset.maxTrainSamples: must be at least 0, got -1");
 }
@@ -549,7 +549,7 @@ TEST(JobSpecTest, OptimizerRanges) {
       {"epochs", 1001}};
   const auto errors = errors_of(object);
   EXPECT_EQ(error_at(errors, "spec.training.optimizer.name"),
-            "spec.training.optimizer.name: unknown optimizer \"rmsprop\" (expected one of: sgd, adam)");
+            "spec.training.optimizer.name: unsupported optimizer \"rmsprop\" (expected one of: \"sgd\", \"adam\")");
   EXPECT_EQ(error_at(errors, "spec.training.optimizer.learningRate"),
             "spec.training.optimizer.learningRate: must be greater than 0, got 0.0");
   EXPECT_EQ(error_at(errors, "spec.training.optimizer.momentum"),
@@ -557,7 +557,7 @@ TEST(JobSpecTest, OptimizerRanges) {
   EXPECT_NE(error_at(errors, "spec.training.optimizer.weightDecay").find("got -0.1"),
             std::string::npos);
   EXPECT_EQ(error_at(errors, "spec.training.schedule"),
-            "spec.training.schedule: unknown schedule \"interleaved\" (expected one of: 1f1b, gpipe)");
+            "spec.training.schedule: unsupported schedule \"interleaved\" (expected one of: \"1f1b\", \"gpipe\")");
   EXPECT_EQ(error_at(errors, "spec.training.evalBatchSize"),
             "spec.training.evalBatchSize: must be at least 1, got 0");
   EXPECT_EQ(error_at(errors, "spec.training.epochs"),
@@ -574,7 +574,7 @@ TEST(JobSpecTest, ShardingRanges) {
   const auto errors = errors_of(object);
   EXPECT_EQ(error_at(errors, "spec.sharding.shards"), "spec.sharding.shards: must be at least 1, got 0");
   EXPECT_EQ(error_at(errors, "spec.sharding.balance"),
-            "spec.sharding.balance: unknown balance \"memory\" (expected one of: parameters, compute)");
+            "spec.sharding.balance: unsupported balance \"memory\" (expected one of: \"parameters\", \"compute\")");
 }
 
 TEST(JobSpecTest, ProtectionRules) {
@@ -650,7 +650,7 @@ TEST(JobSpecTest, NamesAreDnsLabels) {
   object["metadata"] = {{"name", std::string(53, 'a')}};
   const std::string e = one_error(object, "metadata.name");
   EXPECT_NE(e.find("at most 52 characters"), std::string::npos) << e;
-  EXPECT_NE(e.find("(53 characters)"), std::string::npos) << e;
+  EXPECT_NE(e.find("got 53"), std::string::npos) << e;
 
   object["metadata"] = json::object();
   EXPECT_NE(one_error(object, "metadata.name").find("required"), std::string::npos);
@@ -742,8 +742,8 @@ TEST_F(JobSpecFileTest, DecodeErrorsKeepFieldPaths) {
     FAIL() << "loaded an invalid job";
   } catch (const JobSpecError& e) {
     EXPECT_EQ(error_at(e.errors(), "spec.model.architecture"),
-              "spec.model.architecture: unknown architecture \"resnet\" (expected one of: mlp, "
-              "cnn, vit)");
+              "spec.model.architecture: unsupported architecture \"resnet\" (expected one of: "
+              "\"mlp\", \"cnn\", \"vit\")");
     EXPECT_EQ(error_at(e.errors(), "spec.training.batchSize"),
               "spec.training.batchSize: must be at least 1, got 0");
   }

@@ -8,6 +8,8 @@
 
 #include "shardguard/common/files.h"
 
+#include "support/temp_dir.h"
+
 namespace shardguard {
 namespace {
 
@@ -29,9 +31,8 @@ TEST(ProcessTest, CapturesStderrLinesAndExitCode) {
 }
 
 TEST(ProcessTest, EnvironmentAndLogFile) {
-  char tmpl[] = "/tmp/shardguard-proc-XXXXXX";
-  ASSERT_NE(::mkdtemp(tmpl), nullptr);
-  const std::string log = std::string(tmpl) + "/out.log";
+  const testsupport::TempDir dir("shardguard-proc");
+  const std::string log = dir.file("out.log");
   SpawnOptions o;
   o.argv = {"/bin/sh", "-c", "echo \"value=$SHARDGUARD_TEST_VAR\""};
   o.env = {{"SHARDGUARD_TEST_VAR", "42"}};
@@ -39,8 +40,6 @@ TEST(ProcessTest, EnvironmentAndLogFile) {
   Process p(o);
   EXPECT_EQ(p.wait().code, 0);
   EXPECT_EQ(read_file(log), "value=42\n");
-  std::remove(log.c_str());
-  ::rmdir(tmpl);
 }
 
 TEST(ProcessTest, TerminateStopsALongRunningChild) {

@@ -10,6 +10,7 @@
 //   case variants of methods are refused, and an allow always names a rule that
 //   really lists the method and matches the peer.
 // Violations print what went wrong and abort(), which libFuzzer records as a crash.
+#include "shardguard/common/pki.h"
 #include "shardguard/policy/policy.h"
 
 #include <cstddef>
@@ -21,7 +22,7 @@
 #include <string>
 #include <vector>
 
-namespace sg = shardguard::sidecar;
+namespace sg = shardguard::policy;
 
 namespace {
 
@@ -87,7 +88,7 @@ void check_decision(const sg::Policy& p, sg::Direction d, const std::string& pee
     check(dec.export_budget_bytes == 0, "deny carries an export budget", ctx);
     return;
   }
-  check(sg::is_spiffe_id(peer) && sg::spiffe_trust_domain(peer) == p.trust_domain(),
+  check(shardguard::is_spiffe_id(peer) && shardguard::spiffe_trust_domain(peer) == p.trust_domain(),
         "allowed a peer outside the trust domain", ctx);
   check(sg::is_canonical_method(method), "allowed a non-canonical method", ctx);
   if (dec.rule == sg::kRuleExport) {
@@ -181,10 +182,10 @@ void exercise_decide(const sg::Policy& p, const std::string& input) {
   for (int delta : {-1, 0, 1}) {
     const int64_t index = static_cast<int64_t>(p.shard()) + delta;
     if (index >= 0 && index <= INT32_MAX) {
-      peers.push_back(sg::shard_spiffe_id(p.trust_domain(), p.ns(), p.job(), static_cast<int>(index)));
+      peers.push_back(shardguard::spiffe_id_for_shard(p.trust_domain(), p.ns(), p.job(), static_cast<int>(index)));
     }
   }
-  peers.push_back(sg::exporter_spiffe_id(p.trust_domain(), p.ns(), p.job()));
+  peers.push_back(shardguard::spiffe_id_for_exporter(p.trust_domain(), p.ns(), p.job()));
   // Pieces of the input itself: arbitrary bytes as a peer and as a method.
   const std::string half = input.substr(0, input.size() / 2);
   peers.push_back(half);

@@ -1,10 +1,10 @@
 // libFuzzer target: SPIFFE ID and X509-SVID validation (common/pki.h) and the
-// sidecar's string checks (sidecar/policy.h).
+// policy's string checks (policy/policy.h).
 //
 // Every input is used as:
-// 1. a SPIFFE ID: validate_spiffe_id, sidecar::is_spiffe_id and spiffe_trust_domain
+// 1. a SPIFFE ID: validate_spiffe_id, is_spiffe_id and spiffe_trust_domain (pki.h)
 //    must agree with each other and with a regular-expression reference;
-// 2. a gRPC method path: sidecar::is_canonical_method against a reference regex;
+// 2. a gRPC method path: policy::is_canonical_method against a reference regex;
 // 3. a leaf PEM, verified against a fixed job CA created once at startup (seed leaves
 //    come from another CA, so they stop at the chain check, but they exercise the PEM
 //    and certificate parsing);
@@ -81,8 +81,8 @@ bool has_dot_segment(const std::string& id) {
 void check_spiffe_id(const std::string& s) {
   const std::string why = shardguard::validate_spiffe_id(s);
   const bool valid = why.empty();
-  check(shardguard::policy::is_spiffe_id(s) == valid, "is_spiffe_id disagrees with validate_spiffe_id", s);
-  const std::string td = shardguard::policy::spiffe_trust_domain(s);
+  check(shardguard::is_spiffe_id(s) == valid, "is_spiffe_id disagrees with validate_spiffe_id", s);
+  const std::string td = shardguard::spiffe_trust_domain(s);
   if (!valid) {
     check(td.empty(), "trust domain of an invalid SPIFFE ID", s);
   } else {

@@ -28,7 +28,7 @@
 #include <set>
 
 #include <grpcpp/grpcpp.h>
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 #include <nlohmann/json.hpp>
 
 #include "apiserver/kube_apiserver.h"

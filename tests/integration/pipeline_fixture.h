@@ -17,6 +17,7 @@
 #include "shardguard/common/crypto.h"
 #include "shardguard/common/files.h"
 #include "shardguard/common/process.h"
+#include "support/temp_dir.h"
 
 namespace shardguard {
 
@@ -40,14 +41,8 @@ inline nlohmann::json job_json(int shards) {
 
 class PipelineFixture : public ::testing::Test {
  protected:
-  void SetUp() override {
-    char tmpl[] = "/tmp/shardguard-it-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
-  }
   void TearDown() override {
     stages_.clear();  // kills and reaps anything still running
-    fs::remove_all(dir_);
   }
 
   std::string write_job(const nlohmann::json& j, const std::string& name = "job.yaml") {
@@ -134,7 +129,8 @@ class PipelineFixture : public ::testing::Test {
     if (msg == "pipeline resumed") out.resumes.push_back(j.at("step").get<int64_t>());
   }
 
-  std::string dir_;
+  const shardguard::testsupport::TempDir tmp_{"shardguard-it"};  // removed after the stages are gone
+  const std::string dir_ = tmp_.str();
   std::vector<int> ports_;
   std::map<int, std::string> prev_override_, next_override_;  // stage → address
   std::map<int, std::vector<nlohmann::json>> all_lines_;        // every JSON line read, by stage

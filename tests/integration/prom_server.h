@@ -10,7 +10,7 @@
 #include <set>
 #include <string>
 
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 #include <nlohmann/json.hpp>
 
 #include "shardguard/common/process.h"

@@ -19,7 +19,7 @@
 #include <set>
 #include <sstream>
 
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 
 #include "integration/pipeline_fixture.h"
 #include "integration/prom_server.h"

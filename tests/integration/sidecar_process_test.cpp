@@ -3,7 +3,7 @@
 // the sidecars, shardd on loopback), compared with the same job run directly.
 #include <gtest/gtest.h>
 
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 
 #include <regex>
 #include <sstream>
@@ -12,6 +12,7 @@
 #include "shardguard/common/pki.h"
 #include "shardguard/sidecar/audit.h"
 #include "shardguard/policy/policy.h"
+#include "shardguard/common/prom_text.h"
 #include "support/grpc_echo.h"
 
 namespace shardguard {
@@ -21,22 +22,10 @@ const std::string kTd = "shardguard.local";
 const std::string kNs = "default";
 const std::string kJobName = "it-mlp";  // job_json's metadata.name
 
-// Sum of the samples of `name` in a Prometheus text page whose labels contain every
-// `key="value"` of `want`.
+// Sum of the samples of `name` in a Prometheus text page whose labels include every
+// pair of `want`.
 double scrape_sum(const std::string& page, const std::string& name, const std::map<std::string, std::string>& want) {
-  double total = 0;
-  std::istringstream in(page);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind(name, 0) != 0) continue;
-    const size_t rest = name.size();
-    if (rest < line.size() && line[rest] != '{' && line[rest] != ' ') continue;  // a longer name
-    bool match = true;
-    for (const auto& [k, v] : want) match = match && line.find(k + "=\"" + v + "\"") != std::string::npos;
-    if (!match) continue;
-    total += std::stod(line.substr(line.rfind(' ') + 1));
-  }
-  return total;
+  return prometheus_sum(page, name, want);
 }
 
 class SidecarPipelineTest : public PipelineFixture {
@@ -46,7 +35,7 @@ class SidecarPipelineTest : public PipelineFixture {
     PipelineFixture::TearDown();
   }
 
-  std::string shard_id(int i) const { return policy::shard_spiffe_id(kTd, kNs, kJobName, i); }
+  std::string shard_id(int i) const { return spiffe_id_for_shard(kTd, kNs, kJobName, i); }
 
   // Issues the PKI, writes each pod's files and starts its sidecar.
   void start_sidecars(int n) {

@@ -7,6 +7,8 @@
 #include <gtest/gtest.h>
 #include <openssl/evp.h>
 
+#include "support/temp_dir.h"
+
 namespace shardguard::kube {
 namespace {
 
@@ -53,12 +55,6 @@ class ScopedEnv {
 
 class ConfigTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    std::string tmpl = (fs::temp_directory_path() / "kube_config_test.XXXXXX").string();
-    ASSERT_NE(mkdtemp(tmpl.data()), nullptr);
-    dir_ = tmpl;
-  }
-  void TearDown() override { fs::remove_all(dir_); }
 
   std::string kubeconfig(const std::string& text, const std::string& rel = "kubeconfig") {
     const fs::path p = dir_ / rel;
@@ -66,7 +62,8 @@ class ConfigTest : public ::testing::Test {
     return p.string();
   }
 
-  fs::path dir_;
+  const testsupport::TempDir tmp_{"kube_config_test"};
+  const fs::path dir_ = tmp_.path();
 };
 
 TEST_F(ConfigTest, TokenInlineCaAndContextNamespace) {

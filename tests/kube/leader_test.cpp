@@ -10,6 +10,7 @@
 #include <prometheus/registry.h>
 
 #include "kube_apiserver.h"
+#include "shardguard/common/time.h"
 #include "support/wait.h"
 
 namespace shardguard::kube {
@@ -73,9 +74,10 @@ json lease(const KubeApiServer& srv) {
   return l ? (*l)["spec"] : json();
 }
 
+// A Lease's MicroTime is common/time.h's RFC 3339 with six fraction digits.
 TEST(LeaderTest, MicroTimeFormat) {
   const auto t = std::chrono::system_clock::time_point(std::chrono::microseconds(1795664400123456LL));
-  EXPECT_EQ(format_micro_time(t), "2026-11-26T03:40:00.123456Z");
+  EXPECT_EQ(format_rfc3339(t, 6), "2026-11-26T03:40:00.123456Z");
 }
 
 TEST(LeaderTest, OneOfTwoLeadsAndTheLeaseSaysWho) {
@@ -105,20 +107,23 @@ TEST(LeaderTest, OneOfTwoLeadsAndTheLeaseSaysWho) {
   EXPECT_EQ((a_leads ? b : a).started(), 0);
 }
 
+// The lease lasts 120 s here, so b can only lead before it expires if a's release
+// handed it over: the event shows "at once", not a stopwatch.
 TEST(LeaderTest, ReleaseOnStopHandsOverAtOnce) {
   KubeApiServer srv;
-  Candidate a(srv, "a", fast_config());
+  LeaderElectionConfig config = fast_config();
+  config.lease_duration = 120s;
+  config.renew_deadline = 60s;
+  Candidate a(srv, "a", config);
   a.start();
   ASSERT_TRUE(eventually([&] { return a.leader(); }));
-  Candidate b(srv, "b", fast_config());
+  Candidate b(srv, "b", config);
   b.start();
   ASSERT_TRUE(eventually([&] { return lease(srv)["holderIdentity"] == "a"; }));
-  const auto t0 = Clock::now();
   a.stop();
   EXPECT_EQ(a.stopped(), 1);
   EXPECT_FALSE(a.leader());
-  ASSERT_TRUE(eventually([&] { return b.leader(); }, 5s));
-  EXPECT_LT(Clock::now() - t0, 1500ms);  // well inside the 3 s lease
+  ASSERT_TRUE(eventually([&] { return b.leader(); }, 60s));  // half the lease
   EXPECT_EQ(lease(srv)["holderIdentity"], "b");
   EXPECT_GE(lease(srv)["leaseTransitions"].get<int>(), 1);
 }
@@ -135,10 +140,11 @@ TEST(LeaderTest, TakesOverAnAbandonedLeaseAfterLeaseDurationByItsOwnClock) {
   Candidate b(srv, "b", fast_config());
   const auto t0 = Clock::now();
   b.start();
-  ASSERT_TRUE(eventually([&] { return b.leader(); }, 10s));
+  // Not before the lease duration by b's own clock (a lower bound, which load cannot
+  // break); when after it is up to the machine, so the limit is generous.
+  ASSERT_TRUE(eventually([&] { return b.leader(); }, 60s));
   const auto took = Clock::now() - t0;
   EXPECT_GE(took, 2900ms);
-  EXPECT_LT(took, 5000ms);
   const json spec = lease(srv);
   EXPECT_EQ(spec["holderIdentity"], "b");
   EXPECT_EQ(spec["leaseTransitions"], 5);
@@ -157,10 +163,11 @@ TEST(LeaderTest, FollowerTakesOverWhenTheLeaderStopsWithoutRelease) {
   const auto t0 = Clock::now();
   a.stop();
   EXPECT_FALSE(a.leader());
-  ASSERT_TRUE(eventually([&] { return b.leader(); }, 10s));
+  // Not at once: the lease had to expire (a lower bound, which load cannot break). The
+  // limit on when is generous: only that b takes over is the behaviour.
+  ASSERT_TRUE(eventually([&] { return b.leader(); }, 60s));
   const auto took = Clock::now() - t0;
-  EXPECT_GE(took, 1500ms);  // not at once: the lease had to expire
-  EXPECT_LT(took, 5000ms);  // within the lease duration plus a few retries
+  EXPECT_GE(took, 1500ms);
 }
 
 TEST(LeaderTest, LosesLeadershipWhenRenewalsFailPastTheDeadlineThenReacquires) {

@@ -11,6 +11,7 @@
 #include "shardguard/common/jobspec.h"
 #include "shardguard/model/model_desc.h"
 #include "shardguard/model/partition.h"
+#include "shardguard/common/pki.h"
 #include "shardguard/policy/policy.h"
 
 namespace shardguard::op {
@@ -182,7 +183,7 @@ TEST(Render, PodMountsOnlyItsOwnSecret) {
 
 TEST(Render, PolicyConfigMapParsesAndAllowsForwardOnlyFromPrevious) {
   const auto r = render_example();
-  const auto id = [](int s) { return policy::shard_spiffe_id("shardguard.local", "ml", "fmnist", s); };
+  const auto id = [](int s) { return spiffe_id_for_shard("shardguard.local", "ml", "fmnist", s); };
   for (int i = 0; i < 4; ++i) {
     const auto& cm = r.out.config_maps[i];
     const auto parsed = policy::parse_policy(cm["data"]["policy.json"].get<std::string>());
@@ -333,7 +334,7 @@ TEST(Render, SidecarPeersAreOnlyTheNeighbours) {
     std::vector<std::string> want;
     for (int p : {i - 1, i + 1}) {
       if (p < 0 || p > 3) continue;
-      want.push_back(policy::shard_spiffe_id("shardguard.local", "ml", "fmnist", p) + "=fmnist-shard-" +
+      want.push_back(spiffe_id_for_shard("shardguard.local", "ml", "fmnist", p) + "=fmnist-shard-" +
                      std::to_string(p) + ".fmnist.ml.svc.cluster.local:7443");
     }
     EXPECT_EQ(flag_values(args_of(r.out.pods[i], "sidecar"), "--peer"), want) << "shard " << i;

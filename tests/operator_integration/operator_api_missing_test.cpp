@@ -10,7 +10,7 @@
 // TestApiServer.*: the test API server (tests/apiserver) with injected 404s that end,
 // for the recovery, which the real server cannot show (it never gains core kinds).
 #include <gtest/gtest.h>
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 #include <unistd.h>
 
 #include <filesystem>

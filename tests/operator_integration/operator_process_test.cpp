@@ -10,7 +10,7 @@
 // reads progress from). Each test has its own namespace and its operator watches only
 // that one, so tests can share the fixture's server and run in parallel.
 #include <gtest/gtest.h>
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 #include <unistd.h>
 
 #include <cstdio>

@@ -1,5 +1,6 @@
 // The shard access policy: parsing/validation, the pure decision, the pipeline
 // rules of DESIGN.md §4 and the round trip through JSON. No I/O.
+#include "shardguard/common/pki.h"
 #include "shardguard/policy/policy.h"
 
 #include <gtest/gtest.h>
@@ -21,8 +22,8 @@ const std::string kTd = "shardguard.local";
 const std::string kNs = "ml";
 const std::string kJob = "fmnist";
 
-std::string shard_id(int i) { return shard_spiffe_id(kTd, kNs, kJob, i); }
-std::string exporter_id() { return exporter_spiffe_id(kTd, kNs, kJob); }
+std::string shard_id(int i) { return spiffe_id_for_shard(kTd, kNs, kJob, i); }
+std::string exporter_id() { return spiffe_id_for_exporter(kTd, kNs, kJob); }
 
 // The problems parse_policy reports for `doc` (fails the test if it parses).
 std::vector<PolicyProblem> problems_of(const std::string& doc) {
@@ -320,8 +321,8 @@ TEST(PolicyDecide, ForeignJobNamespaceAndTrustDomainAreDenied) {
   const Policy p = pipeline_policy(kTd, kNs, kJob, 1, 3, ExportRules{});
   // Same index, another job or namespace: a valid identity, but no rule names it.
   for (const std::string& peer : std::vector<std::string>{
-           shard_spiffe_id(kTd, kNs, "other", 0), shard_spiffe_id(kTd, "prod", kJob, 0),
-           shard_spiffe_id(kTd, kNs, "fmnist2", 0), shard_spiffe_id(kTd, kNs, "fmnis", 0),
+           spiffe_id_for_shard(kTd, kNs, "other", 0), spiffe_id_for_shard(kTd, "prod", kJob, 0),
+           spiffe_id_for_shard(kTd, kNs, "fmnist2", 0), spiffe_id_for_shard(kTd, kNs, "fmnis", 0),
            "spiffe://shardguard.local/ns/ml/job/fmnist/shard/0/x",
            "spiffe://shardguard.local/ns/ml/job/fmnist/shard/00",
            "spiffe://shardguard.local/ns/ml/job/fmnist/role/exporter"}) {
@@ -331,8 +332,8 @@ TEST(PolicyDecide, ForeignJobNamespaceAndTrustDomainAreDenied) {
   }
   // Another trust domain or no valid SPIFFE ID at all: bad-peer.
   for (const std::string& peer : std::vector<std::string>{
-           shard_spiffe_id("evil.local", kNs, kJob, 0),
-           shard_spiffe_id("shardguard.local.evil", kNs, kJob, 0),
+           spiffe_id_for_shard("evil.local", kNs, kJob, 0),
+           spiffe_id_for_shard("shardguard.local.evil", kNs, kJob, 0),
            std::string("spiffe://SHARDGUARD.local/ns/ml/job/fmnist/shard/0"), std::string(""),
            std::string("spiffe://shardguard.local"),
            std::string("spiffe://shardguard.local/ns/ml/job/fmnist/shard/0/"),
@@ -360,8 +361,8 @@ TEST(PolicyDecide, ShardPatternMatchesOneIndexOfThatJobOnly) {
   const std::string base = "spiffe://shardguard.local/ns/ml/job/fmnist/shard/";
   for (const std::string& peer : std::vector<std::string>{
            base + "01", base + "00", base + "1a", base + "1/x", base + "x", base + "1234567890",
-           base + "_1", base + "-1", exporter_id(), shard_spiffe_id(kTd, kNs, "other", 0),
-           shard_spiffe_id(kTd, "prod", kJob, 0),
+           base + "_1", base + "-1", exporter_id(), spiffe_id_for_shard(kTd, kNs, "other", 0),
+           spiffe_id_for_shard(kTd, "prod", kJob, 0),
            std::string("spiffe://shardguard.local/ns/ml/job/fmnist/shards/0")}) {
     const Decision d = decide(p, Direction::kIngress, peer, kBackwardMethod);
     EXPECT_FALSE(d.allow) << peer;
@@ -435,7 +436,7 @@ TEST(PolicyParse, ListsEveryProblemWithItsPath) {
   EXPECT_TRUE(has_problem(ps, "shard", "must be in [0, shards = 4), got 4"));
   EXPECT_TRUE(has_problem(ps, "color", "unknown field"));
   EXPECT_TRUE(has_problem(ps, "ingress[1].peers[1]", "trust domain"));
-  EXPECT_TRUE(has_problem(ps, "ingress[1].peers[2]", "is not a SPIFFE ID"));
+  EXPECT_TRUE(has_problem(ps, "ingress[1].peers[2]", "must be a SPIFFE ID"));
   EXPECT_TRUE(has_problem(ps, "ingress[1].peers[3]", "duplicate"));
   EXPECT_TRUE(has_problem(ps, "ingress[1].methods[0]",
                           "\"/shardguard.v1.pipeline/forward\" is not a canonical method"));
@@ -444,21 +445,21 @@ TEST(PolicyParse, ListsEveryProblemWithItsPath) {
   EXPECT_TRUE(has_problem(ps, "ingress[1].methods[2]", "not a canonical method"));
   EXPECT_TRUE(has_problem(ps, "ingress[1].methods[3]", "\"export\" section"));
   EXPECT_TRUE(
-      has_problem(ps, "ingress[2].name", "duplicate rule name \"ok\" (also at ingress[0].name)"));
+      has_problem(ps, "ingress[2].name", "duplicate value \"ok\" (also at ingress[0].name)"));
   EXPECT_TRUE(has_problem(ps, "ingress[2].peer", "unknown field"));
-  EXPECT_TRUE(has_problem(ps, "ingress[2].peers", "is required"));
+  EXPECT_TRUE(has_problem(ps, "ingress[2].peers", "required, got nothing"));
   EXPECT_TRUE(has_problem(ps, "ingress[2].methods", "at least one"));
-  EXPECT_TRUE(has_problem(ps, "egress[0].name", "not a valid rule name"));
+  EXPECT_TRUE(has_problem(ps, "egress[0].name", "must be a DNS-1123 label"));
   EXPECT_TRUE(has_problem(ps, "egress[0].peers", "at least one"));
-  EXPECT_TRUE(has_problem(ps, "egress[1].name", "not a valid rule name"));
-  EXPECT_TRUE(has_problem(ps, "egress[2]", "must be an object"));
+  EXPECT_TRUE(has_problem(ps, "egress[1].name", "must not be a rule name the engine reports"));
+  EXPECT_TRUE(has_problem(ps, "egress[2]", "expected an object"));
   EXPECT_TRUE(has_problem(ps, "export.principals[0].budgetBytes", "must be at least 0, got -5"));
-  EXPECT_TRUE(has_problem(ps, "export.principals[1].peer", "duplicate principal"));
-  EXPECT_TRUE(has_problem(ps, "export.principals[1].budgetBytes", "must be an integer"));
+  EXPECT_TRUE(has_problem(ps, "export.principals[1].peer", "duplicate value"));
+  EXPECT_TRUE(has_problem(ps, "export.principals[1].budgetBytes", "expected an integer"));
   EXPECT_TRUE(has_problem(ps, "export.principals[2].peer", "no patterns"));
   EXPECT_TRUE(has_problem(ps, "export.principals[3].peer", "trust domain"));
   EXPECT_TRUE(has_problem(ps, "export.principals[3].budget", "unknown field"));
-  EXPECT_TRUE(has_problem(ps, "export.principals[3].budgetBytes", "is required"));
+  EXPECT_TRUE(has_problem(ps, "export.principals[3].budgetBytes", "required, got nothing"));
   // The message names every problem, one per line.
   try {
     parse_policy(doc.dump());
@@ -474,7 +475,7 @@ TEST(PolicyParse, ListsEveryProblemWithItsPath) {
 TEST(PolicyParse, RequiredFieldsAndTypes) {
   std::vector<PolicyProblem> ps = problems_of("{}");
   for (const char* f : {"version", "trustDomain", "namespace", "job", "shard", "shards"}) {
-    EXPECT_TRUE(has_problem(ps, f, "is required")) << f << "\n" << dump(ps);
+    EXPECT_TRUE(has_problem(ps, f, "required, got nothing")) << f << "\n" << dump(ps);
   }
   json doc = base_doc();
   doc["version"] = "1";
@@ -488,14 +489,14 @@ TEST(PolicyParse, RequiredFieldsAndTypes) {
   doc["export"] = {{"allowed", "yes"}};
   ps = problems_of(doc.dump());
   SCOPED_TRACE(dump(ps));
-  EXPECT_TRUE(has_problem(ps, "version", "must be an integer"));
-  EXPECT_TRUE(has_problem(ps, "trustDomain", "must be a string"));
+  EXPECT_TRUE(has_problem(ps, "version", "expected an integer"));
+  EXPECT_TRUE(has_problem(ps, "trustDomain", "expected a string"));
   EXPECT_TRUE(has_problem(ps, "namespace", "DNS-1123"));
   EXPECT_TRUE(has_problem(ps, "job", "DNS-1123"));
   EXPECT_TRUE(has_problem(ps, "shards", "at least 1"));
   EXPECT_TRUE(has_problem(ps, "shard", "integer"));
-  EXPECT_TRUE(has_problem(ps, "ingress", "must be an array"));
-  EXPECT_TRUE(has_problem(ps, "egress", "must be an array"));
+  EXPECT_TRUE(has_problem(ps, "ingress", "expected an array"));
+  EXPECT_TRUE(has_problem(ps, "egress", "expected an array"));
   EXPECT_TRUE(has_problem(ps, "export.allowed", "true or false"));
 
   doc = base_doc();
@@ -505,7 +506,7 @@ TEST(PolicyParse, RequiredFieldsAndTypes) {
   doc["export"] = {
       {"allowed", true},
       {"principals", {{{"peer", exporter_id()}, {"budgetBytes", 18446744073709551615ull}}}}};
-  EXPECT_TRUE(has_problem(problems_of(doc.dump()), "export.principals[0].budgetBytes", "at most"));
+  EXPECT_TRUE(has_problem(problems_of(doc.dump()), "export.principals[0].budgetBytes", "out of range"));
   doc["export"] = {{"allowed", true}};
   EXPECT_TRUE(has_problem(problems_of(doc.dump()), "export.principals", "at least one"));
 }
@@ -513,8 +514,8 @@ TEST(PolicyParse, RequiredFieldsAndTypes) {
 TEST(PolicyParse, RefusesMalformedJsonDuplicateKeysAndNonObjects) {
   EXPECT_TRUE(has_problem(problems_of("{"), "policy", "not valid JSON"));
   EXPECT_TRUE(has_problem(problems_of(""), "policy", "not valid JSON"));
-  EXPECT_TRUE(has_problem(problems_of("[]"), "policy", "must be a JSON object"));
-  EXPECT_TRUE(has_problem(problems_of("null"), "policy", "must be a JSON object"));
+  EXPECT_TRUE(has_problem(problems_of("[]"), "policy", "expected a JSON object"));
+  EXPECT_TRUE(has_problem(problems_of("null"), "policy", "expected a JSON object"));
   EXPECT_TRUE(has_problem(problems_of(std::string(2 << 20, ' ')), "policy", "limit"));
   // A second key must not silently override the first.
   const std::string dup =
@@ -549,7 +550,7 @@ TEST(PolicyParse, RefusesDeepNestingCheaply) {
     return R"({"version":)" + std::string(levels, '[') + std::string(levels, ']') + "}";
   };
   EXPECT_TRUE(has_problem(problems_of(nested(32)), path, "nested more than 32 levels"));
-  EXPECT_TRUE(has_problem(problems_of(nested(31)), "version", "must be an integer"));
+  EXPECT_TRUE(has_problem(problems_of(nested(31)), "version", "expected an integer"));
 }
 
 // A 1 MiB policy holds tens of thousands of peers, methods or principals; duplicates and
@@ -586,16 +587,16 @@ TEST(PolicyParse, HugeListsParseQuickly) {
   const std::vector<PolicyProblem> ps = problems_of(doc.dump());
   SCOPED_TRACE(dump(ps));
   EXPECT_EQ(ps.size(), 7u);
-  EXPECT_TRUE(has_problem(ps, "ingress[0].methods[35000]", "duplicate of \"/a.B/Ma34999\""));
+  EXPECT_TRUE(has_problem(ps, "ingress[0].methods[35000]", "duplicate value \"/a.B/Ma34999\" (also at ingress[0].methods[34999])"));
   EXPECT_TRUE(has_problem(ps, "ingress[0].methods[35000]",
                           "differs only in letter case from \"/a.B/Ma34999\" at ingress[0].methods[34999]"));
-  EXPECT_TRUE(has_problem(ps, "egress[0].methods[2]", "duplicate of \"/a.B/Mb\""));
-  EXPECT_TRUE(has_problem(ps, "ingress[0].peers[8000]", "duplicate of"));
+  EXPECT_TRUE(has_problem(ps, "egress[0].methods[2]", "duplicate value \"/a.B/Mb\" (also at egress[0].methods[0])"));
+  EXPECT_TRUE(has_problem(ps, "ingress[0].peers[8000]", "duplicate value"));
   EXPECT_TRUE(has_problem(ps, "egress[0].methods[1]",
                           "differs only in letter case from \"/a.B/Ma7\" at ingress[0].methods[7]"));
   EXPECT_TRUE(has_problem(ps, "egress[0].methods[2]",
                           "differs only in letter case from \"/a.B/Mb\" at egress[0].methods[0]"));
-  EXPECT_TRUE(has_problem(ps, "export.principals[2000].peer", "duplicate principal"));
+  EXPECT_TRUE(has_problem(ps, "export.principals[2000].peer", "duplicate value"));
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
 }
 

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <memory>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -16,6 +17,7 @@
 #include "shardguard/common/jobspec.h"
 #include "support/realapi.h"
 #include "support/rest.h"
+#include "support/temp_dir.h"
 
 namespace shardguard {
 namespace {
@@ -204,12 +206,11 @@ class RealApiValidation : public ::testing::Test {
   }
   void SetUp() override {
     ASSERT_EQ(setup_error_, "") << setup_error_;
-    char templ[] = "/tmp/shardguard-manifests-XXXXXX";
-    ASSERT_NE(::mkdtemp(templ), nullptr);
-    dir_ = templ;
+    tmp_ = std::make_unique<testsupport::TempDir>("shardguard-manifests");
+    dir_ = tmp_->str();
   }
   void TearDown() override {
-    if (!HasFailure()) fs::remove_all(dir_);
+    if (tmp_ && HasFailure()) tmp_->keep();  // left for a look at what failed
   }
 
   // POST (dry run, strict field validation, as kubectl apply does by default).
@@ -236,6 +237,7 @@ class RealApiValidation : public ::testing::Test {
 
   static RealApi api_;
   static std::string setup_error_;
+  std::unique_ptr<testsupport::TempDir> tmp_;
   std::string dir_;
 };
 

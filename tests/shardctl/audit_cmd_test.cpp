@@ -7,6 +7,7 @@
 #include "shardguard/common/files.h"
 #include "shardguard/shardctl/commands.h"
 #include "shardguard/sidecar/audit.h"
+#include "support/temp_dir.h"
 
 namespace shardguard::shardctl {
 namespace {
@@ -14,9 +15,6 @@ namespace {
 class AuditCmdTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/shardguard-audit-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
     path_ = dir_ + "/audit.log";
     sidecar::AuditLog log(path_);
     for (int i = 0; i < 3; ++i) {
@@ -28,8 +26,9 @@ class AuditCmdTest : public ::testing::Test {
       ASSERT_TRUE(log.append(e));
     }
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
-  std::string dir_, path_;
+  const shardguard::testsupport::TempDir tmp_{"shardguard-audit"};
+  const std::string dir_ = tmp_.str();
+  std::string path_;
 };
 
 TEST_F(AuditCmdTest, IntactLogPasses) {

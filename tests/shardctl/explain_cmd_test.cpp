@@ -9,6 +9,7 @@
 #include "shardguard/common/files.h"
 #include "shardguard/shardctl/commands.h"
 #include "shardguard/policy/policy.h"
+#include "support/temp_dir.h"
 
 namespace shardguard::shardctl {
 namespace {
@@ -64,12 +65,8 @@ Result explain(const ExplainOptions& o) {
 class ExplainCmdTest : public testing::Test {
  protected:
   void SetUp() override {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "shardctl-explain-XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    root_ = tmpl;
     write_file_atomic(root_ + "/job.yaml", kJobYaml);
   }
-  void TearDown() override { std::filesystem::remove_all(root_); }
 
   ExplainOptions job_options(int shard, const std::string& peer, const std::string& method) const {
     ExplainOptions o;
@@ -80,7 +77,8 @@ class ExplainCmdTest : public testing::Test {
     return o;
   }
 
-  std::string root_;
+  const shardguard::testsupport::TempDir tmp_{"shardctl-explain"};
+  const std::string root_ = tmp_.str();
 };
 
 TEST_F(ExplainCmdTest, Stage1AcceptsForwardFromShard0) {

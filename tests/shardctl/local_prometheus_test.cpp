@@ -10,6 +10,7 @@
 
 #include "shardguard/common/files.h"
 #include "shardguard/shardctl/local_prometheus.h"
+#include "support/temp_dir.h"
 
 namespace shardguard::shardctl {
 namespace {
@@ -19,13 +20,9 @@ namespace fs = std::filesystem;
 class LocalPrometheusTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/shardguard-prom-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
     promtool_ = find_in_path("promtool");
     if (promtool_.empty()) GTEST_SKIP() << "promtool not in PATH (Debian package prometheus; run `make deps`)";
   }
-  void TearDown() override { fs::remove_all(dir_); }
 
   // promtool's exit code and output for `args`.
   int promtool(const std::string& args, std::string* out) {
@@ -35,7 +32,9 @@ class LocalPrometheusTest : public ::testing::Test {
     return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
   }
 
-  std::string dir_, promtool_;
+  const shardguard::testsupport::TempDir tmp_{"shardguard-prom"};
+  const std::string dir_ = tmp_.str();
+  std::string promtool_;
 };
 
 TEST_F(LocalPrometheusTest, ConfigIsAcceptedByPromtoolAndCarriesEveryTargetsLabels) {

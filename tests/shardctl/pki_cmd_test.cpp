@@ -13,6 +13,7 @@
 #include "shardguard/common/files.h"
 #include "shardguard/common/pki.h"
 #include "shardguard/shardctl/commands.h"
+#include "support/temp_dir.h"
 
 namespace shardguard::shardctl {
 namespace {
@@ -48,12 +49,8 @@ unsigned file_mode(const std::string& path) {
 class PkiCmdTest : public testing::Test {
  protected:
   void SetUp() override {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "shardctl-pki-XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    root_ = tmpl;
     dir_ = root_ + "/pki";
   }
-  void TearDown() override { std::filesystem::remove_all(root_); }
 
   PkiInitOptions init_options() const {
     PkiInitOptions o;
@@ -69,7 +66,8 @@ class PkiCmdTest : public testing::Test {
     return o;
   }
 
-  std::string root_;
+  const shardguard::testsupport::TempDir tmp_{"shardctl-pki"};
+  const std::string root_ = tmp_.str();
   std::string dir_;
 };
 

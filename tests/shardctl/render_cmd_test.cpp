@@ -18,6 +18,7 @@
 #include "shardguard/common/jobspec.h"
 #include "shardguard/common/pki.h"
 #include "shardguard/shardctl/commands.h"
+#include "support/temp_dir.h"
 
 namespace shardguard::shardctl {
 namespace {
@@ -116,12 +117,8 @@ std::vector<std::string> yaml_documents(const std::string& stream) {
 class RenderCmdTest : public testing::Test {
  protected:
   void SetUp() override {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "shardctl-render-XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    root_ = tmpl;
     write_file_atomic(root_ + "/job.yaml", kJobYaml);
   }
-  void TearDown() override { std::filesystem::remove_all(root_); }
 
   // Renders job.yaml as a JSON List into a file and returns its items.
   std::vector<json> render_json() {
@@ -137,7 +134,8 @@ class RenderCmdTest : public testing::Test {
     return list.at("items").get<std::vector<json>>();
   }
 
-  std::string root_;
+  const shardguard::testsupport::TempDir tmp_{"shardctl-render"};
+  const std::string root_ = tmp_.str();
 };
 
 TEST_F(RenderCmdTest, ObjectsKindsAndNamesInApplyOrder) {

@@ -10,6 +10,7 @@
 #include "shardguard/shardd/model.h"
 #include "shardguard/shardd/trainer.h"
 #include "shardd/test_job.h"
+#include "support/temp_dir.h"
 
 namespace shardguard::shardd {
 namespace {
@@ -17,7 +18,6 @@ namespace {
 class CheckpointTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = shardguard::testing::make_temp_dir();
     job_ = shardguard::testing::small_job("mlp", 2);
     key_ = random_bytes(32);
     model_ = build_blocks(job_.model, 0, 2, 1);
@@ -26,13 +26,13 @@ class CheckpointTest : public ::testing::Test {
     model_->forward(torch::randn({4, 1, 28, 28})).sum().backward();
     opt_->step();
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
 
   CheckpointStore store(int stage = 0, const std::string& key = "") {
     return CheckpointStore(dir_, CheckpointId{job_.name, stage, 0, 2}, key.empty() ? key_ : key);
   }
 
-  std::string dir_;
+  const shardguard::testsupport::TempDir tmp_{"shardguard-test"};
+  const std::string dir_ = tmp_.str();
   JobSpec job_;
   std::string key_;
   torch::nn::Sequential model_{nullptr};

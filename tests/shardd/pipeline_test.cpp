@@ -22,6 +22,7 @@
 #include "shardguard/v1/pipeline.grpc.pb.h"
 #include "shardd/pipeline_helpers.h"
 #include "shardd/test_job.h"
+#include "support/temp_dir.h"
 
 namespace shardguard::shardd {
 namespace {
@@ -36,8 +37,6 @@ struct PipelineRun {
 class PipelineTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() { set_compute_threads(1); }
-  void SetUp() override { dir_ = shardguard::testing::make_temp_dir(); }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
 
   // Options of one stage of `job` on CPU, with its checkpoints under dir_.
   StageOptions options(const JobSpec& job, int stage, std::string key = "") {
@@ -81,7 +80,8 @@ class PipelineTest : public ::testing::Test {
     return out;
   }
 
-  std::string dir_;
+  const shardguard::testsupport::TempDir tmp_{"shardguard-test"};
+  const std::string dir_ = tmp_.str();
 };
 
 using shardguard::testing::expect_same_losses;

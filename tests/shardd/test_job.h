@@ -31,12 +31,4 @@ inline JobSpec small_job(const std::string& arch, int shards, int train_samples 
   return job_from_json(small_job_json(arch, shards, train_samples));
 }
 
-// A fresh directory under $TMPDIR, removed by the caller's fixture.
-inline std::string make_temp_dir() {
-  std::string tmpl = (std::getenv("TMPDIR") ? std::string(std::getenv("TMPDIR")) : std::string("/tmp")) +
-                     "/shardguard-test-XXXXXX";
-  if (::mkdtemp(tmpl.data()) == nullptr) std::abort();
-  return tmpl;
-}
-
 }  // namespace shardguard::testing

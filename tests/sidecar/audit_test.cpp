@@ -14,6 +14,7 @@
 
 #include "shardguard/common/crypto.h"
 #include "shardguard/common/files.h"
+#include "support/temp_dir.h"
 
 namespace shardguard::sidecar {
 namespace {
@@ -102,12 +103,8 @@ TEST(AuditVerify, EmptyTextIsAValidEmptyLog) {
 class AuditFile : public ::testing::Test {
  protected:
   void SetUp() override {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "audit_test.XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    dir_ = tmpl;
     path_ = dir_ + "/audit.log";
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
 
   // Writes n events through an AuditLog and returns the file's lines.
   std::vector<std::string> write_events(int n) {
@@ -125,7 +122,8 @@ class AuditFile : public ::testing::Test {
 
   AuditVerifyResult verify() { return verify_audit_log(path_); }
 
-  std::string dir_;
+  const testsupport::TempDir tmp_{"audit_test"};
+  const std::string dir_ = tmp_.str();
   std::string path_;
 };
 

@@ -22,6 +22,7 @@
 #include "support/export_client.h"
 #include "support/grpc_echo.h"
 #include "support/wait.h"
+#include "support/temp_dir.h"
 
 namespace shardguard::sidecar {
 namespace {
@@ -61,9 +62,6 @@ class PatternExport final : public v1::ShardExport::Service {
 class ExportTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    std::string tmpl = ::testing::TempDir() + "export_test.XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    dir_ = tmpl;
     grpc::ServerBuilder b;
     b.RegisterService(&backend_);
     b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &backend_port_);
@@ -71,21 +69,20 @@ class ExportTest : public ::testing::Test {
     ASSERT_TRUE(server_ && backend_port_ > 0);
 
     const CaBundle ca = create_ca("ca", std::chrono::hours(1));
-    exporter_ = issue_leaf(ca, policy::exporter_spiffe_id(kTd, "ml", "fm"), std::chrono::hours(1));
-    const Leaf me = issue_leaf(ca, policy::shard_spiffe_id(kTd, "ml", "fm", 1), std::chrono::hours(1));
+    exporter_ = issue_leaf(ca, spiffe_id_for_exporter(kTd, "ml", "fm"), std::chrono::hours(1));
+    const Leaf me = issue_leaf(ca, spiffe_id_for_shard(kTd, "ml", "fm", 1), std::chrono::hours(1));
     write_file_atomic(dir_ + "/ca.pem", ca.cert_pem);
     write_file_atomic(dir_ + "/cert.pem", me.cert_pem);
     write_file_atomic(dir_ + "/key.pem", me.key_pem, 0600);
     policy::ExportRules rules;
     rules.allowed = true;
-    rules.principals.push_back({policy::exporter_spiffe_id(kTd, "ml", "fm"), static_cast<int64_t>(2 * kMiB)});
+    rules.principals.push_back({spiffe_id_for_exporter(kTd, "ml", "fm"), static_cast<int64_t>(2 * kMiB)});
     write_file_atomic(dir_ + "/policy.json", to_json(policy::pipeline_policy(kTd, "ml", "fm", 1, 3, rules)));
     generate_key_file(dir_ + "/ledger.key");
   }
   void TearDown() override {
     proxy_.reset();
     server_->Shutdown(std::chrono::system_clock::now() + 1s);
-    std::filesystem::remove_all(dir_);
   }
 
   void start_proxy(bool with_ledger = true) {
@@ -116,10 +113,11 @@ class ExportTest : public ::testing::Test {
     return testsupport::registry_sum(*registry_, name, labels);
   }
   std::map<std::string, std::string> exporter_labels() const {
-    return {{"peer", policy::exporter_spiffe_id(kTd, "ml", "fm")}, {"shard", "1"}};
+    return {{"peer", spiffe_id_for_exporter(kTd, "ml", "fm")}, {"shard", "1"}};
   }
 
-  std::string dir_;
+  const testsupport::TempDir tmp_{"export_test"};
+  const std::string dir_ = tmp_.str();
   PatternExport backend_;
   int backend_port_ = 0;
   std::unique_ptr<grpc::Server> server_;

@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "shardguard/common/files.h"
+#include "support/temp_dir.h"
 
 namespace shardguard::sidecar {
 namespace {
@@ -218,12 +219,8 @@ TEST(LedgerHmac, KnownAnswerRfc4231Case2) {
 class LedgerFile : public ::testing::Test {
  protected:
   void SetUp() override {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "ledger_test.XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    dir_ = tmpl;
     path_ = dir_ + "/ledger.json";
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
 
   static ExposureLedger sample() {
     ExposureLedger l;
@@ -255,7 +252,8 @@ class LedgerFile : public ::testing::Test {
     return "";
   }
 
-  std::string dir_;
+  const testsupport::TempDir tmp_{"ledger_test"};
+  const std::string dir_ = tmp_.str();
   std::string path_;
 };
 

@@ -20,6 +20,8 @@
 #include <unistd.h>
 
 #include "shardguard/common/files.h"
+#include "shardguard/common/pki.h"
+#include "support/temp_dir.h"
 
 namespace shardguard::sidecar {
 namespace {
@@ -30,7 +32,7 @@ const std::string kTd = "shardguard.local";
 const std::string kNs = "ml";
 const std::string kJob = "fmnist";
 
-std::string shard_id(int i) { return policy::shard_spiffe_id(kTd, kNs, kJob, i); }
+std::string shard_id(int i) { return spiffe_id_for_shard(kTd, kNs, kJob, i); }
 
 // Shard 1 of 4 with one ingress rule: Forward from shard 0 (and, when
 // `with_backward`, Backward from shard 2), under the given rule name.
@@ -53,34 +55,7 @@ std::string invalid_policy_text() {
   return doc.dump();
 }
 
-// A fresh directory under the test temp dir, removed with its files at the end.
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = testing::TempDir() + "policy_store_XXXXXX";
-    std::vector<char> buf(tmpl.begin(), tmpl.end());
-    buf.push_back('\0');
-    const char* made = ::mkdtemp(buf.data());
-    if (made == nullptr) {
-      ADD_FAILURE() << "mkdtemp failed";
-      return;
-    }
-    dir_ = made;
-  }
-  ~TempDir() {
-    for (const std::string& f : files_) std::remove(f.c_str());
-    if (!dir_.empty()) ::rmdir(dir_.c_str());
-  }
-  std::string file(const std::string& name) {
-    const std::string p = dir_ + "/" + name;
-    files_.push_back(p);
-    return p;
-  }
-
- private:
-  std::string dir_;
-  std::vector<std::string> files_;
-};
+using testsupport::TempDir;
 
 // Writes the file the way the operator does: temp file + rename over the target.
 void replace(const std::string& path, const std::string& text) { write_file_atomic(path, text); }

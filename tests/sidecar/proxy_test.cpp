@@ -27,6 +27,7 @@
 #include "support/cert_factory.h"
 #include "support/grpc_echo.h"
 #include "support/wait.h"
+#include "support/temp_dir.h"
 
 namespace shardguard::sidecar {
 namespace {
@@ -41,7 +42,7 @@ const std::string kTd = "shardguard.local";
 const std::string kNs = "ml";
 const std::string kJob = "fm";
 
-std::string shard_id(int i) { return policy::shard_spiffe_id(kTd, kNs, kJob, i); }
+std::string shard_id(int i) { return spiffe_id_for_shard(kTd, kNs, kJob, i); }
 
 double metric(prometheus::Registry& registry, const std::string& name,
               const std::map<std::string, std::string>& labels = {}) {
@@ -62,15 +63,11 @@ class ProxyTest : public ::testing::Test {
   }
 
   void SetUp() override {
-    std::string tmpl = ::testing::TempDir() + "proxy_test.XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    dir_ = tmpl;
     write_file_atomic(dir_ + "/ca.pem", ca_->cert_pem);
   }
   void TearDown() override {
     a_.reset();
     b_.reset();
-    std::filesystem::remove_all(dir_);
   }
 
   ProxyConfig config_for(int shard, const std::string& upstream) {
@@ -142,7 +139,8 @@ class ProxyTest : public ::testing::Test {
   static CaBundle* ca_;
   static CaBundle* other_ca_;
   static Leaf leaves_[3];
-  std::string dir_;
+  const testsupport::TempDir tmp_{"proxy_test"};
+  const std::string dir_ = tmp_.str();
   EchoServer backend_a_;
   EchoServer backend_b_;
   std::shared_ptr<prometheus::Registry> a_reg_, b_reg_;
@@ -321,9 +319,9 @@ TEST_F(ProxyTest, RefusesLeafThatIsACa) {
 
 TEST_F(ProxyTest, RefusesAnotherJobOrNamespace) {
   start_pair();
-  expect_denied(dial_b(issue_leaf(*ca_, policy::shard_spiffe_id(kTd, kNs, "other-job", 0), std::chrono::hours(1))),
+  expect_denied(dial_b(issue_leaf(*ca_, spiffe_id_for_shard(kTd, kNs, "other-job", 0), std::chrono::hours(1))),
                 policy::kRuleDefaultDeny);
-  expect_denied(dial_b(issue_leaf(*ca_, policy::shard_spiffe_id(kTd, "other-ns", kJob, 0), std::chrono::hours(1))),
+  expect_denied(dial_b(issue_leaf(*ca_, spiffe_id_for_shard(kTd, "other-ns", kJob, 0), std::chrono::hours(1))),
                 policy::kRuleDefaultDeny);
   // Another trust domain signed by the same CA is not a peer of this policy at all.
   expect_denied(dial_b(issue_leaf(*ca_, "spiffe://evil.example/ns/ml/job/fm/shard/0", std::chrono::hours(1))),
@@ -364,7 +362,7 @@ TEST_F(ProxyTest, RefusesMethodPathTricks) {
 TEST_F(ProxyTest, RefusesExportWithoutPermission) {
   start_pair();
   // The policy has no export section: even the exporter principal is refused.
-  const auto exporter = issue_leaf(*ca_, policy::exporter_spiffe_id(kTd, kNs, kJob), std::chrono::hours(1));
+  const auto exporter = issue_leaf(*ca_, spiffe_id_for_exporter(kTd, kNs, kJob), std::chrono::hours(1));
   expect_denied(dial_b(exporter, policy::kExportMethod), policy::kRuleExportDenied);
   expect_denied(dial_b(leaves_[0], policy::kExportMethod), policy::kRuleExportDenied);
 }

@@ -22,22 +22,22 @@ std::string from_buffer(const grpc::ByteBuffer& buffer) {
   return out;
 }
 
+void EchoServer::record(grpc::GenericCallbackServerContext* ctx) {
+  calls_++;
+  std::lock_guard<std::mutex> lock(mu_);
+  methods_.push_back(ctx->method());
+  last_metadata_.clear();
+  for (const auto& kv : ctx->client_metadata()) {
+    std::string key(kv.first.data(), kv.first.size());
+    if (key.rfind("grpc-", 0) == 0 || key == "user-agent") continue;
+    last_metadata_.emplace(key, std::string(kv.second.data(), kv.second.size()));
+  }
+}
+
+// Every message back as it came.
 class EchoServer::Reactor : public grpc::ServerGenericBidiReactor {
  public:
-  Reactor(EchoServer* server, grpc::GenericCallbackServerContext* ctx) : server_(server) {
-    server_->calls_++;
-    {
-      std::lock_guard<std::mutex> lock(server_->mu_);
-      server_->methods_.push_back(ctx->method());
-      server_->last_metadata_.clear();
-      for (const auto& kv : ctx->client_metadata()) {
-        std::string key(kv.first.data(), kv.first.size());
-        if (key.rfind("grpc-", 0) == 0 || key == "user-agent") continue;
-        server_->last_metadata_.emplace(key, std::string(kv.second.data(), kv.second.size()));
-      }
-    }
-    StartRead(&buf_);
-  }
+  explicit Reactor(EchoServer* server) : server_(server) { StartRead(&buf_); }
   void OnReadDone(bool ok) override {
     if (!ok) {
       Finish(grpc::Status::OK);
@@ -60,11 +60,81 @@ class EchoServer::Reactor : public grpc::ServerGenericBidiReactor {
   grpc::ByteBuffer buf_;
 };
 
+// kEchoReplyHeader "ack": a cumulative count instead of the messages.
+class EchoServer::Acker : public grpc::ServerGenericBidiReactor {
+ public:
+  explicit Acker(EchoServer* server) : server_(server) { StartRead(&in_); }
+  void OnReadDone(bool ok) override {
+    bool write = false, finish = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!ok) {
+        reads_done_ = true;
+        finish = !writing_ && !finished_;
+        finished_ = finished_ || finish;
+      } else {
+        ++received_;
+        if (!writing_) write = writing_ = true;
+      }
+    }
+    if (ok) server_->messages_++;
+    if (write) write_ack();
+    if (ok) StartRead(&in_);
+    if (finish) Finish(grpc::Status::OK);
+  }
+  void OnWriteDone(bool ok) override {
+    bool write = false, finish = false;
+    grpc::Status status = grpc::Status::OK;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      writing_ = false;
+      if (!ok) {
+        status = grpc::Status(grpc::StatusCode::CANCELLED, "write failed");
+        finish = !finished_;
+      } else if (acked_ < received_) {
+        write = writing_ = true;
+      } else if (reads_done_) {
+        finish = !finished_;
+      }
+      finished_ = finished_ || finish;
+    }
+    if (write) write_ack();
+    if (finish) Finish(status);
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  void write_ack() {
+    uint64_t n = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      n = acked_ = received_;
+    }
+    char bytes[8];
+    for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+    ack_ = to_buffer(std::string(bytes, 8));
+    StartWrite(&ack_);
+  }
+  EchoServer* server_;
+  std::mutex mu_;
+  uint64_t received_ = 0;
+  uint64_t acked_ = 0;
+  bool writing_ = false;
+  bool reads_done_ = false;
+  bool finished_ = false;
+  grpc::ByteBuffer in_;
+  grpc::ByteBuffer ack_;
+};
+
 class EchoServer::Service : public grpc::CallbackGenericService {
  public:
   explicit Service(EchoServer* s) : s_(s) {}
   grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
-    return new Reactor(s_, ctx);
+    s_->record(ctx);
+    for (const auto& kv : ctx->client_metadata()) {
+      if (kv.first == kEchoReplyHeader && kv.second == "ack") return new Acker(s_);
+    }
+    return new Reactor(s_);
   }
 
  private:

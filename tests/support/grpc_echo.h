@@ -1,7 +1,7 @@
 // Test support: a generic gRPC echo server (any method, unary or streaming: every
 // message is sent back as it came) and small synchronous client helpers over the
-// generic API. Stands in for shardd behind a sidecar in the sidecar's tests; the
-// shardd integration test uses the real shardd.
+// generic API. Stands in for shardd behind a sidecar in the sidecar's tests and in
+// bench/sidecar_bench; the shardd integration test uses the real shardd.
 #pragma once
 
 #include <atomic>
@@ -18,6 +18,13 @@
 
 namespace shardguard::testsupport {
 
+// Request metadata that changes how the echo server answers a call: with
+// "x-echo-reply: ack" it reads continuously and answers with an 8-byte little-endian
+// count of the messages received so far, one write in flight, coalescing (the last
+// ack always carries the final count): the shape of a one-way pipeline stream.
+// Custom metadata crosses the sidecars like any other.
+inline constexpr const char* kEchoReplyHeader = "x-echo-reply";
+
 class EchoServer {
  public:
   // Listens on 127.0.0.1:<any port>, plaintext.
@@ -33,9 +40,13 @@ class EchoServer {
   std::multimap<std::string, std::string> last_metadata() const;
 
   class Reactor;
+  class Acker;
 
  private:
   friend class Reactor;
+  friend class Acker;
+  // Counts the call and keeps its method and metadata.
+  void record(grpc::GenericCallbackServerContext* ctx);
   class Service;
   std::unique_ptr<Service> service_;
   std::unique_ptr<grpc::Server> server_;

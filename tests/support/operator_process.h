@@ -5,7 +5,7 @@
 #pragma once
 
 #include <gtest/gtest.h>
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 
 #include <fstream>
 #include <memory>
@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "shardguard/common/process.h"
+#include "shardguard/common/prom_text.h"
 #include "support/wait.h"
 
 namespace shardguard::testsupport {
@@ -64,17 +65,14 @@ class OperatorProcess {
     auto res = cli.Get("/metrics");
     return res && res->status == 200 ? res->body : "";
   }
-  // The value of the first sample of `metric` whose label text contains `labels`.
+  // The value of the first sample of `metric` whose labels include every pair of
+  // `labels`, label text such as `phase="Running"` (common/prom_text.h).
   std::optional<double> sample(const std::string& metric, const std::string& labels = "") const {
-    std::istringstream in(metrics());
-    std::string line;
-    while (std::getline(in, line)) {
-      if (line.rfind(metric, 0) != 0 || line.size() <= metric.size()) continue;
-      if (line[metric.size()] != '{' && line[metric.size()] != ' ') continue;
-      if (!labels.empty() && line.find(labels) == std::string::npos) continue;
-      return std::stod(line.substr(line.rfind(' ') + 1));
-    }
-    return std::nullopt;
+    const auto want = parse_prometheus_labels(labels);
+    if (!want) throw std::invalid_argument("not label text: " + labels);
+    const std::vector<PromSample> found = prometheus_samples(metrics(), metric, *want);
+    if (found.empty()) return std::nullopt;
+    return found.front().value;
   }
 
  private:

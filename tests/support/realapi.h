@@ -5,11 +5,8 @@
 // Also: running a command (kubectl) with its output captured.
 #pragma once
 
-#ifndef CPPHTTPLIB_OPENSSL_SUPPORT
-#define CPPHTTPLIB_OPENSSL_SUPPORT
-#endif
 #include <gtest/gtest.h>
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -25,6 +22,8 @@
 #include <vector>
 
 #include "shardguard/common/process.h"
+
+#include "support/temp_dir.h"
 
 namespace shardguard::testsupport {
 
@@ -169,12 +168,11 @@ class RealApiTest : public ::testing::Test {
     ASSERT_FALSE(find_kubectl().empty()) << "kubectl not found; `make deps` installs tools/bin/kubectl";
     const std::string err = api_.install_crd();
     ASSERT_EQ(err, "") << err;
-    char templ[] = "/tmp/shardguard-realapi-test-XXXXXX";
-    ASSERT_NE(::mkdtemp(templ), nullptr);
-    dir_ = templ;
+    tmp_ = std::make_unique<TempDir>("shardguard-realapi-test");
+    dir_ = tmp_->str();
   }
   void TearDown() override {
-    if (!dir_.empty() && !HasFailure()) std::filesystem::remove_all(dir_);
+    if (tmp_ && HasFailure()) tmp_->keep();  // left for a look at what failed
   }
   // Writes `text` to DIR/name and returns the path.
   std::string write(const std::string& name, const std::string& text) const {
@@ -184,6 +182,7 @@ class RealApiTest : public ::testing::Test {
   }
 
   RealApi api_;
+  std::unique_ptr<TempDir> tmp_;
   std::string dir_;
 };
 

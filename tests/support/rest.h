@@ -4,10 +4,7 @@
 // answer keeps its status, body and Warning headers.
 #pragma once
 
-#ifndef CPPHTTPLIB_OPENSSL_SUPPORT
-#define CPPHTTPLIB_OPENSSL_SUPPORT
-#endif
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 #include <strings.h>

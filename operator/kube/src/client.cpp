@@ -11,16 +11,7 @@
 
 // Debian's libcpp-httplib is compiled with these; every user must see the same ones
 // (the httplib::httplib target passes them; repeated here for safety).
-#ifndef CPPHTTPLIB_OPENSSL_SUPPORT
-#define CPPHTTPLIB_OPENSSL_SUPPORT
-#endif
-#ifndef CPPHTTPLIB_ZLIB_SUPPORT
-#define CPPHTTPLIB_ZLIB_SUPPORT
-#endif
-#ifndef CPPHTTPLIB_BROTLI_SUPPORT
-#define CPPHTTPLIB_BROTLI_SUPPORT
-#endif
-#include <httplib.h>
+#include "shardguard/common/httplib.h"
 #include <openssl/bio.h>
 #include <openssl/pem.h>
 #include <openssl/ssl.h>

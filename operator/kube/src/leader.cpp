@@ -8,28 +8,15 @@
 #include <prometheus/registry.h>
 
 #include "shardguard/common/log.h"
+#include "shardguard/common/time.h"
 
 namespace shardguard::kube {
 
 using json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
-std::string format_micro_time(std::chrono::system_clock::time_point t) {
-  const auto us = std::chrono::duration_cast<std::chrono::microseconds>(t.time_since_epoch()).count();
-  int64_t secs = us / 1000000;
-  int64_t frac = us % 1000000;
-  if (frac < 0) {
-    frac += 1000000;
-    secs -= 1;
-  }
-  const std::time_t tt = static_cast<std::time_t>(secs);
-  std::tm tm{};
-  gmtime_r(&tt, &tm);
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%06lldZ", tm.tm_year + 1900, tm.tm_mon + 1,
-                tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, static_cast<long long>(frac));
-  return buf;
-}
+// A Lease's MicroTime: RFC 3339 with microseconds in UTC ("2026-11-26T03:40:00.123456Z").
+static std::string micro_time_now() { return format_rfc3339(std::chrono::system_clock::now(), 6); }
 
 LeaderElector::LeaderElector(Client& client, LeaderElectionConfig cfg, std::function<void()> on_started_leading,
                              std::function<void()> on_stopped_leading, prometheus::Registry* registry,
@@ -56,7 +43,7 @@ void LeaderElector::set_leader(bool leading) {
 
 bool LeaderElector::try_acquire_or_renew() {
   const auto now = Clock::now();
-  const std::string now_text = format_micro_time(std::chrono::system_clock::now());
+  const std::string now_text = micro_time_now();
   const int64_t duration_s =
       std::max<int64_t>(1, (cfg_.lease_duration.count() + 999) / 1000);
   const json where = {{"lease", cfg_.ns + "/" + cfg_.name}, {"identity", cfg_.identity}};
@@ -145,7 +132,7 @@ void LeaderElector::release() {
     }
     lease["spec"]["holderIdentity"] = "";
     lease["spec"]["leaseDurationSeconds"] = 1;
-    lease["spec"]["renewTime"] = format_micro_time(std::chrono::system_clock::now());
+    lease["spec"]["renewTime"] = micro_time_now();
     client_.update(kLeases, cfg_.ns, lease);
     log::info("released the lease", {{"lease", cfg_.ns + "/" + cfg_.name},
                                      {"identity", cfg_.identity}});

@@ -9,27 +9,20 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "shardguard/common/decode.h"
+
 namespace shardguard {
 
-struct FieldError {
-  std::string path;     // e.g. "spec.training.batchSize"
-  std::string message;  // e.g. "must be at least 1, got 0"
-  std::string str() const { return path + ": " + message; }
-};
-
 // Thrown when a job cannot be decoded or fails validation. what() lists every
-// error, one per line; errors() gives them one by one.
-class JobSpecError : public std::runtime_error {
+// error, one per line; errors() gives them one by one (FieldError: decode.h).
+class JobSpecError : public DecodeError {
  public:
-  explicit JobSpecError(std::vector<FieldError> errors);
-  const std::vector<FieldError>& errors() const { return errors_; }
-
- private:
-  std::vector<FieldError> errors_;
+  explicit JobSpecError(std::vector<FieldError> errors) : DecodeError("", std::move(errors)) {}
 };
 
 struct ModelSpec {

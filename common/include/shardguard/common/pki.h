@@ -59,8 +59,20 @@ Leaf issue_leaf(const CaBundle& ca, const std::string& spiffe_id, std::chrono::s
 // at most kMaxSpiffeIdBytes bytes.
 std::string validate_spiffe_id(const std::string& id);
 
-// spiffe://<td>/ns/<namespace>/job/<job>/shard/<index>. Throws PkiError when the
-// result is not a valid SPIFFE ID (e.g. a name containing '/').
+// validate_spiffe_id(id).empty().
+bool is_spiffe_id(const std::string& id);
+
+// The trust domain of a valid SPIFFE ID ("" when the ID is not valid).
+std::string spiffe_trust_domain(const std::string& id);
+
+// "" when td is a valid SPIFFE trust domain (non-empty, only [a-z0-9._-], at most
+// 255 bytes), otherwise the reason; the rule validate_spiffe_id applies to the
+// trust domain of an ID.
+std::string validate_trust_domain(const std::string& td);
+
+// spiffe://<td>/ns/<namespace>/job/<job>/shard/<index> (DESIGN §3), the one
+// builder of a shard's identity. Throws PkiError when the result is not a valid
+// SPIFFE ID (e.g. a name containing '/').
 std::string spiffe_id_for_shard(const std::string& trust_domain, const std::string& ns,
                                 const std::string& job, uint32_t index);
 

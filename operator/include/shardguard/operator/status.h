@@ -61,9 +61,4 @@ bool condition_true(const nlohmann::json& conditions, const std::string& type);
 // same as text for conditions, Events and refusals: format_ratio, common/strings.h).
 double round4(double v);
 
-// RFC 3339 UTC with second precision, e.g. 2026-11-26T03:40:00Z, and back (seconds
-// since the epoch; -1 when it does not parse).
-std::string format_time(int64_t unix_seconds);
-int64_t parse_time(const std::string& rfc3339);
-
 }  // namespace shardguard::op

@@ -65,9 +65,11 @@
 
 #include <cstdint>
 #include <memory>
-#include <stdexcept>
+#include <utility>
 #include <string>
 #include <vector>
+
+#include "shardguard/common/decode.h"
 
 namespace shardguard::policy {
 
@@ -84,20 +86,16 @@ inline constexpr const char* kRuleExportDenied = "export-denied";
 // Reported by PolicyStore when no valid policy is loaded (fail closed).
 inline constexpr const char* kRuleNoPolicy = "no-policy";
 
-struct PolicyProblem {
-  std::string path;     // e.g. "ingress[1].methods[0]"
-  std::string message;  // e.g. "\"/x\" is not a canonical method path ..."
-  std::string str() const { return path + ": " + message; }
-};
+// One problem of a policy: the JSON path and the message, worded by the decode kit
+// (common/decode.h) exactly as the job spec decoder words the same kind of error.
+using PolicyProblem = FieldError;
 
 // Thrown by parse_policy / pipeline_policy. what() lists every problem, one per line.
-class PolicyError : public std::runtime_error {
+class PolicyError : public DecodeError {
  public:
-  explicit PolicyError(std::vector<PolicyProblem> problems);
-  const std::vector<PolicyProblem>& problems() const { return problems_; }
-
- private:
-  std::vector<PolicyProblem> problems_;
+  explicit PolicyError(std::vector<PolicyProblem> problems)
+      : DecodeError("invalid shard access policy:", std::move(problems)) {}
+  const std::vector<PolicyProblem>& problems() const { return errors(); }
 };
 
 struct PolicyRule {
@@ -187,19 +185,8 @@ Decision decide(const Policy& policy, Direction direction, const std::string& pe
 // no whitespace or control characters, at most 256 bytes.
 bool is_canonical_method(const std::string& method_path);
 
-// A SPIFFE ID as the standard allows: `spiffe://<td>` followed by one or more
-// `/<segment>` (segments of [A-Za-z0-9._-], not "." or ".."), the trust domain of
-// [a-z0-9._-], at most 2048 bytes, no query, fragment or percent-encoding. A
-// non-empty path is required (workload IDs only).
-bool is_spiffe_id(const std::string& id);
-// The trust domain of a valid SPIFFE ID ("" when the ID is not valid).
-std::string spiffe_trust_domain(const std::string& id);
-
-// DESIGN.md §3 identities.
-std::string shard_spiffe_id(const std::string& trust_domain, const std::string& ns,
-                            const std::string& job, int index);
-std::string exporter_spiffe_id(const std::string& trust_domain, const std::string& ns,
-                               const std::string& job);
+// SPIFFE IDs are checked and built by common/pki.h only: validate_spiffe_id,
+// is_spiffe_id, spiffe_trust_domain, spiffe_id_for_shard, spiffe_id_for_exporter.
 
 // The policy of one pipeline stage (DESIGN.md §4): ingress Forward only from
 // shard-1 ("forward-from-prev") and Backward only from shard+1 ("backward-from-next");

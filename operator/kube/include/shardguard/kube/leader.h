@@ -67,7 +67,4 @@ class LeaderElector {
   std::chrono::steady_clock::time_point observed_time_{};
 };
 
-// RFC 3339 with microseconds in UTC: "2026-11-26T03:40:00.123456Z".
-std::string format_micro_time(std::chrono::system_clock::time_point t);
-
 }  // namespace shardguard::kube
