@@ -2,8 +2,6 @@
 // run per workdir (issue 16 item 10) and no new key for a shard whose checkpoints or
 // ledger need the old one (item 9). The runs themselves are process-level tests in
 // tests/integration/.
-#include <unistd.h>
-
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -15,6 +13,7 @@
 #include "shardguard/common/shard_files.h"
 #include "shardguard/shardctl/job_pki.h"
 #include "shardguard/shardctl/local_run.h"
+#include "support/temp_dir.h"
 
 namespace shardguard::shardctl {
 namespace {
@@ -25,15 +24,7 @@ const std::string kJobFile = std::string(SHARDGUARD_SOURCE_DIR) + "/examples/fas
 
 class LocalRunGuards : public ::testing::Test {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("shardguard-local-run-" + std::to_string(::getpid()) + "-" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-    job_ = load_job_file(kJobFile);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
+  void SetUp() override { job_ = load_job_file(kJobFile); }
 
   LocalRunOptions options() const {
     LocalRunOptions o;
@@ -52,7 +43,8 @@ class LocalRunGuards : public ::testing::Test {
         << "sealed";
   }
 
-  fs::path dir_;
+  const testsupport::TempDir tmp_{"shardguard-local-run"};
+  const fs::path dir_ = tmp_.path();
   JobSpec job_;
 };
 

@@ -19,9 +19,11 @@
 #include "shardguard/shardctl/study_report.h"
 #include "shardguard/model/model_desc.h"
 #include "shardguard/model/partition.h"
+#include "support/temp_dir.h"
 
 namespace fs = std::filesystem;
 using namespace shardguard::shardctl;
+namespace testsupport = shardguard::testsupport;
 
 namespace {
 
@@ -36,12 +38,6 @@ std::vector<std::string> names(const std::vector<StudyRow>& rows) {
   return out;
 }
 
-fs::path temp_dir(const std::string& name) {
-  const fs::path d = fs::temp_directory_path() / ("shardguard-study-test-" + name + "-" + std::to_string(::getpid()));
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
 
 }  // namespace
 
@@ -263,7 +259,8 @@ std::string slurp(const fs::path& p) {
 // --report-only needs no LibTorch: it restates the exposure, rewrites the CSV and
 // writes results.md and the plot data from the job files and the CSV.
 TEST(StudyReportOnly, RestatesAndWritesTheReport) {
-  const fs::path dir = temp_dir("report-only");
+  const testsupport::TempDir tmp("shardguard-study-report-only");
+  const fs::path dir = tmp.path();
   { std::ofstream(dir / "results.csv") << small_csv(); }
   StudyOptions o;
   o.job_files = {kCnnJob};
@@ -282,13 +279,13 @@ TEST(StudyReportOnly, RestatesAndWritesTheReport) {
   // A second run finds nothing to restate and writes the same report.
   ASSERT_EQ(RunStudyReport(o), 0);
   EXPECT_EQ(slurp(dir / "results.md"), md);
-  fs::remove_all(dir);
 }
 
 // The CSV missing or unreadable is an I/O failure that names the file (exit 1),
 // not an empty report; an invalid job is bad input (exit 2) naming --job.
 TEST(StudyReportOnly, MissingCsvAndBadJobAreRefused) {
-  const fs::path dir = temp_dir("report-missing");
+  const testsupport::TempDir tmp("shardguard-study-report-missing");
+  const fs::path dir = tmp.path();
   StudyOptions o;
   o.job_files = {kCnnJob};
   o.out_dir = dir.string();
@@ -304,14 +301,15 @@ TEST(StudyReportOnly, MissingCsvAndBadJobAreRefused) {
   EXPECT_EQ(RunStudyReport(o), 2);
   err = testing::internal::GetCapturedStderr();
   EXPECT_NE(err.find("--job " + (dir / "nope.yaml").string()), std::string::npos) << err;
-  fs::remove_all(dir);
 }
 
 // Plots are drawn by gnuplot without a shell: an output directory whose name has
 // a quote and a space still gets its PNG (gnuplot is a `make deps` package).
 TEST(StudyReportOnly, PlotsInADirectoryWithAQuote) {
   if (shardguard::find_in_path("gnuplot").empty()) GTEST_SKIP() << "gnuplot is not on PATH (make deps installs gnuplot-nox)";
-  const fs::path dir = temp_dir("it's a plot");
+  const testsupport::TempDir tmp("shardguard-study");
+  const fs::path dir = tmp.path() / "it's a plot";
+  fs::create_directories(dir);
   { std::ofstream(dir / "results.csv") << small_csv(); }
   StudyOptions o;
   o.job_files = {kCnnJob};
@@ -319,5 +317,4 @@ TEST(StudyReportOnly, PlotsInADirectoryWithAQuote) {
   ASSERT_EQ(RunStudyReport(o), 0);
   EXPECT_GT(fs::file_size(dir / "plot-cnn.png"), 1000u);
   EXPECT_FALSE(fs::exists(dir / "plot-cnn.gnuplot.log")) << "the log is kept only when gnuplot fails";
-  fs::remove_all(dir);
 }

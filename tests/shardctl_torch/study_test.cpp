@@ -15,9 +15,11 @@
 
 #include "shardguard/common/jobspec.h"
 #include "shardguard/shardctl/torch_commands.h"
+#include "support/temp_dir.h"
 
 namespace fs = std::filesystem;
 using namespace shardguard::shardctl;
+namespace testsupport = shardguard::testsupport;
 
 namespace {
 
@@ -34,19 +36,14 @@ std::string error_of(const StudyOptions& o) {
 
 size_t last_line_start(const std::string& text) { return text.rfind('\n', text.size() - 2) + 1; }
 
-fs::path temp_dir(const std::string& name) {
-  const fs::path d = fs::temp_directory_path() / ("shardguard-study-test-" + name + "-" + std::to_string(::getpid()));
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
 
 }  // namespace
 
 TEST(StudyValidate, BadInputNamesFlagAndValue) {
   StudyOptions o;
   o.job_files = {kCnnJob};
-  o.out_dir = temp_dir("validate").string();
+  const testsupport::TempDir tmp("shardguard-study-validate");
+  o.out_dir = tmp.str();
   EXPECT_EQ(error_of(o), "");
 
   StudyOptions bad = o;
@@ -83,7 +80,6 @@ TEST(StudyValidate, BadInputNamesFlagAndValue) {
   bad.rows = "s7";
   EXPECT_EQ(RunStudy(bad), 2);
   EXPECT_FALSE(fs::exists(fs::path(o.out_dir) / "results.csv"));
-  fs::remove_all(o.out_dir);
 }
 
 // The quick study (issue 7 Tests), on a small cnn (channels 8, hidden 32: the
@@ -99,7 +95,8 @@ TEST(StudyValidate, BadInputNamesFlagAndValue) {
 TEST(StudyQuick, OrderingsHold) {
   const std::map<int64_t, double> acc_tol{{60, 0.20}, {600, 0.07}};
   const std::map<int64_t, double> r_tol{{60, 0.6}, {600, 0.4}};
-  const fs::path dir = temp_dir("quick");
+  const testsupport::TempDir tmp("shardguard-study-quick");
+  const fs::path dir = tmp.path();
   std::string yaml;
   {
     std::ifstream in(kCnnJob);
@@ -172,5 +169,4 @@ TEST(StudyQuick, OrderingsHold) {
   const std::string text3((std::istreambuf_iterator<char>(third)), std::istreambuf_iterator<char>());
   EXPECT_EQ(parse_csv(text3).size(), 16u) << text3;
   EXPECT_EQ(text3.substr(0, last_line_start(text3)), text.substr(0, last_line_start(text)));
-  fs::remove_all(dir);
 }

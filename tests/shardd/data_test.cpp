@@ -3,7 +3,6 @@
 // hold (no multi-terabyte allocation), labels out of range.
 #include "shardguard/shardd/data.h"
 
-#include <unistd.h>
 #include <zlib.h>
 
 #include <filesystem>
@@ -13,10 +12,10 @@
 
 #include <gtest/gtest.h>
 
+#include "support/temp_dir.h"
+
 namespace shardguard::shardd {
 namespace {
-
-namespace fs = std::filesystem;
 
 void put32(std::string& out, uint32_t v) {
   for (int shift : {24, 16, 8, 0}) out.push_back(static_cast<char>((v >> shift) & 0xFF));
@@ -35,15 +34,7 @@ void write_idx(const std::string& path, const std::vector<uint32_t>& dims, const
 
 class DatasetTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    dir_ = (fs::temp_directory_path() / ("shardguard-data-" + std::to_string(::getpid()) + "-" +
-                                         ::testing::UnitTest::GetInstance()->current_test_info()->name()))
-               .string();
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-    spec_.path = dir_;
-  }
-  void TearDown() override { fs::remove_all(dir_); }
+  void SetUp() override { spec_.path = dir_; }
 
   std::string images() const { return dir_ + "/train-images-idx3-ubyte.gz"; }
   std::string labels() const { return dir_ + "/train-labels-idx1-ubyte.gz"; }
@@ -60,7 +51,8 @@ class DatasetTest : public ::testing::Test {
     return "";
   }
 
-  std::string dir_;
+  const testsupport::TempDir tmp_{"shardguard-data"};
+  const std::string dir_ = tmp_.str();
   DatasetSpec spec_;
 };
 

@@ -16,6 +16,7 @@
 #include "shardguard/shardd/memory_transport.h"
 #include "shardguard/shardd/threads.h"
 #include "shardguard/shardd/trainer.h"
+#include "support/temp_dir.h"
 #include "shardd/pipeline_helpers.h"
 #include "shardd/test_job.h"
 
@@ -56,8 +57,6 @@ using shardguard::testing::metric;
 class EngineTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() { set_compute_threads(1); }
-  void SetUp() override { dir_ = shardguard::testing::make_temp_dir(); }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
 
   // Stage i's node on `network`: checkpoints under dir_, the same key file on every run.
   std::unique_ptr<Node> make_node(MemoryNetwork& network, const JobSpec& job, int stage, int64_t max_steps,
@@ -109,7 +108,8 @@ class EngineTest : public ::testing::Test {
     return out;
   }
 
-  std::string dir_;
+  const shardguard::testsupport::TempDir tmp_{"shardguard-engine"};
+  const std::string dir_ = tmp_.str();
   std::vector<std::unique_ptr<Node>>* nodes_ = nullptr;  // during run()
 };
 
