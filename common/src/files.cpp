@@ -1,7 +1,9 @@
 // File helpers with no partial state (see files.h).
 #include "shardguard/common/files.h"
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -68,7 +70,7 @@ void fsync_dir(const std::string& dir) {
 
 }  // namespace
 
-std::string read_file(const std::string& path) {
+std::string read_file(const std::string& path, std::size_t max_bytes) {
   Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (fd.get() < 0) fail("cannot open", path, errno);
   struct stat st {};
@@ -76,7 +78,7 @@ std::string read_file(const std::string& path) {
   if (S_ISDIR(st.st_mode)) fail("cannot read", path, EISDIR);
 
   std::string out;
-  if (st.st_size > 0) out.reserve(static_cast<size_t>(st.st_size));
+  if (st.st_size > 0) out.reserve(static_cast<size_t>(std::min<uint64_t>(st.st_size, max_bytes)));
   char buf[64 * 1024];
   for (;;) {
     const ssize_t n = ::read(fd.get(), buf, sizeof buf);
@@ -86,9 +88,14 @@ std::string read_file(const std::string& path) {
     }
     if (n == 0) break;
     out.append(buf, static_cast<size_t>(n));
+    if (out.size() > max_bytes) {
+      throw FileError(path + " is larger than " + std::to_string(max_bytes) + " bytes");
+    }
   }
   return out;
 }
+
+std::string read_file(const std::string& path) { return read_file(path, std::string().max_size()); }
 
 void write_file_atomic(const std::string& path, const std::string& data, unsigned mode) {
   if (path.empty()) throw FileError("cannot write file: empty path");

@@ -8,6 +8,7 @@
 // problem found by either layer.
 #include "shardguard/common/jobspec.h"
 
+#include "shardguard/common/files.h"
 #include "shardguard/common/pki.h"
 #include "shardguard/common/strings.h"
 
@@ -53,6 +54,7 @@ using decode::show;
 // ---- YAML -> JSON ----------------------------------------------------------
 
 constexpr int kMaxYamlDepth = 256;
+constexpr std::size_t kMaxJobFileBytes = 1 << 20;  // 1 MiB
 // Aliases are expanded while converting; this bounds "billion laughs" input.
 constexpr std::size_t kMaxYamlNodes = 1000000;
 
@@ -245,6 +247,66 @@ json resolve_plain(const std::string& s) {
   if (auto i = resolve_int(s)) return *i;
   if (auto f = resolve_float(s)) return *f;
   return s;
+}
+
+// The nesting depth of a YAML text, estimated before yaml-cpp parses it: its
+// parser recurses once per level, so a file of ten thousand '[' would exhaust the
+// stack or fail as "bad file". Counts block levels (indentation and "- " entries) and
+// flow levels ('[' '{' outside quotes and comments) and refuses the first place where
+// they exceed kMaxYamlDepth, with its line and column. An estimate that errs high:
+// a document the scan passes can still be refused by YamlConverter's exact count.
+void check_yaml_depth(const std::string& text) {
+  std::vector<std::size_t> indents;  // block levels open at the current line
+  int flow = 0;
+  char quote = 0;  // inside a '…' or "…" flow scalar (they may span lines)
+  std::size_t line = 0, begin = 0;
+  while (begin <= text.size()) {
+    std::size_t end = text.find('\n', begin);
+    if (end == std::string::npos) end = text.size();
+    std::size_t i = begin;
+    int dashes = 0;
+    if (flow == 0 && quote == 0) {
+      while (i < end && text[i] == ' ') ++i;
+      const std::size_t indent = i - begin;
+      const bool content = i < end && text[i] != '#' && text[i] != '\r';
+      if (content) {
+        while (!indents.empty() && indents.back() >= indent) indents.pop_back();
+        indents.push_back(indent);
+        // "- - - x": each entry marker opens one more level on the same line.
+        while (i + 1 < end && text[i] == '-' && (text[i + 1] == ' ' || text[i + 1] == '\t')) {
+          ++dashes;
+          i += 2;
+          while (i < end && text[i] == ' ') ++i;
+        }
+      }
+    }
+    for (; i < end; ++i) {
+      const char c = text[i];
+      if (quote) {
+        if (c == '\\' && quote == '"') ++i;
+        else if (c == quote) quote = 0;
+        continue;
+      }
+      if (c == '#' && (i == begin || text[i - 1] == ' ' || text[i - 1] == '\t')) break;
+      if (c == '"' || c == '\'') {
+        quote = c;
+      } else if (c == '[' || c == '{') {
+        if (static_cast<int>(indents.size()) + dashes + ++flow > kMaxYamlDepth) {
+          throw JobSpecError({FieldError{"<yaml>", "line " + std::to_string(line + 1) + ", column " +
+                                                       std::to_string(i - begin + 1) + ": nesting deeper than " +
+                                                       std::to_string(kMaxYamlDepth) + " levels"}});
+        }
+      } else if ((c == ']' || c == '}') && flow > 0) {
+        --flow;
+      }
+    }
+    if (static_cast<int>(indents.size()) + dashes + flow > kMaxYamlDepth) {
+      throw JobSpecError({FieldError{"<yaml>", "line " + std::to_string(line + 1) + ": nesting deeper than " +
+                                                   std::to_string(kMaxYamlDepth) + " levels"}});
+    }
+    ++line;
+    begin = end + 1;
+  }
 }
 
 class YamlConverter {
@@ -734,6 +796,7 @@ using Checker = decode::Reader;
 }  // namespace
 
 json yaml_to_json(const std::string& yaml_text) {
+  check_yaml_depth(yaml_text);
   YAML::Node root;
   try {
     // One object per text: kubectl apply would act on every document of a file,
@@ -946,19 +1009,18 @@ JobSpec load_job_file(const std::string& path) {
   if (std::filesystem::is_directory(status)) {
     throw JobSpecError({FieldError{path, "cannot read job file: is a directory"}});
   }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    throw JobSpecError({FieldError{path, std::string("cannot read job file: ") + std::strerror(errno)}});
-  }
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (in.bad()) {
-    throw JobSpecError({FieldError{path, "cannot read job file: read error"}});
+  // Bounded: a job is tens of kilobytes (the API server stores at most about 1.5 MiB
+  // per object); /dev/zero or a wrong path to a dataset must not grow until bad_alloc.
+  std::string text;
+  try {
+    text = read_file(path, kMaxJobFileBytes);
+  } catch (const FileError& e) {
+    throw JobSpecError({FieldError{path, std::string("cannot read job file: ") + e.what()}});
   }
 
   json object;
   try {
-    object = yaml_to_json(text.str());
+    object = yaml_to_json(text);
   } catch (const JobSpecError& e) {
     // Name the file rather than "<yaml>"; the message keeps line and column.
     std::vector<FieldError> errors = e.errors();

@@ -201,6 +201,40 @@ TEST(JobSpecYamlTest, DuplicateKeyIsAnError) {
   }
 }
 
+std::string yaml_error(const std::string& text) {
+  try {
+    yaml_to_json(text);
+  } catch (const JobSpecError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// Bounded inputs (issue 16 item 13): deep nesting is refused by a scan before
+// yaml-cpp recurses, with the place and the limit, not "bad file" or a crash.
+TEST(JobSpecYamlTest, DeepNestingNamesTheLimitAndThePlace) {
+  const std::string flow = "spec:\n  model: " + std::string(10000, '[') + std::string(10000, ']') + "\n";
+  EXPECT_EQ(yaml_error(flow), "<yaml>: line 2, column 264: nesting deeper than 256 levels");
+  std::string block = "spec:\n";
+  for (int i = 0; i < 300; ++i) block += std::string(2 + i, ' ') + "a" + std::to_string(i) + ":\n";
+  EXPECT_EQ(yaml_error(block), "<yaml>: line 257: nesting deeper than 256 levels");
+  std::string dashes;
+  for (int i = 0; i < 300; ++i) dashes += "- ";
+  EXPECT_EQ(yaml_error(dashes + "x\n"), "<yaml>: line 1: nesting deeper than 256 levels");
+  // Brackets in quotes and comments do not count; 200 real levels are within the limit.
+  EXPECT_EQ(yaml_error("a: \"" + std::string(1000, '[') + "\"  # " + std::string(1000, '{') + "\n"), "");
+  EXPECT_EQ(yaml_error("a: " + std::string(200, '[') + std::string(200, ']') + "\n"), "");
+}
+
+TEST(JobSpecTest, JobFilesAreReadWithASizeLimit) {
+  try {
+    load_job_file("/dev/zero");  // grew until std::bad_alloc before
+    FAIL() << "read /dev/zero as a job";
+  } catch (const JobSpecError& e) {
+    EXPECT_NE(std::string(e.what()).find("/dev/zero is larger than 1048576 bytes"), std::string::npos) << e.what();
+  }
+}
+
 TEST(JobSpecYamlTest, EmptyDocumentIsNull) {
   EXPECT_TRUE(yaml_to_json("").is_null());
   EXPECT_TRUE(yaml_to_json("# only a comment\n").is_null());

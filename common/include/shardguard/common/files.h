@@ -15,6 +15,9 @@ class FileError : public std::runtime_error {
 
 // Throws FileError naming the path and strerror on failure.
 std::string read_file(const std::string& path);
+// The same, but a file of more than max_bytes (a device, a pipe, a wrong path) is
+// refused with FileError ("… is larger than N bytes") after reading max_bytes + 1.
+std::string read_file(const std::string& path, std::size_t max_bytes);
 void write_file_atomic(const std::string& path, const std::string& data, unsigned mode = 0644);
 // mkdir -p; throws FileError.
 void make_dirs(const std::string& path);
