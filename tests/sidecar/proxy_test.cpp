@@ -474,6 +474,66 @@ TEST_F(ProxyTest, ClosesAStalledHandshake) {
   EXPECT_EQ(metric(*b_reg_, "shardguard_tls_handshake_failures_total", {{"reason", "handshake_timeout"}}), 1);
 }
 
+// Presents `leaf` to B's inbound listener from a raw OpenSSL client at security
+// level 0 (an attacker is not bound by our library's defaults: gRPC's client would
+// not even load a SHA-1 or RSA-1024 certificate), then waits for B to close.
+void present_weak_leaf(int port, const Leaf& leaf) {
+  SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+  ASSERT_NE(ctx, nullptr);
+  SSL_CTX_set_security_level(ctx, 0);
+  SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+  SSL_CTX_set_alpn_protos(ctx, reinterpret_cast<const unsigned char*>("\x02h2"), 3);
+  BIO* cb = BIO_new_mem_buf(leaf.cert_pem.data(), static_cast<int>(leaf.cert_pem.size()));
+  X509* cert = PEM_read_bio_X509(cb, nullptr, nullptr, nullptr);
+  BIO* kb = BIO_new_mem_buf(leaf.key_pem.data(), static_cast<int>(leaf.key_pem.size()));
+  EVP_PKEY* key = PEM_read_bio_PrivateKey(kb, nullptr, nullptr, nullptr);
+  ASSERT_EQ(SSL_CTX_use_certificate(ctx, cert), 1);
+  ASSERT_EQ(SSL_CTX_use_PrivateKey(ctx, key), 1);
+  SSL* ssl = SSL_new(ctx);
+  const int fd = connect_to(port);
+  ASSERT_GE(fd, 0);
+  SSL_set_fd(ssl, fd);
+  if (SSL_connect(ssl) == 1) {
+    // TLS 1.3: the server judges the client's certificate after our Finished; its
+    // refusal arrives as an alert or a close on the next read.
+    char buf[64];
+    SSL_read(ssl, buf, sizeof buf);
+  }
+  SSL_free(ssl);
+  ::close(fd);
+  EVP_PKEY_free(key);
+  X509_free(cert);
+  BIO_free(kb);
+  BIO_free(cb);
+  SSL_CTX_free(ctx);
+}
+
+// Issue 16 item 5: signed by the job CA, with the right SPIFFE ID, but weak — each
+// refused in the handshake and counted under its own reason, and nothing reaches
+// shard 1.
+TEST_F(ProxyTest, RefusesWeakLeaves) {
+  start_pair();
+  const auto refused = [&](const LeafSpec& spec, const std::string& reason) {
+    present_weak_leaf(b_->inbound_port(), testsupport::build_leaf_with_key(*ca_, spec));
+    EXPECT_TRUE(eventually([&] {
+      return metric(*b_reg_, "shardguard_tls_handshake_failures_total", {{"reason", reason}}) >= 1;
+    })) << "reason " << reason;
+  };
+  LeafSpec sha1;
+  sha1.san = "URI:" + shard_id(0);
+  sha1.digest = "SHA1";
+  refused(sha1, "weak_signature");
+  LeafSpec rsa1024;
+  rsa1024.san = "URI:" + shard_id(0);
+  rsa1024.key = "RSA:1024";
+  refused(rsa1024, "weak_key");
+  LeafSpec no_bc;
+  no_bc.san = "URI:" + shard_id(0);
+  no_bc.basic_constraints = "";
+  expect_handshake_refused(testsupport::build_leaf_with_key(*ca_, no_bc), "no_basic_constraints");
+  EXPECT_EQ(backend_b_.calls(), 0);
+}
+
 TEST_F(ProxyTest, RefusesTls11) {
   start_pair();
   SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());

@@ -17,8 +17,12 @@ namespace shardguard::testsupport {
 Leaf build_leaf_with_key(const CaBundle& ca, const LeafSpec& spec) {
   TCert ca_cert = cert_from_pem(ca.cert_pem);
   TKey ca_key = key_from_pem(ca.key_pem);
-  TKey key(EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256"));
-  must(key != nullptr, "keygen");
+  const auto colon = spec.key.find(':');
+  must(colon != std::string::npos, "LeafSpec.key \"" + spec.key + "\" is not TYPE:PARAM");
+  const std::string type = spec.key.substr(0, colon), param = spec.key.substr(colon + 1);
+  TKey key(type == "RSA" ? EVP_PKEY_Q_keygen(nullptr, nullptr, "RSA", static_cast<size_t>(std::stoul(param)))
+                         : EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", param.c_str()));
+  must(key != nullptr, "keygen " + spec.key);
   TCert cert(X509_new());
   must(cert != nullptr, "X509_new");
   must(X509_set_version(cert.get(), X509_VERSION_3) == 1, "version");
@@ -47,7 +51,9 @@ Leaf build_leaf_with_key(const CaBundle& ca, const LeafSpec& spec) {
   add(NID_subject_key_identifier, "hash");
   if (!spec.self_signed) add(NID_authority_key_identifier, "keyid:always");
   add(NID_subject_alt_name, spec.san);
-  must(X509_sign(cert.get(), spec.self_signed ? key.get() : ca_key.get(), EVP_sha256()) > 0, "sign");
+  const EVP_MD* md = EVP_get_digestbyname(spec.digest.c_str());
+  must(md != nullptr, "digest " + spec.digest);
+  must(X509_sign(cert.get(), spec.self_signed ? key.get() : ca_key.get(), md) > 0, "sign with " + spec.digest);
   TBio out(BIO_new(BIO_s_mem()));
   must(out != nullptr && PEM_write_bio_X509(out.get(), cert.get()) == 1, "write PEM");
   char* data = nullptr;

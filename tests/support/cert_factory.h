@@ -59,11 +59,13 @@ struct LeafSpec {
   std::string key_usage = "critical,digitalSignature,keyAgreement";
   std::string eku = "clientAuth,serverAuth";  // "" = no EKU extension
   bool self_signed = false;
+  std::string key = "EC:P-256";  // "EC:<curve>" or "RSA:<bits>": the leaf's own key
+  std::string digest = "SHA256";  // what the issuer signs with ("SHA1" for a weak leaf)
   long not_before = -60;  // seconds relative to now
   long not_after = 3600;
 };
 
-// A leaf signed by ca (or by its own key when self_signed), with a fresh P-256 key.
+// A leaf signed by ca (or by its own key when self_signed), with a fresh key of spec.key.
 // Throws std::runtime_error when OpenSSL refuses a step.
 Leaf build_leaf_with_key(const CaBundle& ca, const LeafSpec& spec);
 // The certificate only.
