@@ -55,6 +55,8 @@ using decode::show;
 
 constexpr int kMaxYamlDepth = 256;
 constexpr std::size_t kMaxJobFileBytes = 1 << 20;  // 1 MiB
+// The CRD's message for both path fields (x-kubernetes-validations).
+constexpr const char* kSafePathText = "an absolute path without \"..\" segments";
 // Aliases are expanded while converting; this bounds "billion laughs" input.
 constexpr std::size_t kMaxYamlNodes = 1000000;
 
@@ -623,7 +625,7 @@ class Decoder : public decode::Reader {
       require(*n, np, "server");
       require(*n, np, "path");
       bounded_string(*n, "server", np, 1, 253);
-      bounded_string(*n, "path", np, 1, 1024);
+      bounded_string(*n, "path", np, 1, 1024, is_absolute_path_without_dotdot, kSafePathText);
       boolean(*n, "readOnly", np);
     }
     return v;
@@ -861,7 +863,10 @@ std::vector<FieldError> validate(const JobSpec& job) {
   const DatasetSpec& ds = job.dataset;
   c.one_of("spec.dataset.name", ds.name, "dataset", {"fashion-mnist"});
   c.not_empty("spec.dataset.path", ds.path);
-  c.max_length("spec.dataset.path", ds.path, 1024);
+  if (c.max_length("spec.dataset.path", ds.path, 1024) && !ds.path.empty() &&
+      !is_absolute_path_without_dotdot(ds.path)) {
+    c.fail("spec.dataset.path", std::string("must be ") + kSafePathText + ", got " + decode::quote(ds.path));
+  }
   c.at_least("spec.dataset.maxTrainSamples", ds.max_train_samples, 0);
   c.at_least("spec.dataset.maxTestSamples", ds.max_test_samples, 0);
 

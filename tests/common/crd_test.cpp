@@ -791,7 +791,8 @@ TEST(Crd, StringRulesMatchTheDecoder) {
   const std::string label63(63, 'a');
   const std::string long_name = label63 + "." + label63 + "." + label63 + "." + std::string(62, 'b');
   const std::vector<Case> cases = {
-      {"spec.dataset.path", {"/data", "x"}, {""}},
+      // (Relative and ".." paths are a CEL rule's: EveryCrossFieldRuleOfTheDecoderHasACelRule.)
+      {"spec.dataset.path", {"/data", "/", "/a/..b/c"}, {""}},
       {"spec.protection.topologyKey", {"kubernetes.io/hostname", "zone"}, {""}},
       {"spec.protection.trustDomain",
        {"shardguard.local", "a", "a-b.c0", label63, label63 + ".x", long_name.substr(1)},
@@ -885,6 +886,11 @@ TEST(Crd, EveryCrossFieldRuleOfTheDecoderHasACelRule) {
        R"({"spec": {"protection": {"export": {"allowed": true}}}})",
        "spec.protection.export.principals", "spec.protection.export",
        "size(self.principals) > 0", "at least one SPIFFE ID"},
+      {"relative dataset path", R"({"spec": {"dataset": {"path": "data"}}})", "spec.dataset.path",
+       "spec.dataset.path", "self.startsWith('/')", "absolute path without"},
+      {"nfs path with ..",
+       R"({"spec": {"checkpoint": {"volume": {"nfs": {"server": "n", "path": "/a/../b"}}}}})",
+       "spec.checkpoint.volume.nfs.path", "spec.checkpoint.volume.nfs.path", "[.][.]", "absolute path without"},
       {"nodeSelector key that is no label key",
        R"({"spec": {"template": {"nodeSelector": {"gpu type": "h200"}}}})",
        "spec.template.nodeSelector.gpu type", "spec.template.nodeSelector", "self.all(k",

@@ -226,6 +226,25 @@ TEST(JobSpecYamlTest, DeepNestingNamesTheLimitAndThePlace) {
   EXPECT_EQ(yaml_error("a: " + std::string(200, '[') + std::string(200, ']') + "\n"), "");
 }
 
+// Issue 16 item 4: a path the pods are given is absolute and cannot climb out with "..".
+TEST(JobSpecTest, PathFieldsMustBeAbsoluteWithoutDotDot) {
+  for (const char* bad : {"datasets/fmnist", "/usr/share/../../etc", "/data/..", "..", "/a/../b"}) {
+    SCOPED_TRACE(bad);
+    json j = minimal_job();
+    j["spec"]["dataset"] = {{"path", bad}};
+    EXPECT_EQ(one_error(j, "spec.dataset.path"),
+              std::string("spec.dataset.path: must be an absolute path without \"..\" segments, got \"") + bad + "\"");
+    j = minimal_job();
+    j["spec"]["checkpoint"] = {{"volume", {{"nfs", {{"server", "nfs.local"}, {"path", bad}}}}}};
+    EXPECT_NE(one_error(j, "spec.checkpoint.volume.nfs.path").find("must be an absolute path without"), std::string::npos);
+  }
+  for (const char* good : {"/", "/data", "/data/..x/y", "/a/.../b", "/a/./b"}) {
+    json j = minimal_job();
+    j["spec"]["dataset"] = {{"path", good}};
+    EXPECT_NO_THROW(job_from_json(j)) << good;
+  }
+}
+
 TEST(JobSpecTest, JobFilesAreReadWithASizeLimit) {
   try {
     load_job_file("/dev/zero");  // grew until std::bad_alloc before

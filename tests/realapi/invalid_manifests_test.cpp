@@ -154,6 +154,13 @@ std::vector<Case> invalid_cases() {
   spec("volume-two", kModel + "  checkpoint: {volume: {emptyDir: {}, nfs: {server: nfs.local, path: /ckpt}}}\n", 422,
        "spec.checkpoint.volume", "must have at most 1 item");
   spec("volume-none", kModel + "  checkpoint: {volume: {}}\n", 422, "spec.checkpoint.volume", "should have at least 1 properties");
+  // Paths given to the pods: absolute, without ".." (issue 16 item 4).
+  spec("dataset-relative", kModel + "  dataset: {path: datasets/fashion-mnist}\n", 422, "spec.dataset.path",
+       "must be an absolute path without \"..\" segments");
+  spec("dataset-dotdot", kModel + "  dataset: {path: /usr/share/../../etc}\n", 422, "spec.dataset.path",
+       "must be an absolute path without \"..\" segments");
+  spec("nfs-dotdot", kModel + "  checkpoint: {volume: {nfs: {server: nfs.local, path: /exports/..}}}\n", 422,
+       "spec.checkpoint.volume.nfs.path", "must be an absolute path without \"..\" segments");
   spec("pvc-claim", kModel + "  checkpoint: {volume: {persistentVolumeClaim: {readOnly: false}}}\n", 422,
        "spec.checkpoint.volume.persistentVolumeClaim.claimName", "Required value");
   // ---- required ----

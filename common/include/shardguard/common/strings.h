@@ -59,6 +59,19 @@ inline std::string trim(const std::string& s) {
   return s.substr(b, e - b + 1);
 }
 
+// A path the pod may be given: absolute, with no ".." segment that could climb out of
+// what it names (a volume's export, the dataset directory).
+inline bool is_absolute_path_without_dotdot(const std::string& path) {
+  if (path.empty() || path[0] != '/') return false;
+  for (std::size_t begin = 0; begin <= path.size();) {
+    std::size_t end = path.find('/', begin);
+    if (end == std::string::npos) end = path.size();
+    if (path.compare(begin, end - begin, "..") == 0) return false;
+    begin = end + 1;
+  }
+  return true;
+}
+
 // A ratio or share as people read it in messages and reports: four decimals ("0.2500"),
 // the precision the job's status keeps (status rounds to the same four).
 inline std::string format_ratio(double v) {
