@@ -10,6 +10,7 @@
 #include "shardguard/common/log.h"
 #include "shardguard/common/metrics_server.h"
 #include "shardguard/common/process.h"
+#include "shardguard/proto/grpc_log.h"
 #include "shardguard/shardd/stage.h"
 #include "shardguard/shardd/threads.h"
 
@@ -73,6 +74,7 @@ int RunShardd(Flags flags) {
 
 int main(int argc, char** argv) {
   shardguard::log::set_component("shardd");
+  shardguard::proto::route_grpc_logs_to_json();  // stderr stays JSON lines
   CLI::App app{"shardd: trains one pipeline stage of a ShardedTrainingJob, holding only that stage's blocks"};
   Flags flags;
   flags.stage.listen = "127.0.0.1:7000";  // DESIGN.md §7; the sidecar is the only way in

@@ -11,6 +11,7 @@
 #include "shardguard/common/log.h"
 #include "shardguard/common/metrics_server.h"
 #include "shardguard/common/process.h"
+#include "shardguard/proto/grpc_log.h"
 #include "shardguard/sidecar/proxy.h"
 
 namespace {
@@ -79,6 +80,7 @@ int main(int argc, char** argv) {
   // freed 1 MiB message buffers, which doubled the peak RSS while streaming.
   mallopt(M_ARENA_MAX, 2);
   shardguard::log::set_component("shard-sidecar");
+  shardguard::proto::route_grpc_logs_to_json();  // stderr stays JSON lines
   CLI::App app{"shard-sidecar: mTLS proxy that enforces the shard access policy in front of and behind shardd"};
   Flags f;
   app.add_option("--inbound", f.proxy.inbound_listen, "mTLS listen address for peers")->capture_default_str();
