@@ -97,7 +97,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--reload-interval", f.reload_interval_s, "seconds between checks of the watched files")
       ->capture_default_str();
-  app.add_option("--audit-log", f.proxy.audit_file, "hash-chained audit log (JSON lines)");
+  auto* audit_log = app.add_option("--audit-log", f.proxy.audit_file, "hash-chained audit log (JSON lines)");
+  app.add_flag("--audit-stdout", f.proxy.audit_stdout, "also write each audit line to stdout (needs --audit-log)")
+      ->needs(audit_log);
   app.add_option("--ledger", f.proxy.ledger_file, "exposure ledger file (HMAC-sealed); needed for parameter export");
   app.add_option("--ledger-key", f.proxy.ledger_key_file, "32-byte HMAC key file of the ledger");
   app.add_option("--metrics", f.metrics, "metrics and health address host:port, or off")->capture_default_str();

@@ -147,7 +147,9 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
                                    "--cert", std::string(kTlsDir) + "/tls.crt", "--key",
                                    std::string(kTlsDir) + "/tls.key", "--ca", std::string(kTlsDir) + "/ca.crt",
                                    "--policy", std::string(kConfigDir) + "/policy.json", "--ledger",
-                                   ledger_file(job.name, i), "--ledger-key", std::string(kTlsDir) + "/ledger.key"});
+                                   ledger_file(job.name, i), "--ledger-key", std::string(kTlsDir) + "/ledger.key",
+                                   "--audit-log", std::string(kSidecarStateDir) + "/" + kAuditFileName,
+                                   "--audit-stdout"});
   for (int p : {i - 1, i + 1}) {
     if (p < 0 || p >= n) continue;
     sidecar_args.push_back("--peer");
@@ -168,6 +170,7 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
                                        {{"name", "tls"}, {"mountPath", kTlsDir}, {"readOnly", true}},
                                        {{"name", "config"}, {"mountPath", kConfigDir}, {"readOnly", true}},
                                        {{"name", "checkpoint"}, {"mountPath", kLedgerDir}},
+                                       {{"name", kSidecarStateVolume}, {"mountPath", kSidecarStateDir}},
                                        {{"name", "tmp"}, {"mountPath", "/tmp"}},
                                    })}};
   if (job.sidecar.is_object() && job.sidecar.contains("resources") && job.sidecar["resources"].is_object()) {
@@ -196,6 +199,7 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
                    {"items", json::array({{{"key", "checkpoint.key"}, {"path", "checkpoint.key"}}})}}}},
       {{"name", "config"}, {"configMap", {{"name", name}}}},
       {{"name", "tmp"}, {"emptyDir", json::object()}},
+      {{"name", kSidecarStateVolume}, {"emptyDir", json::object()}},
       checkpoint_volume,
   });
 

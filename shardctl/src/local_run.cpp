@@ -83,11 +83,11 @@ struct PodMapping {
 
 // The container's own mounts (its volumeMounts against the pod's volumes): a Secret
 // item or a ConfigMap key becomes <dir>/<key>, the checkpoint volume the shared
-// checkpoint directory; anything else (the tmp emptyDir) is not referenced by any
-// argument. Another container's mounts are not this one's: a path only shardd
+// checkpoint directory, the sidecar's own state volume `state_dir`; anything else (the
+// tmp emptyDir) is not referenced by any argument. Another container's mounts are not this one's: a path only shardd
 // mounts has no counterpart in the sidecar's arguments.
 void map_mounts(const json& pod, const json& container, const json& config_map, const std::string& dir,
-                const std::string& ckpt_dir, PodMapping& m) {
+                const std::string& ckpt_dir, const std::string& state_dir, PodMapping& m) {
   std::map<std::string, json> volumes;
   for (const json& v : pod.at("spec").at("volumes")) volumes[v.value("name", "")] = v;
   if (!container.contains("volumeMounts")) return;
@@ -103,6 +103,8 @@ void map_mounts(const json& pod, const json& container, const json& config_map, 
       for (const auto& [key, value] : config_map.at("data").items()) m.paths[mount + "/" + key] = dir + "/" + key;
     } else if (v.value("name", "") == "checkpoint") {
       m.dirs[mount] = ckpt_dir;
+    } else if (v.value("name", "") == op::kSidecarStateVolume) {
+      m.dirs[mount] = state_dir;
     }
   }
 }
@@ -507,7 +509,10 @@ int RunLocal(const LocalRunOptions& options) {
       Shard& s = shards[i];
       s.index = i;
       s.dir = workdir + "/shard-" + std::to_string(i);
-      s.audit_log = log_dir + "/audit-shard-" + std::to_string(i) + ".jsonl";
+      // The sidecar's own volume (its audit log) under logs/, kept across runs.
+      const std::string state_dir = log_dir + "/sidecar-state-" + std::to_string(i);
+      make_dirs(state_dir);
+      s.audit_log = state_dir + "/" + op::kAuditFileName;
       const json& pod = objects.pods[i];
       write_pod_files(objects.shard_secrets[i], objects.config_maps[i], s.dir);
 
@@ -526,11 +531,10 @@ int RunLocal(const LocalRunOptions& options) {
       const auto argv_of = [&](const char* name) {
         const json c = container_named(pod, name);
         PodMapping cm = m;  // the pod's addresses, and this container's own mounts
-        map_mounts(pod, c, objects.config_maps[i], s.dir, ckpt_dir, cm);
+        map_mounts(pod, c, objects.config_maps[i], s.dir, ckpt_dir, state_dir, cm);
         return localize(c, cm);
       };
-      s.sidecar.argv = argv_of("sidecar");
-      s.sidecar.argv.insert(s.sidecar.argv.end(), {"--audit-log", s.audit_log});
+      s.sidecar.argv = argv_of("sidecar");  // --audit-log on its state volume, as rendered
       s.sidecar.log_file = log_dir + "/sidecar-" + std::to_string(i) + ".log";
 
       s.shardd.argv = argv_of("shardd");
@@ -822,7 +826,8 @@ int RunLocal(const LocalRunOptions& options) {
     if (fs::exists(s.audit_log) && fs::file_size(s.audit_log) > 0) audits.push_back(s.audit_log);
   }
   std::cout << "  audit logs      "
-            << (audits.empty() ? "none written (no call was refused)" : log_dir + "/audit-shard-<i>.jsonl") << "\n";
+            << (audits.empty() ? "none written (nothing was refused, exported or reloaded)"
+                               : log_dir + "/sidecar-state-<i>/" + op::kAuditFileName) << "\n";
   std::cout << "  logs            " << log_dir << "\n";
   if (prometheus) {
     const bool ok = report_from_prometheus(*prometheus, job, n, wall);

@@ -158,7 +158,7 @@ AuditVerifyResult verify_audit_log(const std::string& path) {
   return verify_audit_text(text);
 }
 
-AuditLog::AuditLog(const std::string& path) : path_(path) {
+AuditLog::AuditLog(const std::string& path, int mirror_fd) : path_(path), mirror_fd_(mirror_fd) {
   fd_ = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
   if (fd_ < 0) throw AuditError("audit log " + path + ": cannot open: " + std::strerror(errno));
   const AuditVerifyResult v = verify_audit_log(path);
@@ -199,6 +199,12 @@ bool AuditLog::append(const AuditEvent& event, std::string* error) {
   }
   ++seq_;
   hash_ = f.hash;
+  if (mirror_fd_ >= 0) {
+    ssize_t m;
+    do {
+      m = ::write(mirror_fd_, f.line.data(), f.line.size());
+    } while (m < 0 && errno == EINTR);
+  }
   return true;
 }
 

@@ -499,12 +499,19 @@ struct Proxy::Impl {
       lock.unlock();
       if (policy->changed_on_disk()) {
         const auto r = policy->reload();
+        AuditEvent ev;
+        ev.peer = "";  // a local change, no caller
+        ev.method = config.policy_file;
+        ev.rule = "policy-reload";
         if (r.ok) {
           log::info("policy reloaded", {{"file", config.policy_file}, {"generation", r.generation}});
+          ev.decision = "allow";
         } else {
           log::error("policy reload failed; keeping the last good policy",
                      {{"file", config.policy_file}, {"error", r.error}});
+          ev.decision = "deny";
         }
+        audit_event(ev);
       }
       refresh_policy_metrics();
       refresh_certs();
@@ -1332,7 +1339,9 @@ void Proxy::start() {
                {{"file", m.config.policy_file}});
   }
   m.refresh_policy_metrics();
-  if (!m.config.audit_file.empty()) m.audit = std::make_unique<AuditLog>(m.config.audit_file);
+  if (!m.config.audit_file.empty()) {
+    m.audit = std::make_unique<AuditLog>(m.config.audit_file, m.config.audit_stdout ? STDOUT_FILENO : -1);
+  }
   if (!m.config.ledger_file.empty()) {
     try {
       m.ledger_key = load_key_file(m.config.ledger_key_file);

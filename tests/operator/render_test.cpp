@@ -296,7 +296,7 @@ TEST(Render, TemplateResourcesPlacementImagesAndVolumes) {
     EXPECT_EQ(spec["tolerations"][0]["key"], "gpu");
     std::set<std::string> names;
     for (const auto& v : spec["volumes"]) names.insert(v["name"]);
-    EXPECT_EQ(names, (std::set<std::string>{"tls", "checkpoint-key", "config", "tmp", "checkpoint"}));
+    EXPECT_EQ(names, (std::set<std::string>{"tls", "checkpoint-key", "config", "tmp", "sidecar-state", "checkpoint"}));
     for (const auto& v : spec["volumes"]) {
       if (v["name"] == "checkpoint") { EXPECT_EQ(v["persistentVolumeClaim"]["claimName"], "ckpt"); }
       if (v["name"] == "tmp") { EXPECT_TRUE(v.contains("emptyDir")); }
@@ -325,6 +325,33 @@ TEST(Render, ContainerArgsUseLoopbackAndTheMountedFiles) {
               std::vector<std::string>{"/var/lib/shardguard/ledger/fmnist-shard-" + std::to_string(i) + ".ledger.json"});
     EXPECT_EQ(flag_values(c, "--ledger-key"), std::vector<std::string>{"/etc/shardguard/tls/ledger.key"});
     EXPECT_EQ(flag_values(c, "--metrics"), std::vector<std::string>{"0.0.0.0:9101"});
+    EXPECT_EQ(flag_values(c, "--audit-log"), std::vector<std::string>{"/var/lib/shardguard/sidecar/audit.jsonl"});
+    EXPECT_NE(std::find(c.begin(), c.end(), "--audit-stdout"), c.end());
+  }
+}
+
+// Issue 16 item 3: in the cluster the sidecar audits to its own volume, which shardd
+// does not mount (so it cannot edit or delete the log), and to stdout.
+TEST(Render, SidecarAuditsToItsOwnVolume) {
+  const auto r = render_example();
+  for (int i = 0; i < 4; ++i) {
+    const json& spec = r.out.pods[i]["spec"];
+    bool volume = false;
+    for (const auto& v : spec["volumes"]) {
+      if (v["name"] == "sidecar-state") volume = v.contains("emptyDir");
+    }
+    EXPECT_TRUE(volume) << "pod " << i;
+    for (const auto& c : spec["containers"]) {
+      bool mounted = false;
+      for (const auto& m : c["volumeMounts"]) {
+        if (m["name"] == "sidecar-state") {
+          mounted = true;
+          EXPECT_EQ(m["mountPath"], "/var/lib/shardguard/sidecar");
+          EXPECT_FALSE(m.value("readOnly", false));
+        }
+      }
+      EXPECT_EQ(mounted, c["name"] == "sidecar") << "pod " << i << " container " << c["name"];
+    }
   }
 }
 

@@ -140,6 +140,24 @@ TEST_F(AuditFile, AppendThenVerify) {
   EXPECT_EQ(st.st_mode & 0777, 0600u);
 }
 
+// --audit-stdout: every line appended to the file also goes, byte for byte, to the
+// mirror descriptor (a pipe here, stdout in the sidecar).
+TEST_F(AuditFile, MirrorGetsTheSameLines) {
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  {
+    AuditLog log(path_, fds[1]);
+    for (int i = 0; i < 3; ++i) ASSERT_TRUE(log.append(event(10 + i, "deny")));
+  }
+  ::close(fds[1]);
+  std::string mirrored;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;) mirrored.append(buf, static_cast<size_t>(n));
+  ::close(fds[0]);
+  EXPECT_EQ(mirrored, read_file(path_));
+  EXPECT_TRUE(verify_audit_text(mirrored).ok);
+}
+
 TEST_F(AuditFile, FillsInTimestamp) {
   AuditLog log(path_);
   AuditEvent e = event(1);

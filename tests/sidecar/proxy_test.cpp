@@ -404,6 +404,8 @@ TEST_F(ProxyTest, NoValidPolicyRefusesEverythingAndIsNotReady) {
   EXPECT_EQ(metric(*b_reg_, "shardguard_policy_generation"), 1);
   EXPECT_GE(metric(*b_reg_, "shardguard_policy_reloads_total", {{"result", "error"}}), 1);
   EXPECT_EQ(metric(*b_reg_, "shardguard_policy_reloads_total", {{"result", "ok"}}), 1);
+  // The applied reload is audited (issue 16 item 3).
+  EXPECT_NE(read_file(c.audit_file).find(R"("rule":"policy-reload","decision":"allow")"), std::string::npos);
 }
 
 TEST_F(ProxyTest, BrokenPolicyReloadKeepsTheLastGoodOne) {
@@ -412,6 +414,12 @@ TEST_F(ProxyTest, BrokenPolicyReloadKeepsTheLastGoodOne) {
   ASSERT_TRUE(eventually([&] { return metric(*b_reg_, "shardguard_policy_reloads_total", {{"result", "error"}}) >= 1; }));
   const auto r = dial_b(leaves_[0]);
   EXPECT_TRUE(r.status.ok()) << r.status.error_message();
+  // The refused reload is in the audit log (issue 16 item 3), with the file it read.
+  const std::string audit = read_file(dir_ + "/s1/audit.jsonl");
+  EXPECT_NE(audit.find(R"("method":")" + dir_ + R"(/s1/policy.json","rule":"policy-reload","decision":"deny")"),
+            std::string::npos)
+      << audit;
+  EXPECT_TRUE(sidecar::verify_audit_text(audit).ok);
 }
 
 // ---- connection-level refusals (before gRPC sees the connection) -------------------

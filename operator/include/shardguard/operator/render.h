@@ -65,6 +65,11 @@ inline constexpr const char* kCheckpointDir = "/var/lib/shardguard/checkpoint";
 // shared by the job's pods, or by several jobs).
 inline constexpr const char* kLedgerDir = "/var/lib/shardguard/ledger";
 std::string ledger_file(const std::string& job, int shard);  // kLedgerDir + "/<job>-shard-<i>.ledger.json"
+// The sidecar's own volume (an emptyDir that shardd does not mount): its hash-chained
+// audit log, which it also writes to stdout for the cluster's log pipeline.
+inline constexpr const char* kSidecarStateVolume = "sidecar-state";
+inline constexpr const char* kSidecarStateDir = "/var/lib/shardguard/sidecar";
+inline constexpr const char* kAuditFileName = "audit.jsonl";
 
 // What shard i gets; made by the caller.
 struct ShardMaterial {

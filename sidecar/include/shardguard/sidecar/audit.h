@@ -1,5 +1,6 @@
-// The audit log (issue 3 item 5): one JSON line for every deny and every
-// parameter-bearing allow, hash-chained so that `shardctl audit verify` detects an
+// The audit log (issue 3 item 5): one JSON line for every deny, every
+// parameter-bearing allow and every policy reload (rule "policy-reload", decision
+// "allow" when applied, "deny" when refused, method = the policy file), hash-chained so that `shardctl audit verify` detects an
 // edited, dropped, reordered or truncated line.
 //
 // ## Line format
@@ -81,8 +82,10 @@ AuditVerifyResult verify_audit_text(const std::string& text);
 class AuditLog {
  public:
   // Creates the file (mode 0600) if missing. Throws AuditError naming the path when
-  // it cannot be opened or its chain does not verify.
-  explicit AuditLog(const std::string& path);
+  // it cannot be opened or its chain does not verify. With mirror_fd >= 0 (stdout, for
+  // a cluster's log pipeline), every line appended to the file is written there too,
+  // the same bytes in one write(2); a failed mirror write does not stop the file.
+  explicit AuditLog(const std::string& path, int mirror_fd = -1);
   ~AuditLog();
   AuditLog(const AuditLog&) = delete;
   AuditLog& operator=(const AuditLog&) = delete;
@@ -99,6 +102,7 @@ class AuditLog {
  private:
   std::string path_;
   int fd_ = -1;
+  int mirror_fd_ = -1;
   mutable std::mutex mu_;
   uint64_t seq_ = 0;
   std::string hash_;

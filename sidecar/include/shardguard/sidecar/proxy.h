@@ -67,6 +67,7 @@ struct ProxyConfig {
   // How often certificate, key, CA and policy files are checked for changes.
   std::chrono::milliseconds reload_interval{1000};
   std::string audit_file;  // optional: hash-chained audit log (audit.h)
+  bool audit_stdout = false;  // also write each audit line to stdout (the cluster's log pipeline)
   // The exposure ledger (ledger.h): required for parameter export to be possible at
   // all; without it every export is refused. The key file holds the 32-byte HMAC key.
   std::string ledger_file;
