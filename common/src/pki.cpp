@@ -458,9 +458,14 @@ SvidCheck verify_svid(const std::string& leaf_pem, const std::string& ca_pem, st
   // of P-256 / RSA-2048 or better. OpenSSL's default level 1 would accept both.
   int sig_md = 0, sig_pk = 0, sig_bits = 0;
   uint32_t sig_flags = 0;
-  if (X509_get_signature_info(leaf.get(), &sig_md, &sig_pk, &sig_bits, &sig_flags) != 1 || sig_bits < 128) {
+  if (X509_get_signature_info(leaf.get(), &sig_md, &sig_pk, &sig_bits, &sig_flags) != 1) {
     ERR_clear_error();
-    const char* md = sig_md != 0 ? OBJ_nid2sn(sig_md) : nullptr;
+    const char* alg = OBJ_nid2sn(X509_get_signature_nid(leaf.get()));
+    return refuse("weak_signature", std::string("leaf's signature algorithm ") + (alg ? alg : "(unknown)") +
+                                        " cannot be rated; SHA-256 or stronger is required");
+  }
+  if (sig_bits < 128) {
+    const char* md = OBJ_nid2sn(sig_md);
     return refuse("weak_signature", std::string("leaf is signed with ") + (md ? md : "an unknown digest") + " (" +
                                         std::to_string(sig_bits) + " bits of security); SHA-256 or stronger is required");
   }

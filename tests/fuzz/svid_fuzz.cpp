@@ -112,7 +112,8 @@ void check_result(const SvidCheck& r, const char* what) {
       "expired",     "not_yet_valid", "leaf_is_ca",          "key_cert_sign",
       "no_digital_signature",         "no_client_auth",      "no_server_auth",
       "no_uri_san",  "multiple_uri_sans",                    "not_spiffe",
-      "invalid_spiffe_id"};
+      "invalid_spiffe_id",            "weak_signature",      "weak_key",
+      "no_basic_constraints"};
   const std::string ctx = std::string(what) + ": reason=" + r.reason + " message=" + r.message +
                           " id=" + r.spiffe_id;
   check(reasons.count(r.reason) == 1, "reason outside the documented set", ctx);
