@@ -176,6 +176,9 @@ std::string not_spiffe_id(const std::string& value) {
 }
 
 std::string child(const std::string& parent, const std::string& key) {
+  // An empty key would give an empty path (at the root) or a trailing dot; name it
+  // the way JSON does instead, so every problem has a path that points somewhere.
+  if (key.empty()) return parent + "[\"\"]";
   return parent.empty() ? key : parent + "." + key;
 }
 

@@ -24,6 +24,9 @@ std::string only_error(const Reader& r) {
 TEST(Decode, PathsAndRequiredFields) {
   EXPECT_EQ(decode::child("", "spec"), "spec");
   EXPECT_EQ(decode::child("spec", "model"), "spec.model");
+  // An empty key still gets a path that points somewhere (policy_fuzz found the root's).
+  EXPECT_EQ(decode::child("", ""), "[\"\"]");
+  EXPECT_EQ(decode::child("spec", ""), "spec[\"\"]");
   EXPECT_EQ(decode::at("ingress", 3), "ingress[3]");
   Reader r(kStrictRules);
   const json obj = {{"a", 1}};
