@@ -32,6 +32,12 @@ class Fd {
   Fd(const Fd&) = delete;
   Fd& operator=(const Fd&) = delete;
   int get() const { return fd_; }
+  // Hands the descriptor over to the caller, who closes it.
+  int release() {
+    const int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
   // Closes now and reports close(2)'s result, so that a failed close is an error.
   int close_now() {
     int fd = fd_;
@@ -162,28 +168,21 @@ FileLockBusy::FileLockBusy(const std::string& path, long holder_pid)
       holder_pid_(holder_pid) {}
 
 FileLock::FileLock(const std::string& path) : path_(path) {
-  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (fd_ < 0) throw FileError("cannot open lock file " + path + ": " + std::strerror(errno));
-  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
-    const int err = errno;
+  Fd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
+  if (fd.get() < 0) fail("cannot open lock file", path, errno);
+  if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
+    if (errno != EWOULDBLOCK) fail("cannot lock", path, errno);
     long holder = 0;
-    if (err == EWOULDBLOCK) {
-      char buf[32] = {};
-      const ssize_t n = ::pread(fd_, buf, sizeof buf - 1, 0);
-      if (n > 0) holder = std::strtol(buf, nullptr, 10);
-    }
-    ::close(fd_);
-    fd_ = -1;
-    if (err == EWOULDBLOCK) throw FileLockBusy(path, holder);
-    throw FileError("cannot lock " + path + ": " + std::strerror(err));
+    char buf[32] = {};
+    if (::pread(fd.get(), buf, sizeof buf - 1, 0) > 0) holder = std::strtol(buf, nullptr, 10);
+    throw FileLockBusy(path, holder);
   }
   const std::string pid = std::to_string(static_cast<long>(::getpid())) + "\n";
-  if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
-    const int err = errno;
-    ::close(fd_);
-    fd_ = -1;
-    throw FileError("cannot write the pid into lock file " + path + ": " + std::strerror(err));
+  if (::ftruncate(fd.get(), 0) != 0 ||
+      ::pwrite(fd.get(), pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
+    fail("cannot write the pid into lock file", path, errno);
   }
+  fd_ = fd.release();
 }
 
 FileLock::~FileLock() {

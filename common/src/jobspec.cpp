@@ -17,16 +17,12 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
-#include <cerrno>
 #include <cstddef>
-#include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <initializer_list>
 #include <iterator>
 #include <limits>
 #include <regex>
-#include <sstream>
 #include <system_error>
 #include <type_traits>
 #include <utility>
@@ -48,8 +44,8 @@ constexpr std::size_t kMaxDnsNameLength = 253;
 
 using decode::format_double;
 using decode::got;
+using decode::child;
 using decode::quote;
-using decode::show;
 
 // ---- YAML -> JSON ----------------------------------------------------------
 
@@ -258,6 +254,13 @@ json resolve_plain(const std::string& s) {
 // they exceed kMaxYamlDepth, with its line and column. An estimate that errs high:
 // a document the scan passes can still be refused by YamlConverter's exact count.
 void check_yaml_depth(const std::string& text) {
+  // Where the limit was crossed: a line, and a column when a flow bracket did it.
+  const auto too_deep = [](std::size_t line, std::size_t column) {
+    throw JobSpecError({FieldError{"<yaml>", "line " + std::to_string(line + 1) +
+                                                 (column ? ", column " + std::to_string(column) : std::string()) +
+                                                 ": nesting deeper than " + std::to_string(kMaxYamlDepth) +
+                                                 " levels"}});
+  };
   std::vector<std::size_t> indents;  // block levels open at the current line
   int flow = 0;
   char quote = 0;  // inside a '…' or "…" flow scalar (they may span lines)
@@ -293,19 +296,12 @@ void check_yaml_depth(const std::string& text) {
       if (c == '"' || c == '\'') {
         quote = c;
       } else if (c == '[' || c == '{') {
-        if (static_cast<int>(indents.size()) + dashes + ++flow > kMaxYamlDepth) {
-          throw JobSpecError({FieldError{"<yaml>", "line " + std::to_string(line + 1) + ", column " +
-                                                       std::to_string(i - begin + 1) + ": nesting deeper than " +
-                                                       std::to_string(kMaxYamlDepth) + " levels"}});
-        }
+        if (static_cast<int>(indents.size()) + dashes + ++flow > kMaxYamlDepth) too_deep(line, i - begin + 1);
       } else if ((c == ']' || c == '}') && flow > 0) {
         --flow;
       }
     }
-    if (static_cast<int>(indents.size()) + dashes + flow > kMaxYamlDepth) {
-      throw JobSpecError({FieldError{"<yaml>", "line " + std::to_string(line + 1) + ": nesting deeper than " +
-                                                   std::to_string(kMaxYamlDepth) + " levels"}});
-    }
+    if (static_cast<int>(indents.size()) + dashes + flow > kMaxYamlDepth) too_deep(line, 0);
     ++line;
     begin = end + 1;
   }
@@ -437,12 +433,7 @@ class Decoder : public decode::Reader {
   Decoder() : Reader(Rules{/*null_is_absent=*/true, /*whole_floats_are_integers=*/true}) {}
 
   using Reader::object;
-  using Reader::integer;
   using Reader::boolean;
-  using decode::Reader::find;
-  static std::string child(const std::string& parent, const std::string& key) {
-    return decode::child(parent, key);
-  }
 
   // obj[key] when it is an object; reports a type error otherwise.
   const json* object(const json& obj, const char* key, const std::string& parent) {

@@ -402,9 +402,11 @@ std::string weak_key(EVP_PKEY* key) {
     case EVP_PKEY_ED25519:
     case EVP_PKEY_ED448:
       return "";
-    default:
-      return std::string("leaf key type ") + OBJ_nid2sn(EVP_PKEY_get_base_id(key)) +
+    default: {
+      const char* type = OBJ_nid2sn(EVP_PKEY_get_base_id(key));
+      return std::string("leaf key type ") + (type ? type : "(unknown)") +
              " is not allowed (EC P-256+, RSA 2048+, Ed25519 or Ed448)";
+    }
   }
 }
 
@@ -453,9 +455,10 @@ SvidCheck verify_svid(const std::string& leaf_pem, const std::string& ca_pem, st
     return refuse("untrusted", msg);
   }
 
-  // Strength, as `openssl verify -auth_level 2` demands and DESIGN §3 issues: a
-  // signature of at least 128 bits of security (SHA-256; SHA-1 counts as 63) and a key
-  // of P-256 / RSA-2048 or better. OpenSSL's default level 1 would accept both.
+  // Strength, as DESIGN §3 issues: a signature of at least 128 bits of security
+  // (SHA-256; SHA-1 counts as 63) and a key of P-256 / RSA-2048 or better. Stricter than
+  // `openssl verify -auth_level 2` (which would take P-224), and OpenSSL's default
+  // level 1 would accept SHA-1 and RSA-1024 as well.
   int sig_md = 0, sig_pk = 0, sig_bits = 0;
   uint32_t sig_flags = 0;
   if (X509_get_signature_info(leaf.get(), &sig_md, &sig_pk, &sig_bits, &sig_flags) != 1) {

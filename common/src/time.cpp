@@ -48,8 +48,7 @@ bool expect(const std::string& text, std::size_t& pos, char a, char b = 0) {
 std::string format_rfc3339(std::chrono::system_clock::time_point t, int fraction_digits) {
   using namespace std::chrono;
   const auto since = t.time_since_epoch();
-  auto secs = duration_cast<seconds>(since);
-  if (secs > since) secs -= seconds(1);  // floor, for times before 1970
+  const auto secs = floor<seconds>(since);  // floor, also for times before 1970
   const int64_t nanos = duration_cast<nanoseconds>(since - secs).count();
   const std::time_t tt = static_cast<std::time_t>(secs.count());
   std::tm tm{};
@@ -122,11 +121,7 @@ std::optional<std::chrono::system_clock::time_point> parse_rfc3339(const std::st
 std::optional<int64_t> parse_rfc3339_seconds(const std::string& text) {
   const auto t = parse_rfc3339(text);
   if (!t) return std::nullopt;
-  using namespace std::chrono;
-  const auto since = t->time_since_epoch();
-  auto secs = duration_cast<seconds>(since);
-  if (secs > since) secs -= seconds(1);
-  return secs.count();
+  return std::chrono::floor<std::chrono::seconds>(t->time_since_epoch()).count();
 }
 
 }  // namespace shardguard

@@ -20,7 +20,6 @@ namespace {
 using nlohmann::json;
 
 constexpr std::size_t kMaxPolicyBytes = 1 << 20;  // 1 MiB: a policy is a few KiB
-constexpr std::size_t kMaxTrustDomainBytes = 255;
 constexpr std::size_t kMaxMethodBytes = 256;
 constexpr std::size_t kMaxRuleNameBytes = 63;
 constexpr std::size_t kMaxShardIndexDigits = 9;  // fits an int
@@ -50,8 +49,6 @@ bool iequals(const std::string& a, const std::string& b) {
 // Values in messages and decision reasons: JSON literals, ASCII, cut (decode.h).
 using decode::quote;
 
-bool is_trust_domain(const std::string& td) { return validate_trust_domain(td).empty(); }
-
 
 // A shard index as it appears in a SPIFFE ID: decimal, no sign, no leading zeros.
 bool is_canonical_index(const std::string& s, std::size_t begin) {
@@ -76,8 +73,8 @@ bool is_valid_shard_pattern(const std::string& pattern) {
     return false;
   }
   const std::string concrete = pattern.substr(0, pattern.size() - 1) + "0";
-  if (!is_spiffe_id(concrete)) return false;
-  const std::string td = spiffe_trust_domain(concrete);
+  const std::string td = spiffe_trust_domain(concrete);  // "" when not a SPIFFE ID
+  if (td.empty()) return false;
   const std::string path = concrete.substr(std::string("spiffe://").size() + td.size());
   std::vector<std::string> segments;
   std::size_t start = 1;
@@ -463,9 +460,9 @@ Policy parse_policy(const std::string& json_text) {
   const std::optional<std::string> td_field =
       c.string(c.field(doc, "", "trustDomain", true), "trustDomain");
   const std::string td = td_field.value_or("");
-  if (td_field && !is_trust_domain(td)) {
+  if (const std::string why = td_field ? validate_trust_domain(td) : ""; !why.empty()) {
     c.fail("trustDomain", "must be a SPIFFE trust domain (lower-case letters, digits, '.', '-', "
-                          "'_'; at most 255): " + validate_trust_domain(td) + ", got " + quote(td));
+                          "'_'; at most 255): " + why + ", got " + quote(td));
   }
   const std::optional<std::string> ns = c.string(c.field(doc, "", "namespace", true), "namespace");
   if (ns) c.dns_label("namespace", *ns);
@@ -528,8 +525,9 @@ Decision decide(const Policy& policy, Direction direction, const std::string& pe
                 const std::string& method_path) {
   Decision d;
   const char* dir = direction == Direction::kIngress ? "ingress" : "egress";
-  if (!is_spiffe_id(peer_spiffe_id) ||
-      spiffe_trust_domain(peer_spiffe_id) != policy.trust_domain()) {
+  // spiffe_trust_domain is "" for anything that is not a SPIFFE ID, and a parsed
+  // policy's trust domain is never empty: one validation per call.
+  if (spiffe_trust_domain(peer_spiffe_id) != policy.trust_domain()) {
     d.rule = kRuleBadPeer;
     d.reason = "peer " + quote(peer_spiffe_id) + " is not a SPIFFE ID of trust domain " +
                quote(policy.trust_domain());

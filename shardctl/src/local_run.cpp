@@ -19,24 +19,24 @@
 #include <thread>
 #include <vector>
 
-#include "shardguard/common/httplib.h"
 #include <nlohmann/json.hpp>
 
 #include "shardguard/common/crypto.h"
+#include "shardguard/common/httplib.h"
 #include "shardguard/common/files.h"
 #include "shardguard/common/jobspec.h"
 #include "shardguard/common/pki.h"
 #include "shardguard/common/process.h"
+#include "shardguard/common/prom_text.h"
 #include "shardguard/operator/reconcile.h"
 #include "shardguard/operator/render.h"
 #include "shardguard/operator/status.h"
 #include "shardguard/shardctl/job_pki.h"
 #include "shardguard/shardctl/progress.h"
+#include "shardguard/shardctl/local_prometheus.h"
 #include "shardguard/shardctl/restart.h"
 #include "shardguard/model/model_desc.h"
 #include "shardguard/model/partition.h"
-#include "shardguard/shardctl/local_prometheus.h"
-#include "shardguard/common/prom_text.h"
 
 namespace shardguard::shardctl {
 namespace {
@@ -83,9 +83,10 @@ struct PodMapping {
 
 // The container's own mounts (its volumeMounts against the pod's volumes): a Secret
 // item or a ConfigMap key becomes <dir>/<key>, the checkpoint volume the shared
-// checkpoint directory, the sidecar's own state volume `state_dir`; anything else (the
-// tmp emptyDir) is not referenced by any argument. Another container's mounts are not this one's: a path only shardd
-// mounts has no counterpart in the sidecar's arguments.
+// checkpoint directory, the sidecar's own state volume `state_dir`; anything else
+// (the tmp emptyDir) is not referenced by any argument. Another container's mounts
+// are not this one's: a path only shardd mounts has no counterpart in the sidecar's
+// arguments.
 void map_mounts(const json& pod, const json& container, const json& config_map, const std::string& dir,
                 const std::string& ckpt_dir, const std::string& state_dir, PodMapping& m) {
   std::map<std::string, json> volumes;
@@ -173,12 +174,6 @@ void write_pod_files(const json& secret, const json& config_map, const std::stri
   for (const auto& [key, value] : config_map.at("data").items()) {
     write_file_atomic(dir + "/" + key, value.get<std::string>());
   }
-}
-
-// Sum of the samples of `name` in a Prometheus text page whose labels include every
-// key="value" of `want`.
-double metric_sum(const std::string& page, const std::string& name, const std::map<std::string, std::string>& want) {
-  return prometheus_sum(page, name, want);
 }
 
 // Deny decisions by rule, from a sidecar's metrics page.
@@ -682,8 +677,8 @@ int RunLocal(const LocalRunOptions& options) {
     bool all_done = true;
     for (auto& s : shards) {
       if (s.done) continue;
-      all_done = false;
       if (s.restart_at) {
+        all_done = false;
         if (Clock::now() < *s.restart_at) continue;
         s.restart_at.reset();
         try {
@@ -695,7 +690,10 @@ int RunLocal(const LocalRunOptions& options) {
         continue;
       }
       auto st = s.shardd.process->wait_for(std::chrono::milliseconds(0));
-      if (!st) continue;
+      if (!st) {
+        all_done = false;
+        continue;
+      }
       if (&s == &shards.back()) {
         while (auto line = s.shardd.process->read_line(std::chrono::milliseconds(0))) {
           absorb(*line, state, rate, std::chrono::duration<double>(Clock::now() - started).count());
@@ -705,6 +703,7 @@ int RunLocal(const LocalRunOptions& options) {
         s.done = true;
         continue;
       }
+      all_done = false;
       const RestartDecision d = decide_restart(*st, s.restarts, job.run_policy.backoff_limit);
       if (!d.restart) {
         failure = "shard " + std::to_string(s.index) + " failed (" + st->str() + ") " + d.why_not + ".";
@@ -739,7 +738,7 @@ int RunLocal(const LocalRunOptions& options) {
   const double wall = std::chrono::duration<double>(Clock::now() - started).count();
 
   double denied = 0;
-  for (const auto& page : pages) denied += metric_sum(page, "shardguard_authz_decisions_total", {{"decision", "deny"}});
+  for (const auto& page : pages) denied += prometheus_sum(page, "shardguard_authz_decisions_total", {{"decision", "deny"}});
   auto print_denials = [&](std::ostream& out) {
     for (int i = 0; i < n; ++i) {
       for (const auto& [rule, count] : denials_by_rule(pages[i])) {
@@ -807,8 +806,8 @@ int RunLocal(const LocalRunOptions& options) {
   std::cout << "  traffic         bytes relayed by each sidecar vs sent/received by its shardd\n";
   for (int i = 0; i < n; ++i) {
     const ShardTraffic t = shardd_traffic(shards[i].shardd.log_file, shards[i].log_start);
-    const double sent = metric_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", "sent"}});
-    const double received = metric_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", "received"}});
+    const double sent = prometheus_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", "sent"}});
+    const double received = prometheus_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", "received"}});
     const bool match = !pages[i].empty() && t.reports > 0 && sent == t.sent && received == t.received;
     std::printf("  shard %d traffic sidecar sent %.0f received %.0f; shardd sent %.0f received %.0f  %s\n", i, sent,
                 received, t.sent, t.received,

@@ -90,18 +90,34 @@ int64_t checked_count(const GzInput& in, const std::vector<int64_t>& dims, int64
   return n;
 }
 
-// The images and the labels of a split must describe the same samples.
-int64_t split_count(const DatasetSpec& d, Split split) {
-  const std::string images = idx_path(d, split, true), labels = idx_path(d, split, false);
-  auto image_in = open_gz(images);
-  const int64_t n_images = checked_count(image_in, read_header(image_in.file.get(), images, 3), 28 * 28, images);
-  auto label_in = open_gz(labels);
-  const int64_t n_labels = checked_count(label_in, read_header(label_in.file.get(), labels, 1), 1, labels);
-  if (n_images != n_labels) {
-    throw DatasetError("dataset files disagree: " + images + " holds " + std::to_string(n_images) + " images but " +
-                       labels + " holds " + std::to_string(n_labels) + " labels");
+// One IDX file of a split, opened and its header read and checked: the reader is left
+// at the first item.
+struct IdxFile {
+  std::string path;
+  GzInput in;
+  std::vector<int64_t> dims;
+  int64_t count = 0;
+};
+
+IdxFile open_idx(const DatasetSpec& d, Split split, bool images) {
+  IdxFile f;
+  f.path = idx_path(d, split, images);
+  f.in = open_gz(f.path);
+  f.dims = read_header(f.in.file.get(), f.path, images ? 3 : 1);
+  f.count = checked_count(f.in, f.dims, images ? 28 * 28 : 1, f.path);
+  return f;
+}
+
+// The images and the labels of a split must describe the same samples: checks the
+// other file's header against `opened` (the images' for labels, and the reverse).
+void check_same_count(const DatasetSpec& d, Split split, const IdxFile& opened, bool opened_images) {
+  const IdxFile other = open_idx(d, split, !opened_images);
+  const IdxFile& images = opened_images ? opened : other;
+  const IdxFile& labels = opened_images ? other : opened;
+  if (images.count != labels.count) {
+    throw DatasetError("dataset files disagree: " + images.path + " holds " + std::to_string(images.count) +
+                       " images but " + labels.path + " holds " + std::to_string(labels.count) + " labels");
   }
-  return n_images;
 }
 
 int64_t split_limit(const DatasetSpec& d, Split split) {
@@ -111,27 +127,25 @@ int64_t split_limit(const DatasetSpec& d, Split split) {
 }  // namespace
 
 torch::Tensor load_images(const DatasetSpec& dataset, Split split) {
-  const std::string path = idx_path(dataset, split, true);
-  auto in = open_gz(path);
-  const auto dims = read_header(in.file.get(), path, 3);
-  if (dims[1] != 28 || dims[2] != 28) {
-    throw DatasetError("dataset file " + path + " holds " + std::to_string(dims[1]) + "x" +
-                       std::to_string(dims[2]) + " images, expected 28x28");
+  IdxFile f = open_idx(dataset, split, true);
+  if (f.dims[1] != 28 || f.dims[2] != 28) {
+    throw DatasetError("dataset file " + f.path + " holds " + std::to_string(f.dims[1]) + "x" +
+                       std::to_string(f.dims[2]) + " images, expected 28x28");
   }
-  checked_count(in, dims, 28 * 28, path);
-  const int64_t n = limited(split_count(dataset, split), split_limit(dataset, split));
+  check_same_count(dataset, split, f, true);
+  const int64_t n = limited(f.count, split_limit(dataset, split));
   auto raw = torch::empty({n, 1, 28, 28}, torch::kUInt8);
-  read_exact(in.file.get(), raw.data_ptr<uint8_t>(), static_cast<size_t>(n) * 28 * 28, path);
+  read_exact(f.in.file.get(), raw.data_ptr<uint8_t>(), static_cast<size_t>(n) * 28 * 28, f.path);
   return (raw.to(torch::kFloat32).div_(255.0).sub_(kMean).div_(kStd)).contiguous();
 }
 
 torch::Tensor load_labels(const DatasetSpec& dataset, Split split) {
-  const std::string path = idx_path(dataset, split, false);
-  auto in = open_gz(path);
-  read_header(in.file.get(), path, 1);
-  const int64_t n = limited(split_count(dataset, split), split_limit(dataset, split));
+  IdxFile f = open_idx(dataset, split, false);
+  check_same_count(dataset, split, f, false);
+  const int64_t n = limited(f.count, split_limit(dataset, split));
   auto raw = torch::empty({n}, torch::kUInt8);
-  read_exact(in.file.get(), raw.data_ptr<uint8_t>(), static_cast<size_t>(n), path);
+  read_exact(f.in.file.get(), raw.data_ptr<uint8_t>(), static_cast<size_t>(n), f.path);
+  const std::string& path = f.path;
   const uint8_t* p = raw.data_ptr<uint8_t>();
   for (int64_t i = 0; i < n; ++i) {
     if (p[i] >= 10) {
@@ -143,7 +157,9 @@ torch::Tensor load_labels(const DatasetSpec& dataset, Split split) {
 }
 
 int64_t count_samples(const DatasetSpec& dataset, Split split) {
-  return limited(split_count(dataset, split), split_limit(dataset, split));
+  const IdxFile labels = open_idx(dataset, split, false);
+  check_same_count(dataset, split, labels, false);
+  return limited(labels.count, split_limit(dataset, split));
 }
 
 std::vector<int64_t> epoch_order(uint64_t seed, int epoch, int64_t n) {

@@ -110,6 +110,12 @@ void Engine::Impl::shutdown() {
   transport_.close();
 }
 
+std::set<int64_t> Engine::Impl::restorable_steps() const {
+  std::set<int64_t> steps{0};
+  for (auto s : store_->steps()) steps.insert(s);
+  return steps;
+}
+
 std::string Engine::Impl::prefixed(const std::string& err) const {
   return err.empty() ? err : "stage " + std::to_string(opt_.stage) + ": " + err;
 }
@@ -219,8 +225,7 @@ Status Engine::Impl::on_sync(const SyncMsg& msg, SyncReply* reply) {
     abort_ = true;  // preempt whatever the main loop is doing
   }
   cv_.notify_all();
-  std::set<int64_t> mine{0};
-  for (auto s : store_->steps()) mine.insert(s);
+  const std::set<int64_t> mine = restorable_steps();
   SyncMsg down;
   down.generation = msg.generation;
   for (auto s : msg.steps) {
@@ -483,8 +488,7 @@ bool Engine::Impl::take_join() {
 // Sync + Resume down the chain. Returns "" or why a stage could not resume.
 std::string Engine::Impl::resync() {
   const uint64_t generation = (static_cast<uint64_t>(std::random_device{}()) << 20) ^ ++generation_counter_;
-  std::set<int64_t> steps{0};
-  for (auto s : store_->steps()) steps.insert(s);
+  std::set<int64_t> steps = restorable_steps();
   std::set<std::string> members{boot_id_};
   if (!last_) {
     SyncMsg sync{generation, {steps.begin(), steps.end()}, {boot_id_}};

@@ -20,14 +20,9 @@
 #include "shardguard/shardd/data.h"
 #include "shardguard/shardd/engine.h"
 #include "shardguard/shardd/schedule.h"
+#include "clock.h"
 
 namespace shardguard::shardd {
-
-using Clock = std::chrono::steady_clock;
-
-inline double seconds_since(Clock::time_point t) {
-  return std::chrono::duration<double>(Clock::now() - t).count();
-}
 
 // Thrown inside the main loop when a resynchronisation preempts the current step.
 struct Aborted {};
@@ -78,6 +73,8 @@ class Engine::Impl final : public Receiver {
   Status not_running() const;
   std::string await(std::future<std::string>& result, const char* what);
   std::string prefixed(const std::string& err) const;  // "stage K: err", or "" for ""
+  // The steps this stage can restore: step 0 (a fresh start) and every checkpoint.
+  std::set<int64_t> restorable_steps() const;
   Inbound wait_for(std::deque<Inbound>& queue, const char* what);
   Inbound expect(std::deque<Inbound>& queue, const char* what, int64_t step, int micro_batch);
   bool handle_resume();

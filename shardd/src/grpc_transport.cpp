@@ -5,12 +5,10 @@
 #include "shardguard/shardd/tensor_codec.h"
 #include "shardguard/shardd/wire_bytes.h"
 
+#include "clock.h"
+
 namespace shardguard::shardd {
 namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 bool retryable(const grpc::Status& s) {
   switch (s.error_code()) {
@@ -161,34 +159,18 @@ void GrpcTransport::encode(const OutFrame& frame, v1::TensorFrame* out) {
   metrics_.serialise_seconds.Increment(seconds_since(t0));
 }
 
-void GrpcTransport::send_down(OutFrame frame) {
-  auto req = std::make_shared<v1::ForwardRequest>();
-  encode(frame, req->mutable_frame());
-  down_->send({frame.header.generation,
-               [this, req](const std::function<bool()>& stale) {
-                 return next_->call(
-                     [&](v1::Pipeline::Stub& stub, grpc::ClientContext* ctx) {
-                       v1::ForwardReply reply;
-                       return stub.Forward(ctx, *req, &reply);
-                     },
-                     stale, opt_.peer_timeout_s);
-               },
-               [this, req] {
-                 metrics_.bytes_sent.Increment(static_cast<double>(req->ByteSizeLong()));
-                 metrics_.frames_sent.Increment();
-               }});
-}
-
 namespace {
 
-std::function<std::string(const std::function<bool()>&)> deliver_backward(GrpcPeer* peer,
-                                                                          std::shared_ptr<v1::BackwardRequest> req,
-                                                                          double deadline_s) {
-  return [peer, req, deadline_s](const std::function<bool()>& stale) {
+// One delivery of `req` through `rpc` with the peer's retries: what a LinkSender runs.
+template <typename Req, typename Reply>
+std::function<std::string(const std::function<bool()>&)> deliver(
+    GrpcPeer* peer, std::shared_ptr<Req> req,
+    grpc::Status (v1::Pipeline::Stub::*rpc)(grpc::ClientContext*, const Req&, Reply*), double deadline_s) {
+  return [peer, req, rpc, deadline_s](const std::function<bool()>& stale) {
     return peer->call(
         [&](v1::Pipeline::Stub& stub, grpc::ClientContext* ctx) {
-          v1::BackwardReply reply;
-          return stub.Backward(ctx, *req, &reply);
+          Reply reply;
+          return (stub.*rpc)(ctx, *req, &reply);
         },
         stale, deadline_s);
   };
@@ -196,20 +178,28 @@ std::function<std::string(const std::function<bool()>&)> deliver_backward(GrpcPe
 
 }  // namespace
 
+void GrpcTransport::send_down(OutFrame frame) {
+  auto req = std::make_shared<v1::ForwardRequest>();
+  encode(frame, req->mutable_frame());
+  const double bytes = static_cast<double>(req->ByteSizeLong());
+  down_->send({frame.header.generation,
+               deliver(next_.get(), std::move(req), &v1::Pipeline::Stub::Forward, opt_.peer_timeout_s), bytes});
+}
+
 void GrpcTransport::send_up(OutFrame frame) {
   auto req = std::make_shared<v1::BackwardRequest>();
   encode(frame, req->mutable_frame());
-  up_->send({frame.header.generation, deliver_backward(prev_.get(), req, opt_.peer_timeout_s), [this, req] {
-               metrics_.bytes_sent.Increment(static_cast<double>(req->ByteSizeLong()));
-               metrics_.frames_sent.Increment();
-             }});
+  const double bytes = static_cast<double>(req->ByteSizeLong());
+  up_->send({frame.header.generation,
+             deliver(prev_.get(), std::move(req), &v1::Pipeline::Stub::Backward, opt_.peer_timeout_s), bytes});
 }
 
 void GrpcTransport::send_join(const JoinMsg& msg) {
   auto req = std::make_shared<v1::BackwardRequest>();
   req->mutable_join()->set_stage(msg.stage);
   req->mutable_join()->set_boot_id(msg.boot_id);
-  up_->send({receiver_->generation(), deliver_backward(prev_.get(), req, opt_.peer_timeout_s), {}});
+  up_->send({receiver_->generation(),
+             deliver(prev_.get(), std::move(req), &v1::Pipeline::Stub::Backward, opt_.peer_timeout_s), std::nullopt});
 }
 
 void GrpcTransport::flush_down() {

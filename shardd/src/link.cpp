@@ -3,14 +3,9 @@
 #include <algorithm>
 #include <chrono>
 
+#include "clock.h"
+
 namespace shardguard::shardd {
-namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-}  // namespace
 
 std::string Retrier::call(const std::function<Attempt()>& attempt, const std::function<bool()>& cancelled) {
   const auto start = Clock::now();
@@ -83,7 +78,10 @@ void LinkSender::loop() {
     transport_seconds_.store(transport_seconds_.load() + took);
     if (err.empty()) {
       metrics_.transport_seconds.Increment(took);
-      if (item.on_sent) item.on_sent();
+      if (item.frame_bytes) {
+        metrics_.bytes_sent.Increment(*item.frame_bytes);
+        metrics_.frames_sent.Increment();
+      }
     } else if (err != "cancelled") {
       receiver_.link_failed(err);
       std::lock_guard<std::mutex> lock(mu_);

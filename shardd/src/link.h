@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <optional>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -54,7 +55,9 @@ class LinkSender {
     // Delivers the message (with the link's retries; `stale` cancels them):
     // "" on success, "cancelled", or why the link failed for good.
     std::function<std::string(const std::function<bool()>& stale)> deliver;
-    std::function<void()> on_sent;  // after a successful delivery (frame metrics); may be empty
+    // A frame's tensor bytes: counted in bytes_sent and frames_sent once delivered.
+    // nullopt for control messages (joins), which are not frames.
+    std::optional<double> frame_bytes;
   };
 
   LinkSender(Receiver& receiver, Retrier& retrier, StageMetrics& metrics, size_t max_queued);

@@ -117,10 +117,7 @@ void MemoryTransport::send_frame(Direction direction, OutFrame frame) {
                      },
                      stale);
                },
-               [this, t] {
-                 metrics_.bytes_sent.Increment(tensor_bytes(t));
-                 metrics_.frames_sent.Increment();
-               }});
+               tensor_bytes(t)});
 }
 
 void MemoryTransport::send_down(OutFrame frame) { send_frame(Direction::kForward, std::move(frame)); }
@@ -135,7 +132,7 @@ void MemoryTransport::send_join(const JoinMsg& msg) {
                           [&] { return attempt(to, [&](Receiver& r, StageMetrics&) { return r.on_join(msg); }); },
                           stale);
                     },
-                    {}});
+                    std::nullopt});
 }
 
 void MemoryTransport::flush_down() {

@@ -31,15 +31,15 @@ std::string describe(const v1::Tensor& msg) {
 }
 
 torch::Tensor decode_tensor(v1::Tensor* msg, const std::vector<int64_t>& sample_shape, int64_t max_batch) {
-  check_frame_shape(dtype_name(msg->dtype()), {msg->shape().begin(), msg->shape().end()}, sample_shape, max_batch);
+  const std::vector<int64_t> shape(msg->shape().begin(), msg->shape().end());
+  check_frame_shape(dtype_name(msg->dtype()), shape, sample_shape, max_batch);
   int64_t numel = 1;
-  for (auto d : msg->shape()) numel *= d;
+  for (auto d : shape) numel *= d;
   if (msg->data().size() != static_cast<size_t>(numel) * sizeof(float)) {
     throw FrameError("tensor " + describe(*msg) + " must carry " + std::to_string(numel * 4) + " bytes, received " +
                      std::to_string(msg->data().size()));
   }
   auto holder = std::make_shared<std::string>(std::move(*msg->mutable_data()));
-  std::vector<int64_t> shape(msg->shape().begin(), msg->shape().end());
   return torch::from_blob(holder->data(), shape, [holder](void*) mutable { holder.reset(); },
                           torch::TensorOptions().dtype(torch::kFloat32));
 }

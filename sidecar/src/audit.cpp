@@ -13,6 +13,7 @@
 
 #include "shardguard/common/crypto.h"
 #include "shardguard/common/files.h"
+#include "shardguard/common/time.h"
 
 namespace shardguard::sidecar {
 namespace {
@@ -100,17 +101,7 @@ std::string ranges_digest(const std::vector<ByteRange>& ranges) {
   return sha256_hex(text);
 }
 
-std::string audit_timestamp_now() {
-  const auto now = std::chrono::system_clock::now();
-  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count();
-  const std::time_t secs = static_cast<std::time_t>(ms / 1000);
-  std::tm tm{};
-  gmtime_r(&secs, &tm);
-  char buf[128];
-  std::snprintf(buf, sizeof(buf), "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1,
-                tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, static_cast<int>(ms % 1000));
-  return buf;
-}
+std::string audit_timestamp_now() { return format_rfc3339(std::chrono::system_clock::now(), 3); }
 
 std::string format_audit_line(const AuditEvent& event, uint64_t seq, const std::string& prev_hash) {
   return format(event, seq, prev_hash).line;

@@ -38,15 +38,7 @@ inline std::string read_text(const std::string& path) {
 inline std::string find_kubectl() {
   const std::string local = std::string(SHARDGUARD_SOURCE_DIR) + "/tools/bin/kubectl";
   if (::access(local.c_str(), X_OK) == 0) return local;
-  const char* path = std::getenv("PATH");
-  std::stringstream dirs(path ? path : "");
-  std::string dir;
-  while (std::getline(dirs, dir, ':')) {
-    if (dir.empty()) continue;
-    const std::string candidate = dir + "/kubectl";
-    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
-  }
-  return "";
+  return find_in_path("kubectl");
 }
 
 struct CommandResult {
