@@ -22,6 +22,7 @@ struct Flags {
   sidecar::ProxyConfig proxy;
   std::vector<std::string> peers;
   double handshake_timeout_s = 10;
+  double first_bytes_timeout_s = 2;
   double reload_interval_s = 1;
   std::string metrics = "127.0.0.1:9101";
 };
@@ -33,10 +34,12 @@ int RunSidecar(Flags flags) {
       throw std::invalid_argument("--peer " + id + " is given twice");
     }
   }
-  if (!(flags.handshake_timeout_s > 0) || !(flags.reload_interval_s > 0)) {
-    throw std::invalid_argument("--handshake-timeout and --reload-interval must be positive");
+  if (!(flags.handshake_timeout_s > 0) || !(flags.reload_interval_s > 0) || !(flags.first_bytes_timeout_s > 0)) {
+    throw std::invalid_argument("--handshake-timeout, --first-bytes-timeout and --reload-interval must be positive");
   }
   flags.proxy.handshake_timeout = std::chrono::milliseconds(static_cast<int64_t>(flags.handshake_timeout_s * 1000));
+  flags.proxy.first_bytes_timeout =
+      std::chrono::milliseconds(static_cast<int64_t>(flags.first_bytes_timeout_s * 1000));
   flags.proxy.reload_interval = std::chrono::milliseconds(static_cast<int64_t>(flags.reload_interval_s * 1000));
 
   // SIGTERM / SIGINT are taken by sigwait below (no work in a handler).
@@ -93,7 +96,18 @@ int main(int argc, char** argv) {
   app.add_option("--policy", f.proxy.policy_file, "shard access policy (JSON), reloaded on change")->required();
   app.add_option("--peer", f.peers, "SPIFFE-ID=host:port of a peer sidecar's inbound listener (repeatable)");
   app.add_option("--max-message-bytes", f.proxy.max_message_bytes, "largest message relayed")->capture_default_str();
+  app.add_option("--max-header-bytes", f.proxy.max_header_list_bytes, "largest request header list")
+      ->capture_default_str();
   app.add_option("--handshake-timeout", f.handshake_timeout_s, "seconds a client has to complete TLS")
+      ->capture_default_str();
+  app.add_option("--first-bytes-timeout", f.first_bytes_timeout_s,
+                 "seconds a new inbound connection has to send its ClientHello")
+      ->capture_default_str();
+  app.add_option("--max-pending-connections", f.proxy.max_pending_connections,
+                 "inbound connections that may wait for their ClientHello")
+      ->capture_default_str();
+  app.add_option("--max-pending-per-source", f.proxy.max_pending_per_source,
+                 "of those, from one source address")
       ->capture_default_str();
   app.add_option("--reload-interval", f.reload_interval_s, "seconds between checks of the watched files")
       ->capture_default_str();

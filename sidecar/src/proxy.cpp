@@ -7,7 +7,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <poll.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -135,41 +135,6 @@ grpc::ChannelArguments relay_channel_args() {
 
 }  // namespace
 
-// ---------------------------------------------------------------------------
-// classify_client_hello (pure)
-
-HelloClass classify_client_hello(const uint8_t* data, size_t size) {
-  HelloClass c;
-  if (size == 0) return c;
-  if (data[0] != 0x16) {  // not a TLS handshake record
-    c.complete = true;
-    // HTTP/1.x methods and the HTTP/2 preface ("PRI * HTTP/2.0") start with an
-    // upper-case ASCII letter.
-    c.reason = (data[0] >= 'A' && data[0] <= 'Z') ? "plaintext" : "not_tls";
-    return c;
-  }
-  // Record header: type(1) version(2) length(2); handshake: type(1) length(3);
-  // ClientHello: client_version(2).
-  if (size >= 2 && data[1] != 0x03) {
-    c.complete = true;
-    c.reason = "not_tls";
-    return c;
-  }
-  if (size >= 6 && data[5] != 0x01) {  // handshake type must be ClientHello
-    c.complete = true;
-    c.reason = "not_tls";
-    return c;
-  }
-  if (size < 11) return c;
-  c.complete = true;
-  if (data[9] != 0x03) {
-    c.reason = "not_tls";
-  } else if (data[10] < 0x03) {  // 0x0300 SSL 3, 0x0301 TLS 1.0, 0x0302 TLS 1.1
-    c.reason = "tls_version";    // TLS 1.3 clients send 0x0303 here too
-  }
-  return c;
-}
-
 std::pair<std::string, std::string> parse_peer_flag(const std::string& text) {
   const auto eq = text.rfind('=');
   if (eq == std::string::npos || eq == 0 || eq + 1 == text.size()) {
@@ -210,6 +175,10 @@ struct SidecarMetrics {
                   .Name("shardguard_proxy_bytes_total")
                   .Help("gRPC message payload bytes through the sidecar, sent to or received from a peer")
                   .Register(r)),
+        refusals(prometheus::BuildCounter()
+                     .Name("shardguard_proxy_refused_requests_total")
+                     .Help("Requests refused for their size before any decision, by listener and reason")
+                     .Register(r)),
         handshake_failures(prometheus::BuildCounter()
                                .Name("shardguard_tls_handshake_failures_total")
                                .Help("Refused TLS connections by reason")
@@ -256,6 +225,7 @@ struct SidecarMetrics {
   prometheus::Family<prometheus::Counter>& requests;
   prometheus::Family<prometheus::Histogram>& duration;
   prometheus::Family<prometheus::Counter>& bytes;
+  prometheus::Family<prometheus::Counter>& refusals;
   prometheus::Family<prometheus::Counter>& handshake_failures;
   prometheus::Gauge& cert_expiry;
   prometheus::Family<prometheus::Counter>& reloads;
@@ -368,9 +338,39 @@ struct Proxy::Impl {
   uint64_t seen_reload_errors = 0;
 
   // --- counting -----------------------------------------------------------
-  void count_handshake_failure(const std::string& reason, const std::string& detail) {
+  // Refusals a client can cause at will (a flood) are all counted but logged at most
+  // kLogBurst times per reason per kLogWindow; the maintenance thread reports what
+  // was held back.
+  static constexpr size_t kLogBurst = 10;
+  static constexpr std::chrono::seconds kLogWindow{10};
+  LogLimiter log_limiter{kLogBurst, kLogWindow};
+  void count_handshake_failure(const std::string& reason, const std::string& detail,
+                               const std::string& source = "") {
     metrics.handshake_failures.Add({{"reason", reason}}).Increment();
-    log::warn("TLS connection refused", {{"reason", reason}, {"detail", detail}});
+    uint64_t suppressed = 0;
+    if (!log_limiter.allow("tls:" + reason, Clock::now(), &suppressed)) return;
+    nlohmann::json fields{{"reason", reason}, {"detail", bounded_text(detail)}};
+    if (!source.empty()) fields["source"] = source;
+    if (suppressed > 0) fields["suppressed"] = suppressed;
+    log::warn("TLS connection refused", fields);
+  }
+  // A request refused for its size before any decision (reason "header_list_too_large"
+  // or "message_too_large"): counted, logged rate-limited with a bounded method.
+  void count_size_refusal(const char* direction, const char* reason, const char* msg, nlohmann::json fields) {
+    metrics.refusals.Add({{"direction", direction}, {"reason", reason}}).Increment();
+    uint64_t suppressed = 0;
+    if (!log_limiter.allow(std::string("size:") + reason, Clock::now(), &suppressed)) return;
+    fields["direction"] = direction;
+    if (suppressed > 0) fields["suppressed"] = suppressed;
+    log::warn(msg, fields);
+  }
+  void log_suppressed() {
+    for (const auto& [key, n] : log_limiter.take_suppressed(Clock::now())) {
+      const auto colon = key.find(':');
+      log::warn("repeated refusals not logged", {{"kind", key.substr(0, colon)},
+                                                 {"reason", key.substr(colon + 1)},
+                                                 {"count", n}});
+    }
   }
   // The method as a metrics label: known methods as they are, anything else "other"
   // (a peer must not be able to grow the label set).
@@ -409,12 +409,17 @@ struct Proxy::Impl {
   prometheus::Counter& bytes_counter(const char* direction, const std::string& peer) {
     return metrics.bytes.Add({{"direction", direction}, {"peer", peer}});
   }
+  // The method, peer and reason (which quotes them) are logged and audited as bounded
+  // prefixes: they come from the caller.
   void audit_deny(const policy::Decision& d, const std::string& peer, const std::string& method) {
-    log::warn("call refused", {{"peer", peer}, {"method", method}, {"rule", d.rule}, {"reason", d.reason}});
+    log::warn("call refused", {{"peer", bounded_text(peer)},
+                               {"method", bounded_text(method)},
+                               {"rule", d.rule},
+                               {"reason", bounded_text(d.reason, 2 * kLoggedPrefixBytes)}});
     if (!audit) return;
     AuditEvent e;
-    e.peer = peer;
-    e.method = method;
+    e.peer = bounded_text(peer);
+    e.method = bounded_text(method);
     e.rule = d.rule;
     e.decision = "deny";
     std::string error;
@@ -515,6 +520,7 @@ struct Proxy::Impl {
       }
       refresh_policy_metrics();
       refresh_certs();
+      log_suppressed();
       lock.lock();
     }
   }
@@ -641,6 +647,21 @@ class AsyncRelay {
     if (impl_->accepting.load()) new AsyncRelay(impl_, l_);  // the next call's slot
     started_at_ = Clock::now();
     method_ = ctx_.method();
+    // The size of the header list is checked before anything about the call is
+    // logged, decided or audited.
+    const size_t header_bytes = request_header_bytes();
+    if (static_cast<int64_t>(header_bytes) > impl_->config.max_header_list_bytes) {
+      impl_->count_size_refusal(l_->direction, "header_list_too_large",
+                                "request headers over the size limit refused",
+                                {{"method", bounded_text(method_)},
+                                 {"bytes", header_bytes},
+                                 {"limit", impl_->config.max_header_list_bytes}});
+      finish_down(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                               "request headers of " + std::to_string(header_bytes) +
+                                   " bytes exceed the sidecar's limit of " +
+                                   std::to_string(impl_->config.max_header_list_bytes) + " bytes"));
+      return maybe_delete();
+    }
     Route r = std::strcmp(l_->direction, "inbound") == 0 ? impl_->route_inbound(&ctx_) : impl_->route_outbound(&ctx_);
     if (!r.allow) {
       finish_down(r.refusal);  // nothing was read from the call, nothing goes anywhere
@@ -682,8 +703,11 @@ class AsyncRelay {
         refused = grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                                "message of " + std::to_string(size) + " bytes exceeds the sidecar's limit of " +
                                    std::to_string(impl_->config.max_message_bytes) + " bytes");
-        log::warn("message over the size limit refused", {{"peer", peer_}, {"method", method_}, {"bytes", size},
-                                                           {"limit", impl_->config.max_message_bytes}});
+        impl_->count_size_refusal(l_->direction, "message_too_large", "message over the size limit refused",
+                                  {{"peer", bounded_text(peer_)},
+                                   {"method", bounded_text(method_)},
+                                   {"bytes", size},
+                                   {"limit", impl_->config.max_message_bytes}});
       } else if (guard_) {
         refused = guard_->request(request_);
       }
@@ -886,6 +910,14 @@ class AsyncRelay {
   }
 
   bool inbound() const { return std::strcmp(l_->direction, "inbound") == 0; }
+  // HTTP/2's size of the request's header list (RFC 9113 §6.5.2: name + value + 32
+  // per field) over what gRPC hands us: :path, :authority and the request metadata.
+  size_t request_header_bytes() const {
+    constexpr size_t kField = 32;
+    size_t n = (kField + 5 + method_.size()) + (kField + 10 + ctx_.host().size());
+    for (const auto& kv : ctx_.client_metadata()) n += kField + kv.first.size() + kv.second.size();
+    return n;
+  }
   void count_out(size_t n) { out_bytes_->Increment(static_cast<double>(n)); }
   void count_back(size_t n) { back_bytes_->Increment(static_cast<double>(n)); }
 
@@ -1093,7 +1125,8 @@ Route Proxy::Impl::route_inbound(grpc::GenericServerContext* ctx) {
   if (!export_call) count_decision(d, method, peer);  // an export is counted by its guard
   if (!d.allow) {
     audit_deny(d, peer, method);
-    route.refusal = grpc::Status(grpc::StatusCode::PERMISSION_DENIED, d.reason + " (rule " + d.rule + ")");
+    route.refusal = grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                                 bounded_text(d.reason, 2 * kLoggedPrefixBytes) + " (rule " + d.rule + ")");
     return route;
   }
   if (export_call) {
@@ -1133,14 +1166,14 @@ Route Proxy::Impl::route_outbound(grpc::GenericServerContext* ctx) {
   if (!requested.empty() && peers.count(requested) == 0) {
     last.allow = false;
     last.rule = policy::kRuleDefaultDeny;
-    deny_reason = "target " + requested + " is not a configured peer";
+    deny_reason = "target " + bounded_text(requested) + " is not a configured peer";
   } else if (allowed.empty()) {
     last.allow = false;
     deny_reason = last.reason;
   } else if (allowed.size() > 1) {
     last.allow = false;
     last.rule = policy::kRuleDefaultDeny;
-    deny_reason = std::to_string(allowed.size()) + " peers may receive " + method + "; name one in the " +
+    deny_reason = std::to_string(allowed.size()) + " peers may receive " + bounded_text(method) + "; name one in the " +
                   kTargetHeader + " header";
   }
   // Labels stay bounded: only configured peers, or "unknown" for anything else the
@@ -1151,7 +1184,8 @@ Route Proxy::Impl::route_outbound(grpc::GenericServerContext* ctx) {
     last.reason = deny_reason;
     count_decision(last, method, peer_label);
     audit_deny(last, peer_label, method);
-    route.refusal = grpc::Status(grpc::StatusCode::PERMISSION_DENIED, deny_reason + " (rule " + last.rule + ")");
+    route.refusal = grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                                 bounded_text(deny_reason, 2 * kLoggedPrefixBytes) + " (rule " + last.rule + ")");
     return route;
   }
   count_decision(last, method, peer_label);
@@ -1176,10 +1210,10 @@ void Proxy::Impl::start_acceptor() {
   if (rc != 0 || res == nullptr) {
     throw std::runtime_error("inbound listener \"" + config.inbound_listen + "\": " + ::gai_strerror(rc));
   }
-  int fd = ::socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int fd = ::socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   const int one = 1;
   if (fd >= 0) ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  if (fd < 0 || ::bind(fd, res->ai_addr, res->ai_addrlen) != 0 || ::listen(fd, 512) != 0) {
+  if (fd < 0 || ::bind(fd, res->ai_addr, res->ai_addrlen) != 0 || ::listen(fd, SOMAXCONN) != 0) {
     const std::string err = std::strerror(errno);
     if (fd >= 0) ::close(fd);
     ::freeaddrinfo(res);
@@ -1196,78 +1230,163 @@ void Proxy::Impl::start_acceptor() {
   accept_thread = std::thread([this] { accept_loop(); });
 }
 
+// The address of a connection's peer without the port: the key of the per-source cap.
+std::string source_address(const sockaddr_storage& sa) {
+  char text[INET6_ADDRSTRLEN] = "?";
+  if (sa.ss_family == AF_INET) {
+    ::inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in&>(sa).sin_addr, text, sizeof text);
+  } else if (sa.ss_family == AF_INET6) {
+    const auto& a6 = reinterpret_cast<const sockaddr_in6&>(sa).sin6_addr;
+    if (IN6_IS_ADDR_V4MAPPED(&a6)) {  // a dual-stack listener: one IPv4 client, one key
+      ::inet_ntop(AF_INET, a6.s6_addr + 12, text, sizeof text);
+    } else {
+      ::inet_ntop(AF_INET6, &a6, text, sizeof text);
+    }
+  }
+  return text;
+}
+
+// Accepts every connection as it comes (the backlog is drained on each wakeup and
+// accepting never pauses), holds it until its first bytes decide it, and hands the
+// ones that start with an acceptable ClientHello to gRPC. What waits is bounded: per
+// source address, in all, and in time (first_bytes_timeout); over a cap the oldest
+// connection that has not sent a decidable ClientHello is closed. One thread, epoll.
 void Proxy::Impl::accept_loop() {
-  struct Pending {
-    int fd;
-    Clock::time_point deadline;
+  constexpr uint64_t kWake = 0, kListener = 1, kFirstId = 2;  // epoll data: kFirstId + pending id
+  constexpr int kAcceptBatch = 256;  // then the pending connections get their turn
+  // Enough for a ClientHello of kMaxClientHelloBytes in records of 512 bytes or more.
+  constexpr size_t kPeekBytes = kMaxClientHelloBytes + kMaxClientHelloBytes / 512 * 5 + 64;
+  const int ep = ::epoll_create1(EPOLL_CLOEXEC);
+  if (ep < 0) {
+    log::error("inbound acceptor cannot start", {{"error", std::strerror(errno)}});
+    return;
+  }
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = kWake;
+  ::epoll_ctl(ep, EPOLL_CTL_ADD, wake_fd, &ev);
+  ev.data.u64 = kListener;
+  ::epoll_ctl(ep, EPOLL_CTL_ADD, listen_fd, &ev);
+  // Held so that, out of file descriptors, a connection can still be accepted and closed
+  // instead of spinning on a listener that stays readable.
+  int reserve_fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+  PendingConnections pending(static_cast<size_t>(config.max_pending_connections),
+                             static_cast<size_t>(config.max_pending_per_source));
+  std::vector<uint8_t> peek(kPeekBytes);
+
+  const auto refuse = [&](uint64_t id, const std::string& reason, const std::string& detail) {
+    const auto e = pending.remove(id);
+    count_handshake_failure(reason, detail, e.source);
+    ::close(e.fd);  // also leaves the epoll set
   };
-  constexpr size_t kMaxPending = 1024;
-  std::deque<Pending> pending;
-  for (;;) {
-    std::vector<pollfd> fds;
-    fds.push_back({wake_fd, POLLIN, 0});
-    fds.push_back({listen_fd, static_cast<short>(pending.size() < kMaxPending ? POLLIN : 0), 0});
-    for (const auto& p : pending) fds.push_back({p.fd, POLLIN, 0});
-    int timeout_ms = -1;
-    const auto now = Clock::now();
-    for (const auto& p : pending) {
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(p.deadline - now).count();
-      const int ms = static_cast<int>(std::max<int64_t>(0, left) + 1);
-      timeout_ms = timeout_ms < 0 ? ms : std::min(timeout_ms, ms);
+  // Looks at a pending connection's first bytes; true when that decided it (handed to
+  // gRPC or refused), false while it has not sent enough to tell.
+  const auto try_decide = [&](uint64_t id) {
+    const auto* e = pending.find(id);
+    if (e == nullptr) return true;
+    const ssize_t got = ::recv(e->fd, peek.data(), peek.size(), MSG_PEEK | MSG_DONTWAIT);
+    if (got == 0 || (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+      refuse(id, "closed", "connection closed before a ClientHello");
+      return true;
     }
-    const int n = ::poll(fds.data(), fds.size(), timeout_ms);
-    if (n < 0 && errno != EINTR) break;
-    if (fds[0].revents & POLLIN) break;  // shutdown
-    if (fds[1].revents & POLLIN) {
-      const int cfd = ::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
-      if (cfd >= 0) {
-        const int one = 1;
-        ::setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        pending.push_back({cfd, Clock::now() + config.handshake_timeout});
-      }
+    if (got < 0) return false;
+    HelloClass c = classify_client_hello(peek.data(), static_cast<size_t>(got));
+    if (!c.complete && static_cast<size_t>(got) == peek.size()) {
+      c.complete = true;
+      c.reason = "not_tls";
+      c.detail = "no whole ClientHello in the first " + std::to_string(peek.size()) + " bytes";
     }
-    // Decide on the pending connections (fds[2..] in the same order as `pending`).
-    const auto t = Clock::now();
-    std::deque<Pending> keep;
-    for (size_t i = 0; i < pending.size(); ++i) {
-      const Pending p = pending[i];
-      const short ev = i + 2 < fds.size() && fds[i + 2].fd == p.fd ? fds[i + 2].revents : 0;
-      if (ev & (POLLIN | POLLHUP | POLLERR)) {
-        uint8_t buf[11];
-        const ssize_t got = ::recv(p.fd, buf, sizeof buf, MSG_PEEK | MSG_DONTWAIT);
-        if (got == 0 || (got < 0 && errno != EAGAIN && errno != EINTR)) {
-          count_handshake_failure("closed", "connection closed before a ClientHello");
-          ::close(p.fd);
-          continue;
-        }
-        if (got > 0) {
-          const HelloClass c = classify_client_hello(buf, static_cast<size_t>(got));
-          if (c.complete) {
-            if (!c.reason.empty()) {
-              count_handshake_failure(c.reason, "first bytes of the connection");
-              ::close(p.fd);
-            } else {
-              // gRPC's own acceptor makes sockets non-blocking; an external one must too.
-              ::fcntl(p.fd, F_SETFL, ::fcntl(p.fd, F_GETFL) | O_NONBLOCK);
-              grpc::experimental::ExternalConnectionAcceptor::NewConnectionParameters params;
-              params.listener_fd = listen_fd;
-              params.fd = p.fd;
-              acceptor->HandleNewConnection(&params);
+    if (!c.complete) return false;
+    if (!c.reason.empty()) {
+      refuse(id, c.reason, c.detail);
+      return true;
+    }
+    const auto taken = pending.remove(id);
+    ::epoll_ctl(ep, EPOLL_CTL_DEL, taken.fd, nullptr);
+    grpc::experimental::ExternalConnectionAcceptor::NewConnectionParameters params;
+    params.listener_fd = listen_fd;
+    params.fd = taken.fd;  // non-blocking since accept4, as gRPC's own acceptor makes them
+    acceptor->HandleNewConnection(&params);
+    return true;
+  };
+  const auto accept_some = [&] {
+    for (int i = 0; i < kAcceptBatch; ++i) {
+      sockaddr_storage sa{};
+      socklen_t len = sizeof sa;
+      const int cfd = ::accept4(listen_fd, reinterpret_cast<sockaddr*>(&sa), &len, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      if (cfd < 0) {
+        if (errno == EINTR || errno == ECONNABORTED) continue;
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+          if (const auto old = pending.oldest()) {
+            if (!try_decide(*old)) refuse(*old, "fd_limit", "out of file descriptors: the oldest waiting connection closed");
+            continue;
+          }
+          if (reserve_fd >= 0) {
+            ::close(reserve_fd);
+            const int dropped = ::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
+            if (dropped >= 0) {
+              ::close(dropped);
+              count_handshake_failure("fd_limit", "out of file descriptors: a new connection closed");
             }
+            reserve_fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
             continue;
           }
         }
+        return;  // EAGAIN: the backlog is empty
       }
-      if (t >= p.deadline) {
-        count_handshake_failure("handshake_timeout", "no ClientHello within the handshake timeout");
-        ::close(p.fd);
-        continue;
+      const int one = 1;
+      ::setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+      std::string source = source_address(sa);
+      // Over a cap: the oldest connection of the source (or of all) goes, unless it has
+      // sent its ClientHello meanwhile, in which case it is decided instead.
+      while (const auto v = pending.victim_for(source)) {
+        if (try_decide(v->id)) continue;
+        refuse(v->id, v->reason,
+               std::string(std::strcmp(v->reason, "source_limit") == 0
+                               ? "too many connections from one address waiting for their first bytes"
+                               : "too many connections waiting for their first bytes") +
+                   ": the oldest closed");
       }
-      keep.push_back(p);
+      const uint64_t id = pending.add(cfd, std::move(source), Clock::now() + config.first_bytes_timeout);
+      epoll_event cev{};
+      cev.events = EPOLLIN | EPOLLRDHUP | EPOLLET;  // a wakeup per arrival, not per poll
+      cev.data.u64 = kFirstId + id;
+      if (::epoll_ctl(ep, EPOLL_CTL_ADD, cfd, &cev) != 0) refuse(id, "closed", std::strerror(errno));
     }
-    pending.swap(keep);
+  };
+
+  std::vector<epoll_event> events(256);
+  for (bool stop = false; !stop;) {
+    int timeout_ms = -1;
+    if (const auto old = pending.oldest()) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(pending.find(*old)->deadline -
+                                                                              Clock::now()).count();
+      timeout_ms = static_cast<int>(std::clamp<int64_t>(left + 1, 0, 60000));
+    }
+    const int n = ::epoll_wait(ep, events.data(), static_cast<int>(events.size()), timeout_ms);
+    if (n < 0 && errno != EINTR) {
+      log::error("inbound acceptor stopped", {{"error", std::strerror(errno)}});
+      break;
+    }
+    bool listener_ready = false;
+    for (int i = 0; i < n; ++i) {
+      const uint64_t tag = events[i].data.u64;
+      if (tag == kWake) stop = true;
+      else if (tag == kListener) listener_ready = true;
+      else try_decide(tag - kFirstId);  // already gone when an earlier step closed it
+    }
+    if (stop) break;
+    if (listener_ready) accept_some();
+    // The first-bytes deadline: arrival order is deadline order.
+    const auto now = Clock::now();
+    while (const auto old = pending.oldest()) {
+      if (pending.find(*old)->deadline > now) break;
+      if (!try_decide(*old)) refuse(*old, "first_bytes_timeout", "no whole ClientHello within the first-bytes timeout");
+    }
   }
-  for (const auto& p : pending) ::close(p.fd);
+  for (const int fd : pending.fds()) ::close(fd);
+  if (reserve_fd >= 0) ::close(reserve_fd);
+  ::close(ep);
 }
 
 // ---------------------------------------------------------------------------
@@ -1311,6 +1430,24 @@ Proxy::Proxy(ProxyConfig config, std::shared_ptr<prometheus::Registry> registry)
   if (config.handshake_timeout.count() <= 0) {
     throw std::invalid_argument("handshake timeout must be positive, not " +
                                 std::to_string(config.handshake_timeout.count()) + " ms");
+  }
+  if (config.max_header_list_bytes < kMinHeaderListBytes || config.max_header_list_bytes > kMaxHeaderListBytes) {
+    throw std::invalid_argument("max header list bytes (--max-header-bytes) " +
+                                std::to_string(config.max_header_list_bytes) + " must be in " +
+                                std::to_string(kMinHeaderListBytes) + ".." + std::to_string(kMaxHeaderListBytes));
+  }
+  if (config.first_bytes_timeout.count() <= 0) {
+    throw std::invalid_argument("first-bytes timeout (--first-bytes-timeout) must be positive, not " +
+                                std::to_string(config.first_bytes_timeout.count()) + " ms");
+  }
+  if (config.max_pending_connections < 1 || config.max_pending_connections > 1000000) {
+    throw std::invalid_argument("pending connections (--max-pending-connections) " +
+                                std::to_string(config.max_pending_connections) + " must be in 1..1000000");
+  }
+  if (config.max_pending_per_source < 1 || config.max_pending_per_source > config.max_pending_connections) {
+    throw std::invalid_argument("pending connections per source (--max-pending-per-source) " +
+                                std::to_string(config.max_pending_per_source) + " must be in 1.." +
+                                std::to_string(config.max_pending_connections) + " (--max-pending-connections)");
   }
   if (config.reload_interval.count() <= 0) {
     throw std::invalid_argument("reload interval must be positive, not " +
@@ -1371,11 +1508,16 @@ void Proxy::start() {
   }
 
   const int grpc_limit = static_cast<int>(m.config.max_message_bytes * 2);  // ours is counted first
+  // gRPC's header list limit (its SETTINGS_MAX_HEADER_LIST_SIZE; 8 KiB by default)
+  // is twice ours, so that the sidecar sees, counts and refuses requests up to that;
+  // a larger header list is refused by gRPC itself (docs/sidecar.md, limits).
+  const int grpc_header_limit = static_cast<int>(m.config.max_header_list_bytes * 2);
   {
     grpc::ServerBuilder b;
     b.RegisterAsyncGenericService(&m.inbound_listener.service);
     b.SetMaxReceiveMessageSize(grpc_limit);
     b.SetMaxSendMessageSize(-1);
+    b.AddChannelArgument(GRPC_ARG_MAX_METADATA_SIZE, grpc_header_limit);
     b.AddChannelArgument(GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS,
                          static_cast<int>(m.config.handshake_timeout.count()));
     m.acceptor = b.experimental().AddExternalConnectionAcceptor(
@@ -1389,6 +1531,7 @@ void Proxy::start() {
     b.RegisterAsyncGenericService(&m.outbound_listener.service);
     b.SetMaxReceiveMessageSize(grpc_limit);
     b.SetMaxSendMessageSize(-1);
+    b.AddChannelArgument(GRPC_ARG_MAX_METADATA_SIZE, grpc_header_limit);
     b.AddListeningPort(m.config.outbound_listen, grpc::InsecureServerCredentials(), &m.outbound_port);
     m.outbound_listener.cq = b.AddCompletionQueue();
     m.outbound_server = b.BuildAndStart();

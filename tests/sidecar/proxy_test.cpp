@@ -6,12 +6,17 @@
 #include <gtest/gtest.h>
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cstdlib>
+#include <sstream>
 #include <filesystem>
 #include <map>
 #include <string>
@@ -86,6 +91,7 @@ class ProxyTest : public ::testing::Test {
     c.policy_file = d + "/policy.json";
     c.max_message_bytes = 1 << 20;
     c.handshake_timeout = 500ms;
+    c.first_bytes_timeout = 500ms;
     c.reload_interval = 50ms;
     c.audit_file = d + "/audit.jsonl";
     return c;
@@ -475,11 +481,11 @@ TEST_F(ProxyTest, ClosesAStalledHandshake) {
   const int fd = connect_to(b_->inbound_port());
   ASSERT_GE(fd, 0);
   const auto t0 = std::chrono::steady_clock::now();
-  EXPECT_TRUE(closed_by_server(fd));  // we send nothing; the 500 ms timeout closes it
+  EXPECT_TRUE(closed_by_server(fd));  // we send nothing; the 500 ms first-bytes timeout closes it
   const auto waited = std::chrono::steady_clock::now() - t0;
   ::close(fd);
   EXPECT_LT(waited, 5s);
-  EXPECT_EQ(metric(*b_reg_, "shardguard_tls_handshake_failures_total", {{"reason", "handshake_timeout"}}), 1);
+  EXPECT_EQ(metric(*b_reg_, "shardguard_tls_handshake_failures_total", {{"reason", "first_bytes_timeout"}}), 1);
 }
 
 // Presents `leaf` to B's inbound listener from a raw OpenSSL client at security
@@ -562,23 +568,6 @@ TEST_F(ProxyTest, RefusesTls11) {
   EXPECT_EQ(backend_b_.calls(), 0);
 }
 
-TEST_F(ProxyTest, ClassifiesFirstBytes) {
-  auto cls = [](const std::string& s) {
-    return classify_client_hello(reinterpret_cast<const uint8_t*>(s.data()), s.size());
-  };
-  EXPECT_FALSE(cls("").complete);
-  EXPECT_EQ(cls("PRI * HTTP/2.0\r\n").reason, "plaintext");
-  EXPECT_EQ(cls("GET / HTTP/1.1\r\n").reason, "plaintext");
-  EXPECT_EQ(cls(std::string("\x00\x01", 2)).reason, "not_tls");
-  EXPECT_FALSE(cls(std::string("\x16\x03\x01\x00", 4)).complete);  // not enough yet
-  EXPECT_EQ(cls(std::string("\x16\x03\x01\x00\x10\x02", 6)).reason, "not_tls");  // ServerHello
-  const std::string hello12("\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 11);
-  EXPECT_TRUE(cls(hello12).complete);
-  EXPECT_EQ(cls(hello12).reason, "");
-  const std::string hello11("\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x02", 11);
-  EXPECT_EQ(cls(hello11).reason, "tls_version");
-}
-
 // ---- rotation ---------------------------------------------------------------------
 
 TEST_F(ProxyTest, RotatedCertificateIsServedWithoutDroppingOpenStreams) {
@@ -612,6 +601,253 @@ TEST_F(ProxyTest, RotatedCertificateIsServedWithoutDroppingOpenStreams) {
   EXPECT_TRUE(status.ok()) << status.error_message();
 }
 
+// ---- floods and limits (issue 16 items 6, 7, 8b) -----------------------------------
+
+// Everything written to stderr (the JSON log lines) while it lives.
+class CapturedStderr {
+ public:
+  explicit CapturedStderr(const std::string& path) : path_(path) {
+    std::fflush(stderr);
+    saved_ = ::dup(2);
+    const int fd = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    ::dup2(fd, 2);
+    ::close(fd);
+  }
+  ~CapturedStderr() {
+    std::fflush(stderr);
+    ::dup2(saved_, 2);
+    ::close(saved_);
+  }
+  std::string text() const {
+    std::fflush(stderr);
+    return read_file(path_);
+  }
+
+ private:
+  std::string path_;
+  int saved_ = -1;
+};
+
+int count_lines_with(const std::string& text, const std::string& needle) {
+  std::istringstream in(text);
+  int n = 0;
+  for (std::string line; std::getline(in, line);) n += line.find(needle) != std::string::npos;
+  return n;
+}
+
+size_t longest_line(const std::string& text) {
+  std::istringstream in(text);
+  size_t n = 0;
+  for (std::string line; std::getline(in, line);) n = std::max(n, line.size());
+  return n;
+}
+
+// Raises the soft limit on open files for one test (bounded by the hard limit).
+class OpenFileLimit {
+ public:
+  explicit OpenFileLimit(rlim_t want) {
+    ::getrlimit(RLIMIT_NOFILE, &saved_);
+    rlimit r = saved_;
+    if (r.rlim_cur < want) r.rlim_cur = std::min(want, r.rlim_max);
+    ::setrlimit(RLIMIT_NOFILE, &r);
+    current_ = r.rlim_cur;
+  }
+  ~OpenFileLimit() { ::setrlimit(RLIMIT_NOFILE, &saved_); }
+  rlim_t current() const { return current_; }
+
+ private:
+  rlimit saved_{};
+  rlim_t current_ = 0;
+};
+
+// Opens `count` TCP connections from `source` (any 127/8 address: Linux loopback
+// takes them all) to 127.0.0.1:port and sends nothing on them: an unauthenticated
+// client holding connections before the handshake. Non-blocking connects, so a full
+// accept backlog does not stall the test itself.
+std::vector<int> idle_connections(int port, const char* source, int count) {
+  std::vector<int> fds;
+  for (int i = 0; i < count; ++i) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) break;
+    sockaddr_in from{};
+    from.sin_family = AF_INET;
+    ::inet_pton(AF_INET, source, &from.sin_addr);
+    sockaddr_in to{};
+    to.sin_family = AF_INET;
+    to.sin_port = htons(static_cast<uint16_t>(port));
+    to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (::bind(fd, reinterpret_cast<sockaddr*>(&from), sizeof from) != 0 ||
+        (::connect(fd, reinterpret_cast<sockaddr*>(&to), sizeof to) != 0 && errno != EINPROGRESS)) {
+      ::close(fd);
+      break;
+    }
+    fds.push_back(fd);
+  }
+  return fds;
+}
+
+// Issue 16 item 6: 1,100 idle plain-TCP connections (more than the old 1024 pending
+// connections) delayed a good peer's call by the whole handshake timeout, wave after
+// wave. Now accepting never stops, one address holds at most max_pending_per_source
+// of them, and a good peer's fresh connection is served at once; the refusals are all
+// counted but logged a bounded number of times.
+TEST_F(ProxyTest, FloodOfIdleConnectionsDoesNotDelayAGoodPeer) {
+  constexpr int kWave = 1100;
+  OpenFileLimit limit(8192);
+  const int waves = static_cast<int>(std::min<rlim_t>(3, (limit.current() - 256) / kWave));
+  if (waves < 1) GTEST_SKIP() << "open file limit " << limit.current() << " is too low for a flood";
+  ProxyConfig c = config_for(1, backend_b_.address());
+  c.handshake_timeout = 10s;     // the old acceptor's deadline for first bytes too
+  c.first_bytes_timeout = 5s;    // longer than any good call below may take
+  b_reg_ = std::make_shared<prometheus::Registry>();
+  b_ = std::make_unique<Proxy>(c, b_reg_);
+  b_->start();
+  // A good call takes milliseconds; the bound only has to be well under the first-bytes
+  // timeout (when flood connections would start to be dropped anyway) and the handshake
+  // timeout (the delay the old acceptor imposed).
+  const auto kGoodCallBound = c.first_bytes_timeout / 2;
+  const auto good_call = [&] {
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto r = dial_b(leaves_[0], policy::kForwardMethod, "good");  // a fresh connection each time
+    const auto took = std::chrono::steady_clock::now() - t0;
+    EXPECT_TRUE(r.status.ok()) << r.status.error_message();
+    return took;
+  };
+  ASSERT_LT(good_call(), kGoodCallBound);
+  std::vector<int> flood;
+  CapturedStderr err(dir_ + "/stderr.log");
+  for (int w = 0; w < waves; ++w) {
+    // The last wave comes from the good peer's own address.
+    const char* source = w + 1 < waves || waves == 1 ? "127.0.0.2" : "127.0.0.1";
+    const auto fds = idle_connections(b_->inbound_port(), source, kWave);
+    ASSERT_EQ(fds.size(), static_cast<size_t>(kWave)) << "wave " << w << " from " << source;
+    flood.insert(flood.end(), fds.begin(), fds.end());
+    const auto took = good_call();
+    EXPECT_LT(took, kGoodCallBound) << "wave " << w << " from " << source << ": the good call took "
+                                    << std::chrono::duration<double>(took).count() << " s";
+  }
+  // The flood was there, and was shed per source as it came (not by the timeout).
+  EXPECT_TRUE(eventually([&] {
+    return metric(*b_reg_, "shardguard_tls_handshake_failures_total", {{"reason", "source_limit"}}) >=
+           waves * kWave - waves * c.max_pending_per_source;
+  })) << metric(*b_reg_, "shardguard_tls_handshake_failures_total", {{"reason", "source_limit"}});
+  EXPECT_EQ(metric(*b_reg_, "shardguard_tls_handshake_failures_total", {{"reason", "first_bytes_timeout"}}), 0);
+  for (const int fd : flood) ::close(fd);
+  EXPECT_EQ(backend_b_.calls(), waves + 1);
+  // Thousands of refusals, a bounded number of log lines.
+  const std::string logs = err.text();
+  EXPECT_LE(count_lines_with(logs, "TLS connection refused"), 30) << logs.substr(0, 4000);
+  EXPECT_GE(count_lines_with(logs, "\"source\":\"127.0.0.2\""), 1);
+}
+
+// Issue 16 item 8b: a client that completes TLS but speaks HTTP/1.1 (ALPN http/1.1 or
+// no ALPN), with or without a certificate of the job CA: gRPC closed it without a
+// metric or a log line. The acceptor now refuses it from its ClientHello, counted as
+// "alpn" and logged.
+TEST_F(ProxyTest, RefusesHttp1OverTls) {
+  start_pair();
+  std::signal(SIGPIPE, SIG_IGN);  // writes to a socket the server closed
+  CapturedStderr err(dir_ + "/stderr.log");
+  const auto probe = [&](const std::string& alpn, const Leaf* leaf) {
+    SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+    ASSERT_NE(ctx, nullptr);
+    if (!alpn.empty()) {
+      SSL_CTX_set_alpn_protos(ctx, reinterpret_cast<const unsigned char*>(alpn.data()),
+                              static_cast<unsigned>(alpn.size()));
+    }
+    if (leaf) {
+      BIO* cb = BIO_new_mem_buf(leaf->cert_pem.data(), static_cast<int>(leaf->cert_pem.size()));
+      X509* cert = PEM_read_bio_X509(cb, nullptr, nullptr, nullptr);
+      BIO* kb = BIO_new_mem_buf(leaf->key_pem.data(), static_cast<int>(leaf->key_pem.size()));
+      EVP_PKEY* key = PEM_read_bio_PrivateKey(kb, nullptr, nullptr, nullptr);
+      EXPECT_EQ(SSL_CTX_use_certificate(ctx, cert), 1);
+      EXPECT_EQ(SSL_CTX_use_PrivateKey(ctx, key), 1);
+      EVP_PKEY_free(key);
+      X509_free(cert);
+      BIO_free(kb);
+      BIO_free(cb);
+    }
+    SSL* ssl = SSL_new(ctx);
+    const int fd = connect_to(b_->inbound_port());
+    ASSERT_GE(fd, 0);
+    SSL_set_fd(ssl, fd);
+    if (SSL_connect(ssl) == 1) {  // the old behaviour: TLS completed, then silence
+      const char request[] = "GET / HTTP/1.1\r\nHost: shard-1\r\n\r\n";
+      SSL_write(ssl, request, sizeof request - 1);
+      char buf[256];
+      SSL_read(ssl, buf, sizeof buf);
+    }
+    SSL_free(ssl);
+    ::close(fd);
+    SSL_CTX_free(ctx);
+  };
+  const std::string http11("\x08http/1.1", 9);
+  probe(http11, &leaves_[0]);
+  probe("", &leaves_[0]);
+  probe(http11, nullptr);
+  EXPECT_TRUE(eventually(
+      [&] { return metric(*b_reg_, "shardguard_tls_handshake_failures_total", {{"reason", "alpn"}}) == 3; }))
+      << metric(*b_reg_, "shardguard_tls_handshake_failures_total", {{"reason", "alpn"}});
+  EXPECT_EQ(metric(*b_reg_, "shardguard_tls_handshake_failures_total"), 3);  // nothing else
+  EXPECT_EQ(backend_b_.calls(), 0);
+  const std::string logs = err.text();
+  EXPECT_EQ(count_lines_with(logs, R"("reason":"alpn")"), 3) << logs;
+  EXPECT_EQ(count_lines_with(logs, "ALPN offers http/1.1, not h2"), 2) << logs;
+  // A gRPC client (ALPN grpc-exp, h2) still gets through.
+  const auto ok = dial_b(leaves_[0]);
+  EXPECT_TRUE(ok.status.ok()) << ok.status.error_message();
+}
+
+// Issue 16 item 7: the request header list is limited (60 KiB by default) before
+// anything is logged, decided or audited, on both listeners; what a peer sends is
+// logged and audited as a bounded prefix.
+TEST_F(ProxyTest, RefusesOversizedHeaderListsBeforeLoggingThem) {
+  start_pair();
+  CapturedStderr err(dir_ + "/stderr.log");
+  // Inbound: a 70 KiB :path from a certificate of the job CA.
+  const std::string big_path = "/shardguard.v1.Pipeline/" + std::string(70 * 1024, 'F');
+  auto r = dial_b(leaves_[0], big_path);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << r.status.error_message();
+  EXPECT_NE(r.status.error_message().find("exceed the sidecar's limit of 61440 bytes"), std::string::npos)
+      << r.status.error_message();
+  EXPECT_EQ(metric(*b_reg_, "shardguard_proxy_refused_requests_total",
+                   {{"direction", "inbound"}, {"reason", "header_list_too_large"}}),
+            1);
+  // Outbound: 70 KiB of custom metadata from the local shardd.
+  r = unary_call(a_outbound(), policy::kForwardMethod, "x", {{"x-big", std::string(70 * 1024, 'm')}});
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << r.status.error_message();
+  EXPECT_EQ(metric(*a_reg_, "shardguard_proxy_refused_requests_total",
+                   {{"direction", "outbound"}, {"reason", "header_list_too_large"}}),
+            1);
+  EXPECT_TRUE(eventually([&] {
+    return metric(*b_reg_, "shardguard_proxy_requests_total", {{"method", "other"}, {"code", "RESOURCE_EXHAUSTED"}}) ==
+           1;
+  }));
+  // Under the limit (and over gRPC's former 8 KiB default): a 20 KiB :path reaches
+  // the policy, which refuses it; the reply, the log line and the audit line carry
+  // its first 256 bytes and its size.
+  const std::string long_path = "/shardguard.v1.Pipeline/" + std::string(20 * 1024, 'G');
+  r = dial_b(leaves_[0], long_path);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << r.status.error_message().size();
+  EXPECT_LT(r.status.error_message().size(), 1024u);
+  EXPECT_NE(r.status.error_message().find("(20504 bytes)"), std::string::npos) << r.status.error_message();
+  const std::string audit = read_file(dir_ + "/s1/audit.jsonl");
+  EXPECT_NE(audit.find(long_path.substr(0, 256) + "\\u2026(20504 bytes)"), std::string::npos) << audit;
+  EXPECT_EQ(audit.find(std::string(300, 'G')), std::string::npos);
+  EXPECT_TRUE(verify_audit_text(audit).ok);
+  // Beyond twice the limit gRPC refuses the request itself: the sidecar never sees it
+  // and does not count it (documented).
+  r = dial_b(leaves_[0], "/shardguard.v1.Pipeline/" + std::string(200 * 1024, 'H'));
+  EXPECT_FALSE(r.status.ok());
+  EXPECT_EQ(metric(*b_reg_, "shardguard_proxy_refused_requests_total"), 1);
+  EXPECT_EQ(backend_b_.calls(), 0);
+  EXPECT_EQ(backend_a_.calls(), 0);
+  const std::string logs = err.text();
+  EXPECT_EQ(count_lines_with(logs, "request headers over the size limit refused"), 2) << logs.substr(0, 2000);
+  EXPECT_LT(longest_line(logs), 2048u);
+  for (const char ch : {'F', 'G', 'H', 'm'}) EXPECT_EQ(logs.find(std::string(300, ch)), std::string::npos) << ch;
+}
+
 TEST_F(ProxyTest, ConfigErrorsNameTheFieldAndValue) {
   ProxyConfig c = config_for(1, backend_b_.address());
   c.outbound_listen = "0.0.0.0:7001";
@@ -624,6 +860,20 @@ TEST_F(ProxyTest, ConfigErrorsNameTheFieldAndValue) {
   c = config_for(1, backend_b_.address());
   c.max_message_bytes = 0;
   EXPECT_THROW(Proxy(c, std::make_shared<prometheus::Registry>()), std::invalid_argument);
+  c = config_for(1, backend_b_.address());
+  c.max_header_list_bytes = 100;
+  EXPECT_THROW(Proxy(c, std::make_shared<prometheus::Registry>()), std::invalid_argument);
+  c = config_for(1, backend_b_.address());
+  c.first_bytes_timeout = 0ms;
+  EXPECT_THROW(Proxy(c, std::make_shared<prometheus::Registry>()), std::invalid_argument);
+  c = config_for(1, backend_b_.address());
+  c.max_pending_per_source = c.max_pending_connections + 1;
+  try {
+    Proxy p(c, std::make_shared<prometheus::Registry>());
+    FAIL() << "accepted more per source than in all";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("--max-pending-per-source"), std::string::npos) << e.what();
+  }
   EXPECT_THROW(parse_peer_flag("spiffe://shardguard.local/ns/ml/job/fm/shard/1"), std::invalid_argument);
   EXPECT_THROW(parse_peer_flag("http://x=127.0.0.1:1"), std::invalid_argument);
   EXPECT_EQ(parse_peer_flag(shard_id(1) + "=127.0.0.1:7443").second, "127.0.0.1:7443");

@@ -22,8 +22,10 @@
 // checked by common/pki verify_svid in a gRPC certificate verifier, so that every
 // refusal is counted under its reason. Before gRPC sees a connection, the inbound
 // acceptor reads (peeks) its first bytes and refuses, counted, what cannot be a TLS
-// 1.2+ ClientHello (plaintext, garbage, TLS <= 1.1) and clients that send nothing
-// within the handshake timeout.
+// 1.2+ ClientHello offering HTTP/2 (plaintext, garbage, TLS <= 1.1, no h2 in ALPN)
+// and clients that send no whole ClientHello within the first-bytes timeout; it
+// never stops accepting, and bounds the connections waiting for their first bytes per
+// source address and in all (acceptor.h).
 //
 // Parameter export (/shardguard.v1.ShardExport/Export, the only parameter-bearing
 // RPC): allowed by the policy's export section only; the requested byte range is
@@ -46,11 +48,17 @@
 
 #include <prometheus/registry.h>
 
+#include "shardguard/sidecar/acceptor.h"  // classify_client_hello, bounded_text
+
 namespace shardguard::sidecar {
 
 // The request header that picks the outbound target (a SPIFFE ID) when the policy
 // allows more than one peer for a method.
 inline constexpr const char* kTargetHeader = "shardguard-target";
+
+// The range of ProxyConfig::max_header_list_bytes; gRPC's own limit is set to twice it.
+inline constexpr int64_t kMinHeaderListBytes = 1024;
+inline constexpr int64_t kMaxHeaderListBytes = 512 * 1024;
 
 struct ProxyConfig {
   std::string inbound_listen = "0.0.0.0:7443";    // mTLS, the pod's only way in
@@ -63,7 +71,18 @@ struct ProxyConfig {
   // Peer SPIFFE ID → host:port of that peer's inbound listener.
   std::map<std::string, std::string> peers;
   int64_t max_message_bytes = 64 * 1024 * 1024;
+  // The largest request header list (HTTP/2 counting: name + value + 32 bytes per
+  // field, over :path, :authority and the request metadata); larger requests are
+  // refused with RESOURCE_EXHAUSTED before anything is logged. Envoy's default.
+  int64_t max_header_list_bytes = 60 * 1024;
   std::chrono::milliseconds handshake_timeout{10000};
+  // Inbound, before gRPC sees a connection: the time a client has to send its whole
+  // ClientHello, and how many such connections may wait, from one source address and
+  // in all (over a cap the oldest that sent nothing decidable is closed; accepting
+  // never stops).
+  std::chrono::milliseconds first_bytes_timeout{2000};
+  int64_t max_pending_connections = 1024;
+  int64_t max_pending_per_source = 64;
   // How often certificate, key, CA and policy files are checked for changes.
   std::chrono::milliseconds reload_interval{1000};
   std::string audit_file;  // optional: hash-chained audit log (audit.h)
@@ -73,19 +92,6 @@ struct ProxyConfig {
   std::string ledger_file;
   std::string ledger_key_file;
 };
-
-// Bounded reason tokens for shardguard_tls_handshake_failures_total{reason} that the
-// acceptor decides from a connection's first bytes ("" = looks like a TLS 1.2+
-// ClientHello, or not enough bytes yet to tell — see classify_client_hello).
-//   "plaintext"      an HTTP/1.x request or the HTTP/2 connection preface
-//   "not_tls"        anything else that is not a TLS handshake record
-//   "tls_version"    a ClientHello offering at most TLS 1.1 (or SSL)
-struct HelloClass {
-  bool complete = false;  // enough bytes were seen to decide
-  std::string reason;     // "" when acceptable (complete) or undecided (!complete)
-};
-// Pure: classifies the first bytes of a connection. Needs at most 11 bytes.
-HelloClass classify_client_hello(const uint8_t* data, size_t size);
 
 class Proxy {
  public:
