@@ -24,4 +24,22 @@ double exposure_of(const std::vector<double>& stage_weights, const std::set<int>
   return std::clamp(sum / total, 0.0, 1.0);
 }
 
+std::vector<std::set<int>> runs_within(const std::vector<double>& stage_weights, double max_exposure) {
+  std::vector<std::set<int>> runs;
+  std::set<int> run;
+  for (int i = 0; i < static_cast<int>(stage_weights.size()); ++i) {
+    std::set<int> longer = run;
+    longer.insert(i);
+    // The tolerance of the operator's other exposure checks: shares are ratios of
+    // integers, maxExposure a decimal.
+    if (!run.empty() && exposure_of(stage_weights, longer) > max_exposure + 1e-12) {
+      runs.push_back(std::move(run));
+      longer = {i};
+    }
+    run = std::move(longer);
+  }
+  if (!run.empty()) runs.push_back(std::move(run));
+  return runs;
+}
+
 }  // namespace shardguard::model

@@ -286,7 +286,13 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
       if (!node.empty()) history[node].insert(i);
     }
   }
-  p.exposure = compute_exposure(params, history);
+  std::vector<ExportAssignment> exporters;
+  try {
+    exporters = assign_export_principals(spec, params);
+  } catch (const ExposureRefusal&) {
+    // Too few export principals: render() below refuses the job with this message.
+  }
+  p.exposure = compute_exposure(params, history, exporters);
   st["exposure"] = exposure_to_json(p.exposure);
   // --- per-shard status entries ---------------------------------------------------------
   json shards = json::array();
@@ -361,7 +367,7 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
     desired = render(spec, in);
   } catch (const RenderError& e) {
     const std::string msg = e.what();
-    const bool exposure = msg.rfind("spec.protection.maxExposure", 0) == 0;
+    const bool exposure = dynamic_cast<const ExposureRefusal*>(&e) != nullptr;
     const std::string reason = exposure ? "ExposureRefused" : "RenderFailed";
     if (old_phase != "Failed") p.events.push_back({"Warning", reason, msg});
     if (exposure) cond.set("ShardIsolation", false, reason, msg);

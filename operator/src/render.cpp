@@ -7,6 +7,7 @@
 #include "shardguard/common/crypto.h"
 #include "shardguard/common/shard_files.h"
 #include "shardguard/common/strings.h"
+#include "shardguard/model/exposure.h"
 #include "shardguard/model/model_desc.h"
 #include "shardguard/model/partition.h"
 #include "shardguard/common/pki.h"
@@ -40,7 +41,8 @@ json metadata(const JobSpec& job, const RenderInputs& in, const std::string& nam
 // Largest stage's parameter share must fit maxExposure: with one shard per topology
 // domain (the anti-affinity below), a domain holds exactly one stage and never both
 // neighbours of another, so that share is the smallest exposure any placement gets.
-void check_exposure(const JobSpec& job) {
+// Returns each stage's parameters.
+std::vector<int64_t> check_exposure(const JobSpec& job) {
   const auto desc = model::describe_model(job.model);
   std::vector<model::StageDesc> stages;
   try {
@@ -48,16 +50,18 @@ void check_exposure(const JobSpec& job) {
   } catch (const model::PartitionError& e) {
     throw RenderError(std::string("spec.sharding.shards: ") + e.what());
   }
+  std::vector<int64_t> params;
   for (const auto& s : stages) {
     const double share = model::parameter_share(desc, s);
     if (share > job.protection.max_exposure) {
-      throw RenderError("spec.protection.maxExposure: stage " + std::to_string(s.index) + " alone holds " +
-                        format_ratio(share) + " of the model's parameters (" + std::to_string(s.parameters) +
-                        " of " + std::to_string(desc.parameters()) + "), more than maxExposure " +
-                        format_ratio(job.protection.max_exposure) +
-                        "; use more shards or raise maxExposure");
+      throw ExposureRefusal("spec.protection.maxExposure: stage " + std::to_string(s.index) + " alone holds " +
+                            format_ratio(share) + " of the model's parameters (" + std::to_string(s.parameters) +
+                            " of " + std::to_string(desc.parameters()) + "), more than maxExposure " +
+                            format_ratio(job.protection.max_exposure) + "; use more shards or raise maxExposure");
     }
+    params.push_back(s.parameters);
   }
+  return params;
 }
 
 void check_dns_label(const std::string& what, const std::string& name) {
@@ -277,6 +281,47 @@ std::vector<json> DesiredObjects::all() const {
   return out;
 }
 
+std::string shards_text(const std::set<int>& shards) {
+  std::string out;
+  for (auto it = shards.begin(); it != shards.end();) {
+    const int first = *it;
+    int last = first;
+    for (++it; it != shards.end() && *it == last + 1; ++it) last = *it;
+    out += (out.empty() ? "" : ",") + std::to_string(first) + (last == first ? "" : "-" + std::to_string(last));
+  }
+  return out.empty() ? "none" : out;
+}
+
+std::vector<ExportAssignment> assign_export_principals(const JobSpec& job, const std::vector<int64_t>& stage_params) {
+  const auto& principals = job.protection.export_.principals;
+  if (!job.protection.export_.allowed || principals.empty()) return {};
+  const auto runs =
+      model::runs_within(std::vector<double>(stage_params.begin(), stage_params.end()), job.protection.max_exposure);
+  if (principals.size() < runs.size()) {
+    std::string listed;
+    for (const auto& r : runs) listed += (listed.empty() ? "" : ", ") + shards_text(r);
+    throw ExposureRefusal("spec.protection.export.principals: " + std::to_string(principals.size()) + " principal" +
+                          (principals.size() == 1 ? "" : "s") + " cannot export all " +
+                          std::to_string(stage_params.size()) + " shards within maxExposure " +
+                          format_ratio(job.protection.max_exposure) + ": that takes " + std::to_string(runs.size()) +
+                          ", one for each run of shards (" + listed + "); list more principals or raise maxExposure");
+  }
+  std::vector<ExportAssignment> out;
+  for (size_t k = 0; k < principals.size(); ++k) out.push_back({principals[k], runs[k % runs.size()]});
+  return out;
+}
+
+policy::ExportRules export_rules(const JobSpec& job, const std::vector<ExportAssignment>& assignments, int shard,
+                                 int64_t budget_bytes) {
+  policy::ExportRules rules;
+  for (const auto& a : assignments) {
+    if (a.shards.count(shard)) rules.principals.push_back({a.principal, budget_bytes});
+  }
+  // A policy allows export only with principals to allow it to.
+  rules.allowed = job.protection.export_.allowed && !rules.principals.empty();
+  return rules;
+}
+
 DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
   const int n = job.sharding.shards;
   // Inputs first: a refusal must not depend on which check runs first.
@@ -309,13 +354,7 @@ DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
   const std::string sidecar_image = image_of(in.sidecar_image, job.sidecar, "spec.sidecar.image");
   check_dns_label("pod hostname", shard_name(job, n - 1));
   check_dns_label("service name", service_name(job));
-  check_exposure(job);
-
-  policy::ExportRules exports;
-  exports.allowed = job.protection.export_.allowed;
-  if (exports.allowed) {
-    for (const auto& p : job.protection.export_.principals) exports.principals.push_back({p, in.export_budget_bytes});
-  }
+  const std::vector<ExportAssignment> exporters = assign_export_principals(job, check_exposure(job));
 
   const json job_file = {{"apiVersion", kJobApiVersion},
                          {"kind", kJobKind},
@@ -346,7 +385,8 @@ DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
 
     policy::Policy policy = [&] {
       try {
-        return policy::pipeline_policy(job.protection.trust_domain, job.namespace_, job.name, i, n, exports);
+        return policy::pipeline_policy(job.protection.trust_domain, job.namespace_, job.name, i, n,
+                                       export_rules(job, exporters, i, in.export_budget_bytes));
       } catch (const policy::PolicyError& e) {
         throw RenderError(std::string("policy of shard ") + std::to_string(i) + ": " + e.what());
       }

@@ -10,7 +10,8 @@ namespace shardguard::op {
 
 using nlohmann::json;
 
-ExposureReport compute_exposure(const std::vector<int64_t>& stage_params, const PlacementHistory& history) {
+ExposureReport compute_exposure(const std::vector<int64_t>& stage_params, const PlacementHistory& history,
+                                const std::vector<ExportAssignment>& exporters) {
   ExposureReport r;
   const int n = static_cast<int>(stage_params.size());
   for (const auto& [node, held] : history) {
@@ -23,6 +24,11 @@ ExposureReport compute_exposure(const std::vector<int64_t>& stage_params, const 
     r.nodes.push_back(std::move(e));
   }
   for (int i = 0; i < n; ++i) r.max_principal = std::max(r.max_principal, exposure_of(stage_params, {i}));
+  for (const auto& a : exporters) {
+    ExporterExposure e{a.principal, a.shards, exposed_stages(a.shards, n), exposure_of(stage_params, a.shards)};
+    r.max_principal = std::max(r.max_principal, e.ratio);
+    r.exporters.push_back(std::move(e));
+  }
   return r;
 }
 
@@ -66,7 +72,18 @@ json exposure_to_json(const ExposureReport& report) {
                      {"exposedShards", json(std::vector<int>(e.exposed.begin(), e.exposed.end()))},
                      {"ratio", round4(e.ratio)}});
   }
-  return {{"maxNode", round4(report.max_node)}, {"maxPrincipal", round4(report.max_principal)}, {"nodes", nodes}};
+  json out = {{"maxNode", round4(report.max_node)}, {"maxPrincipal", round4(report.max_principal)}, {"nodes", nodes}};
+  if (!report.exporters.empty()) {
+    json exporters = json::array();
+    for (const auto& e : report.exporters) {
+      exporters.push_back({{"principal", e.principal},
+                           {"shards", json(std::vector<int>(e.shards.begin(), e.shards.end()))},
+                           {"exposedShards", json(std::vector<int>(e.exposed.begin(), e.exposed.end()))},
+                           {"ratio", round4(e.ratio)}});
+    }
+    out["exportPrincipals"] = std::move(exporters);
+  }
+  return out;
 }
 
 void set_condition(json& conditions, const std::string& type, bool status, const std::string& reason,

@@ -556,7 +556,7 @@ Decision decide(const Policy& policy, Direction direction, const std::string& pe
       }
     }
     d.rule = kRuleExportDenied;
-    d.reason = "peer " + quote(peer_spiffe_id) + " is not an export principal";
+    d.reason = "peer " + quote(peer_spiffe_id) + " is not an export principal of shard " + std::to_string(policy.shard());
     return d;
   }
   const std::vector<PolicyRule>& rules =

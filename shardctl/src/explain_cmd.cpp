@@ -6,6 +6,8 @@
 
 #include "shardguard/common/files.h"
 #include "shardguard/common/jobspec.h"
+#include "shardguard/common/strings.h"
+#include "shardguard/operator/reconcile.h"
 #include "shardguard/shardctl/commands.h"
 #include "shardguard/policy/policy.h"
 
@@ -22,25 +24,27 @@ void print_policy_error(const std::string& source, const PolicyError& e) {
   for (const auto& p : e.problems()) std::cerr << "  " << p.str() << "\n";
 }
 
-// The policy the operator renders for shard `shard` of the job in job_file.
-Policy job_policy(const ExplainOptions& o, std::string* source) {
+// The policy the operator renders for shard `shard` of the job in job_file, and in
+// *exports a line per export principal: the shards it may export and its exposure.
+Policy job_policy(const ExplainOptions& o, std::string* source, std::string* exports) {
   const JobSpec job = load_job_file(o.job_file);
   if (o.shard < 0 || o.shard >= job.sharding.shards) {
     throw std::invalid_argument("--shard: " + std::to_string(o.shard) + " is not a shard of job " + job.name +
                                 " (it has " + std::to_string(job.sharding.shards) + ", numbered 0 to " +
                                 std::to_string(job.sharding.shards - 1) + ")");
   }
-  policy::ExportRules exports;
-  exports.allowed = job.protection.export_.allowed;
-  if (exports.allowed) {
-    for (const std::string& p : job.protection.export_.principals) {
-      exports.principals.push_back({p, o.export_budget_bytes});
-    }
+  const std::vector<int64_t> params = op::stage_parameters(job);
+  const std::vector<op::ExportAssignment> assignments = op::assign_export_principals(job, params);
+  for (const auto& a : assignments) {
+    *exports += "  exporter   " + a.principal + " may export shards " + op::shards_text(a.shards) + " (exposure " +
+                format_ratio(op::exposure_of(params, a.shards)) + ", maxExposure " +
+                format_ratio(job.protection.max_exposure) + ")\n";
   }
   *source = "derived from " + o.job_file + " (job " + job.namespace_ + "/" + job.name + ", shard " +
             std::to_string(o.shard) + " of " + std::to_string(job.sharding.shards) + ")";
   return policy::pipeline_policy(job.protection.trust_domain, job.namespace_, job.name,
-                                  static_cast<int>(o.shard), job.sharding.shards, exports);
+                                  static_cast<int>(o.shard), job.sharding.shards,
+                                  op::export_rules(job, assignments, static_cast<int>(o.shard), o.export_budget_bytes));
 }
 
 }  // namespace
@@ -69,12 +73,13 @@ int RunExplain(const ExplainOptions& o) {
 
   std::optional<Policy> loaded;
   std::string source;
+  std::string exports;
   try {
     if (!o.policy_file.empty()) {
       source = o.policy_file;
       loaded.emplace(policy::parse_policy(read_file(o.policy_file)));
     } else {
-      loaded.emplace(job_policy(o, &source));
+      loaded.emplace(job_policy(o, &source, &exports));
     }
   } catch (const PolicyError& e) {
     print_policy_error(source, e);
@@ -96,7 +101,7 @@ int RunExplain(const ExplainOptions& o) {
   if (d.allow && d.rule == policy::kRuleExport) {
     std::cout << "  budget     " << d.export_budget_bytes << " bytes\n";
   }
-  std::cout << "  policy     " << source << ", " << o.direction << "\n";
+  std::cout << "  policy     " << source << ", " << o.direction << "\n" << exports;
   return d.allow ? 0 : 1;
 }
 

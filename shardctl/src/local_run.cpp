@@ -780,7 +780,9 @@ int RunLocal(const LocalRunOptions& options) {
     const std::vector<int64_t> params = op::stage_parameters(job);
     op::PlacementHistory history;
     for (int i = 0; i < n; ++i) history["local-shard-" + std::to_string(i)] = {i};
-    const op::ExposureReport report = op::compute_exposure(params, history);
+    // render() accepted the job, so its export principals are assigned.
+    const op::ExposureReport report =
+        op::compute_exposure(params, history, op::assign_export_principals(job, params));
     std::printf("  exposure        per principal and per node (each shard is its own node here); maxExposure %.4f\n",
                 job.protection.max_exposure);
     for (int i = 0; i < n; ++i) {
@@ -793,6 +795,10 @@ int RunLocal(const LocalRunOptions& options) {
                   spiffe_id_for_shard(job.protection.trust_domain, job.namespace_, job.name,
                                       static_cast<uint32_t>(i)).c_str(),
                   op::exposure_of(params, {i}), node.c_str(), node_ratio);
+    }
+    for (const auto& e : report.exporters) {
+      std::printf("  exposure export principal %s %.4f (shards %s)\n", e.principal.c_str(), e.ratio,
+                  op::shards_text(e.shards).c_str());
     }
     std::printf("  exposure max    principal %.4f, node %.4f  (%s maxExposure %.4f)\n", report.max_principal,
                 report.max_node,

@@ -8,6 +8,7 @@
 #include "shardguard/common/jobspec.h"
 #include "shardguard/model/model_desc.h"
 #include "shardguard/model/partition.h"
+#include "shardguard/operator/status.h"
 
 namespace shardguard::shardctl {
 
@@ -26,7 +27,9 @@ int RunPlan(const std::string& job_file) {
                   static_cast<long long>(b.parameters), b.flops / 1e6);
     }
     double largest = 0;
+    std::vector<int64_t> params;
     for (const auto& s : stages) {
+      params.push_back(s.parameters);
       const double share = model::parameter_share(desc, s);
       largest = std::max(largest, share);
       std::printf("  shard %-2d blocks %d..%d  %10lld params (%5.1f%%)  %9.3f MFLOP\n", s.index, s.first_block,
@@ -35,7 +38,17 @@ int RunPlan(const std::string& job_file) {
     std::printf("largest shard holds %.1f%% of the parameters; spec.protection.maxExposure is %.1f%%%s\n",
                 100 * largest, 100 * job.protection.max_exposure,
                 largest > job.protection.max_exposure ? " — EXCEEDED: no placement can keep this job within it" : "");
-    return largest > job.protection.max_exposure ? 1 : 0;
+    bool refused = largest > job.protection.max_exposure;
+    try {
+      for (const auto& a : op::assign_export_principals(job, params)) {
+        std::printf("export principal %s may export shards %s (%.1f%% exposed)\n", a.principal.c_str(),
+                    op::shards_text(a.shards).c_str(), 100 * op::exposure_of(params, a.shards));
+      }
+    } catch (const op::ExposureRefusal& e) {
+      std::printf("%s — EXCEEDED\n", e.what());
+      refused = true;
+    }
+    return refused ? 1 : 0;
   } catch (const std::exception& e) {
     std::cerr << "shardctl plan: invalid job " << job_file << ":\n" << e.what() << "\n";
     return 2;

@@ -430,6 +430,50 @@ TEST(PlanTest, LargestStageAboveMaxExposureIsRefusedWithACondition) {
   EXPECT_TRUE(c.has_event("ExposureRefused"));
 }
 
+// vit in 4 stages (about 0.02, 0.33, 0.33, 0.33) at maxExposure 0.5.
+TEST(PlanTest, ExportPrincipalsAreInTheExposureStatus) {
+  json j = job_yaml();
+  j["spec"]["protection"]["export"] = {
+      {"allowed", true},
+      {"principals", {"spiffe://shardguard.local/ns/ml/sa/a", "spiffe://shardguard.local/ns/ml/sa/b",
+                      "spiffe://shardguard.local/ns/ml/sa/c"}}};
+  Cluster c(j);
+  c.settle();
+  const json& ex = c.job["status"]["exposure"];
+  ASSERT_EQ(ex["exportPrincipals"].size(), 3u) << ex.dump();
+  EXPECT_EQ(ex["exportPrincipals"][0]["principal"], "spiffe://shardguard.local/ns/ml/sa/a");
+  EXPECT_EQ(ex["exportPrincipals"][0]["shards"], json::array({0, 1}));
+  EXPECT_EQ(ex["exportPrincipals"][1]["shards"], json::array({2}));
+  EXPECT_EQ(ex["exportPrincipals"][2]["shards"], json::array({3}));
+  double largest = 0;
+  for (const auto& e : ex["exportPrincipals"]) {
+    EXPECT_LE(e["ratio"].get<double>(), 0.5);
+    largest = std::max(largest, e["ratio"].get<double>());
+  }
+  // maxPrincipal counts the export principals: 0-1 hold more than any one stage.
+  EXPECT_EQ(ex["maxPrincipal"], largest);
+  EXPECT_NE(c.job["status"]["phase"], "Failed");
+
+  // Two principals cannot cover the three runs: refused, as a stage above the limit is.
+  j["spec"]["protection"]["export"]["principals"].erase(2);
+  Cluster refused(j);
+  refused.settle();
+  EXPECT_EQ(refused.job["status"]["phase"], "Failed");
+  bool found = false;
+  for (const auto& cond : refused.job["status"]["conditions"]) {
+    if (cond["type"] == "ShardIsolation") {
+      EXPECT_EQ(cond["reason"], "ExposureRefused");
+      EXPECT_NE(cond["message"].get<std::string>().find("spec.protection.export.principals: 2 principals"),
+                std::string::npos)
+          << cond["message"];
+      found = true;
+    }
+  }
+  EXPECT_TRUE(found);
+  for (int i = 0; i < 4; ++i) EXPECT_FALSE(refused.has_pod(i));
+  EXPECT_TRUE(refused.has_event("ExposureRefused"));
+}
+
 TEST(PlanTest, InvalidSpecFailsWithTheFieldAndValue) {
   json j = job_yaml();
   j["spec"]["sharding"]["shards"] = 0;

@@ -1,4 +1,5 @@
 // render(job, inputs): the objects the operator would create (issue 4 item 3).
+#include "shardguard/operator/reconcile.h"
 #include "shardguard/operator/render.h"
 
 #include <gtest/gtest.h>
@@ -30,7 +31,9 @@ spec:
   protection:
     maxExposure: 0.9
     topologyKey: topology.kubernetes.io/zone
-    export: {allowed: true, principals: ["spiffe://shardguard.local/ns/ml/job/fmnist/role/exporter"]}
+    export:
+      allowed: true
+      principals: ["spiffe://shardguard.local/ns/ml/job/fmnist/role/exporter", "spiffe://shardguard.local/ns/ml/sa/registry"]
   checkpoint: {everySteps: 100, volume: {persistentVolumeClaim: {claimName: ckpt}}}
   template:
     image: example.com/shardd:1
@@ -202,6 +205,68 @@ TEST(Render, PolicyConfigMapParsesAndAllowsForwardOnlyFromPrevious) {
     const auto job = job_from_json(json::parse(cm["data"]["job.json"].get<std::string>()));
     EXPECT_EQ(job.name, "fmnist");
     EXPECT_EQ(job.sharding.shards, 4);
+  }
+}
+
+// cnn in 4 stages by parameters at maxExposure 0.9: runs 0-1 (0.555) and 2-3 (0.445).
+TEST(Render, EachExportPrincipalMayExportOneRunWithinMaxExposure) {
+  const auto r = render_example();
+  const std::string exporter = "spiffe://shardguard.local/ns/ml/job/fmnist/role/exporter";
+  const std::string registry = "spiffe://shardguard.local/ns/ml/sa/registry";
+  const auto params = stage_parameters(r.job);
+  const auto assigned = assign_export_principals(r.job, params);
+  ASSERT_EQ(assigned.size(), 2u);
+  EXPECT_EQ(assigned[0].principal, exporter);
+  EXPECT_EQ(assigned[0].shards, (std::set<int>{0, 1}));
+  EXPECT_EQ(assigned[1].principal, registry);
+  EXPECT_EQ(assigned[1].shards, (std::set<int>{2, 3}));
+  for (const auto& a : assigned) EXPECT_LE(exposure_of(params, a.shards), r.job.protection.max_exposure);
+  for (int i = 0; i < 4; ++i) {
+    const auto parsed = policy::parse_policy(r.out.config_maps[i]["data"]["policy.json"].get<std::string>());
+    const auto mine = i < 2 ? exporter : registry;
+    const auto other = i < 2 ? registry : exporter;
+    const auto yes = policy::decide(parsed, policy::Direction::kIngress, mine, policy::kExportMethod);
+    EXPECT_TRUE(yes.allow) << "shard " << i << ": " << yes.reason;
+    const auto no = policy::decide(parsed, policy::Direction::kIngress, other, policy::kExportMethod);
+    EXPECT_FALSE(no.allow) << "shard " << i;
+    EXPECT_EQ(no.reason, "peer \"" + other + "\" is not an export principal of shard " + std::to_string(i));
+  }
+}
+
+TEST(Render, MorePrincipalsThanRunsTakeTheRunsInTurn) {
+  const json obj = job_object();
+  JobSpec job = job_from_json(obj);
+  job.protection.max_exposure = 0.5;  // stages 0-1, 2, 3 (0.08 + 0.31, 0.61, 0.005)
+  job.protection.export_.principals = {"spiffe://shardguard.local/a", "spiffe://shardguard.local/b",
+                                       "spiffe://shardguard.local/c", "spiffe://shardguard.local/d"};
+  const std::vector<int64_t> params = {18816, 73856, 147584, 1290};
+  const auto assigned = assign_export_principals(job, params);
+  ASSERT_EQ(assigned.size(), 4u);
+  EXPECT_EQ(assigned[0].shards, (std::set<int>{0, 1}));
+  EXPECT_EQ(assigned[1].shards, (std::set<int>{2}));
+  EXPECT_EQ(assigned[2].shards, (std::set<int>{3}));
+  EXPECT_EQ(assigned[3].shards, (std::set<int>{0, 1}));
+  EXPECT_EQ(shards_text({0, 1, 3}), "0-1,3");
+  EXPECT_EQ(shards_text({}), "none");
+  job.protection.export_.allowed = false;
+  job.protection.export_.principals.clear();
+  EXPECT_TRUE(assign_export_principals(job, params).empty());
+  EXPECT_FALSE(export_rules(job, {}, 0, 1).allowed);
+}
+
+TEST(Render, TooFewExportPrincipalsAreAnExposureRefusal) {
+  const json obj = job_object();
+  JobSpec job = job_from_json(obj);
+  job.protection.export_.principals.resize(1);
+  const auto in = inputs_for(job, obj);
+  try {
+    render(job, in);
+    FAIL() << "rendered a job whose one export principal would read the whole model";
+  } catch (const ExposureRefusal& e) {
+    EXPECT_STREQ(e.what(),
+                 "spec.protection.export.principals: 1 principal cannot export all 4 shards within maxExposure "
+                 "0.9000: that takes 2, one for each run of shards (0-1, 2-3); list more principals or raise "
+                 "maxExposure");
   }
 }
 

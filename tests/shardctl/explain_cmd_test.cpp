@@ -25,6 +25,7 @@ constexpr const char* kExport = "/shardguard.v1.ShardExport/Export";
 
 std::string shard_id(int i) { return "spiffe://shardguard.local/ns/ml/job/fmnist/shard/" + std::to_string(i); }
 const std::string kExporter = "spiffe://shardguard.local/ns/ml/job/fmnist/role/exporter";
+const std::string kRegistry = "spiffe://shardguard.local/ns/ml/sa/registry";
 
 constexpr const char* kJobYaml = R"(apiVersion: shardguard.io/v1alpha1
 kind: ShardedTrainingJob
@@ -43,7 +44,10 @@ spec:
     maxExposure: 0.5
     export:
       allowed: true
-      principals: ["spiffe://shardguard.local/ns/ml/job/fmnist/role/exporter"]
+      principals:
+        - spiffe://shardguard.local/ns/ml/job/fmnist/role/exporter
+        - spiffe://shardguard.local/ns/ml/sa/registry
+        - spiffe://shardguard.local/ns/ml/sa/serving
 )";
 
 struct Result {
@@ -117,16 +121,41 @@ TEST_F(ExplainCmdTest, EgressAndExport) {
   EXPECT_EQ(to_next.rc, 0) << to_next.out;
   EXPECT_NE(to_next.out.find("forward-to-next"), std::string::npos) << to_next.out;
 
-  ExplainOptions ex = job_options(3, kExporter, kExport);
+  // Shards of 7.8 %, 30.6 %, 61.1 % and 0.5 % at maxExposure 0.5: the three
+  // principals may export shards 0-1, 2 and 3 in turn.
+  ExplainOptions ex = job_options(1, kExporter, kExport);
   ex.export_budget_bytes = 4096;
   const Result allowed = explain(ex);
   EXPECT_EQ(allowed.rc, 0) << allowed.out;
   EXPECT_NE(allowed.out.find("rule       export\n"), std::string::npos) << allowed.out;
   EXPECT_NE(allowed.out.find("budget     4096 bytes"), std::string::npos) << allowed.out;
+  EXPECT_NE(allowed.out.find("exporter   " + kExporter + " may export shards 0-1 (exposure 0.3837, maxExposure 0.5000)\n"
+                             "  exporter   " + kRegistry + " may export shards 2 (exposure 0.6110, maxExposure 0.5000)\n"),
+            std::string::npos)
+      << allowed.out;
+
+  // The same principal, at a shard it was not assigned.
+  const Result elsewhere = explain(job_options(3, kExporter, kExport));
+  EXPECT_EQ(elsewhere.rc, 1) << elsewhere.out;
+  EXPECT_NE(elsewhere.out.find("is not an export principal of shard 3"), std::string::npos) << elsewhere.out;
+  EXPECT_EQ(explain(job_options(3, "spiffe://shardguard.local/ns/ml/sa/serving", kExport)).rc, 0);
 
   const Result by_shard = explain(job_options(3, shard_id(2), kExport));
   EXPECT_EQ(by_shard.rc, 1) << by_shard.out;
   EXPECT_NE(by_shard.out.find("export-denied"), std::string::npos) << by_shard.out;
+}
+
+// Fewer principals than the job needs: explain says so, as the operator refuses it.
+TEST_F(ExplainCmdTest, TooFewExportPrincipalsAreRefused) {
+  std::string yaml = kJobYaml;
+  yaml.erase(yaml.find("        - spiffe://shardguard.local/ns/ml/sa/serving\n"));
+  write_file_atomic(root_ + "/job.yaml", yaml);
+  const Result r = explain(job_options(0, kExporter, kExport));
+  EXPECT_EQ(r.rc, 2);
+  EXPECT_NE(r.err.find("spec.protection.export.principals: 2 principals cannot export all 4 shards within "
+                       "maxExposure 0.5000: that takes 3, one for each run of shards (0-1, 2, 3)"),
+            std::string::npos)
+      << r.err;
 }
 
 TEST_F(ExplainCmdTest, ShowPolicyPrintsWhatTheOperatorRenders) {

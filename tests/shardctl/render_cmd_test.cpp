@@ -337,7 +337,8 @@ TEST_F(RenderCmdTest, ExportBudgetReachesEveryPolicyAndTheSidecarKeepsALedger) {
   std::string yaml = kJobYaml;
   yaml.replace(yaml.find("    maxExposure: 0.9\n"), std::string("    maxExposure: 0.9\n").size(),
                "    maxExposure: 0.9\n    export:\n      allowed: true\n      principals:\n"
-               "        - spiffe://shardguard.local/ns/ml/job/fmnist/role/exporter\n");
+               "        - spiffe://shardguard.local/ns/ml/job/fmnist/role/exporter\n"
+               "        - spiffe://shardguard.local/ns/ml/sa/registry\n");
   write_file_atomic(root_ + "/job.yaml", yaml);
   RenderOptions o;
   o.job_file = root_ + "/job.yaml";

@@ -26,6 +26,7 @@
 #pragma once
 
 #include <cstdint>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -33,6 +34,7 @@
 #include <nlohmann/json.hpp>
 
 #include "shardguard/common/jobspec.h"
+#include "shardguard/policy/policy.h"
 
 namespace shardguard::op {
 
@@ -133,9 +135,41 @@ class RenderError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// A refusal on exposure grounds (condition reason ExposureRefused): a stage whose
+// parameter share alone exceeds maxExposure, or export principals too few to export
+// every shard within it.
+class ExposureRefusal : public RenderError {
+ public:
+  using RenderError::RenderError;
+};
+
+// An export principal of spec.protection.export and the shards it may export.
+struct ExportAssignment {
+  std::string principal;  // SPIFFE ID
+  std::set<int> shards;   // consecutive stages
+};
+
+// Who may export what (docs/operator.md#export-principals). An export principal reads
+// what it exports, so it is bound by maxExposure like every other principal: the
+// stages are cut into the fewest consecutive runs whose exposure each stays within
+// maxExposure (model::runs_within), and principal k, in the order the spec lists them,
+// may export run k mod R. Empty when export is not allowed. Throws ExposureRefusal when
+// there are fewer principals than runs (some shard could never be exported), naming
+// how many the job needs. stage_params: stage_parameters(job).
+std::vector<ExportAssignment> assign_export_principals(const JobSpec& job, const std::vector<int64_t>& stage_params);
+
+// "0-1", "2", "0,2-3"; "none" for no shards.
+std::string shards_text(const std::set<int>& shards);
+
+// The export section of shard `shard`'s policy: allowed as in the spec, and the
+// principals assigned that shard, each with budget_bytes.
+policy::ExportRules export_rules(const JobSpec& job, const std::vector<ExportAssignment>& assignments, int shard,
+                                 int64_t budget_bytes);
+
 // The spec is assumed valid (job_from_json validated it). Refuses, with RenderError:
-// - a largest stage (shardguard::shardd::partition with spec.sharding.balance) whose
-//   parameter share alone exceeds spec.protection.maxExposure;
+// - with ExposureRefusal, a largest stage (model::partition with spec.sharding.balance)
+//   whose parameter share alone exceeds spec.protection.maxExposure, and export
+//   principals too few for the job (assign_export_principals);
 // - inputs that do not match the job (shard count, checkpoint key size, empty uid,
 //   certificate or image, no spec in job_object), and names longer than a DNS label.
 DesiredObjects render(const JobSpec& job, const RenderInputs& in);

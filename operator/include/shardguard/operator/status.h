@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "shardguard/model/exposure.h"
+#include "shardguard/operator/render.h"
 
 namespace shardguard::op {
 
@@ -32,13 +33,25 @@ struct NodeExposure {
   double ratio = 0;
 };
 
-struct ExposureReport {
-  std::vector<NodeExposure> nodes;  // sorted by node name
-  double max_node = 0;              // largest node exposure (0 before any placement)
-  double max_principal = 0;         // largest shard principal exposure: max p_i / P
+// An export principal's exposure: what it may export (its ExportAssignment).
+struct ExporterExposure {
+  std::string principal;
+  std::set<int> shards;   // it may export
+  std::set<int> exposed;  // shards ∪ sandwiched
+  double ratio = 0;
 };
 
-ExposureReport compute_exposure(const std::vector<int64_t>& stage_params, const PlacementHistory& history);
+struct ExposureReport {
+  std::vector<NodeExposure> nodes;          // sorted by node name
+  std::vector<ExporterExposure> exporters;  // in the spec's order
+  double max_node = 0;                      // largest node exposure (0 before any placement)
+  // Largest principal exposure: each shard identity (its own stage, p_i / P) and each
+  // export principal (the shards it may export).
+  double max_principal = 0;
+};
+
+ExposureReport compute_exposure(const std::vector<int64_t>& stage_params, const PlacementHistory& history,
+                                const std::vector<ExportAssignment>& exporters = {});
 
 // Nodes on which a new pod for `shard` would push that node's exposure above
 // max_exposure (given everything it already held). Sorted.
