@@ -561,6 +561,13 @@ int RunLocal(const LocalRunOptions& options) {
                 st.first_block, st.end_block - 1, static_cast<long long>(st.parameters),
                 100.0 * model::parameter_share(desc, st), p.inbound, p.shardd);
   }
+  {
+    const std::vector<int64_t> params = op::stage_parameters(job);
+    for (const auto& a : op::assign_export_principals(job, params)) {
+      std::printf("  export principal %s may export shards %s (exposure %.4f)\n", a.principal.c_str(),
+                  op::shards_text(a.shards).c_str(), op::exposure_of(params, a.shards));
+    }
+  }
   std::cout << "  workdir " << workdir << "  (pod files in shard-<i>/, logs in " << log_dir << ")\n" << std::flush;
 
   // Sidecars first and ready (certificates and policy loaded), then shardd.

@@ -78,9 +78,11 @@ TEST_F(MonitoringE2ETest, EveryDashboardQueryAndTheExposureAlertReturnDataFromRe
   spec["metadata"]["namespace"] = "ml";
   spec["spec"]["protection"]["maxExposure"] = 0.9;
   spec["spec"]["training"]["epochs"] = 3;
-  // An export principal, with a budget of 64 KiB per shard (--export-budget).
+  // Export principals, with a budget of 64 KiB per shard (--export-budget): at
+  // maxExposure 0.9 the first may export stage 0 (0.85), the second stages 1-2.
   const std::string exporter = spiffe_id_for_exporter("shardguard.local", "ml", "it-mlp");
-  spec["spec"]["protection"]["export"] = {{"allowed", true}, {"principals", {exporter}}};
+  spec["spec"]["protection"]["export"] = {
+      {"allowed", true}, {"principals", {exporter, "spiffe://shardguard.local/ns/ml/sa/registry"}}};
   const std::string job = write_job(spec);
   const std::string work = dir_ + "/work";
   SpawnOptions ro;

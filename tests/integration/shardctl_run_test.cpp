@@ -4,7 +4,8 @@
 // per node; a shardd SIGKILLed mid-run is restarted from its checkpoint and every
 // step gets done; Ctrl-C stops everything and --resume continues from the checkpoints;
 // --prometheus runs a real Prometheus that scrapes every process, whose PromQL gives
-// each principal's exposure; a taken port or a missing binary stops nothing-started.
+// each principal's exposure; a taken port or a missing binary stops nothing-started;
+// each export principal exports the shards it was assigned and no more.
 #include <gtest/gtest.h>
 
 #include <netinet/in.h>
@@ -20,6 +21,9 @@
 #include <sstream>
 
 #include "shardguard/common/httplib.h"
+#include "shardguard/common/pki.h"
+#include "support/export_client.h"
+#include "support/wait.h"
 
 #include "integration/pipeline_fixture.h"
 #include "integration/prom_server.h"
@@ -422,6 +426,94 @@ TEST_F(ShardctlRunTest, TakenPrometheusPortOrMissingBinaryStartsNothing) {
     EXPECT_TRUE(left.empty()) << joined(left);
   }
   ::close(fd);
+}
+
+
+// Issue 16 item 1. An MLP in 3 stages (84.9 %, 7.0 %, 8.1 % of the parameters) at
+// maxExposure 0.9 with two export principals: a may export stage 0, b stages 1-2.
+// Each exports everything it was assigned, through the sidecars, from the real
+// shardd; the next shard is refused and audited.
+TEST_F(ShardctlRunTest, EachExportPrincipalExportsItsShardsUpToTheLimitAndNoMore) {
+  constexpr int n = 3;
+  auto spec = job_json(n);
+  spec["spec"]["training"]["epochs"] = 40;  // long enough to export from; stopped below
+  const std::string a = "spiffe://shardguard.local/ns/default/sa/a";
+  const std::string b = "spiffe://shardguard.local/ns/default/sa/b";
+  spec["spec"]["protection"] = {{"maxExposure", 0.9}, {"export", {{"allowed", true}, {"principals", {a, b}}}}};
+  const std::string job = write_job(spec);
+  const std::string work = dir_ + "/work";
+  auto run = start_run(job, work, dir_ + "/run.out", {"--export-budget", std::to_string(16 << 20)});
+  // The sidecars' mTLS ports from the header.
+  std::map<int, int> inbound;
+  ASSERT_TRUE(testsupport::eventually(
+      [&] {
+        const std::string out = read_file(dir_ + "/run.out");
+        const std::regex port_re("shard (\\d+): .* sidecar mTLS :(\\d+)");
+        for (std::sregex_iterator it(out.begin(), out.end(), port_re), end; it != end; ++it) {
+          inbound[std::stoi((*it)[1])] = std::stoi((*it)[2]);
+        }
+        return static_cast<int>(inbound.size()) == n;
+      },
+      60s))
+      << read_file(dir_ + "/run.out");
+  EXPECT_NE(read_file(dir_ + "/run.out").find("export principal " + a + " may export shards 0 "), std::string::npos)
+      << read_file(dir_ + "/run.out");
+
+  const CaBundle ca{read_file(work + "/pki/ca.crt"), read_file(work + "/pki/ca.key")};
+  const std::map<std::string, Leaf> leaves = {{a, issue_leaf(ca, a, std::chrono::hours(1))},
+                                              {b, issue_leaf(ca, b, std::chrono::hours(1))}};
+  auto pull = [&](const std::string& who, int shard, uint64_t offset, uint64_t length, uint64_t* total) {
+    std::string bytes;
+    const grpc::Status st =
+        testsupport::export_pull("127.0.0.1:" + std::to_string(inbound.at(shard)), leaves.at(who).cert_pem,
+                                 leaves.at(who).key_pem, offset, length, &bytes,
+                                 [&](const v1::ExportChunk& c) { *total = c.total_bytes(); });
+    EXPECT_TRUE(!st.ok() || bytes.size() == length) << bytes.size() << " of " << length;
+    return st;
+  };
+  // Everything of a shard: one byte (which tells the size), then the rest.
+  auto export_all = [&](const std::string& who, int shard) {
+    uint64_t total = 0;
+    grpc::Status first;
+    const bool served = testsupport::eventually(
+        [&] {
+          first = pull(who, shard, 0, 1, &total);
+          return first.error_code() != grpc::StatusCode::UNAVAILABLE;  // before its first checkpoint
+        },
+        120s);
+    EXPECT_TRUE(served && first.ok()) << who << " shard " << shard << ": " << first.error_message();
+    EXPECT_GT(total, 1u);
+    const grpc::Status rest = pull(who, shard, 1, total - 1, &total);
+    EXPECT_TRUE(rest.ok()) << who << " shard " << shard << ": " << rest.error_message();
+  };
+  auto refused = [&](const std::string& who, int shard) {
+    uint64_t total = 0;
+    const grpc::Status st = pull(who, shard, 0, 1, &total);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::PERMISSION_DENIED) << who << " shard " << shard;
+    EXPECT_NE(st.error_message().find("is not an export principal of shard " + std::to_string(shard)),
+              std::string::npos)
+        << st.error_message();
+  };
+  export_all(a, 0);
+  refused(a, 1);
+  export_all(b, 1);
+  export_all(b, 2);
+  refused(b, 0);
+  for (int i = 0; i < n; ++i) {
+    const std::string audit = read_file(work + "/logs/sidecar-state-" + std::to_string(i) + "/audit.jsonl");
+    const std::string refused_peer = i == 0 ? b : i == 1 ? a : "";
+    if (!refused_peer.empty()) {
+      EXPECT_NE(audit.find("\"" + refused_peer + "\" is not an export principal"), std::string::npos)
+          << "shard " << i << ":\n" << audit;
+    }
+  }
+
+  run->signal(SIGINT);
+  const auto st = run->wait_for(60s);
+  ASSERT_TRUE(st.has_value());
+  const std::string out = read_file(dir_ + "/run.out");
+  EXPECT_TRUE(st->exited && st->code == 130) << st->str() << "\n" << out;
+  EXPECT_TRUE(processes_mentioning(work + "/").empty());
 }
 
 }  // namespace
