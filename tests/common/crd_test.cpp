@@ -1074,9 +1074,11 @@ TEST(Crd, StatusSchema) {
             (std::set<std::string>{"index", "pod", "node", "phase", "parameters", "restarts",
                                    "lastFailedPodUID"}));
   EXPECT_EQ(property_names("status.exposure"),
-            (std::set<std::string>{"maxNode", "maxPrincipal", "nodes"}));
+            (std::set<std::string>{"maxNode", "maxPrincipal", "nodes", "exportPrincipals"}));
   EXPECT_EQ(property_names("status.exposure.nodes", true),
             (std::set<std::string>{"node", "shards", "exposedShards", "ratio"}));
+  EXPECT_EQ(property_names("status.exposure.exportPrincipals", true),
+            (std::set<std::string>{"principal", "shards", "exposedShards", "ratio"}));
   EXPECT_EQ(property_names("status.progress"),
             (std::set<std::string>{"step", "epoch", "loss", "accuracy"}));
   // Status is written by the operator only: nothing there is defaulted.

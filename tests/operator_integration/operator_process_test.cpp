@@ -322,7 +322,14 @@ class OperatorTest : public ::testing::Test {
 
 TEST_F(OperatorTest, JobLifecycleFromCreateToSucceededThenCleanup) {
   auto& op = start_operator({"--resync", "1"});
-  create_job(job_object("life"));
+  // Three export principals: one run each of stages 0-1, 2 and 3 (issue 16 item 1).
+  json life = job_object("life");
+  life["spec"]["protection"]["export"] = {{"allowed", true},
+                                          {"principals",
+                                           {"spiffe://shardguard.local/ns/" + ns_ + "/sa/a",
+                                            "spiffe://shardguard.local/ns/" + ns_ + "/sa/b",
+                                            "spiffe://shardguard.local/ns/" + ns_ + "/sa/c"}}};
+  create_job(life);
   ASSERT_TRUE(eventually([&] { return owned_objects("life") == 14 && status("life").value("phase", "") == "Pending"; },
                          30s))
       << status("life").dump(2) << op.log();
@@ -374,6 +381,12 @@ TEST_F(OperatorTest, JobLifecycleFromCreateToSucceededThenCleanup) {
   const json st = status("life");
   EXPECT_EQ(st["exposure"]["nodes"].size(), 4u);
   EXPECT_LE(st["exposure"]["maxNode"].get<double>(), 0.5);
+  // The assignment as the real server stored it (its schema prunes unknown status fields).
+  ASSERT_EQ(st["exposure"]["exportPrincipals"].size(), 3u) << st["exposure"].dump();
+  EXPECT_EQ(st["exposure"]["exportPrincipals"][0]["shards"], json::array({0, 1}));
+  EXPECT_EQ(st["exposure"]["exportPrincipals"][2]["principal"], "spiffe://shardguard.local/ns/" + ns_ + "/sa/c");
+  EXPECT_LE(st["exposure"]["maxPrincipal"].get<double>(), 0.5);
+  EXPECT_GT(st["exposure"]["maxPrincipal"].get<double>(), 0.34);  // shards 0-1 together
   EXPECT_EQ(st["progress"]["accuracy"], 0.81);
   EXPECT_EQ(st["shards"][1]["node"], "node-1");
   EXPECT_EQ(st["shards"][1]["phase"], "Running");
