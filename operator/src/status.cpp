@@ -64,22 +64,28 @@ PlacementHistory history_from_status(const json& status) {
 
 double round4(double v) { return std::round(v * 10000.0) / 10000.0; }
 
+namespace {
+
+// One entry of status.exposure.nodes[] or exportPrincipals[]: who, what it holds, what
+// that exposes and its ratio.
+json exposure_entry(const char* who_key, const std::string& who, const std::set<int>& shards,
+                    const std::set<int>& exposed, double ratio) {
+  return {{who_key, who},
+          {"shards", json(std::vector<int>(shards.begin(), shards.end()))},
+          {"exposedShards", json(std::vector<int>(exposed.begin(), exposed.end()))},
+          {"ratio", round4(ratio)}};
+}
+
+}  // namespace
+
 json exposure_to_json(const ExposureReport& report) {
   json nodes = json::array();
-  for (const auto& e : report.nodes) {
-    nodes.push_back({{"node", e.node},
-                     {"shards", json(std::vector<int>(e.held.begin(), e.held.end()))},
-                     {"exposedShards", json(std::vector<int>(e.exposed.begin(), e.exposed.end()))},
-                     {"ratio", round4(e.ratio)}});
-  }
+  for (const auto& e : report.nodes) nodes.push_back(exposure_entry("node", e.node, e.held, e.exposed, e.ratio));
   json out = {{"maxNode", round4(report.max_node)}, {"maxPrincipal", round4(report.max_principal)}, {"nodes", nodes}};
   if (!report.exporters.empty()) {
     json exporters = json::array();
     for (const auto& e : report.exporters) {
-      exporters.push_back({{"principal", e.principal},
-                           {"shards", json(std::vector<int>(e.shards.begin(), e.shards.end()))},
-                           {"exposedShards", json(std::vector<int>(e.exposed.begin(), e.exposed.end()))},
-                           {"ratio", round4(e.ratio)}});
+      exporters.push_back(exposure_entry("principal", e.principal, e.shards, e.exposed, e.ratio));
     }
     out["exportPrincipals"] = std::move(exporters);
   }
