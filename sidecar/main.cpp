@@ -116,6 +116,9 @@ int main(int argc, char** argv) {
       ->needs(audit_log);
   app.add_option("--ledger", f.proxy.ledger_file, "exposure ledger file (HMAC-sealed); needed for parameter export");
   app.add_option("--ledger-key", f.proxy.ledger_key_file, "32-byte HMAC key file of the ledger");
+  app.add_option("--ledger-min-sequence", f.proxy.ledger_min_sequence,
+                 "refuse every export if the ledger's sequence is lower (or it is missing while this is > 0)")
+      ->capture_default_str();
   app.add_option("--metrics", f.metrics, "metrics and health address host:port, or off")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   try {

@@ -248,7 +248,7 @@ std::string method_problem(const std::string& method) {
 bool is_reserved_rule_name(const std::string& name) {
   for (const char* reserved :
        {kRuleDefaultDeny, kRuleMalformedMethod, kRuleBadPeer, kRuleExport, kRuleExportDenied,
-        kRuleNoPolicy}) {
+        kRuleNoPolicy, kRuleLedgerRolledBack}) {
     if (name == reserved) return true;
   }
   return false;
@@ -302,7 +302,7 @@ std::vector<PolicyRule> parse_rules(Checker& c, const json* v, const std::string
       } else if (is_reserved_rule_name(*name)) {
         c.fail(name_path, "must not be a rule name the engine reports (\"default-deny\", "
                           "\"malformed-method\", \"bad-peer\", \"export\", \"export-denied\", "
-                          "\"no-policy\"), got " + quote(*name));
+                          "\"no-policy\", \"ledger-rolled-back\"), got " + quote(*name));
       } else if (auto it = names.find(*name); it != names.end()) {
         c.fail(name_path, decode::duplicate(*name, it->second));
       } else {

@@ -22,7 +22,8 @@ namespace {
 using nlohmann::json;
 
 constexpr uint64_t kMax = std::numeric_limits<uint64_t>::max();
-constexpr int kLedgerVersion = 1;
+constexpr int kLedgerVersion = 2;     // version 2: with "sequence"
+constexpr int kLedgerVersionNoSequence = 1;
 // Domain separation: the MAC input starts with this, so a MAC made for another
 // purpose under the same key is never accepted as a ledger's.
 constexpr const char* kMacLabel = "shardguard-exposure-ledger-v1\n";
@@ -176,8 +177,9 @@ bool ExposureLedger::operator==(const ExposureLedger& o) const {
 //
 //   {"body": {"exposure": [{"principal": "spiffe://…", "shard": 0,
 //                           "ranges": [[0, 4096], [8192, 12288]]}, …],
+//             "sequence": 12,
 //             "shards": [{"shard": 0, "bytes": 1048576}, …],
-//             "version": 1},
+//             "version": 2},
 //    "hmac": "<hex HMAC-SHA256(key, label || canonical(body))>"}
 
 std::string hmac_sha256_hex(const std::string& key, const std::string& data) {
@@ -211,7 +213,10 @@ std::string ExposureLedger::serialize(const std::string& key) const {
   }
   json shards = json::array();
   for (const auto& [shard, bytes] : shard_bytes_) shards.push_back({{"shard", shard}, {"bytes", bytes}});
-  json body = {{"version", kLedgerVersion}, {"exposure", std::move(exposure)}, {"shards", std::move(shards)}};
+  json body = {{"version", kLedgerVersion},
+               {"sequence", sequence_},
+               {"exposure", std::move(exposure)},
+               {"shards", std::move(shards)}};
   const std::string canon = canonical(body);
   json doc = {{"body", std::move(body)}, {"hmac", hmac_sha256_hex(key, kMacLabel + canon)}};
   return doc.dump(1) + "\n";
@@ -238,13 +243,22 @@ ExposureLedger ExposureLedger::deserialize(const std::string& text, const std::s
   const json& body = doc["body"];
   auto is_u64 = [](const json& v) { return v.is_number_unsigned() || (v.is_number_integer() && v.get<int64_t>() >= 0); };
   auto is_u32 = [&](const json& v) { return is_u64(v) && v.get<uint64_t>() <= std::numeric_limits<uint32_t>::max(); };
-  if (body.size() != 3 || !body.contains("version") || !body.contains("exposure") || !body.contains("shards")) {
-    throw fail("body must have exactly version, exposure and shards");
+  if (!body.contains("version") || (body["version"] != kLedgerVersion && body["version"] != kLedgerVersionNoSequence)) {
+    throw fail("unsupported version " + body.value("version", json()).dump());
   }
-  if (body["version"] != kLedgerVersion) throw fail("unsupported version " + body["version"].dump());
+  const bool with_sequence = body["version"] == kLedgerVersion;
+  if (body.size() != (with_sequence ? 4u : 3u) || !body.contains("exposure") || !body.contains("shards") ||
+      (with_sequence && !body.contains("sequence"))) {
+    throw fail(with_sequence ? "body must have exactly version, sequence, exposure and shards"
+                             : "body must have exactly version, exposure and shards");
+  }
   if (!body["exposure"].is_array() || !body["shards"].is_array()) throw fail("exposure and shards must be arrays");
 
   ExposureLedger out;
+  if (with_sequence) {
+    if (!is_u64(body["sequence"])) throw fail("sequence must be an unsigned integer");
+    out.sequence_ = body["sequence"].get<uint64_t>();
+  }
   size_t i = 0;
   for (const json& s : body["shards"]) {
     const std::string at = "shards[" + std::to_string(i++) + "]";
@@ -278,15 +292,25 @@ ExposureLedger ExposureLedger::deserialize(const std::string& text, const std::s
   return out;
 }
 
-void ExposureLedger::save(const std::string& path, const std::string& key) const {
+void ExposureLedger::save(const std::string& path, const std::string& key) {
+  check_key(key);
+  if (sequence_ == kMax) throw LedgerError("exposure ledger " + path + ": the sequence cannot grow any more");
+  // Raised before the write and kept when it fails: a sequence is never used for two
+  // different contents, and what was published stays at most what is on disk.
+  ++sequence_;
   write_file_atomic(path, serialize(key), 0600);
 }
 
 ExposureLedger ExposureLedger::load(const std::string& path, const std::string& key) {
+  auto found = load_existing(path, key);
+  return found ? std::move(*found) : ExposureLedger{};
+}
+
+std::optional<ExposureLedger> ExposureLedger::load_existing(const std::string& path, const std::string& key) {
   check_key(key);
   struct stat st {};
   if (::lstat(path.c_str(), &st) != 0) {
-    if (errno == ENOENT) return ExposureLedger{};
+    if (errno == ENOENT) return std::nullopt;
     throw LedgerError("exposure ledger " + path + ": " + std::strerror(errno));
   }
   std::string text;

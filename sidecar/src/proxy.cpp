@@ -210,7 +210,17 @@ struct SidecarMetrics {
                          .Name("shardguard_cert_reloads_total")
                          .Help("Certificate, key or CA bundle file changes picked up")
                          .Register(r)
-                         .Add({})) {
+                         .Add({})),
+        ledger_sequence(prometheus::BuildGauge()
+                            .Name("shardguard_ledger_sequence")
+                            .Help("Sequence of the exposure ledger: raised by every save, read at start from the file "
+                                  "(0: no file)")
+                            .Register(r)),
+        ledger_min_sequence(prometheus::BuildGauge()
+                                .Name("shardguard_ledger_min_sequence")
+                                .Help("The lowest ledger sequence this sidecar accepts (--ledger-min-sequence); "
+                                      "a ledger_sequence below it means exports are refused")
+                                .Register(r)) {
     for (const char* d : {"inbound", "outbound"}) {
       duration_by_direction[d] = &duration.Add(
           {{"direction", d}}, prometheus::Histogram::BucketBoundaries{
@@ -233,6 +243,9 @@ struct SidecarMetrics {
   prometheus::Family<prometheus::Counter>& exposed;
   prometheus::Family<prometheus::Gauge>& exposure_ratio;
   prometheus::Counter& cert_reloads;
+  // Series only with --ledger (Proxy::start).
+  prometheus::Family<prometheus::Gauge>& ledger_sequence;
+  prometheus::Family<prometheus::Gauge>& ledger_min_sequence;
   std::map<std::string, prometheus::Histogram*> duration_by_direction;
   prometheus::Counter* reloads_ok = nullptr;
   prometheus::Counter* reloads_error = nullptr;
@@ -291,6 +304,11 @@ struct Proxy::Impl {
   std::mutex ledger_mu;  // guards ledger (budget check + record are one step)
   std::unique_ptr<ExposureLedger> ledger;
   std::string ledger_key;
+  // Set once at start, before serving: why the ledger on disk is not trusted (older
+  // than --ledger-min-sequence, or missing). Non-empty: every export is refused and
+  // the file is never written.
+  std::string ledger_refused;
+  prometheus::Gauge* ledger_sequence = nullptr;  // with a ledger only
   WatchedFile ca_file;
   WatchedFile cert_file;
   WatchedFile key_file;
@@ -1048,6 +1066,9 @@ class ExportGuard : public MessageGuard {
                  {{"file", impl_->config.ledger_file}, {"error", ex.what()}});
       return {grpc::StatusCode::INTERNAL, "the exposure ledger cannot be saved; nothing more is exported"};
     }
+    // Published only once on disk: the operator records it as the lowest sequence a
+    // restarted sidecar may accept.
+    impl_->ledger_sequence->Set(static_cast<double>(impl_->ledger->sequence()));
     bytes_ += e - b;
     ranges_.push_back({b, e});
     return grpc::Status::OK;
@@ -1120,6 +1141,10 @@ Route Proxy::Impl::route_inbound(grpc::GenericServerContext* ctx) {
     d.allow = false;
     d.rule = policy::kRuleExportDenied;
     d.reason = "this sidecar keeps no exposure ledger (--ledger, --ledger-key), so it exports nothing";
+  } else if (d.allow && method == policy::kExportMethod && !ledger_refused.empty()) {
+    d.allow = false;
+    d.rule = policy::kRuleLedgerRolledBack;
+    d.reason = ledger_refused;
   }
   const bool export_call = d.allow && method == policy::kExportMethod;
   if (!export_call) count_decision(d, method, peer);  // an export is counted by its guard
@@ -1404,6 +1429,10 @@ Proxy::Proxy(ProxyConfig config, std::shared_ptr<prometheus::Registry> registry)
     throw std::invalid_argument("--ledger and --ledger-key go together (ledger \"" + config.ledger_file +
                                 "\", key \"" + config.ledger_key_file + "\")");
   }
+  if (config.ledger_min_sequence > 0 && config.ledger_file.empty()) {
+    throw std::invalid_argument("--ledger-min-sequence " + std::to_string(config.ledger_min_sequence) +
+                                " needs --ledger and --ledger-key");
+  }
   auto address = [](const std::string& value, const char* field) {
     try {
       return split_host_port(value);
@@ -1486,7 +1515,31 @@ void Proxy::start() {
       throw std::runtime_error("ledger key (--ledger-key) \"" + m.config.ledger_key_file + "\": " + e.what());
     }
     // A tampered or foreign ledger stops the start: budgets must survive restarts.
-    m.ledger = std::make_unique<ExposureLedger>(ExposureLedger::load(m.config.ledger_file, m.ledger_key));
+    auto found = ExposureLedger::load_existing(m.config.ledger_file, m.ledger_key);
+    const uint64_t min = m.config.ledger_min_sequence;
+    const uint64_t seq = found ? found->sequence() : 0;
+    // A genuine but older copy (or none) where a later sequence was recorded: the
+    // budgets it holds are not the latest. Exports stay refused and the file is kept
+    // as it is (never overwritten), for whoever investigates; pipeline traffic goes on.
+    if (min > 0 && (!found || seq < min)) {
+      m.ledger_refused =
+          found ? "exposure ledger " + m.config.ledger_file + " has sequence " + std::to_string(seq) +
+                      ", lower than the " + std::to_string(min) +
+                      " recorded for this shard (--ledger-min-sequence): an older copy was put back, so its "
+                      "export budgets are not the latest; every export is refused"
+                : "exposure ledger " + m.config.ledger_file + " is missing, but sequence " + std::to_string(min) +
+                      " was recorded for this shard (--ledger-min-sequence): it was deleted or lost, so its export "
+                      "budgets are unknown; every export is refused";
+      log::error("exposure ledger refused; every export is refused",
+                 {{"file", m.config.ledger_file},
+                  {"sequence", seq},
+                  {"min_sequence", min},
+                  {"reason", m.ledger_refused}});
+    }
+    m.ledger = std::make_unique<ExposureLedger>(found ? std::move(*found) : ExposureLedger{});
+    m.ledger_sequence = &m.metrics.ledger_sequence.Add({});
+    m.ledger_sequence->Set(static_cast<double>(seq));
+    m.metrics.ledger_min_sequence.Add({}).Set(static_cast<double>(min));
     std::lock_guard<std::mutex> lock(m.ledger_mu);
     for (const auto& e : m.ledger->entries()) m.publish_exposure(e.principal, e.shard, e.exposed_bytes);
   }

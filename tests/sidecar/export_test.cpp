@@ -1,6 +1,7 @@
 // Parameter export through the sidecar (sidecar/proxy.h, ledger.h): the budget is
 // checked before anything is forwarded, every received range is recorded, and the
-// HMAC-sealed ledger keeps budgets across a restart and refuses to be tampered with.
+// HMAC-sealed ledger keeps budgets across a restart and refuses to be tampered with,
+// and an older sealed copy (or none) put back in its place is refused by its sequence.
 #include <gtest/gtest.h>
 
 #include <sys/stat.h>
@@ -71,6 +72,7 @@ class ExportTest : public ::testing::Test {
     const CaBundle ca = create_ca("ca", std::chrono::hours(1));
     exporter_ = issue_leaf(ca, spiffe_id_for_exporter(kTd, "ml", "fm"), std::chrono::hours(1));
     const Leaf me = issue_leaf(ca, spiffe_id_for_shard(kTd, "ml", "fm", 1), std::chrono::hours(1));
+    prev_ = issue_leaf(ca, spiffe_id_for_shard(kTd, "ml", "fm", 0), std::chrono::hours(1));
     write_file_atomic(dir_ + "/ca.pem", ca.cert_pem);
     write_file_atomic(dir_ + "/cert.pem", me.cert_pem);
     write_file_atomic(dir_ + "/key.pem", me.key_pem, 0600);
@@ -85,7 +87,7 @@ class ExportTest : public ::testing::Test {
     server_->Shutdown(std::chrono::system_clock::now() + 1s);
   }
 
-  void start_proxy(bool with_ledger = true) {
+  void start_proxy(bool with_ledger = true, uint64_t ledger_min_sequence = 0) {
     ProxyConfig c;
     c.inbound_listen = c.outbound_listen = "127.0.0.1:0";
     c.upstream = "127.0.0.1:" + std::to_string(backend_port_);
@@ -97,6 +99,7 @@ class ExportTest : public ::testing::Test {
     if (with_ledger) {
       c.ledger_file = dir_ + "/ledger.json";
       c.ledger_key_file = dir_ + "/ledger.key";
+      c.ledger_min_sequence = ledger_min_sequence;
     }
     registry_ = std::make_shared<prometheus::Registry>();
     proxy_ = std::make_unique<Proxy>(c, registry_);
@@ -107,6 +110,18 @@ class ExportTest : public ::testing::Test {
   grpc::Status pull(uint64_t offset, uint64_t length, std::string* got = nullptr) {
     return testsupport::export_pull("127.0.0.1:" + std::to_string(proxy_->inbound_port()), exporter_.cert_pem,
                                     exporter_.key_pem, offset, length, got);
+  }
+
+  // A Forward from the previous stage (allowed by the policy): the backend has no
+  // Pipeline service, so UNIMPLEMENTED means the call was relayed to it.
+  grpc::Status forward_from_prev() {
+    auto stub = v1::Pipeline::NewStub(testsupport::tls_channel("127.0.0.1:" + std::to_string(proxy_->inbound_port()),
+                                                               prev_.cert_pem, prev_.key_pem));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + 20s);
+    v1::ForwardRequest req;
+    v1::ForwardReply reply;
+    return stub->Forward(&ctx, req, &reply);
   }
 
   double metric(const std::string& name, const std::map<std::string, std::string>& labels) {
@@ -122,6 +137,7 @@ class ExportTest : public ::testing::Test {
   int backend_port_ = 0;
   std::unique_ptr<grpc::Server> server_;
   Leaf exporter_;
+  Leaf prev_;  // shard 0, the previous stage
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<Proxy> proxy_;
 };
@@ -167,6 +183,111 @@ TEST_F(ExportTest, WithinBudgetIsRecordedAndBeyondBudgetIsRefusedAcrossARestart)
   const auto v = verify_audit_log(dir_ + "/audit.jsonl");
   EXPECT_TRUE(v.ok) << v.reason;
   EXPECT_EQ(v.lines, 7u);
+}
+
+TEST_F(ExportTest, RolledBackLedgerIsRefusedForExportsOnly) {
+  start_proxy();
+  const std::string ledger = dir_ + "/ledger.json";
+  EXPECT_EQ(metric("shardguard_ledger_sequence", {}), 0.0);  // no file yet
+  ASSERT_TRUE(pull(0, kMiB).ok());
+  const double old_seq = metric("shardguard_ledger_sequence", {});
+  EXPECT_GT(old_seq, 0.0);
+  EXPECT_EQ(old_seq, static_cast<double>(ExposureLedger::load(ledger, read_file(dir_ + "/ledger.key")).sequence()));
+  const std::string older = read_file(ledger);  // the copy someone keeps
+  ASSERT_TRUE(pull(kMiB, kMiB).ok());          // the whole 2 MiB budget
+  const double seq = metric("shardguard_ledger_sequence", {});
+  EXPECT_GT(seq, old_seq);
+  EXPECT_EQ(pull(2 * kMiB, 1).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  proxy_.reset();
+
+  // Put back, the older copy verifies (it is genuine) and would give back 1 MiB of
+  // budget: without the recorded sequence it is taken as it is...
+  write_file_atomic(ledger, older, 0600);
+  start_proxy(true, 0);
+  EXPECT_EQ(metric("shardguard_ledger_sequence", {}), old_seq);
+  proxy_.reset();
+  write_file_atomic(ledger, older, 0600);  // (nothing was exported: unchanged anyway)
+
+  // ...with it (what the operator renders), every export is refused, before shardd
+  // sees anything, counted, logged and audited under its own rule.
+  start_proxy(true, static_cast<uint64_t>(seq));
+  EXPECT_EQ(metric("shardguard_ledger_sequence", {}), old_seq);
+  EXPECT_EQ(metric("shardguard_ledger_min_sequence", {}), seq);
+  const int calls = backend_.calls.load();
+  const auto refused = pull(2 * kMiB, kMiB);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::PERMISSION_DENIED) << refused.error_message();
+  const std::string msg = refused.error_message();
+  EXPECT_NE(msg.find("(rule ledger-rolled-back)"), std::string::npos) << msg;
+  EXPECT_NE(msg.find(ledger), std::string::npos) << msg;
+  EXPECT_NE(msg.find("sequence " + std::to_string(static_cast<uint64_t>(old_seq))), std::string::npos) << msg;
+  EXPECT_NE(msg.find("the " + std::to_string(static_cast<uint64_t>(seq)) + " recorded"), std::string::npos) << msg;
+  EXPECT_EQ(pull(0, kMiB).error_code(), grpc::StatusCode::PERMISSION_DENIED);  // even bytes it already had
+  EXPECT_EQ(backend_.calls.load(), calls);
+  EXPECT_EQ(metric("shardguard_authz_decisions_total",
+                   {{"decision", "deny"}, {"rule", policy::kRuleLedgerRolledBack}, {"method", policy::kExportMethod}}),
+            2);
+  // (counted when the server side of the call is done, which can follow the reply)
+  EXPECT_TRUE(testsupport::eventually([&] {
+    return metric("shardguard_proxy_requests_total", {{"method", policy::kExportMethod}, {"code", "PERMISSION_DENIED"}}) ==
+           2;
+  }, 5s));
+  // Pipeline traffic is not affected.
+  EXPECT_EQ(forward_from_prev().error_code(), grpc::StatusCode::UNIMPLEMENTED);
+  EXPECT_EQ(metric("shardguard_authz_decisions_total", {{"decision", "allow"}, {"method", policy::kForwardMethod}}), 1);
+  // The refused file is kept as it was.
+  EXPECT_EQ(read_file(ledger), older);
+  proxy_.reset();
+  const auto v = verify_audit_log(dir_ + "/audit.jsonl");
+  ASSERT_TRUE(v.ok) << v.reason;
+  const std::string audit = read_file(dir_ + "/audit.jsonl");
+  size_t rolled_back = 0;
+  for (size_t at = 0; (at = audit.find("\"rule\":\"ledger-rolled-back\",\"decision\":\"deny\"", at)) != std::string::npos; ++at) {
+    ++rolled_back;
+  }
+  EXPECT_EQ(rolled_back, 2u) << audit;
+
+  // The current ledger back in place (or a later one) is accepted again.
+  write_file_atomic(ledger, older, 0600);
+  start_proxy(true, static_cast<uint64_t>(old_seq));
+  EXPECT_TRUE(pull(0, kMiB).ok());
+  EXPECT_GT(metric("shardguard_ledger_sequence", {}), old_seq);  // and it goes on counting from there
+}
+
+TEST_F(ExportTest, DeletedLedgerIsRefusedWhenASequenceWasRecorded) {
+  start_proxy();
+  ASSERT_TRUE(pull(0, kMiB).ok());
+  const double seq = metric("shardguard_ledger_sequence", {});
+  ASSERT_GT(seq, 0.0);
+  proxy_.reset();
+  std::filesystem::remove(dir_ + "/ledger.json");
+  start_proxy(true, static_cast<uint64_t>(seq));
+  EXPECT_EQ(metric("shardguard_ledger_sequence", {}), 0.0);
+  const auto refused = pull(0, kMiB);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_NE(refused.error_message().find("is missing"), std::string::npos) << refused.error_message();
+  EXPECT_NE(refused.error_message().find("(rule ledger-rolled-back)"), std::string::npos) << refused.error_message();
+  EXPECT_EQ(backend_.calls.load(), 1);
+  EXPECT_EQ(metric("shardguard_authz_decisions_total", {{"decision", "deny"}, {"rule", policy::kRuleLedgerRolledBack}}),
+            1);
+  // No new (empty) ledger is written in its place.
+  EXPECT_FALSE(std::filesystem::exists(dir_ + "/ledger.json"));
+  EXPECT_EQ(forward_from_prev().error_code(), grpc::StatusCode::UNIMPLEMENTED);
+  proxy_.reset();
+  // A sidecar that never exported (sequence 0 recorded) starts without a file.
+  start_proxy(true, 0);
+  EXPECT_TRUE(pull(0, kMiB).ok());
+}
+
+TEST_F(ExportTest, MinSequenceNeedsALedger) {
+  ProxyConfig c;
+  c.cert_file = c.key_file = c.ca_file = c.policy_file = dir_ + "/x";
+  c.ledger_min_sequence = 3;
+  try {
+    Proxy p(c, std::make_shared<prometheus::Registry>());
+    FAIL() << "accepted --ledger-min-sequence without --ledger";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("--ledger-min-sequence 3"), std::string::npos) << e.what();
+  }
 }
 
 TEST_F(ExportTest, TamperedLedgerStopsTheStart) {

@@ -264,7 +264,7 @@ TEST_F(LedgerFile, MissingFileIsEmpty) {
 }
 
 TEST_F(LedgerFile, RoundTripWithMode0600) {
-  const ExposureLedger l = sample();
+  ExposureLedger l = sample();
   l.save(path_, kKey);
   struct stat st {};
   ASSERT_EQ(::stat(path_.c_str(), &st), 0);
@@ -276,9 +276,67 @@ TEST_F(LedgerFile, RoundTripWithMode0600) {
   EXPECT_EQ(back.shard_bytes(1), kMax);
   // A restart does not reset the budget.
   EXPECT_TRUE(back.would_exceed(kAlice, 8197, 0, 4096, 4097));
+  EXPECT_EQ(back.sequence(), 1u);
   // Saving again over the old file works and is deterministic.
   back.save(path_, kKey);
+  l.set_sequence(2);
   EXPECT_EQ(read_file(path_), l.serialize(kKey));
+}
+
+TEST_F(LedgerFile, EverySaveRaisesTheSealedSequence) {
+  ExposureLedger l = sample();
+  EXPECT_EQ(l.sequence(), 0u);
+  l.save(path_, kKey);
+  const std::string first = read_file(path_);
+  l.record(kBob, 0, 0, 1);
+  l.save(path_, kKey);
+  l.save(path_, kKey);  // nothing new recorded: still a new sequence
+  EXPECT_EQ(l.sequence(), 3u);
+  EXPECT_EQ(ExposureLedger::load(path_, kKey).sequence(), 3u);
+  // An older copy put back verifies (it is genuine), with its older sequence: only
+  // the sequence tells it apart.
+  write_file_atomic(path_, first, 0600);
+  EXPECT_EQ(load_error(), "");
+  EXPECT_EQ(ExposureLedger::load(path_, kKey).sequence(), 1u);
+  // The sequence is under the HMAC: raising it by hand breaks the seal.
+  edit("\"sequence\": 1", "\"sequence\": 9");
+  EXPECT_NE(load_error().find("HMAC does not verify"), std::string::npos);
+}
+
+TEST_F(LedgerFile, LoadExistingTellsMissingFromEmpty) {
+  EXPECT_FALSE(ExposureLedger::load_existing(path_, kKey));
+  ExposureLedger{}.save(path_, kKey);
+  const auto found = ExposureLedger::load_existing(path_, kKey);
+  ASSERT_TRUE(found);
+  EXPECT_EQ(found->sequence(), 1u);
+  EXPECT_TRUE(found->entries().empty());
+}
+
+TEST_F(LedgerFile, FailedSaveStillUsesUpItsSequence) {
+  ExposureLedger l = sample();
+  l.save(path_, kKey);
+  EXPECT_THROW(l.save(dir_ + "/no/such/dir/ledger.json", kKey), FileError);
+  EXPECT_EQ(l.sequence(), 2u);
+  l.save(path_, kKey);
+  EXPECT_EQ(ExposureLedger::load(path_, kKey).sequence(), 3u);
+  l.set_sequence(UINT64_MAX);
+  EXPECT_THROW(l.save(path_, kKey), LedgerError);
+  EXPECT_EQ(ExposureLedger::load(path_, kKey).sequence(), 3u);
+}
+
+TEST_F(LedgerFile, VersionOneWithoutSequenceReadsAsZero) {
+  // A ledger written before the sequence existed still loads, as sequence 0.
+  const nlohmann::json body = nlohmann::json::parse(
+      R"({"version":1,"exposure":[{"principal":"p","shard":0,"ranges":[[0,10]]}],"shards":[]})");
+  const nlohmann::json doc = {
+      {"body", body}, {"hmac", hmac_sha256_hex(kKey, std::string("shardguard-exposure-ledger-v1\n") + body.dump())}};
+  write_file_atomic(path_, doc.dump(), 0600);
+  ExposureLedger l = ExposureLedger::load(path_, kKey);
+  EXPECT_EQ(l.sequence(), 0u);
+  EXPECT_EQ(l.exposed_bytes("p", 0), 10u);
+  l.save(path_, kKey);  // written back as version 2, sequence 1
+  EXPECT_NE(read_file(path_).find("\"version\": 2"), std::string::npos) << read_file(path_);
+  EXPECT_EQ(ExposureLedger::load(path_, kKey).sequence(), 1u);
 }
 
 TEST_F(LedgerFile, WrongKeyIsRefused) {
@@ -367,6 +425,11 @@ TEST_F(LedgerFile, ValidHmacOverInvalidContentIsRefused) {
       R"({"version":1,"exposure":[{"principal":"p","shard":-1,"ranges":[]}],"shards":[]})",
       R"({"version":1,"exposure":[],"shards":[{"shard":0,"bytes":1},{"shard":0,"bytes":2}]})",
       R"({"version":1,"exposure":[],"shards":[],"extra":1})",
+      R"({"version":1,"exposure":[],"shards":[],"sequence":1})",
+      R"({"version":2,"exposure":[],"shards":[],"sequence":-1})",
+      R"({"version":2,"exposure":[],"shards":[],"sequence":"1"})",
+      R"({"version":2,"exposure":[],"shards":[],"sequence":1,"extra":1})",
+      R"({"version":3,"exposure":[],"shards":[],"sequence":1})",
   };
   for (const std::string& b : bodies) {
     const nlohmann::json body = nlohmann::json::parse(b);

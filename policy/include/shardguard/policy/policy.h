@@ -85,6 +85,9 @@ inline constexpr const char* kRuleExport = "export";
 inline constexpr const char* kRuleExportDenied = "export-denied";
 // Reported by PolicyStore when no valid policy is loaded (fail closed).
 inline constexpr const char* kRuleNoPolicy = "no-policy";
+// Reported by the sidecar for an export while its exposure ledger is refused: older
+// than the sequence the operator recorded, or missing (--ledger-min-sequence).
+inline constexpr const char* kRuleLedgerRolledBack = "ledger-rolled-back";
 
 // One problem of a policy: the JSON path and the message, worded by the decode kit
 // (common/decode.h) exactly as the job spec decoder words the same kind of error.

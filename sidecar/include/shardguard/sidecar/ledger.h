@@ -9,6 +9,10 @@
 // - save()/load(): the only I/O. The file is JSON with an HMAC-SHA256 over its
 //   canonical body, written atomically with mode 0600, so that a restart neither
 //   resets budgets nor accepts a tampered file.
+// - sequence(): a counter sealed with the rest, raised by every save(). An older
+//   sealed copy put back in place verifies, but carries a lower sequence; whoever
+//   recorded the higher one (the operator, from shardguard_ledger_sequence) can tell
+//   (the sidecar's --ledger-min-sequence).
 //
 // Ranges are trusted as given: the proxy must check a request's ranges against the
 // shard's size before recording them (ratio() is clamped to 1 regardless).
@@ -110,17 +114,27 @@ class ExposureLedger {
 
   const IntervalSet* ranges(const std::string& principal, uint32_t shard) const;
 
+  // Exposures and shard sizes are equal (the sequence is not compared).
   bool operator==(const ExposureLedger& o) const;
 
-  // Writes the ledger atomically (mode 0600) with an HMAC-SHA256 under key.
-  // Throws LedgerError (short key) or FileError (I/O).
-  void save(const std::string& path, const std::string& key) const;
+  // How many times this ledger has been saved (0: never). Sealed with the rest.
+  uint64_t sequence() const { return sequence_; }
+  void set_sequence(uint64_t sequence) { sequence_ = sequence; }
 
-  // Reads a ledger written by save(). A missing file is an empty ledger. Throws
+  // Raises the sequence by one, then writes the ledger atomically (mode 0600) with
+  // an HMAC-SHA256 under key. Every save, successful or not, uses a new sequence.
+  // Throws LedgerError (short key, or the sequence cannot grow) or FileError (I/O).
+  void save(const std::string& path, const std::string& key);
+
+  // Reads a ledger written by save(). A missing file is an empty ledger with
+  // sequence 0 (load_existing tells the two apart). A file of version 1, from before
+  // the sequence, reads as sequence 0. Throws
   // LedgerError naming the path when the file cannot be read, is not a ledger, its
   // HMAC does not verify (tampered, or another key) or its content is invalid;
   // never returns partial state.
   static ExposureLedger load(const std::string& path, const std::string& key);
+  // The same, but nullopt when the file does not exist.
+  static std::optional<ExposureLedger> load_existing(const std::string& path, const std::string& key);
 
   // The serialized form and its inverse (exposed for tests and shardctl).
   std::string serialize(const std::string& key) const;
@@ -130,6 +144,7 @@ class ExposureLedger {
  private:
   std::map<std::pair<std::string, uint32_t>, IntervalSet> exposure_;
   std::map<uint32_t, uint64_t> shard_bytes_;
+  uint64_t sequence_ = 0;
 };
 
 // HMAC-SHA256(key, data) as lower-case hex (OpenSSL EVP_MAC). Throws LedgerError.

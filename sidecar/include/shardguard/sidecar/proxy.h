@@ -31,7 +31,8 @@
 // RPC): allowed by the policy's export section only; the requested byte range is
 // checked against the principal's budget in the exposure ledger before anything is
 // forwarded, every chunk coming back must lie inside it and is recorded, and the
-// ledger is saved (HMAC-sealed) at the end of the call. An allowed export is audited
+// ledger is saved (HMAC-sealed, with a sequence raised by every save) before the
+// chunk is forwarded. A ledger older than ledger_min_sequence stops every export. An allowed export is audited
 // with its bytes and the digest of its ranges.
 //
 // Certificates, key and CA bundle are files, re-read when they change (rotation
@@ -91,6 +92,11 @@ struct ProxyConfig {
   // all; without it every export is refused. The key file holds the 32-byte HMAC key.
   std::string ledger_file;
   std::string ledger_key_file;
+  // The lowest ledger sequence accepted at start (the operator renders the highest it
+  // has seen published in shardguard_ledger_sequence). A ledger file with a lower
+  // sequence, or none when this is > 0, is refused: every export is refused (rule
+  // "ledger-rolled-back") and the file is never written; other calls are relayed.
+  uint64_t ledger_min_sequence = 0;
 };
 
 class Proxy {
