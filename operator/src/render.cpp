@@ -138,7 +138,8 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
                  {"volumeMounts", json::array({
                                       {{"name", "checkpoint-key"}, {"mountPath", kKeyDir}, {"readOnly", true}},
                                       {{"name", "config"}, {"mountPath", kConfigDir}, {"readOnly", true}},
-                                      {{"name", "checkpoint"}, {"mountPath", kCheckpointDir}},
+                                      {{"name", "checkpoint"}, {"mountPath", kCheckpointDir},
+                                       {"subPath", kCheckpointSubPath}},
                                       {{"name", "tmp"}, {"mountPath", "/tmp"}},
                                   })}};
   if (tmpl.is_object() && tmpl.contains("resources") && tmpl["resources"].is_object()) {
@@ -154,6 +155,9 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
                                    ledger_file(job.name, i), "--ledger-key", std::string(kTlsDir) + "/ledger.key",
                                    "--audit-log", std::string(kSidecarStateDir) + "/" + kAuditFileName,
                                    "--audit-stdout"});
+  if (i < static_cast<int>(in.ledger_min_sequence.size()) && in.ledger_min_sequence[i] > 0) {
+    sidecar_args.insert(sidecar_args.end(), {"--ledger-min-sequence", std::to_string(in.ledger_min_sequence[i])});
+  }
   for (int p : {i - 1, i + 1}) {
     if (p < 0 || p >= n) continue;
     sidecar_args.push_back("--peer");
@@ -173,7 +177,8 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
                   {"volumeMounts", json::array({
                                        {{"name", "tls"}, {"mountPath", kTlsDir}, {"readOnly", true}},
                                        {{"name", "config"}, {"mountPath", kConfigDir}, {"readOnly", true}},
-                                       {{"name", "checkpoint"}, {"mountPath", kLedgerDir}},
+                                       {{"name", "checkpoint"}, {"mountPath", kLedgerDir},
+                                        {"subPath", kLedgerSubPath}},
                                        {{"name", kSidecarStateVolume}, {"mountPath", kSidecarStateDir}},
                                        {{"name", "tmp"}, {"mountPath", "/tmp"}},
                                    })}};
@@ -345,6 +350,12 @@ DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
     if (s.ledger_key.size() != 32) {
       throw RenderError("render inputs: shard " + std::to_string(i) + " ledger key is " +
                         std::to_string(s.ledger_key.size()) + " bytes, want 32");
+    }
+  }
+  for (size_t i = 0; i < in.ledger_min_sequence.size(); ++i) {
+    if (in.ledger_min_sequence[i] < 0) {
+      throw RenderError("render inputs: shard " + std::to_string(i) + " ledger minimum sequence " +
+                        std::to_string(in.ledger_min_sequence[i]) + " is negative");
     }
   }
   if (!in.job_object.is_object() || !in.job_object.contains("spec") || !in.job_object["spec"].is_object()) {

@@ -40,15 +40,20 @@ std::vector<std::string> files_starting(const std::string& dir, const std::strin
   return out;
 }
 
-// What a key that is missing would orphan: the shard's checkpoints for its
-// checkpoint key, its sealed ledger for its ledger key.
-std::vector<std::string> sealed_by(const JobSpec& job, const std::string& dir, int shard, bool ledger) {
-  if (dir.empty()) return {};
+// What a key that is missing would orphan, and the directory holding it: the
+// shard's checkpoints for its checkpoint key, its sealed ledger for its ledger key
+// (in its sidecar's state directory; before issue 16, beside the checkpoints).
+std::pair<std::string, std::vector<std::string>> sealed_by(const JobSpec& job, const std::string& workdir,
+                                                           const std::string& ckpt_dir, int shard, bool ledger) {
+  if (ckpt_dir.empty()) return {};
   if (ledger) {
     const std::string f = ledger_file_name(job.name, shard);
-    return fs::exists(dir + "/" + f) ? std::vector<std::string>{f} : std::vector<std::string>{};
+    for (const std::string& dir : {local_sidecar_state_dir(workdir, shard), ckpt_dir}) {
+      if (fs::exists(dir + "/" + f)) return {dir, {f}};
+    }
+    return {};
   }
-  return files_starting(dir, checkpoint_file_prefix(job.name, shard));
+  return {ckpt_dir, files_starting(ckpt_dir, checkpoint_file_prefix(job.name, shard))};
 }
 
 // The CA in the workdir, when it parses, signs and outlives a fresh leaf.
@@ -63,6 +68,10 @@ bool usable_ca(const JobSpec& job, const CaBundle& ca) {
 }
 
 }  // namespace
+
+std::string local_sidecar_state_dir(const std::string& workdir, int shard) {
+  return workdir + "/logs/sidecar-state-" + std::to_string(shard);
+}
 
 std::string random_uuid() {
   std::string b = random_bytes(16);
@@ -127,13 +136,13 @@ LocalPki load_or_create_local_pki(const JobSpec& job, const std::string& workdir
         pki.reused.push_back(file);
         continue;
       }
-      if (const auto orphans = sealed_by(job, kept_checkpoint_dir, i, ledger); !orphans.empty()) {
+      if (const auto [where, orphans] = sealed_by(job, workdir, kept_checkpoint_dir, i, ledger); !orphans.empty()) {
         std::string list;
         for (size_t k = 0; k < orphans.size() && k < 3; ++k) list += (k ? ", " : "") + orphans[k];
         if (orphans.size() > 3) list += " and " + std::to_string(orphans.size() - 3) + " more";
         throw LocalPkiError(
             "shard " + std::to_string(i) + ": its " + (ledger ? "ledger key " : "checkpoint key ") + file +
-            " is missing, but " + kept_checkpoint_dir + " holds what it sealed (" + list +
+            " is missing, but " + where + " holds what it sealed (" + list +
             "); a new key could never read them. Restore " + file + " from a backup, or start over with --fresh " +
             "(deletes every checkpoint of the run)");
       }

@@ -28,6 +28,7 @@
 #include "shardguard/common/pki.h"
 #include "shardguard/common/process.h"
 #include "shardguard/common/prom_text.h"
+#include "shardguard/common/shard_files.h"
 #include "shardguard/operator/reconcile.h"
 #include "shardguard/operator/render.h"
 #include "shardguard/operator/status.h"
@@ -82,8 +83,10 @@ struct PodMapping {
 };
 
 // The container's own mounts (its volumeMounts against the pod's volumes): a Secret
-// item or a ConfigMap key becomes <dir>/<key>, the checkpoint volume the shared
-// checkpoint directory, the sidecar's own state volume `state_dir`; anything else
+// item or a ConfigMap key becomes <dir>/<key>, the checkpoint volume's checkpoints
+// subPath the shared checkpoint directory and its ledger subPath the sidecar's own
+// `state_dir` (only the sidecar mounts it, as only it mounts its state volume,
+// `state_dir` too); anything else
 // (the tmp emptyDir) is not referenced by any argument. Another container's mounts
 // are not this one's: a path only shardd mounts has no counterpart in the sidecar's
 // arguments.
@@ -103,7 +106,9 @@ void map_mounts(const json& pod, const json& container, const json& config_map, 
     } else if (v.contains("configMap")) {
       for (const auto& [key, value] : config_map.at("data").items()) m.paths[mount + "/" + key] = dir + "/" + key;
     } else if (v.value("name", "") == "checkpoint") {
-      m.dirs[mount] = ckpt_dir;
+      const std::string sub = vm.value("subPath", "");
+      if (sub == op::kCheckpointSubPath) m.dirs[mount] = ckpt_dir;
+      if (sub == op::kLedgerSubPath) m.dirs[mount] = state_dir;
     } else if (v.value("name", "") == op::kSidecarStateVolume) {
       m.dirs[mount] = state_dir;
     }
@@ -504,9 +509,17 @@ int RunLocal(const LocalRunOptions& options) {
       Shard& s = shards[i];
       s.index = i;
       s.dir = workdir + "/shard-" + std::to_string(i);
-      // The sidecar's own volume (its audit log) under logs/, kept across runs.
-      const std::string state_dir = log_dir + "/sidecar-state-" + std::to_string(i);
+      // The sidecar's own volume (its audit log) and its part of the checkpoint volume
+      // (its exposure ledger) under logs/, kept across runs; --fresh starts a new
+      // ledger with the new training, as it starts new checkpoints.
+      const std::string state_dir = local_sidecar_state_dir(workdir, i);
       make_dirs(state_dir);
+      const std::string ledger = "/" + ledger_file_name(job.name, i);
+      if (options.fresh) {
+        fs::remove(state_dir + ledger);
+      } else if (fs::exists(ckpt_dir + ledger) && !fs::exists(state_dir + ledger)) {
+        fs::rename(ckpt_dir + ledger, state_dir + ledger);  // where a run before issue 16 kept it
+      }
       s.audit_log = state_dir + "/" + op::kAuditFileName;
       const json& pod = objects.pods[i];
       write_pod_files(objects.shard_secrets[i], objects.config_maps[i], s.dir);

@@ -191,12 +191,19 @@ TEST_F(MonitoringE2ETest, EveryDashboardQueryAndTheExposureAlertReturnDataFromRe
   const double t1 = now_s() + 5;
   PromServer shard_side(dir_, "shard-side", work + "/prometheus/data", "");
   ASSERT_TRUE(shard_side.ready()) << shard_side.log();
-  // The export as the sidecar counted it, and its sealed ledger on the checkpoint volume.
+  // The export as the sidecar counted it, and its sealed ledger in the sidecar's own state
+  // directory (its subPath of the checkpoint volume in a pod), not beside the checkpoints.
   const json exposed = shard_side.instant("max_over_time(shardguard_param_bytes_exposed_total{shard=\"0\",peer=\"" +
                                           exporter + "\"}[10m])");
   ASSERT_EQ(exposed.size(), 1u) << exposed.dump();
   EXPECT_EQ(exposed[0]["value"][1], "4096");
-  EXPECT_TRUE(fs::exists(work + "/checkpoints/it-mlp-shard-0.ledger.json"));
+  EXPECT_TRUE(fs::exists(work + "/logs/sidecar-state-0/it-mlp-shard-0.ledger.json"));
+  EXPECT_FALSE(fs::exists(work + "/checkpoints/it-mlp-shard-0.ledger.json"));
+  // Every save of a ledger raised its sequence, which the sidecars publish for the
+  // operator (which renders it as --ledger-min-sequence).
+  const json seq = shard_side.instant("max(max_over_time(shardguard_ledger_sequence[10m]))");
+  ASSERT_EQ(seq.size(), 1u) << seq.dump();
+  EXPECT_GE(std::stod(seq[0]["value"][1].get<std::string>()), 1.0) << seq.dump();
 
   // ---- operator side: the operator and a Prometheus scraping it ----
   testing::KubeApiServer api;

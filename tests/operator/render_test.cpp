@@ -317,8 +317,10 @@ TEST(Render, RestrictedSecurityContext) {
 }
 
 // The exposure ledger (sidecar --ledger): its key reaches the sidecar only, through the
-// TLS projection; its file lives on the checkpoint volume (mounted whole: the kubelet
-// makes a subPath directory root-owned), so it survives the pod as the checkpoints do.
+// TLS projection; its file lives on the checkpoint volume, so it survives the pod as
+// the checkpoints do, in a subPath that only the sidecar mounts (issue 16 item 2):
+// shardd, which mounts only the checkpoints' subPath, cannot delete it or put an
+// older copy back.
 TEST(Render, LedgerKeyAndFileBelongToTheSidecarOnly) {
   const auto r = render_example();
   for (int i = 0; i < 4; ++i) {
@@ -334,17 +336,44 @@ TEST(Render, LedgerKeyAndFileBelongToTheSidecarOnly) {
       std::map<std::string, json> mounts;
       for (const auto& m : c["volumeMounts"]) mounts[m["name"]] = m;
       ASSERT_TRUE(mounts.count("checkpoint")) << c["name"];
+      EXPECT_EQ(c["volumeMounts"].size(), mounts.size()) << "one mount per volume";
       const json& ckpt = mounts.at("checkpoint");
-      EXPECT_FALSE(ckpt.contains("subPath"));
       EXPECT_FALSE(ckpt.value("readOnly", false));
       if (c["name"] == "sidecar") {
         EXPECT_FALSE(mounts.count("checkpoint-key")) << "the sidecar must not see the checkpoint key";
         EXPECT_EQ(ckpt["mountPath"], "/var/lib/shardguard/ledger");
+        EXPECT_EQ(ckpt["subPath"], "ledger");
       } else {
         EXPECT_FALSE(mounts.count("tls")) << "shardd must not see the TLS key or the ledger key";
+        EXPECT_FALSE(mounts.count("sidecar-state")) << "shardd must not see the sidecar's own volume";
         EXPECT_EQ(ckpt["mountPath"], "/var/lib/shardguard/checkpoint");
+        EXPECT_EQ(ckpt["subPath"], "checkpoints");
       }
     }
+  }
+}
+
+// The ledger sequence the operator recorded for a shard becomes that shard's sidecar
+// --ledger-min-sequence; 0 or none renders no flag (a sidecar that never exported).
+TEST(Render, RecordedLedgerSequenceBecomesTheSidecarsMinimum) {
+  const json obj = job_object();
+  const JobSpec job = job_from_json(obj);
+  auto in = inputs_for(job, obj);
+  for (const auto& pod : render(job, in).pods) {
+    EXPECT_TRUE(flag_values(args_of(pod, "sidecar"), "--ledger-min-sequence").empty());
+  }
+  in.ledger_min_sequence = {0, 17};  // shorter than the shard count
+  const auto out = render(job, in);
+  EXPECT_TRUE(flag_values(args_of(out.pods[0], "sidecar"), "--ledger-min-sequence").empty());
+  EXPECT_EQ(flag_values(args_of(out.pods[1], "sidecar"), "--ledger-min-sequence"), std::vector<std::string>{"17"});
+  EXPECT_TRUE(flag_values(args_of(out.pods[2], "sidecar"), "--ledger-min-sequence").empty());
+  EXPECT_TRUE(flag_values(args_of(out.pods[1], "shardd"), "--ledger-min-sequence").empty());
+  in.ledger_min_sequence = {0, -1};
+  try {
+    render(job, in);
+    ADD_FAILURE() << "a negative sequence was rendered";
+  } catch (const RenderError& e) {
+    EXPECT_STREQ(e.what(), "render inputs: shard 1 ledger minimum sequence -1 is negative");
   }
 }
 

@@ -89,14 +89,30 @@ TEST_F(LocalRunGuards, MissingKeyWithCheckpointsStopsTheResume) {
 // The same for the sealed ledger and its key; and with nothing to protect (no
 // checkpoints, or --fresh) missing keys are simply made.
 TEST_F(LocalRunGuards, KeysAreMadeOnlyWhenNothingNeedsTheOldOnes) {
-  const std::string ckpt = (dir_ / "work" / "checkpoints").string();
+  const std::string work = (dir_ / "work").string();
+  const std::string ckpt = work + "/checkpoints";
   fs::create_directories(ckpt);
-  std::ofstream(ckpt + "/" + ledger_file_name(job_.name, 2)) << "{}";
+  // The ledger in its sidecar's state directory (its place since issue 16 item 2)...
+  const std::string state = local_sidecar_state_dir(work, 2);
+  EXPECT_EQ(state, work + "/logs/sidecar-state-2");
+  fs::create_directories(state);
+  std::ofstream(state + "/" + ledger_file_name(job_.name, 2)) << "{}";
   try {
-    load_or_create_local_pki(job_, (dir_ / "work").string(), true, ckpt);
+    load_or_create_local_pki(job_, work, true, ckpt);
     FAIL() << "made a ledger key beside a sealed ledger";
   } catch (const LocalPkiError& e) {
     EXPECT_NE(std::string(e.what()).find("shard 2: its ledger key"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("but " + state + " holds"), std::string::npos) << e.what();
+  }
+  // ...and where runs before it kept the ledger, beside the checkpoints.
+  fs::remove_all(state);
+  std::ofstream(ckpt + "/" + ledger_file_name(job_.name, 1)) << "{}";
+  try {
+    load_or_create_local_pki(job_, work, true, ckpt);
+    FAIL() << "made a ledger key beside a sealed ledger";
+  } catch (const LocalPkiError& e) {
+    EXPECT_NE(std::string(e.what()).find("shard 1: its ledger key"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("but " + ckpt + " holds"), std::string::npos) << e.what();
   }
   const LocalPki fresh = load_or_create_local_pki(job_, (dir_ / "work").string(), true, "");
   ASSERT_EQ(fresh.shards.size(), static_cast<size_t>(job_.sharding.shards));

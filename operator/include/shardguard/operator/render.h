@@ -18,7 +18,8 @@
 //   Service   J                headless (clusterIP None), publishNotReadyAddresses,
 //                              port 7443 "mtls", selects shardguard.io/job=J
 //   Pod       J-shard-<i>      hostname J-shard-<i>, subdomain J; containers shardd and
-//                              sidecar; restricted securityContext; required pod
+//                              sidecar (each mounting its own subPath of the checkpoint
+//                              volume); restricted securityContext; required pod
 //                              anti-affinity on spec.protection.topologyKey against all
 //                              pods of the job
 //
@@ -58,14 +59,18 @@ inline constexpr int kSidecarMetricsPort = 9101;
 inline constexpr const char* kTlsDir = "/etc/shardguard/tls";          // sidecar: tls.crt, tls.key, ca.crt, ledger.key
 inline constexpr const char* kKeyDir = "/etc/shardguard/key";          // shardd: checkpoint.key
 inline constexpr const char* kConfigDir = "/etc/shardguard/config";    // policy.json, job.json
-inline constexpr const char* kCheckpointDir = "/var/lib/shardguard/checkpoint";
-// The sidecar's exposure ledger lives on the checkpoint volume, mounted in the
-// sidecar at kLedgerDir, so that it lasts as long as the checkpoints whose bytes it
-// counts. Not a subPath: the kubelet creates a subPath directory root-owned 0755,
-// which the non-root sidecar could not write (kubernetes/kubernetes#41638). The file
-// name carries the job and the shard, as the checkpoint files do (a volume may be
+// The checkpoint volume holds two disjoint directories, each mounted (subPath) in
+// one container only: shardd's checkpoints in kCheckpointSubPath at kCheckpointDir,
+// the sidecar's exposure ledger in kLedgerSubPath at kLedgerDir. The ledger so lasts
+// as long as the checkpoints whose bytes it counts, while shardd can neither delete
+// it nor put an older copy back. The kubelet creates a missing subPath directory
+// with the mode of the volume's root (group-writable under the pod's fsGroup, or
+// 0777 for an emptyDir). File names carry the job and the shard (a volume may be
 // shared by the job's pods, or by several jobs).
+inline constexpr const char* kCheckpointDir = "/var/lib/shardguard/checkpoint";
+inline constexpr const char* kCheckpointSubPath = "checkpoints";
 inline constexpr const char* kLedgerDir = "/var/lib/shardguard/ledger";
+inline constexpr const char* kLedgerSubPath = "ledger";
 std::string ledger_file(const std::string& job, int shard);  // kLedgerDir + "/<job>-shard-<i>.ledger.json"
 // The sidecar's own volume (an emptyDir that shardd does not mount): its hash-chained
 // audit log, which it also writes to stdout for the cluster's log pipeline.
@@ -116,6 +121,12 @@ struct RenderInputs {
   // affinity term `matchFields metadata.name NotIn [...]` and the annotation
   // kAnnotationAvoidNodes.
   std::vector<std::vector<std::string>> avoid_nodes;
+  // Per shard index (may be shorter than the shard count): the highest exposure
+  // ledger sequence the operator has seen that shard's sidecar publish
+  // (status.shards[i].ledgerSequence). Above 0 it is rendered as the sidecar's
+  // `--ledger-min-sequence`, so that a pod created later refuses exports from an
+  // older copy of the ledger, or from none. Negative: RenderError.
+  std::vector<int64_t> ledger_min_sequence;
 };
 
 struct DesiredObjects {

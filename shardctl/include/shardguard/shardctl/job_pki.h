@@ -56,9 +56,15 @@ struct LocalPki {
   std::vector<std::string> reused;  // what came from the workdir, for the log
 };
 
+// <workdir>/logs/sidecar-state-<shard>: what the sidecar's own volume (the audit
+// log) and its subPath of the checkpoint volume (the exposure ledger) are in a
+// `shardctl run`.
+std::string local_sidecar_state_dir(const std::string& workdir, int shard);
+
 // Reads and makes, but writes nothing (so a job render() refuses leaves no state).
-// A key is never made for a shard whose checkpoints (or sealed ledger) are in
-// `kept_checkpoint_dir` ("" when none are kept, e.g. with --fresh): without its key
+// A key is never made for a shard whose checkpoints are in `kept_checkpoint_dir`
+// ("" when none are kept, e.g. with --fresh), or whose sealed ledger is then in its
+// local_sidecar_state_dir (or, as written before, in the checkpoint dir): without its key
 // they could never be read again, so a missing key throws LocalPkiError naming the
 // shard, the key file and the files it seals, and how to recover.
 LocalPki load_or_create_local_pki(const JobSpec& job, const std::string& workdir, bool reuse,
