@@ -35,6 +35,7 @@ struct Flags {
   std::string leader_id = "shardguard-operator";
   double lease_duration = 15, renew_deadline = 10, retry_period = 2;
   int shard_metrics_port = op::kShardMetricsPort;
+  int sidecar_metrics_port = op::kSidecarMetricsPort;
   double progress_interval = 15;
   double resync = 600;
   std::string shardd_image = op::kDefaultShardImage;
@@ -85,6 +86,7 @@ int Run(const Flags& f) {
   opt.namespaces = f.namespaces;
   opt.workers = f.workers;
   opt.shard_metrics_port = f.shard_metrics_port;
+  opt.sidecar_metrics_port = f.sidecar_metrics_port;
   opt.progress_interval = std::chrono::seconds(static_cast<int64_t>(f.progress_interval));
   opt.resync = std::chrono::seconds(static_cast<int64_t>(f.resync));
   opt.shardd_image = f.shardd_image;
@@ -227,6 +229,9 @@ int main(int argc, char** argv) {
   app.add_option("--renew-deadline", f.renew_deadline, "seconds the leader keeps trying to renew")->capture_default_str();
   app.add_option("--retry-period", f.retry_period, "seconds between tries")->capture_default_str();
   app.add_option("--shard-metrics-port", f.shard_metrics_port, "port of shardd's /metrics in the shard pods")
+      ->capture_default_str();
+  app.add_option("--sidecar-metrics-port", f.sidecar_metrics_port,
+                 "port of the sidecar's /metrics in the shard pods (exposure ledger sequence)")
       ->capture_default_str();
   app.add_option("--progress-interval", f.progress_interval, "seconds between progress reads of a running job")
       ->capture_default_str();

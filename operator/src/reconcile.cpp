@@ -302,10 +302,16 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
     json e = {{"index", i}, {"parameters", params[i]}, {"restarts", 0}, {"phase", "Pending"}};
     for (const auto& o : old_shards) {
       if (o.value("index", -1) == i) {
-        for (const char* k : {"restarts", "lastFailedPodUID", "phase", "node", "pod"}) {
+        for (const char* k : {"restarts", "lastFailedPodUID", "phase", "node", "pod", "ledgerSequence"}) {
           if (o.contains(k)) e[k] = o[k];
         }
       }
+    }
+    // Only ever raised: a lower value (a sidecar that loaded an older copy of its
+    // ledger, or none) must not lower the minimum that later pods are given.
+    if (i < static_cast<int>(ob.ledger_sequences.size()) && ob.ledger_sequences[i] &&
+        *ob.ledger_sequences[i] > e.value("ledgerSequence", int64_t{0})) {
+      e["ledgerSequence"] = *ob.ledger_sequences[i];
     }
     shards.push_back(e);
   }
@@ -361,7 +367,11 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   // --- render (refuses a spec whose largest stage exceeds maxExposure) ---------------------
   RenderInputs in = ob.render_inputs;
   in.avoid_nodes.assign(n, {});
-  for (int i = 0; i < n; ++i) in.avoid_nodes[i] = nodes_to_avoid(params, history, i, max_exposure);
+  in.ledger_min_sequence.assign(n, 0);
+  for (int i = 0; i < n; ++i) {
+    in.avoid_nodes[i] = nodes_to_avoid(params, history, i, max_exposure);
+    in.ledger_min_sequence[i] = std::max<int64_t>(0, shards[i].value("ledgerSequence", int64_t{0}));
+  }
   DesiredObjects desired;
   try {
     desired = render(spec, in);

@@ -97,6 +97,7 @@ struct Cluster {
   int uid_counter = 0;
   int writes = 0;
   std::vector<EventNote> events;
+  std::vector<std::optional<int64_t>> ledger_sequences;  // what the sidecars publish
 
   explicit Cluster(json j) : job(std::move(j)) {}
 
@@ -125,6 +126,7 @@ struct Cluster {
           {"C" + std::to_string(i), "K" + std::to_string(i), std::string(32, 'k'), std::string(32, 'l')});
     }
     ob.render_inputs.job_object = job;
+    ob.ledger_sequences = ledger_sequences;
     return ob;
   }
 
@@ -279,6 +281,66 @@ TEST(PlanTest, FailedPodIsCountedOnceAndRecreatedAwayFromUnsafeNodes) {
   EXPECT_EQ(c.job["status"]["phase"], "Running");
   EXPECT_TRUE(condition_true(c.job["status"]["conditions"], "ShardIsolation"));
   EXPECT_EQ(c.job["status"]["exposure"]["nodes"].size(), 5u);  // node-2 keeps shard 2 in its history
+}
+
+std::vector<std::string> sidecar_flag(const json& pod, const std::string& flag) {
+  std::vector<std::string> out;
+  for (const auto& c : pod["spec"]["containers"]) {
+    if (c["name"] != "sidecar") continue;
+    const auto args = c["args"].get<std::vector<std::string>>();
+    for (size_t i = 0; i + 1 < args.size(); ++i) {
+      if (args[i] == flag) out.push_back(args[i + 1]);
+    }
+  }
+  return out;
+}
+
+// Issue 16 item 2: the ledger sequence a sidecar publishes is kept in status, only
+// ever raised, and given to the sidecar of every pod created for that shard later,
+// which then refuses exports from an older copy of its ledger, or from none.
+TEST(PlanTest, LedgerSequenceIsRecordedNeverLoweredAndGivenToRecreatedPods) {
+  Cluster c(job_yaml());
+  c.settle();
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_TRUE(sidecar_flag(c.pod(i), "--ledger-min-sequence").empty());
+    c.kubelet(i, "node-" + std::to_string(i), "Running");
+  }
+  c.settle();
+  c.ledger_sequences = {std::nullopt, 5, std::nullopt, 0};
+  c.settle();
+  const json& st = c.job["status"];
+  EXPECT_EQ(st["shards"][1]["ledgerSequence"], 5);
+  EXPECT_FALSE(st["shards"][0].contains("ledgerSequence")) << st["shards"][0].dump();
+  EXPECT_FALSE(st["shards"][3].contains("ledgerSequence")) << st["shards"][3].dump();
+  // A sidecar that loaded an older copy publishes a lower sequence: not recorded.
+  c.ledger_sequences = {std::nullopt, 3};
+  EXPECT_FALSE(plan(c.observe()).status);
+  c.ledger_sequences = {std::nullopt, 9};
+  c.settle();
+  EXPECT_EQ(c.job["status"]["shards"][1]["ledgerSequence"], 9);
+  c.ledger_sequences.clear();  // unreadable (the pod is going): the record stays
+  // Shard 1's pod fails; its replacement's sidecar must accept no ledger older than 9.
+  c.kubelet(1, "node-1", "Failed");
+  c.step();
+  EXPECT_FALSE(c.has_pod(1));
+  c.step();
+  ASSERT_TRUE(c.has_pod(1));
+  EXPECT_EQ(sidecar_flag(c.pod(1), "--ledger-min-sequence"), std::vector<std::string>{"9"});
+  EXPECT_EQ(c.job["status"]["shards"][1]["ledgerSequence"], 9);
+  // The other shards' pods are not touched.
+  for (int i : {0, 2, 3}) EXPECT_TRUE(sidecar_flag(c.pod(i), "--ledger-min-sequence").empty()) << i;
+  // Suspend and resume: every pod is recreated with what its shard recorded.
+  c.ledger_sequences = {2, 9, std::nullopt, std::nullopt};
+  c.kubelet(1, "node-5", "Running");
+  c.settle();
+  c.job["spec"]["runPolicy"]["suspend"] = true;
+  c.settle();
+  c.job["spec"]["runPolicy"]["suspend"] = false;
+  c.ledger_sequences.clear();
+  c.settle();
+  EXPECT_EQ(sidecar_flag(c.pod(0), "--ledger-min-sequence"), std::vector<std::string>{"2"});
+  EXPECT_EQ(sidecar_flag(c.pod(1), "--ledger-min-sequence"), std::vector<std::string>{"9"});
+  EXPECT_TRUE(sidecar_flag(c.pod(2), "--ledger-min-sequence").empty());
 }
 
 TEST(PlanTest, ConfigMapCachedAsADigestIsUpdatedOnlyWhenItsDataChanged) {

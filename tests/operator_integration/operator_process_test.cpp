@@ -6,13 +6,14 @@
 // test Kubernetes API server (tests/apiserver), which routes the former upstream. The
 // test plays the user (creates, edits and deletes jobs on the real server), the
 // scheduler and the kubelet (binds pods to nodes and sets their phases, honouring the
-// pods' node affinity), and the last shard's shardd (a /metrics endpoint the operator
-// reads progress from). Each test has its own namespace and its operator watches only
+// pods' node affinity), the last shard's shardd (a /metrics endpoint the operator
+// reads progress from) and its sidecar (the exposure ledger sequence). Each test has its own namespace and its operator watches only
 // that one, so tests can share the fixture's server and run in parallel.
 #include <gtest/gtest.h>
 #include "shardguard/common/httplib.h"
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <functional>
@@ -57,7 +58,8 @@ std::string read_file(const std::string& path) {
 
 std::string pod_name(const std::string& job, int i) { return job + "-shard-" + std::to_string(i); }
 
-// A stand-in for the last stage's shardd /metrics (what the operator scrapes).
+// A stand-in for the last stage's shardd /metrics (what the operator scrapes), or for
+// its sidecar's (set_body).
 class FakeShardMetrics {
  public:
   FakeShardMetrics() {
@@ -83,6 +85,10 @@ class FakeShardMetrics {
             "\nshardguard_train_epoch{stage=\"3\"} " + std::to_string(epoch) +
             "\nshardguard_train_loss{stage=\"3\"} " + std::to_string(loss) +
             "\nshardguard_eval_accuracy{stage=\"3\"} " + std::to_string(accuracy) + "\n";
+  }
+  void set_body(std::string body) {
+    std::lock_guard<std::mutex> lock(mu_);
+    body_ = std::move(body);
   }
 
  private:
@@ -165,7 +171,8 @@ class OperatorTest : public ::testing::Test {
   }
 
   OperatorProcess& start_operator(std::vector<std::string> extra = {}) {
-    extra.insert(extra.end(), {"--shard-metrics-port", std::to_string(shard_metrics_.port()), "--namespace", ns_});
+    extra.insert(extra.end(), {"--shard-metrics-port", std::to_string(shard_metrics_.port()), "--sidecar-metrics-port",
+                               std::to_string(sidecar_metrics_.port()), "--namespace", ns_});
     const std::string log = (dir_ / ("operator-" + std::to_string(ops_.size()) + ".log")).string();
     ops_.push_back(std::make_unique<OperatorProcess>(SHARDGUARD_BIN_DIR, kubeconfig_, log, extra));
     return *ops_.back();
@@ -243,7 +250,7 @@ class OperatorTest : public ::testing::Test {
   }
 
   // The kubelet's part: the pod is bound to `node` and gets `phase`. The last stage
-  // gets 127.0.0.1 as its IP, where FakeShardMetrics answers.
+  // gets 127.0.0.1 as its IP, where the FakeShardMetrics answer.
   void kubelet(const std::string& job_name, int i, const std::string& node, const std::string& phase) {
     const auto found = pod(job_name, i);
     if (!found) throw std::runtime_error("kubelet: no pod " + pod_name(job_name, i));
@@ -315,6 +322,7 @@ class OperatorTest : public ::testing::Test {
   std::string ns_;
   std::unique_ptr<KubeApiServer> api_;  // core kinds here; shardguard.io routed to real_
   FakeShardMetrics shard_metrics_;
+  FakeShardMetrics sidecar_metrics_;  // the last stage's sidecar
   fs::path dir_;
   std::string kubeconfig_;
   std::vector<std::unique_ptr<OperatorProcess>> ops_;
@@ -473,6 +481,63 @@ TEST_F(OperatorTest, FailedShardIsRecreatedAwayFromUnsafeNodesUntilTheBackoffLim
   ASSERT_TRUE(eventually([&] { return api_->list("", "v1", "pods", ns_, "shardguard.io/job=flaky").empty(); }, 30s));
   EXPECT_TRUE(has_event("flaky", "BackoffLimitExceeded"));
   EXPECT_EQ(status("flaky")["failedPods"], 2);
+}
+
+// Issue 16 item 2: the exposure ledger sequence a shard's sidecar publishes is kept
+// in status (only ever raised; the real API server refuses a lower one too) and
+// becomes --ledger-min-sequence of the sidecar of that shard's next pod.
+TEST_F(OperatorTest, LedgerSequenceIsRecordedNeverLoweredAndGivenToTheRecreatedPod) {
+  auto& op = start_operator({"--resync", "1"});
+  create_job(job_object("led"));
+  ASSERT_TRUE(eventually([&] { return all_pods_exist("led"); }, 30s)) << op.log();
+  auto sidecar_flag = [&](const json& pod) {
+    for (const auto& c : pod["spec"]["containers"]) {
+      if (c["name"] != "sidecar") continue;
+      const auto args = c["args"].get<std::vector<std::string>>();
+      const auto it = std::find(args.begin(), args.end(), "--ledger-min-sequence");
+      return it == args.end() || it + 1 == args.end() ? std::string() : *(it + 1);
+    }
+    return std::string("no sidecar");
+  };
+  // -1 while status has no entry for the shard, 0 while it records no sequence.
+  auto recorded = [&](size_t i) -> int64_t {
+    const json st = status("led");
+    const json shards = st.value("shards", json::array());
+    return i < shards.size() ? shards[i].value("ledgerSequence", int64_t{0}) : -1;
+  };
+  EXPECT_EQ(sidecar_flag(*pod("led", 3)), "");
+  sidecar_metrics_.set_body("# TYPE shardguard_ledger_sequence gauge\nshardguard_ledger_sequence 7\n");
+  run_all("led");
+  ASSERT_TRUE(eventually([&] { return recorded(3) == 7; }, 30s))
+      << status("led").dump(2) << op.log();
+  EXPECT_EQ(recorded(0), 0);  // its sidecar did not answer
+
+  // A sidecar that loaded an older copy publishes less: the record stays.
+  sidecar_metrics_.set_body("shardguard_ledger_sequence 2\n");
+  const double before = op.sample("controller_runtime_reconcile_total", "result=\"success\"").value_or(0) +
+                        op.sample("controller_runtime_reconcile_total", "result=\"requeue_after\"").value_or(0);
+  ASSERT_TRUE(eventually([&] {
+    return op.sample("controller_runtime_reconcile_total", "result=\"success\"").value_or(0) +
+               op.sample("controller_runtime_reconcile_total", "result=\"requeue_after\"").value_or(0) >=
+           before + 3;
+  }, 20s));
+  EXPECT_EQ(recorded(3), 7);
+  // So does the API server (a CEL transition rule in the CRD), for any writer.
+  json j = *job("led");
+  j["status"]["shards"][3]["ledgerSequence"] = 2;
+  const auto lowered = jobs_->put(jobs_path("led", "status"), j);
+  EXPECT_EQ(lowered.code, 422) << lowered.raw;
+  EXPECT_NE(lowered.raw.find("ledgerSequence never decreases"), std::string::npos) << lowered.raw;
+
+  // Shard 3's pod fails; its replacement's sidecar refuses a ledger older than 7.
+  const std::string old_uid = (*pod("led", 3))["metadata"]["uid"];
+  kubelet("led", 3, "node-3", "Failed");
+  ASSERT_TRUE(eventually([&] {
+    auto p = pod("led", 3);
+    return p && (*p)["metadata"]["uid"] != old_uid;
+  }, 30s)) << status("led").dump(2);
+  EXPECT_EQ(sidecar_flag(*pod("led", 3)), "7");
+  EXPECT_EQ(sidecar_flag(*pod("led", 2)), "");  // the others keep what they were created with
 }
 
 // A shard Secret written by an operator from before the exposure ledger has no

@@ -35,6 +35,10 @@ struct ControllerOptions {
   // Progress (step, epoch, loss, accuracy) is read from the last stage's shardd
   // metrics at http://<podIP>:<port>/metrics while the job runs.
   int shard_metrics_port = kShardMetricsPort;
+  // Every running shard pod's exposure ledger sequence is read from its sidecar's
+  // metrics at http://<podIP>:<port>/metrics (shardguard_ledger_sequence) on the same
+  // reconciles.
+  int sidecar_metrics_port = kSidecarMetricsPort;
   std::chrono::seconds progress_interval{15};
   std::chrono::seconds resync{600};  // informer resync: every cached job is reconciled again
   std::string shardd_image;          // used when spec.template.image is empty
@@ -75,6 +79,7 @@ class Controller {
   Owned& owned_for(const std::string& ns);
   RenderInputs prepare_material(const nlohmann::json& job, const JobSpec& spec, Owned& owned, int64_t now);
   std::optional<Progress> read_progress(const std::optional<nlohmann::json>& last_pod);
+  std::optional<int64_t> read_ledger_sequence(const std::optional<nlohmann::json>& pod);
   void execute(const std::string& ns, const nlohmann::json& job, const Plan& p);
   void emit_event(const nlohmann::json& job, const EventNote& e);
   void update_metrics(const std::string& ns, const std::string& name, const Plan& p, double max_exposure);

@@ -42,6 +42,11 @@ struct Observed {
   // plan() only updates status).
   RenderInputs render_inputs;
   std::optional<Progress> progress;
+  // Per shard index (may be shorter): the exposure ledger sequence its running pod's
+  // sidecar publishes (shardguard_ledger_sequence), when it could be read. plan()
+  // keeps the highest ever seen in status.shards[i].ledgerSequence and renders it as
+  // the sidecar's --ledger-min-sequence of every pod it creates for that shard.
+  std::vector<std::optional<int64_t>> ledger_sequences;
   int64_t now = 0;  // seconds since the epoch
 };
 
