@@ -1072,7 +1072,7 @@ TEST(Crd, StatusSchema) {
                                    "observedGeneration"}));
   EXPECT_EQ(property_names("status.shards", true),
             (std::set<std::string>{"index", "pod", "node", "phase", "parameters", "restarts",
-                                   "lastFailedPodUID"}));
+                                   "lastFailedPodUID", "ledgerSequence"}));
   EXPECT_EQ(property_names("status.exposure"),
             (std::set<std::string>{"maxNode", "maxPrincipal", "nodes", "exportPrincipals"}));
   EXPECT_EQ(property_names("status.exposure.nodes", true),
@@ -1092,7 +1092,7 @@ TEST(Crd, StatusSchema) {
                     "message": "4 shards on 4 nodes", "observedGeneration": 3,
                     "lastTransitionTime": "2024-05-01T12:00:00Z"}],
     "shards": [{"index": 0, "pod": "fmnist-shard-0", "node": "n1", "phase": "Running",
-                "parameters": 12345, "restarts": 0}],
+                "parameters": 12345, "restarts": 0, "ledgerSequence": 42}],
     "exposure": {"maxNode": 0.25, "maxPrincipal": 0.25,
                  "nodes": [{"node": "n1", "shards": [0], "exposedShards": [0], "ratio": 0.25}]},
     "failedPods": 0, "startTime": "2024-05-01T12:00:00Z",
@@ -1107,6 +1107,7 @@ TEST(Crd, StatusSchema) {
            {"status.conditions", json::array({{{"status", "True"}}})},
            {"status.exposure.maxNode", 1.5},
            {"status.shards", json::array({{{"index", 64}}})},
+           {"status.shards", json::array({{{"index", 0}, {"ledgerSequence", -1}}})},
            {"status.progress.step", -1}}) {
     SCOPED_TRACE(path + " = " + value.dump());
     json bad = job;
