@@ -28,7 +28,7 @@ DEB_PACKAGES := \
   libtorch-dev libopenblas0-pthread \
   libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev \
   prometheus-cpp-dev nlohmann-json3-dev libyaml-cpp-dev libcli11-dev libcpp-httplib-dev \
-  libssl-dev zlib1g-dev libgtest-dev libgmock-dev libbenchmark-dev \
+  libssl-dev zlib1g-dev libnghttp2-dev libgtest-dev libgmock-dev libbenchmark-dev \
   dataset-fashion-mnist nodejs unzip prometheus gnuplot-nox \
   curl openssl python3 ca-certificates debian-archive-keyring
 
