@@ -34,7 +34,7 @@ RUN apt-get update \
       build-essential cmake ninja-build pkg-config \
       libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev \
       prometheus-cpp-dev nlohmann-json3-dev libyaml-cpp-dev libcli11-dev libcpp-httplib-dev \
-      libssl-dev zlib1g-dev \
+      libssl-dev zlib1g-dev libnghttp2-dev \
  && rm -rf /var/lib/apt/lists/*
 
 # ---- build-cpu: Debian's LibTorch (libtorch-dev, 1.13, CPU only) -------------------

@@ -40,6 +40,8 @@ forbid operator/src/render.cpp operator/include/shardguard/operator/render.h -- 
   "render is pure and below status and reconcile"
 forbid sidecar -- 'shardguard/(model|shardd|shardctl|operator|kube)/|torch/' \
   "the sidecar never depends on training code or the operator"
+forbid sidecar/src/h2 sidecar/include/shardguard/sidecar/h2 -- 'grpc|google/protobuf|shardguard/v1/|shardguard/(policy|common)/' \
+  "the HTTP/2 data plane (shardguard_sidecar_h2) is gRPC-free and takes policy and identity through its hooks"
 forbid shardd -- 'shardguard/(sidecar|shardctl|operator|kube|policy)/' \
   "shardd depends on model, proto and common only"
 mapfile -t torch_free < <(ls shardctl/src/*.cpp shardctl/include/shardguard/shardctl/*.h shardctl/main.cpp |
