@@ -258,6 +258,29 @@ TEST_F(RelayTest, UnaryCallsAreRelayedByteExactOnOneUpstreamConnection) {
   EXPECT_EQ(relay_->stats().downstream_connections.load(), 1);
 }
 
+TEST_F(RelayTest, SmallWindowsAreGivenBackAfterEveryCall) {
+  // 40 calls of 300 KiB each way through 1 MiB connection windows: any byte not given
+  // back to a window would stall the calls that follow on the shared upstream session.
+  RelayLimits limits;
+  limits.stream_window = 256 * 1024;
+  limits.connection_window = 1 << 20;
+  start(limits);
+  auto ch = channel();
+  std::vector<std::thread> callers;
+  std::atomic<int> ok{0};
+  for (int t = 0; t < 4; ++t)
+    callers.emplace_back([&, t] {
+      for (int i = 0; i < 10; ++i) {
+        std::string payload = random_bytes(300 * 1024, static_cast<uint32_t>(t * 100 + i));
+        auto r = unary_call(ch, "/test.Echo/Window", payload, {}, 30s);
+        if (r.status.ok() && r.reply == payload) ++ok;
+      }
+    });
+  for (auto& c : callers) c.join();
+  EXPECT_EQ(ok.load(), 40);
+  EXPECT_EQ(relay_->stats().upstream_connects_total.load(), 1u);
+}
+
 TEST_F(RelayTest, StreamingCallIsRelayedMessageByMessage) {
   start();
   Stream s(channel(), "/test.Echo/Stream");

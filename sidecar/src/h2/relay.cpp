@@ -1038,6 +1038,13 @@ int up_stream_close(nghttp2_session*, int32_t stream_id, uint32_t error_code, vo
   up->calls.erase(it);
   w.discard(*call, Direction::request);
   call->up_closed = true;
+  // The stream is over: what of its response still waits downstream no longer needs the
+  // stream window, but it must not keep the shared connection's window.
+  if (call->resp.owed > 0) {
+    nghttp2_session_consume_connection(up->session(), call->resp.owed);
+    call->resp.owed = 0;
+    w.mark(up);
+  }
   if (call->down_closed || !call->down) {
     call->up = nullptr;
     return 0;
@@ -1122,7 +1129,7 @@ void RelayWorker::adopt(int fd) {
     prepare_socket(fd);
     auto conn = std::make_shared<DownConn>(w, fd);
     w.conns[conn.get()] = conn;
-    conn->start_io(EPOLLIN);
+    conn->start_io(EPOLLIN | EPOLLOUT);  // writable at once: the handshake (or plaintext) starts
   });
 }
 
