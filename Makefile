@@ -112,7 +112,7 @@ test-asan:
 
 # libFuzzer targets (tests/fuzz/) in their own clang tree: no LibTorch, no tests, only
 # the fuzz executables and the libraries they link. See docs/development.md, Fuzzing.
-FUZZ_TARGETS := policy svid h2
+FUZZ_TARGETS := policy svid h2 hello
 fuzz-build:
 	CC=clang CXX=clang++ cmake -S . -B $(FUZZ_BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
 	  "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -gline-tables-only" -DSHARDGUARD_WITH_TORCH=OFF \

@@ -123,6 +123,9 @@ HelloClass classify_client_hello(const uint8_t* data, size_t size) {
         return refused("not_tls", "ClientHello of " + std::to_string(body) + " bytes (at most " +
                                       std::to_string(kMaxClientHelloBytes) + ")");
       }
+      // The version checks below read the body: a body too short to hold a
+      // client_version is refused on its length, whatever bytes follow it.
+      if (body < 2) return refused("not_tls", "ClientHello of " + std::to_string(body) + " bytes");
       if (hs.size() >= 5 && hs[4] != 0x03) return refused("not_tls", "not a TLS client_version");
       if (hs.size() >= 6 && hs[5] < 0x03) {  // 0x0300 SSL 3, 0x0301 TLS 1.0, 0x0302 TLS 1.1
         return refused("tls_version", "ClientHello of TLS 1.1 or older");  // TLS 1.3 clients send 0x0303 here too

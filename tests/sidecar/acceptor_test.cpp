@@ -64,6 +64,12 @@ TEST(ClassifyClientHello, RefusesWhatIsNotATlsClientHello) {
   EXPECT_EQ(cls(hello11).reason, "tls_version");
   // A ClientHello that claims more than the acceptor reassembles.
   EXPECT_EQ(cls(std::string("\x16\x03\x01\x00\x04\x01\x01\x00\x00", 9)).reason, "not_tls");
+  // A body too short for a client_version is refused on its length, not by whatever
+  // bytes come after it (hello_fuzz: the decision flipped with one more byte).
+  const std::string empty_hello("\x16\x03\x01\x00\xc7\x01\x00\x00\x00\x03\x00", 11);
+  EXPECT_EQ(cls(empty_hello.substr(0, 9)).reason, "not_tls");
+  EXPECT_EQ(cls(empty_hello.substr(0, 10)).reason, "not_tls");
+  EXPECT_EQ(cls(empty_hello).reason, "not_tls");
 }
 
 TEST(ClassifyClientHello, AcceptsARealHelloOfferingH2OnlyWhenWhole) {
