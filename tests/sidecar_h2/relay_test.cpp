@@ -6,6 +6,7 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -34,6 +35,7 @@ using testsupport::unary_call;
 const std::string kClientId = "spiffe://shardguard.local/ns/ml/job/fm/shard/0";
 const std::string kRelayId = "spiffe://shardguard.local/ns/ml/job/fm/shard/1";
 const std::string kDenied = "/test.Echo/Denied";
+const std::string kInspected = "/test.Echo/Inspected";
 
 struct Pki {
   CaBundle ca;
@@ -138,17 +140,30 @@ class RelayTest : public ::testing::Test {
     hooks.decide = [this](const RequestInfo& r) {
       std::lock_guard<std::mutex> lock(mu_);
       ++decisions_;
+      decided_ids_.push_back(r.call_id);
       last_peer_ = std::string(r.peer_id);
       last_path_ = std::string(r.path);
       last_headers_ = r.headers;
       if (r.path == kDenied) return Decision::refuse(GrpcCode::permission_denied, deny_message_);
+      return Decision::allow_to("echo", r.path == kInspected);
+    };
+    hooks.on_message = [this](const CallInfo& c, Direction d, const GrpcMessage& m) {
+      std::lock_guard<std::mutex> lock(mu_);
+      inspected_.emplace_back(d, m.payload);
+      EXPECT_EQ(c.path, kInspected);
+      if (m.payload.find("forbidden") != std::string::npos)
+        return Decision::refuse(GrpcCode::permission_denied, "rule export: message refused");
       return Decision::allow_to("echo");
     };
     hooks.on_call_end = [this](const CallEnd& e) {
       std::lock_guard<std::mutex> lock(mu_);
       ends_.push_back(e);
     };
-    relay_ = std::make_unique<Relay>("127.0.0.1:0", std::move(config), std::move(hooks), 1);
+    hooks.on_handshake_failure = [this](std::string_view reason, std::string_view) {
+      std::lock_guard<std::mutex> lock(mu_);
+      handshake_reasons_.emplace_back(reason);
+    };
+    relay_ = std::make_unique<Relay>(listen_, std::move(config), std::move(hooks), 1);
     relay_->start();
   }
   void TearDown() override {
@@ -173,6 +188,10 @@ class RelayTest : public ::testing::Test {
   std::unique_ptr<Relay> relay_;
   std::mutex mu_;
   int decisions_ = 0;
+  std::string listen_ = "127.0.0.1:0";
+  std::vector<uint64_t> decided_ids_;
+  std::vector<std::pair<Direction, std::string>> inspected_;
+  std::vector<std::string> handshake_reasons_;
   std::string last_peer_, last_path_;
   HeaderList last_headers_;
   std::vector<CallEnd> ends_;
@@ -246,7 +265,8 @@ TEST_F(RelayTest, UnaryCallsAreRelayedByteExactOnOneUpstreamConnection) {
     EXPECT_EQ(last_peer_, kClientId);  // from the TLS handshake
     EXPECT_EQ(last_path_, "/test.Echo/Unary");
   }
-  ASSERT_TRUE(eventually([&] { return ends_count() == sizes.size(); }));
+  ASSERT_TRUE(eventually([&] { return ends_count() == sizes.size(); }))
+      << ends_count() << " ends, active " << relay_->stats().active_calls.load();
   auto e = ends();
   for (size_t i = 0; i < sizes.size(); ++i) {
     EXPECT_EQ(e[i].grpc_status, 0);
@@ -254,6 +274,8 @@ TEST_F(RelayTest, UnaryCallsAreRelayedByteExactOnOneUpstreamConnection) {
     EXPECT_EQ(e[i].response_bytes, sizes[i] + 5);
     EXPECT_EQ(e[i].request_messages, 1u);
     EXPECT_EQ(e[i].info.peer_id, kClientId);
+    EXPECT_EQ(e[i].info.id, decided_ids_[i]);  // decide() and on_call_end speak of one call
+    EXPECT_FALSE(e[i].refused_by_relay);
   }
   EXPECT_EQ(relay_->stats().upstream_connects_total.load(), 1u);
   EXPECT_EQ(relay_->stats().downstream_connections.load(), 1);
@@ -328,6 +350,79 @@ TEST_F(RelayTest, ChainedRelaysSpeakMutualTlsUpstream) {
   relay_a.shutdown(2s);
 }
 
+// The sidecar's shape of use: its own acceptor hands sockets to the relay (no listener
+// of the relay's own), and a rotated certificate serves new connections while the open
+// stream goes on.
+TEST_F(RelayTest, AdoptedSocketsAndARotatedServerCertificate) {
+  listen_ = "";
+  start();
+  int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(listener, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(listen(listener, 16), 0);
+  socklen_t len = sizeof a;
+  getsockname(listener, reinterpret_cast<sockaddr*>(&a), &len);
+  const std::string address = "127.0.0.1:" + std::to_string(ntohs(a.sin_port));
+  std::atomic<bool> done{false};
+  std::thread acceptor([&] {  // hands every connection to the relay until the test ends
+    while (!done) {
+      pollfd p{listener, POLLIN, 0};
+      if (poll(&p, 1, 20) > 0) {
+        int fd = accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
+        if (fd >= 0) relay_->adopt(fd);
+      }
+    }
+  });
+  auto seen_first = std::make_shared<std::string>();
+  auto first = testsupport::tls_channel(address, pki().client.cert_pem, pki().client.key_pem, seen_first);
+  {
+    Stream s(first, "/test.Echo/Rotation");
+    ASSERT_TRUE(s.started());
+    EXPECT_EQ(s.round_trip("before"), "before");
+    Leaf renewed = issue_leaf(pki().ca, kRelayId, std::chrono::hours(2));
+    relay_->set_server_tls(TlsContext::create(TlsContext::Side::server, renewed.cert_pem, renewed.key_pem,
+                                              svid_verifier(SvidRole::client)));
+    auto seen_second = std::make_shared<std::string>();
+    auto second = testsupport::tls_channel(address, pki().client.cert_pem, pki().client.key_pem, seen_second);
+    auto r = unary_call(second, "/test.Echo/After", "after");
+    EXPECT_TRUE(r.status.ok()) << r.status.error_message();
+    EXPECT_EQ(*seen_second, renewed.cert_pem);  // the new connection got the new certificate
+    EXPECT_EQ(*seen_first, pki().relay.cert_pem);
+    EXPECT_EQ(s.round_trip("during"), "during");  // the open stream was not dropped
+    EXPECT_TRUE(s.close().ok());
+  }
+  done = true;
+  acceptor.join();
+  close(listener);
+}
+
+// The export guard's seam: a stream the decision asks to inspect hands every whole
+// message, both ways, to on_message before forwarding it; a refused one never leaves.
+TEST_F(RelayTest, InspectedStreamsShowWholeMessagesAndCanBeRefusedMidStream) {
+  RelayLimits limits;
+  limits.stream_window = 64 * 1024;  // messages larger than the window still arrive whole
+  start(limits);
+  Stream s(channel(), kInspected);
+  ASSERT_TRUE(s.started());
+  const std::string big = random_bytes(300 * 1024, 3);
+  EXPECT_TRUE(s.round_trip("small") == "small");
+  EXPECT_TRUE(s.round_trip(big) == big);
+  EXPECT_EQ(s.round_trip("this is forbidden"), "<read failed>");
+  grpc::Status status = s.close();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(status.error_message(), "rule export: message refused");
+  EXPECT_EQ(echo_.messages(), 2);  // the refused message never reached the server
+  std::lock_guard<std::mutex> lock(mu_);
+  ASSERT_EQ(inspected_.size(), 5u);
+  EXPECT_EQ(inspected_[0], std::make_pair(Direction::request, std::string("small")));
+  EXPECT_EQ(inspected_[1], std::make_pair(Direction::response, std::string("small")));
+  EXPECT_TRUE(inspected_[2] == std::make_pair(Direction::request, big));
+  EXPECT_TRUE(inspected_[3] == std::make_pair(Direction::response, big));
+  EXPECT_EQ(inspected_[4], std::make_pair(Direction::request, std::string("this is forbidden")));
+}
+
 TEST_F(RelayTest, StreamingCallIsRelayedMessageByMessage) {
   start();
   Stream s(channel(), "/test.Echo/Stream");
@@ -352,11 +447,12 @@ TEST_F(RelayTest, RefusalReachesTheGrpcClientAsPermissionDeniedWithItsMessage) {
   EXPECT_EQ(relay_->stats().upstream_connects_total.load(), 0u);
   ASSERT_TRUE(eventually([&] { return ends_count() == 1; }));
   EXPECT_TRUE(ends()[0].refused_by_relay);
+  EXPECT_EQ(ends()[0].refusal_reason, "decision");
   EXPECT_EQ(ends()[0].grpc_status, 7);
   EXPECT_EQ(relay_->stats().refused_total.load(), 1u);
 }
 
-TEST_F(RelayTest, ClientWithoutCertificateIsRefusedByTheHandshake) {
+TEST_F(RelayTest, ClientsWithoutAValidCertificateFailTheHandshakeWithTheVerifiersReason) {
   start();
   auto r = unary_call(testsupport::tls_channel("127.0.0.1:" + std::to_string(relay_->port()), "", ""),
                       "/test.Echo/Unary", "x", {}, 5s);
@@ -364,6 +460,21 @@ TEST_F(RelayTest, ClientWithoutCertificateIsRefusedByTheHandshake) {
   EXPECT_EQ(decisions(), 0);
   // (Counted once the relay has seen its own alert go out: the client may be first.)
   EXPECT_TRUE(eventually([&] { return relay_->stats().handshake_failures_total.load() >= 1u; }));
+  // A leaf of another CA: the verifier's own reason reaches the hook.
+  CaBundle other = create_ca("another CA", std::chrono::hours(1));
+  Leaf stranger = issue_leaf(other, kClientId, std::chrono::hours(1));
+  auto r2 = unary_call(testsupport::tls_channel("127.0.0.1:" + std::to_string(relay_->port()), stranger.cert_pem,
+                                                stranger.key_pem),
+                       "/test.Echo/Unary", "x", {}, 5s);
+  EXPECT_EQ(r2.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(decisions(), 0);
+  ASSERT_TRUE(eventually([&] {
+    std::lock_guard<std::mutex> lock(mu_);
+    return handshake_reasons_.size() >= 2;
+  }));
+  std::lock_guard<std::mutex> lock(mu_);
+  EXPECT_EQ(handshake_reasons_[0], "no_certificate");
+  EXPECT_EQ(handshake_reasons_.back(), "untrusted");
 }
 
 TEST_F(RelayTest, ThousandConcurrentStreamsOnOneConnection) {
@@ -431,6 +542,7 @@ TEST_F(RelayTest, MessageOverTheLimitIsRefusedFromItsPrefix) {
   EXPECT_EQ(echo_.messages(), 0);
   ASSERT_TRUE(eventually([&] { return ends_count() == 1; }));
   EXPECT_EQ(ends()[0].request_bytes, 0u);  // not one byte of it went upstream
+  EXPECT_EQ(ends()[0].refusal_reason, "message_too_large");
   // The same connection serves the next call.
   auto ok = unary_call(channel(), "/test.Echo/Small", "s");
   EXPECT_TRUE(ok.status.ok());
@@ -458,6 +570,27 @@ TEST_F(RelayTest, PeerThatNeverReadsCostsAtMostTheStreamWindow) {
   EXPECT_EQ(stats.bytes_downstream_total.load(), relayed);
   EXPECT_LE(stats.output_bytes.load(), static_cast<int64_t>(limits.max_output_bytes) + 16 * 1024 + 9);
   // The client gives up: everything held is released.
+  client.rst(id, NGHTTP2_CANCEL);
+  client.pump_until([] { return false; }, 50ms, false);
+  ASSERT_TRUE(eventually([&] { return stats.buffered_bytes.load() == 0 && stats.active_calls.load() == 0; }));
+}
+
+TEST_F(RelayTest, InspectedStreamWithAReaderThatNeverReadsHoldsTheWindowAndOneMessage) {
+  RelayLimits limits;
+  limits.stream_window = 1 << 20;
+  start(limits, /*tls=*/false);
+  H2Peer client(H2Peer::Role::client, connect_to(relay_->port()));
+  // 24 messages of 1 MiB, echoed one by one; the client never reads the replies.
+  std::string body;
+  const std::string one(1 << 20, 'i');
+  for (int i = 0; i < 24; ++i) body += framed(one);
+  int32_t id = client.request(kInspected, {}, body, true);
+  ASSERT_TRUE(client.pump_until([&] { return client.streams[id].sent == body.size(); }, 60s));
+  const RelayStats& stats = relay_->stats();
+  ASSERT_TRUE(client.pump_until([&] { return stats.buffered_bytes.load() >= (1 << 20); }, 60s, false));
+  client.pump_until([] { return false; }, 300ms, false);
+  // At most: per direction the window, one message being collected and one being sent.
+  EXPECT_LE(stats.peak_buffered_bytes.load(), 2 * (3 << 20) + 64 * 1024);
   client.rst(id, NGHTTP2_CANCEL);
   client.pump_until([] { return false; }, 50ms, false);
   ASSERT_TRUE(eventually([&] { return stats.buffered_bytes.load() == 0 && stats.active_calls.load() == 0; }));
@@ -497,6 +630,8 @@ TEST_F(RelayTest, HeaderListOverTheLimitIsRefusedBeforeTheDecision) {
   EXPECT_NE(H2Peer::header(s.headers, "grpc-message").find("exceeds the limit of 61440 bytes"), std::string::npos);
   EXPECT_EQ(decisions(), 0);
   EXPECT_EQ(echo_.calls(), 0);
+  ASSERT_TRUE(eventually([&] { return ends_count() == 1; }));
+  EXPECT_EQ(ends()[0].refusal_reason, "header_list_too_large");
   // A list just under the limit reaches decide() on the same connection (the echo
   // server, gRPC, would itself refuse 50 KiB of metadata, so the decision refuses it).
   int32_t ok = client.request(kDenied, {{"x-pad", std::string(50 * 1024, 'q')}}, framed("y"), true);

@@ -30,6 +30,15 @@ void prepare_socket(int fd) {
 
 namespace {
 
+// The gauge of held bytes, and its peak.
+void add_held(RelayStats& stats, int64_t delta) {
+  int64_t now = stats.buffered_bytes.fetch_add(delta, std::memory_order_relaxed) + delta;
+  if (delta <= 0) return;
+  int64_t peak = stats.peak_buffered_bytes.load(std::memory_order_relaxed);
+  while (now > peak && !stats.peak_buffered_bytes.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
+  }
+}
+
 // DATA bytes of one direction of one call, between the session that received them and
 // the one that sends them on. `owed`: bytes not yet given back to the sender's window.
 struct Pipe {
@@ -44,11 +53,7 @@ struct Pipe {
     if (chunks.empty() || chunks.back().size() >= 64 * 1024) chunks.emplace_back();
     chunks.back().append(reinterpret_cast<const char*>(data), len);
     size += len;
-    int64_t now = stats.buffered_bytes.fetch_add(static_cast<int64_t>(len), std::memory_order_relaxed) +
-                  static_cast<int64_t>(len);
-    int64_t peak = stats.peak_buffered_bytes.load(std::memory_order_relaxed);
-    while (now > peak && !stats.peak_buffered_bytes.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
-    }
+    add_held(stats, static_cast<int64_t>(len));
   }
   // Appends `len` bytes from the front to `out` and drops them.
   void take(RelayStats& stats, std::string& out, size_t len) {
@@ -113,6 +118,15 @@ class DownConn;
 class UpConn;
 
 struct Call {
+  explicit Call(RelayStats* s) : stats(s) {}
+  ~Call() {
+    // Whatever is still held counts no more.
+    int64_t held = static_cast<int64_t>(req.size + resp.size + req_inspector.held() + resp_inspector.held());
+    if (held) stats->buffered_bytes.fetch_sub(held, std::memory_order_relaxed);
+  }
+  Call(const Call&) = delete;
+  Call& operator=(const Call&) = delete;
+  RelayStats* stats;
   CallInfo info;
   DownConn* down = nullptr;  // null once that connection is gone
   int32_t down_id = 0;
@@ -176,7 +190,9 @@ struct RelayWorker::Impl {
   UpConn* upstream_for(const std::string& name);
   void decide(DownConn* down, const std::shared_ptr<Call>& call);
   void relay_in(const std::shared_ptr<Call>& call, Direction dir, const uint8_t* data, size_t len);
-  void end_downstream(Call& call, GrpcCode code, const std::string& message, bool by_relay, bool upstream_failed);
+  // `refusal` ("" unless the relay itself refuses): CallEnd::refusal_reason.
+  void end_downstream(Call& call, GrpcCode code, const std::string& message, const char* refusal,
+                      bool upstream_failed);
   void reset_upstream(Call& call, uint32_t code);
   void discard(Call& call, Direction dir);
   void report(Call& call);
@@ -203,7 +219,10 @@ class Conn : public std::enable_shared_from_this<Conn> {
     handshake_timer_ = w_.loop.run_after(w_.config.limits.handshake_timeout, [this] {
       handshake_timer_ = 0;
       w_.enter([&] {
-        if (state_ == State::connecting || state_ == State::handshaking) kill("handshake timeout", true);
+        if (state_ != State::connecting && state_ != State::handshaking) return;
+        if (downstream() && w_.hooks.on_handshake_failure)
+          w_.hooks.on_handshake_failure("handshake_timeout", "no TLS handshake within the timeout");
+        kill("handshake timeout", true);
       });
     });
   }
@@ -221,6 +240,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
   // session that has nothing more to do.
   void pump() {
     if (state_ != State::open) return;
+    bool capped = true;  // left with frames to send: come back when the socket is writable
     for (int round = 0; round < 16 && alive(); ++round) {
       size_t before = pending_output();
       int rv = nghttp2_session_send(session_);
@@ -231,7 +251,10 @@ class Conn : public std::enable_shared_from_this<Conn> {
       flush();
       if (!alive()) return;
       bool more = nghttp2_session_want_write(session_) && !output_full() && !write_blocked_;
-      if (!more || (pending_output() == before && before > 0)) break;
+      if (!more || (pending_output() == before && before > 0)) {
+        capped = false;
+        break;
+      }
     }
     if (!alive()) return;
     if (!nghttp2_session_want_read(session_) && !nghttp2_session_want_write(session_) && pending_output() == 0) {
@@ -239,7 +262,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
       return;
     }
     uint32_t events = EPOLLIN;
-    if (pending_output() > 0 || read_wants_write_) events |= EPOLLOUT;
+    if (pending_output() > 0 || read_wants_write_ || capped) events |= EPOLLOUT;
     if (events != events_) {
       events_ = events;
       w_.loop.modify(fd_, events);
@@ -326,6 +349,8 @@ class Conn : public std::enable_shared_from_this<Conn> {
       return;
     }
     std::string why = transport_->error();
+    if (downstream() && w_.hooks.on_handshake_failure)
+      w_.hooks.on_handshake_failure(r == Transport::Io::closed ? "closed" : transport_->failure_reason(), why);
     kill("handshake: " + (why.empty() ? std::string("closed") : why), true);
   }
 
@@ -363,6 +388,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
   }
 
   void flush() {
+    write_blocked_ = false;  // until the socket says otherwise again
     while (pending_output() > 0) {
       size_t n = 0;
       Transport::Io r = transport_->write(reinterpret_cast<const uint8_t*>(out_.data()) + out_off_,
@@ -549,7 +575,7 @@ class UpConn : public Conn {
       call->up = nullptr;
       w_.discard(*call, Direction::request);
       if (!call->resp.ended)
-        w_.end_downstream(*call, GrpcCode::unavailable, "upstream connection to " + name_ + " lost: " + reason, false,
+        w_.end_downstream(*call, GrpcCode::unavailable, "upstream connection to " + name_ + " lost: " + reason, nullptr,
                           true);
     }
   }
@@ -617,8 +643,9 @@ void RelayWorker::Impl::reset_upstream(Call& call, uint32_t code) {
   }
 }
 
-void RelayWorker::Impl::end_downstream(Call& call, GrpcCode code, const std::string& message, bool by_relay,
+void RelayWorker::Impl::end_downstream(Call& call, GrpcCode code, const std::string& message, const char* refusal,
                                        bool upstream_failed) {
+  bool by_relay = refusal != nullptr && *refusal != '\0';
   discard(call, Direction::request);
   reset_upstream(call, NGHTTP2_CANCEL);
   if (call.down_closed || !call.down || call.final_queued) return;
@@ -626,6 +653,7 @@ void RelayWorker::Impl::end_downstream(Call& call, GrpcCode code, const std::str
   call.end.grpc_status = static_cast<int>(code);
   call.end.grpc_message = message;
   call.end.refused_by_relay = by_relay;
+  if (by_relay) call.end.refusal_reason = refusal;
   call.end.upstream_failed = upstream_failed;
   if (by_relay) stats->refused_total.fetch_add(1, std::memory_order_relaxed);
   std::string status = std::to_string(static_cast<int>(code));
@@ -658,6 +686,7 @@ void RelayWorker::Impl::decide(DownConn* down, const std::shared_ptr<Call>& call
   call->info.id = next_call_id.fetch_add(1, std::memory_order_relaxed);
   call->info.peer_id = down->peer_id();
   call->info.path = call->path;
+  call->info.started = std::chrono::steady_clock::now();
   stats->calls_total.fetch_add(1, std::memory_order_relaxed);
   stats->active_calls.fetch_add(1, std::memory_order_relaxed);
   const RelayLimits& limits = config.limits;
@@ -665,21 +694,21 @@ void RelayWorker::Impl::decide(DownConn* down, const std::shared_ptr<Call>& call
     end_downstream(*call, GrpcCode::resource_exhausted,
                    "request header list of " + std::to_string(call->header_bytes) + " bytes exceeds the limit of " +
                        std::to_string(limits.max_header_list_bytes) + " bytes",
-                   true, false);
+                   "header_list_too_large", false);
     return;
   }
   if (call->path.empty() || call->path[0] != '/') {
-    end_downstream(*call, GrpcCode::unimplemented, "request without a valid :path", true, false);
+    end_downstream(*call, GrpcCode::unimplemented, "request without a valid :path", "bad_request", false);
     return;
   }
   Decision d;
   try {
-    d = hooks.decide(RequestInfo{call->info.peer_id, call->path, call->request_headers});
+    d = hooks.decide(RequestInfo{call->info.id, call->info.peer_id, call->path, call->request_headers});
   } catch (const std::exception& e) {
     d = Decision::refuse(GrpcCode::internal, std::string("policy decision failed: ") + e.what());
   }
   if (!d.allow) {
-    end_downstream(*call, d.code, d.message, true, false);
+    end_downstream(*call, d.code, d.message, "decision", false);
     return;
   }
   call->info.upstream = d.upstream;
@@ -688,7 +717,7 @@ void RelayWorker::Impl::decide(DownConn* down, const std::shared_ptr<Call>& call
   call->resp_inspector = GrpcFrameInspector(limits.max_message_bytes, call->inspect);
   UpConn* up = upstream_for(d.upstream);
   if (!up) {
-    end_downstream(*call, GrpcCode::unavailable, "no upstream named " + d.upstream, true, false);
+    end_downstream(*call, GrpcCode::unavailable, "no upstream named " + d.upstream, "no_upstream", false);
     return;
   }
   // Pseudo-headers first, in the order HTTP/2 clients use; then the rest.
@@ -716,7 +745,7 @@ void RelayWorker::Impl::decide(DownConn* down, const std::shared_ptr<Call>& call
   provider.read_callback = read_pipe;
   int32_t id = nghttp2_submit_request(up->session(), nullptr, nva.data(), nva.size(), &provider, nullptr);
   if (id < 0) {
-    end_downstream(*call, GrpcCode::unavailable, std::string("upstream: ") + nghttp2_strerror(id), false, true);
+    end_downstream(*call, GrpcCode::unavailable, std::string("upstream: ") + nghttp2_strerror(id), nullptr, true);
     return;
   }
   call->up = up;
@@ -743,24 +772,36 @@ void RelayWorker::Impl::relay_in(const std::shared_ptr<Call>& call, Direction di
   }
   GrpcFrameInspector& inspector = request ? call->req_inspector : call->resp_inspector;
   std::vector<GrpcMessage> messages;
+  size_t held_before = inspector.held();
   auto result = inspector.feed(std::string_view(reinterpret_cast<const char*>(data), len),
                                call->inspect ? &messages : nullptr);
+  // Bytes of a message being collected count as held, like the pipes' bytes.
+  int64_t held_delta = static_cast<int64_t>(inspector.held()) - static_cast<int64_t>(held_before);
+  if (held_delta != 0) add_held(*stats, held_delta);
   if (result == GrpcFrameInspector::Result::too_large) {
     drop();
     end_downstream(*call, GrpcCode::resource_exhausted,
                    std::string(request ? "request" : "response") + " message of " +
                        std::to_string(inspector.announced()) + " bytes exceeds the limit of " +
                        std::to_string(config.limits.max_message_bytes) + " bytes",
-                   true, false);
+                   "message_too_large", false);
     return;
   }
   Pipe& pipe = request ? call->req : call->resp;
   if (call->inspect) {
-    drop();  // held whole (bounded by max_message_bytes): given back at once
+    // A message is held whole before it is forwarded, so its bytes cannot wait for the
+    // other side (a message larger than the window would never complete): they are
+    // given back at once while the backlog to forward is under the stream window, and
+    // only as the backlog drains when it is not. Held: the window + one message.
+    if (pipe.size <= config.limits.stream_window) {
+      drop();
+    } else {
+      pipe.owed += len;
+    }
     for (const auto& message : messages) {
       Decision d = hooks.on_message(call->info, dir, message);
       if (!d.allow) {
-        end_downstream(*call, d.code, d.message, true, false);
+        end_downstream(*call, d.code, d.message, "message", false);
         return;
       }
       std::string prefix = grpc_prefix(message.compressed, static_cast<uint32_t>(message.payload.size()));
@@ -855,7 +896,7 @@ std::shared_ptr<Call> find_call(std::unordered_map<int32_t, std::shared_ptr<Call
 int down_begin_headers(nghttp2_session*, const nghttp2_frame* frame, void* user_data) {
   DownConn* down = down_of(user_data);
   if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
-  auto call = std::make_shared<Call>();
+  auto call = std::make_shared<Call>(down->worker().stats.get());
   call->down = down;
   call->down_id = frame->hd.stream_id;
   down->calls[frame->hd.stream_id] = std::move(call);
@@ -1059,7 +1100,7 @@ int up_stream_close(nghttp2_session*, int32_t stream_id, uint32_t error_code, vo
       w.mark(call->down);
     } else {
       w.end_downstream(*call, GrpcCode::unavailable,
-                       std::string("upstream stream closed: ") + nghttp2_http2_strerror(error_code), false, true);
+                       std::string("upstream stream closed: ") + nghttp2_http2_strerror(error_code), nullptr, true);
     }
   }
   call->up = nullptr;
@@ -1164,6 +1205,16 @@ void RelayWorker::close_all() {
   });
 }
 
+void RelayWorker::set_server_tls(std::shared_ptr<TlsContext> tls) {
+  if (tls && tls->side() == TlsContext::Side::server) impl_->config.server_tls = std::move(tls);
+}
+
+void RelayWorker::set_upstream_tls(const std::string& name, std::shared_ptr<TlsContext> tls) {
+  auto it = impl_->config.upstreams.find(name);
+  if (it != impl_->config.upstreams.end() && tls && tls->side() == TlsContext::Side::client)
+    it->second.tls = std::move(tls);
+}
+
 size_t RelayWorker::downstream_connections() const { return impl_->downstream; }
 size_t RelayWorker::upstream_connections() const { return impl_->upstream; }
 bool RelayWorker::idle() const { return impl_->conns.empty(); }
@@ -1179,8 +1230,36 @@ Relay::Relay(std::string listen_address, RelayConfig config, RelayHooks hooks, i
 
 Relay::~Relay() { shutdown(std::chrono::milliseconds(0)); }
 
+void Relay::adopt(int fd) {
+  if (!started_ || stopped_ || workers_.empty()) {
+    close(fd);
+    return;
+  }
+  Worker& target = *workers_[next_worker_.fetch_add(1) % workers_.size()];
+  RelayWorker* relay = target.relay.get();
+  target.loop->post([relay, fd] { relay->adopt(fd); });
+}
+
+void Relay::set_server_tls(std::shared_ptr<TlsContext> tls) {
+  for (auto& worker : workers_) {
+    RelayWorker* relay = worker->relay.get();
+    worker->loop->post([relay, tls] { relay->set_server_tls(tls); });
+  }
+}
+
+void Relay::set_upstream_tls(const std::string& name, std::shared_ptr<TlsContext> tls) {
+  for (auto& worker : workers_) {
+    RelayWorker* relay = worker->relay.get();
+    worker->loop->post([relay, name, tls] { relay->set_upstream_tls(name, tls); });
+  }
+}
+
 void Relay::start() {
   if (started_) return;
+  if (listen_address_.empty()) {
+    start_workers();
+    return;
+  }
   std::string host, port;
   if (!split_host_port(listen_address_, &host, &port))
     throw std::runtime_error("listen address " + listen_address_ + " is not host:port");
@@ -1207,18 +1286,13 @@ void Relay::start() {
   port_ = addr.ss_family == AF_INET6 ? ntohs(reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port)
                                      : ntohs(reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
   listen_fd_ = fd;
-  for (int i = 0; i < threads_; ++i) {
-    auto worker = std::make_unique<Worker>();
-    worker->loop = std::make_unique<EventLoop>();
-    worker->relay = std::make_unique<RelayWorker>(*worker->loop, config_, hooks_, stats_);
-    workers_.push_back(std::move(worker));
-  }
+  make_workers();
   EventLoop& first = *workers_[0]->loop;
   first.watch(listen_fd_, EPOLLIN, [this](uint32_t) {
     for (int i = 0; i < 64; ++i) {
       int c = accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (c < 0) return;
-      Worker& target = *workers_[next_worker_++ % workers_.size()];
+      Worker& target = *workers_[next_worker_.fetch_add(1) % workers_.size()];
       if (&target == workers_[0].get()) {
         target.relay->adopt(c);
       } else {
@@ -1227,6 +1301,20 @@ void Relay::start() {
       }
     }
   });
+  start_workers();
+}
+
+void Relay::make_workers() {
+  for (int i = 0; i < threads_; ++i) {
+    auto worker = std::make_unique<Worker>();
+    worker->loop = std::make_unique<EventLoop>();
+    worker->relay = std::make_unique<RelayWorker>(*worker->loop, config_, hooks_, stats_);
+    workers_.push_back(std::move(worker));
+  }
+}
+
+void Relay::start_workers() {
+  if (workers_.empty()) make_workers();
   for (auto& worker : workers_) {
     EventLoop* loop = worker->loop.get();
     worker->thread = std::thread([loop] { loop->run(); });
@@ -1238,11 +1326,13 @@ void Relay::shutdown(std::chrono::milliseconds grace) {
   if (!started_ || stopped_) return;
   stopped_ = true;
   auto deadline = EventLoop::Clock::now() + grace;
-  workers_[0]->loop->post([this] {
-    workers_[0]->loop->unwatch(listen_fd_);
-    close(listen_fd_);
-    listen_fd_ = -1;
-  });
+  if (listen_fd_ >= 0) {
+    workers_[0]->loop->post([this] {
+      workers_[0]->loop->unwatch(listen_fd_);
+      close(listen_fd_);
+      listen_fd_ = -1;
+    });
+  }
   for (auto& worker : workers_) {
     EventLoop* loop = worker->loop.get();
     RelayWorker* relay = worker->relay.get();

@@ -42,6 +42,7 @@ struct TlsState {
   const TlsContext* ctx = nullptr;
   PeerVerdict verdict;
   bool verified = false;
+  bool alpn_refused = false;
 };
 int state_index() {
   static int index = SSL_get_ex_new_index(0, nullptr, nullptr, nullptr, nullptr);
@@ -71,11 +72,13 @@ int verify_certificate(X509_STORE_CTX* store, void*) {
   return 1;
 }
 
-int select_alpn(SSL*, const unsigned char** out, unsigned char* outlen, const unsigned char* in, unsigned int inlen,
+int select_alpn(SSL* ssl, const unsigned char** out, unsigned char* outlen, const unsigned char* in, unsigned int inlen,
                 void*) {
   unsigned char* selected = nullptr;
-  if (SSL_select_next_proto(&selected, outlen, kAlpnH2, sizeof kAlpnH2, in, inlen) != OPENSSL_NPN_NEGOTIATED)
+  if (SSL_select_next_proto(&selected, outlen, kAlpnH2, sizeof kAlpnH2, in, inlen) != OPENSSL_NPN_NEGOTIATED) {
+    if (auto* state = static_cast<TlsState*>(SSL_get_ex_data(ssl, state_index()))) state->alpn_refused = true;
     return SSL_TLSEXT_ERR_ALERT_FATAL;  // no h2 offered: no HTTP/2, no connection
+  }
   *out = selected;
   return SSL_TLSEXT_ERR_OK;
 }
@@ -175,10 +178,12 @@ class TlsTransport : public Transport {
       SSL_get0_alpn_selected(ssl_, &alpn, &alpn_len);
       if (alpn_len != 2 || std::memcmp(alpn, "h2", 2) != 0) {
         error_ = "alpn: h2 not negotiated";
+        failure_reason_ = "alpn";
         return Io::error;
       }
       if (!state_.verified || !state_.verdict.ok) {
         error_ = "peer certificate not verified";
+        failure_reason_ = "no_certificate";
         return Io::error;
       }
       return Io::ok;
@@ -207,6 +212,7 @@ class TlsTransport : public Transport {
   }
   std::string peer_id() const override { return state_.verdict.ok ? state_.verdict.spiffe_id : ""; }
   std::string error() const override { return error_; }
+  std::string failure_reason() const override { return failure_reason_; }
   void close_notify() override {
     ERR_clear_error();
     SSL_shutdown(ssl_);
@@ -231,10 +237,18 @@ class TlsTransport : public Transport {
         error_ = openssl_error(std::string("tls: ") + std::strerror(errno));
         return Io::error;
       default:
-        if (state_.verified && !state_.verdict.ok)
+        if (state_.verified && !state_.verdict.ok) {
           error_ = "peer certificate refused: " + state_.verdict.reason;
-        else
+          failure_reason_ = state_.verdict.reason.empty() ? "refused" : state_.verdict.reason;
+        } else if (state_.alpn_refused) {
+          error_ = "alpn: the client offers no h2";
+          failure_reason_ = "alpn";
+        } else {
+          unsigned long e = ERR_peek_error();
+          if (ERR_GET_LIB(e) == ERR_LIB_SSL && ERR_GET_REASON(e) == SSL_R_PEER_DID_NOT_RETURN_A_CERTIFICATE)
+            failure_reason_ = "no_certificate";
           error_ = openssl_error("tls");
+        }
         return Io::error;
     }
   }
@@ -242,6 +256,7 @@ class TlsTransport : public Transport {
   SSL* ssl_ = nullptr;
   TlsState state_;
   std::string error_;
+  std::string failure_reason_ = "tls";
 };
 
 }  // namespace

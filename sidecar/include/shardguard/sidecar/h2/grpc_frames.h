@@ -52,6 +52,7 @@ class GrpcFrameInspector {
   bool mid_message() const { return prefix_have_ > 0 || remaining_ > 0; }
   bool failed() const { return failed_; }
   uint64_t announced() const { return announced_; }  // length of the last prefix read
+  size_t held() const { return current_.payload.size(); }  // collected bytes of an unfinished message
 
  private:
   uint64_t max_;

@@ -68,6 +68,7 @@ struct RelayLimits {
 
 // The request a decision is made on (valid during the call of decide only).
 struct RequestInfo {
+  uint64_t call_id;          // the CallInfo::id the other hooks will see for this call
   std::string_view peer_id;  // verified SPIFFE ID (TLS) or the listener's plaintext identity
   std::string_view path;     // :path
   const HeaderList& headers;  // every field as received, pseudo-headers included
@@ -97,7 +98,8 @@ struct Decision {
 enum class Direction { request, response };
 
 struct CallInfo {
-  uint64_t id = 0;  // unique per relay
+  uint64_t id = 0;  // unique per process
+  std::chrono::steady_clock::time_point started;  // when its HEADERS were complete
   std::string peer_id;
   std::string path;
   std::string upstream;
@@ -111,6 +113,10 @@ struct CallEnd {
   std::string grpc_message;
   uint32_t reset_code = 0;
   bool refused_by_relay = false;   // decide(), a limit, or on_message refused it
+  // Why, when refused_by_relay: "header_list_too_large", "message_too_large" (a limit,
+  // before any decision or from a message prefix), "decision" (decide()), "message"
+  // (on_message), "bad_request" (no valid :path), "no_upstream".
+  std::string refusal_reason;
   bool upstream_failed = false;    // the upstream connection failed or went away
   uint64_t request_bytes = 0;      // DATA payload bytes relayed upstream
   uint64_t response_bytes = 0;     // DATA payload bytes relayed downstream
@@ -126,6 +132,9 @@ struct RelayHooks {
   std::function<Decision(const CallInfo&, Direction, const GrpcMessage&)> on_message;
   // Every call that passed its HEADERS, once, when it ends downstream.
   std::function<void(const CallEnd&)> on_call_end;
+  // A downstream connection that failed before HTTP/2 started: the verifier's reason
+  // token when it refused the certificate, else "alpn", "handshake_timeout" or "tls".
+  std::function<void(std::string_view reason, std::string_view detail)> on_handshake_failure;
 };
 
 struct RelayConfig {
@@ -164,6 +173,11 @@ class RelayWorker {
   // Takes a connected socket as a downstream connection (TLS when the config has a
   // server context). The worker owns and closes it.
   void adopt(int fd);
+  // New downstream connections use `tls` (certificate rotation; open connections keep
+  // theirs). Null is refused: a TLS listener stays TLS.
+  void set_server_tls(std::shared_ptr<TlsContext> tls);
+  // New connections to upstream `name` use `tls`; the open one keeps its session.
+  void set_upstream_tls(const std::string& name, std::shared_ptr<TlsContext> tls);
   // GOAWAY to every downstream connection; each closes when its streams are done.
   // New connections are refused while draining.
   void drain();
@@ -188,7 +202,15 @@ class Relay {
   Relay(const Relay&) = delete;
   Relay& operator=(const Relay&) = delete;
   // Binds (host:port, port 0 = any) and starts the threads. Throws std::runtime_error.
+  // An empty listen address binds nothing: connections come through adopt().
   void start();
+  // Thread-safe (but not against shutdown(): stop handing sockets first): gives an
+  // accepted socket to the next worker (round-robin); the relay owns it from here
+  // (closed at once when not started or stopped).
+  void adopt(int fd);
+  // Thread-safe: rotation for every worker (RelayWorker::set_server_tls / set_upstream_tls).
+  void set_server_tls(std::shared_ptr<TlsContext> tls);
+  void set_upstream_tls(const std::string& name, std::shared_ptr<TlsContext> tls);
   int port() const { return port_; }
   // Stops accepting, drains (GOAWAY) for at most `grace`, closes the rest, joins.
   void shutdown(std::chrono::milliseconds grace = std::chrono::milliseconds(2000));
@@ -201,6 +223,8 @@ class Relay {
     std::unique_ptr<RelayWorker> relay;
     std::thread thread;
   };
+  void make_workers();
+  void start_workers();
   std::string listen_address_;
   RelayConfig config_;
   RelayHooks hooks_;
@@ -209,9 +233,9 @@ class Relay {
   std::vector<std::unique_ptr<Worker>> workers_;
   int listen_fd_ = -1;
   int port_ = 0;
-  size_t next_worker_ = 0;
-  bool started_ = false;
-  bool stopped_ = false;
+  std::atomic<size_t> next_worker_{0};
+  std::atomic<bool> started_{false};
+  std::atomic<bool> stopped_{false};
 };
 
 // Makes a socket non-blocking with TCP_NODELAY (shared with the acceptor).

@@ -59,6 +59,9 @@ class Transport {
   virtual std::string peer_id() const = 0;
   // Why the last error happened (for logs; bounded).
   virtual std::string error() const = 0;
+  // After a failed handshake: a bounded token — the verifier's reason when it refused
+  // the peer's certificate, "alpn" when h2 was not negotiated, else "tls".
+  virtual std::string failure_reason() const { return "tls"; }
   // TLS: sends close_notify, best effort.
   virtual void close_notify() {}
 };
