@@ -276,6 +276,7 @@ std::shared_ptr<TlsContext> TlsContext::create(Side side, const std::string& cer
   SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS);
   SSL_CTX_set_max_send_fragment(ctx, 16384);
   SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+  if (side == Side::server) SSL_CTX_set_num_tickets(ctx, 0);  // no resumption: no TLS 1.3 tickets to send
   {
     BIO* bio = BIO_new_mem_buf(cert_pem.data(), static_cast<int>(cert_pem.size()));
     X509* cert = bio ? PEM_read_bio_X509(bio, nullptr, nullptr, nullptr) : nullptr;
