@@ -514,6 +514,21 @@ class Decoder : public decode::Reader {
     return m;
   }
 
+  // A node selector: label key → label value, at most max_entries, into *out.
+  void label_map(const json& obj, const char* key, const std::string& parent, std::size_t max_entries,
+                 std::map<std::string, std::string>& out) {
+    map_of(obj, key, parent, max_entries, [&](const std::string& path, const std::string& k, const json& v) {
+      length_and_syntax(path, k, 1, 317, &is_label_key,
+                        "a label key ([prefix/]name, the name at most 63 letters, digits, '-', "
+                        "'_' or '.', starting and ending with a letter or digit) for its key");
+      if (!v.is_string()) return fail(path, decode::wrong_type("a string", v));
+      length_and_syntax(path, v.get_ref<const std::string&>(), 0, 63, &is_label_value,
+                        "a label value (letters, digits, '-', '_' and '.', starting and ending "
+                        "with a letter or digit)");
+      out[k] = v.get<std::string>();
+    });
+  }
+
   // limits / requests: resource name → quantity (an integer or a quantity string).
   void resources(const json& obj, const char* key, const std::string& parent) {
     const json* r = object(obj, key, parent);
@@ -541,15 +556,8 @@ class Decoder : public decode::Reader {
     bounded_string(*t, "image", p, 1, 512);
     enum_string(*t, "imagePullPolicy", p, {"Always", "IfNotPresent", "Never"});
     resources(*t, "resources", p);
-    map_of(*t, "nodeSelector", p, 64, [&](const std::string& path, const std::string& k, const json& v) {
-      length_and_syntax(path, k, 1, 317, &is_label_key,
-                        "a label key ([prefix/]name, the name at most 63 letters, digits, '-', "
-                        "'_' or '.', starting and ending with a letter or digit) for its key");
-      if (!v.is_string()) return fail(path, decode::wrong_type("a string", v));
-      length_and_syntax(path, v.get_ref<const std::string&>(), 0, 63, &is_label_value,
-                        "a label value (letters, digits, '-', '_' and '.', starting and ending "
-                        "with a letter or digit)");
-    });
+    std::map<std::string, std::string> ignored;
+    label_map(*t, "nodeSelector", p, 64, ignored);
     if (const json* tol = find(*t, "tolerations")) {
       const std::string tp = p + ".tolerations";
       if (array(tol, tp, "tolerations") == nullptr) return t;
@@ -648,6 +656,23 @@ class Decoder : public decode::Reader {
     }
   }
 
+  // A set of integers (x-kubernetes-list-type: set): a repeated value is refused.
+  void get(const json& obj, const char* key, const std::string& parent, std::set<int>& out) {
+    const std::string path = child(parent, key);
+    const json* v = array(find(obj, key), path, "integers");
+    if (v == nullptr) return;
+    out.clear();
+    std::map<int, std::size_t> first;  // value -> its index
+    for (std::size_t i = 0; i < v->size(); ++i) {
+      const auto item = integer<int>(&(*v)[i], decode::at(path, i));
+      if (!item) continue;
+      if (const auto [it, added] = first.emplace(*item, i); !added) {
+        fail(decode::at(path, i), decode::duplicate(std::to_string(*item), decode::at(path, it->second)));
+      }
+      out.insert(*item);
+    }
+  }
+
   void get(const json& obj, const char* key, const std::string& parent,
            std::vector<std::string>& out) {
     const std::string path = child(parent, key);
@@ -735,10 +760,13 @@ void decode_spec(Decoder& d, const json& spec, JobSpec& job) {
 
   if (const json* m = d.object(spec, "protection", "spec")) {
     const std::string p = "spec.protection";
-    d.known_fields(*m, p, {"maxExposure", "topologyKey", "trustDomain", "export"});
+    d.known_fields(*m, p, {"maxExposure", "topologyKey", "trustDomain", "export", "trustedStages",
+                           "trustedNodeSelector"});
     d.get(*m, "maxExposure", p, job.protection.max_exposure);
     d.get(*m, "topologyKey", p, job.protection.topology_key);
     d.get(*m, "trustDomain", p, job.protection.trust_domain);
+    d.get(*m, "trustedStages", p, job.protection.trusted_stages);
+    d.label_map(*m, "trustedNodeSelector", p, 16, job.protection.trusted_node_selector);
     if (const json* e = d.object(*m, "export", p)) {
       const std::string ep = "spec.protection.export";
       d.known_fields(*e, ep, {"allowed", "principals"});
@@ -939,6 +967,22 @@ std::vector<FieldError> validate(const JobSpec& job) {
     if (!c.max_length(path, principal, kMaxSpiffeIdBytes)) continue;
     // The one SPIFFE ID check (pki.h), the one the leaf certificates are issued under.
     c.spiffe_id(path, principal);
+  }
+
+  for (int stage : p.trusted_stages) {
+    if (stage < 0 || stage >= job.sharding.shards) {
+      c.fail("spec.protection.trustedStages",
+             "stage " + std::to_string(stage) + " is not a stage of the job's " +
+                 std::to_string(job.sharding.shards) + " (0 to " + std::to_string(job.sharding.shards - 1) + ")");
+    }
+  }
+  if (!p.trusted_stages.empty() && p.trusted_node_selector.empty()) {
+    c.fail("spec.protection.trustedNodeSelector",
+           "must name at least one node label when trustedStages is set: the trusted stages run only on the nodes "
+           "it selects");
+  }
+  if (p.trusted_stages.empty() && !p.trusted_node_selector.empty()) {
+    c.fail("spec.protection.trustedStages", "must list at least one stage when trustedNodeSelector is set");
   }
 
   // checkpoint

@@ -895,6 +895,21 @@ TEST(Crd, EveryCrossFieldRuleOfTheDecoderHasACelRule) {
        R"({"spec": {"template": {"nodeSelector": {"gpu type": "h200"}}}})",
        "spec.template.nodeSelector.gpu type", "spec.template.nodeSelector", "self.all(k",
        "must be a label key"},
+      {"trusted stage that is not a stage of the job",
+       R"({"spec": {"sharding": {"shards": 2}, "protection": {"trustedStages": [2], "trustedNodeSelector": {"o": "me"}}}})",
+       "spec.protection.trustedStages", "spec", "self.protection.trustedStages.all(s",
+       "must be a stage of the job"},
+      {"trusted stages without a node selector",
+       R"({"spec": {"sharding": {"shards": 2}, "protection": {"trustedStages": [0]}}})",
+       "spec.protection.trustedNodeSelector", "spec.protection", "has(self.trustedNodeSelector) &&",
+       "must name at least one node label"},
+      {"a trusted node selector without stages",
+       R"({"spec": {"protection": {"trustedNodeSelector": {"o": "me"}}}})", "spec.protection.trustedStages",
+       "spec.protection", "has(self.trustedStages) &&", "must list at least one stage"},
+      {"trusted node selector key that is no label key",
+       R"({"spec": {"sharding": {"shards": 2}, "protection": {"trustedStages": [0], "trustedNodeSelector": {"a b": "me"}}}})",
+       "spec.protection.trustedNodeSelector.a b", "spec.protection.trustedNodeSelector", "self.all(k",
+       "must be a label key"},
   };
   int rules = 0;
   for (const Case& c : cases) {

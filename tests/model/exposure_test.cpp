@@ -39,5 +39,20 @@ TEST(RunsWithin, AStageAboveTheLimitIsARunByItself) {
   EXPECT_EQ(runs_within({}, 0.5), Runs{});
 }
 
+TEST(TrustedStages, AreLeftOutOfAnUntrustedPrincipalsExposure) {
+  const std::vector<double> w = {50, 10, 20, 20};
+  EXPECT_DOUBLE_EQ(exposure_of(w, {0}, {0}), 0.0);
+  EXPECT_DOUBLE_EQ(exposure_of(w, {1, 3}, {}), 0.5);    // 1, 3 and the sandwiched 2
+  EXPECT_DOUBLE_EQ(exposure_of(w, {1, 3}, {2}), 0.3);   // ... but 2 is trusted
+  EXPECT_DOUBLE_EQ(exposure_of(w, {0, 1}, {0}), 0.1);
+  EXPECT_DOUBLE_EQ(exposure_of(w, {0, 1}, {}), exposure_of(w, {0, 1}));
+}
+
+TEST(TrustedStages, AreInNoRunAndEndTheRunBefore) {
+  EXPECT_EQ(runs_within({50, 10, 20, 20}, 0.5, {0}), (Runs{{1, 2, 3}}));
+  EXPECT_EQ(runs_within({10, 10, 10, 10, 10}, 1.0, {2}), (Runs{{0, 1}, {3, 4}}));
+  EXPECT_EQ(runs_within({10, 10}, 1.0, {0, 1}), Runs{});
+}
+
 }  // namespace
 }  // namespace shardguard::model

@@ -161,6 +161,17 @@ std::vector<Case> invalid_cases() {
        "must be an absolute path without \"..\" segments");
   spec("nfs-dotdot", kModel + "  checkpoint: {volume: {nfs: {server: nfs.local, path: /exports/..}}}\n", 422,
        "spec.checkpoint.volume.nfs.path", "must be an absolute path without \"..\" segments");
+  // Trusted stages (issue 19 item 3): stages of the job, with a node selector, both or neither.
+  spec("trusted-out-of-range", kModel + "  sharding: {shards: 2}\n  protection: {trustedStages: [2], trustedNodeSelector: {owner: me}}\n",
+       422, "spec.protection.trustedStages", "every trusted stage must be a stage of the job");
+  spec("trusted-no-selector", kModel + "  sharding: {shards: 2}\n  protection: {trustedStages: [0]}\n", 422,
+       "spec.protection.trustedNodeSelector", "must name at least one node label when trustedStages is set");
+  spec("trusted-no-stages", kModel + "  protection: {trustedNodeSelector: {owner: me}}\n", 422,
+       "spec.protection.trustedStages", "must list at least one stage when trustedNodeSelector is set");
+  spec("trusted-duplicate", kModel + "  sharding: {shards: 2}\n  protection: {trustedStages: [0, 0], trustedNodeSelector: {owner: me}}\n",
+       422, "spec.protection.trustedStages", "Duplicate value", "spec.protection.trustedStages[1]");
+  spec("trusted-bad-label", kModel + "  sharding: {shards: 2}\n  protection: {trustedStages: [0], trustedNodeSelector: {\"-x\": me}}\n",
+       422, "spec.protection.trustedNodeSelector", "every key must be a label key");
   spec("pvc-claim", kModel + "  checkpoint: {volume: {persistentVolumeClaim: {readOnly: false}}}\n", 422,
        "spec.checkpoint.volume.persistentVolumeClaim.claimName", "Required value");
   // ---- required ----
@@ -194,6 +205,8 @@ std::vector<std::pair<std::string, std::string>> valid_cases() {
                 "  runPolicy: {backoffLimit: 0, activeDeadlineSeconds: 3600, ttlSecondsAfterFinished: 0, suspend: true}\n",
                 ", labels: {team: ml, app.kubernetes.io/part-of: shardguard}, annotations: {note: \"any text at all\"}")},
       {"valid-nulls", manifest("valid-nulls", "  model: {architecture: cnn, hidden: null}\n  training: null\n  template: {image: null}\n")},
+      {"valid-trusted", manifest("valid-trusted", "  model: {architecture: mlp}\n  sharding: {shards: 3}\n"
+                                                  "  protection: {trustedStages: [0], trustedNodeSelector: {example.com/owner: data-team}}\n")},
       {"valid-emptydir", manifest("valid-emptydir", kModel + "  checkpoint: {volume: {emptyDir: {medium: Memory, sizeLimit: 1Gi}}}\n")},
       {"valid-nfs", manifest("valid-nfs", kModel + "  checkpoint: {volume: {nfs: {server: 10.0.0.2, path: /exports/ckpt, readOnly: false}}}\n")},
   };

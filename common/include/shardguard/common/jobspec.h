@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
+#include <map>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -73,6 +75,10 @@ struct ProtectionSpec {
   std::string topology_key = "kubernetes.io/hostname";
   std::string trust_domain = "shardguard.local";
   ExportSpec export_;
+  // Stages kept on the data owner's nodes (those matching trusted_node_selector): left
+  // out of every untrusted principal's exposure (docs/operator.md#trusted-stages).
+  std::set<int> trusted_stages;
+  std::map<std::string, std::string> trusted_node_selector;
 };
 
 struct CheckpointSpec {

@@ -22,11 +22,19 @@ std::set<int> exposed_stages(const std::set<int>& held, int num_stages);
 // total is not positive. Weights are parameter counts or parameter shares.
 double exposure_of(const std::vector<double>& stage_weights, const std::set<int>& held);
 
+// The same for an untrusted principal of a job with trusted stages
+// (spec.protection.trustedStages: kept on the data owner's nodes): the trusted stages
+// are left out of what it exposes, even when it sandwiches one; the total stays the
+// whole model's. With no trusted stages, exposure_of(stage_weights, held).
+double exposure_of(const std::vector<double>& stage_weights, const std::set<int>& held, const std::set<int>& trusted);
+
 // The stages cut into the fewest runs of consecutive stages whose exposure each stays
 // within max_exposure, in order (a greedy cut, which is optimal for consecutive runs).
 // A stage that alone exceeds max_exposure is a run by itself: callers refuse such a
 // model before (the operator's maxExposure check). An export principal reads one run
-// (docs/operator.md#export-principals). Empty for no stages.
-std::vector<std::set<int>> runs_within(const std::vector<double>& stage_weights, double max_exposure);
+// (docs/operator.md#export-principals). Trusted stages are in no run and end the run
+// before them. Empty for no stages.
+std::vector<std::set<int>> runs_within(const std::vector<double>& stage_weights, double max_exposure,
+                                       const std::set<int>& trusted = {});
 
 }  // namespace shardguard::model
