@@ -981,6 +981,16 @@ std::vector<FieldError> validate(const JobSpec& job) {
            "must name at least one node label when trustedStages is set: the trusted stages run only on the nodes "
            "it selects");
   }
+  if (job.template_.is_object() && job.template_.contains("nodeSelector") && job.template_["nodeSelector"].is_object()) {
+    const json& ns = job.template_["nodeSelector"];
+    for (const auto& [key, value] : p.trusted_node_selector) {
+      if (ns.contains(key) && ns[key].is_string() && ns[key].get<std::string>() != value) {
+        c.fail("spec.protection.trustedNodeSelector." + key,
+               "must not contradict spec.template.nodeSelector (" + quote(ns[key].get<std::string>()) + " there, " +
+                   quote(value) + " here): no node could take the trusted stages");
+      }
+    }
+  }
   if (p.trusted_stages.empty() && !p.trusted_node_selector.empty()) {
     c.fail("spec.protection.trustedStages", "must list at least one stage when trustedNodeSelector is set");
   }

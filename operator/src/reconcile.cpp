@@ -292,7 +292,7 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   } catch (const ExposureRefusal&) {
     // Too few export principals: render() below refuses the job with this message.
   }
-  p.exposure = compute_exposure(params, history, exporters);
+  p.exposure = compute_exposure(params, history, exporters, spec.protection.trusted_stages);
   st["exposure"] = exposure_to_json(p.exposure);
   // --- per-shard status entries ---------------------------------------------------------
   json shards = json::array();
@@ -369,7 +369,10 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   in.avoid_nodes.assign(n, {});
   in.ledger_min_sequence.assign(n, 0);
   for (int i = 0; i < n; ++i) {
-    in.avoid_nodes[i] = nodes_to_avoid(params, history, i, max_exposure);
+    // A trusted stage runs only on the data owner's nodes (trustedNodeSelector).
+    if (!spec.protection.trusted_stages.count(i)) {
+      in.avoid_nodes[i] = nodes_to_avoid(params, history, i, max_exposure, spec.protection.trusted_stages);
+    }
     in.ledger_min_sequence[i] = std::max<int64_t>(0, shards[i].value("ledgerSequence", int64_t{0}));
   }
   DesiredObjects desired;

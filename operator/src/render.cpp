@@ -53,11 +53,13 @@ std::vector<int64_t> check_exposure(const JobSpec& job) {
   std::vector<int64_t> params;
   for (const auto& s : stages) {
     const double share = model::parameter_share(desc, s);
-    if (share > job.protection.max_exposure) {
+    // A trusted stage stays with the data owner: no untrusted principal holds it.
+    if (share > job.protection.max_exposure && !job.protection.trusted_stages.count(s.index)) {
       throw ExposureRefusal("spec.protection.maxExposure: stage " + std::to_string(s.index) + " alone holds " +
                             format_ratio(share) + " of the model's parameters (" + std::to_string(s.parameters) +
                             " of " + std::to_string(desc.parameters()) + "), more than maxExposure " +
-                            format_ratio(job.protection.max_exposure) + "; use more shards or raise maxExposure");
+                            format_ratio(job.protection.max_exposure) +
+                            "; use more shards, raise maxExposure or list the stage in trustedStages");
     }
     params.push_back(s.parameters);
   }
@@ -252,6 +254,12 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
       !tmpl["nodeSelector"].empty()) {
     spec["nodeSelector"] = tmpl["nodeSelector"];
   }
+  if (job.protection.trusted_stages.count(i)) {
+    // Only the data owner's nodes (the decoder refused a selector that contradicts the
+    // template's).
+    for (const auto& [key, value] : job.protection.trusted_node_selector) spec["nodeSelector"][key] = value;
+    pod_meta["labels"][kLabelTrusted] = "true";
+  }
   if (tmpl.is_object() && tmpl.contains("tolerations") && tmpl["tolerations"].is_array() &&
       !tmpl["tolerations"].empty()) {
     spec["tolerations"] = tmpl["tolerations"];
@@ -300,14 +308,17 @@ std::string shards_text(const std::set<int>& shards) {
 std::vector<ExportAssignment> assign_export_principals(const JobSpec& job, const std::vector<int64_t>& stage_params) {
   const auto& principals = job.protection.export_.principals;
   if (!job.protection.export_.allowed || principals.empty()) return {};
-  const auto runs =
-      model::runs_within(std::vector<double>(stage_params.begin(), stage_params.end()), job.protection.max_exposure);
+  const auto runs = model::runs_within(std::vector<double>(stage_params.begin(), stage_params.end()),
+                                      job.protection.max_exposure, job.protection.trusted_stages);
+  if (runs.empty()) return {};  // every stage is trusted: nothing may be exported
   if (principals.size() < runs.size()) {
     std::string listed;
     for (const auto& r : runs) listed += (listed.empty() ? "" : ", ") + shards_text(r);
     throw ExposureRefusal("spec.protection.export.principals: " + std::to_string(principals.size()) + " principal" +
                           (principals.size() == 1 ? "" : "s") + " cannot export all " +
-                          std::to_string(stage_params.size()) + " shards within maxExposure " +
+                          std::to_string(stage_params.size() - job.protection.trusted_stages.size()) +
+                          (job.protection.trusted_stages.empty() ? " shards" : " untrusted shards") +
+                          " within maxExposure " +
                           format_ratio(job.protection.max_exposure) + ": that takes " + std::to_string(runs.size()) +
                           ", one for each run of shards (" + listed + "); list more principals or raise maxExposure");
   }

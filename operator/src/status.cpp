@@ -10,8 +10,19 @@ namespace shardguard::op {
 
 using nlohmann::json;
 
+namespace {
+
+bool holds_any(const std::set<int>& held, const std::set<int>& trusted) {
+  for (int i : held) {
+    if (trusted.count(i)) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
 ExposureReport compute_exposure(const std::vector<int64_t>& stage_params, const PlacementHistory& history,
-                                const std::vector<ExportAssignment>& exporters) {
+                                const std::vector<ExportAssignment>& exporters, const std::set<int>& trusted) {
   ExposureReport r;
   const int n = static_cast<int>(stage_params.size());
   for (const auto& [node, held] : history) {
@@ -19,13 +30,16 @@ ExposureReport compute_exposure(const std::vector<int64_t>& stage_params, const 
     e.node = node;
     e.held = held;
     e.exposed = exposed_stages(held, n);
-    e.ratio = exposure_of(stage_params, held);
-    r.max_node = std::max(r.max_node, e.ratio);
+    e.trusted = holds_any(held, trusted);
+    e.ratio = e.trusted ? exposure_of(stage_params, held) : exposure_of(stage_params, held, trusted);
+    if (!e.trusted) r.max_node = std::max(r.max_node, e.ratio);
     r.nodes.push_back(std::move(e));
   }
-  for (int i = 0; i < n; ++i) r.max_principal = std::max(r.max_principal, exposure_of(stage_params, {i}));
+  for (int i = 0; i < n; ++i) {
+    if (!trusted.count(i)) r.max_principal = std::max(r.max_principal, exposure_of(stage_params, {i}));
+  }
   for (const auto& a : exporters) {
-    ExporterExposure e{a.principal, a.shards, exposed_stages(a.shards, n), exposure_of(stage_params, a.shards)};
+    ExporterExposure e{a.principal, a.shards, exposed_stages(a.shards, n), exposure_of(stage_params, a.shards, trusted)};
     r.max_principal = std::max(r.max_principal, e.ratio);
     r.exporters.push_back(std::move(e));
   }
@@ -33,13 +47,14 @@ ExposureReport compute_exposure(const std::vector<int64_t>& stage_params, const 
 }
 
 std::vector<std::string> nodes_to_avoid(const std::vector<int64_t>& stage_params, const PlacementHistory& history,
-                                        int shard, double max_exposure) {
+                                        int shard, double max_exposure, const std::set<int>& trusted) {
   std::vector<std::string> out;
   for (const auto& [node, held] : history) {
+    if (holds_any(held, trusted)) continue;  // the data owner's node
     std::set<int> with = held;
     with.insert(shard);
     // A tiny tolerance: shares are ratios of integers and maxExposure a decimal.
-    if (exposure_of(stage_params, with) > max_exposure + 1e-12) out.push_back(node);
+    if (exposure_of(stage_params, with, trusted) > max_exposure + 1e-12) out.push_back(node);
   }
   return out;  // std::map iteration: already sorted
 }
@@ -80,7 +95,10 @@ json exposure_entry(const char* who_key, const std::string& who, const std::set<
 
 json exposure_to_json(const ExposureReport& report) {
   json nodes = json::array();
-  for (const auto& e : report.nodes) nodes.push_back(exposure_entry("node", e.node, e.held, e.exposed, e.ratio));
+  for (const auto& e : report.nodes) {
+    nodes.push_back(exposure_entry("node", e.node, e.held, e.exposed, e.ratio));
+    if (e.trusted) nodes.back()["trusted"] = true;
+  }
   json out = {{"maxNode", round4(report.max_node)}, {"maxPrincipal", round4(report.max_principal)}, {"nodes", nodes}};
   if (!report.exporters.empty()) {
     json exporters = json::array();

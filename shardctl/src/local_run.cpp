@@ -802,7 +802,7 @@ int RunLocal(const LocalRunOptions& options) {
     for (int i = 0; i < n; ++i) history["local-shard-" + std::to_string(i)] = {i};
     // render() accepted the job, so its export principals are assigned.
     const op::ExposureReport report =
-        op::compute_exposure(params, history, op::assign_export_principals(job, params));
+        op::compute_exposure(params, history, op::assign_export_principals(job, params), job.protection.trusted_stages);
     std::printf("  exposure        per principal and per node (each shard is its own node here); maxExposure %.4f\n",
                 job.protection.max_exposure);
     for (int i = 0; i < n; ++i) {
@@ -811,10 +811,12 @@ int RunLocal(const LocalRunOptions& options) {
       for (const auto& ne : report.nodes) {
         if (ne.node == node) node_ratio = ne.ratio;
       }
-      std::printf("  exposure shard %d principal %s %.4f node %s %.4f\n", i,
+      const bool trusted = job.protection.trusted_stages.count(i) > 0;
+      std::printf("  exposure shard %d principal %s %.4f node %s %.4f%s\n", i,
                   spiffe_id_for_shard(job.protection.trust_domain, job.namespace_, job.name,
                                       static_cast<uint32_t>(i)).c_str(),
-                  op::exposure_of(params, {i}), node.c_str(), node_ratio);
+                  op::exposure_of(params, {i}), node.c_str(), node_ratio,
+                  trusted ? "  (trusted stage: not in the maximum)" : "");
     }
     for (const auto& e : report.exporters) {
       std::printf("  exposure export principal %s %.4f (shards %s)\n", e.principal.c_str(), e.ratio,

@@ -906,6 +906,10 @@ TEST(Crd, EveryCrossFieldRuleOfTheDecoderHasACelRule) {
       {"a trusted node selector without stages",
        R"({"spec": {"protection": {"trustedNodeSelector": {"o": "me"}}}})", "spec.protection.trustedStages",
        "spec.protection", "has(self.trustedStages) &&", "must list at least one stage"},
+      {"trusted node selector that contradicts the template's",
+       R"({"spec": {"sharding": {"shards": 2}, "template": {"nodeSelector": {"pool": "gpu"}}, "protection": {"trustedStages": [0], "trustedNodeSelector": {"pool": "owner"}}}})",
+       "spec.protection.trustedNodeSelector.pool", "spec", "self.template.nodeSelector[k]",
+       "must not contradict spec.template.nodeSelector"},
       {"trusted node selector key that is no label key",
        R"({"spec": {"sharding": {"shards": 2}, "protection": {"trustedStages": [0], "trustedNodeSelector": {"a b": "me"}}}})",
        "spec.protection.trustedNodeSelector.a b", "spec.protection.trustedNodeSelector", "self.all(k",
@@ -1091,7 +1095,7 @@ TEST(Crd, StatusSchema) {
   EXPECT_EQ(property_names("status.exposure"),
             (std::set<std::string>{"maxNode", "maxPrincipal", "nodes", "exportPrincipals"}));
   EXPECT_EQ(property_names("status.exposure.nodes", true),
-            (std::set<std::string>{"node", "shards", "exposedShards", "ratio"}));
+            (std::set<std::string>{"node", "shards", "exposedShards", "ratio", "trusted"}));
   EXPECT_EQ(property_names("status.exposure.exportPrincipals", true),
             (std::set<std::string>{"principal", "shards", "exposedShards", "ratio"}));
   EXPECT_EQ(property_names("status.progress"),

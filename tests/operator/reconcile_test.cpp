@@ -49,6 +49,27 @@ TEST(ExposureTest, ReportHasMaxNodeAndMaxPrincipal) {
   EXPECT_EQ(history_from_status({{"exposure", j}}), (PlacementHistory{{"a", {0}}, {"b", {1, 3}}, {"c", {2}}}));
 }
 
+TEST(ExposureTest, TrustedStagesAndNodesAreOutOfTheMaxima) {
+  const std::vector<int64_t> p = {50, 10, 20, 20};
+  // Node a held trusted stage 0 (so it is the owner's) and later stage 1; b held 1 and 3.
+  const auto r = compute_exposure(p, {{"a", {0, 1}}, {"b", {1, 3}}, {"c", {2}}}, {}, {0, 2});
+  ASSERT_EQ(r.nodes.size(), 3u);
+  EXPECT_TRUE(r.nodes[0].trusted);
+  EXPECT_DOUBLE_EQ(r.nodes[0].ratio, 0.6);  // all it holds: it is trusted
+  EXPECT_FALSE(r.nodes[1].trusted);
+  EXPECT_DOUBLE_EQ(r.nodes[1].ratio, 0.3);  // 1 and 3; the sandwiched 2 is trusted
+  EXPECT_TRUE(r.nodes[2].trusted);
+  EXPECT_DOUBLE_EQ(r.max_node, 0.3);
+  EXPECT_DOUBLE_EQ(r.max_principal, 0.2);   // stage 3's identity; 0 and 2 are trusted
+  EXPECT_EQ(exposure_to_json(r)["nodes"][0]["trusted"], true);
+  EXPECT_FALSE(exposure_to_json(r)["nodes"][1].contains("trusted"));
+  // A trusted node is never avoided; an untrusted one by its untrusted exposure: stage 3
+  // on b makes {1, 3}, 0.3 with stage 2 trusted, 0.5 with 2 sandwiched.
+  EXPECT_EQ(nodes_to_avoid(p, {{"a", {0}}, {"b", {1}}}, 3, 0.3, {0, 2}), (std::vector<std::string>{}));
+  EXPECT_EQ(nodes_to_avoid(p, {{"a", {0}}, {"b", {1}}}, 3, 0.3, {0}), (std::vector<std::string>{"b"}));
+  EXPECT_EQ(nodes_to_avoid(p, {{"a", {0}}, {"b", {1}}}, 1, 0.05, {0}), (std::vector<std::string>{"b"}));
+}
+
 TEST(ExposureTest, NodesToAvoidKeepEveryNodeWithinTheLimit) {
   const std::vector<int64_t> p = {25, 25, 25, 25};
   const PlacementHistory h = {{"a", {0}}, {"b", {1}}, {"c", {2}}, {"d", {3}}};

@@ -270,6 +270,48 @@ TEST(Render, TooFewExportPrincipalsAreAnExposureRefusal) {
   }
 }
 
+// Issue 19 item 3: stage 0 of an MLP holds 85 % of it; kept on the data owner's nodes,
+// the job fits maxExposure 0.5, and only stage 0's pod is pinned there.
+TEST(Render, TrustedStagesRunOnTheOwnersNodesAndAreOutOfTheLimit) {
+  json obj = job_object();
+  obj["spec"]["model"] = {{"architecture", "mlp"}, {"hidden", 64}, {"depth", 3}};
+  obj["spec"]["sharding"] = {{"shards", 3}};
+  obj["spec"]["protection"]["maxExposure"] = 0.5;
+  obj["spec"]["protection"]["export"] = {{"allowed", false}};
+  JobSpec job = job_from_json(obj);
+  try {
+    render(job, inputs_for(job, obj));
+    FAIL() << "stage 0 alone is above maxExposure";
+  } catch (const ExposureRefusal& e) {
+    EXPECT_NE(std::string(e.what()).find("or list the stage in trustedStages"), std::string::npos) << e.what();
+  }
+  obj["spec"]["protection"]["trustedStages"] = {0};
+  obj["spec"]["protection"]["trustedNodeSelector"] = {{"example.com/owner", "data-team"}};
+  job = job_from_json(obj);
+  const auto out = render(job, inputs_for(job, obj));
+  const json& trusted = out.pods[0];
+  EXPECT_EQ(trusted["spec"]["nodeSelector"], (json{{"pool", "gpu"}, {"example.com/owner", "data-team"}}));
+  EXPECT_EQ(trusted["metadata"]["labels"][kLabelTrusted], "true");
+  for (int i = 1; i < 3; ++i) {
+    EXPECT_EQ(out.pods[i]["spec"]["nodeSelector"], (json{{"pool", "gpu"}})) << i;
+    EXPECT_FALSE(out.pods[i]["metadata"]["labels"].contains(kLabelTrusted)) << i;
+  }
+}
+
+TEST(Render, TrustedStagesAreNeverExported) {
+  JobSpec job = job_from_json(job_object());
+  job.protection.trusted_stages = {0, 1};
+  job.protection.trusted_node_selector = {{"owner", "me"}};
+  const std::vector<int64_t> params = {18816, 73856, 73792, 650};
+  const auto assigned = assign_export_principals(job, params);
+  ASSERT_EQ(assigned.size(), 2u);
+  EXPECT_EQ(assigned[0].shards, (std::set<int>{2, 3}));  // the only run: 2-3 (0.31)
+  EXPECT_EQ(assigned[1].shards, (std::set<int>{2, 3}));
+  EXPECT_FALSE(export_rules(job, assigned, 0, 1).allowed);
+  job.protection.trusted_stages = {0, 1, 2, 3};
+  EXPECT_TRUE(assign_export_principals(job, params).empty());
+}
+
 TEST(Render, HeadlessServiceSelectsTheJobsPods) {
   const auto r = render_example();
   const auto& spec = r.out.service["spec"];

@@ -170,6 +170,10 @@ std::vector<Case> invalid_cases() {
        "spec.protection.trustedStages", "must list at least one stage when trustedNodeSelector is set");
   spec("trusted-duplicate", kModel + "  sharding: {shards: 2}\n  protection: {trustedStages: [0, 0], trustedNodeSelector: {owner: me}}\n",
        422, "spec.protection.trustedStages", "Duplicate value", "spec.protection.trustedStages[1]");
+  spec("trusted-contradicts-template", kModel + "  sharding: {shards: 2}\n  template: {nodeSelector: {pool: gpu}}\n"
+       "  protection: {trustedStages: [0], trustedNodeSelector: {pool: owner}}\n",
+       422, "spec.protection.trustedNodeSelector", "must not contradict spec.template.nodeSelector",
+       "spec.protection.trustedNodeSelector.pool");
   spec("trusted-bad-label", kModel + "  sharding: {shards: 2}\n  protection: {trustedStages: [0], trustedNodeSelector: {\"-x\": me}}\n",
        422, "spec.protection.trustedNodeSelector", "every key must be a label key");
   spec("pvc-claim", kModel + "  checkpoint: {volume: {persistentVolumeClaim: {readOnly: false}}}\n", 422,

@@ -45,6 +45,8 @@ inline constexpr const char* kLabelJob = "shardguard.io/job";
 inline constexpr const char* kLabelShard = "shardguard.io/shard";
 inline constexpr const char* kLabelManagedBy = "app.kubernetes.io/managed-by";
 inline constexpr const char* kManagedBy = "shardguard-operator";
+// On the pod of a trusted stage (spec.protection.trustedStages): "true".
+inline constexpr const char* kLabelTrusted = "shardguard.io/trusted";
 // On a shard pod: the comma-separated nodes its node affinity keeps it off.
 inline constexpr const char* kAnnotationAvoidNodes = "shardguard.io/avoid-nodes";
 
@@ -162,9 +164,10 @@ struct ExportAssignment {
 
 // Who may export what (docs/operator.md#export-principals). An export principal reads
 // what it exports, so it is bound by maxExposure like every other principal: the
-// stages are cut into the fewest consecutive runs whose exposure each stays within
-// maxExposure (model::runs_within), and principal k, in the order the spec lists them,
-// may export run k mod R. Empty when export is not allowed. Throws ExposureRefusal when
+// untrusted stages are cut into the fewest consecutive runs whose exposure each stays
+// within maxExposure (model::runs_within; trusted stages are never exported), and
+// principal k, in the order the spec lists them, may export run k mod R. Empty when
+// export is not allowed or every stage is trusted. Throws ExposureRefusal when
 // there are fewer principals than runs (some shard could never be exported), naming
 // how many the job needs. stage_params: stage_parameters(job).
 std::vector<ExportAssignment> assign_export_principals(const JobSpec& job, const std::vector<int64_t>& stage_params);
@@ -178,8 +181,8 @@ policy::ExportRules export_rules(const JobSpec& job, const std::vector<ExportAss
                                  int64_t budget_bytes);
 
 // The spec is assumed valid (job_from_json validated it). Refuses, with RenderError:
-// - with ExposureRefusal, a largest stage (model::partition with spec.sharding.balance)
-//   whose parameter share alone exceeds spec.protection.maxExposure, and export
+// - with ExposureRefusal, a largest untrusted stage (model::partition with
+//   spec.sharding.balance) whose parameter share alone exceeds maxExposure, and export
 //   principals too few for the job (assign_export_principals);
 // - inputs that do not match the job (shard count, checkpoint key size, empty uid,
 //   certificate or image, no spec in job_object), and names longer than a DNS label.

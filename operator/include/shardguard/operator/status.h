@@ -25,12 +25,19 @@ using model::exposed_stages;
 inline double exposure_of(const std::vector<int64_t>& stage_params, const std::set<int>& held) {
   return model::exposure_of(std::vector<double>(stage_params.begin(), stage_params.end()), held);
 }
+inline double exposure_of(const std::vector<int64_t>& stage_params, const std::set<int>& held,
+                          const std::set<int>& trusted) {
+  return model::exposure_of(std::vector<double>(stage_params.begin(), stage_params.end()), held, trusted);
+}
 
 struct NodeExposure {
   std::string node;
   std::set<int> held;     // shards placed there (history)
   std::set<int> exposed;  // held ∪ sandwiched
-  double ratio = 0;
+  // A node that held a trusted stage matches spec.protection.trustedNodeSelector: it
+  // is the data owner's, its ratio (everything it holds) is not in max_node.
+  bool trusted = false;
+  double ratio = 0;  // trusted stages left out unless the node is trusted
 };
 
 // An export principal's exposure: what it may export (its ExportAssignment).
@@ -50,13 +57,17 @@ struct ExposureReport {
   double max_principal = 0;
 };
 
+// `trusted`: spec.protection.trustedStages, left out of every untrusted principal's
+// exposure (model::exposure_of with trusted stages) and of max_principal.
 ExposureReport compute_exposure(const std::vector<int64_t>& stage_params, const PlacementHistory& history,
-                                const std::vector<ExportAssignment>& exporters = {});
+                                const std::vector<ExportAssignment>& exporters = {}, const std::set<int>& trusted = {});
 
 // Nodes on which a new pod for `shard` would push that node's exposure above
 // max_exposure (given everything it already held). Sorted.
+// With trusted stages: a trusted node (one that held a trusted stage) is never avoided,
+// and an untrusted node's exposure leaves the trusted stages out.
 std::vector<std::string> nodes_to_avoid(const std::vector<int64_t>& stage_params, const PlacementHistory& history,
-                                        int shard, double max_exposure);
+                                        int shard, double max_exposure, const std::set<int>& trusted = {});
 
 // status.exposure.nodes[] ⇄ PlacementHistory. Entries that do not parse are skipped.
 PlacementHistory history_from_status(const nlohmann::json& status);
