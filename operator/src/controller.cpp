@@ -83,7 +83,20 @@ void trim_pod(json& pod) {
       if (s.contains(k)) status[k] = s[k];
     }
     for (const auto& c : s.value("conditions", json::array())) {
-      if (c.value("type", "") == "Ready") status["conditions"] = json::array({{{"type", "Ready"}, {"status", c.value("status", "")}}});
+      const std::string type = c.value("type", "");
+      if (type == "Ready") {
+        status["conditions"].push_back({{"type", "Ready"}, {"status", c.value("status", "")}});
+      } else if (type == "PodScheduled" && c.value("status", "") == "False") {
+        // Why the scheduler found no node (a trusted stage that cannot be placed).
+        std::string message = c.value("message", "");
+        if (message.size() > 512) {
+          size_t cut = 512;  // not inside a UTF-8 sequence
+          while (cut > 0 && (static_cast<unsigned char>(message[cut]) & 0xC0) == 0x80) --cut;
+          message = message.substr(0, cut) + "…";
+        }
+        status["conditions"].push_back(
+            {{"type", type}, {"status", "False"}, {"reason", c.value("reason", "")}, {"message", message}});
+      }
     }
     for (const auto& cs : s.value("containerStatuses", json::array())) {
       json t = {{"name", cs.value("name", "")}};

@@ -47,6 +47,19 @@ std::string pod_node(const json& pod) {
   return "";
 }
 
+// The scheduler's message when it found no node for a pod that has none (PodScheduled
+// False, reason Unschedulable); nullopt otherwise.
+std::optional<std::string> unschedulable(const json& pod) {
+  if (!pod_node(pod).empty() || !pod.contains("status") || !pod["status"].is_object()) return std::nullopt;
+  for (const auto& c : pod["status"].value("conditions", json::array())) {
+    if (c.value("type", "") == "PodScheduled" && c.value("status", "") == "False" &&
+        c.value("reason", "") == "Unschedulable") {
+      return c.value("message", "");
+    }
+  }
+  return std::nullopt;
+}
+
 bool pod_ready(const json& pod) {
   if (!pod.contains("status") || !pod["status"].is_object()) return false;
   for (const auto& c : pod["status"].value("conditions", json::array())) {
@@ -449,6 +462,30 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
       return p;
     }
     p.requeue_after = std::chrono::seconds(left);
+  }
+
+  // --- a trusted stage no node can take: refused ----------------------------------------
+  for (int i : spec.protection.trusted_stages) {
+    const auto& pod = i < static_cast<int>(ob.pods.size()) ? ob.pods[i] : std::nullopt;
+    const auto why = pod && !being_deleted(*pod) ? unschedulable(*pod) : std::nullopt;
+    if (!why) continue;
+    std::string selector;
+    for (const auto& [k, v] : spec.protection.trusted_node_selector) {
+      selector += (selector.empty() ? "" : ", ") + k + "=" + v;
+    }
+    const std::string msg = "stage " + std::to_string(i) +
+                            " is trusted and no node can take it: spec.protection.trustedNodeSelector selects " +
+                            selector + "; the scheduler: " + *why;
+    p.events.push_back({"Warning", "TrustedStageUnschedulable", msg});
+    cond.set("Failed", true, "TrustedStageUnschedulable", msg);
+    cond.set("Running", false, "TrustedStageUnschedulable", "the job was refused");
+    cond.set("Ready", false, "TrustedStageUnschedulable", "the job was refused");
+    delete_pods(p, ob, "trusted stage unschedulable");
+    observe_pods();
+    st["shards"] = shards;
+    st["completionTime"] = now;
+    finish("Failed");
+    return p;
   }
 
   // --- shard pods --------------------------------------------------------------------------

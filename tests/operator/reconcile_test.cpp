@@ -557,6 +557,47 @@ TEST(PlanTest, ExportPrincipalsAreInTheExposureStatus) {
   EXPECT_TRUE(refused.has_event("ExposureRefused"));
 }
 
+// Issue 19 item 3: the trusted stage 0 goes to the owner's nodes only; when the
+// scheduler finds none, the job is refused with the reason and the scheduler's words.
+TEST(PlanTest, TrustedStageThatNoNodeCanTakeRefusesTheJob) {
+  json j = job_yaml();
+  j["spec"]["protection"]["trustedStages"] = {0};
+  j["spec"]["protection"]["trustedNodeSelector"] = {{"owner", "data-team"}};
+  Cluster c(j);
+  c.settle();
+  ASSERT_TRUE(c.has_pod(0));
+  EXPECT_EQ(c.pod(0)["spec"]["nodeSelector"]["owner"], "data-team");
+  EXPECT_EQ(c.pod(1)["spec"].value("nodeSelector", json::object()).count("owner"), 0u);
+  // An untrusted stage that waits for a node is not a refusal.
+  c.pod(1)["status"] = {{"phase", "Pending"},
+                        {"conditions", json::array({{{"type", "PodScheduled"}, {"status", "False"},
+                                                     {"reason", "Unschedulable"}, {"message", "0/3 nodes"}}})}};
+  c.settle();
+  EXPECT_EQ(c.job["status"]["phase"], "Pending");
+  c.pod(0)["status"] = {
+      {"phase", "Pending"},
+      {"conditions", json::array({{{"type", "PodScheduled"}, {"status", "False"}, {"reason", "Unschedulable"},
+                                   {"message", "0/3 nodes are available: 3 node(s) didn't match Pod's node "
+                                               "affinity/selector."}}})}};
+  c.settle();
+  const json& st = c.job["status"];
+  EXPECT_EQ(st["phase"], "Failed");
+  bool found = false;
+  for (const auto& cond : st["conditions"]) {
+    if (cond["type"] == "Failed") {
+      EXPECT_EQ(cond["reason"], "TrustedStageUnschedulable");
+      EXPECT_EQ(cond["message"],
+                "stage 0 is trusted and no node can take it: spec.protection.trustedNodeSelector selects "
+                "owner=data-team; the scheduler: 0/3 nodes are available: 3 node(s) didn't match Pod's node "
+                "affinity/selector.");
+      found = true;
+    }
+  }
+  EXPECT_TRUE(found) << st.dump(2);
+  EXPECT_TRUE(c.has_event("TrustedStageUnschedulable"));
+  for (int i = 0; i < 4; ++i) EXPECT_FALSE(c.has_pod(i));
+}
+
 TEST(PlanTest, InvalidSpecFailsWithTheFieldAndValue) {
   json j = job_yaml();
   j["spec"]["sharding"]["shards"] = 0;

@@ -596,6 +596,57 @@ TEST_F(OperatorTest, StageAboveMaxExposureIsRefused) {
   EXPECT_TRUE(api_->list("", "v1", "pods", ns_, "shardguard.io/job=greedy").empty());
 }
 
+// Issue 19 item 3: the trusted stage 0 is pinned to the owner's nodes; while it runs
+// there the real server stores the node as trusted; a recreated stage-0 pod that no
+// node can take refuses the job with a condition that says why.
+TEST_F(OperatorTest, TrustedStageRunsOnlyOnTheOwnersNodesAndIsRefusedWhenNoneCanTakeIt) {
+  auto& op = start_operator({"--resync", "1"});
+  json trusted = job_object("trusting");
+  trusted["spec"]["protection"]["trustedStages"] = {0};
+  trusted["spec"]["protection"]["trustedNodeSelector"] = {{"example.com/owner", "data-team"}};
+  create_job(trusted);
+  ASSERT_TRUE(eventually([&] { return all_pods_exist("trusting"); }, 30s)) << op.log();
+  EXPECT_EQ((*pod("trusting", 0))["spec"]["nodeSelector"]["example.com/owner"], "data-team");
+  EXPECT_EQ((*pod("trusting", 0))["metadata"]["labels"]["shardguard.io/trusted"], "true");
+  for (int i = 1; i < 4; ++i) {
+    EXPECT_FALSE((*pod("trusting", i))["spec"].value("nodeSelector", json::object()).contains("example.com/owner"));
+  }
+  run_all("trusting");
+  ASSERT_TRUE(eventually(
+      [&] {
+        const json st = status("trusting");
+        return st.value("phase", "") == "Running" && st["exposure"]["nodes"].size() == 4u;
+      },
+      30s))
+      << status("trusting").dump(2);
+  const json nodes = status("trusting")["exposure"]["nodes"];
+  EXPECT_EQ(nodes[0]["node"], "node-0");
+  EXPECT_EQ(nodes[0].value("trusted", false), true) << nodes.dump();
+  EXPECT_FALSE(nodes[1].contains("trusted")) << nodes.dump();
+
+  // Stage 0's pod fails; its replacement finds no node of the owner's.
+  const std::string old_uid = (*pod("trusting", 0))["metadata"]["uid"];
+  kubelet("trusting", 0, "node-0", "Failed");
+  ASSERT_TRUE(eventually([&] {
+    auto p = pod("trusting", 0);
+    return p && (*p)["metadata"]["uid"] != old_uid;
+  }, 30s)) << status("trusting").dump(2);
+  json p0 = *pod("trusting", 0);
+  p0["status"] = {{"phase", "Pending"},
+                  {"conditions", json::array({{{"type", "PodScheduled"}, {"status", "False"},
+                                               {"reason", "Unschedulable"},
+                                               {"message", "0/5 nodes are available: 5 node(s) didn't match "
+                                                           "Pod's node affinity/selector."}}})}};
+  p0["metadata"].erase("resourceVersion");
+  api_->update("", "v1", "pods", ns_, p0, /*status=*/true);
+  ASSERT_TRUE(eventually([&] { return status("trusting").value("phase", "") == "Failed"; }, 30s))
+      << status("trusting").dump(2) << op.log();
+  EXPECT_EQ(condition_reason("trusting", "Failed"), "TrustedStageUnschedulable");
+  EXPECT_TRUE(has_event("trusting", "TrustedStageUnschedulable"));
+  ASSERT_TRUE(eventually([&] { return api_->list("", "v1", "pods", ns_, "shardguard.io/job=trusting").empty(); },
+                         30s));
+}
+
 // A spec the API server accepts (every field within the CRD's rules) that the
 // operator still cannot run: 64 shards cannot be cut from a one-layer MLP.
 TEST_F(OperatorTest, SpecThatCannotBeShardedFailsAsInvalidSpec) {
