@@ -64,6 +64,9 @@ int main(int argc, char** argv) {
   std::string plan_job;
   auto* plan_cmd = app.add_subcommand("plan", "validate a job and print how it is cut into shards");
   plan_cmd->add_option("job", plan_job, "ShardedTrainingJob YAML file")->required();
+  std::string plan_risk;
+  plan_cmd->add_option("--risk", plan_risk,
+                       "a study's results.csv: also print the worst R one untrusted principal can reach");
 
   RenderOptions render;
   auto* render_cmd = app.add_subcommand("render", "print the Kubernetes objects the operator would create for a job");
@@ -194,7 +197,7 @@ int main(int argc, char** argv) {
     run.progress_tty = ::isatty(STDOUT_FILENO) != 0;
     return RunLocal(run);
   }
-  if (*plan_cmd) return RunPlan(plan_job);
+  if (*plan_cmd) return RunPlan(plan_job, plan_risk);
   if (*render_cmd) return RunRender(render);
   if (*rec_cmd) {
 #ifdef SHARDCTL_WITH_TORCH

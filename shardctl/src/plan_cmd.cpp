@@ -5,14 +5,43 @@
 #include <cstdio>
 #include <iostream>
 
+#include "shardguard/common/files.h"
 #include "shardguard/common/jobspec.h"
+#include "shardguard/common/strings.h"
 #include "shardguard/model/model_desc.h"
 #include "shardguard/model/partition.h"
 #include "shardguard/operator/status.h"
+#include "shardguard/shardctl/study_report.h"
 
 namespace shardguard::shardctl {
 
-int RunPlan(const std::string& job_file) {
+namespace {
+
+void print_risk(const std::string& csv, const JobSpec& job, const std::vector<int64_t>& params) {
+  std::string text;
+  try {
+    text = read_file(csv);
+  } catch (const std::exception& e) {
+    throw StudyError("--risk: cannot read " + csv + ": " + e.what());
+  }
+  const RiskReport risk = worst_reachable_risk(parse_csv(text), job, params);
+  std::printf("risk (study %s, %s in %d stages): the worst R one untrusted principal can reach within "
+              "maxExposure %.4f\n",
+              csv.c_str(), risk.model.c_str(), risk.stages, job.protection.max_exposure);
+  for (const auto& w : risk.worst) {
+    std::printf("  %6lld samples  R %.2f ± %.2f  row %s (%s), exposure %s\n", static_cast<long long>(w.samples),
+                w.r.mean, w.r.std, w.row.c_str(), w.attack.c_str(), format_ratio(w.exposure).c_str());
+  }
+  if (!risk.out_of_reach.empty()) {
+    std::string list;
+    for (const auto& r : risk.out_of_reach) list += (list.empty() ? "" : ", ") + r;
+    std::printf("  out of reach: %s\n", list.c_str());
+  }
+}
+
+}  // namespace
+
+int RunPlan(const std::string& job_file, const std::string& risk_csv) {
   try {
     const JobSpec job = load_job_file(job_file);
     const auto desc = model::describe_model(job.model);
@@ -48,7 +77,17 @@ int RunPlan(const std::string& job_file) {
       std::printf("%s — EXCEEDED\n", e.what());
       refused = true;
     }
+    if (!job.protection.trusted_stages.empty()) {
+      std::string list;
+      for (int i : job.protection.trusted_stages) list += (list.empty() ? "" : ", ") + std::to_string(i);
+      std::printf("trusted stages %s: only on the data owner's nodes, left out of every untrusted principal's exposure\n",
+                  list.c_str());
+    }
+    if (!risk_csv.empty()) print_risk(risk_csv, job, params);
     return refused ? 1 : 0;
+  } catch (const StudyError& e) {
+    std::cerr << "shardctl plan: " << e.what() << "\n";
+    return 2;
   } catch (const std::exception& e) {
     std::cerr << "shardctl plan: invalid job " << job_file << ":\n" << e.what() << "\n";
     return 2;

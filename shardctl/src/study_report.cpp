@@ -183,20 +183,28 @@ std::string CellResult::key() const {
 
 std::string csv_header() { return "model,row,held,exposure,attack,samples,seed,accuracy,fidelity,wall_s"; }
 
+namespace {
+
+// "0+2" → {0, 2}; "" → {}.
+std::set<int> held_set(const std::string& held) {
+  std::set<int> out;
+  if (held.empty()) return out;
+  for (const auto& part : split(held, '+')) {
+    int64_t v = 0;
+    if (parse_int(part, &v) && v >= 0) out.insert(static_cast<int>(v));
+  }
+  return out;
+}
+
+}  // namespace
+
 int restate_exposure(std::vector<CellResult>& cells, const std::map<std::string, std::vector<double>>& shares) {
   int changed = 0;
   for (CellResult& c : cells) {
     if (c.row == "-") continue;
     const auto it = shares.find(c.model);
     if (it == shares.end()) continue;
-    std::set<int> held;
-    if (!c.held.empty()) {
-      for (const auto& part : split(c.held, '+')) {
-        int64_t v = 0;
-        if (parse_int(part, &v) && v >= 0) held.insert(static_cast<int>(v));
-      }
-    }
-    const double e = model::exposure_of(it->second, held);
+    const double e = model::exposure_of(it->second, held_set(c.held));
     if (std::fabs(e - c.exposure) > 5e-7) {  // the CSV keeps 6 decimals
       c.exposure = e;
       ++changed;
@@ -606,6 +614,46 @@ int RunStudyReport(const StudyOptions& options) {
     write_report(options.out_dir, !options.no_plots, shares_by_model(jobs));
     return 0;
   });
+}
+
+RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const JobSpec& job,
+                                const std::vector<int64_t>& stage_params) {
+  const std::string& model = job.model.architecture;
+  const int stages = static_cast<int>(stage_params.size());
+  const std::vector<double> w(stage_params.begin(), stage_params.end());
+  const std::set<int>& trusted = job.protection.trusted_stages;
+  RiskReport report;
+  report.model = model;
+  // The study's stage count: its "all" row holds every stage.
+  for (const auto& c : cells) {
+    if (c.model == model && c.row == "all") report.stages = static_cast<int>(held_set(c.held).size());
+  }
+  if (report.stages == 0) {
+    throw StudyError("--risk: the study has no rows of model " + model + " (with its \"all\" row)");
+  }
+  if (report.stages != stages) {
+    throw StudyError("--risk: the study's " + model + " rows are for " + std::to_string(report.stages) +
+                     " stages, the job has " + std::to_string(stages) + " shards");
+  }
+  std::map<int64_t, RiskRow> worst;  // by samples
+  std::set<std::string> out_of_reach;
+  for (const Aggregate& a : aggregate(cells)) {
+    if (a.model != model || a.row == "-" || a.r.n == 0) continue;
+    const std::set<int> held = held_set(a.held);
+    bool reachable = true;
+    for (int i : held) reachable = reachable && !trusted.count(i);
+    const double e = model::exposure_of(w, held, trusted);
+    if (!reachable || e > job.protection.max_exposure + 1e-12) {
+      if (out_of_reach.insert(a.row).second) {
+        report.out_of_reach.push_back(a.row + (reachable ? " (exposure " + format_ratio(e) + ")" : " (trusted)"));
+      }
+      continue;
+    }
+    auto [it, fresh] = worst.try_emplace(a.samples);
+    if (fresh || a.r.mean > it->second.r.mean) it->second = {a.samples, a.r, a.row, a.attack, e};
+  }
+  for (const auto& [samples, row] : worst) report.worst.push_back(row);
+  return report;
 }
 
 }  // namespace shardguard::shardctl

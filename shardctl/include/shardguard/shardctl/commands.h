@@ -13,7 +13,8 @@
 namespace shardguard::shardctl {
 
 // `shardctl plan JOB.yaml`: validates the job and prints its partition.
-int RunPlan(const std::string& job_file);
+// risk_csv: a study's results.csv; adds the worst R one untrusted principal can reach.
+int RunPlan(const std::string& job_file, const std::string& risk_csv = "");
 
 // ---- shardctl pki (pki_cmd.cpp) ----------------------------------------------
 

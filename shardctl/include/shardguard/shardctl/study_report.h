@@ -220,4 +220,31 @@ int study_exit_code(const std::function<int()>& body);
 // training (and without LibTorch). Exit 0 done, 1 I/O failure, 2 bad input.
 int RunStudyReport(const StudyOptions& options);
 
+// ---- the study turned into placement (issue 19 item 3) ---------------------------
+
+// What one untrusted principal (a node or an identity) of a job can recover, by the
+// study's measurements: `shardctl plan JOB --risk STUDY.csv`.
+struct RiskRow {
+  int64_t samples = 0;  // the attacker's labelled samples
+  Stat r;               // R of the worst reachable (row, attack) at that size
+  std::string row;
+  std::string attack;
+  double exposure = 0;  // of that row for this job (trusted stages left out)
+};
+struct RiskReport {
+  std::string model;
+  int stages = 0;
+  std::vector<RiskRow> worst;             // one per attacker size, ascending
+  std::vector<std::string> out_of_reach;  // rows no untrusted principal can hold, with why
+};
+// A row is within reach of one untrusted principal when it holds no trusted stage and
+// its exposure (held ∪ sandwiched, trusted stages left out: model/exposure.h) fits
+// maxExposure: a node may gather stages up to that bound (the operator's placement
+// history), an identity holds one stage. "none" is always within reach. For each
+// attacker size, the reachable (row, attack) with the highest mean R. Throws
+// StudyError naming --risk when the study has no rows for the job's model or was made
+// for another number of stages.
+RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const JobSpec& job,
+                                const std::vector<int64_t>& stage_params);
+
 }  // namespace shardguard::shardctl

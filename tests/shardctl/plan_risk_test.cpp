@@ -1,0 +1,114 @@
+// `shardctl plan --risk STUDY.csv` (issue 19 item 3): the worst R one untrusted
+// principal can reach under the job's placement rules, from a study's cells.
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+#include "shardguard/common/files.h"
+#include "shardguard/common/jobspec.h"
+#include "shardguard/operator/reconcile.h"
+#include "shardguard/shardctl/commands.h"
+#include "shardguard/shardctl/study_report.h"
+#include "support/temp_dir.h"
+
+namespace shardguard::shardctl {
+namespace {
+
+using testing::internal::CaptureStdout;
+using testing::internal::GetCapturedStdout;
+
+// cnn in 4 stages (11.3 %, 44.2 %, 44.2 %, 0.4 %) at maxExposure 0.5.
+constexpr const char* kJob = R"(apiVersion: shardguard.io/v1alpha1
+kind: ShardedTrainingJob
+metadata: {name: fmnist, namespace: ml}
+spec:
+  model: {architecture: cnn, hidden: 64}
+  sharding: {shards: 4}
+  protection: {maxExposure: 0.5}
+)";
+
+// Scratch 0.5, victim 0.9 at 600 samples, two seeds; R = (acc - 0.5) / 0.4.
+std::vector<CellResult> cells() {
+  std::vector<CellResult> out;
+  auto add = [&](const std::string& row, const std::string& held, const std::string& attack, double acc0,
+                 double acc1) {
+    out.push_back({"cnn", row, held, 0, attack, 600, 1, acc0, 0, 1});
+    out.push_back({"cnn", row, held, 0, attack, 600, 2, acc1, 0, 1});
+  };
+  add("-", "", "scratch", 0.5, 0.5);
+  add("-", "", "victim", 0.9, 0.9);
+  add("none", "", "A1-frozen", 0.5, 0.52);
+  add("s0", "0", "A1-frozen", 0.78, 0.82);     // R 0.75: the input stage
+  add("s2+3", "2+3", "A1-frozen", 0.6, 0.6);   // R 0.25, exposure 0.4455
+  add("s2+3", "2+3", "A2", 0.62, 0.62);        // R 0.30
+  add("s0+1", "0+1", "A1-frozen", 0.86, 0.86); // exposure 0.5545: beyond any node
+  add("all", "0+1+2+3", "A1-frozen", 0.9, 0.9);
+  return out;
+}
+
+JobSpec job() { return job_from_json(yaml_to_json(kJob)); }
+
+TEST(PlanRisk, WorstReachableRowIsTheInputStageUntilItIsTrusted) {
+  const JobSpec j = job();
+  const RiskReport r = worst_reachable_risk(cells(), j, op::stage_parameters(j));
+  EXPECT_EQ(r.stages, 4);
+  ASSERT_EQ(r.worst.size(), 1u);
+  EXPECT_EQ(r.worst[0].samples, 600);
+  EXPECT_EQ(r.worst[0].row, "s0");
+  EXPECT_NEAR(r.worst[0].r.mean, 0.75, 1e-9);
+  EXPECT_EQ(r.out_of_reach, (std::vector<std::string>{"s0+1 (exposure 0.5545)", "all (exposure 1.0000)"}));
+
+  // Stage 0 kept on the owner's nodes: the worst an untrusted principal reaches is s2+3.
+  JobSpec trusted = j;
+  trusted.protection.trusted_stages = {0};
+  trusted.protection.trusted_node_selector = {{"owner", "me"}};
+  const RiskReport rt = worst_reachable_risk(cells(), trusted, op::stage_parameters(trusted));
+  ASSERT_EQ(rt.worst.size(), 1u);
+  EXPECT_EQ(rt.worst[0].row, "s2+3");
+  EXPECT_EQ(rt.worst[0].attack, "A2");
+  EXPECT_NEAR(rt.worst[0].r.mean, 0.3, 1e-9);
+  EXPECT_EQ(rt.out_of_reach,
+            (std::vector<std::string>{"s0 (trusted)", "s0+1 (trusted)", "all (trusted)"}));
+}
+
+TEST(PlanRisk, AStudyOfAnotherModelOrStageCountIsRefused) {
+  const JobSpec j = job();
+  std::vector<CellResult> other = cells();
+  for (auto& c : other) c.model = "vit";
+  EXPECT_THROW(worst_reachable_risk(other, j, op::stage_parameters(j)), StudyError);
+  std::vector<CellResult> three = cells();
+  for (auto& c : three) {
+    if (c.row == "all") c.held = "0+1+2";
+  }
+  try {
+    worst_reachable_risk(three, j, op::stage_parameters(j));
+    FAIL() << "a 3-stage study was used for a 4-shard job";
+  } catch (const StudyError& e) {
+    EXPECT_STREQ(e.what(), "--risk: the study's cnn rows are for 3 stages, the job has 4 shards");
+  }
+}
+
+TEST(PlanRisk, PlanPrintsTheRiskAndRefusesAnUnreadableStudy) {
+  const testsupport::TempDir tmp{"plan-risk"};
+  const std::string dir = tmp.str();
+  write_file_atomic(dir + "/job.yaml", kJob);
+  std::string csv = csv_header() + "\n";
+  for (const auto& c : cells()) csv += to_csv_line(c) + "\n";
+  write_file_atomic(dir + "/results.csv", csv);
+  CaptureStdout();
+  const int rc = RunPlan(dir + "/job.yaml", dir + "/results.csv");
+  const std::string out = GetCapturedStdout();
+  EXPECT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find("the worst R one untrusted principal can reach within maxExposure 0.5000\n"
+                     "     600 samples  R 0.75 ± 0.07  row s0 (A1-frozen), exposure 0.1126\n"
+                     "  out of reach: s0+1 (exposure 0.5545), all (exposure 1.0000)\n"),
+            std::string::npos)
+      << out;
+  CaptureStdout();
+  EXPECT_EQ(RunPlan(dir + "/job.yaml", dir + "/missing.csv"), 2);
+  GetCapturedStdout();
+}
+
+}  // namespace
+}  // namespace shardguard::shardctl
