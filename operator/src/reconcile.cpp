@@ -344,6 +344,21 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
       e["phase"] = pod_phase(*pod);
     }
   };
+  // Ends a job that has pods as Failed: an Event, the three conditions, its pods deleted,
+  // the shards as last seen and the completion time.
+  auto fail_running_job = [&](const std::string& reason, const std::string& message,
+                              const std::string& not_running, const char* deleting) {
+    p.events.push_back({"Warning", reason, message});
+    cond.set("Failed", true, reason, message);
+    cond.set("Running", false, reason, not_running);
+    cond.set("Ready", false, reason, not_running);
+    delete_pods(p, ob, deleting);
+    observe_pods();
+    st["shards"] = shards;
+    st["completionTime"] = now;
+    finish("Failed");
+    return p;
+  };
 
   // --- finished jobs: keep what is left, honour ttlSecondsAfterFinished --------------------
   if (terminal) {
@@ -450,16 +465,7 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
     if (left <= 0) {
       const std::string msg = "the job ran longer than spec.runPolicy.activeDeadlineSeconds " +
                               std::to_string(*spec.run_policy.active_deadline_seconds);
-      p.events.push_back({"Warning", "DeadlineExceeded", msg});
-      cond.set("Failed", true, "DeadlineExceeded", msg);
-      cond.set("Running", false, "DeadlineExceeded", msg);
-      cond.set("Ready", false, "DeadlineExceeded", msg);
-      delete_pods(p, ob, "deadline exceeded");
-      observe_pods();
-      st["shards"] = shards;
-      st["completionTime"] = now;
-      finish("Failed");
-      return p;
+      return fail_running_job("DeadlineExceeded", msg, msg, "deadline exceeded");
     }
     p.requeue_after = std::chrono::seconds(left);
   }
@@ -476,16 +482,7 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
     const std::string msg = "stage " + std::to_string(i) +
                             " is trusted and no node can take it: spec.protection.trustedNodeSelector selects " +
                             selector + "; the scheduler: " + *why;
-    p.events.push_back({"Warning", "TrustedStageUnschedulable", msg});
-    cond.set("Failed", true, "TrustedStageUnschedulable", msg);
-    cond.set("Running", false, "TrustedStageUnschedulable", "the job was refused");
-    cond.set("Ready", false, "TrustedStageUnschedulable", "the job was refused");
-    delete_pods(p, ob, "trusted stage unschedulable");
-    observe_pods();
-    st["shards"] = shards;
-    st["completionTime"] = now;
-    finish("Failed");
-    return p;
+    return fail_running_job("TrustedStageUnschedulable", msg, "the job was refused", "trusted stage unschedulable");
   }
 
   // --- shard pods --------------------------------------------------------------------------
