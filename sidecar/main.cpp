@@ -25,9 +25,11 @@ struct Flags {
   double first_bytes_timeout_s = 2;
   double reload_interval_s = 1;
   std::string metrics = "127.0.0.1:9101";
+  std::string data_plane = "grpc";
 };
 
 int RunSidecar(Flags flags) {
+  flags.proxy.data_plane = sidecar::parse_data_plane(flags.data_plane);
   for (const auto& text : flags.peers) {
     auto [id, address] = sidecar::parse_peer_flag(text);
     if (!flags.proxy.peers.emplace(id, address).second) {
@@ -118,6 +120,10 @@ int main(int argc, char** argv) {
   app.add_option("--ledger-key", f.proxy.ledger_key_file, "32-byte HMAC key file of the ledger");
   app.add_option("--ledger-min-sequence", f.proxy.ledger_min_sequence,
                  "refuse every export if the ledger's sequence is lower (or it is missing while this is > 0)")
+      ->capture_default_str();
+  app.add_option("--data-plane", f.data_plane,
+                 "the relay engine: grpc (gRPC server and client stacks) or h2 (HTTP/2 relay, issue 17)")
+      ->check(CLI::IsMember({"grpc", "h2"}))
       ->capture_default_str();
   app.add_option("--metrics", f.metrics, "metrics and health address host:port, or off")->capture_default_str();
   CLI11_PARSE(app, argc, argv);

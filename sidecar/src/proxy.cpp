@@ -47,6 +47,8 @@
 #include "shardguard/v1/pipeline.pb.h"
 #include "shardguard/policy/policy.h"
 #include "shardguard/sidecar/policy_store.h"
+#include "h2_plane.h"
+#include "proxy_core.h"
 
 namespace shardguard::sidecar {
 
@@ -57,70 +59,10 @@ using Clock = std::chrono::steady_clock;
 // ---------------------------------------------------------------------------
 // Small helpers
 
-std::string code_name(grpc::StatusCode code) {
-  switch (code) {
-    case grpc::StatusCode::OK: return "OK";
-    case grpc::StatusCode::CANCELLED: return "CANCELLED";
-    case grpc::StatusCode::UNKNOWN: return "UNKNOWN";
-    case grpc::StatusCode::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
-    case grpc::StatusCode::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
-    case grpc::StatusCode::NOT_FOUND: return "NOT_FOUND";
-    case grpc::StatusCode::ALREADY_EXISTS: return "ALREADY_EXISTS";
-    case grpc::StatusCode::PERMISSION_DENIED: return "PERMISSION_DENIED";
-    case grpc::StatusCode::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
-    case grpc::StatusCode::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
-    case grpc::StatusCode::ABORTED: return "ABORTED";
-    case grpc::StatusCode::OUT_OF_RANGE: return "OUT_OF_RANGE";
-    case grpc::StatusCode::UNIMPLEMENTED: return "UNIMPLEMENTED";
-    case grpc::StatusCode::INTERNAL: return "INTERNAL";
-    case grpc::StatusCode::UNAVAILABLE: return "UNAVAILABLE";
-    case grpc::StatusCode::DATA_LOSS: return "DATA_LOSS";
-    case grpc::StatusCode::UNAUTHENTICATED: return "UNAUTHENTICATED";
-    default: return "UNKNOWN";
-  }
-}
-
 bool is_loopback_host(const std::string& host) {
   if (host == "localhost" || host == "::1" || host == "[::1]") return true;
   return host.rfind("127.", 0) == 0;
 }
-
-// A file whose contents are re-read when its (inode, size, mtime) changes.
-class WatchedFile {
- public:
-  explicit WatchedFile(std::string path) : path_(std::move(path)) {}
-  // The current contents; re-reads on change. Throws FileError when unreadable and
-  // nothing was ever read.
-  std::string get(bool* changed = nullptr) {
-    struct stat st {};
-    std::lock_guard<std::mutex> lock(mu_);
-    if (changed) *changed = false;
-    if (::stat(path_.c_str(), &st) == 0) {
-      const auto stamp = std::make_tuple(st.st_ino, st.st_size, st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
-      if (!loaded_ || stamp != stamp_) {
-        try {
-          contents_ = read_file(path_);
-          stamp_ = stamp;
-          loaded_ = true;
-          if (changed) *changed = true;
-        } catch (const FileError&) {
-          if (!loaded_) throw;
-        }
-      }
-    } else if (!loaded_) {
-      throw FileError(path_ + ": " + std::strerror(errno));
-    }
-    return contents_;
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-  std::mutex mu_;
-  bool loaded_ = false;
-  std::tuple<ino_t, off_t, time_t, long> stamp_{};
-  std::string contents_;
-};
 
 grpc::ChannelArguments relay_channel_args() {
   grpc::ChannelArguments args;
@@ -134,6 +76,14 @@ grpc::ChannelArguments relay_channel_args() {
 }
 
 }  // namespace
+
+DataPlane parse_data_plane(const std::string& text) {
+  if (text == "grpc") return DataPlane::grpc;
+  if (text == "h2") return DataPlane::h2;
+  throw std::invalid_argument("--data-plane \"" + text + "\": expected grpc or h2");
+}
+
+const char* data_plane_name(DataPlane plane) { return plane == DataPlane::h2 ? "h2" : "grpc"; }
 
 std::pair<std::string, std::string> parse_peer_flag(const std::string& text) {
   const auto eq = text.rfind('=');
@@ -153,103 +103,6 @@ std::pair<std::string, std::string> parse_peer_flag(const std::string& text) {
   }
   return {id, addr};
 }
-
-// ---------------------------------------------------------------------------
-// Metrics
-
-struct SidecarMetrics {
-  explicit SidecarMetrics(prometheus::Registry& r)
-      : decisions(prometheus::BuildCounter()
-                      .Name("shardguard_authz_decisions_total")
-                      .Help("Shard access policy decisions by outcome, rule, method and peer")
-                      .Register(r)),
-        requests(prometheus::BuildCounter()
-                     .Name("shardguard_proxy_requests_total")
-                     .Help("Calls relayed or refused by the sidecar, by method and gRPC status code")
-                     .Register(r)),
-        duration(prometheus::BuildHistogram()
-                     .Name("shardguard_proxy_request_duration_seconds")
-                     .Help("Duration of calls through the sidecar, from the call's arrival to its status")
-                     .Register(r)),
-        bytes(prometheus::BuildCounter()
-                  .Name("shardguard_proxy_bytes_total")
-                  .Help("gRPC message payload bytes through the sidecar, sent to or received from a peer")
-                  .Register(r)),
-        refusals(prometheus::BuildCounter()
-                     .Name("shardguard_proxy_refused_requests_total")
-                     .Help("Requests refused for their size before any decision, by listener and reason")
-                     .Register(r)),
-        handshake_failures(prometheus::BuildCounter()
-                               .Name("shardguard_tls_handshake_failures_total")
-                               .Help("Refused TLS connections by reason")
-                               .Register(r)),
-        cert_expiry(prometheus::BuildGauge()
-                        .Name("shardguard_cert_expiry_timestamp_seconds")
-                        .Help("notAfter of this sidecar's certificate, Unix seconds")
-                        .Register(r)
-                        .Add({})),
-        reloads(prometheus::BuildCounter()
-                    .Name("shardguard_policy_reloads_total")
-                    .Help("Policy file loads by result (ok, error)")
-                    .Register(r)),
-        policy_generation(prometheus::BuildGauge()
-                              .Name("shardguard_policy_generation")
-                              .Help("Successful policy loads so far; 0 = no policy, everything is refused")
-                              .Register(r)
-                              .Add({})),
-        exposed(prometheus::BuildCounter()
-                    .Name("shardguard_param_bytes_exposed_total")
-                    .Help("Unique parameter bytes of a shard a principal has received through export")
-                    .Register(r)),
-        exposure_ratio(prometheus::BuildGauge()
-                           .Name("shardguard_exposure_ratio")
-                           .Help("Share of a shard's parameters a principal holds: 1 for the shard's own principal, "
-                                 "the unique bytes received through export for an export principal")
-                           .Register(r)),
-        cert_reloads(prometheus::BuildCounter()
-                         .Name("shardguard_cert_reloads_total")
-                         .Help("Certificate, key or CA bundle file changes picked up")
-                         .Register(r)
-                         .Add({})),
-        ledger_sequence(prometheus::BuildGauge()
-                            .Name("shardguard_ledger_sequence")
-                            .Help("Sequence of the exposure ledger: raised by every save, read at start from the file "
-                                  "(0: no file)")
-                            .Register(r)),
-        ledger_min_sequence(prometheus::BuildGauge()
-                                .Name("shardguard_ledger_min_sequence")
-                                .Help("The lowest ledger sequence this sidecar accepts (--ledger-min-sequence); "
-                                      "a ledger_sequence below it means exports are refused")
-                                .Register(r)) {
-    for (const char* d : {"inbound", "outbound"}) {
-      duration_by_direction[d] = &duration.Add(
-          {{"direction", d}}, prometheus::Histogram::BucketBoundaries{
-                                  0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
-                                  0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10});
-    }
-    reloads_ok = &reloads.Add({{"result", "ok"}});
-    reloads_error = &reloads.Add({{"result", "error"}});
-  }
-
-  prometheus::Family<prometheus::Counter>& decisions;
-  prometheus::Family<prometheus::Counter>& requests;
-  prometheus::Family<prometheus::Histogram>& duration;
-  prometheus::Family<prometheus::Counter>& bytes;
-  prometheus::Family<prometheus::Counter>& refusals;
-  prometheus::Family<prometheus::Counter>& handshake_failures;
-  prometheus::Gauge& cert_expiry;
-  prometheus::Family<prometheus::Counter>& reloads;
-  prometheus::Gauge& policy_generation;
-  prometheus::Family<prometheus::Counter>& exposed;
-  prometheus::Family<prometheus::Gauge>& exposure_ratio;
-  prometheus::Counter& cert_reloads;
-  // Series only with --ledger (Proxy::start).
-  prometheus::Family<prometheus::Gauge>& ledger_sequence;
-  prometheus::Family<prometheus::Gauge>& ledger_min_sequence;
-  std::map<std::string, prometheus::Histogram*> duration_by_direction;
-  prometheus::Counter* reloads_ok = nullptr;
-  prometheus::Counter* reloads_error = nullptr;
-};
 
 // ---------------------------------------------------------------------------
 // Impl
@@ -287,32 +140,10 @@ struct Route {
 };
 
 
-struct Proxy::Impl {
-  Impl(ProxyConfig c, std::shared_ptr<prometheus::Registry> r)
-      : config(std::move(c)),
-        registry(std::move(r)),
-        metrics(*registry),
-        ca_file(config.ca_file),
-        cert_file(config.cert_file),
-        key_file(config.key_file) {}
+struct Proxy::Impl : ProxyCore {
+  Impl(ProxyConfig c, std::shared_ptr<prometheus::Registry> r) : ProxyCore(std::move(c), std::move(r)) {}
 
-  const ProxyConfig config;
-  std::shared_ptr<prometheus::Registry> registry;
-  SidecarMetrics metrics;
-  std::unique_ptr<PolicyStore> policy;
-  std::unique_ptr<AuditLog> audit;
-  std::mutex ledger_mu;  // guards ledger (budget check + record are one step)
-  std::unique_ptr<ExposureLedger> ledger;
-  std::string ledger_key;
-  // Set once at start, before serving: why the ledger on disk is not trusted (older
-  // than --ledger-min-sequence, or missing). Non-empty: every export is refused and
-  // the file is never written.
-  std::string ledger_refused;
-  prometheus::Gauge* ledger_sequence = nullptr;  // with a ledger only
-  WatchedFile ca_file;
-  WatchedFile cert_file;
-  WatchedFile key_file;
-
+  // --- the gRPC plane (config.data_plane == grpc) ------------------------------
   std::shared_ptr<grpc::experimental::FileWatcherCertificateProvider> cert_provider;
   std::shared_ptr<grpc::Channel> upstream_channel;
   std::unique_ptr<grpc::GenericStub> upstream_stub;
@@ -352,113 +183,13 @@ struct Proxy::Impl {
   std::atomic<bool> started{false};
   std::atomic<bool> certs_ok{false};
   bool cert_parses = false;  // maintenance thread (and start) only
+  // The HTTP/2 plane (config.data_plane == h2); null on the gRPC plane.
+  std::unique_ptr<H2Plane> h2;
+  bool h2_tls_stale = false;  // a rotation failed: retried on every check until it works
   uint64_t seen_reloads_ok = 0;
   uint64_t seen_reload_errors = 0;
 
-  // --- counting -----------------------------------------------------------
-  // Refusals a client can cause at will (a flood) are all counted but logged at most
-  // kLogBurst times per reason per kLogWindow; the maintenance thread reports what
-  // was held back.
-  static constexpr size_t kLogBurst = 10;
-  static constexpr std::chrono::seconds kLogWindow{10};
-  LogLimiter log_limiter{kLogBurst, kLogWindow};
-  void count_handshake_failure(const std::string& reason, const std::string& detail,
-                               const std::string& source = "") {
-    metrics.handshake_failures.Add({{"reason", reason}}).Increment();
-    uint64_t suppressed = 0;
-    if (!log_limiter.allow("tls:" + reason, Clock::now(), &suppressed)) return;
-    nlohmann::json fields{{"reason", reason}, {"detail", bounded_text(detail)}};
-    if (!source.empty()) fields["source"] = source;
-    if (suppressed > 0) fields["suppressed"] = suppressed;
-    log::warn("TLS connection refused", fields);
-  }
-  // A request refused for its size before any decision (reason "header_list_too_large"
-  // or "message_too_large"): counted, logged rate-limited with a bounded method.
-  void count_size_refusal(const char* direction, const char* reason, const char* msg, nlohmann::json fields) {
-    metrics.refusals.Add({{"direction", direction}, {"reason", reason}}).Increment();
-    uint64_t suppressed = 0;
-    if (!log_limiter.allow(std::string("size:") + reason, Clock::now(), &suppressed)) return;
-    fields["direction"] = direction;
-    if (suppressed > 0) fields["suppressed"] = suppressed;
-    log::warn(msg, fields);
-  }
-  void log_suppressed() {
-    for (const auto& [key, n] : log_limiter.take_suppressed(Clock::now())) {
-      const auto colon = key.find(':');
-      log::warn("repeated refusals not logged", {{"kind", key.substr(0, colon)},
-                                                 {"reason", key.substr(colon + 1)},
-                                                 {"count", n}});
-    }
-  }
-  // The method as a metrics label: known methods as they are, anything else "other"
-  // (a peer must not be able to grow the label set).
-  std::string method_label(const std::string& method) const {
-    if (method == policy::kForwardMethod || method == policy::kBackwardMethod || method == policy::kExportMethod) {
-      return method;
-    }
-    if (auto p = policy->current()) {
-      for (const auto* rules : {&p->ingress(), &p->egress()}) {
-        for (const auto& rule : *rules) {
-          if (std::find(rule.methods.begin(), rule.methods.end(), method) != rule.methods.end()) {
-            return method;
-          }
-        }
-      }
-    }
-    return "other";
-  }
-  // Peers as labels: only SPIFFE IDs that our CA vouched for (inbound) or that the
-  // configuration names (outbound) reach here, so the set is bounded.
-  void count_decision(const policy::Decision& d, const std::string& method, const std::string& peer) {
-    metrics.decisions
-        .Add({{"decision", d.allow ? "allow" : "deny"},
-              {"rule", d.rule},
-              {"method", method_label(method)},
-              {"peer", peer}})
-        .Increment();
-  }
-  void count_request(const std::string& method, grpc::StatusCode code, const char* direction,
-                     Clock::time_point started_at) {
-    metrics.requests.Add({{"method", method_label(method)}, {"code", code_name(code)}}).Increment();
-    metrics.duration_by_direction[direction]->Observe(
-        std::chrono::duration<double>(Clock::now() - started_at).count());
-  }
-  // The byte counter of one (direction, peer) series; a relay looks its two up once.
-  prometheus::Counter& bytes_counter(const char* direction, const std::string& peer) {
-    return metrics.bytes.Add({{"direction", direction}, {"peer", peer}});
-  }
-  // The method, peer and reason (which quotes them) are logged and audited as bounded
-  // prefixes: they come from the caller.
-  void audit_deny(const policy::Decision& d, const std::string& peer, const std::string& method) {
-    log::warn("call refused", {{"peer", bounded_text(peer)},
-                               {"method", bounded_text(method)},
-                               {"rule", d.rule},
-                               {"reason", bounded_text(d.reason, 2 * kLoggedPrefixBytes)}});
-    if (!audit) return;
-    AuditEvent e;
-    e.peer = bounded_text(peer);
-    e.method = bounded_text(method);
-    e.rule = d.rule;
-    e.decision = "deny";
-    std::string error;
-    if (!audit->append(e, &error)) log::error("audit log append failed", {{"error", error}});
-  }
-
-  void audit_event(AuditEvent e) {
-    if (!audit) return;
-    std::string error;
-    if (!audit->append(e, &error)) log::error("audit log append failed", {{"error", error}});
-  }
-  // Publishes one (principal, shard) of the ledger; ledger_mu held.
-  void publish_exposure(const std::string& principal, uint32_t shard, uint64_t newly) {
-    const prometheus::Labels l{{"peer", principal}, {"shard", std::to_string(shard)}};
-    auto& c = metrics.exposed.Add(l);
-    if (newly > 0) c.Increment(static_cast<double>(newly));
-    metrics.exposure_ratio.Add(l).Set(ledger->ratio(principal, shard));
-  }
-
   // --- certificates ---------------------------------------------------------
-  std::string ca_pem() { return ca_file.get(); }
   // Re-reads cert, key and CA when they change; updates the expiry gauge.
   void refresh_certs() {
     try {
@@ -478,6 +209,8 @@ struct Proxy::Impl {
         certs_ok = false;
         return;
       }
+      // The h2 plane's TLS contexts are made from the files (gRPC's watch them itself).
+      if (h2 && (c1 || c2 || c3 || h2_tls_stale)) h2_tls_stale = !h2->rotate();
       if (certs_ok.load() && (c1 || c2 || c3)) {
         metrics.cert_reloads.Increment();
         log::info("certificate files changed; new handshakes use them",
@@ -552,6 +285,7 @@ struct Proxy::Impl {
   Route route_outbound(grpc::GenericServerContext* ctx);
   void serve(Listener& l);
 
+  void start_grpc_plane();
   std::shared_ptr<grpc::ChannelCredentials> peer_credentials(const std::string& expected_id);
   std::shared_ptr<grpc::ServerCredentials> inbound_credentials();
 };
@@ -922,7 +656,7 @@ class AsyncRelay {
     if (ops_ != 0) return;
     if (accepted_) {
       if (guard_) guard_->done(final_code_);
-      impl_->count_request(method_, final_code_, l_->direction, started_at_);
+      impl_->count_request(method_, static_cast<int>(final_code_), l_->direction, started_at_);
     }
     delete this;
   }
@@ -1003,119 +737,22 @@ void Proxy::Impl::serve(Listener& l) {
     }
   }
 }
-// The exposure ledger at work on one export call (see proxy.h).
+// The exposure ledger at work on one export call (see proxy.h): ExportLedgerGuard
+// (proxy_core.h) on gRPC messages.
 class ExportGuard : public MessageGuard {
  public:
-  ExportGuard(Proxy::Impl* impl, std::string principal, int64_t budget, uint32_t shard)
-      : impl_(impl), principal_(std::move(principal)), budget_(static_cast<uint64_t>(budget)), shard_(shard) {}
-
-  grpc::Status request(const grpc::ByteBuffer& message) override {
-    v1::ExportRequest req;
-    if (seen_request_) return refuse(grpc::StatusCode::INVALID_ARGUMENT, "an export carries exactly one request", 0);
-    seen_request_ = true;
-    if (!req.ParseFromString(buffer_bytes(message))) {
-      return refuse(grpc::StatusCode::INVALID_ARGUMENT, "the request is not an ExportRequest", 0);
-    }
-    begin_ = req.offset();
-    if (req.length() == 0 || req.length() > UINT64_MAX - req.offset()) {
-      return refuse(grpc::StatusCode::INVALID_ARGUMENT,
-                    "ExportRequest.length " + std::to_string(req.length()) + " must be > 0 and fit after offset " +
-                        std::to_string(req.offset()),
-                    0);
-    }
-    end_ = begin_ + req.length();
-    std::lock_guard<std::mutex> lock(impl_->ledger_mu);
-    if (impl_->ledger->would_exceed(principal_, budget_, shard_, begin_, end_)) {
-      const uint64_t had = impl_->ledger->exposed_bytes(principal_);
-      return refuse(grpc::StatusCode::PERMISSION_DENIED,
-                    "export of bytes [" + std::to_string(begin_) + ", " + std::to_string(end_) + ") would take " +
-                        principal_ + " beyond its export budget of " + std::to_string(budget_) +
-                        " bytes (already received " + std::to_string(had) + ")",
-                    req.length());
-    }
-    policy::Decision d;
-    d.allow = true;
-    d.rule = policy::kRuleExport;
-    impl_->count_decision(d, policy::kExportMethod, principal_);
-    accepted_ = true;
-    return grpc::Status::OK;
-  }
-
+  ExportGuard(Proxy::Impl* impl, const RouteDecision& r) : guard_(impl, r.peer, r.export_budget, r.shard) {}
+  grpc::Status request(const grpc::ByteBuffer& message) override { return status(guard_.request(buffer_bytes(message))); }
   grpc::Status response(const grpc::ByteBuffer& message) override {
-    v1::ExportChunk chunk;
-    if (!chunk.ParseFromString(buffer_bytes(message))) {
-      return {grpc::StatusCode::INTERNAL, "shardd sent something that is not an ExportChunk; nothing forwarded"};
-    }
-    const uint64_t b = chunk.offset(), e = b + chunk.data().size();
-    if (b < begin_ || e > end_ || e < b) {
-      return {grpc::StatusCode::INTERNAL, "shardd sent bytes outside the requested range; nothing forwarded"};
-    }
-    std::lock_guard<std::mutex> lock(impl_->ledger_mu);
-    if (chunk.total_bytes() > 0) impl_->ledger->set_shard_bytes(shard_, chunk.total_bytes());
-    const auto newly = impl_->ledger->try_record(principal_, budget_, shard_, b, e);
-    if (!newly) {  // another export of the same principal took the budget meanwhile
-      return {grpc::StatusCode::PERMISSION_DENIED, "export budget of " + principal_ + " used up during the call"};
-    }
-    impl_->publish_exposure(principal_, shard_, *newly);
-    // Persisted before the bytes go out: a crash after this point over-counts, never
-    // under-counts what the principal received.
-    try {
-      impl_->ledger->save(impl_->config.ledger_file, impl_->ledger_key);
-    } catch (const std::exception& ex) {
-      log::error("cannot save the exposure ledger; export stopped",
-                 {{"file", impl_->config.ledger_file}, {"error", ex.what()}});
-      return {grpc::StatusCode::INTERNAL, "the exposure ledger cannot be saved; nothing more is exported"};
-    }
-    // Published only once on disk: the operator records it as the lowest sequence a
-    // restarted sidecar may accept.
-    impl_->ledger_sequence->Set(static_cast<double>(impl_->ledger->sequence()));
-    bytes_ += e - b;
-    ranges_.push_back({b, e});
-    return grpc::Status::OK;
+    return status(guard_.response(buffer_bytes(message)));
   }
-
-  // Audits an accepted export once, with what it really carried (maybe nothing).
-  void done(grpc::StatusCode) override {
-    if (!accepted_ || audited_) return;
-    audited_ = true;
-    AuditEvent ev;
-    ev.peer = principal_;
-    ev.method = policy::kExportMethod;
-    ev.rule = policy::kRuleExport;
-    ev.decision = "allow";
-    ev.bytes = bytes_;
-    ev.ranges_digest = ranges_digest(ranges_);
-    impl_->audit_event(ev);
-  }
+  void done(grpc::StatusCode) override { guard_.done(); }
 
  private:
-  grpc::Status refuse(grpc::StatusCode code, const std::string& reason, uint64_t asked) {
-    policy::Decision d;
-    d.rule = policy::kRuleExportDenied;
-    d.reason = reason;
-    impl_->count_decision(d, policy::kExportMethod, principal_);
-    log::warn("export refused", {{"peer", principal_}, {"reason", reason}});
-    AuditEvent ev;
-    ev.peer = principal_;
-    ev.method = policy::kExportMethod;
-    ev.rule = policy::kRuleExportDenied;
-    ev.decision = "deny";
-    ev.bytes = asked;
-    if (end_ > begin_) ev.ranges_digest = ranges_digest({{begin_, end_}});
-    impl_->audit_event(ev);
-    return {code, reason + " (rule " + policy::kRuleExportDenied + ")"};
+  static grpc::Status status(const MessageVerdict& v) {
+    return v.ok() ? grpc::Status::OK : grpc::Status(static_cast<grpc::StatusCode>(v.code), v.message);
   }
-
-  Proxy::Impl* impl_;
-  const std::string principal_;
-  const uint64_t budget_;
-  const uint32_t shard_;
-  bool seen_request_ = false;
-  uint64_t begin_ = 0, end_ = 0;
-  uint64_t bytes_ = 0;
-  std::vector<ByteRange> ranges_;
-  bool accepted_ = false;
-  bool audited_ = false;
+  ExportLedgerGuard guard_;
 };
 
 Route Proxy::Impl::route_inbound(grpc::GenericServerContext* ctx) {
@@ -1128,95 +765,32 @@ Route Proxy::Impl::route_inbound(grpc::GenericServerContext* ctx) {
     const auto ids = auth->FindPropertyValues("peer_spiffe_id");
     if (ids.size() == 1) peer.assign(ids[0].data(), ids[0].size());
   }
-  const std::string method = ctx->method();
-  policy::Decision d;
-  if (peer.empty()) {
-    d.allow = false;
-    d.rule = policy::kRuleBadPeer;
-    d.reason = "the TLS handshake established no SPIFFE identity";
-  } else {
-    d = policy->decide(policy::Direction::kIngress, peer, method);
-  }
-  if (d.allow && method == policy::kExportMethod && !ledger) {
-    d.allow = false;
-    d.rule = policy::kRuleExportDenied;
-    d.reason = "this sidecar keeps no exposure ledger (--ledger, --ledger-key), so it exports nothing";
-  } else if (d.allow && method == policy::kExportMethod && !ledger_refused.empty()) {
-    d.allow = false;
-    d.rule = policy::kRuleLedgerRolledBack;
-    d.reason = ledger_refused;
-  }
-  const bool export_call = d.allow && method == policy::kExportMethod;
-  if (!export_call) count_decision(d, method, peer);  // an export is counted by its guard
-  if (!d.allow) {
-    audit_deny(d, peer, method);
-    route.refusal = grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
-                                 bounded_text(d.reason, 2 * kLoggedPrefixBytes) + " (rule " + d.rule + ")");
+  const RouteDecision r = decide_inbound(peer, ctx->method());
+  if (!r.allow) {
+    route.refusal = grpc::Status(static_cast<grpc::StatusCode>(r.code), r.message);
     return route;
   }
-  if (export_call) {
-    const auto p = policy->current();
-    route.guard = std::make_unique<ExportGuard>(this, peer, d.export_budget_bytes,
-                                                static_cast<uint32_t>(p ? p->shard() : 0));
-  }
+  if (r.export_call) route.guard = std::make_unique<ExportGuard>(this, r);
   route.allow = true;
   route.stub = upstream_stub.get();
-  route.peer = peer;
+  route.peer = r.peer;
   return route;
 }
 
 Route Proxy::Impl::route_outbound(grpc::GenericServerContext* ctx) {
   Route route;
-  const std::string method = ctx->method();
   std::string requested;
   for (const auto& kv : ctx->client_metadata()) {
     if (kv.first == kTargetHeader) requested.assign(kv.second.data(), kv.second.size());
   }
-  // Candidates: configured peers the egress policy lets this method go to.
-  std::vector<std::string> allowed;
-  policy::Decision last;
-  last.rule = policy::kRuleDefaultDeny;
-  last.reason = "no configured peer may receive " + method;
-  for (const auto& [id, peer] : peers) {
-    if (!requested.empty() && id != requested) continue;
-    policy::Decision d = policy->decide(policy::Direction::kEgress, id, method);
-    if (d.allow) {
-      allowed.push_back(id);
-      last = d;
-    } else if (allowed.empty()) {
-      last = d;
-    }
-  }
-  std::string deny_reason;
-  if (!requested.empty() && peers.count(requested) == 0) {
-    last.allow = false;
-    last.rule = policy::kRuleDefaultDeny;
-    deny_reason = "target " + bounded_text(requested) + " is not a configured peer";
-  } else if (allowed.empty()) {
-    last.allow = false;
-    deny_reason = last.reason;
-  } else if (allowed.size() > 1) {
-    last.allow = false;
-    last.rule = policy::kRuleDefaultDeny;
-    deny_reason = std::to_string(allowed.size()) + " peers may receive " + bounded_text(method) + "; name one in the " +
-                  kTargetHeader + " header";
-  }
-  // Labels stay bounded: only configured peers, or "unknown" for anything else the
-  // local shardd may put in the header.
-  const std::string peer_label =
-      allowed.size() == 1 ? allowed[0] : (peers.count(requested) ? requested : std::string("unknown"));
-  if (!deny_reason.empty()) {
-    last.reason = deny_reason;
-    count_decision(last, method, peer_label);
-    audit_deny(last, peer_label, method);
-    route.refusal = grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
-                                 bounded_text(deny_reason, 2 * kLoggedPrefixBytes) + " (rule " + last.rule + ")");
+  const RouteDecision r = decide_outbound(requested, ctx->method());
+  if (!r.allow) {
+    route.refusal = grpc::Status(static_cast<grpc::StatusCode>(r.code), r.message);
     return route;
   }
-  count_decision(last, method, peer_label);
   route.allow = true;
-  route.stub = peers.at(peer_label).stub.get();
-  route.peer = peer_label;
+  route.stub = peers.at(r.peer).stub.get();
+  route.peer = r.peer;
   return route;
 }
 
@@ -1328,6 +902,10 @@ void Proxy::Impl::accept_loop() {
     }
     const auto taken = pending.remove(id);
     ::epoll_ctl(ep, EPOLL_CTL_DEL, taken.fd, nullptr);
+    if (h2) {
+      h2->adopt(taken.fd);  // the relay owns it from here
+      return true;
+    }
     grpc::experimental::ExternalConnectionAcceptor::NewConnectionParameters params;
     params.listener_fd = listen_fd;
     params.fd = taken.fd;  // non-blocking since accept4, as gRPC's own acceptor makes them
@@ -1487,63 +1065,10 @@ Proxy::Proxy(ProxyConfig config, std::shared_ptr<prometheus::Registry> registry)
 
 Proxy::~Proxy() { shutdown(); }
 
-void Proxy::start() {
-  Impl& m = *impl_;
-  if (m.started.exchange(true)) throw std::logic_error("Proxy::start called twice");
-  // Certificates must be readable at start; later changes are picked up live.
-  for (const std::string* f : {&m.config.cert_file, &m.config.key_file, &m.config.ca_file}) {
-    try {
-      read_file(*f);
-    } catch (const std::exception& e) {
-      throw std::runtime_error(std::string("cannot read ") + e.what());
-    }
-  }
-  m.refresh_certs();
-  m.policy = std::make_unique<PolicyStore>(m.config.policy_file);
-  if (!m.policy->current()) {
-    log::error("no valid policy: refusing every call until the policy file is fixed",
-               {{"file", m.config.policy_file}});
-  }
-  m.refresh_policy_metrics();
-  if (!m.config.audit_file.empty()) {
-    m.audit = std::make_unique<AuditLog>(m.config.audit_file, m.config.audit_stdout ? STDOUT_FILENO : -1);
-  }
-  if (!m.config.ledger_file.empty()) {
-    try {
-      m.ledger_key = load_key_file(m.config.ledger_key_file);
-    } catch (const std::exception& e) {
-      throw std::runtime_error("ledger key (--ledger-key) \"" + m.config.ledger_key_file + "\": " + e.what());
-    }
-    // A tampered or foreign ledger stops the start: budgets must survive restarts.
-    auto found = ExposureLedger::load_existing(m.config.ledger_file, m.ledger_key);
-    const uint64_t min = m.config.ledger_min_sequence;
-    const uint64_t seq = found ? found->sequence() : 0;
-    // A genuine but older copy (or none) where a later sequence was recorded: the
-    // budgets it holds are not the latest. Exports stay refused and the file is kept
-    // as it is (never overwritten), for whoever investigates; pipeline traffic goes on.
-    if (min > 0 && (!found || seq < min)) {
-      m.ledger_refused =
-          found ? "exposure ledger " + m.config.ledger_file + " has sequence " + std::to_string(seq) +
-                      ", lower than the " + std::to_string(min) +
-                      " recorded for this shard (--ledger-min-sequence): an older copy was put back, so its "
-                      "export budgets are not the latest; every export is refused"
-                : "exposure ledger " + m.config.ledger_file + " is missing, but sequence " + std::to_string(min) +
-                      " was recorded for this shard (--ledger-min-sequence): it was deleted or lost, so its export "
-                      "budgets are unknown; every export is refused";
-      log::error("exposure ledger refused; every export is refused",
-                 {{"file", m.config.ledger_file},
-                  {"sequence", seq},
-                  {"min_sequence", min},
-                  {"reason", m.ledger_refused}});
-    }
-    m.ledger = std::make_unique<ExposureLedger>(found ? std::move(*found) : ExposureLedger{});
-    m.ledger_sequence = &m.metrics.ledger_sequence.Add({});
-    m.ledger_sequence->Set(static_cast<double>(seq));
-    m.metrics.ledger_min_sequence.Add({}).Set(static_cast<double>(min));
-    std::lock_guard<std::mutex> lock(m.ledger_mu);
-    for (const auto& e : m.ledger->entries()) m.publish_exposure(e.principal, e.shard, e.exposed_bytes);
-  }
-
+// The gRPC plane: the certificate provider, the upstream channels, one gRPC server per
+// listener (the inbound one fed by the acceptor) and their serving threads.
+void Proxy::Impl::start_grpc_plane() {
+  Impl& m = *this;
   const unsigned refresh_s = static_cast<unsigned>(
       std::max<int64_t>(1, std::chrono::duration_cast<std::chrono::seconds>(m.config.reload_interval).count()));
   m.cert_provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
@@ -1603,10 +1128,77 @@ void Proxy::start() {
   for (Impl::Listener* l : {&m.inbound_listener, &m.outbound_listener}) {
     l->thread = std::thread([&m, l] { m.serve(*l); });
   }
+}
+
+void Proxy::start() {
+  Impl& m = *impl_;
+  if (m.started.exchange(true)) throw std::logic_error("Proxy::start called twice");
+  // Certificates must be readable at start; later changes are picked up live.
+  for (const std::string* f : {&m.config.cert_file, &m.config.key_file, &m.config.ca_file}) {
+    try {
+      read_file(*f);
+    } catch (const std::exception& e) {
+      throw std::runtime_error(std::string("cannot read ") + e.what());
+    }
+  }
+  m.refresh_certs();
+  m.policy = std::make_unique<PolicyStore>(m.config.policy_file);
+  if (!m.policy->current()) {
+    log::error("no valid policy: refusing every call until the policy file is fixed",
+               {{"file", m.config.policy_file}});
+  }
+  m.refresh_policy_metrics();
+  if (!m.config.audit_file.empty()) {
+    m.audit = std::make_unique<AuditLog>(m.config.audit_file, m.config.audit_stdout ? STDOUT_FILENO : -1);
+  }
+  if (!m.config.ledger_file.empty()) {
+    try {
+      m.ledger_key = load_key_file(m.config.ledger_key_file);
+    } catch (const std::exception& e) {
+      throw std::runtime_error("ledger key (--ledger-key) \"" + m.config.ledger_key_file + "\": " + e.what());
+    }
+    // A tampered or foreign ledger stops the start: budgets must survive restarts.
+    auto found = ExposureLedger::load_existing(m.config.ledger_file, m.ledger_key);
+    const uint64_t min = m.config.ledger_min_sequence;
+    const uint64_t seq = found ? found->sequence() : 0;
+    // A genuine but older copy (or none) where a later sequence was recorded: the
+    // budgets it holds are not the latest. Exports stay refused and the file is kept
+    // as it is (never overwritten), for whoever investigates; pipeline traffic goes on.
+    if (min > 0 && (!found || seq < min)) {
+      m.ledger_refused =
+          found ? "exposure ledger " + m.config.ledger_file + " has sequence " + std::to_string(seq) +
+                      ", lower than the " + std::to_string(min) +
+                      " recorded for this shard (--ledger-min-sequence): an older copy was put back, so its "
+                      "export budgets are not the latest; every export is refused"
+                : "exposure ledger " + m.config.ledger_file + " is missing, but sequence " + std::to_string(min) +
+                      " was recorded for this shard (--ledger-min-sequence): it was deleted or lost, so its export "
+                      "budgets are unknown; every export is refused";
+      log::error("exposure ledger refused; every export is refused",
+                 {{"file", m.config.ledger_file},
+                  {"sequence", seq},
+                  {"min_sequence", min},
+                  {"reason", m.ledger_refused}});
+    }
+    m.ledger = std::make_unique<ExposureLedger>(found ? std::move(*found) : ExposureLedger{});
+    m.ledger_sequence = &m.metrics.ledger_sequence.Add({});
+    m.ledger_sequence->Set(static_cast<double>(seq));
+    m.metrics.ledger_min_sequence.Add({}).Set(static_cast<double>(min));
+    std::lock_guard<std::mutex> lock(m.ledger_mu);
+    for (const auto& e : m.ledger->entries()) m.publish_exposure(e.principal, e.shard, e.exposed_bytes);
+  }
+
+  if (m.config.data_plane == DataPlane::h2) {
+    m.h2 = std::make_unique<H2Plane>(m);
+    m.h2->start();
+    m.outbound_port = m.h2->outbound_port();
+  } else {
+    m.start_grpc_plane();
+  }
   m.start_acceptor();
   m.maintenance_thread = std::thread([&m] { m.maintenance_loop(); });
   log::info("shard-sidecar listening",
-            {{"inbound", m.config.inbound_listen}, {"inbound_port", m.inbound_port},
+            {{"data_plane", data_plane_name(m.config.data_plane)},
+             {"inbound", m.config.inbound_listen}, {"inbound_port", m.inbound_port},
              {"outbound_port", m.outbound_port}, {"upstream", m.config.upstream},
              {"peers", m.config.peers.size()}});
 }
@@ -1626,6 +1218,8 @@ void Proxy::shutdown(std::chrono::milliseconds grace) {
   }
   if (m.accept_thread.joinable()) m.accept_thread.join();
   if (m.maintenance_thread.joinable()) m.maintenance_thread.join();
+  // The acceptor is stopped: nothing is handed to the relay any more.
+  if (m.h2) m.h2->shutdown(grace);
   const auto deadline = std::chrono::system_clock::now() + grace;
   m.accepting = false;
   // Calls still open after `grace` are cancelled; their relays then wind down on the

@@ -60,7 +60,9 @@ class PatternExport final : public v1::ShardExport::Service {
   std::atomic<bool> rogue{false};  // sends bytes outside the requested range
 };
 
-class ExportTest : public ::testing::Test {
+// Every test runs on both data planes (ProxyConfig::data_plane): the gRPC relay and
+// the HTTP/2 relay must behave the same.
+class ExportTest : public ::testing::TestWithParam<DataPlane> {
  protected:
   void SetUp() override {
     grpc::ServerBuilder b;
@@ -89,6 +91,7 @@ class ExportTest : public ::testing::Test {
 
   void start_proxy(bool with_ledger = true, uint64_t ledger_min_sequence = 0) {
     ProxyConfig c;
+    c.data_plane = GetParam();
     c.inbound_listen = c.outbound_listen = "127.0.0.1:0";
     c.upstream = "127.0.0.1:" + std::to_string(backend_port_);
     c.cert_file = dir_ + "/cert.pem";
@@ -142,7 +145,7 @@ class ExportTest : public ::testing::Test {
   std::unique_ptr<Proxy> proxy_;
 };
 
-TEST_F(ExportTest, WithinBudgetIsRecordedAndBeyondBudgetIsRefusedAcrossARestart) {
+TEST_P(ExportTest, WithinBudgetIsRecordedAndBeyondBudgetIsRefusedAcrossARestart) {
   start_proxy();
   // The policy's export principal has its series before any export, at 0.
   EXPECT_EQ(testsupport::registry_series(*registry_, "shardguard_param_bytes_exposed_total", exporter_labels()), 1);
@@ -185,7 +188,7 @@ TEST_F(ExportTest, WithinBudgetIsRecordedAndBeyondBudgetIsRefusedAcrossARestart)
   EXPECT_EQ(v.lines, 7u);
 }
 
-TEST_F(ExportTest, RolledBackLedgerIsRefusedForExportsOnly) {
+TEST_P(ExportTest, RolledBackLedgerIsRefusedForExportsOnly) {
   start_proxy();
   const std::string ledger = dir_ + "/ledger.json";
   EXPECT_EQ(metric("shardguard_ledger_sequence", {}), 0.0);  // no file yet
@@ -253,7 +256,7 @@ TEST_F(ExportTest, RolledBackLedgerIsRefusedForExportsOnly) {
   EXPECT_GT(metric("shardguard_ledger_sequence", {}), old_seq);  // and it goes on counting from there
 }
 
-TEST_F(ExportTest, DeletedLedgerIsRefusedWhenASequenceWasRecorded) {
+TEST_P(ExportTest, DeletedLedgerIsRefusedWhenASequenceWasRecorded) {
   start_proxy();
   ASSERT_TRUE(pull(0, kMiB).ok());
   const double seq = metric("shardguard_ledger_sequence", {});
@@ -278,7 +281,7 @@ TEST_F(ExportTest, DeletedLedgerIsRefusedWhenASequenceWasRecorded) {
   EXPECT_TRUE(pull(0, kMiB).ok());
 }
 
-TEST_F(ExportTest, MinSequenceNeedsALedger) {
+TEST_P(ExportTest, MinSequenceNeedsALedger) {
   ProxyConfig c;
   c.cert_file = c.key_file = c.ca_file = c.policy_file = dir_ + "/x";
   c.ledger_min_sequence = 3;
@@ -290,7 +293,7 @@ TEST_F(ExportTest, MinSequenceNeedsALedger) {
   }
 }
 
-TEST_F(ExportTest, TamperedLedgerStopsTheStart) {
+TEST_P(ExportTest, TamperedLedgerStopsTheStart) {
   start_proxy();
   ASSERT_TRUE(pull(0, kMiB).ok());
   proxy_.reset();
@@ -307,7 +310,7 @@ TEST_F(ExportTest, TamperedLedgerStopsTheStart) {
   }
 }
 
-TEST_F(ExportTest, MalformedRequestsAndRogueRepliesAreStopped) {
+TEST_P(ExportTest, MalformedRequestsAndRogueRepliesAreStopped) {
   start_proxy();
   EXPECT_EQ(pull(0, 0).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(pull(UINT64_MAX, 2).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
@@ -321,13 +324,16 @@ TEST_F(ExportTest, MalformedRequestsAndRogueRepliesAreStopped) {
   EXPECT_EQ(metric("shardguard_param_bytes_exposed_total", exporter_labels()), 0);
 }
 
-TEST_F(ExportTest, WithoutALedgerNothingIsExported) {
+TEST_P(ExportTest, WithoutALedgerNothingIsExported) {
   start_proxy(/*with_ledger=*/false);
   const auto st = pull(0, kMiB);
   EXPECT_EQ(st.error_code(), grpc::StatusCode::PERMISSION_DENIED);
   EXPECT_NE(st.error_message().find("ledger"), std::string::npos) << st.error_message();
   EXPECT_EQ(backend_.calls.load(), 0);
 }
+
+INSTANTIATE_TEST_SUITE_P(Planes, ExportTest, ::testing::Values(DataPlane::grpc, DataPlane::h2),
+                         [](const ::testing::TestParamInfo<DataPlane>& info) { return data_plane_name(info.param); });
 
 }  // namespace
 }  // namespace shardguard::sidecar

@@ -537,7 +537,7 @@ TEST_F(RelayTest, MessageOverTheLimitIsRefusedFromItsPrefix) {
   start(limits);
   auto r = unary_call(channel(), "/test.Echo/Big", std::string((2 << 20) + 1, 'b'));
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
-  EXPECT_NE(r.status.error_message().find("exceeds the limit of 1048576 bytes"), std::string::npos)
+  EXPECT_NE(r.status.error_message().find("exceeds the sidecar's limit of 1048576 bytes"), std::string::npos)
       << r.status.error_message();
   EXPECT_EQ(echo_.messages(), 0);
   ASSERT_TRUE(eventually([&] { return ends_count() == 1; }));
@@ -627,7 +627,7 @@ TEST_F(RelayTest, HeaderListOverTheLimitIsRefusedBeforeTheDecision) {
   EXPECT_EQ(s.close_code, 0u);
   EXPECT_FALSE(client.peer_closed);
   EXPECT_EQ(H2Peer::header(s.headers, "grpc-status"), "8");
-  EXPECT_NE(H2Peer::header(s.headers, "grpc-message").find("exceeds the limit of 61440 bytes"), std::string::npos);
+  EXPECT_NE(H2Peer::header(s.headers, "grpc-message").find("exceed the sidecar's limit of 61440 bytes"), std::string::npos);
   EXPECT_EQ(decisions(), 0);
   EXPECT_EQ(echo_.calls(), 0);
   ASSERT_TRUE(eventually([&] { return ends_count() == 1; }));

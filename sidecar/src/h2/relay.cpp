@@ -692,7 +692,7 @@ void RelayWorker::Impl::decide(DownConn* down, const std::shared_ptr<Call>& call
   const RelayLimits& limits = config.limits;
   if (call->headers_too_big) {
     end_downstream(*call, GrpcCode::resource_exhausted,
-                   "request header list of " + std::to_string(call->header_bytes) + " bytes exceeds the limit of " +
+                   "request headers of " + std::to_string(call->header_bytes) + " bytes exceed the sidecar's limit of " +
                        std::to_string(limits.max_header_list_bytes) + " bytes",
                    "header_list_too_large", false);
     return;
@@ -782,7 +782,7 @@ void RelayWorker::Impl::relay_in(const std::shared_ptr<Call>& call, Direction di
     drop();
     end_downstream(*call, GrpcCode::resource_exhausted,
                    std::string(request ? "request" : "response") + " message of " +
-                       std::to_string(inspector.announced()) + " bytes exceeds the limit of " +
+                       std::to_string(inspector.announced()) + " bytes exceeds the sidecar's limit of " +
                        std::to_string(config.limits.max_message_bytes) + " bytes",
                    "message_too_large", false);
     return;

@@ -61,7 +61,17 @@ inline constexpr const char* kTargetHeader = "shardguard-target";
 inline constexpr int64_t kMinHeaderListBytes = 1024;
 inline constexpr int64_t kMaxHeaderListBytes = 512 * 1024;
 
+// The engine that relays calls (issue 17): gRPC's server and client stacks (every call
+// terminated and re-originated), or the HTTP/2 relay on nghttp2 (sidecar/h2/relay.h),
+// which decides on the request headers and moves DATA frames. Same listeners, policy,
+// metrics, audit log and export guard; docs/sidecar.md says what h2 does not do yet.
+enum class DataPlane { grpc, h2 };
+// "grpc" | "h2" (the --data-plane flag). Throws std::invalid_argument.
+DataPlane parse_data_plane(const std::string& text);
+const char* data_plane_name(DataPlane plane);
+
 struct ProxyConfig {
+  DataPlane data_plane = DataPlane::grpc;
   std::string inbound_listen = "0.0.0.0:7443";    // mTLS, the pod's only way in
   std::string outbound_listen = "127.0.0.1:7001";  // plaintext, loopback only
   std::string upstream = "127.0.0.1:7000";         // the local shardd
