@@ -40,7 +40,7 @@ RUN cmake -S /src -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release \
 FROM debian:12-slim AS runtime
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      libgrpc++1.51 libgrpc29 libprotobuf32 libprometheus-cpp-core1.0 libcpp-httplib0.11 libssl3 \
+      libgrpc++1.51 libgrpc29 libprotobuf32 libprometheus-cpp-core1.0 libcpp-httplib0.11 libssl3 libnghttp2-14 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /build/bin/shard-sidecar /usr/local/bin/shard-sidecar
 # The uid/gid the operator gives shard pods (RenderInputs::run_as_user, 65532).

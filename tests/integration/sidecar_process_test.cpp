@@ -5,6 +5,7 @@
 
 #include "shardguard/common/httplib.h"
 
+#include <cstdlib>
 #include <regex>
 #include <sstream>
 
@@ -61,6 +62,11 @@ class SidecarPipelineTest : public PipelineFixture {
                 "--cert", pod + "/cert.pem", "--key", pod + "/key.pem", "--ca", pod + "/ca.pem", "--policy",
                 pod + "/policy.json", "--metrics", "127.0.0.1:" + std::to_string(metrics_[i]), "--audit-log",
                 pod + "/audit.jsonl"};
+      // SHARDGUARD_SIDECAR_DATA_PLANE=h2 runs the sidecars on the HTTP/2 relay (issue 17).
+      if (const char* plane = std::getenv("SHARDGUARD_SIDECAR_DATA_PLANE"); plane && *plane) {
+        o.argv.push_back("--data-plane");
+        o.argv.push_back(plane);
+      }
       for (int j : {i - 1, i + 1}) {
         if (j < 0 || j >= n) continue;
         o.argv.push_back("--peer");

@@ -4,7 +4,10 @@
 //   peer sidecar ══mTLS══▶ inbound listener ─▶ local shardd (loopback, plaintext)
 //   local shardd ─▶ outbound listener (loopback) ══mTLS══▶ peer sidecar
 //
-// Both listeners are gRPC servers with a generic callback service: every call is
+// Two engines (ProxyConfig::data_plane; everything below holds for both): the gRPC
+// plane (proxy.cpp) and the HTTP/2 relay (h2_plane.cpp, sidecar/h2/relay.h: decides
+// on the request headers, moves DATA frames). On the gRPC plane both listeners are
+// gRPC servers with a generic callback service: every call is
 // relayed message by message (one read in flight per direction, so gRPC's flow
 // control reaches from one end to the other), for any method, unary or streaming.
 // Nothing is forwarded before the decision:
