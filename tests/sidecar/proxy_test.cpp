@@ -270,6 +270,28 @@ TEST_P(ProxyTest, EgressToNoAllowedPeerIsRefusedLocally) {
 
 // ---- certificate refusals through real TLS --------------------------------------
 
+// Outbound, the peer's server certificate must carry the SPIFFE ID that was dialled:
+// a sidecar of the job CA with another identity at that address gets nothing.
+TEST_P(ProxyTest, OutboundRefusesAPeerWithAnotherIdentity) {
+  // C is shard 2's sidecar, but A believes shard 1 listens there.
+  auto c_reg = std::make_shared<prometheus::Registry>();
+  auto c = std::make_unique<Proxy>(config_for(2, backend_b_.address()), c_reg);
+  c->start();
+  ProxyConfig ca = config_for(0, backend_a_.address());
+  ca.peers[shard_id(1)] = "127.0.0.1:" + std::to_string(c->inbound_port());
+  a_reg_ = std::make_shared<prometheus::Registry>();
+  a_ = std::make_unique<Proxy>(ca, a_reg_);
+  a_->start();
+  const auto r = unary_call(a_outbound(), policy::kForwardMethod, "f", {}, 10s);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE) << r.status.error_message();
+  EXPECT_TRUE(eventually([&] {
+    return metric(*a_reg_, "shardguard_tls_handshake_failures_total", {{"reason", "wrong_peer"}}) >= 1;
+  }));
+  EXPECT_EQ(backend_b_.calls(), 0);
+  a_.reset();
+  c.reset();
+}
+
 TEST_P(ProxyTest, RefusesClientWithoutCertificate) {
   start_pair();
   expect_handshake_refused(Leaf{}, "no_certificate");
@@ -389,6 +411,13 @@ TEST_P(ProxyTest, RefusesMessageOverTheSizeLimit) {
   const auto r2 = dial_b(leaves_[0], policy::kForwardMethod, big);
   EXPECT_EQ(r2.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << r2.status.error_message();
   EXPECT_EQ(backend_b_.calls(), 0);
+  // Each counted where it was refused, under its listener.
+  EXPECT_TRUE(eventually([&] {
+    return metric(*a_reg_, "shardguard_proxy_refused_requests_total",
+                  {{"direction", "outbound"}, {"reason", "message_too_large"}}) == 1 &&
+           metric(*b_reg_, "shardguard_proxy_refused_requests_total",
+                  {{"direction", "inbound"}, {"reason", "message_too_large"}}) == 1;
+  }));
   // At the limit it passes.
   const auto r3 = unary_call(a_outbound(), policy::kForwardMethod, std::string(1 << 20, 'b'));
   EXPECT_TRUE(r3.status.ok()) << r3.status.error_message();
