@@ -29,7 +29,7 @@ DEB_PACKAGES := \
   libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev \
   prometheus-cpp-dev nlohmann-json3-dev libyaml-cpp-dev libcli11-dev libcpp-httplib-dev \
   libssl-dev zlib1g-dev libnghttp2-dev libgtest-dev libgmock-dev libbenchmark-dev \
-  dataset-fashion-mnist nodejs unzip prometheus gnuplot-nox \
+  dataset-fashion-mnist fortunes nodejs unzip prometheus gnuplot-nox \
   curl openssl python3 ca-certificates debian-archive-keyring
 
 .PHONY: all deps deps-apt deps-tools realapi build configure test test-unit test-asan demo bench bench-sidecar bench-operator clean fuzz-build fuzz-smoke fuzz

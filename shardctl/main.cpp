@@ -184,7 +184,18 @@ int main(int argc, char** argv) {
   study_cmd->add_flag("--no-plots", study.no_plots, "skip gnuplot");
   study_cmd->add_option("--threads", study_threads, "compute threads")->capture_default_str();
 
+  DataTokensOptions data_tokens;
+  auto* data_cmd = app.add_subcommand("data", "prepare datasets");
+  data_cmd->require_subcommand(1);
+  auto* tokens_cmd = data_cmd->add_subcommand(
+      "tokens", "make a token dataset (train.tokens, validation.tokens; one token per byte) from text files");
+  tokens_cmd->add_option("text", data_tokens.inputs, "text files, or directories of them")->required();
+  tokens_cmd->add_option("--out", data_tokens.out, "directory for the token files (spec.dataset.path)")->required();
+  tokens_cmd->add_option("--validation", data_tokens.validation, "share of each file that goes to validation")
+      ->capture_default_str();
+
   CLI11_PARSE(app, argc, argv);
+  if (*data_cmd) return RunDataTokens(data_tokens);
   if (*audit_cmd) return RunAuditVerify(audit_file);
   if (*pki_cmd) {
     if (*init_cmd) return RunPkiInit(pki_init);

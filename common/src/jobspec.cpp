@@ -705,19 +705,22 @@ void decode_spec(Decoder& d, const json& spec, JobSpec& job) {
 
   if (const json* m = d.object(spec, "model", "spec")) {
     const std::string p = "spec.model";
-    d.known_fields(*m, p, {"architecture", "hidden", "depth", "channels", "heads", "patchSize"});
+    d.known_fields(*m, p, {"architecture", "hidden", "depth", "channels", "heads", "patchSize", "vocab", "context"});
     d.get(*m, "architecture", p, job.model.architecture);
     d.get(*m, "hidden", p, job.model.hidden);
     d.get(*m, "depth", p, job.model.depth);
     d.get(*m, "channels", p, job.model.channels);
     d.get(*m, "heads", p, job.model.heads);
     d.get(*m, "patchSize", p, job.model.patch_size);
+    d.get(*m, "vocab", p, job.model.vocab);
+    d.get(*m, "context", p, job.model.context);
   }
 
   if (const json* m = d.object(spec, "dataset", "spec")) {
     const std::string p = "spec.dataset";
-    d.known_fields(*m, p, {"name", "path", "maxTrainSamples", "maxTestSamples"});
+    d.known_fields(*m, p, {"name", "format", "path", "maxTrainSamples", "maxTestSamples"});
     d.get(*m, "name", p, job.dataset.name);
+    d.get(*m, "format", p, job.dataset.format);
     d.get(*m, "path", p, job.dataset.path);
     d.get(*m, "maxTrainSamples", p, job.dataset.max_train_samples);
     d.get(*m, "maxTestSamples", p, job.dataset.max_test_samples);
@@ -858,17 +861,22 @@ std::vector<FieldError> validate(const JobSpec& job) {
 
   // model
   const ModelSpec& m = job.model;
-  c.one_of("spec.model.architecture", m.architecture, "architecture", {"mlp", "cnn", "vit"});
+  c.one_of("spec.model.architecture", m.architecture, "architecture", {"mlp", "cnn", "vit", "gpt"});
   c.between("spec.model.hidden", m.hidden, 1, 4096);
   c.between("spec.model.depth", m.depth, 1, 64);
   c.between("spec.model.channels", m.channels, 1, 512);
-  if (m.architecture == "vit") {
+  // Token ids are stored as uint16, so a vocabulary holds at most 65536 of them.
+  c.between("spec.model.vocab", m.vocab, 2, 65536);
+  c.between("spec.model.context", m.context, 1, 4096);
+  if (m.architecture == "vit" || m.architecture == "gpt") {
     c.at_least("spec.model.heads", m.heads, 1);
     if (m.heads >= 1 && m.hidden >= 1 && m.hidden % m.heads != 0) {
       c.fail("spec.model.heads",
              "hidden " + std::to_string(m.hidden) + " is not divisible by heads " +
                  std::to_string(m.heads) + " (each head gets hidden / heads dimensions)");
     }
+  }
+  if (m.architecture == "vit") {
     constexpr int kPatchSizes[] = {1, 2, 4, 7, 14, 28};
     if (std::find(std::begin(kPatchSizes), std::end(kPatchSizes), m.patch_size) ==
         std::end(kPatchSizes)) {
@@ -880,7 +888,17 @@ std::vector<FieldError> validate(const JobSpec& job) {
 
   // dataset
   const DatasetSpec& ds = job.dataset;
-  c.one_of("spec.dataset.name", ds.name, "dataset", {"fashion-mnist"});
+  c.not_empty("spec.dataset.name", ds.name);
+  c.max_length("spec.dataset.name", ds.name, 63);
+  if (c.one_of("spec.dataset.format", ds.format, "dataset format", {"fashion-mnist", "tokens"}) &&
+      !m.architecture.empty()) {
+    // A language model reads token windows, the classifiers read images and labels.
+    const std::string needed = m.language_model() ? "tokens" : "fashion-mnist";
+    if (ds.format != needed) {
+      c.fail("spec.dataset.format", "architecture " + m.architecture + " needs format " + needed + ", got " +
+                                        decode::quote(ds.format) + " (the data does not fit the model)");
+    }
+  }
   c.not_empty("spec.dataset.path", ds.path);
   if (c.max_length("spec.dataset.path", ds.path, 1024) && !ds.path.empty() &&
       !is_absolute_path_without_dotdot(ds.path)) {

@@ -69,6 +69,26 @@ void describe_vit(const ModelSpec& s, ModelDesc& m) {
       linear_flops(1, d, kNumClasses));
 }
 
+// gpt: token embedding + learned positions, `depth` pre-norm causal transformer
+// blocks (multi-head self-attention and a 4×-wide MLP), and a head (layer norm,
+// linear to the vocabulary). Stage 0 takes int64 token ids [context]; every
+// boundary after it carries [context, hidden] activations.
+void describe_gpt(const ModelSpec& s, ModelDesc& m) {
+  const int64_t t = s.context, d = s.hidden, v = s.vocab;
+  add(m, "embed", {t}, {t, d}, v * d + t * d, t * d);  // a lookup and the position add
+  const int64_t ln = 2 * d;
+  const int64_t block_params = 2 * ln + linear_params(d, 3 * d) + linear_params(d, d) +
+                               linear_params(d, 4 * d) + linear_params(4 * d, d);
+  // Scores and the weighted sum are computed for the whole [t, t] matrix (the
+  // causal mask hides the upper half after it is computed).
+  const int64_t block_flops = linear_flops(t, d, 3 * d) + 2 * (2 * t * t * d) + linear_flops(t, d, d) +
+                              linear_flops(t, d, 4 * d) + linear_flops(t, 4 * d, d);
+  for (int i = 0; i < s.depth; ++i) {
+    add(m, "layer" + std::to_string(i + 1), {t, d}, {t, d}, block_params, block_flops);
+  }
+  add(m, "head", {t, d}, {t, v}, ln + linear_params(d, v), linear_flops(t, d, v));
+}
+
 }  // namespace
 
 int64_t ModelDesc::parameters() const {
@@ -92,9 +112,11 @@ ModelDesc describe_model(const ModelSpec& spec) {
     describe_cnn(spec, m);
   } else if (spec.architecture == "vit") {
     describe_vit(spec, m);
+  } else if (spec.architecture == "gpt") {
+    describe_gpt(spec, m);
   } else {
     throw JobSpecError({{"spec.model.architecture", "unknown architecture \"" + spec.architecture +
-                                                        "\" (expected one of: mlp, cnn, vit)"}});
+                                                        "\" (expected one of: mlp, cnn, vit, gpt)"}});
   }
   return m;
 }

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -29,6 +30,7 @@
 #include "shardguard/common/process.h"
 #include "shardguard/common/prom_text.h"
 #include "shardguard/common/shard_files.h"
+#include "shardguard/common/token_file.h"
 #include "shardguard/operator/reconcile.h"
 #include "shardguard/operator/render.h"
 #include "shardguard/operator/status.h"
@@ -239,6 +241,8 @@ struct RunState {
   Progress progress;
   std::optional<double> test_accuracy;
   int64_t test_correct = 0, test_total = 0;
+  std::optional<double> eval_loss;  // nats per prediction
+  std::optional<double> eval_bits;  // language models: bits per token
 };
 
 void absorb(const std::string& line, RunState& st, RateMeter& rate, double now) {
@@ -258,6 +262,8 @@ void absorb(const std::string& line, RunState& st, RateMeter& rate, double now) 
     st.test_accuracy = j.value("accuracy", 0.0);
     st.test_correct = j.value("correct", int64_t{0});
     st.test_total = j.value("total", int64_t{0});
+    if (j.contains("loss")) st.eval_loss = j.value("loss", 0.0);
+    if (j.contains("bits_per_token")) st.eval_bits = j.value("bits_per_token", 0.0);
   }
 }
 
@@ -397,6 +403,21 @@ int RunLocal(const LocalRunOptions& options) {
   } catch (const std::exception& e) {
     std::cerr << "shardctl run: invalid job " << options.job_file << ":\n" << e.what() << "\n";
     return 2;
+  }
+  // Data that does not fit the model is refused before any process starts.
+  std::optional<double> unigram_bits;
+  if (job.dataset.format == "tokens") {
+    try {
+      const auto train = read_token_file(token_file_path(job.dataset.path, true));
+      check_tokens(train, token_file_path(job.dataset.path, true), job.model.vocab, job.model.context);
+      const auto validation = read_token_file(token_file_path(job.dataset.path, false));
+      check_tokens(validation, token_file_path(job.dataset.path, false), job.model.vocab, job.model.context);
+      unigram_bits = unigram_bits_per_token(train, validation, job.model.vocab);
+    } catch (const std::exception& e) {
+      std::cerr << "shardctl run: the data of job " << options.job_file << " does not fit its model: " << e.what()
+                << "\n";
+      return 2;
+    }
   }
   const int n = static_cast<int>(stages.size());
   const std::string workdir = options.workdir.empty() ? ".shardguard/" + job.name : options.workdir;
@@ -631,6 +652,7 @@ int RunLocal(const LocalRunOptions& options) {
 
   RunState state;
   state.progress.epochs = job.training.epochs;
+  if (job.model.language_model()) state.progress.bits_unit = job.model.vocab == 256 ? "bits/byte" : "bits/token";
   RateMeter rate(job.training.batch_size);
   auto last_print = Clock::now() - std::chrono::hours(1);
   int64_t last_printed_step = -1;
@@ -781,7 +803,16 @@ int RunLocal(const LocalRunOptions& options) {
     return 1;
   }
   std::cout << "\nshardctl run: done in " << format_duration(wall) << "\n";
-  if (state.test_accuracy) {
+  if (job.model.language_model() && state.eval_loss) {
+    const char* unit = job.model.vocab == 256 ? "bits/byte" : "bits/token";
+    std::printf("  validation loss %.4f nats/token, perplexity %.2f, %.3f %s over %lld tokens\n", *state.eval_loss,
+                std::exp(*state.eval_loss), state.eval_bits.value_or(*state.eval_loss / std::log(2.0)), unit,
+                static_cast<long long>(state.test_total));
+    if (unigram_bits) {
+      std::printf("  unigram baseline %.3f %s (token frequencies of train.tokens, on validation.tokens)\n",
+                  *unigram_bits, unit);
+    }
+  } else if (state.test_accuracy) {
     std::printf("  test accuracy   %.4f (%lld/%lld)\n", *state.test_accuracy, static_cast<long long>(state.test_correct),
                 static_cast<long long>(state.test_total));
   }

@@ -26,10 +26,16 @@ std::string format_progress(const Progress& p, bool terminal, int width) {
     const int filled = static_cast<int>(std::lround(frac * width));
     out += "[" + std::string(filled, '#') + std::string(width - filled, '.') + "] ";
   }
-  char buf[200];
-  std::snprintf(buf, sizeof buf, "step %lld/%lld %3d%%  loss %.4f  acc %.3f  %.0f samples/s  ETA %s",
+  char quality[64];
+  if (p.bits_unit.empty()) {
+    std::snprintf(quality, sizeof quality, "acc %.3f", p.accuracy);
+  } else {
+    std::snprintf(quality, sizeof quality, "%.3f %s", p.loss / std::log(2.0), p.bits_unit.c_str());
+  }
+  char buf[240];
+  std::snprintf(buf, sizeof buf, "step %lld/%lld %3d%%  loss %.4f  %s  %.0f samples/s  ETA %s",
                 static_cast<long long>(p.step), static_cast<long long>(p.total_steps),
-                static_cast<int>(std::floor(frac * 100)), p.loss, p.accuracy, p.samples_per_second,
+                static_cast<int>(std::floor(frac * 100)), p.loss, quality, p.samples_per_second,
                 format_duration(p.eta_seconds).c_str());
   return out + buf;
 }

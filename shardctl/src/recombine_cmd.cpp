@@ -1,5 +1,6 @@
 // `shardctl recombine`: the whole model from every shard's checkpoint and key,
 // evaluated on the test set (LibTorch; library shardguard_shardctl_torch).
+#include <cmath>
 #include <cstdio>
 #include <iostream>
 
@@ -24,13 +25,16 @@ int RunRecombine(const RecombineOptions& o) {
     const auto device = shardd::resolve_device(o.device);
     whole->to(device);
     whole->eval();
-    const auto r = shardd::evaluate(whole, shardd::load_images(job.dataset, shardd::Split::kTest),
-                                    shardd::load_labels(job.dataset, shardd::Split::kTest),
-                                    job.training.eval_batch_size, device);
+    const auto r = shardd::evaluate(whole, job, shardd::Split::kTest, device);
     std::printf("recombined %zu shards of job %s at step %lld: %lld parameters\n", files.size(), job.name.c_str(),
                 static_cast<long long>(step), static_cast<long long>(model::describe_model(job.model).parameters()));
-    std::printf("test accuracy %.4f (%lld/%lld)\n", r.accuracy(), static_cast<long long>(r.correct),
-                static_cast<long long>(r.total));
+    if (job.model.language_model()) {
+      std::printf("validation loss %.4f nats/token, perplexity %.2f, %.3f bits/token over %lld tokens\n", r.loss(),
+                  std::exp(r.loss()), r.loss() / std::log(2.0), static_cast<long long>(r.total));
+    } else {
+      std::printf("test accuracy %.4f (%lld/%lld)\n", r.accuracy(), static_cast<long long>(r.correct),
+                  static_cast<long long>(r.total));
+    }
     return 0;
   } catch (const JobSpecError& e) {
     std::cerr << "shardctl recombine: invalid job " << o.job_file << ":\n" << e.what() << "\n";

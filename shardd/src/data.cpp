@@ -6,6 +6,8 @@
 #include <memory>
 #include <sys/stat.h>
 
+#include "shardguard/common/token_file.h"
+
 namespace shardguard::shardd {
 namespace {
 
@@ -160,6 +162,93 @@ int64_t count_samples(const DatasetSpec& dataset, Split split) {
   const IdxFile labels = open_idx(dataset, split, false);
   check_same_count(dataset, split, labels, false);
   return limited(labels.count, split_limit(dataset, split));
+}
+
+namespace {
+
+uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+std::string tokens_path(const JobSpec& job, Split split) {
+  return token_file_path(job.dataset.path, split == Split::kTrain);
+}
+
+int64_t token_count(const JobSpec& job, Split split) {
+  const std::string path = tokens_path(job, split);
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    throw DatasetError("token file " + path + " does not exist (spec.dataset.path; make one with " +
+                       "`shardctl data tokens TEXT... --out " + job.dataset.path + "`)");
+  }
+  return static_cast<int64_t>(st.st_size) / 2;
+}
+
+}  // namespace
+
+int64_t count_samples(const JobSpec& job, Split split) {
+  if (job.dataset.format != "tokens") return count_samples(job.dataset, split);
+  const int64_t n = token_count(job, split);
+  if (n < job.model.context + 1) {
+    throw DatasetError("token file " + tokens_path(job, split) + " holds " + std::to_string(n) +
+                       " tokens, fewer than one window of spec.model.context + 1 = " +
+                       std::to_string(job.model.context + 1));
+  }
+  return limited(token_windows(n, job.model.context, split == Split::kTrain), split_limit(job.dataset, split));
+}
+
+Samples Samples::load(const JobSpec& job, Split split, bool features, bool targets) {
+  Samples s;
+  if (job.dataset.format != "tokens") {
+    if (features) s.x_ = load_images(job.dataset, split);
+    if (targets) s.y_ = load_labels(job.dataset, split);
+    s.count_ = count_samples(job.dataset, split);
+    return s;
+  }
+  s.tokens_ = true;
+  s.context_ = job.model.context;
+  s.train_ = split == Split::kTrain;
+  s.seed_ = job.training.seed;
+  s.count_ = count_samples(job, split);
+  const std::string path = tokens_path(job, split);
+  std::vector<uint16_t> tokens;
+  try {
+    tokens = read_token_file(path);
+    check_tokens(tokens, path, job.model.vocab, job.model.context);
+  } catch (const TokenFileError& e) {
+    throw DatasetError(e.what());
+  }
+  const auto n = static_cast<int64_t>(tokens.size());
+  s.max_offset_ = n - 1 - s.count_ * s.context_;
+  if (features || targets) {
+    s.ids_ = torch::from_blob(tokens.data(), {n}, torch::kInt16).to(torch::kInt64).bitwise_and(0xFFFF);
+  }
+  return s;
+}
+
+torch::Tensor Samples::range(int64_t begin, int64_t end) { return torch::arange(begin, end, torch::kInt64); }
+
+torch::Tensor Samples::windows(const torch::Tensor& idx, int epoch) const {
+  int64_t offset = 0;
+  if (train_ && max_offset_ > 0) {
+    offset = static_cast<int64_t>(mix64(seed_ * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(epoch) + 0x5851F42D4C957F2DULL) %
+                                  static_cast<uint64_t>(max_offset_ + 1));
+  }
+  const auto starts = idx.to(torch::kInt64) * context_ + offset;
+  const auto positions = starts.unsqueeze(1) + torch::arange(context_ + 1, torch::kInt64).unsqueeze(0);
+  return ids_.index_select(0, positions.reshape({-1})).reshape({idx.size(0), context_ + 1});
+}
+
+torch::Tensor Samples::features(const torch::Tensor& idx, int epoch) const {
+  if (!tokens_) return x_.index_select(0, idx);
+  return windows(idx, epoch).slice(1, 0, context_).contiguous();
+}
+
+torch::Tensor Samples::targets(const torch::Tensor& idx, int epoch) const {
+  if (!tokens_) return y_.index_select(0, idx);
+  return windows(idx, epoch).slice(1, 1, context_ + 1).contiguous();
 }
 
 std::vector<int64_t> epoch_order(uint64_t seed, int epoch, int64_t n) {

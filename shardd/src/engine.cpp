@@ -54,19 +54,15 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
 
   // Data: stage 0 reads only the features, the last stage only the labels.
   if (first_ || last_) {
-    const int64_t train_n = count_samples(opt_.job.dataset, Split::kTrain);
+    const int64_t train_n = count_samples(opt_.job, Split::kTrain);
     plan_ = make_batch_plan(opt_.job, train_n);
     sampler_ = std::make_unique<BatchSampler>(plan_);
     total_steps_ = plan_.total_steps();
     if (opt_.max_steps > 0) total_steps_ = std::min(total_steps_, opt_.max_steps);
   }
-  if (first_) {
-    train_x_ = load_images(opt_.job.dataset, Split::kTrain);
-    test_x_ = load_images(opt_.job.dataset, Split::kTest);
-  }
-  if (last_) {
-    train_y_ = load_labels(opt_.job.dataset, Split::kTrain);
-    test_y_ = load_labels(opt_.job.dataset, Split::kTest);
+  if (first_ || last_) {
+    train_ = Samples::load(opt_.job, Split::kTrain, first_, last_);
+    test_ = Samples::load(opt_.job, Split::kTest, first_, last_);
   }
 
   nlohmann::json ready = {{"stage", opt_.stage}, {"stages", n_}, {"blocks", {me_.first_block, me_.end_block}},
@@ -409,7 +405,8 @@ void Engine::Impl::resume_at(uint64_t generation, int64_t step) {
   train_start_ = Clock::now();
   last_checkpoint_ = step;
   if (losses_.size() > static_cast<size_t>(step)) losses_.resize(static_cast<size_t>(step));
-  eval_seen_ = eval_correct_ = 0;
+  eval_seen_ = 0;
+  eval_sum_ = EvalResult{};
   next_eval_batch_ = 0;
   metrics_.resyncs.Increment();
   log::info("pipeline resumed", {{"stage", opt_.stage}, {"step", step}, {"generation", std::to_string(generation)}});

@@ -20,6 +20,7 @@
 #include "shardguard/shardd/data.h"
 #include "shardguard/shardd/engine.h"
 #include "shardguard/shardd/schedule.h"
+#include "shardguard/shardd/trainer.h"
 #include "clock.h"
 
 namespace shardguard::shardd {
@@ -120,7 +121,7 @@ class Engine::Impl final : public Receiver {
   BatchPlan plan_;
   std::unique_ptr<BatchSampler> sampler_;
   int64_t total_steps_ = 0;
-  torch::Tensor train_x_, test_x_, train_y_, test_y_;
+  Samples train_, test_;  // stage 0: features; last stage: targets
 
   // Shared between the transport's threads and the main loop.
   mutable std::mutex mu_;
@@ -142,7 +143,8 @@ class Engine::Impl final : public Receiver {
   int64_t last_checkpoint_ = -1;
   std::vector<double> losses_;
   std::optional<EvalReport> last_eval_;
-  int64_t eval_seen_ = 0, eval_correct_ = 0, next_eval_batch_ = 0;
+  int64_t eval_seen_ = 0, next_eval_batch_ = 0;  // samples of the round so far
+  EvalResult eval_sum_;                            // predictions, hits and loss of the round so far
   double compute_seconds_ = 0;
 };
 

@@ -11,12 +11,12 @@ namespace shardguard::shardd {
 
 void Engine::Impl::run_eval_round() {
   const int round = static_cast<int>(done_ / plan_.steps_per_epoch());
-  const int64_t n = test_x_.size(0);
+  const int64_t n = test_.size();
   const int batch = opt_.job.training.eval_batch_size;
   model_->eval();
   torch::NoGradGuard no_grad;
   for (int64_t b = 0; b * batch < n; ++b) {
-    auto x = test_x_.slice(0, b * batch, std::min<int64_t>(n, (b + 1) * batch)).to(device_);
+    auto x = test_.features(Samples::range(b * batch, std::min<int64_t>(n, (b + 1) * batch))).to(device_);
     auto out = model_->forward(x);
     if (last_) {
       eval_batch(b, round, out);
@@ -46,26 +46,34 @@ void Engine::Impl::eval_batch(int64_t batch, int round, const torch::Tensor& log
     throw Stopped{};
   }
   const int64_t begin = batch * opt_.job.training.eval_batch_size;
-  const auto y = test_y_.slice(0, begin, begin + logits.size(0)).to(device_);
-  if (y.size(0) != logits.size(0)) {
+  if (begin + logits.size(0) > test_.size()) {
     fail("evaluation batch " + std::to_string(batch) + " has more samples than the test set");
     throw Stopped{};
   }
-  eval_correct_ += logits.argmax(1).eq(y).sum().item<int64_t>();
+  const auto y = test_.targets(Samples::range(begin, begin + logits.size(0))).to(device_);
+  score_batch(logits, y, eval_sum_);
   eval_seen_ += logits.size(0);
   ++next_eval_batch_;
-  if (eval_seen_ == test_y_.size(0)) {
+  if (eval_seen_ == test_.size()) {
     EvalReport r;
     r.round = round;
     r.step = done_;
-    r.correct = eval_correct_;
-    r.total = eval_seen_;
+    r.correct = eval_sum_.correct;
+    r.total = eval_sum_.total;
+    r.loss_sum = eval_sum_.loss_sum;
     last_eval_ = r;
     metrics_.eval_accuracy.Set(r.accuracy());
-    log::info("evaluation", {{"round", round}, {"step", done_}, {"accuracy", r.accuracy()}, {"correct", r.correct},
-                             {"total", r.total}});
+    metrics_.eval_loss.Set(r.loss());
+    nlohmann::json fields = {{"round", round}, {"step", done_}, {"accuracy", r.accuracy()}, {"correct", r.correct},
+                             {"total", r.total}, {"loss", r.loss()}};
+    if (opt_.job.model.language_model()) {
+      fields["perplexity"] = r.perplexity();
+      fields["bits_per_token"] = r.bits_per_token();
+    }
+    log::info("evaluation", fields);
     if (events_.on_eval) events_.on_eval(r);
-    eval_seen_ = eval_correct_ = 0;
+    eval_seen_ = 0;
+    eval_sum_ = EvalResult{};
     next_eval_batch_ = 0;
   }
 }
@@ -78,14 +86,15 @@ void Engine::Impl::train_step(int64_t step, Inbound* first_in) {
   const int epoch = first_in ? first_in->epoch : plan_.epoch_of(step);
   std::vector<torch::Tensor> inputs(m_count), outputs(m_count);
   double loss_sum = 0;
-  int64_t correct = 0;
+  int64_t correct = 0, predictions = 0;
+  const int data_epoch = sampler_ ? plan_.epoch_of(step) : 0;  // stage 0 and the last stage have a plan
   optimizer_->zero_grad();
   for (const PipeOp& op : schedule_) {
     const int m = op.micro_batch;
     if (op.kind == PipeOp::kForward) {
       torch::Tensor x;
       if (first_) {
-        x = train_x_.index_select(0, sampler_->indices(step, m)).to(device_);
+        x = train_.features(sampler_->indices(step, m), data_epoch).to(device_);
       } else {
         Inbound in = (m == 0 && first_in) ? std::move(*first_in) : expect(fwd_, "activation", step, m);
         if (in.step != step || in.micro_batch != m) {
@@ -98,10 +107,11 @@ void Engine::Impl::train_step(int64_t step, Inbound* first_in) {
       const auto t0 = Clock::now();
       auto out = model_->forward(x);
       if (last_) {
-        const auto y = train_y_.index_select(0, sampler_->indices(step, m)).to(device_);
-        auto loss = torch::nn::functional::cross_entropy(out, y);
+        const auto y = train_.targets(sampler_->indices(step, m), data_epoch).to(device_);
+        auto loss = prediction_loss(out, y);
         loss_sum += loss.item<double>();
-        correct += out.argmax(1).eq(y).sum().item<int64_t>();
+        correct += out.argmax(-1).eq(y).sum().item<int64_t>();
+        predictions += y.numel();
         out = loss / m_count;
       }
       observe(metrics_.forward_seconds, t0);
@@ -137,7 +147,7 @@ void Engine::Impl::train_step(int64_t step, Inbound* first_in) {
     r.total_steps = total_steps_;
     r.epoch = epoch;
     r.loss = loss_sum / m_count;
-    r.accuracy = static_cast<double>(correct) / opt_.job.training.batch_size;
+    r.accuracy = predictions ? static_cast<double>(correct) / static_cast<double>(predictions) : 0.0;
     losses_.resize(static_cast<size_t>(step));
     losses_.push_back(r.loss);
     metrics_.loss.Set(r.loss);

@@ -1,6 +1,7 @@
 #include "shardguard/shardd/model.h"
 
 #include <cmath>
+#include <limits>
 #include <mutex>
 
 #include <torch/nn.h>
@@ -66,6 +67,59 @@ struct VitHeadImpl : nn::Module {
 };
 TORCH_MODULE(VitHead);
 
+// gpt embedding: token ids [n, t] (int64) → token vectors + learned positions [n, t, d].
+struct TokenEmbedImpl : nn::Module {
+  TokenEmbedImpl(int vocab, int context, int dim) {
+    tokens = register_parameter("tokens", torch::randn({vocab, dim}) * 0.02);
+    pos = register_parameter("pos", torch::randn({context, dim}) * 0.02);
+  }
+  torch::Tensor forward(torch::Tensor ids) {
+    return torch::embedding(tokens, ids) + pos.slice(0, 0, ids.size(1));
+  }
+  torch::Tensor tokens, pos;
+};
+TORCH_MODULE(TokenEmbed);
+
+// Pre-norm causal transformer block: x + proj(masked MHSA(LN(x))), then
+// x + fc2(gelu(fc1(LN(x)))) with a 4×-wide MLP. Position j attends to 0..j only.
+struct CausalBlockImpl : nn::Module {
+  CausalBlockImpl(int dim, int heads) : heads(heads) {
+    ln1 = register_module("ln1", nn::LayerNorm(nn::LayerNormOptions({dim})));
+    qkv = register_module("qkv", nn::Linear(dim, 3 * dim));
+    proj = register_module("proj", nn::Linear(dim, dim));
+    ln2 = register_module("ln2", nn::LayerNorm(nn::LayerNormOptions({dim})));
+    fc1 = register_module("fc1", nn::Linear(dim, 4 * dim));
+    fc2 = register_module("fc2", nn::Linear(4 * dim, dim));
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    const int64_t n = x.size(0), t = x.size(1), d = x.size(2), dh = d / heads;
+    auto parts = qkv(ln1(x)).reshape({n, t, 3, heads, dh}).permute({2, 0, 3, 1, 4});
+    auto q = parts[0], k = parts[1], v = parts[2];
+    auto scores = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(dh));
+    const auto future = torch::ones({t, t}, torch::TensorOptions().dtype(torch::kBool).device(x.device())).triu(1);
+    auto att = torch::softmax(scores.masked_fill(future, -std::numeric_limits<float>::infinity()), -1);
+    auto mixed = torch::matmul(att, v).permute({0, 2, 1, 3}).reshape({n, t, d});
+    x = x + proj(mixed);
+    return x + fc2(torch::gelu(fc1(ln2(x))));
+  }
+  int heads;
+  nn::LayerNorm ln1{nullptr}, ln2{nullptr};
+  nn::Linear qkv{nullptr}, proj{nullptr}, fc1{nullptr}, fc2{nullptr};
+};
+TORCH_MODULE(CausalBlock);
+
+// gpt head: layer norm, linear to the vocabulary (logits for every position).
+struct LmHeadImpl : nn::Module {
+  LmHeadImpl(int dim, int vocab) {
+    ln = register_module("ln", nn::LayerNorm(nn::LayerNormOptions({dim})));
+    fc = register_module("fc", nn::Linear(dim, vocab));
+  }
+  torch::Tensor forward(torch::Tensor x) { return fc(ln(x)); }
+  nn::LayerNorm ln{nullptr};
+  nn::Linear fc{nullptr};
+};
+TORCH_MODULE(LmHead);
+
 // One block: a Sequential with a concrete forward, so it can sit inside the
 // stage's Sequential (LibTorch cannot nest plain Sequentials).
 struct BlockImpl : nn::SequentialImpl {
@@ -91,6 +145,11 @@ Block build_block(const ModelSpec& spec, const model::BlockDesc& b, int num_bloc
       return Block(nn::Flatten(), nn::Linear(flat, spec.hidden), nn::ReLU());
     }
     return Block(nn::Linear(spec.hidden, model::kNumClasses));
+  }
+  if (spec.architecture == "gpt") {
+    if (b.index == 0) return Block(TokenEmbed(spec.vocab, spec.context, spec.hidden));
+    if (last) return Block(LmHead(spec.hidden, spec.vocab));
+    return Block(CausalBlock(spec.hidden, spec.heads));
   }
   // vit
   if (b.index == 0) return Block(PatchEmbed(spec.patch_size, spec.hidden));

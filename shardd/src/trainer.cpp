@@ -37,6 +37,23 @@ torch::Device resolve_device(const std::string& device) {
   throw std::invalid_argument("--device: unknown device \"" + device + "\" (expected auto, cpu or cuda)");
 }
 
+torch::Tensor prediction_loss(const torch::Tensor& logits, const torch::Tensor& targets) {
+  if (logits.dim() == 3) {
+    return torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(2)}), targets.reshape({-1}));
+  }
+  return torch::nn::functional::cross_entropy(logits, targets);
+}
+
+void score_batch(const torch::Tensor& logits, const torch::Tensor& targets, EvalResult& r) {
+  const auto flat = logits.reshape({-1, logits.size(-1)});
+  const auto y = targets.reshape({-1});
+  r.correct += flat.argmax(1).eq(y).sum().item<int64_t>();
+  r.total += y.size(0);
+  r.loss_sum += torch::nn::functional::cross_entropy(
+                    flat, y, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
+                    .item<double>();
+}
+
 EvalResult evaluate(torch::nn::Sequential& model, const torch::Tensor& images, const torch::Tensor& labels,
                     int batch_size, torch::Device device) {
   torch::NoGradGuard no_grad;
@@ -45,8 +62,20 @@ EvalResult evaluate(torch::nn::Sequential& model, const torch::Tensor& images, c
   for (int64_t begin = 0; begin < n; begin += batch_size) {
     const int64_t end = std::min<int64_t>(n, begin + batch_size);
     auto logits = model->forward(images.slice(0, begin, end).to(device));
-    r.correct += logits.argmax(1).eq(labels.slice(0, begin, end).to(device)).sum().item<int64_t>();
-    r.total += end - begin;
+    score_batch(logits, labels.slice(0, begin, end).to(device), r);
+  }
+  return r;
+}
+
+EvalResult evaluate(torch::nn::Sequential& model, const JobSpec& job, Split split, torch::Device device) {
+  torch::NoGradGuard no_grad;
+  const Samples data = Samples::load(job, split, true, true);
+  EvalResult r;
+  const int64_t n = data.size();
+  const int batch_size = job.training.eval_batch_size;
+  for (int64_t begin = 0; begin < n; begin += batch_size) {
+    const auto idx = Samples::range(begin, std::min<int64_t>(n, begin + batch_size));
+    score_batch(model->forward(data.features(idx).to(device)), data.targets(idx).to(device), r);
   }
   return r;
 }
@@ -58,9 +87,8 @@ MonolithicResult train_monolithic(const JobSpec& job, const MonolithicOptions& o
   model->to(device);
   auto optimizer = make_optimizer(job.training.optimizer, model->parameters());
 
-  const auto images = load_images(job.dataset, Split::kTrain);
-  const auto labels = load_labels(job.dataset, Split::kTrain);
-  BatchSampler sampler(make_batch_plan(job, labels.size(0)));
+  const Samples train = Samples::load(job, Split::kTrain, true, true);
+  BatchSampler sampler(make_batch_plan(job, train.size()));
   const BatchPlan& plan = sampler.plan();
   int64_t steps = plan.total_steps();
   if (options.max_steps > 0) steps = std::min(steps, options.max_steps);
@@ -72,18 +100,20 @@ MonolithicResult train_monolithic(const JobSpec& job, const MonolithicOptions& o
     optimizer->zero_grad();
     MonolithicStep s;
     s.step = step;
-    int64_t correct = 0;
+    int64_t correct = 0, predictions = 0;
+    const int epoch = plan.epoch_of(step);
     for (int m = 0; m < plan.micro_batches; ++m) {
       const auto idx = sampler.indices(step, m);
-      auto logits = model->forward(images.index_select(0, idx).to(device));
-      const auto y = labels.index_select(0, idx).to(device);
-      auto loss = torch::nn::functional::cross_entropy(logits, y);
+      auto logits = model->forward(train.features(idx, epoch).to(device));
+      const auto y = train.targets(idx, epoch).to(device);
+      auto loss = prediction_loss(logits, y);
       (loss / plan.micro_batches).backward();
       s.loss += loss.item<double>() / plan.micro_batches;
-      correct += logits.argmax(1).eq(y).sum().item<int64_t>();
+      correct += logits.argmax(-1).eq(y).sum().item<int64_t>();
+      predictions += y.numel();
     }
     optimizer->step();
-    s.accuracy = static_cast<double>(correct) / plan.batch_size;
+    s.accuracy = static_cast<double>(correct) / static_cast<double>(predictions);
     result.samples += plan.batch_size;
     result.steps.push_back(s);
     if (options.on_step) options.on_step(s);
@@ -91,8 +121,7 @@ MonolithicResult train_monolithic(const JobSpec& job, const MonolithicOptions& o
   result.train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (options.evaluate_at_end) {
     model->eval();
-    result.eval = evaluate(model, load_images(job.dataset, Split::kTest), load_labels(job.dataset, Split::kTest),
-                           job.training.eval_batch_size, device);
+    result.eval = evaluate(model, job, Split::kTest, device);
   }
   return result;
 }

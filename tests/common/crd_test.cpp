@@ -318,9 +318,12 @@ json spec_json(const JobSpec& j) {
         {"depth", m.depth},
         {"channels", m.channels},
         {"heads", m.heads},
-        {"patchSize", m.patch_size}}},
+        {"patchSize", m.patch_size},
+        {"vocab", m.vocab},
+        {"context", m.context}}},
       {"dataset",
        {{"name", j.dataset.name},
+        {"format", j.dataset.format},
         {"path", j.dataset.path},
         {"maxTrainSamples", j.dataset.max_train_samples},
         {"maxTestSamples", j.dataset.max_test_samples}}},
@@ -612,7 +615,7 @@ TEST(Crd, DefaultsAreTheDecoderDefaults) {
     EXPECT_EQ((*node)["default"], *expected);
     with_default.insert(path);
   }
-  EXPECT_EQ(with_default.size(), 28u) << json(with_default).dump();
+  EXPECT_EQ(with_default.size(), 31u) << json(with_default).dump();
 
   // Defaulting a minimal job by the schema gives the same job the decoder makes of it.
   json minimal = minimal_job();
@@ -640,8 +643,8 @@ TEST(Crd, EnumsMatchTheDecoder) {
     bool decoder_lists_them;
   };
   const std::vector<Enum> enums = {
-      {"spec.model.architecture", {"mlp", "cnn", "vit"}, true},
-      {"spec.dataset.name", {"fashion-mnist"}, false},
+      {"spec.model.architecture", {"mlp", "cnn", "vit", "gpt"}, true},
+      {"spec.dataset.format", {"fashion-mnist", "tokens"}, true},
       {"spec.training.optimizer.name", {"sgd", "adam"}, true},
       {"spec.training.schedule", {"1f1b", "gpipe"}, true},
       {"spec.sharding.balance", {"parameters", "compute"}, true},
@@ -656,6 +659,10 @@ TEST(Crd, EnumsMatchTheDecoder) {
     for (const std::string& v : e.values) {
       json job = minimal_job();
       set_at(job, e.path, v);
+      if (v == "gpt" || v == "tokens") {  // a language model and its token data come together
+        set_at(job, "spec.model.architecture", "gpt");
+        set_at(job, "spec.dataset.format", "tokens");
+      }
       EXPECT_TRUE(decoder_errors(job).empty()) << v << ": " << joined(decoder_errors(job));
       EXPECT_TRUE(schema_errors(job).empty()) << v << ": " << joined(schema_errors(job));
     }
@@ -702,6 +709,8 @@ const std::vector<Bound>& bounds() {
       // heads and patchSize are checked for vit only (CEL rules); here: an mlp job.
       {"spec.model.heads", true, kInt32Min, false, kInt32Max, false},
       {"spec.model.patchSize", true, kInt32Min, false, kInt32Max, false},
+      {"spec.model.vocab", true, 2, false, 65536, false},
+      {"spec.model.context", true, 1, false, 4096, false},
       {"spec.dataset.maxTrainSamples", true, 0, false, std::nullopt, false},
       {"spec.dataset.maxTestSamples", true, 0, false, std::nullopt, false},
       {"spec.training.epochs", true, 1, false, 1000, false},
@@ -793,6 +802,7 @@ TEST(Crd, StringRulesMatchTheDecoder) {
   const std::vector<Case> cases = {
       // (Relative and ".." paths are a CEL rule's: EveryCrossFieldRuleOfTheDecoderHasACelRule.)
       {"spec.dataset.path", {"/data", "/", "/a/..b/c"}, {""}},
+      {"spec.dataset.name", {"fashion-mnist", "fortunes", "a", label63}, {"", label63 + "a"}},
       {"spec.protection.topologyKey", {"kubernetes.io/hostname", "zone"}, {""}},
       {"spec.protection.trustDomain",
        {"shardguard.local", "a", "a-b.c0", label63, label63 + ".x", long_name.substr(1)},
@@ -868,9 +878,11 @@ TEST(Crd, EveryCrossFieldRuleOfTheDecoderHasACelRule) {
        "!self.metadata.name.contains('.')", "DNS-1123 label"},
       {"vit heads 0", R"({"spec": {"model": {"architecture": "vit", "heads": 0}}})",
        "spec.model.heads", "spec.model", "self.heads >= 1", "heads must be at least 1"},
-      {"vit hidden not divisible by heads",
+      {"vit hidden not divisible by heads (gpt: the same rule)",
        R"({"spec": {"model": {"architecture": "vit", "hidden": 66, "heads": 4}}})",
        "spec.model.heads", "spec.model", "self.hidden % self.heads == 0", "divisible by heads"},
+      {"gpt with image data", R"({"spec": {"model": {"architecture": "gpt"}}})", "spec.dataset.format", "spec",
+       "(self.model.architecture == 'gpt') == (self.dataset.format == 'tokens')", "must be tokens for architecture gpt"},
       {"vit patch size 5", R"({"spec": {"model": {"architecture": "vit", "patchSize": 5}}})",
        "spec.model.patchSize", "spec.model", "self.patchSize in [1, 2, 4, 7, 14, 28]",
        "patchSize"},

@@ -506,7 +506,7 @@ TEST(JobSpecTest, CollectsAllErrorsIntoOneException) {
     const std::string what = e.what();
     EXPECT_EQ(e.errors().size(), 4u) << what;
     EXPECT_NE(what.find("spec.model.architecture: unsupported architecture \"resnet\" (expected one "
-                        "of: \"mlp\", \"cnn\", \"vit\")"),
+                        "of: \"mlp\", \"cnn\", \"vit\", \"gpt\")"),
               std::string::npos)
         << what;
     EXPECT_NE(what.find("spec.training.batchSize: must be at least 1, got 0"), std::string::npos)
@@ -526,7 +526,7 @@ TEST(JobSpecTest, ArchitectureIsRequired) {
   json object = minimal_job();
   object["spec"]["model"].erase("architecture");
   EXPECT_EQ(one_error(object, "spec.model.architecture"),
-            "spec.model.architecture: required, got nothing (expected one of: \"mlp\", \"cnn\", \"vit\")");
+            "spec.model.architecture: required, got nothing (expected one of: \"mlp\", \"cnn\", \"vit\", \"gpt\")");
 }
 
 TEST(JobSpecTest, ModelRanges) {
@@ -563,15 +563,49 @@ TEST(JobSpecTest, VitHeadsAndPatchSize) {
   EXPECT_NO_THROW(job_from_json(object));
 }
 
-TEST(JobSpecTest, OnlyFashionMnistIsSupported) {
+TEST(JobSpecTest, DatasetFormatsAndNames) {
   json object = minimal_job();
-  object["spec"]["dataset"] = {{"name", "cifar10"}, {"maxTrainSamples", -1}};
+  object["spec"]["dataset"] = {{"name", ""}, {"format", "cifar10"}, {"maxTrainSamples", -1}};
   const auto errors = errors_of(object);
-  const std::string name = error_at(errors, "spec.dataset.name");
-  EXPECT_NE(name.find("\"cifar10\""), std::string::npos) << name;
-  EXPECT_NE(name.find("unsupported dataset \"cifar10\" (expected one of: \"fashion-mnist\")"), std::string::npos) << name;
+  const std::string format = error_at(errors, "spec.dataset.format");
+  EXPECT_NE(format.find("unsupported dataset format \"cifar10\" (expected one of: \"fashion-mnist\", \"tokens\")"),
+            std::string::npos) << format;
+  EXPECT_NE(error_at(errors, "spec.dataset.name"), "");
   EXPECT_EQ(error_at(errors, "spec.dataset.maxTrainSamples"),
             "spec.dataset.maxTrainSamples: must be at least 0, got -1");
+  // The name is a free label.
+  object["spec"]["dataset"] = {{"name", "fortunes"}};
+  EXPECT_EQ(job_from_json(object).dataset.name, "fortunes");
+  EXPECT_EQ(job_from_json(object).dataset.format, "fashion-mnist");
+}
+
+// gpt: vocab and context (defaults 256 and 128), heads dividing hidden, and token
+// data; a classifier cannot read tokens, gpt cannot read images.
+TEST(JobSpecTest, GptFieldsAndItsDataFormat) {
+  json object = minimal_job();
+  object["spec"]["model"] = {{"architecture", "gpt"}};
+  object["spec"]["dataset"] = {{"name", "fortunes"}, {"format", "tokens"}, {"path", "/data/fortunes"}};
+  JobSpec job = job_from_json(object);
+  EXPECT_EQ(job.model.vocab, 256);
+  EXPECT_EQ(job.model.context, 128);
+  EXPECT_TRUE(job.model.language_model());
+
+  object["spec"]["model"] = {{"architecture", "gpt"}, {"hidden", 100}, {"heads", 3}, {"vocab", 70000},
+                             {"context", 0}};
+  auto errors = errors_of(object);
+  EXPECT_NE(error_at(errors, "spec.model.heads").find("hidden 100 is not divisible by heads 3"), std::string::npos);
+  EXPECT_EQ(error_at(errors, "spec.model.vocab"), "spec.model.vocab: must be at most 65536, got 70000");
+  EXPECT_EQ(error_at(errors, "spec.model.context"), "spec.model.context: must be at least 1, got 0");
+
+  object["spec"]["model"] = {{"architecture", "gpt"}};
+  object["spec"]["dataset"] = {{"path", "/usr/share/datasets/fashion-mnist"}};
+  const std::string e = one_error(object, "spec.dataset.format");
+  EXPECT_NE(e.find("architecture gpt needs format tokens, got \"fashion-mnist\""), std::string::npos) << e;
+
+  object["spec"]["model"] = {{"architecture", "cnn"}};
+  object["spec"]["dataset"] = {{"format", "tokens"}};
+  const std::string c = one_error(object, "spec.dataset.format");
+  EXPECT_NE(c.find("architecture cnn needs format fashion-mnist, got \"tokens\""), std::string::npos) << c;
 }
 
 TEST(JobSpecTest, MicroBatchesMustDivideBatchSize) {
@@ -796,7 +830,7 @@ TEST_F(JobSpecFileTest, DecodeErrorsKeepFieldPaths) {
   } catch (const JobSpecError& e) {
     EXPECT_EQ(error_at(e.errors(), "spec.model.architecture"),
               "spec.model.architecture: unsupported architecture \"resnet\" (expected one of: "
-              "\"mlp\", \"cnn\", \"vit\")");
+              "\"mlp\", \"cnn\", \"vit\", \"gpt\")");
     EXPECT_EQ(error_at(e.errors(), "spec.training.batchSize"),
               "spec.training.batchSize: must be at least 1, got 0");
   }

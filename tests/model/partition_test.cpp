@@ -39,6 +39,41 @@ TEST(ModelDescTest, CnnParameterCountsByHand) {
   EXPECT_EQ(m.blocks[4].parameters, 64 * 10 + 10);
 }
 
+// gpt: embed, `depth` layers, head; tokens [context] in, logits [context, vocab] out,
+// [context, hidden] between blocks. Counts by hand for hidden 64, 3 layers, context 32.
+TEST(ModelDescTest, GptBlocksShapesParametersAndFlopsByHand) {
+  ModelSpec s = spec("gpt");
+  s.context = 32;
+  s.vocab = 256;
+  const auto m = describe_model(s);
+  ASSERT_EQ(m.blocks.size(), 5u);
+  EXPECT_EQ(m.blocks[0].name, "embed");
+  EXPECT_EQ(m.blocks[1].name, "layer1");
+  EXPECT_EQ(m.blocks[3].name, "layer3");
+  EXPECT_EQ(m.blocks[4].name, "head");
+  EXPECT_EQ(m.blocks[0].in_shape, std::vector<int64_t>{32});
+  for (size_t i = 0; i + 1 < m.blocks.size(); ++i) {
+    EXPECT_EQ(m.blocks[i].out_shape, (std::vector<int64_t>{32, 64})) << i;
+    EXPECT_EQ(m.blocks[i].out_shape, m.blocks[i + 1].in_shape) << i;
+  }
+  EXPECT_EQ(m.blocks[4].out_shape, (std::vector<int64_t>{32, 256}));
+  EXPECT_EQ(m.blocks[0].parameters, 256 * 64 + 32 * 64);  // token table + positions
+  // two layer norms, qkv, proj, fc1 (4× wide), fc2
+  const int64_t layer = 2 * 2 * 64 + (64 * 192 + 192) + (64 * 64 + 64) + (64 * 256 + 256) + (256 * 64 + 64);
+  EXPECT_EQ(layer, 12 * 64 * 64 + 13 * 64);
+  for (int i = 1; i <= 3; ++i) EXPECT_EQ(m.blocks[i].parameters, layer);
+  EXPECT_EQ(m.blocks[4].parameters, 2 * 64 + 64 * 256 + 256);
+  EXPECT_EQ(m.parameters(), 256 * 64 + 32 * 64 + 3 * layer + 2 * 64 + 64 * 256 + 256);
+  // FLOPs per sequence: 24·t·h² for the layer's linears, 4·t²·h for scores and mixing.
+  EXPECT_EQ(m.blocks[1].flops, 24LL * 32 * 64 * 64 + 4LL * 32 * 32 * 64);
+  EXPECT_EQ(m.blocks[4].flops, 2LL * 32 * 64 * 256);
+  // Four shards by parameters: the embedding and the head can be stages of their own.
+  const auto stages = partition(m, 4, "parameters");
+  ASSERT_EQ(stages.size(), 4u);
+  EXPECT_EQ(stages.front().first_block, 0);
+  EXPECT_EQ(stages.back().end_block, 5);
+}
+
 TEST(ModelDescTest, UnknownArchitectureNamesField) {
   try {
     describe_model(spec("resnet"));
@@ -50,7 +85,7 @@ TEST(ModelDescTest, UnknownArchitectureNamesField) {
 }
 
 TEST(PartitionTest, StagesAreContiguousAndCoverTheModel) {
-  for (const char* arch : {"mlp", "cnn", "vit"}) {
+  for (const char* arch : {"mlp", "cnn", "vit", "gpt"}) {
     const auto m = describe_model(spec(arch));
     for (int n = 1; n <= static_cast<int>(m.blocks.size()); ++n) {
       for (const char* balance : {"parameters", "compute"}) {

@@ -7,11 +7,15 @@
 
 #include <filesystem>
 #include <functional>
+#include <set>
 #include <string>
 #include <vector>
 
 #include <gtest/gtest.h>
 
+#include "shardguard/common/files.h"
+#include "shardguard/common/token_file.h"
+#include "shardd/test_job.h"
 #include "support/temp_dir.h"
 
 namespace shardguard::shardd {
@@ -96,6 +100,112 @@ TEST_F(DatasetTest, ATruncatedFileIsRefused) {
   write_idx(labels(), {4}, std::string(4, '\x01'));
   const std::string e = error_of([&] { load_images(spec_, Split::kTrain); });
   EXPECT_NE(e.find(images() + " is truncated"), std::string::npos) << e;
+}
+
+// ---- token files (spec.dataset.format: tokens) ----------------------------------
+
+class TokenDataTest : public ::testing::Test {
+ protected:
+  JobSpec job(int context = 4, int vocab = 256, int64_t max_train = 0) {
+    auto j = shardguard::testing::small_gpt_job_json(1, dir_, 1);
+    j["spec"]["model"]["context"] = context;
+    j["spec"]["model"]["vocab"] = vocab;
+    j["spec"]["dataset"]["maxTrainSamples"] = max_train;
+    j["spec"]["dataset"]["maxTestSamples"] = 0;
+    return job_from_json(j);
+  }
+  void write(bool train, const std::vector<uint16_t>& t) { write_token_file(token_file_path(dir_, train), t); }
+  std::vector<uint16_t> iota(int n) {
+    std::vector<uint16_t> t(n);
+    for (int i = 0; i < n; ++i) t[i] = static_cast<uint16_t>(i);
+    return t;
+  }
+  std::string error_of(const std::function<void()>& f) {
+    try {
+      f();
+    } catch (const DatasetError& e) {
+      return e.what();
+    }
+    return "";
+  }
+  const testsupport::TempDir tmp_{"shardguard-tokens"};
+  const std::string dir_ = tmp_.str();
+};
+
+// Validation windows lie back to back; a target is its feature shifted by one.
+TEST_F(TokenDataTest, ValidationWindowsAreBackToBackAndTargetsAreTheNextTokens) {
+  write(true, iota(41));
+  write(false, iota(21));  // (21 - 1) / 4 = 5 windows of 5 tokens
+  const JobSpec j = job();
+  EXPECT_EQ(count_samples(j, Split::kTest), 5);
+  const Samples v = Samples::load(j, Split::kTest, true, true);
+  ASSERT_EQ(v.size(), 5);
+  const auto x = v.features(Samples::range(0, 5));
+  const auto y = v.targets(Samples::range(0, 5));
+  EXPECT_EQ(x.sizes().vec(), (std::vector<int64_t>{5, 4}));
+  EXPECT_EQ(x.scalar_type(), torch::kInt64);
+  for (int w = 0; w < 5; ++w) {
+    for (int t = 0; t < 4; ++t) {
+      EXPECT_EQ(x[w][t].item<int64_t>(), 4 * w + t);
+      EXPECT_EQ(y[w][t].item<int64_t>(), 4 * w + t + 1);
+    }
+  }
+}
+
+// Training windows: one fewer than fit back to back, shifted by an offset that
+// depends only on (seed, epoch): the same on every stage, different across epochs,
+// always inside the file.
+TEST_F(TokenDataTest, TrainingWindowsMovePerEpochDeterministically) {
+  write(true, iota(1001));  // 1000 / 4 - 1 = 249 windows
+  write(false, iota(21));
+  const JobSpec j = job(4, 1024);
+  EXPECT_EQ(count_samples(j, Split::kTrain), 249);
+  const Samples a = Samples::load(j, Split::kTrain, true, false);
+  const Samples b = Samples::load(j, Split::kTrain, false, true);
+  const auto all = Samples::range(0, 249);
+  std::set<int64_t> offsets;
+  for (int epoch = 0; epoch < 8; ++epoch) {
+    const auto x = a.features(all, epoch);
+    const auto y = b.targets(all, epoch);
+    EXPECT_TRUE(torch::equal(x.slice(1, 1, 4), y.slice(1, 0, 3))) << epoch;
+    EXPECT_TRUE(torch::equal(a.features(all, epoch), x)) << "not deterministic";
+    EXPECT_LE(y.max().item<int64_t>(), 1000);
+    const int64_t offset = x[0][0].item<int64_t>();
+    EXPECT_LE(offset, 4);
+    EXPECT_EQ(x[248][0].item<int64_t>(), offset + 248 * 4);
+    offsets.insert(offset);
+  }
+  EXPECT_GT(offsets.size(), 1u) << "every epoch cuts the text the same way";
+  // maxTrainSamples caps the windows of an epoch.
+  EXPECT_EQ(count_samples(job(4, 1024, 10), Split::kTrain), 10);
+}
+
+TEST_F(TokenDataTest, DataThatDoesNotFitTheModelIsRefusedNamingTheFile) {
+  const std::string train = token_file_path(dir_, true);
+  // missing
+  std::string e = error_of([&] { Samples::load(job(), Split::kTrain, true, false); });
+  EXPECT_NE(e.find(train), std::string::npos) << e;
+  EXPECT_NE(e.find("shardctl data tokens"), std::string::npos) << e;
+  // a token outside the vocabulary
+  auto t = iota(100);
+  t[57] = 300;
+  write(true, t);
+  e = error_of([&] { Samples::load(job(), Split::kTrain, true, false); });
+  EXPECT_NE(e.find(train), std::string::npos) << e;
+  EXPECT_NE(e.find("token 300 at position 57"), std::string::npos) << e;
+  EXPECT_NE(e.find("spec.model.vocab 256"), std::string::npos) << e;
+  // shorter than one window of context + 1
+  write(true, iota(8));
+  e = error_of([&] { count_samples(job(8), Split::kTrain); });
+  EXPECT_NE(e.find(train), std::string::npos) << e;
+  EXPECT_NE(e.find("holds 8 tokens"), std::string::npos) << e;
+  EXPECT_NE(e.find("context + 1 = 9"), std::string::npos) << e;
+  e = error_of([&] { Samples::load(job(8), Split::kTrain, false, true); });
+  EXPECT_NE(e.find("holds 8 tokens"), std::string::npos) << e;
+  // an odd number of bytes
+  write_file_atomic(train, std::string(11, 'a'));
+  e = error_of([&] { Samples::load(job(), Split::kTrain, true, false); });
+  EXPECT_NE(e.find("not a whole number"), std::string::npos) << e;
 }
 
 }  // namespace

@@ -64,6 +64,71 @@ TEST(ModelTest, ForwardShapesMatchTheDescription) {
   }
 }
 
+// gpt: LibTorch's parameter count equals the description's, block by block and in
+// every cut; shapes chain from int64 tokens to logits; and attention is causal:
+// a later token never changes an earlier position's output.
+JobSpec gpt_job(int hidden, int depth, int heads, int context, int vocab) {
+  auto j = shardguard::testing::small_gpt_job_json(1, "/nonexistent");
+  j["spec"]["model"] = {{"architecture", "gpt"}, {"hidden", hidden}, {"depth", depth}, {"heads", heads},
+                        {"context", context}, {"vocab", vocab}};
+  return job_from_json(j);
+}
+
+TEST(ModelTest, GptParametersEqualTheDescription) {
+  for (const JobSpec& job : {gpt_job(32, 2, 2, 16, 256), gpt_job(256, 4, 4, 128, 256), gpt_job(48, 3, 3, 7, 1000)}) {
+    const auto desc = model::describe_model(job.model);
+    const int blocks = static_cast<int>(desc.blocks.size());
+    ASSERT_EQ(blocks, job.model.depth + 2);
+    for (const auto& b : desc.blocks) {
+      auto one = build_blocks(job.model, b.index, b.index + 1, job.training.seed);
+      EXPECT_EQ(count_parameters(*one), b.parameters) << "hidden " << job.model.hidden << " block " << b.name;
+    }
+    auto whole = build_blocks(job.model, 0, blocks, job.training.seed);
+    EXPECT_EQ(count_parameters(*whole), desc.parameters()) << job.model.hidden;
+    for (int n : {2, 4}) {
+      if (n > blocks) continue;
+      int64_t sum = 0;
+      for (const auto& s : model::partition(desc, n, "parameters")) {
+        auto part = build_blocks(job.model, s.first_block, s.end_block, job.training.seed);
+        EXPECT_EQ(count_parameters(*part), s.parameters);
+        sum += count_parameters(*part);
+      }
+      EXPECT_EQ(sum, desc.parameters());
+    }
+  }
+  // The default-size byte model of the example is a few million parameters.
+  const auto big = model::describe_model(gpt_job(256, 4, 4, 128, 256).model);
+  EXPECT_GT(big.parameters(), 3'000'000);
+  EXPECT_LT(big.parameters(), 4'000'000);
+}
+
+TEST(ModelTest, GptShapesChainFromTokensToLogits) {
+  const JobSpec job = gpt_job(32, 2, 2, 16, 256);
+  const auto desc = model::describe_model(job.model);
+  torch::Tensor x = torch::randint(0, 256, {3, 16}, torch::kInt64);
+  for (const auto& b : desc.blocks) {
+    auto blk = build_blocks(job.model, b.index, b.index + 1, 1);
+    x = blk->forward(x);
+    std::vector<int64_t> want{3};
+    want.insert(want.end(), b.out_shape.begin(), b.out_shape.end());
+    EXPECT_EQ(x.sizes().vec(), want) << b.name;
+    EXPECT_EQ(x.scalar_type(), torch::kFloat32) << b.name;
+  }
+}
+
+TEST(ModelTest, GptIsCausal) {
+  const JobSpec job = gpt_job(32, 2, 2, 16, 256);
+  auto whole = build_blocks(job.model, 0, 4, job.training.seed);
+  whole->eval();
+  torch::NoGradGuard no_grad;
+  auto a = torch::randint(0, 256, {2, 16}, torch::kInt64);
+  auto b = a.clone();
+  b.index_put_({torch::indexing::Slice(), 10}, (a.index({torch::indexing::Slice(), 10}) + 1) % 256);
+  const auto ya = whole->forward(a), yb = whole->forward(b);
+  EXPECT_TRUE(torch::allclose(ya.slice(1, 0, 10), yb.slice(1, 0, 10), 1e-5, 1e-6)) << "an earlier position saw a later token";
+  EXPECT_FALSE(torch::allclose(ya.slice(1, 10, 11), yb.slice(1, 10, 11))) << "position 10 ignores its own token";
+}
+
 TEST(ScheduleTest, EveryMicroBatchOnceForwardBeforeBackward) {
   for (const char* kind : {"gpipe", "1f1b"}) {
     for (int n : {1, 2, 4}) {

@@ -122,6 +122,43 @@ TEST_F(PipelineTest, SameLossesAsOneProcessForOneTwoFourStages) {
   }
 }
 
+// gpt on token windows: the same per-step losses as one process for 1, 2 and 4
+// stages under both schedules (stage 0 receives int64 tokens, [micro, context,
+// hidden] activations travel), the same validation loss, and the metrics report it.
+TEST_F(PipelineTest, GptSameLossesAsOneProcessForOneTwoFourStages) {
+  const std::string data = dir_ + "/tokens";
+  shardguard::testing::write_small_tokens(data);
+  for (const char* schedule : {"1f1b", "gpipe"}) {
+    auto json = shardguard::testing::small_gpt_job_json(1, data);
+    json["spec"]["training"]["schedule"] = schedule;
+    const JobSpec base = job_from_json(json);
+    MonolithicOptions mo;
+    mo.device = "cpu";
+    const auto mono = train_monolithic(base, mo);
+    ASSERT_EQ(mono.steps.size(), 16u);
+    EXPECT_LT(mono.steps.back().loss, mono.steps.front().loss - 0.5) << "the reference does not learn";
+    ASSERT_GT(mono.eval.total, 0);
+    EXPECT_EQ(mono.eval.total, 74 * 16);  // (1200 - 1) / 16 validation windows, 16 predictions each
+    for (int n : {1, 2, 4}) {
+      auto jn = json;
+      jn["spec"]["sharding"]["shards"] = n;
+      const JobSpec job = job_from_json(jn);
+      std::filesystem::remove_all(dir_ + "/checkpoints");
+      const auto r = run(job);
+      for (const auto& st : r.results) ASSERT_TRUE(st.ok) << st.error;
+      const std::string what = std::string("gpt ") + schedule + " n=" + std::to_string(n);
+      expect_same_losses(r.last().losses, mono, what);
+      ASSERT_TRUE(r.last().last_eval.has_value()) << what;
+      EXPECT_EQ(r.last().last_eval->total, mono.eval.total) << what;
+      EXPECT_NEAR(r.last().last_eval->loss(), mono.eval.loss(), 1e-5 * mono.eval.loss()) << what;
+      EXPECT_NEAR(metric(*r.registries.back(), "shardguard_eval_loss"), r.last().last_eval->loss(), 1e-9) << what;
+      int64_t total = 0;
+      for (auto p : r.parameters) total += p;
+      EXPECT_EQ(total, model::describe_model(job.model).parameters()) << what;
+    }
+  }
+}
+
 TEST_F(PipelineTest, SgdWithMomentumMatchesOneProcess) {
   auto json = shardguard::testing::small_job_json("mlp", 1);
   json["spec"]["training"]["optimizer"] = {{"name", "sgd"}, {"learningRate", 0.05}, {"momentum", 0.9},
@@ -291,6 +328,8 @@ TEST_F(PipelineTest, MetricsReflectTheTraining) {
   EXPECT_EQ(metric(*r.registries[1], "shardguard_pipeline_frames_total", "direction", "sent"), 8 * 4);  // gradients
   EXPECT_NEAR(metric(*r.registries[1], "shardguard_train_loss"), r.last().losses.back(), 1e-9);
   EXPECT_NEAR(metric(*r.registries[1], "shardguard_eval_accuracy"), r.last().last_eval->accuracy(), 1e-9);
+  EXPECT_NEAR(metric(*r.registries[1], "shardguard_eval_loss"), r.last().last_eval->loss(), 1e-9);
+  EXPECT_GT(r.last().last_eval->loss(), 0);
 }
 
 TEST_F(PipelineTest, DeviceSelection) {

@@ -28,19 +28,23 @@ class JobSpecError : public DecodeError {
 };
 
 struct ModelSpec {
-  std::string architecture;  // mlp | cnn | vit
-  int hidden = 128;          // mlp width; cnn classifier width; vit embedding dim
-  int depth = 3;             // mlp hidden layers; vit transformer blocks (cnn: unused)
+  std::string architecture;  // mlp | cnn | vit | gpt
+  int hidden = 128;          // mlp width; cnn classifier width; vit/gpt embedding dim
+  int depth = 3;             // mlp hidden layers; vit/gpt transformer blocks (cnn: unused)
   int channels = 32;         // cnn: channels of the first conv block (doubles per block)
-  int heads = 4;             // vit: attention heads (hidden % heads == 0)
+  int heads = 4;             // vit/gpt: attention heads (hidden % heads == 0)
   int patch_size = 7;        // vit: patch side, divides 28
+  int vocab = 256;           // gpt: token ids 0 .. vocab-1 (256: bytes)
+  int context = 128;         // gpt: tokens per sequence
+  bool language_model() const { return architecture == "gpt"; }
 };
 
 struct DatasetSpec {
-  std::string name = "fashion-mnist";
+  std::string name = "fashion-mnist";   // a label for logs and reports
+  std::string format = "fashion-mnist"; // fashion-mnist (gzipped IDX) | tokens (uint16 LE files)
   std::string path = "/usr/share/datasets/fashion-mnist";
-  int64_t max_train_samples = 0;  // 0 = all; for quick runs and tests
-  int64_t max_test_samples = 0;   // 0 = all
+  int64_t max_train_samples = 0;  // 0 = all; for quick runs and tests (tokens: windows per epoch)
+  int64_t max_test_samples = 0;   // 0 = all (tokens: validation windows)
 };
 
 struct OptimizerSpec {

@@ -106,4 +106,20 @@ std::string ToYamlStream(const std::vector<nlohmann::json>& documents);
 // the number of lines, or the first bad line and why. 0 intact, 1 broken, 2 unreadable.
 int RunAuditVerify(const std::string& path);
 
+// ---- shardctl data tokens (data_cmd.cpp) --------------------------------------
+
+// `shardctl data tokens TEXT... --out DIR`: a token dataset (common/token_file.h)
+// from text files, one token per byte (vocab 256). Each input is a file or a
+// directory (its regular files, sorted; symbolic links and files holding a NUL byte
+// are skipped). Every file is split on its own: the first (1 - validation) of its
+// bytes, cut after a newline where there is one near, go to train.tokens, the rest
+// to validation.tokens. Exit 0 done, 1 I/O error, 2 bad input.
+struct DataTokensOptions {
+  std::vector<std::string> inputs;
+  std::string out;
+  double validation = 0.1;
+  std::size_t max_bytes = std::size_t{1} << 31;  // all inputs together
+};
+int RunDataTokens(const DataTokensOptions& options);
+
 }  // namespace shardguard::shardctl

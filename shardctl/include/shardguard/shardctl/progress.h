@@ -13,11 +13,13 @@ struct Progress {
   int64_t total_steps = 0;
   double loss = 0;
   double accuracy = 0;
+  std::string bits_unit;   // language models: "bits/byte" or "bits/token", shown instead of accuracy
   double samples_per_second = 0;
   double eta_seconds = -1;  // < 0: unknown
 };
 
 // Terminal: "epoch 1/2 [#####...............] step 50/200  25%  loss 0.4123  acc 0.859  640 samples/s  ETA 3m12s"
+// A language model shows the loss in bits instead of the accuracy: "loss 1.3862  2.000 bits/byte".
 // Plain (not a terminal): the same without the bar.
 std::string format_progress(const Progress& p, bool terminal, int width = 20);
 std::string format_duration(double seconds);  // "3m12s", "45s", "1h02m"

@@ -1,6 +1,7 @@
-// Fashion-MNIST from Debian's dataset-fashion-mnist (gzipped IDX files), and the
-// deterministic data order every stage derives on its own. Stage 0 loads only
-// the images, the last stage only the labels.
+// The data of a job (spec.dataset.format): Fashion-MNIST from Debian's
+// dataset-fashion-mnist (gzipped IDX files), or token files for a language model
+// (common/token_file.h); and the deterministic data order every stage derives on
+// its own. Stage 0 loads only the features, the last stage only the targets.
 #pragma once
 
 #include <cstdint>
@@ -19,7 +20,7 @@ class DatasetError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-enum class Split { kTrain, kTest };
+enum class Split { kTrain, kTest };  // tokens: kTest is the validation file
 
 // Normalised float images [N, 1, 28, 28]; at most `limit` (0 = all).
 // Throws DatasetError naming the file (and `make deps` when it is missing).
@@ -28,6 +29,41 @@ torch::Tensor load_images(const DatasetSpec& dataset, Split split);
 torch::Tensor load_labels(const DatasetSpec& dataset, Split split);
 // Number of samples of a split without reading the data (the IDX header only).
 int64_t count_samples(const DatasetSpec& dataset, Split split);
+
+// The samples of one split as a stage sees them, whatever the format:
+//   fashion-mnist: sample i is image i (features [n, 1, 28, 28] float) and label i
+//     (targets [n] int64);
+//   tokens: sample i is a window of context + 1 tokens; features are its first
+//     `context` tokens, targets the last `context` ([n, context] int64 each: the
+//     next token at every position). Validation windows lie back to back from the
+//     file's start; training windows too, but shifted by an offset drawn per epoch
+//     from (seed, epoch), so that each epoch cuts the text differently.
+class Samples {
+ public:
+  // Loads what `features` and `targets` ask for. Throws DatasetError naming the
+  // file when it is missing or does not fit the model (a token ≥ vocab, too few
+  // tokens for one window).
+  static Samples load(const JobSpec& job, Split split, bool features, bool targets);
+  int64_t size() const { return count_; }
+  torch::Tensor features(const torch::Tensor& idx, int epoch = 0) const;
+  torch::Tensor targets(const torch::Tensor& idx, int epoch = 0) const;
+  // int64 [end - begin]: begin, begin+1, …
+  static torch::Tensor range(int64_t begin, int64_t end);
+
+ private:
+  torch::Tensor windows(const torch::Tensor& idx, int epoch) const;  // tokens: [n, context + 1]
+  bool tokens_ = false;
+  int64_t count_ = 0;
+  torch::Tensor x_, y_;      // fashion-mnist
+  torch::Tensor ids_;        // tokens: the whole file, int64 [L]
+  int context_ = 0;
+  bool train_ = false;
+  uint64_t seed_ = 0;
+  int64_t max_offset_ = 0;   // training windows start at offset + i·context, offset ≤ this
+};
+
+// Number of samples of a split without loading the data (IDX header; token file size).
+int64_t count_samples(const JobSpec& job, Split split);
 
 // The order of the training samples in `epoch`: a Fisher-Yates shuffle driven
 // by a SplitMix64 stream of (seed, epoch). The same on every stage and platform.

@@ -25,6 +25,7 @@ struct StageMetrics {
   prometheus::Gauge& loss;
   prometheus::Gauge& train_accuracy;
   prometheus::Gauge& eval_accuracy;
+  prometheus::Gauge& eval_loss;
   prometheus::Histogram& forward_seconds;
   prometheus::Histogram& backward_seconds;
   prometheus::Histogram& optimizer_seconds;

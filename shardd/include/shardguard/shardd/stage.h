@@ -15,6 +15,7 @@
 // the whole pipeline continues from the newest checkpoint every stage holds.
 #pragma once
 
+#include <cmath>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -52,9 +53,14 @@ struct StepReport {  // emitted by the last stage after each optimizer step
 struct EvalReport {  // emitted by the last stage after each test-set evaluation
   int round = 0;     // epochs completed when it ran
   int64_t step = 0;
-  int64_t correct = 0;
-  int64_t total = 0;
+  int64_t correct = 0;  // top-1 correct predictions
+  int64_t total = 0;    // predictions: test samples, or (gpt) validation windows × context
+  double loss_sum = 0;  // cross-entropy summed over the predictions, in nats
   double accuracy() const { return total ? static_cast<double>(correct) / static_cast<double>(total) : 0.0; }
+  double loss() const { return total ? loss_sum / static_cast<double>(total) : 0.0; }
+  double perplexity() const { return std::exp(loss()); }
+  // Bits per token: bits per byte for a byte vocabulary (vocab 256).
+  double bits_per_token() const { return loss() / std::log(2.0); }
 };
 
 struct StageEvents {

@@ -11,6 +11,7 @@
 #include <torch/optim/optimizer.h>
 
 #include "shardguard/common/jobspec.h"
+#include "shardguard/shardd/data.h"
 
 namespace shardguard::shardd {
 
@@ -19,20 +20,32 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerSpec& spe
 
 torch::Device resolve_device(const std::string& device);  // auto | cpu | cuda; throws on cuda without CUDA
 
+// Predictions: one per sample for a classifier, one per position (next token) for
+// a language model.
 struct EvalResult {
-  int64_t correct = 0;
-  int64_t total = 0;
+  int64_t correct = 0;   // top-1 correct predictions
+  int64_t total = 0;     // predictions
+  double loss_sum = 0;   // cross-entropy summed over the predictions (nats)
   double accuracy() const { return total ? static_cast<double>(correct) / static_cast<double>(total) : 0.0; }
+  double loss() const { return total ? loss_sum / static_cast<double>(total) : 0.0; }
 };
 
-// Top-1 accuracy of a whole model on images/labels, in batches (no grad).
+// Mean cross-entropy of logits [n, C] against class ids [n], or of a language
+// model's logits [n, t, V] against the next tokens [n, t] (every position counts).
+torch::Tensor prediction_loss(const torch::Tensor& logits, const torch::Tensor& targets);
+// Adds one batch's top-1 hits, predictions and summed loss to `r`.
+void score_batch(const torch::Tensor& logits, const torch::Tensor& targets, EvalResult& r);
+
+// Top-1 accuracy and loss of a whole model on images/labels, in batches (no grad).
 EvalResult evaluate(torch::nn::Sequential& model, const torch::Tensor& images, const torch::Tensor& labels,
                     int batch_size, torch::Device device);
+// The same over a job's split, whatever its format (shardctl recombine, tests).
+EvalResult evaluate(torch::nn::Sequential& model, const JobSpec& job, Split split, torch::Device device);
 
 struct MonolithicStep {
   int64_t step = 0;
   double loss = 0;       // mean over the step's micro-batches
-  double accuracy = 0;   // training accuracy of the step's batch
+  double accuracy = 0;   // training accuracy of the step's batch (gpt: of its next-token predictions)
 };
 
 struct MonolithicOptions {
