@@ -94,7 +94,7 @@ std::vector<Case> invalid_cases() {
   spec("enum-optimizer", kModel + "  training: {optimizer: {name: rmsprop}}\n", 422, "spec.training.optimizer.name", "Unsupported value: \"rmsprop\"");
   spec("enum-schedule", kModel + "  training: {schedule: zb}\n", 422, "spec.training.schedule", "Unsupported value: \"zb\"");
   spec("enum-balance", kModel + "  sharding: {balance: memory}\n", 422, "spec.sharding.balance", "Unsupported value: \"memory\"");
-  spec("enum-dataset", kModel + "  dataset: {name: cifar10}\n", 422, "spec.dataset.name", "Unsupported value: \"cifar10\"");
+  spec("enum-dataset", kModel + "  dataset: {format: cifar10}\n", 422, "spec.dataset.format", "Unsupported value: \"cifar10\"");
   spec("enum-pull", kModel + "  template: {imagePullPolicy: Sometimes}\n", 422, "spec.template.imagePullPolicy", "Unsupported value: \"Sometimes\"");
   spec("enum-toleration", kModel + "  template: {tolerations: [{key: gpu, operator: Maybe}]}\n", 422,
        "spec.template.tolerations[0].operator", "Unsupported value: \"Maybe\"");
@@ -151,6 +151,14 @@ std::vector<Case> invalid_cases() {
   spec("vit-heads", "  model: {architecture: vit, heads: 0}\n", 422, "spec.model.heads", "heads must be at least 1");
   spec("vit-divides", "  model: {architecture: vit, hidden: 130, heads: 4}\n", 422, "spec.model.heads", "divisible by heads");
   spec("vit-patch", "  model: {architecture: vit, patchSize: 5}\n", 422, "spec.model.patchSize", "patchSize must divide");
+  // gpt (issue 18): heads like vit, token data only, and no token data for a classifier.
+  spec("gpt-divides", "  model: {architecture: gpt, hidden: 130, heads: 4}\n  dataset: {format: tokens}\n", 422,
+       "spec.model.heads", "divisible by heads");
+  spec("gpt-images", "  model: {architecture: gpt}\n", 422, "spec.dataset.format", "must be tokens for architecture gpt");
+  spec("mlp-tokens", kModel + "  dataset: {format: tokens}\n", 422, "spec.dataset.format",
+       "must be tokens for architecture gpt and fashion-mnist");
+  spec("gpt-vocab", "  model: {architecture: gpt, vocab: 65537}\n  dataset: {format: tokens}\n", 422,
+       "spec.model.vocab", "less than or equal to 65536");
   spec("volume-two", kModel + "  checkpoint: {volume: {emptyDir: {}, nfs: {server: nfs.local, path: /ckpt}}}\n", 422,
        "spec.checkpoint.volume", "must have at most 1 item");
   spec("volume-none", kModel + "  checkpoint: {volume: {}}\n", 422, "spec.checkpoint.volume", "should have at least 1 properties");
@@ -208,6 +216,8 @@ std::vector<std::pair<std::string, std::string>> valid_cases() {
                 "  sidecar: {image: shard-sidecar:0.1, resources: {limits: {cpu: 1}}}\n"
                 "  runPolicy: {backoffLimit: 0, activeDeadlineSeconds: 3600, ttlSecondsAfterFinished: 0, suspend: true}\n",
                 ", labels: {team: ml, app.kubernetes.io/part-of: shardguard}, annotations: {note: \"any text at all\"}")},
+      {"valid-gpt", manifest("valid-gpt", "  model: {architecture: gpt, hidden: 192, heads: 4, depth: 4, context: 128}\n"
+                                           "  dataset: {name: fortunes, format: tokens, path: /data/fortunes}\n")},
       {"valid-nulls", manifest("valid-nulls", "  model: {architecture: cnn, hidden: null}\n  training: null\n  template: {image: null}\n")},
       {"valid-trusted", manifest("valid-trusted", "  model: {architecture: mlp}\n  sharding: {shards: 3}\n"
                                                   "  protection: {trustedStages: [0], trustedNodeSelector: {example.com/owner: data-team}}\n")},

@@ -22,6 +22,19 @@ TEST(ProgressTest, TerminalLineHasBarAndFields) {
   EXPECT_NE(plain.find("step 50/200"), std::string::npos);
 }
 
+TEST(ProgressTest, LanguageModelShowsBitsInsteadOfAccuracy) {
+  Progress p;
+  p.epochs = 1;
+  p.step = 10;
+  p.total_steps = 100;
+  p.loss = 1.3862944;  // 2 bits
+  p.accuracy = 0.5;
+  p.bits_unit = "bits/byte";
+  p.samples_per_second = 40;
+  p.eta_seconds = 90;
+  EXPECT_EQ(format_progress(p, false), "epoch 1/1 step 10/100  10%  loss 1.3863  2.000 bits/byte  40 samples/s  ETA 1m30s");
+}
+
 TEST(ProgressTest, Durations) {
   EXPECT_EQ(format_duration(45), "45s");
   EXPECT_EQ(format_duration(192), "3m12s");
