@@ -129,7 +129,12 @@ struct RealApi {
   // kubectl --kubeconfig <this server> args...
   CommandResult kubectl(const std::vector<std::string>& args,
                         std::chrono::milliseconds timeout = std::chrono::seconds(60)) const {
-    std::vector<std::string> argv = {find_kubectl(), "--kubeconfig", kubeconfig};
+    // Its own discovery cache: the default one (~/.kube/cache) is keyed by host:port
+    // only, so a server of another run or worktree that had the same port (without
+    // the CRD) would make kubectl say the server has no resource type "stj". The
+    // fixture makes RUN_DIR afresh at each start, so this cache starts empty too.
+    std::vector<std::string> argv = {find_kubectl(), "--kubeconfig", kubeconfig, "--cache-dir",
+                                     run_dir + "/kubectl-cache"};
     argv.insert(argv.end(), args.begin(), args.end());
     return run_command(argv, timeout);
   }
