@@ -151,7 +151,15 @@ struct RealApi {
                  "crd/shardedtrainingjobs.shardguard.io"},
                 std::chrono::seconds(70));
     if (r.code != 0) return "CRD not Established: " + r.output;
-    return "";
+    // Established does not mean discovery lists it yet: the API server publishes a new
+    // resource asynchronously, and a kubectl that asks too early says the server has
+    // no resource type "stj". Each try is a kubectl round trip; bounded by a deadline.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    for (;;) {
+      r = kubectl({"get", "stj", "-A", "--request-timeout=10s"}, std::chrono::seconds(20));
+      if (r.code == 0) return "";
+      if (std::chrono::steady_clock::now() > deadline) return "CRD never listed by discovery: " + r.output;
+    }
   }
 };
 
