@@ -475,13 +475,11 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
     const auto& pod = i < static_cast<int>(ob.pods.size()) ? ob.pods[i] : std::nullopt;
     const auto why = pod && !being_deleted(*pod) ? unschedulable(*pod) : std::nullopt;
     if (!why) continue;
-    std::string selector;
-    for (const auto& [k, v] : spec.protection.trusted_node_selector) {
-      selector += (selector.empty() ? "" : ", ") + k + "=" + v;
-    }
+    std::vector<std::string> selector;
+    for (const auto& [k, v] : spec.protection.trusted_node_selector) selector.push_back(k + "=" + v);
     const std::string msg = "stage " + std::to_string(i) +
                             " is trusted and no node can take it: spec.protection.trustedNodeSelector selects " +
-                            selector + "; the scheduler: " + *why;
+                            join(selector, ", ") + "; the scheduler: " + *why;
     return fail_running_job("TrustedStageUnschedulable", msg, "the job was refused", "trusted stage unschedulable");
   }
 

@@ -246,9 +246,7 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
                                                         {"values", in.avoid_nodes[i]}}})}}})}}}};
     // The same list, readable from the trimmed pod the operator caches: a pod still
     // waiting for a node whose list is out of date is replaced (reconcile.cpp).
-    std::string joined;
-    for (const auto& n : in.avoid_nodes[i]) joined += (joined.empty() ? "" : ",") + n;
-    pod_meta["annotations"][kAnnotationAvoidNodes] = joined;
+    pod_meta["annotations"][kAnnotationAvoidNodes] = join(in.avoid_nodes[i], ",");
   }
   if (tmpl.is_object() && tmpl.contains("nodeSelector") && tmpl["nodeSelector"].is_object() &&
       !tmpl["nodeSelector"].empty()) {
@@ -312,15 +310,15 @@ std::vector<ExportAssignment> assign_export_principals(const JobSpec& job, const
                                       job.protection.max_exposure, job.protection.trusted_stages);
   if (runs.empty()) return {};  // every stage is trusted: nothing may be exported
   if (principals.size() < runs.size()) {
-    std::string listed;
-    for (const auto& r : runs) listed += (listed.empty() ? "" : ", ") + shards_text(r);
+    std::vector<std::string> listed;
+    for (const auto& r : runs) listed.push_back(shards_text(r));
     throw ExposureRefusal("spec.protection.export.principals: " + std::to_string(principals.size()) + " principal" +
                           (principals.size() == 1 ? "" : "s") + " cannot export all " +
                           std::to_string(stage_params.size() - job.protection.trusted_stages.size()) +
                           (job.protection.trusted_stages.empty() ? " shards" : " untrusted shards") +
                           " within maxExposure " +
                           format_ratio(job.protection.max_exposure) + ": that takes " + std::to_string(runs.size()) +
-                          ", one for each run of shards (" + listed + "); list more principals or raise maxExposure");
+                          ", one for each run of shards (" + join(listed, ", ") + "); list more principals or raise maxExposure");
   }
   std::vector<ExportAssignment> out;
   for (size_t k = 0; k < principals.size(); ++k) out.push_back({principals[k], runs[k % runs.size()]});

@@ -32,11 +32,7 @@ void print_risk(const std::string& csv, const JobSpec& job, const std::vector<in
     std::printf("  %6lld samples  R %.2f ± %.2f  row %s (%s), exposure %s\n", static_cast<long long>(w.samples),
                 w.r.mean, w.r.std, w.row.c_str(), w.attack.c_str(), format_ratio(w.exposure).c_str());
   }
-  if (!risk.out_of_reach.empty()) {
-    std::string list;
-    for (const auto& r : risk.out_of_reach) list += (list.empty() ? "" : ", ") + r;
-    std::printf("  out of reach: %s\n", list.c_str());
-  }
+  if (!risk.out_of_reach.empty()) std::printf("  out of reach: %s\n", join(risk.out_of_reach, ", ").c_str());
 }
 
 }  // namespace
@@ -78,10 +74,10 @@ int RunPlan(const std::string& job_file, const std::string& risk_csv) {
       refused = true;
     }
     if (!job.protection.trusted_stages.empty()) {
-      std::string list;
-      for (int i : job.protection.trusted_stages) list += (list.empty() ? "" : ", ") + std::to_string(i);
+      std::vector<std::string> list;
+      for (int i : job.protection.trusted_stages) list.push_back(std::to_string(i));
       std::printf("trusted stages %s: only on the data owner's nodes, left out of every untrusted principal's exposure\n",
-                  list.c_str());
+                  join(list, ", ").c_str());
     }
     if (!risk_csv.empty()) print_risk(risk_csv, job, params);
     return refused ? 1 : 0;

@@ -22,6 +22,13 @@ inline std::vector<std::string> split(const std::string& s, char sep) {
   return out;
 }
 
+// The parts with `sep` between them (split's inverse for one-character separators).
+inline std::string join(const std::vector<std::string>& parts, const std::string& sep) {
+  std::string out;
+  for (std::size_t i = 0; i < parts.size(); ++i) out += (i > 0 ? sep : "") + parts[i];
+  return out;
+}
+
 // `s` percent-encoded for a URL query or path segment: RFC 3986's unreserved
 // characters (letters, digits, '-', '_', '.', '~') stay, every other byte is %XX.
 inline std::string url_encode(const std::string& s) {
