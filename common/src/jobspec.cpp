@@ -999,6 +999,9 @@ std::vector<FieldError> validate(const JobSpec& job) {
            "must name at least one node label when trustedStages is set: the trusted stages run only on the nodes "
            "it selects");
   }
+  if (p.trusted_stages.empty() && !p.trusted_node_selector.empty()) {
+    c.fail("spec.protection.trustedStages", "must list at least one stage when trustedNodeSelector is set");
+  }
   if (job.template_.is_object() && job.template_.contains("nodeSelector") && job.template_["nodeSelector"].is_object()) {
     const json& ns = job.template_["nodeSelector"];
     for (const auto& [key, value] : p.trusted_node_selector) {
@@ -1008,9 +1011,6 @@ std::vector<FieldError> validate(const JobSpec& job) {
                    quote(value) + " here): no node could take the trusted stages");
       }
     }
-  }
-  if (p.trusted_stages.empty() && !p.trusted_node_selector.empty()) {
-    c.fail("spec.protection.trustedStages", "must list at least one stage when trustedNodeSelector is set");
   }
 
   // checkpoint

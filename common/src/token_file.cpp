@@ -47,12 +47,6 @@ void check_tokens(const std::vector<uint16_t>& tokens, const std::string& path, 
   }
 }
 
-int64_t check_token_file(const std::string& path, int vocab, int context) {
-  const auto tokens = read_token_file(path);
-  check_tokens(tokens, path, vocab, context);
-  return static_cast<int64_t>(tokens.size());
-}
-
 int64_t token_windows(int64_t tokens, int context, bool train) {
   if (context < 1 || tokens < static_cast<int64_t>(context) + 1) return 0;
   const int64_t back_to_back = (tokens - 1) / context;

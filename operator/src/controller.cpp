@@ -447,13 +447,9 @@ seconds Controller::reconcile(const std::string& ns, const std::string& name) {
       // that do not answer cost about 1 s together, not 1 s each.
       std::vector<std::future<std::optional<int64_t>>> sequences;
       for (const auto& pod : ob.pods) {
-        if (running_pod_ip(pod).empty()) {
-          std::promise<std::optional<int64_t>> none;
-          none.set_value(std::nullopt);
-          sequences.push_back(none.get_future());
-        } else {
-          sequences.push_back(std::async(std::launch::async, [this, pod] { return read_ledger_sequence(pod); }));
-        }
+        // A pod that is not running is answered at get() without a thread (nullopt).
+        const auto policy = running_pod_ip(pod).empty() ? std::launch::deferred : std::launch::async;
+        sequences.push_back(std::async(policy, [this, pod] { return read_ledger_sequence(pod); }));
       }
       if (!ob.pods.empty()) ob.progress = read_progress(ob.pods.back());
       for (auto& f : sequences) ob.ledger_sequences.push_back(f.get());

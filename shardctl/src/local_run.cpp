@@ -804,7 +804,7 @@ int RunLocal(const LocalRunOptions& options) {
   }
   std::cout << "\nshardctl run: done in " << format_duration(wall) << "\n";
   if (job.model.language_model() && state.eval_loss) {
-    const char* unit = job.model.vocab == 256 ? "bits/byte" : "bits/token";
+    const char* unit = state.progress.bits_unit.c_str();
     std::printf("  validation loss %.4f nats/token, perplexity %.2f, %.3f %s over %lld tokens\n", *state.eval_loss,
                 std::exp(*state.eval_loss), state.eval_bits.value_or(*state.eval_loss / std::log(2.0)), unit,
                 static_cast<long long>(state.test_total));

@@ -31,9 +31,6 @@ std::vector<uint16_t> read_token_file(const std::string& path, std::size_t max_b
 // Throws TokenFileError naming the file, the mismatch and the spec field.
 void check_tokens(const std::vector<uint16_t>& tokens, const std::string& path, int vocab, int context);
 
-// Reads and checks a file (read_token_file + check_tokens); returns its token count.
-int64_t check_token_file(const std::string& path, int vocab, int context);
-
 // Windows of context + 1 tokens a split of `tokens` tokens offers per pass:
 // validation: (tokens - 1) / context, back to back; training: one fewer when there
 // are at least two, so that each pass can start at a random offset (docs/models.md).
