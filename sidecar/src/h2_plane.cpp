@@ -131,8 +131,8 @@ struct H2Plane::State {
     return h2::Decision::allow_to(info.upstream, true);
   }
 
-  void call_end(const char* direction, const h2::CallEnd& e) {
-    const bool inbound_call = direction[0] == 'i';
+  void call_end(bool inbound_call, const h2::CallEnd& e) {
+    const char* direction = inbound_call ? "inbound" : "outbound";  // the metric label
     const std::string& path = e.info.path;
     if (e.refused_by_relay && e.refusal_reason == "header_list_too_large") {
       core.count_size_refusal(direction, "header_list_too_large", "request headers over the size limit refused",
@@ -164,10 +164,9 @@ struct H2Plane::State {
     core.count_request(path, e.grpc_status >= 0 ? e.grpc_status : kCancelled, direction, e.info.started);
   }
 
-  h2::RelayHooks hooks(const char* direction) {
+  h2::RelayHooks hooks(bool inbound) {
     h2::RelayHooks h;
-    const bool inbound_hooks = direction[0] == 'i';
-    if (inbound_hooks) {
+    if (inbound) {
       h.decide = [this](const h2::RequestInfo& r) { return decide_inbound(r); };
       h.on_message = [this](const h2::CallInfo& info, h2::Direction dir, const h2::GrpcMessage& m) {
         return on_message(info, dir, m);
@@ -180,7 +179,7 @@ struct H2Plane::State {
     } else {
       h.decide = [this](const h2::RequestInfo& r) { return decide_outbound(r); };
     }
-    h.on_call_end = [this, direction](const h2::CallEnd& e) { call_end(direction, e); };
+    h.on_call_end = [this, inbound](const h2::CallEnd& e) { call_end(inbound, e); };
     return h;
   }
 };
@@ -215,8 +214,8 @@ void H2Plane::start() {
   out.drop_request_headers = {kTargetHeader};
   out.limits = s.limits();
 
-  s.inbound = std::make_unique<h2::Relay>("", std::move(in), s.hooks("inbound"), 1);
-  s.outbound = std::make_unique<h2::Relay>(config.outbound_listen, std::move(out), s.hooks("outbound"), 1);
+  s.inbound = std::make_unique<h2::Relay>("", std::move(in), s.hooks(/*inbound=*/true), 1);
+  s.outbound = std::make_unique<h2::Relay>(config.outbound_listen, std::move(out), s.hooks(/*inbound=*/false), 1);
   s.inbound->start();
   try {
     s.outbound->start();
