@@ -56,11 +56,13 @@ int RunPlan(const std::string& job_file, const std::string& risk_csv) {
     for (const auto& s : stages) {
       params.push_back(s.parameters);
       const double share = model::parameter_share(desc, s);
-      largest = std::max(largest, share);
+      // A trusted stage stays with the data owner: the operator leaves it out of this check.
+      if (!job.protection.trusted_stages.count(s.index)) largest = std::max(largest, share);
       std::printf("  shard %-2d blocks %d..%d  %10lld params (%5.1f%%)  %9.3f MFLOP\n", s.index, s.first_block,
                   s.end_block - 1, static_cast<long long>(s.parameters), 100 * share, s.flops / 1e6);
     }
-    std::printf("largest shard holds %.1f%% of the parameters; spec.protection.maxExposure is %.1f%%%s\n",
+    std::printf("largest %sshard holds %.1f%% of the parameters; spec.protection.maxExposure is %.1f%%%s\n",
+                job.protection.trusted_stages.empty() ? "" : "untrusted ",
                 100 * largest, 100 * job.protection.max_exposure,
                 largest > job.protection.max_exposure ? " — EXCEEDED: no placement can keep this job within it" : "");
     bool refused = largest > job.protection.max_exposure;

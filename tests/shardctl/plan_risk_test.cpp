@@ -110,5 +110,25 @@ TEST(PlanRisk, PlanPrintsTheRiskAndRefusesAnUnreadableStudy) {
   GetCapturedStdout();
 }
 
+// Stage 0 of this MLP holds 85 % of it: above 0.5 unless it is trusted, as the operator
+// decides (Render.TrustedStagesRunOnTheOwnersNodesAndAreOutOfTheLimit).
+TEST(PlanRisk, ATrustedStageIsOutOfPlansLargestStageCheck) {
+  const testsupport::TempDir tmp{"plan-trusted"};
+  const std::string job = std::string("apiVersion: shardguard.io/v1alpha1\nkind: ShardedTrainingJob\n") +
+                          "metadata: {name: m, namespace: ml}\nspec:\n  model: {architecture: mlp, hidden: 64}\n" +
+                          "  sharding: {shards: 3}\n  protection:\n    maxExposure: 0.5\n";
+  write_file_atomic(tmp.str() + "/plain.yaml", job);
+  write_file_atomic(tmp.str() + "/trusted.yaml",
+                    job + "    trustedStages: [0]\n    trustedNodeSelector: {owner: me}\n");
+  CaptureStdout();
+  EXPECT_EQ(RunPlan(tmp.str() + "/plain.yaml"), 1);
+  EXPECT_NE(GetCapturedStdout().find("EXCEEDED"), std::string::npos);
+  CaptureStdout();
+  EXPECT_EQ(RunPlan(tmp.str() + "/trusted.yaml"), 0);
+  const std::string out = GetCapturedStdout();
+  EXPECT_EQ(out.find("EXCEEDED"), std::string::npos) << out;
+  EXPECT_NE(out.find("largest untrusted shard holds"), std::string::npos) << out;
+}
+
 }  // namespace
 }  // namespace shardguard::shardctl
