@@ -25,7 +25,7 @@ struct Flags {
   double first_bytes_timeout_s = 2;
   double reload_interval_s = 1;
   std::string metrics = "127.0.0.1:9101";
-  std::string data_plane = "grpc";
+  std::string data_plane = "h2";
 };
 
 int RunSidecar(Flags flags) {

@@ -74,7 +74,7 @@ DataPlane parse_data_plane(const std::string& text);
 const char* data_plane_name(DataPlane plane);
 
 struct ProxyConfig {
-  DataPlane data_plane = DataPlane::grpc;
+  DataPlane data_plane = DataPlane::h2;
   std::string inbound_listen = "0.0.0.0:7443";    // mTLS, the pod's only way in
   std::string outbound_listen = "127.0.0.1:7001";  // plaintext, loopback only
   std::string upstream = "127.0.0.1:7000";         // the local shardd
