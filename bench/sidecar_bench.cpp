@@ -1,5 +1,5 @@
-// sidecar_bench: what the two-sidecar path costs (issue 3, "Benchmark"). In one run,
-// everything on 127.0.0.1:
+// sidecar_bench: what the two-sidecar path costs, per data plane (issues 3 and 17). In
+// one run, everything on 127.0.0.1:
 //
 //   direct:        client ──────────────────────────────────────────▶ echo server
 //   two sidecars:  client ─▶ sidecar A outbound ══mTLS══▶ sidecar B inbound ─▶ echo server
@@ -12,20 +12,21 @@
 // /shardguard.v1.Pipeline/Forward to B, B accepts it from A. Every call of the bench
 // is that Forward method.
 //
+// The direct path is measured first; then, for each data plane of --planes (default
+// grpc, then h2), a fresh pair of sidecars runs the same phases:
 //   (a) unary 1 KiB requests, open loop at a fixed rate (default 1000/s; send times
 //       are scheduled, never held back by replies): warm-up excluded, then N measured;
-//       latency p50/p90/p99 of each path and the added latency (two sidecars − direct).
+//       latency p50/p90/p99 and the added latency (two sidecars − direct); each
+//       sidecar's CPU per measured call (utime+stime from /proc/<pid>/stat).
 //   (b) streaming 1 MiB messages over one stream: the client writes them as fast as
 //       flow control lets it and the server answers with small cumulative acks
-//       (one-way throughput, the shape of a pipeline Forward); also an echo stream
-//       (every message comes back) for the bidirectional case.
-//   (c) CPU (utime+stime from /proc/<pid>/stat over the phase's wall time, in cores)
-//       and peak RSS (VmHWM after (a); during (b) VmRSS sampled every 50 ms and the
-//       final VmHWM) of each sidecar.
+//       (one-way throughput, the shape of a pipeline Forward), and each sidecar's CPU
+//       per GB relayed; then an echo stream (every message comes back).
+//   RSS: VmRSS of each sidecar right after it started (idle) and VmHWM at the end (peak).
 //
 // Figures (DESIGN.md §8) are APPENDED to the results file (default
 // build/bench/results.jsonl; `make bench` runs pipeline_bench first, which rewrites
-// it) and printed as a table with the issue's targets.
+// it) and printed as issue 17's table: one column per plane, the goal, the verdict.
 #include <signal.h>
 #include <sys/prctl.h>
 #include <unistd.h>
@@ -73,12 +74,13 @@ using namespace std::chrono_literals;
 using namespace shardguard;
 using namespace shardguard::bench;
 
-// Issue 3's targets.
-constexpr double kTargetAddedP90Ms = 0.10;
-constexpr double kTargetAddedP99Ms = 0.15;
-constexpr double kTargetStreamGBps = 1.0;
-constexpr double kTargetStreamRatio = 0.8;
-constexpr double kTargetRssMB = 20.0;  // MB = 10^6 bytes
+// Issue 17's goals, per sidecar where it applies.
+constexpr double kGoalAddedMs[3] = {0.10, 0.15, 0.30};  // added latency p50 / p90 / p99
+constexpr double kGoalCpuPerCallUs = 50;                 // CPU per unary call
+constexpr double kGoalStreamRatio = 0.6;                 // one stream, through the pair vs direct
+constexpr double kGoalCpuPerGB = 0.6;                    // core·s per GB relayed
+constexpr double kGoalIdleRssMB = 12;                    // MB = 10^6 bytes
+constexpr double kGoalPeakRssMB = 32;
 
 const std::string kTrustDomain = "shardguard.local";
 const std::string kNamespace = "bench";
@@ -441,12 +443,13 @@ struct Sidecar {
 
 // Starts one shard-sidecar with port-0 listeners, reads the bound ports from its
 // "listening" log line and waits until its /readyz answers 200 (all bounded).
-std::unique_ptr<Sidecar> start_sidecar(const std::string& name, const fs::path& binary, const fs::path& dir,
+std::unique_ptr<Sidecar> start_sidecar(const std::string& name, const fs::path& binary, const std::string& plane,
+                                       const fs::path& dir,
                                        const std::string& upstream, const std::vector<std::string>& peers,
                                        int64_t max_message_bytes) {
   auto s = std::make_unique<Sidecar>();
   s->name = name;
-  s->log = dir / "sidecar.log";
+  s->log = dir / ("sidecar-" + plane + ".log");
   SpawnOptions o;
   o.argv = {binary.string(),
             "--inbound", "127.0.0.1:0",
@@ -457,7 +460,8 @@ std::unique_ptr<Sidecar> start_sidecar(const std::string& name, const fs::path& 
             "--ca", (dir.parent_path() / "ca.pem").string(),
             "--policy", (dir / "policy.json").string(),
             "--metrics", "127.0.0.1:0",
-            "--max-message-bytes", std::to_string(max_message_bytes)};
+            "--max-message-bytes", std::to_string(max_message_bytes),
+            "--data-plane", plane};
   for (const auto& p : peers) o.argv.insert(o.argv.end(), {"--peer", p});
   o.log_file = s->log.string();
   s->process = std::make_unique<Process>(o);
@@ -495,39 +499,6 @@ std::unique_ptr<Sidecar> start_sidecar(const std::string& name, const fs::path& 
   return s;
 }
 
-// Samples VmRSS of some processes every 50 ms and keeps each one's peak.
-class RssSampler {
- public:
-  explicit RssSampler(std::vector<pid_t> pids) : pids_(std::move(pids)), peaks_(pids_.size(), 0) {
-    thread_ = std::thread([this] {
-      std::unique_lock<std::mutex> lock(mu_);
-      while (!stop_) {
-        for (size_t i = 0; i < pids_.size(); ++i) peaks_[i] = std::max(peaks_[i], proc_status_bytes(pids_[i], "VmRSS"));
-        cv_.wait_for(lock, 50ms, [&] { return stop_; });
-      }
-    });
-  }
-  ~RssSampler() { stop(); }
-  std::vector<int64_t> stop() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    if (thread_.joinable()) thread_.join();
-    for (size_t i = 0; i < pids_.size(); ++i) peaks_[i] = std::max(peaks_[i], proc_status_bytes(pids_[i], "VmRSS"));
-    return peaks_;
-  }
-
- private:
-  std::vector<pid_t> pids_;
-  std::vector<int64_t> peaks_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool stop_ = false;
-  std::thread thread_;
-};
-
 // CPU of a set of processes over an interval, in cores (cpu seconds / wall seconds).
 class CpuMeter {
  public:
@@ -564,25 +535,6 @@ class CpuMeter {
   std::vector<double> cpu0_, cores_;
 };
 
-// ---- results --------------------------------------------------------------------------------
-struct Row {
-  json j;             // the results-file object
-  std::string label;  // table
-  std::string shown;  // value as shown
-  std::string base;   // baseline as shown
-  std::string target; // "" = no target
-  std::string verdict;
-};
-
-void print_table(const std::vector<Row>& rows) {
-  const std::vector<std::string> head = {"figure", "value", "baseline", "ratio", "target", ""};
-  std::vector<std::vector<std::string>> cells;
-  for (const auto& r : rows) {
-    cells.push_back({r.label, r.shown, r.base, fixed(r.j["ratio"].get<double>(), 3), r.target, r.verdict});
-  }
-  bench::print_table(head, cells, [](size_t i) { return i == 0 || i >= 4; });
-}
-
 struct Options {
   fs::path out;
   fs::path sidecar;
@@ -595,6 +547,7 @@ struct Options {
   int64_t echo_mib = 256;
   int timeout_s = 60;
   bool keep_dir = false;
+  std::vector<std::string> planes = {"grpc", "h2"};  // shard-sidecar --data-plane, in this order
 };
 
 // Writes the CA, each sidecar's leaf, key and policy under dir (dir/ca.pem, dir/a/, dir/b/).
@@ -614,249 +567,308 @@ void write_pki_and_policies(const fs::path& dir) {
   }
 }
 
-int run_bench(const Options& opt) {
-  if (::access(opt.sidecar.c_str(), X_OK) != 0) {
-    throw BenchError("cannot run " + opt.sidecar.string() + " (build it: cmake --build build --target shard-sidecar)");
+// The direct path (client ─▶ echo server, no sidecar) in (a) and (b): every figure of
+// the two-sidecar path is read against it.
+struct Direct {
+  UnaryResult unary;
+  CpuMeter unary_cpu{{::getpid()}};
+  StreamResult stream, echo;
+  CpuMeter stream_cpu{{::getpid()}};
+};
+
+// What one data plane measured (sidecar A = index 0, B = 1).
+struct PlaneResult {
+  std::string plane;
+  UnaryResult unary;
+  StreamResult stream, echo;
+  double cpu_per_call_us[2] = {0, 0};  // CPU seconds in (a) / measured calls
+  double cpu_per_gb[2] = {0, 0};       // core·s per GB relayed in (b)
+  double idle_rss_mb[2] = {0, 0};      // VmRSS after start, before any call
+  double peak_rss_mb[2] = {0, 0};      // VmHWM at the end (≥ every sampled VmRSS)
+  double added_ms(double q, const Direct& d) const { return unary.p(q) - d.unary.p(q); }
+};
+
+class Bench {
+ public:
+  explicit Bench(const Options& opt) : opt_(opt) {
+    warmup_ = static_cast<int64_t>(std::llround(opt.warmup_s * opt.rate));
+    stream_count_ =
+        std::max<int64_t>(1, opt.stream_mib * (1 << 20) / static_cast<int64_t>(opt.message_bytes));
+    echo_count_ = std::max<int64_t>(1, opt.echo_mib * (1 << 20) / static_cast<int64_t>(opt.message_bytes));
+    warm_count_ = std::max<int64_t>(1, stream_count_ / 8);
   }
-  install_signal_handlers();
-  const auto bench_start = Clock::now();
-  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
-  const auto warmup = static_cast<int64_t>(std::llround(opt.warmup_s * opt.rate));
-  const int64_t stream_count = std::max<int64_t>(1, opt.stream_mib * (1 << 20) / static_cast<int64_t>(opt.message_bytes));
-  const int64_t echo_count = std::max<int64_t>(1, opt.echo_mib * (1 << 20) / static_cast<int64_t>(opt.message_bytes));
-  const auto limit = std::chrono::seconds(opt.timeout_s);
-  std::cout << "sidecar_bench: " << cores << " cores; results appended to " << opt.out.string() << "\n" << std::flush;
 
-  TempDir tmp("sidecar_bench");
-  if (opt.keep_dir) tmp.keep();
-  write_pki_and_policies(tmp.path());
-  EchoServer echo;
-
-  const std::string shard1 = spiffe_id_for_shard(kTrustDomain, kNamespace, kJob, 1);
-  const int64_t max_msg = std::max<int64_t>(64LL << 20, static_cast<int64_t>(opt.message_bytes) + 4096);
-  auto b = start_sidecar("B", opt.sidecar, tmp.path() / "b", echo.address(), {}, max_msg);
-  auto a = start_sidecar("A", opt.sidecar, tmp.path() / "a", echo.address() /* shard 0's shardd: no call goes there */,
-                         {shard1 + "=127.0.0.1:" + std::to_string(b->inbound_port)}, max_msg);
-  std::cout << "  echo server " << echo.address() << "; sidecar B pid " << b->pid() << " (inbound "
-            << b->inbound_port << "), sidecar A pid " << a->pid() << " (outbound " << a->outbound_port << ")\n";
-  const int64_t a_idle = proc_status_bytes(a->pid(), "VmRSS"), b_idle = proc_status_bytes(b->pid(), "VmRSS");
-  // Of that: mapped files (mostly the shared libraries' code, shared with other processes) and anonymous memory.
-  const int64_t a_idle_file = proc_status_bytes(a->pid(), "RssFile"), a_idle_anon = proc_status_bytes(a->pid(), "RssAnon");
-
-  auto direct = plaintext_channel(echo.address());
-  auto through = plaintext_channel("127.0.0.1:" + std::to_string(a->outbound_port));
-  wait_for_path(direct, "direct", 10s);
-  wait_for_path(through, "two-sidecar", 20s);
-
-  const pid_t self = ::getpid();
-  std::vector<Row> rows;
-  auto add = [&](json j, const std::string& label, int dec, const std::string& target = "",
-                 std::optional<bool> met = std::nullopt) {
-    const std::string unit = j["unit"].get<std::string>();
-    Row r;
-    r.label = label;
-    r.shown = fixed(j["value"].get<double>(), dec) + " " + unit;
-    r.base = fixed(j["baseline"].get<double>(), dec) + " " + unit;
-    r.target = target;
-    if (met) {
-      j["met"] = *met;
-      r.verdict = *met ? "pass" : "MISS";
+  int run() {
+    if (::access(opt_.sidecar.c_str(), X_OK) != 0) {
+      throw BenchError("cannot run " + opt_.sidecar.string() +
+                       " (build it: cmake --build build --target shard-sidecar)");
     }
-    r.j = std::move(j);
-    rows.push_back(std::move(r));
-  };
+    install_signal_handlers();
+    const auto bench_start = Clock::now();
+    std::cout << "sidecar_bench: " << cores_ << " cores; data planes";
+    for (const auto& p : opt_.planes) std::cout << " " << p;
+    std::cout << "; results appended to " << opt_.out.string() << "\n" << std::flush;
 
-  // Phases during which other processes kept the CPUs busy (figures then unreliable).
-  std::vector<std::pair<std::string, double>> contended;
-  auto busy_note = [&](const std::string& phase, const CpuMeter& m) {
-    if (m.other_cores() > 0.25) contended.emplace_back(phase, m.other_cores());
-    return "(machine busy " + fixed(m.machine_cores(), 2) + " of " + std::to_string(cores) + " cores, " +
-           fixed(m.other_cores(), 2) + " by other processes)";
-  };
+    TempDir tmp("sidecar_bench");
+    if (opt_.keep_dir) tmp.keep();
+    write_pki_and_policies(tmp.path());
 
-  // ---- (a) unary ----
-  std::cout << "(a) unary " << opt.payload_bytes << " B at " << opt.rate << "/s: " << warmup << " warm-up + "
-            << opt.requests << " measured calls per path\n"
-            << std::flush;
-  CpuMeter direct_cpu({self});
-  std::cout << "    direct ..." << std::flush;
-  const UnaryResult ud = run_unary(direct, opt.rate, warmup, opt.requests, opt.payload_bytes,
-                                   [&] { direct_cpu.start(); }, [&] { direct_cpu.stop(); });
-  std::cout << " p50 " << fixed(ud.p(50), 3) << " ms, p99 " << fixed(ud.p(99), 3) << " ms "
-            << busy_note("(a) direct", direct_cpu) << "\n"
-            << std::flush;
-  CpuMeter side_cpu({self, a->pid(), b->pid()});
-  std::cout << "    two sidecars ..." << std::flush;
-  const UnaryResult us = run_unary(through, opt.rate, warmup, opt.requests, opt.payload_bytes,
-                                   [&] { side_cpu.start(); }, [&] { side_cpu.stop(); });
-  std::cout << " p50 " << fixed(us.p(50), 3) << " ms, p99 " << fixed(us.p(99), 3) << " ms "
-            << busy_note("(a) two sidecars", side_cpu) << "\n"
-            << std::flush;
-  a->ensure_alive("(a)");
-  b->ensure_alive("(a)");
-  for (const auto* r : {&ud, &us}) {
-    if (r->errors > 0) {
-      throw BenchError(std::string(r == &ud ? "direct" : "two-sidecar") + " path: " + std::to_string(r->errors) +
-                       " of " + std::to_string(opt.requests) + " calls failed; first: " + r->first_error);
-    }
-  }
-  std::cout << "    sender lateness vs schedule: p99 " << fixed(ud.lag_p99_ms, 3) << " / " << fixed(us.lag_p99_ms, 3)
-            << " ms, max " << fixed(ud.lag_max_ms, 3) << " / " << fixed(us.lag_max_ms, 3)
-            << " ms (direct / two sidecars)\n";
-  const int64_t a_hwm_a = proc_status_bytes(a->pid(), "VmHWM"), b_hwm_a = proc_status_bytes(b->pid(), "VmHWM");
+    const Direct direct = measure_direct();
+    std::vector<PlaneResult> planes;
+    for (const auto& plane : opt_.planes) planes.push_back(measure_plane(plane, tmp.path()));
 
-  const std::string ub = "sidecar.unary_" + size_label(opt.payload_bytes);
-  const std::vector<std::pair<double, std::string>> quantiles = {{50, "p50"}, {90, "p90"}, {99, "p99"}};
-  for (const auto& [q, name] : quantiles) {
-    json j = figure(ub + ".direct", "latency_" + name, ud.p(q), "ms", ud.p(q));
-    j["machine_other_cores"] = rounded(direct_cpu.other_cores(), 3);
-    add(j, "unary direct " + name, 3);
-  }
-  for (const auto& [q, name] : quantiles) {
-    json j = figure(ub + ".two_sidecars", "latency_" + name, us.p(q), "ms", ud.p(q));
-    j["machine_other_cores"] = rounded(side_cpu.other_cores(), 3);
-    add(j, "unary two sidecars " + name, 3);
-  }
-  for (const auto& [q, name] : quantiles) {
-    const double added = us.p(q) - ud.p(q);
-    json j = figure(ub + ".added", "latency_" + name, added, "ms", ud.p(q));
-    const double target = q == 90 ? kTargetAddedP90Ms : q == 99 ? kTargetAddedP99Ms : -1;
-    if (target > 0 && added < 0) {
-      // The direct path was slower at this percentile: its tail was noise (scheduling on a
-      // busy or virtual machine), so the difference says nothing about the sidecars.
-      j["target"] = target;
-      j["met"] = nullptr;
-      j["note"] = "direct path slower than the two-sidecar path at this percentile: noise, no verdict";
-      add(j, "unary added " + name + " (vs direct)", 3, "<= " + fixed(target, 2) + " ms");
-      rows.back().verdict = "n/a (direct slower: noise)";
-    } else if (target > 0) {
-      j["target"] = target;
-      add(j, "unary added " + name + " (vs direct)", 3, "<= " + fixed(target, 2) + " ms", added <= target);
-    } else {
-      add(j, "unary added " + name + " (vs direct)", 3);
-    }
-  }
-
-  // ---- (b) streaming ----
-  std::cout << "(b) one stream of " << opt.message_bytes << "-byte messages per path: " << stream_count
-            << " acknowledged (one way, after a warm-up stream of " << std::max<int64_t>(1, stream_count / 8)
-            << "), then " << echo_count << " echoed\n"
-            << std::flush;
-  RssSampler rss({a->pid(), b->pid()});
-  const int64_t warm_count = std::max<int64_t>(1, stream_count / 8);
-  run_stream(direct, StreamMode::kAck, warm_count, opt.message_bytes, limit);
-  CpuMeter direct_stream_cpu({self});
-  direct_stream_cpu.start();
-  const StreamResult sd = run_stream(direct, StreamMode::kAck, stream_count, opt.message_bytes, limit);
-  direct_stream_cpu.stop();
-  std::cout << "    direct: " << fixed(sd.gbps(), 3) << " GB/s " << busy_note("(b) direct", direct_stream_cpu)
-            << "\n"
-            << std::flush;
-  // A failed call through the sidecars: say so if one of them died.
-  auto through_stream = [&](StreamMode mode, int64_t count) {
-    try {
-      return run_stream(through, mode, count, opt.message_bytes, limit);
-    } catch (const StreamStuck&) {
-      throw;
-    } catch (const BenchError&) {
-      a->ensure_alive("(b)");
-      b->ensure_alive("(b)");
-      throw;
-    }
-  };
-  through_stream(StreamMode::kAck, warm_count);
-  CpuMeter stream_cpu({self, a->pid(), b->pid()});
-  stream_cpu.start();
-  const StreamResult ss = through_stream(StreamMode::kAck, stream_count);
-  stream_cpu.stop();
-  std::cout << "    two sidecars: " << fixed(ss.gbps(), 3) << " GB/s " << busy_note("(b) two sidecars", stream_cpu)
-            << "\n"
-            << std::flush;
-  const StreamResult ed = run_stream(direct, StreamMode::kEcho, echo_count, opt.message_bytes, limit);
-  const StreamResult es = through_stream(StreamMode::kEcho, echo_count);
-  std::cout << "    echo: direct " << fixed(ed.gbps(), 3) << " GB/s, two sidecars " << fixed(es.gbps(), 3)
-            << " GB/s each way\n"
-            << std::flush;
-  const std::vector<int64_t> rss_peaks = rss.stop();
-  a->ensure_alive("(b)");
-  b->ensure_alive("(b)");
-  const int64_t a_hwm_b = proc_status_bytes(a->pid(), "VmHWM"), b_hwm_b = proc_status_bytes(b->pid(), "VmHWM");
-  const int64_t a_threads = proc_threads(a->pid()), b_threads = proc_threads(b->pid());
-
-  const std::string sb = "sidecar.stream_" + size_label(opt.message_bytes);
-  {
-    json j = figure(sb + ".direct", "throughput", sd.gbps(), "GB/s", sd.gbps());
-    j["machine_other_cores"] = rounded(direct_stream_cpu.other_cores(), 3);
-    add(j, "stream one-way direct", 3);
-  }
-  {
-    json j = figure(sb + ".two_sidecars", "throughput", ss.gbps(), "GB/s", sd.gbps());
-    j["target"] = kTargetStreamGBps;
-    j["target_ratio"] = kTargetStreamRatio;
-    j["machine_other_cores"] = rounded(stream_cpu.other_cores(), 3);
-    const bool met = ss.gbps() >= kTargetStreamGBps && ss.gbps() >= kTargetStreamRatio * sd.gbps();
-    add(j, "stream one-way two sidecars", 3, ">= 1.00 GB/s and >= 0.8x", met);
-  }
-  add(figure(sb + "_echo.direct", "throughput", ed.gbps(), "GB/s", ed.gbps()), "stream echo direct (each way)", 3);
-  add(figure(sb + "_echo.two_sidecars", "throughput", es.gbps(), "GB/s", ed.gbps()),
-      "stream echo two sidecars (each way)", 3);
-
-  // ---- (c) the sidecars' CPU and memory ----
-  // CPU baseline: this process (client + echo server) on the same traffic without sidecars.
-  const std::vector<std::string> names = {"A", "B"};
-  for (size_t i = 0; i < names.size(); ++i) {
-    const std::string& n = names[i];
-    const std::string bench = "sidecar.process_" + n;
-    const int64_t hwm_a = i == 0 ? a_hwm_a : b_hwm_a;
-    const int64_t hwm_b = i == 0 ? a_hwm_b : b_hwm_b;
-    const int64_t idle = i == 0 ? a_idle : b_idle;
-    add(figure(bench, "cpu_unary", side_cpu.cores(i + 1), "cores", direct_cpu.cores(0)),
-        "sidecar " + n + " CPU during (a)", 3);
-    add(figure(bench, "cpu_stream", stream_cpu.cores(i + 1), "cores", direct_stream_cpu.cores(0)),
-        "sidecar " + n + " CPU during (b)", 3);
-    json j1 = figure(bench, "peak_rss_unary", mb(hwm_a), "MB", kTargetRssMB);
-    j1["idle_rss_mb"] = rounded(mb(idle), 3);
-    if (i == 0) {
-      j1["idle_rss_file_mb"] = rounded(mb(a_idle_file), 3);
-      j1["idle_rss_anon_mb"] = rounded(mb(a_idle_anon), 3);
-    }
-    add(j1, "sidecar " + n + " VmHWM after (a)", 1, "<= 20 MB", mb(hwm_a) <= kTargetRssMB);
-    add(figure(bench, "peak_rss_stream_sampled", mb(rss_peaks[i]), "MB", kTargetRssMB),
-        "sidecar " + n + " VmRSS peak during (b)", 1, "<= 20 MB", mb(rss_peaks[i]) <= kTargetRssMB);
-    add(figure(bench, "peak_rss", mb(hwm_b), "MB", kTargetRssMB), "sidecar " + n + " VmHWM at the end", 1,
-        "<= 20 MB", mb(hwm_b) <= kTargetRssMB);
-  }
-
-  const std::string a_exit = a->stop();
-  const std::string b_exit = b->stop();
-  if (!a_exit.empty() || !b_exit.empty()) {
-    std::cout << "note: a sidecar did not exit cleanly on SIGTERM: A " << (a_exit.empty() ? "ok" : a_exit) << ", B "
-              << (b_exit.empty() ? "ok" : b_exit) << "\n";
-  }
-  {
     std::vector<json> lines;
-    for (const auto& r : rows) lines.push_back(r.j);
+    add_rows(direct, planes, lines);
     // Appended: pipeline_bench (run first by `make bench`) rewrites the file.
-    write_results(lines, opt.out, WriteMode::kAppend);
+    write_results(lines, opt_.out, WriteMode::kAppend);
+
+    std::cout << "\n";
+    print_goal_table(direct, planes);
+    for (const auto& [phase, other] : contended_) {
+      std::cout << "warning: other processes kept " << fixed(other, 2) << " of " << cores_ << " cores busy during "
+                << phase << "; its figures are not reliable (rerun on an idle machine)\n";
+    }
+    std::cout << "\nbaselines: the direct path (client ─▶ echo server) in this run; CPU per call and per GB of\n"
+              << "the direct path = this process (client + echo server) on the same traffic. MB = 10^6 B.\n"
+              << lines.size() << " figures appended to " << opt_.out.string() << " ("
+              << fixed(seconds_between(bench_start, Clock::now()), 0) << " s in all)\n";
+    return 0;
   }
 
-  std::cout << "\n";
-  print_table(rows);
-  for (const auto& [phase, other] : contended) {
-    std::cout << "warning: other processes kept " << fixed(other, 2) << " of " << cores << " cores busy during "
-              << phase << "; its figures are not reliable (rerun on an idle machine)\n";
+ private:
+  // Notes a phase during which other processes kept the CPUs busy (figures then unreliable).
+  std::string busy_note(const std::string& phase, const CpuMeter& m) {
+    if (m.other_cores() > 0.25) contended_.emplace_back(phase, m.other_cores());
+    return "(machine busy " + fixed(m.machine_cores(), 2) + " of " + std::to_string(cores_) + " cores, " +
+           fixed(m.other_cores(), 2) + " by other processes)";
   }
-  std::cout << "\nbaselines: latency and throughput = the direct path in this run; sidecar CPU = this process\n"
-            << "(client + echo server) on the same traffic without sidecars; RSS = the 20 MB target (MB = 10^6 B).\n"
-            << "sidecar idle RSS " << fixed(mb(a_idle), 1) << " MB (A; " << fixed(mb(a_idle_file), 1)
-            << " MB file-backed, " << fixed(mb(a_idle_anon), 1) << " MB anonymous) / " << fixed(mb(b_idle), 1)
-            << " MB (B); threads at the end " << a_threads << " / " << b_threads << "; client+echo CPU "
-            << fixed(side_cpu.cores(0), 3) << " cores during (a) through the sidecars, "
-            << fixed(stream_cpu.cores(0), 3) << " during (b).\n"
-            << rows.size() << " figures appended to " << opt.out.string() << " ("
-            << fixed(seconds_between(bench_start, Clock::now()), 0) << " s in all)\n";
-  return 0;
-}
+
+  void check_unary(const UnaryResult& r, const std::string& path) const {
+    if (r.errors > 0) {
+      throw BenchError(path + " path: " + std::to_string(r.errors) + " of " + std::to_string(opt_.requests) +
+                       " calls failed; first: " + r.first_error);
+    }
+  }
+
+  Direct measure_direct() {
+    Direct d;
+    EchoServer& echo = echo_;
+    auto channel = plaintext_channel(echo.address());
+    wait_for_path(channel, "direct", 10s);
+    std::cout << "direct (client ─▶ echo server " << echo.address() << ")\n"
+              << "  (a) unary " << opt_.payload_bytes << " B at " << opt_.rate << "/s: " << warmup_ << " warm-up + "
+              << opt_.requests << " measured calls ..." << std::flush;
+    d.unary = run_unary(channel, opt_.rate, warmup_, opt_.requests, opt_.payload_bytes,
+                        [&] { d.unary_cpu.start(); }, [&] { d.unary_cpu.stop(); });
+    check_unary(d.unary, "direct");
+    std::cout << " p50 " << fixed(d.unary.p(50), 3) << " ms, p99 " << fixed(d.unary.p(99), 3) << " ms "
+              << busy_note("(a) direct", d.unary_cpu) << "\n"
+              << "  (b) " << stream_count_ << " messages of " << opt_.message_bytes << " B on one stream ..."
+              << std::flush;
+    const auto limit = std::chrono::seconds(opt_.timeout_s);
+    run_stream(channel, StreamMode::kAck, warm_count_, opt_.message_bytes, limit);
+    d.stream_cpu.start();
+    d.stream = run_stream(channel, StreamMode::kAck, stream_count_, opt_.message_bytes, limit);
+    d.stream_cpu.stop();
+    d.echo = run_stream(channel, StreamMode::kEcho, echo_count_, opt_.message_bytes, limit);
+    std::cout << " " << fixed(d.stream.gbps(), 3) << " GB/s one way, echo " << fixed(d.echo.gbps(), 3)
+              << " GB/s each way " << busy_note("(b) direct", d.stream_cpu) << "\n"
+              << std::flush;
+    return d;
+  }
+
+  // Starts sidecars A and B on `plane`, runs (a) and (b) through them, stops them.
+  PlaneResult measure_plane(const std::string& plane, const fs::path& dir) {
+    PlaneResult r;
+    r.plane = plane;
+    const std::string shard1 = spiffe_id_for_shard(kTrustDomain, kNamespace, kJob, 1);
+    const int64_t max_msg = std::max<int64_t>(64LL << 20, static_cast<int64_t>(opt_.message_bytes) + 4096);
+    auto b = start_sidecar("B", opt_.sidecar, plane, dir / "b", echo_.address(), {}, max_msg);
+    auto a = start_sidecar("A", opt_.sidecar, plane, dir / "a", echo_.address() /* no call goes there */,
+                           {shard1 + "=127.0.0.1:" + std::to_string(b->inbound_port)}, max_msg);
+    Sidecar* const sidecars[2] = {a.get(), b.get()};
+    for (int i = 0; i < 2; ++i) r.idle_rss_mb[i] = mb(proc_status_bytes(sidecars[i]->pid(), "VmRSS"));
+    std::cout << plane << " data plane (client ─▶ sidecar A " << a->pid() << " ══mTLS══▶ sidecar B " << b->pid()
+              << " ─▶ echo server); idle RSS " << fixed(r.idle_rss_mb[0], 1) << " / " << fixed(r.idle_rss_mb[1], 1)
+              << " MB\n"
+              << std::flush;
+    auto channel = plaintext_channel("127.0.0.1:" + std::to_string(a->outbound_port));
+    wait_for_path(channel, plane + " two-sidecar", 20s);
+    const pid_t self = ::getpid();
+
+    std::cout << "  (a) unary ..." << std::flush;
+    CpuMeter unary_cpu({self, a->pid(), b->pid()});
+    r.unary = run_unary(channel, opt_.rate, warmup_, opt_.requests, opt_.payload_bytes, [&] { unary_cpu.start(); },
+                        [&] { unary_cpu.stop(); });
+    a->ensure_alive("(a)");
+    b->ensure_alive("(a)");
+    check_unary(r.unary, plane + " two-sidecar");
+    for (int i = 0; i < 2; ++i) {
+      r.cpu_per_call_us[i] = unary_cpu.cores(i + 1) * unary_cpu.wall() / static_cast<double>(opt_.requests) * 1e6;
+    }
+    std::cout << " p50 " << fixed(r.unary.p(50), 3) << " ms, p99 " << fixed(r.unary.p(99), 3) << " ms; "
+              << fixed(r.cpu_per_call_us[0], 0) << " / " << fixed(r.cpu_per_call_us[1], 0) << " µs CPU per call "
+              << busy_note("(a) " + plane, unary_cpu) << "\n"
+              << std::flush;
+
+    std::cout << "  (b) stream ..." << std::flush;
+    const auto limit = std::chrono::seconds(opt_.timeout_s);
+    // A failed call through the sidecars: say so if one of them died.
+    auto stream = [&](StreamMode mode, int64_t count) {
+      try {
+        return run_stream(channel, mode, count, opt_.message_bytes, limit);
+      } catch (const StreamStuck&) {
+        throw;
+      } catch (const BenchError&) {
+        a->ensure_alive("(b)");
+        b->ensure_alive("(b)");
+        throw;
+      }
+    };
+    stream(StreamMode::kAck, warm_count_);
+    CpuMeter stream_cpu({self, a->pid(), b->pid()});
+    stream_cpu.start();
+    r.stream = stream(StreamMode::kAck, stream_count_);
+    stream_cpu.stop();
+    r.echo = stream(StreamMode::kEcho, echo_count_);
+    a->ensure_alive("(b)");
+    b->ensure_alive("(b)");
+    const double gb = static_cast<double>(r.stream.bytes) / 1e9;
+    for (int i = 0; i < 2; ++i) {
+      r.cpu_per_gb[i] = gb > 0 ? stream_cpu.cores(i + 1) * stream_cpu.wall() / gb : 0;
+      r.peak_rss_mb[i] = mb(proc_status_bytes(sidecars[i]->pid(), "VmHWM"));
+    }
+    std::cout << " " << fixed(r.stream.gbps(), 3) << " GB/s one way, echo " << fixed(r.echo.gbps(), 3)
+              << " GB/s each way; " << fixed(r.cpu_per_gb[0], 2) << " / " << fixed(r.cpu_per_gb[1], 2)
+              << " core·s per GB; peak RSS " << fixed(r.peak_rss_mb[0], 1) << " / " << fixed(r.peak_rss_mb[1], 1)
+              << " MB; threads " << proc_threads(a->pid()) << " / " << proc_threads(b->pid()) << " "
+              << busy_note("(b) " + plane, stream_cpu) << "\n"
+              << std::flush;
+
+    const std::string a_exit = a->stop();
+    const std::string b_exit = b->stop();
+    if (!a_exit.empty() || !b_exit.empty()) {
+      std::cout << "note: a " << plane << " sidecar did not exit cleanly on SIGTERM: A "
+                << (a_exit.empty() ? "ok" : a_exit) << ", B " << (b_exit.empty() ? "ok" : b_exit) << "\n";
+    }
+    return r;
+  }
+
+  // The results-file objects: the direct path, then each plane's figures against it.
+  void add_rows(const Direct& d, const std::vector<PlaneResult>& planes, std::vector<json>& lines) const {
+    const std::string ub = "sidecar.unary_" + size_label(opt_.payload_bytes);
+    const std::string sb = "sidecar.stream_" + size_label(opt_.message_bytes);
+    const double calls = static_cast<double>(opt_.requests);
+    const double direct_gb = static_cast<double>(d.stream.bytes) / 1e9;
+    const double direct_call_us = d.unary_cpu.cores(0) * d.unary_cpu.wall() / calls * 1e6;
+    const double direct_per_gb = direct_gb > 0 ? d.stream_cpu.cores(0) * d.stream_cpu.wall() / direct_gb : 0;
+    for (const auto& [q, name] : kQuantiles) lines.push_back(figure(ub + ".direct", "latency_" + name, d.unary.p(q), "ms", d.unary.p(q)));
+    lines.push_back(figure(sb + ".direct", "throughput", d.stream.gbps(), "GB/s", d.stream.gbps()));
+    lines.push_back(figure(sb + "_echo.direct", "throughput", d.echo.gbps(), "GB/s", d.echo.gbps()));
+    lines.push_back(figure("sidecar.direct", "cpu_per_call", direct_call_us, "us", direct_call_us));
+    lines.push_back(figure("sidecar.direct", "cpu_per_gb", direct_per_gb, "core_s_per_GB", direct_per_gb));
+    const auto with_goal = [](json j, double goal, bool met) {
+      j["target"] = goal;
+      j["met"] = met;
+      return j;
+    };
+    for (const auto& r : planes) {
+      const std::string p = "sidecar." + r.plane + ".";
+      for (size_t k = 0; k < kQuantiles.size(); ++k) {
+        const auto& [q, name] = kQuantiles[k];
+        lines.push_back(figure(p + "unary_" + size_label(opt_.payload_bytes) + ".two_sidecars", "latency_" + name,
+                               r.unary.p(q), "ms", d.unary.p(q)));
+        json j = figure(p + "unary_" + size_label(opt_.payload_bytes) + ".added", "latency_" + name,
+                        r.added_ms(q, d), "ms", d.unary.p(q));
+        lines.push_back(with_goal(j, kGoalAddedMs[k], r.added_ms(q, d) <= kGoalAddedMs[k]));
+      }
+      const double ratio = d.stream.gbps() > 0 ? r.stream.gbps() / d.stream.gbps() : 0;
+      json j = figure(p + "stream_" + size_label(opt_.message_bytes) + ".two_sidecars", "throughput",
+                      r.stream.gbps(), "GB/s", d.stream.gbps());
+      j["target_ratio"] = kGoalStreamRatio;
+      j["met"] = ratio >= kGoalStreamRatio;
+      lines.push_back(j);
+      lines.push_back(figure(p + "stream_" + size_label(opt_.message_bytes) + "_echo.two_sidecars", "throughput",
+                             r.echo.gbps(), "GB/s", d.echo.gbps()));
+      for (int i = 0; i < 2; ++i) {
+        const std::string proc = p + "process_" + (i == 0 ? "A" : "B");
+        lines.push_back(with_goal(figure(proc, "cpu_per_call", r.cpu_per_call_us[i], "us", direct_call_us),
+                                  kGoalCpuPerCallUs, r.cpu_per_call_us[i] <= kGoalCpuPerCallUs));
+        lines.push_back(with_goal(figure(proc, "cpu_per_gb", r.cpu_per_gb[i], "core_s_per_GB", direct_per_gb),
+                                  kGoalCpuPerGB, r.cpu_per_gb[i] <= kGoalCpuPerGB));
+        lines.push_back(with_goal(figure(proc, "idle_rss", r.idle_rss_mb[i], "MB", kGoalIdleRssMB), kGoalIdleRssMB,
+                                  r.idle_rss_mb[i] <= kGoalIdleRssMB));
+        lines.push_back(with_goal(figure(proc, "peak_rss", r.peak_rss_mb[i], "MB", kGoalPeakRssMB), kGoalPeakRssMB,
+                                  r.peak_rss_mb[i] <= kGoalPeakRssMB));
+      }
+    }
+  }
+
+  // Issue 17's table: one row per figure, one column per data plane, the goal, and
+  // whether the last plane (the new one) meets it.
+  void print_goal_table(const Direct& d, const std::vector<PlaneResult>& planes) const {
+    std::vector<std::string> head = {"figure", "direct"};
+    for (const auto& r : planes) head.push_back(r.plane);
+    head.insert(head.end(), {"goal", planes.empty() ? "" : planes.back().plane + " meets"});
+    std::vector<std::vector<std::string>> cells;
+    const auto row = [&](const std::string& label, const std::string& direct,
+                         const std::function<std::string(const PlaneResult&)>& value, const std::string& goal,
+                         const std::function<bool(const PlaneResult&)>& met) {
+      std::vector<std::string> c = {label, direct};
+      for (const auto& r : planes) c.push_back(value(r));
+      c.push_back(goal);
+      c.push_back(planes.empty() ? "" : met(planes.back()) ? "yes" : "NO");
+      cells.push_back(std::move(c));
+    };
+    const auto both = [](const double (&v)[2], int dec) { return fixed(v[0], dec) + " / " + fixed(v[1], dec); };
+    const auto max2 = [](const double (&v)[2]) { return std::max(v[0], v[1]); };
+    row("added latency, 1 KiB unary at " + fixed(opt_.rate, 0) + "/s, p50 / p90 / p99 (ms)",
+        "(" + fixed(d.unary.p(50), 3) + " / " + fixed(d.unary.p(90), 3) + " / " + fixed(d.unary.p(99), 3) + ")",
+        [&](const PlaneResult& r) {
+          return fixed(r.added_ms(50, d), 3) + " / " + fixed(r.added_ms(90, d), 3) + " / " + fixed(r.added_ms(99, d), 3);
+        },
+        "<= " + fixed(kGoalAddedMs[0], 2) + " / " + fixed(kGoalAddedMs[1], 2) + " / " + fixed(kGoalAddedMs[2], 2),
+        [&](const PlaneResult& r) {
+          for (size_t k = 0; k < kQuantiles.size(); ++k) {
+            if (r.added_ms(kQuantiles[k].first, d) > kGoalAddedMs[k]) return false;
+          }
+          return true;
+        });
+    const double calls = static_cast<double>(opt_.requests);
+    row("CPU per unary call, sidecar A / B (µs)",
+        "(" + fixed(d.unary_cpu.cores(0) * d.unary_cpu.wall() / calls * 1e6, 0) + " client+server)",
+        [&](const PlaneResult& r) { return both(r.cpu_per_call_us, 0); }, "<= " + fixed(kGoalCpuPerCallUs, 0),
+        [&](const PlaneResult& r) { return max2(r.cpu_per_call_us) <= kGoalCpuPerCallUs; });
+    row("1 MiB messages, one stream (GB/s, × direct)", fixed(d.stream.gbps(), 3),
+        [&](const PlaneResult& r) {
+          return fixed(r.stream.gbps(), 3) + " (" + fixed(d.stream.gbps() > 0 ? r.stream.gbps() / d.stream.gbps() : 0, 2) + "×)";
+        },
+        ">= " + fixed(kGoalStreamRatio, 1) + "×",
+        [&](const PlaneResult& r) { return r.stream.gbps() >= kGoalStreamRatio * d.stream.gbps(); });
+    row("1 MiB messages, echo stream (GB/s each way)", fixed(d.echo.gbps(), 3),
+        [&](const PlaneResult& r) { return fixed(r.echo.gbps(), 3); }, "", [](const PlaneResult&) { return true; });
+    const double direct_gb = static_cast<double>(d.stream.bytes) / 1e9;
+    row("CPU per GB relayed, sidecar A / B (core·s/GB)",
+        "(" + fixed(direct_gb > 0 ? d.stream_cpu.cores(0) * d.stream_cpu.wall() / direct_gb : 0, 2) + " client+server)",
+        [&](const PlaneResult& r) { return both(r.cpu_per_gb, 2); }, "<= " + fixed(kGoalCpuPerGB, 1),
+        [&](const PlaneResult& r) { return max2(r.cpu_per_gb) <= kGoalCpuPerGB; });
+    row("RSS idle, sidecar A / B (MB)", "", [&](const PlaneResult& r) { return both(r.idle_rss_mb, 1); },
+        "<= " + fixed(kGoalIdleRssMB, 0), [&](const PlaneResult& r) { return max2(r.idle_rss_mb) <= kGoalIdleRssMB; });
+    row("RSS peak while streaming, sidecar A / B (MB)", "", [&](const PlaneResult& r) { return both(r.peak_rss_mb, 1); },
+        "<= " + fixed(kGoalPeakRssMB, 0), [&](const PlaneResult& r) { return max2(r.peak_rss_mb) <= kGoalPeakRssMB; });
+    // The echo row has no goal: no verdict.
+    cells[3].back() = "";
+    bench::print_table(head, cells, [](size_t i) { return i == 0; });
+  }
+
+  static inline const std::vector<std::pair<double, std::string>> kQuantiles = {{50, "p50"}, {90, "p90"}, {99, "p99"}};
+
+  const Options& opt_;
+  const unsigned cores_ = std::max(1u, std::thread::hardware_concurrency());
+  int64_t warmup_ = 0, stream_count_ = 0, echo_count_ = 0, warm_count_ = 0;
+  EchoServer echo_;
+  std::vector<std::pair<std::string, double>> contended_;
+};
 
 }  // namespace
 
@@ -884,12 +896,14 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{1}, int64_t{65536}));
   app.add_option("--timeout", opt.timeout_s, "seconds one stream may take before the run fails")
       ->capture_default_str()->check(CLI::Range(1, 3600));
+  app.add_option("--planes", opt.planes, "data planes to measure, each with its own pair of sidecars")
+      ->capture_default_str()->check(CLI::IsMember({"grpc", "h2"}));
   app.add_flag("--keep-dir", opt.keep_dir, "keep the temporary directory (certificates, policies, sidecar logs)");
   CLI11_PARSE(app, argc, argv);
   opt.out = out;
   opt.sidecar = sidecar_path;
   try {
-    return run_bench(opt);
+    return Bench(opt).run();
   } catch (const std::exception& e) {
     std::cerr << "sidecar_bench: " << e.what() << "\n";
     return 1;
