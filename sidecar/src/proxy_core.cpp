@@ -185,20 +185,36 @@ std::string ProxyCore::method_label(const std::string& method) const {
   return "other";
 }
 
+prometheus::Counter& CounterCache::get(const std::string& key, const std::function<prometheus::Labels()>& labels) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = counters_.find(key);
+  if (it == counters_.end()) it = counters_.emplace(key, &family_.Add(labels())).first;
+  return *it->second;
+}
+
 void ProxyCore::count_decision(const policy::Decision& d, const std::string& method, const std::string& peer) {
-  metrics.decisions
-      .Add({{"decision", d.allow ? "allow" : "deny"}, {"rule", d.rule}, {"method", method_label(method)}, {"peer", peer}})
+  const std::string label = method_label(method);
+  const char* decision = d.allow ? "allow" : "deny";
+  // '\n' cannot occur in a rule name, a method label or a SPIFFE ID.
+  metrics.decisions_by_label
+      .get(std::string(decision) + '\n' + d.rule + '\n' + label + '\n' + peer,
+           [&] { return prometheus::Labels{{"decision", decision}, {"rule", d.rule}, {"method", label}, {"peer", peer}}; })
       .Increment();
 }
 
 void ProxyCore::count_request(const std::string& method, int code, const char* direction,
                               Clock::time_point started_at) {
-  metrics.requests.Add({{"method", method_label(method)}, {"code", grpc_code_name(code)}}).Increment();
-  metrics.duration_by_direction[direction]->Observe(std::chrono::duration<double>(Clock::now() - started_at).count());
+  const std::string label = method_label(method);
+  metrics.requests_by_label
+      .get(label + '\n' + std::to_string(code),
+           [&] { return prometheus::Labels{{"method", label}, {"code", grpc_code_name(code)}}; })
+      .Increment();
+  metrics.duration_by_direction.at(direction)->Observe(std::chrono::duration<double>(Clock::now() - started_at).count());
 }
 
 prometheus::Counter& ProxyCore::bytes_counter(const char* direction, const std::string& peer) {
-  return metrics.bytes.Add({{"direction", direction}, {"peer", peer}});
+  return metrics.bytes_by_label.get(std::string(direction) + '\n' + peer,
+                                    [&] { return prometheus::Labels{{"direction", direction}, {"peer", peer}}; });
 }
 
 void ProxyCore::audit_deny(const policy::Decision& d, const std::string& peer, const std::string& method) {

@@ -17,6 +17,9 @@
 #include <vector>
 
 #include <nlohmann/json.hpp>
+#include <functional>
+#include <unordered_map>
+
 #include <prometheus/counter.h>
 #include <prometheus/family.h>
 #include <prometheus/gauge.h>
@@ -62,6 +65,24 @@ class WatchedFile {
   std::string contents_;
 };
 
+// The counters of the per-call metrics, found by their label values. prometheus-cpp's
+// Family::Add builds a label map, hashes it and takes the family's mutex, which a scrape
+// holds while it collects the family; through this cache a call costs a lookup under a
+// mutex of our own (shared only by the data-plane threads) and atomic increments, so a
+// scrape never holds up a relayed frame. The label values are bounded (methods as
+// labelled by method_label, verified peer IDs, rules, status codes), and so is the cache.
+class CounterCache {
+ public:
+  explicit CounterCache(prometheus::Family<prometheus::Counter>& family) : family_(family) {}
+  // The counter with these labels; `key` must identify them (their values joined).
+  prometheus::Counter& get(const std::string& key, const std::function<prometheus::Labels()>& labels);
+
+ private:
+  prometheus::Family<prometheus::Counter>& family_;
+  std::mutex mu_;
+  std::unordered_map<std::string, prometheus::Counter*> counters_;
+};
+
 struct SidecarMetrics {
   explicit SidecarMetrics(prometheus::Registry& r);
   prometheus::Family<prometheus::Counter>& decisions;
@@ -82,6 +103,9 @@ struct SidecarMetrics {
   std::map<std::string, prometheus::Histogram*> duration_by_direction;
   prometheus::Counter* reloads_ok = nullptr;
   prometheus::Counter* reloads_error = nullptr;
+  CounterCache decisions_by_label{decisions};
+  CounterCache requests_by_label{requests};
+  CounterCache bytes_by_label{bytes};
 };
 
 // Where a call may go, decided once on its method and peer (before any byte moves).

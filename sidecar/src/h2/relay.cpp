@@ -50,10 +50,24 @@ struct Pipe {
 
   void push(RelayStats& stats, const uint8_t* data, size_t len) {
     if (len == 0) return;
-    if (chunks.empty() || chunks.back().size() >= 64 * 1024) chunks.emplace_back();
-    chunks.back().append(reinterpret_cast<const char*>(data), len);
-    size += len;
-    add_held(stats, static_cast<int64_t>(len));
+    // Chunks of up to 64 KiB, allocated whole once a stream streams (growing a string
+    // by appends would reallocate and copy it several times on the way); the first
+    // chunk of an empty pipe only as large as what arrived, so that many small calls
+    // do not each hold 64 KiB.
+    constexpr size_t kChunk = 64 * 1024;
+    while (len > 0) {
+      if (chunks.empty() || chunks.back().size() >= kChunk) {
+        const bool streaming = !chunks.empty();
+        chunks.emplace_back();
+        chunks.back().reserve(streaming ? kChunk : std::min(kChunk, len));
+      }
+      const size_t n = std::min(len, kChunk - std::min(kChunk, chunks.back().size()));
+      chunks.back().append(reinterpret_cast<const char*>(data), n);
+      data += n;
+      len -= n;
+      size += n;
+      add_held(stats, static_cast<int64_t>(n));
+    }
   }
   // Appends `len` bytes from the front to `out` and drops them.
   void take(RelayStats& stats, std::string& out, size_t len) {
