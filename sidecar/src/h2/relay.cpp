@@ -382,6 +382,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
           kill(std::string("http2: ") + nghttp2_strerror(static_cast<int>(used)), false);
           return;
         }
+        if (transport_->drained(n, w_.read_buffer.size())) return;  // epoll says when there is more
         continue;
       }
       if (r == Transport::Io::want_read) return;

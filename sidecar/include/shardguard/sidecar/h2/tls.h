@@ -53,6 +53,10 @@ class Transport {
   virtual Io handshake() = 0;
   // Reads up to cap bytes (*n set when ok).
   virtual Io read(uint8_t* buf, size_t cap, size_t* n) = 0;
+  // After a read that returned `got` of `cap` bytes: true when nothing more can be read
+  // without waiting, as far as the transport knows — the caller then goes back to the
+  // (level-triggered) poller instead of reading again only to hear EAGAIN.
+  virtual bool drained(size_t got, size_t cap) const = 0;
   // Writes up to len bytes (*n set when ok; may be short).
   virtual Io write(const uint8_t* buf, size_t len, size_t* n) = 0;
   // The verified peer identity ("" for plaintext).
