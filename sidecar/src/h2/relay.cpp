@@ -13,9 +13,13 @@
 #include <cerrno>
 #include <cstring>
 #include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <unordered_map>
 #include <unordered_set>
+#include <thread>
 
 #include <nghttp2/nghttp2.h>
 
@@ -125,7 +129,85 @@ bool split_host_port(const std::string& address, std::string* host, std::string*
   return true;
 }
 
+// The addresses of host:port in getaddrinfo's order, or why there are none.
+struct Resolved {
+  struct Address {
+    sockaddr_storage addr{};
+    socklen_t len = 0;
+  };
+  std::vector<Address> addresses;
+  std::string error;
+};
+
+Resolved lookup(const std::string& host, const std::string& port, int flags) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = flags;
+  addrinfo* found = nullptr;
+  Resolved r;
+  if (int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &found); rc != 0 || !found) {
+    r.error = rc != 0 ? gai_strerror(rc) : "no address";
+  } else {
+    for (const addrinfo* a = found; a && r.addresses.size() < 8; a = a->ai_next) {
+      Resolved::Address one;
+      std::memcpy(&one.addr, a->ai_addr, a->ai_addrlen);
+      one.len = a->ai_addrlen;
+      r.addresses.push_back(one);
+    }
+  }
+  if (found) freeaddrinfo(found);
+  return r;
+}
+
 }  // namespace
+
+// Name lookups off the loop thread: getaddrinfo blocks, for seconds when DNS is slow or
+// down (a peer's Service name in a cluster), and a blocked loop would stall every stream
+// of its worker. A numeric address is converted at once; a name is looked up on a
+// thread of its own whose answer is posted back to the loop — unless the worker has gone
+// by then (the destructor clears the loop under the mutex the thread posts under).
+class Resolver {
+ public:
+  using Done = std::function<void(const Resolved&)>;
+  explicit Resolver(EventLoop& loop) : shared_(std::make_shared<Shared>()) { shared_->loop = &loop; }
+  ~Resolver() {
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    shared_->loop = nullptr;
+  }
+  Resolver(const Resolver&) = delete;
+  Resolver& operator=(const Resolver&) = delete;
+
+  // `done` runs on the loop thread: within this call for a numeric address (or one that
+  // is not host:port), later for a name.
+  void resolve(const std::string& address, Done done) {
+    std::string host, port;
+    if (!split_host_port(address, &host, &port)) {
+      Resolved r;
+      r.error = "bad address " + address;
+      done(r);
+      return;
+    }
+    Resolved numeric = lookup(host, port, AI_NUMERICHOST | AI_NUMERICSERV);
+    if (numeric.error.empty()) {
+      done(numeric);
+      return;
+    }
+    std::thread([shared = shared_, host, port, address, done = std::move(done)]() mutable {
+      Resolved r = lookup(host, port, 0);
+      if (!r.error.empty()) r.error = "resolve " + address + ": " + r.error;
+      std::lock_guard<std::mutex> lock(shared->mu);
+      if (shared->loop) shared->loop->post([r = std::move(r), done = std::move(done)] { done(r); });
+    }).detach();
+  }
+
+ private:
+  struct Shared {
+    std::mutex mu;
+    EventLoop* loop = nullptr;
+  };
+  std::shared_ptr<Shared> shared_;
+};
 
 class Conn;
 class DownConn;
@@ -184,6 +266,7 @@ struct RelayWorker::Impl {
   nghttp2_session_callbacks* up_callbacks = nullptr;
   nghttp2_option* option = nullptr;
   std::vector<uint8_t> read_buffer = std::vector<uint8_t>(64 * 1024);
+  Resolver resolver{loop};
   size_t downstream = 0;
   size_t upstream = 0;
   bool draining = false;
@@ -310,6 +393,8 @@ class Conn : public std::enable_shared_from_this<Conn> {
 
  protected:
   virtual void on_open() {}
+  // A connect that failed before the handshake: true when another attempt was started.
+  virtual bool retry_connect(const std::string& /*error*/) { return false; }
   virtual void on_dead(const std::string& reason) = 0;
 
   void on_io(uint32_t ev) {
@@ -318,7 +403,8 @@ class Conn : public std::enable_shared_from_this<Conn> {
       socklen_t len = sizeof err;
       getsockopt(fd_, SOL_SOCKET, SO_ERROR, &err, &len);
       if (err != 0 || (ev & EPOLLERR)) {
-        kill(std::string("connect: ") + std::strerror(err ? err : ECONNREFUSED), true);
+        const std::string error = std::string("connect: ") + std::strerror(err ? err : ECONNREFUSED);
+        if (!retry_connect(error)) kill(error, true);
         return;
       }
       state_ = State::handshaking;
@@ -528,40 +614,69 @@ class UpConn : public Conn {
   bool draining = false;
   std::unordered_map<int32_t, std::shared_ptr<Call>> calls;
 
-  // Opens the socket; failures are reported from the loop, never from inside a caller's
-  // nghttp2 callback.
+  // Opens the socket once the address is known (Resolver); failures are reported from
+  // the loop, never from inside a caller's nghttp2 callback. Streams submitted meanwhile
+  // wait in the session until the connection is open.
   void connect(const UpstreamConfig& config) {
-    int fd = -1;
-    bool connected = false;
-    std::string error;
+    state_ = State::connecting;
     if (config.dial) {
-      fd = config.dial();
-      connected = fd >= 0;
-      if (fd < 0) error = "dial failed";
-    } else {
-      std::string host, port;
-      addrinfo hints{};
-      hints.ai_family = AF_UNSPEC;
-      hints.ai_socktype = SOCK_STREAM;
-      addrinfo* found = nullptr;
-      if (!split_host_port(config.address, &host, &port)) {
-        error = "bad address " + config.address;
-      } else if (int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &found); rc != 0 || !found) {
-        error = std::string("resolve ") + config.address + ": " + gai_strerror(rc);
-      } else {
-        fd = socket(found->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (fd < 0) {
-          error = std::string("socket: ") + std::strerror(errno);
-        } else if (::connect(fd, found->ai_addr, found->ai_addrlen) == 0) {
-          connected = true;
-        } else if (errno != EINPROGRESS) {
-          error = std::string("connect ") + config.address + ": " + std::strerror(errno);
-          close(fd);
-          fd = -1;
-        }
-      }
-      if (found) freeaddrinfo(found);
+      const int fd = config.dial();
+      open_socket(config, fd, fd >= 0, fd < 0 ? "dial failed" : "");
+      return;
     }
+    std::weak_ptr<Conn> weak = shared_from_this();
+    w_.resolver.resolve(config.address, [weak, config](const Resolved& r) {
+      auto self = std::static_pointer_cast<UpConn>(weak.lock());
+      if (!self || !self->alive()) return;
+      self->worker().enter([&] {
+        if (!r.error.empty()) {
+          self->open_socket(config, -1, false, r.error);
+          return;
+        }
+        self->config_ = config;
+        self->addresses_ = r.addresses;
+        self->dial_next("");
+      });
+    });
+  }
+
+ protected:
+  // A connect that failed on its way tries the name's next address (a dual-stack name
+  // whose first address is not served).
+  bool retry_connect(const std::string& error) override {
+    if (next_address_ >= addresses_.size()) return false;
+    if (handshake_timer_) w_.loop.cancel(handshake_timer_);  // the next attempt starts its own
+    handshake_timer_ = 0;
+    w_.loop.unwatch(fd_);
+    close(fd_);
+    fd_ = -1;
+    transport_.reset();
+    dial_next(error);
+    return true;
+  }
+
+ private:
+  void dial_next(std::string error) {
+    while (next_address_ < addresses_.size()) {
+      const Resolved::Address& a = addresses_[next_address_++];
+      const int fd = socket(a.addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+      if (fd < 0) {
+        error = std::string("socket: ") + std::strerror(errno);
+        continue;
+      }
+      const int rc = ::connect(fd, reinterpret_cast<const sockaddr*>(&a.addr), a.len);
+      if (rc == 0 || errno == EINPROGRESS) {
+        open_socket(config_, fd, rc == 0, "");
+        return;
+      }
+      error = "connect " + config_.address + ": " + std::strerror(errno);
+      close(fd);
+    }
+    open_socket(config_, -1, false, error.empty() ? "no address for " + config_.address : error);
+  }
+
+  // fd < 0: the connection failed with `error`.
+  void open_socket(const UpstreamConfig& config, int fd, bool connected, const std::string& error) {
     if (fd < 0) {
       state_ = State::connecting;
       std::weak_ptr<Conn> weak = shared_from_this();
@@ -599,6 +714,9 @@ class UpConn : public Conn {
   std::string name_;
   bool tls_ = false;
   std::string authority_;
+  UpstreamConfig config_;                   // as given to connect()
+  std::vector<Resolved::Address> addresses_;  // of config_.address, tried in order
+  size_t next_address_ = 0;
 };
 
 // ---- the worker's pieces ------------------------------------------------------------------
