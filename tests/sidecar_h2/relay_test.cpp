@@ -766,42 +766,5 @@ TEST_F(RelayTest, ClientGoawayClosesTheConnectionAfterItsStreams) {
   EXPECT_TRUE(eventually([&] { return relay_->stats().downstream_connections.load() == 0; }));
 }
 
-// A quick local figure, not a benchmark (run with --gtest_also_run_disabled_tests):
-// 1 MiB messages echoed on one stream, direct and through the relay (plaintext and TLS
-// downstream), in MB/s of payload each way.
-TEST_F(RelayTest, DISABLED_ThroughputOfOneMiBMessages) {
-  start();
-  RelayConfig plain;
-  plain.plaintext_peer_id = kClientId;
-  plain.upstreams["echo"] = UpstreamConfig{echo_.address(), nullptr, nullptr};
-  RelayHooks hooks;
-  hooks.decide = [](const RequestInfo&) { return Decision::allow_to("echo"); };
-  Relay plain_relay("127.0.0.1:0", plain, hooks, 1);
-  plain_relay.start();
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(-1);
-  args.SetMaxSendMessageSize(-1);
-  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  auto measure = [&](const std::shared_ptr<grpc::Channel>& ch) {
-    Stream s(ch, "/test.Echo/Throughput");
-    const std::string msg = random_bytes(1 << 20, 1);
-    for (int i = 0; i < 20; ++i) s.round_trip(msg);  // warm-up
-    auto t0 = std::chrono::steady_clock::now();
-    const int n = 300;
-    for (int i = 0; i < n; ++i)
-      if (s.round_trip(msg).size() != msg.size()) return -1.0;
-    double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    s.close();
-    return n * 1.048576 / secs;
-  };
-  double direct = measure(grpc::CreateCustomChannel(echo_.address(), grpc::InsecureChannelCredentials(), args));
-  double via_plain = measure(grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(plain_relay.port()),
-                                                       grpc::InsecureChannelCredentials(), args));
-  double via_tls = measure(channel());
-  std::printf("1 MiB echo, MB/s each way: direct %.0f, relay plaintext %.0f (%.2fx), relay TLS %.0f (%.2fx)\n",
-              direct, via_plain, via_plain / direct, via_tls, via_tls / direct);
-  plain_relay.shutdown(2s);
-}
-
 }  // namespace
 }  // namespace shardguard::sidecar::h2
