@@ -401,6 +401,8 @@ std::optional<Progress> Controller::read_progress(const std::optional<json>& pod
   p.epoch = static_cast<int64_t>(sample(*body, "shardguard_train_epoch").value_or(0));
   p.loss = sample(*body, "shardguard_train_loss").value_or(0);
   p.accuracy = sample(*body, "shardguard_eval_accuracy");
+  // The gauge reads 0 until the first evaluation; a cross-entropy is never exactly 0.
+  if (const auto loss = sample(*body, "shardguard_eval_loss"); loss && *loss > 0) p.eval_loss = loss;
   return p;
 }
 

@@ -194,6 +194,17 @@ bool avoid_list_current(const json& pod, const std::vector<std::string>& avoid,
   return true;
 }
 
+// "; test accuracy A; eval loss L" from status.progress, for the Succeeded Event: what
+// is known of the last evaluation.
+std::string evaluation_summary(const json& st) {
+  if (!st.contains("progress")) return "";
+  const json& prog = st["progress"];
+  std::string text;
+  if (prog.contains("accuracy")) text += "; test accuracy " + format_ratio(prog["accuracy"].get<double>());
+  if (prog.contains("evalLoss")) text += "; eval loss " + format_ratio(prog["evalLoss"].get<double>());
+  return text;
+}
+
 struct Conditions {
   json& c;
   int64_t gen;
@@ -229,10 +240,7 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
       p.events.push_back({"Normal", phase,
                           phase == "Running" ? "every shard pod is running"
                                              : "every shard finished training" +
-                                                   (st.contains("progress") && st["progress"].contains("accuracy")
-                                                        ? "; test accuracy " +
-                                                              format_ratio(st["progress"]["accuracy"].get<double>())
-                                                        : std::string())});
+                                                   evaluation_summary(st)});
     }
   };
 
@@ -592,6 +600,7 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   if (ob.progress) {
     json prog = {{"step", ob.progress->step}, {"epoch", ob.progress->epoch}, {"loss", round4(ob.progress->loss)}};
     if (ob.progress->accuracy) prog["accuracy"] = round4(*ob.progress->accuracy);
+    if (ob.progress->eval_loss) prog["evalLoss"] = round4(*ob.progress->eval_loss);
     st["progress"] = prog;
   }
 

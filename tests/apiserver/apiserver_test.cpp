@@ -247,7 +247,7 @@ TEST(ApiServer, CrdRegistersTheResourceAppliesDefaultsAndStatusSubresource) {
   EXPECT_EQ(table.body["kind"], "Table");
   std::vector<std::string> names;
   for (const auto& col : table.body["columnDefinitions"]) names.push_back(col["name"]);
-  EXPECT_EQ(names, (std::vector<std::string>{"Name", "Phase", "Shards", "Step", "Accuracy", "Exposure", "Age"}));
+  EXPECT_EQ(names, (std::vector<std::string>{"Name", "Phase", "Shards", "Step", "Accuracy", "Eval-Loss", "Exposure", "Age"}));
   ASSERT_EQ(table.body["rows"].size(), 1u);
   const json& cells = table.body["rows"][0]["cells"];
   EXPECT_EQ(cells[0], "fmnist-cnn");
@@ -255,7 +255,8 @@ TEST(ApiServer, CrdRegistersTheResourceAppliesDefaultsAndStatusSubresource) {
   EXPECT_EQ(cells[2], 2);
   EXPECT_EQ(cells[3], 10);
   EXPECT_TRUE(cells[4].is_null());
-  EXPECT_TRUE(cells[6].is_string());
+  EXPECT_TRUE(cells[5].is_null());
+  EXPECT_TRUE(cells[7].is_string());
 
   // Deleting the CRD deletes its resources and the resource itself.
   EXPECT_EQ(api.del("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/shardedtrainingjobs.shardguard.io").code, 200);

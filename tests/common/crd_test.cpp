@@ -434,6 +434,7 @@ TEST(Crd, PrinterColumns) {
       {"Shards", "integer", ".spec.sharding.shards"},
       {"Step", "integer", ".status.progress.step"},
       {"Accuracy", "number", ".status.progress.accuracy"},
+      {"Eval-Loss", "number", ".status.progress.evalLoss"},
       {"Exposure", "number", ".status.exposure.maxNode"},
       {"Age", "date", ".metadata.creationTimestamp"},
   };
@@ -1111,7 +1112,7 @@ TEST(Crd, StatusSchema) {
   EXPECT_EQ(property_names("status.exposure.exportPrincipals", true),
             (std::set<std::string>{"principal", "shards", "exposedShards", "ratio"}));
   EXPECT_EQ(property_names("status.progress"),
-            (std::set<std::string>{"step", "epoch", "loss", "accuracy"}));
+            (std::set<std::string>{"step", "epoch", "loss", "accuracy", "evalLoss"}));
   // Status is written by the operator only: nothing there is defaulted.
   EXPECT_EQ(root_schema()["properties"]["status"].dump().find("\"default\""), std::string::npos);
 

@@ -119,6 +119,7 @@ struct Cluster {
   int writes = 0;
   std::vector<EventNote> events;
   std::vector<std::optional<int64_t>> ledger_sequences;  // what the sidecars publish
+  std::optional<Progress> progress;                     // what the last stage's shardd reports
 
   explicit Cluster(json j) : job(std::move(j)) {}
 
@@ -148,6 +149,7 @@ struct Cluster {
     }
     ob.render_inputs.job_object = job;
     ob.ledger_sequences = ledger_sequences;
+    ob.progress = progress;
     return ob;
   }
 
@@ -262,6 +264,26 @@ TEST(PlanTest, RunningJobReportsExposureAndSettlesWithNoWrites) {
   EXPECT_EQ(c.job["status"]["phase"], "Succeeded");
   EXPECT_TRUE(condition_true(c.job["status"]["conditions"], "Succeeded"));
   EXPECT_TRUE(c.job["status"].contains("completionTime"));
+}
+
+TEST(PlanTest, ProgressCarriesTheEvalLossAndTheSucceededEventSummarisesTheEvaluation) {
+  Cluster c(job_yaml());
+  c.settle();
+  for (int i = 0; i < 4; ++i) c.kubelet(i, "node-" + std::to_string(i), "Running");
+  c.progress = Progress{120, 1, 0.51234, 0.8125, std::nullopt};  // no evaluation loss yet
+  c.settle();
+  EXPECT_EQ(c.job["status"]["progress"]["accuracy"], 0.8125);
+  EXPECT_FALSE(c.job["status"]["progress"].contains("evalLoss"));
+  c.progress->eval_loss = 2.3456789;
+  c.settle();
+  EXPECT_EQ(c.job["status"]["progress"]["evalLoss"], 2.3457);  // rounded to 4 decimals
+  for (int i = 0; i < 4; ++i) c.kubelet(i, "node-" + std::to_string(i), "Succeeded");
+  c.settle();
+  std::string message;
+  for (const auto& e : c.events) {
+    if (e.reason == "Succeeded") message = e.message;
+  }
+  EXPECT_EQ(message, "every shard finished training; test accuracy 0.8125; eval loss 2.3457");
 }
 
 TEST(PlanTest, FailedPodIsCountedOnceAndRecreatedAwayFromUnsafeNodes) {

@@ -84,7 +84,8 @@ class FakeShardMetrics {
     body_ = "# TYPE shardguard_train_step gauge\nshardguard_train_step{stage=\"3\"} " + std::to_string(step) +
             "\nshardguard_train_epoch{stage=\"3\"} " + std::to_string(epoch) +
             "\nshardguard_train_loss{stage=\"3\"} " + std::to_string(loss) +
-            "\nshardguard_eval_accuracy{stage=\"3\"} " + std::to_string(accuracy) + "\n";
+            "\nshardguard_eval_accuracy{stage=\"3\"} " + std::to_string(accuracy) +
+            "\nshardguard_eval_loss{stage=\"3\"} " + std::to_string(loss * 0.9) + "\n";
   }
   void set_body(std::string body) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -396,6 +397,9 @@ TEST_F(OperatorTest, JobLifecycleFromCreateToSucceededThenCleanup) {
   EXPECT_LE(st["exposure"]["maxPrincipal"].get<double>(), 0.5);
   EXPECT_GT(st["exposure"]["maxPrincipal"].get<double>(), 0.34);  // shards 0-1 together
   EXPECT_EQ(st["progress"]["accuracy"], 0.81);
+  // The eval loss as the real server stored it (its schema prunes unknown fields).
+  ASSERT_TRUE(st["progress"].contains("evalLoss")) << st["progress"].dump();
+  EXPECT_GT(st["progress"]["evalLoss"].get<double>(), 0.0);
   EXPECT_EQ(st["shards"][1]["node"], "node-1");
   EXPECT_EQ(st["shards"][1]["phase"], "Running");
 

@@ -27,6 +27,7 @@ struct Progress {
   int64_t epoch = 0;
   double loss = 0;
   std::optional<double> accuracy;  // latest evaluation, when there was one
+  std::optional<double> eval_loss; // its mean cross-entropy (nats), when there was one
 };
 
 struct Observed {
