@@ -204,9 +204,17 @@ class ChildGroup {
 json bench_job(const json& example, int shards) {
   json j = example;
   j["spec"]["sharding"]["shards"] = shards;
-  j["spec"]["training"]["batchSize"] = 128;
-  j["spec"]["training"]["microBatches"] = 8;
-  j["spec"]["dataset"]["maxTestSamples"] = 1000;
+  if (j["spec"]["model"].value("architecture", "") == "gpt") {
+    // 32 sequences of 128 tokens: a step moves 4096 tokens, and a gpt stage's
+    // activations are 32 × 128 × hidden floats, far more than the image models'.
+    j["spec"]["training"]["batchSize"] = 32;
+    j["spec"]["training"]["microBatches"] = 4;
+    j["spec"]["dataset"]["maxTestSamples"] = 256;
+  } else {
+    j["spec"]["training"]["batchSize"] = 128;
+    j["spec"]["training"]["microBatches"] = 8;
+    j["spec"]["dataset"]["maxTestSamples"] = 1000;
+  }
   j["spec"]["checkpoint"]["everySteps"] = 1000000;
   return j;
 }
@@ -363,9 +371,10 @@ void print_table(const std::vector<Figure>& figures) {
 struct BenchOptions {
   fs::path out;
   fs::path examples;
-  std::vector<std::string> models = {"cnn", "vit"};
+  std::vector<std::string> models = {"cnn", "vit", "gpt"};
   int64_t cnn_steps = 120;
   int64_t vit_steps = 60;
+  int64_t gpt_steps = 30;
   double steps_scale = 1.0;
   int cores = 0;
   double timeout_s = 900;
@@ -402,22 +411,23 @@ StageOutcome run_shardctl(const Settings& s, const fs::path& job_file, int stage
   return o;
 }
 
-// The sidecar overhead (issue 5 "Benchmark"): one cnn job with `steps` steps (one
-// epoch of steps x batchSize samples, so that shardctl run, which has no step
-// limit, trains exactly as many as the direct pipeline's --max-steps), run first
-// as the direct 2-stage pipeline, then with `shardctl run` through the sidecars.
-// samples/s is shard 0's trained samples / train seconds in both.
-void sidecar_comparison(const Settings& s, const json& example_job, int64_t steps, const fs::path& tmp,
-                        std::vector<Figure>& figures) {
+// The sidecar overhead (issue 5 "Benchmark"; gpt, whose activations are much larger
+// than the cnn's: issue 18): one job of `model` with `steps` steps (one epoch of
+// steps x batchSize samples, so that shardctl run, which has no step limit, trains
+// exactly as many as the direct pipeline's --max-steps), run first as the direct
+// 2-stage pipeline, then with `shardctl run` through the sidecars. samples/s is
+// shard 0's trained samples / train seconds in both.
+void sidecar_comparison(const Settings& s, const std::string& model, const json& example_job, int64_t steps,
+                        const fs::path& tmp, std::vector<Figure>& figures) {
   constexpr int n = 2;
-  const fs::path dir = tmp / "cnn-sidecars";
+  const fs::path dir = tmp / (model + "-sidecars");
   fs::create_directories(dir);
   json job = bench_job(example_job, n);
   const int64_t batch = job["spec"]["training"]["batchSize"].get<int64_t>();
   job["spec"]["training"]["epochs"] = 1;
   job["spec"]["dataset"]["maxTrainSamples"] = steps * batch;
   // Two shards of the example cnn: stage 0 holds 0.55 of it, above the example's
-  // 0.5, which the operator's render() (behind shardctl run) refuses.
+  // 0.5, which the operator's render() (behind shardctl run) refuses (likewise gpt's).
   job["spec"]["protection"]["maxExposure"] = 0.6;
   const fs::path job_file = write_job(job, dir / "job.yaml");
   const int threads = std::max(1, s.cores / n);
@@ -425,7 +435,7 @@ void sidecar_comparison(const Settings& s, const json& example_job, int64_t step
     return o.train_seconds > 0 ? static_cast<double>(o.trained_steps * batch) / o.train_seconds : 0.0;
   };
 
-  std::cout << "[sidecars 1/2] cnn 2-stage pipeline without sidecars (" << n << " shardd x " << threads
+  std::cout << "[sidecars 1/2] " << model << " 2-stage pipeline without sidecars (" << n << " shardd x " << threads
             << " thread(s), " << steps << " steps) ...\n"
             << std::flush;
   auto t0 = Clock::now();
@@ -438,7 +448,7 @@ void sidecar_comparison(const Settings& s, const json& example_job, int64_t step
   for (const auto& st : direct) direct_cpu += st.cpu_seconds;
   warn_if_contended(busy0, direct_cpu, seconds_since(t0), s.cores);
 
-  std::cout << "[sidecars 2/2] cnn the same job with shardctl run (" << n << " shardd, each behind its "
+  std::cout << "[sidecars 2/2] " << model << " the same job with shardctl run (" << n << " shardd, each behind its "
             << "shard-sidecar) ...\n"
             << std::flush;
   t0 = Clock::now();
@@ -455,22 +465,42 @@ void sidecar_comparison(const Settings& s, const json& example_job, int64_t step
             << std::flush;
   // shardctl's rusage includes its reaped children: every shardd and sidecar.
   warn_if_contended(busy0, through.cpu_seconds, seconds_since(t0), s.cores);
-  figures.push_back({"cnn", "2-stage direct",
-                     figure("pipeline.cnn.2-stage.direct", "samples_per_second", direct_sps, "samples/s", direct_sps)});
-  figures.push_back({"cnn", "2-stage sidecars",
-                     figure("pipeline.cnn.2-stage.sidecars", "samples_per_second", sidecar_sps, "samples/s",
-                            direct_sps)});
-  figures.push_back({"cnn", "2-stage sidecars",
-                     figure("pipeline.cnn.2-stage.sidecars", "sidecar_overhead", ratio, "fraction", 0.95)});
+  const std::string prefix = "pipeline." + model + ".2-stage.";
+  figures.push_back({model, "2-stage direct",
+                     figure(prefix + "direct", "samples_per_second", direct_sps, "samples/s", direct_sps)});
+  figures.push_back({model, "2-stage sidecars",
+                     figure(prefix + "sidecars", "samples_per_second", sidecar_sps, "samples/s", direct_sps)});
+  figures.push_back({model, "2-stage sidecars", figure(prefix + "sidecars", "sidecar_overhead", ratio, "fraction", 0.95)});
 }
 
-json read_example(const fs::path& examples, const std::string& model) {
-  const fs::path example = examples / ("fashion-mnist-" + model + ".yaml");
+// The example job of a model: examples/fashion-mnist-{cnn,vit}.yaml, or for gpt
+// examples/fortunes-gpt.yaml with its dataset made once per run in `tmp` by
+// `shardctl data tokens` from Debian's fortunes (installed by make deps).
+json read_example(const Settings& s, const fs::path& examples, const std::string& model, const fs::path& tmp) {
+  const fs::path example = examples / (model == "gpt" ? "fortunes-gpt.yaml" : "fashion-mnist-" + model + ".yaml");
   std::ifstream in(example);
   if (!in) throw BenchError("cannot read " + example.string());
   std::stringstream text;
   text << in.rdbuf();
-  return yaml_to_json(text.str());
+  json job = yaml_to_json(text.str());
+  if (model == "gpt") {
+    const fs::path corpus = "/usr/share/games/fortunes";
+    const fs::path data = tmp / "fortunes-tokens";
+    if (!fs::exists(data / "train.tokens")) {
+      if (!fs::exists(corpus)) throw BenchError(corpus.string() + " is missing (make deps installs fortunes)");
+      ChildGroup group;
+      auto& child = group.spawn("shardctl data tokens",
+                                {s.shardctl.string(), "data", "tokens", corpus.string(), "--out", data.string()}, {},
+                                tmp / "data-tokens.log");
+      group.wait_all(Clock::now() + std::chrono::seconds(120), 120);
+      if (!fs::exists(data / "train.tokens")) {
+        throw BenchError("shardctl data tokens made no " + (data / "train.tokens").string() + ":\n" +
+                         indented_tail(child.log_file, kLogTailLines));
+      }
+    }
+    job["spec"]["dataset"]["path"] = data.string();
+  }
+  return job;
 }
 
 int run_bench(const BenchOptions& opt) {
@@ -499,8 +529,8 @@ int run_bench(const BenchOptions& opt) {
   int run = 0;
   const auto bench_start = Clock::now();
   for (const auto& model : models) {
-    const json example_job = read_example(opt.examples, model);
-    const int64_t base_steps = model == "vit" ? opt.vit_steps : opt.cnn_steps;
+    const json example_job = read_example(s, opt.examples, model, tmp.path());
+    const int64_t base_steps = model == "vit" ? opt.vit_steps : model == "gpt" ? opt.gpt_steps : opt.cnn_steps;
     const int64_t steps = std::max<int64_t>(1, std::llround(static_cast<double>(base_steps) * opt.steps_scale));
     const JobSpec spec = job_from_json(bench_job(example_job, 1));  // what every configuration runs
     const int batch = spec.training.batch_size;
@@ -576,9 +606,12 @@ int run_bench(const BenchOptions& opt) {
       }
     }
   }
-  if (opt.sidecars_only || std::find(opt.models.begin(), opt.models.end(), "cnn") != opt.models.end()) {
-    const int64_t steps = std::max<int64_t>(1, std::llround(static_cast<double>(opt.sidecar_steps) * opt.steps_scale));
-    sidecar_comparison(s, read_example(opt.examples, "cnn"), steps, tmp.path(), figures);
+  // The sidecar comparison for cnn and gpt, when they are among --models.
+  for (const std::string model : {"cnn", "gpt"}) {
+    if (std::find(opt.models.begin(), opt.models.end(), model) == opt.models.end()) continue;
+    const int64_t base = model == "gpt" ? opt.gpt_steps : opt.sidecar_steps;
+    const int64_t steps = std::max<int64_t>(1, std::llround(static_cast<double>(base) * opt.steps_scale));
+    sidecar_comparison(s, model, read_example(s, opt.examples, model, tmp.path()), steps, tmp.path(), figures);
   }
   {
     std::vector<json> rows;
@@ -625,13 +658,15 @@ int main(int argc, char** argv) {
   int threads = 0;
   int64_t steps = 0;
   app.add_option("--out", out, "results file (JSON lines)")->capture_default_str();
-  app.add_option("--examples-dir", examples, "directory holding fashion-mnist-{cnn,vit}.yaml")->capture_default_str();
-  app.add_option("--models", opt.models, "models to benchmark (cnn, vit)")->capture_default_str()
-      ->check(CLI::IsMember({"cnn", "vit"}));
+  app.add_option("--examples-dir", examples, "directory holding fashion-mnist-{cnn,vit}.yaml and fortunes-gpt.yaml")->capture_default_str();
+  app.add_option("--models", opt.models, "models to benchmark (cnn, vit, gpt)")->capture_default_str()
+      ->check(CLI::IsMember({"cnn", "vit", "gpt"}));
   app.add_option("--cnn-steps", opt.cnn_steps, "training steps per cnn run")->capture_default_str()
       ->check(CLI::PositiveNumber);
   app.add_option("--vit-steps", opt.vit_steps, "training steps per vit run")->capture_default_str()
       ->check(CLI::PositiveNumber);
+  app.add_option("--gpt-steps", opt.gpt_steps, "training steps per gpt run (its sidecar comparison included)")
+      ->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--steps-scale", opt.steps_scale, "multiplies every step count (e.g. 0.1 for a quick check)")
       ->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--cores", opt.cores, "cores shared by every configuration (0 = all of this machine's)")
@@ -641,7 +676,8 @@ int main(int argc, char** argv) {
   app.add_option("--sidecar-steps", opt.sidecar_steps, "training steps per run of the cnn sidecar comparison")
       ->capture_default_str()->check(CLI::PositiveNumber);
   app.add_flag("--sidecars-only", opt.sidecars_only,
-               "run only the sidecar comparison (cnn 2-stage: shardctl run through the sidecars vs direct)");
+               "run only the sidecar comparison (2 stages: shardctl run through the sidecars vs direct), for cnn "
+               "and gpt where --models names them");
   // Internal: the monolithic baseline runs as a child process of the benchmark.
   app.add_option("--monolithic", monolithic_job, "(internal) train JOB whole in this process and print one JSON line");
   app.add_option("--threads", threads, "(internal, with --monolithic) compute threads");
