@@ -22,6 +22,7 @@ image [1, 28, 28] and gives 10 logits (spec.dataset.format: fashion-mnist).
   nochain    a block whose input width is not the previous block's output width
   outside    a parameter on the model itself, outside the blocks
   tied       the LM head reuses the embedding's token table (weights shared by two blocks)
+  all        every one of them: --out is then a directory that gets <variant>.pt each
 
 Needs Debian's python3-torch (1.13, the same version as libtorch-dev; `make deps`
 installs it). Nothing here is imported by ShardGuard: it only writes the archive.
@@ -202,11 +203,38 @@ def train_lm(model, a):
             print("step %d loss %.4f (%.3f bits/token)" % (step + 1, loss.item(), loss.item() / math.log(2)))
 
 
+VARIANTS = ["sequence", "dict", "nochain", "outside", "tied"]
+
+
+def make(a, variant, out):
+    torch.manual_seed(a.seed)
+    blocks = gpt_blocks(a, variant) if a.arch == "gpt" else mlp_blocks(a, variant)
+    if variant == "dict":
+        model = DictModel(blocks)
+    elif variant == "outside":
+        model = OutsideModel(blocks)
+    elif a.container == "modulelist":
+        model = ListModel(blocks)
+    else:
+        model = SequenceModel(blocks)
+    if a.train:
+        if a.arch != "gpt":
+            sys.exit("--train reads token files: only --arch gpt")
+        train_lm(model, a)
+    model.eval()
+    scripted = torch.jit.script(model)
+    tmp = out + ".tmp"
+    scripted.save(tmp)
+    os.replace(tmp, out)
+    params = sum(t.numel() for t in model.parameters())
+    print("wrote %s: %s %s, %d blocks, %d parameters" % (out, a.arch, variant, len(blocks), params))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="where the TorchScript archive goes")
     p.add_argument("--arch", choices=["gpt", "mlp"], default="gpt")
-    p.add_argument("--variant", choices=["sequence", "dict", "nochain", "outside", "tied"], default="sequence")
+    p.add_argument("--variant", choices=VARIANTS + ["all"], default="sequence")
     p.add_argument("--container", choices=["sequential", "modulelist"], default="sequential")
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--context", type=int, default=32)
@@ -222,27 +250,12 @@ def main():
     if a.hidden % a.heads:
         sys.exit("--hidden %d is not divisible by --heads %d" % (a.hidden, a.heads))
 
-    torch.manual_seed(a.seed)
-    blocks = gpt_blocks(a, a.variant) if a.arch == "gpt" else mlp_blocks(a, a.variant)
-    if a.variant == "dict":
-        model = DictModel(blocks)
-    elif a.variant == "outside":
-        model = OutsideModel(blocks)
-    elif a.container == "modulelist":
-        model = ListModel(blocks)
+    if a.variant == "all":
+        os.makedirs(a.out, exist_ok=True)
+        for v in VARIANTS:
+            make(a, v, os.path.join(a.out, v + ".pt"))
     else:
-        model = SequenceModel(blocks)
-    if a.train:
-        if a.arch != "gpt":
-            sys.exit("--train reads token files: only --arch gpt")
-        train_lm(model, a)
-    model.eval()
-    scripted = torch.jit.script(model)
-    tmp = a.out + ".tmp"
-    scripted.save(tmp)
-    os.replace(tmp, a.out)
-    params = sum(t.numel() for t in model.parameters())
-    print("wrote %s: %s %s, %d blocks, %d parameters" % (a.out, a.arch, a.variant, len(blocks), params))
+        make(a, a.variant, a.out)
 
 
 if __name__ == "__main__":
