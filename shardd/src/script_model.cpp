@@ -19,6 +19,8 @@
 #include "shardguard/common/files.h"
 #include "shardguard/model/model_desc.h"
 #include "shardguard/model/partition.h"
+#include "shardguard/shardd/checkpoint.h"
+#include "shardguard/shardd/recombine.h"
 
 namespace shardguard::shardd {
 namespace fs = std::filesystem;
@@ -134,6 +136,32 @@ std::string make_temp_dir(const std::string& target) {
   }
   return tmpl;
 }
+
+// Registers a TorchScript module's own parameters and buffers (the same tensors, not
+// copies) on `holder`, and a holder per child, recursively: the nn::Module tree then
+// has the TorchScript module's names.
+void mirror(torch::nn::Module& holder, const torch::jit::Module& m) {
+  for (const auto& p : m.named_parameters(false)) holder.register_parameter(p.name, p.value, true);
+  for (const auto& b : m.named_buffers(false)) holder.register_buffer(b.name, b.value);
+  for (const auto& c : m.named_children()) {
+    auto child = std::make_shared<torch::nn::Module>();
+    mirror(*child, c.value);
+    holder.register_module(c.name, child);
+  }
+}
+
+// One TorchScript block inside a stage's Sequential.
+struct ScriptBlockImpl : torch::nn::Module {
+  explicit ScriptBlockImpl(torch::jit::Module m) : module(std::move(m)) { mirror(*this, module); }
+  torch::Tensor forward(torch::Tensor x) { return module.forward({x}).toTensor(); }
+  // Dropout and the like follow the stage's mode: the TorchScript module keeps its own flag.
+  void train(bool on = true) override {
+    torch::nn::Module::train(on);
+    module.train(on);
+  }
+  torch::jit::Module module;
+};
+TORCH_MODULE(ScriptBlock);
 
 }  // namespace
 
@@ -389,6 +417,55 @@ model::PackageManifest load_manifest(const std::string& package_dir) {
     throw PackageError(std::string("manifest: ") + e.what());
   }
   return model::parse_manifest(text, path);
+}
+
+torch::nn::Sequential package_stage(const torch::jit::Module& package, int first, int end) {
+  torch::nn::Sequential stage;
+  for (int i = first; i < end; ++i) {
+    const std::string name = "block" + std::to_string(i);
+    if (!package.hasattr(name)) throw PackageError("package has no block " + name);
+    stage->push_back(std::string(name), ScriptBlock(package.attr(name).toModule()));
+  }
+  return stage;
+}
+
+RecombinedScript recombine_packages(const JobSpec& job, const std::string& package_dir,
+                                    const std::string& package_key_dir, const std::string& checkpoint_dir,
+                                    const std::string& checkpoint_key_dir) {
+  RecombinedScript r;
+  r.manifest = load_manifest(package_dir);
+  std::vector<model::StageDesc> stages;
+  for (const auto& s : r.manifest.shards) {
+    model::StageDesc d;
+    d.index = s.index;
+    d.first_block = s.first_block;
+    d.end_block = s.end_block;
+    d.parameters = s.parameters;
+    stages.push_back(d);
+  }
+  const auto files = find_shard_files(job, stages, checkpoint_dir, checkpoint_key_dir);
+  std::vector<torch::jit::Module> blocks;
+  for (const auto& s : r.manifest.shards) {
+    const std::string key = load_key_file(package_key_dir + "/" + model::package_key_file_name(s.index));
+    auto package = load_package(package_dir, r.manifest, s.index, key);
+    auto stage = package_stage(package, s.first_block, s.end_block);
+    const auto header = read_checkpoint_header(files[s.index].checkpoint);
+    if (header.id.first_block != s.first_block || header.id.end_block != s.end_block) {
+      throw CheckpointError("checkpoint " + files[s.index].checkpoint + " holds blocks [" +
+                            std::to_string(header.id.first_block) + ", " + std::to_string(header.id.end_block) +
+                            "), but shard " + std::to_string(s.index) + " of " + package_dir + " is [" +
+                            std::to_string(s.first_block) + ", " + std::to_string(s.end_block) + ")");
+    }
+    r.step = header.step;
+    // Into the TorchScript blocks' own tensors (the stage holds the same ones).
+    load_checkpoint_model(files[s.index].checkpoint, files[s.index].key, stage);
+    for (int i = s.first_block; i < s.end_block; ++i) {
+      blocks.push_back(package.attr("block" + std::to_string(i)).toModule());
+    }
+  }
+  r.module = stage_module(blocks, 0, static_cast<int>(blocks.size()));
+  r.view = package_stage(r.module, 0, static_cast<int>(blocks.size()));
+  return r;
 }
 
 torch::jit::Module load_package(const std::string& package_dir, const model::PackageManifest& manifest, int shard,

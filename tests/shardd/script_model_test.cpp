@@ -7,12 +7,19 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
+#include <thread>
 
 #include <gtest/gtest.h>
 #include <torch/csrc/jit/serialization/import.h>
 #include <torch/torch.h>
 
 #include "shardd/test_job.h"
+#include "shardguard/shardd/engine.h"
+#include "shardguard/shardd/memory_transport.h"
+#include "shardguard/shardd/metrics.h"
+#include "shardguard/shardd/threads.h"
+#include "shardguard/shardd/trainer.h"
 #include "shardguard/common/crypto.h"
 #include "shardguard/common/files.h"
 #include "shardguard/shardd/script_model.h"
@@ -333,6 +340,85 @@ TEST_F(ScriptModelTest, ADatasetTheModelDoesNotFitAndBadDirectoriesAreRefused) {
   fs::remove(out() + "/other");
   EXPECT_NO_THROW(split_model(sm, job_, out(), keys()));
   EXPECT_TRUE(fs::exists(out() + "/manifest.json"));
+}
+
+// Fine-tuning from the packages: every stage an engine on the in-memory transport
+// that builds its blocks from its own package and key only; then recombination from
+// every package, checkpoint and key gives a TorchScript model whose validation loss
+// is the pipeline's last evaluation.
+TEST_F(ScriptModelTest, FineTunedFromPackagesAndRecombinedToTheDistributedEvaluation) {
+  set_compute_threads(1);
+  auto sm = load_script_model(model("sequence"), job_);
+  const auto m = split_model(sm, job_, out(), keys());
+  const int n = static_cast<int>(m.shards.size());
+  struct Node {
+    std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
+    std::unique_ptr<StageMetrics> metrics;
+    std::unique_ptr<MemoryTransport> transport;
+    std::unique_ptr<Engine> engine;
+    StageResult result;
+  };
+  MemoryNetwork network(n);
+  std::vector<std::unique_ptr<Node>> nodes;
+  const std::string ckpt_keys = work_.str() + "/checkpoint-keys";
+  make_dirs(ckpt_keys);
+  for (int i = 0; i < n; ++i) {
+    const std::string ck = ckpt_keys + "/shard-" + std::to_string(i) + ".key";
+    generate_key_file(ck);
+    StageOptions o;
+    o.job = job_;
+    o.stage = i;
+    o.checkpoint_dir = work_.str() + "/checkpoints";
+    o.key = load_key_file(ck);
+    o.device = "cpu";
+    o.peer_timeout_s = 60;
+    o.max_steps = 0;  // the one epoch: 3 steps of 32 windows
+    o.package_dir = out();
+    o.package_key = key(i);
+    auto node = std::make_unique<Node>();
+    node->metrics = std::make_unique<StageMetrics>(*node->registry, job_.name, i);
+    node->transport = std::make_unique<MemoryTransport>(network, i, *node->metrics, 30);
+    node->engine = std::make_unique<Engine>(o, *node->metrics, *node->transport);
+    node->engine->start();
+    EXPECT_EQ(node->engine->parameters(), m.shards[i].parameters);
+    nodes.push_back(std::move(node));
+  }
+  std::vector<std::thread> threads;
+  for (auto& node : nodes) threads.emplace_back([&node] { node->result = node->engine->run(); });
+  for (auto& t : threads) t.join();
+  for (const auto& node : nodes) ASSERT_TRUE(node->result.ok) << node->result.error;
+  const auto& last = nodes.back()->result;
+  ASSERT_EQ(last.steps, 3);
+  ASSERT_TRUE(last.last_eval.has_value());
+  ASSERT_GT(last.last_eval->total, 0);
+
+  auto r = recombine_packages(job_, out(), keys(), work_.str() + "/checkpoints", ckpt_keys);
+  EXPECT_EQ(r.step, 3);
+  const auto ev = evaluate(r.view, job_, Split::kTest, torch::kCPU);
+  EXPECT_EQ(ev.total, last.last_eval->total);
+  EXPECT_EQ(ev.correct, last.last_eval->correct);
+  EXPECT_NEAR(ev.loss(), last.last_eval->loss(), 1e-5 * std::max(1.0, ev.loss()));
+
+  // The recombined model was fine-tuned: its weights are no longer the split model's,
+  // and its validation loss differs from the model's before fine-tuning.
+  auto original = torch::jit::load(model("sequence"));
+  auto before = package_stage(stage_module([&] {
+    std::vector<torch::jit::Module> b;
+    for (const auto& c : original.attr("blocks").toModule().named_children()) b.push_back(c.value);
+    return b;
+  }(), 0, 4), 0, 4);
+  const auto ev0 = evaluate(before, job_, Split::kTest, torch::kCPU);
+  EXPECT_NE(ev0.loss_sum, ev.loss_sum);
+  // It saves and loads as an ordinary TorchScript model with the same output.
+  std::ostringstream saved;
+  r.module.save(saved);
+  std::istringstream in(saved.str());
+  auto reloaded = torch::jit::load(in);
+  reloaded.eval();
+  r.view->eval();
+  torch::NoGradGuard no_grad;
+  const auto x = example_input(job_, 2);
+  EXPECT_TRUE(torch::allclose(reloaded.forward({x}).toTensor(), r.view->forward(x), 1e-5, 1e-6));
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include <torch/csrc/jit/api/module.h>
+#include <torch/nn/modules/container/sequential.h>
 
 #include "shardguard/common/jobspec.h"
 #include "shardguard/model/package.h"
@@ -62,5 +63,26 @@ model::PackageManifest load_manifest(const std::string& package_dir);
 // against the manifest. Throws model::PackageError naming the file.
 torch::jit::Module load_package(const std::string& package_dir, const model::PackageManifest& manifest, int shard,
                                 const std::string& key);
+
+// Blocks [first, end) of a package (or of any module with children block<i>) as the
+// Sequential a stage trains: child block<i> runs the TorchScript block's forward, and
+// holds the very same parameter and buffer tensors under the same names
+// ("block3.ln1.weight"), so optimizers, checkpoints, export and recombination work on
+// it as on a zoo stage, and what they change is the TorchScript block's.
+torch::nn::Sequential package_stage(const torch::jit::Module& package, int first, int end);
+
+// Every package with its key (KEYS/shard-<i>.key) and every shard's checkpoint of
+// one step (the newest every shard has in checkpoint_dir, keys in checkpoint_key_dir):
+// the fine-tuned model as one TorchScript module (children block<i>, forward applies
+// them in order), and a Sequential view of it for evaluation.
+struct RecombinedScript {
+  torch::jit::Module module;
+  torch::nn::Sequential view{nullptr};
+  int64_t step = 0;
+  model::PackageManifest manifest;
+};
+RecombinedScript recombine_packages(const JobSpec& job, const std::string& package_dir,
+                                    const std::string& package_key_dir, const std::string& checkpoint_dir,
+                                    const std::string& checkpoint_key_dir);
 
 }  // namespace shardguard::shardd
