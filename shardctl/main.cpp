@@ -95,6 +95,11 @@ int main(int argc, char** argv) {
   rec_cmd->add_option("--keys", rec.key_dir, "directory of the shards' key files shard-<i>.key")->required();
   rec_cmd->add_option("--device", rec.device, "auto | cpu | cuda")->capture_default_str();
   rec_cmd->add_option("--threads", rec_threads, "compute threads");
+  rec_cmd->add_option("--package", rec.package_dir,
+                      "a split TorchScript model's package directory (shardctl split --out): rebuild it with the "
+                      "checkpoints' weights");
+  rec_cmd->add_option("--package-keys", rec.package_key_dir, "the package keys (shardctl split --keys)");
+  rec_cmd->add_option("--out", rec.out_file, "with --package: write the fine-tuned TorchScript model here");
 
   SplitOptions split;
   auto* split_cmd = app.add_subcommand(

@@ -17,6 +17,11 @@ struct RecombineOptions {
   std::string checkpoint_dir;
   std::string key_dir;
   std::string device = "cpu";
+  // A split TorchScript model (docs/distribution.md): the packages, their keys, and
+  // where the fine-tuned TorchScript model goes.
+  std::string package_dir;
+  std::string package_key_dir;
+  std::string out_file;
 };
 int RunRecombine(const RecombineOptions& options);
 
