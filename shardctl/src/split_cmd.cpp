@@ -1,6 +1,7 @@
 // `shardctl split MODEL.pt --job JOB.yaml --out DIR`: a TorchScript model cut into
 // one encrypted package per shard (LibTorch; library shardguard_shardctl_torch).
 // docs/shardctl.md and docs/distribution.md.
+#include <algorithm>
 #include <cstdio>
 #include <iostream>
 
@@ -22,7 +23,9 @@ int RunSplit(const SplitOptions& o) {
     std::cerr << "shardctl split: " << e.what() << "\n";
     return 2;
   }
-  const std::string key_dir = o.key_dir.empty() ? o.out_dir + ".keys" : o.key_dir;
+  std::string out = o.out_dir;
+  while (out.size() > 1 && out.back() == '/') out.pop_back();  // "pkg/" → keys in "pkg.keys"
+  const std::string key_dir = o.key_dir.empty() ? out + ".keys" : o.key_dir;
   try {
     auto sm = shardd::load_script_model(o.model_file, job, o.attribute);
     const auto m = shardd::split_model(sm, job, o.out_dir, key_dir);
@@ -39,6 +42,11 @@ int RunSplit(const SplitOptions& o) {
                   s.first_block, s.end_block - 1, static_cast<long long>(s.parameters), 100.0 * s.share,
                   s.file.c_str(), static_cast<long long>(s.bytes), s.sha256.c_str());
     }
+    double largest = 0;
+    for (const auto& s : m.shards) largest = std::max(largest, s.share);
+    std::printf("largest shard holds %.1f%% of the parameters; spec.protection.maxExposure is %.1f%%%s\n",
+                100.0 * largest, 100.0 * job.protection.max_exposure,
+                largest > job.protection.max_exposure ? " (EXCEEDED: check the job with shardctl plan)" : "");
     std::printf("packages and manifest.json in %s; one key per shard in %s (mode 0600: hand each only to its "
                 "shard)\n",
                 o.out_dir.c_str(), key_dir.c_str());

@@ -275,6 +275,11 @@ ScriptModel load_script_model(const std::string& path, const JobSpec& job, const
     }
     b.out_shape = per_sample(x);
     b.out_dtype = dtype_name(x.scalar_type());
+    if (i + 1 < sm.blocks.size() && x.scalar_type() != torch::kFloat32) {
+      throw PackageError("model " + path + ": " + name + " of the blocks attribute \"" + attr + "\" gives a " +
+                         b.out_dtype + " tensor; the pipeline carries float32 activations between stages, so every "
+                         "block but the last must give float32 (cast inside the block)");
+    }
     sm.manifest.blocks.push_back(std::move(b));
   }
   const auto& last = sm.manifest.blocks.back();
@@ -336,7 +341,11 @@ model::PackageManifest split_model(ScriptModel& sm, const JobSpec& job, const st
                        "\" needs FLOP counts, which split does not measure for TorchScript models; use parameters");
   }
   std::error_code ec;
-  const fs::path out_abs = fs::weakly_canonical(out_dir, ec), keys_abs = fs::weakly_canonical(key_dir, ec);
+  auto absolute = [&](const std::string& dir) {  // without a trailing separator ("out/" → ".../out")
+    fs::path p = fs::weakly_canonical(dir, ec);
+    return p.has_filename() ? p : p.parent_path();
+  };
+  const fs::path out_abs = absolute(out_dir), keys_abs = absolute(key_dir);
   auto inside = [](const fs::path& a, const fs::path& b) {  // a within b (or equal)
     auto [ia, ib] = std::mismatch(a.begin(), a.end(), b.begin(), b.end());
     return ib == b.end();
