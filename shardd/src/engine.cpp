@@ -41,6 +41,19 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
                                 std::to_string(manifest_.shards.size()) + " shards, but spec.sharding.shards is " +
                                 std::to_string(opt_.job.sharding.shards));
     }
+    // The data this job feeds the first block and the loss reads from the last.
+    const bool tokens = opt_.job.dataset.format == "tokens";
+    const std::vector<int64_t> in = tokens ? std::vector<int64_t>{opt_.job.model.context}
+                                           : std::vector<int64_t>{1, model::kImageSide, model::kImageSide};
+    const std::vector<int64_t> out = tokens ? std::vector<int64_t>{opt_.job.model.context, opt_.job.model.vocab}
+                                            : std::vector<int64_t>{model::kNumClasses};
+    if (desc_.blocks.front().in_shape != in || desc_.blocks.back().out_shape != out) {
+      throw model::PackageError("--package: the model in " + opt_.package_dir + " maps " +
+                                model::shape_str(desc_.blocks.front().in_shape) + " to " +
+                                model::shape_str(desc_.blocks.back().out_shape) + " per sample, but spec.dataset.format " +
+                                opt_.job.dataset.format + " with this job's spec.model gives " + model::shape_str(in) +
+                                " and needs " + model::shape_str(out));
+    }
     for (const auto& s : manifest_.shards) {
       model::StageDesc d;
       d.index = s.index;

@@ -423,5 +423,42 @@ TEST_F(ScriptModelTest, FineTunedFromPackagesAndRecombinedToTheDistributedEvalua
   EXPECT_TRUE(torch::allclose(reloaded.forward({x}).toTensor(), r.view->forward(x), 1e-5, 1e-6));
 }
 
+// A stage refuses, at start, a package that is not this job's: another cut, or a
+// model whose input and output do not fit the job's data.
+TEST_F(ScriptModelTest, AStageRefusesAPackageThatDoesNotFitItsJob) {
+  auto sm = load_script_model(model("sequence"), job_);
+  split_model(sm, job_, out(), keys());
+  auto start = [&](const JobSpec& job) -> std::string {
+    prometheus::Registry registry;
+    StageMetrics metrics(registry, job.name, 1);
+    MemoryNetwork network(job.sharding.shards);
+    MemoryTransport transport(network, 1, metrics, 1);
+    StageOptions o;
+    o.job = job;
+    o.stage = 1;
+    o.checkpoint_dir = work_.str() + "/checkpoints";
+    o.key = random_bytes(kAesKeyBytes);
+    o.device = "cpu";
+    o.package_dir = out();
+    o.package_key = key(1);
+    Engine engine(o, metrics, transport);
+    try {
+      engine.start();
+    } catch (const model::PackageError& e) {
+      return e.what();
+    }
+    return "started";
+  };
+  auto two = job_;
+  two.sharding.shards = 2;
+  EXPECT_NE(start(two).find("holds a model cut into 3 shards, but spec.sharding.shards is 2"), std::string::npos);
+  auto j = testing::small_gpt_job_json(3, work_.str() + "/data");
+  j["spec"]["model"]["context"] = 32;
+  const std::string wider = start(job_from_json(j));
+  EXPECT_NE(wider.find("maps [16] to [16, 256] per sample"), std::string::npos) << wider;
+  EXPECT_NE(wider.find("gives [32] and needs [32, 256]"), std::string::npos) << wider;
+  EXPECT_EQ(start(job_), "started");
+}
+
 }  // namespace
 }  // namespace shardguard::shardd
