@@ -22,10 +22,12 @@ JOBS       ?= $(shell nproc)
 CMAKE_GEN  := $(shell command -v ninja >/dev/null 2>&1 && echo "-G Ninja")
 
 # Every package, by Debian name. libopenblas0-pthread replaces the reference
-# BLAS that LibTorch would otherwise use (about ten times slower).
+# BLAS that LibTorch would otherwise use (about ten times slower). python3-torch
+# (1.13, the same as libtorch-dev) scripts the TorchScript models of
+# examples/models/make_model.py that `shardctl split` cuts and its tests use.
 DEB_PACKAGES := \
   build-essential cmake ninja-build ccache pkg-config clang libclang-rt-14-dev \
-  libtorch-dev libopenblas0-pthread \
+  libtorch-dev libopenblas0-pthread python3-torch \
   libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev \
   prometheus-cpp-dev nlohmann-json3-dev libyaml-cpp-dev libcli11-dev libcpp-httplib-dev \
   libssl-dev zlib1g-dev libnghttp2-dev libgtest-dev libgmock-dev libbenchmark-dev \

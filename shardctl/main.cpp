@@ -18,7 +18,7 @@
 
 namespace {
 
-// recombine and training studies need LibTorch; a shardctl built without it
+// recombine, split and training studies need LibTorch; a shardctl built without it
 // (SHARDGUARD_WITH_TORCH=OFF, e.g. the sanitizer tree) says so instead.
 [[maybe_unused]] int without_torch(const char* what) {
   std::fprintf(stderr,
@@ -95,6 +95,21 @@ int main(int argc, char** argv) {
   rec_cmd->add_option("--keys", rec.key_dir, "directory of the shards' key files shard-<i>.key")->required();
   rec_cmd->add_option("--device", rec.device, "auto | cpu | cuda")->capture_default_str();
   rec_cmd->add_option("--threads", rec_threads, "compute threads");
+  rec_cmd->add_option("--package", rec.package_dir,
+                      "a split TorchScript model's package directory (shardctl split --out): rebuild it with the "
+                      "checkpoints' weights");
+  rec_cmd->add_option("--package-keys", rec.package_key_dir, "the package keys (shardctl split --keys)");
+  rec_cmd->add_option("--out", rec.out_file, "with --package: write the fine-tuned TorchScript model here");
+
+  SplitOptions split;
+  auto* split_cmd = app.add_subcommand(
+      "split", "cut a TorchScript model into one encrypted package per shard, a manifest and per-shard keys");
+  split_cmd->add_option("model", split.model_file, "TorchScript archive (torch.jit.script(...).save)")->required();
+  split_cmd->add_option("--job", split.job_file, "ShardedTrainingJob YAML file: its sharding and dataset")->required();
+  split_cmd->add_option("--out", split.out_dir, "new directory for manifest.json and shard-<i>.sgpkg")->required();
+  split_cmd->add_option("--keys", split.key_dir, "new directory for the per-shard keys shard-<i>.key (default OUT.keys)");
+  split_cmd->add_option("--blocks", split.attribute,
+                        "the model's attribute holding the blocks (default: its only nn.Sequential/nn.ModuleList)");
 
   auto* pki_cmd = app.add_subcommand("pki", "create a job CA and leaf certificates (SPIFFE X509-SVIDs) for local use");
   pki_cmd->require_subcommand(1);
@@ -217,6 +232,13 @@ int main(int argc, char** argv) {
 #else
     (void)rec_threads;
     return without_torch("recombine");
+#endif
+  }
+  if (*split_cmd) {
+#ifdef SHARDCTL_WITH_TORCH
+    return RunSplit(split);
+#else
+    return without_torch("split");
 #endif
   }
   if (*study_cmd) {

@@ -22,6 +22,7 @@ struct Flags {
   std::string job_file;
   shardd::StageOptions stage;
   std::string key_file;
+  std::string package_key_file;
   std::string metrics = "127.0.0.1:9100";
   int threads = 1;
 };
@@ -32,6 +33,16 @@ int RunShardd(Flags flags) {
     flags.stage.key = load_key_file(flags.key_file);
   } catch (const std::exception& e) {
     throw std::runtime_error(std::string("--key-file: ") + e.what());
+  }
+  if (flags.stage.package_dir.empty() != flags.package_key_file.empty()) {
+    throw std::runtime_error("--package and --package-key-file go together: a package opens only with its shard's key");
+  }
+  if (!flags.package_key_file.empty()) {
+    try {
+      flags.stage.package_key = load_key_file(flags.package_key_file);
+    } catch (const std::exception& e) {
+      throw std::runtime_error(std::string("--package-key-file: ") + e.what());
+    }
   }
   shardd::set_compute_threads(flags.threads);
 
@@ -85,6 +96,10 @@ int main(int argc, char** argv) {
   app.add_option("--next", flags.stage.next, "address of the next stage (or of the sidecar's outbound listener)");
   app.add_option("--checkpoint-dir", flags.stage.checkpoint_dir, "directory for this shard's checkpoints")->required();
   app.add_option("--key-file", flags.key_file, "this shard's 32-byte checkpoint key")->required();
+  app.add_option("--package", flags.stage.package_dir,
+                 "directory of a split TorchScript model (manifest.json, shard-<i>.sgpkg): this stage's blocks "
+                 "come from its package");
+  app.add_option("--package-key-file", flags.package_key_file, "this shard's 32-byte package key (shardctl split)");
   app.add_option("--metrics", flags.metrics, "metrics and health address host:port, or off")->capture_default_str();
   app.add_option("--device", flags.stage.device, "auto | cpu | cuda")->capture_default_str();
   app.add_option("--threads", flags.threads, "compute threads (LibTorch and OpenBLAS)")->capture_default_str();

@@ -6,19 +6,60 @@
 
 #include <torch/types.h>
 
+#include <sstream>
+
+#include "shardguard/common/files.h"
 #include "shardguard/common/jobspec.h"
+#include "shardguard/model/package.h"
 #include "shardguard/model/model_desc.h"
 #include "shardguard/shardctl/torch_commands.h"
 #include "shardguard/shardd/checkpoint.h"
 #include "shardguard/shardd/data.h"
 #include "shardguard/shardd/recombine.h"
+#include "shardguard/shardd/script_model.h"
 #include "shardguard/shardd/trainer.h"
 
 namespace shardguard::shardctl {
+namespace {
+
+void print_eval(const JobSpec& job, const shardd::EvalResult& r) {
+  if (job.dataset.format == "tokens") {
+    std::printf("validation loss %.4f nats/token, perplexity %.2f, %.3f bits/token over %lld tokens\n", r.loss(),
+                std::exp(r.loss()), r.loss() / std::log(2.0), static_cast<long long>(r.total));
+  } else {
+    std::printf("test accuracy %.4f (%lld/%lld)\n", r.accuracy(), static_cast<long long>(r.correct),
+                static_cast<long long>(r.total));
+  }
+}
+
+// A split TorchScript model: every package with its key and every shard's checkpoint
+// with its key, written as one TorchScript model and evaluated.
+int RecombinePackages(const JobSpec& job, const RecombineOptions& o) {
+  if (o.package_key_dir.empty()) throw model::PackageError("--package needs --package-keys (the keys of split)");
+  auto r = shardd::recombine_packages(job, o.package_dir, o.package_key_dir, o.checkpoint_dir, o.key_dir);
+  if (!o.out_file.empty()) {
+    std::ostringstream archive;
+    r.module.save(archive);
+    write_file_atomic(o.out_file, archive.str(), 0600);
+  }
+  const auto device = shardd::resolve_device(o.device);
+  r.view->to(device);
+  r.view->eval();
+  const auto ev = shardd::evaluate(r.view, job, shardd::Split::kTest, device);
+  std::printf("recombined %zu packages and checkpoints of job %s at step %lld: %lld parameters\n",
+              r.manifest.shards.size(), job.name.c_str(), static_cast<long long>(r.step),
+              static_cast<long long>(r.manifest.parameters()));
+  if (!o.out_file.empty()) std::printf("wrote the fine-tuned TorchScript model to %s (mode 0600)\n", o.out_file.c_str());
+  print_eval(job, ev);
+  return 0;
+}
+
+}  // namespace
 
 int RunRecombine(const RecombineOptions& o) {
   try {
     const JobSpec job = load_job_file(o.job_file);
+    if (!o.package_dir.empty()) return RecombinePackages(job, o);
     const auto files = shardd::find_shard_files(job, o.checkpoint_dir, o.key_dir);
     int64_t step = 0;
     auto whole = shardd::recombine(job, files, &step);
@@ -28,13 +69,7 @@ int RunRecombine(const RecombineOptions& o) {
     const auto r = shardd::evaluate(whole, job, shardd::Split::kTest, device);
     std::printf("recombined %zu shards of job %s at step %lld: %lld parameters\n", files.size(), job.name.c_str(),
                 static_cast<long long>(step), static_cast<long long>(model::describe_model(job.model).parameters()));
-    if (job.model.language_model()) {
-      std::printf("validation loss %.4f nats/token, perplexity %.2f, %.3f bits/token over %lld tokens\n", r.loss(),
-                  std::exp(r.loss()), r.loss() / std::log(2.0), static_cast<long long>(r.total));
-    } else {
-      std::printf("test accuracy %.4f (%lld/%lld)\n", r.accuracy(), static_cast<long long>(r.correct),
-                  static_cast<long long>(r.total));
-    }
+    print_eval(job, r);
     return 0;
   } catch (const JobSpecError& e) {
     std::cerr << "shardctl recombine: invalid job " << o.job_file << ":\n" << e.what() << "\n";

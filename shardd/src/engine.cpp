@@ -4,6 +4,7 @@
 
 #include "shardguard/common/log.h"
 #include "shardguard/shardd/model.h"
+#include "shardguard/shardd/script_model.h"
 #include "shardguard/shardd/trainer.h"
 
 namespace shardguard::shardd {
@@ -30,8 +31,41 @@ Engine::Impl::~Impl() { shutdown(); }
 
 // ---- setup -------------------------------------------------------------------
 void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
-  desc_ = model::describe_model(opt_.job.model);
-  const auto stages = model::partition(desc_, opt_.job.sharding.shards, opt_.job.sharding.balance);
+  std::vector<model::StageDesc> stages;
+  if (!opt_.package_dir.empty()) {
+    // A split TorchScript model: the manifest's cut, which split made with the job's sharding.
+    manifest_ = load_manifest(opt_.package_dir);
+    desc_ = manifest_.desc();
+    if (static_cast<int>(manifest_.shards.size()) != opt_.job.sharding.shards) {
+      throw model::PackageError("--package: " + opt_.package_dir + " holds a model cut into " +
+                                std::to_string(manifest_.shards.size()) + " shards, but spec.sharding.shards is " +
+                                std::to_string(opt_.job.sharding.shards));
+    }
+    // The data this job feeds the first block and the loss reads from the last.
+    const bool tokens = opt_.job.dataset.format == "tokens";
+    const std::vector<int64_t> in = tokens ? std::vector<int64_t>{opt_.job.model.context}
+                                           : std::vector<int64_t>{1, model::kImageSide, model::kImageSide};
+    const std::vector<int64_t> out = tokens ? std::vector<int64_t>{opt_.job.model.context, opt_.job.model.vocab}
+                                            : std::vector<int64_t>{model::kNumClasses};
+    if (desc_.blocks.front().in_shape != in || desc_.blocks.back().out_shape != out) {
+      throw model::PackageError("--package: the model in " + opt_.package_dir + " maps " +
+                                model::shape_str(desc_.blocks.front().in_shape) + " to " +
+                                model::shape_str(desc_.blocks.back().out_shape) + " per sample, but spec.dataset.format " +
+                                opt_.job.dataset.format + " with this job's spec.model gives " + model::shape_str(in) +
+                                " and needs " + model::shape_str(out));
+    }
+    for (const auto& s : manifest_.shards) {
+      model::StageDesc d;
+      d.index = s.index;
+      d.first_block = s.first_block;
+      d.end_block = s.end_block;
+      d.parameters = s.parameters;
+      stages.push_back(d);
+    }
+  } else {
+    desc_ = model::describe_model(opt_.job.model);
+    stages = model::partition(desc_, opt_.job.sharding.shards, opt_.job.sharding.balance);
+  }
   n_ = static_cast<int>(stages.size());
   if (opt_.stage < 0 || opt_.stage >= n_) {
     throw std::invalid_argument("--stage: " + std::to_string(opt_.stage) + " is out of range for a job with " +
@@ -72,7 +106,11 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
 }
 
 void Engine::Impl::build_fresh() {
-  model_ = build_blocks(opt_.job.model, me_.first_block, me_.end_block, opt_.job.training.seed);
+  // A package is opened again for every fresh start: fine-tuning starts from its weights.
+  model_ = opt_.package_dir.empty()
+               ? build_blocks(opt_.job.model, me_.first_block, me_.end_block, opt_.job.training.seed)
+               : package_stage(load_package(opt_.package_dir, manifest_, opt_.stage, opt_.package_key),
+                               me_.first_block, me_.end_block);
   model_->to(device_);
   model_->train();
   optimizer_ = make_optimizer(opt_.job.training.optimizer, model_->parameters());

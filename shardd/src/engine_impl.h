@@ -15,6 +15,7 @@
 #include <torch/optim.h>
 
 #include "shardguard/model/model_desc.h"
+#include "shardguard/model/package.h"
 #include "shardguard/model/partition.h"
 #include "shardguard/shardd/checkpoint.h"
 #include "shardguard/shardd/data.h"
@@ -106,6 +107,7 @@ class Engine::Impl final : public Receiver {
   const std::string boot_id_;
 
   model::ModelDesc desc_;
+  model::PackageManifest manifest_;  // with a package (opt_.package_dir)
   model::StageDesc me_;
   int n_ = 0;
   bool first_ = false, last_ = false;

@@ -51,7 +51,12 @@ torch::nn::Sequential recombine(const JobSpec& job, const std::vector<ShardFile>
 
 std::vector<ShardFile> find_shard_files(const JobSpec& job, const std::string& checkpoint_dir, const std::string& key_dir) {
   const model::ModelDesc desc = model::describe_model(job.model);
-  const auto stages = model::partition(desc, job.sharding.shards, job.sharding.balance);
+  return find_shard_files(job, model::partition(desc, job.sharding.shards, job.sharding.balance), checkpoint_dir,
+                          key_dir);
+}
+
+std::vector<ShardFile> find_shard_files(const JobSpec& job, const std::vector<model::StageDesc>& stages,
+                                        const std::string& checkpoint_dir, const std::string& key_dir) {
   std::vector<CheckpointStore> stores;
   std::vector<std::string> keys;
   std::map<int64_t, int> count;

@@ -45,10 +45,10 @@ forbid sidecar/src/h2 sidecar/include/shardguard/sidecar/h2 -- 'grpc|google/prot
 forbid shardd -- 'shardguard/(sidecar|shardctl|operator|kube|policy)/' \
   "shardd depends on model, proto and common only"
 mapfile -t torch_free < <(ls shardctl/src/*.cpp shardctl/include/shardguard/shardctl/*.h shardctl/main.cpp |
-                          grep -vE 'shardctl/src/(recombine_cmd|study)\.cpp$|shardctl/main\.cpp$')
+                          grep -vE 'shardctl/src/(recombine_cmd|split_cmd|study)\.cpp$|shardctl/main\.cpp$')
 # (main.cpp includes shardd/threads.h under #ifdef SHARDCTL_WITH_TORCH; the library must not.)
 forbid "${torch_free[@]}" -- 'torch/|shardguard/shardd/' \
-  "only recombine_cmd.cpp and study.cpp (shardguard_shardctl_torch) may use LibTorch or shardd"
+  "only recombine_cmd.cpp, split_cmd.cpp and study.cpp (shardguard_shardctl_torch) may use LibTorch or shardd"
 
 [[ $fail -eq 0 ]] && echo "ok: every include follows docs/architecture.md's dependency direction"
 exit $fail

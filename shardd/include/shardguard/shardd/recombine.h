@@ -8,6 +8,7 @@
 #include <torch/nn/modules/container/sequential.h>
 
 #include "shardguard/common/jobspec.h"
+#include "shardguard/model/partition.h"
 #include "shardguard/shardd/trainer.h"
 
 namespace shardguard::shardd {
@@ -25,5 +26,8 @@ torch::nn::Sequential recombine(const JobSpec& job, const std::vector<ShardFile>
 // Picks, for each stage, the newest step that every stage has in `dir`, with the
 // key file `<key_dir>/shard-<i>.key`.
 std::vector<ShardFile> find_shard_files(const JobSpec& job, const std::string& checkpoint_dir, const std::string& key_dir);
+// The same for a given cut (a split TorchScript model's, from its manifest).
+std::vector<ShardFile> find_shard_files(const JobSpec& job, const std::vector<model::StageDesc>& stages,
+                                        const std::string& checkpoint_dir, const std::string& key_dir);
 
 }  // namespace shardguard::shardd

@@ -40,6 +40,12 @@ struct StageOptions {
   double peer_timeout_s = 300;         // longest wait for a frame from a neighbour
   double retry_budget_s = 60;          // how long an unreachable neighbour is retried
   int64_t max_steps = 0;               // stop after this many steps (0 = every epoch)
+  // A stage of a TorchScript model split by `shardctl split` (docs/distribution.md):
+  // when package_dir is set, the cut comes from its manifest.json and this stage's
+  // blocks from its shard-<stage>.sgpkg, opened with package_key (32 bytes), and are
+  // fine-tuned from the weights in it; spec.model's zoo fields are not used to build.
+  std::string package_dir;
+  std::string package_key;
 };
 
 struct StepReport {  // emitted by the last stage after each optimizer step
