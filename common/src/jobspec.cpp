@@ -890,13 +890,17 @@ std::vector<FieldError> validate(const JobSpec& job) {
   const DatasetSpec& ds = job.dataset;
   c.not_empty("spec.dataset.name", ds.name);
   c.max_length("spec.dataset.name", ds.name, 63);
-  if (c.one_of("spec.dataset.format", ds.format, "dataset format", {"fashion-mnist", "tokens"}) &&
+  if (c.one_of("spec.dataset.format", ds.format, "dataset format", {"fashion-mnist", "tokens", "tensors"}) &&
       !m.architecture.empty()) {
-    // A language model reads token windows, the classifiers read images and labels.
-    const std::string needed = m.language_model() ? "tokens" : "fashion-mnist";
-    if (ds.format != needed) {
-      c.fail("spec.dataset.format", "architecture " + m.architecture + " needs format " + needed + ", got " +
+    // A language model reads token windows; the classifiers read images and labels,
+    // as Fashion-MNIST's IDX files or as .npy tensors.
+    if (m.language_model() && ds.format != "tokens") {
+      c.fail("spec.dataset.format", "architecture " + m.architecture + " needs format tokens, got " +
                                         decode::quote(ds.format) + " (the data does not fit the model)");
+    } else if (!m.language_model() && ds.format == "tokens") {
+      c.fail("spec.dataset.format", "architecture " + m.architecture +
+                                        " needs format fashion-mnist or tensors, got \"tokens\" (the data does not "
+                                        "fit the model)");
     }
   }
   c.not_empty("spec.dataset.path", ds.path);

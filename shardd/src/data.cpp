@@ -3,10 +3,13 @@
 #include <zlib.h>
 
 #include <array>
+#include <fstream>
+#include <sstream>
 #include <memory>
 #include <sys/stat.h>
 
 #include "shardguard/common/token_file.h"
+#include "shardguard/model/model_desc.h"
 
 namespace shardguard::shardd {
 namespace {
@@ -188,7 +191,159 @@ int64_t token_count(const JobSpec& job, Split split) {
 
 }  // namespace
 
+// ---- tensors: NumPy .npy files ------------------------------------------------------------
+namespace {
+
+// One .npy array as its header describes it (format versions 1.0 to 3.0, C order,
+// little-endian float32 or int64 only).
+struct NpyArray {
+  std::string path;
+  std::string descr;            // "<f4" or "<i8"
+  std::vector<int64_t> shape;   // shape[0] = samples
+  int64_t data_offset = 0;
+  int64_t item_bytes() const { return 4 + 4 * (descr == "<i8"); }
+  int64_t per_sample() const {
+    int64_t n = 1;
+    for (size_t i = 1; i < shape.size(); ++i) n *= shape[i];
+    return n;
+  }
+};
+
+std::string npy_path(const DatasetSpec& d, Split split, bool inputs) {
+  return d.path + "/" + (split == Split::kTrain ? "train" : "test") + (inputs ? "-inputs.npy" : "-labels.npy");
+}
+
+// The value of 'key' in the header's Python dict literal, as written: the text from
+// after the colon to the closing delimiter of the value ('…' for a string, (…) for a
+// tuple, else up to the next ',' or '}'), or "" when the key is not there.
+std::string npy_field(const std::string& header, const std::string& key) {
+  const auto k = header.find("'" + key + "'");
+  if (k == std::string::npos) return "";
+  const auto colon = header.find(':', k + key.size() + 2);
+  const auto v = colon == std::string::npos ? colon : header.find_first_not_of(' ', colon + 1);
+  if (v == std::string::npos) return "";
+  const char open = header[v];
+  const std::string closers = open == '(' ? ")" : open == '\'' ? "'" : ",}";
+  const auto end = header.find_first_of(closers, v + 1);
+  if (end == std::string::npos) return "";
+  return open == '(' || open == '\'' ? header.substr(v, end - v + 1) : header.substr(v, end - v);
+}
+
+NpyArray read_npy_header(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    throw DatasetError("tensor file " + path + " does not exist (spec.dataset.path, format tensors: " +
+                       "train-inputs.npy, train-labels.npy, test-inputs.npy, test-labels.npy)");
+  }
+  const auto bad = [&](const std::string& why) { return DatasetError("tensor file " + path + " " + why); };
+  char magic[8];
+  if (!in.read(magic, 8) || std::string(magic, 6) != "\x93NUMPY") throw bad("is not a NumPy .npy file");
+  const int major = static_cast<unsigned char>(magic[6]);
+  uint32_t header_len = 0;
+  unsigned char len[4] = {0, 0, 0, 0};
+  if (major == 1) {
+    if (!in.read(reinterpret_cast<char*>(len), 2)) throw bad("is truncated in its header");
+    header_len = len[0] | (uint32_t{len[1]} << 8);
+  } else if (major == 2 || major == 3) {
+    if (!in.read(reinterpret_cast<char*>(len), 4)) throw bad("is truncated in its header");
+    header_len = len[0] | (uint32_t{len[1]} << 8) | (uint32_t{len[2]} << 16) | (uint32_t{len[3]} << 24);
+  } else {
+    throw bad("has .npy format version " + std::to_string(major) + ", expected 1, 2 or 3");
+  }
+  if (header_len > 1u << 20) throw bad("claims a header of " + std::to_string(header_len) + " bytes");
+  std::string header(header_len, '\0');
+  if (!in.read(header.data(), header_len)) throw bad("is truncated in its header");
+  NpyArray a;
+  a.path = path;
+  a.data_offset = (major == 1 ? 10 : 12) + static_cast<int64_t>(header_len);
+  const std::string descr = npy_field(header, "descr");
+  a.descr = descr.size() >= 2 ? descr.substr(1, descr.size() - 2) : "";
+  if (a.descr != "<f4" && a.descr != "<i8") {
+    throw bad("holds dtype " + (descr.empty() ? std::string("(none)") : descr) +
+              ", expected float32 ('<f4') or int64 ('<i8'), little-endian");
+  }
+  if (npy_field(header, "fortran_order") != "False") throw bad("is in Fortran order; save it in C order");
+  const std::string shape = npy_field(header, "shape");
+  if (shape.size() < 2) throw bad("has no shape in its header");
+  std::stringstream dims(shape.substr(1, shape.size() - 2));
+  std::string dim;
+  while (std::getline(dims, dim, ',')) {
+    const auto first = dim.find_first_not_of(' ');
+    if (first == std::string::npos) continue;
+    try {
+      size_t used = 0;
+      const int64_t d = std::stoll(dim.substr(first), &used);
+      if (d < 0 || dim.find_first_not_of(' ', first + used) != std::string::npos) throw std::invalid_argument(dim);
+      a.shape.push_back(d);
+    } catch (const std::exception&) {
+      throw bad("has shape " + shape + ", which is not a tuple of sizes");
+    }
+  }
+  if (a.shape.empty()) throw bad("holds a scalar, expected one row per sample");
+  // The data must all be there: a file cut short is damaged, whatever its header says.
+  int64_t items = 1;
+  for (int64_t d : a.shape) {
+    if (d > 0 && items > (int64_t{1} << 40) / d) throw bad("claims shape " + shape + ", too large");
+    items *= d;
+  }
+  in.seekg(0, std::ios::end);
+  const int64_t size = static_cast<int64_t>(in.tellg());
+  if (size < a.data_offset + items * a.item_bytes()) {
+    throw bad("holds " + std::to_string(size - a.data_offset) + " bytes of data, but its shape " + shape + " needs " +
+              std::to_string(items * a.item_bytes()) + "; the file is damaged");
+  }
+  return a;
+}
+
+torch::Tensor read_npy(const NpyArray& a, int64_t rows) {
+  std::vector<int64_t> shape = a.shape;
+  shape[0] = rows;
+  auto t = torch::empty(shape, a.descr == "<f4" ? torch::kFloat32 : torch::kInt64);
+  std::ifstream in(a.path, std::ios::binary);
+  in.seekg(a.data_offset);
+  const auto bytes = static_cast<std::streamsize>(rows * a.per_sample() * a.item_bytes());
+  if (!in.read(static_cast<char*>(t.data_ptr()), bytes)) throw DatasetError("tensor file " + a.path + " could not be read");
+  return t;
+}
+
+// Both files of a split, checked against each other and against the model: inputs
+// float32 shaped like the model's input, labels int64 [N] in 0..classes-1.
+struct TensorSplit {
+  NpyArray inputs, labels;
+  int64_t count = 0;
+};
+
+TensorSplit open_tensors(const JobSpec& job, Split split) {
+  TensorSplit t;
+  t.inputs = read_npy_header(npy_path(job.dataset, split, true));
+  t.labels = read_npy_header(npy_path(job.dataset, split, false));
+  const model::ModelDesc desc = model::describe_model(job.model);
+  const std::vector<int64_t>& want = desc.blocks.front().in_shape;
+  const std::vector<int64_t> got(t.inputs.shape.begin() + 1, t.inputs.shape.end());
+  if (t.inputs.descr != "<f4") {
+    throw DatasetError("tensor file " + t.inputs.path + " holds int64 inputs; architecture " + job.model.architecture +
+                       " takes float32");
+  }
+  if (got != want) {
+    throw DatasetError("tensor file " + t.inputs.path + " holds inputs of shape " + model::shape_str(got) +
+                       " per sample; architecture " + job.model.architecture + " takes " + model::shape_str(want));
+  }
+  if (t.labels.descr != "<i8" || t.labels.shape.size() != 1) {
+    throw DatasetError("tensor file " + t.labels.path + " must hold int64 class labels of shape (N,), got " +
+                       (t.labels.descr == "<f4" ? "float32" : "int64") + " " + model::shape_str(t.labels.shape));
+  }
+  if (t.inputs.shape[0] != t.labels.shape[0]) {
+    throw DatasetError("tensor files disagree: " + t.inputs.path + " holds " + std::to_string(t.inputs.shape[0]) +
+                       " samples but " + t.labels.path + " holds " + std::to_string(t.labels.shape[0]) + " labels");
+  }
+  t.count = limited(t.inputs.shape[0], split_limit(job.dataset, split));
+  return t;
+}
+
+}  // namespace
+
 int64_t count_samples(const JobSpec& job, Split split) {
+  if (job.dataset.format == "tensors") return open_tensors(job, split).count;
   if (job.dataset.format != "tokens") return count_samples(job.dataset, split);
   const int64_t n = token_count(job, split);
   if (n < job.model.context + 1) {
@@ -201,6 +356,22 @@ int64_t count_samples(const JobSpec& job, Split split) {
 
 Samples Samples::load(const JobSpec& job, Split split, bool features, bool targets) {
   Samples s;
+  if (job.dataset.format == "tensors") {
+    const TensorSplit t = open_tensors(job, split);
+    s.count_ = t.count;
+    if (features) s.x_ = read_npy(t.inputs, t.count);
+    if (targets) {
+      s.y_ = read_npy(t.labels, t.count);
+      const int64_t classes = model::describe_model(job.model).blocks.back().out_shape.front();
+      const auto bad = (s.y_ < 0).logical_or(s.y_ >= classes).nonzero();
+      if (bad.size(0) > 0) {
+        const int64_t i = bad[0][0].item<int64_t>();
+        throw DatasetError("tensor file " + t.labels.path + " holds label " + std::to_string(s.y_[i].item<int64_t>()) +
+                           " at item " + std::to_string(i) + ", outside 0.." + std::to_string(classes - 1));
+      }
+    }
+    return s;
+  }
   if (job.dataset.format != "tokens") {
     if (features) s.x_ = load_images(job.dataset, split);
     if (targets) s.y_ = load_labels(job.dataset, split);

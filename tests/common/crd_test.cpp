@@ -645,7 +645,7 @@ TEST(Crd, EnumsMatchTheDecoder) {
   };
   const std::vector<Enum> enums = {
       {"spec.model.architecture", {"mlp", "cnn", "vit", "gpt"}, true},
-      {"spec.dataset.format", {"fashion-mnist", "tokens"}, true},
+      {"spec.dataset.format", {"fashion-mnist", "tokens", "tensors"}, true},
       {"spec.training.optimizer.name", {"sgd", "adam"}, true},
       {"spec.training.schedule", {"1f1b", "gpipe"}, true},
       {"spec.sharding.balance", {"parameters", "compute"}, true},

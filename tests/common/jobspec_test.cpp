@@ -568,7 +568,7 @@ TEST(JobSpecTest, DatasetFormatsAndNames) {
   object["spec"]["dataset"] = {{"name", ""}, {"format", "cifar10"}, {"maxTrainSamples", -1}};
   const auto errors = errors_of(object);
   const std::string format = error_at(errors, "spec.dataset.format");
-  EXPECT_NE(format.find("unsupported dataset format \"cifar10\" (expected one of: \"fashion-mnist\", \"tokens\")"),
+  EXPECT_NE(format.find("unsupported dataset format \"cifar10\" (expected one of: \"fashion-mnist\", \"tokens\", \"tensors\")"),
             std::string::npos) << format;
   EXPECT_NE(error_at(errors, "spec.dataset.name"), "");
   EXPECT_EQ(error_at(errors, "spec.dataset.maxTrainSamples"),
@@ -605,7 +605,14 @@ TEST(JobSpecTest, GptFieldsAndItsDataFormat) {
   object["spec"]["model"] = {{"architecture", "cnn"}};
   object["spec"]["dataset"] = {{"format", "tokens"}};
   const std::string c = one_error(object, "spec.dataset.format");
-  EXPECT_NE(c.find("architecture cnn needs format fashion-mnist, got \"tokens\""), std::string::npos) << c;
+  EXPECT_NE(c.find("architecture cnn needs format fashion-mnist or tensors, got \"tokens\""), std::string::npos) << c;
+
+  object["spec"]["model"] = {{"architecture", "gpt"}};
+  object["spec"]["dataset"] = {{"format", "tensors"}, {"path", "/data/x"}};
+  const std::string t = one_error(object, "spec.dataset.format");
+  EXPECT_NE(t.find("architecture gpt needs format tokens, got \"tensors\""), std::string::npos) << t;
+  object["spec"]["model"] = {{"architecture", "mlp"}};
+  EXPECT_EQ(job_from_json(object).dataset.format, "tensors");  // a classifier takes .npy tensors
 }
 
 TEST(JobSpecTest, MicroBatchesMustDivideBatchSize) {

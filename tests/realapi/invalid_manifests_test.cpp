@@ -156,7 +156,9 @@ std::vector<Case> invalid_cases() {
        "spec.model.heads", "divisible by heads");
   spec("gpt-images", "  model: {architecture: gpt}\n", 422, "spec.dataset.format", "must be tokens for architecture gpt");
   spec("mlp-tokens", kModel + "  dataset: {format: tokens}\n", 422, "spec.dataset.format",
-       "must be tokens for architecture gpt and fashion-mnist");
+       "must be tokens for architecture gpt and fashion-mnist or tensors");
+  spec("gpt-tensors", "  model: {architecture: gpt}\n  dataset: {format: tensors}\n", 422, "spec.dataset.format",
+       "must be tokens for architecture gpt");
   spec("gpt-vocab", "  model: {architecture: gpt, vocab: 65537}\n  dataset: {format: tokens}\n", 422,
        "spec.model.vocab", "less than or equal to 65536");
   spec("volume-two", kModel + "  checkpoint: {volume: {emptyDir: {}, nfs: {server: nfs.local, path: /ckpt}}}\n", 422,

@@ -5,6 +5,7 @@
 
 #include <zlib.h>
 
+#include <cmath>
 #include <filesystem>
 #include <functional>
 #include <set>
@@ -15,6 +16,7 @@
 
 #include "shardguard/common/files.h"
 #include "shardguard/common/token_file.h"
+#include "shardguard/shardd/trainer.h"
 #include "shardd/test_job.h"
 #include "support/temp_dir.h"
 
@@ -206,6 +208,129 @@ TEST_F(TokenDataTest, DataThatDoesNotFitTheModelIsRefusedNamingTheFile) {
   write_file_atomic(train, std::string(11, 'a'));
   e = error_of([&] { Samples::load(job(), Split::kTrain, true, false); });
   EXPECT_NE(e.find("not a whole number"), std::string::npos) << e;
+}
+
+// ---- format tensors: NumPy .npy files ------------------------------------------------------
+
+// A .npy file (format 1.0) as NumPy writes it: magic, version, header length, the
+// header dict padded with spaces to a multiple of 64 bytes and ended by '\n', the data.
+void write_npy(const std::string& path, const std::string& descr, const std::string& shape, const std::string& data,
+               const std::string& order = "False") {
+  std::string header = "{'descr': '" + descr + "', 'fortran_order': " + order + ", 'shape': " + shape + ", }";
+  const size_t total = 10 + header.size() + 1;
+  header.append((64 - total % 64) % 64, ' ');
+  header += '\n';
+  std::string out = std::string("\x93NUMPY\x01\x00", 8);
+  out.push_back(static_cast<char>(header.size() & 0xFF));
+  out.push_back(static_cast<char>(header.size() >> 8));
+  write_file_atomic(path, out + header + data);
+}
+
+template <typename T>
+std::string bytes_of(const std::vector<T>& v) {
+  return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
+}
+
+class TensorDataTest : public ::testing::Test {
+ protected:
+  JobSpec job(const std::string& arch = "mlp", int64_t max_train = 0) {
+    auto j = shardguard::testing::small_job_json(arch, 1);
+    j["spec"]["dataset"] = {{"name", "mine"}, {"format", "tensors"}, {"path", dir_},
+                            {"maxTrainSamples", max_train}, {"maxTestSamples", 0}};
+    return job_from_json(j);
+  }
+  std::string path(bool train, bool inputs) const {
+    return dir_ + "/" + (train ? "train" : "test") + (inputs ? "-inputs.npy" : "-labels.npy");
+  }
+  // n images of 1x28x28 (pixel value i/1000 + sample/10) and labels sample % 10.
+  void write_split(bool train, int n) {
+    std::vector<float> x(static_cast<size_t>(n) * 784);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 784) / 1000.0f + static_cast<float>(i / 784) / 10.0f;
+    std::vector<int64_t> y(static_cast<size_t>(n));
+    for (int i = 0; i < n; ++i) y[static_cast<size_t>(i)] = i % 10;
+    write_npy(path(train, true), "<f4", "(" + std::to_string(n) + ", 1, 28, 28)", bytes_of(x));
+    write_npy(path(train, false), "<i8", "(" + std::to_string(n) + ",)", bytes_of(y));
+  }
+  std::string error_of(const std::function<void()>& f) {
+    try {
+      f();
+    } catch (const DatasetError& e) {
+      return e.what();
+    }
+    return "";
+  }
+  const testsupport::TempDir tmp_{"shardguard-tensors"};
+  const std::string dir_ = tmp_.str();
+};
+
+TEST_F(TensorDataTest, InputsAndLabelsLoadAsWritten) {
+  write_split(true, 40);
+  EXPECT_EQ(count_samples(job(), Split::kTrain), 40);
+  EXPECT_EQ(count_samples(job("mlp", 32), Split::kTrain), 32);  // maxTrainSamples
+  const Samples s = Samples::load(job(), Split::kTrain, true, true);
+  ASSERT_EQ(s.size(), 40);
+  const auto x = s.features(Samples::range(0, 40));
+  const auto y = s.targets(Samples::range(0, 40));
+  EXPECT_EQ(x.sizes().vec(), (std::vector<int64_t>{40, 1, 28, 28}));
+  EXPECT_EQ(x.scalar_type(), torch::kFloat32);
+  EXPECT_FLOAT_EQ(x[3][0][1][2].item<float>(), 30.0f / 1000.0f + 0.3f);
+  EXPECT_EQ(y.scalar_type(), torch::kInt64);
+  EXPECT_EQ(y[13].item<int64_t>(), 3);
+}
+
+TEST_F(TensorDataTest, AClassifierTrainsAndEvaluatesOnThem) {
+  write_split(true, 64);
+  write_split(false, 32);
+  MonolithicOptions o;
+  o.max_steps = 2;
+  const MonolithicResult r = train_monolithic(job("cnn"), o);
+  ASSERT_EQ(r.steps.size(), 2u);
+  EXPECT_TRUE(std::isfinite(r.steps.back().loss));
+  EXPECT_EQ(r.eval.total, 32);
+}
+
+TEST_F(TensorDataTest, DataThatDoesNotFitTheModelIsRefusedNamingTheFileAndTheMismatch) {
+  const std::string inputs = path(true, true), labels = path(true, false);
+  std::string e = error_of([&] { count_samples(job(), Split::kTrain); });
+  EXPECT_NE(e.find(inputs + " does not exist"), std::string::npos) << e;
+  EXPECT_NE(e.find("train-labels.npy"), std::string::npos) << e;
+
+  write_split(true, 8);
+  const std::vector<float> flat(8 * 784, 0.5f);
+  write_npy(inputs, "<f4", "(8, 784)", bytes_of(flat));
+  e = error_of([&] { count_samples(job(), Split::kTrain); });
+  EXPECT_NE(e.find(inputs + " holds inputs of shape [784] per sample; architecture mlp takes [1, 28, 28]"),
+            std::string::npos) << e;
+
+  write_npy(inputs, "<i8", "(8, 1, 28, 28)", std::string(8 * 784 * 8, '\0'));
+  e = error_of([&] { count_samples(job(), Split::kTrain); });
+  EXPECT_NE(e.find("holds int64 inputs; architecture mlp takes float32"), std::string::npos) << e;
+
+  write_npy(inputs, "<f8", "(8, 1, 28, 28)", std::string(8 * 784 * 8, '\0'));
+  e = error_of([&] { count_samples(job(), Split::kTrain); });
+  EXPECT_NE(e.find("holds dtype '<f8', expected float32"), std::string::npos) << e;
+
+  write_split(true, 8);
+  write_npy(labels, "<i8", "(7,)", std::string(7 * 8, '\0'));
+  e = error_of([&] { count_samples(job(), Split::kTrain); });
+  EXPECT_NE(e.find("holds 8 samples but " + labels + " holds 7 labels"), std::string::npos) << e;
+
+  write_npy(labels, "<i8", "(8,)", bytes_of(std::vector<int64_t>{0, 1, 2, 10, 4, 5, 6, 7}));
+  e = error_of([&] { Samples::load(job(), Split::kTrain, false, true); });
+  EXPECT_NE(e.find(labels + " holds label 10 at item 3, outside 0..9"), std::string::npos) << e;
+
+  write_npy(labels, "<i8", "(8,)", std::string(5 * 8, '\0'));  // cut short
+  e = error_of([&] { count_samples(job(), Split::kTrain); });
+  EXPECT_NE(e.find("holds 40 bytes of data, but its shape (8,) needs 64; the file is damaged"), std::string::npos)
+      << e;
+
+  write_npy(labels, "<i8", "(8,)", std::string(8 * 8, '\0'), "True");
+  e = error_of([&] { count_samples(job(), Split::kTrain); });
+  EXPECT_NE(e.find("is in Fortran order"), std::string::npos) << e;
+
+  write_file_atomic(labels, "not numpy at all");
+  e = error_of([&] { count_samples(job(), Split::kTrain); });
+  EXPECT_NE(e.find(labels + " is not a NumPy .npy file"), std::string::npos) << e;
 }
 
 }  // namespace

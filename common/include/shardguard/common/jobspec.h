@@ -41,7 +41,7 @@ struct ModelSpec {
 
 struct DatasetSpec {
   std::string name = "fashion-mnist";   // a label for logs and reports
-  std::string format = "fashion-mnist"; // fashion-mnist (gzipped IDX) | tokens (uint16 LE files)
+  std::string format = "fashion-mnist"; // fashion-mnist (gzipped IDX) | tokens (uint16 LE files) | tensors (.npy)
   std::string path = "/usr/share/datasets/fashion-mnist";
   int64_t max_train_samples = 0;  // 0 = all; for quick runs and tests (tokens: windows per epoch)
   int64_t max_test_samples = 0;   // 0 = all (tokens: validation windows)

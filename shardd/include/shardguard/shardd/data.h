@@ -1,6 +1,6 @@
 // The data of a job (spec.dataset.format): Fashion-MNIST from Debian's
-// dataset-fashion-mnist (gzipped IDX files), or token files for a language model
-// (common/token_file.h); and the deterministic data order every stage derives on
+// dataset-fashion-mnist (gzipped IDX files), NumPy .npy tensors of a classifier's
+// inputs and labels, or token files for a language model (common/token_file.h); and the deterministic data order every stage derives on
 // its own. Stage 0 loads only the features, the last stage only the targets.
 #pragma once
 
