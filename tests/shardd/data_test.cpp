@@ -38,6 +38,16 @@ void write_idx(const std::string& path, const std::vector<uint32_t>& dims, const
   ASSERT_EQ(gzclose(f), Z_OK);
 }
 
+// The DatasetError message f throws ("" when it throws none).
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const DatasetError& e) {
+    return e.what();
+  }
+  return "";
+}
+
 class DatasetTest : public ::testing::Test {
  protected:
   void SetUp() override { spec_.path = dir_; }
@@ -47,14 +57,6 @@ class DatasetTest : public ::testing::Test {
   void write_split(uint32_t n_images, uint32_t n_labels, const std::string& label_bytes) {
     write_idx(images(), {n_images, 28, 28}, std::string(static_cast<size_t>(n_images) * 28 * 28, '\x20'));
     write_idx(labels(), {n_labels}, label_bytes);
-  }
-  std::string error_of(const std::function<void()>& f) {
-    try {
-      f();
-    } catch (const DatasetError& e) {
-      return e.what();
-    }
-    return "";
   }
 
   const testsupport::TempDir tmp_{"shardguard-data"};
@@ -121,14 +123,6 @@ class TokenDataTest : public ::testing::Test {
     std::vector<uint16_t> t(n);
     for (int i = 0; i < n; ++i) t[i] = static_cast<uint16_t>(i);
     return t;
-  }
-  std::string error_of(const std::function<void()>& f) {
-    try {
-      f();
-    } catch (const DatasetError& e) {
-      return e.what();
-    }
-    return "";
   }
   const testsupport::TempDir tmp_{"shardguard-tokens"};
   const std::string dir_ = tmp_.str();
@@ -250,14 +244,6 @@ class TensorDataTest : public ::testing::Test {
     for (int i = 0; i < n; ++i) y[static_cast<size_t>(i)] = i % 10;
     write_npy(path(train, true), "<f4", "(" + std::to_string(n) + ", 1, 28, 28)", bytes_of(x));
     write_npy(path(train, false), "<i8", "(" + std::to_string(n) + ",)", bytes_of(y));
-  }
-  std::string error_of(const std::function<void()>& f) {
-    try {
-      f();
-    } catch (const DatasetError& e) {
-      return e.what();
-    }
-    return "";
   }
   const testsupport::TempDir tmp_{"shardguard-tensors"};
   const std::string dir_ = tmp_.str();
