@@ -27,6 +27,12 @@ void MetricsServer::start(const std::string& host, int port) {
   if (port < 0 || port > 65535) throw std::runtime_error("cannot listen on " + address + ": port out of range");
 
   auto server = std::make_unique<httplib::Server>();
+  // Four request threads: the clients are Prometheus, the kubelet's probes and the
+  // operator, a few requests a second at most, and httplib's default pool (8 or more
+  // threads) would sit idle in every sidecar and shardd. An idle keep-alive connection
+  // gives its thread back after 2 s.
+  server->new_task_queue = [] { return new httplib::ThreadPool(4); };
+  server->set_keep_alive_timeout(2);
   // httplib sets SO_REUSEPORT by default, which would let a second server bind a
   // port that is already serving. SO_REUSEADDR alone allows restarts over
   // TIME_WAIT but refuses a port with a live listener.
