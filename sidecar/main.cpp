@@ -23,6 +23,7 @@ struct Flags {
   std::vector<std::string> peers;
   double handshake_timeout_s = 10;
   double first_bytes_timeout_s = 2;
+  double peer_keepalive_s = 15;
   double reload_interval_s = 1;
   std::string metrics = "127.0.0.1:9101";
   std::string data_plane = "h2";
@@ -40,6 +41,11 @@ int RunSidecar(Flags flags) {
     throw std::invalid_argument("--handshake-timeout, --first-bytes-timeout and --reload-interval must be positive");
   }
   flags.proxy.handshake_timeout = std::chrono::milliseconds(static_cast<int64_t>(flags.handshake_timeout_s * 1000));
+  if (!(flags.peer_keepalive_s >= 0 && flags.peer_keepalive_s <= 3600)) {
+    throw std::invalid_argument("--peer-keepalive must be between 0 (off) and 3600 seconds, got " +
+                                std::to_string(flags.peer_keepalive_s));
+  }
+  flags.proxy.peer_keepalive = std::chrono::milliseconds(static_cast<int64_t>(flags.peer_keepalive_s * 1000));
   flags.proxy.first_bytes_timeout =
       std::chrono::milliseconds(static_cast<int64_t>(flags.first_bytes_timeout_s * 1000));
   flags.proxy.reload_interval = std::chrono::milliseconds(static_cast<int64_t>(flags.reload_interval_s * 1000));
@@ -107,6 +113,10 @@ int main(int argc, char** argv) {
   app.add_option("--max-header-bytes", f.proxy.max_header_list_bytes, "largest request header list")
       ->capture_default_str();
   app.add_option("--handshake-timeout", f.handshake_timeout_s, "seconds a client has to complete TLS")
+      ->capture_default_str();
+  app.add_option("--peer-keepalive", f.peer_keepalive_s,
+                 "h2 plane: seconds a peer connection with waiting calls may stay silent before it is sent a PING "
+                 "(closed if nothing answers within 10 s more); 0 = off")
       ->capture_default_str();
   app.add_option("--first-bytes-timeout", f.first_bytes_timeout_s,
                  "seconds a new inbound connection has to send its ClientHello")

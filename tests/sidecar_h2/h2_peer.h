@@ -150,6 +150,7 @@ class H2Peer {
   nghttp2_session* session() { return session_; }
   std::map<int32_t, Stream> streams;
   std::vector<int32_t> requests_seen;  // server: streams whose request HEADERS arrived
+  int pings_received = 0;              // PINGs (not ACKs); nghttp2 answers each itself
   bool goaway_received = false;
   bool peer_closed = false;
   int frames_sent[16] = {};  // by frame type, parsed from the bytes written
@@ -232,6 +233,7 @@ class H2Peer {
   static int frame_recv_cb(nghttp2_session*, const nghttp2_frame* frame, void* user) {
     auto* self = static_cast<H2Peer*>(user);
     if (frame->hd.type == NGHTTP2_GOAWAY) self->goaway_received = true;
+    if (frame->hd.type == NGHTTP2_PING && !(frame->hd.flags & NGHTTP2_FLAG_ACK)) ++self->pings_received;
     if (frame->hd.stream_id == 0) return 0;
     Stream& s = self->streams[frame->hd.stream_id];
     if (frame->hd.type == NGHTTP2_HEADERS) {

@@ -718,6 +718,54 @@ TEST_F(RelayTest, UpstreamThatDiesMidStreamEndsEveryCallWithUnavailable) {
   EXPECT_EQ(relay_->stats().active_calls.load(), 0);
 }
 
+TEST_F(RelayTest, FrozenUpstreamIsFoundByItsUnansweredPingAndTheCallFailsUnavailable) {
+  // A peer that stops (SIGSTOP, a vanished node): the socket stays open, nothing comes
+  // back, no RST ever arrives. Without keepalive the call would wait for its deadline
+  // and every later call would queue on the same dead connection.
+  DialedUpstream upstream;
+  RelayLimits limits;
+  limits.keepalive_interval = 200ms;
+  limits.keepalive_timeout = 300ms;
+  start(limits, /*tls=*/true, upstream.dial());
+  auto ch = channel();
+  const auto t0 = std::chrono::steady_clock::now();
+  grpc::Status status;
+  std::thread caller([&] { status = unary_call(ch, "/test.Echo/Frozen", "payload", {}, 30s).status; });
+  const int frozen = upstream.next();  // the test's end: never read, never written
+  ASSERT_GE(frozen, 0);
+  caller.join();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  EXPECT_NE(status.error_message().find("did not answer a PING within 300 ms"), std::string::npos)
+      << status.error_message();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 20s);  // well before the call's own deadline
+  EXPECT_EQ(relay_->stats().keepalive_timeouts_total.load(), 1u);
+  close(frozen);
+}
+
+TEST_F(RelayTest, AnsweredPingsKeepASlowUpstreamsConnection) {
+  DialedUpstream upstream;
+  RelayLimits limits;
+  limits.keepalive_interval = 100ms;
+  limits.keepalive_timeout = 300ms;
+  start(limits, /*tls=*/true, upstream.dial());
+  auto ch = channel();
+  grpc::Status status;
+  std::thread caller([&] { status = unary_call(ch, "/test.Echo/Slow", "payload", {}, 30s).status; });
+  H2Peer server(H2Peer::Role::server, upstream.next());
+  ASSERT_TRUE(server.pump_until([&] { return server.requests_seen.size() == 1; }));
+  // Slow to answer, but alive: its session answers the relay's PINGs while it thinks,
+  // for more than twice interval + timeout.
+  server.pump_until([&] { return false; }, 1000ms);
+  EXPECT_GE(server.pings_received, 2);
+  EXPECT_EQ(relay_->stats().keepalive_timeouts_total.load(), 0u);
+  EXPECT_EQ(relay_->stats().active_calls.load(), 1);  // the call still waits for its answer
+  EXPECT_EQ(relay_->stats().upstream_connects_total.load(), 1u);
+  server.die();
+  caller.join();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(status.error_message().find("PING"), std::string::npos) << status.error_message();
+}
+
 TEST_F(RelayTest, UpstreamGoawayMovesNewCallsToANewConnection) {
   auto first = std::make_unique<EchoServer>();
   std::atomic<int> port{first->port()};

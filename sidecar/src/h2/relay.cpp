@@ -392,6 +392,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
   }
 
  protected:
+  std::chrono::steady_clock::time_point last_read_ = std::chrono::steady_clock::now();
   virtual void on_open() {}
   // A connect that failed before the handshake: true when another attempt was started.
   virtual bool retry_connect(const std::string& /*error*/) { return false; }
@@ -459,6 +460,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
       size_t n = 0;
       Transport::Io r = transport_->read(w_.read_buffer.data(), w_.read_buffer.size(), &n);
       if (r == Transport::Io::ok) {
+        last_read_ = std::chrono::steady_clock::now();
         ssize_t used = nghttp2_session_mem_recv(session_, w_.read_buffer.data(), n);
         if (!alive()) return;
         if (used < 0) {
@@ -641,6 +643,11 @@ class UpConn : public Conn {
   }
 
  protected:
+  void on_open() override {
+    last_read_ = std::chrono::steady_clock::now();
+    if (w_.config.limits.keepalive_interval.count() > 0) arm_keepalive();
+  }
+
   // A connect that failed on its way tries the name's next address (a dual-stack name
   // whose first address is not served).
   bool retry_connect(const std::string& error) override {
@@ -656,6 +663,42 @@ class UpConn : public Conn {
   }
 
  private:
+  // The keepalive check runs every half of the shorter of the two periods.
+  void arm_keepalive() {
+    const RelayLimits& l = w_.config.limits;
+    const auto tick = std::max(std::chrono::milliseconds(10), std::min(l.keepalive_interval, l.keepalive_timeout) / 2);
+    std::weak_ptr<Conn> weak = shared_from_this();
+    keepalive_timer_ = w_.loop.run_after(tick, [weak] {
+      auto self = std::static_pointer_cast<UpConn>(weak.lock());
+      if (!self || !self->alive()) return;
+      self->keepalive_timer_ = 0;
+      self->worker().enter([&] { self->keepalive_tick(); });
+    });
+  }
+
+  void keepalive_tick() {
+    const RelayLimits& l = w_.config.limits;
+    const auto now = std::chrono::steady_clock::now();
+    if (ping_outstanding_ && last_read_ < ping_sent_at_) {
+      if (now - ping_sent_at_ >= l.keepalive_timeout) {
+        w_.stats->keepalive_timeouts_total.fetch_add(1, std::memory_order_relaxed);
+        kill("keepalive: " + name_ + " did not answer a PING within " + std::to_string(l.keepalive_timeout.count()) +
+                 " ms",
+             false);
+        return;
+      }
+    } else {
+      ping_outstanding_ = false;
+      if (!calls.empty() && now - last_read_ >= l.keepalive_interval) {
+        nghttp2_submit_ping(session_, NGHTTP2_FLAG_NONE, nullptr);
+        ping_outstanding_ = true;
+        ping_sent_at_ = now;
+        w_.mark(this);
+      }
+    }
+    arm_keepalive();
+  }
+
   void dial_next(std::string error) {
     while (next_address_ < addresses_.size()) {
       const Resolved::Address& a = addresses_[next_address_++];
@@ -694,6 +737,8 @@ class UpConn : public Conn {
 
  protected:
   void on_dead(const std::string& reason) override {
+    if (keepalive_timer_) w_.loop.cancel(keepalive_timer_);
+    keepalive_timer_ = 0;
     --w_.upstream;
     w_.stats->upstream_connections.fetch_sub(1, std::memory_order_relaxed);
     auto it = w_.pool.find(name_);
@@ -714,6 +759,9 @@ class UpConn : public Conn {
   std::string name_;
   bool tls_ = false;
   std::string authority_;
+  uint64_t keepalive_timer_ = 0;
+  bool ping_outstanding_ = false;
+  std::chrono::steady_clock::time_point ping_sent_at_;
   UpstreamConfig config_;                   // as given to connect()
   std::vector<Resolved::Address> addresses_;  // of config_.address, tried in order
   size_t next_address_ = 0;

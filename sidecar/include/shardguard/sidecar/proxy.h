@@ -90,6 +90,10 @@ struct ProxyConfig {
   // refused with RESOURCE_EXHAUSTED before anything is logged. Envoy's default.
   int64_t max_header_list_bytes = 60 * 1024;
   std::chrono::milliseconds handshake_timeout{10000};
+  // h2 plane: a peer connection with waiting calls and nothing received for this long
+  // is sent a PING, and closed when nothing answers within another 10 s (its calls end
+  // UNAVAILABLE). 0 = off.
+  std::chrono::milliseconds peer_keepalive{15000};
   // Inbound, before gRPC sees a connection: the time a client has to send its whole
   // ClientHello, and how many such connections may wait, from one source address and
   // in all (over a cap the oldest that sent nothing decidable is closed; accepting

@@ -67,6 +67,15 @@ struct RelayLimits {
   // Encoded frames a connection queues for its socket before it stops producing more.
   size_t max_output_bytes = 256 * 1024;
   std::chrono::milliseconds handshake_timeout{10000};
+  // Upstream liveness (0 = off): while an upstream connection carries streams and has
+  // received nothing for keepalive_interval, it is sent a PING; if nothing arrives
+  // within keepalive_timeout after that, it is closed (its streams end UNAVAILABLE and
+  // the next call opens a new connection). A frozen or vanished peer, from which no RST
+  // ever comes, would otherwise hold every call on the connection. Only streams that
+  // wait are pinged, so a gRPC server's ping-abuse policy (no pings on idle
+  // connections) is not provoked; the sidecar turns it on for its peers.
+  std::chrono::milliseconds keepalive_interval{0};
+  std::chrono::milliseconds keepalive_timeout{10000};
 };
 
 // The request a decision is made on (valid during the call of decide only).
@@ -163,6 +172,7 @@ struct RelayStats {
   std::atomic<uint64_t> bytes_upstream_total{0};    // DATA payload
   std::atomic<uint64_t> bytes_downstream_total{0};  // DATA payload
   std::atomic<uint64_t> handshake_failures_total{0};
+  std::atomic<uint64_t> keepalive_timeouts_total{0};  // upstream connections closed unanswered
 };
 
 class RelayWorker {
