@@ -320,7 +320,7 @@ std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells) {
   // Controls per (model, samples, seed): the scratch runs' accuracies (their mean is
   // the seed's scratch level), the victim's.
   struct Runs {
-    std::vector<double> test, val;
+    std::vector<double> test, val, fid;
   };
   std::map<std::string, Runs> scratch_runs;
   std::map<std::string, const CellResult*> victim;
@@ -332,6 +332,7 @@ std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells) {
       if (is_scratch(c.attack)) {
         scratch_runs[ctl(c)].test.push_back(c.accuracy);
         scratch_runs[ctl(c)].val.push_back(c.val_accuracy);
+        scratch_runs[ctl(c)].fid.push_back(c.fidelity);
       }
       if (c.attack == "victim") victim[ctl(c)] = &c;
     }
@@ -367,7 +368,7 @@ std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells) {
     }
     const auto s = scratch_runs.find(ctl(c));
     it->second.acc.push_back(scratch ? mean(s->second.test) : c.accuracy);
-    it->second.fid.push_back(c.fidelity);
+    it->second.fid.push_back(scratch ? mean(s->second.fid) : c.fidelity);
     it->second.wall.push_back(c.wall_seconds);
     const auto v = victim.find(ctl(c));
     if (scratch || s == scratch_runs.end() || v == victim.end()) continue;

@@ -273,6 +273,7 @@ TEST(StudyReport, RecoveredFractionAgainstTheMeanOfTheScratchRuns) {
   EXPECT_EQ(aggs[0].attack, "scratch");
   EXPECT_EQ(aggs[0].accuracy.n, 1);
   EXPECT_NEAR(aggs[0].accuracy.mean, 0.60, 1e-12);
+  EXPECT_NEAR(aggs[0].fidelity.mean, 0.60, 1e-12);
   EXPECT_NEAR(aggs[2].r.mean, (0.75 - 0.60) / (0.90 - 0.60), 1e-12);
   EXPECT_EQ(aggs[2].val_r.n, 0) << "no validation accuracies in these cells";
 }
