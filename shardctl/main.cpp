@@ -183,7 +183,14 @@ int main(int argc, char** argv) {
   study_cmd->add_option("--seeds", study.seeds, "seeds per cell")->capture_default_str();
   study_cmd->add_option("--first-seed", study.first_seed, "first seed")->capture_default_str();
   study_cmd->add_option("--steps", study.steps, "training steps of every attack and scratch run")->capture_default_str();
-  study_cmd->add_option("--fit-steps", study.fit_steps, "A3: steps fitting the sandwiched stage")->capture_default_str();
+  study_cmd->add_option("--fit-steps", study.fit_steps,
+                        "A2, A3: steps of the first phase (substitute, fit), within --steps (0 = half)")
+      ->capture_default_str();
+  study_cmd->add_option("--scratch-runs", study.scratch_runs, "scratch controls per size and seed (R uses their mean)")
+      ->capture_default_str();
+  study_cmd->add_option("--val-samples", study.val_samples,
+                        "validation images per seed, from the training set, that the best attack per row is chosen on")
+      ->capture_default_str();
   study_cmd->add_option("--batch", study.batch_size, "attacker's batch size")->capture_default_str();
   study_cmd->add_option("--lr", study.learning_rate, "attacker's Adam learning rate")->capture_default_str();
   study_cmd->add_option("--low-lr-factor", study.low_lr_factor, "A1-lowlr: known shards at lr times this")->capture_default_str();
@@ -194,7 +201,7 @@ int main(int argc, char** argv) {
   study_cmd->add_option("--victim-epochs", study.victim_epochs, "victim's epochs (0 = the job's)")->capture_default_str();
   study_cmd->add_option("--checkpoints", study.checkpoint_dir, "load the victim from these shard checkpoints (one --job)");
   study_cmd->add_option("--keys", study.key_dir, "with --checkpoints: directory of the shard-<i>.key files");
-  study_cmd->add_flag("--quick", study.quick, "tiny cells: 1 seed, sizes 60,600, 200 steps of 32, 1000 test samples, victim 2 epochs of 30000");
+  study_cmd->add_flag("--quick", study.quick, "tiny cells: 1 seed, sizes 60,600, 200 steps of 32, 2 scratch runs, 1000 test and 1000 validation samples, victim 2 epochs of 30000");
   study_cmd->add_flag("--report-only", study.report_only, "rewrite results.md and the plots from results.csv");
   study_cmd->add_flag("--no-plots", study.no_plots, "skip gnuplot");
   study_cmd->add_option("--threads", study_threads, "compute threads")->capture_default_str();
@@ -250,8 +257,8 @@ int main(int argc, char** argv) {
     shardguard::shardd::set_compute_threads(study_threads);
     if (study.quick) {
       std::vector<std::string> given;
-      for (const char* f : {"--seeds", "--samples", "--steps", "--fit-steps", "--batch", "--test-samples",
-                            "--victim-samples", "--victim-epochs"}) {
+      for (const char* f : {"--seeds", "--samples", "--steps", "--fit-steps", "--batch", "--scratch-runs",
+                            "--test-samples", "--val-samples", "--victim-samples", "--victim-epochs"}) {
         if (study_cmd->count(f) > 0) given.push_back(f);
       }
       apply_quick(study, given);

@@ -150,8 +150,12 @@ torch::Tensor predict(StagedModel& m, const torch::Tensor& x) {
 
 std::string settings_line(const StudyOptions& o, const std::vector<StudyJob>& jobs) {
   std::ostringstream s;
-  s << "steps=" << o.steps << " batch=" << o.batch_size << " lr=" << o.learning_rate << " low_lr_factor=" << o.low_lr_factor
-    << " fit_steps=" << o.fit_steps << " test_samples=" << o.test_samples << " victim_train_samples=" << o.victim_train_samples
+  // method=2: A2/A3 within the one budget, several scratch runs, a validation split
+  // (issue 19). An --out of the first study (no method=) is refused, not mixed in.
+  s << "method=2 steps=" << o.steps << " batch=" << o.batch_size << " lr=" << o.learning_rate
+    << " low_lr_factor=" << o.low_lr_factor << " fit_steps=" << o.fit_steps << " scratch_runs=" << o.scratch_runs
+    << " val_samples=" << o.val_samples << " test_samples=" << o.test_samples
+    << " victim_train_samples=" << o.victim_train_samples
     << " victim_epochs=" << o.victim_epochs << " checkpoints=" << (o.checkpoint_dir.empty() ? "no" : o.checkpoint_dir);
   for (const auto& j : jobs) {
     const auto& m = j.spec.model;
@@ -182,7 +186,7 @@ struct Cell {
   int seed = 0;
   int64_t samples = 0;
   StudyRow row;        // name "-" for the controls
-  std::string attack;  // scratch | victim | A1-frozen | A1-lowlr | A2 | A3
+  std::string attack;  // scratch | scratch-<k> | victim | A1-frozen | A1-lowlr | A2 | A3
   double exposure = 0;
 };
 
@@ -201,6 +205,11 @@ struct ModelState {
   double victim_accuracy = 0;
 };
 
+// The validation images of one seed and the victim's predictions on them.
+struct Validation {
+  torch::Tensor x, y, victim_pred;
+};
+
 class Runner {
  public:
   Runner(const StudyOptions& o, std::vector<StudyJob> jobs) : o_(o), jobs_(std::move(jobs)) {}
@@ -210,23 +219,27 @@ class Runner {
  private:
   void prepare_model(size_t j);
   CellResult run_cell(const Cell& c);
+  std::vector<int64_t> seed_order(int seed) const;
   void attacker_data(int seed, int64_t n, torch::Tensor* x, torch::Tensor* y) const;
-  StagedModel& scratch_model(const Cell& c);
-  std::string scratch_path(const Cell& c) const;
-  void train_cell(StagedModel& m, const std::vector<int>& frozen, const std::vector<int>& low, const Cell& c);
-  void evaluate(StagedModel& m, CellResult* r);
+  const Validation& validation(int seed);
+  StagedModel& substitute_model(const Cell& c, int64_t steps);
+  int64_t train_cell(StagedModel& m, const std::vector<int>& frozen, const std::vector<int>& low, const Cell& c,
+                     int64_t steps, const std::string& salt = "");
+  void evaluate(StagedModel& m, int seed, CellResult* r);
 
   const StudyOptions& o_;
   std::vector<StudyJob> jobs_;
   torch::Tensor train_x_, train_y_;
   size_t loaded_ = static_cast<size_t>(-1);
   ModelState state_;
-  std::map<std::string, StagedModel> scratch_;
+  std::map<std::string, StagedModel> substitutes_;
+  std::map<int, Validation> validation_;
 };
 
 void Runner::prepare_model(size_t j) {
   if (loaded_ == j) return;
-  scratch_.clear();
+  substitutes_.clear();
+  validation_.clear();
   const StudyJob& job = jobs_[j];
   state_ = ModelState{};
   state_.job = &job;
@@ -283,22 +296,51 @@ void Runner::prepare_model(size_t j) {
   loaded_ = j;
 }
 
-// The attacker's labelled samples: the first n of a permutation of the training
-// set drawn from the seed, so that for one seed the 60 lie inside the 600, and
-// the 600 inside the 6,000.
+// A permutation of the training set drawn from the seed. The attacker's labelled
+// samples are its first n, so that for one seed the 60 lie inside the 600, and the
+// 600 inside the 6,000; the seed's validation images are its last --val-samples,
+// which no attacker of that seed trains on (validate_study keeps them apart).
+std::vector<int64_t> Runner::seed_order(int seed) const {
+  return shardd::epoch_order(fnv1a("attacker-data") ^ static_cast<uint64_t>(seed), 0, train_x_.size(0));
+}
+
 void Runner::attacker_data(int seed, int64_t n, torch::Tensor* x, torch::Tensor* y) const {
-  const auto order = shardd::epoch_order(fnv1a("attacker-data") ^ static_cast<uint64_t>(seed), 0, train_x_.size(0));
+  const auto order = seed_order(seed);
   auto idx = torch::tensor(std::vector<int64_t>(order.begin(), order.begin() + n), torch::kLong);
   *x = train_x_.index_select(0, idx);
   *y = train_y_.index_select(0, idx);
 }
 
+const Validation& Runner::validation(int seed) {
+  auto it = validation_.find(seed);
+  if (it != validation_.end()) return it->second;
+  const auto order = seed_order(seed);
+  auto idx = torch::tensor(std::vector<int64_t>(order.end() - o_.val_samples, order.end()), torch::kLong);
+  Validation v;
+  v.x = train_x_.index_select(0, idx);
+  v.y = train_y_.index_select(0, idx);
+  v.victim_pred = predict(state_.victim, v.x);
+  return validation_.emplace(seed, std::move(v)).first->second;
+}
+
+// The seed of one random choice of a cell: a hash of model, row, what it seeds,
+// size and seed. The attack is deliberately not in it: the attacks of one row start
+// from the same initialisation of their unknown stages and see the same batch order
+// (common random numbers), so they differ only by what they do. Scratch runs after
+// the first add their run ("init-2", "batches-2", … through `salt`).
 uint64_t cell_seed(const Cell& c, const std::string& model, const std::string& what) {
   return fnv1a(model + "|" + c.row.name + "|" + what + "|" + std::to_string(c.samples) + "|" + std::to_string(c.seed));
 }
 
-// Trains the stages not in `frozen`; stages in `low` at lr × low_lr_factor.
-void Runner::train_cell(StagedModel& m, const std::vector<int>& frozen, const std::vector<int>& low, const Cell& c) {
+// "-<k>" for the k-th scratch run (k ≥ 2), "" otherwise.
+std::string run_salt(const std::string& attack) {
+  return is_scratch(attack) && attack != "scratch" ? attack.substr(std::string("scratch").size()) : "";
+}
+
+// Trains the stages not in `frozen` for `steps` steps; stages in `low` at lr ×
+// low_lr_factor. Returns the optimiser steps taken (0 when nothing is trainable).
+int64_t Runner::train_cell(StagedModel& m, const std::vector<int>& frozen, const std::vector<int>& low, const Cell& c,
+                           int64_t steps, const std::string& salt) {
   std::vector<torch::Tensor> normal, slow;
   for (size_t i = 0; i < m.stages.size(); ++i) {
     const int si = static_cast<int>(i);
@@ -310,7 +352,7 @@ void Runner::train_cell(StagedModel& m, const std::vector<int>& frozen, const st
       (is_low ? slow : normal).push_back(p);
     }
   }
-  if (normal.empty() && slow.empty()) return;
+  if (normal.empty() && slow.empty()) return 0;
   std::vector<torch::optim::OptimizerParamGroup> groups;
   if (!normal.empty()) groups.emplace_back(normal, std::make_unique<torch::optim::AdamOptions>(o_.learning_rate));
   if (!slow.empty()) {
@@ -319,38 +361,40 @@ void Runner::train_cell(StagedModel& m, const std::vector<int>& frozen, const st
   torch::optim::Adam opt(std::move(groups), torch::optim::AdamOptions(o_.learning_rate));
   torch::Tensor x, y;
   attacker_data(c.seed, c.samples, &x, &y);
-  torch::manual_seed(cell_seed(c, state_.job->model, "batches"));
-  train(m, opt, x, y, o_.steps, o_.batch_size, /*cosine=*/true);
+  torch::manual_seed(cell_seed(c, state_.job->model, "batches" + salt));
+  train(m, opt, x, y, steps, o_.batch_size, /*cosine=*/true);
+  return steps;
 }
 
-std::string Runner::scratch_path(const Cell& c) const {
-  return o_.out_dir + "/models/scratch-" + state_.job->model + "-n" + std::to_string(c.samples) + "-seed" +
-         std::to_string(c.seed) + ".pt";
-}
-
-// The attacker's own model from scratch on its data (the scratch control, and A2's substitute).
-StagedModel& Runner::scratch_model(const Cell& c) {
+// A2's substitute: the attacker's own model trained from scratch on its data for
+// the first phase of A2's budget (`steps`, its own cosine schedule), from the first
+// scratch run's initialisation and batch order. Shared by the A2 cells of one size
+// and seed, and kept in models/ for a resumed run.
+StagedModel& Runner::substitute_model(const Cell& c, int64_t steps) {
   const std::string key = std::to_string(c.samples) + "|" + std::to_string(c.seed);
-  auto it = scratch_.find(key);
-  if (it != scratch_.end()) return it->second;
+  auto it = substitutes_.find(key);
+  if (it != substitutes_.end()) return it->second;
   Cell sc = c;
   sc.row = StudyRow{"-", {}, -1};
   sc.attack = "scratch";
   StagedModel m = build_model(state_.job->spec.model, state_.job->cut, cell_seed(sc, state_.job->model, "init"));
-  const std::string path = scratch_path(sc);
+  const std::string path = o_.out_dir + "/models/substitute-" + state_.job->model + "-n" + std::to_string(c.samples) +
+                           "-seed" + std::to_string(c.seed) + "-steps" + std::to_string(steps) + ".pt";
   if (fs::exists(path)) {
     load_model(m, path);
   } else {
-    train_cell(m, {}, {}, sc);
+    train_cell(m, {}, {}, sc, steps);
     save_model(m, path);
   }
-  return scratch_.emplace(key, std::move(m)).first->second;
+  return substitutes_.emplace(key, std::move(m)).first->second;
 }
 
-void Runner::evaluate(StagedModel& m, CellResult* r) {
+void Runner::evaluate(StagedModel& m, int seed, CellResult* r) {
   const auto pred = predict(m, state_.test_x);
   r->accuracy = pred.eq(state_.test_y).to(torch::kDouble).mean().item<double>();
   r->fidelity = pred.eq(state_.victim_pred).to(torch::kDouble).mean().item<double>();
+  const Validation& v = validation(seed);
+  r->val_accuracy = predict(m, v.x).eq(v.y).to(torch::kDouble).mean().item<double>();
 }
 
 CellResult Runner::run_cell(const Cell& c) {
@@ -370,18 +414,22 @@ CellResult Runner::run_cell(const Cell& c) {
   if (c.attack == "victim") {
     r.accuracy = state_.victim_accuracy;
     r.fidelity = 1.0;
+    const Validation& v = validation(c.seed);
+    r.val_accuracy = v.victim_pred.eq(v.y).to(torch::kDouble).mean().item<double>();
     r.wall_seconds = state_.victim_seconds;
     return r;
   }
-  if (c.attack == "scratch") {
-    scratch_.erase(std::to_string(c.samples) + "|" + std::to_string(c.seed));
-    fs::remove(scratch_path(c));
-    evaluate(scratch_model(c), &r);
+  // The budget, phase by phase (attack_phases: the same total for every cell).
+  const auto phases = attack_phases(c.attack, o_.steps, o_.fit_steps);
+  int64_t spent = 0;
+  const std::string salt = run_salt(c.attack);
+  StagedModel m = build_model(job.spec.model, job.cut, cell_seed(c, job.model, "init" + salt));
+  if (is_scratch(c.attack)) {
+    spent += train_cell(m, {}, {}, c, phases[0].steps, salt);
+    evaluate(m, c.seed, &r);
     r.wall_seconds = seconds_since(t0);
     return r;
   }
-
-  StagedModel m = build_model(job.spec.model, job.cut, cell_seed(c, job.model, "init"));
   std::vector<int> known = c.row.held;
   std::vector<int> unknown;
   for (int i = 0; i < n; ++i) {
@@ -390,13 +438,17 @@ CellResult Runner::run_cell(const Cell& c) {
   for (int i : known) copy_stage(m.stages[i], state_.victim.stages[i]);
 
   if (c.attack == "A1-frozen") {
-    train_cell(m, known, {}, c);
+    spent += train_cell(m, known, {}, c, phases[0].steps);
   } else if (c.attack == "A1-lowlr") {
-    train_cell(m, {}, known, c);
+    spent += train_cell(m, {}, known, c, phases[0].steps);
   } else if (c.attack == "A2") {
-    StagedModel& sub = scratch_model(c);
-    for (int i : unknown) copy_stage(m.stages[i], sub.stages[i]);
-    train_cell(m, known, {}, c);
+    // The substitute's training is A2's first phase, the fine-tuning its second.
+    if (!unknown.empty()) {
+      StagedModel& sub = substitute_model(c, phases[0].steps);
+      spent += phases[0].steps;
+      for (int i : unknown) copy_stage(m.stages[i], sub.stages[i]);
+      spent += train_cell(m, known, {}, c, phases[1].steps);
+    }
   } else if (c.attack == "A3") {
     // Fit the sandwiched stage to the (input, output) pairs recorded at its two
     // boundaries while the attacker's samples flowed through the victim.
@@ -414,28 +466,38 @@ CellResult Runner::run_cell(const Cell& c) {
     const auto fit_lrs = group_lrs(opt);
     torch::manual_seed(cell_seed(c, job.model, "fit"));
     const int64_t rows = in.size(0), batch = std::min<int64_t>(o_.batch_size, rows);
+    // With nothing left to train after the fit (a 3-stage model's sw1), the fit gets
+    // the whole budget.
+    const bool rest = std::any_of(unknown.begin(), unknown.end(), [&](int i) { return i != s; });
+    const int64_t fit_steps = rest ? phases[0].steps : o_.steps;
     m.stages[s]->train(true);
     torch::Tensor perm;
     int64_t cursor = rows;
-    for (int64_t step = 0; step < o_.fit_steps; ++step) {
+    for (int64_t step = 0; step < fit_steps; ++step) {
       if (cursor + batch > rows) {
         perm = torch::randperm(rows, torch::kLong);
         cursor = 0;
       }
       const auto idx = perm.slice(0, cursor, cursor + batch);
       cursor += batch;
-      set_cosine_lr(opt, fit_lrs, step, o_.fit_steps);
+      set_cosine_lr(opt, fit_lrs, step, fit_steps);
       opt.zero_grad();
       auto loss = torch::mse_loss(m.stages[s]->forward(in.index_select(0, idx)), out.index_select(0, idx));
       loss.backward();
       opt.step();
     }
-    // Then the stages still unknown, as in A1-frozen.
+    spent += fit_steps;
+    // Then the stages still unknown, as in A1-frozen, for the rest of the budget.
     std::vector<int> fixed = known;
     fixed.push_back(s);
-    train_cell(m, fixed, {}, c);
+    spent += train_cell(m, fixed, {}, c, phases[1].steps);
   }
-  evaluate(m, &r);
+  // Nothing trainable (`all`) spends nothing; any cell that trains spends the budget.
+  if (spent != 0 && spent != o_.steps) {
+    throw std::logic_error("study: cell " + r.key() + " trained " + std::to_string(spent) + " steps, not the " +
+                           std::to_string(o_.steps) + " of --steps");
+  }
+  evaluate(m, c.seed, &r);
   r.wall_seconds = seconds_since(t0);
   return r;
 }
@@ -490,8 +552,10 @@ int Runner::run() {
         base.seed = seed;
         base.samples = size;
         base.row = StudyRow{"-", {}, -1};
-        base.attack = "scratch";
-        cells.push_back(base);
+        for (int run = 1; run <= o_.scratch_runs; ++run) {
+          base.attack = scratch_run_name(run);
+          cells.push_back(base);
+        }
         base.attack = "victim";
         base.exposure = 1.0;
         cells.push_back(base);
@@ -547,7 +611,12 @@ void validate_study(const StudyOptions& o) {
   if (o.out_dir.empty()) throw StudyError("--out: an output directory is needed");
   if (o.seeds < 1) throw StudyError("--seeds " + std::to_string(o.seeds) + ": must be at least 1");
   if (o.steps < 1) throw StudyError("--steps " + std::to_string(o.steps) + ": must be at least 1");
-  if (o.fit_steps < 1) throw StudyError("--fit-steps " + std::to_string(o.fit_steps) + ": must be at least 1");
+  if (o.fit_steps < 0) throw StudyError("--fit-steps " + std::to_string(o.fit_steps) + ": must be ≥ 0 (0 = half of --steps)");
+  attack_phases("A2", o.steps, o.fit_steps);  // the first phase leaves steps to the second
+  if (o.scratch_runs < 1) {
+    throw StudyError("--scratch-runs " + std::to_string(o.scratch_runs) + ": must be at least 1");
+  }
+  if (o.val_samples < 1) throw StudyError("--val-samples " + std::to_string(o.val_samples) + ": must be at least 1");
   if (o.batch_size < 1) throw StudyError("--batch " + std::to_string(o.batch_size) + ": must be at least 1");
   if (!(o.learning_rate > 0)) throw StudyError("--lr " + std::to_string(o.learning_rate) + ": must be positive");
   if (!(o.low_lr_factor > 0)) {
@@ -569,6 +638,11 @@ void validate_study(const StudyOptions& o) {
       if (s > train_n) {
         throw StudyError("--samples " + std::to_string(s) + ": above the " + std::to_string(train_n) +
                          " samples of the training set of " + j.spec.dataset.path);
+      }
+      if (s + o.val_samples > train_n) {
+        throw StudyError("--samples " + std::to_string(s) + " with --val-samples " + std::to_string(o.val_samples) +
+                         ": the attacker's samples and the validation images overlap (" + std::to_string(train_n) +
+                         " samples in the training set of " + j.spec.dataset.path + ")");
       }
     }
     if (o.victim_train_samples > train_n) {

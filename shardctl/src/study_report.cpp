@@ -165,6 +165,23 @@ std::vector<std::string> row_attacks(const StudyRow& row, int stages, const std:
   return out;
 }
 
+std::vector<StudyPhase> attack_phases(const std::string& attack, int64_t steps, int64_t first_phase) {
+  if (attack == "victim") return {};
+  if (attack == "A2" || attack == "A3") {
+    const int64_t first = first_phase > 0 ? first_phase : steps / 2;
+    if (first < 1 || first >= steps) {
+      throw StudyError("--fit-steps " + std::to_string(first) + ": the first phase of A2 and A3 must leave steps of the " +
+                       std::to_string(steps) + " of --steps to the second (1 ≤ --fit-steps < --steps; 0 = half)");
+    }
+    return {{attack == "A2" ? "substitute" : "fit", first}, {"train", steps - first}};
+  }
+  return {{"train", steps}};
+}
+
+std::string scratch_run_name(int run) { return run <= 1 ? "scratch" : "scratch-" + std::to_string(run); }
+
+bool is_scratch(const std::string& attack) { return attack == "scratch" || attack.rfind("scratch-", 0) == 0; }
+
 std::vector<int64_t> parse_sizes(const std::string& flag, const std::string& list) {
   std::vector<int64_t> out;
   for (const auto& raw : split(list, ',')) {
@@ -181,7 +198,7 @@ std::string CellResult::key() const {
   return model + "|" + row + "|" + attack + "|" + std::to_string(samples) + "|" + std::to_string(seed);
 }
 
-std::string csv_header() { return "model,row,held,exposure,attack,samples,seed,accuracy,fidelity,wall_s"; }
+std::string csv_header() { return "model,row,held,exposure,attack,samples,seed,accuracy,fidelity,wall_s,val_accuracy"; }
 
 namespace {
 
@@ -218,7 +235,13 @@ std::string to_csv_line(const CellResult& c) {
   std::snprintf(buf, sizeof buf, "%s,%s,%s,%.6f,%s,%lld,%d,%.6f,%.6f,%.3f", c.model.c_str(), c.row.c_str(),
                 c.held.c_str(), c.exposure, c.attack.c_str(), static_cast<long long>(c.samples), c.seed, c.accuracy,
                 c.fidelity, c.wall_seconds);
-  return buf;
+  std::string line = buf;
+  // A cell of the first study (no validation split) keeps its 10 fields.
+  if (!std::isnan(c.val_accuracy)) {
+    std::snprintf(buf, sizeof buf, ",%.6f", c.val_accuracy);
+    line += buf;
+  }
+  return line;
 }
 
 std::vector<CellResult> parse_csv(const std::string& text) {
@@ -235,7 +258,7 @@ std::vector<CellResult> parse_csv(const std::string& text) {
       if (line.rfind("model,", 0) == 0) continue;
     }
     const auto f = split(line, ',');
-    if (f.size() != 10) continue;
+    if (f.size() != 10 && f.size() != 11) continue;
     try {
       CellResult c;
       c.model = f[0];
@@ -248,6 +271,7 @@ std::vector<CellResult> parse_csv(const std::string& text) {
       c.accuracy = std::stod(f[7]);
       c.fidelity = std::stod(f[8]);
       c.wall_seconds = std::stod(f[9]);
+      if (f.size() == 11) c.val_accuracy = std::stod(f[10]);
       out.push_back(c);
     } catch (const std::exception&) {
       continue;
@@ -277,24 +301,61 @@ double recovered_fraction(double attack, double scratch, double victim) {
   return (attack - scratch) / gap;
 }
 
+double t_quantile_975(int df) {
+  // Student's t, two-sided 95 %: exact to 3 decimals up to 30 degrees of freedom.
+  static const double kT[] = {12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+                              2.201,  2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+                              2.080,  2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042};
+  if (df < 1) return std::nan("");
+  if (df <= 30) return kT[df - 1];
+  return 1.960 + 2.4 / df;  // within 0.002 of the exact value above 30
+}
+
+double rerun_half_width(const Stat& s) {
+  if (s.n < 2) return std::nan("");
+  return t_quantile_975(s.n - 1) * s.std * std::sqrt(2.0 / s.n);
+}
+
 std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells) {
-  // Controls per (model, samples, seed).
-  std::map<std::string, double> scratch, victim;
+  // Controls per (model, samples, seed): the scratch runs' accuracies (their mean is
+  // the seed's scratch level), the victim's.
+  struct Runs {
+    std::vector<double> test, val, fid;
+  };
+  std::map<std::string, Runs> scratch_runs;
+  std::map<std::string, const CellResult*> victim;
   auto ctl = [](const CellResult& c) { return c.model + "|" + std::to_string(c.samples) + "|" + std::to_string(c.seed); };
-  for (const auto& c : cells) {
-    if (c.attack == "scratch") scratch[ctl(c)] = c.accuracy;
-    if (c.attack == "victim") victim[ctl(c)] = c.accuracy;
+  {
+    std::set<std::string> seen;
+    for (const auto& c : cells) {
+      if (!seen.insert(c.key()).second) continue;
+      if (is_scratch(c.attack)) {
+        scratch_runs[ctl(c)].test.push_back(c.accuracy);
+        scratch_runs[ctl(c)].val.push_back(c.val_accuracy);
+        scratch_runs[ctl(c)].fid.push_back(c.fidelity);
+      }
+      if (c.attack == "victim") victim[ctl(c)] = &c;
+    }
   }
+  auto mean = [](const std::vector<double>& v) {
+    double sum = 0;
+    for (double x : v) sum += x;
+    return v.empty() ? std::nan("") : sum / static_cast<double>(v.size());  // NaN when any value is NaN
+  };
   struct Acc {
     Aggregate a;
-    std::vector<double> acc, fid, r, wall;
+    std::vector<double> acc, fid, r, val_r, wall;
   };
   std::vector<std::string> order;
   std::map<std::string, Acc> groups;
-  std::set<std::string> seen;
+  std::set<std::string> seen, scratch_seeds;
   for (const auto& c : cells) {
     if (!seen.insert(c.key()).second) continue;  // a cell measured twice counts once
-    const std::string g = c.model + "|" + c.row + "|" + c.attack + "|" + std::to_string(c.samples);
+    const bool scratch = is_scratch(c.attack);
+    // The scratch runs of one seed enter their group once, as their mean.
+    if (scratch && !scratch_seeds.insert(ctl(c)).second) continue;
+    const std::string attack = scratch ? "scratch" : c.attack;
+    const std::string g = c.model + "|" + c.row + "|" + attack + "|" + std::to_string(c.samples);
     auto [it, fresh] = groups.try_emplace(g);
     if (fresh) {
       order.push_back(g);
@@ -302,18 +363,19 @@ std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells) {
       it->second.a.row = c.row;
       it->second.a.held = c.held;
       it->second.a.exposure = c.exposure;
-      it->second.a.attack = c.attack;
+      it->second.a.attack = attack;
       it->second.a.samples = c.samples;
     }
-    it->second.acc.push_back(c.accuracy);
-    it->second.fid.push_back(c.fidelity);
+    const auto s = scratch_runs.find(ctl(c));
+    it->second.acc.push_back(scratch ? mean(s->second.test) : c.accuracy);
+    it->second.fid.push_back(scratch ? mean(s->second.fid) : c.fidelity);
     it->second.wall.push_back(c.wall_seconds);
-    const auto s = scratch.find(ctl(c));
     const auto v = victim.find(ctl(c));
-    if (s != scratch.end() && v != victim.end()) {
-      const double r = recovered_fraction(c.accuracy, s->second, v->second);
-      if (!std::isnan(r)) it->second.r.push_back(r);
-    }
+    if (scratch || s == scratch_runs.end() || v == victim.end()) continue;
+    const double r = recovered_fraction(c.accuracy, mean(s->second.test), v->second->accuracy);
+    if (!std::isnan(r)) it->second.r.push_back(r);
+    const double vr = recovered_fraction(c.val_accuracy, mean(s->second.val), v->second->val_accuracy);
+    if (!std::isnan(vr)) it->second.val_r.push_back(vr);
   }
   std::vector<Aggregate> out;
   for (const auto& g : order) {
@@ -321,11 +383,14 @@ std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells) {
     x.a.accuracy = stat_of(x.acc);
     x.a.fidelity = stat_of(x.fid);
     x.a.r = stat_of(x.r);
+    x.a.val_r = stat_of(x.val_r);
     x.a.wall = stat_of(x.wall);
     out.push_back(x.a);
   }
   return out;
 }
+
+double selection_r(const Aggregate& a) { return a.val_r.n > 0 ? a.val_r.mean : a.r.mean; }
 
 std::string markdown_table(const std::vector<Aggregate>& aggs, const std::string& model) {
   std::vector<int64_t> sizes;
@@ -393,7 +458,8 @@ std::string markdown_table(const std::vector<Aggregate>& aggs, const std::string
 namespace {
 
 // Per row of `model` at `samples` (table order; not the controls), the aggregate of
-// the attack with the highest mean R; rows without R are left out.
+// the attack with the highest selection_r (validation R where the cells have it);
+// rows without R are left out.
 std::vector<const Aggregate*> best_per_row(const std::vector<Aggregate>& aggs, const std::string& model,
                                            int64_t samples) {
   std::vector<const Aggregate*> best;
@@ -402,7 +468,7 @@ std::vector<const Aggregate*> best_per_row(const std::vector<Aggregate>& aggs, c
     auto it = std::find_if(best.begin(), best.end(), [&](const Aggregate* b) { return b->row == a.row; });
     if (it == best.end()) {
       best.push_back(&a);
-    } else if (a.r.mean > (*it)->r.mean) {
+    } else if (selection_r(a) > selection_r(**it)) {
       *it = &a;
     }
   }
@@ -411,22 +477,33 @@ std::vector<const Aggregate*> best_per_row(const std::vector<Aggregate>& aggs, c
 
 }  // namespace
 
-std::string headline_table(const std::vector<Aggregate>& aggs, const std::string& model, int64_t samples) {
-  size_t stages = 0;
-  for (const auto& a : aggs) {
-    if (a.model == model && a.row != "-") stages = std::max(stages, split(a.held, '+').size());
-  }
+std::string headline_table(const std::vector<Aggregate>& aggs, const std::string& model, int64_t samples,
+                           int stages) {
+  const auto best = best_per_row(aggs, model, samples);
+  const bool on_validation =
+      !best.empty() && std::all_of(best.begin(), best.end(), [](const Aggregate* a) { return a->val_r.n > 0; });
   std::ostringstream o;
-  o << "| group | row | exposure | best attack | R (mean ± sd over seeds) | seeds |\n|---|---|---|---|---|---|\n";
+  o << "| group | row | exposure | best attack (chosen on " << (on_validation ? "validation" : "test")
+    << ") | R on test, mean ± sd over seeds | 95 % interval for a rerun's mean | seeds |\n"
+    << "|---|---|---|---|---|---|---|\n";
   char buf[96];
-  for (const Aggregate* a : best_per_row(aggs, model, samples)) {
+  for (const Aggregate* a : best) {
     const size_t held = a->held.empty() ? 0 : split(a->held, '+').size();
-    const std::string grp =
-        a->row.rfind("sw", 0) == 0 ? "sandwich" : std::to_string(held) + " of " + std::to_string(stages);
+    std::string grp = std::to_string(held) + (stages > 0 ? " of " + std::to_string(stages) : " held");
+    if (a->row.rfind("sw", 0) == 0) grp = "sandwich";
     std::snprintf(buf, sizeof buf, "%.1f%%", 100 * a->exposure);
-    o << "| " << grp << " | " << a->row << " | " << buf << " | " << a->attack << " | ";
+    o << "| " << grp << " | " << a->row << " | " << buf << " | " << a->attack
+      << (on_validation || a->val_r.n == 0 ? "" : " (on validation)") << " | ";
     std::snprintf(buf, sizeof buf, a->r.n > 1 ? "%.2f ± %.2f" : "%.2f", a->r.mean, a->r.std);
-    o << buf << " | " << a->r.n << " |\n";
+    o << buf << " | ";
+    const double h = rerun_half_width(a->r);
+    if (std::isnan(h)) {
+      o << "–";
+    } else {
+      std::snprintf(buf, sizeof buf, "%.2f … %.2f", a->r.mean - h, a->r.mean + h);
+      o << buf;
+    }
+    o << " | " << a->r.n << " |\n";
   }
   return o.str();
 }
@@ -437,7 +514,8 @@ std::map<int64_t, std::vector<PlotPoint>> best_r_by_size(const std::vector<Aggre
     if (a.model != model || a.row == "-" || a.r.n == 0 || out.count(a.samples)) continue;
     auto& pts = out[a.samples];
     for (const Aggregate* b : best_per_row(aggs, model, a.samples)) {
-      pts.push_back({b->row, b->exposure, b->r.mean, b->r.std, b->attack});
+      const double h = rerun_half_width(b->r);
+      pts.push_back({b->row, b->exposure, b->r.mean, std::isnan(h) ? 0.0 : h, b->attack});
     }
     std::stable_sort(pts.begin(), pts.end(), [](const PlotPoint& x, const PlotPoint& y) { return x.exposure < y.exposure; });
   }
@@ -449,9 +527,10 @@ void apply_quick(StudyOptions& o, const std::vector<std::string>& given) {
   if (unset("--seeds")) o.seeds = 1;
   if (unset("--samples")) o.samples = "60,600";
   if (unset("--steps")) o.steps = 200;
-  if (unset("--fit-steps")) o.fit_steps = 200;
   if (unset("--batch")) o.batch_size = 32;
+  if (unset("--scratch-runs")) o.scratch_runs = 2;
   if (unset("--test-samples")) o.test_samples = 1000;
+  if (unset("--val-samples")) o.val_samples = 1000;
   if (unset("--victim-samples")) o.victim_train_samples = 30000;
   if (unset("--victim-epochs")) o.victim_epochs = 2;
 }
@@ -502,7 +581,7 @@ std::string plot_data(const std::map<int64_t, std::vector<PlotPoint>>& points) {
   std::ostringstream d;
   for (const auto& [n, list] : points) {
     d << "# samples " << n << "\n";
-    for (const auto& p : list) d << p.exposure << " " << p.r << " " << p.r_std << " " << p.row << "\n";
+    for (const auto& p : list) d << p.exposure << " " << p.r << " " << p.r_err << " " << p.row << "\n";
     d << "\n\n";
   }
   return d.str();
@@ -576,8 +655,10 @@ void write_report(const std::string& out_dir, bool plots, const std::map<std::st
     for (const auto& c : cells) {
       if (c.model == m && std::find(sizes.begin(), sizes.end(), c.samples) == sizes.end()) sizes.push_back(c.samples);
     }
+    const auto sh = shares.find(m);
+    const int stages = sh == shares.end() ? 0 : static_cast<int>(sh->second.size());
     for (int64_t n : sizes) {
-      md << "\n### Headline: " << m << ", " << n << " samples\n\n" << headline_table(aggs, m, n);
+      md << "\n### Headline: " << m << ", " << n << " samples\n\n" << headline_table(aggs, m, n, stages);
     }
   }
   for (const auto& m : models) {
@@ -649,8 +730,9 @@ RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const JobS
       }
       continue;
     }
+    // The worst (row, attack) chosen as the study's headline chooses: on validation.
     auto [it, fresh] = worst.try_emplace(a.samples);
-    if (fresh || a.r.mean > it->second.r.mean) it->second = {a.samples, a.r, a.row, a.attack, e};
+    if (fresh || selection_r(a) > it->second.selection) it->second = {a.samples, a.r, a.row, a.attack, e, selection_r(a)};
   }
   for (const auto& [samples, row] : worst) report.worst.push_back(row);
   return report;

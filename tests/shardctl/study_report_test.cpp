@@ -201,29 +201,133 @@ TEST(StudyReport, RecoveredFractionPerSeed) {
   EXPECT_NEAR(pts.at(60)[0].r, 0.75, 1e-12);
 }
 
-// The headline: per row the attack with the highest mean R, in table order, with
-// its group, exposure and mean ± sd over seeds.
-TEST(StudyReport, HeadlinePicksTheBestAttackPerRow) {
+// The headline: per row the attack with the highest mean R on the validation
+// images, in table order, with its group, exposure, test R (mean ± sd over seeds)
+// and the 95 % interval for a rerun's mean.
+TEST(StudyReport, HeadlinePicksTheBestAttackPerRowOnValidation) {
   std::vector<CellResult> cells;
+  // Validation accuracies sit 0.1 above the test ones unless `val` is given.
   auto add = [&](const std::string& row, const std::string& held, double expo, const std::string& attack, int seed,
-                 double acc) { cells.push_back({"vit", row, held, expo, attack, 600, seed, acc, 0.5, 1.0}); };
+                 double acc, double val = -1) {
+    CellResult c{"vit", row, held, expo, attack, 600, seed, acc, 0.5, 1.0};
+    c.val_accuracy = val >= 0 ? val : acc + 0.1;
+    cells.push_back(c);
+  };
   for (int seed : {1, 2}) {
     add("-", "", 0, "scratch", seed, 0.60);
     add("-", "", 0, "victim", seed, 0.80);
     add("s0", "0", 0.271, "A1-frozen", seed, seed == 1 ? 0.70 : 0.72);  // R 0.50, 0.60
-    add("s0", "0", 0.271, "A2", seed, 0.66);                             // R 0.30
-    add("s0+1", "0+1", 0.512, "A1-lowlr", seed, 0.75);                   // R 0.75
-    add("sw1", "0+2", 0.753, "A3", seed, 0.78);                          // R 0.90
-    add("all", "0+1+2+3", 1.0, "A1-lowlr", seed, 0.79);                  // R 0.95
+    // A2 is the best on test (R 0.65), the worst on validation (R 0.25): not chosen.
+    add("s0", "0", 0.271, "A2", seed, 0.73, 0.75);
+    add("s0+1", "0+1", 0.512, "A1-lowlr", seed, 0.75);  // R 0.75
+    add("sw1", "0+2", 0.753, "A3", seed, 0.78);         // R 0.90
+    add("all", "0+1+2+3", 1.0, "A1-lowlr", seed, 0.79);  // R 0.95
   }
-  const std::string md = headline_table(aggregate(cells), "vit", 600);
+  const std::string md = headline_table(aggregate(cells), "vit", 600, 4);
+  // s0: R 0.50 and 0.60, sd 0.0707; t(1) = 12.706, half width 12.706 · 0.0707 · √(2/2) = 0.90.
   EXPECT_EQ(md,
-            "| group | row | exposure | best attack | R (mean ± sd over seeds) | seeds |\n|---|---|---|---|---|---|\n"
-            "| 1 of 4 | s0 | 27.1% | A1-frozen | 0.55 ± 0.07 | 2 |\n"
-            "| 2 of 4 | s0+1 | 51.2% | A1-lowlr | 0.75 ± 0.00 | 2 |\n"
-            "| sandwich | sw1 | 75.3% | A3 | 0.90 ± 0.00 | 2 |\n"
-            "| 4 of 4 | all | 100.0% | A1-lowlr | 0.95 ± 0.00 | 2 |\n");
-  EXPECT_EQ(headline_table(aggregate(cells), "vit", 60).find("| s0"), std::string::npos) << "no cells at 60";
+            "| group | row | exposure | best attack (chosen on validation) | R on test, mean ± sd over seeds "
+            "| 95 % interval for a rerun's mean | seeds |\n|---|---|---|---|---|---|---|\n"
+            "| 1 of 4 | s0 | 27.1% | A1-frozen | 0.55 ± 0.07 | -0.35 … 1.45 | 2 |\n"
+            "| 2 of 4 | s0+1 | 51.2% | A1-lowlr | 0.75 ± 0.00 | 0.75 … 0.75 | 2 |\n"
+            "| sandwich | sw1 | 75.3% | A3 | 0.90 ± 0.00 | 0.90 … 0.90 | 2 |\n"
+            "| 4 of 4 | all | 100.0% | A1-lowlr | 0.95 ± 0.00 | 0.95 … 0.95 | 2 |\n");
+  EXPECT_EQ(headline_table(aggregate(cells), "vit", 60, 4).find("| s0"), std::string::npos) << "no cells at 60";
+
+  // Cells of the first study (no validation accuracy) are chosen on test, and the
+  // header says so.
+  for (auto& c : cells) c.val_accuracy = std::nan("");
+  const std::string old = headline_table(aggregate(cells), "vit", 600, 4);
+  EXPECT_NE(old.find("best attack (chosen on test)"), std::string::npos) << old;
+  EXPECT_NE(old.find("| 1 of 4 | s0 | 27.1% | A2 | 0.65 ± 0.00 |"), std::string::npos) << old;
+}
+
+// The group's "of N" is the model's stage count, not the most stages a row of the
+// run holds: a run of single stages only is still "1 of 4".
+TEST(StudyReport, HeadlineGroupCountsTheModelsStages) {
+  std::vector<CellResult> cells{{"cnn", "-", "", 0, "scratch", 60, 1, 0.6, 0.6, 1},
+                                {"cnn", "-", "", 1, "victim", 60, 1, 0.9, 1, 1},
+                                {"cnn", "s1", "1", 0.44, "A1-frozen", 60, 1, 0.7, 0.7, 1},
+                                {"cnn", "s2", "2", 0.44, "A1-frozen", 60, 1, 0.7, 0.7, 1}};
+  const auto aggs = aggregate(cells);
+  const std::string md = headline_table(aggs, "cnn", 60, 4);
+  EXPECT_NE(md.find("| 1 of 4 | s1 |"), std::string::npos) << md;
+  EXPECT_EQ(md.find("of 1"), std::string::npos) << md;
+  EXPECT_NE(headline_table(aggs, "cnn", 60, 0).find("| 1 held | s1 |"), std::string::npos);
+}
+
+// Several scratch runs per seed: R is taken against their mean, and they form one
+// "scratch" line whose accuracy is, per seed, that mean.
+TEST(StudyReport, RecoveredFractionAgainstTheMeanOfTheScratchRuns) {
+  std::vector<CellResult> cells{{"cnn", "-", "", 0, scratch_run_name(1), 60, 1, 0.50, 0.5, 1},
+                                {"cnn", "-", "", 0, scratch_run_name(2), 60, 1, 0.70, 0.7, 1},
+                                {"cnn", "-", "", 0, scratch_run_name(3), 60, 1, 0.60, 0.6, 1},
+                                {"cnn", "-", "", 1, "victim", 60, 1, 0.90, 1, 1},
+                                {"cnn", "s0", "0", 0.11, "A1-frozen", 60, 1, 0.75, 0.8, 1}};
+  EXPECT_EQ(scratch_run_name(1), "scratch");
+  EXPECT_EQ(scratch_run_name(3), "scratch-3");
+  EXPECT_TRUE(is_scratch("scratch-3"));
+  EXPECT_FALSE(is_scratch("A2"));
+  const auto aggs = aggregate(cells);
+  ASSERT_EQ(aggs.size(), 3u);  // scratch (one line for its three runs), victim, s0
+  EXPECT_EQ(aggs[0].attack, "scratch");
+  EXPECT_EQ(aggs[0].accuracy.n, 1);
+  EXPECT_NEAR(aggs[0].accuracy.mean, 0.60, 1e-12);
+  EXPECT_NEAR(aggs[0].fidelity.mean, 0.60, 1e-12);
+  EXPECT_NEAR(aggs[2].r.mean, (0.75 - 0.60) / (0.90 - 0.60), 1e-12);
+  EXPECT_EQ(aggs[2].val_r.n, 0) << "no validation accuracies in these cells";
+}
+
+// The interval a rerun's mean falls into: t(n−1) · sd · √(2/n).
+TEST(StudyReport, RerunIntervalIsStudentsT) {
+  EXPECT_NEAR(t_quantile_975(2), 4.303, 1e-9);
+  EXPECT_NEAR(t_quantile_975(8), 2.306, 1e-9);
+  EXPECT_NEAR(t_quantile_975(120), 1.98, 0.002);
+  const Stat three = stat_of({0.5, 0.6, 0.7});  // sd 0.1
+  EXPECT_NEAR(rerun_half_width(three), 4.303 * 0.1 * std::sqrt(2.0 / 3.0), 1e-9);
+  EXPECT_TRUE(std::isnan(rerun_half_width(stat_of({0.5}))));
+}
+
+// Every attack and every scratch run gets the same total budget; A2 and A3 split it
+// into a first phase (half by default, or --fit-steps) and the rest.
+TEST(StudyBudget, EveryAttackSpendsTheSameSteps) {
+  for (const std::string a : {"scratch", "scratch-2", "A1-frozen", "A1-lowlr", "A2", "A3"}) {
+    for (int64_t first : {0, 50}) {
+      int64_t total = 0;
+      for (const auto& p : attack_phases(a, 200, first)) total += p.steps;
+      EXPECT_EQ(total, 200) << a << " first " << first;
+    }
+  }
+  const auto a2 = attack_phases("A2", 201, 0);
+  ASSERT_EQ(a2.size(), 2u);
+  EXPECT_EQ(a2[0].what, "substitute");
+  EXPECT_EQ(a2[0].steps, 100);
+  EXPECT_EQ(a2[1].steps, 101);
+  EXPECT_EQ(attack_phases("A3", 200, 50)[0].what, "fit");
+  EXPECT_EQ(attack_phases("A3", 200, 50)[0].steps, 50);
+  EXPECT_TRUE(attack_phases("victim", 200, 0).empty());
+  try {
+    attack_phases("A2", 200, 200);
+    FAIL() << "a first phase of the whole budget leaves nothing to fine-tune";
+  } catch (const StudyError& e) {
+    EXPECT_NE(std::string(e.what()).find("--fit-steps 200"), std::string::npos) << e.what();
+  }
+}
+
+// The CSV of the first study (10 fields) still reads, without validation accuracy;
+// a new line carries it as an 11th field and round-trips.
+TEST(StudyCsv, ValidationAccuracyColumn) {
+  const auto old = parse_csv("model,row,held,exposure,attack,samples,seed,accuracy,fidelity,wall_s\n"
+                             "cnn,s0,0,0.112594,A1-frozen,600,1,0.809500,0.850000,11.128\n");
+  ASSERT_EQ(old.size(), 1u);
+  EXPECT_TRUE(std::isnan(old[0].val_accuracy));
+  EXPECT_EQ(to_csv_line(old[0]), "cnn,s0,0,0.112594,A1-frozen,600,1,0.809500,0.850000,11.128");
+  CellResult c = old[0];
+  c.val_accuracy = 0.8125;
+  const auto back = parse_csv(csv_header() + "\n" + to_csv_line(c) + "\n");
+  ASSERT_EQ(back.size(), 1u);
+  EXPECT_NEAR(back[0].val_accuracy, 0.8125, 1e-9);
+  EXPECT_NE(csv_header().find(",val_accuracy"), std::string::npos);
 }
 
 

@@ -117,6 +117,7 @@ TEST(StudyQuick, OrderingsHold) {
   o.attacks = "A1-frozen";
   o.no_plots = true;
   apply_quick(o, {});
+  ASSERT_EQ(o.scratch_runs, 2);
   const auto t0 = std::chrono::steady_clock::now();
   ASSERT_EQ(RunStudy(o), 0);
   // Recorded, not asserted: a loaded machine is slower, not wrong (the binary is
@@ -127,16 +128,23 @@ TEST(StudyQuick, OrderingsHold) {
   std::ifstream in(fs::path(o.out_dir) / "results.csv");
   const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   const auto cells = parse_csv(text);
-  // 2 sizes × (scratch, victim, none, 4 triples, all).
-  ASSERT_EQ(cells.size(), 16u) << text;
+  // 2 sizes × (2 scratch runs, victim, none, 4 triples, all).
+  ASSERT_EQ(cells.size(), 18u) << text;
   std::map<std::string, double> acc;  // "<row>|<attack>|<samples>"
-  for (const auto& c : cells) acc[c.row + "|" + c.attack + "|" + std::to_string(c.samples)] = c.accuracy;
+  for (const auto& c : cells) {
+    acc[c.row + "|" + c.attack + "|" + std::to_string(c.samples)] = c.accuracy;
+    // Every cell is also measured on its seed's validation images.
+    EXPECT_TRUE(c.val_accuracy > 0.05 && c.val_accuracy <= 1.0) << c.key() << " val " << c.val_accuracy;
+  }
 
   for (int64_t n : {60, 600}) {
     const std::string sz = std::to_string(n);
     const double tol = acc_tol.at(n);
     const double victim = acc.at("-|victim|" + sz);
-    const double scratch = acc.at("-|scratch|" + sz);
+    // The two scratch runs differ (their own initialisation and batch order); the
+    // scratch level is their mean.
+    EXPECT_NE(acc.at("-|scratch|" + sz), acc.at("-|scratch-2|" + sz));
+    const double scratch = (acc.at("-|scratch|" + sz) + acc.at("-|scratch-2|" + sz)) / 2;
     const double all = acc.at("all|A1-frozen|" + sz);
     SCOPED_TRACE("samples " + sz + "\n" + text);
     EXPECT_GT(victim, scratch) << "the victim must beat a scratch model, or nothing is measured";
@@ -150,6 +158,11 @@ TEST(StudyQuick, OrderingsHold) {
     EXPECT_LE(std::fabs(r_none), r_tol.at(n)) << "R(none) = " << r_none;
   }
   EXPECT_GE(acc.at("-|scratch|600") + acc_tol.at(600), acc.at("-|scratch|60"));
+  // The validation images are training-set images the victim was not trained on
+  // only by chance: it must score on them about as on the test images.
+  for (const auto& c : cells) {
+    if (c.attack == "victim") EXPECT_NEAR(c.val_accuracy, c.accuracy, 0.1) << c.key();
+  }
 
   // Resuming finds every cell done and trains nothing (the CSV is unchanged);
   // the report is written.
@@ -167,6 +180,57 @@ TEST(StudyQuick, OrderingsHold) {
   ASSERT_EQ(RunStudy(o), 0);
   std::ifstream third(fs::path(o.out_dir) / "results.csv");
   const std::string text3((std::istreambuf_iterator<char>(third)), std::istreambuf_iterator<char>());
-  EXPECT_EQ(parse_csv(text3).size(), 16u) << text3;
+  EXPECT_EQ(parse_csv(text3).size(), 18u) << text3;
   EXPECT_EQ(text3.substr(0, last_line_start(text3)), text.substr(0, last_line_start(text)));
+}
+
+// A2 and A3 spend the one budget (--steps) in two phases; a first phase that leaves
+// nothing to the second is refused before anything is trained. The runner throws
+// when a cell trains any other number of steps, so a finished A2/A3 cell is one that
+// spent exactly --steps.
+TEST(StudyQuick, TwoPhaseAttacksStayWithinTheBudget) {
+  const testsupport::TempDir tmp("shardguard-study-budget");
+  std::string yaml;
+  {
+    std::ifstream in(kCnnJob);
+    yaml.assign((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }
+  for (const auto& [from, to] : std::vector<std::pair<std::string, std::string>>{{"channels: 32", "channels: 4"},
+                                                                                  {"hidden: 64", "hidden: 16"}}) {
+    const auto at = yaml.find(from);
+    ASSERT_NE(at, std::string::npos) << from;
+    yaml.replace(at, from.size(), to);
+  }
+  std::ofstream(tmp.path() / "tiny-cnn.yaml") << yaml;
+  StudyOptions o;
+  o.job_files = {(tmp.path() / "tiny-cnn.yaml").string()};
+  o.out_dir = (tmp.path() / "out").string();
+  o.no_plots = true;
+  apply_quick(o, {});
+  o.samples = "60";
+  o.rows = "s0+1+2,sw1,all";
+  o.attacks = "A2,A3";
+  o.steps = 40;
+  o.victim_train_samples = 2000;
+  o.victim_epochs = 1;
+  o.test_samples = 300;
+  o.val_samples = 300;
+
+  StudyOptions bad = o;
+  bad.fit_steps = 40;
+  testing::internal::CaptureStderr();
+  EXPECT_EQ(RunStudy(bad), 2);
+  EXPECT_NE(testing::internal::GetCapturedStderr().find("--fit-steps 40"), std::string::npos);
+  EXPECT_FALSE(fs::exists(fs::path(o.out_dir) / "results.csv"));
+
+  ASSERT_EQ(RunStudy(o), 0);
+  std::ifstream in(fs::path(o.out_dir) / "results.csv");
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::set<std::string> keys;
+  for (const auto& c : parse_csv(text)) keys.insert(c.row + "|" + c.attack);
+  EXPECT_EQ(keys, (std::set<std::string>{"-|scratch", "-|scratch-2", "-|victim", "s0+1+2|A2", "sw1|A3", "all|A2"}))
+      << text;
+  // The substitute A2 starts from is trained for the first half of the budget only.
+  EXPECT_TRUE(fs::exists(fs::path(o.out_dir) / "models" / "substitute-cnn-n60-seed1-steps20.pt"));
+  EXPECT_FALSE(fs::exists(fs::path(o.out_dir) / "models" / "substitute-cnn-n60-seed1-steps40.pt"));
 }

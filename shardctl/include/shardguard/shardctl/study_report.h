@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <map>
 #include <optional>
 #include <stdexcept>
@@ -60,10 +61,11 @@ double row_exposure(const StudyRow& row, const std::vector<double>& stage_shares
 // The attacks of a row. Controls "scratch" and "victim" are separate cells (row
 // "-"). A1 fine-tune: known shards loaded, "A1-frozen" keeps them fixed,
 // "A1-lowlr" trains them at a tenth of the learning rate; unknown shards random.
-// "A2" substitute: unknown shards from the attacker's own scratch model, then
-// fine-tuned with the known ones frozen. "A3" (sandwich rows only): the
-// sandwiched stage fitted to the recorded (input, output) activation pairs, the
-// stages still unknown then trained as in A1-frozen.
+// "A2" substitute: unknown shards from the attacker's own model trained from
+// scratch for the first part of the budget, then fine-tuned with the known ones
+// frozen for the rest. "A3" (sandwich rows only): the sandwiched stage fitted to
+// the recorded (input, output) activation pairs, the stages still unknown then
+// trained as in A1-frozen for the rest of the budget (attack_phases).
 // Rows where an attack would repeat another exactly are left out: none has only
 // A1-frozen (nothing is known, so frozen = lower LR, and A2 = more scratch).
 std::vector<std::string> row_attacks(const StudyRow& row, int stages, const std::vector<std::string>& wanted);
@@ -72,6 +74,26 @@ inline const std::vector<std::string>& all_attacks() {
   static const std::vector<std::string> kAll{"A1-frozen", "A1-lowlr", "A2", "A3"};
   return kAll;
 }
+
+// One phase of a cell's training: what is trained, and for how many steps.
+struct StudyPhase {
+  std::string what;  // "train" (cross-entropy on the attacker's samples), "substitute" (A2's own model from
+                     // scratch), "fit" (A3: the sandwiched stage to its boundary activations, mean squared error)
+  int64_t steps = 0;
+};
+
+// The training budget of a cell, phase by phase. Every attack and every scratch run
+// gets the same total, `steps` optimiser steps of the attacker's batch: scratch,
+// A1-frozen and A1-lowlr one phase of `steps`; A2 and A3 a first phase of
+// `first_phase` steps (0: half of `steps`, rounded down) and a second of the rest.
+// Throws StudyError naming --fit-steps when the first phase leaves no step for the
+// second. Victim cells (and `all` rows, where nothing is unknown) train nothing.
+std::vector<StudyPhase> attack_phases(const std::string& attack, int64_t steps, int64_t first_phase);
+
+// Scratch controls: `runs` per (model, size, seed), named "scratch" (the first, as
+// in a CSV of the first study) and "scratch-2" … "scratch-<runs>".
+std::string scratch_run_name(int run);
+bool is_scratch(const std::string& attack);
 
 // Parses "60,600,6000" (positive integers). Throws StudyError naming `flag`.
 std::vector<int64_t> parse_sizes(const std::string& flag, const std::string& list);
@@ -88,6 +110,10 @@ struct CellResult {
   double accuracy = 0;    // on the test subset
   double fidelity = 0;    // top-1 agreement with the victim on the test subset
   double wall_seconds = 0;
+  // Accuracy on the validation images (training-set images no attacker of that seed
+  // trains on): what the best attack per row is chosen on. NaN in a CSV of the first
+  // study, which had no validation split.
+  double val_accuracy = std::numeric_limits<double>::quiet_NaN();
   std::string key() const;  // model|row|attack|samples|seed
 };
 
@@ -100,7 +126,8 @@ std::string csv_header();
 int restate_exposure(std::vector<CellResult>& cells, const std::map<std::string, std::vector<double>>& shares);
 std::string to_csv_line(const CellResult& cell);
 // Parses the CSV text (header line first); malformed lines are skipped, and a
-// last line without its newline (a write cut short) is ignored.
+// last line without its newline (a write cut short) is ignored. Lines of the first
+// study (10 fields, no val_accuracy) are read with val_accuracy NaN.
 std::vector<CellResult> parse_csv(const std::string& text);
 
 // ---- the report (pure) ----------------------------------------------------------
@@ -115,6 +142,14 @@ Stat stat_of(const std::vector<double>& values);
 // R = (attack − scratch) / (victim − scratch); NaN when victim == scratch.
 double recovered_fraction(double attack, double scratch, double victim);
 
+// The 97.5 % quantile of Student's t with `df` degrees of freedom (df ≥ 1).
+double t_quantile_975(int df);
+
+// Half the width of the 95 % interval that the mean of a rerun with as many new
+// seeds falls into, from n per-seed values with sample sd s: t(n−1) · s · √(2/n)
+// (the two means differ by noise of variance 2s²/n). NaN for fewer than 2 values.
+double rerun_half_width(const Stat& s);
+
 // One table row after aggregation over seeds.
 struct Aggregate {
   std::string model;
@@ -125,32 +160,43 @@ struct Aggregate {
   int64_t samples = 0;
   Stat accuracy;
   Stat fidelity;
-  Stat r;        // per seed R against that seed's scratch of the same size, then mean/std
+  Stat r;        // per seed R on the test images, against the mean of that seed's scratch runs of the same size
+  Stat val_r;    // the same on the validation images (n = 0 without validation accuracies)
   Stat wall;
 };
 
 // Groups cells by (model, row, attack, samples) in the order first seen; R of
-// each seed uses the scratch and victim cells of the same model, size and seed
-// (cells without both are left out of r).
+// each seed uses the scratch runs (their mean accuracy) and the victim cell of the
+// same model, size and seed (cells without both are left out of r). The scratch
+// runs of a seed are one group "scratch": per seed the mean of its runs, then the
+// mean and sd over the seeds.
 std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells);
+
+// What the best attack of a row is chosen by: the mean R on the validation images,
+// or, for cells without them (a CSV of the first study), the mean R on the test
+// images.
+double selection_r(const Aggregate& a);
 
 // The Markdown table of one model: one line per (row, attack), the sizes as
 // column groups "acc ± sd / fid / R ± sd".
 std::string markdown_table(const std::vector<Aggregate>& aggregates, const std::string& model);
 
 // The headline of one model and size: per row (table order; not the controls), its
-// group ("1 of 4", "2 of 4", "sandwich", ...; the stage count from the `all` row or
-// the most stages held), exposure, the attack with the highest mean R, and that
-// R's mean ± sd over seeds.
-std::string headline_table(const std::vector<Aggregate>& aggregates, const std::string& model, int64_t samples);
+// group ("1 of 4", "2 of 4", "sandwich", ...; N is `stages`, the model's stage
+// count, or "1 held" when it is 0 = unknown), exposure, the best attack (highest
+// selection_r: chosen on the validation images where the cells have them), and that
+// attack's R on the test images: mean ± sd over seeds and the 95 % interval for a
+// rerun's mean (rerun_half_width).
+std::string headline_table(const std::vector<Aggregate>& aggregates, const std::string& model, int64_t samples,
+                           int stages);
 
-// For the plots: per model and size, each row's exposure and its best R (the
-// strongest attack, by mean R).
+// For the plots: per model and size, each row's exposure and its best attack's test
+// R (chosen as in headline_table), error bar the rerun interval's half width.
 struct PlotPoint {
   std::string row;
   double exposure = 0;
   double r = 0;
-  double r_std = 0;
+  double r_err = 0;
   std::string attack;
 };
 std::map<int64_t, std::vector<PlotPoint>> best_r_by_size(const std::vector<Aggregate>& aggregates,
@@ -170,7 +216,9 @@ struct StudyOptions {
   int batch_size = 64;                  // attacker's batch (at most its sample count)
   double learning_rate = 3e-3;          // attacker's Adam learning rate (cosine-decayed to 0 over the steps)
   double low_lr_factor = 0.1;           // A1-lowlr: known shards at lr × this
-  int64_t fit_steps = 300;              // A3: steps fitting the sandwiched stage
+  int64_t fit_steps = 0;                // A2, A3: steps of the first phase, within --steps (0 = half)
+  int scratch_runs = 3;                 // scratch controls per (model, size, seed)
+  int64_t val_samples = 2000;           // validation images per seed (choose the best attack on them)
   int64_t test_samples = 10000;         // test subset for accuracy and fidelity (0 = all)
   int64_t victim_train_samples = 0;     // victim's training set (0 = all)
   int victim_epochs = 0;                // 0 = the job's spec.training.epochs
@@ -182,8 +230,8 @@ struct StudyOptions {
   bool progress_tty = false;
 };
 
-// --quick: one seed, sizes 60 and 600, 200 steps of 32, 1,000 test samples, a
-// victim of two epochs over 30,000 samples. Values the user set explicitly are kept (flags
+// --quick: one seed, sizes 60 and 600, 200 steps of 32, 2 scratch runs, 1,000 test
+// and 1,000 validation samples, a victim of two epochs over 30,000 samples. Values the user set explicitly are kept (flags
 // given on the command line are listed in `explicit_flags`).
 void apply_quick(StudyOptions& options, const std::vector<std::string>& explicit_flags);
 
@@ -230,6 +278,7 @@ struct RiskRow {
   std::string row;
   std::string attack;
   double exposure = 0;  // of that row for this job (trusted stages left out)
+  double selection = 0; // what it was chosen by (selection_r: validation R, or test R in a first-study CSV)
 };
 struct RiskReport {
   std::string model;
@@ -241,7 +290,8 @@ struct RiskReport {
 // its exposure (held ∪ sandwiched, trusted stages left out: model/exposure.h) fits
 // maxExposure: a node may gather stages up to that bound (the operator's placement
 // history), an identity holds one stage. "none" is always within reach. For each
-// attacker size, the reachable (row, attack) with the highest mean R. Throws
+// attacker size, the reachable (row, attack) with the highest selection_r (chosen on
+// the validation images where the study has them), and its test R. Throws
 // StudyError naming --risk when the study has no rows for the job's model or was made
 // for another number of stages.
 RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const JobSpec& job,
