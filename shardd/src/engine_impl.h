@@ -23,6 +23,7 @@
 #include "shardguard/shardd/schedule.h"
 #include "shardguard/shardd/trainer.h"
 #include "clock.h"
+#include "replica_group.h"
 
 namespace shardguard::shardd {
 
@@ -119,6 +120,9 @@ class Engine::Impl final : public Receiver {
   std::unique_ptr<torch::optim::Optimizer> optimizer_;
   int64_t parameters_ = 0;
   std::unique_ptr<CheckpointStore> store_;
+  std::unique_ptr<ReplicaGroup> group_;  // replicas > 1: this stage's replica group
+  bool writes_checkpoints_ = true;       // replica 0 only
+  bool evaluates_ = true;                // replica 0 only
 
   BatchPlan plan_;
   std::unique_ptr<BatchSampler> sampler_;
