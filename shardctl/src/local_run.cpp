@@ -788,9 +788,25 @@ int RunLocal(const LocalRunOptions& options) {
       ++s.restarts;
       s.restart_at = Clock::now() + d.delay;
       if (options.progress_tty) std::cout << "\n";
-      std::cout << shard_name(s) << " stopped (" << st->str() << "); restarting it from its checkpoint in "
+      std::cout << shard_name(s) << " stopped (" << st->str() << "); restarting "
+                << (replicas > 1 ? "every shardd of the job" : "it") << " from its checkpoint in "
                 << format_duration(std::chrono::duration<double>(d.delay).count()) << " (" << s.restarts << "/"
                 << job.run_policy.backoff_limit << ")\n" << std::flush;
+      if (replicas > 1) {
+        // Replicas: the replicas of a stage must stay at the same step, and a pipeline
+        // that resynchronises on its own would roll its stages back while their replica
+        // peers move on. So all of them stop and start again together, meet in new
+        // replica groups and resume from the newest common checkpoint (only the shard
+        // that failed counts a restart; docs/shardctl.md).
+        for (auto& o : shards) {
+          if (&o != &s && !o.done && !o.restart_at && o.shardd.process) o.shardd.process->signal(SIGTERM);
+        }
+        for (auto& o : shards) {
+          if (&o == &s || o.done || o.restart_at) continue;
+          if (o.shardd.process) o.shardd.process->terminate(std::chrono::seconds(15));
+          o.restart_at = s.restart_at;
+        }
+      }
     }
     if (!failure.empty()) break;
     if (all_done) break;
@@ -850,8 +866,10 @@ int RunLocal(const LocalRunOptions& options) {
                 static_cast<long long>(state.progress.step));
   }
   for (const auto& st : stages) {
+    int restarts = 0;  // over the stage's replicas
+    for (const auto& s : shards) restarts += s.index == st.index ? s.restarts : 0;
     std::printf("  shard %d         %lld parameters (%.1f%% of the model), restarts %d\n", st.index,
-                static_cast<long long>(st.parameters), 100.0 * model::parameter_share(desc, st), shards[st.index].restarts);
+                static_cast<long long>(st.parameters), 100.0 * model::parameter_share(desc, st), restarts);
   }
   // Exposure, computed as the operator computes status.exposure: each shard's
   // principal (its SPIFFE ID) holds its own stage only; locally every shard pod is
@@ -891,7 +909,8 @@ int RunLocal(const LocalRunOptions& options) {
   // Every byte a shardd sent or received crossed its sidecar: the sidecar's relayed
   // bytes (shardguard_proxy_bytes_total) against shardd's own count
   // (shardguard_pipeline_message_bytes_total, as its last log line reports it).
-  std::cout << "  traffic         bytes relayed by each sidecar vs sent/received by its shardd\n";
+  std::cout << "  traffic         bytes relayed by each sidecar vs sent/received by its shardd"
+            << (replicas > 1 ? " (replica 0)" : "") << "\n";
   for (int i = 0; i < n; ++i) {
     const ShardTraffic t = shardd_traffic(shards[i].shardd.log_file, shards[i].log_start);
     const double sent = prometheus_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", "sent"}});

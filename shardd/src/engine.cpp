@@ -176,7 +176,8 @@ StageResult Engine::Impl::run() {
       group_ = std::make_unique<ReplicaGroup>(opt_.stage, opt_.replica, opt_.job.sharding.replicas,
                                               opt_.replica_store, opt_.peer_timeout_s);
       log::info("replica group joined", {{"stage", opt_.stage}, {"replica", opt_.replica},
-                                         {"replicas", opt_.job.sharding.replicas}, {"store", opt_.replica_store}});
+                                         {"replicas", opt_.job.sharding.replicas}, {"store", opt_.replica_store},
+                                         {"incarnation", group_->incarnation()}});
     }
     transport_.connect({opt_.stage, n_, static_cast<size_t>(opt_.job.training.micro_batches) + 2});
     connected_.store(true);
@@ -353,6 +354,7 @@ Status Engine::Impl::on_join(const JoinMsg& msg) {
     if (members_.count(msg.boot_id) == 0) {
       log::info("stage joined, resynchronising", {{"joined_stage", msg.stage}});
       join_pending_ = true;
+      pending_joins_.insert(msg.boot_id);
     }
     cv_.notify_all();
   } else {
@@ -545,6 +547,7 @@ bool Engine::Impl::take_join() {
   std::lock_guard<std::mutex> lock(mu_);
   const bool pending = join_pending_;
   join_pending_ = false;
+  pending_joins_.clear();
   return pending;
 }
 
@@ -568,6 +571,11 @@ std::string Engine::Impl::resync() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     members_ = members;
+    // A notice that raced this Sync (sent by a stage that then answered it) needs no
+    // second resynchronisation: that stage is a member of this one. With replicas, a
+    // second one would roll this pipeline back after its replica peers moved on.
+    for (const auto& id : members) pending_joins_.erase(id);
+    join_pending_ = !pending_joins_.empty();
   }
   resume_at(generation, step);
   if (!last_) {

@@ -136,6 +136,7 @@ class Engine::Impl final : public Receiver {
   std::optional<ResumeCmd> resume_;
   bool abort_ = false;
   bool join_pending_ = false;
+  std::set<std::string> pending_joins_;  // boot ids of the notices behind join_pending_
   std::set<std::string> members_;
   std::string stop_reason_;
   std::atomic<uint64_t> generation_{0};

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <stdexcept>
 
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -44,7 +45,14 @@ ReplicaGroup::ReplicaGroup(int stage, int replica, int replicas, const std::stri
     auto options = c10d::ProcessGroupGloo::Options::create(millis(timeout_s));
     options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host));
     options->threads = 1;
-    state_->group = c10::make_intrusive<c10d::ProcessGroupGloo>(state_->store, replica, replicas, options);
+    // Every join counts itself: the k-th join (from 1) belongs to incarnation (k-1) / R,
+    // whose keys live under their own prefix. A replica restarted while an old member
+    // still serves the store therefore never reads the addresses of a group that is gone.
+    const int64_t joins = state_->store->add("joins", 1);
+    incarnation_ = (joins - 1) / replicas;
+    auto scoped = c10::make_intrusive<c10d::PrefixStore>("incarnation/" + std::to_string(incarnation_),
+                                                         state_->store);
+    state_->group = c10::make_intrusive<c10d::ProcessGroupGloo>(scoped, replica, replicas, options);
   } catch (const std::exception& e) {
     throw std::runtime_error(who + ": cannot join the replica group at " + store_address + ": " + e.what());
   }

@@ -33,6 +33,7 @@ class ReplicaGroup {
   std::vector<double> sum(const std::vector<double>& values);
 
   int replicas() const { return replicas_; }
+  int64_t incarnation() const { return incarnation_; }  // how many complete groups met at this store before
   double seconds() const { return seconds_; }      // spent in collectives
   uint64_t bytes() const { return bytes_; }        // payload bytes all-reduced (this replica's input)
 
@@ -40,6 +41,7 @@ class ReplicaGroup {
   struct State;
   std::unique_ptr<State> state_;
   const int stage_, replica_, replicas_;
+  int64_t incarnation_ = 0;
   double seconds_ = 0;
   uint64_t bytes_ = 0;
 };
