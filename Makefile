@@ -27,7 +27,7 @@ CMAKE_GEN  := $(shell command -v ninja >/dev/null 2>&1 && echo "-G Ninja")
 # examples/models/make_model.py that `shardctl split` cuts and its tests use.
 DEB_PACKAGES := \
   build-essential cmake ninja-build ccache pkg-config clang libclang-rt-14-dev \
-  libtorch-dev libopenblas0-pthread python3-torch \
+  libtorch-dev libgloo-dev libopenblas0-pthread python3-torch \
   libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev \
   prometheus-cpp-dev nlohmann-json3-dev libyaml-cpp-dev libcli11-dev libcpp-httplib-dev \
   libssl-dev zlib1g-dev libnghttp2-dev libgtest-dev libgmock-dev libbenchmark-dev \

@@ -91,6 +91,10 @@ int main(int argc, char** argv) {
   flags.stage.listen = "127.0.0.1:7000";  // DESIGN.md §7; the sidecar is the only way in
   app.add_option("--job", flags.job_file, "ShardedTrainingJob YAML file")->required();
   app.add_option("--stage", flags.stage.stage, "this stage's index (0-based)")->required();
+  app.add_option("--replica", flags.stage.replica,
+                 "this stage's replica (0-based; spec.sharding.replicas > 1)")->capture_default_str();
+  app.add_option("--replica-store", flags.stage.replica_store,
+                 "host:port of the stage's replica-group rendezvous store (replica 0 serves it)");
   app.add_option("--listen", flags.stage.listen, "gRPC address to listen on (loopback)")->capture_default_str();
   app.add_option("--prev", flags.stage.prev, "address of the previous stage (or of the sidecar's outbound listener)");
   app.add_option("--next", flags.stage.next, "address of the next stage (or of the sidecar's outbound listener)");

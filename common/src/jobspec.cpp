@@ -39,6 +39,10 @@ constexpr const char* kKind = "ShardedTrainingJob";
 // Pod names are "<job>-shard-<index>" with index < 64 ("-shard-63" is 9
 // characters); they must stay DNS-1123 labels of at most 63 characters.
 constexpr std::size_t kMaxJobNameLength = 52;
+// With replicas, pod names are "<job>-shard-<index>-r<replica>" with replica < 16
+// ("-r15" is 4 more characters).
+constexpr std::size_t kMaxReplicatedJobNameLength = 48;
+constexpr int kMaxReplicas = 16;
 constexpr std::size_t kMaxLabelLength = 63;
 constexpr std::size_t kMaxDnsNameLength = 253;
 
@@ -756,8 +760,9 @@ void decode_spec(Decoder& d, const json& spec, JobSpec& job) {
 
   if (const json* m = d.object(spec, "sharding", "spec")) {
     const std::string p = "spec.sharding";
-    d.known_fields(*m, p, {"shards", "balance"});
+    d.known_fields(*m, p, {"shards", "balance", "replicas"});
     d.get(*m, "shards", p, job.sharding.shards);
+    d.get(*m, "replicas", p, job.sharding.replicas);
     d.get(*m, "balance", p, job.sharding.balance);
   }
 
@@ -856,6 +861,11 @@ std::vector<FieldError> validate(const JobSpec& job) {
                                 " (pod names \"<name>-shard-<index>\" must fit in 63)");
   } else {
     c.dns_label("metadata.name", job.name, kMaxJobNameLength);
+    if (job.sharding.replicas > 1 && job.name.size() > kMaxReplicatedJobNameLength) {
+      c.fail("metadata.name", decode::too_long(kMaxReplicatedJobNameLength, job.name.size()) +
+                                  " when spec.sharding.replicas > 1 (pod names \"<name>-shard-<index>-r<replica>\" "
+                                  "must fit in 63)");
+    }
   }
   c.dns_label("metadata.namespace", job.namespace_, kMaxLabelLength);
 
@@ -949,6 +959,7 @@ std::vector<FieldError> validate(const JobSpec& job) {
   // sharding
   c.between("spec.sharding.shards", job.sharding.shards, 1, 64);
   c.one_of("spec.sharding.balance", job.sharding.balance, "balance", {"parameters", "compute"});
+  c.between("spec.sharding.replicas", job.sharding.replicas, 1, kMaxReplicas);
 
   // protection
   const ProtectionSpec& p = job.protection;

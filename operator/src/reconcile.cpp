@@ -29,6 +29,12 @@ std::string data_digest(const json& data) { return sha256_hex(data.dump()); }
 
 namespace {
 
+// A replicated job (spec.sharding.replicas > 1), which the operator cannot run yet.
+class ReplicasNotSupported : public RenderError {
+ public:
+  using RenderError::RenderError;
+};
+
 bool being_deleted(const json& obj) {
   return obj.contains("metadata") && obj["metadata"].contains("deletionTimestamp") &&
          !obj["metadata"]["deletionTimestamp"].is_null();
@@ -413,11 +419,20 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   }
   DesiredObjects desired;
   try {
+    if (spec.sharding.replicas > 1) {
+      // shardd and `shardctl run` train replicas; the operator's replica pods
+      // (<job>-shard-<i>-r<r>, per-replica identities and placement) are not built yet.
+      // Refused here, not by render(): `shardctl run` renders replicated jobs.
+      throw ReplicasNotSupported("spec.sharding.replicas " + std::to_string(spec.sharding.replicas) +
+                                 ": the operator does not run replicas yet (issue 20); use replicas 1, or "
+                                 "`shardctl run` locally");
+    }
     desired = render(spec, in);
   } catch (const RenderError& e) {
     const std::string msg = e.what();
     const bool exposure = dynamic_cast<const ExposureRefusal*>(&e) != nullptr;
-    const std::string reason = exposure ? "ExposureRefused" : "RenderFailed";
+    const bool replicas = dynamic_cast<const ReplicasNotSupported*>(&e) != nullptr;
+    const std::string reason = exposure ? "ExposureRefused" : replicas ? "ReplicasNotSupported" : "RenderFailed";
     if (old_phase != "Failed") p.events.push_back({"Warning", reason, msg});
     if (exposure) cond.set("ShardIsolation", false, reason, msg);
     cond.set("Failed", true, reason, msg);

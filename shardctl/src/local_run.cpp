@@ -64,6 +64,7 @@ struct PodPorts {
 
 struct Shard {
   int index = 0;
+  int replica = 0;        // spec.sharding.replicas > 1: which replica of stage `index`
   PodPorts ports;
   std::string dir;        // <workdir>/shard-<i>: the pod's Secret and ConfigMap files
   std::string audit_log;  // the sidecar's hash-chained audit log
@@ -75,6 +76,11 @@ struct Shard {
 };
 
 std::string local(int port) { return "127.0.0.1:" + std::to_string(port); }
+
+// "shard 2", or "shard 2 replica 1" for replica r > 0 of a replicated job.
+std::string shard_name(const Shard& s) {
+  return "shard " + std::to_string(s.index) + (s.replica > 0 ? " replica " + std::to_string(s.replica) : "");
+}
 
 // Where the in-pod paths and addresses of one container of a shard pod land on this
 // machine.
@@ -300,7 +306,7 @@ std::string wait_for_sidecars(std::vector<Shard>& shards, std::chrono::seconds l
   for (auto& s : shards) {
     for (;;) {
       if (auto st = s.sidecar.process->wait_for(std::chrono::milliseconds(0))) {
-        return "the sidecar of shard " + std::to_string(s.index) + " could not start (" + st->str() +
+        return "the sidecar of " + shard_name(s) + " could not start (" + st->str() +
                "); its log " + s.sidecar.log_file + " ends with:\n" + tail_of_file(s.sidecar.log_file, 8);
       }
       httplib::Client c("127.0.0.1", s.ports.sidecar_metrics);
@@ -309,7 +315,7 @@ std::string wait_for_sidecars(std::vector<Shard>& shards, std::chrono::seconds l
       auto r = c.Get("/readyz");
       if (r && r->status == 200) break;
       if (Clock::now() > deadline) {
-        return "the sidecar of shard " + std::to_string(s.index) + " was not ready after " +
+        return "the sidecar of " + shard_name(s) + " was not ready after " +
                std::to_string(limit.count()) + " s" + (r ? " (/readyz: " + r->body + ")" : "") + "; its log " +
                s.sidecar.log_file + " ends with:\n" + tail_of_file(s.sidecar.log_file, 8);
       }
@@ -331,8 +337,10 @@ std::vector<ScrapeTarget> scrape_targets(const JobSpec& job, const op::DesiredOb
         {"namespace", job.namespace_},
         {"job", job.name},
         {"shard", std::to_string(s.index)},
-        {"pod", objects.pods[s.index].at("metadata").value("name", "")},
+        {"pod", objects.pods[s.index].at("metadata").value("name", "") +
+                    (s.replica > 0 ? "-r" + std::to_string(s.replica) : "")},
         {"node", "local-shard-" + std::to_string(s.index)}};
+    if (job.sharding.replicas > 1) labels["replica"] = std::to_string(s.replica);
     labels["container"] = "shardd";
     out.push_back({local(s.ports.shardd_metrics), labels});
     labels["container"] = "sidecar";
@@ -502,8 +510,13 @@ int RunLocal(const LocalRunOptions& options) {
   }
 
   const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
-  const int threads = options.threads > 0 ? options.threads : std::max(1, static_cast<int>(cores) / n);
-  std::vector<Shard> shards(n);
+  // Replicas (spec.sharding.replicas): R pipelines of the same stages. shards[r·n + i]
+  // is replica r of stage i, so shards[0 .. n-1] are replica 0's, as without replicas.
+  const int replicas = job.sharding.replicas;
+  const int processes = n * replicas;
+  const int threads = options.threads > 0 ? options.threads : std::max(1, static_cast<int>(cores) / processes);
+  std::vector<Shard> shards(processes);
+  std::vector<int> group_ports(n, 0);  // each stage's replica-group store (replica 0 serves it)
   int prometheus_port = options.prometheus_port;  // 0: picked below
   try {
     make_dirs(ckpt_dir);
@@ -511,12 +524,16 @@ int RunLocal(const LocalRunOptions& options) {
     save_local_pki(pki, workdir);
     std::set<int> taken;  // five distinct ports per shard, none handed out twice
     if (options.prometheus_port != 0) taken.insert(options.prometheus_port);
-    for (int i = 0; i < n; ++i) {
-      PodPorts& p = shards[i].ports;
-      for (int* port : {&p.shardd, &p.shardd_metrics, &p.inbound, &p.outbound, &p.sidecar_metrics}) {
-        for (int tries = 0; tries < 100 && (*port == 0 || taken.count(*port)); ++tries) *port = pick_free_port();
-        if (!taken.insert(*port).second) throw std::runtime_error("could not find enough free ports on 127.0.0.1");
-      }
+    auto take_port = [&](int* port) {
+      for (int tries = 0; tries < 100 && (*port == 0 || taken.count(*port)); ++tries) *port = pick_free_port();
+      if (!taken.insert(*port).second) throw std::runtime_error("could not find enough free ports on 127.0.0.1");
+    };
+    for (int k = 0; k < processes; ++k) {
+      PodPorts& p = shards[k].ports;
+      for (int* port : {&p.shardd, &p.shardd_metrics, &p.inbound, &p.outbound, &p.sidecar_metrics}) take_port(port);
+    }
+    if (replicas > 1) {
+      for (int& port : group_ports) take_port(&port);
     }
     if (options.prometheus) {
       for (int tries = 0; tries < 100 && (prometheus_port == 0 || taken.count(prometheus_port)); ++tries) {
@@ -526,14 +543,19 @@ int RunLocal(const LocalRunOptions& options) {
         throw std::runtime_error("could not find a free port on 127.0.0.1 for Prometheus");
       }
     }
-    for (int i = 0; i < n; ++i) {
-      Shard& s = shards[i];
+    for (int k = 0; k < processes; ++k) {
+      const int i = k % n, r = k / n;
+      // Replica r > 0 of stage i: its own processes, ports and logs ("-r<r>"), the
+      // pod files and checkpoints of stage i (only replica 0 writes checkpoints).
+      const std::string suffix = r > 0 ? "-r" + std::to_string(r) : "";
+      Shard& s = shards[k];
       s.index = i;
+      s.replica = r;
       s.dir = workdir + "/shard-" + std::to_string(i);
       // The sidecar's own volume (its audit log) and its part of the checkpoint volume
       // (its exposure ledger) under logs/, kept across runs; --fresh starts a new
       // ledger with the new training, as it starts new checkpoints.
-      const std::string state_dir = local_sidecar_state_dir(workdir, i);
+      const std::string state_dir = local_sidecar_state_dir(workdir, i) + suffix;
       make_dirs(state_dir);
       const std::string ledger = "/" + ledger_file_name(job.name, i);
       if (options.fresh) {
@@ -543,7 +565,7 @@ int RunLocal(const LocalRunOptions& options) {
       }
       s.audit_log = state_dir + "/" + op::kAuditFileName;
       const json& pod = objects.pods[i];
-      write_pod_files(objects.shard_secrets[i], objects.config_maps[i], s.dir);
+      if (r == 0) write_pod_files(objects.shard_secrets[i], objects.config_maps[i], s.dir);
 
       // The pod's addresses: its own listeners, and every peer's inbound mTLS port
       // under its headless-Service DNS name.
@@ -553,9 +575,10 @@ int RunLocal(const LocalRunOptions& options) {
                      {"0.0.0.0:" + std::to_string(op::kSidecarInboundPort), local(s.ports.inbound)},
                      {"0.0.0.0:" + std::to_string(op::kShardMetricsPort), local(s.ports.shardd_metrics)},
                      {"0.0.0.0:" + std::to_string(op::kSidecarMetricsPort), local(s.ports.sidecar_metrics)}};
+      // Replica r's neighbours are replica r's stages.
       for (int j = 0; j < n; ++j) {
         m.addresses[op::shard_dns_name(job, j, "cluster.local") + ":" + std::to_string(op::kSidecarInboundPort)] =
-            local(shards[j].ports.inbound);
+            local(shards[r * n + j].ports.inbound);
       }
       const auto argv_of = [&](const char* name) {
         const json c = container_named(pod, name);
@@ -564,12 +587,16 @@ int RunLocal(const LocalRunOptions& options) {
         return localize(c, cm);
       };
       s.sidecar.argv = argv_of("sidecar");  // --audit-log on its state volume, as rendered
-      s.sidecar.log_file = log_dir + "/sidecar-" + std::to_string(i) + ".log";
+      s.sidecar.log_file = log_dir + "/sidecar-" + std::to_string(i) + suffix + ".log";
 
       s.shardd.argv = argv_of("shardd");
       s.shardd.argv.insert(s.shardd.argv.end(), {"--device", options.device, "--threads", std::to_string(threads),
                                                  "--peer-timeout", std::to_string(options.peer_timeout_s)});
-      s.shardd.log_file = log_dir + "/shard-" + std::to_string(i) + ".log";
+      if (replicas > 1) {
+        s.shardd.argv.insert(s.shardd.argv.end(),
+                             {"--replica", std::to_string(r), "--replica-store", local(group_ports[i])});
+      }
+      s.shardd.log_file = log_dir + "/shard-" + std::to_string(i) + suffix + ".log";
       s.log_start = file_size(s.shardd.log_file);
       const std::string t = std::to_string(threads);
       // Passive OpenMP workers: spinning ones steal the cores the other shards need.
@@ -588,7 +615,9 @@ int RunLocal(const LocalRunOptions& options) {
   sigprocmask(SIG_BLOCK, &signals, nullptr);
 
   std::cout << "shardctl run: job " << job.name << ", model " << job.model.architecture << " ("
-            << desc.parameters() << " parameters), " << n << " shards, " << threads << " thread(s) each\n";
+            << desc.parameters() << " parameters), " << n << " shards"
+            << (replicas > 1 ? " × " + std::to_string(replicas) + " replicas" : std::string()) << ", " << threads
+            << " thread(s) each\n";
   for (const auto& st : stages) {
     const PodPorts& p = shards[st.index].ports;
     std::printf("  shard %d: blocks %d..%d  %lld parameters (%.1f%%)  sidecar mTLS :%d, shardd :%d\n", st.index,
@@ -627,7 +656,7 @@ int RunLocal(const LocalRunOptions& options) {
                                                      scrape_targets(job, objects, shards), kScrapeInterval);
       why = prometheus->wait_ready(std::chrono::seconds(30));
       // The sidecars are up already: once Prometheus scrapes them, it scrapes.
-      if (why.empty()) why = prometheus->wait_targets_up(static_cast<size_t>(n), std::chrono::seconds(30));
+      if (why.empty()) why = prometheus->wait_targets_up(static_cast<size_t>(processes), std::chrono::seconds(30));
     } catch (const std::exception& e) {
       why = e.what();
     }
@@ -638,12 +667,12 @@ int RunLocal(const LocalRunOptions& options) {
       std::cerr << "shardctl run: every started process was stopped\n";
       return 2;
     }
-    std::cout << "  prometheus " << prometheus->url() << "  (scraping " << 2 * n << " targets every "
+    std::cout << "  prometheus " << prometheus->url() << "  (scraping " << 2 * processes << " targets every "
               << kScrapeInterval.count() << " ms; config, data and log in " << workdir << "/prometheus)\n"
               << std::flush;
   }
   try {
-    for (auto& s : shards) start(s.shardd, &s == &shards.back());
+    for (auto& s : shards) start(s.shardd, &s == &shards[n - 1]);
   } catch (const std::exception& e) {
     std::cerr << "shardctl run: " << e.what() << "\n";
     stop_all(shards);
@@ -668,7 +697,7 @@ int RunLocal(const LocalRunOptions& options) {
       break;
     }
     // 2. Progress from the last stage's log lines.
-    Shard& tail = shards.back();
+    Shard& tail = shards[n - 1];  // replica 0's last stage
     if (tail.shardd.process && !tail.shardd.process->eof()) {
       if (auto line = tail.shardd.process->read_line(std::chrono::milliseconds(200))) {
         absorb(*line, state, rate, std::chrono::duration<double>(Clock::now() - started).count());
@@ -709,7 +738,7 @@ int RunLocal(const LocalRunOptions& options) {
     // 3. A sidecar that ended takes its shard's only way in and out with it.
     for (auto& s : shards) {
       if (auto st = s.sidecar.process->wait_for(std::chrono::milliseconds(0))) {
-        failure = "the sidecar of shard " + std::to_string(s.index) + " exited (" + st->str() + "); its log " +
+        failure = "the sidecar of " + shard_name(s) + " exited (" + st->str() + "); its log " +
                   s.sidecar.log_file + " ends with:\n" + tail_of_file(s.sidecar.log_file, 8);
         break;
       }
@@ -724,9 +753,9 @@ int RunLocal(const LocalRunOptions& options) {
         if (Clock::now() < *s.restart_at) continue;
         s.restart_at.reset();
         try {
-          start(s.shardd, &s == &shards.back());
+          start(s.shardd, &s == &shards[n - 1]);
         } catch (const std::exception& e) {
-          failure = std::string("restarting shard ") + std::to_string(s.index) + ": " + e.what();
+          failure = "restarting " + shard_name(s) + ": " + e.what();
           break;
         }
         continue;
@@ -736,7 +765,7 @@ int RunLocal(const LocalRunOptions& options) {
         all_done = false;
         continue;
       }
-      if (&s == &shards.back()) {
+      if (&s == &shards[n - 1]) {
         while (auto line = s.shardd.process->read_line(std::chrono::milliseconds(0))) {
           absorb(*line, state, rate, std::chrono::duration<double>(Clock::now() - started).count());
         }
@@ -748,7 +777,7 @@ int RunLocal(const LocalRunOptions& options) {
       all_done = false;
       const RestartDecision d = decide_restart(*st, s.restarts, job.run_policy.backoff_limit);
       if (!d.restart) {
-        failure = "shard " + std::to_string(s.index) + " failed (" + st->str() + ") " + d.why_not + ".";
+        failure = shard_name(s) + " failed (" + st->str() + ") " + d.why_not + ".";
         const std::string log_text = log_since(s.shardd.log_file, s.log_start);
         if (const std::string cause = last_error_line(log_text); !cause.empty()) {
           failure += "\nIts last error: " + cause;
@@ -759,9 +788,25 @@ int RunLocal(const LocalRunOptions& options) {
       ++s.restarts;
       s.restart_at = Clock::now() + d.delay;
       if (options.progress_tty) std::cout << "\n";
-      std::cout << "shard " << s.index << " stopped (" << st->str() << "); restarting it from its checkpoint in "
+      std::cout << shard_name(s) << " stopped (" << st->str() << "); restarting "
+                << (replicas > 1 ? "every shardd of the job" : "it") << " from its checkpoint in "
                 << format_duration(std::chrono::duration<double>(d.delay).count()) << " (" << s.restarts << "/"
                 << job.run_policy.backoff_limit << ")\n" << std::flush;
+      if (replicas > 1) {
+        // Replicas: the replicas of a stage must stay at the same step, and a pipeline
+        // that resynchronises on its own would roll its stages back while their replica
+        // peers move on. So all of them stop and start again together, meet in new
+        // replica groups and resume from the newest common checkpoint (only the shard
+        // that failed counts a restart; docs/shardctl.md).
+        for (auto& o : shards) {
+          if (&o != &s && !o.done && !o.restart_at && o.shardd.process) o.shardd.process->signal(SIGTERM);
+        }
+        for (auto& o : shards) {
+          if (&o == &s || o.done || o.restart_at) continue;
+          if (o.shardd.process) o.shardd.process->terminate(std::chrono::seconds(15));
+          o.restart_at = s.restart_at;
+        }
+      }
     }
     if (!failure.empty()) break;
     if (all_done) break;
@@ -821,8 +866,10 @@ int RunLocal(const LocalRunOptions& options) {
                 static_cast<long long>(state.progress.step));
   }
   for (const auto& st : stages) {
+    int restarts = 0;  // over the stage's replicas
+    for (const auto& s : shards) restarts += s.index == st.index ? s.restarts : 0;
     std::printf("  shard %d         %lld parameters (%.1f%% of the model), restarts %d\n", st.index,
-                static_cast<long long>(st.parameters), 100.0 * model::parameter_share(desc, st), shards[st.index].restarts);
+                static_cast<long long>(st.parameters), 100.0 * model::parameter_share(desc, st), restarts);
   }
   // Exposure, computed as the operator computes status.exposure: each shard's
   // principal (its SPIFFE ID) holds its own stage only; locally every shard pod is
@@ -862,7 +909,8 @@ int RunLocal(const LocalRunOptions& options) {
   // Every byte a shardd sent or received crossed its sidecar: the sidecar's relayed
   // bytes (shardguard_proxy_bytes_total) against shardd's own count
   // (shardguard_pipeline_message_bytes_total, as its last log line reports it).
-  std::cout << "  traffic         bytes relayed by each sidecar vs sent/received by its shardd\n";
+  std::cout << "  traffic         bytes relayed by each sidecar vs sent/received by its shardd"
+            << (replicas > 1 ? " (replica 0)" : "") << "\n";
   for (int i = 0; i < n; ++i) {
     const ShardTraffic t = shardd_traffic(shards[i].shardd.log_file, shards[i].log_start);
     const double sent = prometheus_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", "sent"}});
@@ -888,7 +936,7 @@ int RunLocal(const LocalRunOptions& options) {
                                : log_dir + "/sidecar-state-<i>/" + op::kAuditFileName) << "\n";
   std::cout << "  logs            " << log_dir << "\n";
   if (prometheus) {
-    const bool ok = report_from_prometheus(*prometheus, job, n, wall);
+    const bool ok = report_from_prometheus(*prometheus, job, processes, wall);
     prometheus->stop();
     std::cout << "  prometheus      stopped; to look again: prometheus --config.file=" << workdir
               << "/prometheus/prometheus.yml --storage.tsdb.path=" << workdir << "/prometheus/data\n";

@@ -439,16 +439,24 @@ std::vector<int64_t> epoch_order(uint64_t seed, int epoch, int64_t n) {
   return order;
 }
 
-BatchPlan make_batch_plan(const JobSpec& job, int64_t train_samples) {
+BatchPlan make_batch_plan(const JobSpec& job, int64_t train_samples, int replica) {
   BatchPlan p;
   p.train_samples = train_samples;
   p.batch_size = job.training.batch_size;
   p.micro_batches = job.training.micro_batches;
   p.epochs = job.training.epochs;
   p.seed = job.training.seed;
-  if (train_samples < p.batch_size) {
-    throw JobSpecError({{"spec.training.batchSize", "is " + std::to_string(p.batch_size) + " but the training set has only " +
-                                                         std::to_string(train_samples) + " samples"}});
+  p.replicas = job.sharding.replicas;
+  p.replica = replica;
+  if (replica < 0 || replica >= p.replicas) {
+    throw std::invalid_argument("replica " + std::to_string(replica) + " is out of range for spec.sharding.replicas " +
+                                std::to_string(p.replicas) + " (0.." + std::to_string(p.replicas - 1) + ")");
+  }
+  if (train_samples < p.global_batch()) {
+    throw JobSpecError({{"spec.training.batchSize",
+                         "is " + std::to_string(p.batch_size) +
+                             (p.replicas > 1 ? " × spec.sharding.replicas " + std::to_string(p.replicas) : std::string()) +
+                             " but the training set has only " + std::to_string(train_samples) + " samples"}});
   }
   return p;
 }
@@ -460,7 +468,8 @@ torch::Tensor BatchSampler::indices(int64_t step, int micro_batch) {
     cached_epoch_ = epoch;
   }
   const int64_t within = step % plan_.steps_per_epoch();
-  const int64_t begin = within * plan_.batch_size + static_cast<int64_t>(micro_batch) * plan_.micro_batch_size();
+  const int64_t begin = within * plan_.global_batch() + static_cast<int64_t>(plan_.replica) * plan_.batch_size +
+                        static_cast<int64_t>(micro_batch) * plan_.micro_batch_size();
   return torch::from_blob(order_.data() + begin, {plan_.micro_batch_size()}, torch::kInt64).clone();
 }
 

@@ -71,6 +71,17 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
     throw std::invalid_argument("--stage: " + std::to_string(opt_.stage) + " is out of range for a job with " +
                                 std::to_string(n_) + " shards (0.." + std::to_string(n_ - 1) + ")");
   }
+  const int replicas = opt_.job.sharding.replicas;
+  if (opt_.replica < 0 || opt_.replica >= replicas) {
+    throw std::invalid_argument("--replica: " + std::to_string(opt_.replica) + " is out of range for a job with " +
+                                std::to_string(replicas) + " replicas (0.." + std::to_string(replicas - 1) + ")");
+  }
+  if (replicas > 1 && opt_.replica_store.empty()) {
+    throw std::invalid_argument("--replica-store: required when spec.sharding.replicas is " +
+                                std::to_string(replicas) + " (host:port of the stage's replica group)");
+  }
+  writes_checkpoints_ = opt_.replica == 0;
+  evaluates_ = opt_.replica == 0;
   me_ = stages[opt_.stage];
   first_ = opt_.stage == 0;
   last_ = opt_.stage == n_ - 1;
@@ -89,7 +100,7 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
   // Data: stage 0 reads only the features, the last stage only the labels.
   if (first_ || last_) {
     const int64_t train_n = count_samples(opt_.job, Split::kTrain);
-    plan_ = make_batch_plan(opt_.job, train_n);
+    plan_ = make_batch_plan(opt_.job, train_n, opt_.replica);
     sampler_ = std::make_unique<BatchSampler>(plan_);
     total_steps_ = plan_.total_steps();
     if (opt_.max_steps > 0) total_steps_ = std::min(total_steps_, opt_.max_steps);
@@ -99,7 +110,7 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
     test_ = Samples::load(opt_.job, Split::kTest, first_, last_);
   }
 
-  nlohmann::json ready = {{"stage", opt_.stage}, {"stages", n_}, {"blocks", {me_.first_block, me_.end_block}},
+  nlohmann::json ready = {{"stage", opt_.stage}, {"replica", opt_.replica}, {"replicas", replicas}, {"stages", n_}, {"blocks", {me_.first_block, me_.end_block}},
                           {"parameters", parameters_}, {"device", device_.str()}, {"boot_id", boot_id_}};
   if (open) ready.update(open());
   log::info("stage ready", ready);
@@ -160,6 +171,14 @@ StageResult Engine::Impl::run() {
   StageResult result;
   try {
     // At most one step's frames wait in a queue (plus the evaluation batches in flight).
+    if (opt_.job.sharding.replicas > 1) {
+      // Before the links: a replica joins its group, then its own pipeline.
+      group_ = std::make_unique<ReplicaGroup>(opt_.stage, opt_.replica, opt_.job.sharding.replicas,
+                                              opt_.replica_store, opt_.peer_timeout_s);
+      log::info("replica group joined", {{"stage", opt_.stage}, {"replica", opt_.replica},
+                                         {"replicas", opt_.job.sharding.replicas}, {"store", opt_.replica_store},
+                                         {"incarnation", group_->incarnation()}});
+    }
     transport_.connect({opt_.stage, n_, static_cast<size_t>(opt_.job.training.micro_batches) + 2});
     connected_.store(true);
     if (first_) {
@@ -189,6 +208,13 @@ StageResult Engine::Impl::run() {
   result.serialise_seconds = metrics_.serialise_seconds.Value();
   result.wall_seconds = seconds_since(start);
   result.parameters = parameters_;
+  if (group_) {
+    result.allreduce_seconds = group_->seconds();
+    result.allreduce_bytes = group_->bytes();
+    // Leaving the group closes its connections: a replica waiting in an all-reduce
+    // for this one fails at once instead of at the group's timeout.
+    group_.reset();
+  }
   if (result.ok) {
     result.train_seconds = seconds_since(train_start_);
     result.trained_steps = done_ - resumed_step_;
@@ -198,7 +224,10 @@ StageResult Engine::Impl::run() {
                                       opt_.job.training.batch_size / result.train_seconds : 0.0},
                                  {"compute_seconds", result.compute_seconds},
                                  {"transport_seconds", result.transport_seconds},
-                                 {"serialise_seconds", result.serialise_seconds}});
+                                 {"serialise_seconds", result.serialise_seconds},
+                                 {"replica", opt_.replica},
+                                 {"allreduce_seconds", result.allreduce_seconds},
+                                 {"allreduce_bytes", result.allreduce_bytes}});
   } else {
     log::error("stage stopped", {{"stage", opt_.stage}, {"reason", result.error}, {"steps", done_}});
   }
@@ -325,6 +354,7 @@ Status Engine::Impl::on_join(const JoinMsg& msg) {
     if (members_.count(msg.boot_id) == 0) {
       log::info("stage joined, resynchronising", {{"joined_stage", msg.stage}});
       join_pending_ = true;
+      pending_joins_.insert(msg.boot_id);
     }
     cv_.notify_all();
   } else {
@@ -517,6 +547,7 @@ bool Engine::Impl::take_join() {
   std::lock_guard<std::mutex> lock(mu_);
   const bool pending = join_pending_;
   join_pending_ = false;
+  pending_joins_.clear();
   return pending;
 }
 
@@ -540,6 +571,11 @@ std::string Engine::Impl::resync() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     members_ = members;
+    // A notice that raced this Sync (sent by a stage that then answered it) needs no
+    // second resynchronisation: that stage is a member of this one. With replicas, a
+    // second one would roll this pipeline back after its replica peers moved on.
+    for (const auto& id : members) pending_joins_.erase(id);
+    join_pending_ = !pending_joins_.empty();
   }
   resume_at(generation, step);
   if (!last_) {

@@ -23,6 +23,7 @@
 #include "shardguard/shardd/schedule.h"
 #include "shardguard/shardd/trainer.h"
 #include "clock.h"
+#include "replica_group.h"
 
 namespace shardguard::shardd {
 
@@ -119,6 +120,9 @@ class Engine::Impl final : public Receiver {
   std::unique_ptr<torch::optim::Optimizer> optimizer_;
   int64_t parameters_ = 0;
   std::unique_ptr<CheckpointStore> store_;
+  std::unique_ptr<ReplicaGroup> group_;  // replicas > 1: this stage's replica group
+  bool writes_checkpoints_ = true;       // replica 0 only
+  bool evaluates_ = true;                // replica 0 only
 
   BatchPlan plan_;
   std::unique_ptr<BatchSampler> sampler_;
@@ -132,6 +136,7 @@ class Engine::Impl final : public Receiver {
   std::optional<ResumeCmd> resume_;
   bool abort_ = false;
   bool join_pending_ = false;
+  std::set<std::string> pending_joins_;  // boot ids of the notices behind join_pending_
   std::set<std::string> members_;
   std::string stop_reason_;
   std::atomic<uint64_t> generation_{0};

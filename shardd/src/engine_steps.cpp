@@ -10,6 +10,7 @@
 namespace shardguard::shardd {
 
 void Engine::Impl::run_eval_round() {
+  if (!evaluates_) return;  // replicas: replica 0's pipeline evaluates for all
   const int round = static_cast<int>(done_ / plan_.steps_per_epoch());
   const int64_t n = test_.size();
   const int batch = opt_.job.training.eval_batch_size;
@@ -133,6 +134,22 @@ void Engine::Impl::train_step(int64_t step, Inbound* first_in) {
       outputs[m] = torch::Tensor();
     }
   }
+  if (group_) {
+    // Synchronous data parallelism: every replica of this stage averages its
+    // gradients with the others before the optimizer step; the last stages also
+    // add up the loss and counts, so each reports the step of the global batch.
+    const auto t_group = Clock::now();
+    group_->check_step(step);
+    group_->average_gradients(model_->parameters());
+    if (last_) {
+      const auto totals = group_->sum({loss_sum, static_cast<double>(correct), static_cast<double>(predictions)});
+      const double r = group_->replicas();
+      loss_sum = totals[0] / r;
+      correct = static_cast<int64_t>(totals[1]);
+      predictions = static_cast<int64_t>(totals[2]);
+    }
+    observe(metrics_.allreduce_seconds, t_group);
+  }
   const auto t0 = Clock::now();
   optimizer_->step();
   observe(metrics_.optimizer_seconds, t0);
@@ -169,6 +186,11 @@ void Engine::Impl::finish_local(int64_t step) {
 }
 
 void Engine::Impl::write_checkpoint(int64_t step) {
+  if (!writes_checkpoints_) {
+    // Replicas: one checkpoint per stage, replica 0's; the others resume from it.
+    last_checkpoint_ = step;
+    return;
+  }
   const auto t0 = Clock::now();
   try {
     const size_t bytes = store_->save(step, model_, *optimizer_);

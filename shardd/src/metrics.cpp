@@ -60,6 +60,8 @@ StageMetrics::StageMetrics(prometheus::Registry& r, const Labels& l)
                                  with(l, "pass", "backward"))),
       optimizer_seconds(histogram(r, "shardguard_stage_compute_seconds", kComputeHelp,
                                   with(l, "pass", "optimizer"))),
+      allreduce_seconds(histogram(r, "shardguard_stage_compute_seconds", kComputeHelp,
+                                  with(l, "pass", "allreduce"))),
       bytes_sent(counter(r, "shardguard_pipeline_bytes_total", kBytesHelp,
                          with(l, "direction", "sent"))),
       bytes_received(counter(r, "shardguard_pipeline_bytes_total",

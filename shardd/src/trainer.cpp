@@ -81,6 +81,12 @@ EvalResult evaluate(torch::nn::Sequential& model, const JobSpec& job, Split spli
 }
 
 MonolithicResult train_monolithic(const JobSpec& job, const MonolithicOptions& options) {
+  if (job.sharding.replicas != 1) {
+    // One process is one pipeline: its equivalent is the job with replicas 1 and
+    // batchSize × replicas (docs/pipeline.md#data-parallel-replicas).
+    throw std::invalid_argument("train_monolithic: spec.sharding.replicas is " + std::to_string(job.sharding.replicas) +
+                                "; train the job with replicas 1 and batchSize × replicas instead");
+  }
   const torch::Device device = resolve_device(options.device);
   const model::ModelDesc desc = model::describe_model(job.model);
   auto model = build_blocks(job.model, 0, static_cast<int>(desc.blocks.size()), job.training.seed);

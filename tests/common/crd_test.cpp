@@ -339,7 +339,8 @@ json spec_json(const JobSpec& j) {
         {"seed", t.seed},
         {"schedule", t.schedule},
         {"evalBatchSize", t.eval_batch_size}}},
-      {"sharding", {{"shards", j.sharding.shards}, {"balance", j.sharding.balance}}},
+      {"sharding",
+       {{"shards", j.sharding.shards}, {"balance", j.sharding.balance}, {"replicas", j.sharding.replicas}}},
       {"protection",
        {{"maxExposure", p.max_exposure},
         {"topologyKey", p.topology_key},
@@ -616,7 +617,7 @@ TEST(Crd, DefaultsAreTheDecoderDefaults) {
     EXPECT_EQ((*node)["default"], *expected);
     with_default.insert(path);
   }
-  EXPECT_EQ(with_default.size(), 31u) << json(with_default).dump();
+  EXPECT_EQ(with_default.size(), 32u) << json(with_default).dump();
 
   // Defaulting a minimal job by the schema gives the same job the decoder makes of it.
   json minimal = minimal_job();
@@ -723,6 +724,7 @@ const std::vector<Bound>& bounds() {
       {"spec.training.seed", true, 0, false, std::nullopt, false},
       {"spec.training.evalBatchSize", true, 1, false, kInt32Max, false},
       {"spec.sharding.shards", true, 1, false, 64, false},
+      {"spec.sharding.replicas", true, 1, false, 16, false},
       {"spec.protection.maxExposure", false, 0, true, 1, false},
       {"spec.checkpoint.everySteps", true, 1, false, kInt32Max, false},
       {"spec.runPolicy.backoffLimit", true, 0, false, 100, false},
@@ -875,6 +877,9 @@ TEST(Crd, EveryCrossFieldRuleOfTheDecoderHasACelRule) {
   const std::vector<Case> cases = {
       {"name longer than 52", R"({"metadata": {"name": ")" + std::string(53, 'a') + R"("}})",
        "metadata.name", "", "size(self.metadata.name) <= 52", "52"},
+      {"replicated job's name longer than 48",
+       R"({"metadata": {"name": ")" + std::string(49, 'a') + R"("}, "spec": {"sharding": {"replicas": 2}}})",
+       "metadata.name", "", "size(self.metadata.name) <= 48", "<name>-shard-<index>-r<replica>"},
       {"name with a dot", R"({"metadata": {"name": "a.b"}})", "metadata.name", "",
        "!self.metadata.name.contains('.')", "DNS-1123 label"},
       {"vit heads 0", R"({"spec": {"model": {"architecture": "vit", "heads": 0}}})",

@@ -671,6 +671,29 @@ TEST(JobSpecTest, ShardingRanges) {
             "spec.sharding.balance: unsupported balance \"memory\" (expected one of: \"parameters\", \"compute\")");
 }
 
+TEST(JobSpecTest, ReplicasDefaultBoundsAndNameLength) {
+  json object = minimal_job();
+  EXPECT_EQ(job_from_json(object).sharding.replicas, 1);
+  object["spec"]["sharding"] = {{"shards", 2}, {"replicas", 4}};
+  EXPECT_EQ(job_from_json(object).sharding.replicas, 4);
+
+  object["spec"]["sharding"] = {{"replicas", 0}};
+  EXPECT_EQ(one_error(object, "spec.sharding.replicas"), "spec.sharding.replicas: must be at least 1, got 0");
+  object["spec"]["sharding"] = {{"replicas", 17}};
+  EXPECT_EQ(one_error(object, "spec.sharding.replicas"), "spec.sharding.replicas: must be at most 16, got 17");
+  object["spec"]["sharding"] = {{"replicas", "two"}};
+  EXPECT_NE(error_at(errors_of(object), "spec.sharding.replicas").find("\"two\""), std::string::npos);
+
+  // "<name>-shard-63-r15" must stay within 63 characters: 48 for a replicated job, 52 otherwise.
+  object["spec"]["sharding"] = {{"replicas", 2}};
+  object["metadata"]["name"] = std::string(48, 'a');
+  EXPECT_NO_THROW(job_from_json(object));
+  object["metadata"]["name"] = std::string(49, 'a');
+  EXPECT_NE(error_at(errors_of(object), "metadata.name").find("when spec.sharding.replicas > 1"), std::string::npos);
+  object["spec"]["sharding"] = {{"replicas", 1}};
+  EXPECT_NO_THROW(job_from_json(object));
+}
+
 TEST(JobSpecTest, ProtectionRules) {
   json object = minimal_job();
   object["spec"]["protection"] = {{"maxExposure", 0},

@@ -535,6 +535,28 @@ TEST(PlanTest, LargestStageAboveMaxExposureIsRefusedWithACondition) {
   EXPECT_TRUE(c.has_event("ExposureRefused"));
 }
 
+// Until the operator renders replica pods, a replicated job fails with a reason
+// naming the field instead of pods whose shardd refuses to start.
+TEST(PlanTest, ReplicatedJobIsRefusedWithACondition) {
+  json j = job_yaml();
+  j["spec"]["sharding"]["replicas"] = 2;
+  Cluster c(j);
+  c.settle();
+  const json& st = c.job["status"];
+  EXPECT_EQ(st["phase"], "Failed");
+  bool found = false;
+  for (const auto& cond : st["conditions"]) {
+    if (cond["type"] == "Failed") {
+      EXPECT_EQ(cond["reason"], "ReplicasNotSupported");
+      EXPECT_NE(cond["message"].get<std::string>().find("spec.sharding.replicas 2"), std::string::npos);
+      found = true;
+    }
+  }
+  EXPECT_TRUE(found);
+  for (int i = 0; i < 4; ++i) EXPECT_FALSE(c.has_pod(i));
+  EXPECT_TRUE(c.has_event("ReplicasNotSupported"));
+}
+
 // vit in 4 stages (about 0.02, 0.33, 0.33, 0.33) at maxExposure 0.5.
 TEST(PlanTest, ExportPrincipalsAreInTheExposureStatus) {
   json j = job_yaml();

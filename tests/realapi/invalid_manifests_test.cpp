@@ -77,6 +77,9 @@ std::vector<Case> invalid_cases() {
   spec("range-batch", kModel + "  training: {batchSize: 65537}\n", 422, "spec.training.batchSize", "less than or equal to 65536");
   spec("range-shards-low", kModel + "  sharding: {shards: 0}\n", 422, "spec.sharding.shards", "greater than or equal to 1");
   spec("range-shards-high", kModel + "  sharding: {shards: 65}\n", 422, "spec.sharding.shards", "less than or equal to 64");
+  spec("range-replicas-low", kModel + "  sharding: {replicas: 0}\n", 422, "spec.sharding.replicas", "greater than or equal to 1");
+  spec("range-replicas-high", kModel + "  sharding: {replicas: 17}\n", 422, "spec.sharding.replicas", "less than or equal to 16");
+  spec("type-replicas", kModel + "  sharding: {replicas: two}\n", 422, "spec.sharding.replicas", "must be of type integer");
   spec("range-exposure-zero", kModel + "  protection: {maxExposure: 0}\n", 422, "spec.protection.maxExposure", "greater than 0");
   spec("range-exposure-high", kModel + "  protection: {maxExposure: 1.5}\n", 422, "spec.protection.maxExposure", "less than or equal to 1");
   spec("range-lr", kModel + "  training: {optimizer: {learningRate: 0}}\n", 422, "spec.training.optimizer.learningRate", "greater than 0");
@@ -102,6 +105,8 @@ std::vector<Case> invalid_cases() {
        "spec.checkpoint.volume.emptyDir.medium", "Unsupported value: \"Disk\"");
   // ---- names, labels and string syntax ----
   c.push_back({"name-long", manifest(repeat('a', 53), kModel), 422, "metadata.name", "at most 52 characters", "metadata.name"});
+  c.push_back({"name-long-replicated", manifest(repeat('r', 49), kModel + "  sharding: {shards: 2, replicas: 2}\n"), 422,
+               "metadata.name", "at most 48 characters when spec.sharding.replicas > 1", "metadata.name"});
   c.push_back({"name-dot", manifest("fmnist.v2", kModel), 422, "metadata.name", "DNS-1123 label", "metadata.name"});
   c.push_back({"label-value", manifest("label-value", kModel, ", labels: {team: 'ml platform'}"), 422, "metadata.labels",
                "a valid label must be", "metadata.labels.team"});

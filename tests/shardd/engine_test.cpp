@@ -9,6 +9,7 @@
 
 #include "shardguard/common/crypto.h"
 #include "shardguard/common/files.h"
+#include "shardguard/common/process.h"
 #include "shardguard/model/model_desc.h"
 #include "shardguard/model/partition.h"
 #include "shardguard/shardd/checkpoint.h"
@@ -60,7 +61,7 @@ class EngineTest : public ::testing::Test {
 
   // Stage i's node on `network`: checkpoints under dir_, the same key file on every run.
   std::unique_ptr<Node> make_node(MemoryNetwork& network, const JobSpec& job, int stage, int64_t max_steps,
-                                  StageEvents events = {}) {
+                                  StageEvents events = {}, int replica = 0, const std::string& replica_store = "") {
     std::filesystem::create_directories(dir_ + "/keys");
     const std::string key_file = dir_ + "/keys/shard-" + std::to_string(stage) + ".key";
     if (!std::filesystem::exists(key_file)) generate_key_file(key_file);
@@ -72,6 +73,8 @@ class EngineTest : public ::testing::Test {
     o.device = "cpu";
     o.peer_timeout_s = 60;
     o.max_steps = max_steps;
+    o.replica = replica;
+    o.replica_store = replica_store;
     auto node = std::make_unique<Node>();
     node->metrics = std::make_unique<StageMetrics>(*node->registry, job.name, stage);
     node->transport = std::make_unique<MemoryTransport>(network, stage, *node->metrics, /*retry_budget_s=*/30);
@@ -108,7 +111,44 @@ class EngineTest : public ::testing::Test {
     return out;
   }
 
+  // Every replica of every stage of `job` (spec.sharding.replicas), each replica a
+  // pipeline of its own on its own in-memory network, the replicas of a stage in one
+  // Gloo group on 127.0.0.1; all replicas of a stage share its checkpoint directory.
+  // results[r][i]: replica r's stage i. `events(r, i)` as in run().
+  std::vector<EngineRun> run_replicated(const JobSpec& job, int64_t max_steps = 0,
+                                        const std::function<StageEvents(int, int)>& events = {}) {
+    const int n = job.sharding.shards, replicas = job.sharding.replicas;
+    std::vector<std::string> stores;
+    for (int i = 0; i < n; ++i) stores.push_back("127.0.0.1:" + std::to_string(pick_free_port()));
+    std::vector<std::unique_ptr<MemoryNetwork>> networks;
+    std::vector<std::vector<std::unique_ptr<Node>>> nodes(replicas);
+    for (int r = 0; r < replicas; ++r) {
+      networks.push_back(std::make_unique<MemoryNetwork>(n));
+      for (int i = 0; i < n; ++i) {
+        nodes[r].push_back(make_node(*networks[r], job, i, max_steps, events ? events(r, i) : StageEvents{}, r,
+                                     stores[i]));
+      }
+    }
+    replica_nodes_ = &nodes;
+    std::vector<std::thread> threads;
+    for (auto& pipeline : nodes) {
+      for (auto& node : pipeline) threads.emplace_back([&node] { node->result = node->engine->run(); });
+    }
+    for (auto& t : threads) t.join();
+    replica_nodes_ = nullptr;
+    std::vector<EngineRun> out(replicas);
+    for (int r = 0; r < replicas; ++r) {
+      for (auto& node : nodes[r]) {
+        out[r].results.push_back(node->result);
+        out[r].resumes.push_back(node->resumes);
+        out[r].registries.push_back(node->registry);
+      }
+    }
+    return out;
+  }
+
   const shardguard::testsupport::TempDir tmp_{"shardguard-engine"};
+  std::vector<std::vector<std::unique_ptr<Node>>>* replica_nodes_ = nullptr;  // during run_replicated()
   const std::string dir_ = tmp_.str();
   std::vector<std::unique_ptr<Node>>* nodes_ = nullptr;  // during run()
 };
@@ -139,6 +179,90 @@ TEST_F(EngineTest, PipelineOfEnginesMatchesOneProcess) {
     }
     EXPECT_EQ(sent, received) << what;
     EXPECT_GE(sent, (shards - 1) * 2 * 16 * 4) << what;
+  }
+}
+
+// Done when (issue 20): replicas: 2 trains like replicas: 1 with twice the batch (and
+// twice the micro-batches, so each micro-batch holds the same samples): the same
+// per-step losses, since replica r takes the r-th half of every global batch and the
+// replicas average their gradients before each optimizer step.
+TEST_F(EngineTest, TwoReplicasTrainLikeOnePipelineWithTwiceTheBatch) {
+  for (auto [arch, shards] : {std::tuple{"mlp", 2}, std::tuple{"cnn", 2}}) {
+    const std::string what = std::string(arch) + " n=" + std::to_string(shards);
+    auto json = shardguard::testing::small_job_json(arch, shards, 256);
+    json["spec"]["training"]["batchSize"] = 64;
+    json["spec"]["training"]["microBatches"] = 8;
+    std::filesystem::remove_all(dir_ + "/checkpoints");
+    const auto single = run(job_from_json(json));
+    for (const auto& s : single.results) ASSERT_TRUE(s.ok) << what << ": " << s.error;
+    ASSERT_EQ(single.last().losses.size(), 4u) << what;
+
+    json["spec"]["training"]["batchSize"] = 32;
+    json["spec"]["training"]["microBatches"] = 4;
+    json["spec"]["sharding"]["replicas"] = 2;
+    std::filesystem::remove_all(dir_ + "/checkpoints");
+    const auto replicated = run_replicated(job_from_json(json));
+    ASSERT_EQ(replicated.size(), 2u);
+    for (int r = 0; r < 2; ++r) {
+      for (const auto& s : replicated[r].results) ASSERT_TRUE(s.ok) << what << " replica " << r << ": " << s.error;
+      const auto& losses = replicated[r].last().losses;
+      ASSERT_EQ(losses.size(), single.last().losses.size()) << what;
+      for (size_t s = 0; s < losses.size(); ++s) {
+        const double want = single.last().losses[s];
+        EXPECT_NEAR(losses[s], want, 1e-5 * std::max(1.0, std::abs(want))) << what << " replica " << r << " step " << s;
+      }
+      // Every replica's stages averaged every step's gradients through Gloo.
+      for (const auto& s : replicated[r].results) {
+        EXPECT_GT(s.allreduce_bytes, 0u) << what;
+        EXPECT_EQ(s.allreduce_bytes % (4 * 4), 0u) << what;  // 4 steps of float32 gradients
+      }
+    }
+    // Both replicas hold the same parameters at the end: replica 0's evaluation (the
+    // only one) equals the single pipeline's.
+    ASSERT_TRUE(replicated[0].last().last_eval.has_value()) << what;
+    EXPECT_FALSE(replicated[1].last().last_eval.has_value()) << what;
+    EXPECT_EQ(replicated[0].last().last_eval->correct, single.last().last_eval->correct) << what;
+  }
+}
+
+// Replicas stopped mid-run resume from the stage's newest checkpoint, which only
+// replica 0 wrote, every replica at the same step, and retrain the same losses.
+TEST_F(EngineTest, StoppedReplicasResumeFromReplicaZerosCheckpointWithTheSameLosses) {
+  auto json = shardguard::testing::small_job_json("mlp", 2, 512);
+  json["spec"]["sharding"]["replicas"] = 2;  // 512 / (32 × 2): 8 steps, a checkpoint every 3
+  const JobSpec job = job_from_json(json);
+  std::filesystem::remove_all(dir_ + "/checkpoints");
+  const auto full = run_replicated(job);
+  for (const auto& rep : full) {
+    for (const auto& s : rep.results) ASSERT_TRUE(s.ok) << s.error;
+  }
+  ASSERT_EQ(full[0].last().losses.size(), 8u);
+  std::filesystem::remove_all(dir_ + "/checkpoints");
+
+  std::atomic<bool> stopped{false};
+  const auto stopped_run = run_replicated(job, 0, [&](int replica, int stage) {
+    StageEvents e;
+    if (replica == 1 && stage == 1) {
+      e.on_step = [&](const StepReport& r) {
+        if (r.step == 5 && !stopped.exchange(true)) {
+          for (auto& pipeline : *replica_nodes_) {
+            for (auto& node : pipeline) node->engine->stop("stopped by the test");
+          }
+        }
+      };
+    }
+    return e;
+  });
+  for (const auto& rep : stopped_run) {
+    for (const auto& s : rep.results) EXPECT_FALSE(s.ok);
+  }
+  const auto resumed = run_replicated(job);
+  for (const auto& rep : resumed) {
+    for (const auto& s : rep.results) ASSERT_TRUE(s.ok) << s.error;
+    for (const auto& r : rep.resumes) EXPECT_TRUE(all_at(r, 3));
+    ASSERT_EQ(rep.last().losses.size(), 8u);
+    EXPECT_EQ(rep.last().trained_steps, 5);
+    for (size_t s = 3; s < 8; ++s) EXPECT_NEAR(rep.last().losses[s], full[0].last().losses[s], 1e-6) << s;
   }
 }
 

@@ -67,6 +67,10 @@ struct TrainingSpec {
 struct ShardingSpec {
   int shards = 1;
   std::string balance = "parameters";  // parameters | compute
+  // Data-parallel replicas of the whole pipeline (1-16): replica r of stage i talks only
+  // to replica r of stages i±1; the replicas of a stage average their gradients after
+  // every step, so the job trains like one pipeline with batch_size × replicas.
+  int replicas = 1;
 };
 
 struct ExportSpec {

@@ -76,12 +76,20 @@ struct BatchPlan {
   int micro_batches = 0;
   int epochs = 0;
   uint64_t seed = 0;
-  int64_t steps_per_epoch() const { return train_samples / batch_size; }  // the last partial batch is dropped
+  // Data-parallel replicas (spec.sharding.replicas): a step takes batch_size × replicas
+  // samples of the epoch's order, replica r the r-th run of batch_size of them, so R
+  // replicas see exactly the samples of one pipeline with batch_size × R, in its order.
+  int replicas = 1;
+  int replica = 0;
+  int64_t global_batch() const { return static_cast<int64_t>(batch_size) * replicas; }
+  // The last partial (global) batch is dropped.
+  int64_t steps_per_epoch() const { return train_samples / global_batch(); }
   int64_t total_steps() const { return steps_per_epoch() * epochs; }
   int micro_batch_size() const { return batch_size / micro_batches; }
   int epoch_of(int64_t step) const { return static_cast<int>(step / steps_per_epoch()); }
 };
-BatchPlan make_batch_plan(const JobSpec& job, int64_t train_samples);
+// `replica`: which of spec.sharding.replicas this stage is (0 when not replicated).
+BatchPlan make_batch_plan(const JobSpec& job, int64_t train_samples, int replica = 0);
 
 // Caches the current epoch's order; indices of (step, micro_batch).
 class BatchSampler {

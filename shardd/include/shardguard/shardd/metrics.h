@@ -29,6 +29,7 @@ struct StageMetrics {
   prometheus::Histogram& forward_seconds;
   prometheus::Histogram& backward_seconds;
   prometheus::Histogram& optimizer_seconds;
+  prometheus::Histogram& allreduce_seconds;     // replicas: averaging the gradients with the stage's other replicas
   prometheus::Counter& bytes_sent;
   prometheus::Counter& bytes_received;
   prometheus::Counter& message_bytes_sent;      // every message on the links, see wire_bytes.h

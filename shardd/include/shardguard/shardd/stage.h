@@ -31,6 +31,12 @@ namespace shardguard::shardd {
 struct StageOptions {
   JobSpec job;
   int stage = 0;
+  // Data-parallel replicas (job.sharding.replicas > 1): which replica of the stage this
+  // is, and the rendezvous store of the stage's replica group, host:port (replica 0
+  // serves it there; the others connect to it). Replica r talks to replica r of its
+  // neighbours only (prev/next); only replica 0 writes checkpoints and evaluates.
+  int replica = 0;
+  std::string replica_store;
   std::string listen = "127.0.0.1:0";  // port 0: any free port (see StageRunner::port)
   std::string prev;                    // Pipeline endpoint of stage-1 (or the sidecar in front of it)
   std::string next;                    // Pipeline endpoint of stage+1
@@ -87,6 +93,8 @@ struct StageResult {
   double wall_seconds = 0;
   double train_seconds = 0;      // from the last resume to the end (ok runs)
   int64_t trained_steps = 0;     // steps trained since the last resume
+  double allreduce_seconds = 0;  // replicas: in the replica group's collectives (part of compute_seconds)
+  uint64_t allreduce_bytes = 0;  // replicas: gradient bytes this replica put into all-reduces
   int64_t parameters = 0;
 };
 
