@@ -41,6 +41,9 @@ int main(int argc, char** argv) {
   run_cmd->add_option("job", run.job_file, "ShardedTrainingJob YAML file")->required();
   run_cmd->add_option("--workdir", run.workdir, "keys, checkpoints and logs (default .shardguard/<job>)");
   run_cmd->add_option("--device", run.device, "auto | cpu | cuda")->capture_default_str();
+  run_cmd->add_option("--package-keys", run.package_keys,
+                      "a job with spec.model.package: the package keys shard-<i>.key (shardctl split --keys; "
+                      "default <spec.model.package.path>.keys), the local stand-in for its keysSecret");
   run_cmd->add_flag("--resume", run.resume, "continue from the checkpoints in the workdir");
   run_cmd->add_flag("--fresh", run.fresh, "delete the workdir's checkpoints and start over");
   run_cmd->add_option("--threads", run.threads, "compute threads per shard process (default: cores / shards)");
@@ -86,6 +89,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   render_cmd->add_option("--sidecar-image", render.sidecar_image, "sidecar image when spec.sidecar.image is empty (as the operator's flag)")
       ->capture_default_str();
+  render_cmd->add_option("--package-keys", render.package_keys,
+                         "a job with spec.model.package: the package keys shard-<i>.key (default "
+                         "<spec.model.package.path>.keys), put as the operator puts them from its keysSecret");
 
   RecombineOptions rec;
   int rec_threads = 0;
@@ -106,7 +112,8 @@ int main(int argc, char** argv) {
       "split", "cut a TorchScript model into one encrypted package per shard, a manifest and per-shard keys");
   split_cmd->add_option("model", split.model_file, "TorchScript archive (torch.jit.script(...).save)")->required();
   split_cmd->add_option("--job", split.job_file, "ShardedTrainingJob YAML file: its sharding and dataset")->required();
-  split_cmd->add_option("--out", split.out_dir, "new directory for manifest.json and shard-<i>.sgpkg")->required();
+  split_cmd->add_option("--out", split.out_dir,
+                        "new directory for manifest.json and shard-<i>.sgpkg (default: the job's spec.model.package.path)");
   split_cmd->add_option("--keys", split.key_dir, "new directory for the per-shard keys shard-<i>.key (default OUT.keys)");
   split_cmd->add_option("--blocks", split.attribute,
                         "the model's attribute holding the blocks (default: its only nn.Sequential/nn.ModuleList)");

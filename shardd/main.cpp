@@ -10,6 +10,7 @@
 #include "shardguard/common/log.h"
 #include "shardguard/common/metrics_server.h"
 #include "shardguard/common/process.h"
+#include "shardguard/model/package.h"
 #include "shardguard/proto/grpc_log.h"
 #include "shardguard/shardd/stage.h"
 #include "shardguard/shardd/threads.h"
@@ -37,11 +38,15 @@ int RunShardd(Flags flags) {
   if (flags.stage.package_dir.empty() != flags.package_key_file.empty()) {
     throw std::runtime_error("--package and --package-key-file go together: a package opens only with its shard's key");
   }
+  if (flags.stage.job.model.from_package() && flags.stage.package_dir.empty()) {
+    throw std::runtime_error("spec.model.architecture torchscript: the stage's blocks come from its package; "
+                             "pass --package DIR and --package-key-file FILE");
+  }
   if (!flags.package_key_file.empty()) {
     try {
       flags.stage.package_key = load_key_file(flags.package_key_file);
     } catch (const std::exception& e) {
-      throw std::runtime_error(std::string("--package-key-file: ") + e.what());
+      throw shardguard::model::PackageError(std::string("--package-key-file: ") + e.what());
     }
   }
   shardd::set_compute_threads(flags.threads);
@@ -120,6 +125,11 @@ int main(int argc, char** argv) {
     shardguard::log::error("invalid job", {{"file", flags.job_file}, {"error", e.what()}});
     std::cerr << "shardd: invalid job " << flags.job_file << ":\n" << e.what() << "\n";
     return 2;
+  } catch (const shardguard::model::PackageError& e) {
+    // Its own status: retrying cannot help (the operator fails the job, naming the shard).
+    shardguard::log::error("package refused", {{"error", e.what()}});
+    std::cerr << "shardd: package refused: " << e.what() << "\n";
+    return shardguard::model::kExitPackageRefused;
   } catch (const std::exception& e) {
     shardguard::log::error("cannot start", {{"error", e.what()}});
     std::cerr << "shardd: " << e.what() << "\n";

@@ -592,15 +592,21 @@ class Decoder : public decode::Reader {
     return sc;
   }
 
-  // Exactly one volume source of the three the CRD declares.
-  const json* decode_volume(const json& checkpoint) {
-    const json* v = object(checkpoint, "volume", "spec.checkpoint");
+  // Exactly one volume source of those the CRD declares: emptyDir, persistentVolumeClaim
+  // or nfs (the package volume: no emptyDir, which would hold nothing).
+  const json* decode_volume(const json& parent, const std::string& parent_path, bool empty_dir = true) {
+    const json* v = object(parent, "volume", parent_path);
     if (v == nullptr) return nullptr;
-    const std::string p = "spec.checkpoint.volume";
-    known_fields(*v, p, {"emptyDir", "persistentVolumeClaim", "nfs"});
+    const std::string p = parent_path + ".volume";
+    if (empty_dir) {
+      known_fields(*v, p, {"emptyDir", "persistentVolumeClaim", "nfs"});
+    } else {
+      known_fields(*v, p, {"persistentVolumeClaim", "nfs"});
+    }
     if (v->size() != 1) {
-      fail(p, "must have exactly one volume source (emptyDir, persistentVolumeClaim or nfs), got " +
-                  std::to_string(v->size()));
+      fail(p, std::string("must have exactly one volume source (") +
+                  (empty_dir ? "emptyDir, persistentVolumeClaim or nfs" : "persistentVolumeClaim or nfs") +
+                  "), got " + std::to_string(v->size()));
     }
     if (const json* e = object(*v, "emptyDir", p)) {
       const std::string ep = p + ".emptyDir";
@@ -709,7 +715,8 @@ void decode_spec(Decoder& d, const json& spec, JobSpec& job) {
 
   if (const json* m = d.object(spec, "model", "spec")) {
     const std::string p = "spec.model";
-    d.known_fields(*m, p, {"architecture", "hidden", "depth", "channels", "heads", "patchSize", "vocab", "context"});
+    d.known_fields(*m, p,
+                   {"architecture", "hidden", "depth", "channels", "heads", "patchSize", "vocab", "context", "package"});
     d.get(*m, "architecture", p, job.model.architecture);
     d.get(*m, "hidden", p, job.model.hidden);
     d.get(*m, "depth", p, job.model.depth);
@@ -718,6 +725,17 @@ void decode_spec(Decoder& d, const json& spec, JobSpec& job) {
     d.get(*m, "patchSize", p, job.model.patch_size);
     d.get(*m, "vocab", p, job.model.vocab);
     d.get(*m, "context", p, job.model.context);
+    if (const json* pk = d.object(*m, "package", p)) {
+      const std::string pp = p + ".package";
+      PackageSpec package;
+      d.known_fields(*pk, pp, {"path", "volume", "keysSecret"});
+      d.require(*pk, pp, "path");
+      d.require(*pk, pp, "keysSecret");  // the operator needs it; shardctl run reads the keys locally
+      d.get(*pk, "path", pp, package.path);
+      d.get(*pk, "keysSecret", pp, package.keys_secret);
+      if (const json* v = d.decode_volume(*pk, pp, false)) package.volume = without_nulls(*v);
+      job.model.package = std::move(package);
+    }
   }
 
   if (const json* m = d.object(spec, "dataset", "spec")) {
@@ -787,7 +805,7 @@ void decode_spec(Decoder& d, const json& spec, JobSpec& job) {
     const std::string p = "spec.checkpoint";
     d.known_fields(*m, p, {"everySteps", "volume"});
     d.get(*m, "everySteps", p, job.checkpoint.every_steps);
-    if (const json* v = d.decode_volume(*m)) job.checkpoint.volume = without_nulls(*v);
+    if (const json* v = d.decode_volume(*m, p)) job.checkpoint.volume = without_nulls(*v);
   }
 
   if (const json* t = d.decode_template(spec)) job.template_ = without_nulls(*t);
@@ -871,7 +889,26 @@ std::vector<FieldError> validate(const JobSpec& job) {
 
   // model
   const ModelSpec& m = job.model;
-  c.one_of("spec.model.architecture", m.architecture, "architecture", {"mlp", "cnn", "vit", "gpt"});
+  c.one_of("spec.model.architecture", m.architecture, "architecture", {"mlp", "cnn", "vit", "gpt", "torchscript"});
+  if (m.from_package() && !m.package) {
+    c.fail("spec.model.package", "required for architecture torchscript (the blocks come from the packages "
+                                 "`shardctl split` made, docs/distribution.md)");
+  }
+  if (m.package && !m.from_package() && !m.architecture.empty()) {
+    c.fail("spec.model.package", "only for architecture torchscript, got architecture " +
+                                     decode::quote(m.architecture) + " (a zoo model is built, not loaded)");
+  }
+  if (m.package) {
+    const PackageSpec& pk = *m.package;
+    if (c.max_length("spec.model.package.path", pk.path, 1024) && !is_absolute_path_without_dotdot(pk.path)) {
+      c.fail("spec.model.package.path", std::string("must be ") + kSafePathText + ", got " + decode::quote(pk.path));
+    }
+    if (!is_dns_name(pk.keys_secret)) {
+      c.fail("spec.model.package.keysSecret",
+             "must be a Secret name (a DNS-1123 subdomain of at most 253 characters), got " +
+                 decode::quote(pk.keys_secret));
+    }
+  }
   c.between("spec.model.hidden", m.hidden, 1, 4096);
   c.between("spec.model.depth", m.depth, 1, 64);
   c.between("spec.model.channels", m.channels, 1, 512);
@@ -903,8 +940,11 @@ std::vector<FieldError> validate(const JobSpec& job) {
   if (c.one_of("spec.dataset.format", ds.format, "dataset format", {"fashion-mnist", "tokens", "tensors"}) &&
       !m.architecture.empty()) {
     // A language model reads token windows; the classifiers read images and labels,
-    // as Fashion-MNIST's IDX files or as .npy tensors.
-    if (m.language_model() && ds.format != "tokens") {
+    // as Fashion-MNIST's IDX files or as .npy tensors. A torchscript model's own
+    // shapes are checked against the data (from its manifest) when its stages start.
+    if (m.from_package()) {
+      // (nothing to check here)
+    } else if (m.language_model() && ds.format != "tokens") {
       c.fail("spec.dataset.format", "architecture " + m.architecture + " needs format tokens, got " +
                                         decode::quote(ds.format) + " (the data does not fit the model)");
     } else if (!m.language_model() && ds.format == "tokens") {
@@ -1075,6 +1115,7 @@ JobSpec job_from_json(const json& object) {
     d.fail("spec", decode::required());
   }
 
+  job.model.token_data = job.dataset.format == "tokens";
   std::vector<FieldError> errors = d.errors;
   for (FieldError& e : validate(job)) {
     if (!d.covers(e.path)) errors.push_back(std::move(e));

@@ -68,6 +68,40 @@ ModelDesc PackageManifest::desc() const {
   return d;
 }
 
+std::vector<StageDesc> PackageManifest::stages() const {
+  std::vector<StageDesc> out;
+  for (const auto& s : shards) {
+    StageDesc d;
+    d.index = s.index;
+    d.first_block = s.first_block;
+    d.end_block = s.end_block;
+    d.parameters = s.parameters;
+    out.push_back(d);
+  }
+  return out;
+}
+
+JobCut job_cut(const JobSpec& job, const PackageManifest* manifest) {
+  JobCut cut;
+  if (!job.model.from_package()) {
+    cut.desc = describe_model(job.model);
+    cut.stages = partition(cut.desc, job.sharding.shards, job.sharding.balance);
+    return cut;
+  }
+  if (manifest == nullptr) {
+    throw PackageError("spec.model.package: no manifest of the packages was read (architecture torchscript takes "
+                       "its cut from " + std::string(kManifestFile) + ")");
+  }
+  if (static_cast<int>(manifest->shards.size()) != job.sharding.shards) {
+    throw PackageError("spec.sharding.shards: " + std::to_string(job.sharding.shards) + ", but the packages of split " +
+                       manifest->split_id + " are cut into " + std::to_string(manifest->shards.size()) +
+                       " shards (split the model again with this job)");
+  }
+  cut.desc = manifest->desc();
+  cut.stages = manifest->stages();
+  return cut;
+}
+
 json to_json(const PackageManifest& m) {
   json blocks = json::array(), shards = json::array();
   for (const auto& b : m.blocks) blocks.push_back(block_json(b));

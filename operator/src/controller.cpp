@@ -366,6 +366,38 @@ RenderInputs Controller::prepare_material(const json& job, const JobSpec& spec, 
   return in;
 }
 
+// spec.model.package.keysSecret, read from the API (a Secret the job does not own):
+// the manifest (for the cut and the exposure) and every shard's package key, which
+// render() puts into that shard's own Secret only. What is missing or unreadable is
+// named in ob.package_error; the job then waits for it.
+void Controller::read_package_keys(const JobSpec& spec, Observed& ob) {
+  const std::string name = spec.model.package->keys_secret;
+  const std::string what = "spec.model.package.keysSecret " + spec.namespace_ + "/" + name;
+  std::optional<json> secret;
+  try {
+    secret = client_.get(kube::kSecrets, spec.namespace_, name);
+  } catch (const kube::ApiError& e) {
+    ob.package_error = what + ": " + (e.code() == 404 ? std::string("not found") : e.what()) +
+                       " (create it from the keys and the manifest of shardctl split, docs/distribution.md)";
+    return;
+  }
+  const std::string text = data_field(*secret, model::kManifestFile);
+  if (text.empty()) {
+    ob.package_error = what + ": has no " + model::kManifestFile;
+    return;
+  }
+  try {
+    ob.render_inputs.package_manifest = model::parse_manifest(text, what + " " + model::kManifestFile);
+  } catch (const model::PackageError& e) {
+    ob.package_error = e.what();
+    return;
+  }
+  ob.render_inputs.package_keys.clear();
+  for (int i = 0; i < spec.sharding.shards; ++i) {
+    ob.render_inputs.package_keys.push_back(data_field(*secret, model::package_key_file_name(i).c_str()));
+  }
+}
+
 namespace {
 
 // The IP of a Running pod, "" otherwise.
@@ -456,6 +488,7 @@ seconds Controller::reconcile(const std::string& ns, const std::string& name) {
       if (!ob.pods.empty()) ob.progress = read_progress(ob.pods.back());
       for (auto& f : sequences) ob.ledger_sequences.push_back(f.get());
     }
+    if (spec.model.from_package() && !deleting) read_package_keys(spec, ob);
   } catch (const JobSpecError&) {
     // plan() turns it into status and an Event, and deletes the job's pods: found by
     // label here, as the names come from a spec that no longer decodes.

@@ -16,12 +16,9 @@ namespace shardguard::op {
 
 using nlohmann::json;
 
-std::vector<int64_t> stage_parameters(const JobSpec& job) {
-  const auto model = model::describe_model(job.model);
+std::vector<int64_t> stage_parameters(const JobSpec& job, const model::PackageManifest* manifest) {
   std::vector<int64_t> out;
-  for (const auto& s : model::partition(model, job.sharding.shards, job.sharding.balance)) {
-    out.push_back(s.parameters);
-  }
+  for (const auto& s : model::job_cut(job, manifest).stages) out.push_back(s.parameters);
   return out;
 }
 
@@ -93,6 +90,27 @@ std::string pod_failure(const json& pod) {
     }
   }
   return out.empty() ? "no reason given" : out;
+}
+
+// A package job's shardd that refused its package (exit kExitPackageRefused): the
+// reason from its termination message (the last lines of its log), nullopt otherwise.
+std::optional<std::string> package_refusal(const json& pod) {
+  if (!pod.contains("status") || !pod["status"].is_object()) return std::nullopt;
+  for (const auto& cs : pod["status"].value("containerStatuses", json::array())) {
+    if (cs.value("name", "") != "shardd" || !cs.contains("state") || !cs["state"].contains("terminated")) continue;
+    const json& t = cs["state"]["terminated"];
+    if (t.value("exitCode", 0) != model::kExitPackageRefused) return std::nullopt;
+    std::string message = t.value("message", "");
+    // The line shardd writes for it ("shardd: package refused: …"), else the whole message.
+    if (const auto at = message.rfind("package refused: "); at != std::string::npos) {
+      message = message.substr(at + 17);
+      if (const auto end = message.find('\n'); end != std::string::npos) message.resize(end);
+    }
+    while (!message.empty() && (message.back() == '\n' || message.back() == ' ')) message.pop_back();
+    return message.empty() ? "shardd exited " + std::to_string(model::kExitPackageRefused) + " (package refused)"
+                           : message;
+  }
+  return std::nullopt;
 }
 
 bool has_finalizer(const json& job) {
@@ -288,9 +306,13 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   // --- the spec -------------------------------------------------------------------------
   JobSpec spec;
   std::vector<int64_t> params;
+  const model::PackageManifest* manifest =
+      ob.render_inputs.package_manifest ? &*ob.render_inputs.package_manifest : nullptr;
+  bool package_missing = false;
   try {
     spec = job_from_json(job);
-    params = stage_parameters(spec);
+    package_missing = spec.model.from_package() && manifest == nullptr;
+    if (!package_missing) params = stage_parameters(spec, manifest);
   } catch (const std::exception& e) {
     std::string msg = e.what();
     if (!msg.empty() && msg.back() == '\n') msg.pop_back();
@@ -300,6 +322,29 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
     cond.set("Ready", false, "InvalidSpec", "the spec is invalid");
     delete_pods(p, ob, "invalid spec");
     finish("Failed");
+    return p;
+  }
+  if (package_missing) {
+    // The keys Secret may yet be created: the job waits for it (a finished job keeps
+    // its status).
+    const std::string msg = ob.package_error.empty()
+                                ? "spec.model.package.keysSecret " + spec.model.package->keys_secret + ": not read yet"
+                                : ob.package_error;
+    if (old_phase == "Succeeded" || old_phase == "Failed") {
+      finish(old_phase);
+      return p;
+    }
+    const json old_conditions = old_status.value("conditions", json::array());
+    bool same = false;
+    for (const auto& c : old_conditions) {
+      same = same || (c.value("type", "") == "Ready" && c.value("reason", "") == "PackageUnavailable" &&
+                      c.value("message", "") == msg);
+    }
+    if (!same) p.events.push_back({"Warning", "PackageUnavailable", msg});
+    cond.set("Ready", false, "PackageUnavailable", msg);
+    cond.set("Running", false, "PackageUnavailable", "waiting for the package manifest and keys");
+    p.requeue_after = opt.progress_interval;
+    finish(old_phase.empty() ? "Pending" : old_phase);
     return p;
   }
   const int n = spec.sharding.shards;
@@ -516,6 +561,7 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   }
   int running = 0, ready = 0, succeeded = 0, created = 0;
   std::vector<std::string> failures;
+  std::string package_refused;  // the first shard whose shardd refused its package
   for (int i = 0; i < n; ++i) {
     const auto& pod = i < static_cast<int>(ob.pods.size()) ? ob.pods[i] : std::nullopt;
     json& e = shards[i];
@@ -575,6 +621,10 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
                            (node.empty() ? "" : " on " + node) + "): " + pod_failure(*pod));
         p.events.push_back({"Warning", "ShardPodFailed", failures.back()});
       }
+      if (const auto why = package_refusal(*pod); why && package_refused.empty()) {
+        package_refused = "shard " + std::to_string(i) + " (pod " + obj_name(*pod) + (node.empty() ? "" : " on " + node) +
+                          ") refused its package: " + *why;
+      }
       p.after_status.push_back(make_action(Action::Verb::kDelete, *pod, "failed; recreated from its checkpoint"));
     } else if (phase == "Succeeded") {
       ++succeeded;
@@ -585,6 +635,18 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   }
   st["shards"] = shards;
   st["failedPods"] = failed_pods;
+
+  if (!package_refused.empty()) {
+    // The same package and key would be refused again: no retry.
+    p.before_status.erase(std::remove_if(p.before_status.begin(), p.before_status.end(),
+                                         [](const Action& a) { return a.kind == "Pod"; }),
+                          p.before_status.end());
+    p.after_status.clear();
+    for (auto& e : shards) {
+      if (e.value("phase", "") != "Succeeded") e["phase"] = "Failed";
+    }
+    return fail_running_job("PackageRefused", package_refused, "the job was refused", "package refused");
+  }
 
   if (failed_pods > spec.run_policy.backoff_limit) {
     const std::string msg = std::to_string(failed_pods) + " shard pod failure(s), more than spec.runPolicy.backoffLimit " +

@@ -42,14 +42,17 @@ json metadata(const JobSpec& job, const RenderInputs& in, const std::string& nam
 // domain (the anti-affinity below), a domain holds exactly one stage and never both
 // neighbours of another, so that share is the smallest exposure any placement gets.
 // Returns each stage's parameters.
-std::vector<int64_t> check_exposure(const JobSpec& job) {
-  const auto desc = model::describe_model(job.model);
-  std::vector<model::StageDesc> stages;
+std::vector<int64_t> check_exposure(const JobSpec& job, const RenderInputs& in) {
+  model::JobCut cut;
   try {
-    stages = model::partition(desc, job.sharding.shards, job.sharding.balance);
+    cut = model::job_cut(job, in.package_manifest ? &*in.package_manifest : nullptr);
   } catch (const model::PartitionError& e) {
     throw RenderError(std::string("spec.sharding.shards: ") + e.what());
+  } catch (const model::PackageError& e) {
+    throw RenderError(e.what());
   }
+  const auto& desc = cut.desc;
+  const auto& stages = cut.stages;
   std::vector<int64_t> params;
   for (const auto& s : stages) {
     const double share = model::parameter_share(desc, s);
@@ -144,6 +147,17 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
                                        {"subPath", kCheckpointSubPath}},
                                       {{"name", "tmp"}, {"mountPath", "/tmp"}},
                                   })}};
+  if (job.model.from_package()) {
+    // Its own package only: shardd opens shard-<i>.sgpkg with this key, and the key
+    // opens nothing else.
+    shardd["args"].insert(shardd["args"].end(), {"--package", job.model.package->path, "--package-key-file",
+                                                 std::string(kPackageKeyDir) + "/" + kPackageKeyItem});
+    shardd["volumeMounts"].push_back({{"name", "package-key"}, {"mountPath", kPackageKeyDir}, {"readOnly", true}});
+    shardd["volumeMounts"].push_back(
+        {{"name", kPackageVolume}, {"mountPath", job.model.package->path}, {"readOnly", true}});
+    // A refused package's reason in the pod's status (the last lines of shardd's log).
+    shardd["terminationMessagePolicy"] = "FallbackToLogsOnError";
+  }
   if (tmpl.is_object() && tmpl.contains("resources") && tmpl["resources"].is_object()) {
     shardd["resources"] = tmpl["resources"];  // GPU limits and requests as given
   }
@@ -214,6 +228,20 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
       checkpoint_volume,
   });
 
+  if (job.model.from_package()) {
+    volumes.push_back({{"name", "package-key"},
+                       {"secret", {{"secretName", name}, {"defaultMode", 0440},
+                                   {"items", json::array({{{"key", kPackageKeyItem}, {"path", kPackageKeyItem}}})}}}});
+    json package_volume = {{"name", kPackageVolume}};
+    const json& v = job.model.package->volume;
+    if (v.is_object() && !v.empty()) {
+      for (const auto& [k, source] : v.items()) package_volume[k] = source;
+    } else {
+      // No volume: the node's own directory (a node the packages were copied to).
+      package_volume["hostPath"] = {{"path", job.model.package->path}, {"type", "Directory"}};
+    }
+    volumes.push_back(package_volume);
+  }
   json selector = {{"matchLabels", {{kLabelJob, job.name}}}};
   json spec = {
       {"hostname", name},
@@ -374,7 +402,19 @@ DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
   const std::string sidecar_image = image_of(in.sidecar_image, job.sidecar, "spec.sidecar.image");
   check_dns_label("pod hostname", shard_name(job, n - 1));
   check_dns_label("service name", service_name(job));
-  const std::vector<ExportAssignment> exporters = assign_export_principals(job, check_exposure(job));
+  const std::vector<ExportAssignment> exporters = assign_export_principals(job, check_exposure(job, in));
+  if (job.model.from_package()) {
+    for (int i = 0; i < n; ++i) {
+      const std::size_t size = i < static_cast<int>(in.package_keys.size()) ? in.package_keys[i].size() : 0;
+      if (size != 32) {
+        throw RenderError("spec.model.package.keysSecret: " + job.model.package->keys_secret + " has " +
+                          (size == 0 ? std::string("no key ") + model::package_key_file_name(i)
+                                     : "a key " + model::package_key_file_name(i) + " of " + std::to_string(size) +
+                                           " bytes, want 32") +
+                          " for shard " + std::to_string(i));
+      }
+    }
+  }
 
   const json job_file = {{"apiVersion", kJobApiVersion},
                          {"kind", kJobKind},
@@ -402,6 +442,10 @@ DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
                                    {"ca.crt", base64_encode(in.ca_cert_pem)},
                                    {"checkpoint.key", base64_encode(s.checkpoint_key)},
                                    {"ledger.key", base64_encode(s.ledger_key)}}}});
+    // Shard i's package key, and no other shard's: its pod mounts only this Secret.
+    if (job.model.from_package()) {
+      out.shard_secrets.back()["data"][kPackageKeyItem] = base64_encode(in.package_keys[i]);
+    }
 
     policy::Policy policy = [&] {
       try {

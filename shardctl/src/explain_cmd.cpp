@@ -9,6 +9,7 @@
 #include "shardguard/common/strings.h"
 #include "shardguard/operator/reconcile.h"
 #include "shardguard/shardctl/commands.h"
+#include "shardguard/shardctl/local_package.h"
 #include "shardguard/policy/policy.h"
 
 namespace shardguard::shardctl {
@@ -33,7 +34,8 @@ Policy job_policy(const ExplainOptions& o, std::string* source, std::string* exp
                                 " (it has " + std::to_string(job.sharding.shards) + ", numbered 0 to " +
                                 std::to_string(job.sharding.shards - 1) + ")");
   }
-  const std::vector<int64_t> params = op::stage_parameters(job);
+  const auto manifest = local_manifest(job);
+  const std::vector<int64_t> params = op::stage_parameters(job, manifest ? &*manifest : nullptr);
   const std::vector<op::ExportAssignment> assignments = op::assign_export_principals(job, params);
   for (const auto& a : assignments) {
     *exports += "  exporter   " + a.principal + " may export shards " + op::shards_text(a.shards) + " (exposure " +

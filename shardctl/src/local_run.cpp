@@ -35,6 +35,7 @@
 #include "shardguard/operator/render.h"
 #include "shardguard/operator/status.h"
 #include "shardguard/shardctl/job_pki.h"
+#include "shardguard/shardctl/local_package.h"
 #include "shardguard/shardctl/progress.h"
 #include "shardguard/shardctl/local_prometheus.h"
 #include "shardguard/shardctl/restart.h"
@@ -119,6 +120,10 @@ void map_mounts(const json& pod, const json& container, const json& config_map, 
       if (sub == op::kLedgerSubPath) m.dirs[mount] = state_dir;
     } else if (v.value("name", "") == op::kSidecarStateVolume) {
       m.dirs[mount] = state_dir;
+    } else if (v.value("name", "") == op::kPackageVolume) {
+      // spec.model.package.path: locally the package directory itself (whatever
+      // volume the cluster mounts there).
+      m.dirs[mount] = mount;
     }
   }
 }
@@ -181,7 +186,8 @@ void write_pod_files(const json& secret, const json& config_map, const std::stri
   make_dirs(dir);
   ::chmod(dir.c_str(), 0700);
   for (const auto& [key, value] : secret.at("data").items()) {
-    const bool is_private = key == "tls.key" || key == "checkpoint.key" || key == "ledger.key";
+    const bool is_private =
+        key == "tls.key" || key == "checkpoint.key" || key == "ledger.key" || key == op::kPackageKeyItem;
     write_file_atomic(dir + "/" + key, op::base64_decode(value.get<std::string>()), is_private ? 0600 : 0644);
   }
   for (const auto& [key, value] : config_map.at("data").items()) {
@@ -403,8 +409,10 @@ int RunLocal(const LocalRunOptions& options) {
     // load_job_file); the object itself goes into each shard's job.json.
     job = load_job_file(options.job_file);
     object = yaml_to_json(read_file(options.job_file));
-    desc = model::describe_model(job.model);
-    stages = model::partition(desc, job.sharding.shards, job.sharding.balance);
+    // A package job's cut comes from its manifest (spec.model.package.path).
+    auto cut = local_job_cut(job);
+    desc = std::move(cut.desc);
+    stages = std::move(cut.stages);
   } catch (const JobSpecError& e) {
     std::cerr << "shardctl run: invalid job " << options.job_file << ":\n" << e.what() << "\n";
     return 2;
@@ -491,6 +499,9 @@ int RunLocal(const LocalRunOptions& options) {
     in.shardd_image = shardd_path;  // locally, a container's image is its binary
     in.sidecar_image = sidecar_path;
     in.export_budget_bytes = options.export_budget_bytes;
+    // A package job: the manifest, and the keys as the operator copies them from the
+    // keys Secret (each into its own shard's Secret, so into shard-<i>/package.key).
+    add_local_package(job, options.package_keys, in);
     objects = op::render(job, in);
   } catch (const op::RenderError& e) {
     std::cerr << "shardctl run: the operator would refuse job " << job.namespace_ << "/" << job.name << ": "
@@ -625,7 +636,8 @@ int RunLocal(const LocalRunOptions& options) {
                 100.0 * model::parameter_share(desc, st), p.inbound, p.shardd);
   }
   {
-    const std::vector<int64_t> params = op::stage_parameters(job);
+    std::vector<int64_t> params;
+    for (const auto& s : stages) params.push_back(s.parameters);
     for (const auto& a : op::assign_export_principals(job, params)) {
       std::printf("  export principal %s may export shards %s (exposure %.4f)\n", a.principal.c_str(),
                   op::shards_text(a.shards).c_str(), op::exposure_of(params, a.shards));
@@ -875,7 +887,8 @@ int RunLocal(const LocalRunOptions& options) {
   // principal (its SPIFFE ID) holds its own stage only; locally every shard pod is
   // its own node (local-shard-<i>), so the placement history is {node i: {i}}.
   {
-    const std::vector<int64_t> params = op::stage_parameters(job);
+    std::vector<int64_t> params;
+    for (const auto& s : stages) params.push_back(s.parameters);
     op::PlacementHistory history;
     for (int i = 0; i < n; ++i) history["local-shard-" + std::to_string(i)] = {i};
     // render() accepted the job, so its export principals are assigned.

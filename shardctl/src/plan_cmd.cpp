@@ -11,6 +11,7 @@
 #include "shardguard/model/model_desc.h"
 #include "shardguard/model/partition.h"
 #include "shardguard/operator/status.h"
+#include "shardguard/shardctl/local_package.h"
 #include "shardguard/shardctl/study_report.h"
 
 namespace shardguard::shardctl {
@@ -40,8 +41,10 @@ void print_risk(const std::string& csv, const JobSpec& job, const std::vector<in
 int RunPlan(const std::string& job_file, const std::string& risk_csv) {
   try {
     const JobSpec job = load_job_file(job_file);
-    const auto desc = model::describe_model(job.model);
-    const auto stages = model::partition(desc, job.sharding.shards, job.sharding.balance);
+    // A package job's cut is the one split made, from the manifest.
+    const auto cut = local_job_cut(job);
+    const auto& desc = cut.desc;
+    const auto& stages = cut.stages;
     std::printf("job %s/%s: %s, %lld parameters, %.2f MFLOP per sample, %zu blocks, %d shards by %s\n",
                 job.namespace_.c_str(), job.name.c_str(), job.model.architecture.c_str(),
                 static_cast<long long>(desc.parameters()), desc.flops() / 1e6, desc.blocks.size(),

@@ -12,6 +12,7 @@
 #include "shardguard/common/jobspec.h"
 #include "shardguard/model/package.h"
 #include "shardguard/model/model_desc.h"
+#include "shardguard/shardctl/local_package.h"
 #include "shardguard/shardctl/torch_commands.h"
 #include "shardguard/shardd/checkpoint.h"
 #include "shardguard/shardd/data.h"
@@ -59,7 +60,14 @@ int RecombinePackages(const JobSpec& job, const RecombineOptions& o) {
 int RunRecombine(const RecombineOptions& o) {
   try {
     const JobSpec job = load_job_file(o.job_file);
-    if (!o.package_dir.empty()) return RecombinePackages(job, o);
+    if (!o.package_dir.empty() || job.model.from_package()) {
+      // A package job names its packages (spec.model.package.path) and, by default,
+      // split's keys beside them.
+      RecombineOptions p = o;
+      if (p.package_dir.empty()) p.package_dir = job.model.package->path;
+      if (p.package_key_dir.empty() && job.model.from_package()) p.package_key_dir = package_keys_dir(job, "");
+      return RecombinePackages(job, p);
+    }
     const auto files = shardd::find_shard_files(job, o.checkpoint_dir, o.key_dir);
     int64_t step = 0;
     auto whole = shardd::recombine(job, files, &step);

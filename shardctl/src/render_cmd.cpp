@@ -16,6 +16,7 @@
 #include "shardguard/common/jobspec.h"
 #include "shardguard/common/pki.h"
 #include "shardguard/operator/render.h"
+#include "shardguard/shardctl/local_package.h"
 #include "shardguard/shardctl/commands.h"
 #include "shardguard/shardctl/job_pki.h"
 
@@ -186,6 +187,8 @@ int RunRender(const RenderOptions& o) {
     // As the operator: its default images where the job names none.
     if (job.template_.value("image", "").empty()) in.shardd_image = o.shardd_image;
     if (job.sidecar.value("image", "").empty()) in.sidecar_image = o.sidecar_image;
+    // A package job: the manifest and the keys, as the operator reads them from the keys Secret.
+    add_local_package(job, o.package_keys, in);
     objects = op::render(job, in).all();
   } catch (const op::RenderError& e) {
     std::cerr << cmd << "the operator would refuse job " << job.namespace_ << "/" << job.name << ": " << e.what()

@@ -23,12 +23,18 @@ int RunSplit(const SplitOptions& o) {
     std::cerr << "shardctl split: " << e.what() << "\n";
     return 2;
   }
-  std::string out = o.out_dir;
+  // A package job names where its packages go: spec.model.package.path.
+  const std::string out_dir = !o.out_dir.empty() ? o.out_dir : job.model.from_package() ? job.model.package->path : "";
+  if (out_dir.empty()) {
+    std::cerr << "shardctl split: --out: required (a job without spec.model.package names no package directory)\n";
+    return 2;
+  }
+  std::string out = out_dir;
   while (out.size() > 1 && out.back() == '/') out.pop_back();  // "pkg/" → keys in "pkg.keys"
   const std::string key_dir = o.key_dir.empty() ? out + ".keys" : o.key_dir;
   try {
     auto sm = shardd::load_script_model(o.model_file, job, o.attribute);
-    const auto m = shardd::split_model(sm, job, o.out_dir, key_dir);
+    const auto m = shardd::split_model(sm, job, out_dir, key_dir);
     std::printf("split %s (%zu blocks of \"%s\", %lld parameters) into %zu shards for job %s:\n",
                 o.model_file.c_str(), m.blocks.size(), m.attribute.c_str(), static_cast<long long>(m.parameters()),
                 m.shards.size(), job.name.c_str());
@@ -49,7 +55,7 @@ int RunSplit(const SplitOptions& o) {
                 largest > job.protection.max_exposure ? " (EXCEEDED: check the job with shardctl plan)" : "");
     std::printf("packages and manifest.json in %s; one key per shard in %s (mode 0600: hand each only to its "
                 "shard)\n",
-                o.out_dir.c_str(), key_dir.c_str());
+                out_dir.c_str(), key_dir.c_str());
     return 0;
   } catch (const model::PackageError& e) {
     std::cerr << "shardctl split: " << e.what() << "\n";

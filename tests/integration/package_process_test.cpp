@@ -8,6 +8,7 @@
 #include <regex>
 
 #include "integration/pipeline_fixture.h"
+#include "shardguard/model/package.h"
 #include "shardd/test_job.h"
 
 namespace shardguard {
@@ -59,12 +60,13 @@ TEST_F(PackageProcessTest, PackagesFineTunedByShardProcessesRecombineToTheDistri
   ASSERT_EQ(split_rc, 0) << split_out;
   EXPECT_NE(split_out.find("into 3 shards"), std::string::npos) << split_out;
 
-  // Stage 1 with shard 0's package key: refused at start, exit 2, the package named.
+  // Stage 1 with shard 0's package key: refused at start, exit 3 (kExitPackageRefused),
+  // the package named.
   ports_ = {pick_free_port(), pick_free_port(), pick_free_port()};
   auto argv = stage_argv(job, dir_ + "/bad", 1, n);
   argv.insert(argv.end(), {"--package", dir_ + "/pkg", "--package-key-file", dir_ + "/pkg-keys/shard-0.key"});
   auto [bad_rc, bad_out] = run_tool(argv, dir_ + "/bad.out");
-  EXPECT_EQ(bad_rc, 2) << bad_out;
+  EXPECT_EQ(bad_rc, model::kExitPackageRefused) << bad_out;
   EXPECT_NE(bad_out.find("shard-1.sgpkg: refused: authentication failed"), std::string::npos) << bad_out;
   EXPECT_NE(bad_out.find("not shard 1's key"), std::string::npos) << bad_out;
 

@@ -27,8 +27,21 @@ class JobSpecError : public DecodeError {
   explicit JobSpecError(std::vector<FieldError> errors) : DecodeError("", std::move(errors)) {}
 };
 
+// spec.model.package: a TorchScript model split by `shardctl split` into sealed
+// per-shard packages (docs/distribution.md).
+struct PackageSpec {
+  // The directory with manifest.json and shard-<i>.sgpkg: in a shard pod, where
+  // `volume` is mounted (or the node's directory when no volume is given); locally
+  // (shardctl run, plan, render), a directory of this machine.
+  std::string path;
+  nlohmann::json volume = nlohmann::json::object();  // persistentVolumeClaim | nfs, or empty
+  // The Secret (in the job's namespace) with manifest.json and shard-<i>.key for every
+  // shard; the operator copies key i only into shard i's own Secret.
+  std::string keys_secret;
+};
+
 struct ModelSpec {
-  std::string architecture;  // mlp | cnn | vit | gpt
+  std::string architecture;  // mlp | cnn | vit | gpt | torchscript (package)
   int hidden = 128;          // mlp width; cnn classifier width; vit/gpt embedding dim
   int depth = 3;             // mlp hidden layers; vit/gpt transformer blocks (cnn: unused)
   int channels = 32;         // cnn: channels of the first conv block (doubles per block)
@@ -36,7 +49,12 @@ struct ModelSpec {
   int patch_size = 7;        // vit: patch side, divides 28
   int vocab = 256;           // gpt: token ids 0 .. vocab-1 (256: bytes)
   int context = 128;         // gpt: tokens per sequence
-  bool language_model() const { return architecture == "gpt"; }
+  std::optional<PackageSpec> package;  // architecture torchscript only
+  // Set by the decoder: spec.dataset.format is tokens (a torchscript model is a
+  // language model when it reads token windows).
+  bool token_data = false;
+  bool language_model() const { return architecture == "gpt" || (architecture == "torchscript" && token_data); }
+  bool from_package() const { return architecture == "torchscript"; }
 };
 
 struct DatasetSpec {

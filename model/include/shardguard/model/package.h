@@ -19,7 +19,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include "shardguard/common/jobspec.h"
 #include "shardguard/model/model_desc.h"
+#include "shardguard/model/partition.h"
 
 namespace shardguard::model {
 
@@ -31,6 +33,10 @@ class PackageError : public std::runtime_error {
 inline constexpr const char* kManifestFormat = "shardguard-manifest/v1";
 inline constexpr const char* kPackageFormat = "shardguard-package/v1";
 inline constexpr const char* kManifestFile = "manifest.json";
+// shardd's exit status when its package is refused (digest, header, key, contents):
+// the same package and key would be refused again, so the operator fails the job at
+// once, naming the shard, instead of recreating the pod (docs/operator.md).
+inline constexpr int kExitPackageRefused = 3;
 
 // "shard-<i>.sgpkg": the package of shard i, in the package directory (or under a
 // URL prefix), and "shard-<i>.key" its key in the keys directory.
@@ -78,7 +84,21 @@ struct PackageManifest {
   // The blocks as the partitioner and the exposure math see them (FLOPs are not
   // measured for TorchScript models: 0).
   ModelDesc desc() const;
+  // The cut split made, as partition() gives it for zoo models.
+  std::vector<StageDesc> stages() const;
 };
+
+// The model and the cut of a job, as every party computes them: for architecture
+// torchscript the manifest's (`manifest` must be given: read from the package
+// directory locally, from spec.model.package.keysSecret by the operator), otherwise
+// describe_model and partition. Throws PackageError (spec.model.package: no manifest,
+// or one cut into another number of shards than spec.sharding.shards) and what
+// describe_model and partition throw.
+struct JobCut {
+  ModelDesc desc;
+  std::vector<StageDesc> stages;
+};
+JobCut job_cut(const JobSpec& job, const PackageManifest* manifest);
 
 nlohmann::json to_json(const PackageManifest& manifest);
 // Throws PackageError ("manifest WHAT: …", naming the field) for anything missing,

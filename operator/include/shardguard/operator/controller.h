@@ -78,6 +78,7 @@ class Controller {
   std::chrono::seconds reconcile(const std::string& ns, const std::string& name);
   Owned& owned_for(const std::string& ns);
   RenderInputs prepare_material(const nlohmann::json& job, const JobSpec& spec, Owned& owned, int64_t now);
+  void read_package_keys(const JobSpec& spec, Observed& observed);
   std::optional<Progress> read_progress(const std::optional<nlohmann::json>& last_pod);
   std::optional<int64_t> read_ledger_sequence(const std::optional<nlohmann::json>& pod);
   void execute(const std::string& ns, const nlohmann::json& job, const Plan& p);

@@ -41,7 +41,10 @@ struct Observed {
   // PKI for render(); filled by the caller from the existing Secrets, or fresh.
   // Empty uid in `render_inputs` when the caller could not prepare them (then
   // plan() only updates status).
+  // A package job also needs render_inputs.package_manifest and package_keys (filled
+  // whatever the phase); when the keys Secret could not be read, why (the job waits).
   RenderInputs render_inputs;
+  std::string package_error;
   std::optional<Progress> progress;
   // Per shard index (may be shorter): the exposure ledger sequence its running pod's
   // sidecar publishes (shardguard_ledger_sequence), when it could be read. plan()
@@ -89,7 +92,8 @@ Plan plan(const Observed& observed, const PlanOptions& options = {});
 inline constexpr const char* kCachedDataDigest = "shardguardCachedDataDigest";
 std::string data_digest(const nlohmann::json& data);
 
-// Parameters per stage of the job's model (the partitioner, as shardd builds it).
-std::vector<int64_t> stage_parameters(const JobSpec& job);
+// Parameters per stage of the job's model (the partitioner, as shardd builds it; a
+// package job's from its manifest, model::job_cut).
+std::vector<int64_t> stage_parameters(const JobSpec& job, const model::PackageManifest* manifest = nullptr);
 
 }  // namespace shardguard::op

@@ -12,7 +12,8 @@
 //   Secret    J-ca             CA cert + key (operator only; no pod mounts it)
 //   Secret    J-shard-<i>      type kubernetes.io/tls: tls.crt, tls.key (shard i's leaf),
 //                              ca.crt (CA cert only), checkpoint.key (shard i's 32 bytes),
-//                              ledger.key (the 32-byte HMAC key of its sidecar's exposure ledger)
+//                              ledger.key (the 32-byte HMAC key of its sidecar's exposure ledger),
+//                              package.key (a package job: shard i's package key, no other's)
 //   ConfigMap J-shard-<i>      policy.json (sidecar::pipeline_policy of stage i) and
 //                              job.json (the ShardedTrainingJob that shardd --job reads)
 //   Service   J                headless (clusterIP None), publishNotReadyAddresses,
@@ -27,6 +28,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -35,6 +37,7 @@
 #include <nlohmann/json.hpp>
 
 #include "shardguard/common/jobspec.h"
+#include "shardguard/model/package.h"
 #include "shardguard/policy/policy.h"
 
 namespace shardguard::op {
@@ -79,6 +82,12 @@ std::string ledger_file(const std::string& job, int shard);  // kLedgerDir + "/<
 inline constexpr const char* kSidecarStateVolume = "sidecar-state";
 inline constexpr const char* kSidecarStateDir = "/var/lib/shardguard/sidecar";
 inline constexpr const char* kAuditFileName = "audit.jsonl";
+// A package job (spec.model.package): the package volume, mounted read-only into
+// shardd only at spec.model.package.path, and shard i's package key (the Secret's
+// item package.key) at kPackageKeyDir/package.key, also shardd's only.
+inline constexpr const char* kPackageVolume = "package";
+inline constexpr const char* kPackageKeyDir = "/etc/shardguard/package-key";
+inline constexpr const char* kPackageKeyItem = "package.key";
 
 // What shard i gets; made by the caller.
 struct ShardMaterial {
@@ -129,6 +138,13 @@ struct RenderInputs {
   // `--ledger-min-sequence`, so that a pod created later refuses exports from an
   // older copy of the ledger, or from none. Negative: RenderError.
   std::vector<int64_t> ledger_min_sequence;
+  // A package job (architecture torchscript): the manifest of its packages and each
+  // shard's 32-byte package key, index = shard, as read from
+  // spec.model.package.keysSecret (manifest.json, shard-<i>.key). Key i goes into
+  // shard i's Secret only; the cut and the exposure come from the manifest. Missing
+  // or of another size: RenderError naming the shard.
+  std::optional<model::PackageManifest> package_manifest;
+  std::vector<std::string> package_keys;
 };
 
 struct DesiredObjects {

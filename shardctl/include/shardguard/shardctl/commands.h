@@ -95,6 +95,7 @@ struct RenderOptions {
   // Used when the job names no image, as the operator's flags of the same names.
   std::string shardd_image;
   std::string sidecar_image;
+  std::string package_keys;  // a package job: the keys directory ("" = <spec.model.package.path>.keys)
 };
 int RunRender(const RenderOptions& options);
 

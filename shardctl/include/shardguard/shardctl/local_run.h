@@ -20,6 +20,7 @@ struct LocalRunOptions {
   int threads = 0;               // per shard process; 0 = cores / shards (at least 1)
   std::string shardd;            // path of shardd; default: next to shardctl
   std::string sidecar;           // path of shard-sidecar; default: next to shardctl
+  std::string package_keys;      // a package job: the keys directory ("" = <spec.model.package.path>.keys)
   double peer_timeout_s = 300;
   bool progress_tty = false;     // draw a live bar (stdout is a terminal)
   bool prometheus = false;       // run a Prometheus that scrapes every process

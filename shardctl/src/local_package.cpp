@@ -1,0 +1,50 @@
+#include "shardguard/shardctl/local_package.h"
+
+#include "shardguard/common/crypto.h"
+#include "shardguard/common/files.h"
+
+namespace shardguard::shardctl {
+
+std::optional<model::PackageManifest> local_manifest(const JobSpec& job) {
+  if (!job.model.from_package()) return std::nullopt;
+  const std::string path = job.model.package->path + "/" + model::kManifestFile;
+  std::string text;
+  try {
+    text = read_file(path, 64u << 20);
+  } catch (const std::exception& e) {
+    throw model::PackageError("spec.model.package.path: " + std::string(e.what()) +
+                              " (the directory `shardctl split --out` wrote)");
+  }
+  return model::parse_manifest(text, path);
+}
+
+model::JobCut local_job_cut(const JobSpec& job) {
+  const auto manifest = local_manifest(job);
+  return model::job_cut(job, manifest ? &*manifest : nullptr);
+}
+
+std::string package_keys_dir(const JobSpec& job, const std::string& keys_dir) {
+  if (!keys_dir.empty() || !job.model.from_package()) return keys_dir;
+  std::string dir = job.model.package->path;
+  while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+  return dir + ".keys";
+}
+
+void add_local_package(const JobSpec& job, const std::string& keys_dir, op::RenderInputs& in) {
+  if (!job.model.from_package()) return;
+  in.package_manifest = local_manifest(job);
+  const std::string dir = package_keys_dir(job, keys_dir);
+  in.package_keys.clear();
+  for (int i = 0; i < job.sharding.shards; ++i) {
+    const std::string file = dir + "/" + model::package_key_file_name(i);
+    try {
+      in.package_keys.push_back(load_key_file(file));
+    } catch (const std::exception& e) {
+      throw model::PackageError("package key of shard " + std::to_string(i) + ": " + e.what() +
+                                " (--package-keys: the keys directory of `shardctl split`, the local stand-in "
+                                "for spec.model.package.keysSecret)");
+    }
+  }
+}
+
+}  // namespace shardguard::shardctl
