@@ -4,6 +4,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "shardguard/model/package.h"
+
 namespace shardguard::shardctl {
 
 std::chrono::milliseconds restart_delay(int n) {
@@ -16,6 +18,11 @@ RestartDecision decide_restart(const ExitStatus& status, int restarts, int limit
   if (status.exited && status.code == kBadInputExit) {
     d.why_not = "it exited with status 2 (bad input: started again it would fail the same way), so it is not "
                 "restarted";
+    return d;
+  }
+  if (status.exited && status.code == model::kExitPackageRefused) {
+    d.why_not = "it refused its package (exit status 3: the same package and key would be refused again), so it is "
+                "not restarted";
     return d;
   }
   if (restarts >= limit) {

@@ -113,5 +113,115 @@ TEST_F(PackageProcessTest, PackagesFineTunedByShardProcessesRecombineToTheDistri
   EXPECT_TRUE(fs::exists(dir_ + "/tuned.pt"));
 }
 
+// Issue 18 item 3's last step and item 4 locally: a job with spec.model.package
+// (architecture torchscript) is split into its package directory, `shardctl run`
+// fine-tunes it through the sidecars with each shard given only its own package key
+// (the stand-in for the operator copying key i of keysSecret into shard i's Secret),
+// and `shardctl recombine` of the job gives the run's last evaluation back.
+TEST_F(PackageProcessTest, ShardctlRunFineTunesAPackageJobThroughTheSidecarsAndRecombinesToItsEvaluation) {
+  const std::string python = python_with_torch();
+  if (python.empty()) {
+    GTEST_SKIP() << "no python3 with torch (Debian python3-torch, installed by make deps; or set SHARDGUARD_PYTHON)";
+  }
+  constexpr int n = 3;
+  testing::write_small_tokens(dir_ + "/data", 2000, 400);
+  auto j = testing::small_gpt_job_json(n, dir_ + "/data", 256);
+  j["metadata"]["name"] = "lm-tune";
+  j["spec"]["model"] = {{"architecture", "torchscript"},
+                        {"vocab", 256},
+                        {"context", 16},
+                        {"package", {{"path", dir_ + "/pkg"}, {"keysSecret", "lm-tune-package-keys"}}}};
+  j["spec"]["checkpoint"]["everySteps"] = 100;
+  const std::string job = write_job(j);
+  const std::string script = std::string(SHARDGUARD_SOURCE_DIR) + "/examples/models/make_model.py";
+  ASSERT_EQ(std::system(("'" + python + "' '" + script + "' --out '" + dir_ + "/lm.pt' --context 16 --hidden 32 " +
+                         "--depth 2 --heads 2 > '" + dir_ + "/make.log' 2>&1")
+                            .c_str()),
+            0)
+      << read_file(dir_ + "/make.log");
+
+  // Before the split, nothing to run: the manifest is named.
+  auto [early_rc, early_out] =
+      run_tool({kBin + "/shardctl", "plan", job}, dir_ + "/plan-early.out");
+  EXPECT_NE(early_rc, 0) << early_out;
+  EXPECT_NE(early_out.find("spec.model.package.path"), std::string::npos) << early_out;
+
+  // split writes where the job says (spec.model.package.path), keys beside it.
+  auto [split_rc, split_out] =
+      run_tool({kBin + "/shardctl", "split", dir_ + "/lm.pt", "--job", job}, dir_ + "/split.out");
+  ASSERT_EQ(split_rc, 0) << split_out;
+  ASSERT_TRUE(fs::exists(dir_ + "/pkg/manifest.json")) << split_out;
+  ASSERT_TRUE(fs::exists(dir_ + "/pkg.keys/shard-2.key")) << split_out;
+
+  // plan takes the manifest's cut.
+  auto [plan_rc, plan_out] = run_tool({kBin + "/shardctl", "plan", job}, dir_ + "/plan.out");
+  EXPECT_NE(plan_out.find("torchscript"), std::string::npos) << plan_out;
+  const auto manifest = model::parse_manifest(read_file(dir_ + "/pkg/manifest.json"), "manifest");
+  for (const auto& s : manifest.shards) {
+    const std::string row = "shard " + std::to_string(s.index);
+    const auto at = plan_out.find(row);
+    ASSERT_NE(at, std::string::npos) << plan_out;
+    EXPECT_NE(plan_out.find(std::to_string(s.parameters) + " params", at), std::string::npos) << plan_out;
+  }
+
+  const std::string work = dir_ + "/work";
+  auto [run_rc, run_out] = run_tool({kBin + "/shardctl", "run", job, "--workdir", work, "--device", "cpu",
+                                     "--threads", "1"},
+                                    dir_ + "/run.out");
+  ASSERT_EQ(run_rc, 0) << run_out;
+  // Each shard's pod files hold its own package key and no other shard's.
+  for (int i = 0; i < n; ++i) {
+    const std::string own = work + "/shard-" + std::to_string(i);
+    EXPECT_EQ(read_file(own + "/package.key"), read_file(dir_ + "/pkg.keys/shard-" + std::to_string(i) + ".key"));
+    for (const auto& e : fs::directory_iterator(own)) {
+      const std::string name = e.path().filename();
+      if (!e.is_regular_file() || name == "package.key") continue;
+      const std::string text = read_file(e.path().string());
+      for (int k = 0; k < n; ++k) {
+        EXPECT_EQ(text.find(read_file(dir_ + "/pkg.keys/shard-" + std::to_string(k) + ".key")), std::string::npos)
+            << own << "/" << name << " holds package key " << k;
+      }
+    }
+    EXPECT_EQ((fs::status(own + "/package.key").permissions() & fs::perms::group_all), fs::perms::none);
+  }
+  // Each shardd opened its own package with its own key.
+  for (int i = 0; i < n; ++i) {
+    const std::string log = read_file(work + "/logs/shard-" + std::to_string(i) + ".log");
+    EXPECT_NE(log.find("\"stage ready\""), std::string::npos) << log;
+  }
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(run_out, m, std::regex("validation loss ([0-9.]+) nats/token"))) << run_out;
+  const double run_loss = std::stod(m[1]);
+  ASSERT_TRUE(std::regex_search(run_out, m, std::regex("after (\\d+) steps"))) << run_out;
+  const long long steps = std::stoll(m[1]);
+
+  // The job names its packages and split's keys: recombine needs only the run's.
+  auto [rec_rc, rec_out] = run_tool({kBin + "/shardctl", "recombine", job, "--checkpoints", work + "/checkpoints",
+                                     "--keys", work + "/keys", "--out", dir_ + "/tuned.pt"},
+                                    dir_ + "/recombine.out");
+  ASSERT_EQ(rec_rc, 0) << rec_out;
+  ASSERT_TRUE(std::regex_search(rec_out, m, std::regex("at step (\\d+)"))) << rec_out;
+  EXPECT_EQ(std::stoll(m[1]), steps) << rec_out;
+  ASSERT_TRUE(std::regex_search(rec_out, m, std::regex("validation loss ([0-9.]+) nats/token"))) << rec_out;
+  EXPECT_NEAR(std::stod(m[1]), run_loss, 2e-4) << rec_out << run_out;
+  EXPECT_TRUE(fs::exists(dir_ + "/tuned.pt"));
+
+  // A tampered package: the shard's pod refuses it (exit 3, the package named), and
+  // the run fails naming that shard.
+  {
+    std::string bytes = read_file(dir_ + "/pkg/shard-1.sgpkg");
+    bytes[bytes.size() / 2] ^= 0x01;
+    write_file_atomic(dir_ + "/pkg/shard-1.sgpkg", bytes, 0644);
+  }
+  auto [bad_rc, bad_out] = run_tool({kBin + "/shardctl", "run", job, "--workdir", dir_ + "/work2", "--device", "cpu",
+                                     "--threads", "1"},
+                                    dir_ + "/run2.out");
+  EXPECT_NE(bad_rc, 0) << bad_out;
+  EXPECT_NE(bad_out.find("shard 1"), std::string::npos) << bad_out;
+  const std::string bad_log = read_file(dir_ + "/work2/logs/shard-1.log");
+  EXPECT_NE(bad_log.find("shard-1.sgpkg"), std::string::npos) << bad_log;
+  EXPECT_NE(bad_log.find("package refused"), std::string::npos) << bad_log;
+}
+
 }  // namespace
 }  // namespace shardguard

@@ -1,5 +1,6 @@
 // The restart policy of `shardctl run` (issue 16 item 11): exponential backoff,
 // no restart for bad input, and the whole last error line of the log.
+#include "shardguard/model/package.h"
 #include "shardguard/shardctl/restart.h"
 
 #include <gtest/gtest.h>
@@ -54,6 +55,12 @@ TEST(RestartPolicy, BadInputIsNotRestarted) {
   EXPECT_FALSE(d.restart);
   EXPECT_NE(d.why_not.find("status 2 (bad input"), std::string::npos) << d.why_not;
   EXPECT_TRUE(decide_restart(killed(2), 0, 3).restart) << "killed by SIGINT is not exit status 2";
+}
+
+TEST(RestartPolicy, RefusedPackageIsNotRestarted) {
+  const RestartDecision d = decide_restart(exited(model::kExitPackageRefused), 0, 3);
+  EXPECT_FALSE(d.restart);
+  EXPECT_NE(d.why_not.find("refused its package"), std::string::npos) << d.why_not;
 }
 
 TEST(RestartPolicy, LastErrorLineIsWholeAndTheLastOne) {
