@@ -9,6 +9,7 @@
 #include <string>
 
 #include "shardguard/common/jobspec.h"
+#include "shardguard/model/package.h"
 #include "shardguard/operator/status.h"
 #include "shardguard/common/time.h"
 
@@ -120,6 +121,10 @@ struct Cluster {
   std::vector<EventNote> events;
   std::vector<std::optional<int64_t>> ledger_sequences;  // what the sidecars publish
   std::optional<Progress> progress;                     // what the last stage's shardd reports
+  // A package job: what the controller read from the keys Secret (or why it could not).
+  std::optional<model::PackageManifest> manifest;
+  std::vector<std::string> package_keys;
+  std::string package_error;
 
   explicit Cluster(json j) : job(std::move(j)) {}
 
@@ -150,6 +155,9 @@ struct Cluster {
     ob.render_inputs.job_object = job;
     ob.ledger_sequences = ledger_sequences;
     ob.progress = progress;
+    ob.render_inputs.package_manifest = manifest;
+    ob.render_inputs.package_keys = package_keys;
+    ob.package_error = package_error;
     return ob;
   }
 
@@ -663,6 +671,158 @@ TEST(PlanTest, DeletionRemovesOwnedObjectsThenTheFinalizer) {
   c.step();
   EXPECT_TRUE(c.job.is_null());  // finalizer removed → gone
   EXPECT_TRUE(c.has_event("CleanedUp"));
+}
+
+
+// ---- a package job: the manifest and keys come from spec.model.package.keysSecret -------
+
+json package_job_yaml() {
+  return yaml_to_json(R"(apiVersion: shardguard.io/v1alpha1
+kind: ShardedTrainingJob
+metadata: {name: fm, namespace: ml, uid: 11111111-2222-3333-4444-555555555555, generation: 1}
+spec:
+  model:
+    architecture: torchscript
+    context: 16
+    package: {path: /packages/fm, keysSecret: fm-package-keys}
+  dataset: {format: tokens, path: /data/text}
+  sharding: {shards: 3}
+  protection: {maxExposure: 0.5}
+  template: {image: shardd:1}
+  sidecar: {image: sidecar:1}
+)");
+}
+
+// 3 blocks of 100 parameters, one per shard.
+model::PackageManifest three_shard_manifest() {
+  model::PackageManifest m;
+  m.split_id = "feedfacefeedfacefeedfacefeedface";
+  for (int i = 0; i < 3; ++i) {
+    model::PackageBlock b;
+    b.index = i;
+    b.source = "blocks." + std::to_string(i);
+    b.in_shape = b.out_shape = {16, 8};
+    b.parameters = 100;
+    m.blocks.push_back(b);
+    model::PackageShard s;
+    s.index = i;
+    s.first_block = i;
+    s.end_block = i + 1;
+    s.parameters = 100;
+    s.share = 1.0 / 3;
+    s.file = model::package_file_name(i);
+    m.shards.push_back(s);
+  }
+  return m;
+}
+
+std::string pkg_key(int i) { return std::string(32, static_cast<char>('P' + i)); }
+
+TEST(PlanPackageTest, WaitsForTheKeysSecretThenGivesEachShardOnlyItsKey) {
+  Cluster c(package_job_yaml());
+  c.package_error = "spec.model.package.keysSecret ml/fm-package-keys: not found";
+  c.settle();
+  EXPECT_EQ(c.job["status"]["phase"], "Pending");
+  EXPECT_FALSE(c.has_pod(0));
+  bool waiting = false;
+  for (const auto& cond : c.job["status"]["conditions"]) {
+    if (cond["type"] == "Ready") {
+      waiting = cond["reason"] == "PackageUnavailable" &&
+                cond["message"].get<std::string>().find("fm-package-keys: not found") != std::string::npos;
+    }
+  }
+  EXPECT_TRUE(waiting) << c.job["status"].dump();
+  EXPECT_TRUE(c.has_event("PackageUnavailable"));
+  const size_t events = c.events.size();
+  c.settle();  // the same reason again: no new Event
+  EXPECT_EQ(c.events.size(), events);
+
+  c.package_error.clear();
+  c.manifest = three_shard_manifest();
+  c.package_keys = {pkg_key(0), pkg_key(1), pkg_key(2)};
+  c.settle();
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(c.has_pod(i));
+    const json& secret = c.objects.at("Secret/fm-shard-" + std::to_string(i));
+    EXPECT_EQ(secret["data"][kPackageKeyItem], base64_encode(pkg_key(i)));
+    for (int k = 0; k < 3; ++k) {
+      if (k == i) continue;
+      EXPECT_EQ(secret.dump().find(base64_encode(pkg_key(k))), std::string::npos) << i << " has " << k;
+      EXPECT_EQ(c.pod(i).dump().find(base64_encode(pkg_key(k))), std::string::npos) << i << " has " << k;
+    }
+  }
+  // The exposure is the manifest's: a third each.
+  EXPECT_EQ(c.job["status"]["shards"][1]["parameters"], 100);
+}
+
+TEST(PlanPackageTest, RefusedPackageFailsTheJobAtOnceNamingTheShard) {
+  Cluster c(package_job_yaml());
+  c.manifest = three_shard_manifest();
+  c.package_keys = {pkg_key(0), pkg_key(1), pkg_key(2)};
+  c.settle();
+  for (int i = 0; i < 3; ++i) c.kubelet(i, "node-" + std::to_string(i), "Running");
+  c.settle();
+  ASSERT_EQ(c.job["status"]["phase"], "Running");
+  c.kubelet(1, "node-1", "Failed", false);
+  c.pod(1)["status"]["containerStatuses"] = json::array(
+      {{{"name", "sidecar"}, {"state", {{"running", json::object()}}}},
+       {{"name", "shardd"},
+        {"state",
+         {{"terminated",
+           {{"exitCode", model::kExitPackageRefused},
+            {"reason", "Error"},
+            {"message", "{\"level\":\"error\",\"msg\":\"package refused\"}\nshardd: package refused: "
+                        "/packages/fm/shard-1.sgpkg: refused: authentication failed (a wrong key)\n"}}}}}}});
+  c.settle();
+  const json& st = c.job["status"];
+  EXPECT_EQ(st["phase"], "Failed");
+  std::string message;
+  for (const auto& cond : st["conditions"]) {
+    if (cond["type"] == "Failed" && cond["status"] == "True") {
+      EXPECT_EQ(cond["reason"], "PackageRefused");
+      message = cond["message"];
+    }
+  }
+  EXPECT_NE(message.find("shard 1 (pod fm-shard-1 on node-1) refused its package: /packages/fm/shard-1.sgpkg: "
+                         "refused: authentication failed (a wrong key)"),
+            std::string::npos)
+      << message;
+  EXPECT_TRUE(c.has_event("PackageRefused"));
+  EXPECT_FALSE(c.has_event("ShardPodRecreated"));
+  for (int i = 0; i < 3; ++i) EXPECT_FALSE(c.has_pod(i)) << "pod " << i << " left running";
+}
+
+TEST(PlanPackageTest, OtherFailuresOfAPackageJobAreRetried) {
+  Cluster c(package_job_yaml());
+  c.manifest = three_shard_manifest();
+  c.package_keys = {pkg_key(0), pkg_key(1), pkg_key(2)};
+  c.settle();
+  for (int i = 0; i < 3; ++i) c.kubelet(i, "node-" + std::to_string(i), "Running");
+  c.settle();
+  c.kubelet(2, "node-2", "Failed", false);
+  c.pod(2)["status"]["containerStatuses"] = json::array(
+      {{{"name", "shardd"}, {"state", {{"terminated", {{"exitCode", 1}, {"reason", "Error"}}}}}}});
+  c.settle();
+  EXPECT_NE(c.job["status"]["phase"], "Failed");
+  EXPECT_TRUE(c.has_pod(2));
+  EXPECT_FALSE(c.has_event("PackageRefused"));
+}
+
+TEST(PlanPackageTest, ManifestOfAnotherShardCountIsAnInvalidSpec) {
+  Cluster c(package_job_yaml());
+  auto m = three_shard_manifest();
+  m.shards.pop_back();
+  c.manifest = m;
+  c.package_keys = {pkg_key(0), pkg_key(1), pkg_key(2)};
+  c.settle();
+  EXPECT_EQ(c.job["status"]["phase"], "Failed");
+  bool named = false;
+  for (const auto& cond : c.job["status"]["conditions"]) {
+    if (cond["type"] == "Failed") {
+      named = cond["message"].get<std::string>().find("spec.sharding.shards: 3, but the packages") != std::string::npos;
+    }
+  }
+  EXPECT_TRUE(named) << c.job["status"].dump();
 }
 
 }  // namespace

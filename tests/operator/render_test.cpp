@@ -11,6 +11,7 @@
 
 #include "shardguard/common/jobspec.h"
 #include "shardguard/model/model_desc.h"
+#include "shardguard/model/package.h"
 #include "shardguard/model/partition.h"
 #include "shardguard/common/pki.h"
 #include "shardguard/policy/policy.h"
@@ -597,6 +598,201 @@ spec:
   EXPECT_TRUE(has_empty_dir_checkpoint);
   // export not allowed → empty export section in every policy.
   EXPECT_FALSE(policy::parse_policy(out.config_maps[1]["data"]["policy.json"].get<std::string>()).exports().allowed);
+}
+
+
+// ---- a package job (spec.model.package, docs/distribution.md) ----------------------------
+
+// A manifest of 4 blocks cut into 2 shards: [0, 2) and [2, 4).
+model::PackageManifest two_shard_manifest(int64_t a = 100, int64_t b = 300, int64_t c = 300, int64_t d = 300) {
+  model::PackageManifest m;
+  m.split_id = "0123456789abcdef0123456789abcdef";
+  m.job = "tuned";
+  m.attribute = "blocks";
+  const std::vector<int64_t> params = {a, b, c, d};
+  for (int i = 0; i < 4; ++i) {
+    model::PackageBlock blk;
+    blk.index = i;
+    blk.source = "blocks." + std::to_string(i);
+    blk.type = "__torch__.Layer";
+    blk.in_shape = {16, 8};
+    blk.out_shape = {16, 8};
+    blk.parameters = params[i];
+    m.blocks.push_back(blk);
+  }
+  for (int s = 0; s < 2; ++s) {
+    model::PackageShard sh;
+    sh.index = s;
+    sh.first_block = 2 * s;
+    sh.end_block = 2 * s + 2;
+    sh.parameters = params[2 * s] + params[2 * s + 1];
+    sh.share = static_cast<double>(sh.parameters) / static_cast<double>(a + b + c + d);
+    sh.file = model::package_file_name(s);
+    sh.sha256 = std::string(64, '0');
+    m.shards.push_back(sh);
+  }
+  return m;
+}
+
+json package_job_object(double max_exposure = 0.7, const std::string& volume = "") {
+  return yaml_to_json(R"(apiVersion: shardguard.io/v1alpha1
+kind: ShardedTrainingJob
+metadata: {name: tuned, namespace: ml}
+spec:
+  model:
+    architecture: torchscript
+    context: 16
+    package: {path: /packages/tuned, keysSecret: tuned-package-keys)" + volume + R"(}
+  dataset: {format: tokens, path: /data/text}
+  sharding: {shards: 2}
+  protection: {maxExposure: )" + std::to_string(max_exposure) + R"(}
+  template: {image: example.com/shardd:1}
+  sidecar: {image: example.com/sidecar:1}
+)");
+}
+
+std::string package_key_of(int i) { return std::string(32, static_cast<char>('p' + i)); }
+
+Rendered render_package(const json& obj, const model::PackageManifest& m = two_shard_manifest()) {
+  Rendered r{job_from_json(obj), {}, {}};
+  r.in = inputs_for(r.job, obj);
+  r.in.package_manifest = m;
+  for (int i = 0; i < r.job.sharding.shards; ++i) r.in.package_keys.push_back(package_key_of(i));
+  r.out = render(r.job, r.in);
+  return r;
+}
+
+const json* container_of(const json& pod, const std::string& name) {
+  for (const auto& c : pod["spec"]["containers"]) {
+    if (c["name"] == name) return &c;
+  }
+  return nullptr;
+}
+
+TEST(RenderPackage, EachShardGetsOnlyItsOwnPackageKeyAndItsPackage) {
+  const auto r = render_package(package_job_object());
+  for (int i = 0; i < 2; ++i) {
+    const auto& secret = r.out.shard_secrets[i];
+    EXPECT_EQ(secret["data"][kPackageKeyItem], base64_encode(package_key_of(i)));
+    const std::string other = base64_encode(package_key_of(1 - i));
+    for (const auto& objects : {r.out.shard_secrets, r.out.config_maps, r.out.pods}) {
+      EXPECT_EQ(objects[i].dump().find(other), std::string::npos) << "shard " << i << " has the key of " << 1 - i;
+    }
+    EXPECT_EQ(r.out.ca_secret.dump().find(base64_encode(package_key_of(i))), std::string::npos);
+
+    const json& pod = r.out.pods[i];
+    const auto args = args_of(pod, "shardd");
+    EXPECT_EQ(flag_values(args, "--package"), std::vector<std::string>{"/packages/tuned"});
+    EXPECT_EQ(flag_values(args, "--package-key-file"),
+              std::vector<std::string>{std::string(kPackageKeyDir) + "/" + kPackageKeyItem});
+    // The key volume projects this shard's own Secret, package.key only.
+    bool key_volume = false, package_volume = false;
+    for (const auto& v : pod["spec"]["volumes"]) {
+      if (v["name"] == "package-key") {
+        key_volume = true;
+        EXPECT_EQ(v["secret"]["secretName"], shard_name(r.job, i));
+        EXPECT_EQ(v["secret"]["items"],
+                  json::array({{{"key", kPackageKeyItem}, {"path", kPackageKeyItem}}}));
+      }
+      if (v["name"] == kPackageVolume) {
+        package_volume = true;
+        EXPECT_EQ(v["hostPath"]["path"], "/packages/tuned");  // no volume given: the node's directory
+      }
+      // The keys Secret itself is never mounted into a pod.
+      if (v.contains("secret")) EXPECT_NE(v["secret"]["secretName"], "tuned-package-keys");
+    }
+    EXPECT_TRUE(key_volume && package_volume) << pod["spec"]["volumes"].dump();
+    // shardd only, read-only; the sidecar mounts neither.
+    const json* shardd = container_of(pod, "shardd");
+    ASSERT_NE(shardd, nullptr);
+    int mounts = 0;
+    for (const auto& m : (*shardd)["volumeMounts"]) {
+      if (m["name"] == "package-key" || m["name"] == kPackageVolume) {
+        ++mounts;
+        EXPECT_EQ(m["readOnly"], true);
+      }
+    }
+    EXPECT_EQ(mounts, 2);
+    EXPECT_EQ((*shardd)["terminationMessagePolicy"], "FallbackToLogsOnError");
+    for (const auto& m : (*container_of(pod, "sidecar"))["volumeMounts"]) {
+      EXPECT_NE(m["name"], "package-key");
+      EXPECT_NE(m["name"], kPackageVolume);
+    }
+  }
+  // The keys Secret's name appears nowhere: the operator copies, pods never read it.
+  for (const auto& o : r.out.all()) {
+    if (o["kind"] != "ConfigMap") EXPECT_EQ(o.dump().find("tuned-package-keys"), std::string::npos) << o["kind"];
+  }
+}
+
+TEST(RenderPackage, VolumeIsMountedAsGiven) {
+  const auto r = render_package(package_job_object(0.7, ", volume: {persistentVolumeClaim: {claimName: models}}"));
+  bool found = false;
+  for (const auto& v : r.out.pods[1]["spec"]["volumes"]) {
+    if (v["name"] != kPackageVolume) continue;
+    found = true;
+    EXPECT_EQ(v["persistentVolumeClaim"]["claimName"], "models");
+    EXPECT_FALSE(v.contains("hostPath"));
+  }
+  EXPECT_TRUE(found);
+}
+
+TEST(RenderPackage, ExposureComesFromTheManifest) {
+  // Shard 1 holds 600 of 1000 parameters by the manifest: above 0.5, within 0.7.
+  EXPECT_NO_THROW(render_package(package_job_object(0.7)));
+  try {
+    render_package(package_job_object(0.5));
+    ADD_FAILURE() << "rendered a stage above maxExposure";
+  } catch (const ExposureRefusal& e) {
+    EXPECT_NE(std::string(e.what()).find("stage 1 alone holds 0.6"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("600 of 1000"), std::string::npos) << e.what();
+  }
+  // Other parameter counts in the manifest: both shards 0.5, within it.
+  EXPECT_NO_THROW(render_package(package_job_object(0.5), two_shard_manifest(300, 200, 200, 300)));
+  const JobSpec job = job_from_json(package_job_object());
+  const auto m = two_shard_manifest();
+  EXPECT_EQ(stage_parameters(job, &m), (std::vector<int64_t>{400, 600}));
+  EXPECT_THROW(stage_parameters(job, nullptr), model::PackageError);
+}
+
+TEST(RenderPackage, MissingManifestOrKeyIsRefusedNamingIt) {
+  const json obj = package_job_object();
+  const JobSpec job = job_from_json(obj);
+  RenderInputs in = inputs_for(job, obj);
+  try {
+    render(job, in);
+    ADD_FAILURE() << "rendered without a manifest";
+  } catch (const RenderError& e) {
+    EXPECT_NE(std::string(e.what()).find("spec.model.package"), std::string::npos) << e.what();
+  }
+  in.package_manifest = two_shard_manifest();
+  in.package_keys = {package_key_of(0), "short"};
+  try {
+    render(job, in);
+    ADD_FAILURE() << "rendered with a 5-byte key";
+  } catch (const RenderError& e) {
+    EXPECT_NE(std::string(e.what()).find("tuned-package-keys has a key shard-1.key of 5 bytes, want 32 for shard 1"),
+              std::string::npos)
+        << e.what();
+  }
+  in.package_keys = {package_key_of(0)};
+  try {
+    render(job, in);
+    ADD_FAILURE() << "rendered without shard 1's key";
+  } catch (const RenderError& e) {
+    EXPECT_NE(std::string(e.what()).find("has no key shard-1.key for shard 1"), std::string::npos) << e.what();
+  }
+  // A manifest cut into another number of shards than the job's.
+  auto three = two_shard_manifest();
+  three.shards.push_back(three.shards.back());
+  in.package_manifest = three;
+  in.package_keys = {package_key_of(0), package_key_of(1)};
+  try {
+    render(job, in);
+    ADD_FAILURE() << "rendered with a manifest of 3 shards for 2";
+  } catch (const RenderError& e) {
+    EXPECT_NE(std::string(e.what()).find("spec.sharding.shards: 2, but the packages"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace
