@@ -645,7 +645,7 @@ TEST(Crd, EnumsMatchTheDecoder) {
     bool decoder_lists_them;
   };
   const std::vector<Enum> enums = {
-      {"spec.model.architecture", {"mlp", "cnn", "vit", "gpt"}, true},
+      {"spec.model.architecture", {"mlp", "cnn", "vit", "gpt", "torchscript"}, true},
       {"spec.dataset.format", {"fashion-mnist", "tokens", "tensors"}, true},
       {"spec.training.optimizer.name", {"sgd", "adam"}, true},
       {"spec.training.schedule", {"1f1b", "gpipe"}, true},
@@ -664,6 +664,10 @@ TEST(Crd, EnumsMatchTheDecoder) {
       if (v == "gpt" || v == "tokens") {  // a language model and its token data come together
         set_at(job, "spec.model.architecture", "gpt");
         set_at(job, "spec.dataset.format", "tokens");
+      }
+      if (v == "torchscript") {  // the blocks come from packages
+        set_at(job, "spec.model.package.path", "/packages");
+        set_at(job, "spec.model.package.keysSecret", "package-keys");
       }
       EXPECT_TRUE(decoder_errors(job).empty()) << v << ": " << joined(decoder_errors(job));
       EXPECT_TRUE(schema_errors(job).empty()) << v << ": " << joined(schema_errors(job));
@@ -928,6 +932,17 @@ TEST(Crd, EveryCrossFieldRuleOfTheDecoderHasACelRule) {
        R"({"spec": {"sharding": {"shards": 2}, "template": {"nodeSelector": {"pool": "gpu"}}, "protection": {"trustedStages": [0], "trustedNodeSelector": {"pool": "owner"}}}})",
        "spec.protection.trustedNodeSelector.pool", "spec", "self.template.nodeSelector[k]",
        "must not contradict spec.template.nodeSelector"},
+      {"torchscript without a package", R"({"spec": {"model": {"architecture": "torchscript"}}})",
+       "spec.model.package", "spec.model", "has(self.package)", "package is required for architecture torchscript"},
+      {"a package for a zoo model",
+       R"({"spec": {"model": {"package": {"path": "/packages", "keysSecret": "keys"}}}})", "spec.model.package",
+       "spec.model", "self.architecture == 'torchscript' || !has(self.package)", "only for architecture torchscript"},
+      {"relative package path",
+       R"({"spec": {"model": {"architecture": "torchscript", "package": {"path": "packages", "keysSecret": "k"}}}})",
+       "spec.model.package.path", "spec.model.package.path", "self.startsWith('/')", "absolute path without"},
+      {"package nfs path with ..",
+       R"({"spec": {"model": {"architecture": "torchscript", "package": {"path": "/p", "keysSecret": "k", "volume": {"nfs": {"server": "n", "path": "/a/.."}}}}}})",
+       "spec.model.package.volume.nfs.path", "spec.model.package.volume.nfs.path", "[.][.]", "absolute path without"},
       {"trusted node selector key that is no label key",
        R"({"spec": {"sharding": {"shards": 2}, "protection": {"trustedStages": [0], "trustedNodeSelector": {"a b": "me"}}}})",
        "spec.protection.trustedNodeSelector.a b", "spec.protection.trustedNodeSelector", "self.all(k",

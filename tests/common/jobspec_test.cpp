@@ -506,7 +506,7 @@ TEST(JobSpecTest, CollectsAllErrorsIntoOneException) {
     const std::string what = e.what();
     EXPECT_EQ(e.errors().size(), 4u) << what;
     EXPECT_NE(what.find("spec.model.architecture: unsupported architecture \"resnet\" (expected one "
-                        "of: \"mlp\", \"cnn\", \"vit\", \"gpt\")"),
+                        "of: \"mlp\", \"cnn\", \"vit\", \"gpt\", \"torchscript\")"),
               std::string::npos)
         << what;
     EXPECT_NE(what.find("spec.training.batchSize: must be at least 1, got 0"), std::string::npos)
@@ -526,7 +526,8 @@ TEST(JobSpecTest, ArchitectureIsRequired) {
   json object = minimal_job();
   object["spec"]["model"].erase("architecture");
   EXPECT_EQ(one_error(object, "spec.model.architecture"),
-            "spec.model.architecture: required, got nothing (expected one of: \"mlp\", \"cnn\", \"vit\", \"gpt\")");
+            "spec.model.architecture: required, got nothing (expected one of: \"mlp\", \"cnn\", \"vit\", \"gpt\", "
+            "\"torchscript\")");
 }
 
 TEST(JobSpecTest, ModelRanges) {
@@ -561,6 +562,61 @@ TEST(JobSpecTest, VitHeadsAndPatchSize) {
   // Not checked for other architectures, where they are unused.
   object["spec"]["model"] = {{"architecture", "mlp"}, {"hidden", 64}, {"heads", 5}, {"patchSize", 5}};
   EXPECT_NO_THROW(job_from_json(object));
+}
+
+TEST(JobSpecTest, PackageOfATorchScriptModel) {
+  json j = minimal_job();
+  j["spec"]["model"] = {{"architecture", "torchscript"},
+                        {"context", 16},
+                        {"package",
+                         {{"path", "/packages/lm"},
+                          {"keysSecret", "lm-package-keys"},
+                          {"volume", {{"persistentVolumeClaim", {{"claimName", "models"}, {"readOnly", true}}}}}}}};
+  j["spec"]["dataset"] = {{"format", "tokens"}, {"path", "/data/text"}};
+  const JobSpec job = job_from_json(j);
+  ASSERT_TRUE(job.model.package.has_value());
+  EXPECT_TRUE(job.model.from_package());
+  EXPECT_TRUE(job.model.language_model()) << "token data: a language model";
+  EXPECT_EQ(job.model.package->path, "/packages/lm");
+  EXPECT_EQ(job.model.package->keys_secret, "lm-package-keys");
+  EXPECT_EQ(job.model.package->volume["persistentVolumeClaim"]["claimName"], "models");
+  // Image data: a classifier, which is fine for a torchscript model (its manifest's
+  // shapes are checked against the data when it starts).
+  j["spec"].erase("dataset");
+  const JobSpec images = job_from_json(j);
+  EXPECT_FALSE(images.model.language_model());
+
+  json no_package = minimal_job();
+  no_package["spec"]["model"] = {{"architecture", "torchscript"}};
+  EXPECT_NE(one_error(no_package, "spec.model.package").find("required for architecture torchscript"),
+            std::string::npos);
+
+  json zoo = minimal_job();
+  zoo["spec"]["model"]["package"] = {{"path", "/p"}, {"keysSecret", "k"}};
+  EXPECT_EQ(one_error(zoo, "spec.model.package"),
+            "spec.model.package: only for architecture torchscript, got architecture \"mlp\" (a zoo model is built, "
+            "not loaded)");
+
+  auto with_package = [](const json& package) {
+    json k = minimal_job();
+    k["spec"]["model"] = {{"architecture", "torchscript"}, {"package", package}};
+    return k;
+  };
+  EXPECT_EQ(one_error(with_package({{"path", "packages"}, {"keysSecret", "k"}}), "spec.model.package.path"),
+            "spec.model.package.path: must be an absolute path without \"..\" segments, got \"packages\"");
+  EXPECT_EQ(one_error(with_package({{"path", "/p"}, {"keysSecret", "Keys_1"}}), "spec.model.package.keysSecret"),
+            "spec.model.package.keysSecret: must be a Secret name (a DNS-1123 subdomain of at most 253 characters), "
+            "got \"Keys_1\"");
+  EXPECT_NE(one_error(with_package({{"path", "/p"}}), "spec.model.package.keysSecret").find("required"),
+            std::string::npos);
+  EXPECT_NE(one_error(with_package({{"path", "/p"}, {"keysSecret", "k"}, {"volume", {{"emptyDir", json::object()}}}}),
+                      "spec.model.package.volume.emptyDir")
+                .find("unknown field"),
+            std::string::npos);
+  EXPECT_NE(one_error(with_package({{"path", "/p"}, {"keysSecret", "k"}, {"url", "https://x/"}}),
+                      "spec.model.package.url")
+                .find("unknown field"),
+            std::string::npos);
 }
 
 TEST(JobSpecTest, DatasetFormatsAndNames) {
@@ -860,7 +916,7 @@ TEST_F(JobSpecFileTest, DecodeErrorsKeepFieldPaths) {
   } catch (const JobSpecError& e) {
     EXPECT_EQ(error_at(e.errors(), "spec.model.architecture"),
               "spec.model.architecture: unsupported architecture \"resnet\" (expected one of: "
-              "\"mlp\", \"cnn\", \"vit\", \"gpt\")");
+              "\"mlp\", \"cnn\", \"vit\", \"gpt\", \"torchscript\")");
     EXPECT_EQ(error_at(e.errors(), "spec.training.batchSize"),
               "spec.training.batchSize: must be at least 1, got 0");
   }
