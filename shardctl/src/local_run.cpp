@@ -416,6 +416,9 @@ int RunLocal(const LocalRunOptions& options) {
   } catch (const JobSpecError& e) {
     std::cerr << "shardctl run: invalid job " << options.job_file << ":\n" << e.what() << "\n";
     return 2;
+  } catch (const model::PackageError& e) {
+    std::cerr << "shardctl run: the packages of job " << options.job_file << ": " << e.what() << "\n";
+    return 2;
   } catch (const std::exception& e) {
     std::cerr << "shardctl run: invalid job " << options.job_file << ":\n" << e.what() << "\n";
     return 2;
@@ -506,6 +509,9 @@ int RunLocal(const LocalRunOptions& options) {
   } catch (const op::RenderError& e) {
     std::cerr << "shardctl run: the operator would refuse job " << job.namespace_ << "/" << job.name << ": "
               << e.what() << "\n";
+    return 2;
+  } catch (const model::PackageError& e) {
+    std::cerr << "shardctl run: the packages of job " << options.job_file << ": " << e.what() << "\n";
     return 2;
   } catch (const std::exception& e) {
     std::cerr << "shardctl run: the job's PKI in " << workdir << ": " << e.what() << "\n";

@@ -89,6 +89,9 @@ int RunPlan(const std::string& job_file, const std::string& risk_csv) {
   } catch (const StudyError& e) {
     std::cerr << "shardctl plan: " << e.what() << "\n";
     return 2;
+  } catch (const model::PackageError& e) {
+    std::cerr << "shardctl plan: the packages of job " << job_file << ": " << e.what() << "\n";
+    return 2;
   } catch (const std::exception& e) {
     std::cerr << "shardctl plan: invalid job " << job_file << ":\n" << e.what() << "\n";
     return 2;
