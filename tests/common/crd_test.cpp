@@ -311,16 +311,15 @@ json spec_json(const JobSpec& j) {
   const auto& t = j.training;
   const auto& o = t.optimizer;
   const auto& p = j.protection;
+  json model = {{"architecture", m.architecture}, {"hidden", m.hidden},   {"depth", m.depth},
+                {"channels", m.channels},         {"heads", m.heads},     {"patchSize", m.patch_size},
+                {"vocab", m.vocab},               {"context", m.context}};
+  if (m.package) {
+    model["package"] = {{"path", m.package->path}, {"keysSecret", m.package->keys_secret}};
+    if (!m.package->volume.empty()) model["package"]["volume"] = m.package->volume;
+  }
   return json{
-      {"model",
-       {{"architecture", m.architecture},
-        {"hidden", m.hidden},
-        {"depth", m.depth},
-        {"channels", m.channels},
-        {"heads", m.heads},
-        {"patchSize", m.patch_size},
-        {"vocab", m.vocab},
-        {"context", m.context}}},
+      {"model", model},
       {"dataset",
        {{"name", j.dataset.name},
         {"format", j.dataset.format},
