@@ -103,6 +103,15 @@ void trim_pod(json& pod) {
       if (cs.contains("state") && cs["state"].contains("terminated")) {
         t["state"]["terminated"] = {{"exitCode", cs["state"]["terminated"].value("exitCode", 0)},
                                     {"reason", cs["state"]["terminated"].value("reason", "")}};
+        // The end of its termination message (with FallbackToLogsOnError, the last log
+        // lines): a refused package's reason is its last line (reconcile.cpp).
+        std::string message = cs["state"]["terminated"].value("message", "");
+        if (message.size() > 1024) {
+          size_t from = message.size() - 1024;  // not inside a UTF-8 sequence
+          while (from < message.size() && (static_cast<unsigned char>(message[from]) & 0xC0) == 0x80) ++from;
+          message = message.substr(from);
+        }
+        if (!message.empty()) t["state"]["terminated"]["message"] = message;
       }
       status["containerStatuses"].push_back(t);
     }

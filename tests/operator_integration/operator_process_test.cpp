@@ -29,6 +29,7 @@
 #include "shardguard/common/jobspec.h"
 #include "shardguard/common/pki.h"
 #include "shardguard/common/process.h"
+#include "shardguard/model/package.h"
 #include "shardguard/operator/render.h"
 #include "support/operator_process.h"
 #include "support/realapi.h"
@@ -449,6 +450,120 @@ TEST_F(OperatorTest, JobLifecycleFromCreateToSucceededThenCleanup) {
   ASSERT_TRUE(eventually([&] { return !op.sample("shardguard_job_max_exposure_ratio", "job=\"life\""); }, 10s));
   const ExitStatus exit = op.stop();
   EXPECT_TRUE(exit.exited && exit.code == 0) << exit.str() << op.log();
+}
+
+// Issue 18 item 4: a package job. The operator reads the user's keys Secret (the
+// manifest and one key per shard), copies key i into shard i's own Secret only, gives
+// shard i's shardd only its package reference, and fails the job naming the shard
+// whose shardd refused its package (exit 3), without recreating it.
+TEST_F(OperatorTest, PackageJobGetsEachKeyOnlyInItsShardAndARefusedPackageFailsNamingTheShard) {
+  model::PackageManifest m;
+  m.split_id = "00112233445566778899aabbccddeeff";
+  m.source_sha256 = std::string(64, 'a');
+  m.job = "tuned";
+  m.attribute = "blocks";
+  for (int i = 0; i < 4; ++i) {
+    model::PackageBlock b;
+    b.index = i;
+    b.source = "blocks." + std::to_string(i);
+    b.type = "__torch__.Layer";
+    b.in_shape = b.out_shape = {16, 8};
+    b.in_dtype = b.out_dtype = "float32";
+    b.parameters = 72;
+    m.blocks.push_back(b);
+    model::PackageShard s;
+    s.index = i;
+    s.first_block = i;
+    s.end_block = i + 1;
+    s.parameters = 72;
+    s.share = 0.25;
+    s.params = {{"block" + std::to_string(i) + ".weight", {8, 8}, 64}, {"block" + std::to_string(i) + ".bias", {8}, 8}};
+    s.file = model::package_file_name(i);
+    s.sha256 = std::string(64, 'b');
+    s.bytes = 1000;
+    m.shards.push_back(s);
+  }
+  const std::string manifest_text = model::to_json(m).dump();
+  ASSERT_NO_THROW(model::parse_manifest(manifest_text, "test manifest"));
+  auto key_of = [](int i) { return std::string(32, static_cast<char>('K' + i)); };
+  json data = {{"manifest.json", op::base64_encode(manifest_text)}};
+  for (int i = 0; i < 4; ++i) data[model::package_key_file_name(i)] = op::base64_encode(key_of(i));
+
+  auto& op = start_operator();
+  create_job(yaml_to_json("apiVersion: shardguard.io/v1alpha1\nkind: ShardedTrainingJob\n"
+                          "metadata: {name: tuned, namespace: " + ns_ + "}\n"
+                          "spec:\n"
+                          "  model: {architecture: torchscript, context: 16,\n"
+                          "          package: {path: /packages/tuned, keysSecret: tuned-keys}}\n"
+                          "  dataset: {format: tokens, path: /data/text}\n"
+                          "  sharding: {shards: 4}\n"
+                          "  protection: {maxExposure: 0.5}\n"
+                          "  template: {image: shardd:test}\n"
+                          "  sidecar: {image: sidecar:test}\n"));
+  // No keys Secret yet: the job waits, saying which Secret it needs.
+  ASSERT_TRUE(eventually([&] { return condition_reason("tuned", "Ready") == "PackageUnavailable"; }, 30s))
+      << status("tuned").dump(2) << op.log();
+  EXPECT_FALSE(pod("tuned", 0).has_value());
+  api_->create("", "v1", "secrets", ns_,
+               {{"apiVersion", "v1"}, {"kind", "Secret"}, {"metadata", {{"name", "tuned-keys"}}}, {"data", data}});
+  ASSERT_TRUE(eventually([&] { return all_pods_exist("tuned"); }, 30s)) << status("tuned").dump(2) << op.log();
+  for (int i = 0; i < 4; ++i) {
+    const auto secret = api_->get("", "v1", "secrets", ns_, pod_name("tuned", i));
+    ASSERT_TRUE(secret.has_value());
+    EXPECT_EQ((*secret)["data"]["package.key"], op::base64_encode(key_of(i)));
+    const json p = *pod("tuned", i);
+    for (int k = 0; k < 4; ++k) {
+      if (k == i) continue;
+      EXPECT_EQ(secret->dump().find(op::base64_encode(key_of(k))), std::string::npos) << i << " has key " << k;
+      EXPECT_EQ(p.dump().find(op::base64_encode(key_of(k))), std::string::npos) << i << " has key " << k;
+    }
+    std::string shardd_args;
+    for (const auto& c : p["spec"]["containers"]) {
+      if (c["name"] == "shardd") shardd_args = c["args"].dump();
+    }
+    EXPECT_NE(shardd_args.find(R"("--package","/packages/tuned","--package-key-file")"), std::string::npos)
+        << shardd_args;
+    EXPECT_EQ(p.dump().find("tuned-keys"), std::string::npos) << "pod " << i << " names the keys Secret";
+  }
+  EXPECT_TRUE(eventually([&] {
+    const json st = status("tuned");
+    return st.contains("shards") && st["shards"].size() == 4 && st["shards"][1].value("parameters", 0) == 72;
+  }, 10s))
+      << status("tuned").dump(2);  // the manifest's count
+
+  run_all("tuned");
+  ASSERT_TRUE(eventually([&] { return status("tuned").value("phase", "") == "Running"; }, 30s));
+  {
+    json p = *pod("tuned", 2);
+    p["status"]["phase"] = "Failed";
+    p["status"]["containerStatuses"] = json::array(
+        {{{"name", "shardd"},
+          {"ready", false},
+          {"restartCount", 0},
+          {"image", "shardd:test"},
+          {"imageID", "docker-pullable://shardd@sha256:0"},
+          {"state",
+           {{"terminated",
+             {{"exitCode", 3},
+              {"reason", "Error"},
+              {"message", "shardd: package refused: /packages/tuned/shard-2.sgpkg: refused: authentication "
+                          "failed (this is not shard 2's key, or the file was modified)\n"}}}}}}});
+    p["metadata"].erase("resourceVersion");
+    api_->update("", "v1", "pods", ns_, p, /*status=*/true);
+  }
+  ASSERT_TRUE(eventually([&] { return status("tuned").value("phase", "") == "Failed"; }, 30s))
+      << status("tuned").dump(2);
+  EXPECT_EQ(condition_reason("tuned", "Failed"), "PackageRefused");
+  std::string message;
+  const json final_status = status("tuned");
+  for (const auto& c : final_status["conditions"]) {
+    if (c["type"] == "Failed") message = c.value("message", "");
+  }
+  EXPECT_NE(message.find("shard 2 (pod tuned-shard-2 on node-2) refused its package: /packages/tuned/shard-2.sgpkg"),
+            std::string::npos)
+      << message << "\n" << status("tuned").dump(2);
+  EXPECT_TRUE(has_event("tuned", "PackageRefused"));
+  ASSERT_TRUE(eventually([&] { return api_->list("", "v1", "pods", ns_, "shardguard.io/job=tuned").empty(); }, 30s));
 }
 
 TEST_F(OperatorTest, FailedShardIsRecreatedAwayFromUnsafeNodesUntilTheBackoffLimit) {
