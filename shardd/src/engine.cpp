@@ -54,14 +54,7 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
                                 opt_.job.dataset.format + " with this job's spec.model gives " + model::shape_str(in) +
                                 " and needs " + model::shape_str(out));
     }
-    for (const auto& s : manifest_.shards) {
-      model::StageDesc d;
-      d.index = s.index;
-      d.first_block = s.first_block;
-      d.end_block = s.end_block;
-      d.parameters = s.parameters;
-      stages.push_back(d);
-    }
+    stages = manifest_.stages();
   } else {
     desc_ = model::describe_model(opt_.job.model);
     stages = model::partition(desc_, opt_.job.sharding.shards, opt_.job.sharding.balance);

@@ -443,16 +443,7 @@ RecombinedScript recombine_packages(const JobSpec& job, const std::string& packa
                                     const std::string& checkpoint_key_dir) {
   RecombinedScript r;
   r.manifest = load_manifest(package_dir);
-  std::vector<model::StageDesc> stages;
-  for (const auto& s : r.manifest.shards) {
-    model::StageDesc d;
-    d.index = s.index;
-    d.first_block = s.first_block;
-    d.end_block = s.end_block;
-    d.parameters = s.parameters;
-    stages.push_back(d);
-  }
-  const auto files = find_shard_files(job, stages, checkpoint_dir, checkpoint_key_dir);
+  const auto files = find_shard_files(job, r.manifest.stages(), checkpoint_dir, checkpoint_key_dir);
   std::vector<torch::jit::Module> blocks;
   for (const auto& s : r.manifest.shards) {
     const std::string key = load_key_file(package_key_dir + "/" + model::package_key_file_name(s.index));
