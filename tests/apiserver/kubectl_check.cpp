@@ -104,7 +104,7 @@ TEST_F(KubectlCheck, InstallsTheCrdAndAJobAndShowsPrinterColumns) {
   std::istringstream hs(header);
   std::vector<std::string> cols;
   for (std::string c; hs >> c;) cols.push_back(c);
-  EXPECT_EQ(cols, (std::vector<std::string>{"NAME", "PHASE", "SHARDS", "STEP", "ACCURACY", "EXPOSURE", "AGE"}))
+  EXPECT_EQ(cols, (std::vector<std::string>{"NAME", "PHASE", "SHARDS", "STEP", "ACCURACY", "EVAL-LOSS", "EXPOSURE", "AGE"}))
       << get.output;
   std::istringstream rs(row);
   std::vector<std::string> cells;

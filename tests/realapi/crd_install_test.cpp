@@ -102,7 +102,7 @@ TEST_F(RealCrd, GetWideShowsThePrinterColumns) {
   ASSERT_EQ(r.code, 0) << r.output;
   const std::string header = r.output.substr(0, r.output.find('\n'));
   std::size_t at = 0;
-  for (const char* column : {"NAME", "PHASE", "SHARDS", "STEP", "ACCURACY", "EXPOSURE", "AGE"}) {
+  for (const char* column : {"NAME", "PHASE", "SHARDS", "STEP", "ACCURACY", "EVAL-LOSS", "EXPOSURE", "AGE"}) {
     const std::size_t found = header.find(column, at);
     EXPECT_NE(found, std::string::npos) << column << " missing or out of order in: " << header;
     if (found != std::string::npos) at = found;
