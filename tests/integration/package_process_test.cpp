@@ -10,23 +10,14 @@
 #include "integration/pipeline_fixture.h"
 #include "shardguard/model/package.h"
 #include "shardd/test_job.h"
+#include "support/python.h"
 
 namespace shardguard {
 namespace {
 
 using PackageProcessTest = PipelineFixture;
 
-// A python3 that can `import torch` (as in tests/shardd/script_model_test.cpp).
-std::string python_with_torch() {
-  std::vector<std::string> candidates;
-  if (const char* p = std::getenv("SHARDGUARD_PYTHON")) candidates.push_back(p);
-  candidates.push_back("/usr/bin/python3");
-  candidates.push_back("python3");
-  for (const auto& c : candidates) {
-    if (std::system(("'" + c + "' -c 'import torch' >/dev/null 2>&1").c_str()) == 0) return c;
-  }
-  return "";
-}
+using testsupport::python_with_torch;
 
 std::pair<int, std::string> run_tool(const std::vector<std::string>& argv, const std::string& log) {
   SpawnOptions o;

@@ -23,6 +23,7 @@
 #include "shardguard/common/crypto.h"
 #include "shardguard/common/files.h"
 #include "shardguard/shardd/script_model.h"
+#include "support/python.h"
 #include "support/temp_dir.h"
 
 namespace shardguard::shardd {
@@ -30,19 +31,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// A python3 that can `import torch`: $SHARDGUARD_PYTHON, Debian's /usr/bin/python3
-// (python3-torch), or the first python3 in PATH. Empty when there is none.
-std::string python_with_torch() {
-  std::vector<std::string> candidates;
-  if (const char* p = std::getenv("SHARDGUARD_PYTHON")) candidates.push_back(p);
-  candidates.push_back("/usr/bin/python3");
-  candidates.push_back("python3");
-  for (const auto& c : candidates) {
-    const std::string cmd = "'" + c + "' -c 'import torch' >/dev/null 2>&1";
-    if (std::system(cmd.c_str()) == 0) return c;
-  }
-  return "";
-}
+using testsupport::python_with_torch;
 
 // The models of every variant, made once for the whole suite (importing torch in
 // Python takes a second or two).
