@@ -17,7 +17,8 @@
 #include <vector>
 
 #include <nlohmann/json.hpp>
-#include <functional>
+#include <initializer_list>
+#include <string_view>
 #include <unordered_map>
 
 #include <prometheus/counter.h>
@@ -74,8 +75,10 @@ class WatchedFile {
 class CounterCache {
  public:
   explicit CounterCache(prometheus::Family<prometheus::Counter>& family) : family_(family) {}
-  // The counter with these labels; `key` must identify them (their values joined).
-  prometheus::Counter& get(const std::string& key, const std::function<prometheus::Labels()>& labels);
+  // The counter with these labels (name, value), found by their values; the family's
+  // Add runs only the first time.
+  using Label = std::pair<const char*, std::string_view>;
+  prometheus::Counter& get(std::initializer_list<Label> labels);
 
  private:
   prometheus::Family<prometheus::Counter>& family_;
