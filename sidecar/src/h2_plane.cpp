@@ -215,8 +215,7 @@ void H2Plane::start() {
   out.limits = s.limits();
   // Peers are other sidecars (nghttp2 answers PINGs itself, with no ping-abuse policy);
   // the inbound relay's upstream is the local shardd, a gRPC server, never pinged.
-  out.limits.keepalive_interval = config.peer_keepalive;
-  out.limits.keepalive_timeout = std::chrono::milliseconds(10000);
+  out.limits.keepalive_interval = config.peer_keepalive;  // the timeout: RelayLimits' 10 s
 
   s.inbound = std::make_unique<h2::Relay>("", std::move(in), s.hooks(/*inbound=*/true), 1);
   s.outbound = std::make_unique<h2::Relay>(config.outbound_listen, std::move(out), s.hooks(/*inbound=*/false), 1);

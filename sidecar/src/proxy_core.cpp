@@ -209,7 +209,7 @@ void ProxyCore::count_decision(const policy::Decision& d, const std::string& met
 void ProxyCore::count_request(const std::string& method, int code, const char* direction,
                               Clock::time_point started_at) {
   metrics.requests_by_label.get({{"method", method_label(method)}, {"code", grpc_code_name(code)}}).Increment();
-  metrics.duration_by_direction.at(direction)->Observe(std::chrono::duration<double>(Clock::now() - started_at).count());
+  metrics.duration_by_direction.find(direction)->second->Observe(std::chrono::duration<double>(Clock::now() - started_at).count());
 }
 
 prometheus::Counter& ProxyCore::bytes_counter(const char* direction, const std::string& peer) {

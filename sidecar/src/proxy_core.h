@@ -103,7 +103,7 @@ struct SidecarMetrics {
   // Series only with --ledger (Proxy::start).
   prometheus::Family<prometheus::Gauge>& ledger_sequence;
   prometheus::Family<prometheus::Gauge>& ledger_min_sequence;
-  std::map<std::string, prometheus::Histogram*> duration_by_direction;
+  std::map<std::string, prometheus::Histogram*, std::less<>> duration_by_direction;  // found without a std::string
   prometheus::Counter* reloads_ok = nullptr;
   prometheus::Counter* reloads_error = nullptr;
   CounterCache decisions_by_label{decisions};

@@ -65,7 +65,7 @@ struct Pipe {
         chunks.emplace_back();
         chunks.back().reserve(streaming ? kChunk : std::min(kChunk, len));
       }
-      const size_t n = std::min(len, kChunk - std::min(kChunk, chunks.back().size()));
+      const size_t n = std::min(len, kChunk - chunks.back().size());
       chunks.back().append(reinterpret_cast<const char*>(data), n);
       data += n;
       len -= n;
@@ -374,13 +374,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
     if (state_ == State::open && transport_) transport_->close_notify();
     state_ = State::dead;
     reason_ = reason;
-    if (handshake_timer_) w_.loop.cancel(handshake_timer_);
-    handshake_timer_ = 0;
-    if (fd_ >= 0) {
-      w_.loop.unwatch(fd_);
-      close(fd_);
-      fd_ = -1;
-    }
+    close_socket();
     w_.stats->output_bytes.fetch_sub(static_cast<int64_t>(pending_output()), std::memory_order_relaxed);
     out_.clear();
     out_off_ = 0;
@@ -392,6 +386,16 @@ class Conn : public std::enable_shared_from_this<Conn> {
   }
 
  protected:
+  // Stops watching and closes the socket, with its handshake timer.
+  void close_socket() {
+    if (handshake_timer_) w_.loop.cancel(handshake_timer_);
+    handshake_timer_ = 0;
+    if (fd_ >= 0) {
+      w_.loop.unwatch(fd_);
+      close(fd_);
+      fd_ = -1;
+    }
+  }
   std::chrono::steady_clock::time_point last_read_ = std::chrono::steady_clock::now();
   virtual void on_open() {}
   // A connect that failed before the handshake: true when another attempt was started.
@@ -652,11 +656,7 @@ class UpConn : public Conn {
   // whose first address is not served).
   bool retry_connect(const std::string& error) override {
     if (next_address_ >= addresses_.size()) return false;
-    if (handshake_timer_) w_.loop.cancel(handshake_timer_);  // the next attempt starts its own
-    handshake_timer_ = 0;
-    w_.loop.unwatch(fd_);
-    close(fd_);
-    fd_ = -1;
+    close_socket();  // the next attempt starts its own handshake timer
     transport_.reset();
     dial_next(error);
     return true;
@@ -679,7 +679,7 @@ class UpConn : public Conn {
   void keepalive_tick() {
     const RelayLimits& l = w_.config.limits;
     const auto now = std::chrono::steady_clock::now();
-    if (ping_outstanding_ && last_read_ < ping_sent_at_) {
+    if (last_read_ < ping_sent_at_) {  // a PING is out and nothing came since
       if (now - ping_sent_at_ >= l.keepalive_timeout) {
         w_.stats->keepalive_timeouts_total.fetch_add(1, std::memory_order_relaxed);
         kill("keepalive: " + name_ + " did not answer a PING within " + std::to_string(l.keepalive_timeout.count()) +
@@ -688,10 +688,8 @@ class UpConn : public Conn {
         return;
       }
     } else {
-      ping_outstanding_ = false;
       if (!calls.empty() && now - last_read_ >= l.keepalive_interval) {
         nghttp2_submit_ping(session_, NGHTTP2_FLAG_NONE, nullptr);
-        ping_outstanding_ = true;
         ping_sent_at_ = now;
         w_.mark(this);
       }
@@ -760,8 +758,7 @@ class UpConn : public Conn {
   bool tls_ = false;
   std::string authority_;
   uint64_t keepalive_timer_ = 0;
-  bool ping_outstanding_ = false;
-  std::chrono::steady_clock::time_point ping_sent_at_;
+  std::chrono::steady_clock::time_point ping_sent_at_ = std::chrono::steady_clock::time_point::min();
   UpstreamConfig config_;                   // as given to connect()
   std::vector<Resolved::Address> addresses_;  // of config_.address, tried in order
   size_t next_address_ = 0;
