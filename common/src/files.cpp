@@ -68,13 +68,13 @@ void write_all(int fd, const char* data, size_t size, const std::string& path) {
   }
 }
 
+}  // namespace
+
 void fsync_dir(const std::string& dir) {
   Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (fd.get() < 0) fail("cannot open directory", dir, errno);
   if (::fsync(fd.get()) != 0) fail("cannot fsync directory", dir, errno);
 }
-
-}  // namespace
 
 std::string read_file(const std::string& path, std::size_t max_bytes) {
   Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));

@@ -311,6 +311,7 @@ torch::Tensor read_npy(const NpyArray& a, int64_t rows) {
 struct TensorSplit {
   NpyArray inputs, labels;
   int64_t count = 0;
+  int64_t classes = 0;  // labels lie in 0..classes-1
 };
 
 TensorSplit open_tensors(const JobSpec& job, Split split) {
@@ -319,6 +320,7 @@ TensorSplit open_tensors(const JobSpec& job, Split split) {
   t.labels = read_npy_header(npy_path(job.dataset, split, false));
   const model::ModelDesc desc = model::describe_model(job.model);
   const std::vector<int64_t>& want = desc.blocks.front().in_shape;
+  t.classes = desc.blocks.back().out_shape.front();
   const std::vector<int64_t> got(t.inputs.shape.begin() + 1, t.inputs.shape.end());
   if (t.inputs.descr != "<f4") {
     throw DatasetError("tensor file " + t.inputs.path + " holds int64 inputs; architecture " + job.model.architecture +
@@ -362,7 +364,7 @@ Samples Samples::load(const JobSpec& job, Split split, bool features, bool targe
     if (features) s.x_ = read_npy(t.inputs, t.count);
     if (targets) {
       s.y_ = read_npy(t.labels, t.count);
-      const int64_t classes = model::describe_model(job.model).blocks.back().out_shape.front();
+      const int64_t classes = t.classes;
       const auto bad = (s.y_ < 0).logical_or(s.y_ >= classes).nonzero();
       if (bad.size(0) > 0) {
         const int64_t i = bad[0][0].item<int64_t>();
@@ -426,12 +428,7 @@ std::vector<int64_t> epoch_order(uint64_t seed, int epoch, int64_t n) {
   std::vector<int64_t> order(n);
   for (int64_t i = 0; i < n; ++i) order[i] = i;
   uint64_t state = seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(epoch) * 0xD1B54A32D192ED03ULL + 1;
-  auto next = [&state]() {
-    uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-  };
+  auto next = [&state]() { return mix64(state += 0x9E3779B97F4A7C15ULL); };
   for (int64_t i = n - 1; i > 0; --i) {
     const auto j = static_cast<int64_t>(next() % static_cast<uint64_t>(i + 1));
     std::swap(order[i], order[j]);

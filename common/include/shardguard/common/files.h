@@ -21,6 +21,8 @@ std::string read_file(const std::string& path, std::size_t max_bytes);
 void write_file_atomic(const std::string& path, const std::string& data, unsigned mode = 0644);
 // mkdir -p; throws FileError.
 void make_dirs(const std::string& path);
+// fsync(2) of a directory, so that renames and creations in it are durable; throws FileError.
+void fsync_dir(const std::string& dir);
 
 // An exclusive advisory lock (flock) on a file, held for the object's lifetime:
 // one `shardctl run` per workdir. The holder's pid is written into the file, so the
