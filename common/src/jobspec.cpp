@@ -758,11 +758,13 @@ void decode_spec(Decoder& d, const json& spec, JobSpec& job) {
     d.get(*m, "microBatches", p, job.training.micro_batches);
     if (const json* o = d.object(*m, "optimizer", p)) {
       const std::string op = "spec.training.optimizer";
-      d.known_fields(*o, op, {"name", "learningRate", "momentum", "weightDecay"});
+      d.known_fields(*o, op, {"name", "learningRate", "momentum", "weightDecay", "warmupSteps", "decay"});
       d.get(*o, "name", op, job.training.optimizer.name);
       d.get(*o, "learningRate", op, job.training.optimizer.learning_rate);
       d.get(*o, "momentum", op, job.training.optimizer.momentum);
       d.get(*o, "weightDecay", op, job.training.optimizer.weight_decay);
+      d.get(*o, "warmupSteps", op, job.training.optimizer.warmup_steps);
+      d.get(*o, "decay", op, job.training.optimizer.decay);
     }
     // An int64 in the CRD (and to every Kubernetes client), kept as uint64 here.
     int64_t seed = static_cast<int64_t>(job.training.seed);
@@ -993,6 +995,8 @@ std::vector<FieldError> validate(const JobSpec& job) {
     c.fail("spec.training.optimizer.weightDecay",
            "must be a finite number of at least 0, got " + format_double(o.weight_decay));
   }
+  c.between("spec.training.optimizer.warmupSteps", o.warmup_steps, 0, 1000000);
+  c.one_of("spec.training.optimizer.decay", o.decay, "learning-rate decay", {"constant", "cosine"});
   c.one_of("spec.training.schedule", t.schedule, "schedule", {"1f1b", "gpipe"});
   c.at_least("spec.training.evalBatchSize", t.eval_batch_size, 1);
 
@@ -1152,6 +1156,20 @@ JobSpec load_job_file(const std::string& path) {
     throw JobSpecError(std::move(errors));
   }
   return job_from_json(object);
+}
+
+double learning_rate_at(const OptimizerSpec& o, int64_t step, int64_t total_steps) {
+  double lr = o.learning_rate;
+  if (o.warmup_steps > 0 && step < o.warmup_steps) {
+    lr *= static_cast<double>(step + 1) / static_cast<double>(o.warmup_steps);
+  }
+  if (o.decay == "cosine" && step >= o.warmup_steps) {
+    const int64_t span = total_steps - o.warmup_steps;
+    const double p = span > 1 ? std::min(1.0, static_cast<double>(step - o.warmup_steps) / static_cast<double>(span - 1)) : 0.0;
+    constexpr double kFloor = 0.1;  // the last step's rate, as a fraction of the peak
+    lr *= kFloor + (1.0 - kFloor) * 0.5 * (1.0 + std::cos(M_PI * p));
+  }
+  return lr;
 }
 
 }  // namespace shardguard

@@ -96,6 +96,7 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
     plan_ = make_batch_plan(opt_.job, train_n, opt_.replica);
     sampler_ = std::make_unique<BatchSampler>(plan_);
     total_steps_ = plan_.total_steps();
+    schedule_steps_ = total_steps_;
     if (opt_.max_steps > 0) total_steps_ = std::min(total_steps_, opt_.max_steps);
   }
   if (first_ || last_) {
@@ -305,7 +306,7 @@ Status Engine::Impl::on_resume(const ResumeMsg& msg) {
   auto result = done->get_future();
   {
     std::lock_guard<std::mutex> lock(mu_);
-    resume_ = ResumeCmd{msg.generation, msg.step, done};
+    resume_ = ResumeCmd{msg.generation, msg.step, msg.schedule_steps, done};
   }
   cv_.notify_all();
   const std::string err = await(result, "resume");
@@ -415,7 +416,7 @@ bool Engine::Impl::handle_resume() {
   if (!cmd) return false;
   std::string err;
   try {
-    resume_at(cmd->generation, cmd->step);
+    resume_at(cmd->generation, cmd->step, cmd->schedule_steps);
   } catch (const std::exception& e) {
     err = "stage " + std::to_string(opt_.stage) + ": cannot resume at step " + std::to_string(cmd->step) + ": " +
           e.what();
@@ -428,7 +429,7 @@ bool Engine::Impl::handle_resume() {
   return true;
 }
 
-void Engine::Impl::resume_at(uint64_t generation, int64_t step) {
+void Engine::Impl::resume_at(uint64_t generation, int64_t step, int64_t schedule_steps) {
   std::vector<Inbound> dropped;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -461,6 +462,7 @@ void Engine::Impl::resume_at(uint64_t generation, int64_t step) {
     std::lock_guard<std::mutex> lock(mu_);
     abort_ = false;  // only once the stage really is at `step`
   }
+  if (schedule_steps > 0) schedule_steps_ = schedule_steps;
   done_ = step;
   resumed_step_ = step;
   train_start_ = Clock::now();
@@ -570,9 +572,9 @@ std::string Engine::Impl::resync() {
     for (const auto& id : members) pending_joins_.erase(id);
     join_pending_ = !pending_joins_.empty();
   }
-  resume_at(generation, step);
+  resume_at(generation, step, schedule_steps_);
   if (!last_) {
-    const std::string err = transport_.resume({generation, step});
+    const std::string err = transport_.resume({generation, step, schedule_steps_});
     if (!err.empty()) return prefixed(err);
   }
   log::info("pipeline synchronised", {{"stages", n_}, {"step", step}, {"total_steps", total_steps_}});

@@ -66,6 +66,7 @@ class Engine::Impl final : public Receiver {
   struct ResumeCmd {
     uint64_t generation;
     int64_t step;
+    int64_t schedule_steps;
     std::shared_ptr<std::promise<std::string>> done;
   };
 
@@ -81,7 +82,7 @@ class Engine::Impl final : public Receiver {
   Inbound wait_for(std::deque<Inbound>& queue, const char* what);
   Inbound expect(std::deque<Inbound>& queue, const char* what, int64_t step, int micro_batch);
   bool handle_resume();
-  void resume_at(uint64_t generation, int64_t step);
+  void resume_at(uint64_t generation, int64_t step, int64_t schedule_steps);
   void drive();
   bool at_eval_point() const;
   void resync_with_retries();
@@ -126,7 +127,8 @@ class Engine::Impl final : public Receiver {
 
   BatchPlan plan_;
   std::unique_ptr<BatchSampler> sampler_;
-  int64_t total_steps_ = 0;
+  int64_t total_steps_ = 0;     // steps this run trains (the job's, or fewer with --max-steps)
+  int64_t schedule_steps_ = 0;  // the job's steps, for the learning rate (learning_rate_at)
   Samples train_, test_;  // stage 0: features; last stage: targets
 
   // Shared between the transport's threads and the main loop.

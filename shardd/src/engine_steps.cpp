@@ -150,6 +150,7 @@ void Engine::Impl::train_step(int64_t step, Inbound* first_in) {
     }
     observe(metrics_.allreduce_seconds, t_group);
   }
+  set_learning_rate(*optimizer_, learning_rate_at(opt_.job.training.optimizer, step, schedule_steps_));
   const auto t0 = Clock::now();
   optimizer_->step();
   observe(metrics_.optimizer_seconds, t0);

@@ -233,6 +233,7 @@ std::string GrpcTransport::resume(const ResumeMsg& msg) {
   v1::ForwardRequest req;
   req.mutable_resume()->set_generation(msg.generation);
   req.mutable_resume()->set_step(msg.step);
+  req.mutable_resume()->set_schedule_steps(msg.schedule_steps);
   v1::ForwardReply reply;
   return control_down(req, &reply);
 }
@@ -280,7 +281,7 @@ grpc::Status GrpcTransport::Forward(grpc::ServerContext*, const v1::ForwardReque
       return to_grpc(st);
     }
     case v1::ForwardRequest::kResume:
-      return to_grpc(receiver_->on_resume({req->resume().generation(), req->resume().step()}));
+      return to_grpc(receiver_->on_resume({req->resume().generation(), req->resume().step(), req->resume().schedule_steps()}));
     case v1::ForwardRequest::kFinish:
       return to_grpc(receiver_->on_finish({req->finish().generation(), req->finish().step()}));
     default:

@@ -25,6 +25,10 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerSpec& spe
   throw JobSpecError({{"spec.training.optimizer.name", "unknown optimizer \"" + spec.name + "\" (expected sgd or adam)"}});
 }
 
+void set_learning_rate(torch::optim::Optimizer& optimizer, double lr) {
+  for (auto& group : optimizer.param_groups()) group.options().set_lr(lr);
+}
+
 torch::Device resolve_device(const std::string& device) {
   if (device == "cpu") return torch::kCPU;
   if (device == "cuda") {
@@ -118,6 +122,7 @@ MonolithicResult train_monolithic(const JobSpec& job, const MonolithicOptions& o
       correct += logits.argmax(-1).eq(y).sum().item<int64_t>();
       predictions += y.numel();
     }
+    set_learning_rate(*optimizer, learning_rate_at(job.training.optimizer, step, plan.total_steps()));
     optimizer->step();
     s.accuracy = static_cast<double>(correct) / static_cast<double>(predictions);
     result.samples += plan.batch_size;

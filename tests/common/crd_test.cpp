@@ -334,7 +334,9 @@ json spec_json(const JobSpec& j) {
          {{"name", o.name},
           {"learningRate", o.learning_rate},
           {"momentum", o.momentum},
-          {"weightDecay", o.weight_decay}}},
+          {"weightDecay", o.weight_decay},
+          {"warmupSteps", o.warmup_steps},
+          {"decay", o.decay}}},
         {"seed", t.seed},
         {"schedule", t.schedule},
         {"evalBatchSize", t.eval_batch_size}}},
@@ -616,7 +618,7 @@ TEST(Crd, DefaultsAreTheDecoderDefaults) {
     EXPECT_EQ((*node)["default"], *expected);
     with_default.insert(path);
   }
-  EXPECT_EQ(with_default.size(), 32u) << json(with_default).dump();
+  EXPECT_EQ(with_default.size(), 34u) << json(with_default).dump();
 
   // Defaulting a minimal job by the schema gives the same job the decoder makes of it.
   json minimal = minimal_job();
@@ -647,6 +649,7 @@ TEST(Crd, EnumsMatchTheDecoder) {
       {"spec.model.architecture", {"mlp", "cnn", "vit", "gpt", "torchscript"}, true},
       {"spec.dataset.format", {"fashion-mnist", "tokens", "tensors"}, true},
       {"spec.training.optimizer.name", {"sgd", "adam"}, true},
+      {"spec.training.optimizer.decay", {"constant", "cosine"}, true},
       {"spec.training.schedule", {"1f1b", "gpipe"}, true},
       {"spec.sharding.balance", {"parameters", "compute"}, true},
   };
@@ -724,6 +727,7 @@ const std::vector<Bound>& bounds() {
       {"spec.training.optimizer.learningRate", false, 0, true, 10, false},
       {"spec.training.optimizer.momentum", false, 0, false, 1, true},
       {"spec.training.optimizer.weightDecay", false, 0, false, std::nullopt, false},
+      {"spec.training.optimizer.warmupSteps", true, 0, false, 1000000, false},
       {"spec.training.seed", true, 0, false, std::nullopt, false},
       {"spec.training.evalBatchSize", true, 1, false, kInt32Max, false},
       {"spec.sharding.shards", true, 1, false, 64, false},

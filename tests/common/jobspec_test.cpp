@@ -716,6 +716,47 @@ TEST(JobSpecTest, OptimizerRanges) {
   object["spec"]["training"] = {{"optimizer", {{"learningRate", 10.5}}}};
   EXPECT_EQ(one_error(object, "spec.training.optimizer.learningRate"),
             "spec.training.optimizer.learningRate: must be at most 10, got 10.5");
+
+  object["spec"]["training"] = {{"optimizer", {{"warmupSteps", -1}, {"decay", "linear"}}}};
+  const auto schedule = errors_of(object);
+  EXPECT_EQ(error_at(schedule, "spec.training.optimizer.warmupSteps"),
+            "spec.training.optimizer.warmupSteps: must be at least 0, got -1");
+  EXPECT_EQ(error_at(schedule, "spec.training.optimizer.decay"),
+            "spec.training.optimizer.decay: unsupported learning-rate decay \"linear\" (expected one of: "
+            "\"constant\", \"cosine\")");
+}
+
+TEST(JobSpecTest, LearningRateScheduleWarmsUpThenDecays) {
+  OptimizerSpec o;
+  o.learning_rate = 0.01;
+  // Constant (the default): every step at the rate.
+  EXPECT_EQ(learning_rate_at(o, 0, 100), 0.01);
+  EXPECT_EQ(learning_rate_at(o, 99, 100), 0.01);
+  // Warm-up: (step + 1) / warmup of the rate, then the rate.
+  o.warmup_steps = 4;
+  EXPECT_DOUBLE_EQ(learning_rate_at(o, 0, 100), 0.0025);
+  EXPECT_DOUBLE_EQ(learning_rate_at(o, 2, 100), 0.0075);
+  EXPECT_DOUBLE_EQ(learning_rate_at(o, 3, 100), 0.01);
+  EXPECT_DOUBLE_EQ(learning_rate_at(o, 50, 100), 0.01);
+  // Cosine: the peak right after the warm-up, half-way (0.1 + 0.9 / 2) at the
+  // middle, a tenth at the last step and after it.
+  o.decay = "cosine";
+  EXPECT_DOUBLE_EQ(learning_rate_at(o, 2, 100), 0.0075);
+  EXPECT_DOUBLE_EQ(learning_rate_at(o, 4, 105), 0.01);
+  EXPECT_DOUBLE_EQ(learning_rate_at(o, 54, 105), 0.0055);
+  EXPECT_DOUBLE_EQ(learning_rate_at(o, 104, 105), 0.001);
+  EXPECT_DOUBLE_EQ(learning_rate_at(o, 200, 105), 0.001);
+  double previous = 1;
+  for (int64_t step = 4; step < 105; ++step) {
+    const double lr = learning_rate_at(o, step, 105);
+    EXPECT_LT(lr, previous) << step;
+    previous = lr;
+  }
+  // A job of one step runs it at the peak; of two, at the peak and then a tenth.
+  o.warmup_steps = 0;
+  EXPECT_DOUBLE_EQ(learning_rate_at(o, 0, 1), 0.01);
+  EXPECT_DOUBLE_EQ(learning_rate_at(o, 1, 2), 0.001);
+  EXPECT_DOUBLE_EQ(learning_rate_at(o, 0, 2), 0.01);
 }
 
 TEST(JobSpecTest, ShardingRanges) {

@@ -159,6 +159,42 @@ TEST_F(PipelineTest, GptSameLossesAsOneProcessForOneTwoFourStages) {
   }
 }
 
+// A learning-rate warm-up and cosine decay: the stages without data (the middle
+// ones of 4) learn the job's length from the driver's Resume, so all stages step
+// with the one process's rates; and a pipeline stopped midway resumes on the same
+// schedule (every step's loss equals the uninterrupted run's).
+TEST_F(PipelineTest, WarmupAndCosineDecayMatchOneProcessAndSurviveARestart) {
+  const std::string data = dir_ + "/tokens";
+  shardguard::testing::write_small_tokens(data);
+  auto json = shardguard::testing::small_gpt_job_json(1, data);
+  json["spec"]["training"]["optimizer"] = {{"name", "adam"}, {"learningRate", 0.01}};
+  MonolithicOptions mo;
+  mo.device = "cpu";
+  const auto constant = train_monolithic(job_from_json(json), mo);
+  json["spec"]["training"]["optimizer"]["warmupSteps"] = 4;
+  json["spec"]["training"]["optimizer"]["decay"] = "cosine";
+  const auto mono = train_monolithic(job_from_json(json), mo);
+  ASSERT_EQ(mono.steps.size(), 16u);
+  // The schedule is in effect: step 0 runs at a quarter of the rate, so step 1's
+  // loss already differs from the constant-rate run's.
+  EXPECT_EQ(mono.steps[0].loss, constant.steps[0].loss);
+  EXPECT_GT(std::abs(mono.steps[1].loss - constant.steps[1].loss), 1e-4);
+
+  json["spec"]["sharding"]["shards"] = 4;
+  const JobSpec job = job_from_json(json);
+  const auto full = run(job);
+  for (const auto& st : full.results) ASSERT_TRUE(st.ok) << st.error;
+  expect_same_losses(full.last().losses, mono, "gpt cosine n=4");
+
+  std::filesystem::remove_all(dir_ + "/checkpoints");
+  const auto part = run(job, 7);
+  for (const auto& st : part.results) ASSERT_TRUE(st.ok) << st.error;
+  const auto rest = run(job);  // resumes at step 7, checkpointed when --max-steps stopped it
+  for (const auto& st : rest.results) ASSERT_TRUE(st.ok) << st.error;
+  ASSERT_EQ(rest.last().losses.size(), 16u);
+  for (size_t s = 7; s < 16; ++s) EXPECT_NEAR(rest.last().losses[s], full.last().losses[s], 1e-5) << s;
+}
+
 TEST_F(PipelineTest, SgdWithMomentumMatchesOneProcess) {
   auto json = shardguard::testing::small_job_json("mlp", 1);
   json["spec"]["training"]["optimizer"] = {{"name", "sgd"}, {"learningRate", 0.05}, {"momentum", 0.9},

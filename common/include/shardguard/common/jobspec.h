@@ -70,7 +70,19 @@ struct OptimizerSpec {
   double learning_rate = 0.001;
   double momentum = 0.0;      // sgd only
   double weight_decay = 0.0;
+  // The learning-rate schedule (learning_rate_at): a linear warm-up over the first
+  // warmup_steps steps, then constant or a cosine decay to a tenth of learning_rate
+  // at the job's last step.
+  int64_t warmup_steps = 0;
+  std::string decay = "constant";  // constant | cosine
 };
+
+// The learning rate of optimizer step `step` (0-based) of a job of `total_steps`
+// steps: learning_rate × min(1, (step + 1) / warmup_steps), and with cosine decay,
+// after the warm-up, × (0.1 + 0.9 × (1 + cos(π · p)) / 2), p = (step − warmup) /
+// (total − warmup − 1), so the last step runs at a tenth of the peak. Every stage and replica computes the same value from
+// the same step, so the pipeline equals the monolithic run.
+double learning_rate_at(const OptimizerSpec& o, int64_t step, int64_t total_steps);
 
 struct TrainingSpec {
   int epochs = 1;

@@ -17,6 +17,8 @@ namespace shardguard::shardd {
 
 std::unique_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerSpec& spec,
                                                         const std::vector<torch::Tensor>& params);
+// Sets every parameter group's learning rate (before each step: learning_rate_at).
+void set_learning_rate(torch::optim::Optimizer& optimizer, double lr);
 
 torch::Device resolve_device(const std::string& device);  // auto | cpu | cuda; throws on cuda without CUDA
 

@@ -78,6 +78,7 @@ struct SyncReply {
 struct ResumeMsg {  // restore `step`, switch to `generation`
   uint64_t generation = 0;
   int64_t step = 0;
+  int64_t schedule_steps = 0;  // the job's optimizer steps: the learning-rate schedule's length
 };
 struct FinishMsg {  // write the final checkpoint and stop
   uint64_t generation = 0;
