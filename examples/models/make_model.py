@@ -14,7 +14,9 @@ shardd's zoo gpt: block 0 embeds token ids [t] (int64) into [t, h] with learned
 positions, blocks 1..depth are pre-norm causal self-attention layers, the last block is
 a layer norm and the LM head giving [t, vocab] logits. It reads the token files of
 `shardctl data tokens` (spec.dataset.format: tokens). --arch mlp reads a Fashion-MNIST
-image [1, 28, 28] and gives 10 logits (spec.dataset.format: fashion-mnist).
+image [1, 28, 28] and gives 10 logits (spec.dataset.format: fashion-mnist). --arch
+classifier reads a float32 vector [--inputs] and gives --classes logits: tabular data
+as .npy files (spec.dataset.format: tensors).
 
 --variant makes the models that `split` must refuse (tests use them):
   sequence   the good model (default)
@@ -118,11 +120,14 @@ def gpt_blocks(a, variant):
 
 
 def mlp_blocks(a, variant):
-    blocks = [nn.Sequential(Flatten(), nn.Linear(28 * 28, a.hidden), nn.ReLU())]
+    if a.arch == "classifier":
+        blocks = [nn.Sequential(nn.Linear(a.inputs, a.hidden), nn.ReLU())]
+    else:
+        blocks = [nn.Sequential(Flatten(), nn.Linear(28 * 28, a.hidden), nn.ReLU())]
     for i in range(a.depth - 1):
         width = a.hidden + 8 if (variant == "nochain" and i == 0) else a.hidden
         blocks.append(nn.Sequential(nn.Linear(width, a.hidden), nn.ReLU()))
-    blocks.append(nn.Linear(a.hidden, 10))
+    blocks.append(nn.Linear(a.hidden, a.classes if a.arch == "classifier" else 10))
     return blocks
 
 
@@ -233,7 +238,7 @@ def make(a, variant, out):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="where the TorchScript archive goes")
-    p.add_argument("--arch", choices=["gpt", "mlp"], default="gpt")
+    p.add_argument("--arch", choices=["gpt", "mlp", "classifier"], default="gpt")
     p.add_argument("--variant", choices=VARIANTS + ["all"], default="sequence")
     p.add_argument("--container", choices=["sequential", "modulelist"], default="sequential")
     p.add_argument("--vocab", type=int, default=256)
@@ -241,6 +246,8 @@ def main():
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--inputs", type=int, default=12, help="--arch classifier: features per sample")
+    p.add_argument("--classes", type=int, default=3, help="--arch classifier: classes")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--train", help="a token dataset directory (train.tokens) to train on first (gpt)")
     p.add_argument("--steps", type=int, default=100)

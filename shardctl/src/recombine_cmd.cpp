@@ -46,7 +46,8 @@ int RecombinePackages(const JobSpec& job, const RecombineOptions& o) {
   const auto device = shardd::resolve_device(o.device);
   r.view->to(device);
   r.view->eval();
-  const auto ev = shardd::evaluate(r.view, job, shardd::Split::kTest, device);
+  const model::ModelDesc desc = r.manifest.desc();
+  const auto ev = shardd::evaluate(r.view, job, shardd::Split::kTest, device, &desc);
   std::printf("recombined %zu packages and checkpoints of job %s at step %lld: %lld parameters\n",
               r.manifest.shards.size(), job.name.c_str(), static_cast<long long>(r.step),
               static_cast<long long>(r.manifest.parameters()));

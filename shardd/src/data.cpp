@@ -314,11 +314,11 @@ struct TensorSplit {
   int64_t classes = 0;  // labels lie in 0..classes-1
 };
 
-TensorSplit open_tensors(const JobSpec& job, Split split) {
+TensorSplit open_tensors(const JobSpec& job, Split split, const model::ModelDesc* model) {
   TensorSplit t;
   t.inputs = read_npy_header(npy_path(job.dataset, split, true));
   t.labels = read_npy_header(npy_path(job.dataset, split, false));
-  const model::ModelDesc desc = model::describe_model(job.model);
+  const model::ModelDesc desc = model ? *model : model::describe_model(job.model);
   const std::vector<int64_t>& want = desc.blocks.front().in_shape;
   t.classes = desc.blocks.back().out_shape.front();
   const std::vector<int64_t> got(t.inputs.shape.begin() + 1, t.inputs.shape.end());
@@ -344,8 +344,47 @@ TensorSplit open_tensors(const JobSpec& job, Split split) {
 
 }  // namespace
 
-int64_t count_samples(const JobSpec& job, Split split) {
-  if (job.dataset.format == "tensors") return open_tensors(job, split).count;
+DataShapes data_shapes(const JobSpec& job) {
+  DataShapes s;
+  s.format = job.dataset.format;
+  if (job.dataset.format == "tokens") {
+    s.input = {job.model.context};
+    s.token_input = true;
+    s.output = {job.model.context, job.model.vocab};
+  } else if (job.dataset.format == "tensors") {
+    const NpyArray inputs = read_npy_header(npy_path(job.dataset, Split::kTrain, true));
+    s.input.assign(inputs.shape.begin() + 1, inputs.shape.end());
+  } else {
+    s.input = {1, model::kImageSide, model::kImageSide};
+    s.output = {model::kNumClasses};
+  }
+  return s;
+}
+
+std::string DataShapes::refuses_output(const std::vector<int64_t>& out) const {
+  if (format == "tensors") {
+    if (out.size() == 1 && out[0] >= 2) return "";
+    return "[classes] float logits (one per class, at least 2 classes)";
+  }
+  if (out == output) return "";
+  if (token_input) {
+    return "[spec.model.context, spec.model.vocab] = " + model::shape_str(output) +
+           " float logits (the next token's at every position)";
+  }
+  return model::shape_str(output) + " float logits (one per class)";
+}
+
+torch::Tensor DataShapes::example(int64_t batch, int vocab) const {
+  std::vector<int64_t> shape{batch};
+  shape.insert(shape.end(), input.begin(), input.end());
+  int64_t per_sample = 1;
+  for (int64_t d : input) per_sample *= d;
+  if (token_input) return torch::arange(batch * per_sample, torch::kLong).remainder(vocab).reshape(shape);
+  return torch::linspace(0.0, 1.0, batch * per_sample).reshape(shape);
+}
+
+int64_t count_samples(const JobSpec& job, Split split, const model::ModelDesc* model) {
+  if (job.dataset.format == "tensors") return open_tensors(job, split, model).count;
   if (job.dataset.format != "tokens") return count_samples(job.dataset, split);
   const int64_t n = token_count(job, split);
   if (n < job.model.context + 1) {
@@ -356,10 +395,10 @@ int64_t count_samples(const JobSpec& job, Split split) {
   return limited(token_windows(n, job.model.context, split == Split::kTrain), split_limit(job.dataset, split));
 }
 
-Samples Samples::load(const JobSpec& job, Split split, bool features, bool targets) {
+Samples Samples::load(const JobSpec& job, Split split, bool features, bool targets, const model::ModelDesc* model) {
   Samples s;
   if (job.dataset.format == "tensors") {
-    const TensorSplit t = open_tensors(job, split);
+    const TensorSplit t = open_tensors(job, split, model);
     s.count_ = t.count;
     if (features) s.x_ = read_npy(t.inputs, t.count);
     if (targets) {

@@ -42,17 +42,16 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
                                 std::to_string(opt_.job.sharding.shards));
     }
     // The data this job feeds the first block and the loss reads from the last.
-    const bool tokens = opt_.job.dataset.format == "tokens";
-    const std::vector<int64_t> in = tokens ? std::vector<int64_t>{opt_.job.model.context}
-                                           : std::vector<int64_t>{1, model::kImageSide, model::kImageSide};
-    const std::vector<int64_t> out = tokens ? std::vector<int64_t>{opt_.job.model.context, opt_.job.model.vocab}
-                                            : std::vector<int64_t>{model::kNumClasses};
-    if (desc_.blocks.front().in_shape != in || desc_.blocks.back().out_shape != out) {
-      throw model::PackageError("--package: the model in " + opt_.package_dir + " maps " +
-                                model::shape_str(desc_.blocks.front().in_shape) + " to " +
-                                model::shape_str(desc_.blocks.back().out_shape) + " per sample, but spec.dataset.format " +
-                                opt_.job.dataset.format + " with this job's spec.model gives " + model::shape_str(in) +
-                                " and needs " + model::shape_str(out));
+    const DataShapes data = data_shapes(opt_.job);
+    const std::vector<int64_t>& in = desc_.blocks.front().in_shape;
+    const std::vector<int64_t>& out = desc_.blocks.back().out_shape;
+    const std::string needs = data.refuses_output(out);
+    if (in != data.input || !needs.empty()) {
+      throw model::PackageError("--package: the model in " + opt_.package_dir + " maps " + model::shape_str(in) +
+                                " to " + model::shape_str(out) + " per sample, but spec.dataset.format " +
+                                opt_.job.dataset.format + " with this job's spec.model gives " +
+                                model::shape_str(data.input) + " and needs " +
+                                (needs.empty() ? model::shape_str(out) : needs));
     }
     stages = manifest_.stages();
   } else {
@@ -92,7 +91,7 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
 
   // Data: stage 0 reads only the features, the last stage only the labels.
   if (first_ || last_) {
-    const int64_t train_n = count_samples(opt_.job, Split::kTrain);
+    const int64_t train_n = count_samples(opt_.job, Split::kTrain, &desc_);
     plan_ = make_batch_plan(opt_.job, train_n, opt_.replica);
     sampler_ = std::make_unique<BatchSampler>(plan_);
     total_steps_ = plan_.total_steps();
@@ -100,8 +99,8 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
     if (opt_.max_steps > 0) total_steps_ = std::min(total_steps_, opt_.max_steps);
   }
   if (first_ || last_) {
-    train_ = Samples::load(opt_.job, Split::kTrain, first_, last_);
-    test_ = Samples::load(opt_.job, Split::kTest, first_, last_);
+    train_ = Samples::load(opt_.job, Split::kTrain, first_, last_, &desc_);
+    test_ = Samples::load(opt_.job, Split::kTest, first_, last_, &desc_);
   }
 
   nlohmann::json ready = {{"stage", opt_.stage}, {"replica", opt_.replica}, {"replicas", replicas}, {"stages", n_}, {"blocks", {me_.first_block, me_.end_block}},

@@ -20,6 +20,7 @@
 #include "shardguard/model/model_desc.h"
 #include "shardguard/model/partition.h"
 #include "shardguard/shardd/checkpoint.h"
+#include "shardguard/shardd/data.h"
 #include "shardguard/shardd/recombine.h"
 
 namespace shardguard::shardd {
@@ -172,13 +173,7 @@ std::string dtype_name(c10::ScalarType type) {
 }
 
 torch::Tensor example_input(const JobSpec& job, int64_t batch) {
-  if (job.dataset.format == "tokens") {
-    // Deterministic ids that use the whole vocabulary range.
-    auto ids = torch::arange(batch * job.model.context, torch::kLong).remainder(job.model.vocab);
-    return ids.reshape({batch, job.model.context});
-  }
-  return torch::linspace(0.0, 1.0, batch * model::kImageSide * model::kImageSide)
-      .reshape({batch, 1, model::kImageSide, model::kImageSide});
+  return data_shapes(job).example(batch, job.model.vocab);
 }
 
 ScriptModel load_script_model(const std::string& path, const JobSpec& job, const std::string& attribute) {
@@ -276,14 +271,9 @@ ScriptModel load_script_model(const std::string& path, const JobSpec& job, const
     sm.manifest.blocks.push_back(std::move(b));
   }
   const auto& last = sm.manifest.blocks.back();
-  const std::vector<int64_t> need = job.dataset.format == "tokens"
-                                        ? std::vector<int64_t>{job.model.context, job.model.vocab}
-                                        : std::vector<int64_t>{model::kNumClasses};
-  if (last.out_shape != need || !x.is_floating_point()) {
-    const std::string what = job.dataset.format == "tokens"
-                                 ? "[spec.model.context, spec.model.vocab] = " + model::shape_str(need) +
-                                       " float logits (the next token's at every position)"
-                                 : model::shape_str(need) + " float logits (one per class)";
+  std::string what = data_shapes(job).refuses_output(last.out_shape);
+  if (what.empty() && !x.is_floating_point()) what = "float logits";
+  if (!what.empty()) {
     throw PackageError("model " + path + ": the last block " + last.source + " gives " + last.out_dtype + " " +
                        model::shape_str(last.out_shape) + " per sample, but spec.dataset.format " +
                        job.dataset.format + " needs " + what);

@@ -71,9 +71,10 @@ EvalResult evaluate(torch::nn::Sequential& model, const torch::Tensor& images, c
   return r;
 }
 
-EvalResult evaluate(torch::nn::Sequential& model, const JobSpec& job, Split split, torch::Device device) {
+EvalResult evaluate(torch::nn::Sequential& model, const JobSpec& job, Split split, torch::Device device,
+                    const model::ModelDesc* desc) {
   torch::NoGradGuard no_grad;
-  const Samples data = Samples::load(job, split, true, true);
+  const Samples data = Samples::load(job, split, true, true, desc);
   EvalResult r;
   const int64_t n = data.size();
   const int batch_size = job.training.eval_batch_size;

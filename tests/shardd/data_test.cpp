@@ -23,6 +23,9 @@
 namespace shardguard::shardd {
 namespace {
 
+using shardguard::testing::bytes_of;
+using shardguard::testing::write_npy;
+
 void put32(std::string& out, uint32_t v) {
   for (int shift : {24, 16, 8, 0}) out.push_back(static_cast<char>((v >> shift) & 0xFF));
 }
@@ -205,25 +208,6 @@ TEST_F(TokenDataTest, DataThatDoesNotFitTheModelIsRefusedNamingTheFile) {
 }
 
 // ---- format tensors: NumPy .npy files ------------------------------------------------------
-
-// A .npy file (format 1.0) as NumPy writes it: magic, version, header length, the
-// header dict padded with spaces to a multiple of 64 bytes and ended by '\n', the data.
-void write_npy(const std::string& path, const std::string& descr, const std::string& shape, const std::string& data,
-               const std::string& order = "False") {
-  std::string header = "{'descr': '" + descr + "', 'fortran_order': " + order + ", 'shape': " + shape + ", }";
-  const size_t total = 10 + header.size() + 1;
-  header.append((64 - total % 64) % 64, ' ');
-  header += '\n';
-  std::string out = std::string("\x93NUMPY\x01\x00", 8);
-  out.push_back(static_cast<char>(header.size() & 0xFF));
-  out.push_back(static_cast<char>(header.size() >> 8));
-  write_file_atomic(path, out + header + data);
-}
-
-template <typename T>
-std::string bytes_of(const std::vector<T>& v) {
-  return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
-}
 
 class TensorDataTest : public ::testing::Test {
  protected:

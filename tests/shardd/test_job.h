@@ -67,4 +67,23 @@ inline nlohmann::json small_gpt_job_json(int shards, const std::string& data_dir
   return j;
 }
 
+// A .npy file (format 1.0) as NumPy writes it: magic, version, header length, the
+// header dict padded with spaces to a multiple of 64 bytes and ended by '\n', the data.
+inline void write_npy(const std::string& path, const std::string& descr, const std::string& shape,
+                      const std::string& data, const std::string& order = "False") {
+  std::string header = "{'descr': '" + descr + "', 'fortran_order': " + order + ", 'shape': " + shape + ", }";
+  const size_t total = 10 + header.size() + 1;
+  header.append((64 - total % 64) % 64, ' ');
+  header += '\n';
+  std::string out = std::string("\x93NUMPY\x01\x00", 8);
+  out.push_back(static_cast<char>(header.size() & 0xFF));
+  out.push_back(static_cast<char>(header.size() >> 8));
+  write_file_atomic(path, out + header + data);
+}
+
+template <typename T>
+inline std::string bytes_of(const std::vector<T>& v) {
+  return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
+}
+
 }  // namespace shardguard::testing

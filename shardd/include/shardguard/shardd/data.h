@@ -12,6 +12,7 @@
 #include <torch/types.h>
 
 #include "shardguard/common/jobspec.h"
+#include "shardguard/model/model_desc.h"
 
 namespace shardguard::shardd {
 
@@ -43,7 +44,11 @@ class Samples {
   // Loads what `features` and `targets` ask for. Throws DatasetError naming the
   // file when it is missing or does not fit the model (a token ≥ vocab, too few
   // tokens for one window).
-  static Samples load(const JobSpec& job, Split split, bool features, bool targets);
+  // `model`: the job's blocks (a package's manifest); nullptr: the zoo model of
+  // spec.model. Tensor files are checked against its first block's input and its
+  // number of classes.
+  static Samples load(const JobSpec& job, Split split, bool features, bool targets,
+                      const model::ModelDesc* model = nullptr);
   int64_t size() const { return count_; }
   torch::Tensor features(const torch::Tensor& idx, int epoch = 0) const;
   torch::Tensor targets(const torch::Tensor& idx, int epoch = 0) const;
@@ -62,8 +67,31 @@ class Samples {
   int64_t max_offset_ = 0;   // training windows start at offset + i·context, offset ≤ this
 };
 
-// Number of samples of a split without loading the data (IDX header; token file size).
-int64_t count_samples(const JobSpec& job, Split split);
+// Number of samples of a split without loading the data (IDX header; token file
+// size; .npy headers, checked against `model` as Samples::load does).
+int64_t count_samples(const JobSpec& job, Split split, const model::ModelDesc* model = nullptr);
+
+// What a job's data feeds the first block and what its loss takes from the last,
+// per sample — written down here once for every spec.dataset.format:
+//   fashion-mnist: float32 [1, 28, 28] → float logits [10];
+//   tokens: int64 ids [context] → float logits [context, vocab] (the next token at
+//     every position);
+//   tensors: float32 of train-inputs.npy's per-sample shape (read from its header)
+//     → float logits [classes], for any number of classes ≥ 2 (the model's own).
+struct DataShapes {
+  std::string format;
+  std::vector<int64_t> input;
+  bool token_input = false;     // int64 ids (tokens), else float32
+  std::vector<int64_t> output;  // tensors: {} (any [classes])
+  // "" when a last block giving `out` per sample suits the loss, else what the loss
+  // needs ("[10] float logits (one per class)").
+  std::string refuses_output(const std::vector<int64_t>& out) const;
+  // An input batch of `batch` samples of these shapes: token ids covering the
+  // vocabulary, or float32 values in [0, 1].
+  torch::Tensor example(int64_t batch, int vocab) const;
+};
+// Throws DatasetError for a tensors dataset whose inputs file is missing or damaged.
+DataShapes data_shapes(const JobSpec& job);
 
 // The order of the training samples in `epoch`: a Fisher-Yates shuffle driven
 // by a SplitMix64 stream of (seed, epoch). The same on every stage and platform.

@@ -42,7 +42,10 @@ void score_batch(const torch::Tensor& logits, const torch::Tensor& targets, Eval
 EvalResult evaluate(torch::nn::Sequential& model, const torch::Tensor& images, const torch::Tensor& labels,
                     int batch_size, torch::Device device);
 // The same over a job's split, whatever its format (shardctl recombine, tests).
-EvalResult evaluate(torch::nn::Sequential& model, const JobSpec& job, Split split, torch::Device device);
+// `desc`: the model's blocks when they are not spec.model's zoo model (a package's
+// manifest), for the tensors format's checks (Samples::load).
+EvalResult evaluate(torch::nn::Sequential& model, const JobSpec& job, Split split, torch::Device device,
+                    const model::ModelDesc* desc = nullptr);
 
 struct MonolithicStep {
   int64_t step = 0;
