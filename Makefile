@@ -130,6 +130,13 @@ fuzz: fuzz-build
 
 demo: deps build
 	$(BUILD)/bin/shardctl run examples/fashion-mnist-cnn.yaml --workdir $(BUILD)/demo --fresh --prometheus
+	@echo ""
+	@echo "The language model (byte-level gpt, 4 shards, ~11 min on 2 cores; docs/models.md):"
+	@echo "  $(BUILD)/bin/shardctl data tokens /usr/share/games/fortunes --out /var/tmp/shardguard-data/fortunes"
+	@echo "  $(BUILD)/bin/shardctl run examples/fortunes-gpt.yaml"
+	@echo "  $(BUILD)/bin/shardctl generate examples/fortunes-gpt.yaml --prompt 'The meaning of life is' --tokens 300"
+	@echo "A trained model brought as TorchScript, split into one encrypted package per shard and"
+	@echo "fine-tuned: the commands are at the top of examples/fortunes-gpt-finetune.yaml (docs/distribution.md)."
 
 bench: deps build
 	$(BUILD)/bin/pipeline_bench --out $(BUILD)/bench/results.jsonl
