@@ -136,6 +136,17 @@ int main(int argc, char** argv) {
                       "checkpoints' weights");
   rec_cmd->add_option("--package-keys", rec.package_key_dir, "the package keys (shardctl split --keys)");
   rec_cmd->add_option("--out", rec.out_file, "with --package: write the fine-tuned TorchScript model here");
+  rec_cmd->add_option("--prompt", rec.prompt,
+                      "a language model: also generate from this text with the whole model in this process (the "
+                      "monolithic counterpart of shardctl generate)");
+  rec_cmd->add_option("--tokens", rec.tokens, "with --prompt: how many tokens")->capture_default_str();
+  rec_cmd->add_option("--temperature", rec.temperature, "with --prompt: sampling temperature (0 = greedy)")
+      ->capture_default_str();
+  rec_cmd->add_option("--top-k", rec.top_k, "with --prompt: sample among the k most likely tokens (0 = all)")
+      ->capture_default_str();
+  rec_cmd->add_option("--seed", rec.seed, "with --prompt: sampling seed")->capture_default_str();
+  rec_cmd->add_option("--tokens-out", rec.tokens_out,
+                      "with --prompt: also write the generated token ids here (little-endian uint16)");
 
   SplitOptions split;
   auto* split_cmd = app.add_subcommand(

@@ -396,37 +396,6 @@ bool report_from_prometheus(LocalPrometheus& prometheus, const JobSpec& job, int
   }
 }
 
-// Why `shardctl generate` cannot run this job with these options, naming the flag or
-// the spec field and the value; "" when it can.
-std::string generation_refusal(const JobSpec& job, const LocalGenerate& g) {
-  if (!job.model.language_model()) {
-    return "job " + job.name + " is not a language model (spec.model.architecture " + job.model.architecture +
-           (job.model.from_package() ? " with spec.dataset.format " + job.dataset.format : std::string()) +
-           "); generate needs architecture gpt, or torchscript with format tokens";
-  }
-  if (g.tokens < 1 || g.tokens > kMaxGenerateTokens) {
-    return "--tokens " + std::to_string(g.tokens) + " is out of range (1.." + std::to_string(kMaxGenerateTokens) + ")";
-  }
-  if (g.prompt.empty()) return "--prompt is empty: give at least one byte to continue from";
-  for (size_t i = 0; i < g.prompt.size(); ++i) {
-    const int byte = static_cast<unsigned char>(g.prompt[i]);
-    if (byte >= job.model.vocab) {
-      char hex[8];
-      std::snprintf(hex, sizeof hex, "0x%02x", byte);
-      return "--prompt: byte " + std::to_string(i) + " (" + hex + ") is outside the model's vocabulary of " +
-             std::to_string(job.model.vocab) + " tokens (spec.model.vocab)";
-    }
-  }
-  if (!(g.temperature >= 0) || !std::isfinite(g.temperature)) {
-    return "--temperature " + std::to_string(g.temperature) + " must be a number >= 0 (0 = greedy)";
-  }
-  if (g.top_k < 0 || g.top_k > job.model.vocab) {
-    return "--top-k " + std::to_string(g.top_k) + " is out of range (0 = every token, or 1.." +
-           std::to_string(job.model.vocab) + ")";
-  }
-  return "";
-}
-
 // The text on stdout (only it), the summary on stderr.
 int report_generation(const LocalGenerate& g, const std::string& tokens_file, const std::string& stage0_log, int n,
                       double wall) {
@@ -462,6 +431,37 @@ int report_generation(const LocalGenerate& g, const std::string& tokens_file, co
 }
 
 }  // namespace
+
+// Why `shardctl generate` cannot run this job with these options, naming the flag or
+// the spec field and the value; "" when it can.
+std::string generation_refusal(const JobSpec& job, const LocalGenerate& g) {
+  if (!job.model.language_model()) {
+    return "job " + job.name + " is not a language model (spec.model.architecture " + job.model.architecture +
+           (job.model.from_package() ? " with spec.dataset.format " + job.dataset.format : std::string()) +
+           "); generate needs architecture gpt, or torchscript with format tokens";
+  }
+  if (g.tokens < 1 || g.tokens > kMaxGenerateTokens) {
+    return "--tokens " + std::to_string(g.tokens) + " is out of range (1.." + std::to_string(kMaxGenerateTokens) + ")";
+  }
+  if (g.prompt.empty()) return "--prompt is empty: give at least one byte to continue from";
+  for (size_t i = 0; i < g.prompt.size(); ++i) {
+    const int byte = static_cast<unsigned char>(g.prompt[i]);
+    if (byte >= job.model.vocab) {
+      char hex[8];
+      std::snprintf(hex, sizeof hex, "0x%02x", byte);
+      return "--prompt: byte " + std::to_string(i) + " (" + hex + ") is outside the model's vocabulary of " +
+             std::to_string(job.model.vocab) + " tokens (spec.model.vocab)";
+    }
+  }
+  if (!(g.temperature >= 0) || !std::isfinite(g.temperature)) {
+    return "--temperature " + std::to_string(g.temperature) + " must be a number >= 0 (0 = greedy)";
+  }
+  if (g.top_k < 0 || g.top_k > job.model.vocab) {
+    return "--top-k " + std::to_string(g.top_k) + " is out of range (0 = every token, or 1.." +
+           std::to_string(job.model.vocab) + ")";
+  }
+  return "";
+}
 
 std::string printable_text(const std::vector<uint16_t>& tokens) {
   std::string out;

@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "shardguard/common/jobspec.h"
+
 namespace shardguard::shardctl {
 
 // `shardctl generate`: the same processes as `shardctl run` (shardd behind its sidecar
@@ -51,6 +53,10 @@ struct LocalRunOptions {
 // 130 stopped by a signal (checkpoints kept). With options.generate, prints the
 // generated text on stdout (everything else on stderr).
 int RunLocal(const LocalRunOptions& options);
+
+// Why `shardctl generate` (or `recombine --prompt`) cannot generate with this job and
+// these options, naming the flag or spec field and the value; "" when it can.
+std::string generation_refusal(const JobSpec& job, const LocalGenerate& generate);
 
 // Generated tokens as text for a terminal: byte tokens that form valid UTF-8 as
 // they are (with newlines and tabs), every other byte as \xNN, a token id >= 256 as <id>.
