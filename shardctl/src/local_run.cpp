@@ -398,7 +398,7 @@ bool report_from_prometheus(LocalPrometheus& prometheus, const JobSpec& job, int
 
 // The text on stdout (only it), the summary on stderr.
 int report_generation(const LocalGenerate& g, const std::string& tokens_file, const std::string& stage0_log, int n,
-                      double wall) {
+                      double wall, double denied) {
   std::vector<uint16_t> tokens;
   try {
     tokens = read_token_file(tokens_file);
@@ -427,6 +427,9 @@ int report_generation(const LocalGenerate& g, const std::string& tokens_file, co
                static_cast<long long>(tokens.size()), n, static_cast<long long>(finished.value("step", int64_t{0})),
                format_duration(wall).c_str(), finished.value("tokens_per_second", 0.0), g.temperature, g.top_k,
                static_cast<unsigned long long>(g.seed));
+  // Every frame went as a Forward or Backward call between neighbours, which the shard
+  // policy allows; anything else would have been refused and counted here.
+  std::fprintf(stderr, "  policy denials  %.0f\n", denied);
   return 0;
 }
 
@@ -997,6 +1000,25 @@ int RunLocal(const LocalRunOptions& options) {
     }
   };
 
+  auto print_traffic = [&](FILE* out) {
+    // Every byte a shardd sent or received crossed its sidecar: the sidecar's relayed
+    // bytes (shardguard_proxy_bytes_total) against shardd's own count
+    // (shardguard_pipeline_message_bytes_total, as its last log line reports it).
+    std::fprintf(out, "%s%s\n", "  traffic         bytes relayed by each sidecar vs sent/received by its shardd",
+                   replicas > 1 ? " (replica 0)" : "");
+    for (int i = 0; i < n; ++i) {
+      const ShardTraffic t = shardd_traffic(shards[i].shardd.log_file, shards[i].log_start);
+      const double sent = prometheus_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", "sent"}});
+      const double received = prometheus_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", "received"}});
+      const bool match = !pages[i].empty() && t.reports > 0 && sent == t.sent && received == t.received;
+      std::fprintf(out, "  shard %d traffic sidecar sent %.0f received %.0f; shardd sent %.0f received %.0f  %s\n", i, sent,
+                  received, t.sent, t.received,
+                  pages[i].empty() ? "(sidecar metrics unreadable)"
+                  : match          ? "(equal: all through the sidecar)"
+                  : shards[i].restarts > 0 ? "(differ: a killed shardd reports no count)"
+                                           : "(DIFFER)");
+    }
+  };
   if (interrupted && generating) {
     std::cerr << who << ": stopped by signal; every shard process and sidecar was stopped\n";
     return 130;
@@ -1014,8 +1036,9 @@ int RunLocal(const LocalRunOptions& options) {
     return 1;
   }
   if (generating) {
+    print_traffic(stderr);
     return report_generation(*options.generate, generate_dir + "/generated.tokens",
-                             log_since(shards[0].shardd.log_file, shards[0].log_start), n, wall);
+                             log_since(shards[0].shardd.log_file, shards[0].log_start), n, wall, denied);
   }
   std::cout << "\nshardctl run: done in " << format_duration(wall) << "\n";
   if (job.model.language_model() && state.eval_loss) {
@@ -1077,23 +1100,7 @@ int RunLocal(const LocalRunOptions& options) {
                                                                                                        : "ABOVE",
                 job.protection.max_exposure);
   }
-  // Every byte a shardd sent or received crossed its sidecar: the sidecar's relayed
-  // bytes (shardguard_proxy_bytes_total) against shardd's own count
-  // (shardguard_pipeline_message_bytes_total, as its last log line reports it).
-  std::cout << "  traffic         bytes relayed by each sidecar vs sent/received by its shardd"
-            << (replicas > 1 ? " (replica 0)" : "") << "\n";
-  for (int i = 0; i < n; ++i) {
-    const ShardTraffic t = shardd_traffic(shards[i].shardd.log_file, shards[i].log_start);
-    const double sent = prometheus_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", "sent"}});
-    const double received = prometheus_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", "received"}});
-    const bool match = !pages[i].empty() && t.reports > 0 && sent == t.sent && received == t.received;
-    std::printf("  shard %d traffic sidecar sent %.0f received %.0f; shardd sent %.0f received %.0f  %s\n", i, sent,
-                received, t.sent, t.received,
-                pages[i].empty() ? "(sidecar metrics unreadable)"
-                : match          ? "(equal: all through the sidecar)"
-                : shards[i].restarts > 0 ? "(differ: a killed shardd reports no count)"
-                                         : "(DIFFER)");
-  }
+  print_traffic(stdout);
   std::printf("  policy denials  %.0f\n", denied);
   print_denials(std::cout);
   std::cout << "  checkpoints     " << ckpt_dir << " (each shard encrypted under its own key in " << key_dir << ")\n";

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <regex>
 #include <set>
 #include <sstream>
 
@@ -86,6 +87,22 @@ TEST_F(ShardctlGenerateTest, PipelineGenerationEqualsTheRecombinedModelAndTheSee
     EXPECT_EQ(a.out, "the " + text + "\n");
   }
   EXPECT_NE(a.err.find("40 tokens through 3 stages"), std::string::npos) << a.err;
+  // Through the sidecars, whose policy refused nothing: each shardd's traffic went
+  // through its sidecar only (its --prev/--next are the sidecar's outbound listener).
+  EXPECT_NE(a.err.find("policy denials  0\n"), std::string::npos) << a.err;
+  // Received bytes equal exactly; a last small message to a neighbour that had already
+  // ended may be counted by shardd and never relayed (as in ShardctlRunTest).
+  const std::regex traffic("shard (\\d) traffic sidecar sent (\\d+) received (\\d+); shardd sent (\\d+) received (\\d+)");
+  int rows = 0;
+  for (std::sregex_iterator it(a.err.begin(), a.err.end(), traffic), end; it != end; ++it) {
+    ++rows;
+    const double sidecar_sent = std::stod((*it)[2]), shardd_sent = std::stod((*it)[4]);
+    EXPECT_GT(sidecar_sent, 1000);  // every stage sent frames, through its sidecar
+    EXPECT_EQ((*it)[3].str(), (*it)[5].str());
+    EXPECT_LE(sidecar_sent, shardd_sent);
+    EXPECT_LE(shardd_sent - sidecar_sent, 256.0);
+  }
+  EXPECT_EQ(rows, n) << a.err;
   // Stage 0 generated them, from the newest checkpoint every stage held (step 16).
   const auto finished = [&] {
     std::vector<nlohmann::json> out;
