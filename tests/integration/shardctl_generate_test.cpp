@@ -3,7 +3,8 @@
 // sidecar, each restoring only its own checkpoint — equals what the whole model
 // recombined in one process (`shardctl recombine --prompt`) generates from the same
 // checkpoints, greedily and sampled with the same seed; the same seed gives the same
-// text, another seed other text; jobs and flags it cannot serve are refused, naming them.
+// text, another seed other text; the same for a TorchScript model split into packages;
+// jobs and flags it cannot serve are refused, naming them.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 
 #include "integration/pipeline_fixture.h"
 #include "shardd/test_job.h"
+#include "support/python.h"
 
 namespace shardguard {
 namespace {
@@ -173,6 +175,45 @@ TEST_F(ShardctlGenerateTest, RefusesJobsThatAreNotLanguageModelsAndPromptsOutsid
   EXPECT_NE(v.err.find("--prompt: byte 3 (0xc3) is outside the model's vocabulary of 128 tokens (spec.model.vocab)"),
             std::string::npos)
       << v.err;
+}
+
+// A TorchScript language model split into packages (`torchscript` on `format: tokens`):
+// fine-tuned by `shardctl run`, each stage generating from its own package and
+// checkpoint gives what the recombined TorchScript model gives in one process.
+TEST_F(ShardctlGenerateTest, SplitTorchScriptModelGeneratesLikeItsRecombination) {
+  const std::string python = testsupport::python_with_torch();
+  if (python.empty()) {
+    GTEST_SKIP() << "no python3 with torch (Debian python3-torch, installed by make deps; or set SHARDGUARD_PYTHON)";
+  }
+  constexpr int n = 3;
+  testing::write_small_tokens(dir_ + "/data", 4000, 600);
+  auto spec = testing::small_gpt_job_json(n, dir_ + "/data", 256);
+  spec["spec"]["model"] = {{"architecture", "torchscript"}, {"vocab", 256}, {"context", 16},
+                           {"package", {{"path", dir_ + "/pkg"}, {"keysSecret", "lm-keys"}}}};
+  const std::string job = write_job(spec);
+  const std::string script = std::string(SHARDGUARD_SOURCE_DIR) + "/examples/models/make_model.py";
+  ASSERT_EQ(std::system(("'" + python + "' '" + script + "' --out '" + dir_ + "/lm.pt' --context 16 --hidden 32 " +
+                         "--depth 2 --heads 2 > '" + dir_ + "/make.log' 2>&1")
+                            .c_str()),
+            0)
+      << read_file(dir_ + "/make.log");
+  const Ran split = run_shardctl(dir_, "split", {"split", dir_ + "/lm.pt", "--job", job});
+  ASSERT_EQ(split.code, 0) << split.out << split.err;
+  const std::string work = dir_ + "/work";
+  const Ran trained = run_shardctl(dir_, "run", {"run", job, "--workdir", work, "--device", "cpu", "--threads", "1"});
+  ASSERT_EQ(trained.code, 0) << trained.out << trained.err;
+  const Ran gen = run_shardctl(dir_, "gen", {"generate", job, "--workdir", work, "--device", "cpu", "--threads", "1",
+                                             "--prompt", "the ", "--tokens", "24", "--seed", "5", "--out",
+                                             dir_ + "/gen.tokens"});
+  ASSERT_EQ(gen.code, 0) << gen.err;
+  const auto tokens = tokens_of(dir_ + "/gen.tokens");
+  EXPECT_EQ(tokens.size(), 24u);
+  const Ran mono = run_shardctl(dir_, "mono", {"recombine", job, "--checkpoints", work + "/checkpoints", "--keys",
+                                               work + "/keys", "--prompt", "the ", "--tokens", "24", "--seed", "5",
+                                               "--tokens-out", dir_ + "/mono.tokens"});
+  ASSERT_EQ(mono.code, 0) << mono.out << mono.err;
+  EXPECT_EQ(tokens_of(dir_ + "/mono.tokens"), tokens);
+  EXPECT_TRUE(processes_mentioning(work + "/").empty());
 }
 
 }  // namespace
