@@ -64,6 +64,36 @@ int main(int argc, char** argv) {
   run_cmd->add_option("--peer-timeout", run.peer_timeout_s, "seconds a shard waits for a neighbour")
       ->capture_default_str();
 
+  // `shardctl generate`: the same processes as run, generating from the newest checkpoints.
+  LocalRunOptions gen;
+  gen.generate.emplace();
+  auto* gen_cmd = app.add_subcommand(
+      "generate", "generate text with a trained language model through the pipeline: per shard, shardd behind its "
+                  "mTLS sidecar, each restoring its own newest checkpoint; the text goes to stdout");
+  gen_cmd->add_option("job", gen.job_file, "ShardedTrainingJob YAML file (architecture gpt, or torchscript on tokens)")
+      ->required();
+  gen_cmd->add_option("--workdir", gen.workdir, "the run's workdir (default .shardguard/<job>)");
+  gen_cmd->add_option("--prompt", gen.generate->prompt, "the text to continue (its bytes are the first tokens)")
+      ->required();
+  gen_cmd->add_option("--tokens", gen.generate->tokens, "how many tokens to generate (1..100000)")->required();
+  gen.generate->temperature = 0.8;
+  gen_cmd->add_option("--temperature", gen.generate->temperature, "sampling temperature (0 = greedy)")
+      ->capture_default_str();
+  gen_cmd->add_option("--top-k", gen.generate->top_k, "sample among the k most likely tokens (0 = every token)")
+      ->capture_default_str();
+  gen_cmd->add_option("--seed", gen.generate->seed, "sampling seed: the same seed gives the same text")
+      ->capture_default_str();
+  gen_cmd->add_option("--out", gen.generate->out_file,
+                      "also write the generated token ids here (little-endian uint16, as `shardctl data tokens`)");
+  gen_cmd->add_option("--device", gen.device, "auto | cpu | cuda")->capture_default_str();
+  gen_cmd->add_option("--threads", gen.threads, "compute threads per shard process (default: cores / shards)");
+  gen_cmd->add_option("--package-keys", gen.package_keys,
+                      "a job with spec.model.package: the package keys (default <spec.model.package.path>.keys)");
+  gen_cmd->add_option("--shardd", gen.shardd, "path of the shardd binary (default: next to shardctl)");
+  gen_cmd->add_option("--sidecar", gen.sidecar, "path of the shard-sidecar binary (default: next to shardctl)");
+  gen_cmd->add_option("--peer-timeout", gen.peer_timeout_s, "seconds a shard waits for a neighbour")
+      ->capture_default_str();
+
   std::string plan_job;
   auto* plan_cmd = app.add_subcommand("plan", "validate a job and print how it is cut into shards");
   plan_cmd->add_option("job", plan_job, "ShardedTrainingJob YAML file")->required();
@@ -106,6 +136,17 @@ int main(int argc, char** argv) {
                       "checkpoints' weights");
   rec_cmd->add_option("--package-keys", rec.package_key_dir, "the package keys (shardctl split --keys)");
   rec_cmd->add_option("--out", rec.out_file, "with --package: write the fine-tuned TorchScript model here");
+  rec_cmd->add_option("--prompt", rec.prompt,
+                      "a language model: also generate from this text with the whole model in this process (the "
+                      "monolithic counterpart of shardctl generate)");
+  rec_cmd->add_option("--tokens", rec.tokens, "with --prompt: how many tokens")->capture_default_str();
+  rec_cmd->add_option("--temperature", rec.temperature, "with --prompt: sampling temperature (0 = greedy)")
+      ->capture_default_str();
+  rec_cmd->add_option("--top-k", rec.top_k, "with --prompt: sample among the k most likely tokens (0 = all)")
+      ->capture_default_str();
+  rec_cmd->add_option("--seed", rec.seed, "with --prompt: sampling seed")->capture_default_str();
+  rec_cmd->add_option("--tokens-out", rec.tokens_out,
+                      "with --prompt: also write the generated token ids here (little-endian uint16)");
 
   SplitOptions split;
   auto* split_cmd = app.add_subcommand(
@@ -237,6 +278,7 @@ int main(int argc, char** argv) {
     run.progress_tty = ::isatty(STDOUT_FILENO) != 0;
     return RunLocal(run);
   }
+  if (*gen_cmd) return RunLocal(gen);
   if (*plan_cmd) return RunPlan(plan_job, plan_risk);
   if (*render_cmd) return RunRender(render);
   if (*rec_cmd) {

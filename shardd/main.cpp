@@ -10,6 +10,7 @@
 #include "shardguard/common/log.h"
 #include "shardguard/common/metrics_server.h"
 #include "shardguard/common/process.h"
+#include "shardguard/common/token_file.h"
 #include "shardguard/model/package.h"
 #include "shardguard/proto/grpc_log.h"
 #include "shardguard/shardd/stage.h"
@@ -24,6 +25,7 @@ struct Flags {
   shardd::StageOptions stage;
   std::string key_file;
   std::string package_key_file;
+  std::string prompt_file;  // --generate-prompt
   std::string metrics = "127.0.0.1:9100";
   int threads = 1;
 };
@@ -48,6 +50,13 @@ int RunShardd(Flags flags) {
     } catch (const std::exception& e) {
       throw shardguard::model::PackageError(std::string("--package-key-file: ") + e.what());
     }
+  }
+  if (!flags.prompt_file.empty()) {
+    if (!flags.stage.generate.enabled()) throw std::runtime_error("--generate-prompt needs --generate-tokens");
+    for (const uint16_t t : read_token_file(flags.prompt_file)) flags.stage.generate.prompt.push_back(t);
+  }
+  if (flags.stage.generate.tokens < 0) {
+    throw std::runtime_error("--generate-tokens: " + std::to_string(flags.stage.generate.tokens) + " is negative");
   }
   shardd::set_compute_threads(flags.threads);
 
@@ -118,6 +127,18 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--max-steps", flags.stage.max_steps, "stop after this many steps (0 = all epochs)")
       ->capture_default_str();
+  // `shardctl generate` (docs/pipeline.md): restore the newest checkpoint and generate
+  // instead of training. Every stage gets the same flags.
+  app.add_option("--generate-tokens", flags.stage.generate.tokens,
+                 "generate this many tokens instead of training (0 = train)")->capture_default_str();
+  app.add_option("--generate-prompt", flags.prompt_file, "stage 0: the prompt's token ids (little-endian uint16)");
+  app.add_option("--generate-out", flags.stage.generate.out_file,
+                 "stage 0: where the generated token ids go (little-endian uint16)");
+  app.add_option("--temperature", flags.stage.generate.temperature, "generation: sampling temperature (0 = greedy)")
+      ->capture_default_str()->check(CLI::NonNegativeNumber);
+  app.add_option("--top-k", flags.stage.generate.top_k, "generation: sample among the k most likely tokens (0 = all)")
+      ->capture_default_str()->check(CLI::NonNegativeNumber);
+  app.add_option("--sample-seed", flags.stage.generate.seed, "generation: the sampling seed")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   try {
     return RunShardd(std::move(flags));

@@ -396,10 +396,120 @@ bool report_from_prometheus(LocalPrometheus& prometheus, const JobSpec& job, int
   }
 }
 
+// The text on stdout (only it), the summary on stderr.
+int report_generation(const LocalGenerate& g, const std::string& tokens_file, const std::string& stage0_log, int n,
+                      double wall, double denied) {
+  std::vector<uint16_t> tokens;
+  try {
+    tokens = read_token_file(tokens_file);
+  } catch (const std::exception& e) {
+    std::cerr << "shardctl generate: stage 0 finished but its tokens are unreadable: " << e.what() << "\n";
+    return 1;
+  }
+  if (static_cast<int64_t>(tokens.size()) != g.tokens) {
+    std::cerr << "shardctl generate: stage 0 wrote " << tokens.size() << " tokens, not the " << g.tokens
+              << " asked for\n";
+    return 1;
+  }
+  json finished;
+  std::istringstream lines(stage0_log);
+  for (std::string line; std::getline(lines, line);) {
+    const json j = json::parse(line, nullptr, false);
+    if (j.is_object() && j.value("msg", "") == "generation finished") finished = j;
+  }
+  std::vector<uint16_t> prompt(g.prompt.begin(), g.prompt.end());
+  for (auto& t : prompt) t &= 0xff;
+  std::cout << printable_text(prompt) << printable_text(tokens) << "\n" << std::flush;
+  if (!g.out_file.empty()) write_token_file(g.out_file, tokens);
+  std::fprintf(stderr,
+               "shardctl generate: %lld tokens through %d stages (one forward pass per token) from the checkpoints of "
+               "step %lld in %s (%.1f tokens/s); temperature %g, top-k %d, seed %llu\n",
+               static_cast<long long>(tokens.size()), n, static_cast<long long>(finished.value("step", int64_t{0})),
+               format_duration(wall).c_str(), finished.value("tokens_per_second", 0.0), g.temperature, g.top_k,
+               static_cast<unsigned long long>(g.seed));
+  // Every frame went as a Forward or Backward call between neighbours, which the shard
+  // policy allows; anything else would have been refused and counted here.
+  std::fprintf(stderr, "  policy denials  %.0f\n", denied);
+  return 0;
+}
+
 }  // namespace
+
+// Why `shardctl generate` cannot run this job with these options, naming the flag or
+// the spec field and the value; "" when it can.
+std::string generation_refusal(const JobSpec& job, const LocalGenerate& g) {
+  if (!job.model.language_model()) {
+    return "job " + job.name + " is not a language model (spec.model.architecture " + job.model.architecture +
+           (job.model.from_package() ? " with spec.dataset.format " + job.dataset.format : std::string()) +
+           "); generate needs architecture gpt, or torchscript with format tokens";
+  }
+  if (g.tokens < 1 || g.tokens > kMaxGenerateTokens) {
+    return "--tokens " + std::to_string(g.tokens) + " is out of range (1.." + std::to_string(kMaxGenerateTokens) + ")";
+  }
+  if (g.prompt.empty()) return "--prompt is empty: give at least one byte to continue from";
+  for (size_t i = 0; i < g.prompt.size(); ++i) {
+    const int byte = static_cast<unsigned char>(g.prompt[i]);
+    if (byte >= job.model.vocab) {
+      char hex[8];
+      std::snprintf(hex, sizeof hex, "0x%02x", byte);
+      return "--prompt: byte " + std::to_string(i) + " (" + hex + ") is outside the model's vocabulary of " +
+             std::to_string(job.model.vocab) + " tokens (spec.model.vocab)";
+    }
+  }
+  if (!(g.temperature >= 0) || !std::isfinite(g.temperature)) {
+    return "--temperature " + std::to_string(g.temperature) + " must be a number >= 0 (0 = greedy)";
+  }
+  if (g.top_k < 0 || g.top_k > job.model.vocab) {
+    return "--top-k " + std::to_string(g.top_k) + " is out of range (0 = every token, or 1.." +
+           std::to_string(job.model.vocab) + ")";
+  }
+  return "";
+}
+
+std::string printable_text(const std::vector<uint16_t>& tokens) {
+  std::string out;
+  char buf[16];
+  for (size_t i = 0; i < tokens.size();) {
+    const uint16_t t = tokens[i];
+    if (t >= 256) {
+      out += "<" + std::to_string(t) + ">";
+      ++i;
+      continue;
+    }
+    // A whole UTF-8 sequence of byte tokens (no overlong forms, no surrogates), as it is.
+    size_t len = t < 0x80 ? 1 : (t >= 0xc2 && t <= 0xdf) ? 2 : (t >= 0xe0 && t <= 0xef) ? 3 : (t >= 0xf0 && t <= 0xf4) ? 4 : 0;
+    bool ok = len > 0 && i + len <= tokens.size();
+    for (size_t k = 1; ok && k < len; ++k) ok = tokens[i + k] >= 0x80 && tokens[i + k] <= 0xbf;
+    if (ok && len == 3) {
+      const uint16_t b1 = tokens[i + 1];
+      ok = !(t == 0xe0 && b1 < 0xa0) && !(t == 0xed && b1 > 0x9f);
+    }
+    if (ok && len == 4) {
+      const uint16_t b1 = tokens[i + 1];
+      ok = !(t == 0xf0 && b1 < 0x90) && !(t == 0xf4 && b1 > 0x8f);
+    }
+    // Control characters other than newline and tab would drive the terminal.
+    if (ok && len == 1 && ((t < 0x20 && t != '\n' && t != '\t') || t == 0x7f)) ok = false;
+    if (!ok) {
+      std::snprintf(buf, sizeof buf, "\\x%02x", t);
+      out += buf;
+      ++i;
+      continue;
+    }
+    for (size_t k = 0; k < len; ++k) out += static_cast<char>(tokens[i + k]);
+    i += len;
+  }
+  return out;
+}
 
 int RunLocal(const LocalRunOptions& options) {
   const auto started = Clock::now();
+  // `shardctl generate` runs the same processes; it trains nothing and prints the
+  // generated text on stdout, so everything else goes to stderr.
+  const bool generating = options.generate.has_value();
+  const char* who = generating ? "shardctl generate" : "shardctl run";
+  std::ostream& info = generating ? std::cerr : std::cout;
+  FILE* info_file = generating ? stderr : stdout;
   JobSpec job;
   json object;
   std::vector<model::StageDesc> stages;
@@ -414,18 +524,25 @@ int RunLocal(const LocalRunOptions& options) {
     desc = std::move(cut.desc);
     stages = std::move(cut.stages);
   } catch (const JobSpecError& e) {
-    std::cerr << "shardctl run: invalid job " << options.job_file << ":\n" << e.what() << "\n";
+    std::cerr << who << ": invalid job " << options.job_file << ":\n" << e.what() << "\n";
     return 2;
   } catch (const model::PackageError& e) {
-    std::cerr << "shardctl run: the packages of job " << options.job_file << ": " << e.what() << "\n";
+    std::cerr << who << ": the packages of job " << options.job_file << ": " << e.what() << "\n";
     return 2;
   } catch (const std::exception& e) {
-    std::cerr << "shardctl run: invalid job " << options.job_file << ":\n" << e.what() << "\n";
+    std::cerr << who << ": invalid job " << options.job_file << ":\n" << e.what() << "\n";
     return 2;
   }
-  // Data that does not fit the model is refused before any process starts.
+  if (generating) {
+    if (const std::string why = generation_refusal(job, *options.generate); !why.empty()) {
+      std::cerr << who << ": " << why << "\n";
+      return 2;
+    }
+  }
+  // Data that does not fit the model is refused before any process starts
+  // (generation reads no data).
   std::optional<double> unigram_bits;
-  if (job.dataset.format == "tokens") {
+  if (job.dataset.format == "tokens" && !generating) {
     try {
       const auto train = read_token_file(token_file_path(job.dataset.path, true));
       check_tokens(train, token_file_path(job.dataset.path, true), job.model.vocab, job.model.context);
@@ -433,7 +550,7 @@ int RunLocal(const LocalRunOptions& options) {
       check_tokens(validation, token_file_path(job.dataset.path, false), job.model.vocab, job.model.context);
       unigram_bits = unigram_bits_per_token(train, validation, job.model.vocab);
     } catch (const std::exception& e) {
-      std::cerr << "shardctl run: the data of job " << options.job_file << " does not fit its model: " << e.what()
+      std::cerr << who << ": the data of job " << options.job_file << " does not fit its model: " << e.what()
                 << "\n";
       return 2;
     }
@@ -445,7 +562,7 @@ int RunLocal(const LocalRunOptions& options) {
   const std::string sidecar_path = options.sidecar.empty() ? self_dir() + "/shard-sidecar" : options.sidecar;
   for (const auto& [path, flag] : {std::pair{shardd_path, "--shardd"}, std::pair{sidecar_path, "--sidecar"}}) {
     if (::access(path.c_str(), X_OK) != 0) {
-      std::cerr << "shardctl run: cannot run " << path << " (build it with `make build`, or pass " << flag << ")\n";
+      std::cerr << who << ": cannot run " << path << " (build it with `make build`, or pass " << flag << ")\n";
       return 2;
     }
   }
@@ -454,13 +571,13 @@ int RunLocal(const LocalRunOptions& options) {
   if (options.prometheus) {
     prometheus_path = find_in_path(options.prometheus_bin);
     if (prometheus_path.empty()) {
-      std::cerr << "shardctl run: --prometheus: cannot find " << options.prometheus_bin
+      std::cerr << who << ": --prometheus: cannot find " << options.prometheus_bin
                 << (options.prometheus_bin.find('/') == std::string::npos ? " in PATH" : "")
                 << " (Debian package prometheus, installed by `make deps`; or pass --prometheus-bin)\n";
       return 2;
     }
     if (options.prometheus_port != 0 && !port_free(options.prometheus_port)) {
-      std::cerr << "shardctl run: --prometheus-port " << options.prometheus_port << ": 127.0.0.1:"
+      std::cerr << who << ": --prometheus-port " << options.prometheus_port << ": 127.0.0.1:"
                 << options.prometheus_port << " is already in use\n";
       return 2;
     }
@@ -474,19 +591,25 @@ int RunLocal(const LocalRunOptions& options) {
     make_dirs(workdir);
     workdir_lock.emplace(workdir + "/run.lock");
   } catch (const FileLockBusy& e) {
-    std::cerr << "shardctl run: " << workdir << " is in use by another shardctl run ("
+    std::cerr << who << ": " << workdir << " is in use by another shardctl run ("
               << (e.holder_pid() > 0 ? "pid " + std::to_string(e.holder_pid()) : std::string("pid unknown"))
               << ", lock " << workdir << "/run.lock); wait for it to end, stop it, or pass another --workdir\n";
     return 2;
   } catch (const std::exception& e) {
-    std::cerr << "shardctl run: --workdir " << workdir << ": " << e.what() << "\n";
+    std::cerr << who << ": --workdir " << workdir << ": " << e.what() << "\n";
     return 2;
   }
 
   // Old checkpoints are never silently reused or thrown away.
   bool has_checkpoints = fs::exists(ckpt_dir) && !fs::is_empty(ckpt_dir);
-  if (has_checkpoints && !options.resume && !options.fresh) {
-    std::cerr << "shardctl run: " << ckpt_dir << " holds checkpoints of an earlier run; pass --resume to continue it "
+  if (generating && !has_checkpoints) {
+    std::cerr << who << ": " << ckpt_dir << " holds no checkpoints: train the job first with `shardctl run "
+              << options.job_file << (options.workdir.empty() ? "" : " --workdir " + options.workdir)
+              << "` (or pass the --workdir it used)\n";
+    return 2;
+  }
+  if (has_checkpoints && !options.resume && !options.fresh && !generating) {
+    std::cerr << who << ": " << ckpt_dir << " holds checkpoints of an earlier run; pass --resume to continue it "
               << "or --fresh to start over\n";
     return 2;
   }
@@ -497,7 +620,7 @@ int RunLocal(const LocalRunOptions& options) {
   LocalPki pki;
   op::DesiredObjects objects;
   try {
-    pki = load_or_create_local_pki(job, workdir, options.resume, options.fresh ? "" : ckpt_dir);
+    pki = load_or_create_local_pki(job, workdir, options.resume || generating, options.fresh ? "" : ckpt_dir);
     op::RenderInputs in = make_render_inputs(object, pki.ca, pki.shards);
     in.shardd_image = shardd_path;  // locally, a container's image is its binary
     in.sidecar_image = sidecar_path;
@@ -507,14 +630,14 @@ int RunLocal(const LocalRunOptions& options) {
     add_local_package(job, options.package_keys, in);
     objects = op::render(job, in);
   } catch (const op::RenderError& e) {
-    std::cerr << "shardctl run: the operator would refuse job " << job.namespace_ << "/" << job.name << ": "
+    std::cerr << who << ": the operator would refuse job " << job.namespace_ << "/" << job.name << ": "
               << e.what() << "\n";
     return 2;
   } catch (const model::PackageError& e) {
-    std::cerr << "shardctl run: the packages of job " << options.job_file << ": " << e.what() << "\n";
+    std::cerr << who << ": the packages of job " << options.job_file << ": " << e.what() << "\n";
     return 2;
   } catch (const std::exception& e) {
-    std::cerr << "shardctl run: the job's PKI in " << workdir << ": " << e.what() << "\n";
+    std::cerr << who << ": the job's PKI in " << workdir << ": " << e.what() << "\n";
     return 2;
   }
 
@@ -523,22 +646,31 @@ int RunLocal(const LocalRunOptions& options) {
     has_checkpoints = false;
   }
   if (options.resume && !has_checkpoints) {
-    std::cerr << "shardctl run: --resume given but " << ckpt_dir << " holds no checkpoints; starting from step 0\n";
+    std::cerr << who << ": --resume given but " << ckpt_dir << " holds no checkpoints; starting from step 0\n";
   }
 
   const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
   // Replicas (spec.sharding.replicas): R pipelines of the same stages. shards[r·n + i]
   // is replica r of stage i, so shards[0 .. n-1] are replica 0's, as without replicas.
-  const int replicas = job.sharding.replicas;
+  const int replicas = generating ? 1 : job.sharding.replicas;  // generation: replica 0's pipeline
   const int processes = n * replicas;
   const int threads = options.threads > 0 ? options.threads : std::max(1, static_cast<int>(cores) / processes);
   std::vector<Shard> shards(processes);
   std::vector<int> group_ports(n, 0);  // each stage's replica-group store (replica 0 serves it)
   int prometheus_port = options.prometheus_port;  // 0: picked below
+  const std::string generate_dir = workdir + "/generate";  // the prompt and the tokens, 0700
   try {
     make_dirs(ckpt_dir);
     make_dirs(log_dir);
     save_local_pki(pki, workdir);
+    if (generating) {
+      make_dirs(generate_dir);
+      ::chmod(generate_dir.c_str(), 0700);
+      std::vector<uint16_t> prompt;
+      for (const unsigned char c : options.generate->prompt) prompt.push_back(c);
+      write_token_file(generate_dir + "/prompt.tokens", prompt);
+      fs::remove(generate_dir + "/generated.tokens");
+    }
     std::set<int> taken;  // five distinct ports per shard, none handed out twice
     if (options.prometheus_port != 0) taken.insert(options.prometheus_port);
     auto take_port = [&](int* port) {
@@ -613,6 +745,18 @@ int RunLocal(const LocalRunOptions& options) {
         s.shardd.argv.insert(s.shardd.argv.end(),
                              {"--replica", std::to_string(r), "--replica-store", local(group_ports[i])});
       }
+      if (generating) {
+        // Every stage samples alike; only stage 0 sees the prompt and the tokens.
+        const LocalGenerate& g = *options.generate;
+        s.shardd.argv.insert(s.shardd.argv.end(),
+                             {"--generate-tokens", std::to_string(g.tokens), "--temperature", std::to_string(g.temperature),
+                              "--top-k", std::to_string(g.top_k), "--sample-seed", std::to_string(g.seed)});
+        if (i == 0) {
+          s.shardd.argv.insert(s.shardd.argv.end(),
+                               {"--generate-prompt", generate_dir + "/prompt.tokens", "--generate-out",
+                                generate_dir + "/generated.tokens"});
+        }
+      }
       s.shardd.log_file = log_dir + "/shard-" + std::to_string(i) + suffix + ".log";
       s.log_start = file_size(s.shardd.log_file);
       const std::string t = std::to_string(threads);
@@ -620,7 +764,7 @@ int RunLocal(const LocalRunOptions& options) {
       s.shardd.env = {{"OMP_NUM_THREADS", t}, {"OPENBLAS_NUM_THREADS", t}, {"OMP_WAIT_POLICY", "PASSIVE"}};
     }
   } catch (const std::exception& e) {
-    std::cerr << "shardctl run: " << e.what() << "\n";
+    std::cerr << who << ": " << e.what() << "\n";
     return 2;
   }
 
@@ -631,13 +775,14 @@ int RunLocal(const LocalRunOptions& options) {
   sigaddset(&signals, SIGTERM);
   sigprocmask(SIG_BLOCK, &signals, nullptr);
 
-  std::cout << "shardctl run: job " << job.name << ", model " << job.model.architecture << " ("
-            << desc.parameters() << " parameters), " << n << " shards"
+  info << who << ": job " << job.name << ", model " << job.model.architecture << " ("
+       << desc.parameters() << " parameters), " << n << " shards"
             << (replicas > 1 ? " × " + std::to_string(replicas) + " replicas" : std::string()) << ", " << threads
-            << " thread(s) each\n";
+            << " thread(s) each" << (generating ? ", restoring the newest checkpoints in " + ckpt_dir : "") << "\n"
+            << std::flush;
   for (const auto& st : stages) {
     const PodPorts& p = shards[st.index].ports;
-    std::printf("  shard %d: blocks %d..%d  %lld parameters (%.1f%%)  sidecar mTLS :%d, shardd :%d\n", st.index,
+    std::fprintf(info_file, "  shard %d: blocks %d..%d  %lld parameters (%.1f%%)  sidecar mTLS :%d, shardd :%d\n", st.index,
                 st.first_block, st.end_block - 1, static_cast<long long>(st.parameters),
                 100.0 * model::parameter_share(desc, st), p.inbound, p.shardd);
   }
@@ -645,24 +790,25 @@ int RunLocal(const LocalRunOptions& options) {
     std::vector<int64_t> params;
     for (const auto& s : stages) params.push_back(s.parameters);
     for (const auto& a : op::assign_export_principals(job, params)) {
-      std::printf("  export principal %s may export shards %s (exposure %.4f)\n", a.principal.c_str(),
+      std::fprintf(info_file, "  export principal %s may export shards %s (exposure %.4f)\n", a.principal.c_str(),
                   op::shards_text(a.shards).c_str(), op::exposure_of(params, a.shards));
     }
   }
-  std::cout << "  workdir " << workdir << "  (pod files in shard-<i>/, logs in " << log_dir << ")\n" << std::flush;
+  std::fflush(info_file);
+  info << "  workdir " << workdir << "  (pod files in shard-<i>/, logs in " << log_dir << ")\n" << std::flush;
 
   // Sidecars first and ready (certificates and policy loaded), then shardd.
   try {
     for (auto& s : shards) start(s.sidecar, false);
   } catch (const std::exception& e) {
-    std::cerr << "shardctl run: " << e.what() << "\n";
+    std::cerr << who << ": " << e.what() << "\n";
     stop_all(shards);
     return 2;
   }
   if (const std::string why = wait_for_sidecars(shards, std::chrono::seconds(30)); !why.empty()) {
-    std::cerr << "shardctl run: " << why << "\n";
+    std::cerr << who << ": " << why << "\n";
     stop_all(shards);
-    std::cerr << "shardctl run: every started process was stopped\n";
+    std::cerr << who << ": every started process was stopped\n";
     return 2;
   }
   // Prometheus before shardd, so that it sees every shardd from its first steps.
@@ -679,10 +825,10 @@ int RunLocal(const LocalRunOptions& options) {
       why = e.what();
     }
     if (!why.empty()) {
-      std::cerr << "shardctl run: --prometheus: " << why << "\n";
+      std::cerr << who << ": --prometheus: " << why << "\n";
       if (prometheus) prometheus->stop();
       stop_all(shards);
-      std::cerr << "shardctl run: every started process was stopped\n";
+      std::cerr << who << ": every started process was stopped\n";
       return 2;
     }
     std::cout << "  prometheus " << prometheus->url() << "  (scraping " << 2 * processes << " targets every "
@@ -692,7 +838,7 @@ int RunLocal(const LocalRunOptions& options) {
   try {
     for (auto& s : shards) start(s.shardd, &s == &shards[n - 1]);
   } catch (const std::exception& e) {
-    std::cerr << "shardctl run: " << e.what() << "\n";
+    std::cerr << who << ": " << e.what() << "\n";
     stop_all(shards);
     return 2;
   }
@@ -793,7 +939,8 @@ int RunLocal(const LocalRunOptions& options) {
         continue;
       }
       all_done = false;
-      const RestartDecision d = decide_restart(*st, s.restarts, job.run_policy.backoff_limit);
+      // A generation is not resumed: a stage that stops fails it.
+      const RestartDecision d = decide_restart(*st, s.restarts, generating ? 0 : job.run_policy.backoff_limit);
       if (!d.restart) {
         failure = shard_name(s) + " failed (" + st->str() + ") " + d.why_not + ".";
         const std::string log_text = log_since(s.shardd.log_file, s.log_start);
@@ -853,6 +1000,29 @@ int RunLocal(const LocalRunOptions& options) {
     }
   };
 
+  auto print_traffic = [&](FILE* out) {
+    // Every byte a shardd sent or received crossed its sidecar: the sidecar's relayed
+    // bytes (shardguard_proxy_bytes_total) against shardd's own count
+    // (shardguard_pipeline_message_bytes_total, as its last log line reports it).
+    std::fprintf(out, "%s%s\n", "  traffic         bytes relayed by each sidecar vs sent/received by its shardd",
+                   replicas > 1 ? " (replica 0)" : "");
+    for (int i = 0; i < n; ++i) {
+      const ShardTraffic t = shardd_traffic(shards[i].shardd.log_file, shards[i].log_start);
+      const double sent = prometheus_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", "sent"}});
+      const double received = prometheus_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", "received"}});
+      const bool match = !pages[i].empty() && t.reports > 0 && sent == t.sent && received == t.received;
+      std::fprintf(out, "  shard %d traffic sidecar sent %.0f received %.0f; shardd sent %.0f received %.0f  %s\n", i, sent,
+                  received, t.sent, t.received,
+                  pages[i].empty() ? "(sidecar metrics unreadable)"
+                  : match          ? "(equal: all through the sidecar)"
+                  : shards[i].restarts > 0 ? "(differ: a killed shardd reports no count)"
+                                           : "(DIFFER)");
+    }
+  };
+  if (interrupted && generating) {
+    std::cerr << who << ": stopped by signal; every shard process and sidecar was stopped\n";
+    return 130;
+  }
   if (interrupted) {
     std::cout << "shardctl run: stopped by signal; every shard process and sidecar was stopped. Checkpoints are kept in "
               << ckpt_dir << "; continue with `shardctl run " << options.job_file << " --resume"
@@ -860,10 +1030,15 @@ int RunLocal(const LocalRunOptions& options) {
     return 130;
   }
   if (!failure.empty()) {
-    std::cerr << "shardctl run: the run failed: " << failure << "\n";
+    std::cerr << who << ": the run failed: " << failure << "\n";
     print_denials(std::cerr);
-    std::cerr << "shardctl run: every shard process and sidecar was stopped\n";
+    std::cerr << who << ": every shard process and sidecar was stopped\n";
     return 1;
+  }
+  if (generating) {
+    print_traffic(stderr);
+    return report_generation(*options.generate, generate_dir + "/generated.tokens",
+                             log_since(shards[0].shardd.log_file, shards[0].log_start), n, wall, denied);
   }
   std::cout << "\nshardctl run: done in " << format_duration(wall) << "\n";
   if (job.model.language_model() && state.eval_loss) {
@@ -925,23 +1100,7 @@ int RunLocal(const LocalRunOptions& options) {
                                                                                                        : "ABOVE",
                 job.protection.max_exposure);
   }
-  // Every byte a shardd sent or received crossed its sidecar: the sidecar's relayed
-  // bytes (shardguard_proxy_bytes_total) against shardd's own count
-  // (shardguard_pipeline_message_bytes_total, as its last log line reports it).
-  std::cout << "  traffic         bytes relayed by each sidecar vs sent/received by its shardd"
-            << (replicas > 1 ? " (replica 0)" : "") << "\n";
-  for (int i = 0; i < n; ++i) {
-    const ShardTraffic t = shardd_traffic(shards[i].shardd.log_file, shards[i].log_start);
-    const double sent = prometheus_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", "sent"}});
-    const double received = prometheus_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", "received"}});
-    const bool match = !pages[i].empty() && t.reports > 0 && sent == t.sent && received == t.received;
-    std::printf("  shard %d traffic sidecar sent %.0f received %.0f; shardd sent %.0f received %.0f  %s\n", i, sent,
-                received, t.sent, t.received,
-                pages[i].empty() ? "(sidecar metrics unreadable)"
-                : match          ? "(equal: all through the sidecar)"
-                : shards[i].restarts > 0 ? "(differ: a killed shardd reports no count)"
-                                         : "(DIFFER)");
-  }
+  print_traffic(stdout);
   std::printf("  policy denials  %.0f\n", denied);
   print_denials(std::cout);
   std::cout << "  checkpoints     " << ckpt_dir << " (each shard encrypted under its own key in " << key_dir << ")\n";

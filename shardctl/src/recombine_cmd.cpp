@@ -16,6 +16,9 @@
 #include "shardguard/shardctl/torch_commands.h"
 #include "shardguard/shardd/checkpoint.h"
 #include "shardguard/shardd/data.h"
+#include "shardguard/shardd/generate.h"
+#include "shardguard/common/token_file.h"
+#include "shardguard/shardctl/local_run.h"
 #include "shardguard/shardd/recombine.h"
 #include "shardguard/shardd/script_model.h"
 #include "shardguard/shardd/trainer.h"
@@ -31,6 +34,38 @@ void print_eval(const JobSpec& job, const shardd::EvalResult& r) {
     std::printf("test accuracy %.4f (%lld/%lld)\n", r.accuracy(), static_cast<long long>(r.correct),
                 static_cast<long long>(r.total));
   }
+}
+
+// --prompt: the recombined model generates in this process, with the window and the
+// sampling of the pipeline (shardd/generate.h), so the same seed gives the same text
+// as `shardctl generate` of the same checkpoints.
+void generate_monolithic(torch::nn::Sequential& model, const JobSpec& job, const RecombineOptions& o,
+                         const torch::Device& device) {
+  LocalGenerate g{*o.prompt, o.tokens, o.temperature, o.top_k, o.seed, o.tokens_out};
+  if (const std::string why = generation_refusal(job, g); !why.empty()) throw std::invalid_argument(why);
+  shardd::GenerateOptions opt;
+  opt.tokens = o.tokens;
+  opt.temperature = o.temperature;
+  opt.top_k = o.top_k;
+  opt.seed = o.seed;
+  std::vector<int64_t> tokens;
+  for (const unsigned char c : *o.prompt) tokens.push_back(c);
+  std::vector<uint16_t> generated;
+  torch::NoGradGuard no_grad;
+  model->eval();
+  for (int64_t i = 0; i < o.tokens; ++i) {
+    int position = 0;
+    const auto logits = model->forward(shardd::generation_window(tokens, job.model.context, &position).to(device));
+    const int64_t t = shardd::sample_token(logits[0][position], opt, i);
+    tokens.push_back(t);
+    generated.push_back(static_cast<uint16_t>(t));
+  }
+  if (!o.tokens_out.empty()) write_token_file(o.tokens_out, generated);
+  std::vector<uint16_t> prompt;
+  for (const unsigned char c : *o.prompt) prompt.push_back(c);
+  std::printf("generated %lld tokens in one process (temperature %g, top-k %d, seed %llu):\n%s%s\n",
+              static_cast<long long>(o.tokens), o.temperature, o.top_k, static_cast<unsigned long long>(o.seed),
+              printable_text(prompt).c_str(), printable_text(generated).c_str());
 }
 
 // A split TorchScript model: every package with its key and every shard's checkpoint
@@ -53,6 +88,7 @@ int RecombinePackages(const JobSpec& job, const RecombineOptions& o) {
               static_cast<long long>(r.manifest.parameters()));
   if (!o.out_file.empty()) std::printf("wrote the fine-tuned TorchScript model to %s (mode 0600)\n", o.out_file.c_str());
   print_eval(job, ev);
+  if (o.prompt) generate_monolithic(r.view, job, o, device);
   return 0;
 }
 
@@ -79,6 +115,7 @@ int RunRecombine(const RecombineOptions& o) {
     std::printf("recombined %zu shards of job %s at step %lld: %lld parameters\n", files.size(), job.name.c_str(),
                 static_cast<long long>(step), static_cast<long long>(model::describe_model(job.model).parameters()));
     print_eval(job, r);
+    if (o.prompt) generate_monolithic(whole, job, o, device);
     return 0;
   } catch (const JobSpecError& e) {
     std::cerr << "shardctl recombine: invalid job " << o.job_file << ":\n" << e.what() << "\n";

@@ -3,6 +3,8 @@
 #include <random>
 
 #include "shardguard/common/log.h"
+#include "shardguard/common/token_file.h"
+#include "shardguard/shardd/generate.h"
 #include "shardguard/shardd/model.h"
 #include "shardguard/shardd/script_model.h"
 #include "shardguard/shardd/trainer.h"
@@ -63,6 +65,8 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
     throw std::invalid_argument("--stage: " + std::to_string(opt_.stage) + " is out of range for a job with " +
                                 std::to_string(n_) + " shards (0.." + std::to_string(n_ - 1) + ")");
   }
+  // Generation runs one pipeline: replica 0's stages, whatever spec.sharding.replicas says.
+  if (opt_.generate.enabled()) opt_.job.sharding.replicas = 1;
   const int replicas = opt_.job.sharding.replicas;
   if (opt_.replica < 0 || opt_.replica >= replicas) {
     throw std::invalid_argument("--replica: " + std::to_string(opt_.replica) + " is out of range for a job with " +
@@ -71,6 +75,24 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
   if (replicas > 1 && opt_.replica_store.empty()) {
     throw std::invalid_argument("--replica-store: required when spec.sharding.replicas is " +
                                 std::to_string(replicas) + " (host:port of the stage's replica group)");
+  }
+  generating_ = opt_.generate.enabled();
+  if (generating_) {
+    if (!opt_.job.model.language_model()) {
+      throw std::invalid_argument("--generate-tokens: job " + opt_.job.name + " trains architecture " +
+                                  opt_.job.model.architecture + (opt_.job.model.from_package()
+                                      ? " on spec.dataset.format " + opt_.job.dataset.format : std::string()) +
+                                  ", not a language model (gpt, or torchscript with format tokens)");
+    }
+    if (opt_.stage == 0 && opt_.generate.prompt.empty()) {
+      throw std::invalid_argument("--generate-prompt: the prompt has no tokens");
+    }
+    for (const int64_t t : opt_.generate.prompt) {
+      if (t < 0 || t >= opt_.job.model.vocab) {
+        throw std::invalid_argument("--generate-prompt: token " + std::to_string(t) + " is outside the vocabulary of " +
+                                    std::to_string(opt_.job.model.vocab) + " tokens (spec.model.vocab)");
+      }
+    }
   }
   writes_checkpoints_ = opt_.replica == 0;
   evaluates_ = opt_.replica == 0;
@@ -89,8 +111,9 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
   build_fresh();
   metrics_.parameters.Set(static_cast<double>(parameters_));
 
-  // Data: stage 0 reads only the features, the last stage only the labels.
-  if (first_ || last_) {
+  // Data: stage 0 reads only the features, the last stage only the labels
+  // (generation reads none: its input is the prompt).
+  if ((first_ || last_) && !generating_) {
     const int64_t train_n = count_samples(opt_.job, Split::kTrain, &desc_);
     plan_ = make_batch_plan(opt_.job, train_n, opt_.replica);
     sampler_ = std::make_unique<BatchSampler>(plan_);
@@ -98,7 +121,7 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
     schedule_steps_ = total_steps_;
     if (opt_.max_steps > 0) total_steps_ = std::min(total_steps_, opt_.max_steps);
   }
-  if (first_ || last_) {
+  if ((first_ || last_) && !generating_) {
     train_ = Samples::load(opt_.job, Split::kTrain, first_, last_, &desc_);
     test_ = Samples::load(opt_.job, Split::kTest, first_, last_, &desc_);
   }
@@ -249,17 +272,24 @@ Status Engine::Impl::on_frame(Direction direction, InFrame frame) {
   in.step = frame.header.step;
   in.micro_batch = frame.header.micro_batch;
   in.epoch = frame.header.epoch;
-  const bool eval = in.phase == Phase::kEval;
+  in.position = frame.header.position;
+  const bool eval = in.phase == Phase::kEval, gen = in.phase == Phase::kGenerate;
   try {
     if (!forward && eval) throw FrameError("evaluation frames never travel backward");
-    if (in.phase != Phase::kTrain && !eval) throw FrameError("frame without a phase");
-    const int64_t max_batch = eval ? opt_.job.training.eval_batch_size : micro_;
+    if (in.phase != Phase::kTrain && !eval && !gen) throw FrameError("frame without a phase");
+    if (gen != generating_) {
+      throw FrameError(generating_ ? "a stage started to generate takes only generation frames"
+                                   : "generation frames reach only a stage started to generate");
+    }
+    // Generation: one window forward, one sampled token (float32 [1, 1]) back.
+    const int64_t max_batch = gen ? 1 : eval ? opt_.job.training.eval_batch_size : micro_;
+    const std::vector<int64_t> token_shape{1};
     const auto t0 = Clock::now();
-    in.tensor = frame.payload->take(forward ? in_shape_ : out_shape_, max_batch);
+    in.tensor = frame.payload->take(forward ? in_shape_ : gen ? token_shape : out_shape_, max_batch);
     metrics_.serialise_seconds.Increment(seconds_since(t0));
   } catch (const FrameError& e) {
     metrics_.rejected_frames.Increment();
-    const std::string what = std::string(forward ? "activation" : "gradient") + " frame (step " +
+    const std::string what = std::string(forward ? "activation" : gen ? "token" : "gradient") + " frame (step " +
                              std::to_string(in.step) + ", micro-batch " + std::to_string(in.micro_batch) +
                              ") from stage " + std::to_string(opt_.stage + (forward ? -1 : 1)) + ": " + e.what();
     fail("refused " + what);
@@ -477,6 +507,10 @@ void Engine::Impl::resume_at(uint64_t generation, int64_t step, int64_t schedule
 
 // ---- stage 0: the driver -------------------------------------------------------------
 void Engine::Impl::drive() {
+  if (generating_) {
+    generate();
+    return;
+  }
   constexpr int kMaxFinishAttempts = 4;
   for (int attempt = 1;; ++attempt) {
     resync_with_retries();
@@ -511,6 +545,7 @@ void Engine::Impl::drive() {
 }
 
 bool Engine::Impl::at_eval_point() const {
+  if (generating_) return false;  // no data, no evaluation
   return done_ > 0 && (done_ % plan_.steps_per_epoch() == 0 || done_ == total_steps_);
 }
 
@@ -623,6 +658,14 @@ void Engine::Impl::follow() {
     }
     if (in.phase == Phase::kEval) {
       eval_forward(in);
+      continue;
+    }
+    if (in.phase == Phase::kGenerate) {
+      try {
+        generate_forward(in);
+      } catch (const Aborted&) {
+        // resynchronisation: stage 0 gives up on it (a generation is not resumed)
+      }
       continue;
     }
     try {

@@ -59,6 +59,7 @@ class Engine::Impl final : public Receiver {
     int64_t step = 0;
     int micro_batch = 0;
     int epoch = 0;
+    int position = 0;  // generate: the window's last real position
     torch::Tensor tensor;
     bool finish = false;
     std::shared_ptr<std::promise<std::string>> done;  // finish: fulfilled with "" or the error
@@ -89,6 +90,8 @@ class Engine::Impl final : public Receiver {
   bool take_join();
   std::string resync();
   void follow();
+  void generate();                   // stage 0 of `shardctl generate`
+  void generate_forward(Inbound& in);  // stages 1..n-1 of it
 
   // engine_steps.cpp
   void run_eval_round();
@@ -124,6 +127,7 @@ class Engine::Impl final : public Receiver {
   std::unique_ptr<ReplicaGroup> group_;  // replicas > 1: this stage's replica group
   bool writes_checkpoints_ = true;       // replica 0 only
   bool evaluates_ = true;                // replica 0 only
+  bool generating_ = false;              // opt_.generate: restore, generate, finish (no training)
 
   BatchPlan plan_;
   std::unique_ptr<BatchSampler> sampler_;

@@ -6,6 +6,8 @@
 #include <torch/utils.h>
 
 #include "shardguard/common/log.h"
+#include "shardguard/common/token_file.h"
+#include "shardguard/shardd/generate.h"
 
 namespace shardguard::shardd {
 
@@ -174,6 +176,109 @@ void Engine::Impl::train_step(int64_t step, Inbound* first_in) {
   }
 }
 
+// ---- generation (`shardctl generate`, docs/pipeline.md) ----------------------------------
+// Stage 0: restore the newest checkpoint every stage holds, then one window through
+// the pipeline per token; the last stage answers with the token it sampled.
+void Engine::Impl::generate() {
+  resync_with_retries();  // Sync + Resume: every stage restores the same step
+  if (done_ == 0) {
+    fail("no checkpoint that every stage can restore in " + opt_.checkpoint_dir +
+         ": train the job first (shardctl run)");
+    throw Stopped{};
+  }
+  const auto start = Clock::now();
+  const GenerateOptions& g = opt_.generate;
+  const int64_t context = opt_.job.model.context, vocab = opt_.job.model.vocab;
+  std::vector<int64_t> tokens = g.prompt;
+  std::vector<uint16_t> generated;
+  torch::NoGradGuard no_grad;
+  model_->eval();
+  for (int64_t i = 0; i < g.tokens; ++i) {
+    if (stopping()) throw Stopped{};
+    int position = 0;
+    const auto x = generation_window(tokens, context, &position).to(device_);
+    const auto t0 = Clock::now();
+    const auto out = model_->forward(x);
+    observe(metrics_.forward_seconds, t0);
+    int64_t token = 0;
+    if (last_) {
+      token = sample_token(out[0][position], g, i);
+    } else {
+      OutFrame f = frame(Phase::kGenerate, i, 0, 0, out);
+      f.header.position = position;
+      transport_.send_down(std::move(f));
+      Inbound in;
+      try {
+        in = wait_for(bwd_, "generated token");
+      } catch (const Aborted&) {
+        fail("a stage restarted during generation (token " + std::to_string(i) + "); generate again");
+        throw Stopped{};
+      }
+      if (in.phase != Phase::kGenerate || in.step != i) {
+        fail("protocol error: expected generated token " + std::to_string(i) + ", received step " +
+             std::to_string(in.step));
+        throw Stopped{};
+      }
+      const float value = in.tensor.item<float>();
+      token = static_cast<int64_t>(value);
+      if (static_cast<float>(token) != value || token < 0 || token >= vocab) {
+        fail("the last stage sent token " + std::to_string(value) + ", not an id of the " + std::to_string(vocab) +
+             "-token vocabulary");
+        throw Stopped{};
+      }
+    }
+    tokens.push_back(token);
+    generated.push_back(static_cast<uint16_t>(token));
+    metrics_.generated_tokens.Increment();
+  }
+  const double seconds = seconds_since(start);
+  if (!g.out_file.empty()) write_token_file(g.out_file, generated);
+  log::info("generation finished", {{"stage", opt_.stage}, {"step", done_}, {"prompt_tokens", g.prompt.size()},
+                                    {"tokens", g.tokens}, {"seconds", seconds},
+                                    {"tokens_per_second", seconds > 0 ? g.tokens / seconds : 0.0}});
+  if (last_) return;
+  transport_.flush_down();
+  if (stopping()) throw Stopped{};
+  const std::string err = prefixed(transport_.finish({generation_.load(), done_}));
+  if (!err.empty()) {
+    fail("finish: " + err);
+    throw Stopped{};
+  }
+}
+
+// Stages 1..n-1: this stage's blocks on the window (no gradients, eval mode); the
+// last stage samples the next token from the logits at the window's position, the
+// others pass the token it sends back up unchanged.
+void Engine::Impl::generate_forward(Inbound& in) {
+  torch::NoGradGuard no_grad;
+  model_->eval();
+  const auto t0 = Clock::now();
+  const auto out = model_->forward(in.tensor.to(device_));
+  observe(metrics_.forward_seconds, t0);
+  torch::Tensor token;
+  if (last_) {
+    if (out.dim() != 3 || in.position < 0 || in.position >= out.size(1)) {
+      fail("generation frame " + std::to_string(in.step) + ": position " + std::to_string(in.position) +
+           " is not within the model's " + model::shape_str(out.sizes().vec()) + " logits");
+      throw Stopped{};
+    }
+    const int64_t id = sample_token(out[0][in.position], opt_.generate, in.step);
+    token = torch::full({1, 1}, static_cast<float>(id));
+  } else {
+    OutFrame f = frame(Phase::kGenerate, in.step, 0, 0, out);
+    f.header.position = in.position;
+    transport_.send_down(std::move(f));
+    Inbound back = wait_for(bwd_, "generated token");
+    if (back.phase != Phase::kGenerate || back.step != in.step) {
+      fail("protocol error: expected generated token " + std::to_string(in.step) + ", received step " +
+           std::to_string(back.step));
+      throw Stopped{};
+    }
+    token = back.tensor;
+  }
+  transport_.send_up(frame(Phase::kGenerate, in.step, 0, 0, token));
+}
+
 void Engine::Impl::after_step() {
   if (done_ % opt_.job.checkpoint.every_steps == 0) write_checkpoint(done_);
 }
@@ -183,6 +288,7 @@ void Engine::Impl::finish_local(int64_t step) {
     throw std::runtime_error("finish at step " + std::to_string(step) + " but this stage completed " +
                              std::to_string(done_) + " steps");
   }
+  if (generating_) return;  // generation changes no parameter: nothing to write
   if (last_checkpoint_ != done_) write_checkpoint(done_);
 }
 

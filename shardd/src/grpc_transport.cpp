@@ -37,6 +37,7 @@ Phase from_proto(v1::Phase p) {
   switch (p) {
     case v1::PHASE_TRAIN: return Phase::kTrain;
     case v1::PHASE_EVAL: return Phase::kEval;
+    case v1::PHASE_GENERATE: return Phase::kGenerate;
     default: return Phase::kUnspecified;
   }
 }
@@ -45,6 +46,7 @@ v1::Phase to_proto(Phase p) {
   switch (p) {
     case Phase::kTrain: return v1::PHASE_TRAIN;
     case Phase::kEval: return v1::PHASE_EVAL;
+    case Phase::kGenerate: return v1::PHASE_GENERATE;
     default: return v1::PHASE_UNSPECIFIED;
   }
 }
@@ -154,6 +156,7 @@ void GrpcTransport::encode(const OutFrame& frame, v1::TensorFrame* out) {
   out->set_step(frame.header.step);
   out->set_micro_batch(frame.header.micro_batch);
   out->set_epoch(frame.header.epoch);
+  out->set_position(frame.header.position);
   const auto t0 = Clock::now();
   encode_tensor(frame.tensor, out->mutable_tensor());
   metrics_.serialise_seconds.Increment(seconds_since(t0));
@@ -303,7 +306,7 @@ grpc::Status GrpcTransport::deliver_frame(v1::TensorFrame* frame, Direction dire
       static_cast<double>(size + 1 + google::protobuf::io::CodedOutputStream::VarintSize64(size)));
   InFrame in;
   in.header = {frame->generation(), from_proto(frame->phase()), frame->step(), static_cast<int>(frame->micro_batch()),
-               static_cast<int>(frame->epoch())};
+               static_cast<int>(frame->epoch()), static_cast<int>(frame->position())};
   in.payload = std::make_unique<ProtoTensor>(frame->mutable_tensor());
   return to_grpc(receiver_->on_frame(direction, std::move(in)));
 }

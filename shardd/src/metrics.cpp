@@ -83,6 +83,8 @@ StageMetrics::StageMetrics(prometheus::Registry& r, const Labels& l)
       rejected_frames(counter(r, "shardguard_pipeline_rejected_frames_total",
                               "Frames refused for a wrong shape, dtype or size.", l)),
       resyncs(counter(r, "shardguard_pipeline_resyncs_total", "Pipeline (re)synchronisations this stage took part in.", l)),
+      generated_tokens(counter(r, "shardguard_generated_tokens_total",
+                               "Tokens generated through the pipeline (stage 0 of shardctl generate).", l)),
       checkpoint_writes(counter(r, "shardguard_checkpoint_writes_total", "Checkpoints written.", l)),
       checkpoint_failures(counter(r, "shardguard_checkpoint_failures_total", "Checkpoint writes or loads that failed.", l)),
       checkpoint_loads(counter(r, "shardguard_checkpoint_loads_total", "Checkpoints restored.", l)),

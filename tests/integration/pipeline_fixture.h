@@ -7,6 +7,8 @@
 #include <signal.h>
 
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <string>
@@ -25,6 +27,21 @@ namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 
 inline const std::string kBin = SHARDGUARD_BIN_DIR;
+
+// Processes whose command line mentions `needle` (the run's workdir is in every
+// child's arguments), as "pid: cmdline".
+inline std::vector<std::string> processes_mentioning(const std::string& needle) {
+  std::vector<std::string> out;
+  for (const auto& e : fs::directory_iterator("/proc")) {
+    const std::string pid = e.path().filename();
+    if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream in(e.path() / "cmdline", std::ios::binary);
+    std::string cmd((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    for (char& c : cmd) c = c == '\0' ? ' ' : c;
+    if (cmd.find(needle) != std::string::npos) out.push_back(pid + ": " + cmd);
+  }
+  return out;
+}
 
 inline nlohmann::json job_json(int shards) {
   return {{"apiVersion", "shardguard.io/v1alpha1"},

@@ -119,5 +119,21 @@ TEST_F(LocalRunGuards, KeysAreMadeOnlyWhenNothingNeedsTheOldOnes) {
   EXPECT_EQ(fresh.shards[2].ledger_key.size(), 32u);
 }
 
+// `shardctl generate` prints byte tokens that form valid UTF-8 as they are, and
+// escapes what a terminal would misread: stray bytes, control characters, ids >= 256.
+TEST(PrintableText, KeepsValidUtf8AndEscapesEverythingElse) {
+  auto tokens = [](const std::string& bytes) {
+    std::vector<uint16_t> out;
+    for (const unsigned char c : bytes) out.push_back(c);
+    return out;
+  };
+  EXPECT_EQ(printable_text(tokens("caf\xc3\xa9 \xe2\x82\xac\n\tok")), "caf\xc3\xa9 \xe2\x82\xac\n\tok");
+  EXPECT_EQ(printable_text(tokens("a\xc3")), "a\\xc3");            // cut short
+  EXPECT_EQ(printable_text(tokens("\xc0\xafz")), "\\xc0\\xafz");  // overlong
+  EXPECT_EQ(printable_text(tokens("\xed\xa0\x80")), "\\xed\\xa0\\x80");  // a surrogate
+  EXPECT_EQ(printable_text(tokens("\x1b[2J\x7f")), "\\x1b[2J\\x7f");  // a terminal escape, DEL
+  EXPECT_EQ(printable_text({104, 300, 105}), "h<300>i");
+}
+
 }  // namespace
 }  // namespace shardguard::shardctl

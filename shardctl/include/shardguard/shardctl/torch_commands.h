@@ -4,6 +4,7 @@
 // study's plan and report included, is in the torch-free shardguard_shardctl.
 #pragma once
 
+#include <optional>
 #include <string>
 
 #include "shardguard/shardctl/study_report.h"
@@ -22,6 +23,14 @@ struct RecombineOptions {
   std::string package_dir;
   std::string package_key_dir;
   std::string out_file;
+  // --prompt: also generate from the recombined model in this one process (the
+  // monolithic counterpart of `shardctl generate`, same window and sampling).
+  std::optional<std::string> prompt;
+  int64_t tokens = 100;
+  double temperature = 0.8;
+  int top_k = 0;
+  uint64_t seed = 0;
+  std::string tokens_out;  // the generated token ids (little-endian uint16)
 };
 int RunRecombine(const RecombineOptions& options);
 

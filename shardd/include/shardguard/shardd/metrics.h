@@ -41,6 +41,7 @@ struct StageMetrics {
   prometheus::Counter& stale_frames;
   prometheus::Counter& rejected_frames;
   prometheus::Counter& resyncs;
+  prometheus::Counter& generated_tokens;        // stage 0 of `shardctl generate`
   prometheus::Counter& checkpoint_writes;
   prometheus::Counter& checkpoint_failures;
   prometheus::Counter& checkpoint_loads;

@@ -28,6 +28,20 @@
 
 namespace shardguard::shardd {
 
+// `shardctl generate` (docs/pipeline.md, "Generation"): instead of training, the
+// stages restore their newest common checkpoint and generate `tokens` tokens after
+// `prompt`, one forward pass through the pipeline per token. Every stage gets the
+// same options; stage 0 uses the prompt and writes out_file, the last stage samples.
+struct GenerateOptions {
+  int64_t tokens = 0;           // 0: train (the normal mode)
+  std::vector<int64_t> prompt;  // stage 0: the prompt's token ids
+  std::string out_file;         // stage 0: the generated token ids, little-endian uint16
+  double temperature = 1.0;     // 0: greedy (argmax)
+  int top_k = 0;                // 0: every token; k: only the k most likely
+  uint64_t seed = 0;            // same seed, prompt and model: the same tokens
+  bool enabled() const { return tokens > 0; }
+};
+
 struct StageOptions {
   JobSpec job;
   int stage = 0;
@@ -52,6 +66,7 @@ struct StageOptions {
   // fine-tuned from the weights in it; spec.model's zoo fields are not used to build.
   std::string package_dir;
   std::string package_key;
+  GenerateOptions generate;
 };
 
 struct StepReport {  // emitted by the last stage after each optimizer step

@@ -18,7 +18,7 @@
 
 namespace shardguard::shardd {
 
-enum class Phase { kUnspecified, kTrain, kEval };
+enum class Phase { kUnspecified, kTrain, kEval, kGenerate };
 
 // Which way a frame travels: activations go forward (stage i -> i+1), gradients backward.
 enum class Direction { kForward, kBackward };
@@ -29,6 +29,7 @@ struct FrameHeader {
   int64_t step = 0;       // train: the global optimizer step; eval: the evaluation batch index
   int micro_batch = 0;
   int epoch = 0;          // train: the step's epoch; eval: the evaluation round
+  int position = 0;       // generate: the window's last real position (step: the token's index)
 };
 
 // A frame the engine sends: the transport copies the tensor (to CPU float32)
