@@ -109,6 +109,9 @@ int main(int argc, char** argv) {
                  "this stage's replica (0-based; spec.sharding.replicas > 1)")->capture_default_str();
   app.add_option("--replica-store", flags.stage.replica_store,
                  "host:port of the stage's replica-group rendezvous store (replica 0 serves it)");
+  app.add_option("--replica-host", flags.stage.replica_host,
+                 "this replica's own address for the replica group's Gloo connections (default: the store's host; "
+                 "in a pod: its IP)");
   app.add_option("--listen", flags.stage.listen, "gRPC address to listen on (loopback)")->capture_default_str();
   app.add_option("--prev", flags.stage.prev, "address of the previous stage (or of the sidecar's outbound listener)");
   app.add_option("--next", flags.stage.next, "address of the next stage (or of the sidecar's outbound listener)");

@@ -311,6 +311,11 @@ std::string spiffe_id_for_shard(const std::string& trust_domain, const std::stri
   return make_id(trust_domain, "/ns/" + ns + "/job/" + job + "/shard/" + std::to_string(index));
 }
 
+std::string spiffe_id_for_replica(const std::string& trust_domain, const std::string& ns, const std::string& job,
+                                  uint32_t index, uint32_t replica) {
+  return spiffe_id_for_shard(trust_domain, ns, job, index) + "/replica/" + std::to_string(replica);
+}
+
 std::string spiffe_id_for_exporter(const std::string& trust_domain, const std::string& ns,
                                    const std::string& job) {
   check_component("trust domain", trust_domain);

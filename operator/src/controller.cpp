@@ -344,11 +344,13 @@ RenderInputs Controller::prepare_material(const json& job, const JobSpec& spec, 
   }
   in.ca_cert_pem = ca.cert_pem;
   in.ca_key_pem = ca.key_pem;
-  for (int i = 0; i < spec.sharding.shards; ++i) {
-    const std::string id =
-        spiffe_id_for_shard(spec.protection.trust_domain, spec.namespace_, spec.name, static_cast<uint32_t>(i));
+  // One leaf per pod (with replicas, per replica: its own identity), index = slot.
+  const int n = spec.sharding.shards;
+  for (int k = 0; k < n * replica_count(spec); ++k) {
+    const int i = k % n, r = k / n;
+    const std::string id = spiffe_id_of(spec, i, r);
     ShardMaterial m;
-    if (auto s = secret(shard_name(spec, i))) {
+    if (auto s = secret(replica_name(spec, i, r))) {
       m.cert_pem = data_field(*s, "tls.crt");
       m.key_pem = data_field(*s, "tls.key");
       m.checkpoint_key = data_field(*s, "checkpoint.key");
@@ -367,7 +369,12 @@ RenderInputs Controller::prepare_material(const json& job, const JobSpec& spec, 
       m.key_pem = leaf.key_pem;
     }
     // The checkpoint key is never replaced: the shard's checkpoints are sealed with it.
-    if (m.checkpoint_key.size() != 32) m.checkpoint_key = random_bytes(32);
+    // Every replica of a stage has replica 0's: they resume from its checkpoints.
+    if (k >= n) {
+      m.checkpoint_key = in.shards[i].checkpoint_key;
+    } else if (m.checkpoint_key.size() != 32) {
+      m.checkpoint_key = random_bytes(32);
+    }
     // Nor is the ledger key: the sidecar's exposure ledger is sealed with it.
     if (m.ledger_key.size() != 32) m.ledger_key = random_bytes(32);
     in.shards.push_back(std::move(m));
@@ -477,10 +484,12 @@ seconds Controller::reconcile(const std::string& ns, const std::string& name) {
     max_exposure = spec.protection.max_exposure;
     ob.ca_secret = o.secrets->get(ns, ca_secret_name(spec));
     ob.service = o.services->get(ns, service_name(spec));
-    for (int i = 0; i < spec.sharding.shards; ++i) {
-      ob.shard_secrets.push_back(o.secrets->get(ns, shard_name(spec, i)));
-      ob.config_maps.push_back(o.config_maps->get(ns, shard_name(spec, i)));
-      ob.pods.push_back(o.pods->get(ns, shard_name(spec, i)));
+    // Index = slot: replica r of stage i at r·n + i (render.h).
+    for (int k = 0; k < spec.sharding.shards * replica_count(spec); ++k) {
+      const std::string pod_name = replica_name(spec, k % spec.sharding.shards, k / spec.sharding.shards);
+      ob.shard_secrets.push_back(o.secrets->get(ns, pod_name));
+      ob.config_maps.push_back(o.config_maps->get(ns, pod_name));
+      ob.pods.push_back(o.pods->get(ns, pod_name));
     }
     const bool deleting = (*job)["metadata"].contains("deletionTimestamp");
     const std::string phase = job->value("status", json::object()).value("phase", "");
@@ -494,7 +503,8 @@ seconds Controller::reconcile(const std::string& ns, const std::string& name) {
         const auto policy = running_pod_ip(pod).empty() ? std::launch::deferred : std::launch::async;
         sequences.push_back(std::async(policy, [this, pod] { return read_ledger_sequence(pod); }));
       }
-      if (!ob.pods.empty()) ob.progress = read_progress(ob.pods.back());
+      // The last stage of replica 0 (the one that evaluates).
+      if (!ob.pods.empty()) ob.progress = read_progress(ob.pods[spec.sharding.shards - 1]);
       for (auto& f : sequences) ob.ledger_sequences.push_back(f.get());
     }
     if (spec.model.from_package() && !deleting) read_package_keys(spec, ob);

@@ -26,12 +26,6 @@ std::string data_digest(const json& data) { return sha256_hex(data.dump()); }
 
 namespace {
 
-// A replicated job (spec.sharding.replicas > 1), which the operator cannot run yet.
-class ReplicasNotSupported : public RenderError {
- public:
-  using RenderError::RenderError;
-};
-
 bool being_deleted(const json& obj) {
   return obj.contains("metadata") && obj["metadata"].contains("deletionTimestamp") &&
          !obj["metadata"]["deletionTimestamp"].is_null();
@@ -229,6 +223,58 @@ std::string evaluation_summary(const json& st) {
   return text;
 }
 
+// Fields of a pod's status entry (status.shards[i], or status.shards[i].replicas[r]
+// with replicas) that carry over from one reconcile to the next.
+constexpr const char* kKeptPodFields[] = {"restarts", "lastFailedPodUID", "phase", "node",
+                                          "pod", "ledgerSequence", "groupRestartPodUID"};
+
+// Replicas: status.shards has one entry per stage, its replicas[] one per replica;
+// plan() works on one entry per slot (r·n + i). The stage entry sums the restarts and
+// says Succeeded when every replica did, Failed when any did, Running when every
+// replica runs or finished, Pending otherwise.
+json fold_replicas(const json& slots, int n, int replicas) {
+  if (replicas <= 1) return slots;
+  json out = json::array();
+  for (int i = 0; i < n; ++i) {
+    json stage = {{"index", i}, {"parameters", slots[i].value("parameters", int64_t{0})}};
+    json list = json::array();
+    int64_t restarts = 0;
+    int succeeded = 0, running = 0;
+    bool failed = false;
+    for (int r = 0; r < replicas; ++r) {
+      json e = slots[r * n + i];
+      e.erase("index");
+      e.erase("parameters");
+      restarts += e.value("restarts", int64_t{0});
+      const std::string ph = e.value("phase", "Pending");
+      succeeded += ph == "Succeeded";
+      running += ph == "Running";
+      failed = failed || ph == "Failed";
+      list.push_back(e);
+    }
+    stage["restarts"] = restarts;
+    stage["phase"] = succeeded == replicas                       ? "Succeeded"
+                     : failed                                    ? "Failed"
+                     : running > 0 && running + succeeded == replicas ? "Running"
+                                                                  : "Pending";
+    stage["replicas"] = list;
+    out.push_back(stage);
+  }
+  return out;
+}
+
+// The old entry of replica r of stage i (the stage's own entry without replicas).
+std::optional<json> old_pod_entry(const json& old_shards, int i, int r, int replicas) {
+  for (const auto& o : old_shards) {
+    if (o.value("index", -1) != i) continue;
+    if (replicas <= 1) return o;
+    for (const auto& e : o.value("replicas", json::array())) {
+      if (e.value("replica", -1) == r) return e;
+    }
+  }
+  return std::nullopt;
+}
+
 struct Conditions {
   json& c;
   int64_t gen;
@@ -348,14 +394,21 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
     return p;
   }
   const int n = spec.sharding.shards;
+  // Replicas: R pipelines; the pod of replica r of stage i is slot r·n + i (render.h).
+  const int replicas = replica_count(spec);
+  const int slots = n * replicas;
+  auto who = [&](int k) {
+    return "shard " + std::to_string(k % n) + (replicas > 1 ? " replica " + std::to_string(k / n) : "");
+  };
   const double max_exposure = spec.protection.max_exposure;
 
   // --- placement history and exposure ---------------------------------------------------
+  // A node holds stages, whichever replica brought them: exposure is per stage.
   PlacementHistory history = history_from_status(old_status);
-  for (int i = 0; i < n && i < static_cast<int>(ob.pods.size()); ++i) {
-    if (ob.pods[i]) {
-      const std::string node = pod_node(*ob.pods[i]);
-      if (!node.empty()) history[node].insert(i);
+  for (int k = 0; k < slots && k < static_cast<int>(ob.pods.size()); ++k) {
+    if (ob.pods[k]) {
+      const std::string node = pod_node(*ob.pods[k]);
+      if (!node.empty()) history[node].insert(k % n);
     }
   }
   std::vector<ExportAssignment> exporters;
@@ -370,29 +423,29 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   json shards = json::array();
   const json old_shards = old_status.value("shards", json::array());
   int64_t failed_pods = old_status.value("failedPods", int64_t{0});
-  for (int i = 0; i < n; ++i) {
+  for (int k = 0; k < slots; ++k) {
+    const int i = k % n;
     json e = {{"index", i}, {"parameters", params[i]}, {"restarts", 0}, {"phase", "Pending"}};
-    for (const auto& o : old_shards) {
-      if (o.value("index", -1) == i) {
-        for (const char* k : {"restarts", "lastFailedPodUID", "phase", "node", "pod", "ledgerSequence"}) {
-          if (o.contains(k)) e[k] = o[k];
-        }
+    if (replicas > 1) e["replica"] = k / n;
+    if (const auto o = old_pod_entry(old_shards, i, k / n, replicas)) {
+      for (const char* f : kKeptPodFields) {
+        if (o->contains(f)) e[f] = (*o)[f];
       }
     }
     // Only ever raised: a lower value (a sidecar that loaded an older copy of its
     // ledger, or none) must not lower the minimum that later pods are given.
-    if (i < static_cast<int>(ob.ledger_sequences.size()) && ob.ledger_sequences[i] &&
-        *ob.ledger_sequences[i] > e.value("ledgerSequence", int64_t{0})) {
-      e["ledgerSequence"] = *ob.ledger_sequences[i];
+    if (k < static_cast<int>(ob.ledger_sequences.size()) && ob.ledger_sequences[k] &&
+        *ob.ledger_sequences[k] > e.value("ledgerSequence", int64_t{0})) {
+      e["ledgerSequence"] = *ob.ledger_sequences[k];
     }
     shards.push_back(e);
   }
 
   const bool terminal = old_phase == "Succeeded" || old_phase == "Failed";
   auto observe_pods = [&]() {
-    for (int i = 0; i < n; ++i) {
-      const auto& pod = i < static_cast<int>(ob.pods.size()) ? ob.pods[i] : std::nullopt;
-      json& e = shards[i];
+    for (int k = 0; k < slots; ++k) {
+      const auto& pod = k < static_cast<int>(ob.pods.size()) ? ob.pods[k] : std::nullopt;
+      json& e = shards[k];
       if (!pod) {
         if (e.value("phase", "") != "Succeeded") e["phase"] = "Pending";
         continue;
@@ -413,7 +466,7 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
     cond.set("Ready", false, reason, not_running);
     delete_pods(p, ob, deleting);
     observe_pods();
-    st["shards"] = shards;
+    st["shards"] = fold_replicas(shards, n, replicas);
     st["completionTime"] = now;
     finish("Failed");
     return p;
@@ -422,7 +475,7 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   // --- finished jobs: keep what is left, honour ttlSecondsAfterFinished --------------------
   if (terminal) {
     observe_pods();
-    st["shards"] = shards;
+    st["shards"] = fold_replicas(shards, n, replicas);
     if (old_phase == "Failed") delete_pods(p, ob, "job failed");
     if (spec.run_policy.ttl_seconds_after_finished) {
       const int64_t done_at = parse_rfc3339_seconds(old_status.value("completionTime", now)).value_or(-1);
@@ -454,37 +507,30 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   // --- render (refuses a spec whose largest stage exceeds maxExposure) ---------------------
   RenderInputs in = ob.render_inputs;
   in.avoid_nodes.assign(n, {});
-  in.ledger_min_sequence.assign(n, 0);
+  in.ledger_min_sequence.assign(slots, 0);
   for (int i = 0; i < n; ++i) {
     // A trusted stage runs only on the data owner's nodes (trustedNodeSelector).
     if (!spec.protection.trusted_stages.count(i)) {
       in.avoid_nodes[i] = nodes_to_avoid(params, history, i, max_exposure, spec.protection.trusted_stages);
     }
-    in.ledger_min_sequence[i] = std::max<int64_t>(0, shards[i].value("ledgerSequence", int64_t{0}));
+  }
+  for (int k = 0; k < slots; ++k) {
+    in.ledger_min_sequence[k] = std::max<int64_t>(0, shards[k].value("ledgerSequence", int64_t{0}));
   }
   DesiredObjects desired;
   try {
-    if (spec.sharding.replicas > 1) {
-      // shardd and `shardctl run` train replicas; the operator's replica pods
-      // (<job>-shard-<i>-r<r>, per-replica identities and placement) are not built yet.
-      // Refused here, not by render(): `shardctl run` renders replicated jobs.
-      throw ReplicasNotSupported("spec.sharding.replicas " + std::to_string(spec.sharding.replicas) +
-                                 ": the operator does not run replicas yet (issue 20); use replicas 1, or "
-                                 "`shardctl run` locally");
-    }
     desired = render(spec, in);
   } catch (const RenderError& e) {
     const std::string msg = e.what();
     const bool exposure = dynamic_cast<const ExposureRefusal*>(&e) != nullptr;
-    const bool replicas = dynamic_cast<const ReplicasNotSupported*>(&e) != nullptr;
-    const std::string reason = exposure ? "ExposureRefused" : replicas ? "ReplicasNotSupported" : "RenderFailed";
+    const std::string reason = exposure ? "ExposureRefused" : "RenderFailed";
     if (old_phase != "Failed") p.events.push_back({"Warning", reason, msg});
     if (exposure) cond.set("ShardIsolation", false, reason, msg);
     cond.set("Failed", true, reason, msg);
     cond.set("Running", false, reason, "the job was refused");
     cond.set("Ready", false, reason, "the job was refused");
     delete_pods(p, ob, "refused");
-    st["shards"] = shards;
+    st["shards"] = fold_replicas(shards, n, replicas);
     st["completionTime"] = now;
     finish("Failed");
     return p;
@@ -492,15 +538,16 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
 
   // PKI, policies and the Service exist whatever the phase (suspend keeps them).
   if (!ob.ca_secret) {
-    p.events.push_back({"Normal", "Created", "created the job CA, " + std::to_string(n) +
-                                                 " shard identities, policies and the headless Service"});
+    p.events.push_back({"Normal", "Created", "created the job CA, " + std::to_string(slots) +
+                                                 (replicas > 1 ? " replica" : " shard") +
+                                                 " identities, policies and the headless Service"});
   }
   ensure(p, ob.ca_secret, desired.ca_secret, /*immutable=*/true);
-  for (int i = 0; i < n; ++i) {
-    ensure(p, i < static_cast<int>(ob.shard_secrets.size()) ? ob.shard_secrets[i] : std::nullopt,
-           desired.shard_secrets[i], false);
-    ensure(p, i < static_cast<int>(ob.config_maps.size()) ? ob.config_maps[i] : std::nullopt,
-           desired.config_maps[i], false);
+  for (int k = 0; k < slots; ++k) {
+    ensure(p, k < static_cast<int>(ob.shard_secrets.size()) ? ob.shard_secrets[k] : std::nullopt,
+           desired.shard_secrets[k], false);
+    ensure(p, k < static_cast<int>(ob.config_maps.size()) ? ob.config_maps[k] : std::nullopt,
+           desired.config_maps[k], false);
   }
   ensure(p, ob.service, desired.service, false);
 
@@ -512,7 +559,7 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
                                                      " shard pod(s); PKI and checkpoints are kept"});
     }
     observe_pods();
-    st["shards"] = shards;
+    st["shards"] = fold_replicas(shards, n, replicas);
     st.erase("startTime");  // activeDeadlineSeconds counts from the resume, as for a Job
     cond.set("Suspended", true, "Suspended", "spec.runPolicy.suspend is true");
     cond.set("Running", false, "Suspended", "suspended");
@@ -539,12 +586,14 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   }
 
   // --- a trusted stage no node can take: refused ----------------------------------------
-  for (int i : spec.protection.trusted_stages) {
-    const auto& pod = i < static_cast<int>(ob.pods.size()) ? ob.pods[i] : std::nullopt;
+  for (int k = 0; k < slots; ++k) {
+    const int i = k % n;
+    if (!spec.protection.trusted_stages.count(i)) continue;
+    const auto& pod = k < static_cast<int>(ob.pods.size()) ? ob.pods[k] : std::nullopt;
     const auto why = pod && !being_deleted(*pod) ? unschedulable(*pod) : std::nullopt;
     if (!why) continue;
     std::vector<std::string> selector;
-    for (const auto& [k, v] : spec.protection.trusted_node_selector) selector.push_back(k + "=" + v);
+    for (const auto& [key, value] : spec.protection.trusted_node_selector) selector.push_back(key + "=" + value);
     const std::string msg = "stage " + std::to_string(i) +
                             " is trusted and no node can take it: spec.protection.trustedNodeSelector selects " +
                             join(selector, ", ") + "; the scheduler: " + *why;
@@ -562,9 +611,20 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   int running = 0, ready = 0, succeeded = 0, created = 0;
   std::vector<std::string> failures;
   std::string package_refused;  // the first shard whose shardd refused its package
-  for (int i = 0; i < n; ++i) {
-    const auto& pod = i < static_cast<int>(ob.pods.size()) ? ob.pods[i] : std::nullopt;
-    json& e = shards[i];
+  // Replicas move together (docs/operator.md, "Replicas"): a replica that fails or is
+  // gone restarts every replica of the job; the new pods are created only when every
+  // old one is gone, so that each stage's group forms anew and resumes from the
+  // stage's newest common checkpoint.
+  bool restart_all = false;
+  bool terminating = false;
+  for (int k = 0; k < slots && replicas > 1; ++k) {
+    const auto& pod = k < static_cast<int>(ob.pods.size()) ? ob.pods[k] : std::nullopt;
+    terminating = terminating || (pod && being_deleted(*pod));
+  }
+  for (int k = 0; k < slots; ++k) {
+    const int i = k % n;
+    const auto& pod = k < static_cast<int>(ob.pods.size()) ? ob.pods[k] : std::nullopt;
+    json& e = shards[k];
     if (!pod) {
       if (e.value("phase", "") == "Succeeded") {
         ++succeeded;  // finished, and its pod is gone: never rerun a finished shard
@@ -576,16 +636,21 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
       if (e.value("phase", "") == "Running" && old_phase != "Suspended") {
         e["restarts"] = e.value("restarts", 0) + 1;
         ++failed_pods;
-        failures.push_back("shard " + std::to_string(i) + " (pod " + e.value("pod", std::string("?")) +
+        failures.push_back(who(k) + " (pod " + e.value("pod", std::string("?")) +
                            (e.contains("node") ? " on " + e["node"].get<std::string>() : std::string()) +
                            "): gone while running (evicted, preempted, node lost or deleted)");
         p.events.push_back({"Warning", "ShardPodFailed", failures.back()});
+        restart_all = true;
       }
-      p.before_status.push_back(make_action(Action::Verb::kCreate, desired.pods[i],
+      if (replicas > 1 && terminating) {
+        e["phase"] = "Pending";  // created once every old pod of the job is gone
+        continue;
+      }
+      p.before_status.push_back(make_action(Action::Verb::kCreate, desired.pods[k],
                                             e.value("restarts", 0) > 0 ? "recreate" : "create"));
       if (e.value("restarts", 0) > 0) {
         p.events.push_back({"Normal", "ShardPodRecreated",
-                            "recreated the pod of shard " + std::to_string(i) +
+                            "recreated the pod of " + who(k) +
                                 (in.avoid_nodes[i].empty()
                                      ? std::string()
                                      : " away from node(s) " + json(in.avoid_nodes[i]).dump() +
@@ -593,7 +658,7 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
       }
       ++created;
       e["phase"] = "Pending";
-      e["pod"] = desired.pods[i]["metadata"]["name"];
+      e["pod"] = desired.pods[k]["metadata"]["name"];
       continue;
     }
     e["pod"] = obj_name(*pod);
@@ -601,13 +666,22 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
     if (!node.empty()) e["node"] = node;
     const std::string phase = pod_phase(*pod);
     e["phase"] = phase;
+    const std::string pod_uid = (*pod)["metadata"].value("uid", "");
+    if (replicas > 1 && !pod_uid.empty() && e.value("groupRestartPodUID", "") == pod_uid) {
+      // Deleted for a restart of every replica: its end is no failure.
+      e["phase"] = "Pending";
+      if (!being_deleted(*pod)) {
+        p.after_status.push_back(make_action(Action::Verb::kDelete, *pod, "replicas restart together"));
+      }
+      continue;
+    }
     if (being_deleted(*pod)) continue;
     if (node.empty() && phase == "Pending" && !avoid_list_current(*pod, in.avoid_nodes[i], occupied)) {
       // Still waiting for a node, with a keep-off list from before the history grew:
       // replaced, so that it cannot land where it would now exceed maxExposure.
       p.after_status.push_back(make_action(Action::Verb::kDelete, *pod, "placement limits changed"));
       p.events.push_back({"Normal", "ShardPodReplaced",
-                          "replaced the unscheduled pod of shard " + std::to_string(i) +
+                          "replaced the unscheduled pod of " + who(k) +
                               ": it must now also avoid node(s) " + json(in.avoid_nodes[i]).dump()});
       continue;
     }
@@ -617,10 +691,11 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
         e["lastFailedPodUID"] = uid;
         e["restarts"] = e.value("restarts", 0) + 1;
         ++failed_pods;
-        failures.push_back("shard " + std::to_string(i) + " (pod " + obj_name(*pod) +
-                           (node.empty() ? "" : " on " + node) + "): " + pod_failure(*pod));
+        failures.push_back(who(k) + " (pod " + obj_name(*pod) + (node.empty() ? "" : " on " + node) +
+                           "): " + pod_failure(*pod));
         p.events.push_back({"Warning", "ShardPodFailed", failures.back()});
       }
+      restart_all = true;
       if (const auto why = package_refusal(*pod); why && package_refused.empty()) {
         package_refused = "shard " + std::to_string(i) + " (pod " + obj_name(*pod) + (node.empty() ? "" : " on " + node) +
                           ") refused its package: " + *why;
@@ -633,7 +708,48 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
       if (pod_ready(*pod)) ++ready;
     }
   }
-  st["shards"] = shards;
+  if (replicas > 1 && (restart_all || terminating)) {
+    // No pod starts while others of the job still stop (or are stopped below).
+    const auto creates = std::count_if(p.before_status.begin(), p.before_status.end(),
+                                       [](const Action& a) { return a.kind == "Pod" && a.verb == Action::Verb::kCreate; });
+    p.before_status.erase(std::remove_if(p.before_status.begin(), p.before_status.end(),
+                                         [](const Action& a) { return a.kind == "Pod"; }),
+                          p.before_status.end());
+    p.events.erase(std::remove_if(p.events.begin(), p.events.end(),
+                                  [](const EventNote& e) { return e.reason == "ShardPodRecreated"; }),
+                   p.events.end());
+    created -= static_cast<int>(creates);
+  }
+  if (replicas > 1 && restart_all) {
+    int stopped = 0;
+    for (int k = 0; k < slots; ++k) {
+      const auto& pod = k < static_cast<int>(ob.pods.size()) ? ob.pods[k] : std::nullopt;
+      json& e = shards[k];
+      if (!pod) {
+        if (e.value("phase", "") != "Succeeded") e["phase"] = "Pending";
+        continue;
+      }
+      const std::string ph = pod_phase(*pod);
+      if (being_deleted(*pod) || (ph != "Running" && ph != "Pending")) continue;
+      const std::string uid = (*pod)["metadata"].value("uid", "");
+      if (e.value("groupRestartPodUID", "") == uid) continue;  // deleted in the loop above
+      e["groupRestartPodUID"] = uid;
+      e["phase"] = "Pending";
+      if (ph == "Running") {
+        --running;
+        if (pod_ready(*pod)) --ready;
+      }
+      p.after_status.push_back(make_action(Action::Verb::kDelete, *pod, "replicas restart together"));
+      ++stopped;
+    }
+    if (stopped > 0) {
+      p.events.push_back({"Normal", "ReplicasRestarted",
+                          "stopped " + std::to_string(stopped) + " pod(s) of the job's " + std::to_string(replicas) +
+                              " replicas: replicas move together; every replica restarts from its stage's newest "
+                              "common checkpoint"});
+    }
+  }
+  st["shards"] = fold_replicas(shards, n, replicas);
   st["failedPods"] = failed_pods;
 
   if (!package_refused.empty()) {
@@ -665,7 +781,7 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
     for (auto& e : shards) {
       if (e.value("phase", "") != "Succeeded") e["phase"] = "Failed";
     }
-    st["shards"] = shards;
+    st["shards"] = fold_replicas(shards, n, replicas);
     cond.set("Failed", true, "BackoffLimitExceeded", msg);
     cond.set("Running", false, "BackoffLimitExceeded", msg);
     cond.set("Ready", false, "BackoffLimitExceeded", msg);
@@ -682,18 +798,20 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   }
 
   std::string phase = "Pending";
-  if (succeeded == n) {
+  if (succeeded == slots) {
     phase = "Succeeded";
     st["completionTime"] = now;
-  } else if (running + succeeded == n && running > 0) {
+  } else if (running + succeeded == slots && running > 0) {
     phase = "Running";
   }
-  cond.set("Ready", ready == n, ready == n ? "AllShardsReady" : "ShardsNotReady",
-           std::to_string(ready) + " of " + std::to_string(n) + " shard pods ready");
+  // Counted over every pod: n, or n × replicas.
+  cond.set("Ready", ready == slots, ready == slots ? "AllShardsReady" : "ShardsNotReady",
+           std::to_string(ready) + " of " + std::to_string(slots) + " shard pods ready");
   cond.set("Running", phase == "Running", phase == "Running" ? "AllShardsRunning" : phase,
-           std::to_string(running) + " of " + std::to_string(n) + " shard pods running");
+           std::to_string(running) + " of " + std::to_string(slots) + " shard pods running");
   cond.set("Succeeded", phase == "Succeeded", phase == "Succeeded" ? "AllShardsSucceeded" : "NotFinished",
-           std::to_string(succeeded) + " of " + std::to_string(n) + " shards finished");
+           std::to_string(succeeded) + " of " + std::to_string(slots) + (replicas > 1 ? " shard pods" : " shards") +
+               " finished");
   cond.set("Failed", false, "NoFailure",
            std::to_string(failed_pods) + " shard pod failure(s) of backoffLimit " +
                std::to_string(spec.run_policy.backoff_limit));

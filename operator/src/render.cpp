@@ -38,6 +38,14 @@ json metadata(const JobSpec& job, const RenderInputs& in, const std::string& nam
                          {"blockOwnerDeletion", true}}})}};
 }
 
+// A per-replica object's metadata: the shard label, and the replica label when the job
+// has replicas.
+json replica_metadata(const JobSpec& job, const RenderInputs& in, const std::string& name, int shard, int replica) {
+  json m = metadata(job, in, name, shard);
+  if (job.sharding.replicas > 1) m["labels"][kLabelReplica] = std::to_string(replica);
+  return m;
+}
+
 // Largest stage's parameter share must fit maxExposure: with one shard per topology
 // domain (the anti-affinity below), a domain holds exactly one stage and never both
 // neighbours of another, so that share is the smallest exposure any placement gets.
@@ -119,13 +127,13 @@ void check_data_size(const json& object) {
 std::string loopback(int port) { return "127.0.0.1:" + std::to_string(port); }
 std::string any_addr(int port) { return "0.0.0.0:" + std::to_string(port); }
 
-json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::string& shardd_image,
+json make_pod(const JobSpec& job, const RenderInputs& in, int i, int r, const std::string& shardd_image,
               const std::string& sidecar_image) {
   const int n = job.sharding.shards;
-  const std::string name = shard_name(job, i);
+  const bool replicated = replica_count(job) > 1;
+  const int slot = slot_of(job, i, r);
+  const std::string name = replica_name(job, i, r);
   const json& tmpl = job.template_;
-  const std::string td = job.protection.trust_domain;
-
   json shardd_args = json::array({"--job", std::string(kConfigDir) + "/job.json", "--stage", std::to_string(i),
                                   "--listen", loopback(kShardGrpcPort)});
   if (i > 0) shardd_args.insert(shardd_args.end(), {"--prev", loopback(kSidecarOutboundPort)});
@@ -133,6 +141,14 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
   shardd_args.insert(shardd_args.end(), {"--checkpoint-dir", kCheckpointDir, "--key-file",
                                          std::string(kKeyDir) + "/checkpoint.key", "--metrics",
                                          any_addr(kShardMetricsPort)});
+  if (replicated) {
+    // The stage's replica group: replica 0 serves its store; every replica's Gloo
+    // connections use its own pod IP (the kubelet expands $(POD_IP) from the env).
+    shardd_args.insert(shardd_args.end(),
+                       {"--replica", std::to_string(r), "--replica-store",
+                        replica_dns_name(job, i, 0, in.cluster_domain) + ":" + std::to_string(kReplicaStorePort),
+                        "--replica-host", "$(POD_IP)"});
+  }
 
   json shardd = {{"name", "shardd"},
                  {"image", shardd_image},
@@ -147,6 +163,13 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
                                        {"subPath", kCheckpointSubPath}},
                                       {{"name", "tmp"}, {"mountPath", "/tmp"}},
                                   })}};
+  if (replicated) {
+    shardd["env"] = json::array(
+        {{{"name", "POD_IP"}, {"valueFrom", {{"fieldRef", {{"apiVersion", "v1"}, {"fieldPath", "status.podIP"}}}}}}});
+    if (r == 0) {
+      shardd["ports"].push_back({{"name", "replica-store"}, {"containerPort", kReplicaStorePort}, {"protocol", "TCP"}});
+    }
+  }
   if (job.model.from_package()) {
     // Its own package only: shardd opens shard-<i>.sgpkg with this key, and the key
     // opens nothing else.
@@ -168,17 +191,19 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
                                    "--cert", std::string(kTlsDir) + "/tls.crt", "--key",
                                    std::string(kTlsDir) + "/tls.key", "--ca", std::string(kTlsDir) + "/ca.crt",
                                    "--policy", std::string(kConfigDir) + "/policy.json", "--ledger",
-                                   ledger_file(job.name, i), "--ledger-key", std::string(kTlsDir) + "/ledger.key",
+                                   ledger_file(job, i, r), "--ledger-key", std::string(kTlsDir) + "/ledger.key",
                                    "--audit-log", std::string(kSidecarStateDir) + "/" + kAuditFileName,
                                    "--audit-stdout"});
-  if (i < static_cast<int>(in.ledger_min_sequence.size()) && in.ledger_min_sequence[i] > 0) {
-    sidecar_args.insert(sidecar_args.end(), {"--ledger-min-sequence", std::to_string(in.ledger_min_sequence[i])});
+  if (slot < static_cast<int>(in.ledger_min_sequence.size()) && in.ledger_min_sequence[slot] > 0) {
+    sidecar_args.insert(sidecar_args.end(),
+                        {"--ledger-min-sequence", std::to_string(in.ledger_min_sequence[slot])});
   }
+  // Replica r's neighbours are replica r of stages i±1: each replica its own pipeline.
   for (int p : {i - 1, i + 1}) {
     if (p < 0 || p >= n) continue;
     sidecar_args.push_back("--peer");
-    sidecar_args.push_back(spiffe_id_for_shard(td, job.namespace_, job.name, p) + "=" +
-                           shard_dns_name(job, p, in.cluster_domain) + ":" + std::to_string(kSidecarInboundPort));
+    sidecar_args.push_back(spiffe_id_of(job, p, r) + "=" + replica_dns_name(job, p, r, in.cluster_domain) + ":" +
+                           std::to_string(kSidecarInboundPort));
   }
   sidecar_args.insert(sidecar_args.end(), {"--metrics", any_addr(kSidecarMetricsPort)});
 
@@ -243,6 +268,12 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
     volumes.push_back(package_volume);
   }
   json selector = {{"matchLabels", {{kLabelJob, job.name}}}};
+  if (replicated) {
+    // Per stage: off every node of another stage of the job (so never two stages, nor
+    // both neighbours of one, on a node); the replicas of this stage may share one.
+    selector["matchExpressions"] =
+        json::array({{{"key", kLabelShard}, {"operator", "NotIn"}, {"values", json::array({std::to_string(i)})}}});
+  }
   json spec = {
       {"hostname", name},
       {"subdomain", service_name(job)},
@@ -262,7 +293,7 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
       {"containers", json::array({shardd, sidecar})},
       {"volumes", volumes},
   };
-  json pod_meta = metadata(job, in, name, i);
+  json pod_meta = replica_metadata(job, in, name, i, r);
   if (i < static_cast<int>(in.avoid_nodes.size()) && !in.avoid_nodes[i].empty()) {
     // By node name (matchFields metadata.name), not by the hostname label, which can
     // differ from it: the history records spec.nodeName.
@@ -297,6 +328,26 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, const std::stri
 
 std::string ca_secret_name(const JobSpec& job) { return job.name + "-ca"; }
 std::string shard_name(const JobSpec& job, int index) { return job.name + "-shard-" + std::to_string(index); }
+int replica_count(const JobSpec& job) { return std::max(1, job.sharding.replicas); }
+int slot_of(const JobSpec& job, int index, int replica) { return replica * job.sharding.shards + index; }
+std::string replica_name(const JobSpec& job, int index, int replica) {
+  return replica_count(job) > 1 ? shard_name(job, index) + "-r" + std::to_string(replica) : shard_name(job, index);
+}
+std::string spiffe_id_of(const JobSpec& job, int index, int replica) {
+  const auto& td = job.protection.trust_domain;
+  return replica_count(job) > 1
+             ? spiffe_id_for_replica(td, job.namespace_, job.name, static_cast<uint32_t>(index),
+                                     static_cast<uint32_t>(replica))
+             : spiffe_id_for_shard(td, job.namespace_, job.name, static_cast<uint32_t>(index));
+}
+std::string ledger_file(const JobSpec& job, int index, int replica) {
+  if (replica_count(job) == 1) return ledger_file(job.name, index);
+  return std::string(kLedgerDir) + "/" + replica_name(job, index, replica) + ".ledger.json";
+}
+std::string replica_dns_name(const JobSpec& job, int index, int replica, const std::string& cluster_domain) {
+  return replica_name(job, index, replica) + "." + service_name(job) + "." + job.namespace_ + ".svc." +
+         cluster_domain;
+}
 std::string service_name(const JobSpec& job) { return job.name; }
 std::string shard_dns_name(const JobSpec& job, int index, const std::string& cluster_domain) {
   return shard_name(job, index) + "." + service_name(job) + "." + job.namespace_ + ".svc." + cluster_domain;
@@ -366,33 +417,45 @@ policy::ExportRules export_rules(const JobSpec& job, const std::vector<ExportAss
 
 DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
   const int n = job.sharding.shards;
+  const int replicas = replica_count(job);
+  const int slots = n * replicas;
+  // "shard 2", or "shard 2 replica 1" for a job with replicas.
+  auto who = [&](int slot) {
+    return "shard " + std::to_string(slot % n) + (replicas > 1 ? " replica " + std::to_string(slot / n) : "");
+  };
   // Inputs first: a refusal must not depend on which check runs first.
   if (in.uid.empty()) throw RenderError("metadata.uid: empty; ownerReferences need the job's uid");
   if (in.ca_cert_pem.empty() || in.ca_key_pem.empty()) {
     throw RenderError("render inputs: the job CA certificate and key are required");
   }
-  if (static_cast<int>(in.shards.size()) != n) {
+  if (static_cast<int>(in.shards.size()) != slots) {
     throw RenderError("render inputs: " + std::to_string(in.shards.size()) +
-                      " shard certificates/keys for spec.sharding.shards " + std::to_string(n));
+                      " shard certificates/keys for spec.sharding.shards " + std::to_string(n) +
+                      (replicas > 1 ? " × spec.sharding.replicas " + std::to_string(replicas) : std::string()));
   }
-  for (int i = 0; i < n; ++i) {
-    const auto& s = in.shards[i];
+  for (int k = 0; k < slots; ++k) {
+    const auto& s = in.shards[k];
     if (s.cert_pem.empty() || s.key_pem.empty()) {
-      throw RenderError("render inputs: shard " + std::to_string(i) + " has no leaf certificate or key");
+      throw RenderError("render inputs: " + who(k) + " has no leaf certificate or key");
     }
     if (s.checkpoint_key.size() != 32) {
-      throw RenderError("render inputs: shard " + std::to_string(i) + " checkpoint key is " +
+      throw RenderError("render inputs: " + who(k) + " checkpoint key is " +
                         std::to_string(s.checkpoint_key.size()) + " bytes, want 32");
     }
     if (s.ledger_key.size() != 32) {
-      throw RenderError("render inputs: shard " + std::to_string(i) + " ledger key is " +
-                        std::to_string(s.ledger_key.size()) + " bytes, want 32");
+      throw RenderError("render inputs: " + who(k) + " ledger key is " + std::to_string(s.ledger_key.size()) +
+                        " bytes, want 32");
+    }
+    // One checkpoint per stage, replica 0's: every replica must be able to read it.
+    if (k >= n && s.checkpoint_key != in.shards[k % n].checkpoint_key) {
+      throw RenderError("render inputs: " + who(k) + " checkpoint key differs from replica 0's; the replicas of " +
+                        "a stage resume from the same checkpoints");
     }
   }
-  for (size_t i = 0; i < in.ledger_min_sequence.size(); ++i) {
-    if (in.ledger_min_sequence[i] < 0) {
-      throw RenderError("render inputs: shard " + std::to_string(i) + " ledger minimum sequence " +
-                        std::to_string(in.ledger_min_sequence[i]) + " is negative");
+  for (size_t k = 0; k < in.ledger_min_sequence.size(); ++k) {
+    if (in.ledger_min_sequence[k] < 0) {
+      throw RenderError("render inputs: " + who(static_cast<int>(k)) + " ledger minimum sequence " +
+                        std::to_string(in.ledger_min_sequence[k]) + " is negative");
     }
   }
   if (!in.job_object.is_object() || !in.job_object.contains("spec") || !in.job_object["spec"].is_object()) {
@@ -400,7 +463,7 @@ DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
   }
   const std::string shardd_image = image_of(in.shardd_image, job.template_, "spec.template.image");
   const std::string sidecar_image = image_of(in.sidecar_image, job.sidecar, "spec.sidecar.image");
-  check_dns_label("pod hostname", shard_name(job, n - 1));
+  check_dns_label("pod hostname", replica_name(job, n - 1, replicas - 1));
   check_dns_label("service name", service_name(job));
   const std::vector<ExportAssignment> exporters = assign_export_principals(job, check_exposure(job, in));
   if (job.model.from_package()) {
@@ -429,12 +492,13 @@ DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
                    {"immutable", true},
                    {"data", {{"ca.crt", base64_encode(in.ca_cert_pem)}, {"ca.key", base64_encode(in.ca_key_pem)}}}};
 
-  for (int i = 0; i < n; ++i) {
-    const auto& s = in.shards[i];
-    const std::string name = shard_name(job, i);
+  for (int k = 0; k < slots; ++k) {
+    const int i = k % n, r = k / n;
+    const auto& s = in.shards[k];
+    const std::string name = replica_name(job, i, r);
     out.shard_secrets.push_back({{"apiVersion", "v1"},
                                  {"kind", "Secret"},
-                                 {"metadata", metadata(job, in, name, i)},
+                                 {"metadata", replica_metadata(job, in, name, i, r)},
                                  {"type", "kubernetes.io/tls"},
                                  {"data",
                                   {{"tls.crt", base64_encode(s.cert_pem)},
@@ -450,14 +514,15 @@ DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
     policy::Policy policy = [&] {
       try {
         return policy::pipeline_policy(job.protection.trust_domain, job.namespace_, job.name, i, n,
-                                       export_rules(job, exporters, i, in.export_budget_bytes));
+                                       export_rules(job, exporters, i, in.export_budget_bytes),
+                                       replicas > 1 ? r : -1);
       } catch (const policy::PolicyError& e) {
-        throw RenderError(std::string("policy of shard ") + std::to_string(i) + ": " + e.what());
+        throw RenderError("policy of " + who(k) + ": " + e.what());
       }
     }();
     out.config_maps.push_back({{"apiVersion", "v1"},
                                {"kind", "ConfigMap"},
-                               {"metadata", metadata(job, in, name, i)},
+                               {"metadata", replica_metadata(job, in, name, i, r)},
                                {"data", {{"policy.json", policy::to_json(policy)},
                                          {"job.json", job_file.dump(2) + "\n"}}}});
   }
@@ -474,7 +539,7 @@ DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
                                            {"targetPort", "mtls"},
                                            {"protocol", "TCP"}}})}}}};
 
-  for (int i = 0; i < n; ++i) out.pods.push_back(make_pod(job, in, i, shardd_image, sidecar_image));
+  for (int k = 0; k < slots; ++k) out.pods.push_back(make_pod(job, in, k % n, k / n, shardd_image, sidecar_image));
   // The API server refuses a ConfigMap or Secret whose data exceeds 1 MiB. The CRD's
   // bounds keep a job far below that; this names the object if they ever do not.
   for (const auto* list : {&out.config_maps, &out.shard_secrets}) {

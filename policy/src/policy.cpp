@@ -616,12 +616,16 @@ bool is_canonical_method(const std::string& m) {
 }
 
 Policy pipeline_policy(const std::string& trust_domain, const std::string& ns,
-                       const std::string& job, int shard, int shards, const ExportRules& exports) {
+                       const std::string& job, int shard, int shards, const ExportRules& exports,
+                       int replica) {
+  if (replica < -1) throw PolicyError({PolicyProblem{"replica", decode::at_least("-1", std::to_string(replica))}});
   auto rule = [&](const char* name, int peer, const char* method) {
     if (peer < 0) throw PolicyError({PolicyProblem{"shard", decode::at_least("0", std::to_string(peer))}});
     std::string id;
     try {
-      id = spiffe_id_for_shard(trust_domain, ns, job, static_cast<uint32_t>(peer));
+      id = replica < 0 ? spiffe_id_for_shard(trust_domain, ns, job, static_cast<uint32_t>(peer))
+                       : spiffe_id_for_replica(trust_domain, ns, job, static_cast<uint32_t>(peer),
+                                               static_cast<uint32_t>(replica));
     } catch (const PkiError& e) {
       throw PolicyError({PolicyProblem{"peers", e.what()}});
     }

@@ -96,6 +96,10 @@ Leaf issue_shard_leaf(const JobSpec& job, const CaBundle& ca, int index) {
   return issue_leaf(ca, shard_id(job, index), kLeafLifetime);
 }
 
+Leaf issue_replica_leaf(const JobSpec& job, const CaBundle& ca, int index, int replica) {
+  return issue_leaf(ca, op::spiffe_id_of(job, index, replica), kLeafLifetime);
+}
+
 op::RenderInputs make_render_inputs(nlohmann::json object, const CaBundle& ca, std::vector<op::ShardMaterial> shards) {
   op::RenderInputs in;
   // The real metadata.uid is assigned by the API server when the job is created;

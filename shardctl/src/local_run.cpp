@@ -628,7 +628,12 @@ int RunLocal(const LocalRunOptions& options) {
     // A package job: the manifest, and the keys as the operator copies them from the
     // keys Secret (each into its own shard's Secret, so into shard-<i>/package.key).
     add_local_package(job, options.package_keys, in);
-    objects = op::render(job, in);
+    // The objects of one pipeline: locally every replica of stage i runs from stage i's
+    // files and identity (replica 0's; the operator gives each replica its own). The
+    // ConfigMaps' job.json keeps spec.sharding.replicas for shardd.
+    JobSpec one_pipeline = job;
+    one_pipeline.sharding.replicas = 1;
+    objects = op::render(one_pipeline, in);
   } catch (const op::RenderError& e) {
     std::cerr << who << ": the operator would refuse job " << job.namespace_ << "/" << job.name << ": "
               << e.what() << "\n";

@@ -177,10 +177,15 @@ int RunRender(const RenderOptions& o) {
     // Fresh PKI and keys, made as the operator makes them (job_pki.h): one CA per
     // job, one leaf SVID and 32-byte checkpoint and ledger keys per shard.
     const CaBundle ca = create_job_ca(job);
+    // With replicas, one leaf and ledger key per replica (its own identity) and the
+    // stage's checkpoint key for all of them, index r·n + i (op::slot_of).
     std::vector<op::ShardMaterial> shards;
-    for (int i = 0; i < job.sharding.shards; ++i) {
-      const Leaf leaf = issue_shard_leaf(job, ca, i);
-      shards.push_back({leaf.cert_pem, leaf.key_pem, random_bytes(kAesKeyBytes), random_bytes(kAesKeyBytes)});
+    const int n = job.sharding.shards;
+    for (int k = 0; k < n * op::replica_count(job); ++k) {
+      const Leaf leaf = op::replica_count(job) > 1 ? issue_replica_leaf(job, ca, k % n, k / n)
+                                                   : issue_shard_leaf(job, ca, k);
+      const std::string checkpoint_key = k < n ? random_bytes(kAesKeyBytes) : shards[k % n].checkpoint_key;
+      shards.push_back({leaf.cert_pem, leaf.key_pem, checkpoint_key, random_bytes(kAesKeyBytes)});
     }
     op::RenderInputs in = make_render_inputs(object, ca, std::move(shards));
     in.export_budget_bytes = o.export_budget_bytes;

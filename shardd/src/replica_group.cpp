@@ -25,7 +25,8 @@ std::chrono::milliseconds millis(double seconds) {
 
 }  // namespace
 
-ReplicaGroup::ReplicaGroup(int stage, int replica, int replicas, const std::string& store_address, double timeout_s)
+ReplicaGroup::ReplicaGroup(int stage, int replica, int replicas, const std::string& store_address,
+                           const std::string& own_host, double timeout_s)
     : state_(std::make_unique<State>()), stage_(stage), replica_(replica), replicas_(replicas) {
   const std::string who = "stage " + std::to_string(stage) + " replica " + std::to_string(replica) + " of " +
                           std::to_string(replicas);
@@ -43,7 +44,8 @@ ReplicaGroup::ReplicaGroup(int stage, int replica, int replicas, const std::stri
     so.timeout = millis(timeout_s);
     state_->store = c10::make_intrusive<c10d::TCPStore>(host, so);
     auto options = c10d::ProcessGroupGloo::Options::create(millis(timeout_s));
-    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host));
+    // Each replica's own address: replica 0's (the store's host) is not another pod's.
+    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(own_host.empty() ? host : own_host));
     options->threads = 1;
     // Every join counts itself: the k-th join (from 1) belongs to incarnation (k-1) / R,
     // whose keys live under their own prefix. A replica restarted while an old member

@@ -2,7 +2,8 @@
 // group: after every step they average their gradients, so that R pipelines of
 // batch B train like one of batch B × R. Rendezvous through a TCPStore that
 // replica 0 serves at the group's store address; Gloo's own connections are TCP
-// from the address `host` of that store (127.0.0.1 locally). docs/pipeline.md.
+// from the replica's own address (--replica-host: a pod's IP), by default the host of
+// that store (127.0.0.1 locally). docs/pipeline.md.
 #pragma once
 
 #include <cstdint>
@@ -18,7 +19,9 @@ class ReplicaGroup {
  public:
   // Blocks until every replica of the stage has joined (at most timeout_s);
   // throws std::runtime_error naming the stage, the replica and the store.
-  ReplicaGroup(int stage, int replica, int replicas, const std::string& store_address, double timeout_s);
+  // own_host: the address this replica's Gloo connections use ("" = the store's host).
+  ReplicaGroup(int stage, int replica, int replicas, const std::string& store_address, const std::string& own_host,
+               double timeout_s);
   ~ReplicaGroup();
   ReplicaGroup(const ReplicaGroup&) = delete;
   ReplicaGroup& operator=(const ReplicaGroup&) = delete;

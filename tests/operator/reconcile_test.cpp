@@ -140,15 +140,16 @@ struct Cluster {
     };
     ob.ca_secret = get("Secret", ca_secret_name(spec));
     ob.service = get("Service", service_name(spec));
-    for (int i = 0; i < spec.sharding.shards; ++i) {
-      ob.shard_secrets.push_back(get("Secret", shard_name(spec, i)));
-      ob.config_maps.push_back(get("ConfigMap", shard_name(spec, i)));
-      ob.pods.push_back(get("Pod", shard_name(spec, i)));
+    const int n = spec.sharding.shards, slots = n * replica_count(spec);
+    for (int k = 0; k < slots; ++k) {  // as the controller: index = slot
+      ob.shard_secrets.push_back(get("Secret", replica_name(spec, k % n, k / n)));
+      ob.config_maps.push_back(get("ConfigMap", replica_name(spec, k % n, k / n)));
+      ob.pods.push_back(get("Pod", replica_name(spec, k % n, k / n)));
     }
     ob.render_inputs.uid = job["metadata"]["uid"];
     ob.render_inputs.ca_cert_pem = "CA";
     ob.render_inputs.ca_key_pem = "CAKEY";
-    for (int i = 0; i < spec.sharding.shards; ++i) {
+    for (int i = 0; i < slots; ++i) {
       ob.render_inputs.shards.push_back(
           {"C" + std::to_string(i), "K" + std::to_string(i), std::string(32, 'k'), std::string(32, 'l')});
     }
@@ -215,6 +216,14 @@ struct Cluster {
   }
 
   json& pod(int i) { return objects.at("Pod/fm-shard-" + std::to_string(i)); }
+  // Replica r of stage i of a job with replicas.
+  static std::string replica_pod(int i, int r) { return "Pod/fm-shard-" + std::to_string(i) + "-r" + std::to_string(r); }
+  void kubelet_replica(int i, int r, const std::string& node, const std::string& phase) {
+    json& p = objects.at(replica_pod(i, r));
+    p["spec"]["nodeName"] = node;
+    p["status"] = {{"phase", phase},
+                   {"conditions", json::array({{{"type", "Ready"}, {"status", phase == "Running" ? "True" : "False"}}})}};
+  }
   bool has_pod(int i) const { return objects.count("Pod/fm-shard-" + std::to_string(i)) > 0; }
   void kubelet(int i, const std::string& node, const std::string& phase, bool ready = true) {
     pod(i)["spec"]["nodeName"] = node;
@@ -543,26 +552,112 @@ TEST(PlanTest, LargestStageAboveMaxExposureIsRefusedWithACondition) {
   EXPECT_TRUE(c.has_event("ExposureRefused"));
 }
 
-// Until the operator renders replica pods, a replicated job fails with a reason
-// naming the field instead of pods whose shardd refuses to start.
-TEST(PlanTest, ReplicatedJobIsRefusedWithACondition) {
+// Data-parallel replicas (issue 20 item 3): a pod per replica, status per replica, and a
+// failed replica restarts every replica of the job together (replicas move together).
+TEST(PlanTest, ReplicasGetTheirOwnPodsStatusAndRestartTogether) {
   json j = job_yaml();
   j["spec"]["sharding"]["replicas"] = 2;
   Cluster c(j);
   c.settle();
-  const json& st = c.job["status"];
-  EXPECT_EQ(st["phase"], "Failed");
-  bool found = false;
+  // CA + 8 Secrets + 8 ConfigMaps + Service + 8 Pods.
+  EXPECT_EQ(c.objects.size(), 26u);
+  for (int i = 0; i < 4; ++i) {
+    for (int r = 0; r < 2; ++r) EXPECT_TRUE(c.objects.count(Cluster::replica_pod(i, r))) << i << " " << r;
+  }
+  EXPECT_FALSE(c.has_pod(0));  // no fm-shard-0 without a replica suffix
+  // Both replicas of stage i on node-i: one stage per node.
+  for (int i = 0; i < 4; ++i) {
+    for (int r = 0; r < 2; ++r) c.kubelet_replica(i, r, "node-" + std::to_string(i), "Running");
+  }
+  c.settle();
+  const json st = c.job["status"];
+  EXPECT_EQ(st["phase"], "Running");
+  EXPECT_TRUE(condition_true(st["conditions"], "Ready"));
   for (const auto& cond : st["conditions"]) {
-    if (cond["type"] == "Failed") {
-      EXPECT_EQ(cond["reason"], "ReplicasNotSupported");
-      EXPECT_NE(cond["message"].get<std::string>().find("spec.sharding.replicas 2"), std::string::npos);
-      found = true;
+    if (cond["type"] == "Ready") EXPECT_EQ(cond["message"], "8 of 8 shard pods ready");
+  }
+  ASSERT_EQ(st["shards"].size(), 4u);
+  for (int i = 0; i < 4; ++i) {
+    const json& s = st["shards"][i];
+    EXPECT_EQ(s["index"], i);
+    EXPECT_EQ(s["phase"], "Running");
+    ASSERT_EQ(s["replicas"].size(), 2u) << s.dump();
+    for (int r = 0; r < 2; ++r) {
+      EXPECT_EQ(s["replicas"][r]["replica"], r);
+      EXPECT_EQ(s["replicas"][r]["pod"], "fm-shard-" + std::to_string(i) + "-r" + std::to_string(r));
+      EXPECT_EQ(s["replicas"][r]["node"], "node-" + std::to_string(i));
+      EXPECT_EQ(s["replicas"][r]["phase"], "Running");
     }
   }
-  EXPECT_TRUE(found);
-  for (int i = 0; i < 4; ++i) EXPECT_FALSE(c.has_pod(i));
-  EXPECT_TRUE(c.has_event("ReplicasNotSupported"));
+  // Exposure is per stage: a node with both replicas of one stage holds one stage.
+  EXPECT_EQ(st["exposure"]["nodes"].size(), 4u);
+  EXPECT_LE(st["exposure"]["maxNode"].get<double>(), 0.5);
+  EXPECT_EQ(plan(c.observe()).status, std::nullopt);  // settled: nothing to write
+
+  // Replica 1 of stage 2 fails: counted once, for it alone; every other pod of the job
+  // is stopped with it (status first), and nothing starts while one is still going.
+  c.kubelet_replica(2, 1, "node-2", "Failed");
+  Plan p = plan(c.observe());
+  ASSERT_TRUE(p.status);
+  EXPECT_EQ((*p.status)["failedPods"], 1);
+  EXPECT_EQ((*p.status)["shards"][2]["replicas"][1]["restarts"], 1);
+  EXPECT_EQ((*p.status)["shards"][2]["replicas"][0]["restarts"], 0);
+  EXPECT_EQ((*p.status)["shards"][2]["restarts"], 1);
+  EXPECT_EQ((*p.status)["shards"][2]["phase"], "Failed");
+  EXPECT_EQ(p.after_status.size(), 8u);
+  for (const auto& a : p.after_status) EXPECT_EQ(a.verb, Action::Verb::kDelete) << a.name;
+  for (const auto& a : p.before_status) EXPECT_NE(a.kind, "Pod") << a.name;
+  bool restarted = false;
+  for (const auto& e : p.events) restarted = restarted || e.reason == "ReplicasRestarted";
+  EXPECT_TRUE(restarted);
+  // Apply it, but one pod (stage 0 replica 0) is still terminating.
+  for (const auto& a : p.before_status) c.apply(a);
+  c.job["status"] = *p.status;
+  for (const auto& a : p.after_status) {
+    if (a.name == "fm-shard-0-r0") {
+      c.objects.at("Pod/fm-shard-0-r0")["metadata"]["deletionTimestamp"] = "2026-11-18T00:00:00Z";
+    } else {
+      c.apply(a);
+    }
+  }
+  p = c.step();
+  for (const auto& a : p.before_status) EXPECT_NE(a.kind, "Pod") << "created " << a.name << " while a pod stops";
+  for (const auto& a : p.after_status) EXPECT_NE(a.kind, "Pod") << "deleted " << a.name << " again";
+  EXPECT_EQ(c.job["status"]["shards"][0]["replicas"][0]["phase"], "Pending");
+  // It is gone: all 8 start together; only the failed replica counts a restart.
+  c.objects.erase("Pod/fm-shard-0-r0");
+  c.step();
+  for (int i = 0; i < 4; ++i) {
+    for (int r = 0; r < 2; ++r) EXPECT_TRUE(c.objects.count(Cluster::replica_pod(i, r))) << i << " " << r;
+  }
+  c.settle();
+  EXPECT_EQ(c.job["status"]["failedPods"], 1);
+  int restarts = 0;
+  for (const auto& s : c.job["status"]["shards"]) {
+    for (const auto& e : s["replicas"]) restarts += e["restarts"].get<int>();
+  }
+  EXPECT_EQ(restarts, 1);
+  // Stage 2's new replicas keep off node-0 (stage 0 there: stage 2 would sandwich 1).
+  const json& aff = c.objects.at(Cluster::replica_pod(2, 1))["spec"]["affinity"];
+  ASSERT_TRUE(aff.contains("nodeAffinity")) << aff.dump();
+  const json avoid = aff["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+                        ["matchFields"][0]["values"];
+  EXPECT_NE(std::find(avoid.begin(), avoid.end(), "node-0"), avoid.end()) << avoid.dump();
+  EXPECT_FALSE(c.has_event("ReplicasNotSupported"));
+}
+
+// A job without replicas keeps its single-pod recovery: a failed shard is recreated
+// alone (FailedPodIsCountedOnceAndRecreatedAwayFromUnsafeNodes), nothing else stops.
+TEST(PlanTest, WithoutReplicasAFailedShardStopsNoOtherPod) {
+  Cluster c(job_yaml());
+  c.settle();
+  for (int i = 0; i < 4; ++i) c.kubelet(i, "node-" + std::to_string(i), "Running");
+  c.settle();
+  c.kubelet(1, "node-1", "Failed");
+  const Plan p = plan(c.observe());
+  ASSERT_EQ(p.after_status.size(), 1u);
+  EXPECT_EQ(p.after_status[0].name, "fm-shard-1");
+  EXPECT_FALSE((*p.status)["shards"][1].contains("replicas"));
 }
 
 // vit in 4 stages (about 0.02, 0.33, 0.33, 0.33) at maxExposure 0.5.

@@ -505,6 +505,168 @@ TEST(Render, SidecarPeersAreOnlyTheNeighbours) {
   }
 }
 
+// Data-parallel replicas (issue 20 item 3): 4 stages × 2 replicas, each replica its own
+// pod, identity, policy and neighbours; the anti-affinity is per stage.
+Rendered render_replicated(int replicas = 2) {
+  json o = job_object();
+  o["spec"]["sharding"]["replicas"] = replicas;
+  Rendered r{job_from_json(o), {}, {}};
+  r.in.uid = "0b4e6a52-1111-2222-3333-444455556666";
+  r.in.ca_cert_pem = "-----CA CERT-----\n";
+  r.in.ca_key_pem = "-----CA KEY SECRET-----\n";
+  for (int k = 0; k < 4 * replicas; ++k) {
+    // The stage's checkpoint key for every replica; each replica's own leaf and ledger key.
+    r.in.shards.push_back({"-----LEAF CERT " + std::to_string(k) + "-----\n",
+                           "-----LEAF KEY " + std::to_string(k) + "-----\n", key_of(k % 4), ledger_key_of(k)});
+  }
+  r.in.job_object = o;
+  r.in.export_budget_bytes = 1 << 20;
+  r.out = render(r.job, r.in);
+  return r;
+}
+
+TEST(RenderReplicas, EveryReplicaHasItsOwnNamedObjects) {
+  const auto r = render_replicated();
+  ASSERT_EQ(r.out.pods.size(), 8u);
+  ASSERT_EQ(r.out.shard_secrets.size(), 8u);
+  ASSERT_EQ(r.out.config_maps.size(), 8u);
+  EXPECT_EQ(r.out.all().size(), 1u + 8 + 8 + 1 + 8);
+  for (int k = 0; k < 8; ++k) {
+    const int i = k % 4, rep = k / 4;
+    const std::string name = "fmnist-shard-" + std::to_string(i) + "-r" + std::to_string(rep);
+    EXPECT_EQ(slot_of(r.job, i, rep), k);
+    EXPECT_EQ(replica_name(r.job, i, rep), name);
+    for (const json* o : {&r.out.pods[k], &r.out.shard_secrets[k], &r.out.config_maps[k]}) {
+      EXPECT_EQ((*o)["metadata"]["name"], name);
+      EXPECT_EQ((*o)["metadata"]["labels"][kLabelShard], std::to_string(i));
+      EXPECT_EQ((*o)["metadata"]["labels"][kLabelReplica], std::to_string(rep));
+    }
+    EXPECT_EQ(r.out.pods[k]["spec"]["hostname"], name);
+    EXPECT_EQ(r.out.pods[k]["spec"]["subdomain"], "fmnist");
+    for (const auto& v : r.out.pods[k]["spec"]["volumes"]) {
+      if (v.contains("secret")) EXPECT_EQ(v["secret"]["secretName"], name);
+      if (v.contains("configMap")) EXPECT_EQ(v["configMap"]["name"], name);
+    }
+    // Its own leaf and ledger key, the stage's checkpoint key.
+    const json& data = r.out.shard_secrets[k]["data"];
+    EXPECT_EQ(base64_decode(data["tls.crt"]), "-----LEAF CERT " + std::to_string(k) + "-----\n");
+    EXPECT_EQ(base64_decode(data["ledger.key"]), ledger_key_of(k));
+    EXPECT_EQ(base64_decode(data["checkpoint.key"]), key_of(i));
+  }
+  // A job without replicas keeps its names and has no replica label.
+  const auto single = render_example();
+  EXPECT_EQ(replica_name(single.job, 2, 0), "fmnist-shard-2");
+  EXPECT_FALSE(single.out.pods[2]["metadata"]["labels"].contains(kLabelReplica));
+  EXPECT_EQ(spiffe_id_of(single.job, 2, 0), spiffe_id_for_shard("shardguard.local", "ml", "fmnist", 2));
+}
+
+TEST(RenderReplicas, ReplicaTalksOnlyToItsOwnPipelineUnderItsOwnIdentity) {
+  const auto r = render_replicated();
+  const auto id = [](int s, int rep) { return spiffe_id_for_replica("shardguard.local", "ml", "fmnist", s, rep); };
+  for (int k = 0; k < 8; ++k) {
+    const int i = k % 4, rep = k / 4;
+    EXPECT_EQ(spiffe_id_of(r.job, i, rep),
+              "spiffe://shardguard.local/ns/ml/job/fmnist/shard/" + std::to_string(i) + "/replica/" + std::to_string(rep));
+    std::vector<std::string> want;
+    for (int p : {i - 1, i + 1}) {
+      if (p < 0 || p > 3) continue;
+      want.push_back(id(p, rep) + "=fmnist-shard-" + std::to_string(p) + "-r" + std::to_string(rep) +
+                     ".fmnist.ml.svc.cluster.local:7443");
+    }
+    EXPECT_EQ(flag_values(args_of(r.out.pods[k], "sidecar"), "--peer"), want) << k;
+    EXPECT_EQ(flag_values(args_of(r.out.pods[k], "sidecar"), "--ledger"),
+              std::vector<std::string>{std::string(kLedgerDir) + "/fmnist-shard-" + std::to_string(i) + "-r" +
+                                       std::to_string(rep) + ".ledger.json"});
+    const auto parsed = policy::parse_policy(r.out.config_maps[k]["data"]["policy.json"].get<std::string>());
+    EXPECT_EQ(parsed.shard(), i);
+    for (int p = 0; p < 4; ++p) {
+      for (int q = 0; q < 2; ++q) {
+        const auto d = policy::decide(parsed, policy::Direction::kIngress, id(p, q), policy::kForwardMethod);
+        EXPECT_EQ(d.allow, p == i - 1 && q == rep) << k << ": Forward from stage " << p << " replica " << q;
+      }
+      // Nor a shard identity without a replica.
+      EXPECT_FALSE(policy::decide(parsed, policy::Direction::kIngress,
+                                  spiffe_id_for_shard("shardguard.local", "ml", "fmnist", p), policy::kForwardMethod)
+                       .allow);
+    }
+    // The exposure rules are the stage's, whatever the replica.
+    EXPECT_EQ(parsed.exports().allowed, true);
+  }
+}
+
+TEST(RenderReplicas, SharddJoinsItsStagesGroupAtReplicaZero) {
+  const auto r = render_replicated();
+  for (int k = 0; k < 8; ++k) {
+    const int i = k % 4, rep = k / 4;
+    const auto args = args_of(r.out.pods[k], "shardd");
+    EXPECT_EQ(flag_values(args, "--stage"), std::vector<std::string>{std::to_string(i)});
+    EXPECT_EQ(flag_values(args, "--replica"), std::vector<std::string>{std::to_string(rep)});
+    EXPECT_EQ(flag_values(args, "--replica-store"),
+              std::vector<std::string>{"fmnist-shard-" + std::to_string(i) + "-r0.fmnist.ml.svc.cluster.local:7100"});
+    EXPECT_EQ(flag_values(args, "--replica-host"), std::vector<std::string>{"$(POD_IP)"});
+    json shardd;
+    for (const auto& c : r.out.pods[k]["spec"]["containers"]) {
+      if (c["name"] == "shardd") shardd = c;
+    }
+    ASSERT_TRUE(shardd.contains("env"));
+    EXPECT_EQ(shardd["env"][0]["name"], "POD_IP");
+    EXPECT_EQ(shardd["env"][0]["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
+    bool store_port = false;
+    for (const auto& p : shardd["ports"]) store_port = store_port || p["containerPort"] == kReplicaStorePort;
+    EXPECT_EQ(store_port, rep == 0);
+    // The stage's checkpoints: the same volume and subPath for every replica.
+    EXPECT_EQ(flag_values(args, "--checkpoint-dir"), std::vector<std::string>{kCheckpointDir});
+  }
+  // Without replicas: no replica flags, no env.
+  const auto single = render_example();
+  EXPECT_TRUE(flag_values(args_of(single.out.pods[1], "shardd"), "--replica").empty());
+  EXPECT_TRUE(flag_values(args_of(single.out.pods[1], "shardd"), "--replica-store").empty());
+}
+
+TEST(RenderReplicas, AntiAffinityKeepsOtherStagesOffTheNodeOnly) {
+  const auto r = render_replicated();
+  for (int k = 0; k < 8; ++k) {
+    const json& terms =
+        r.out.pods[k]["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"];
+    ASSERT_EQ(terms.size(), 1u);
+    EXPECT_EQ(terms[0]["topologyKey"], "topology.kubernetes.io/zone");
+    const json& sel = terms[0]["labelSelector"];
+    EXPECT_EQ(sel["matchLabels"], json({{kLabelJob, "fmnist"}}));
+    EXPECT_EQ(sel["matchExpressions"],
+              json::array({{{"key", kLabelShard}, {"operator", "NotIn"}, {"values", {std::to_string(k % 4)}}}}));
+  }
+  // Unchanged without replicas: against every pod of the job.
+  const auto single = render_example();
+  EXPECT_FALSE(single.out.pods[0]["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+                   [0]["labelSelector"]
+                       .contains("matchExpressions"));
+}
+
+TEST(RenderReplicas, RefusesInputsThatDoNotFitTheReplicas) {
+  auto r = render_replicated();
+  RenderInputs in = r.in;
+  in.shards.resize(4);  // one pipeline's material only
+  try {
+    render(r.job, in);
+    ADD_FAILURE() << "accepted 4 materials for 4 × 2 pods";
+  } catch (const RenderError& e) {
+    EXPECT_NE(std::string(e.what()).find("spec.sharding.replicas 2"), std::string::npos) << e.what();
+  }
+  in = r.in;
+  in.shards[5].checkpoint_key = key_of(7);  // stage 1 replica 1 with another key
+  try {
+    render(r.job, in);
+    ADD_FAILURE() << "accepted a replica with another checkpoint key";
+  } catch (const RenderError& e) {
+    EXPECT_NE(std::string(e.what()).find("shard 1 replica 1 checkpoint key differs"), std::string::npos) << e.what();
+  }
+  in = r.in;
+  in.ledger_min_sequence = {0, 0, 0, 0, 0, 0, 7, 0};
+  const auto out = render(r.job, in);
+  EXPECT_EQ(flag_values(args_of(out.pods[6], "sidecar"), "--ledger-min-sequence"), std::vector<std::string>{"7"});
+  EXPECT_TRUE(flag_values(args_of(out.pods[2], "sidecar"), "--ledger-min-sequence").empty());
+}
+
 TEST(Render, IsDeterministic) {
   const auto a = render_example();
   const auto b = render_example();

@@ -222,6 +222,31 @@ TEST(PolicyPipeline, MiddleStageRulesAreExactlyTheNeighbours) {
   EXPECT_EQ(p.egress()[1], (PolicyRule{"forward-to-next", {shard_id(3)}, {kForwardMethod}}));
 }
 
+// Data-parallel replicas (issue 20): replica r of stage i talks only to replica r of
+// stages i±1 — never to another replica's neighbours, to its own stage's replicas
+// through the pipeline methods, or to a plain shard identity.
+TEST(PolicyPipeline, ReplicaTalksOnlyToTheSameReplicaOfItsNeighbours) {
+  auto replica_id = [](int shard, int replica) {
+    return spiffe_id_for_replica(kTd, kNs, kJob, static_cast<uint32_t>(shard), static_cast<uint32_t>(replica));
+  };
+  EXPECT_EQ(replica_id(2, 1), "spiffe://shardguard.local/ns/ml/job/fmnist/shard/2/replica/1");
+  const Policy p = pipeline_policy(kTd, kNs, kJob, 2, 4, ExportRules{}, 1);
+  ASSERT_EQ(p.ingress().size(), 2u);
+  EXPECT_EQ(p.ingress()[0], (PolicyRule{"forward-from-prev", {replica_id(1, 1)}, {kForwardMethod}}));
+  EXPECT_EQ(p.ingress()[1], (PolicyRule{"backward-from-next", {replica_id(3, 1)}, {kBackwardMethod}}));
+  ASSERT_EQ(p.egress().size(), 2u);
+  EXPECT_EQ(p.egress()[0], (PolicyRule{"backward-to-prev", {replica_id(1, 1)}, {kBackwardMethod}}));
+  EXPECT_EQ(p.egress()[1], (PolicyRule{"forward-to-next", {replica_id(3, 1)}, {kForwardMethod}}));
+  EXPECT_TRUE(decide(p, Direction::kIngress, replica_id(1, 1), kForwardMethod).allow);
+  for (const std::string& other : {replica_id(1, 0), replica_id(1, 2), replica_id(2, 0), shard_id(1)}) {
+    const Decision d = decide(p, Direction::kIngress, other, kForwardMethod);
+    EXPECT_FALSE(d.allow) << other;
+    EXPECT_EQ(d.rule, kRuleDefaultDeny) << other;
+  }
+  EXPECT_FALSE(decide(p, Direction::kEgress, replica_id(3, 0), kForwardMethod).allow);
+  EXPECT_THROW(pipeline_policy(kTd, kNs, kJob, 2, 4, ExportRules{}, -2), PolicyError);
+}
+
 TEST(PolicyPipeline, NonNeighbourCallingForwardIsDenied) {
   const Policy p = pipeline_policy(kTd, kNs, kJob, 2, 4, ExportRules{});
   for (int j : {0, 2, 3}) {

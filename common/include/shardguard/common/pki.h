@@ -76,6 +76,12 @@ std::string validate_trust_domain(const std::string& td);
 std::string spiffe_id_for_shard(const std::string& trust_domain, const std::string& ns,
                                 const std::string& job, uint32_t index);
 
+// spiffe://<td>/ns/<namespace>/job/<job>/shard/<index>/replica/<replica> (DESIGN §3):
+// replica r of stage i of a job with spec.sharding.replicas > 1. Throws PkiError
+// likewise.
+std::string spiffe_id_for_replica(const std::string& trust_domain, const std::string& ns,
+                                  const std::string& job, uint32_t index, uint32_t replica);
+
 // spiffe://<td>/ns/<namespace>/job/<job>/role/exporter. Throws PkiError likewise.
 std::string spiffe_id_for_exporter(const std::string& trust_domain, const std::string& ns,
                                    const std::string& job);

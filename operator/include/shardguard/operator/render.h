@@ -24,6 +24,18 @@
 //                              anti-affinity on spec.protection.topologyKey against all
 //                              pods of the job
 //
+// With data-parallel replicas (spec.sharding.replicas R > 1) each replica r of stage i
+// is its own pipeline member with its own identity: Secret, ConfigMap and Pod
+// J-shard-<i>-r<r> (label shardguard.io/replica=<r>), leaf
+// spiffe://<td>/ns/<ns>/job/J/shard/<i>/replica/<r>, policy and sidecar peers naming
+// replica r of stages i±1 only, shardd --replica r --replica-store (replica 0 of stage
+// i's DNS name, kReplicaStorePort) --replica-host (the pod's own IP, for Gloo). The
+// anti-affinity is against the pods of the *other* stages only: the replicas of a
+// stage may share a node, two stages never do. The checkpoint key is the stage's
+// (every replica reads replica 0's checkpoints); the ledger file is the replica's own.
+// The per-replica vectors are indexed by slot r·n + i (slot_of), so replica 0's
+// objects are slots 0..n-1, the shard indices of a job without replicas.
+//
 // plan() (reconcile.h) decides when to render and what to write; see docs/operator.md.
 #pragma once
 
@@ -46,6 +58,8 @@ inline constexpr const char* kJobApiVersion = "shardguard.io/v1alpha1";
 inline constexpr const char* kJobKind = "ShardedTrainingJob";
 inline constexpr const char* kLabelJob = "shardguard.io/job";
 inline constexpr const char* kLabelShard = "shardguard.io/shard";
+// On the objects of replica r of a job with spec.sharding.replicas > 1: "<r>".
+inline constexpr const char* kLabelReplica = "shardguard.io/replica";
 inline constexpr const char* kLabelManagedBy = "app.kubernetes.io/managed-by";
 inline constexpr const char* kManagedBy = "shardguard-operator";
 // On the pod of a trusted stage (spec.protection.trustedStages): "true".
@@ -59,6 +73,9 @@ inline constexpr int kSidecarOutboundPort = 7001;  // sidecar, loopback
 inline constexpr int kSidecarInboundPort = 7443;   // sidecar, mTLS, pod IP
 inline constexpr int kShardMetricsPort = 9100;
 inline constexpr int kSidecarMetricsPort = 9101;
+// Replicas: the TCPStore of a stage's replica group, served by replica 0's shardd on
+// its pod IP (Gloo's own connections go pod to pod on ports it picks).
+inline constexpr int kReplicaStorePort = 7100;
 
 // Paths inside the shard pod.
 inline constexpr const char* kTlsDir = "/etc/shardguard/tls";          // sidecar: tls.crt, tls.key, ca.crt, ledger.key
@@ -113,7 +130,10 @@ struct RenderInputs {
   std::string uid;
   std::string ca_cert_pem;
   std::string ca_key_pem;
-  std::vector<ShardMaterial> shards;  // exactly spec.sharding.shards entries, index = shard
+  // Exactly shards × replicas entries, index = slot (slot_of): each replica its own
+  // leaf (spiffe_id_of) and ledger key; the replicas of a stage share replica 0's
+  // checkpoint key (RenderError otherwise).
+  std::vector<ShardMaterial> shards;
   // The ShardedTrainingJob object as read (at least "spec"); job.json in each
   // ConfigMap is {apiVersion, kind, metadata: {name, namespace}, spec} of it.
   nlohmann::json job_object = nlohmann::json::object();
@@ -132,9 +152,9 @@ struct RenderInputs {
   // affinity term `matchFields metadata.name NotIn [...]` and the annotation
   // kAnnotationAvoidNodes.
   std::vector<std::vector<std::string>> avoid_nodes;
-  // Per shard index (may be shorter than the shard count): the highest exposure
-  // ledger sequence the operator has seen that shard's sidecar publish
-  // (status.shards[i].ledgerSequence). Above 0 it is rendered as the sidecar's
+  // Per slot (may be shorter than the slot count): the highest exposure
+  // ledger sequence the operator has seen that pod's sidecar publish
+  // (status.shards[i].ledgerSequence, or its replicas[r] entry). Above 0 it is rendered as the sidecar's
   // `--ledger-min-sequence`, so that a pod created later refuses exports from an
   // older copy of the ledger, or from none. Negative: RenderError.
   std::vector<int64_t> ledger_min_sequence;
@@ -149,10 +169,10 @@ struct RenderInputs {
 
 struct DesiredObjects {
   nlohmann::json ca_secret;
-  std::vector<nlohmann::json> shard_secrets;  // index = shard
-  std::vector<nlohmann::json> config_maps;    // index = shard
+  std::vector<nlohmann::json> shard_secrets;  // index = slot (= shard without replicas)
+  std::vector<nlohmann::json> config_maps;    // index = slot
   nlohmann::json service;
-  std::vector<nlohmann::json> pods;           // index = shard
+  std::vector<nlohmann::json> pods;           // index = slot
   // Every object, in apply order: CA Secret, shard Secrets, ConfigMaps, Service, Pods.
   std::vector<nlohmann::json> all() const;
 };
@@ -206,10 +226,23 @@ DesiredObjects render(const JobSpec& job, const RenderInputs& in);
 
 // Names, shared with the reconciler and shardctl.
 std::string ca_secret_name(const JobSpec& job);
-std::string shard_name(const JobSpec& job, int index);  // Secret, ConfigMap and Pod
+std::string shard_name(const JobSpec& job, int index);  // Secret, ConfigMap and Pod (replicas 1)
+// Replicas: spec.sharding.replicas (at least 1); replica r of stage i is slot r·n + i.
+int replica_count(const JobSpec& job);
+int slot_of(const JobSpec& job, int index, int replica);
+// Secret, ConfigMap and Pod of replica r of stage i: shard_name(job, i) without
+// replicas, "<job>-shard-<i>-r<r>" with.
+std::string replica_name(const JobSpec& job, int index, int replica);
+// The identity of replica r of stage i: spiffe_id_for_shard without replicas,
+// spiffe_id_for_replica with (DESIGN.md §3).
+std::string spiffe_id_of(const JobSpec& job, int index, int replica);
+// Its sidecar's ledger: ledger_file(job.name, i) without replicas, kLedgerDir +
+// "/<job>-shard-<i>-r<r>.ledger.json" with (replicas may share a checkpoint volume).
+std::string ledger_file(const JobSpec& job, int index, int replica);
 std::string service_name(const JobSpec& job);
 // <pod>.<service>.<namespace>.svc.<cluster domain>
 std::string shard_dns_name(const JobSpec& job, int index, const std::string& cluster_domain);
+std::string replica_dns_name(const JobSpec& job, int index, int replica, const std::string& cluster_domain);
 
 // Standard base64 (with padding), for Secret data. base64_decode throws RenderError
 // on a character outside the alphabet or a bad length.

@@ -196,8 +196,12 @@ bool is_canonical_method(const std::string& method_path);
 // egress Forward only to shard+1 ("forward-to-next") and Backward only to shard-1
 // ("backward-to-prev"); the first stage has no previous and the last no next
 // neighbour. The export section is copied when exports.allowed, else left empty.
+// With data-parallel replicas (replica >= 0; -1: a job without replicas), the
+// neighbours are replica `replica` of stages shard±1 (spiffe_id_for_replica) and no
+// other replica: each replica is its own pipeline.
 // The result is validated by parse_policy; bad arguments throw PolicyError.
 Policy pipeline_policy(const std::string& trust_domain, const std::string& ns,
-                       const std::string& job, int shard, int shards, const ExportRules& exports);
+                       const std::string& job, int shard, int shards, const ExportRules& exports,
+                       int replica = -1);
 
 }  // namespace shardguard::policy

@@ -29,6 +29,8 @@ CaBundle create_job_ca(const JobSpec& job);
 
 // A fresh leaf SVID for spiffe://<td>/ns/<ns>/job/<job>/shard/<index>.
 Leaf issue_shard_leaf(const JobSpec& job, const CaBundle& ca, int index);
+// Replica r of stage i of a job with spec.sharding.replicas > 1 (op::spiffe_id_of).
+Leaf issue_replica_leaf(const JobSpec& job, const CaBundle& ca, int index, int replica);
 
 // The inputs of op::render for `object` (the job as read; its metadata.uid is set
 // to a random UUID), `ca` and one ShardMaterial per shard. The images stay empty

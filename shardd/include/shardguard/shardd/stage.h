@@ -51,6 +51,9 @@ struct StageOptions {
   // neighbours only (prev/next); only replica 0 writes checkpoints and evaluates.
   int replica = 0;
   std::string replica_store;
+  // The address this replica's Gloo connections use (its own: a pod's IP); empty:
+  // the store's host, right when every replica runs on one machine (shardctl run).
+  std::string replica_host;
   std::string listen = "127.0.0.1:0";  // port 0: any free port (see StageRunner::port)
   std::string prev;                    // Pipeline endpoint of stage-1 (or the sidecar in front of it)
   std::string next;                    // Pipeline endpoint of stage+1
