@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <fstream>
 #include <memory>
 #include <set>
@@ -600,6 +601,196 @@ TEST_F(OperatorTest, FailedShardIsRecreatedAwayFromUnsafeNodesUntilTheBackoffLim
   ASSERT_TRUE(eventually([&] { return api_->list("", "v1", "pods", ns_, "shardguard.io/job=flaky").empty(); }, 30s));
   EXPECT_TRUE(has_event("flaky", "BackoffLimitExceeded"));
   EXPECT_EQ(status("flaky")["failedPods"], 2);
+}
+
+// Issue 20 item 3: 4 shards × 2 replicas. The test's scheduler honours each pod's
+// required pod anti-affinity (its labelSelector against the pods already on a node) and
+// node affinity, as the kube-scheduler does with topologyKey kubernetes.io/hostname.
+// The replicas of a stage share a node; a node that hosts one stage is refused to every
+// other; a failed replica restarts every replica together, counted once, and the new
+// pods keep off the nodes where they would sandwich a stage.
+class ReplicaPlacement {
+ public:
+  ReplicaPlacement(KubeApiServer& api, std::string ns) : api_(api), ns_(std::move(ns)) {}
+
+  static bool selected(const json& selector, const json& labels) {
+    const json match_labels = selector.value("matchLabels", json::object());
+    for (const auto& [k, v] : match_labels.items()) {
+      if (!labels.contains(k) || labels[k] != v) return false;
+    }
+    for (const auto& e : selector.value("matchExpressions", json::array())) {
+      const std::string key = e["key"];
+      const bool has = labels.contains(key);
+      const auto& values = e.value("values", json::array());
+      const bool in = has && std::find(values.begin(), values.end(), labels[key]) != values.end();
+      const std::string op = e["operator"];
+      if (op == "In" && !in) return false;
+      if (op == "NotIn" && in) return false;
+      if (op == "Exists" && !has) return false;
+      if (op == "DoesNotExist" && has) return false;
+    }
+    return true;
+  }
+
+  // The first of `nodes` the pod may go to ("" when none), by its required affinities.
+  std::string schedule(const std::string& pod_name, const std::vector<std::string>& nodes) const {
+    const json p = *api_.get("", "v1", "pods", ns_, pod_name);
+    const json aff = p["spec"].value("affinity", json::object());
+    std::set<std::string> banned;
+    if (aff.contains("nodeAffinity")) {
+      for (const auto& term :
+           aff["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]) {
+        for (const auto& e : term.value("matchFields", json::array())) {
+          if (e["key"] == "metadata.name" && e["operator"] == "NotIn") {
+            for (const auto& v : e["values"]) banned.insert(v.get<std::string>());
+          }
+        }
+      }
+    }
+    const json terms = aff.contains("podAntiAffinity")
+                           ? aff["podAntiAffinity"].value("requiredDuringSchedulingIgnoredDuringExecution", json::array())
+                           : json::array();
+    for (const auto& other : api_.list("", "v1", "pods", ns_)) {
+      const std::string node = other["spec"].value("nodeName", "");
+      if (node.empty() || other["metadata"]["name"] == pod_name) continue;
+      for (const auto& t : terms) {
+        if (selected(t["labelSelector"], other["metadata"].value("labels", json::object()))) banned.insert(node);
+      }
+    }
+    for (const auto& n : nodes) {
+      if (!banned.count(n)) return n;
+    }
+    return "";
+  }
+
+  // The kubelet: bound to `node`, in `phase`; every pod's IP is 127.0.0.1 (the fake
+  // /metrics answer there).
+  void kubelet(const std::string& pod_name, const std::string& node, const std::string& phase) const {
+    json p = *api_.get("", "v1", "pods", ns_, pod_name);
+    if (p["spec"].value("nodeName", "") != node) {
+      p["spec"]["nodeName"] = node;
+      p["metadata"].erase("resourceVersion");
+      p = api_.update("", "v1", "pods", ns_, p);
+    }
+    p["status"] = {{"phase", phase},
+                   {"podIP", "127.0.0.1"},
+                   {"conditions", json::array({{{"type", "Ready"}, {"status", phase == "Running" ? "True" : "False"}}})}};
+    if (phase == "Failed") {
+      p["status"]["reason"] = "Error";
+      p["status"]["containerStatuses"] = json::array(
+          {{{"name", "shardd"},
+            {"ready", false},
+            {"restartCount", 0},
+            {"image", "shardd:test"},
+            {"imageID", "docker-pullable://shardd@sha256:0"},
+            {"state", {{"terminated", {{"exitCode", 1}, {"reason", "Error"}}}}}}});
+    }
+    p["metadata"].erase("resourceVersion");
+    api_.update("", "v1", "pods", ns_, p, /*status=*/true);
+  }
+
+ private:
+  KubeApiServer& api_;
+  std::string ns_;
+};
+
+std::string replica_pod(const std::string& job, int i, int r) {
+  return job + "-shard-" + std::to_string(i) + "-r" + std::to_string(r);
+}
+
+TEST_F(OperatorTest, ReplicasOfAStageShareANodeTwoStagesNeverDoAndRestartTogether) {
+  auto& op = start_operator();
+  json j = job_object("rep");
+  j["spec"]["sharding"]["replicas"] = 2;
+  create_job(j);
+  auto all_replica_pods = [&] {
+    for (int i = 0; i < 4; ++i) {
+      for (int r = 0; r < 2; ++r) {
+        if (!api_->get("", "v1", "pods", ns_, replica_pod("rep", i, r))) return false;
+      }
+    }
+    return true;
+  };
+  ASSERT_TRUE(eventually(all_replica_pods, 30s)) << op.log() << status("rep").dump(2);
+  EXPECT_EQ(api_->list("", "v1", "pods", ns_, "shardguard.io/job=rep").size(), 8u);
+  // Each replica its own identity: the leaf in its own Secret names it.
+  for (int r = 0; r < 2; ++r) {
+    const auto secret = api_->get("", "v1", "secrets", ns_, replica_pod("rep", 1, r));
+    ASSERT_TRUE(secret);
+    const std::string cert = op::base64_decode((*secret)["data"]["tls.crt"].get<std::string>());
+    const std::string ca = op::base64_decode((*api_->get("", "v1", "secrets", ns_, "rep-ca"))["data"]["ca.crt"].get<std::string>());
+    const SvidCheck check = verify_svid(cert, ca, std::chrono::system_clock::now());
+    ASSERT_TRUE(check.ok) << check.message;
+    EXPECT_EQ(check.spiffe_id,
+              "spiffe://shardguard.local/ns/" + ns_ + "/job/rep/shard/1/replica/" + std::to_string(r));
+  }
+
+  ReplicaPlacement place(*api_, ns_);
+  const std::vector<std::string> nodes = {"node-0", "node-1", "node-2", "node-3", "node-4", "node-5"};
+  for (int i = 0; i < 4; ++i) {
+    for (int r = 0; r < 2; ++r) {
+      const std::string node = place.schedule(replica_pod("rep", i, r), nodes);
+      // The first free node for stage i is node-i; its second replica joins the first.
+      EXPECT_EQ(node, "node-" + std::to_string(i)) << replica_pod("rep", i, r);
+      place.kubelet(replica_pod("rep", i, r), node, "Running");
+    }
+  }
+  // A placement that would put two stages on one node is refused: stage 1 where stage
+  // 0 runs, stage 3 where stage 2 runs.
+  EXPECT_EQ(place.schedule(replica_pod("rep", 1, 1), {"node-0"}), "");
+  EXPECT_EQ(place.schedule(replica_pod("rep", 3, 0), {"node-2"}), "");
+
+  ASSERT_TRUE(eventually([&] { return status("rep").value("phase", "") == "Running"; }, 30s)) << status("rep").dump(2);
+  json st = status("rep");
+  ASSERT_EQ(st["shards"].size(), 4u) << st.dump(2);
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_EQ(st["shards"][i]["replicas"].size(), 2u) << st.dump(2);
+    for (int r = 0; r < 2; ++r) {
+      EXPECT_EQ(st["shards"][i]["replicas"][r]["pod"], replica_pod("rep", i, r));
+      EXPECT_EQ(st["shards"][i]["replicas"][r]["node"], "node-" + std::to_string(i));
+      EXPECT_EQ(st["shards"][i]["replicas"][r]["phase"], "Running");
+    }
+  }
+  EXPECT_EQ(st["exposure"]["nodes"].size(), 4u);
+  EXPECT_LE(st["exposure"]["maxNode"].get<double>(), 0.5);
+  EXPECT_TRUE(condition("rep", "ShardIsolation"));
+
+  // Replica 1 of stage 2 fails: every replica restarts (new pods, new uids), the failure
+  // counts once, for it.
+  std::map<std::string, std::string> old_uids;
+  for (const auto& p : api_->list("", "v1", "pods", ns_, "shardguard.io/job=rep")) {
+    old_uids[p["metadata"]["name"]] = p["metadata"]["uid"];
+  }
+  place.kubelet(replica_pod("rep", 2, 1), "node-2", "Failed");
+  ASSERT_TRUE(eventually([&] {
+    const auto pods = api_->list("", "v1", "pods", ns_, "shardguard.io/job=rep");
+    if (pods.size() != 8) return false;
+    for (const auto& p : pods) {
+      if (old_uids[p["metadata"]["name"]] == p["metadata"]["uid"]) return false;
+    }
+    return true;
+  }, 30s)) << status("rep").dump(2) << op.log();
+  ASSERT_TRUE(eventually([&] { return status("rep").value("failedPods", 0) == 1; }, 10s)) << status("rep").dump(2);
+  st = status("rep");
+  EXPECT_EQ(st["shards"][2]["replicas"][1]["restarts"], 1) << st.dump(2);
+  EXPECT_EQ(st["shards"][2]["replicas"][0]["restarts"], 0);
+  EXPECT_EQ(st["shards"][0]["replicas"][0]["restarts"], 0);
+  EXPECT_TRUE(has_event("rep", "ShardPodFailed"));
+  EXPECT_TRUE(has_event("rep", "ReplicasRestarted"));
+  // The new pods of stage 2 keep off node-0, which held stage 0 (stage 2 there would
+  // sandwich stage 1: 0.02 + 0.33 + 0.33 > 0.5), even while no pod runs there.
+  for (int r = 0; r < 2; ++r) {
+    const json p = *api_->get("", "v1", "pods", ns_, replica_pod("rep", 2, r));
+    const json avoid = p["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+                        ["nodeSelectorTerms"][0]["matchFields"][0]["values"];
+    EXPECT_NE(std::find(avoid.begin(), avoid.end(), "node-0"), avoid.end()) << avoid.dump();
+    EXPECT_EQ(place.schedule(replica_pod("rep", 2, r), {"node-0", "node-2"}), "node-2");
+  }
+  // Stage 0 goes back to node-0; then stage 1 cannot join it there.
+  for (int r = 0; r < 2; ++r) place.kubelet(replica_pod("rep", 0, r), "node-0", "Running");
+  EXPECT_EQ(place.schedule(replica_pod("rep", 1, 0), {"node-0"}), "");
+  EXPECT_EQ(place.schedule(replica_pod("rep", 0, 1), {"node-0"}), "node-0");
+  EXPECT_FALSE(has_event("rep", "ReplicasNotSupported"));
 }
 
 // Issue 16 item 2: the exposure ledger sequence a shard's sidecar publishes is kept
