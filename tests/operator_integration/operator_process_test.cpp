@@ -1064,6 +1064,19 @@ TEST_F(OperatorTest, EveryObjectWrittenValidatesAgainstTheKubernetesSchemas) {
     return status("valid").value("phase", "") == "Pending" && status("valid").value("failedPods", 0) == 1 &&
            all_pods_exist("valid");
   }, 30s)) << status("valid").dump(2);
+  // A job with replicas: per-replica pods (the POD_IP env, the store port, the per-stage
+  // anti-affinity) and a status with replicas[].
+  json replicated = job_object("valid-rep");
+  replicated["spec"]["sharding"]["replicas"] = 2;
+  create_job(replicated);
+  ASSERT_TRUE(eventually([&] { return api_->list("", "v1", "pods", ns_, "shardguard.io/job=valid-rep").size() == 8; },
+                         30s)) << op.log();
+  ReplicaPlacement place(*api_, ns_);
+  for (int i = 0; i < 4; ++i) {
+    for (int r = 0; r < 2; ++r) place.kubelet(replica_pod("valid-rep", i, r), "node-" + std::to_string(10 + i), "Running");
+  }
+  ASSERT_TRUE(eventually([&] { return status("valid-rep").value("phase", "") == "Running"; }, 30s))
+      << status("valid-rep").dump(2);
   json dump = api_->dump();
   json items = json::array();
   for (const auto& o : dump["items"]) {
