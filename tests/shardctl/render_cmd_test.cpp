@@ -229,6 +229,39 @@ TEST_F(RenderCmdTest, EachShardSecretHoldsOnlyItsOwnKeyMaterial) {
   }
 }
 
+// A job with replicas (issue 20): one leaf and ledger key per replica, under the
+// replica's own identity, and the stage's checkpoint key in every replica's Secret.
+TEST_F(RenderCmdTest, EveryReplicaGetsItsOwnLeafAndTheStagesCheckpointKey) {
+  std::string yaml = kJobYaml;
+  yaml.replace(yaml.find("    shards: 4\n"), 14, "    shards: 4\n    replicas: 2\n");
+  write_file_atomic(root_ + "/job.yaml", yaml);
+  const std::vector<json> items = render_json();
+  ASSERT_EQ(items.size(), 26u);
+  const std::string ca_pem = b64decode(items[0].at("data").at("ca.crt"));
+  std::map<std::string, json> secrets;
+  for (const json& o : items) {
+    if (o.at("kind") == "Secret") secrets[o.at("metadata").at("name")] = o.at("data");
+  }
+  std::set<std::string> ledger_keys;
+  for (int i = 0; i < 4; ++i) {
+    for (int r = 0; r < 2; ++r) {
+      const std::string name = "fmnist-shard-" + std::to_string(i) + "-r" + std::to_string(r);
+      ASSERT_TRUE(secrets.count(name)) << name;
+      const json& data = secrets[name];
+      const SvidCheck check = verify_svid(b64decode(data.at("tls.crt")), ca_pem, std::chrono::system_clock::now(),
+                                          SvidRole::server);
+      ASSERT_TRUE(check.ok) << check.message;
+      EXPECT_EQ(check.spiffe_id, "spiffe://shardguard.local/ns/ml/job/fmnist/shard/" + std::to_string(i) +
+                                     "/replica/" + std::to_string(r));
+      EXPECT_EQ(data.at("checkpoint.key"), secrets["fmnist-shard-" + std::to_string(i) + "-r0"].at("checkpoint.key"));
+      ledger_keys.insert(data.at("ledger.key").get<std::string>());
+    }
+    EXPECT_NE(secrets["fmnist-shard-" + std::to_string(i) + "-r0"].at("checkpoint.key"),
+              secrets["fmnist-shard-" + std::to_string((i + 1) % 4) + "-r0"].at("checkpoint.key"));
+  }
+  EXPECT_EQ(ledger_keys.size(), 8u);
+}
+
 TEST_F(RenderCmdTest, YamlStreamReadsBackAsTheSameObjects) {
   const std::vector<json> items = render_json();
   const std::vector<std::string> docs = yaml_documents(ToYamlStream(items));
