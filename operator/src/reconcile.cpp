@@ -174,6 +174,21 @@ void ensure(Plan& p, const std::optional<json>& existing, const json& desired, b
   }
 }
 
+// Drops the pod creations planned so far, and their ShardPodRecreated Events; the
+// number of creations dropped.
+int drop_planned_pod_creations(Plan& p) {
+  const auto creates = std::count_if(p.before_status.begin(), p.before_status.end(), [](const Action& a) {
+    return a.kind == "Pod" && a.verb == Action::Verb::kCreate;
+  });
+  p.before_status.erase(std::remove_if(p.before_status.begin(), p.before_status.end(),
+                                       [](const Action& a) { return a.kind == "Pod"; }),
+                        p.before_status.end());
+  p.events.erase(std::remove_if(p.events.begin(), p.events.end(),
+                                [](const EventNote& e) { return e.reason == "ShardPodRecreated"; }),
+                 p.events.end());
+  return static_cast<int>(creates);
+}
+
 // Deletes every shard pod that exists and is not already going.
 int delete_pods(Plan& p, const Observed& ob, const std::string& reason) {
   int n = 0;
@@ -710,15 +725,7 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   }
   if (replicas > 1 && (restart_all || terminating)) {
     // No pod starts while others of the job still stop (or are stopped below).
-    const auto creates = std::count_if(p.before_status.begin(), p.before_status.end(),
-                                       [](const Action& a) { return a.kind == "Pod" && a.verb == Action::Verb::kCreate; });
-    p.before_status.erase(std::remove_if(p.before_status.begin(), p.before_status.end(),
-                                         [](const Action& a) { return a.kind == "Pod"; }),
-                          p.before_status.end());
-    p.events.erase(std::remove_if(p.events.begin(), p.events.end(),
-                                  [](const EventNote& e) { return e.reason == "ShardPodRecreated"; }),
-                   p.events.end());
-    created -= static_cast<int>(creates);
+    created -= drop_planned_pod_creations(p);
   }
   if (replicas > 1 && restart_all) {
     int stopped = 0;
@@ -770,12 +777,7 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
                             (failures.empty() ? std::string() : "; last: " + failures.back());
     p.events.push_back({"Warning", "BackoffLimitExceeded", msg});
     // Nothing is recreated: drop the creations planned above, delete what runs.
-    p.before_status.erase(std::remove_if(p.before_status.begin(), p.before_status.end(),
-                                         [](const Action& a) { return a.kind == "Pod"; }),
-                          p.before_status.end());
-    p.events.erase(std::remove_if(p.events.begin(), p.events.end(),
-                                  [](const EventNote& e) { return e.reason == "ShardPodRecreated"; }),
-                   p.events.end());
+    drop_planned_pod_creations(p);
     p.after_status.clear();
     delete_pods(p, ob, "backoff limit exceeded");
     for (auto& e : shards) {

@@ -28,17 +28,26 @@ using namespace std::chrono_literals;
 
 inline const std::string kBin = SHARDGUARD_BIN_DIR;
 
+// Every process's command line (arguments joined by spaces), by pid.
+inline std::map<pid_t, std::string> command_lines() {
+  std::map<pid_t, std::string> out;
+  for (const auto& e : fs::directory_iterator("/proc")) {
+    const std::string pid = e.path().filename();
+    if (pid.empty() || pid.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream in(e.path() / "cmdline", std::ios::binary);
+    std::string cmd((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    for (char& c : cmd) c = c == '\0' ? ' ' : c;
+    out[static_cast<pid_t>(std::stol(pid))] = cmd;
+  }
+  return out;
+}
+
 // Processes whose command line mentions `needle` (the run's workdir is in every
 // child's arguments), as "pid: cmdline".
 inline std::vector<std::string> processes_mentioning(const std::string& needle) {
   std::vector<std::string> out;
-  for (const auto& e : fs::directory_iterator("/proc")) {
-    const std::string pid = e.path().filename();
-    if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::ifstream in(e.path() / "cmdline", std::ios::binary);
-    std::string cmd((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    for (char& c : cmd) c = c == '\0' ? ' ' : c;
-    if (cmd.find(needle) != std::string::npos) out.push_back(pid + ": " + cmd);
+  for (const auto& [pid, cmd] : command_lines()) {
+    if (cmd.find(needle) != std::string::npos) out.push_back(std::to_string(pid) + ": " + cmd);
   }
   return out;
 }

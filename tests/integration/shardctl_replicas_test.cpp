@@ -32,17 +32,12 @@ std::map<int64_t, double> step_losses(const std::string& file) {
 // The pid of the one process whose command line holds every one of `needles`, or 0.
 pid_t pid_of(const std::vector<std::string>& needles) {
   pid_t found = 0;
-  for (const auto& e : fs::directory_iterator("/proc")) {
-    const std::string pid = e.path().filename();
-    if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::ifstream in(e.path() / "cmdline", std::ios::binary);
-    std::string cmd((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    for (char& c : cmd) c = c == '\0' ? ' ' : c;
+  for (const auto& [pid, cmd] : command_lines()) {
     bool all = true;
     for (const auto& n : needles) all = all && cmd.find(n) != std::string::npos;
     if (all) {
       if (found != 0) return 0;  // not unique
-      found = static_cast<pid_t>(std::stol(pid));
+      found = pid;
     }
   }
   return found;
