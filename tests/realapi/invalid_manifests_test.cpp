@@ -209,6 +209,30 @@ std::vector<Case> invalid_cases() {
        "  model: {architecture: torchscript, package: {path: /packages, keysSecret: keys,\n"
        "           volume: {persistentVolumeClaim: {claimName: m}, nfs: {server: nfs.local, path: /models}}}}\n",
        422, "spec.model.package.volume", "must have at most 1 item");
+  // A URL prefix instead of a path (exactly one of the two; a volume only with a path),
+  // and URLs the rule refuses, each as the decoder's is_package_url does.
+  spec("package-path-and-url",
+       "  model: {architecture: torchscript, package: {path: /p, url: \"https://h/p/\", keysSecret: keys}}\n", 422,
+       "spec.model.package", "must have exactly one of path and url");
+  spec("package-neither", "  model: {architecture: torchscript, package: {keysSecret: keys}}\n", 422,
+       "spec.model.package", "must have exactly one of path and url");
+  spec("package-url-volume",
+       "  model: {architecture: torchscript, package: {url: \"https://h/p/\", keysSecret: keys,\n"
+       "           volume: {persistentVolumeClaim: {claimName: m}}}}\n",
+       422, "spec.model.package.volume", "only with spec.model.package.path");
+  int n = 0;
+  for (const char* url : {"https://h", "https://h/p", "ftp://h/", "HTTPS://h/", "https:///p/", "https://-h/",
+                          "https://h-/", "https://user@h/", "https://h:/", "https://h:123456/", "https://h//",
+                          "https://h/a//b/", "https://h/?q=1/", "https://h/#f/", "https://h/a b/", "https://[::1]/",
+                          "https://h/\xc3\xa9/", "//h/", "/packages/", "https://h:80x/"}) {
+    spec("package-url-" + std::to_string(n++),
+         "  model: {architecture: torchscript, package: {url: " + json(url).dump() + ", keysSecret: keys}}\n", 422,
+         "spec.model.package.url", "must be an http:// or https:// URL prefix");
+  }
+  spec("package-url-long",
+       "  model: {architecture: torchscript, package: {url: \"https://h/" + repeat('a', 2040) +
+           "/\", keysSecret: keys}}\n",
+       422, "spec.model.package.url", "may not be more than 2048 bytes");
   // ---- required ----
   c.push_back({"no-spec", manifest("no-spec", ""), 422, "spec", "Required value", "spec"});
   spec("no-model", "  training: {epochs: 1}\n", 422, "spec.model", "Required value");
@@ -253,6 +277,18 @@ std::vector<std::pair<std::string, std::string>> valid_cases() {
                 "    package: {path: /packages/fortunes, keysSecret: fortunes-package-keys,\n"
                 "              volume: {persistentVolumeClaim: {claimName: models, readOnly: true}}}\n"
                 "  dataset: {name: fortunes, format: tokens, path: /data/fortunes}\n")},
+      {"valid-url",
+       manifest("valid-url",
+                "  model:\n"
+                "    architecture: torchscript\n"
+                "    context: 128\n"
+                "    package: {url: \"https://models.example.com:8443/fortunes/v1/\", keysSecret: fortunes-package-keys}\n"
+                "  dataset: {name: fortunes, format: tokens, path: /data/fortunes}\n")},
+      {"valid-url-odd",
+       manifest("valid-url-odd",
+                "  model:\n"
+                "    architecture: torchscript\n"
+                "    package: {url: \"http://127.0.0.1:8000/a~b_c-1/(x)/@v=2;k!$&'*+,:/m%20v1/\", keysSecret: k}\n")},
       {"valid-nfs", manifest("valid-nfs", kModel + "  checkpoint: {volume: {nfs: {server: 10.0.0.2, path: /exports/ckpt, readOnly: false}}}\n")},
   };
 }
@@ -362,6 +398,14 @@ TEST_F(RealApiValidation, ShardctlAgreesWithTheServer) {
     const std::string file = write(name, yaml);
     for (const char* verb : {"plan", "render"}) {
       const auto r = testsupport::run_command({shardctl, verb, file});
+      if (name == "valid-url" || name == "valid-url-odd") {
+        // The manifest of a url job is read locally from the keys directory (the
+        // stand-in for keysSecret), never from the URL: without one, refused naming it.
+        EXPECT_NE(r.code, 0) << "shardctl " << verb << ":\n" << r.output;
+        EXPECT_NE(r.output.find("spec.model.package.url: "), std::string::npos) << r.output;
+        EXPECT_EQ(r.output.find("invalid job"), std::string::npos) << r.output;
+        continue;
+      }
       if (name == "valid-torchscript") {
         // Accepted by the decoder; the cut then comes from the packages' manifest,
         // which is not on this machine: refused naming where it was looked for.
