@@ -4,8 +4,16 @@
 // is the last distributed evaluation. A stage given another shard's key does not start.
 #include <gtest/gtest.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstdlib>
+#include <functional>
 #include <regex>
+#include <thread>
 
 #include "integration/pipeline_fixture.h"
 #include "shardguard/model/package.h"
@@ -27,6 +35,193 @@ std::pair<int, std::string> run_tool(const std::vector<std::string>& argv, const
   const auto st = p.wait_for(120s);
   if (!st) return {-1, "did not exit: " + argv[0]};
   return {st->exited ? st->code : -1, read_file(log)};
+}
+
+// Whether something accepts TCP connections on 127.0.0.1:port.
+bool accepts(int port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return false;
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  const bool ok = ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+  ::close(fd);
+  return ok;
+}
+
+// A python3 server started by `argv_for(port)` on a free port of 127.0.0.1: a port
+// taken between picking and binding makes it exit, and the next port is tried; ready
+// once it accepts connections (polled, bounded).
+std::unique_ptr<Process> start_server(const std::function<std::vector<std::string>(int)>& argv_for,
+                                      const std::string& log, int* port) {
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    *port = pick_free_port();
+    SpawnOptions o;
+    o.argv = argv_for(*port);
+    o.log_file = log;
+    o.capture_stderr = true;
+    auto p = std::make_unique<Process>(o);
+    const auto deadline = std::chrono::steady_clock::now() + 20s;
+    while (std::chrono::steady_clock::now() < deadline && p->running()) {
+      if (accepts(*port)) return p;
+      std::this_thread::sleep_for(20ms);
+    }
+    p->terminate(2s);
+  }
+  return nullptr;
+}
+
+// Issue 18 item 4 with spec.model.package.url: each stage fetches only its own
+// shard-<i>.sgpkg from a real HTTP server (python3 -m http.server), checks it against
+// the manifest of the keys directory (never the server's), and trains; what the server
+// gets wrong is refused (exit 3) or reported unavailable (exit 4), naming the URL.
+TEST_F(PackageProcessTest, StagesFetchOnlyTheirOwnPackageFromAUrlAndRefuseWhatTheServerGetsWrong) {
+  const std::string python = python_with_torch();
+  if (python.empty()) {
+    GTEST_SKIP() << "no python3 with torch (Debian python3-torch, installed by make deps; or set SHARDGUARD_PYTHON)";
+  }
+  constexpr int n = 3;
+  testing::write_small_tokens(dir_ + "/data", 2000, 400);
+  auto j = testing::small_gpt_job_json(n, dir_ + "/data");
+  const std::string job = write_job(j);
+  const std::string script = std::string(SHARDGUARD_SOURCE_DIR) + "/examples/models/make_model.py";
+  ASSERT_EQ(std::system(("'" + python + "' '" + script + "' --out '" + dir_ + "/lm.pt' --context 16 --hidden 32 " +
+                         "--depth 2 --heads 2 > '" + dir_ + "/make.log' 2>&1")
+                            .c_str()),
+            0)
+      << read_file(dir_ + "/make.log");
+  auto [split_rc, split_out] = run_tool({kBin + "/shardctl", "split", dir_ + "/lm.pt", "--job", job, "--out",
+                                         dir_ + "/srv/good", "--keys", dir_ + "/keys"},
+                                        dir_ + "/split.out");
+  ASSERT_EQ(split_rc, 0) << split_out;
+  // The keys directory holds the manifest too (what keysSecret holds); the copy on the
+  // server is removed, so nothing could have read it from there.
+  ASSERT_EQ(read_file(dir_ + "/keys/manifest.json"), read_file(dir_ + "/srv/good/manifest.json"));
+  fs::remove(dir_ + "/srv/good/manifest.json");
+  // Bad copies on the same server: shard 1 with one bit flipped, and with bytes appended.
+  make_dirs(dir_ + "/srv/flipped");
+  make_dirs(dir_ + "/srv/long");
+  {
+    std::string bytes = read_file(dir_ + "/srv/good/shard-1.sgpkg");
+    write_file_atomic(dir_ + "/srv/long/shard-1.sgpkg", bytes + std::string(4096, 'x'), 0644);
+    bytes[bytes.size() / 2] ^= 0x01;
+    write_file_atomic(dir_ + "/srv/flipped/shard-1.sgpkg", bytes, 0644);
+  }
+  int port = 0;
+  auto server = start_server(
+      [&](int p) {
+        return std::vector<std::string>{python, "-u", "-m", "http.server", "--bind", "127.0.0.1", "--directory",
+                                        dir_ + "/srv", std::to_string(p)};
+      },
+      dir_ + "/http.log", &port);
+  ASSERT_TRUE(server) << read_file(dir_ + "/http.log");
+  const std::string base = "http://127.0.0.1:" + std::to_string(port) + "/";
+  ports_ = {pick_free_port(), pick_free_port(), pick_free_port()};
+  auto with_url = [&](std::vector<std::string> argv, const std::string& prefix, int key) {
+    argv.insert(argv.end(), {"--package", prefix, "--package-manifest", dir_ + "/keys/manifest.json",
+                             "--package-key-file", dir_ + "/keys/shard-" + std::to_string(key) + ".key",
+                             "--package-timeout", "1", "--package-retries", "1"});
+    return argv;
+  };
+
+  // Fetched, checked and trained: each stage with its own package and key.
+  for (int i = 0; i < n; ++i) {
+    SpawnOptions o;
+    o.argv = with_url(stage_argv(job, dir_ + "/run", i, n), base + "good/", i);
+    o.argv.insert(o.argv.end(), {"--max-steps", "4"});
+    o.env = {{"OMP_NUM_THREADS", "1"}, {"OPENBLAS_NUM_THREADS", "1"}};
+    o.log_file = dir_ + "/run/stage-" + std::to_string(i) + ".log";
+    o.capture_stderr = true;
+    stages_[i] = std::make_unique<Process>(o);
+  }
+  std::vector<nlohmann::json> lines;
+  read_until(n - 1, [](const nlohmann::json&) { return false; }, &lines);
+  int64_t last_step = 0;
+  for (const auto& l : lines) {
+    if (l.value("msg", "") == "step") last_step = l.at("step").get<int64_t>();
+  }
+  for (int i = 0; i < n; ++i) {
+    const auto st = stages_[i]->wait_for(120s);
+    ASSERT_TRUE(st.has_value()) << "stage " << i;
+    EXPECT_TRUE(st->exited && st->code == 0) << "stage " << i << ": " << st->str() << "\n"
+                                             << read_file(dir_ + "/run/stage-" + std::to_string(i) + ".log");
+    const std::string log = read_file(dir_ + "/run/stage-" + std::to_string(i) + ".log");
+    EXPECT_NE(log.find("\"package fetched\""), std::string::npos) << log;
+  }
+  EXPECT_EQ(last_step, 4);
+  // The server saw each package requested once, and nothing else (no manifest, no
+  // other shard's package by any stage: one request per stage).
+  {
+    const std::string http_log = read_file(dir_ + "/http.log");
+    for (int i = 0; i < n; ++i) {
+      const std::string req = "\"GET /good/shard-" + std::to_string(i) + ".sgpkg HTTP/1.1\" 200";
+      const auto at = http_log.find(req);
+      EXPECT_NE(at, std::string::npos) << http_log;
+      EXPECT_EQ(http_log.find(req, at + 1), std::string::npos) << "fetched twice: " << http_log;
+    }
+    EXPECT_EQ(http_log.find("manifest"), std::string::npos) << http_log;
+    EXPECT_EQ(std::count(http_log.begin(), http_log.end(), '\n'), n) << http_log;
+  }
+
+  // What the server gets wrong, for stage 1 alone (each exits before listening).
+  auto stage1 = [&](const std::string& prefix, int key, const std::string& name) {
+    return run_tool(with_url(stage_argv(job, dir_ + "/" + name, 1, n), prefix, key), dir_ + "/" + name + ".out");
+  };
+  {
+    auto [rc, out] = stage1(base + "flipped/", 1, "flipped");
+    EXPECT_EQ(rc, model::kExitPackageRefused) << out;
+    EXPECT_NE(out.find("package " + base + "flipped/shard-1.sgpkg: SHA-256"), std::string::npos) << out;
+    EXPECT_NE(out.find("for shard 1"), std::string::npos) << out;
+  }
+  {
+    auto [rc, out] = stage1(base + "long/", 1, "long");
+    EXPECT_EQ(rc, model::kExitPackageRefused) << out;
+    EXPECT_NE(out.find(base + "long/shard-1.sgpkg: the server sends more than"), std::string::npos) << out;
+  }
+  {
+    auto [rc, out] = stage1(base + "good/", 0, "wrongkey");
+    EXPECT_EQ(rc, model::kExitPackageRefused) << out;
+    EXPECT_NE(out.find("shard-1.sgpkg: refused: authentication failed"), std::string::npos) << out;
+  }
+  {
+    auto [rc, out] = stage1(base + "missing/", 1, "missing");
+    EXPECT_EQ(rc, model::kExitPackageUnavailable) << out;
+    EXPECT_NE(out.find("package of shard 1 unavailable: GET " + base + "missing/shard-1.sgpkg: HTTP 404"),
+              std::string::npos)
+        << out;
+  }
+  // A server that accepts and never answers: each attempt times out after
+  // --package-timeout 1, one retry, then unavailable (bounded, not a hang).
+  int stall_port = 0;
+  auto stall = start_server(
+      [&](int p) {
+        return std::vector<std::string>{
+            python, "-u", "-c",
+            "import socket,sys\ns=socket.socket()\ns.bind(('127.0.0.1'," + std::to_string(p) +
+                "))\ns.listen(16)\nheld=[]\nwhile True: held.append(s.accept())\n"};
+      },
+      dir_ + "/stall.log", &stall_port);
+  ASSERT_TRUE(stall) << read_file(dir_ + "/stall.log");
+  {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto [rc, out] = stage1("http://127.0.0.1:" + std::to_string(stall_port) + "/pkg/", 1, "stalled");
+    const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    EXPECT_EQ(rc, model::kExitPackageUnavailable) << out;
+    EXPECT_NE(out.find("/pkg/shard-1.sgpkg: "), std::string::npos) << out;
+    EXPECT_NE(out.find("--package-timeout"), std::string::npos) << out;
+    EXPECT_NE(out.find("(2 attempts)"), std::string::npos) << out;
+    EXPECT_LT(took, 60) << out;
+  }
+  // Nothing listening: connection refused, retried once, then unavailable.
+  {
+    const int closed = pick_free_port();
+    auto [rc, out] = stage1("http://127.0.0.1:" + std::to_string(closed) + "/pkg/", 1, "refused");
+    EXPECT_EQ(rc, model::kExitPackageUnavailable) << out;
+    EXPECT_NE(out.find("(2 attempts)"), std::string::npos) << out;
+  }
+  stall->terminate(5s);
+  server->terminate(5s);
 }
 
 TEST_F(PackageProcessTest, PackagesFineTunedByShardProcessesRecombineToTheDistributedEvaluation) {
