@@ -31,9 +31,10 @@ model::JobCut local_job_cut(const JobSpec& job, const std::string& keys_dir) {
 std::string package_keys_dir(const JobSpec& job, const std::string& keys_dir) {
   if (!keys_dir.empty() || !job.model.from_package()) return keys_dir;
   if (!job.model.package->url.empty()) {
-    throw model::PackageError("spec.model.package.url " + job.model.package->url +
-                              ": pass --package-keys DIR, the keys directory of `shardctl split` (the local "
-                              "stand-in for spec.model.package.keysSecret; it also holds manifest.json)");
+    throw model::PackageError("spec.model.package.url: " + job.model.package->url +
+                              " is never asked for the manifest; pass --package-keys DIR, the keys directory of "
+                              "`shardctl split` (the local stand-in for spec.model.package.keysSecret, with "
+                              "manifest.json)");
   }
   std::string dir = job.model.package->path;
   while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
