@@ -9,15 +9,16 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <cstdlib>
 #include <functional>
 #include <regex>
 #include <thread>
 
 #include "integration/pipeline_fixture.h"
+#include "shardguard/common/pki.h"
 #include "shardguard/model/package.h"
 #include "shardd/test_job.h"
+#include "support/cert_factory.h"
 #include "support/python.h"
 
 namespace shardguard {
@@ -161,7 +162,9 @@ TEST_F(PackageProcessTest, StagesFetchOnlyTheirOwnPackageFromAUrlAndRefuseWhatTh
       EXPECT_EQ(http_log.find(req, at + 1), std::string::npos) << "fetched twice: " << http_log;
     }
     EXPECT_EQ(http_log.find("manifest"), std::string::npos) << http_log;
-    EXPECT_EQ(std::count(http_log.begin(), http_log.end(), '\n'), n) << http_log;
+    size_t gets = 0;
+    for (size_t at = http_log.find("\"GET "); at != std::string::npos; at = http_log.find("\"GET ", at + 1)) ++gets;
+    EXPECT_EQ(gets, static_cast<size_t>(n)) << http_log;
   }
 
   // What the server gets wrong, for stage 1 alone (each exits before listening).
@@ -222,6 +225,57 @@ TEST_F(PackageProcessTest, StagesFetchOnlyTheirOwnPackageFromAUrlAndRefuseWhatTh
   }
   stall->terminate(5s);
   server->terminate(5s);
+
+  // Over https (openssl s_server -WWW, a certificate of a test CA for IP 127.0.0.1):
+  // fetched when the CA is given, unavailable when the server's certificate does not
+  // verify against the trust store in use (verification is never switched off).
+  const CaBundle ca = create_ca("package test CA", std::chrono::hours(1));
+  testsupport::LeafSpec spec;
+  spec.san = "IP:127.0.0.1";
+  spec.eku = "serverAuth";
+  const Leaf leaf = testsupport::build_leaf_with_key(ca, spec);
+  write_file_atomic(dir_ + "/tls/ca.crt", ca.cert_pem, 0644);
+  write_file_atomic(dir_ + "/tls/server.crt", leaf.cert_pem, 0644);
+  write_file_atomic(dir_ + "/tls/server.key", leaf.key_pem, 0600);
+  const CaBundle other = create_ca("another CA", std::chrono::hours(1));
+  write_file_atomic(dir_ + "/tls/other.crt", other.cert_pem, 0644);
+  int tls_port = 0;
+  auto tls = start_server(
+      [&](int p) {
+        // -WWW serves files relative to the working directory: run it from srv/.
+        return std::vector<std::string>{"/bin/sh", "-c",
+                                        "cd '" + dir_ + "/srv' && exec openssl s_server -quiet -WWW -accept 127.0.0.1:" +
+                                            std::to_string(p) + " -cert '" + dir_ + "/tls/server.crt' -key '" + dir_ +
+                                            "/tls/server.key'"};
+      },
+      dir_ + "/tls.log", &tls_port);
+  ASSERT_TRUE(tls) << read_file(dir_ + "/tls.log");
+  const std::string tls_base = "https://127.0.0.1:" + std::to_string(tls_port) + "/good/";
+  {
+    SpawnOptions o;
+    o.argv = with_url(stage_argv(job, dir_ + "/tls-run", 1, n), tls_base, 1);
+    o.argv.insert(o.argv.end(), {"--package-ca", dir_ + "/tls/ca.crt"});
+    o.log_file = dir_ + "/tls-run.out";
+    o.capture_stderr = true;
+    stages_[1] = std::make_unique<Process>(o);
+    // Fetched over https, opened, and ready (it then waits for its neighbours).
+    EXPECT_TRUE(read_until(1, [](const nlohmann::json& l) { return l.value("msg", "") == "stage ready"; }))
+        << read_file(dir_ + "/tls-run.out");
+    const std::string out = read_file(dir_ + "/tls-run.out");
+    EXPECT_NE(out.find("\"package fetched\""), std::string::npos) << out;
+    stages_[1]->terminate(10s);
+  }
+  {
+    auto argv = with_url(stage_argv(job, dir_ + "/tls-bad", 1, n), tls_base, 1);
+    argv.insert(argv.end(), {"--package-ca", dir_ + "/tls/other.crt"});
+    auto [rc, out] = run_tool(argv, dir_ + "/tls-bad.out");
+    EXPECT_EQ(rc, model::kExitPackageUnavailable) << out;
+    EXPECT_NE(out.find("unavailable: GET " + tls_base + "shard-1.sgpkg: "), std::string::npos) << out;
+    EXPECT_NE(out.find("certificate"), std::string::npos) << out;
+    EXPECT_NE(out.find("(1 attempt)"), std::string::npos) << "a certificate that does not verify is not retried: "
+                                                           << out;
+  }
+  tls->terminate(5s);
 }
 
 TEST_F(PackageProcessTest, PackagesFineTunedByShardProcessesRecombineToTheDistributedEvaluation) {
@@ -407,6 +461,81 @@ TEST_F(PackageProcessTest, ShardctlRunFineTunesAPackageJobThroughTheSidecarsAndR
   const std::string bad_log = read_file(dir_ + "/work2/logs/shard-1.log");
   EXPECT_NE(bad_log.find("shard-1.sgpkg"), std::string::npos) << bad_log;
   EXPECT_NE(bad_log.find("package refused"), std::string::npos) << bad_log;
+}
+
+// Issue 18 item 4 locally with a URL: `shardctl run` of a spec.model.package.url job
+// renders each shard's shardd with the URL and its own Secret's files (package.key,
+// manifest.json from the keys directory), and each shardd fetches its own package
+// from a real HTTP server as in a pod.
+TEST_F(PackageProcessTest, ShardctlRunFineTunesAUrlJobFetchingEachPackageOnce) {
+  const std::string python = python_with_torch();
+  if (python.empty()) {
+    GTEST_SKIP() << "no python3 with torch (Debian python3-torch, installed by make deps; or set SHARDGUARD_PYTHON)";
+  }
+  constexpr int n = 3;
+  testing::write_small_tokens(dir_ + "/data", 2000, 400);
+  const std::string script = std::string(SHARDGUARD_SOURCE_DIR) + "/examples/models/make_model.py";
+  ASSERT_EQ(std::system(("'" + python + "' '" + script + "' --out '" + dir_ + "/lm.pt' --context 16 --hidden 32 " +
+                         "--depth 2 --heads 2 > '" + dir_ + "/make.log' 2>&1")
+                            .c_str()),
+            0)
+      << read_file(dir_ + "/make.log");
+  int port = 0;
+  make_dirs(dir_ + "/srv");
+  auto server = start_server(
+      [&](int p) {
+        return std::vector<std::string>{python, "-u", "-m", "http.server", "--bind", "127.0.0.1", "--directory",
+                                        dir_ + "/srv", std::to_string(p)};
+      },
+      dir_ + "/http.log", &port);
+  ASSERT_TRUE(server) << read_file(dir_ + "/http.log");
+  const std::string url = "http://127.0.0.1:" + std::to_string(port) + "/lm/v1/";
+  auto j = testing::small_gpt_job_json(n, dir_ + "/data", 256);
+  j["metadata"]["name"] = "lm-web";
+  j["spec"]["model"] = {{"architecture", "torchscript"},
+                        {"vocab", 256},
+                        {"context", 16},
+                        {"package", {{"url", url}, {"keysSecret", "lm-web-package-keys"}}}};
+  const std::string job = write_job(j);
+  // split needs --out for a url job (the files to upload); the keys directory gets
+  // the manifest, and plan without it names the flag.
+  auto [nout_rc, nout_out] = run_tool({kBin + "/shardctl", "split", dir_ + "/lm.pt", "--job", job}, dir_ + "/s0.out");
+  EXPECT_EQ(nout_rc, 2) << nout_out;
+  EXPECT_NE(nout_out.find("--out: required"), std::string::npos) << nout_out;
+  auto [split_rc, split_out] = run_tool({kBin + "/shardctl", "split", dir_ + "/lm.pt", "--job", job, "--out",
+                                         dir_ + "/srv/lm/v1", "--keys", dir_ + "/keys"},
+                                        dir_ + "/split.out");
+  ASSERT_EQ(split_rc, 0) << split_out;
+  EXPECT_NE(split_out.find("upload the shard-<i>.sgpkg"), std::string::npos) << split_out;
+  fs::remove(dir_ + "/srv/lm/v1/manifest.json");  // the server's copy is never read
+  auto [plan0_rc, plan0_out] = run_tool({kBin + "/shardctl", "plan", job}, dir_ + "/plan0.out");
+  EXPECT_EQ(plan0_rc, 2) << plan0_out;
+  EXPECT_NE(plan0_out.find("--package-keys"), std::string::npos) << plan0_out;
+  auto [plan_rc, plan_out] =
+      run_tool({kBin + "/shardctl", "plan", job, "--package-keys", dir_ + "/keys"}, dir_ + "/plan.out");
+  EXPECT_EQ(plan_rc, 0) << plan_out;
+
+  const std::string work = dir_ + "/work";
+  auto [run_rc, run_out] = run_tool({kBin + "/shardctl", "run", job, "--workdir", work, "--device", "cpu",
+                                     "--threads", "1", "--package-keys", dir_ + "/keys"},
+                                    dir_ + "/run.out");
+  ASSERT_EQ(run_rc, 0) << run_out;
+  EXPECT_NE(run_out.find("validation loss"), std::string::npos) << run_out;
+  const std::string http_log = read_file(dir_ + "/http.log");
+  for (int i = 0; i < n; ++i) {
+    const std::string own = work + "/shard-" + std::to_string(i);
+    EXPECT_EQ(read_file(own + "/package.key"), read_file(dir_ + "/keys/shard-" + std::to_string(i) + ".key"));
+    EXPECT_EQ(read_file(own + "/manifest.json"), model::to_json(model::parse_manifest(
+                                                                    read_file(dir_ + "/keys/manifest.json"), "m"))
+                                                     .dump(2));
+    const std::string log = read_file(work + "/logs/shard-" + std::to_string(i) + ".log");
+    EXPECT_NE(log.find("\"package fetched\""), std::string::npos) << log;
+    EXPECT_NE(log.find(url + "shard-" + std::to_string(i) + ".sgpkg"), std::string::npos) << log;
+    const std::string req = "\"GET /lm/v1/shard-" + std::to_string(i) + ".sgpkg HTTP/1.1\" 200";
+    EXPECT_NE(http_log.find(req), std::string::npos) << http_log;
+  }
+  EXPECT_EQ(http_log.find("manifest"), std::string::npos) << http_log;
+  server->terminate(5s);
 }
 
 }  // namespace
