@@ -663,6 +663,18 @@ TEST_F(OperatorTest, UrlPackageJobFetchesOnlyItsOwnShardWithItsOwnSecret) {
   }, 30s)) << status("web").dump(2);
   EXPECT_NE(status("web").value("phase", ""), "Failed");
   EXPECT_NE(condition_reason("web", "Failed"), "PackageRefused");
+  // The failure's event names the shard and why its package was unavailable.
+  EXPECT_TRUE(eventually([&] {
+    for (const auto& e : api_->list("", "v1", "events", ns_)) {
+      if (e["involvedObject"].value("name", "") == "web" && e.value("reason", "") == "ShardPodFailed" &&
+          e.value("message", "").find("shard 1 (pod web-shard-1") != std::string::npos &&
+          e.value("message", "").find("exited 4 (Error): package of shard 1 unavailable: GET "
+                                      "https://models.example.com/tuned/shard-1.sgpkg: HTTP 404") != std::string::npos) {
+        return true;
+      }
+    }
+    return false;
+  }, 10s));
   delete_job("web");
   ASSERT_TRUE(eventually([&] { return !job("web"); }, 30s));
 }
