@@ -23,15 +23,30 @@ void init_curl_once() {
 }
 
 struct Download {
+  CURL* curl = nullptr;
   std::string body;
   size_t limit = 0;
+  size_t discarded = 0;  // of an error page
   bool over = false;
 };
 
+// Keeps a 200's body up to the manifest's size; an error page is read (up to 64 KiB)
+// but not kept, so its size never passes for the package's.
 size_t on_data(char* data, size_t size, size_t n, void* user) {
   auto* d = static_cast<Download*>(user);
   const size_t bytes = size * n;
-  if (d->body.size() + bytes > d->limit) {
+  long status = 0;
+  curl_easy_getinfo(d->curl, CURLINFO_RESPONSE_CODE, &status);
+  if (status != 200) {
+    d->discarded += bytes;
+    return d->discarded > (size_t{64} << 10) ? 0 : bytes;
+  }
+  if (d->body.empty()) {
+    curl_off_t announced = -1;
+    curl_easy_getinfo(d->curl, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &announced);
+    if (announced > static_cast<curl_off_t>(d->limit)) d->over = true;
+  }
+  if (d->over || d->body.size() + bytes > d->limit) {
     d->over = true;
     return 0;  // aborts the transfer (CURLE_WRITE_ERROR)
   }
@@ -81,17 +96,18 @@ Attempt attempt(const std::string& url, const FetchOptions& o, Download& d) {
   curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, 1L);
   curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, 2L);
   if (!o.ca_file.empty()) curl_easy_setopt(c, CURLOPT_CAINFO, o.ca_file.c_str());
-  // A Content-Length above the manifest's size is refused before the body comes.
-  curl_easy_setopt(c, CURLOPT_MAXFILESIZE_LARGE, static_cast<curl_off_t>(d.limit));
+  // A Content-Length above the manifest's size is refused with the first bytes (on_data).
   curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
   curl_easy_setopt(c, CURLOPT_WRITEDATA, &d);
+  d.curl = c;
   d.body.clear();
+  d.discarded = 0;
   d.over = false;
   const CURLcode rc = curl_easy_perform(c);
   long status = 0;
   curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
-  if (d.over || rc == CURLE_FILESIZE_EXCEEDED) return {Attempt::kTooBig, ""};
-  if (rc != CURLE_OK) {
+  if (d.over) return {Attempt::kTooBig, ""};
+  if (rc != CURLE_OK && (status == 0 || status == 200)) {
     std::string what = err[0] != 0 ? std::string(err) : std::string(curl_easy_strerror(rc));
     while (!what.empty() && (what.back() == '\n' || what.back() == '\r')) what.pop_back();
     if (rc == CURLE_OPERATION_TIMEDOUT) what += " (no byte for " + std::to_string(timeout_s) + " s, --package-timeout)";
