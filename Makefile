@@ -30,7 +30,7 @@ DEB_PACKAGES := \
   libtorch-dev libgloo-dev libopenblas0-pthread python3-torch \
   libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev \
   prometheus-cpp-dev nlohmann-json3-dev libyaml-cpp-dev libcli11-dev libcpp-httplib-dev \
-  libssl-dev zlib1g-dev libnghttp2-dev libgtest-dev libgmock-dev libbenchmark-dev \
+  libssl-dev zlib1g-dev libnghttp2-dev libcurl4-openssl-dev libgtest-dev libgmock-dev libbenchmark-dev \
   dataset-fashion-mnist fortunes nodejs unzip prometheus gnuplot-nox \
   curl openssl python3 ca-certificates debian-archive-keyring
 

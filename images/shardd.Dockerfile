@@ -34,7 +34,7 @@ RUN apt-get update \
       build-essential cmake ninja-build pkg-config \
       libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev \
       prometheus-cpp-dev nlohmann-json3-dev libyaml-cpp-dev libcli11-dev libcpp-httplib-dev \
-      libssl-dev zlib1g-dev libnghttp2-dev \
+      libssl-dev zlib1g-dev libnghttp2-dev libcurl4-openssl-dev \
  && rm -rf /var/lib/apt/lists/*
 
 # ---- build-cpu: Debian's LibTorch (libtorch-dev, 1.13, CPU only) -------------------
@@ -98,10 +98,11 @@ RUN cmake -S /src -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release \
 # Brotli come in as dependencies of the gRPC and httplib packages.
 FROM debian:12-slim AS runtime-base
 # images-check: not-a-library dataset-fashion-mnist (the default spec.dataset.path, /usr/share/datasets/fashion-mnist)
+# images-check: not-a-library ca-certificates (the trust store https package URLs are verified against)
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       libgrpc++1.51 libgrpc29 libabsl20220623 libprotobuf32 libprometheus-cpp-core1.0 \
-      libcpp-httplib0.11 libyaml-cpp0.7 libssl3 zlib1g dataset-fashion-mnist \
+      libcpp-httplib0.11 libyaml-cpp0.7 libssl3 zlib1g libcurl4 ca-certificates dataset-fashion-mnist \
  && rm -rf /var/lib/apt/lists/*
 
 # ---- runtime-cpu: Debian's LibTorch runtime; OpenBLAS instead of the reference BLAS

@@ -43,7 +43,8 @@ int main(int argc, char** argv) {
   run_cmd->add_option("--device", run.device, "auto | cpu | cuda")->capture_default_str();
   run_cmd->add_option("--package-keys", run.package_keys,
                       "a job with spec.model.package: the package keys shard-<i>.key (shardctl split --keys; "
-                      "default <spec.model.package.path>.keys), the local stand-in for its keysSecret");
+                      "default <spec.model.package.path>.keys; required with spec.model.package.url, and then "
+                      "holding manifest.json too), the local stand-in for its keysSecret");
   run_cmd->add_flag("--resume", run.resume, "continue from the checkpoints in the workdir");
   run_cmd->add_flag("--fresh", run.fresh, "delete the workdir's checkpoints and start over");
   run_cmd->add_option("--threads", run.threads, "compute threads per shard process (default: cores / shards)");
@@ -100,6 +101,10 @@ int main(int argc, char** argv) {
   std::string plan_risk;
   plan_cmd->add_option("--risk", plan_risk,
                        "a study's results.csv: also print the worst R one untrusted principal can reach");
+  std::string plan_package_keys;
+  plan_cmd->add_option("--package-keys", plan_package_keys,
+                       "a job with spec.model.package.url: the keys directory of shardctl split, whose "
+                       "manifest.json gives the cut");
 
   RenderOptions render;
   auto* render_cmd = app.add_subcommand("render", "print the Kubernetes objects the operator would create for a job");
@@ -121,7 +126,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   render_cmd->add_option("--package-keys", render.package_keys,
                          "a job with spec.model.package: the package keys shard-<i>.key (default "
-                         "<spec.model.package.path>.keys), put as the operator puts them from its keysSecret");
+                         "<spec.model.package.path>.keys; required with spec.model.package.url, with manifest.json), "
+                         "put as the operator puts them from its keysSecret");
 
   RecombineOptions rec;
   int rec_threads = 0;
@@ -279,7 +285,7 @@ int main(int argc, char** argv) {
     return RunLocal(run);
   }
   if (*gen_cmd) return RunLocal(gen);
-  if (*plan_cmd) return RunPlan(plan_job, plan_risk);
+  if (*plan_cmd) return RunPlan(plan_job, plan_risk, plan_package_keys);
   if (*render_cmd) return RunRender(render);
   if (*rec_cmd) {
 #ifdef SHARDCTL_WITH_TORCH

@@ -22,6 +22,7 @@ using namespace shardguard;
 
 struct Flags {
   std::string job_file;
+  std::string package;  // a directory or an http(s) URL prefix
   shardd::StageOptions stage;
   std::string key_file;
   std::string package_key_file;
@@ -37,12 +38,32 @@ int RunShardd(Flags flags) {
   } catch (const std::exception& e) {
     throw std::runtime_error(std::string("--key-file: ") + e.what());
   }
-  if (flags.stage.package_dir.empty() != flags.package_key_file.empty()) {
+  if (flags.package.rfind("http://", 0) == 0 || flags.package.rfind("https://", 0) == 0) {
+    if (!is_package_url(flags.package)) {
+      throw std::runtime_error("--package: " + flags.package +
+                               " is not a URL prefix shardd fetches from (http:// or https://, a host, a path ending "
+                               "in '/', no user, query or fragment)");
+    }
+    if (flags.stage.package_manifest.empty()) {
+      throw std::runtime_error("--package " + flags.package +
+                               ": a URL needs --package-manifest FILE (the manifest is never read from the server)");
+    }
+    flags.stage.package_url = flags.package;
+  } else {
+    flags.stage.package_dir = flags.package;
+  }
+  if (flags.package.empty() != flags.package_key_file.empty()) {
     throw std::runtime_error("--package and --package-key-file go together: a package opens only with its shard's key");
   }
-  if (flags.stage.job.model.from_package() && flags.stage.package_dir.empty()) {
+  if (flags.stage.job.model.from_package() && flags.package.empty()) {
     throw std::runtime_error("spec.model.architecture torchscript: the stage's blocks come from its package; "
-                             "pass --package DIR and --package-key-file FILE");
+                             "pass --package DIR|URL and --package-key-file FILE");
+  }
+  if (!flags.stage.package_manifest.empty() && flags.package.empty()) {
+    throw std::runtime_error("--package-manifest goes with --package");
+  }
+  if (!(flags.stage.fetch.timeout_s >= 1) || flags.stage.fetch.retries < 0 || flags.stage.fetch.retries > 20) {
+    throw std::runtime_error("--package-timeout must be at least 1 s and --package-retries 0..20");
   }
   if (!flags.package_key_file.empty()) {
     try {
@@ -117,10 +138,21 @@ int main(int argc, char** argv) {
   app.add_option("--next", flags.stage.next, "address of the next stage (or of the sidecar's outbound listener)");
   app.add_option("--checkpoint-dir", flags.stage.checkpoint_dir, "directory for this shard's checkpoints")->required();
   app.add_option("--key-file", flags.key_file, "this shard's 32-byte checkpoint key")->required();
-  app.add_option("--package", flags.stage.package_dir,
-                 "directory of a split TorchScript model (manifest.json, shard-<i>.sgpkg): this stage's blocks "
-                 "come from its package");
+  app.add_option("--package", flags.package,
+                 "where the packages of a split TorchScript model lie: a directory (manifest.json, shard-<i>.sgpkg) "
+                 "or an http:// or https:// prefix ending in '/' (only shard-<stage>.sgpkg is fetched); this stage's "
+                 "blocks come from its package");
+  app.add_option("--package-manifest", flags.stage.package_manifest,
+                 "the manifest to check the package against (required with a URL; default DIR/manifest.json)");
   app.add_option("--package-key-file", flags.package_key_file, "this shard's 32-byte package key (shardctl split)");
+  app.add_option("--package-timeout", flags.stage.fetch.timeout_s,
+                 "URL: seconds to connect, and the longest a download may receive nothing")
+      ->capture_default_str();
+  app.add_option("--package-retries", flags.stage.fetch.retries,
+                 "URL: further attempts after a transient error (backoff 1 s, doubling, at most 30 s)")
+      ->capture_default_str();
+  app.add_option("--package-ca", flags.stage.fetch.ca_file,
+                 "URL: PEM CA bundle to verify the https server with, instead of the system's trust store");
   app.add_option("--metrics", flags.metrics, "metrics and health address host:port, or off")->capture_default_str();
   app.add_option("--device", flags.stage.device, "auto | cpu | cuda")->capture_default_str();
   app.add_option("--threads", flags.threads, "compute threads (LibTorch and OpenBLAS)")->capture_default_str();
@@ -154,6 +186,11 @@ int main(int argc, char** argv) {
     shardguard::log::error("package refused", {{"error", e.what()}});
     std::cerr << "shardd: package refused: " << e.what() << "\n";
     return shardguard::model::kExitPackageRefused;
+  } catch (const shardguard::model::PackageUnavailable& e) {
+    // Not a refusal: the pod fails like any other and is recreated (backoffLimit).
+    shardguard::log::error("package unavailable", {{"error", e.what()}});
+    std::cerr << "shardd: " << e.what() << "\n";
+    return shardguard::model::kExitPackageUnavailable;
   } catch (const std::exception& e) {
     shardguard::log::error("cannot start", {{"error", e.what()}});
     std::cerr << "shardd: " << e.what() << "\n";

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cctype>
 #include <cmath>
 #include <cstddef>
 #include <filesystem>
@@ -57,6 +58,9 @@ constexpr int kMaxYamlDepth = 256;
 constexpr std::size_t kMaxJobFileBytes = 1 << 20;  // 1 MiB
 // The CRD's message for both path fields (x-kubernetes-validations).
 constexpr const char* kSafePathText = "an absolute path without \"..\" segments";
+constexpr const char* kPackageUrlText =
+    "an http:// or https:// URL prefix ending in '/': a host name or IPv4 address, an optional port, and "
+    "path segments of letters, digits and -._~%!$&'()*+,;=:@ (no user, query or fragment)";
 // Aliases are expanded while converting; this bounds "billion laughs" input.
 constexpr std::size_t kMaxYamlNodes = 1000000;
 
@@ -419,6 +423,46 @@ bool is_quantity(const std::string& s) {
   return std::regex_match(s, re);
 }
 
+// spec.model.package.url, by hand (no std::regex recursion on 2048 characters), the
+// same language as the CRD's rule
+//   ^https?://[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?(:[0-9]{1,5})?/([-A-Za-z0-9._~%!$&'()*+,;=:@]+/)*$
+// a host name or IPv4 address, an optional port, and a path of non-empty segments
+// each ending in '/' (no user part, query or fragment: the file name is appended).
+bool valid_package_url(const std::string& s) {
+  auto alnum = [](char ch) { return std::isalnum(static_cast<unsigned char>(ch)) != 0; };
+  std::size_t i = 0;
+  if (s.rfind("https://", 0) == 0) {
+    i = 8;
+  } else if (s.rfind("http://", 0) == 0) {
+    i = 7;
+  } else {
+    return false;
+  }
+  const std::size_t host = i;
+  while (i < s.size() && (alnum(s[i]) || s[i] == '-' || s[i] == '.')) ++i;
+  if (i == host || !alnum(s[host]) || !alnum(s[i - 1])) return false;
+  if (i < s.size() && s[i] == ':') {
+    const std::size_t port = ++i;
+    while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i])) != 0) ++i;
+    if (i == port || i - port > 5) return false;
+  }
+  if (i >= s.size() || s[i] != '/') return false;
+  ++i;
+  static const std::string path_chars = "-._~%!$&'()*+,;=:@";
+  bool in_segment = false;
+  for (; i < s.size(); ++i) {
+    if (s[i] == '/') {
+      if (!in_segment) return false;  // an empty segment ("//")
+      in_segment = false;
+    } else if (alnum(s[i]) || path_chars.find(s[i]) != std::string::npos) {
+      in_segment = true;
+    } else {
+      return false;
+    }
+  }
+  return !in_segment;  // ends with '/'
+}
+
 // A label key: an optional DNS-subdomain prefix and '/', then a name of at most 63.
 bool is_label_key(const std::string& s) {
   static const std::regex re(R"(^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$)");
@@ -728,10 +772,10 @@ void decode_spec(Decoder& d, const json& spec, JobSpec& job) {
     if (const json* pk = d.object(*m, "package", p)) {
       const std::string pp = p + ".package";
       PackageSpec package;
-      d.known_fields(*pk, pp, {"path", "volume", "keysSecret"});
-      d.require(*pk, pp, "path");
+      d.known_fields(*pk, pp, {"path", "url", "volume", "keysSecret"});
       d.require(*pk, pp, "keysSecret");  // the operator needs it; shardctl run reads the keys locally
       d.get(*pk, "path", pp, package.path);
+      d.get(*pk, "url", pp, package.url);
       d.get(*pk, "keysSecret", pp, package.keys_secret);
       if (const json* v = d.decode_volume(*pk, pp, false)) package.volume = without_nulls(*v);
       job.model.package = std::move(package);
@@ -844,6 +888,8 @@ using Checker = decode::Reader;
 
 }  // namespace
 
+bool is_package_url(const std::string& url) { return valid_package_url(url); }
+
 json yaml_to_json(const std::string& yaml_text) {
   check_yaml_depth(yaml_text);
   YAML::Node root;
@@ -902,8 +948,19 @@ std::vector<FieldError> validate(const JobSpec& job) {
   }
   if (m.package) {
     const PackageSpec& pk = *m.package;
-    if (c.max_length("spec.model.package.path", pk.path, 1024) && !is_absolute_path_without_dotdot(pk.path)) {
+    if (pk.path.empty() == pk.url.empty()) {
+      c.fail("spec.model.package", pk.path.empty() ? "must have exactly one of path and url, got neither"
+                                                   : "must have exactly one of path and url, got both");
+    }
+    if (!pk.path.empty() && c.max_length("spec.model.package.path", pk.path, 1024) &&
+        !is_absolute_path_without_dotdot(pk.path)) {
       c.fail("spec.model.package.path", std::string("must be ") + kSafePathText + ", got " + decode::quote(pk.path));
+    }
+    if (!pk.url.empty() && c.max_length("spec.model.package.url", pk.url, 2048) && !is_package_url(pk.url)) {
+      c.fail("spec.model.package.url", std::string("must be ") + kPackageUrlText + ", got " + decode::quote(pk.url));
+    }
+    if (!pk.volume.empty() && pk.path.empty()) {
+      c.fail("spec.model.package.volume", "only with spec.model.package.path (a url is fetched, not mounted)");
     }
     if (!is_dns_name(pk.keys_secret)) {
       c.fail("spec.model.package.keysSecret",

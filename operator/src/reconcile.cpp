@@ -80,6 +80,15 @@ std::string pod_failure(const json& pod) {
       if (t.value("exitCode", 0) == 0) continue;
       out += (out.empty() ? "" : "; ") + std::string("container ") + cs.value("name", "?") + " exited " +
              std::to_string(t.value("exitCode", 0)) + (t.contains("reason") ? " (" + t.value("reason", "") + ")" : "");
+      // A package that could not be fetched: shardd's line says from where and why.
+      const std::string message = t.value("message", "");
+      if (t.value("exitCode", 0) == model::kExitPackageUnavailable) {
+        if (const auto at = message.rfind("shardd: package of shard "); at != std::string::npos) {
+          std::string line = message.substr(at + 8);
+          if (const auto end = line.find('\n'); end != std::string::npos) line.resize(end);
+          out += ": " + line;
+        }
+      }
       break;
     }
   }

@@ -173,11 +173,16 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, int r, const st
   if (job.model.from_package()) {
     // Its own package only: shardd opens shard-<i>.sgpkg with this key, and the key
     // opens nothing else.
-    shardd["args"].insert(shardd["args"].end(), {"--package", job.model.package->path, "--package-key-file",
-                                                 std::string(kPackageKeyDir) + "/" + kPackageKeyItem});
+    // The manifest it checks the package against is its own Secret's copy of keysSecret's.
+    const PackageSpec& pk = *job.model.package;
+    shardd["args"].insert(shardd["args"].end(),
+                          {"--package", pk.url.empty() ? pk.path : pk.url, "--package-manifest",
+                           std::string(kPackageKeyDir) + "/" + kPackageManifestItem, "--package-key-file",
+                           std::string(kPackageKeyDir) + "/" + kPackageKeyItem});
     shardd["volumeMounts"].push_back({{"name", "package-key"}, {"mountPath", kPackageKeyDir}, {"readOnly", true}});
-    shardd["volumeMounts"].push_back(
-        {{"name", kPackageVolume}, {"mountPath", job.model.package->path}, {"readOnly", true}});
+    if (pk.url.empty()) {
+      shardd["volumeMounts"].push_back({{"name", kPackageVolume}, {"mountPath", pk.path}, {"readOnly", true}});
+    }
     // A refused package's reason in the pod's status (the last lines of shardd's log).
     shardd["terminationMessagePolicy"] = "FallbackToLogsOnError";
   }
@@ -256,16 +261,19 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, int r, const st
   if (job.model.from_package()) {
     volumes.push_back({{"name", "package-key"},
                        {"secret", {{"secretName", name}, {"defaultMode", 0440},
-                                   {"items", json::array({{{"key", kPackageKeyItem}, {"path", kPackageKeyItem}}})}}}});
-    json package_volume = {{"name", kPackageVolume}};
-    const json& v = job.model.package->volume;
-    if (v.is_object() && !v.empty()) {
-      for (const auto& [k, source] : v.items()) package_volume[k] = source;
-    } else {
-      // No volume: the node's own directory (a node the packages were copied to).
-      package_volume["hostPath"] = {{"path", job.model.package->path}, {"type", "Directory"}};
+                                   {"items", json::array({{{"key", kPackageKeyItem}, {"path", kPackageKeyItem}},
+                                                          {{"key", kPackageManifestItem}, {"path", kPackageManifestItem}}})}}}});
+    if (job.model.package->url.empty()) {
+      json package_volume = {{"name", kPackageVolume}};
+      const json& v = job.model.package->volume;
+      if (v.is_object() && !v.empty()) {
+        for (const auto& [k, source] : v.items()) package_volume[k] = source;
+      } else {
+        // No volume: the node's own directory (a node the packages were copied to).
+        package_volume["hostPath"] = {{"path", job.model.package->path}, {"type", "Directory"}};
+      }
+      volumes.push_back(package_volume);
     }
-    volumes.push_back(package_volume);
   }
   json selector = {{"matchLabels", {{kLabelJob, job.name}}}};
   if (replicated) {
@@ -479,6 +487,11 @@ DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
     }
   }
 
+  // The manifest as every shard's shardd reads it (the operator's reading of keysSecret's,
+  // written again: the same fields, so the same digests; check_exposure needed it).
+  const std::string manifest_text =
+      job.model.from_package() && in.package_manifest ? model::to_json(*in.package_manifest).dump(2) : "";
+
   const json job_file = {{"apiVersion", kJobApiVersion},
                          {"kind", kJobKind},
                          {"metadata", {{"name", job.name}, {"namespace", job.namespace_}}},
@@ -509,6 +522,7 @@ DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
     // Shard i's package key, and no other shard's: its pod mounts only this Secret.
     if (job.model.from_package()) {
       out.shard_secrets.back()["data"][kPackageKeyItem] = base64_encode(in.package_keys[i]);
+      out.shard_secrets.back()["data"][kPackageManifestItem] = base64_encode(manifest_text);
     }
 
     policy::Policy policy = [&] {

@@ -519,8 +519,9 @@ int RunLocal(const LocalRunOptions& options) {
     // load_job_file); the object itself goes into each shard's job.json.
     job = load_job_file(options.job_file);
     object = yaml_to_json(read_file(options.job_file));
-    // A package job's cut comes from its manifest (spec.model.package.path).
-    auto cut = local_job_cut(job);
+    // A package job's cut comes from its manifest (spec.model.package.path, or the
+    // keys directory for a url job).
+    auto cut = local_job_cut(job, options.package_keys);
     desc = std::move(cut.desc);
     stages = std::move(cut.stages);
   } catch (const JobSpecError& e) {

@@ -38,11 +38,11 @@ void print_risk(const std::string& csv, const JobSpec& job, const std::vector<in
 
 }  // namespace
 
-int RunPlan(const std::string& job_file, const std::string& risk_csv) {
+int RunPlan(const std::string& job_file, const std::string& risk_csv, const std::string& package_keys) {
   try {
     const JobSpec job = load_job_file(job_file);
     // A package job's cut is the one split made, from the manifest.
-    const auto cut = local_job_cut(job);
+    const auto cut = local_job_cut(job, package_keys);
     const auto& desc = cut.desc;
     const auto& stages = cut.stages;
     std::printf("job %s/%s: %s, %lld parameters, %.2f MFLOP per sample, %zu blocks, %d shards by %s\n",

@@ -102,6 +102,11 @@ int RunRecombine(const RecombineOptions& o) {
       // split's keys beside them.
       RecombineOptions p = o;
       if (p.package_dir.empty()) p.package_dir = job.model.package->path;
+      if (p.package_dir.empty()) {
+        std::cerr << "shardctl recombine: --package: required for a job with spec.model.package.url (the directory "
+                     "`shardctl split --out` wrote)\n";
+        return 2;
+      }
       if (p.package_key_dir.empty() && job.model.from_package()) p.package_key_dir = package_keys_dir(job, "");
       return RecombinePackages(job, p);
     }

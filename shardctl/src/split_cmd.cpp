@@ -23,10 +23,12 @@ int RunSplit(const SplitOptions& o) {
     std::cerr << "shardctl split: " << e.what() << "\n";
     return 2;
   }
-  // A package job names where its packages go: spec.model.package.path.
+  // A package job names where its packages go: spec.model.package.path (a url job's
+  // are uploaded there from --out).
   const std::string out_dir = !o.out_dir.empty() ? o.out_dir : job.model.from_package() ? job.model.package->path : "";
   if (out_dir.empty()) {
-    std::cerr << "shardctl split: --out: required (a job without spec.model.package names no package directory)\n";
+    std::cerr << "shardctl split: --out: required (a job without spec.model.package.path names no package "
+                 "directory)\n";
     return 2;
   }
   std::string out = out_dir;
@@ -53,9 +55,14 @@ int RunSplit(const SplitOptions& o) {
     std::printf("largest shard holds %.1f%% of the parameters; spec.protection.maxExposure is %.1f%%%s\n",
                 100.0 * largest, 100.0 * job.protection.max_exposure,
                 largest > job.protection.max_exposure ? " (EXCEEDED: check the job with shardctl plan)" : "");
-    std::printf("packages and manifest.json in %s; one key per shard in %s (mode 0600: hand each only to its "
-                "shard)\n",
+    std::printf("packages and manifest.json in %s; one key per shard and manifest.json in %s (keys mode 0600: "
+                "hand each only to its shard)\n",
                 out_dir.c_str(), key_dir.c_str());
+    if (job.model.from_package() && !job.model.package->url.empty()) {
+      std::printf("upload the shard-<i>.sgpkg of %s to %s (manifest.json need not go: each shard reads the "
+                  "keys Secret's copy)\n",
+                  out_dir.c_str(), job.model.package->url.c_str());
+    }
     return 0;
   } catch (const model::PackageError& e) {
     std::cerr << "shardctl split: " << e.what() << "\n";

@@ -34,12 +34,17 @@ Engine::Impl::~Impl() { shutdown(); }
 // ---- setup -------------------------------------------------------------------
 void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
   std::vector<model::StageDesc> stages;
-  if (!opt_.package_dir.empty()) {
+  if (opt_.from_package()) {
     // A split TorchScript model: the manifest's cut, which split made with the job's sharding.
-    manifest_ = load_manifest(opt_.package_dir);
+    const std::string source = opt_.package_url.empty() ? opt_.package_dir : opt_.package_url;
+    if (!opt_.package_url.empty() && opt_.package_manifest.empty()) {
+      throw model::PackageError("--package " + opt_.package_url +
+                                ": a URL needs --package-manifest (the manifest is never read from the server)");
+    }
+    manifest_ = opt_.package_manifest.empty() ? load_manifest(opt_.package_dir) : load_manifest_file(opt_.package_manifest);
     desc_ = manifest_.desc();
     if (static_cast<int>(manifest_.shards.size()) != opt_.job.sharding.shards) {
-      throw model::PackageError("--package: " + opt_.package_dir + " holds a model cut into " +
+      throw model::PackageError("--package: " + source + " holds a model cut into " +
                                 std::to_string(manifest_.shards.size()) + " shards, but spec.sharding.shards is " +
                                 std::to_string(opt_.job.sharding.shards));
     }
@@ -49,7 +54,7 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
     const std::vector<int64_t>& out = desc_.blocks.back().out_shape;
     const std::string needs = data.refuses_output(out);
     if (in != data.input || !needs.empty()) {
-      throw model::PackageError("--package: the model in " + opt_.package_dir + " maps " + model::shape_str(in) +
+      throw model::PackageError("--package: the model in " + source + " maps " + model::shape_str(in) +
                                 " to " + model::shape_str(out) + " per sample, but spec.dataset.format " +
                                 opt_.job.dataset.format + " with this job's spec.model gives " +
                                 model::shape_str(data.input) + " and needs " +
@@ -67,6 +72,11 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
   }
   // Generation runs one pipeline: replica 0's stages, whatever spec.sharding.replicas says.
   if (opt_.generate.enabled()) opt_.job.sharding.replicas = 1;
+  if (!opt_.package_url.empty()) {
+    // Only this stage's package, once; kept sealed and opened (digest first) by every
+    // fresh start like a file.
+    package_bytes_ = fetch_package(opt_.package_url, manifest_, opt_.stage, opt_.fetch);
+  }
   const int replicas = opt_.job.sharding.replicas;
   if (opt_.replica < 0 || opt_.replica >= replicas) {
     throw std::invalid_argument("--replica: " + std::to_string(opt_.replica) + " is out of range for a job with " +
@@ -134,10 +144,16 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
 
 void Engine::Impl::build_fresh() {
   // A package is opened again for every fresh start: fine-tuning starts from its weights.
-  model_ = opt_.package_dir.empty()
-               ? build_blocks(opt_.job.model, me_.first_block, me_.end_block, opt_.job.training.seed)
-               : package_stage(load_package(opt_.package_dir, manifest_, opt_.stage, opt_.package_key),
-                               me_.first_block, me_.end_block);
+  if (!opt_.from_package()) {
+    model_ = build_blocks(opt_.job.model, me_.first_block, me_.end_block, opt_.job.training.seed);
+  } else if (!opt_.package_url.empty()) {
+    model_ = package_stage(open_package_bytes(package_bytes_, package_url(opt_.package_url, opt_.stage), manifest_,
+                                              opt_.stage, opt_.package_key),
+                           me_.first_block, me_.end_block);
+  } else {
+    model_ = package_stage(load_package(opt_.package_dir, manifest_, opt_.stage, opt_.package_key), me_.first_block,
+                           me_.end_block);
+  }
   model_->to(device_);
   model_->train();
   optimizer_ = make_optimizer(opt_.job.training.optimizer, model_->parameters());

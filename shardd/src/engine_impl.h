@@ -112,7 +112,8 @@ class Engine::Impl final : public Receiver {
   const std::string boot_id_;
 
   model::ModelDesc desc_;
-  model::PackageManifest manifest_;  // with a package (opt_.package_dir)
+  model::PackageManifest manifest_;  // with a package (opt_.from_package())
+  std::string package_bytes_;        // with opt_.package_url: the fetched package, still sealed
   model::StageDesc me_;
   int n_ = 0;
   bool first_ = false, last_ = false;

@@ -380,7 +380,11 @@ model::PackageManifest split_model(ScriptModel& sm, const JobSpec& job, const st
       write_file_atomic(tmp_keys + "/" + model::package_key_file_name(s.index), key, 0600);
       m.shards.push_back(std::move(shard));
     }
-    write_file_atomic(tmp_out + "/" + model::kManifestFile, model::to_json(m).dump(2) + "\n", 0644);
+    const std::string manifest_text = model::to_json(m).dump(2) + "\n";
+    write_file_atomic(tmp_out + "/" + model::kManifestFile, manifest_text, 0644);
+    // The keys directory is what keysSecret holds: the keys and the manifest (a shard
+    // pod trusts that copy, never the one beside the packages).
+    write_file_atomic(tmp_keys + "/" + model::kManifestFile, manifest_text, 0644);
     if (::rename(tmp_keys.c_str(), keys_abs.c_str()) != 0) {
       throw PackageError("cannot rename " + tmp_keys + " to " + key_dir + ": " + std::strerror(errno));
     }
@@ -406,7 +410,10 @@ model::PackageManifest split_model(ScriptModel& sm, const JobSpec& job, const st
 }
 
 model::PackageManifest load_manifest(const std::string& package_dir) {
-  const std::string path = package_dir + "/" + model::kManifestFile;
+  return load_manifest_file(package_dir + "/" + model::kManifestFile);
+}
+
+model::PackageManifest load_manifest_file(const std::string& path) {
   std::string text;
   try {
     text = read_file(path, 64u << 20);
@@ -469,6 +476,11 @@ torch::jit::Module load_package(const std::string& package_dir, const model::Pac
   } catch (const FileError& e) {
     throw PackageError("package of shard " + std::to_string(shard) + ": " + e.what());
   }
+  return open_package_bytes(bytes, path, manifest, shard, key);
+}
+
+torch::jit::Module open_package_bytes(const std::string& bytes, const std::string& path,
+                                      const model::PackageManifest& manifest, int shard, const std::string& key) {
   const std::string archive = model::open_package(bytes, key, manifest, shard, path);
   torch::jit::Module module;
   try {

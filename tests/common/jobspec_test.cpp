@@ -613,9 +613,48 @@ TEST(JobSpecTest, PackageOfATorchScriptModel) {
                       "spec.model.package.volume.emptyDir")
                 .find("unknown field"),
             std::string::npos);
-  EXPECT_NE(one_error(with_package({{"path", "/p"}, {"keysSecret", "k"}, {"url", "https://x/"}}),
-                      "spec.model.package.url")
-                .find("unknown field"),
+  // Exactly one of path and url; a volume only with a path.
+  EXPECT_EQ(one_error(with_package({{"path", "/p"}, {"keysSecret", "k"}, {"url", "https://x/"}}),
+                      "spec.model.package"),
+            "spec.model.package: must have exactly one of path and url, got both");
+  EXPECT_EQ(one_error(with_package({{"keysSecret", "k"}}), "spec.model.package"),
+            "spec.model.package: must have exactly one of path and url, got neither");
+  EXPECT_EQ(one_error(with_package({{"url", "https://x/p/"},
+                                    {"keysSecret", "k"},
+                                    {"volume", {{"persistentVolumeClaim", {{"claimName", "m"}}}}}}),
+                      "spec.model.package.volume"),
+            "spec.model.package.volume: only with spec.model.package.path (a url is fetched, not mounted)");
+}
+
+TEST(JobSpecTest, PackageUrl) {
+  auto with_url = [](const std::string& url) {
+    json k = minimal_job();
+    k["spec"]["model"] = {{"architecture", "torchscript"}, {"package", {{"url", url}, {"keysSecret", "k"}}}};
+    return k;
+  };
+  const JobSpec job = job_from_json(with_url("https://models.example.com:8443/fortunes/v1/"));
+  ASSERT_TRUE(job.model.package.has_value());
+  EXPECT_EQ(job.model.package->url, "https://models.example.com:8443/fortunes/v1/");
+  EXPECT_EQ(job.model.package->path, "");
+  EXPECT_TRUE(job.model.package->volume.empty());
+  for (const std::string good : {"http://127.0.0.1:8000/", "https://h/", "https://a-b.c/x/y.z/",
+                                 "https://bucket.s3.amazonaws.com/m%20v1/", "http://h/a~b_c-1/(x)/@v=2;k!$&'*+,:/",
+                                 "https://h:1/", "http://x1/"}) {
+    SCOPED_TRACE(good);
+    EXPECT_TRUE(is_package_url(good));
+    EXPECT_NO_THROW(job_from_json(with_url(good)));
+  }
+  for (const std::string bad : {"https://h", "https://h/p", "ftp://h/", "HTTPS://h/", "https:///p/", "https://-h/",
+                                "https://h-/", "https://user@h/", "https://h:/", "https://h:123456/", "https://h//",
+                                "https://h/a//b/", "https://h/?q=1/", "https://h/#f/", "https://h/a b/",
+                                "https://[::1]/", "https://h/\xc3\xa9/", "//h/", "/packages/", "https://h:80x/"}) {
+    SCOPED_TRACE(bad);
+    EXPECT_FALSE(is_package_url(bad));
+    EXPECT_NE(one_error(with_url(bad), "spec.model.package.url").find("must be an http:// or https:// URL prefix"),
+              std::string::npos);
+  }
+  EXPECT_NE(one_error(with_url("https://h/" + std::string(2040, 'a') + "/"), "spec.model.package.url")
+                .find("2048"),
             std::string::npos);
 }
 

@@ -847,14 +847,21 @@ TEST(RenderPackage, EachShardGetsOnlyItsOwnPackageKeyAndItsPackage) {
     EXPECT_EQ(flag_values(args, "--package"), std::vector<std::string>{"/packages/tuned"});
     EXPECT_EQ(flag_values(args, "--package-key-file"),
               std::vector<std::string>{std::string(kPackageKeyDir) + "/" + kPackageKeyItem});
-    // The key volume projects this shard's own Secret, package.key only.
+    // The manifest shardd trusts is its own Secret's copy, not the one beside the packages.
+    EXPECT_EQ(flag_values(args, "--package-manifest"),
+              std::vector<std::string>{std::string(kPackageKeyDir) + "/" + kPackageManifestItem});
+    EXPECT_EQ(model::parse_manifest(base64_decode(secret["data"][kPackageManifestItem].get<std::string>()), "secret")
+                  .shards[1]
+                  .sha256,
+              two_shard_manifest().shards[1].sha256);
+    // The key volume projects this shard's own Secret, package.key and manifest.json only.
     bool key_volume = false, package_volume = false;
     for (const auto& v : pod["spec"]["volumes"]) {
       if (v["name"] == "package-key") {
         key_volume = true;
         EXPECT_EQ(v["secret"]["secretName"], shard_name(r.job, i));
-        EXPECT_EQ(v["secret"]["items"],
-                  json::array({{{"key", kPackageKeyItem}, {"path", kPackageKeyItem}}}));
+        EXPECT_EQ(v["secret"]["items"], json::array({{{"key", kPackageKeyItem}, {"path", kPackageKeyItem}},
+                                                     {{"key", kPackageManifestItem}, {"path", kPackageManifestItem}}}));
       }
       if (v["name"] == kPackageVolume) {
         package_volume = true;
@@ -884,6 +891,38 @@ TEST(RenderPackage, EachShardGetsOnlyItsOwnPackageKeyAndItsPackage) {
   // The keys Secret's name appears nowhere: the operator copies, pods never read it.
   for (const auto& o : r.out.all()) {
     if (o["kind"] != "ConfigMap") EXPECT_EQ(o.dump().find("tuned-package-keys"), std::string::npos) << o["kind"];
+  }
+}
+
+// spec.model.package.url: each shardd is given the prefix (it fetches only its own
+// shard-<i>.sgpkg), its own Secret's key and manifest; no package volume at all.
+TEST(RenderPackage, UrlJobHasNoPackageVolumeAndEachShardItsOwnSecret) {
+  json obj = package_job_object();
+  obj["spec"]["model"]["package"] = {{"url", "https://models.example.com/tuned/"}, {"keysSecret", "tuned-package-keys"}};
+  const auto r = render_package(obj);
+  for (int i = 0; i < 2; ++i) {
+    const json& pod = r.out.pods[i];
+    const auto args = args_of(pod, "shardd");
+    EXPECT_EQ(flag_values(args, "--package"), std::vector<std::string>{"https://models.example.com/tuned/"});
+    EXPECT_EQ(flag_values(args, "--package-manifest"),
+              std::vector<std::string>{std::string(kPackageKeyDir) + "/" + kPackageManifestItem});
+    EXPECT_EQ(flag_values(args, "--package-key-file"),
+              std::vector<std::string>{std::string(kPackageKeyDir) + "/" + kPackageKeyItem});
+    EXPECT_EQ(r.out.shard_secrets[i]["data"][kPackageKeyItem], base64_encode(package_key_of(i)));
+    EXPECT_TRUE(r.out.shard_secrets[i]["data"].contains(kPackageManifestItem));
+    EXPECT_EQ(r.out.shard_secrets[i].dump().find(base64_encode(package_key_of(1 - i))), std::string::npos);
+    int key_volumes = 0;
+    for (const auto& v : pod["spec"]["volumes"]) {
+      EXPECT_NE(v["name"], kPackageVolume);
+      EXPECT_FALSE(v.contains("hostPath"));
+      if (v["name"] == "package-key") {
+        ++key_volumes;
+        EXPECT_EQ(v["secret"]["secretName"], shard_name(r.job, i));
+      }
+    }
+    EXPECT_EQ(key_volumes, 1);
+    for (const auto& m : (*container_of(pod, "shardd"))["volumeMounts"]) EXPECT_NE(m["name"], kPackageVolume);
+    for (const auto& m : (*container_of(pod, "sidecar"))["volumeMounts"]) EXPECT_NE(m["name"], "package-key");
   }
 }
 

@@ -457,7 +457,8 @@ TEST_F(OperatorTest, JobLifecycleFromCreateToSucceededThenCleanup) {
 // manifest and one key per shard), copies key i into shard i's own Secret only, gives
 // shard i's shardd only its package reference, and fails the job naming the shard
 // whose shardd refused its package (exit 3), without recreating it.
-TEST_F(OperatorTest, PackageJobGetsEachKeyOnlyInItsShardAndARefusedPackageFailsNamingTheShard) {
+// A manifest of 4 blocks, one per shard (72 parameters each).
+model::PackageManifest four_shard_manifest() {
   model::PackageManifest m;
   m.split_id = "00112233445566778899aabbccddeeff";
   m.source_sha256 = std::string(64, 'a');
@@ -484,6 +485,11 @@ TEST_F(OperatorTest, PackageJobGetsEachKeyOnlyInItsShardAndARefusedPackageFailsN
     s.bytes = 1000;
     m.shards.push_back(s);
   }
+  return m;
+}
+
+TEST_F(OperatorTest, PackageJobGetsEachKeyOnlyInItsShardAndARefusedPackageFailsNamingTheShard) {
+  const model::PackageManifest m = four_shard_manifest();
   const std::string manifest_text = model::to_json(m).dump();
   ASSERT_NO_THROW(model::parse_manifest(manifest_text, "test manifest"));
   auto key_of = [](int i) { return std::string(32, static_cast<char>('K' + i)); };
@@ -522,8 +528,14 @@ TEST_F(OperatorTest, PackageJobGetsEachKeyOnlyInItsShardAndARefusedPackageFailsN
     for (const auto& c : p["spec"]["containers"]) {
       if (c["name"] == "shardd") shardd_args = c["args"].dump();
     }
-    EXPECT_NE(shardd_args.find(R"("--package","/packages/tuned","--package-key-file")"), std::string::npos)
+    EXPECT_NE(shardd_args.find(R"("--package","/packages/tuned","--package-manifest","/etc/shardguard/package-key/)"
+                               R"(manifest.json","--package-key-file")"),
+              std::string::npos)
         << shardd_args;
+    // The manifest shardd checks against comes from its own Secret (the operator's copy).
+    EXPECT_EQ(model::parse_manifest(op::base64_decode((*secret)["data"]["manifest.json"].get<std::string>()), "s")
+                  .split_id,
+              m.split_id);
     EXPECT_EQ(p.dump().find("tuned-keys"), std::string::npos) << "pod " << i << " names the keys Secret";
   }
   EXPECT_TRUE(eventually([&] {
@@ -565,6 +577,106 @@ TEST_F(OperatorTest, PackageJobGetsEachKeyOnlyInItsShardAndARefusedPackageFailsN
       << message << "\n" << status("tuned").dump(2);
   EXPECT_TRUE(has_event("tuned", "PackageRefused"));
   ASSERT_TRUE(eventually([&] { return api_->list("", "v1", "pods", ns_, "shardguard.io/job=tuned").empty(); }, 30s));
+}
+
+// spec.model.package.url: each shard's shardd gets the URL prefix (it fetches only
+// shard-<i>.sgpkg), and its own Secret's key and manifest; no package volume. A shardd
+// that could not fetch its package (exit 4, kExitPackageUnavailable) is not a refusal:
+// the pod is recreated like any failed pod.
+TEST_F(OperatorTest, UrlPackageJobFetchesOnlyItsOwnShardWithItsOwnSecret) {
+  const model::PackageManifest m = four_shard_manifest();
+  auto key_of = [](int i) { return std::string(32, static_cast<char>('a' + i)); };
+  json data = {{"manifest.json", op::base64_encode(model::to_json(m).dump())}};
+  for (int i = 0; i < 4; ++i) data[model::package_key_file_name(i)] = op::base64_encode(key_of(i));
+  api_->create("", "v1", "secrets", ns_,
+               {{"apiVersion", "v1"}, {"kind", "Secret"}, {"metadata", {{"name", "web-keys"}}}, {"data", data}});
+  auto& op = start_operator();
+  create_job(yaml_to_json("apiVersion: shardguard.io/v1alpha1\nkind: ShardedTrainingJob\n"
+                          "metadata: {name: web, namespace: " + ns_ + "}\n"
+                          "spec:\n"
+                          "  model: {architecture: torchscript, context: 16,\n"
+                          "          package: {url: \"https://models.example.com/tuned/\", keysSecret: web-keys}}\n"
+                          "  dataset: {format: tokens, path: /data/text}\n"
+                          "  sharding: {shards: 4}\n"
+                          "  protection: {maxExposure: 0.5}\n"
+                          "  runPolicy: {backoffLimit: 2}\n"
+                          "  template: {image: shardd:test}\n"
+                          "  sidecar: {image: sidecar:test}\n"));
+  ASSERT_TRUE(eventually([&] { return all_pods_exist("web"); }, 30s)) << status("web").dump(2) << op.log();
+  for (int i = 0; i < 4; ++i) {
+    const auto secret = api_->get("", "v1", "secrets", ns_, pod_name("web", i));
+    ASSERT_TRUE(secret.has_value());
+    EXPECT_EQ((*secret)["data"]["package.key"], op::base64_encode(key_of(i)));
+    EXPECT_TRUE((*secret)["data"].contains("manifest.json"));
+    const json p = *pod("web", i);
+    for (int k = 0; k < 4; ++k) {
+      if (k == i) continue;
+      EXPECT_EQ(secret->dump().find(op::base64_encode(key_of(k))), std::string::npos) << i << " has key " << k;
+      EXPECT_EQ(p.dump().find(op::base64_encode(key_of(k))), std::string::npos) << i << " has key " << k;
+    }
+    json shardd;
+    for (const auto& c : p["spec"]["containers"]) {
+      if (c["name"] == "shardd") shardd = c;
+    }
+    const std::string args = shardd["args"].dump();
+    EXPECT_NE(args.find(R"("--package","https://models.example.com/tuned/","--package-manifest",)"
+                        R"("/etc/shardguard/package-key/manifest.json","--package-key-file",)"
+                        R"("/etc/shardguard/package-key/package.key")"),
+              std::string::npos)
+        << args;
+    EXPECT_EQ(args.find("shard-"), std::string::npos) << "shardd derives its own file name: " << args;
+    // Its own Secret, the two items; no package volume, no host path.
+    for (const auto& v : p["spec"]["volumes"]) {
+      EXPECT_NE(v["name"], "package") << v.dump();
+      EXPECT_FALSE(v.contains("hostPath")) << v.dump();
+      if (v.contains("secret")) {
+        EXPECT_EQ(v["secret"]["secretName"].get<std::string>().rfind("web-shard-" + std::to_string(i), 0), 0u)
+            << v.dump();
+      }
+    }
+    EXPECT_EQ(p.dump().find("web-keys"), std::string::npos) << "pod " << i << " names the keys Secret";
+  }
+  run_all("web");
+  ASSERT_TRUE(eventually([&] { return status("web").value("phase", "") == "Running"; }, 30s));
+  const std::string old_uid = (*pod("web", 1))["metadata"]["uid"];
+  {
+    json p = *pod("web", 1);
+    p["status"]["phase"] = "Failed";
+    p["status"]["containerStatuses"] = json::array(
+        {{{"name", "shardd"},
+          {"ready", false},
+          {"restartCount", 0},
+          {"image", "shardd:test"},
+          {"imageID", "docker-pullable://shardd@sha256:0"},
+          {"state",
+           {{"terminated",
+             {{"exitCode", model::kExitPackageUnavailable},
+              {"reason", "Error"},
+              {"message", "shardd: package of shard 1 unavailable: GET https://models.example.com/tuned/shard-1.sgpkg: "
+                          "HTTP 404 (not found) (1 attempt)\n"}}}}}}});
+    p["metadata"].erase("resourceVersion");
+    api_->update("", "v1", "pods", ns_, p, /*status=*/true);
+  }
+  ASSERT_TRUE(eventually([&] {
+    auto p = pod("web", 1);
+    return p && (*p)["metadata"]["uid"] != old_uid;
+  }, 30s)) << status("web").dump(2);
+  EXPECT_NE(status("web").value("phase", ""), "Failed");
+  EXPECT_NE(condition_reason("web", "Failed"), "PackageRefused");
+  // The failure's event names the shard and why its package was unavailable.
+  EXPECT_TRUE(eventually([&] {
+    for (const auto& e : api_->list("", "v1", "events", ns_)) {
+      if (e["involvedObject"].value("name", "") == "web" && e.value("reason", "") == "ShardPodFailed" &&
+          e.value("message", "").find("shard 1 (pod web-shard-1") != std::string::npos &&
+          e.value("message", "").find("exited 4 (Error): package of shard 1 unavailable: GET "
+                                      "https://models.example.com/tuned/shard-1.sgpkg: HTTP 404") != std::string::npos) {
+        return true;
+      }
+    }
+    return false;
+  }, 10s));
+  delete_job("web");
+  ASSERT_TRUE(eventually([&] { return !job("web"); }, 30s));
 }
 
 TEST_F(OperatorTest, FailedShardIsRecreatedAwayFromUnsafeNodesUntilTheBackoffLimit) {

@@ -209,6 +209,17 @@ std::vector<Case> invalid_cases() {
        "  model: {architecture: torchscript, package: {path: /packages, keysSecret: keys,\n"
        "           volume: {persistentVolumeClaim: {claimName: m}, nfs: {server: nfs.local, path: /models}}}}\n",
        422, "spec.model.package.volume", "must have at most 1 item");
+  // A URL prefix instead of a path (exactly one of the two; a volume only with a path),
+  // and URLs the rule refuses, each as the decoder's is_package_url does.
+  spec("package-path-and-url",
+       "  model: {architecture: torchscript, package: {path: /p, url: \"https://h/p/\", keysSecret: keys}}\n", 422,
+       "spec.model.package", "must have exactly one of path and url");
+  spec("package-neither", "  model: {architecture: torchscript, package: {keysSecret: keys}}\n", 422,
+       "spec.model.package", "must have exactly one of path and url");
+  spec("package-url-volume",
+       "  model: {architecture: torchscript, package: {url: \"https://h/p/\", keysSecret: keys,\n"
+       "           volume: {persistentVolumeClaim: {claimName: m}}}}\n",
+       422, "spec.model.package.volume", "only with spec.model.package.path");
   // ---- required ----
   c.push_back({"no-spec", manifest("no-spec", ""), 422, "spec", "Required value", "spec"});
   spec("no-model", "  training: {epochs: 1}\n", 422, "spec.model", "Required value");
@@ -253,6 +264,18 @@ std::vector<std::pair<std::string, std::string>> valid_cases() {
                 "    package: {path: /packages/fortunes, keysSecret: fortunes-package-keys,\n"
                 "              volume: {persistentVolumeClaim: {claimName: models, readOnly: true}}}\n"
                 "  dataset: {name: fortunes, format: tokens, path: /data/fortunes}\n")},
+      {"valid-url",
+       manifest("valid-url",
+                "  model:\n"
+                "    architecture: torchscript\n"
+                "    context: 128\n"
+                "    package: {url: \"https://models.example.com:8443/fortunes/v1/\", keysSecret: fortunes-package-keys}\n"
+                "  dataset: {name: fortunes, format: tokens, path: /data/fortunes}\n")},
+      {"valid-url-odd",
+       manifest("valid-url-odd",
+                "  model:\n"
+                "    architecture: torchscript\n"
+                "    package: {url: \"http://127.0.0.1:8000/a~b_c-1/(x)/@v=2;k!$&'*+,:/m%20v1/\", keysSecret: k}\n")},
       {"valid-nfs", manifest("valid-nfs", kModel + "  checkpoint: {volume: {nfs: {server: 10.0.0.2, path: /exports/ckpt, readOnly: false}}}\n")},
   };
 }
@@ -332,6 +355,44 @@ TEST_F(RealApiValidation, InvalidJobsAreRefusedByTheServerAndTheDecoder) {
   }
 }
 
+// spec.model.package.url: the CRD's CEL rule and the decoder's is_package_url are the
+// same language (each URL the server refuses, the decoder refuses, naming the field;
+// the ones it accepts are in valid_cases). A test of its own, outside invalid_cases,
+// so that ShardctlAgreesWithTheServer does not start shardctl twice for each URL.
+TEST_F(RealApiValidation, PackageUrlsAreJudgedAlikeByTheServerAndTheDecoder) {
+  auto job = [](const std::string& name, const std::string& url_yaml) {
+    return manifest(name, "  model: {architecture: torchscript, package: {url: " + url_yaml + ", keysSecret: keys}}\n");
+  };
+  int n = 0;
+  std::vector<std::string> bad = {"https://h", "https://h/p", "ftp://h/", "HTTPS://h/", "https:///p/", "https://-h/",
+                                  "https://h-/", "https://user@h/", "https://h:/", "https://h:123456/", "https://h//",
+                                  "https://h/a//b/", "https://h/?q=1/", "https://h/#f/", "https://h/a b/",
+                                  "https://[::1]/", "https://h/\xc3\xa9/", "//h/", "/packages/", "https://h:80x/"};
+  bad.push_back("https://h/" + repeat('a', 2040) + "/");
+  for (const std::string& url : bad) {
+    const std::string name = "package-url-" + std::to_string(n++);
+    SCOPED_TRACE(name + " " + url.substr(0, 40));
+    const std::string yaml = job(name, json(url).dump());
+    const auto [status, message] = server_create(yaml_to_json(yaml));
+    EXPECT_EQ(status, 422) << message;
+    EXPECT_NE(message.find("spec.model.package.url"), std::string::npos) << message;
+    EXPECT_TRUE(message.find("must be an http:// or https:// URL prefix") != std::string::npos ||
+                message.find("may not be more than 2048 bytes") != std::string::npos)
+        << message;
+    const std::string errors = decoder_errors(write(name, yaml));
+    EXPECT_NE(errors.find("spec.model.package.url: "), std::string::npos) << errors;
+  }
+  for (const std::string url : {"http://127.0.0.1:8000/", "https://h/", "https://a-b.c/x/y.z/",
+                                "https://bucket.s3.amazonaws.com/m%20v1/", "http://h/a~b_c-1/(x)/@v=2;k!$&'*+,:/",
+                                "https://h:1/", "http://x1/"}) {
+    SCOPED_TRACE(url);
+    const std::string yaml = job("package-url-ok", json(url).dump());
+    const auto [status, message] = server_create(yaml_to_json(yaml));
+    EXPECT_EQ(status, 201) << message;
+    EXPECT_EQ(decoder_errors(write("package-url-ok", yaml)), "");
+  }
+}
+
 TEST_F(RealApiValidation, ValidJobsAreAcceptedByBoth) {
   for (const auto& [name, yaml] : valid_cases()) {
     SCOPED_TRACE(name);
@@ -362,6 +423,14 @@ TEST_F(RealApiValidation, ShardctlAgreesWithTheServer) {
     const std::string file = write(name, yaml);
     for (const char* verb : {"plan", "render"}) {
       const auto r = testsupport::run_command({shardctl, verb, file});
+      if (name == "valid-url" || name == "valid-url-odd") {
+        // The manifest of a url job is read locally from the keys directory (the
+        // stand-in for keysSecret), never from the URL: without one, refused naming it.
+        EXPECT_NE(r.code, 0) << "shardctl " << verb << ":\n" << r.output;
+        EXPECT_NE(r.output.find("spec.model.package.url: "), std::string::npos) << r.output;
+        EXPECT_EQ(r.output.find("invalid job"), std::string::npos) << r.output;
+        continue;
+      }
       if (name == "valid-torchscript") {
         // Accepted by the decoder; the cut then comes from the packages' manifest,
         // which is not on this machine: refused naming where it was looked for.

@@ -63,6 +63,12 @@ TEST(RestartPolicy, RefusedPackageIsNotRestarted) {
   EXPECT_NE(d.why_not.find("refused its package"), std::string::npos) << d.why_not;
 }
 
+// A package that could not be fetched (spec.model.package.url) may be there later.
+TEST(RestartPolicy, UnavailablePackageIsRestartedWithinTheLimit) {
+  EXPECT_TRUE(decide_restart(exited(model::kExitPackageUnavailable), 0, 3).restart);
+  EXPECT_FALSE(decide_restart(exited(model::kExitPackageUnavailable), 3, 3).restart);
+}
+
 TEST(RestartPolicy, LastErrorLineIsWholeAndTheLastOne) {
   const std::string cause(5000, 'x');
   const std::string log = R"({"ts":"t","level":"info","msg":"started"})" "\n"

@@ -260,6 +260,8 @@ TEST_F(ScriptModelTest, EachPackageHoldsOnlyItsShardAndTheyChainToTheWholeModel)
     EXPECT_FALSE(fs::exists(out() + "/" + model::package_key_file_name(s.index)));
   }
   EXPECT_NE(key(0), key(1));
+  // The keys directory is what keysSecret holds: the keys and the same manifest.
+  EXPECT_EQ(read_file(keys() + "/manifest.json"), read_file(out() + "/manifest.json"));
   // Nothing but the manifest and the packages in the package directory, no temp dirs beside.
   size_t files = 0;
   for (const auto& e : fs::directory_iterator(out())) {

@@ -30,11 +30,16 @@ class JobSpecError : public DecodeError {
 // spec.model.package: a TorchScript model split by `shardctl split` into sealed
 // per-shard packages (docs/distribution.md).
 struct PackageSpec {
+  // Exactly one of path and url.
   // The directory with manifest.json and shard-<i>.sgpkg: in a shard pod, where
   // `volume` is mounted (or the node's directory when no volume is given); locally
   // (shardctl run, plan, render), a directory of this machine.
   std::string path;
-  nlohmann::json volume = nlohmann::json::object();  // persistentVolumeClaim | nfs, or empty
+  // An http:// or https:// prefix ending in '/': each shard's shardd fetches only
+  // <url>shard-<i>.sgpkg and checks it against the manifest of its own Secret (the
+  // server is untrusted storage; the manifest never comes from it).
+  std::string url;
+  nlohmann::json volume = nlohmann::json::object();  // persistentVolumeClaim | nfs, or empty (path only)
   // The Secret (in the job's namespace) with manifest.json and shard-<i>.key for every
   // shard; the operator copies key i only into shard i's own Secret.
   std::string keys_secret;
@@ -152,6 +157,11 @@ nlohmann::json yaml_to_json(const std::string& yaml_text);
 // Decodes a whole ShardedTrainingJob object (apiVersion, kind, metadata, spec),
 // applies defaults and validates; throws JobSpecError listing every problem.
 JobSpec job_from_json(const nlohmann::json& object);
+
+// What spec.model.package.url accepts: an http:// or https:// prefix ending in '/'
+// (host name or IPv4 address, optional port, non-empty path segments; no user,
+// query or fragment). The CRD's rule is the same language.
+bool is_package_url(const std::string& url);
 
 // Reads a YAML (or JSON) file and calls job_from_json. A missing file is an error
 // naming the path.

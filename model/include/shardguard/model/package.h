@@ -30,6 +30,12 @@ class PackageError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// The package could not be had (not found, unreachable, timed out): not a refusal.
+class PackageUnavailable : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 inline constexpr const char* kManifestFormat = "shardguard-manifest/v1";
 inline constexpr const char* kPackageFormat = "shardguard-package/v1";
 inline constexpr const char* kManifestFile = "manifest.json";
@@ -37,6 +43,11 @@ inline constexpr const char* kManifestFile = "manifest.json";
 // the same package and key would be refused again, so the operator fails the job at
 // once, naming the shard, instead of recreating the pod (docs/operator.md).
 inline constexpr int kExitPackageRefused = 3;
+// shardd's exit status when its package could not be fetched (spec.model.package.url:
+// a 404, an unreachable or stalled server, a TLS certificate that does not verify)
+// after its bounded retries. Nothing was refused: the pod fails like any other and is
+// recreated within runPolicy.backoffLimit, so the package may yet appear.
+inline constexpr int kExitPackageUnavailable = 4;
 
 // "shard-<i>.sgpkg": the package of shard i, in the package directory (or under a
 // URL prefix), and "shard-<i>.key" its key in the keys directory.

@@ -99,12 +99,16 @@ std::string ledger_file(const std::string& job, int shard);  // kLedgerDir + "/<
 inline constexpr const char* kSidecarStateVolume = "sidecar-state";
 inline constexpr const char* kSidecarStateDir = "/var/lib/shardguard/sidecar";
 inline constexpr const char* kAuditFileName = "audit.jsonl";
-// A package job (spec.model.package): the package volume, mounted read-only into
-// shardd only at spec.model.package.path, and shard i's package key (the Secret's
-// item package.key) at kPackageKeyDir/package.key, also shardd's only.
+// A package job (spec.model.package): with a path, the package volume, mounted
+// read-only into shardd only at spec.model.package.path (with a url, no volume:
+// shardd fetches its own package); and shard i's package key and the manifest (the
+// Secret's items package.key and manifest.json) in kPackageKeyDir, also shardd's only.
 inline constexpr const char* kPackageVolume = "package";
 inline constexpr const char* kPackageKeyDir = "/etc/shardguard/package-key";
 inline constexpr const char* kPackageKeyItem = "package.key";
+// ... and beside it the manifest (of keysSecret) that shardd checks its package
+// against: never the one next to the packages, which is storage's.
+inline constexpr const char* kPackageManifestItem = "manifest.json";
 
 // What shard i gets; made by the caller.
 struct ShardMaterial {

@@ -14,7 +14,8 @@ namespace shardguard::shardctl {
 
 // `shardctl plan JOB.yaml`: validates the job and prints its partition.
 // risk_csv: a study's results.csv; adds the worst R one untrusted principal can reach.
-int RunPlan(const std::string& job_file, const std::string& risk_csv = "");
+// package_keys: a spec.model.package.url job's keys directory (its manifest.json gives the cut).
+int RunPlan(const std::string& job_file, const std::string& risk_csv = "", const std::string& package_keys = "");
 
 // ---- shardctl pki (pki_cmd.cpp) ----------------------------------------------
 

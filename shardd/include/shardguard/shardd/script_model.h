@@ -55,14 +55,20 @@ std::vector<model::PackageParam> package_params(const torch::jit::Module& module
 model::PackageManifest split_model(ScriptModel& model, const JobSpec& job, const std::string& out_dir,
                                    const std::string& key_dir);
 
-// Reads DIR/manifest.json.
+// Reads DIR/manifest.json; load_manifest_file any manifest file (a shard pod's copy
+// from its own Secret).
 model::PackageManifest load_manifest(const std::string& package_dir);
+model::PackageManifest load_manifest_file(const std::string& path);
 
 // Opens shard `shard`'s package (digest, header, key: model::open_package) and loads
 // the TorchScript archive in it, checking its parameter names, shapes and counts
 // against the manifest. Throws model::PackageError naming the file.
 torch::jit::Module load_package(const std::string& package_dir, const model::PackageManifest& manifest, int shard,
                                 const std::string& key);
+// The same for a package's bytes already in memory (fetched from a URL); `path`
+// names them in errors.
+torch::jit::Module open_package_bytes(const std::string& bytes, const std::string& path,
+                                      const model::PackageManifest& manifest, int shard, const std::string& key);
 
 // Blocks [first, end) of a package (or of any module with children block<i>) as the
 // Sequential a stage trains: child block<i> runs the TorchScript block's forward, and

@@ -25,6 +25,7 @@
 #include <prometheus/registry.h>
 
 #include "shardguard/common/jobspec.h"
+#include "shardguard/shardd/package_fetch.h"
 
 namespace shardguard::shardd {
 
@@ -67,9 +68,18 @@ struct StageOptions {
   // when package_dir is set, the cut comes from its manifest.json and this stage's
   // blocks from its shard-<stage>.sgpkg, opened with package_key (32 bytes), and are
   // fine-tuned from the weights in it; spec.model's zoo fields are not used to build.
+  // Or, with package_url (an http(s) prefix ending in '/'), only <url>shard-<stage>.sgpkg
+  // is fetched (package_fetch.h, with fetch's timeouts and retries) once at start and
+  // kept sealed in memory.
+  // package_manifest: the manifest file to trust (a shard pod's copy from its own
+  // Secret); required with package_url, default <package_dir>/manifest.json.
   std::string package_dir;
+  std::string package_url;
+  std::string package_manifest;
   std::string package_key;
   GenerateOptions generate;
+  FetchOptions fetch;
+  bool from_package() const { return !package_dir.empty() || !package_url.empty(); }
 };
 
 struct StepReport {  // emitted by the last stage after each optimizer step
