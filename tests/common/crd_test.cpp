@@ -1138,7 +1138,13 @@ TEST(Crd, StatusSchema) {
                                    "observedGeneration"}));
   EXPECT_EQ(property_names("status.shards", true),
             (std::set<std::string>{"index", "pod", "node", "phase", "parameters", "restarts",
-                                   "lastFailedPodUID", "ledgerSequence"}));
+                                   "lastFailedPodUID", "ledgerSequence", "replicas"}));
+  std::set<std::string> replica_fields;
+  for (const auto& [key, sub] : (*schema_at("status.shards"))["items"]["properties"]["replicas"]["items"]["properties"].items()) {
+    replica_fields.insert(key);
+  }
+  EXPECT_EQ(replica_fields, (std::set<std::string>{"replica", "pod", "node", "phase", "restarts", "lastFailedPodUID",
+                                                   "groupRestartPodUID", "ledgerSequence"}));
   EXPECT_EQ(property_names("status.exposure"),
             (std::set<std::string>{"maxNode", "maxPrincipal", "nodes", "exportPrincipals"}));
   EXPECT_EQ(property_names("status.exposure.nodes", true),
