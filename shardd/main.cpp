@@ -62,8 +62,9 @@ int RunShardd(Flags flags) {
   if (!flags.stage.package_manifest.empty() && flags.package.empty()) {
     throw std::runtime_error("--package-manifest goes with --package");
   }
-  if (!(flags.stage.fetch.timeout_s >= 1) || flags.stage.fetch.retries < 0 || flags.stage.fetch.retries > 20) {
-    throw std::runtime_error("--package-timeout must be at least 1 s and --package-retries 0..20");
+  if (!(flags.stage.fetch.timeout_s >= 1 && flags.stage.fetch.timeout_s <= 3600) || flags.stage.fetch.retries < 0 ||
+      flags.stage.fetch.retries > 20) {
+    throw std::runtime_error("--package-timeout must be 1..3600 s and --package-retries 0..20");
   }
   if (!flags.package_key_file.empty()) {
     try {

@@ -641,6 +641,19 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   // stage's newest common checkpoint.
   bool restart_all = false;
   bool terminating = false;
+  // The replicas of a failed replica fail in their next all-reduce, often before this
+  // reconcile sees any of them: one incident, so with replicas only the first failure
+  // a reconcile finds is counted (restarts, failedPods, an Event); the others are noted
+  // as seen (lastFailedPodUID) and restart with the group.
+  bool group_failure_counted = false;
+  auto count_failure = [&](json& e, const std::string& what) {
+    if (replicas > 1 && group_failure_counted) return;
+    group_failure_counted = true;
+    e["restarts"] = e.value("restarts", 0) + 1;
+    ++failed_pods;
+    failures.push_back(what);
+    p.events.push_back({"Warning", "ShardPodFailed", what});
+  };
   for (int k = 0; k < slots && replicas > 1; ++k) {
     const auto& pod = k < static_cast<int>(ob.pods.size()) ? ob.pods[k] : std::nullopt;
     terminating = terminating || (pod && being_deleted(*pod));
@@ -658,12 +671,9 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
       // deletes failed pods only after status says Failed, and all pods on suspend):
       // evicted, preempted, lost with its node or deleted by hand — a failure.
       if (e.value("phase", "") == "Running" && old_phase != "Suspended") {
-        e["restarts"] = e.value("restarts", 0) + 1;
-        ++failed_pods;
-        failures.push_back(who(k) + " (pod " + e.value("pod", std::string("?")) +
-                           (e.contains("node") ? " on " + e["node"].get<std::string>() : std::string()) +
-                           "): gone while running (evicted, preempted, node lost or deleted)");
-        p.events.push_back({"Warning", "ShardPodFailed", failures.back()});
+        count_failure(e, who(k) + " (pod " + e.value("pod", std::string("?")) +
+                             (e.contains("node") ? " on " + e["node"].get<std::string>() : std::string()) +
+                             "): gone while running (evicted, preempted, node lost or deleted)");
         restart_all = true;
       }
       if (replicas > 1 && terminating) {
@@ -713,11 +723,8 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
       const std::string uid = (*pod)["metadata"].value("uid", "");
       if (e.value("lastFailedPodUID", "") != uid) {
         e["lastFailedPodUID"] = uid;
-        e["restarts"] = e.value("restarts", 0) + 1;
-        ++failed_pods;
-        failures.push_back(who(k) + " (pod " + obj_name(*pod) + (node.empty() ? "" : " on " + node) +
-                           "): " + pod_failure(*pod));
-        p.events.push_back({"Warning", "ShardPodFailed", failures.back()});
+        count_failure(e, who(k) + " (pod " + obj_name(*pod) + (node.empty() ? "" : " on " + node) +
+                             "): " + pod_failure(*pod));
       }
       restart_all = true;
       if (const auto why = package_refusal(*pod); why && package_refused.empty()) {

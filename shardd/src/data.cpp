@@ -344,7 +344,7 @@ TensorSplit open_tensors(const JobSpec& job, Split split, const model::ModelDesc
 
 }  // namespace
 
-DataShapes data_shapes(const JobSpec& job) {
+DataShapes data_shapes(const JobSpec& job, bool with_input) {
   DataShapes s;
   s.format = job.dataset.format;
   if (job.dataset.format == "tokens") {
@@ -352,6 +352,7 @@ DataShapes data_shapes(const JobSpec& job) {
     s.token_input = true;
     s.output = {job.model.context, job.model.vocab};
   } else if (job.dataset.format == "tensors") {
+    if (!with_input) return s;
     const NpyArray inputs = read_npy_header(npy_path(job.dataset, Split::kTrain, true));
     s.input.assign(inputs.shape.begin() + 1, inputs.shape.end());
   } else {

@@ -48,17 +48,23 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
                                 std::to_string(manifest_.shards.size()) + " shards, but spec.sharding.shards is " +
                                 std::to_string(opt_.job.sharding.shards));
     }
-    // The data this job feeds the first block and the loss reads from the last.
-    const DataShapes data = data_shapes(opt_.job);
-    const std::vector<int64_t>& in = desc_.blocks.front().in_shape;
-    const std::vector<int64_t>& out = desc_.blocks.back().out_shape;
-    const std::string needs = data.refuses_output(out);
-    if (in != data.input || !needs.empty()) {
-      throw model::PackageError("--package: the model in " + source + " maps " + model::shape_str(in) +
-                                " to " + model::shape_str(out) + " per sample, but spec.dataset.format " +
-                                opt_.job.dataset.format + " with this job's spec.model gives " +
-                                model::shape_str(data.input) + " and needs " +
-                                (needs.empty() ? model::shape_str(out) : needs));
+    // The data this job feeds the first block (checked by stage 0) and the loss reads
+    // from the last (checked by the last stage); the stages between read no data.
+    const bool first = opt_.stage == 0, last = opt_.stage == opt_.job.sharding.shards - 1;
+    if (first || last) {
+      const DataShapes data = data_shapes(opt_.job, first);
+      const std::vector<int64_t>& in = desc_.blocks.front().in_shape;
+      const std::vector<int64_t>& out = desc_.blocks.back().out_shape;
+      const bool input_differs = first && in != data.input;
+      const std::string needs = last ? data.refuses_output(out) : "";
+      if (input_differs || !needs.empty()) {
+        throw model::PackageError("--package: the model in " + source + " maps " + model::shape_str(in) + " to " +
+                                  model::shape_str(out) + " per sample, but spec.dataset.format " +
+                                  opt_.job.dataset.format + " with this job's spec.model" +
+                                  (input_differs ? " gives " + model::shape_str(data.input) : "") +
+                                  (input_differs && !needs.empty() ? " and" : "") +
+                                  (needs.empty() ? "" : " needs " + needs));
+      }
     }
     stages = manifest_.stages();
   } else {

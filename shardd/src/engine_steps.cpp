@@ -2,6 +2,8 @@
 // evaluation rounds, checkpoints. Main-loop thread only.
 #include "engine_impl.h"
 
+#include <cmath>
+
 #include <torch/nn/functional/loss.h>
 #include <torch/utils.h>
 
@@ -219,13 +221,15 @@ void Engine::Impl::generate() {
              std::to_string(in.step));
         throw Stopped{};
       }
+      // Checked as a float before it becomes an integer: a peer's NaN, infinity or
+      // 1e30 has no int64 value (converting it would be undefined behaviour).
       const float value = in.tensor.item<float>();
-      token = static_cast<int64_t>(value);
-      if (static_cast<float>(token) != value || token < 0 || token >= vocab) {
+      if (!std::isfinite(value) || value < 0 || value >= static_cast<float>(vocab) || value != std::floor(value)) {
         fail("the last stage sent token " + std::to_string(value) + ", not an id of the " + std::to_string(vocab) +
              "-token vocabulary");
         throw Stopped{};
       }
+      token = static_cast<int64_t>(value);
     }
     tokens.push_back(token);
     generated.push_back(static_cast<uint16_t>(token));

@@ -139,7 +139,13 @@ std::string fetch_package(const std::string& prefix, const model::PackageManifes
   d.limit = bytes > 0 ? static_cast<size_t>(bytes) : size_t{4} << 30;
   double wait = std::max(0.0, o.backoff_s);
   for (int tries = 0;; ++tries) {
-    const Attempt a = attempt(url, o, d);
+    Attempt a = attempt(url, o, d);
+    if (a.outcome == Attempt::kOk && bytes > 0 && static_cast<int64_t>(d.body.size()) < bytes) {
+      // Fewer bytes than the package has: an upload still in progress, or a "soft 404"
+      // page; not a tampered package, so unavailable (retried), not refused.
+      a = {Attempt::kTransient, "HTTP 200 with " + std::to_string(d.body.size()) + " bytes, but the manifest records " +
+                                    std::to_string(bytes) + " for shard " + std::to_string(shard)};
+    }
     if (a.outcome == Attempt::kOk) {
       log::info("package fetched", {{"url", url}, {"shard", shard}, {"bytes", d.body.size()}});
       return std::move(d.body);

@@ -902,7 +902,6 @@ TEST_F(OperatorTest, ReplicasOfAStageShareANodeTwoStagesNeverDoAndRestartTogethe
   for (int r = 0; r < 2; ++r) place.kubelet(replica_pod("rep", 0, r), "node-0", "Running");
   EXPECT_EQ(place.schedule(replica_pod("rep", 1, 0), {"node-0"}), "");
   EXPECT_EQ(place.schedule(replica_pod("rep", 0, 1), {"node-0"}), "node-0");
-  EXPECT_FALSE(has_event("rep", "ReplicasNotSupported"));
 }
 
 // Issue 16 item 2: the exposure ledger sequence a shard's sidecar publishes is kept

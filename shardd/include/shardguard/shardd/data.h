@@ -90,8 +90,10 @@ struct DataShapes {
   // vocabulary, or float32 values in [0, 1].
   torch::Tensor example(int64_t batch, int vocab) const;
 };
-// Throws DatasetError for a tensors dataset whose inputs file is missing or damaged.
-DataShapes data_shapes(const JobSpec& job);
+// `with_input` false: not the input's shape (for tensors it is read from the inputs
+// file, which only stage 0 has). Throws DatasetError for a tensors dataset whose
+// inputs file is missing or damaged.
+DataShapes data_shapes(const JobSpec& job, bool with_input = true);
 
 // The order of the training samples in `epoch`: a Fisher-Yates shuffle driven
 // by a SplitMix64 stream of (seed, epoch). The same on every stage and platform.
