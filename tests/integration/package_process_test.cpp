@@ -86,12 +86,7 @@ TEST_F(PackageProcessTest, StagesFetchOnlyTheirOwnPackageFromAUrlAndRefuseWhatTh
   testing::write_small_tokens(dir_ + "/data", 2000, 400);
   auto j = testing::small_gpt_job_json(n, dir_ + "/data");
   const std::string job = write_job(j);
-  const std::string script = std::string(SHARDGUARD_SOURCE_DIR) + "/examples/models/make_model.py";
-  ASSERT_EQ(std::system(("'" + python + "' '" + script + "' --out '" + dir_ + "/lm.pt' --context 16 --hidden 32 " +
-                         "--depth 2 --heads 2 > '" + dir_ + "/make.log' 2>&1")
-                            .c_str()),
-            0)
-      << read_file(dir_ + "/make.log");
+  ASSERT_EQ(testsupport::make_small_lm(python, dir_ + "/lm.pt"), "");
   auto [split_rc, split_out] = run_tool({kBin + "/shardctl", "split", dir_ + "/lm.pt", "--job", job, "--out",
                                          dir_ + "/srv/good", "--keys", dir_ + "/keys"},
                                         dir_ + "/split.out");
@@ -293,12 +288,7 @@ TEST_F(PackageProcessTest, PackagesFineTunedByShardProcessesRecombineToTheDistri
   auto j = testing::small_gpt_job_json(n, dir_ + "/data");
   j["spec"]["checkpoint"]["everySteps"] = 100;
   const std::string job = write_job(j);
-  const std::string script = std::string(SHARDGUARD_SOURCE_DIR) + "/examples/models/make_model.py";
-  ASSERT_EQ(std::system(("'" + python + "' '" + script + "' --out '" + dir_ + "/lm.pt' --context 16 --hidden 32 " +
-                         "--depth 2 --heads 2 > '" + dir_ + "/make.log' 2>&1")
-                            .c_str()),
-            0)
-      << read_file(dir_ + "/make.log");
+  ASSERT_EQ(testsupport::make_small_lm(python, dir_ + "/lm.pt"), "");
   auto [split_rc, split_out] = run_tool({kBin + "/shardctl", "split", dir_ + "/lm.pt", "--job", job, "--out",
                                          dir_ + "/pkg", "--keys", dir_ + "/pkg-keys"},
                                         dir_ + "/split.out");
@@ -378,12 +368,7 @@ TEST_F(PackageProcessTest, ShardctlRunFineTunesAPackageJobThroughTheSidecarsAndR
                         {"package", {{"path", dir_ + "/pkg"}, {"keysSecret", "lm-tune-package-keys"}}}};
   j["spec"]["checkpoint"]["everySteps"] = 100;
   const std::string job = write_job(j);
-  const std::string script = std::string(SHARDGUARD_SOURCE_DIR) + "/examples/models/make_model.py";
-  ASSERT_EQ(std::system(("'" + python + "' '" + script + "' --out '" + dir_ + "/lm.pt' --context 16 --hidden 32 " +
-                         "--depth 2 --heads 2 > '" + dir_ + "/make.log' 2>&1")
-                            .c_str()),
-            0)
-      << read_file(dir_ + "/make.log");
+  ASSERT_EQ(testsupport::make_small_lm(python, dir_ + "/lm.pt"), "");
 
   // Before the split, nothing to run: the manifest is named.
   auto [early_rc, early_out] =
@@ -479,12 +464,7 @@ TEST_F(PackageProcessTest, ShardctlRunFineTunesAUrlJobFetchingEachPackageOnce) {
   }
   constexpr int n = 3;
   testing::write_small_tokens(dir_ + "/data", 2000, 400);
-  const std::string script = std::string(SHARDGUARD_SOURCE_DIR) + "/examples/models/make_model.py";
-  ASSERT_EQ(std::system(("'" + python + "' '" + script + "' --out '" + dir_ + "/lm.pt' --context 16 --hidden 32 " +
-                         "--depth 2 --heads 2 > '" + dir_ + "/make.log' 2>&1")
-                            .c_str()),
-            0)
-      << read_file(dir_ + "/make.log");
+  ASSERT_EQ(testsupport::make_small_lm(python, dir_ + "/lm.pt"), "");
   int port = 0;
   make_dirs(dir_ + "/srv");
   auto server = start_server(

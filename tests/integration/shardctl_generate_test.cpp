@@ -191,12 +191,7 @@ TEST_F(ShardctlGenerateTest, SplitTorchScriptModelGeneratesLikeItsRecombination)
   spec["spec"]["model"] = {{"architecture", "torchscript"}, {"vocab", 256}, {"context", 16},
                            {"package", {{"path", dir_ + "/pkg"}, {"keysSecret", "lm-keys"}}}};
   const std::string job = write_job(spec);
-  const std::string script = std::string(SHARDGUARD_SOURCE_DIR) + "/examples/models/make_model.py";
-  ASSERT_EQ(std::system(("'" + python + "' '" + script + "' --out '" + dir_ + "/lm.pt' --context 16 --hidden 32 " +
-                         "--depth 2 --heads 2 > '" + dir_ + "/make.log' 2>&1")
-                            .c_str()),
-            0)
-      << read_file(dir_ + "/make.log");
+  ASSERT_EQ(testsupport::make_small_lm(python, dir_ + "/lm.pt"), "");
   const Ran split = run_shardctl(dir_, "split", {"split", dir_ + "/lm.pt", "--job", job});
   ASSERT_EQ(split.code, 0) << split.out << split.err;
   const std::string work = dir_ + "/work";

@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "shardguard/common/files.h"
+
 namespace shardguard::testsupport {
 
 // $SHARDGUARD_PYTHON, Debian's /usr/bin/python3 (python3-torch), or the first python3
@@ -20,6 +22,18 @@ inline std::string python_with_torch() {
     if (std::system(cmd.c_str()) == 0) return c;
   }
   return "";
+}
+
+// Writes examples/models/make_model.py's small gpt — context 16, hidden 32, 2 layers,
+// 2 heads, vocab 256: shaped like the tests' small_gpt_job_json — to `out` (its log
+// next to it, `out`.log). "" when made, else the log.
+inline std::string make_small_lm(const std::string& python, const std::string& out) {
+  const std::string script = std::string(SHARDGUARD_SOURCE_DIR) + "/examples/models/make_model.py";
+  const std::string log = out + ".log";
+  const std::string cmd = "'" + python + "' '" + script + "' --out '" + out +
+                          "' --context 16 --hidden 32 --depth 2 --heads 2 > '" + log + "' 2>&1";
+  if (std::system(cmd.c_str()) == 0) return "";
+  return "make_model.py failed:\n" + read_file(log);
 }
 
 }  // namespace shardguard::testsupport
