@@ -495,17 +495,22 @@ seconds Controller::reconcile(const std::string& ns, const std::string& name) {
     const std::string phase = job->value("status", json::object()).value("phase", "");
     if (!deleting && phase != "Succeeded" && phase != "Failed") {
       ob.render_inputs = prepare_material(*job, spec, o, ob.now);
-      // Every running pod's sidecar at once, beside the last stage's progress: pods
-      // that do not answer cost about 1 s together, not 1 s each.
-      std::vector<std::future<std::optional<int64_t>>> sequences;
-      for (const auto& pod : ob.pods) {
-        // A pod that is not running is answered at get() without a thread (nullopt).
-        const auto policy = running_pod_ip(pod).empty() ? std::launch::deferred : std::launch::async;
-        sequences.push_back(std::async(policy, [this, pod] { return read_ledger_sequence(pod); }));
+      // The running pods' sidecars, up to kParallelReads at once (a job may have 64
+      // shards × 16 replicas), the first ones beside the last stage's progress: pods
+      // that do not answer cost about 1 s per batch, not 1 s each.
+      constexpr size_t kParallelReads = 32;
+      for (size_t begin = 0; begin < ob.pods.size(); begin += kParallelReads) {
+        std::vector<std::future<std::optional<int64_t>>> sequences;
+        for (size_t k = begin; k < std::min(ob.pods.size(), begin + kParallelReads); ++k) {
+          // A pod that is not running is answered at get() without a thread (nullopt).
+          const auto& pod = ob.pods[k];
+          const auto policy = running_pod_ip(pod).empty() ? std::launch::deferred : std::launch::async;
+          sequences.push_back(std::async(policy, [this, pod] { return read_ledger_sequence(pod); }));
+        }
+        // The last stage of replica 0 (the one that evaluates).
+        if (begin == 0) ob.progress = read_progress(ob.pods[spec.sharding.shards - 1]);
+        for (auto& f : sequences) ob.ledger_sequences.push_back(f.get());
       }
-      // The last stage of replica 0 (the one that evaluates).
-      if (!ob.pods.empty()) ob.progress = read_progress(ob.pods[spec.sharding.shards - 1]);
-      for (auto& f : sequences) ob.ledger_sequences.push_back(f.get());
     }
     if (spec.model.from_package() && !deleting) read_package_keys(spec, ob);
   } catch (const JobSpecError&) {
