@@ -92,6 +92,7 @@ class Engine::Impl final : public Receiver {
   void follow();
   void generate();                   // stage 0 of `shardctl generate`
   void generate_forward(Inbound& in);  // stages 1..n-1 of it
+  torch::Tensor token_from_below(int64_t i, const torch::Tensor& out, int position);
 
   // engine_steps.cpp
   void run_eval_round();

@@ -206,24 +206,16 @@ void Engine::Impl::generate() {
     if (last_) {
       token = sample_token(out[0][position], g, i);
     } else {
-      OutFrame f = frame(Phase::kGenerate, i, 0, 0, out);
-      f.header.position = position;
-      transport_.send_down(std::move(f));
-      Inbound in;
+      torch::Tensor back;
       try {
-        in = wait_for(bwd_, "generated token");
+        back = token_from_below(i, out, position);
       } catch (const Aborted&) {
         fail("a stage restarted during generation (token " + std::to_string(i) + "); generate again");
         throw Stopped{};
       }
-      if (in.phase != Phase::kGenerate || in.step != i) {
-        fail("protocol error: expected generated token " + std::to_string(i) + ", received step " +
-             std::to_string(in.step));
-        throw Stopped{};
-      }
       // Checked as a float before it becomes an integer: a peer's NaN, infinity or
       // 1e30 has no int64 value (converting it would be undefined behaviour).
-      const float value = in.tensor.item<float>();
+      const float value = back.item<float>();
       if (!std::isfinite(value) || value < 0 || value >= static_cast<float>(vocab) || value != std::floor(value)) {
         fail("the last stage sent token " + std::to_string(value) + ", not an id of the " + std::to_string(vocab) +
              "-token vocabulary");
@@ -269,18 +261,25 @@ void Engine::Impl::generate_forward(Inbound& in) {
     const int64_t id = sample_token(out[0][in.position], opt_.generate, in.step);
     token = torch::full({1, 1}, static_cast<float>(id));
   } else {
-    OutFrame f = frame(Phase::kGenerate, in.step, 0, 0, out);
-    f.header.position = in.position;
-    transport_.send_down(std::move(f));
-    Inbound back = wait_for(bwd_, "generated token");
-    if (back.phase != Phase::kGenerate || back.step != in.step) {
-      fail("protocol error: expected generated token " + std::to_string(in.step) + ", received step " +
-           std::to_string(back.step));
-      throw Stopped{};
-    }
-    token = back.tensor;
+    token = token_from_below(in.step, out, in.position);
   }
   transport_.send_up(frame(Phase::kGenerate, in.step, 0, 0, token));
+}
+
+// Sends generation frame i (this stage's output and the position to sample) down the
+// chain and waits for the token the last stage sends back up ([1, 1], float32: the
+// frame checks enforce the shape; its value is checked by stage 0).
+torch::Tensor Engine::Impl::token_from_below(int64_t i, const torch::Tensor& out, int position) {
+  OutFrame f = frame(Phase::kGenerate, i, 0, 0, out);
+  f.header.position = position;
+  transport_.send_down(std::move(f));
+  Inbound back = wait_for(bwd_, "generated token");
+  if (back.phase != Phase::kGenerate || back.step != i) {
+    fail("protocol error: expected generated token " + std::to_string(i) + ", received step " +
+         std::to_string(back.step));
+    throw Stopped{};
+  }
+  return back.tensor;
 }
 
 void Engine::Impl::after_step() {
