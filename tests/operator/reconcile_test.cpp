@@ -604,7 +604,9 @@ TEST(PlanTest, ReplicasGetTheirOwnPodsStatusAndRestartTogether) {
   EXPECT_EQ(st["phase"], "Running");
   EXPECT_TRUE(condition_true(st["conditions"], "Ready"));
   for (const auto& cond : st["conditions"]) {
-    if (cond["type"] == "Ready") EXPECT_EQ(cond["message"], "8 of 8 shard pods ready");
+    if (cond["type"] == "Ready") {
+      EXPECT_EQ(cond["message"], "8 of 8 shard pods ready");
+    }
   }
   ASSERT_EQ(st["shards"].size(), 4u);
   for (int i = 0; i < 4; ++i) {

@@ -544,8 +544,8 @@ TEST(RenderReplicas, EveryReplicaHasItsOwnNamedObjects) {
     EXPECT_EQ(r.out.pods[k]["spec"]["hostname"], name);
     EXPECT_EQ(r.out.pods[k]["spec"]["subdomain"], "fmnist");
     for (const auto& v : r.out.pods[k]["spec"]["volumes"]) {
-      if (v.contains("secret")) EXPECT_EQ(v["secret"]["secretName"], name);
-      if (v.contains("configMap")) EXPECT_EQ(v["configMap"]["name"], name);
+      if (v.contains("secret")) { EXPECT_EQ(v["secret"]["secretName"], name); }
+      if (v.contains("configMap")) { EXPECT_EQ(v["configMap"]["name"], name); }
     }
     // Its own leaf and ledger key, the stage's checkpoint key.
     const json& data = r.out.shard_secrets[k]["data"];
@@ -868,7 +868,7 @@ TEST(RenderPackage, EachShardGetsOnlyItsOwnPackageKeyAndItsPackage) {
         EXPECT_EQ(v["hostPath"]["path"], "/packages/tuned");  // no volume given: the node's directory
       }
       // The keys Secret itself is never mounted into a pod.
-      if (v.contains("secret")) EXPECT_NE(v["secret"]["secretName"], "tuned-package-keys");
+      if (v.contains("secret")) { EXPECT_NE(v["secret"]["secretName"], "tuned-package-keys"); }
     }
     EXPECT_TRUE(key_volume && package_volume) << pod["spec"]["volumes"].dump();
     // shardd only, read-only; the sidecar mounts neither.
@@ -890,7 +890,7 @@ TEST(RenderPackage, EachShardGetsOnlyItsOwnPackageKeyAndItsPackage) {
   }
   // The keys Secret's name appears nowhere: the operator copies, pods never read it.
   for (const auto& o : r.out.all()) {
-    if (o["kind"] != "ConfigMap") EXPECT_EQ(o.dump().find("tuned-package-keys"), std::string::npos) << o["kind"];
+    if (o["kind"] != "ConfigMap") { EXPECT_EQ(o.dump().find("tuned-package-keys"), std::string::npos) << o["kind"]; }
   }
 }
 
