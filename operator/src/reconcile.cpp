@@ -421,9 +421,7 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
   // Replicas: R pipelines; the pod of replica r of stage i is slot r·n + i (render.h).
   const int replicas = replica_count(spec);
   const int slots = n * replicas;
-  auto who = [&](int k) {
-    return "shard " + std::to_string(k % n) + (replicas > 1 ? " replica " + std::to_string(k / n) : "");
-  };
+  auto who = [&](int k) { return slot_label(spec, k); };
   const double max_exposure = spec.protection.max_exposure;
 
   // --- placement history and exposure ---------------------------------------------------

@@ -338,6 +338,10 @@ std::string ca_secret_name(const JobSpec& job) { return job.name + "-ca"; }
 std::string shard_name(const JobSpec& job, int index) { return job.name + "-shard-" + std::to_string(index); }
 int replica_count(const JobSpec& job) { return std::max(1, job.sharding.replicas); }
 int slot_of(const JobSpec& job, int index, int replica) { return replica * job.sharding.shards + index; }
+std::string slot_label(const JobSpec& job, int slot) {
+  const int n = job.sharding.shards;
+  return "shard " + std::to_string(slot % n) + (replica_count(job) > 1 ? " replica " + std::to_string(slot / n) : "");
+}
 std::string replica_name(const JobSpec& job, int index, int replica) {
   return replica_count(job) > 1 ? shard_name(job, index) + "-r" + std::to_string(replica) : shard_name(job, index);
 }
@@ -427,10 +431,7 @@ DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
   const int n = job.sharding.shards;
   const int replicas = replica_count(job);
   const int slots = n * replicas;
-  // "shard 2", or "shard 2 replica 1" for a job with replicas.
-  auto who = [&](int slot) {
-    return "shard " + std::to_string(slot % n) + (replicas > 1 ? " replica " + std::to_string(slot / n) : "");
-  };
+  auto who = [&](int slot) { return slot_label(job, slot); };
   // Inputs first: a refusal must not depend on which check runs first.
   if (in.uid.empty()) throw RenderError("metadata.uid: empty; ownerReferences need the job's uid");
   if (in.ca_cert_pem.empty() || in.ca_key_pem.empty()) {

@@ -417,8 +417,8 @@ int report_generation(const LocalGenerate& g, const std::string& tokens_file, co
     const json j = json::parse(line, nullptr, false);
     if (j.is_object() && j.value("msg", "") == "generation finished") finished = j;
   }
-  std::vector<uint16_t> prompt(g.prompt.begin(), g.prompt.end());
-  for (auto& t : prompt) t &= 0xff;
+  std::vector<uint16_t> prompt;
+  for (const unsigned char c : g.prompt) prompt.push_back(c);  // bytes, not sign-extended chars
   std::cout << printable_text(prompt) << printable_text(tokens) << "\n" << std::flush;
   if (!g.out_file.empty()) write_token_file(g.out_file, tokens);
   std::fprintf(stderr,

@@ -61,8 +61,7 @@ void generate_monolithic(torch::nn::Sequential& model, const JobSpec& job, const
     generated.push_back(static_cast<uint16_t>(t));
   }
   if (!o.tokens_out.empty()) write_token_file(o.tokens_out, generated);
-  std::vector<uint16_t> prompt;
-  for (const unsigned char c : *o.prompt) prompt.push_back(c);
+  const std::vector<uint16_t> prompt(tokens.begin(), tokens.begin() + static_cast<std::ptrdiff_t>(o.prompt->size()));
   std::printf("generated %lld tokens in one process (temperature %g, top-k %d, seed %llu):\n%s%s\n",
               static_cast<long long>(o.tokens), o.temperature, o.top_k, static_cast<unsigned long long>(o.seed),
               printable_text(prompt).c_str(), printable_text(generated).c_str());

@@ -234,6 +234,8 @@ std::string shard_name(const JobSpec& job, int index);  // Secret, ConfigMap and
 // Replicas: spec.sharding.replicas (at least 1); replica r of stage i is slot r·n + i.
 int replica_count(const JobSpec& job);
 int slot_of(const JobSpec& job, int index, int replica);
+// How messages name slot k: "shard 2", or "shard 2 replica 1" for a job with replicas.
+std::string slot_label(const JobSpec& job, int slot);
 // Secret, ConfigMap and Pod of replica r of stage i: shard_name(job, i) without
 // replicas, "<job>-shard-<i>-r<r>" with.
 std::string replica_name(const JobSpec& job, int index, int replica);
