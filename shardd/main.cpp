@@ -9,6 +9,7 @@
 #include "shardguard/common/jobspec.h"
 #include "shardguard/common/log.h"
 #include "shardguard/common/metrics_server.h"
+#include "shardguard/common/pki.h"
 #include "shardguard/common/process.h"
 #include "shardguard/common/token_file.h"
 #include "shardguard/model/package.h"
@@ -27,9 +28,31 @@ struct Flags {
   std::string key_file;
   std::string package_key_file;
   std::string prompt_file;  // --generate-prompt
+  std::vector<std::string> replica_tunnels;  // --replica-tunnel ID=host:port
   std::string metrics = "127.0.0.1:9100";
   int threads = 1;
 };
+
+// "spiffe://<td>/ns/<ns>/job/<job>/shard/<stage>/replica/<r>=host:port": replica r
+// of this stage and the local sidecar listener that tunnels Gloo to it.
+std::pair<int, shardd::ReplicaTunnel> parse_replica_tunnel(const std::string& text, int stage) {
+  const auto bad = [&](const std::string& why) {
+    return std::runtime_error("--replica-tunnel \"" + text + "\": " + why);
+  };
+  const size_t eq = text.find('=');
+  if (eq == std::string::npos) throw bad("not <SPIFFE ID of a replica>=<host:port>");
+  shardd::ReplicaTunnel t{text.substr(0, eq), text.substr(eq + 1)};
+  if (const std::string why = validate_spiffe_id(t.peer_id); !why.empty()) throw bad(why);
+  const std::string own_shard = "/shard/" + std::to_string(stage) + "/replica/";
+  const size_t at = t.peer_id.rfind(own_shard);
+  const std::string digits = at == std::string::npos ? "" : t.peer_id.substr(at + own_shard.size());
+  if (digits.empty() || digits.size() > 3 || digits.find_first_not_of("0123456789") != std::string::npos) {
+    throw bad("the ID is not a replica of this stage (…/shard/" + std::to_string(stage) + "/replica/<r>)");
+  }
+  auto [host, port] = split_host_port(t.address);
+  if (host.empty() || port <= 0 || port > 65535) throw bad("the address is not host:port with a port in 1..65535");
+  return {std::stoi(digits), t};
+}
 
 int RunShardd(Flags flags) {
   flags.stage.job = load_job_file(flags.job_file);
@@ -72,6 +95,15 @@ int RunShardd(Flags flags) {
     } catch (const std::exception& e) {
       throw shardguard::model::PackageError(std::string("--package-key-file: ") + e.what());
     }
+  }
+  for (const auto& text : flags.replica_tunnels) {
+    const auto [replica, tunnel] = parse_replica_tunnel(text, flags.stage.stage);
+    if (!flags.stage.replica_tunnels.emplace(replica, tunnel).second) {
+      throw std::runtime_error("--replica-tunnel: replica " + std::to_string(replica) + " is given twice");
+    }
+  }
+  if (!flags.stage.replica_tunnel_map.empty() && flags.stage.replica_tunnels.empty()) {
+    throw std::runtime_error("--replica-tunnel-map goes with --replica-tunnel");
   }
   if (!flags.prompt_file.empty()) {
     if (!flags.stage.generate.enabled()) throw std::runtime_error("--generate-prompt needs --generate-tokens");
@@ -134,6 +166,11 @@ int main(int argc, char** argv) {
   app.add_option("--replica-host", flags.stage.replica_host,
                  "this replica's own address for the replica group's Gloo connections (default: the store's host; "
                  "in a pod: its IP)");
+  app.add_option("--replica-tunnel", flags.replica_tunnels,
+                 "SPIFFE-ID=host:port: the local sidecar's Gloo tunnel to that replica of this stage (repeatable; "
+                 "every other replica, listening on 127.77.0.<r+1>)");
+  app.add_option("--replica-tunnel-map", flags.stage.replica_tunnel_map,
+                 "file where this replica publishes its Gloo listeners for its sidecar (--tunnel-map)");
   app.add_option("--listen", flags.stage.listen, "gRPC address to listen on (loopback)")->capture_default_str();
   app.add_option("--prev", flags.stage.prev, "address of the previous stage (or of the sidecar's outbound listener)");
   app.add_option("--next", flags.stage.next, "address of the next stage (or of the sidecar's outbound listener)");

@@ -212,10 +212,12 @@ StageResult Engine::Impl::run() {
     if (opt_.job.sharding.replicas > 1) {
       // Before the links: a replica joins its group, then its own pipeline.
       group_ = std::make_unique<ReplicaGroup>(opt_.stage, opt_.replica, opt_.job.sharding.replicas,
-                                              opt_.replica_store, opt_.replica_host, opt_.peer_timeout_s);
+                                              opt_.replica_store, opt_.replica_host, opt_.replica_tunnels,
+                                              opt_.replica_tunnel_map, opt_.peer_timeout_s);
       log::info("replica group joined", {{"stage", opt_.stage}, {"replica", opt_.replica},
                                          {"replicas", opt_.job.sharding.replicas}, {"store", opt_.replica_store},
-                                         {"incarnation", group_->incarnation()}});
+                                         {"incarnation", group_->incarnation()},
+                                         {"tunnelled", !opt_.replica_tunnels.empty()}});
     }
     transport_.connect({opt_.stage, n_, static_cast<size_t>(opt_.job.training.micro_batches) + 2});
     connected_.store(true);

@@ -1,6 +1,7 @@
 #include "replica_group.h"
 
 #include <chrono>
+#include <set>
 #include <stdexcept>
 
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
@@ -8,7 +9,9 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include "shardguard/common/metrics_server.h"
+#include "shardguard/common/replica_tunnel.h"
 #include "clock.h"
+#include "shardguard/shardd/gloo_addresses.h"
 
 namespace shardguard::shardd {
 
@@ -23,10 +26,103 @@ std::chrono::milliseconds millis(double seconds) {
   return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
 }
 
+// The group's keys (a PrefixStore) with Gloo's addresses sent through the sidecars:
+// this replica's own listeners go to its sidecar's --tunnel-map before they are
+// published (so before any peer can connect), and every peer's published addresses
+// are read as that peer's tunnel listener in the local sidecar. The addresses keep
+// their order, since every replica binds gloo_tunnel_host(replica): the greater
+// replica connects, through its sidecar, and the lesser accepts from its own sidecar.
+class TunnelStore : public c10d::PrefixStore {
+ public:
+  TunnelStore(const std::string& prefix, c10::intrusive_ptr<c10d::Store> store, int rank, int size,
+              const std::map<int, ReplicaTunnel>& tunnels, std::string map_file)
+      : PrefixStore(prefix, std::move(store)), rank_(rank), size_(size), tunnels_(tunnels),
+        map_file_(std::move(map_file)) {}
+
+  void set(const std::string& key, const std::vector<uint8_t>& value) override {
+    if (is_addresses(key, value) && *gloo_address_key_rank(key) == rank_) {
+      std::map<std::string, std::string> lines;
+      for (const auto& [peer, address] : gloo_listeners(value, rank_, size_)) {
+        lines[tunnels_.at(peer).peer_id] = address;
+      }
+      write_tunnel_map(map_file_, lines);
+      published_ = true;
+    }
+    PrefixStore::set(key, value);
+  }
+
+  std::vector<uint8_t> get(const std::string& key) override {
+    auto value = PrefixStore::get(key);
+    if (!is_addresses(key, value)) return value;
+    const int peer = *gloo_address_key_rank(key);
+    if (peer == rank_) return value;
+    auto [host, port] = split_host_port(tunnels_.at(peer).address);
+    rewritten_.insert(peer);
+    return rewrite_gloo_addresses(value, peer, size_, host, port);
+  }
+
+  // Whether Gloo's rendezvous went through this store as expected: our listeners
+  // published, every peer's addresses rewritten. Otherwise Gloo would have connected
+  // around the sidecars, and the group must not be used.
+  void check_tunnelled() const {
+    if (!published_ || static_cast<int>(rewritten_.size()) != size_ - 1) {
+      throw std::runtime_error("the replica tunnels did not see Gloo's addresses (" +
+                               std::string(published_ ? "" : "own addresses not published; ") +
+                               std::to_string(rewritten_.size()) + " of " + std::to_string(size_ - 1) +
+                               " peers' addresses rewritten): this Gloo's rendezvous is not the one shardd knows");
+    }
+  }
+
+ private:
+  bool is_addresses(const std::string& key, const std::vector<uint8_t>& value) const {
+    const auto rank = gloo_address_key_rank(key);
+    return rank && *rank >= 0 && *rank < size_ &&
+           value.size() == static_cast<size_t>(size_ - 1) * kGlooAddressBytes;
+  }
+
+  const int rank_, size_;
+  const std::map<int, ReplicaTunnel> tunnels_;
+  const std::string map_file_;
+  bool published_ = false;
+  std::set<int> rewritten_;
+};
+
+// Every other replica has a tunnel, named after it, listening on its Gloo host.
+void check_tunnels(int stage, int replica, int replicas, const std::map<int, ReplicaTunnel>& tunnels,
+                   const std::string& map_file, const std::string& own_host) {
+  if (map_file.empty()) throw std::invalid_argument("--replica-tunnel-map: required with --replica-tunnel");
+  if (!own_host.empty() && own_host != gloo_tunnel_host(replica)) {
+    throw std::invalid_argument("--replica-host \"" + own_host + "\": with --replica-tunnel replica " +
+                                std::to_string(replica) + "'s Gloo binds " + gloo_tunnel_host(replica));
+  }
+  for (int r = 0; r < replicas; ++r) {
+    if (r == replica) continue;
+    const auto it = tunnels.find(r);
+    if (it == tunnels.end()) {
+      throw std::invalid_argument("--replica-tunnel: none for replica " + std::to_string(r) + " of stage " +
+                                  std::to_string(stage) + " (every other replica needs one)");
+    }
+    auto [host, port] = split_host_port(it->second.address);
+    if (host != gloo_tunnel_host(r) || port <= 0 || port > 65535) {
+      throw std::invalid_argument("--replica-tunnel " + it->second.peer_id + "=" + it->second.address +
+                                  ": replica " + std::to_string(r) + "'s tunnel must listen on " +
+                                  gloo_tunnel_host(r) + ":<port>");
+    }
+  }
+  for (const auto& [r, t] : tunnels) {
+    if (r == replica || r < 0 || r >= replicas) {
+      throw std::invalid_argument("--replica-tunnel " + t.peer_id + ": replica " + std::to_string(r) +
+                                  " is not another replica of stage " + std::to_string(stage) + " (0.." +
+                                  std::to_string(replicas - 1) + ", this is " + std::to_string(replica) + ")");
+    }
+  }
+}
+
 }  // namespace
 
 ReplicaGroup::ReplicaGroup(int stage, int replica, int replicas, const std::string& store_address,
-                           const std::string& own_host, double timeout_s)
+                           const std::string& own_host, const std::map<int, ReplicaTunnel>& tunnels,
+                           const std::string& tunnel_map, double timeout_s)
     : state_(std::make_unique<State>()), stage_(stage), replica_(replica), replicas_(replicas) {
   const std::string who = "stage " + std::to_string(stage) + " replica " + std::to_string(replica) + " of " +
                           std::to_string(replicas);
@@ -35,6 +131,8 @@ ReplicaGroup::ReplicaGroup(int stage, int replica, int replicas, const std::stri
   if (port <= 0 || port > 65535) {
     throw std::invalid_argument("--replica-store: \"" + store_address + "\" is not host:port with a port in 1..65535");
   }
+  const bool tunnelled = !tunnels.empty();
+  if (tunnelled) check_tunnels(stage, replica, replicas, tunnels, tunnel_map, own_host);
   try {
     c10d::TCPStoreOptions so;
     so.port = static_cast<uint16_t>(port);
@@ -45,16 +143,23 @@ ReplicaGroup::ReplicaGroup(int stage, int replica, int replicas, const std::stri
     state_->store = c10::make_intrusive<c10d::TCPStore>(host, so);
     auto options = c10d::ProcessGroupGloo::Options::create(millis(timeout_s));
     // Each replica's own address: replica 0's (the store's host) is not another pod's.
-    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(own_host.empty() ? host : own_host));
+    const std::string gloo_host = tunnelled ? gloo_tunnel_host(replica) : own_host.empty() ? host : own_host;
+    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(gloo_host));
     options->threads = 1;
     // Every join counts itself: the k-th join (from 1) belongs to incarnation (k-1) / R,
     // whose keys live under their own prefix. A replica restarted while an old member
     // still serves the store therefore never reads the addresses of a group that is gone.
     const int64_t joins = state_->store->add("joins", 1);
     incarnation_ = (joins - 1) / replicas;
-    auto scoped = c10::make_intrusive<c10d::PrefixStore>("incarnation/" + std::to_string(incarnation_),
-                                                         state_->store);
-    state_->group = c10::make_intrusive<c10d::ProcessGroupGloo>(scoped, replica, replicas, options);
+    const std::string prefix = "incarnation/" + std::to_string(incarnation_);
+    if (tunnelled) {
+      auto scoped = c10::make_intrusive<TunnelStore>(prefix, state_->store, replica, replicas, tunnels, tunnel_map);
+      state_->group = c10::make_intrusive<c10d::ProcessGroupGloo>(scoped, replica, replicas, options);
+      scoped->check_tunnelled();
+    } else {
+      auto scoped = c10::make_intrusive<c10d::PrefixStore>(prefix, state_->store);
+      state_->group = c10::make_intrusive<c10d::ProcessGroupGloo>(scoped, replica, replicas, options);
+    }
   } catch (const std::exception& e) {
     throw std::runtime_error(who + ": cannot join the replica group at " + store_address + ": " + e.what());
   }

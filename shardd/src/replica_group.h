@@ -1,17 +1,22 @@
 // The replicas of one stage (spec.sharding.replicas > 1) as a c10d Gloo process
 // group: after every step they average their gradients, so that R pipelines of
 // batch B train like one of batch B × R. Rendezvous through a TCPStore that
-// replica 0 serves at the group's store address; Gloo's own connections are TCP
-// from the replica's own address (--replica-host: a pod's IP), by default the host of
-// that store (127.0.0.1 locally). docs/pipeline.md.
+// replica 0 serves at the group's store address. Gloo's own connections are TCP,
+// either through the sidecars (tunnels: each replica binds gloo_tunnel_host(replica)
+// and the addresses the others publish are rewritten to its sidecar's tunnel
+// listeners) or directly from the replica's own address (--replica-host: a pod's IP;
+// by default the store's host). docs/pipeline.md.
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include <torch/types.h>
+
+#include "shardguard/shardd/stage.h"
 
 namespace shardguard::shardd {
 
@@ -20,8 +25,10 @@ class ReplicaGroup {
   // Blocks until every replica of the stage has joined (at most timeout_s);
   // throws std::runtime_error naming the stage, the replica and the store.
   // own_host: the address this replica's Gloo connections use ("" = the store's host).
+  // tunnels / tunnel_map: StageOptions::replica_tunnels and replica_tunnel_map (empty:
+  // no tunnels); with tunnels every other replica must have one.
   ReplicaGroup(int stage, int replica, int replicas, const std::string& store_address, const std::string& own_host,
-               double timeout_s);
+               const std::map<int, ReplicaTunnel>& tunnels, const std::string& tunnel_map, double timeout_s);
   ~ReplicaGroup();
   ReplicaGroup(const ReplicaGroup&) = delete;
   ReplicaGroup& operator=(const ReplicaGroup&) = delete;

@@ -19,6 +19,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,12 @@ struct GenerateOptions {
   bool enabled() const { return tokens > 0; }
 };
 
+// One other replica of the stage, as its sidecar tunnel reaches it (--replica-tunnel).
+struct ReplicaTunnel {
+  std::string peer_id;  // its SPIFFE ID (.../shard/<stage>/replica/<r>)
+  std::string address;  // the local sidecar's tunnel listener for it, host:port
+};
+
 struct StageOptions {
   JobSpec job;
   int stage = 0;
@@ -55,6 +62,13 @@ struct StageOptions {
   // The address this replica's Gloo connections use (its own: a pod's IP); empty:
   // the store's host, right when every replica runs on one machine (shardctl run).
   std::string replica_host;
+  // Through the sidecars (docs/pipeline.md#the-replica-tunnels): for every other
+  // replica r of the stage, its SPIFFE ID and the local sidecar listener that carries
+  // Gloo to it (gloo_tunnel_host(r):port); and the file where this replica publishes
+  // its own Gloo listeners for its sidecar (--tunnel-map). Empty: Gloo connects
+  // directly, from replica_host.
+  std::map<int, ReplicaTunnel> replica_tunnels;
+  std::string replica_tunnel_map;
   std::string listen = "127.0.0.1:0";  // port 0: any free port (see StageRunner::port)
   std::string prev;                    // Pipeline endpoint of stage-1 (or the sidecar in front of it)
   std::string next;                    // Pipeline endpoint of stage+1
