@@ -5,6 +5,7 @@
 #include <string>
 
 #include "shardguard/common/crypto.h"
+#include "shardguard/common/replica_tunnel.h"
 #include "shardguard/common/shard_files.h"
 #include "shardguard/common/strings.h"
 #include "shardguard/model/exposure.h"
@@ -125,6 +126,8 @@ void check_data_size(const json& object) {
 }
 
 std::string loopback(int port) { return "127.0.0.1:" + std::to_string(port); }
+// Where a pod's sidecar tunnels Gloo to replica q of its stage.
+std::string gloo_tunnel_address(int q) { return gloo_tunnel_host(q) + ":" + std::to_string(kGlooTunnelPort); }
 std::string any_addr(int port) { return "0.0.0.0:" + std::to_string(port); }
 
 json make_pod(const JobSpec& job, const RenderInputs& in, int i, int r, const std::string& shardd_image,
@@ -141,13 +144,18 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, int r, const st
   shardd_args.insert(shardd_args.end(), {"--checkpoint-dir", kCheckpointDir, "--key-file",
                                          std::string(kKeyDir) + "/checkpoint.key", "--metrics",
                                          any_addr(kShardMetricsPort)});
+  const std::string gloo_map = std::string(kTunnelDir) + "/" + kGlooMapFileName;
   if (replicated) {
-    // The stage's replica group: replica 0 serves its store; every replica's Gloo
-    // connections use its own pod IP (the kubelet expands $(POD_IP) from the env).
+    // The stage's replica group, entirely through the sidecars: the store at
+    // 127.0.0.1:7100 (replica 0's own, the others' store tunnel to it), and a Gloo
+    // tunnel to every other replica of the stage (docs/pipeline.md#the-replica-tunnels).
     shardd_args.insert(shardd_args.end(),
-                       {"--replica", std::to_string(r), "--replica-store",
-                        replica_dns_name(job, i, 0, in.cluster_domain) + ":" + std::to_string(kReplicaStorePort),
-                        "--replica-host", "$(POD_IP)"});
+                       {"--replica", std::to_string(r), "--replica-store", loopback(kReplicaStorePort),
+                        "--replica-tunnel-map", gloo_map});
+    for (int q = 0; q < replica_count(job); ++q) {
+      if (q == r) continue;
+      shardd_args.insert(shardd_args.end(), {"--replica-tunnel", spiffe_id_of(job, i, q) + "=" + gloo_tunnel_address(q)});
+    }
   }
 
   json shardd = {{"name", "shardd"},
@@ -163,13 +171,7 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, int r, const st
                                        {"subPath", kCheckpointSubPath}},
                                       {{"name", "tmp"}, {"mountPath", "/tmp"}},
                                   })}};
-  if (replicated) {
-    shardd["env"] = json::array(
-        {{{"name", "POD_IP"}, {"valueFrom", {{"fieldRef", {{"apiVersion", "v1"}, {"fieldPath", "status.podIP"}}}}}}});
-    if (r == 0) {
-      shardd["ports"].push_back({{"name", "replica-store"}, {"containerPort", kReplicaStorePort}, {"protocol", "TCP"}});
-    }
-  }
+  if (replicated) shardd["volumeMounts"].push_back({{"name", kTunnelVolume}, {"mountPath", kTunnelDir}});
   if (job.model.from_package()) {
     // Its own package only: shardd opens shard-<i>.sgpkg with this key, and the key
     // opens nothing else.
@@ -210,6 +212,27 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, int r, const st
     sidecar_args.push_back(spiffe_id_of(job, p, r) + "=" + replica_dns_name(job, p, r, in.cluster_domain) + ":" +
                            std::to_string(kSidecarInboundPort));
   }
+  if (replicated) {
+    // The replica tunnels: out, a Gloo tunnel per other replica of the stage (and the
+    // store tunnel to replica 0); in, the store (replica 0) and the Gloo listeners
+    // shardd publishes in the map. The policy allows them between replicas of this
+    // stage only.
+    for (int q = 0; q < replica_count(job); ++q) {
+      if (q == r) continue;
+      const std::string id = spiffe_id_of(job, i, q);
+      sidecar_args.insert(sidecar_args.end(),
+                          {"--peer", id + "=" + replica_dns_name(job, i, q, in.cluster_domain) + ":" +
+                                         std::to_string(kSidecarInboundPort),
+                           "--tunnel", "gloo@" + gloo_tunnel_address(q) + "=" + id});
+    }
+    if (r == 0) {
+      sidecar_args.insert(sidecar_args.end(), {"--tunnel-store", loopback(kReplicaStorePort)});
+    } else {
+      sidecar_args.insert(sidecar_args.end(),
+                          {"--tunnel", "store@" + loopback(kReplicaStorePort) + "=" + spiffe_id_of(job, i, 0)});
+    }
+    sidecar_args.insert(sidecar_args.end(), {"--tunnel-map", gloo_map});
+  }
   sidecar_args.insert(sidecar_args.end(), {"--metrics", any_addr(kSidecarMetricsPort)});
 
   json sidecar = {{"name", "sidecar"},
@@ -228,6 +251,9 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, int r, const st
                                        {{"name", kSidecarStateVolume}, {"mountPath", kSidecarStateDir}},
                                        {{"name", "tmp"}, {"mountPath", "/tmp"}},
                                    })}};
+  if (replicated) {
+    sidecar["volumeMounts"].push_back({{"name", kTunnelVolume}, {"mountPath", kTunnelDir}, {"readOnly", true}});
+  }
   if (job.sidecar.is_object() && job.sidecar.contains("resources") && job.sidecar["resources"].is_object()) {
     sidecar["resources"] = job.sidecar["resources"];
   }
@@ -257,6 +283,7 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, int r, const st
       {{"name", kSidecarStateVolume}, {"emptyDir", json::object()}},
       checkpoint_volume,
   });
+  if (replicated) volumes.push_back({{"name", kTunnelVolume}, {"emptyDir", json::object()}});
 
   if (job.model.from_package()) {
     volumes.push_back({{"name", "package-key"},

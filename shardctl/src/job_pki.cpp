@@ -130,11 +130,21 @@ LocalPki load_or_create_local_pki(const JobSpec& job, const std::string& workdir
   }
   if (!ca_reused) pki.ca = create_job_ca(job);
 
-  for (int i = 0; i < job.sharding.shards; ++i) {
+  const int n = job.sharding.shards;
+  for (int k = 0; k < n * op::replica_count(job); ++k) {
+    const int i = k % n, r = k / n;
     op::ShardMaterial m;
+    // Replicas: each its own leaf (spiffe_id_of), in shard-<i>-r<r>; the stage's keys.
+    const std::string shard_dir = workdir + "/shard-" + std::to_string(i) + (r > 0 ? "-r" + std::to_string(r) : "");
+    const std::string identity = op::spiffe_id_of(job, i, r);
+    if (r > 0) {
+      m.checkpoint_key = pki.shards[i].checkpoint_key;
+      m.ledger_key = pki.shards[i].ledger_key;
+    }
     // Both keys: reused when present (a wrong size throws), never replaced.
     for (auto [file, key, ledger] : {std::tuple{checkpoint_key_file(key_dir, i), &m.checkpoint_key, false},
                                      std::tuple{ledger_key_file(key_dir, i), &m.ledger_key, true}}) {
+      if (r > 0) break;  // replica 0's, above
       if (fs::exists(file)) {
         *key = load_key_file(file);
         pki.reused.push_back(file);
@@ -152,23 +162,23 @@ LocalPki load_or_create_local_pki(const JobSpec& job, const std::string& workdir
       }
       *key = random_bytes(kAesKeyBytes);
     }
-    const std::string shard_dir = workdir + "/shard-" + std::to_string(i);
     if (ca_reused && fs::exists(shard_dir + "/tls.crt") && fs::exists(shard_dir + "/tls.key")) {
       const std::string cert = read_file(shard_dir + "/tls.crt");
       const SvidCheck check = verify_svid(cert, pki.ca.cert_pem, Clock::now() + std::chrono::hours(1));
-      if (check.ok && check.spiffe_id == shard_id(job, i)) {
+      if (check.ok && check.spiffe_id == identity) {
         m.cert_pem = cert;
         m.key_pem = read_file(shard_dir + "/tls.key");
         pki.reused.push_back(shard_dir + "/tls.crt");
       }
     }
     if (m.cert_pem.empty()) {
-      const Leaf leaf = issue_shard_leaf(job, pki.ca, i);
+      const Leaf leaf = issue_leaf(pki.ca, identity, kLeafLifetime);
       m.cert_pem = leaf.cert_pem;
       m.key_pem = leaf.key_pem;
     }
     pki.shards.push_back(std::move(m));
   }
+  pki.stages = static_cast<size_t>(n);
   return pki;
 }
 
@@ -180,7 +190,8 @@ void save_local_pki(const LocalPki& pki, const std::string& workdir) {
   ::chmod(key_dir.c_str(), 0700);
   write_file_atomic(pki_dir + "/ca.crt", pki.ca.cert_pem);
   write_file_atomic(pki_dir + "/ca.key", pki.ca.key_pem, 0600);
-  for (size_t i = 0; i < pki.shards.size(); ++i) {
+  // The stage's keys are replica 0's (slots 0 .. shards-1; the others hold copies).
+  for (size_t i = 0; i < pki.shards.size() && i < pki.stages; ++i) {
     for (auto [file, key] : {std::pair{checkpoint_key_file(key_dir, i), &pki.shards[i].checkpoint_key},
                              std::pair{ledger_key_file(key_dir, i), &pki.shards[i].ledger_key}}) {
       if (!fs::exists(file)) write_file_atomic(file, *key, 0600);  // never replaced

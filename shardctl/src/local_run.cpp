@@ -28,9 +28,11 @@
 #include "shardguard/common/jobspec.h"
 #include "shardguard/common/pki.h"
 #include "shardguard/common/process.h"
+#include "shardguard/common/replica_tunnel.h"
 #include "shardguard/common/prom_text.h"
 #include "shardguard/common/shard_files.h"
 #include "shardguard/common/token_file.h"
+#include "shardguard/policy/policy.h"
 #include "shardguard/operator/reconcile.h"
 #include "shardguard/operator/render.h"
 #include "shardguard/operator/status.h"
@@ -61,6 +63,10 @@ struct Child {
 // Ports of one shard pod on 127.0.0.1 (DESIGN.md §7 gives the in-pod ones).
 struct PodPorts {
   int shardd = 0, shardd_metrics = 0, inbound = 0, outbound = 0, sidecar_metrics = 0;
+  // Replicas: the sidecar's store tunnel (replicas > 0) and its Gloo tunnel to each
+  // other replica q of the stage (gloo_tunnels[q]; 0 for its own).
+  int store_tunnel = 0;
+  std::vector<int> gloo_tunnels;
 };
 
 struct Shard {
@@ -120,6 +126,9 @@ void map_mounts(const json& pod, const json& container, const json& config_map, 
       if (sub == op::kLedgerSubPath) m.dirs[mount] = state_dir;
     } else if (v.value("name", "") == op::kSidecarStateVolume) {
       m.dirs[mount] = state_dir;
+    } else if (v.value("name", "") == op::kTunnelVolume) {
+      m.dirs[mount] = state_dir + "/tunnel";  // shardd's Gloo map for its sidecar
+      make_dirs(state_dir + "/tunnel");
     } else if (v.value("name", "") == op::kPackageVolume) {
       // spec.model.package.path: locally the package directory itself (whatever
       // volume the cluster mounts there).
@@ -162,6 +171,10 @@ std::vector<std::string> localize(const json& container, const PodMapping& m) {
       argv.push_back(file);
     } else if (eq != std::string::npos && m.addresses.count(arg.substr(eq + 1))) {
       argv.push_back(arg.substr(0, eq + 1) + m.addresses.at(arg.substr(eq + 1)));
+    } else if (const size_t at = arg.find('@'); at != std::string::npos && eq != std::string::npos && at < eq &&
+                                                  m.addresses.count(arg.substr(at + 1, eq - at - 1))) {
+      // "--tunnel SERVICE@ADDRESS=ID": the listener is the address.
+      argv.push_back(arg.substr(0, at + 1) + m.addresses.at(arg.substr(at + 1, eq - at - 1)) + arg.substr(eq));
     } else if (arg.rfind("/", 0) == 0 || std::regex_match(arg, address) ||
                (eq != std::string::npos && std::regex_match(arg.substr(eq + 1), address))) {
       throw std::runtime_error("container " + container.value("name", "") + ": argument \"" + arg +
@@ -233,6 +246,20 @@ ShardTraffic shardd_traffic(const std::string& log_file, std::streamoff from) {
     ++t.reports;
   }
   return t;
+}
+
+// The sum of `field` over the JSON log lines "msg": `msg` written since `from`.
+double json_field_sum(const std::string& log_file, std::streamoff from, const std::string& msg,
+                      const std::string& field) {
+  double sum = 0;
+  std::ifstream in(log_file);
+  in.seekg(from);
+  std::string line;
+  while (std::getline(in, line)) {
+    const json j = json::parse(line, nullptr, false);
+    if (j.is_object() && j.value("msg", "") == msg) sum += j.value(field, 0.0);
+  }
+  return sum;
 }
 
 // The log written since `from` (this run's part of it).
@@ -620,21 +647,25 @@ int RunLocal(const LocalRunOptions& options) {
   // render() has accepted the job.
   LocalPki pki;
   op::DesiredObjects objects;
+  // Generation runs one pipeline, replica 0's, whatever spec.sharding.replicas says.
+  JobSpec run_job = job;
+  json run_object = object;
+  if (generating && job.sharding.replicas > 1) {
+    run_job.sharding.replicas = 1;
+    run_object["spec"]["sharding"]["replicas"] = 1;
+  }
   try {
-    pki = load_or_create_local_pki(job, workdir, options.resume || generating, options.fresh ? "" : ckpt_dir);
-    op::RenderInputs in = make_render_inputs(object, pki.ca, pki.shards);
+    pki = load_or_create_local_pki(run_job, workdir, options.resume || generating, options.fresh ? "" : ckpt_dir);
+    op::RenderInputs in = make_render_inputs(run_object, pki.ca, pki.shards);
     in.shardd_image = shardd_path;  // locally, a container's image is its binary
     in.sidecar_image = sidecar_path;
     in.export_budget_bytes = options.export_budget_bytes;
     // A package job: the manifest, and the keys as the operator copies them from the
     // keys Secret (each into its own shard's Secret, so into shard-<i>/package.key).
     add_local_package(job, options.package_keys, in);
-    // The objects of one pipeline: locally every replica of stage i runs from stage i's
-    // files and identity (replica 0's; the operator gives each replica its own). The
-    // ConfigMaps' job.json keeps spec.sharding.replicas for shardd.
-    JobSpec one_pipeline = job;
-    one_pipeline.sharding.replicas = 1;
-    objects = op::render(one_pipeline, in);
+    // Every replica its own pod's objects, identity, policy and tunnels, as the
+    // operator renders them (generation: replica 0's pipeline, see run_job).
+    objects = op::render(run_job, in);
   } catch (const op::RenderError& e) {
     std::cerr << who << ": the operator would refuse job " << job.namespace_ << "/" << job.name << ": "
               << e.what() << "\n";
@@ -689,6 +720,16 @@ int RunLocal(const LocalRunOptions& options) {
     }
     if (replicas > 1) {
       for (int& port : group_ports) take_port(&port);
+      // The replica tunnels' listeners: the store tunnel of every replica but 0, and
+      // one Gloo tunnel per other replica (gloo_tunnel_host(q) differs per q, the port
+      // per listening sidecar, since locally they share one loopback).
+      for (int k = 0; k < processes; ++k) {
+        if (k >= n) take_port(&shards[k].ports.store_tunnel);
+        shards[k].ports.gloo_tunnels.assign(replicas, 0);
+        for (int q = 0; q < replicas; ++q) {
+          if (q != k / n) take_port(&shards[k].ports.gloo_tunnels[q]);
+        }
+      }
     }
     if (options.prometheus) {
       for (int tries = 0; tries < 100 && (prometheus_port == 0 || taken.count(prometheus_port)); ++tries) {
@@ -712,15 +753,16 @@ int RunLocal(const LocalRunOptions& options) {
       // ledger with the new training, as it starts new checkpoints.
       const std::string state_dir = local_sidecar_state_dir(workdir, i) + suffix;
       make_dirs(state_dir);
-      const std::string ledger = "/" + ledger_file_name(job.name, i);
+      const std::string ledger = "/" + fs::path(op::ledger_file(run_job, i, r)).filename().string();
       if (options.fresh) {
         fs::remove(state_dir + ledger);
       } else if (fs::exists(ckpt_dir + ledger) && !fs::exists(state_dir + ledger)) {
         fs::rename(ckpt_dir + ledger, state_dir + ledger);  // where a run before issue 16 kept it
       }
       s.audit_log = state_dir + "/" + op::kAuditFileName;
-      const json& pod = objects.pods[i];
-      if (r == 0) write_pod_files(objects.shard_secrets[i], objects.config_maps[i], s.dir);
+      const json& pod = objects.pods[k];
+      s.dir += suffix;  // its own leaf and policy (the stage's keys)
+      write_pod_files(objects.shard_secrets[k], objects.config_maps[k], s.dir);
 
       // The pod's addresses: its own listeners, and every peer's inbound mTLS port
       // under its headless-Service DNS name.
@@ -730,15 +772,27 @@ int RunLocal(const LocalRunOptions& options) {
                      {"0.0.0.0:" + std::to_string(op::kSidecarInboundPort), local(s.ports.inbound)},
                      {"0.0.0.0:" + std::to_string(op::kShardMetricsPort), local(s.ports.shardd_metrics)},
                      {"0.0.0.0:" + std::to_string(op::kSidecarMetricsPort), local(s.ports.sidecar_metrics)}};
-      // Replica r's neighbours are replica r's stages.
-      for (int j = 0; j < n; ++j) {
-        m.addresses[op::shard_dns_name(job, j, "cluster.local") + ":" + std::to_string(op::kSidecarInboundPort)] =
-            local(shards[r * n + j].ports.inbound);
+      // Every pod's DNS name (replica r's neighbours are replica r's stages; the
+      // replicas of stage i are its tunnels' peers).
+      for (int j = 0; j < processes; ++j) {
+        m.addresses[op::replica_dns_name(run_job, j % n, j / n, "cluster.local") + ":" +
+                    std::to_string(op::kSidecarInboundPort)] = local(shards[j].ports.inbound);
+      }
+      if (replicas > 1) {
+        // The group's store at the pod's 127.0.0.1:7100: replica 0's shardd serves it
+        // (on every interface: TCPStore binds no other way); the others' sidecars
+        // tunnel it there. And the Gloo tunnels' listeners.
+        m.addresses[local(op::kReplicaStorePort)] = local(r == 0 ? group_ports[i] : s.ports.store_tunnel);
+        for (int q = 0; q < replicas; ++q) {
+          if (q == r) continue;
+          m.addresses[gloo_tunnel_host(q) + ":" + std::to_string(kGlooTunnelPort)] =
+              gloo_tunnel_host(q) + ":" + std::to_string(s.ports.gloo_tunnels[q]);
+        }
       }
       const auto argv_of = [&](const char* name) {
         const json c = container_named(pod, name);
         PodMapping cm = m;  // the pod's addresses, and this container's own mounts
-        map_mounts(pod, c, objects.config_maps[i], s.dir, ckpt_dir, state_dir, cm);
+        map_mounts(pod, c, objects.config_maps[k], s.dir, ckpt_dir, state_dir, cm);
         return localize(c, cm);
       };
       s.sidecar.argv = argv_of("sidecar");  // --audit-log on its state volume, as rendered
@@ -747,10 +801,6 @@ int RunLocal(const LocalRunOptions& options) {
       s.shardd.argv = argv_of("shardd");
       s.shardd.argv.insert(s.shardd.argv.end(), {"--device", options.device, "--threads", std::to_string(threads),
                                                  "--peer-timeout", std::to_string(options.peer_timeout_s)});
-      if (replicas > 1) {
-        s.shardd.argv.insert(s.shardd.argv.end(),
-                             {"--replica", std::to_string(r), "--replica-store", local(group_ports[i])});
-      }
       if (generating) {
         // Every stage samples alike; only stage 0 sees the prompt and the tokens.
         const LocalGenerate& g = *options.generate;
@@ -986,10 +1036,10 @@ int RunLocal(const LocalRunOptions& options) {
   // shardd first; the sidecars' counters are read once nothing moves any more, then
   // the sidecars are stopped too.
   stop(shards, &Shard::shardd);
-  std::vector<std::string> pages(n);
-  for (int i = 0; i < n; ++i) {
-    if (shards[i].sidecar.process && shards[i].sidecar.process->running()) {
-      pages[i] = get_page(shards[i].ports.sidecar_metrics, "/metrics");
+  std::vector<std::string> pages(processes);  // every sidecar's, by slot
+  for (int k = 0; k < processes; ++k) {
+    if (shards[k].sidecar.process && shards[k].sidecar.process->running()) {
+      pages[k] = get_page(shards[k].ports.sidecar_metrics, "/metrics");
     }
   }
   stop(shards, &Shard::sidecar);
@@ -1014,8 +1064,16 @@ int RunLocal(const LocalRunOptions& options) {
                    replicas > 1 ? " (replica 0)" : "");
     for (int i = 0; i < n; ++i) {
       const ShardTraffic t = shardd_traffic(shards[i].shardd.log_file, shards[i].log_start);
-      const double sent = prometheus_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", "sent"}});
-      const double received = prometheus_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", "received"}});
+      // The pipeline's calls only: a replica's sidecar also carries its group's tunnels.
+      const auto relayed = [&](const char* direction) {
+        double bytes = prometheus_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", direction}});
+        for (const char* tunnel : {policy::kTunnelStoreMethod, policy::kTunnelGlooMethod}) {
+          bytes -= prometheus_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", direction}, {"method", tunnel}});
+        }
+        return bytes;
+      };
+      const double sent = relayed("sent");
+      const double received = relayed("received");
       const bool match = !pages[i].empty() && t.reports > 0 && sent == t.sent && received == t.received;
       std::fprintf(out, "  shard %d traffic sidecar sent %.0f received %.0f; shardd sent %.0f received %.0f  %s\n", i, sent,
                   received, t.sent, t.received,
@@ -1023,6 +1081,39 @@ int RunLocal(const LocalRunOptions& options) {
                   : match          ? "(equal: all through the sidecar)"
                   : shards[i].restarts > 0 ? "(differ: a killed shardd reports no count)"
                                            : "(DIFFER)");
+    }
+  };
+  // Replicas: each stage's Gloo traffic went through its sidecars' tunnels. What one
+  // sidecar took in from its Gloo for a peer is what the peer's sidecar handed to the
+  // peer's Gloo, both ways, and it carries at least the gradients shardd all-reduced.
+  auto print_tunnels = [&](FILE* out) {
+    if (replicas < 2) return;
+    std::fprintf(out, "  replica groups  Gloo bytes through each sidecar's tunnels vs the gradients its shardd all-reduced\n");
+    const auto gloo = [&](int k, int q, const char* direction) {
+      return prometheus_sum(pages[k], "shardguard_proxy_bytes_total",
+                            {{"direction", direction}, {"peer", op::spiffe_id_of(run_job, k % n, q)},
+                             {"method", policy::kTunnelGlooMethod}});
+    };
+    for (int k = 0; k < processes; ++k) {
+      const int i = k % n, r = k / n;
+      double sent = 0, received = 0;
+      bool paired = !pages[k].empty();
+      for (int q = 0; q < replicas; ++q) {
+        if (q == r) continue;
+        const int peer = q * n + i;
+        sent += gloo(k, q, "sent");
+        received += gloo(k, q, "received");
+        paired = paired && !pages[peer].empty() && gloo(k, q, "sent") == gloo(peer, r, "received") &&
+                 gloo(k, q, "received") == gloo(peer, r, "sent");
+      }
+      const double payload = json_field_sum(shards[k].shardd.log_file, shards[k].log_start, "stage finished",
+                                            "allreduce_bytes");
+      std::fprintf(out, "  %s tunnels: Gloo sent %.0f received %.0f, all-reduced %.0f  %s\n",
+                   op::slot_label(run_job, k).c_str(), sent, received, payload,
+                   pages[k].empty()                          ? "(sidecar metrics unreadable)"
+                   : !paired                                 ? (shards[k].restarts > 0 ? "(differ: restarted)" : "(DIFFER from the peers' sidecars)")
+                   : payload > 0 && sent < payload           ? "(LESS than the gradients: not all through the sidecar)"
+                                                             : "(equal at both ends of every tunnel)");
     }
   };
   if (interrupted && generating) {
@@ -1107,6 +1198,7 @@ int RunLocal(const LocalRunOptions& options) {
                 job.protection.max_exposure);
   }
   print_traffic(stdout);
+  print_tunnels(stdout);
   std::printf("  policy denials  %.0f\n", denied);
   print_denials(std::cout);
   std::cout << "  checkpoints     " << ckpt_dir << " (each shard encrypted under its own key in " << key_dir << ")\n";

@@ -573,6 +573,9 @@ TEST(RenderReplicas, ReplicaTalksOnlyToItsOwnPipelineUnderItsOwnIdentity) {
       want.push_back(id(p, rep) + "=fmnist-shard-" + std::to_string(p) + "-r" + std::to_string(rep) +
                      ".fmnist.ml.svc.cluster.local:7443");
     }
+    // ... and, for the replica tunnels only, the other replica of its own stage.
+    want.push_back(id(i, 1 - rep) + "=fmnist-shard-" + std::to_string(i) + "-r" + std::to_string(1 - rep) +
+                   ".fmnist.ml.svc.cluster.local:7443");
     EXPECT_EQ(flag_values(args_of(r.out.pods[k], "sidecar"), "--peer"), want) << k;
     EXPECT_EQ(flag_values(args_of(r.out.pods[k], "sidecar"), "--ledger"),
               std::vector<std::string>{std::string(kLedgerDir) + "/fmnist-shard-" + std::to_string(i) + "-r" +
@@ -594,26 +597,48 @@ TEST(RenderReplicas, ReplicaTalksOnlyToItsOwnPipelineUnderItsOwnIdentity) {
   }
 }
 
-TEST(RenderReplicas, SharddJoinsItsStagesGroupAtReplicaZero) {
+TEST(RenderReplicas, SharddJoinsItsStagesGroupThroughTheSidecarsTunnels) {
   const auto r = render_replicated();
+  const auto id = [](int s, int rep) { return spiffe_id_for_replica("shardguard.local", "ml", "fmnist", s, rep); };
+  const std::string map = std::string(kTunnelDir) + "/" + kGlooMapFileName;
   for (int k = 0; k < 8; ++k) {
-    const int i = k % 4, rep = k / 4;
+    const int i = k % 4, rep = k / 4, other = 1 - rep;
     const auto args = args_of(r.out.pods[k], "shardd");
     EXPECT_EQ(flag_values(args, "--stage"), std::vector<std::string>{std::to_string(i)});
     EXPECT_EQ(flag_values(args, "--replica"), std::vector<std::string>{std::to_string(rep)});
-    EXPECT_EQ(flag_values(args, "--replica-store"),
-              std::vector<std::string>{"fmnist-shard-" + std::to_string(i) + "-r0.fmnist.ml.svc.cluster.local:7100"});
-    EXPECT_EQ(flag_values(args, "--replica-host"), std::vector<std::string>{"$(POD_IP)"});
-    json shardd;
+    // The store at the pod's own loopback: replica 0's shardd serves it, the other's
+    // sidecar tunnels it to replica 0.
+    EXPECT_EQ(flag_values(args, "--replica-store"), std::vector<std::string>{"127.0.0.1:7100"});
+    EXPECT_TRUE(flag_values(args, "--replica-host").empty());
+    EXPECT_EQ(flag_values(args, "--replica-tunnel"),
+              std::vector<std::string>{id(i, other) + "=127.77.0." + std::to_string(other + 1) + ":7101"});
+    EXPECT_EQ(flag_values(args, "--replica-tunnel-map"), std::vector<std::string>{map});
+    const auto side = args_of(r.out.pods[k], "sidecar");
+    std::vector<std::string> tunnels{"gloo@127.77.0." + std::to_string(other + 1) + ":7101=" + id(i, other)};
+    if (rep != 0) tunnels.push_back("store@127.0.0.1:7100=" + id(i, 0));
+    EXPECT_EQ(flag_values(side, "--tunnel"), tunnels) << k;
+    EXPECT_EQ(flag_values(side, "--tunnel-store"),
+              rep == 0 ? std::vector<std::string>{"127.0.0.1:7100"} : std::vector<std::string>{});
+    EXPECT_EQ(flag_values(side, "--tunnel-map"), std::vector<std::string>{map});
+    // Nothing of the group is reachable on the pod's network: no store port, no pod IP.
+    json shardd, sidecar;
     for (const auto& c : r.out.pods[k]["spec"]["containers"]) {
       if (c["name"] == "shardd") shardd = c;
+      if (c["name"] == "sidecar") sidecar = c;
     }
-    ASSERT_TRUE(shardd.contains("env"));
-    EXPECT_EQ(shardd["env"][0]["name"], "POD_IP");
-    EXPECT_EQ(shardd["env"][0]["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
-    bool store_port = false;
-    for (const auto& p : shardd["ports"]) store_port = store_port || p["containerPort"] == kReplicaStorePort;
-    EXPECT_EQ(store_port, rep == 0);
+    EXPECT_FALSE(shardd.contains("env"));
+    for (const auto& p : shardd["ports"]) EXPECT_NE(p["containerPort"], kReplicaStorePort);
+    // The map's volume: shardd writes it, the sidecar only reads it.
+    const auto mount_of = [](const json& c) {
+      for (const auto& m : c["volumeMounts"]) {
+        if (m["name"] == kTunnelVolume) return m;
+      }
+      return json();
+    };
+    EXPECT_EQ(mount_of(shardd).value("mountPath", ""), kTunnelDir);
+    EXPECT_FALSE(mount_of(shardd).value("readOnly", false));
+    EXPECT_EQ(mount_of(sidecar).value("mountPath", ""), kTunnelDir);
+    EXPECT_TRUE(mount_of(sidecar).value("readOnly", false));
     // The stage's checkpoints: the same volume and subPath for every replica.
     EXPECT_EQ(flag_values(args, "--checkpoint-dir"), std::vector<std::string>{kCheckpointDir});
   }

@@ -73,9 +73,16 @@ inline constexpr int kSidecarOutboundPort = 7001;  // sidecar, loopback
 inline constexpr int kSidecarInboundPort = 7443;   // sidecar, mTLS, pod IP
 inline constexpr int kShardMetricsPort = 9100;
 inline constexpr int kSidecarMetricsPort = 9101;
-// Replicas: the TCPStore of a stage's replica group, served by replica 0's shardd on
-// its pod IP (Gloo's own connections go pod to pod on ports it picks).
+// Replicas: the TCPStore of a stage's replica group. Replica 0's shardd serves it and
+// every replica reaches it at 127.0.0.1:kReplicaStorePort: replica 0 directly, the
+// others through their sidecar's store tunnel. Gloo's connections go through the
+// sidecars' Gloo tunnels at gloo_tunnel_host(q):kGlooTunnelPort (common/replica_tunnel.h).
 inline constexpr int kReplicaStorePort = 7100;
+// The emptyDir where shardd publishes its Gloo listeners for its sidecar's
+// --tunnel-map (shardd writes, the sidecar reads).
+inline constexpr const char* kTunnelVolume = "tunnel";
+inline constexpr const char* kTunnelDir = "/run/shardguard/tunnel";
+inline constexpr const char* kGlooMapFileName = "gloo.map";
 
 // Paths inside the shard pod.
 inline constexpr const char* kTlsDir = "/etc/shardguard/tls";          // sidecar: tls.crt, tls.key, ca.crt, ledger.key

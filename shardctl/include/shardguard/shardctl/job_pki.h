@@ -54,7 +54,10 @@ class LocalPkiError : public std::runtime_error {
 
 struct LocalPki {
   CaBundle ca;
+  // One per pod slot (op::slot_of: replica r of stage i at r·shards + i), each with
+  // its own leaf; the replicas of a stage hold copies of replica 0's keys.
   std::vector<op::ShardMaterial> shards;
+  size_t stages = 0;  // spec.sharding.shards: the slots whose keys are the stages' own
   std::vector<std::string> reused;  // what came from the workdir, for the log
 };
 
