@@ -420,7 +420,7 @@ bool Tunnels::spawn(const char* direction, std::function<void()> fn) {
     }
   }
   for (auto& w : finished) w->thread.join();
-  if (!ok) {
+  if (!ok && !stopping_.load()) {
     refused_.Add({{"direction", direction}, {"reason", "tunnel_limit"}}).Increment();
     uint64_t suppressed = 0;
     if (core_.log_limiter.allow("tunnel_limit", Clock::now(), &suppressed)) {

@@ -25,7 +25,8 @@
 // checked by common/pki verify_svid in a gRPC certificate verifier, so that every
 // refusal is counted under its reason. Before gRPC sees a connection, the inbound
 // acceptor reads (peeks) its first bytes and refuses, counted, what cannot be a TLS
-// 1.2+ ClientHello offering HTTP/2 (plaintext, garbage, TLS <= 1.1, no h2 in ALPN)
+// 1.2+ ClientHello offering HTTP/2 or, on the h2 plane, the L4 tunnel protocol
+// sg-tunnel/1 (tunnel.h, docs/sidecar.md "Tunnels") (plaintext, garbage, TLS <= 1.1, no h2 in ALPN)
 // and clients that send no whole ClientHello within the first-bytes timeout; it
 // never stops accepting, and bounds the connections waiting for their first bytes per
 // source address and in all (acceptor.h).
