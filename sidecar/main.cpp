@@ -21,6 +21,7 @@ using namespace shardguard;
 struct Flags {
   sidecar::ProxyConfig proxy;
   std::vector<std::string> peers;
+  std::vector<std::string> tunnels;
   double handshake_timeout_s = 10;
   double first_bytes_timeout_s = 2;
   double peer_keepalive_s = 15;
@@ -37,6 +38,7 @@ int RunSidecar(Flags flags) {
       throw std::invalid_argument("--peer " + id + " is given twice");
     }
   }
+  for (const auto& text : flags.tunnels) flags.proxy.tunnels.push_back(sidecar::parse_tunnel_flag(text));
   if (!(flags.handshake_timeout_s > 0) || !(flags.reload_interval_s > 0) || !(flags.first_bytes_timeout_s > 0)) {
     throw std::invalid_argument("--handshake-timeout, --first-bytes-timeout and --reload-interval must be positive");
   }
@@ -109,6 +111,14 @@ int main(int argc, char** argv) {
   app.add_option("--ca", f.proxy.ca_file, "the job CA bundle (PEM), reloaded on change")->required();
   app.add_option("--policy", f.proxy.policy_file, "shard access policy (JSON), reloaded on change")->required();
   app.add_option("--peer", f.peers, "SPIFFE-ID=host:port of a peer sidecar's inbound listener (repeatable)");
+  app.add_option("--tunnel", f.tunnels,
+                 "SERVICE@LISTEN=PEER_ID (h2 plane, repeatable): carry plain TCP accepted on the loopback LISTEN "
+                 "host:port over mTLS to PEER_ID (a --peer) as SERVICE store or gloo");
+  app.add_option("--tunnel-store", f.proxy.tunnel_store,
+                 "h2 plane: loopback host:port where allowed inbound Store tunnels go (the local rendezvous store)");
+  app.add_option("--tunnel-map", f.proxy.tunnel_map_file,
+                 "h2 plane: file of lines '<peer SPIFFE ID> <loopback host:port>' saying where each peer's inbound "
+                 "Gloo tunnels go (re-read for every tunnel)");
   app.add_option("--max-message-bytes", f.proxy.max_message_bytes, "largest message relayed")->capture_default_str();
   app.add_option("--max-header-bytes", f.proxy.max_header_list_bytes, "largest request header list")
       ->capture_default_str();

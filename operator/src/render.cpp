@@ -557,7 +557,7 @@ DesiredObjects render(const JobSpec& job, const RenderInputs& in) {
       try {
         return policy::pipeline_policy(job.protection.trust_domain, job.namespace_, job.name, i, n,
                                        export_rules(job, exporters, i, in.export_budget_bytes),
-                                       replicas > 1 ? r : -1);
+                                       replicas > 1 ? r : -1, replicas);
       } catch (const policy::PolicyError& e) {
         throw RenderError("policy of " + who(k) + ": " + e.what());
       }

@@ -97,7 +97,8 @@ bool peer_matches(const std::string& rule_peer, const std::string& peer) {
 }
 
 const std::vector<std::string>& project_methods() {
-  static const std::vector<std::string> methods = {kForwardMethod, kBackwardMethod, kExportMethod};
+  static const std::vector<std::string> methods = {kForwardMethod, kBackwardMethod, kExportMethod,
+                                                   kTunnelStoreMethod, kTunnelGlooMethod};
   return methods;
 }
 
@@ -617,8 +618,13 @@ bool is_canonical_method(const std::string& m) {
 
 Policy pipeline_policy(const std::string& trust_domain, const std::string& ns,
                        const std::string& job, int shard, int shards, const ExportRules& exports,
-                       int replica) {
+                       int replica, int replicas) {
   if (replica < -1) throw PolicyError({PolicyProblem{"replica", decode::at_least("-1", std::to_string(replica))}});
+  if (replicas < 1) throw PolicyError({PolicyProblem{"replicas", decode::at_least("1", std::to_string(replicas))}});
+  if (replicas > 1 && replica >= replicas) {
+    throw PolicyError({PolicyProblem{"replica", "must be below replicas (" + std::to_string(replicas) + "), not " +
+                                                    std::to_string(replica)}});
+  }
   auto rule = [&](const char* name, int peer, const char* method) {
     if (peer < 0) throw PolicyError({PolicyProblem{"shard", decode::at_least("0", std::to_string(peer))}});
     std::string id;
@@ -640,6 +646,29 @@ Policy pipeline_policy(const std::string& trust_domain, const std::string& ns,
   if (static_cast<int64_t>(shard) + 1 < shards) {
     ingress.push_back(rule("backward-from-next", shard + 1, kBackwardMethod));
     egress.push_back(rule("forward-to-next", shard + 1, kForwardMethod));
+  }
+  if (replica >= 0 && replicas > 1) {
+    // The other replicas of this stage: the only tunnel peers there are.
+    auto replica_id = [&](int r) {
+      try {
+        return spiffe_id_for_replica(trust_domain, ns, job, static_cast<uint32_t>(shard), static_cast<uint32_t>(r));
+      } catch (const PkiError& e) {
+        throw PolicyError({PolicyProblem{"peers", e.what()}});
+      }
+    };
+    json others = json::array();
+    for (int r = 0; r < replicas; ++r) {
+      if (r != replica) others.push_back(replica_id(r));
+    }
+    json in_methods = json::array({kTunnelGlooMethod});
+    if (replica == 0) in_methods.push_back(kTunnelStoreMethod);
+    ingress.push_back({{"name", "tunnel-from-replicas"}, {"peers", others}, {"methods", in_methods}});
+    egress.push_back({{"name", "tunnel-to-replicas"}, {"peers", others}, {"methods", json::array({kTunnelGlooMethod})}});
+    if (replica != 0) {
+      egress.push_back({{"name", "tunnel-to-store"},
+                        {"peers", json::array({replica_id(0)})},
+                        {"methods", json::array({kTunnelStoreMethod})}});
+    }
   }
   json principals = json::array();
   if (exports.allowed) {

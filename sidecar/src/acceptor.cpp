@@ -62,7 +62,7 @@ HelloClass check_hello_body(const uint8_t* body, size_t size) {
   if (r.at == size) return refused("alpn", "ClientHello without extensions, so without ALPN (not HTTP/2)");
   const size_t ext_total = r.take(2);
   if (!r.ok || ext_total != size - r.at) return refused("not_tls", "ClientHello extensions do not fill the message");
-  bool alpn_seen = false, h2 = false;
+  bool alpn_seen = false, h2 = false, tunnel = false;
   std::string offered;
   while (r.ok && r.at < size) {
     const size_t type = r.take(2);
@@ -81,13 +81,15 @@ HelloClass check_hello_body(const uint8_t* body, size_t size) {
       if (!list.ok || name_len == 0) return refused("not_tls", "malformed ALPN extension");
       const std::string_view proto(reinterpret_cast<const char*>(name), name_len);
       if (proto == "h2" || proto == "grpc-exp") h2 = true;
+      if (proto == "sg-tunnel/1") tunnel = true;
       if (offered.size() < 200) offered += (offered.empty() ? "" : ",") + printable(name, name_len);
     }
   }
   if (!alpn_seen) return refused("alpn", "ClientHello without ALPN (not HTTP/2)");
-  if (!h2) return refused("alpn", "ALPN offers " + offered + ", not h2");
+  if (!h2 && !tunnel) return refused("alpn", "ALPN offers " + offered + ", not h2");
   HelloClass ok;
   ok.complete = true;
+  ok.tunnel = !h2;
   return ok;
 }
 

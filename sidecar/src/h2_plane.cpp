@@ -9,6 +9,7 @@
 #include "shardguard/common/log.h"
 #include "shardguard/common/pki.h"
 #include "shardguard/sidecar/h2/relay.h"
+#include "tunnel.h"
 
 namespace shardguard::sidecar {
 
@@ -37,6 +38,7 @@ struct H2Plane::State {
   ProxyCore& core;
   std::unique_ptr<h2::Relay> inbound;
   std::unique_ptr<h2::Relay> outbound;
+  std::unique_ptr<Tunnels> tunnels;
   std::mutex guards_mu;
   std::map<uint64_t, std::unique_ptr<ExportLedgerGuard>> guards;  // by inbound call id
 
@@ -79,6 +81,27 @@ struct H2Plane::State {
                                   [this, peer_id](const std::string& pem) {
                                     return verify(pem, SvidRole::server, peer_id);
                                   });
+  }
+
+  // The tunnels' contexts: the same certificate and checks, ALPN sg-tunnel/1.
+  Tunnels::Tls tunnel_tls() {
+    Tunnels::Tls t;
+    t.server = h2::TlsContext::create(
+        h2::TlsContext::Side::server, core.cert_file.get(), core.key_file.get(),
+        [this](const std::string& pem) { return verify(pem, SvidRole::client, ""); }, h2::kTunnelAlpn);
+    for (const auto& entry : core.config.peers) {
+      const std::string id = entry.first;
+      t.clients[id] = h2::TlsContext::create(
+          h2::TlsContext::Side::client, core.cert_file.get(), core.key_file.get(),
+          [this, id](const std::string& pem) { return verify(pem, SvidRole::server, id); }, h2::kTunnelAlpn);
+    }
+    return t;
+  }
+  // A failed inbound handshake, counted once (the verifier counts its own refusals).
+  void handshake_failure(const std::string& reason, const std::string& detail) {
+    const bool counted = !t_counted_refusal.empty() && reason == t_counted_refusal;
+    t_counted_refusal.clear();
+    if (!counted) core.count_handshake_failure(reason, detail);
   }
 
   h2::RelayLimits limits() const {
@@ -219,6 +242,14 @@ void H2Plane::start() {
 
   s.inbound = std::make_unique<h2::Relay>("", std::move(in), s.hooks(/*inbound=*/true), 1);
   s.outbound = std::make_unique<h2::Relay>(config.outbound_listen, std::move(out), s.hooks(/*inbound=*/false), 1);
+  Tunnels::Tls tunnel_tls;
+  try {
+    tunnel_tls = s.tunnel_tls();
+  } catch (const std::exception& e) {
+    throw std::runtime_error(std::string("certificate or key (--cert, --key) not usable for TLS: ") + e.what());
+  }
+  s.tunnels = std::make_unique<Tunnels>(
+      s.core, [&s](const std::string& reason, const std::string& detail) { s.handshake_failure(reason, detail); });
   s.inbound->start();
   try {
     s.outbound->start();
@@ -226,7 +257,18 @@ void H2Plane::start() {
     s.inbound->shutdown(std::chrono::milliseconds(0));
     throw std::runtime_error("outbound listener \"" + config.outbound_listen + "\": " + e.what());
   }
+  try {
+    s.tunnels->start(std::move(tunnel_tls));
+  } catch (const std::exception&) {
+    s.outbound->shutdown(std::chrono::milliseconds(0));
+    s.inbound->shutdown(std::chrono::milliseconds(0));
+    throw;
+  }
 }
+
+void H2Plane::adopt_tunnel(int fd) { s_->tunnels->adopt(fd); }
+
+int H2Plane::tunnel_port(size_t i) const { return s_->tunnels ? s_->tunnels->listen_port(i) : 0; }
 
 int H2Plane::outbound_port() const { return s_->outbound ? s_->outbound->port() : 0; }
 
@@ -239,8 +281,10 @@ bool H2Plane::rotate() {
     auto server = s.server_tls();
     std::map<std::string, std::shared_ptr<h2::TlsContext>> clients;
     for (const auto& entry : s.core.config.peers) clients[entry.first] = s.client_tls(entry.first);
+    Tunnels::Tls tunnel_tls = s.tunnel_tls();
     s.inbound->set_server_tls(std::move(server));
     for (auto& [id, tls] : clients) s.outbound->set_upstream_tls(id, std::move(tls));
+    if (s.tunnels) s.tunnels->set_tls(std::move(tunnel_tls));
     return true;
   } catch (const std::exception& e) {
     log::error("the certificate files do not make a TLS context (yet); new connections keep the previous one",
@@ -251,6 +295,7 @@ bool H2Plane::rotate() {
 
 void H2Plane::shutdown(std::chrono::milliseconds grace) {
   State& s = *s_;
+  if (s.tunnels) s.tunnels->shutdown();  // a tunnel has no end to wait for: closed at once
   if (s.outbound) s.outbound->shutdown(grace);
   if (s.inbound) s.inbound->shutdown(grace);
   std::lock_guard<std::mutex> lock(s.guards_mu);

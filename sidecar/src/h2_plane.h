@@ -11,6 +11,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstddef>
 #include <memory>
 
 #include "proxy_core.h"
@@ -30,6 +31,9 @@ class H2Plane {
   int outbound_port() const;
   // An inbound connection whose ClientHello the acceptor took (thread-safe).
   void adopt(int fd);
+  // One whose ClientHello offers only the tunnel protocol (tunnel.h; thread-safe).
+  void adopt_tunnel(int fd);
+  int tunnel_port(size_t i) const;
   // New connections (both ways) use the certificate and key the core's watchers read
   // last; open ones keep theirs. False (logged) when they do not make a TLS context
   // (a key that does not match its certificate mid-rotation): the previous one stays.

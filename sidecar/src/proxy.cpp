@@ -47,7 +47,10 @@
 #include "shardguard/v1/pipeline.pb.h"
 #include "shardguard/policy/policy.h"
 #include "shardguard/sidecar/policy_store.h"
+#include <set>
+
 #include "h2_plane.h"
+#include "tunnel.h"
 #include "proxy_core.h"
 
 namespace shardguard::sidecar {
@@ -102,6 +105,27 @@ std::pair<std::string, std::string> parse_peer_flag(const std::string& text) {
     throw std::invalid_argument("--peer \"" + text + "\": \"" + addr + "\" is not host:port");
   }
   return {id, addr};
+}
+
+ProxyConfig::Tunnel parse_tunnel_flag(const std::string& text) {
+  // SERVICE@LISTEN=PEER_ID: the peer ID holds no '@' before its path and LISTEN no '='.
+  const auto at = text.find('@');
+  const auto eq = at == std::string::npos ? std::string::npos : text.find('=', at);
+  if (at == std::string::npos || eq == std::string::npos || at == 0 || eq == at + 1 || eq + 1 == text.size()) {
+    throw std::invalid_argument("--tunnel \"" + text + "\": expected SERVICE@LISTEN=PEER_ID (SERVICE store or gloo)");
+  }
+  ProxyConfig::Tunnel t{text.substr(0, at), text.substr(at + 1, eq - at - 1), text.substr(eq + 1)};
+  // The flag names a fixed port (the local shardd must know it); ProxyConfig also takes
+  // port 0 (any free port, Proxy::tunnel_port), which tests use.
+  try {
+    if (split_host_port(t.listen).second == 0) {
+      throw std::invalid_argument("--tunnel \"" + text + "\": listen address \"" + t.listen + "\" needs a non-zero port");
+    }
+  } catch (const std::invalid_argument& e) {
+    if (std::string(e.what()).rfind("--tunnel", 0) == 0) throw;
+    throw std::invalid_argument("--tunnel \"" + text + "\": \"" + t.listen + "\" is not host:port");
+  }
+  return t;
 }
 
 // ---------------------------------------------------------------------------
@@ -900,10 +924,18 @@ void Proxy::Impl::accept_loop() {
       refuse(id, c.reason, c.detail);
       return true;
     }
+    if (c.tunnel && !h2) {
+      refuse(id, "alpn", "ALPN offers only sg-tunnel/1: tunnels need --data-plane h2");
+      return true;
+    }
     const auto taken = pending.remove(id);
     ::epoll_ctl(ep, EPOLL_CTL_DEL, taken.fd, nullptr);
     if (h2) {
-      h2->adopt(taken.fd);  // the relay owns it from here
+      if (c.tunnel) {
+        h2->adopt_tunnel(taken.fd);  // the tunnel handler owns it from here
+      } else {
+        h2->adopt(taken.fd);  // the relay owns it from here
+      }
       return true;
     }
     grpc::experimental::ExternalConnectionAcceptor::NewConnectionParameters params;
@@ -1042,6 +1074,53 @@ Proxy::Proxy(ProxyConfig config, std::shared_ptr<prometheus::Registry> registry)
     throw std::invalid_argument("max header list bytes (--max-header-bytes) " +
                                 std::to_string(config.max_header_list_bytes) + " must be in " +
                                 std::to_string(kMinHeaderListBytes) + ".." + std::to_string(kMaxHeaderListBytes));
+  }
+  if (config.data_plane == DataPlane::grpc) {
+    const auto grpc_only = [](const std::string& flag, const std::string& value) {
+      return std::invalid_argument(flag + " \"" + value + "\": tunnels need --data-plane h2");
+    };
+    if (!config.tunnels.empty()) {
+      const auto& t = config.tunnels.front();
+      throw grpc_only("--tunnel", t.service + "@" + t.listen + "=" + t.peer_id);
+    }
+    if (!config.tunnel_store.empty()) throw grpc_only("--tunnel-store", config.tunnel_store);
+    if (!config.tunnel_map_file.empty()) throw grpc_only("--tunnel-map", config.tunnel_map_file);
+  }
+  std::set<std::string> tunnel_listens;
+  for (const auto& t : config.tunnels) {
+    const std::string value = "--tunnel \"" + t.service + "@" + t.listen + "=" + t.peer_id + "\"";
+    if (t.service != "store" && t.service != "gloo") {
+      throw std::invalid_argument(value + ": service \"" + t.service + "\" is not store or gloo");
+    }
+    std::pair<std::string, int> hp;
+    try {
+      hp = split_host_port(t.listen);
+    } catch (const std::exception&) {
+      throw std::invalid_argument(value + ": \"" + t.listen + "\" is not host:port");
+    }
+    if (!is_loopback_address(hp.first)) {
+      throw std::invalid_argument(value + ": listen address \"" + t.listen +
+                                  "\" must be a loopback address (127.0.0.0/8 or [::1])");
+    }
+    if (hp.second != 0 && !tunnel_listens.insert(hp.first + " " + std::to_string(hp.second)).second) {
+      throw std::invalid_argument(value + ": listen address \"" + t.listen + "\" is used by another --tunnel");
+    }
+    if (config.peers.count(t.peer_id) == 0) {
+      throw std::invalid_argument(value + ": peer \"" + t.peer_id +
+                                  "\" is not given as --peer PEER_ID=host:port (where the tunnel dials)");
+    }
+  }
+  if (!config.tunnel_store.empty()) {
+    std::pair<std::string, int> hp;
+    try {
+      hp = split_host_port(config.tunnel_store);
+    } catch (const std::exception&) {
+      throw std::invalid_argument("--tunnel-store \"" + config.tunnel_store + "\" is not host:port");
+    }
+    if (!is_loopback_address(hp.first) || hp.second == 0) {
+      throw std::invalid_argument("--tunnel-store \"" + config.tunnel_store +
+                                  "\" must be a loopback address (127.0.0.0/8 or [::1]) with a non-zero port");
+    }
   }
   if (config.first_bytes_timeout.count() <= 0) {
     throw std::invalid_argument("first-bytes timeout (--first-bytes-timeout) must be positive, not " +
@@ -1237,6 +1316,7 @@ void Proxy::shutdown(std::chrono::milliseconds grace) {
 
 int Proxy::inbound_port() const { return impl_->inbound_port; }
 int Proxy::outbound_port() const { return impl_->outbound_port; }
+int Proxy::tunnel_port(size_t i) const { return impl_->h2 ? impl_->h2->tunnel_port(i) : 0; }
 
 bool Proxy::ready(std::string* why_not) const {
   const Impl& m = *impl_;

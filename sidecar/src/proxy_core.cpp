@@ -172,7 +172,8 @@ void ProxyCore::log_suppressed() {
 }
 
 std::string ProxyCore::method_label(const std::string& method) const {
-  if (method == policy::kForwardMethod || method == policy::kBackwardMethod || method == policy::kExportMethod) {
+  if (method == policy::kForwardMethod || method == policy::kBackwardMethod || method == policy::kExportMethod ||
+      method == policy::kTunnelStoreMethod || method == policy::kTunnelGlooMethod) {
     return method;
   }
   if (auto p = policy->current()) {

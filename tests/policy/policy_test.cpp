@@ -247,6 +247,59 @@ TEST(PolicyPipeline, ReplicaTalksOnlyToTheSameReplicaOfItsNeighbours) {
   EXPECT_THROW(pipeline_policy(kTd, kNs, kJob, 2, 4, ExportRules{}, -2), PolicyError);
 }
 
+// The tunnels of the gradient all-reduce (issue 20): only between replicas of the
+// same stage of the same job; Store only to replica 0, which serves the stage's store.
+TEST(PolicyPipeline, TunnelsOnlyBetweenReplicasOfTheSameStage) {
+  auto rid = [](int shard, int replica, const std::string& job = kJob) {
+    return spiffe_id_for_replica(kTd, kNs, job, static_cast<uint32_t>(shard), static_cast<uint32_t>(replica));
+  };
+  const Policy r0 = pipeline_policy(kTd, kNs, kJob, 1, 3, ExportRules{}, 0, 3);
+  const Policy r1 = pipeline_policy(kTd, kNs, kJob, 1, 3, ExportRules{}, 1, 3);
+  ASSERT_EQ(r0.ingress().size(), 3u);
+  EXPECT_EQ(r0.ingress()[2], (PolicyRule{"tunnel-from-replicas", {rid(1, 1), rid(1, 2)},
+                                         {kTunnelGlooMethod, kTunnelStoreMethod}}));
+  ASSERT_EQ(r0.egress().size(), 3u);
+  EXPECT_EQ(r0.egress()[2], (PolicyRule{"tunnel-to-replicas", {rid(1, 1), rid(1, 2)}, {kTunnelGlooMethod}}));
+  ASSERT_EQ(r1.ingress().size(), 3u);
+  EXPECT_EQ(r1.ingress()[2], (PolicyRule{"tunnel-from-replicas", {rid(1, 0), rid(1, 2)}, {kTunnelGlooMethod}}));
+  ASSERT_EQ(r1.egress().size(), 4u);
+  EXPECT_EQ(r1.egress()[2], (PolicyRule{"tunnel-to-replicas", {rid(1, 0), rid(1, 2)}, {kTunnelGlooMethod}}));
+  EXPECT_EQ(r1.egress()[3], (PolicyRule{"tunnel-to-store", {rid(1, 0)}, {kTunnelStoreMethod}}));
+
+  // Replica 0 serves the store to its stage's replicas and takes Gloo from them.
+  for (const std::string& m : {kTunnelGlooMethod, kTunnelStoreMethod}) {
+    const Decision d = decide(r0, Direction::kIngress, rid(1, 2), m);
+    EXPECT_TRUE(d.allow) << m;
+    EXPECT_EQ(d.rule, "tunnel-from-replicas");
+  }
+  // Another stage, another job, a plain shard identity: refused, both ways.
+  for (const std::string& other : {rid(0, 1), rid(2, 1), rid(2, 0), rid(1, 1, "other-job"), shard_id(1)}) {
+    for (const std::string& m : {kTunnelGlooMethod, kTunnelStoreMethod}) {
+      const Decision in = decide(r0, Direction::kIngress, other, m);
+      EXPECT_FALSE(in.allow) << other << " " << m;
+      EXPECT_EQ(in.rule, kRuleDefaultDeny) << other << " " << m;
+      EXPECT_FALSE(decide(r1, Direction::kEgress, other, m).allow) << other << " " << m;
+    }
+  }
+  EXPECT_FALSE(decide(r0, Direction::kIngress, rid(1, 0), kTunnelGlooMethod).allow);  // itself
+  // Store: only replica 0 serves it; no replica takes it elsewhere or sends it there.
+  EXPECT_FALSE(decide(r1, Direction::kIngress, rid(1, 0), kTunnelStoreMethod).allow);
+  EXPECT_FALSE(decide(r1, Direction::kEgress, rid(1, 2), kTunnelStoreMethod).allow);
+  EXPECT_TRUE(decide(r1, Direction::kEgress, rid(1, 0), kTunnelStoreMethod).allow);
+  EXPECT_FALSE(decide(r0, Direction::kEgress, rid(1, 1), kTunnelStoreMethod).allow);
+  EXPECT_TRUE(decide(r1, Direction::kEgress, rid(1, 2), kTunnelGlooMethod).allow);
+  // A case variant of a tunnel method is a trick, not an unknown method.
+  EXPECT_EQ(decide(r0, Direction::kIngress, rid(1, 1), "/shardguard.v1.Tunnel/gloo").rule, kRuleMalformedMethod);
+  // No tunnel rules without replicas, or with one.
+  for (const Policy& p : {pipeline_policy(kTd, kNs, kJob, 1, 3, ExportRules{}),
+                          pipeline_policy(kTd, kNs, kJob, 1, 3, ExportRules{}, 0, 1)}) {
+    EXPECT_EQ(p.ingress().size(), 2u);
+    EXPECT_EQ(p.egress().size(), 2u);
+  }
+  EXPECT_THROW(pipeline_policy(kTd, kNs, kJob, 1, 3, ExportRules{}, 2, 2), PolicyError);
+  EXPECT_THROW(pipeline_policy(kTd, kNs, kJob, 1, 3, ExportRules{}, 0, 0), PolicyError);
+}
+
 TEST(PolicyPipeline, NonNeighbourCallingForwardIsDenied) {
   const Policy p = pipeline_policy(kTd, kNs, kJob, 2, 4, ExportRules{});
   for (int j : {0, 2, 3}) {

@@ -108,6 +108,31 @@ TEST(ClassifyClientHello, RefusesAHelloWithoutH2InAlpn) {
   EXPECT_EQ(cls(split_records(openssl_client_hello(""), 7)).reason, "alpn");
 }
 
+// Issue 20: the sidecar's L4 tunnels offer exactly "sg-tunnel/1"; such a ClientHello
+// is accepted and marked for the tunnel handler, one that also offers h2 goes to the
+// HTTP/2 relay, and look-alike names stay refused.
+TEST(ClassifyClientHello, AcceptsTheTunnelProtocolAndMarksIt) {
+  for (const int version : {TLS1_2_VERSION, TLS1_3_VERSION}) {
+    const std::string hello = openssl_client_hello(std::string("\x0bsg-tunnel/1", 12), version);
+    const HelloClass c = cls(hello);
+    EXPECT_TRUE(c.complete);
+    EXPECT_EQ(c.reason, "") << c.detail;
+    EXPECT_TRUE(c.tunnel);
+    for (size_t n = 0; n < hello.size(); ++n) ASSERT_FALSE(cls(hello.substr(0, n)).complete) << n;
+    EXPECT_TRUE(cls(split_records(hello, 40)).tunnel);
+  }
+  const HelloClass both = cls(openssl_client_hello(std::string("\x0bsg-tunnel/1\x02h2", 15)));
+  EXPECT_EQ(both.reason, "");
+  EXPECT_FALSE(both.tunnel);
+  EXPECT_FALSE(cls(openssl_client_hello(std::string("\x02h2", 3))).tunnel);
+  for (const std::string& alpn : {std::string("\x0bsg-tunnel/2", 12), std::string("\x0asg-tunnel/", 11),
+                                 std::string("\x0bSG-TUNNEL/1", 12)}) {
+    const HelloClass c = cls(openssl_client_hello(alpn));
+    EXPECT_EQ(c.reason, "alpn") << alpn;
+    EXPECT_FALSE(c.tunnel);
+  }
+}
+
 TEST(ClassifyClientHello, RefusesMalformedExtensions) {
   const std::string hello = openssl_client_hello(std::string("\x02h2", 3));
   // Corrupt the handshake length so that the message ends inside an extension.

@@ -19,6 +19,7 @@ namespace shardguard::sidecar::h2 {
 namespace {
 
 constexpr unsigned char kAlpnH2[] = {2, 'h', '2'};
+constexpr unsigned char kAlpnTunnel[] = {11, 's', 'g', '-', 't', 'u', 'n', 'n', 'e', 'l', '/', '1'};
 // TLS 1.2: ECDHE with AEAD only; TLS 1.3 suites are AEAD by definition.
 constexpr const char* kTls12Ciphers =
     "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:"
@@ -72,12 +73,14 @@ int verify_certificate(X509_STORE_CTX* store, void*) {
   return 1;
 }
 
+// `arg`: the server's one protocol in wire format (kAlpnH2 or kAlpnTunnel).
 int select_alpn(SSL* ssl, const unsigned char** out, unsigned char* outlen, const unsigned char* in, unsigned int inlen,
-                void*) {
+                void* arg) {
+  const auto* ours = static_cast<const unsigned char*>(arg);
   unsigned char* selected = nullptr;
-  if (SSL_select_next_proto(&selected, outlen, kAlpnH2, sizeof kAlpnH2, in, inlen) != OPENSSL_NPN_NEGOTIATED) {
+  if (SSL_select_next_proto(&selected, outlen, ours, ours[0] + 1u, in, inlen) != OPENSSL_NPN_NEGOTIATED) {
     if (auto* state = static_cast<TlsState*>(SSL_get_ex_data(ssl, state_index()))) state->alpn_refused = true;
-    return SSL_TLSEXT_ERR_ALERT_FATAL;  // no h2 offered: no HTTP/2, no connection
+    return SSL_TLSEXT_ERR_ALERT_FATAL;  // our protocol not offered: no connection
   }
   *out = selected;
   return SSL_TLSEXT_ERR_OK;
@@ -178,8 +181,9 @@ class TlsTransport : public Transport {
       const unsigned char* alpn = nullptr;
       unsigned int alpn_len = 0;
       SSL_get0_alpn_selected(ssl_, &alpn, &alpn_len);
-      if (alpn_len != 2 || std::memcmp(alpn, "h2", 2) != 0) {
-        error_ = "alpn: h2 not negotiated";
+      const std::string& want = ctx_->alpn();
+      if (alpn_len != want.size() || std::memcmp(alpn, want.data(), want.size()) != 0) {
+        error_ = "alpn: " + want + " not negotiated";
         failure_reason_ = "alpn";
         return Io::error;
       }
@@ -223,6 +227,12 @@ class TlsTransport : public Transport {
     SSL_shutdown(ssl_);
     ERR_clear_error();
   }
+  Io shutdown_write() override {
+    ERR_clear_error();
+    const int r = SSL_shutdown(ssl_);  // 0: ours sent, the peer's not yet received
+    if (r >= 0) return Io::ok;
+    return classify(r);
+  }
 
  private:
   Io classify(int r) {
@@ -246,7 +256,7 @@ class TlsTransport : public Transport {
           error_ = "peer certificate refused: " + state_.verdict.reason;
           failure_reason_ = state_.verdict.reason.empty() ? "refused" : state_.verdict.reason;
         } else if (state_.alpn_refused) {
-          error_ = "alpn: the client offers no h2";
+          error_ = "alpn: the client does not offer " + ctx_->alpn();
           failure_reason_ = "alpn";
         } else {
           unsigned long e = ERR_peek_error();
@@ -267,7 +277,15 @@ class TlsTransport : public Transport {
 }  // namespace
 
 std::shared_ptr<TlsContext> TlsContext::create(Side side, const std::string& cert_pem, const std::string& key_pem,
-                                               PeerVerifier verifier) {
+                                               PeerVerifier verifier, const std::string& alpn) {
+  const unsigned char* alpn_wire = nullptr;
+  if (alpn == "h2") {
+    alpn_wire = kAlpnH2;
+  } else if (alpn == kTunnelAlpn) {
+    alpn_wire = kAlpnTunnel;
+  } else {
+    throw std::runtime_error("unsupported ALPN protocol \"" + alpn + "\"");
+  }
   SSL_CTX* ctx = SSL_CTX_new(side == Side::server ? TLS_server_method() : TLS_client_method());
   if (!ctx) throw std::runtime_error(openssl_error("SSL_CTX_new"));
   auto fail = [&](const std::string& what) {
@@ -308,11 +326,11 @@ std::shared_ptr<TlsContext> TlsContext::create(Side side, const std::string& cer
   SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, nullptr);
   SSL_CTX_set_cert_verify_callback(ctx, verify_certificate, nullptr);
   if (side == Side::server) {
-    SSL_CTX_set_alpn_select_cb(ctx, select_alpn, nullptr);
-  } else if (SSL_CTX_set_alpn_protos(ctx, kAlpnH2, sizeof kAlpnH2) != 0) {
+    SSL_CTX_set_alpn_select_cb(ctx, select_alpn, const_cast<unsigned char*>(alpn_wire));
+  } else if (SSL_CTX_set_alpn_protos(ctx, alpn_wire, alpn_wire[0] + 1u) != 0) {
     fail("alpn");
   }
-  return std::shared_ptr<TlsContext>(new TlsContext(side, ctx, std::move(verifier)));
+  return std::shared_ptr<TlsContext>(new TlsContext(side, ctx, std::move(verifier), alpn));
 }
 
 TlsContext::~TlsContext() { SSL_CTX_free(static_cast<SSL_CTX*>(ctx_)); }

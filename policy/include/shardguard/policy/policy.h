@@ -76,6 +76,11 @@ namespace shardguard::policy {
 inline constexpr const char* kForwardMethod = "/shardguard.v1.Pipeline/Forward";
 inline constexpr const char* kBackwardMethod = "/shardguard.v1.Pipeline/Backward";
 inline constexpr const char* kExportMethod = "/shardguard.v1.ShardExport/Export";
+// The sidecar's L4 tunnels (docs/sidecar.md "Tunnels"): not gRPC methods, but decided
+// by decide() under these paths like calls. Store: a stage's c10d rendezvous store
+// (served by replica 0); Gloo: the connections of ProcessGroupGloo's TCP transport.
+inline constexpr const char* kTunnelStoreMethod = "/shardguard.v1.Tunnel/Store";
+inline constexpr const char* kTunnelGlooMethod = "/shardguard.v1.Tunnel/Gloo";
 
 // Rule names the engine reports when no policy rule decided.
 inline constexpr const char* kRuleDefaultDeny = "default-deny";
@@ -199,9 +204,16 @@ bool is_canonical_method(const std::string& method_path);
 // With data-parallel replicas (replica >= 0; -1: a job without replicas), the
 // neighbours are replica `replica` of stages shard±1 (spiffe_id_for_replica) and no
 // other replica: each replica is its own pipeline.
+// With replica >= 0 and replicas > 1, the replicas of this stage average their
+// gradients through the sidecars' tunnels, and only they: ingress
+// "tunnel-from-replicas" lets every other replica of this stage (same job) open a Gloo
+// tunnel, and on replica 0 (which serves the stage's rendezvous store) a Store tunnel
+// too; egress "tunnel-to-replicas" lets Gloo go to every other replica of this stage,
+// and "tunnel-to-store" (replicas other than 0) Store to replica 0 only. No tunnel to or
+// from another stage or job.
 // The result is validated by parse_policy; bad arguments throw PolicyError.
 Policy pipeline_policy(const std::string& trust_domain, const std::string& ns,
                        const std::string& job, int shard, int shards, const ExportRules& exports,
-                       int replica = -1);
+                       int replica = -1, int replicas = 1);
 
 }  // namespace shardguard::policy

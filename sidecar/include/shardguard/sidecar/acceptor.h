@@ -27,13 +27,17 @@ namespace shardguard::sidecar {
 //   "not_tls"        anything else that is not a TLS handshake record carrying a
 //                    well-formed ClientHello (of at most kMaxClientHelloBytes)
 //   "tls_version"    a ClientHello offering at most TLS 1.1 (or SSL)
-//   "alpn"           a ClientHello without ALPN, or whose ALPN offers neither "h2"
-//                    nor "grpc-exp" (HTTP/1.1 over TLS, `openssl s_client`, …):
-//                    gRPC would complete TLS and then close it without a word
+//   "alpn"           a ClientHello without ALPN, or whose ALPN offers none of "h2",
+//                    "grpc-exp" and "sg-tunnel/1" (HTTP/1.1 over TLS, `openssl
+//                    s_client`, …): gRPC would complete TLS and then close it
+//                    without a word
+// A ClientHello whose ALPN offers "sg-tunnel/1" and neither "h2" nor "grpc-exp" is
+// acceptable and marked `tunnel`: the sidecar's L4 tunnel handler takes it (h2 plane).
 struct HelloClass {
   bool complete = false;  // enough bytes were seen to decide
   std::string reason;     // "" when acceptable (complete) or undecided (!complete)
   std::string detail;     // for the log line when refused (bounded, printable)
+  bool tunnel = false;    // acceptable, and offers only the tunnel protocol of these
 };
 // The largest ClientHello (handshake message body) the acceptor reassembles; a real
 // one is a few hundred bytes to a few KiB.

@@ -25,7 +25,8 @@
 // checked by common/pki verify_svid in a gRPC certificate verifier, so that every
 // refusal is counted under its reason. Before gRPC sees a connection, the inbound
 // acceptor reads (peeks) its first bytes and refuses, counted, what cannot be a TLS
-// 1.2+ ClientHello offering HTTP/2 (plaintext, garbage, TLS <= 1.1, no h2 in ALPN)
+// 1.2+ ClientHello offering HTTP/2 or, on the h2 plane, the L4 tunnel protocol
+// sg-tunnel/1 (tunnel.h, docs/sidecar.md "Tunnels") (plaintext, garbage, TLS <= 1.1, no h2 in ALPN)
 // and clients that send no whole ClientHello within the first-bytes timeout; it
 // never stops accepting, and bounds the connections waiting for their first bytes per
 // source address and in all (acceptor.h).
@@ -114,6 +115,21 @@ struct ProxyConfig {
   // sequence, or none when this is > 0, is refused: every export is refused (rule
   // "ledger-rolled-back") and the file is never written; other calls are relayed.
   uint64_t ledger_min_sequence = 0;
+  // L4 tunnels (h2 plane only; docs/sidecar.md "Tunnels"). --tunnel
+  // SERVICE@LISTEN=PEER_ID: plain TCP accepted on the loopback LISTEN is carried over
+  // mTLS to PEER_ID's inbound listener (its --peer address) as SERVICE ("store" or
+  // "gloo", the methods policy::kTunnelStoreMethod / kTunnelGlooMethod).
+  struct Tunnel {
+    std::string service;
+    std::string listen;
+    std::string peer_id;
+  };
+  std::vector<Tunnel> tunnels;
+  // Inbound: where an allowed Store tunnel goes (loopback host:port; "" = refused).
+  std::string tunnel_store;
+  // Inbound: the file (one line per peer, "<SPIFFE ID> <loopback host:port>") that
+  // says where an allowed Gloo tunnel of that peer goes; re-read for every tunnel.
+  std::string tunnel_map_file;
 };
 
 class Proxy {
@@ -136,6 +152,8 @@ class Proxy {
 
   int inbound_port() const;
   int outbound_port() const;
+  // The port of --tunnel number i (ProxyConfig::tunnels' order) once started, else 0.
+  int tunnel_port(size_t i) const;
   // Ready: listening, certificates loaded and a policy in force.
   bool ready(std::string* why_not = nullptr) const;
 
@@ -147,5 +165,8 @@ class Proxy {
 
 // Parses "spiffe://…=host:port" (the --peer flag). Throws std::invalid_argument.
 std::pair<std::string, std::string> parse_peer_flag(const std::string& text);
+// Parses "SERVICE@LISTEN=PEER_ID" (the --tunnel flag): the form only; Proxy checks the
+// service, the address and the peer. Throws std::invalid_argument naming the flag.
+ProxyConfig::Tunnel parse_tunnel_flag(const std::string& text);
 
 }  // namespace shardguard::sidecar

@@ -12,6 +12,9 @@
 
 namespace shardguard::sidecar::h2 {
 
+// The ALPN protocol of the sidecar's L4 tunnels (docs/sidecar.md "Tunnels").
+inline constexpr const char* kTunnelAlpn = "sg-tunnel/1";
+
 // What the verifier says about the leaf certificate the peer presented.
 struct PeerVerdict {
   bool ok = false;
@@ -28,20 +31,25 @@ class TlsContext {
  public:
   enum class Side { server, client };
   // Throws std::runtime_error naming what OpenSSL refused (certificate, key, ...).
+  // `alpn`: the one protocol this context negotiates, "h2" (the relay) or kTunnelAlpn
+  // (the sidecar's L4 tunnels); a server refuses a client that does not offer it.
   static std::shared_ptr<TlsContext> create(Side side, const std::string& cert_pem, const std::string& key_pem,
-                                            PeerVerifier verifier);
+                                            PeerVerifier verifier, const std::string& alpn = "h2");
   ~TlsContext();
   TlsContext(const TlsContext&) = delete;
   TlsContext& operator=(const TlsContext&) = delete;
   Side side() const { return side_; }
   void* native() const { return ctx_; }  // SSL_CTX*
   const PeerVerifier& verifier() const { return verifier_; }
+  const std::string& alpn() const { return alpn_; }
 
  private:
-  TlsContext(Side side, void* ctx, PeerVerifier verifier) : side_(side), ctx_(ctx), verifier_(std::move(verifier)) {}
+  TlsContext(Side side, void* ctx, PeerVerifier verifier, std::string alpn)
+      : side_(side), ctx_(ctx), verifier_(std::move(verifier)), alpn_(std::move(alpn)) {}
   Side side_;
   void* ctx_;
   PeerVerifier verifier_;
+  std::string alpn_;
 };
 
 // A connected, non-blocking socket. The transport never closes the fd.
@@ -68,6 +76,10 @@ class Transport {
   virtual std::string failure_reason() const { return "tls"; }
   // TLS: sends close_notify, best effort.
   virtual void close_notify() {}
+  // TLS: sends close_notify and leaves the reading side open (a half-close; TLS 1.3
+  // lets the peer go on sending). ok once it is sent, want_write while it waits for
+  // room in the socket (call again), error when it cannot be sent. Plaintext: ok.
+  virtual Io shutdown_write() { return Io::ok; }
 };
 
 std::unique_ptr<Transport> make_plain_transport(int fd);
