@@ -1064,13 +1064,11 @@ int RunLocal(const LocalRunOptions& options) {
                    replicas > 1 ? " (replica 0)" : "");
     for (int i = 0; i < n; ++i) {
       const ShardTraffic t = shardd_traffic(shards[i].shardd.log_file, shards[i].log_start);
-      // The pipeline's calls only: a replica's sidecar also carries its group's tunnels.
+      // The pipeline's calls only: a replica's sidecar also carries its group's tunnels
+      // (in shardguard_proxy_bytes_total too, and on their own in the tunnel family).
       const auto relayed = [&](const char* direction) {
-        double bytes = prometheus_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", direction}});
-        for (const char* tunnel : {policy::kTunnelStoreMethod, policy::kTunnelGlooMethod}) {
-          bytes -= prometheus_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", direction}, {"method", tunnel}});
-        }
-        return bytes;
+        return prometheus_sum(pages[i], "shardguard_proxy_bytes_total", {{"direction", direction}}) -
+               prometheus_sum(pages[i], "shardguard_tunnel_bytes_total", {{"direction", direction}});
       };
       const double sent = relayed("sent");
       const double received = relayed("received");
@@ -1090,7 +1088,7 @@ int RunLocal(const LocalRunOptions& options) {
     if (replicas < 2) return;
     std::fprintf(out, "  replica groups  Gloo bytes through each sidecar's tunnels vs the gradients its shardd all-reduced\n");
     const auto gloo = [&](int k, int q, const char* direction) {
-      return prometheus_sum(pages[k], "shardguard_proxy_bytes_total",
+      return prometheus_sum(pages[k], "shardguard_tunnel_bytes_total",
                             {{"direction", direction}, {"peer", op::spiffe_id_of(run_job, k % n, q)},
                              {"method", policy::kTunnelGlooMethod}});
     };

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <set>
+#include <thread>
 #include <stdexcept>
 
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
@@ -87,6 +88,29 @@ class TunnelStore : public c10d::PrefixStore {
   std::set<int> rewritten_;
 };
 
+// The group's store. Through a tunnel (a replica other than 0), the local sidecar
+// accepts at once and closes the connection again while replica 0's store is not up
+// yet, where a direct connection would have been refused and retried by TCPStore: so
+// the connection is tried with a read that changes nothing, and tried again until
+// timeout_s (backing off from 50 ms to 1 s).
+c10::intrusive_ptr<c10d::TCPStore> connect_store(const std::string& host, const c10d::TCPStoreOptions& so,
+                                                 bool through_tunnel, double timeout_s) {
+  if (!through_tunnel) return c10::make_intrusive<c10d::TCPStore>(host, so);
+  const auto deadline = Clock::now() + millis(timeout_s);
+  auto pause = std::chrono::milliseconds(50);
+  for (;;) {
+    try {
+      auto store = c10::make_intrusive<c10d::TCPStore>(host, so);
+      store->check({"joins"});
+      return store;
+    } catch (const std::exception& e) {
+      if (Clock::now() + pause >= deadline) throw;
+      std::this_thread::sleep_for(pause);  // backoff between connection attempts
+      pause = std::min(pause * 2, std::chrono::milliseconds(1000));
+    }
+  }
+}
+
 // Every other replica has a tunnel, named after it, listening on its Gloo host.
 void check_tunnels(int stage, int replica, int replicas, const std::map<int, ReplicaTunnel>& tunnels,
                    const std::string& map_file, const std::string& own_host) {
@@ -140,7 +164,7 @@ ReplicaGroup::ReplicaGroup(int stage, int replica, int replicas, const std::stri
     so.numWorkers = replicas;
     so.waitWorkers = false;
     so.timeout = millis(timeout_s);
-    state_->store = c10::make_intrusive<c10d::TCPStore>(host, so);
+    state_->store = connect_store(host, so, tunnelled && replica != 0, timeout_s);
     auto options = c10d::ProcessGroupGloo::Options::create(millis(timeout_s));
     // Each replica's own address: replica 0's (the store's host) is not another pod's.
     const std::string gloo_host = tunnelled ? gloo_tunnel_host(replica) : own_host.empty() ? host : own_host;

@@ -1,6 +1,6 @@
 // `shardctl run` of a job with data-parallel replicas (issue 20): replica r of every
 // stage as its own shardd behind its own sidecar, talking only to replica r of its
-// neighbours; the replicas of a stage average their gradients (Gloo, 127.0.0.1). A job
+// neighbours; the replicas of a stage average their gradients (Gloo, through the sidecars' tunnels). A job
 // with replicas: 2 trains like the same job with replicas: 1 and twice the batch.
 #include <gtest/gtest.h>
 
@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <fstream>
+#include <regex>
 #include <thread>
 
 #include "integration/pipeline_fixture.h"
@@ -54,6 +55,31 @@ int count_lines(const std::string& file, const std::string& msg) {
   return n;
 }
 
+// Every replica's Gloo traffic went through the sidecars' tunnels (the report of
+// `shardctl run`, from the sidecars' shardguard_tunnel_bytes_total): for every
+// replica, what its sidecar took in from Gloo for each peer equals what that peer's
+// sidecar handed to the peer's Gloo, both ways, and it carries the gradients its
+// shardd all-reduced plus Gloo's own bytes: its message headers for the step check,
+// the gradients and the loss sums, 1 336 bytes a step measured with 2 replicas (the
+// bound allows 2 KiB).
+void expect_gloo_through_the_sidecars(const std::string& out, int stages, int replicas, int steps) {
+  static const std::regex line(
+      R"(shard (\d+)(?: replica (\d+))? tunnels: Gloo sent (\d+) received (\d+), all-reduced (\d+)  \(([^)]*)\))");
+  int seen = 0;
+  for (std::sregex_iterator it(out.begin(), out.end(), line), end; it != end; ++it) {
+    const auto& m = *it;
+    ++seen;
+    const double sent = std::stod(m[3]), received = std::stod(m[4]), payload = std::stod(m[5]);
+    EXPECT_EQ(m[6], "equal at both ends of every tunnel") << m[0];
+    EXPECT_GT(payload, 0) << m[0];
+    EXPECT_GE(sent, payload) << m[0];
+    EXPECT_LE(sent, payload + 2048.0 * steps) << m[0];
+    EXPECT_EQ(sent, received) << m[0];  // a ring of two: each sends what it receives
+  }
+  EXPECT_EQ(seen, stages * replicas) << out;
+  EXPECT_EQ(out.find("(DIFFER)"), std::string::npos) << out;
+}
+
 TEST_F(ShardctlReplicasTest, TwoReplicasLossesEqualOnePipelineWithTwiceTheBatch) {
   for (const char* arch : {"mlp", "cnn"}) {
     SCOPED_TRACE(arch);
@@ -96,6 +122,7 @@ TEST_F(ShardctlReplicasTest, TwoReplicasLossesEqualOnePipelineWithTwiceTheBatch)
       ASSERT_TRUE(st->exited && st->code == 0) << st->str() << "\n" << out;
     }
     EXPECT_NE(out.find("2 shards × 2 replicas"), std::string::npos) << out;
+    expect_gloo_through_the_sidecars(out, 2, 2, 4);
 
     const auto want = step_losses(single_work + "/logs/shard-1.log");
     ASSERT_EQ(want.size(), 4u);
