@@ -40,6 +40,7 @@
 #include <set>
 #include <sstream>
 #include <stdexcept>
+#include <regex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -49,6 +50,7 @@
 
 #include "bench_util.h"
 #include "shardguard/common/crypto.h"
+#include "shardguard/common/files.h"
 #include "shardguard/common/jobspec.h"
 #include "shardguard/common/process.h"
 #include "shardguard/model/model_desc.h"
@@ -260,6 +262,8 @@ struct StageOutcome {
   int64_t parameters = -1;  // from "stage ready"
   double peak_rss_mib = 0;
   double cpu_seconds = 0;
+  double allreduce_seconds = 0;  // replicas: time in the replica group's collectives
+  fs::path log;                  // shardctl run: its own output (the report)
 };
 
 std::map<std::string, std::string> thread_env(int threads) {
@@ -380,12 +384,14 @@ struct BenchOptions {
   double timeout_s = 900;
   int64_t sidecar_steps = 100;  // steps of each run of the sidecar comparison
   bool sidecars_only = false;  // run only the sidecar comparison
+  int64_t replica_steps = 60;  // steps of each run of the replica comparison
+  bool replicas_only = false;  // run only the replica comparison
 };
 
 // The shard-0 "stage finished" figures of a run of `shardctl run`, from the shardd
 // log it writes in <workdir>/logs/ (the same line run_pipeline reads).
-StageOutcome run_shardctl(const Settings& s, const fs::path& job_file, int stages, const fs::path& dir) {
-  const int threads = std::max(1, s.cores / stages);
+StageOutcome run_shardctl(const Settings& s, const fs::path& job_file, int processes, const fs::path& dir) {
+  const int threads = std::max(1, s.cores / processes);
   const fs::path work = dir / "work";
   fs::create_directories(dir);
   ChildGroup group;
@@ -402,7 +408,9 @@ StageOutcome run_shardctl(const Settings& s, const fs::path& job_file, int stage
     finished = true;
     o.train_seconds = j.value("train_seconds", 0.0);
     o.trained_steps = j.value("trained_steps", int64_t{0});
+    o.allreduce_seconds = j.value("allreduce_seconds", 0.0);
   }
+  o.log = child.log_file;
   if (!finished) {
     throw BenchError("shardctl run exited 0 but shard 0 logged no \"stage finished\" in " + log.string() +
                      "; shardctl's last lines:\n" + indented_tail(child.log_file, kLogTailLines));
@@ -473,6 +481,73 @@ void sidecar_comparison(const Settings& s, const std::string& model, const json&
   figures.push_back({model, "2-stage sidecars", figure(prefix + "sidecars", "sidecar_overhead", ratio, "fraction", 0.95)});
 }
 
+// Data-parallel replicas (issue 20): 2 stages of `model` with `steps` steps, run by
+// `shardctl run` once as one pipeline and once with spec.sharding.replicas 2 (the same
+// batch per replica, so twice the samples a step), on the same cores (one compute
+// thread per shardd). samples/s counts every replica's samples; the all-reduce share
+// is replica 0 of stage 0's time in the group's collectives over its training time;
+// the tunnelled bytes are each sidecar's Gloo bytes as `shardctl run` reports them
+// (shardguard_tunnel_bytes_total), equal at both ends of each tunnel.
+void replica_comparison(const Settings& s, const std::string& model, const json& example_job, int64_t steps,
+                        const fs::path& tmp, std::vector<Figure>& figures) {
+  constexpr int n = 2;
+  const std::string prefix = "pipeline." + model + ".2-stage.";
+  double single_sps = 0;
+  for (const int replicas : {1, 2}) {
+    const std::string config = "x" + std::to_string(replicas);
+    const fs::path dir = tmp / (model + "-replicas-" + config);
+    fs::create_directories(dir);
+    json job = bench_job(example_job, n);
+    const int64_t batch = job["spec"]["training"]["batchSize"].get<int64_t>();
+    job["spec"]["training"]["epochs"] = 1;
+    job["spec"]["dataset"]["maxTrainSamples"] = steps * batch * replicas;
+    job["spec"]["sharding"]["replicas"] = replicas;
+    job["spec"]["protection"]["maxExposure"] = 0.6;  // as in sidecar_comparison
+    const fs::path job_file = write_job(job, dir / "job.yaml");
+    std::cout << "[replicas " << replicas << "/2] " << model << " 2 stages x " << replicas << " replica"
+              << (replicas == 1 ? "" : "s") << " with shardctl run (" << n * replicas << " shardd, "
+              << std::max(1, s.cores / (n * replicas)) << " thread(s) each, " << steps << " steps of " << batch
+              << (replicas == 1 ? "" : " per replica") << ") ...\n"
+              << std::flush;
+    const auto t0 = Clock::now();
+    const double busy0 = machine_busy_seconds();
+    const StageOutcome o = run_shardctl(s, job_file, n * replicas, dir / "shardctl");
+    warn_if_contended(busy0, o.cpu_seconds, seconds_since(t0), s.cores);
+    if (o.trained_steps != steps) {
+      throw BenchError("shardctl run trained " + std::to_string(o.trained_steps) + " steps, not " +
+                       std::to_string(steps) + " (" + config + ")");
+    }
+    const double sps = o.train_seconds > 0 ? static_cast<double>(o.trained_steps * batch * replicas) / o.train_seconds : 0;
+    if (replicas == 1) single_sps = sps;
+    const double share = o.train_seconds > 0 ? o.allreduce_seconds / o.train_seconds : 0.0;
+    std::cout << "      " << fixed(sps, 1) << " samples/s (" << fixed(single_sps > 0 ? sps / single_sps : 0.0, 2)
+              << "x one pipeline), all-reduce " << fixed(100 * share, 1) << " % of the step ("
+              << fixed(seconds_since(t0), 1) << " s)\n"
+              << std::flush;
+    figures.push_back({model, "2-stage " + config,
+                       figure(prefix + config, "samples_per_second", sps, "samples/s", single_sps)});
+    if (replicas == 1) continue;
+    figures.push_back({model, "2-stage " + config, figure(prefix + config, "allreduce_share", share, "fraction", 0)});
+    // "shard <i> replica <r> tunnels: Gloo sent S received R, all-reduced A  (…)"
+    static const std::regex line(R"(shard (\d+) replica (\d+) tunnels: Gloo sent (\d+) received (\d+), all-reduced (\d+))");
+    const std::string report = read_file(o.log.string());
+    int sidecars = 0;
+    for (std::sregex_iterator it(report.begin(), report.end(), line), end; it != end; ++it, ++sidecars) {
+      const auto& m = *it;
+      const std::string slot = "stage" + std::string(m[1]) + ".r" + std::string(m[2]);
+      const double sent = std::stod(m[3]), payload = std::stod(m[5]);
+      std::cout << "      sidecar of stage " << m[1] << " replica " << m[2] << ": tunnelled " << m[3] << " bytes out, "
+                << m[4] << " in; its shardd all-reduced " << m[5] << " bytes of gradients\n";
+      figures.push_back({model, "2-stage x2 " + slot,
+                         figure(prefix + config + "." + slot, "tunnelled_bytes", sent, "bytes", payload)});
+    }
+    if (sidecars != n * replicas) {
+      throw BenchError("shardctl run reported the tunnels of " + std::to_string(sidecars) + " sidecars, not " +
+                       std::to_string(n * replicas) + "; its output: " + o.log.string());
+    }
+  }
+}
+
 // The example job of a model: examples/fashion-mnist-{cnn,vit}.yaml, or for gpt
 // examples/fortunes-gpt.yaml with its dataset made once per run in `tmp` by
 // `shardctl data tokens` from Debian's fortunes (installed by make deps).
@@ -521,7 +596,8 @@ int run_bench(const BenchOptions& opt) {
   install_signal_handlers();
   TempDir tmp("pipeline_bench");
   const std::vector<int> stage_counts = {2, 4};
-  const std::vector<std::string> models = opt.sidecars_only ? std::vector<std::string>{} : opt.models;
+  const std::vector<std::string> models =
+      opt.sidecars_only || opt.replicas_only ? std::vector<std::string>{} : opt.models;
   const int total_runs = static_cast<int>(models.size() * (1 + stage_counts.size()));
   std::cout << "pipeline_bench: " << s.cores << " cores; results to " << opt.out.string() << "\n" << std::flush;
 
@@ -608,10 +684,15 @@ int run_bench(const BenchOptions& opt) {
   }
   // The sidecar comparison for cnn and gpt, when they are among --models.
   for (const std::string model : {"cnn", "gpt"}) {
-    if (std::find(opt.models.begin(), opt.models.end(), model) == opt.models.end()) continue;
+    if (opt.replicas_only || std::find(opt.models.begin(), opt.models.end(), model) == opt.models.end()) continue;
     const int64_t base = model == "gpt" ? opt.gpt_steps : opt.sidecar_steps;
     const int64_t steps = std::max<int64_t>(1, std::llround(static_cast<double>(base) * opt.steps_scale));
     sidecar_comparison(s, model, read_example(s, opt.examples, model, tmp.path()), steps, tmp.path(), figures);
+  }
+  // The replica comparison for cnn, when it is among --models.
+  if (!opt.sidecars_only && std::find(opt.models.begin(), opt.models.end(), "cnn") != opt.models.end()) {
+    const int64_t steps = std::max<int64_t>(1, std::llround(static_cast<double>(opt.replica_steps) * opt.steps_scale));
+    replica_comparison(s, "cnn", read_example(s, opt.examples, "cnn", tmp.path()), steps, tmp.path(), figures);
   }
   {
     std::vector<json> rows;
@@ -678,6 +759,10 @@ int main(int argc, char** argv) {
   app.add_flag("--sidecars-only", opt.sidecars_only,
                "run only the sidecar comparison (2 stages: shardctl run through the sidecars vs direct), for cnn "
                "and gpt where --models names them");
+  app.add_option("--replica-steps", opt.replica_steps, "training steps per run of the cnn replica comparison")
+      ->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_flag("--replicas-only", opt.replicas_only,
+               "run only the replica comparison (cnn, 2 stages x 1 and x 2 replicas with shardctl run)");
   // Internal: the monolithic baseline runs as a child process of the benchmark.
   app.add_option("--monolithic", monolithic_job, "(internal) train JOB whole in this process and print one JSON line");
   app.add_option("--threads", threads, "(internal, with --monolithic) compute threads");
