@@ -592,6 +592,16 @@ TEST(RenderReplicas, ReplicaTalksOnlyToItsOwnPipelineUnderItsOwnIdentity) {
                                   spiffe_id_for_shard("shardguard.local", "ml", "fmnist", p), policy::kForwardMethod)
                        .allow);
     }
+    // The replica tunnels: Gloo only from the other replica of its own stage, the store
+    // only into replica 0.
+    for (int p = 0; p < 4; ++p) {
+      for (int q = 0; q < 2; ++q) {
+        const auto gloo = policy::decide(parsed, policy::Direction::kIngress, id(p, q), policy::kTunnelGlooMethod);
+        EXPECT_EQ(gloo.allow, p == i && q != rep) << k << ": Gloo tunnel from stage " << p << " replica " << q;
+        const auto store = policy::decide(parsed, policy::Direction::kIngress, id(p, q), policy::kTunnelStoreMethod);
+        EXPECT_EQ(store.allow, p == i && q != rep && rep == 0) << k << ": store tunnel from stage " << p << " replica " << q;
+      }
+    }
     // The exposure rules are the stage's, whatever the replica.
     EXPECT_EQ(parsed.exports().allowed, true);
   }
