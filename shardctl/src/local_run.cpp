@@ -1179,10 +1179,11 @@ int RunLocal(const LocalRunOptions& options) {
         if (ne.node == node) node_ratio = ne.ratio;
       }
       const bool trusted = job.protection.trusted_stages.count(i) > 0;
-      std::printf("  exposure shard %d principal %s %.4f node %s %.4f%s\n", i,
-                  spiffe_id_for_shard(job.protection.trust_domain, job.namespace_, job.name,
-                                      static_cast<uint32_t>(i)).c_str(),
-                  op::exposure_of(params, {i}), node.c_str(), node_ratio,
+      // With replicas, each replica's identity holds stage i, and nothing more.
+      std::string principals = op::spiffe_id_of(run_job, i, 0);
+      for (int r = 1; r < replicas; ++r) principals += ", " + op::spiffe_id_of(run_job, i, r);
+      std::printf("  exposure shard %d principal%s %s %.4f node %s %.4f%s\n", i, replicas > 1 ? "s" : "",
+                  principals.c_str(), op::exposure_of(params, {i}), node.c_str(), node_ratio,
                   trusted ? "  (trusted stage: not in the maximum)" : "");
     }
     for (const auto& e : report.exporters) {
