@@ -232,7 +232,9 @@ int main(int argc, char** argv) {
   study_cmd->add_option("--out", study.out_dir, "output directory: results.csv (resumable), results.md, plot-<model>.png")->required();
   study_cmd->add_option("--rows", study.rows, "attacker rows: none, all, s<i>[+<j>..], sw<i>, single, pair, triple, sandwich, default")
       ->capture_default_str();
-  study_cmd->add_option("--attacks", study.attacks, "attacks: A1-frozen, A1-lowlr, A2, A3")->capture_default_str();
+  study_cmd->add_option("--attacks", study.attacks, "attacks: A1-frozen, A1-lowlr, A2, A3, A4 (the query attacker; only when named)")->capture_default_str();
+  study_cmd->add_option("--queries", study.queries, "A4: query budgets (victim evaluations per cell)")->capture_default_str();
+  study_cmd->add_option("--a4-samples", study.a4_samples, "A4: the attacker's labelled samples (0 = data-free)")->capture_default_str();
   study_cmd->add_option("--samples", study.samples, "attacker's labelled samples (columns)")->capture_default_str();
   study_cmd->add_option("--seeds", study.seeds, "seeds per cell")->capture_default_str();
   study_cmd->add_option("--first-seed", study.first_seed, "first seed")->capture_default_str();
@@ -312,7 +314,7 @@ int main(int argc, char** argv) {
     shardguard::shardd::set_compute_threads(study_threads);
     if (study.quick) {
       std::vector<std::string> given;
-      for (const char* f : {"--seeds", "--samples", "--steps", "--fit-steps", "--batch", "--scratch-runs",
+      for (const char* f : {"--seeds", "--samples", "--queries", "--steps", "--fit-steps", "--batch", "--scratch-runs",
                             "--test-samples", "--val-samples", "--victim-samples", "--victim-epochs"}) {
         if (study_cmd->count(f) > 0) given.push_back(f);
       }

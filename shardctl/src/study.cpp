@@ -13,7 +13,14 @@
 #include <set>
 #include <sstream>
 
+#include <torch/nn/functional/activation.h>
 #include <torch/nn/functional/loss.h>
+#include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/batchnorm.h>
+#include <torch/nn/modules/container/functional.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/upsampling.h>
 #include <torch/optim/adam.h>
 #include <torch/serialize.h>
 #include <torch/types.h>
@@ -148,6 +155,14 @@ torch::Tensor predict(StagedModel& m, const torch::Tensor& x) {
   return torch::cat(out);
 }
 
+std::vector<std::string> parse_attacks_list(const std::string& list) {
+  std::vector<std::string> out;
+  std::stringstream ss(list);
+  std::string a;
+  while (std::getline(ss, a, ',')) out.push_back(a);
+  return out;
+}
+
 std::string settings_line(const StudyOptions& o, const std::vector<StudyJob>& jobs) {
   std::ostringstream s;
   // method=2: A2/A3 within the one budget, several scratch runs, a validation split
@@ -157,6 +172,15 @@ std::string settings_line(const StudyOptions& o, const std::vector<StudyJob>& jo
     << " val_samples=" << o.val_samples << " test_samples=" << o.test_samples
     << " victim_train_samples=" << o.victim_train_samples
     << " victim_epochs=" << o.victim_epochs << " checkpoints=" << (o.checkpoint_dir.empty() ? "no" : o.checkpoint_dir);
+  // A4's settings only when it runs: an --out of the other attacks keeps its line, and
+  // run() accepts the line with or without this part as long as the rest matches.
+  if (const auto attacks = parse_attacks_list(o.attacks);
+      std::find(attacks.begin(), attacks.end(), "A4") != attacks.end()) {
+    const A4Config& k = a4_config();
+    s << " a4(batch" << k.batch << ",dirs" << k.directions << ",eps" << k.epsilon << ",sub" << k.substitute_steps
+      << ",z" << k.z_dim << ",lr_s" << k.substitute_lr << ",lr_g" << k.generator_lr << ",gen32x16,balance" << k.balance << ",replay" << k.replay
+      << ",samples" << o.a4_samples << ")";
+  }
   for (const auto& j : jobs) {
     const auto& m = j.spec.model;
     s << " " << j.model << "(h" << m.hidden << ",d" << m.depth << ",c" << m.channels << ",heads" << m.heads << ",p"
@@ -172,7 +196,7 @@ std::vector<std::string> parse_attacks(const std::string& list) {
   std::string a;
   while (std::getline(ss, a, ',')) {
     if (std::find(all_attacks().begin(), all_attacks().end(), a) == all_attacks().end()) {
-      throw StudyError("--attacks: unknown attack \"" + a + "\" (known: A1-frozen, A1-lowlr, A2, A3)");
+      throw StudyError("--attacks: unknown attack \"" + a + "\" (known: A1-frozen, A1-lowlr, A2, A3, A4)");
     }
     if (std::find(out.begin(), out.end(), a) == out.end()) out.push_back(a);
   }
@@ -186,8 +210,9 @@ struct Cell {
   int seed = 0;
   int64_t samples = 0;
   StudyRow row;        // name "-" for the controls
-  std::string attack;  // scratch | scratch-<k> | victim | A1-frozen | A1-lowlr | A2 | A3
+  std::string attack;  // scratch | scratch-<k> | victim | A1-frozen | A1-lowlr | A2 | A3 | A4
   double exposure = 0;
+  int64_t queries = 0;  // A4: the query budget
 };
 
 std::string held_of(const StudyRow& r) {
@@ -203,7 +228,30 @@ struct ModelState {
   double victim_seconds = 0;
   torch::Tensor test_x, test_y, victim_pred;
   double victim_accuracy = 0;
+  double pixel_lo = 0, pixel_hi = 1;  // the normalised training images' range (A4's generator covers it)
 };
+
+// A4's generator: z → a 1×28×28 image, tanh-bounded, mapped by the caller onto the
+// range of the normalised training images. Two nearest-neighbour upsamplings of a
+// 7×7 map of 32 channels, then 16, batch-normalised (DCGAN-like, small: about 1 M
+// multiply-adds per image, less than the example cnn's first stage).
+torch::nn::Sequential make_generator(int64_t z_dim) {
+  namespace nn = torch::nn;
+  return nn::Sequential(
+      nn::Linear(z_dim, 32 * 7 * 7), nn::Functional([](const torch::Tensor& x) { return x.view({-1, 32, 7, 7}); }),
+      nn::BatchNorm2d(32), nn::ReLU(),
+      nn::Upsample(nn::UpsampleOptions().scale_factor(std::vector<double>{2, 2}).mode(torch::kNearest)),
+      nn::Conv2d(nn::Conv2dOptions(32, 16, 3).padding(1)), nn::BatchNorm2d(16), nn::ReLU(),
+      nn::Upsample(nn::UpsampleOptions().scale_factor(std::vector<double>{2, 2}).mode(torch::kNearest)),
+      nn::Conv2d(nn::Conv2dOptions(16, 1, 3).padding(1)), nn::Tanh());
+}
+
+// Log-probabilities minus their mean over the classes: the logits up to the constant
+// a black box's probabilities cannot tell (DFME's logit recovery).
+torch::Tensor centred_log_probs(const torch::Tensor& logits) {
+  auto lp = torch::log_softmax(logits, 1);
+  return lp - lp.mean(1, /*keepdim=*/true);
+}
 
 // The validation images of one seed and the victim's predictions on them.
 struct Validation {
@@ -226,6 +274,7 @@ class Runner {
   int64_t train_cell(StagedModel& m, const std::vector<int>& frozen, const std::vector<int>& low, const Cell& c,
                      int64_t steps, const std::string& salt = "");
   void evaluate(StagedModel& m, int seed, CellResult* r);
+  int64_t run_a4(StagedModel& m, const std::vector<int>& known, const Cell& c);
 
   const StudyOptions& o_;
   std::vector<StudyJob> jobs_;
@@ -288,6 +337,8 @@ void Runner::prepare_model(size_t j) {
       save_model(state_.victim, path);
     }
   }
+  state_.pixel_lo = train_x_.defined() ? train_x_.min().item<double>() : 0.0;
+  state_.pixel_hi = train_x_.defined() ? train_x_.max().item<double>() : 1.0;
   state_.victim_pred = predict(state_.victim, state_.test_x);
   state_.victim_accuracy = state_.victim_pred.eq(state_.test_y).to(torch::kDouble).mean().item<double>();
   std::printf("victim %s: test accuracy %.4f on %lld test samples\n", job.model.c_str(), state_.victim_accuracy,
@@ -397,6 +448,134 @@ void Runner::evaluate(StagedModel& m, int seed, CellResult* r) {
   r->val_accuracy = predict(m, v.x).eq(v.y).to(torch::kDouble).mean().item<double>();
 }
 
+// A4, the query attacker (DFME style): the held stages frozen, the missing ones
+// trained to agree with the victim — which it can only query, as a black box that
+// returns probabilities — on images from a generator trained to find where they
+// disagree. Returns the queries spent (≤ the budget; 0 for `all`, which is the victim).
+int64_t Runner::run_a4(StagedModel& m, const std::vector<int>& known, const Cell& c) {
+  const A4Config& k = a4_config();
+  std::vector<torch::Tensor> params;
+  for (size_t i = 0; i < m.stages.size(); ++i) {
+    const bool held = std::find(known.begin(), known.end(), static_cast<int>(i)) != known.end();
+    for (auto& p : m.stages[i]->parameters()) {
+      p.set_requires_grad(!held);
+      if (!held) params.push_back(p);
+    }
+  }
+  if (params.empty()) return 0;
+  torch::manual_seed(cell_seed(c, state_.job->model, "a4"));
+  auto gen = make_generator(k.z_dim);
+  torch::optim::Adam sub_opt(params, torch::optim::AdamOptions(k.substitute_lr));
+  torch::optim::Adam gen_opt(gen->parameters(), torch::optim::AdamOptions(k.generator_lr));
+  const auto sub_lrs = group_lrs(sub_opt);
+  const double lo = state_.pixel_lo, hi = state_.pixel_hi;
+  const int64_t B = k.batch, dirs = k.directions;
+  std::vector<int64_t> image_shape(train_x_.sizes().begin() + 1, train_x_.sizes().end());
+  const double dim = static_cast<double>(train_x_[0].numel());
+  auto shape_of = [&](int64_t n) {
+    std::vector<int64_t> s{n};
+    s.insert(s.end(), image_shape.begin(), image_shape.end());
+    return s;
+  };
+  int64_t used = 0;
+  // The black box: every image it evaluates is a query.
+  auto query = [&](const torch::Tensor& x) {
+    torch::NoGradGuard no_grad;
+    used += x.size(0);
+    return centred_log_probs(state_.victim.forward(x));
+  };
+  auto generate = [&](int64_t n) { return lo + (gen->forward(torch::randn({n, k.z_dim})) + 1.0) * (0.5 * (hi - lo)); };
+  // Replay: the latest k.replay queries (image, victim's answer), a ring.
+  const int64_t cap = std::min<int64_t>(k.replay, std::max<int64_t>(c.queries, B));
+  torch::Tensor mem_x = torch::empty(shape_of(cap)), mem_y;
+  int64_t mem_n = 0, mem_pos = 0;
+  auto remember = [&](const torch::Tensor& x, const torch::Tensor& y) {
+    if (!mem_y.defined()) mem_y = torch::empty({cap, y.size(1)});
+    const auto idx = torch::arange(mem_pos, mem_pos + x.size(0), torch::kLong).remainder(cap);
+    mem_x.index_copy_(0, idx, x);
+    mem_y.index_copy_(0, idx, y);
+    mem_pos = (mem_pos + x.size(0)) % cap;
+    mem_n = std::min(cap, mem_n + x.size(0));
+  };
+  torch::Tensor lx, ly;
+  if (c.samples > 0) attacker_data(c.seed, c.samples, &lx, &ly);
+
+  const int64_t rounds = k.rounds(c.queries);
+  const int64_t sub_total = rounds * k.substitute_steps;
+  int64_t sub_step = 0;
+  gen->train(true);
+  for (int64_t round = 0; round < rounds; ++round) {
+    // Generator step: ascend the substitute–victim L1 disagreement ℓ(x) at x = G(z).
+    // ∇x ℓ through the black box by forward differences along `dirs` random unit
+    // directions u per image: g ≈ (dim / dirs) Σ (ℓ(x + ε u) − ℓ(x)) / ε · u.
+    m.train(false);
+    torch::Tensor x = generate(B);
+    torch::Tensor grad;
+    torch::Tensor xd = x.detach();
+    {
+      torch::NoGradGuard no_grad;
+      std::vector<int64_t> per_image{-1};  // one norm per image, broadcast over its pixels
+      per_image.insert(per_image.end(), image_shape.size(), 1);
+      auto u = torch::randn(shape_of(B * dirs));
+      u = u / u.flatten(1).norm(2, 1).clamp_min(1e-12).view(per_image);
+      const auto base = xd.repeat_interleave(dirs, 0);  // image i's copies next to each other
+      const auto xp = base + k.epsilon * u;
+      const auto v0 = query(xd);
+      const auto vp = query(xp);
+      const auto l0 = (centred_log_probs(m.forward(xd)) - v0).abs().mean(1);
+      const auto lp = (centred_log_probs(m.forward(xp)) - vp).abs().mean(1).view({B, dirs});
+      const auto coef = (lp - l0.unsqueeze(1)) * (dim / (k.epsilon * static_cast<double>(dirs)));
+      grad = (coef.reshape({B * dirs, 1}) * u.flatten(1)).view({B, dirs, -1}).sum(1).view(shape_of(B));
+      remember(xd, v0);
+    }
+    // Gradient ascent on ℓ (the estimate enters as a linear term in x), plus a class
+    // balance term through the substitute, which the attacker holds (no queries): the
+    // negative entropy of the batch's mean predicted class distribution, so that the
+    // generator does not collapse onto one class of the victim.
+    gen_opt.zero_grad();
+    const auto mean_p = torch::softmax(m.forward(x), 1).mean(0);
+    const auto neg_entropy = (mean_p * torch::log(mean_p.clamp_min(1e-12))).sum();
+    const auto gen_loss = -(x * grad).sum() / static_cast<double>(B) + k.balance * neg_entropy;
+    gen_loss.backward();
+    gen_opt.step();
+    // Substitute steps: agree with the victim (L1 on centred log-probabilities) on
+    // fresh generated images and as many replayed past queries (and, with labelled
+    // samples, cross-entropy on a batch of them).
+    for (int64_t s = 0; s < k.substitute_steps; ++s, ++sub_step) {
+      torch::Tensor xq;
+      {
+        torch::NoGradGuard no_grad;
+        xq = generate(B);
+      }
+      const auto vq = query(xq);
+      torch::Tensor xb = xq, yb = vq;
+      if (mem_n > 0) {
+        const auto idx = torch::randint(mem_n, {B}, torch::kLong);
+        xb = torch::cat({xq, mem_x.index_select(0, idx)});
+        yb = torch::cat({vq, mem_y.index_select(0, idx)});
+      }
+      remember(xq, vq);
+      m.train(true);
+      set_cosine_lr(sub_opt, sub_lrs, sub_step, sub_total);
+      sub_opt.zero_grad();
+      auto loss = (centred_log_probs(m.forward(xb)) - yb).abs().mean(1).mean();
+      if (lx.defined()) {
+        const auto idx = torch::randint(lx.size(0), {std::min<int64_t>(B, lx.size(0))}, torch::kLong);
+        loss = loss + torch::nn::functional::cross_entropy(m.forward(lx.index_select(0, idx)), ly.index_select(0, idx));
+      }
+      loss.backward();
+      sub_opt.step();
+    }
+  }
+  m.train(false);
+  if (used > c.queries || used != rounds * k.queries_per_round()) {
+    throw std::logic_error("study: A4 cell spent " + std::to_string(used) + " queries of a budget of " +
+                           std::to_string(c.queries) + " (" + std::to_string(rounds) + " rounds of " +
+                           std::to_string(k.queries_per_round()) + ")");
+  }
+  return used;
+}
+
 CellResult Runner::run_cell(const Cell& c) {
   prepare_model(c.job);
   const StudyJob& job = jobs_[c.job];
@@ -425,7 +604,9 @@ CellResult Runner::run_cell(const Cell& c) {
   const std::string salt = run_salt(c.attack);
   StagedModel m = build_model(job.spec.model, job.cut, cell_seed(c, job.model, "init" + salt));
   if (is_scratch(c.attack)) {
-    spent += train_cell(m, {}, {}, c, phases[0].steps, salt);
+    // A data-free attacker's scratch level (A4 without labelled samples): a model
+    // with no data and no queries, its initialisation untrained.
+    if (c.samples > 0) spent += train_cell(m, {}, {}, c, phases[0].steps, salt);
     evaluate(m, c.seed, &r);
     r.wall_seconds = seconds_since(t0);
     return r;
@@ -437,6 +618,14 @@ CellResult Runner::run_cell(const Cell& c) {
   }
   for (int i : known) copy_stage(m.stages[i], state_.victim.stages[i]);
 
+  if (c.attack == "A4") {
+    // Its budget is in queries and rounds (a4_config), not --steps.
+    r.queries = c.queries;
+    run_a4(m, known, c);
+    evaluate(m, c.seed, &r);
+    r.wall_seconds = seconds_since(t0);
+    return r;
+  }
   if (c.attack == "A1-frozen") {
     spent += train_cell(m, known, {}, c, phases[0].steps);
   } else if (c.attack == "A1-lowlr") {
@@ -509,7 +698,21 @@ int Runner::run() {
   const std::string settings = settings_line(o_, jobs_);
   if (fs::exists(settings_file)) {
     const std::string old = trim(read_file(settings_file));
-    if (old != settings) {
+    // The A4 part (" a4(...)") is present only when A4 runs: the rest must match, and
+    // the A4 parts where both have one; a first A4 run records its part.
+    const auto a4_part = [](const std::string& line) {
+      const auto at = line.find(" a4(");
+      return at == std::string::npos ? std::string() : line.substr(at, line.find(')', at) + 1 - at);
+    };
+    const auto without_a4 = [&](std::string line) {
+      const std::string p = a4_part(line);
+      if (!p.empty()) line.erase(line.find(p), p.size());
+      return line;
+    };
+    const bool same = without_a4(old) == without_a4(settings) &&
+                      (a4_part(old).empty() || a4_part(settings).empty() || a4_part(old) == a4_part(settings));
+    if (same && a4_part(old).empty() && !a4_part(settings).empty()) write_file_atomic(settings_file, settings + "\n");
+    if (!same) {
       throw StudyError("--out " + o_.out_dir + ": holds results of other settings (" + old +
                        "); use another --out, or the same flags");
     }
@@ -540,18 +743,23 @@ int Runner::run() {
 
   // The plan.
   const auto sizes = parse_sizes("--samples", o_.samples);
-  const auto attacks = parse_attacks(o_.attacks);
+  auto attacks = parse_attacks(o_.attacks);
+  const bool a4 = std::find(attacks.begin(), attacks.end(), "A4") != attacks.end();
+  attacks.erase(std::remove(attacks.begin(), attacks.end(), "A4"), attacks.end());
+  const auto budgets = a4 ? parse_sizes("--queries", o_.queries) : std::vector<int64_t>{};
   std::vector<Cell> cells;
   for (size_t j = 0; j < jobs_.size(); ++j) {
     const int n = static_cast<int>(jobs_[j].cut.size());
     const auto rows = parse_rows(o_.rows, n);
     for (int seed = o_.first_seed; seed < o_.first_seed + o_.seeds; ++seed) {
-      for (int64_t size : sizes) {
+      std::set<int64_t> controls;  // sizes whose scratch runs and victim are planned
+      const auto add_controls = [&](int64_t size) {
         Cell base;
         base.job = j;
         base.seed = seed;
         base.samples = size;
         base.row = StudyRow{"-", {}, -1};
+        if (!controls.insert(size).second) return base;
         for (int run = 1; run <= o_.scratch_runs; ++run) {
           base.attack = scratch_run_name(run);
           cells.push_back(base);
@@ -559,6 +767,10 @@ int Runner::run() {
         base.attack = "victim";
         base.exposure = 1.0;
         cells.push_back(base);
+        return base;
+      };
+      for (int64_t size : attacks.empty() ? std::vector<int64_t>{} : sizes) {
+        const Cell base = add_controls(size);
         for (const auto& row : rows) {
           for (const auto& a : row_attacks(row, n, attacks)) {
             Cell c = base;
@@ -569,11 +781,26 @@ int Runner::run() {
           }
         }
       }
+      // A4: every row and budget at its own labelled size (0: data-free, whose scratch
+      // level is an untrained model), after the other attacks of the seed.
+      if (a4) {
+        const Cell base = add_controls(o_.a4_samples);
+        for (const auto& row : rows) {
+          for (int64_t q : budgets) {
+            Cell c = base;
+            c.row = row;
+            c.attack = "A4";
+            c.queries = q;
+            c.exposure = row_exposure(row, jobs_[j].shares);
+            cells.push_back(c);
+          }
+        }
+      }
     }
   }
   const auto key_of = [&](const Cell& c) {
     return jobs_[c.job].model + "|" + c.row.name + "|" + c.attack + "|" + std::to_string(c.samples) + "|" +
-           std::to_string(c.seed);
+           std::to_string(c.seed) + (c.queries > 0 ? "|q" + std::to_string(c.queries) : "");
   };
   size_t todo = 0;
   for (const auto& c : cells) todo += done.count(key_of(c)) ? 0 : 1;
@@ -595,9 +822,10 @@ int Runner::run() {
     ++ran;
     const double elapsed = seconds_since(start);
     const double eta = elapsed / static_cast<double>(ran) * static_cast<double>(todo - ran);
-    std::printf("cell %zu of %zu  %s %-8s %-9s n=%-5lld seed %d  acc %.4f  fid %.4f  %.1fs  ETA %s\n", i + 1,
+    const std::string q = r.queries > 0 ? " q=" + std::to_string(r.queries) : "";
+    std::printf("cell %zu of %zu  %s %-8s %-9s n=%-5lld seed %d%s  acc %.4f  fid %.4f  %.1fs  ETA %s\n", i + 1,
                 cells.size(), r.model.c_str(), r.row.c_str(), r.attack.c_str(), static_cast<long long>(r.samples),
-                r.seed, r.accuracy, r.fidelity, r.wall_seconds, format_duration(eta).c_str());
+                r.seed, q.c_str(), r.accuracy, r.fidelity, r.wall_seconds, format_duration(eta).c_str());
     std::fflush(stdout);
   }
   if (std::fclose(out.release()) != 0) throw std::runtime_error("cannot close " + csv + ": " + std::strerror(errno));
@@ -623,7 +851,18 @@ void validate_study(const StudyOptions& o) {
     throw StudyError("--low-lr-factor " + std::to_string(o.low_lr_factor) + ": must be positive");
   }
   if (o.test_samples < 0) throw StudyError("--test-samples " + std::to_string(o.test_samples) + ": must be ≥ 0");
-  parse_attacks(o.attacks);
+  const auto attacks = parse_attacks(o.attacks);
+  const bool a4 = std::find(attacks.begin(), attacks.end(), "A4") != attacks.end();
+  if (a4) {
+    const int64_t round = a4_config().queries_per_round();
+    for (int64_t q : parse_sizes("--queries", o.queries)) {
+      if (q < round) {
+        throw StudyError("--queries " + std::to_string(q) + ": below one round of A4 (" + std::to_string(round) +
+                         " queries: a generator step and its forward differences, then the substitute steps)");
+      }
+    }
+    if (o.a4_samples < 0) throw StudyError("--a4-samples " + std::to_string(o.a4_samples) + ": must be ≥ 0");
+  }
   const auto jobs = load_study_jobs(o);
   const auto sizes = parse_sizes("--samples", o.samples);
   for (const auto& j : jobs) {
@@ -634,7 +873,13 @@ void validate_study(const StudyOptions& o) {
     } catch (const std::exception& e) {
       throw StudyError("--job " + j.file + ": " + e.what());
     }
-    for (int64_t s : sizes) {
+    if (a4 && j.spec.model.language_model()) {
+      throw StudyError("--attacks A4: the query attacker generates images; model " + j.model + " of --job " + j.file +
+                       " takes tokens");
+    }
+    std::vector<int64_t> checked = sizes;
+    if (a4) checked.push_back(o.a4_samples);
+    for (int64_t s : checked) {
       if (s > train_n) {
         throw StudyError("--samples " + std::to_string(s) + ": above the " + std::to_string(train_n) +
                          " samples of the training set of " + j.spec.dataset.path);

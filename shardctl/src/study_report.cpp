@@ -154,6 +154,10 @@ std::vector<std::string> row_attacks(const StudyRow& row, int stages, const std:
   std::vector<std::string> out;
   for (const auto& a : all_attacks()) {
     if (std::find(wanted.begin(), wanted.end(), a) == wanted.end()) continue;
+    if (a == "A4") {  // the query attacker: every row (its held stages frozen)
+      out.push_back(a);
+      continue;
+    }
     if (row.sandwiched >= 0) {
       if (a == "A3") out.push_back(a);
       continue;
@@ -195,10 +199,13 @@ std::vector<int64_t> parse_sizes(const std::string& flag, const std::string& lis
 }
 
 std::string CellResult::key() const {
-  return model + "|" + row + "|" + attack + "|" + std::to_string(samples) + "|" + std::to_string(seed);
+  return model + "|" + row + "|" + attack + "|" + std::to_string(samples) + "|" + std::to_string(seed) +
+         (queries > 0 ? "|q" + std::to_string(queries) : "");
 }
 
-std::string csv_header() { return "model,row,held,exposure,attack,samples,seed,accuracy,fidelity,wall_s,val_accuracy"; }
+std::string csv_header() {
+  return "model,row,held,exposure,attack,samples,seed,accuracy,fidelity,wall_s,val_accuracy,queries";
+}
 
 namespace {
 
@@ -237,10 +244,12 @@ std::string to_csv_line(const CellResult& c) {
                 c.fidelity, c.wall_seconds);
   std::string line = buf;
   // A cell of the first study (no validation split) keeps its 10 fields.
-  if (!std::isnan(c.val_accuracy)) {
+  if (!std::isnan(c.val_accuracy) || c.queries > 0) {
     std::snprintf(buf, sizeof buf, ",%.6f", c.val_accuracy);
     line += buf;
   }
+  // Only A4 lines carry the query budget; the others keep their fields as before.
+  if (c.queries > 0) line += "," + std::to_string(c.queries);
   return line;
 }
 
@@ -258,7 +267,7 @@ std::vector<CellResult> parse_csv(const std::string& text) {
       if (line.rfind("model,", 0) == 0) continue;
     }
     const auto f = split(line, ',');
-    if (f.size() != 10 && f.size() != 11) continue;
+    if (f.size() < 10 || f.size() > 12) continue;
     try {
       CellResult c;
       c.model = f[0];
@@ -271,7 +280,9 @@ std::vector<CellResult> parse_csv(const std::string& text) {
       c.accuracy = std::stod(f[7]);
       c.fidelity = std::stod(f[8]);
       c.wall_seconds = std::stod(f[9]);
-      if (f.size() == 11) c.val_accuracy = std::stod(f[10]);
+      if (f.size() >= 11) c.val_accuracy = std::stod(f[10]);
+      if (f.size() == 12 && !f[11].empty()) c.queries = std::stoll(f[11]);
+      if (c.queries < 0) continue;
       out.push_back(c);
     } catch (const std::exception&) {
       continue;
@@ -355,7 +366,8 @@ std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells) {
     // The scratch runs of one seed enter their group once, as their mean.
     if (scratch && !scratch_seeds.insert(ctl(c)).second) continue;
     const std::string attack = scratch ? "scratch" : c.attack;
-    const std::string g = c.model + "|" + c.row + "|" + attack + "|" + std::to_string(c.samples);
+    const std::string g = c.model + "|" + c.row + "|" + attack + "|" + std::to_string(c.samples) +
+                          (c.queries > 0 ? "|q" + std::to_string(c.queries) : "");
     auto [it, fresh] = groups.try_emplace(g);
     if (fresh) {
       order.push_back(g);
@@ -365,6 +377,7 @@ std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells) {
       it->second.a.exposure = c.exposure;
       it->second.a.attack = attack;
       it->second.a.samples = c.samples;
+      it->second.a.queries = c.queries;
     }
     const auto s = scratch_runs.find(ctl(c));
     it->second.acc.push_back(scratch ? mean(s->second.test) : c.accuracy);
@@ -396,9 +409,15 @@ std::string markdown_table(const std::vector<Aggregate>& aggs, const std::string
   std::vector<int64_t> sizes;
   std::vector<std::pair<std::string, std::string>> lines;  // (row, attack) in order
   std::map<std::string, const Aggregate*> by;
+  // A4 (query budgets) has its own table (a4_table); a size with controls only (A4's
+  // data-free scratch level) gets no column here.
   for (const auto& a : aggs) {
-    if (a.model != model) continue;
+    if (a.model != model || a.queries > 0 || a.row == "-") continue;
     if (std::find(sizes.begin(), sizes.end(), a.samples) == sizes.end()) sizes.push_back(a.samples);
+  }
+  for (const auto& a : aggs) {
+    if (a.model != model || a.queries > 0) continue;
+    if (std::find(sizes.begin(), sizes.end(), a.samples) == sizes.end()) continue;
     const std::pair<std::string, std::string> key{a.row, a.attack};
     if (std::find(lines.begin(), lines.end(), key) == lines.end()) lines.push_back(key);
     by[a.row + "|" + a.attack + "|" + std::to_string(a.samples)] = &a;
@@ -464,7 +483,7 @@ std::vector<const Aggregate*> best_per_row(const std::vector<Aggregate>& aggs, c
                                            int64_t samples) {
   std::vector<const Aggregate*> best;
   for (const auto& a : aggs) {
-    if (a.model != model || a.row == "-" || a.samples != samples || a.r.n == 0) continue;
+    if (a.model != model || a.row == "-" || a.samples != samples || a.r.n == 0 || a.queries > 0) continue;
     auto it = std::find_if(best.begin(), best.end(), [&](const Aggregate* b) { return b->row == a.row; });
     if (it == best.end()) {
       best.push_back(&a);
@@ -511,7 +530,7 @@ std::string headline_table(const std::vector<Aggregate>& aggs, const std::string
 std::map<int64_t, std::vector<PlotPoint>> best_r_by_size(const std::vector<Aggregate>& aggs, const std::string& model) {
   std::map<int64_t, std::vector<PlotPoint>> out;
   for (const auto& a : aggs) {
-    if (a.model != model || a.row == "-" || a.r.n == 0 || out.count(a.samples)) continue;
+    if (a.model != model || a.row == "-" || a.r.n == 0 || a.queries > 0 || out.count(a.samples)) continue;
     auto& pts = out[a.samples];
     for (const Aggregate* b : best_per_row(aggs, model, a.samples)) {
       const double h = rerun_half_width(b->r);
@@ -522,10 +541,93 @@ std::map<int64_t, std::vector<PlotPoint>> best_r_by_size(const std::vector<Aggre
   return out;
 }
 
+int64_t queries_to_reach(const std::vector<std::pair<int64_t, double>>& r_by_budget, double target,
+                         double* interpolated) {
+  *interpolated = std::nan("");
+  for (size_t i = 0; i < r_by_budget.size(); ++i) {
+    const auto [q, r] = r_by_budget[i];
+    if (std::isnan(r) || r < target) continue;
+    if (i == 0) {
+      *interpolated = static_cast<double>(q);
+    } else {
+      const auto [q0, r0] = r_by_budget[i - 1];
+      const double f = std::isnan(r0) ? 1.0 : (target - r0) / (r - r0);  // r0 < target ≤ r
+      *interpolated = std::exp(std::log(static_cast<double>(q0)) +
+                               f * (std::log(static_cast<double>(q)) - std::log(static_cast<double>(q0))));
+    }
+    return q;
+  }
+  return 0;
+}
+
+std::string a4_table(const std::vector<Aggregate>& aggs, const std::string& model, int64_t samples) {
+  std::vector<int64_t> budgets;
+  std::vector<std::string> rows;
+  std::map<std::string, const Aggregate*> by;  // row|queries
+  for (const auto& a : aggs) {
+    if (a.model != model || a.samples != samples || a.queries <= 0 || a.attack != "A4") continue;
+    if (std::find(budgets.begin(), budgets.end(), a.queries) == budgets.end()) budgets.push_back(a.queries);
+    if (std::find(rows.begin(), rows.end(), a.row) == rows.end()) rows.push_back(a.row);
+    by[a.row + "|" + std::to_string(a.queries)] = &a;
+  }
+  if (budgets.empty()) return "";
+  std::sort(budgets.begin(), budgets.end());
+  std::ostringstream o;
+  o << "| row | held | exposure |";
+  for (auto q : budgets) o << " " << q << " queries: acc (± sd) | fid | R (± sd) |";
+  o << " R ≥ 0.5 first at | R = 0.5 at (log-interpolated) | seeds |\n|---|---|---|";
+  for (size_t i = 0; i < budgets.size(); ++i) o << "---|---|---|";
+  o << "---|---|---|\n";
+  char buf[128];
+  for (const auto& row : rows) {
+    const Aggregate* any = nullptr;
+    int seeds = 0;
+    std::vector<std::pair<int64_t, double>> curve;
+    for (auto q : budgets) {
+      const auto it = by.find(row + "|" + std::to_string(q));
+      if (it == by.end()) continue;
+      any = it->second;
+      seeds = std::max(seeds, it->second->accuracy.n);
+      curve.emplace_back(q, it->second->r.n > 0 ? it->second->r.mean : std::nan(""));
+    }
+    std::snprintf(buf, sizeof buf, "%.1f%%", 100 * any->exposure);
+    o << "| " << row << " | " << (any->held.empty() ? "–" : any->held) << " | " << buf << " |";
+    for (auto q : budgets) {
+      const auto it = by.find(row + "|" + std::to_string(q));
+      if (it == by.end()) {
+        o << " … | … | … |";
+        continue;
+      }
+      const Aggregate& a = *it->second;
+      std::snprintf(buf, sizeof buf, a.accuracy.n > 1 ? " %.3f ± %.3f | %.3f |" : " %.3f | %.3f |", a.accuracy.mean,
+                    a.accuracy.n > 1 ? a.accuracy.std : a.fidelity.mean, a.fidelity.mean);
+      o << buf;
+      if (a.r.n == 0) {
+        o << " – |";
+      } else {
+        std::snprintf(buf, sizeof buf, a.r.n > 1 ? " %.2f ± %.2f |" : " %.2f |", a.r.mean, a.r.std);
+        o << buf;
+      }
+    }
+    double at = 0;
+    const int64_t first = queries_to_reach(curve, 0.5, &at);
+    if (first == 0) {
+      o << " not reached | – |";
+    } else {
+      std::snprintf(buf, sizeof buf, " %lld | %s%.0f |", static_cast<long long>(first),
+                    first == curve.front().first ? "≤ " : "≈ ", at);
+      o << buf;
+    }
+    o << " " << seeds << " |\n";
+  }
+  return o.str();
+}
+
 void apply_quick(StudyOptions& o, const std::vector<std::string>& given) {
   auto unset = [&](const char* flag) { return std::find(given.begin(), given.end(), flag) == given.end(); };
   if (unset("--seeds")) o.seeds = 1;
   if (unset("--samples")) o.samples = "60,600";
+  if (unset("--queries")) o.queries = "2000,20000";
   if (unset("--steps")) o.steps = 200;
   if (unset("--batch")) o.batch_size = 32;
   if (unset("--scratch-runs")) o.scratch_runs = 2;
@@ -653,12 +755,27 @@ void write_report(const std::string& out_dir, bool plots, const std::map<std::st
   for (const auto& m : models) {
     std::vector<int64_t> sizes;
     for (const auto& c : cells) {
-      if (c.model == m && std::find(sizes.begin(), sizes.end(), c.samples) == sizes.end()) sizes.push_back(c.samples);
+      if (c.model == m && c.row != "-" && c.queries == 0 &&
+          std::find(sizes.begin(), sizes.end(), c.samples) == sizes.end()) {
+        sizes.push_back(c.samples);
+      }
     }
     const auto sh = shares.find(m);
     const int stages = sh == shares.end() ? 0 : static_cast<int>(sh->second.size());
     for (int64_t n : sizes) {
       md << "\n### Headline: " << m << ", " << n << " samples\n\n" << headline_table(aggs, m, n, stages);
+    }
+  }
+  // A4, the query attacker: R per row and query budget, per labelled-sample count.
+  for (const auto& m : models) {
+    std::vector<int64_t> sizes;
+    for (const auto& c : cells) {
+      if (c.model == m && c.queries > 0 && std::find(sizes.begin(), sizes.end(), c.samples) == sizes.end()) {
+        sizes.push_back(c.samples);
+      }
+    }
+    for (int64_t n : sizes) {
+      md << "\n### A4 (query attacker): " << m << ", " << n << " labelled samples\n\n" << a4_table(aggs, m, n);
     }
   }
   for (const auto& m : models) {
@@ -719,7 +836,8 @@ RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const JobS
   std::map<int64_t, RiskRow> worst;  // by samples
   std::set<std::string> out_of_reach;
   for (const Aggregate& a : aggregate(cells)) {
-    if (a.model != model || a.row == "-" || a.r.n == 0) continue;
+    // A4 (a query budget instead of labelled data) is not in the risk report yet.
+    if (a.model != model || a.row == "-" || a.r.n == 0 || a.queries > 0) continue;
     const std::set<int> held = held_set(a.held);
     bool reachable = true;
     for (int i : held) reachable = reachable && !trusted.count(i);

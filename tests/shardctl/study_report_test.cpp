@@ -138,9 +138,10 @@ TEST(StudyRows, ExposureIsTheOperatorsForEveryRowOfBothModels) {
 TEST(StudyRows, AttacksPerRow) {
   const std::vector<std::string> every = all_attacks();
   const auto rows = default_rows(4);
-  EXPECT_EQ(row_attacks(rows[0], 4, every), (std::vector<std::string>{"A1-frozen"}));  // none
-  EXPECT_EQ(row_attacks(rows[1], 4, every), (std::vector<std::string>{"A1-frozen", "A1-lowlr", "A2"}));
-  EXPECT_EQ(row_attacks(rows.back(), 4, every), (std::vector<std::string>{"A3"}));  // sw2
+  // A4, the query attacker, runs on every row (`none` is its pure black-box control).
+  EXPECT_EQ(row_attacks(rows[0], 4, every), (std::vector<std::string>{"A1-frozen", "A4"}));  // none
+  EXPECT_EQ(row_attacks(rows[1], 4, every), (std::vector<std::string>{"A1-frozen", "A1-lowlr", "A2", "A4"}));
+  EXPECT_EQ(row_attacks(rows.back(), 4, every), (std::vector<std::string>{"A3", "A4"}));  // sw2
   EXPECT_EQ(row_attacks(rows[1], 4, {"A2"}), (std::vector<std::string>{"A2"}));
 }
 
@@ -330,6 +331,106 @@ TEST(StudyCsv, ValidationAccuracyColumn) {
   EXPECT_NE(csv_header().find(",val_accuracy"), std::string::npos);
 }
 
+// A4's query budget is a 12th field on A4 lines only: the other lines keep the 11 (or
+// the first study's 10) fields, so the CSVs in docs/ read as before and a resumed
+// --out keeps its lines byte for byte.
+TEST(StudyCsv, QueriesColumnOnA4LinesOnly) {
+  EXPECT_EQ(csv_header().substr(csv_header().size() - 21), ",val_accuracy,queries");
+  const auto old = parse_csv("model,row,held,exposure,attack,samples,seed,accuracy,fidelity,wall_s,val_accuracy\n"
+                             "vit,s0,0,0.271000,A2,600,1,0.790000,0.830000,20.000,0.800000\n");
+  ASSERT_EQ(old.size(), 1u);
+  EXPECT_EQ(old[0].queries, 0);
+  EXPECT_EQ(old[0].key(), "vit|s0|A2|600|1");
+  EXPECT_EQ(to_csv_line(old[0]), "vit,s0,0,0.271000,A2,600,1,0.790000,0.830000,20.000,0.800000");
+
+  CellResult a4 = old[0];
+  a4.attack = "A4";
+  a4.samples = 0;
+  a4.queries = 100000;
+  EXPECT_EQ(to_csv_line(a4), "vit,s0,0,0.271000,A4,0,1,0.790000,0.830000,20.000,0.800000,100000");
+  EXPECT_EQ(a4.key(), "vit|s0|A4|0|1|q100000");
+  const auto back = parse_csv(csv_header() + "\n" + to_csv_line(old[0]) + "\n" + to_csv_line(a4) + "\n");
+  ASSERT_EQ(back.size(), 2u);
+  EXPECT_EQ(back[0].queries, 0);
+  EXPECT_EQ(back[1].queries, 100000);
+  EXPECT_EQ(back[1].key(), a4.key());
+  // Budgets are separate cells of one (row, seed).
+  a4.queries = 10000;
+  EXPECT_NE(a4.key(), back[1].key());
+  // A negative budget is a malformed line.
+  EXPECT_TRUE(parse_csv("vit,s0,0,0.271000,A4,0,1,0.79,0.83,20.0,0.8,-5\n").empty());
+}
+
+TEST(StudyReport, QueriesToReachAHalf) {
+  double at = 0;
+  // Reached between two budgets: log-linear interpolation, 10^(4 + 0.3/0.4).
+  EXPECT_EQ(queries_to_reach({{10000, 0.2}, {100000, 0.6}, {1000000, 0.9}}, 0.5, &at), 100000);
+  EXPECT_NEAR(at, std::pow(10.0, 4.75), 1.0);
+  // Already at the smallest budget: that budget (an upper bound).
+  EXPECT_EQ(queries_to_reach({{10000, 0.7}, {100000, 0.9}}, 0.5, &at), 10000);
+  EXPECT_EQ(at, 10000.0);
+  // Never: 0 and NaN.
+  EXPECT_EQ(queries_to_reach({{10000, 0.1}, {100000, 0.3}}, 0.5, &at), 0);
+  EXPECT_TRUE(std::isnan(at));
+  // Not monotone: the first budget that reaches it, from the one before it.
+  EXPECT_EQ(queries_to_reach({{10000, 0.6}, {100000, 0.4}, {1000000, 0.8}}, 0.5, &at), 10000);
+}
+
+namespace {
+
+CellResult cell_of(const std::string& row, const std::string& held, const std::string& attack, int64_t samples,
+                   int seed, double accuracy, int64_t queries = 0) {
+  CellResult c;
+  c.model = "cnn"; c.row = row; c.held = held; c.exposure = held.empty() ? 0 : 0.5; c.attack = attack;
+  c.samples = samples; c.seed = seed; c.accuracy = accuracy; c.fidelity = accuracy; c.wall_seconds = 1;
+  c.val_accuracy = accuracy; c.queries = queries;
+  return c;
+}
+
+}  // namespace
+
+// A4 cells get their own table (R per row and budget, and where R reaches 0.5), and
+// change nothing in the tables of the other attacks — nor do their data-free controls
+// (samples 0) add a column there.
+TEST(StudyReport, A4TableAndTheOtherTablesUnchanged) {
+  std::vector<CellResult> base;
+  for (int seed : {1, 2}) {
+    base.push_back(cell_of("-", "", "scratch", 60, seed, 0.50));
+    base.push_back(cell_of("-", "", "victim", 60, seed, 0.90));
+    base.push_back(cell_of("s0", "0", "A1-frozen", 60, seed, 0.70));
+  }
+  std::vector<CellResult> with_a4 = base;
+  for (int seed : {1, 2}) {
+    with_a4.push_back(cell_of("-", "", "scratch", 0, seed, 0.10));
+    with_a4.push_back(cell_of("-", "", "scratch-2", 0, seed, 0.10));
+    with_a4.push_back(cell_of("-", "", "victim", 0, seed, 0.90));
+    // R: none 0.125 / 0.5 + 0.05 (seed), s0 0.625 / 0.875, all 1.
+    with_a4.push_back(cell_of("none", "", "A4", 0, seed, 0.20, 10000));
+    with_a4.push_back(cell_of("none", "", "A4", 0, seed, 0.50 + 0.04 * seed, 100000));
+    with_a4.push_back(cell_of("s0", "0", "A4", 0, seed, 0.60, 10000));
+    with_a4.push_back(cell_of("s0", "0", "A4", 0, seed, 0.80, 100000));
+    with_a4.push_back(cell_of("all", "0+1+2+3", "A4", 0, seed, 0.90, 10000));
+  }
+  const auto a = aggregate(base);
+  const auto b = aggregate(with_a4);
+  EXPECT_EQ(markdown_table(b, "cnn"), markdown_table(a, "cnn"));
+  EXPECT_EQ(headline_table(b, "cnn", 60, 4), headline_table(a, "cnn", 60, 4));
+  EXPECT_EQ(best_r_by_size(b, "cnn").size(), 1u);
+  EXPECT_EQ(a4_table(a, "cnn", 0), "");
+
+  const std::string t = a4_table(b, "cnn", 0);
+  EXPECT_NE(t.find("| row | held | exposure | 10000 queries: acc (± sd) | fid | R (± sd) | 100000 queries:"),
+            std::string::npos) << t;
+  // none: R 0.125 at 10 000, 0.575 ± 0.035 at 100 000 → first at 100 000, log-interpolated
+  // 10^(4 + 0.375 / 0.45) ≈ 68 129.
+  EXPECT_NE(t.find("| none | – | 0.0% | 0.200 ± 0.000 | 0.200 | 0.12 ± 0.00 | 0.560 ± 0.028 | 0.560 | 0.57 ± 0.04 | "
+                   "100000 | ≈ 68129 | 2 |"),
+            std::string::npos) << t;
+  EXPECT_NE(t.find("| s0 | 0 | 50.0% | 0.600 ± 0.000 | 0.600 | 0.62 ± 0.00 |"), std::string::npos) << t;
+  EXPECT_NE(t.find(" 10000 | ≤ 10000 | 2 |"), std::string::npos) << t;  // s0 reaches it at once
+  EXPECT_NE(t.find("| all | 0+1+2+3 | 50.0% | 0.900 ± 0.000 | 0.900 | 1.00 ± 0.00 | … | … | … | 10000 | ≤ 10000 | 2 |"),
+            std::string::npos) << t;
+}
 
 namespace {
 

@@ -68,11 +68,39 @@ double row_exposure(const StudyRow& row, const std::vector<double>& stage_shares
 // trained as in A1-frozen for the rest of the budget (attack_phases).
 // Rows where an attack would repeat another exactly are left out: none has only
 // A1-frozen (nothing is known, so frozen = lower LR, and A2 = more scratch).
+// "A4" (issue 19): the query attacker (a4_config below) — every row, `none` being
+// the pure black-box control; its cells have a query budget (CellResult::queries).
 std::vector<std::string> row_attacks(const StudyRow& row, int stages, const std::vector<std::string>& wanted);
 
 inline const std::vector<std::string>& all_attacks() {
-  static const std::vector<std::string> kAll{"A1-frozen", "A1-lowlr", "A2", "A3"};
+  static const std::vector<std::string> kAll{"A1-frozen", "A1-lowlr", "A2", "A3", "A4"};
   return kAll;
+}
+
+// A4, the data-free query attacker (DFME / MAZE style, docs/exposure-study.md "A4").
+// Per round: one generator step on `batch` images G(z) (ascend the substitute–victim
+// disagreement, plus `balance` × the class balance of the substitute's predictions),
+// its gradient through the victim estimated by forward differences along `directions` random unit directions
+// per image (batch × (1 + directions) queries), then `substitute_steps` substitute
+// steps, each on `batch` fresh generated images (batch queries) plus `batch` replayed
+// past queries. Rounds run while a whole round fits the query budget.
+struct A4Config {
+  int64_t batch = 64;
+  int64_t directions = 1;
+  double epsilon = 1e-3;          // forward-difference step, in normalised pixel units
+  int64_t substitute_steps = 5;   // per generator step
+  int64_t z_dim = 32;
+  double substitute_lr = 1e-3;    // Adam, cosine-decayed to 0 over the rounds
+  double generator_lr = 1e-3;     // Adam, constant
+  double balance = 1.0;           // weight of the class-balance term of the generator's loss
+  int64_t replay = 50000;         // past queries kept for replay (the latest)
+  int64_t queries_per_round() const { return batch * (1 + directions) + substitute_steps * batch; }
+  // Rounds a budget buys (whole rounds only).
+  int64_t rounds(int64_t queries) const { return queries / queries_per_round(); }
+};
+inline const A4Config& a4_config() {
+  static const A4Config kConfig;
+  return kConfig;
 }
 
 // One phase of a cell's training: what is trained, and for how many steps.
@@ -114,7 +142,11 @@ struct CellResult {
   // trains on): what the best attack per row is chosen on. NaN in a CSV of the first
   // study, which had no validation split.
   double val_accuracy = std::numeric_limits<double>::quiet_NaN();
-  std::string key() const;  // model|row|attack|samples|seed
+  // A4: the query budget (the victim's evaluations, forward differences included);
+  // 0 for every other attack and the controls. A CSV line carries it as a 12th field,
+  // on A4 lines only (the other lines keep the 11 — or the first study's 10 — fields).
+  int64_t queries = 0;
+  std::string key() const;  // model|row|attack|samples|seed, and |q<queries> for A4
 };
 
 std::string csv_header();
@@ -158,6 +190,7 @@ struct Aggregate {
   double exposure = 0;
   std::string attack;
   int64_t samples = 0;
+  int64_t queries = 0;  // A4's budget (one group per budget); 0 otherwise
   Stat accuracy;
   Stat fidelity;
   Stat r;        // per seed R on the test images, against the mean of that seed's scratch runs of the same size
@@ -190,6 +223,19 @@ std::string markdown_table(const std::vector<Aggregate>& aggregates, const std::
 std::string headline_table(const std::vector<Aggregate>& aggregates, const std::string& model, int64_t samples,
                            int stages);
 
+// The A4 table of one model and labelled-sample count: per row (table order), per
+// query budget the accuracy, fidelity and R (mean ± sd over seeds), and the queries
+// needed to reach R = 0.5 (queries_to_reach). Empty when the model has no A4 cells
+// at that size.
+std::string a4_table(const std::vector<Aggregate>& aggregates, const std::string& model, int64_t samples);
+
+// From mean R per budget (ascending budgets): the smallest measured budget whose
+// mean R is ≥ target (0 when none), and in *interpolated the budget where R crosses
+// target, linear in log(queries) between the last budget below it and that one (the
+// smallest budget itself when it already reaches target; NaN when none does).
+int64_t queries_to_reach(const std::vector<std::pair<int64_t, double>>& r_by_budget, double target,
+                         double* interpolated);
+
 // For the plots: per model and size, each row's exposure and its best attack's test
 // R (chosen as in headline_table), error bar the rerun interval's half width.
 struct PlotPoint {
@@ -208,7 +254,9 @@ struct StudyOptions {
   std::vector<std::string> job_files;   // one per model; the job gives model, shards, optimizer, victim epochs
   std::string out_dir;                  // results.csv, results.md, plots, cached models
   std::string rows = "default";
-  std::string attacks = "A1-frozen,A1-lowlr,A2,A3";
+  std::string attacks = "A1-frozen,A1-lowlr,A2,A3";  // A4 only when named
+  std::string queries = "10000,100000,1000000";     // A4: query budgets
+  int64_t a4_samples = 0;                           // A4: labelled samples (0 = data-free)
   std::string samples = "60,600,6000";
   int seeds = 3;
   int first_seed = 1;
@@ -230,7 +278,7 @@ struct StudyOptions {
   bool progress_tty = false;
 };
 
-// --quick: one seed, sizes 60 and 600, 200 steps of 32, 2 scratch runs, 1,000 test
+// --quick: one seed, sizes 60 and 600 (A4: 2,000 and 20,000 queries), 200 steps of 32, 2 scratch runs, 1,000 test
 // and 1,000 validation samples, a victim of two epochs over 30,000 samples. Values the user set explicitly are kept (flags
 // given on the command line are listed in `explicit_flags`).
 void apply_quick(StudyOptions& options, const std::vector<std::string>& explicit_flags);
