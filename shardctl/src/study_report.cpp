@@ -779,6 +779,11 @@ void write_report(const std::string& out_dir, bool plots, const std::map<std::st
     }
   }
   for (const auto& m : models) {
+    // A model measured with A4 only has no table of the other attacks.
+    if (std::none_of(cells.begin(), cells.end(),
+                     [&](const CellResult& c) { return c.model == m && c.row != "-" && c.queries == 0; })) {
+      continue;
+    }
     md << "\n### " << m << "\n\n" << markdown_table(aggs, m);
     const auto points = best_r_by_size(aggs, m);
     if (points.empty()) continue;

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <map>
 #include <set>
+#include <sstream>
 
 #include <unistd.h>
 
@@ -233,4 +234,133 @@ TEST(StudyQuick, TwoPhaseAttacksStayWithinTheBudget) {
   // The substitute A2 starts from is trained for the first half of the budget only.
   EXPECT_TRUE(fs::exists(fs::path(o.out_dir) / "models" / "substitute-cnn-n60-seed1-steps20.pt"));
   EXPECT_FALSE(fs::exists(fs::path(o.out_dir) / "models" / "substitute-cnn-n60-seed1-steps40.pt"));
+}
+
+// A4, the query attacker (issue 19), in a quick configuration: the small cnn above,
+// rows none (the pure black-box control), s0 and all, budgets of 2 000 and 20 000
+// queries, 2 seeds, no labelled samples (its scratch level is an untrained model).
+// Orderings that must hold whatever the noise:
+// - `all` is the victim: it spends no query, and its R is 1 up to float rounding;
+// - more queries do not do worse beyond noise: per row, the mean R over the seeds at
+//   20 000 queries ≥ that at 2 000 − kMoreQueriesTol.
+// kMoreQueriesTol is derived from the seed-to-seed spread of this very configuration,
+// measured over seeds 1–6 (docs/exposure-study.md, "A4: the quick test's tolerance"):
+// the pooled sd of one cell's R over the (row, budget) groups that train is
+// σ = SIGMA_R; the difference of two means of k = 2 seeds has sd σ √(2/k) = σ (the
+// budgets of a row share their draws, which only makes the difference less noisy),
+// and the tolerance is 3 of those, rounded up.
+TEST(StudyQuick, QueryAttackerOrderingsHold) {
+  const double kMoreQueriesTol = 0.2;
+  const testsupport::TempDir tmp("shardguard-study-a4");
+  const fs::path dir = tmp.path();
+  std::string yaml;
+  {
+    std::ifstream in(kCnnJob);
+    yaml.assign((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }
+  for (const auto& [from, to] : std::vector<std::pair<std::string, std::string>>{{"channels: 32", "channels: 8"},
+                                                                                  {"hidden: 64", "hidden: 32"}}) {
+    const auto at = yaml.find(from);
+    ASSERT_NE(at, std::string::npos) << from;
+    yaml.replace(at, from.size(), to);
+  }
+  std::ofstream(dir / "small-cnn.yaml") << yaml;
+
+  StudyOptions o;
+  o.job_files = {(dir / "small-cnn.yaml").string()};
+  o.out_dir = (dir / "out").string();
+  o.rows = "none,s0,all";
+  o.attacks = "A4";
+  o.no_plots = true;
+  apply_quick(o, {});
+  ASSERT_EQ(o.queries, "2000,20000");
+  o.seeds = 2;
+  o.victim_epochs = 1;  // 30 000 images, one epoch: 0.807 on the 1 000 test images
+
+  StudyOptions bad = o;
+  bad.queries = "2000,100";
+  testing::internal::CaptureStderr();
+  EXPECT_EQ(RunStudy(bad), 2);
+  EXPECT_NE(testing::internal::GetCapturedStderr().find("--queries 100: below one round of A4 (448 queries"),
+            std::string::npos);
+  EXPECT_FALSE(fs::exists(fs::path(o.out_dir) / "results.csv"));
+
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSERT_EQ(RunStudy(o), 0);
+  RecordProperty("quick_a4_seconds",
+                 std::to_string(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()));
+  std::ifstream in(fs::path(o.out_dir) / "results.csv");
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const auto cells = parse_csv(text);
+  // Per seed: 2 scratch runs and the victim at 0 samples, 3 rows × 2 budgets.
+  ASSERT_EQ(cells.size(), 18u) << text;
+  SCOPED_TRACE(text);
+  std::map<std::string, const CellResult*> by;  // "<row>|<attack>|<queries>|<seed>"
+  for (const auto& c : cells) {
+    EXPECT_EQ(c.samples, 0) << c.key();
+    EXPECT_EQ(c.queries > 0, c.attack == "A4") << c.key();
+    by[c.row + "|" + c.attack + "|" + std::to_string(c.queries) + "|" + std::to_string(c.seed)] = &c;
+  }
+  std::map<std::string, std::vector<double>> r;  // "<row>|<queries>" → R per seed
+  for (int seed : {1, 2}) {
+    const std::string s = std::to_string(seed);
+    const double victim = by.at("-|victim|0|" + s)->accuracy;
+    const double scratch = (by.at("-|scratch|0|" + s)->accuracy + by.at("-|scratch-2|0|" + s)->accuracy) / 2;
+    // No data, no queries: an untrained model, near chance (10 classes).
+    EXPECT_LT(scratch, 0.25);
+    EXPECT_GT(victim, scratch + 0.5);
+    for (const char* row : {"none", "s0", "all"}) {
+      for (int64_t q : {2000, 20000}) {
+        const CellResult& c = *by.at(std::string(row) + "|A4|" + std::to_string(q) + "|" + s);
+        r[std::string(row) + "|" + std::to_string(q)].push_back(recovered_fraction(c.accuracy, scratch, victim));
+      }
+    }
+    for (int64_t q : {2000, 20000}) {
+      const CellResult& all = *by.at("all|A4|" + std::to_string(q) + "|" + s);
+      EXPECT_EQ(all.accuracy, victim) << "holding every shard is the victim";
+      EXPECT_EQ(all.fidelity, 1.0);
+      EXPECT_NEAR(r.at("all|" + std::to_string(q)).back(), 1.0, 1e-9);
+    }
+  }
+  const auto mean = [](const std::vector<double>& v) {
+    double s = 0;
+    for (double x : v) s += x;
+    return s / static_cast<double>(v.size());
+  };
+  for (const char* row : {"none", "s0"}) {
+    const double few = mean(r.at(std::string(row) + "|2000")), more = mean(r.at(std::string(row) + "|20000"));
+    EXPECT_GE(more, few - kMoreQueriesTol) << row << ": R " << few << " at 2000 queries, " << more << " at 20000";
+  }
+
+  // Resumable and deterministic: a rerun trains nothing and leaves the CSV as it was;
+  // a cell taken out of the CSV (s0, 2 000 queries, seed 2) is run again to the same
+  // result (every field but the wall time).
+  ASSERT_EQ(RunStudy(o), 0);
+  {
+    std::ifstream again(fs::path(o.out_dir) / "results.csv");
+    const std::string text2((std::istreambuf_iterator<char>(again)), std::istreambuf_iterator<char>());
+    EXPECT_EQ(text2, text);
+  }
+  const CellResult removed = *by.at("s0|A4|2000|2");
+  std::string kept;
+  for (const auto& line : [&] {
+         std::vector<std::string> lines;
+         std::stringstream ss(text);
+         for (std::string l; std::getline(ss, l);) lines.push_back(l);
+         return lines;
+       }()) {
+    if (line != to_csv_line(removed)) kept += line + "\n";
+  }
+  ASSERT_EQ(kept.size() + to_csv_line(removed).size() + 1, text.size());
+  std::ofstream(fs::path(o.out_dir) / "results.csv", std::ios::trunc) << kept;
+  ASSERT_EQ(RunStudy(o), 0);
+  std::ifstream third(fs::path(o.out_dir) / "results.csv");
+  const std::string text3((std::istreambuf_iterator<char>(third)), std::istreambuf_iterator<char>());
+  const auto rerun = parse_csv(text3);
+  ASSERT_EQ(rerun.size(), 18u) << text3;
+  const CellResult& again = rerun.back();
+  EXPECT_EQ(again.key(), removed.key());
+  EXPECT_EQ(again.accuracy, removed.accuracy);
+  EXPECT_EQ(again.fidelity, removed.fidelity);
+  EXPECT_EQ(again.val_accuracy, removed.val_accuracy);
 }
