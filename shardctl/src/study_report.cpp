@@ -627,7 +627,7 @@ void apply_quick(StudyOptions& o, const std::vector<std::string>& given) {
   auto unset = [&](const char* flag) { return std::find(given.begin(), given.end(), flag) == given.end(); };
   if (unset("--seeds")) o.seeds = 1;
   if (unset("--samples")) o.samples = "60,600";
-  if (unset("--queries")) o.queries = "2000,20000";
+  if (unset("--queries")) o.queries = "2000,10000";
   if (unset("--steps")) o.steps = 200;
   if (unset("--batch")) o.batch_size = 32;
   if (unset("--scratch-runs")) o.scratch_runs = 2;

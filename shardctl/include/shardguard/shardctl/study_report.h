@@ -278,7 +278,7 @@ struct StudyOptions {
   bool progress_tty = false;
 };
 
-// --quick: one seed, sizes 60 and 600 (A4: 2,000 and 20,000 queries), 200 steps of 32, 2 scratch runs, 1,000 test
+// --quick: one seed, sizes 60 and 600 (A4: 2,000 and 10,000 queries), 200 steps of 32, 2 scratch runs, 1,000 test
 // and 1,000 validation samples, a victim of two epochs over 30,000 samples. Values the user set explicitly are kept (flags
 // given on the command line are listed in `explicit_flags`).
 void apply_quick(StudyOptions& options, const std::vector<std::string>& explicit_flags);
