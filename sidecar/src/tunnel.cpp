@@ -442,13 +442,32 @@ void Tunnels::accept_loop() {
       return;
     }
     if (fds.back().revents != 0) return;
+    bool out_of_resources = false;
+    int accept_errno = 0;
     for (size_t i = 0; i + 1 < fds.size(); ++i) {
       if (fds[i].revents == 0) continue;
       for (int k = 0; k < 64; ++k) {
         const int cfd = ::accept4(fds[i].fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-        if (cfd < 0) break;
+        if (cfd < 0) {
+          if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+            out_of_resources = true;
+            accept_errno = errno;
+          }
+          break;
+        }
         if (!spawn("outbound", [this, i, cfd] { outbound(i, cfd); })) ::close(cfd);
       }
+    }
+    if (out_of_resources) {
+      // The pending connection stays readable while no descriptor is free: wait 100 ms
+      // (or for the stop) instead of spinning on it.
+      refused_.Add({{"direction", "outbound"}, {"reason", "accept"}}).Increment();
+      uint64_t suppressed = 0;
+      if (core_.log_limiter.allow("tunnel_accept", Clock::now(), &suppressed)) {
+        log::warn("tunnel listeners: cannot accept", {{"error", std::strerror(accept_errno)}, {"suppressed", suppressed}});
+      }
+      pollfd stop{stop_fd_, POLLIN, 0};
+      ::poll(&stop, 1, 100);
     }
   }
 }
