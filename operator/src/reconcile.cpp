@@ -746,12 +746,17 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
     for (int k = 0; k < slots; ++k) {
       const auto& pod = k < static_cast<int>(ob.pods.size()) ? ob.pods[k] : std::nullopt;
       json& e = shards[k];
+      // Every replica restarts, a finished one too: a replica that finished while another
+      // failed would otherwise never meet the restarted group again (its replicas would
+      // wait for it in their first all-reduce until they fail, up to the backoff limit).
+      // From the newest common checkpoint it finishes again at once if that was the last.
       if (!pod) {
-        if (e.value("phase", "") != "Succeeded") e["phase"] = "Pending";
+        if (e.value("phase", "") == "Succeeded") --succeeded;
+        e["phase"] = "Pending";
         continue;
       }
       const std::string ph = pod_phase(*pod);
-      if (being_deleted(*pod) || (ph != "Running" && ph != "Pending")) continue;
+      if (being_deleted(*pod) || ph == "Failed") continue;  // Failed: deleted in the loop above
       const std::string uid = (*pod)["metadata"].value("uid", "");
       if (e.value("groupRestartPodUID", "") == uid) continue;  // deleted in the loop above
       e["groupRestartPodUID"] = uid;
@@ -759,6 +764,8 @@ Plan plan(const Observed& ob, const PlanOptions& opt) {
       if (ph == "Running") {
         --running;
         if (pod_ready(*pod)) --ready;
+      } else if (ph == "Succeeded") {
+        --succeeded;
       }
       p.after_status.push_back(make_action(Action::Verb::kDelete, *pod, "replicas restart together"));
       ++stopped;

@@ -677,6 +677,54 @@ TEST(PlanTest, ReplicasGetTheirOwnPodsStatusAndRestartTogether) {
   EXPECT_NE(std::find(avoid.begin(), avoid.end(), "node-0"), avoid.end()) << avoid.dump();
 }
 
+// A replica fails after the other replica's pipeline finished (its pods Succeeded, one
+// even gone) and while a pod's node is unknown: the group restart stops and recreates
+// every replica — a finished replica left out would leave the restarted group waiting
+// for it until the backoff limit.
+TEST(PlanTest, AGroupRestartAlsoRestartsFinishedAndUnknownReplicas) {
+  json j = job_yaml();
+  j["spec"]["sharding"]["replicas"] = 2;
+  j["spec"]["runPolicy"]["backoffLimit"] = 3;
+  Cluster c(j);
+  c.settle();
+  for (int i = 0; i < 4; ++i) {
+    for (int r = 0; r < 2; ++r) c.kubelet_replica(i, r, "node-" + std::to_string(i), "Running");
+  }
+  c.settle();
+  for (int i = 0; i < 4; ++i) c.kubelet_replica(i, 0, "node-" + std::to_string(i), "Succeeded");
+  c.settle();
+  c.objects.erase(Cluster::replica_pod(3, 0));  // finished, and its pod already gone
+  c.kubelet_replica(1, 1, "node-1", "Unknown");
+  c.kubelet_replica(2, 1, "node-2", "Failed");
+  Plan p = plan(c.observe());
+  ASSERT_TRUE(p.status);
+  EXPECT_EQ((*p.status)["failedPods"], 1);
+  std::set<std::string> deleted;
+  for (const auto& a : p.after_status) {
+    EXPECT_EQ(a.verb, Action::Verb::kDelete) << a.name;
+    deleted.insert(a.name);
+  }
+  // 7 pods exist: 3 finished replica-0 pods, the unknown, the failed, and 2 running.
+  EXPECT_EQ(deleted.size(), 7u);
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(deleted.count(Cluster::replica_pod(i, 0).substr(4))) << i;
+  EXPECT_TRUE(deleted.count("fm-shard-1-r1"));
+  EXPECT_NE((*p.status)["phase"], "Succeeded");
+  for (const auto& s : (*p.status)["shards"]) {
+    for (const auto& e : s["replicas"]) EXPECT_NE(e["phase"], "Succeeded") << e.dump();
+  }
+  for (const auto& a : p.before_status) c.apply(a);
+  c.job["status"] = *p.status;
+  for (const auto& a : p.after_status) c.apply(a);
+  c.step();
+  // All 8 are created again, together; the one failure is all that was counted.
+  for (int i = 0; i < 4; ++i) {
+    for (int r = 0; r < 2; ++r) EXPECT_TRUE(c.objects.count(Cluster::replica_pod(i, r))) << i << " " << r;
+  }
+  c.settle();
+  EXPECT_EQ(c.job["status"]["failedPods"], 1);
+  EXPECT_NE(c.job["status"]["phase"], "Failed");
+}
+
 // A job without replicas keeps its single-pod recovery: a failed shard is recreated
 // alone (FailedPodIsCountedOnceAndRecreatedAwayFromUnsafeNodes), nothing else stops.
 TEST(PlanTest, WithoutReplicasAFailedShardStopsNoOtherPod) {
