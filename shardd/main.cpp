@@ -99,11 +99,13 @@ int RunShardd(Flags flags) {
   for (const auto& text : flags.replica_tunnels) {
     const auto [replica, tunnel] = parse_replica_tunnel(text, flags.stage.stage);
     if (!flags.stage.replica_tunnels.emplace(replica, tunnel).second) {
-      throw std::runtime_error("--replica-tunnel: replica " + std::to_string(replica) + " is given twice");
+      throw std::runtime_error("--replica-tunnel \"" + text + "\": replica " + std::to_string(replica) +
+                               " is given twice");
     }
   }
   if (!flags.stage.replica_tunnel_map.empty() && flags.stage.replica_tunnels.empty()) {
-    throw std::runtime_error("--replica-tunnel-map goes with --replica-tunnel");
+    throw std::runtime_error("--replica-tunnel-map \"" + flags.stage.replica_tunnel_map +
+                             "\" goes with --replica-tunnel (none given)");
   }
   if (!flags.prompt_file.empty()) {
     if (!flags.stage.generate.enabled()) throw std::runtime_error("--generate-prompt needs --generate-tokens");

@@ -217,8 +217,7 @@ json make_pod(const JobSpec& job, const RenderInputs& in, int i, int r, const st
     // store tunnel to replica 0); in, the store (replica 0) and the Gloo listeners
     // shardd publishes in the map. The policy allows them between replicas of this
     // stage only.
-    for (int q = 0; q < replica_count(job); ++q) {
-      if (q == r) continue;
+    for (int q = 0; q < r; ++q) {  // Gloo's greater replica connects: tunnels to the lesser ones
       const std::string id = spiffe_id_of(job, i, q);
       sidecar_args.insert(sidecar_args.end(),
                           {"--peer", id + "=" + replica_dns_name(job, i, q, in.cluster_domain) + ":" +

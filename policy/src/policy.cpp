@@ -656,14 +656,27 @@ Policy pipeline_policy(const std::string& trust_domain, const std::string& ns,
         throw PolicyError({PolicyProblem{"peers", e.what()}});
       }
     };
-    json others = json::array();
+    // Of two replicas Gloo's greater one connects: Gloo comes in only from greater
+    // replicas and goes out only to lesser ones, so no replica can reach a listener of
+    // a pair that is not its own to connect.
+    json greater = json::array(), lesser = json::array(), others = json::array();
     for (int r = 0; r < replicas; ++r) {
+      if (r > replica) greater.push_back(replica_id(r));
+      if (r < replica) lesser.push_back(replica_id(r));
       if (r != replica) others.push_back(replica_id(r));
     }
-    json in_methods = json::array({kTunnelGlooMethod});
-    if (replica == 0) in_methods.push_back(kTunnelStoreMethod);
-    ingress.push_back({{"name", "tunnel-from-replicas"}, {"peers", others}, {"methods", in_methods}});
-    egress.push_back({{"name", "tunnel-to-replicas"}, {"peers", others}, {"methods", json::array({kTunnelGlooMethod})}});
+    if (!greater.empty()) {
+      ingress.push_back(
+          {{"name", "tunnel-from-replicas"}, {"peers", greater}, {"methods", json::array({kTunnelGlooMethod})}});
+    }
+    if (replica == 0) {
+      ingress.push_back(
+          {{"name", "tunnel-store-from-replicas"}, {"peers", others}, {"methods", json::array({kTunnelStoreMethod})}});
+    }
+    if (!lesser.empty()) {
+      egress.push_back(
+          {{"name", "tunnel-to-replicas"}, {"peers", lesser}, {"methods", json::array({kTunnelGlooMethod})}});
+    }
     if (replica != 0) {
       egress.push_back({{"name", "tunnel-to-store"},
                         {"peers", json::array({replica_id(0)})},

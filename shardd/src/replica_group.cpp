@@ -9,6 +9,8 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include "shardguard/common/crypto.h"
+#include "shardguard/common/log.h"
 #include "shardguard/common/metrics_server.h"
 #include "shardguard/common/replica_tunnel.h"
 #include "clock.h"
@@ -42,9 +44,11 @@ class TunnelStore : public c10d::PrefixStore {
 
   void set(const std::string& key, const std::vector<uint8_t>& value) override {
     if (is_addresses(key, value) && *gloo_address_key_rank(key) == rank_) {
+      // Only the pairs this replica accepts: Gloo's greater replica connects, so the
+      // lesser ones' listeners are never a peer's to reach (and the policy agrees).
       std::map<std::string, std::string> lines;
       for (const auto& [peer, address] : gloo_listeners(value, rank_, size_)) {
-        lines[tunnels_.at(peer).peer_id] = address;
+        if (peer > rank_) lines[tunnels_.at(peer).peer_id] = address;
       }
       write_tunnel_map(map_file_, lines);
       published_ = true;
@@ -75,10 +79,21 @@ class TunnelStore : public c10d::PrefixStore {
   }
 
  private:
+  // Gloo's address keys are "<device>/<rank>" below this store; one of another size
+  // means another Gloo, found here rather than after Gloo waited for its connections.
   bool is_addresses(const std::string& key, const std::vector<uint8_t>& value) const {
     const auto rank = gloo_address_key_rank(key);
-    return rank && *rank >= 0 && *rank < size_ &&
-           value.size() == static_cast<size_t>(size_ - 1) * kGlooAddressBytes;
+    const size_t slash = key.find('/');
+    if (!rank || *rank < 0 || *rank >= size_ || slash == std::string::npos || slash == 0 ||
+        key.find_first_not_of("0123456789") != slash) {
+      return false;
+    }
+    if (value.size() != static_cast<size_t>(size_ - 1) * kGlooAddressBytes) {
+      throw std::runtime_error("Gloo's key \"" + key + "\" holds " + std::to_string(value.size()) + " bytes, not " +
+                               std::to_string(size_ - 1) + " addresses of " + std::to_string(kGlooAddressBytes) +
+                               ": a Gloo this shardd does not know; the replica tunnels cannot rewrite it");
+    }
+    return true;
   }
 
   const int rank_, size_;
@@ -87,6 +102,12 @@ class TunnelStore : public c10d::PrefixStore {
   bool published_ = false;
   std::set<int> rewritten_;
 };
+
+// The prefix of the group's keys: 128 bits of SHA-256 over the stage's secret.
+std::string group_prefix(const std::string& secret) {
+  if (secret.empty()) throw std::invalid_argument("replica group: no stage secret (the checkpoint key) to name its keys");
+  return "group-" + sha256_hex(std::string("shardguard replica group keys\n") + secret).substr(0, 32);
+}
 
 // The group's store. Through a tunnel (a replica other than 0), the local sidecar
 // accepts at once and closes the connection again while replica 0's store is not up
@@ -98,13 +119,23 @@ c10::intrusive_ptr<c10d::TCPStore> connect_store(const std::string& host, const 
   if (!through_tunnel) return c10::make_intrusive<c10d::TCPStore>(host, so);
   const auto deadline = Clock::now() + millis(timeout_s);
   auto pause = std::chrono::milliseconds(50);
-  for (;;) {
+  for (int attempt = 1;; ++attempt) {
     try {
       auto store = c10::make_intrusive<c10d::TCPStore>(host, so);
-      store->check({"joins"});
+      store->check({"probe"});
       return store;
     } catch (const std::exception& e) {
-      if (Clock::now() + pause >= deadline) throw;
+      // A refusal by either sidecar (policy, no --tunnel-store, a wrong certificate) looks
+      // the same from here as a store that is not up yet: its log line says which.
+      if (attempt == 1 || attempt % 10 == 0) {
+        log::warn("replica group store not reachable through the store tunnel yet",
+                  {{"store", host + ":" + std::to_string(so.port)}, {"attempt", attempt}, {"error", e.what()}});
+      }
+      if (Clock::now() + pause >= deadline) {
+        throw std::runtime_error("the store tunnel at " + host + ":" + std::to_string(so.port) + " never reached replica 0's store in " +
+                                 std::to_string(attempt) + " attempts (" + e.what() +
+                                 "; the sidecars' logs and shardguard_tunnel_refused_total say whether they refused it)");
+      }
       std::this_thread::sleep_for(pause);  // backoff between connection attempts
       pause = std::min(pause * 2, std::chrono::milliseconds(1000));
     }
@@ -146,7 +177,7 @@ void check_tunnels(int stage, int replica, int replicas, const std::map<int, Rep
 
 ReplicaGroup::ReplicaGroup(int stage, int replica, int replicas, const std::string& store_address,
                            const std::string& own_host, const std::map<int, ReplicaTunnel>& tunnels,
-                           const std::string& tunnel_map, double timeout_s)
+                           const std::string& tunnel_map, const std::string& group_secret, double timeout_s)
     : state_(std::make_unique<State>()), stage_(stage), replica_(replica), replicas_(replicas) {
   const std::string who = "stage " + std::to_string(stage) + " replica " + std::to_string(replica) + " of " +
                           std::to_string(replicas);
@@ -173,15 +204,20 @@ ReplicaGroup::ReplicaGroup(int stage, int replica, int replicas, const std::stri
     // Every join counts itself: the k-th join (from 1) belongs to incarnation (k-1) / R,
     // whose keys live under their own prefix. A replica restarted while an old member
     // still serves the store therefore never reads the addresses of a group that is gone.
-    const int64_t joins = state_->store->add("joins", 1);
+    // Every key lives under a prefix only the stage's replicas can name (from the
+    // stage's checkpoint key): LibTorch's TCPStore listens on every interface, and
+    // whatever else reaches its port must not be able to count a join, read the group's
+    // addresses or overwrite them (docs/pipeline.md#the-replica-tunnels).
+    auto keys = c10::make_intrusive<c10d::PrefixStore>(group_prefix(group_secret), state_->store);
+    const int64_t joins = keys->add("joins", 1);
     incarnation_ = (joins - 1) / replicas;
     const std::string prefix = "incarnation/" + std::to_string(incarnation_);
     if (tunnelled) {
-      auto scoped = c10::make_intrusive<TunnelStore>(prefix, state_->store, replica, replicas, tunnels, tunnel_map);
+      auto scoped = c10::make_intrusive<TunnelStore>(prefix, keys, replica, replicas, tunnels, tunnel_map);
       state_->group = c10::make_intrusive<c10d::ProcessGroupGloo>(scoped, replica, replicas, options);
       scoped->check_tunnelled();
     } else {
-      auto scoped = c10::make_intrusive<c10d::PrefixStore>(prefix, state_->store);
+      auto scoped = c10::make_intrusive<c10d::PrefixStore>(prefix, keys);
       state_->group = c10::make_intrusive<c10d::ProcessGroupGloo>(scoped, replica, replicas, options);
     }
   } catch (const std::exception& e) {

@@ -26,9 +26,12 @@ class ReplicaGroup {
   // throws std::runtime_error naming the stage, the replica and the store.
   // own_host: the address this replica's Gloo connections use ("" = the store's host).
   // tunnels / tunnel_map: StageOptions::replica_tunnels and replica_tunnel_map (empty:
-  // no tunnels); with tunnels every other replica must have one.
+  // no tunnels); with tunnels every other replica must have one. group_secret: what
+  // every replica of the stage holds and nothing else does (the stage's checkpoint key);
+  // the group's keys in the store are named after it.
   ReplicaGroup(int stage, int replica, int replicas, const std::string& store_address, const std::string& own_host,
-               const std::map<int, ReplicaTunnel>& tunnels, const std::string& tunnel_map, double timeout_s);
+               const std::map<int, ReplicaTunnel>& tunnels, const std::string& tunnel_map,
+               const std::string& group_secret, double timeout_s);
   ~ReplicaGroup();
   ReplicaGroup(const ReplicaGroup&) = delete;
   ReplicaGroup& operator=(const ReplicaGroup&) = delete;

@@ -255,23 +255,30 @@ TEST(PolicyPipeline, TunnelsOnlyBetweenReplicasOfTheSameStage) {
   };
   const Policy r0 = pipeline_policy(kTd, kNs, kJob, 1, 3, ExportRules{}, 0, 3);
   const Policy r1 = pipeline_policy(kTd, kNs, kJob, 1, 3, ExportRules{}, 1, 3);
-  ASSERT_EQ(r0.ingress().size(), 3u);
-  EXPECT_EQ(r0.ingress()[2], (PolicyRule{"tunnel-from-replicas", {rid(1, 1), rid(1, 2)},
-                                         {kTunnelGlooMethod, kTunnelStoreMethod}}));
-  ASSERT_EQ(r0.egress().size(), 3u);
-  EXPECT_EQ(r0.egress()[2], (PolicyRule{"tunnel-to-replicas", {rid(1, 1), rid(1, 2)}, {kTunnelGlooMethod}}));
+  const Policy r2 = pipeline_policy(kTd, kNs, kJob, 1, 3, ExportRules{}, 2, 3);
+  // Gloo's greater replica connects: Gloo comes in from greater replicas only and goes
+  // out to lesser ones only; the store goes to replica 0 only.
+  ASSERT_EQ(r0.ingress().size(), 4u);
+  EXPECT_EQ(r0.ingress()[2], (PolicyRule{"tunnel-from-replicas", {rid(1, 1), rid(1, 2)}, {kTunnelGlooMethod}}));
+  EXPECT_EQ(r0.ingress()[3], (PolicyRule{"tunnel-store-from-replicas", {rid(1, 1), rid(1, 2)}, {kTunnelStoreMethod}}));
+  ASSERT_EQ(r0.egress().size(), 2u);
   ASSERT_EQ(r1.ingress().size(), 3u);
-  EXPECT_EQ(r1.ingress()[2], (PolicyRule{"tunnel-from-replicas", {rid(1, 0), rid(1, 2)}, {kTunnelGlooMethod}}));
+  EXPECT_EQ(r1.ingress()[2], (PolicyRule{"tunnel-from-replicas", {rid(1, 2)}, {kTunnelGlooMethod}}));
   ASSERT_EQ(r1.egress().size(), 4u);
-  EXPECT_EQ(r1.egress()[2], (PolicyRule{"tunnel-to-replicas", {rid(1, 0), rid(1, 2)}, {kTunnelGlooMethod}}));
+  EXPECT_EQ(r1.egress()[2], (PolicyRule{"tunnel-to-replicas", {rid(1, 0)}, {kTunnelGlooMethod}}));
   EXPECT_EQ(r1.egress()[3], (PolicyRule{"tunnel-to-store", {rid(1, 0)}, {kTunnelStoreMethod}}));
+  ASSERT_EQ(r2.ingress().size(), 2u);
+  EXPECT_EQ(r2.egress()[2], (PolicyRule{"tunnel-to-replicas", {rid(1, 0), rid(1, 1)}, {kTunnelGlooMethod}}));
 
   // Replica 0 serves the store to its stage's replicas and takes Gloo from them.
-  for (const std::string& m : {kTunnelGlooMethod, kTunnelStoreMethod}) {
-    const Decision d = decide(r0, Direction::kIngress, rid(1, 2), m);
-    EXPECT_TRUE(d.allow) << m;
-    EXPECT_EQ(d.rule, "tunnel-from-replicas");
-  }
+  EXPECT_EQ(decide(r0, Direction::kIngress, rid(1, 2), kTunnelGlooMethod).rule, "tunnel-from-replicas");
+  EXPECT_EQ(decide(r0, Direction::kIngress, rid(1, 2), kTunnelStoreMethod).rule, "tunnel-store-from-replicas");
+  // A lesser replica never reaches a greater one's Gloo listener, nor sends it Gloo.
+  EXPECT_FALSE(decide(r1, Direction::kIngress, rid(1, 0), kTunnelGlooMethod).allow);
+  EXPECT_FALSE(decide(r2, Direction::kIngress, rid(1, 1), kTunnelGlooMethod).allow);
+  EXPECT_FALSE(decide(r0, Direction::kEgress, rid(1, 1), kTunnelGlooMethod).allow);
+  EXPECT_FALSE(decide(r1, Direction::kEgress, rid(1, 2), kTunnelGlooMethod).allow);
+  EXPECT_TRUE(decide(r2, Direction::kEgress, rid(1, 1), kTunnelGlooMethod).allow);
   // Another stage, another job, a plain shard identity: refused, both ways.
   for (const std::string& other : {rid(0, 1), rid(2, 1), rid(2, 0), rid(1, 1, "other-job"), shard_id(1)}) {
     for (const std::string& m : {kTunnelGlooMethod, kTunnelStoreMethod}) {
@@ -287,7 +294,6 @@ TEST(PolicyPipeline, TunnelsOnlyBetweenReplicasOfTheSameStage) {
   EXPECT_FALSE(decide(r1, Direction::kEgress, rid(1, 2), kTunnelStoreMethod).allow);
   EXPECT_TRUE(decide(r1, Direction::kEgress, rid(1, 0), kTunnelStoreMethod).allow);
   EXPECT_FALSE(decide(r0, Direction::kEgress, rid(1, 1), kTunnelStoreMethod).allow);
-  EXPECT_TRUE(decide(r1, Direction::kEgress, rid(1, 2), kTunnelGlooMethod).allow);
   // A case variant of a tunnel method is a trick, not an unknown method.
   EXPECT_EQ(decide(r0, Direction::kIngress, rid(1, 1), "/shardguard.v1.Tunnel/gloo").rule, kRuleMalformedMethod);
   // No tunnel rules without replicas, or with one.
