@@ -3,6 +3,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -385,7 +386,7 @@ int Tunnels::listen_port(size_t i) const { return i < listen_ports_.size() ? lis
 
 size_t Tunnels::open_tunnels() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return active_;
+  return active_inbound_ + active_outbound_;
 }
 
 bool Tunnels::spawn(const char* direction, std::function<void()> fn) {
@@ -401,22 +402,30 @@ bool Tunnels::spawn(const char* direction, std::function<void()> fn) {
         ++it;
       }
     }
-    if (!stopping_.load() && active_ < kMaxTunnels) {
-      ++active_;
-      open_.Increment();
+    // A cap per direction: connections from peers (which need no certificate before
+    // their handshake ends) never take the slots of the local shardd's own tunnels.
+    size_t& active = std::string(direction) == "inbound" ? active_inbound_ : active_outbound_;
+    if (!stopping_.load() && active < kMaxTunnels) {
       auto w = std::make_unique<Worker>();
       Worker* raw = w.get();
-      w->thread = std::thread([this, raw, fn = std::move(fn)] {
-        fn();
-        {
-          std::lock_guard<std::mutex> lock(mu_);
-          --active_;
-          open_.Decrement();
-        }
-        raw->done.store(true);
-      });
-      workers_.push_back(std::move(w));
-      ok = true;
+      try {
+        w->thread = std::thread([this, raw, &active, fn = std::move(fn)] {
+          fn();
+          {
+            std::lock_guard<std::mutex> lock(mu_);
+            --active;
+            open_.Decrement();
+          }
+          raw->done.store(true);
+        });
+        ++active;  // under mu_, which the thread takes before it decrements
+        open_.Increment();
+        workers_.push_back(std::move(w));
+        ok = true;
+      } catch (const std::system_error& e) {
+        // No thread (EAGAIN): refused like a tunnel over the cap; nothing was counted.
+        log::warn("tunnel refused: no thread", {{"direction", direction}, {"error", e.what()}});
+      }
     }
   }
   for (auto& w : finished) w->thread.join();
@@ -559,7 +568,12 @@ void Tunnels::inbound(int tls_fd) {
   }
   const auto deadline = Clock::now() + core_.config.handshake_timeout;
   if (complete(tls_fd, deadline, stop_fd_, [&] { return t->handshake(); }) != Io::ok) {
-    if (!stopping_.load()) on_handshake_failure_(t->failure_reason(), "tunnel: " + t->error());
+    // A peer that stalls its handshake is a timeout, as the relay counts it.
+    const bool timed_out = Clock::now() >= deadline && t->error().empty();
+    if (!stopping_.load()) {
+      on_handshake_failure_(timed_out ? "handshake_timeout" : t->failure_reason(),
+                            timed_out ? "tunnel: no complete handshake within --handshake-timeout" : "tunnel: " + t->error());
+    }
     t.reset();
     ::close(tls_fd);
     return;
@@ -599,13 +613,25 @@ void Tunnels::inbound(int tls_fd) {
     if (core_.config.tunnel_map_file.empty()) {
       why = "this sidecar has no tunnel map (--tunnel-map)";
     } else {
-      std::ifstream in(core_.config.tunnel_map_file, std::ios::binary);
-      if (!in) {
-        why = "the tunnel map " + core_.config.tunnel_map_file + " cannot be read";
+      // Written by the local shardd on a volume it can write to: a regular file only,
+      // never followed through a link, never a FIFO that would block this thread.
+      const int fd = ::open(core_.config.tunnel_map_file.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+      struct stat st {};
+      if (fd < 0 || ::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        why = "the tunnel map " + core_.config.tunnel_map_file +
+              (fd < 0 ? " cannot be read: " + std::string(std::strerror(errno)) : " is not a regular file");
+        if (fd >= 0) ::close(fd);
       } else {
         text.resize(kMaxTunnelMapBytes + 1);
-        in.read(text.data(), static_cast<std::streamsize>(text.size()));
-        text.resize(static_cast<size_t>(in.gcount()));
+        size_t got = 0;
+        while (got < text.size()) {
+          const ssize_t n = ::read(fd, text.data() + got, text.size() - got);
+          if (n < 0 && errno == EINTR) continue;
+          if (n <= 0) break;
+          got += static_cast<size_t>(n);
+        }
+        text.resize(got);
+        ::close(fd);
         if (text.size() > kMaxTunnelMapBytes) {
           why = "the tunnel map " + core_.config.tunnel_map_file + " is over " + std::to_string(kMaxTunnelMapBytes) +
                 " bytes";

@@ -9,7 +9,7 @@
 // carry exactly PEER_ID. The client sends "<method>\n"; the server answers "OK\n" or
 // "DENIED <rule>\n" (and closes). Then bytes flow both ways until each side has closed
 // (a half-close is passed on: TCP FIN ⇄ TLS close_notify), with TCP keepalive and no
-// idle timeout. One thread per tunnel (at most kMaxTunnels); shutdown() closes them all.
+// idle timeout. One thread per tunnel (at most kMaxTunnels in each direction); shutdown() closes them all.
 #pragma once
 
 #include <sys/types.h>
@@ -102,7 +102,8 @@ class Tunnels {
   mutable std::mutex mu_;
   Tls tls_;
   std::list<std::unique_ptr<Worker>> workers_;
-  size_t active_ = 0;
+  size_t active_inbound_ = 0;   // each at most kMaxTunnels
+  size_t active_outbound_ = 0;
 };
 
 }  // namespace shardguard::sidecar

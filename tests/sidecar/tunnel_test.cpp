@@ -16,6 +16,9 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
+
+#include <sys/stat.h>
+#include <unistd.h>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -393,6 +396,24 @@ TEST_F(TunnelTest, UnmappedPeersAndNonLoopbackMapLinesAreRefused) {
   EXPECT_EQ(gloo_.connections(), 0);
   const std::string audit = read_file(r0_audit_);
   EXPECT_NE(audit.find("\"rule\":\"tunnel-unmapped\""), std::string::npos) << audit;
+  // A map that is a FIFO (or a link) is refused at once instead of blocking the tunnel.
+  ::unlink((dir_ + "/tunnel-map").c_str());
+  ASSERT_EQ(::mkfifo((dir_ + "/tunnel-map").c_str(), 0600), 0);
+  ex = exchange(r1.tunnel_port(1), "x");
+  EXPECT_TRUE(ex.closed());
+  EXPECT_EQ(metric(*r0_reg_, "shardguard_authz_decisions_total",
+                   {{"decision", "deny"}, {"rule", "tunnel-unmapped"}, {"peer", rid(0, 1)}}),
+            3);
+  ::unlink((dir_ + "/tunnel-map").c_str());
+  write_file_atomic(dir_ + "/real-map", map_line(rid(0, 1), gloo_.address()));
+  ASSERT_EQ(::symlink((dir_ + "/real-map").c_str(), (dir_ + "/tunnel-map").c_str()), 0);
+  ex = exchange(r1.tunnel_port(1), "x");
+  EXPECT_TRUE(ex.closed());
+  EXPECT_EQ(metric(*r0_reg_, "shardguard_authz_decisions_total",
+                   {{"decision", "deny"}, {"rule", "tunnel-unmapped"}, {"peer", rid(0, 1)}}),
+            4);
+  EXPECT_EQ(gloo_.connections(), 0);
+  ::unlink((dir_ + "/tunnel-map").c_str());
   // And once the line is right, the same tunnel goes through.
   write_file_atomic(dir_ + "/tunnel-map", map_line(rid(0, 1), gloo_.address()));
   ex = exchange(r1.tunnel_port(1), "ok");
