@@ -281,7 +281,7 @@ TEST(PolicyPipeline, TunnelsOnlyBetweenReplicasOfTheSameStage) {
   EXPECT_TRUE(decide(r2, Direction::kEgress, rid(1, 1), kTunnelGlooMethod).allow);
   // Another stage, another job, a plain shard identity: refused, both ways.
   for (const std::string& other : {rid(0, 1), rid(2, 1), rid(2, 0), rid(1, 1, "other-job"), shard_id(1)}) {
-    for (const std::string& m : {kTunnelGlooMethod, kTunnelStoreMethod}) {
+    for (const char* m : {kTunnelGlooMethod, kTunnelStoreMethod}) {
       const Decision in = decide(r0, Direction::kIngress, other, m);
       EXPECT_FALSE(in.allow) << other << " " << m;
       EXPECT_EQ(in.rule, kRuleDefaultDeny) << other << " " << m;
