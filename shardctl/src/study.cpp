@@ -977,7 +977,8 @@ void validate_study(const StudyOptions& o) {
     for (int64_t s : checked) {
       if (s > train_n) {
         throw StudyError("--samples " + std::to_string(s) + ": above the " + std::to_string(train_n) +
-                         " samples of the training set of " + j.spec.dataset.path);
+                         (is_language_model(j.spec) ? " training windows (of context + 1 tokens) in " : " samples of the training set of ") +
+                         j.spec.dataset.path);
       }
       if (s + o.val_samples > train_n) {
         throw StudyError("--samples " + std::to_string(s) + " with --val-samples " + std::to_string(o.val_samples) +

@@ -417,6 +417,14 @@ TEST(StudyQuick, LanguageModelRecoveredFractionOnTheLoss) {
   testing::internal::CaptureStderr();
   EXPECT_EQ(RunStudy(bad), 2);
   EXPECT_NE(testing::internal::GetCapturedStderr().find("--attacks A4"), std::string::npos);
+  // Its samples are training windows: 40 000 tokens hold 1 248 of 33.
+  bad = o;
+  bad.samples = "5000";
+  testing::internal::CaptureStderr();
+  EXPECT_EQ(RunStudy(bad), 2);
+  EXPECT_NE(testing::internal::GetCapturedStderr().find("--samples 5000: above the 1248 training windows"),
+            std::string::npos);
+  EXPECT_FALSE(fs::exists(fs::path(o.out_dir) / "results.csv"));
 
   ASSERT_EQ(RunStudy(o), 0);
   std::string text;
