@@ -715,20 +715,21 @@ std::string plot_data(const std::map<int64_t, std::vector<PlotPoint>>& points) {
   return d.str();
 }
 
+// `lm`: a language model's plot (its sizes are training windows, its R on the loss).
 std::string plot_script(const std::string& model, const std::string& dat, const std::string& png,
-                        const std::map<int64_t, std::vector<PlotPoint>>& points) {
+                        const std::map<int64_t, std::vector<PlotPoint>>& points, bool lm = false) {
   std::ostringstream g;
   g << "set terminal pngcairo size 900,560 font 'sans,10'\n"
     << "set output " << gnuplot_quote(png) << "\n"
     << "set title " << gnuplot_quote("Exposure study, " + model + ": best attack per row") << "\n"
     << "set xlabel 'exposure (share of parameters held or sandwiched)'\n"
-    << "set ylabel 'recovered fraction R'\n"
+    << "set ylabel '" << (lm ? "recovered fraction R (on the loss, nats/token)" : "recovered fraction R") << "'\n"
     << "set xrange [-0.02:1.02]\nset yrange [*<-0.3:1.15<*]\nset grid\nset key left top\n"
     << "plot ";
   size_t i = 0;
   for (const auto& entry : points) {
     g << (i ? ", \\\n     " : "") << gnuplot_quote(dat) << " index " << i << " using 1:2:3 with yerrorbars pt "
-      << (5 + 2 * i) << " title '" << entry.first << " samples'";
+      << (5 + 2 * i) << " title '" << entry.first << (lm ? " training windows'" : " samples'");
     ++i;
   }
   // Row names next to the points of the first series.
@@ -821,7 +822,7 @@ void write_report(const std::string& out_dir, bool plots, const std::map<std::st
     const std::string base = out_dir + "/plot-" + m;
     write_file_atomic(base + ".dat", plot_data(points));
     if (gnuplot.empty()) continue;
-    write_file_atomic(base + ".gp", plot_script(m, base + ".dat", base + ".png", points));
+    write_file_atomic(base + ".gp", plot_script(m, base + ".dat", base + ".png", points, lm));
     run_gnuplot(gnuplot, base + ".gp", base + ".gnuplot.log");
   }
   write_file_atomic(out_dir + "/results.md", md.str());
