@@ -235,7 +235,7 @@ int main(int argc, char** argv) {
   study_cmd->add_option("--attacks", study.attacks, "attacks: A1-frozen, A1-lowlr, A2, A3, A4 (the query attacker; only when named)")->capture_default_str();
   study_cmd->add_option("--queries", study.queries, "A4: query budgets (victim evaluations per cell)")->capture_default_str();
   study_cmd->add_option("--a4-samples", study.a4_samples, "A4: the attacker's labelled samples (0 = data-free)")->capture_default_str();
-  study_cmd->add_option("--samples", study.samples, "attacker's labelled samples (columns)")->capture_default_str();
+  study_cmd->add_option("--samples", study.samples, "attacker's labelled samples (columns; a language model: training windows of context + 1 tokens)")->capture_default_str();
   study_cmd->add_option("--seeds", study.seeds, "seeds per cell")->capture_default_str();
   study_cmd->add_option("--first-seed", study.first_seed, "first seed")->capture_default_str();
   study_cmd->add_option("--steps", study.steps, "training steps of every attack and scratch run")->capture_default_str();

@@ -123,8 +123,10 @@ void set_cosine_lr(torch::optim::Optimizer& opt, const std::vector<double>& base
   for (size_t i = 0; i < groups.size(); ++i) groups[i].options().set_lr(base[i] * f);
 }
 
+// `schedule`: the job's learning-rate schedule (learning_rate_at), for the victim of a
+// job that has one (the gpt example's warm-up and cosine decay); nullptr: none.
 void train(StagedModel& m, torch::optim::Optimizer& opt, const torch::Tensor& x, const torch::Tensor& y, int64_t steps,
-           int64_t batch, bool cosine) {
+           int64_t batch, bool cosine, const OptimizerSpec* schedule = nullptr) {
   const auto base_lrs = group_lrs(opt);
   const int64_t n = x.size(0);
   batch = std::min(batch, n);
@@ -139,8 +141,13 @@ void train(StagedModel& m, torch::optim::Optimizer& opt, const torch::Tensor& x,
     const auto idx = perm.slice(0, cursor, cursor + batch);
     cursor += batch;
     if (cosine) set_cosine_lr(opt, base_lrs, step, steps);
+    if (schedule) shardd::set_learning_rate(opt, learning_rate_at(*schedule, step, steps));
     opt.zero_grad();
-    auto loss = torch::nn::functional::cross_entropy(m.forward(x.index_select(0, idx)), y.index_select(0, idx));
+    const auto logits = m.forward(x.index_select(0, idx));
+    // A language model's logits [b, t, V] against the next tokens [b, t]: every
+    // position counts (shardd's loss); a classifier's as before.
+    auto loss = logits.dim() == 3 ? shardd::prediction_loss(logits, y.index_select(0, idx))
+                                  : torch::nn::functional::cross_entropy(logits, y.index_select(0, idx));
     loss.backward();
     opt.step();
   }
@@ -153,6 +160,47 @@ torch::Tensor predict(StagedModel& m, const torch::Tensor& x) {
   std::vector<torch::Tensor> out;
   for (int64_t b = 0; b < x.size(0); b += 1000) out.push_back(m.forward(x.slice(0, b, b + 1000)).argmax(1));
   return torch::cat(out);
+}
+
+// A language model on windows x [n, t] with next tokens y [n, t]: its predictions
+// (argmax per position), next-token accuracy and mean loss in nats per token.
+struct TokenScores {
+  torch::Tensor pred;
+  double accuracy = 0;
+  double loss = 0;
+};
+TokenScores score_tokens(StagedModel& m, const torch::Tensor& x, const torch::Tensor& y) {
+  torch::NoGradGuard no_grad;
+  m.train(false);
+  shardd::EvalResult r;
+  std::vector<torch::Tensor> out;
+  constexpr int64_t kChunk = 64;  // windows per forward pass (the attention scores are [64, heads, t, t])
+  for (int64_t b = 0; b < x.size(0); b += kChunk) {
+    const auto logits = m.forward(x.slice(0, b, b + kChunk));
+    shardd::score_batch(logits, y.slice(0, b, b + kChunk), r);
+    out.push_back(logits.argmax(-1));
+  }
+  return {torch::cat(out), r.accuracy(), r.loss()};
+}
+
+bool is_language_model(const JobSpec& spec) { return spec.dataset.format == "tokens"; }
+
+// The samples of a split as plain tensors: images [n, 1, 28, 28] and labels [n], or,
+// for a language model, its windows [n, t] and their next tokens [n, t] (training
+// windows as the first epoch cuts them; test windows from validation.tokens, back to
+// back). At most `limit` test samples (0 = all).
+void load_split(const JobSpec& spec, shardd::Split split, int64_t limit, torch::Tensor* x, torch::Tensor* y) {
+  JobSpec job = spec;
+  if (split == shardd::Split::kTest) job.dataset.max_test_samples = limit;
+  if (!is_language_model(job)) {
+    *x = shardd::load_images(job.dataset, split);
+    *y = shardd::load_labels(job.dataset, split);
+    return;
+  }
+  const auto s = shardd::Samples::load(job, split, /*features=*/true, /*targets=*/true);
+  const auto idx = shardd::Samples::range(0, s.size());
+  *x = s.features(idx, 0);
+  *y = s.targets(idx, 0);
 }
 
 std::vector<std::string> parse_attacks_list(const std::string& list) {
@@ -185,7 +233,15 @@ std::string settings_line(const StudyOptions& o, const std::vector<StudyJob>& jo
     const auto& m = j.spec.model;
     s << " " << j.model << "(h" << m.hidden << ",d" << m.depth << ",c" << m.channels << ",heads" << m.heads << ",p"
       << m.patch_size << ",shards" << j.spec.sharding.shards << "," << j.spec.sharding.balance << ",seed"
-      << j.spec.training.seed << ",epochs" << j.spec.training.epochs << ",batch" << j.spec.training.batch_size << ")";
+      << j.spec.training.seed << ",epochs" << j.spec.training.epochs << ",batch" << j.spec.training.batch_size;
+    // A language model's shape and its victim's schedule (the image jobs' lines stay
+    // as they were, so that their --out directories resume).
+    if (is_language_model(j.spec)) {
+      const auto& opt = j.spec.training.optimizer;
+      s << ",vocab" << m.vocab << ",context" << m.context << ",warmup" << opt.warmup_steps << ",decay"
+        << (opt.decay.empty() ? "none" : opt.decay) << ",lr" << opt.learning_rate;
+    }
+    s << ")";
   }
   return s.str();
 }
@@ -228,6 +284,8 @@ struct ModelState {
   double victim_seconds = 0;
   torch::Tensor test_x, test_y, victim_pred;
   double victim_accuracy = 0;
+  bool lm = false;         // a language model: cells also carry the loss, and R is on it
+  double victim_loss = 0;  // nats per token on the test windows (language models)
   double pixel_lo = 0, pixel_hi = 1;  // the normalised training images' range (A4's generator covers it)
 };
 
@@ -256,6 +314,7 @@ torch::Tensor centred_log_probs(const torch::Tensor& logits) {
 // The validation images of one seed and the victim's predictions on them.
 struct Validation {
   torch::Tensor x, y, victim_pred;
+  double victim_loss = 0;  // language models
 };
 
 class Runner {
@@ -292,10 +351,10 @@ void Runner::prepare_model(size_t j) {
   const StudyJob& job = jobs_[j];
   state_ = ModelState{};
   state_.job = &job;
-  DatasetSpec test_ds = job.spec.dataset;
-  test_ds.max_test_samples = o_.test_samples;
-  state_.test_x = shardd::load_images(test_ds, shardd::Split::kTest);
-  state_.test_y = shardd::load_labels(test_ds, shardd::Split::kTest);
+  state_.lm = is_language_model(job.spec);
+  // Each job its own data (an image job and the gpt's token files in one run).
+  load_split(job.spec, shardd::Split::kTrain, 0, &train_x_, &train_y_);
+  load_split(job.spec, shardd::Split::kTest, o_.test_samples, &state_.test_x, &state_.test_y);
 
   state_.victim = build_model(job.spec.model, job.cut, job.spec.training.seed);
   if (!o_.checkpoint_dir.empty()) {
@@ -331,18 +390,32 @@ void Runner::prepare_model(size_t j) {
       for (auto& s : state_.victim.stages) {
         for (auto& p : s->parameters()) params.push_back(p);
       }
-      auto opt = shardd::make_optimizer(job.spec.training.optimizer, params);
-      train(state_.victim, *opt, train_x_.slice(0, 0, n), train_y_.slice(0, 0, n), steps, batch, /*cosine=*/false);
+      const auto& ospec = job.spec.training.optimizer;
+      auto opt = shardd::make_optimizer(ospec, params);
+      // The job's schedule where it has one (the gpt example: warm-up, cosine decay).
+      const bool scheduled = ospec.warmup_steps > 0 || ospec.decay == "cosine";
+      train(state_.victim, *opt, train_x_.slice(0, 0, n), train_y_.slice(0, 0, n), steps, batch, /*cosine=*/false,
+            scheduled ? &ospec : nullptr);
       state_.victim_seconds = seconds_since(t0);
       save_model(state_.victim, path);
     }
   }
   state_.pixel_lo = train_x_.defined() ? train_x_.min().item<double>() : 0.0;
   state_.pixel_hi = train_x_.defined() ? train_x_.max().item<double>() : 1.0;
-  state_.victim_pred = predict(state_.victim, state_.test_x);
-  state_.victim_accuracy = state_.victim_pred.eq(state_.test_y).to(torch::kDouble).mean().item<double>();
-  std::printf("victim %s: test accuracy %.4f on %lld test samples\n", job.model.c_str(), state_.victim_accuracy,
-              static_cast<long long>(state_.test_x.size(0)));
+  if (state_.lm) {
+    const auto sc = score_tokens(state_.victim, state_.test_x, state_.test_y);
+    state_.victim_pred = sc.pred;
+    state_.victim_accuracy = sc.accuracy;
+    state_.victim_loss = sc.loss;
+    std::printf("victim %s: test loss %.4f nats/token (%.3f bits/token), next-token accuracy %.4f, on %lld test windows\n",
+                job.model.c_str(), sc.loss, sc.loss / std::log(2.0), sc.accuracy,
+                static_cast<long long>(state_.test_x.size(0)));
+  } else {
+    state_.victim_pred = predict(state_.victim, state_.test_x);
+    state_.victim_accuracy = state_.victim_pred.eq(state_.test_y).to(torch::kDouble).mean().item<double>();
+    std::printf("victim %s: test accuracy %.4f on %lld test samples\n", job.model.c_str(), state_.victim_accuracy,
+                static_cast<long long>(state_.test_x.size(0)));
+  }
   std::fflush(stdout);
   loaded_ = j;
 }
@@ -370,7 +443,13 @@ const Validation& Runner::validation(int seed) {
   Validation v;
   v.x = train_x_.index_select(0, idx);
   v.y = train_y_.index_select(0, idx);
-  v.victim_pred = predict(state_.victim, v.x);
+  if (state_.lm) {
+    const auto sc = score_tokens(state_.victim, v.x, v.y);
+    v.victim_pred = sc.pred;
+    v.victim_loss = sc.loss;
+  } else {
+    v.victim_pred = predict(state_.victim, v.x);
+  }
   return validation_.emplace(seed, std::move(v)).first->second;
 }
 
@@ -441,6 +520,18 @@ StagedModel& Runner::substitute_model(const Cell& c, int64_t steps) {
 }
 
 void Runner::evaluate(StagedModel& m, int seed, CellResult* r) {
+  if (state_.lm) {
+    // Per predicted token: accuracy, agreement with the victim, and the loss R is on.
+    const auto t = score_tokens(m, state_.test_x, state_.test_y);
+    r->accuracy = t.accuracy;
+    r->fidelity = t.pred.eq(state_.victim_pred).to(torch::kDouble).mean().item<double>();
+    r->loss = t.loss;
+    const Validation& v = validation(seed);
+    const auto vs = score_tokens(m, v.x, v.y);
+    r->val_accuracy = vs.accuracy;
+    r->val_loss = vs.loss;
+    return;
+  }
   const auto pred = predict(m, state_.test_x);
   r->accuracy = pred.eq(state_.test_y).to(torch::kDouble).mean().item<double>();
   r->fidelity = pred.eq(state_.victim_pred).to(torch::kDouble).mean().item<double>();
@@ -595,6 +686,10 @@ CellResult Runner::run_cell(const Cell& c) {
     r.fidelity = 1.0;
     const Validation& v = validation(c.seed);
     r.val_accuracy = v.victim_pred.eq(v.y).to(torch::kDouble).mean().item<double>();
+    if (state_.lm) {
+      r.loss = state_.victim_loss;
+      r.val_loss = v.victim_loss;
+    }
     r.wall_seconds = state_.victim_seconds;
     return r;
   }
@@ -808,10 +903,7 @@ int Runner::run() {
               cells.size() - todo, csv.c_str(), todo);
   std::fflush(stdout);
 
-  if (todo > 0) {
-    train_x_ = shardd::load_images(jobs_[0].spec.dataset, shardd::Split::kTrain);
-    train_y_ = shardd::load_labels(jobs_[0].spec.dataset, shardd::Split::kTrain);
-  }
+  // Each model's training data is loaded with it (prepare_model).
   const auto start = Clock::now();
   size_t ran = 0;
   for (size_t i = 0; i < cells.size(); ++i) {
@@ -823,9 +915,12 @@ int Runner::run() {
     const double elapsed = seconds_since(start);
     const double eta = elapsed / static_cast<double>(ran) * static_cast<double>(todo - ran);
     const std::string q = r.queries > 0 ? " q=" + std::to_string(r.queries) : "";
-    std::printf("cell %zu of %zu  %s %-8s %-9s n=%-5lld seed %d%s  acc %.4f  fid %.4f  %.1fs  ETA %s\n", i + 1,
+    // A language model's cell shows its loss (nats per token) first: its R is on it.
+    char loss[32] = "";
+    if (r.on_loss()) std::snprintf(loss, sizeof loss, "  loss %.4f", r.loss);
+    std::printf("cell %zu of %zu  %s %-8s %-9s n=%-5lld seed %d%s%s  acc %.4f  fid %.4f  %.1fs  ETA %s\n", i + 1,
                 cells.size(), r.model.c_str(), r.row.c_str(), r.attack.c_str(), static_cast<long long>(r.samples),
-                r.seed, q.c_str(), r.accuracy, r.fidelity, r.wall_seconds, format_duration(eta).c_str());
+                r.seed, q.c_str(), loss, r.accuracy, r.fidelity, r.wall_seconds, format_duration(eta).c_str());
     std::fflush(stdout);
   }
   if (std::fclose(out.release()) != 0) throw std::runtime_error("cannot close " + csv + ": " + std::strerror(errno));
@@ -869,7 +964,7 @@ void validate_study(const StudyOptions& o) {
     parse_rows(o.rows, static_cast<int>(j.cut.size()));
     int64_t train_n = 0;
     try {
-      train_n = shardd::count_samples(j.spec.dataset, shardd::Split::kTrain);
+      train_n = shardd::count_samples(j.spec, shardd::Split::kTrain);  // a language model: training windows
     } catch (const std::exception& e) {
       throw StudyError("--job " + j.file + ": " + e.what());
     }
@@ -882,7 +977,8 @@ void validate_study(const StudyOptions& o) {
     for (int64_t s : checked) {
       if (s > train_n) {
         throw StudyError("--samples " + std::to_string(s) + ": above the " + std::to_string(train_n) +
-                         " samples of the training set of " + j.spec.dataset.path);
+                         (is_language_model(j.spec) ? " training windows (of context + 1 tokens) in " : " samples of the training set of ") +
+                         j.spec.dataset.path);
       }
       if (s + o.val_samples > train_n) {
         throw StudyError("--samples " + std::to_string(s) + " with --val-samples " + std::to_string(o.val_samples) +

@@ -204,7 +204,7 @@ std::string CellResult::key() const {
 }
 
 std::string csv_header() {
-  return "model,row,held,exposure,attack,samples,seed,accuracy,fidelity,wall_s,val_accuracy,queries";
+  return "model,row,held,exposure,attack,samples,seed,accuracy,fidelity,wall_s,val_accuracy,queries,loss,val_loss";
 }
 
 namespace {
@@ -244,12 +244,17 @@ std::string to_csv_line(const CellResult& c) {
                 c.fidelity, c.wall_seconds);
   std::string line = buf;
   // A cell of the first study (no validation split) keeps its 10 fields.
-  if (!std::isnan(c.val_accuracy) || c.queries > 0) {
+  if (!std::isnan(c.val_accuracy) || c.queries > 0 || c.on_loss()) {
     std::snprintf(buf, sizeof buf, ",%.6f", c.val_accuracy);
     line += buf;
   }
   // Only A4 lines carry the query budget; the others keep their fields as before.
-  if (c.queries > 0) line += "," + std::to_string(c.queries);
+  if (c.queries > 0 || c.on_loss()) line += "," + (c.queries > 0 ? std::to_string(c.queries) : std::string());
+  // Only a language model's lines carry its losses (nats per token).
+  if (c.on_loss()) {
+    std::snprintf(buf, sizeof buf, ",%.6f,%.6f", c.loss, c.val_loss);
+    line += buf;
+  }
   return line;
 }
 
@@ -267,7 +272,7 @@ std::vector<CellResult> parse_csv(const std::string& text) {
       if (line.rfind("model,", 0) == 0) continue;
     }
     const auto f = split(line, ',');
-    if (f.size() < 10 || f.size() > 12) continue;
+    if (f.size() < 10 || f.size() > 14 || f.size() == 13) continue;
     try {
       CellResult c;
       c.model = f[0];
@@ -281,7 +286,11 @@ std::vector<CellResult> parse_csv(const std::string& text) {
       c.fidelity = std::stod(f[8]);
       c.wall_seconds = std::stod(f[9]);
       if (f.size() >= 11) c.val_accuracy = std::stod(f[10]);
-      if (f.size() == 12 && !f[11].empty()) c.queries = std::stoll(f[11]);
+      if (f.size() >= 12 && !f[11].empty()) c.queries = std::stoll(f[11]);
+      if (f.size() == 14) {
+        c.loss = std::stod(f[12]);
+        c.val_loss = std::stod(f[13]);
+      }
       if (c.queries < 0) continue;
       out.push_back(c);
     } catch (const std::exception&) {
@@ -331,7 +340,7 @@ std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells) {
   // Controls per (model, samples, seed): the scratch runs' accuracies (their mean is
   // the seed's scratch level), the victim's.
   struct Runs {
-    std::vector<double> test, val, fid;
+    std::vector<double> test, val, fid, loss, val_loss;
   };
   std::map<std::string, Runs> scratch_runs;
   std::map<std::string, const CellResult*> victim;
@@ -344,6 +353,8 @@ std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells) {
         scratch_runs[ctl(c)].test.push_back(c.accuracy);
         scratch_runs[ctl(c)].val.push_back(c.val_accuracy);
         scratch_runs[ctl(c)].fid.push_back(c.fidelity);
+        scratch_runs[ctl(c)].loss.push_back(c.loss);
+        scratch_runs[ctl(c)].val_loss.push_back(c.val_loss);
       }
       if (c.attack == "victim") victim[ctl(c)] = &c;
     }
@@ -355,7 +366,7 @@ std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells) {
   };
   struct Acc {
     Aggregate a;
-    std::vector<double> acc, fid, r, val_r, wall;
+    std::vector<double> acc, fid, loss, r, val_r, wall;
   };
   std::vector<std::string> order;
   std::map<std::string, Acc> groups;
@@ -378,16 +389,23 @@ std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells) {
       it->second.a.attack = attack;
       it->second.a.samples = c.samples;
       it->second.a.queries = c.queries;
+      it->second.a.on_loss = c.on_loss();
     }
     const auto s = scratch_runs.find(ctl(c));
     it->second.acc.push_back(scratch ? mean(s->second.test) : c.accuracy);
     it->second.fid.push_back(scratch ? mean(s->second.fid) : c.fidelity);
+    if (c.on_loss()) it->second.loss.push_back(scratch ? mean(s->second.loss) : c.loss);
     it->second.wall.push_back(c.wall_seconds);
     const auto v = victim.find(ctl(c));
     if (scratch || s == scratch_runs.end() || v == victim.end()) continue;
-    const double r = recovered_fraction(c.accuracy, mean(s->second.test), v->second->accuracy);
+    // A language model's R is on the loss: (scratch − attack) / (scratch − victim) is
+    // recovered_fraction's (attack − scratch) / (victim − scratch) with the losses.
+    const bool on_loss = c.on_loss();
+    const double r = on_loss ? recovered_fraction(c.loss, mean(s->second.loss), v->second->loss)
+                             : recovered_fraction(c.accuracy, mean(s->second.test), v->second->accuracy);
     if (!std::isnan(r)) it->second.r.push_back(r);
-    const double vr = recovered_fraction(c.val_accuracy, mean(s->second.val), v->second->val_accuracy);
+    const double vr = on_loss ? recovered_fraction(c.val_loss, mean(s->second.val_loss), v->second->val_loss)
+                              : recovered_fraction(c.val_accuracy, mean(s->second.val), v->second->val_accuracy);
     if (!std::isnan(vr)) it->second.val_r.push_back(vr);
   }
   std::vector<Aggregate> out;
@@ -395,6 +413,7 @@ std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells) {
     auto& x = groups[g];
     x.a.accuracy = stat_of(x.acc);
     x.a.fidelity = stat_of(x.fid);
+    x.a.loss = stat_of(x.loss);
     x.a.r = stat_of(x.r);
     x.a.val_r = stat_of(x.val_r);
     x.a.wall = stat_of(x.wall);
@@ -425,9 +444,14 @@ std::string markdown_table(const std::vector<Aggregate>& aggs, const std::string
   std::sort(sizes.begin(), sizes.end());
   // Controls first, then rows in the order measured.
   std::stable_partition(lines.begin(), lines.end(), [](const auto& l) { return l.first == "-"; });
+  // A language model's table shows its loss (nats per token) and R on the loss; the
+  // tables are per model, so a language model's rows never share one with images.
+  const bool on_loss = std::any_of(aggs.begin(), aggs.end(), [&](const Aggregate& a) { return a.model == model && a.on_loss; });
   std::ostringstream o;
   o << "| row | held | exposure | attack |";
-  for (auto n : sizes) o << " " << n << ": acc (± sd) | fid | R (± sd) |";
+  for (auto n : sizes) {
+    o << " " << n << (on_loss ? ": loss, nats/token (± sd) | fid | R on loss (± sd) |" : ": acc (± sd) | fid | R (± sd) |");
+  }
   o << " seeds |\n|---|---|---|---|";
   for (size_t i = 0; i < sizes.size(); ++i) o << "---|---|---|";
   o << "---|\n";
@@ -452,11 +476,12 @@ std::string markdown_table(const std::vector<Aggregate>& aggs, const std::string
         continue;
       }
       const Aggregate& a = *it->second;
+      const Stat& shown = on_loss ? a.loss : a.accuracy;
       // With one seed there is no spread to show: the mean alone.
-      if (a.accuracy.n > 1) {
-        std::snprintf(buf, sizeof buf, " %.3f ± %.3f | %.3f |", a.accuracy.mean, a.accuracy.std, a.fidelity.mean);
+      if (shown.n > 1) {
+        std::snprintf(buf, sizeof buf, " %.3f ± %.3f | %.3f |", shown.mean, shown.std, a.fidelity.mean);
       } else {
-        std::snprintf(buf, sizeof buf, " %.3f | %.3f |", a.accuracy.mean, a.fidelity.mean);
+        std::snprintf(buf, sizeof buf, " %.3f | %.3f |", shown.mean, a.fidelity.mean);
       }
       o << buf;
       if (a.r.n == 0 || attack == "victim" || attack == "scratch") {
@@ -501,9 +526,10 @@ std::string headline_table(const std::vector<Aggregate>& aggs, const std::string
   const auto best = best_per_row(aggs, model, samples);
   const bool on_validation =
       !best.empty() && std::all_of(best.begin(), best.end(), [](const Aggregate* a) { return a->val_r.n > 0; });
+  const bool on_loss = std::any_of(best.begin(), best.end(), [](const Aggregate* a) { return a->on_loss; });
   std::ostringstream o;
   o << "| group | row | exposure | best attack (chosen on " << (on_validation ? "validation" : "test")
-    << ") | R on test, mean ± sd over seeds | 95 % interval for a rerun's mean | seeds |\n"
+    << ") | R on test" << (on_loss ? " loss" : "") << ", mean ± sd over seeds | 95 % interval for a rerun's mean | seeds |\n"
     << "|---|---|---|---|---|---|---|\n";
   char buf[96];
   for (const Aggregate* a : best) {
@@ -689,20 +715,21 @@ std::string plot_data(const std::map<int64_t, std::vector<PlotPoint>>& points) {
   return d.str();
 }
 
+// `lm`: a language model's plot (its sizes are training windows, its R on the loss).
 std::string plot_script(const std::string& model, const std::string& dat, const std::string& png,
-                        const std::map<int64_t, std::vector<PlotPoint>>& points) {
+                        const std::map<int64_t, std::vector<PlotPoint>>& points, bool lm = false) {
   std::ostringstream g;
   g << "set terminal pngcairo size 900,560 font 'sans,10'\n"
     << "set output " << gnuplot_quote(png) << "\n"
     << "set title " << gnuplot_quote("Exposure study, " + model + ": best attack per row") << "\n"
     << "set xlabel 'exposure (share of parameters held or sandwiched)'\n"
-    << "set ylabel 'recovered fraction R'\n"
+    << "set ylabel '" << (lm ? "recovered fraction R (on the loss, nats/token)" : "recovered fraction R") << "'\n"
     << "set xrange [-0.02:1.02]\nset yrange [*<-0.3:1.15<*]\nset grid\nset key left top\n"
     << "plot ";
   size_t i = 0;
   for (const auto& entry : points) {
     g << (i ? ", \\\n     " : "") << gnuplot_quote(dat) << " index " << i << " using 1:2:3 with yerrorbars pt "
-      << (5 + 2 * i) << " title '" << entry.first << " samples'";
+      << (5 + 2 * i) << " title '" << entry.first << (lm ? " training windows'" : " samples'");
     ++i;
   }
   // Row names next to the points of the first series.
@@ -762,8 +789,11 @@ void write_report(const std::string& out_dir, bool plots, const std::map<std::st
     }
     const auto sh = shares.find(m);
     const int stages = sh == shares.end() ? 0 : static_cast<int>(sh->second.size());
+    // A language model's samples are training windows, its R is on the loss.
+    const bool lm = std::any_of(cells.begin(), cells.end(), [&](const CellResult& c) { return c.model == m && c.on_loss(); });
     for (int64_t n : sizes) {
-      md << "\n### Headline: " << m << ", " << n << " samples\n\n" << headline_table(aggs, m, n, stages);
+      md << "\n### Headline: " << m << ", " << n << (lm ? " training windows (R on the loss, nats/token, on the test windows from validation.tokens)" : " samples")
+         << "\n\n" << headline_table(aggs, m, n, stages);
     }
   }
   // A4, the query attacker: R per row and query budget, per labelled-sample count.
@@ -784,13 +814,15 @@ void write_report(const std::string& out_dir, bool plots, const std::map<std::st
                      [&](const CellResult& c) { return c.model == m && c.row != "-" && c.queries == 0; })) {
       continue;
     }
-    md << "\n### " << m << "\n\n" << markdown_table(aggs, m);
+    const bool lm = std::any_of(cells.begin(), cells.end(), [&](const CellResult& c) { return c.model == m && c.on_loss(); });
+    md << "\n### " << m << (lm ? " (language model: loss in nats/token on the test windows, R on the loss)" : "") << "\n\n"
+       << markdown_table(aggs, m);
     const auto points = best_r_by_size(aggs, m);
     if (points.empty()) continue;
     const std::string base = out_dir + "/plot-" + m;
     write_file_atomic(base + ".dat", plot_data(points));
     if (gnuplot.empty()) continue;
-    write_file_atomic(base + ".gp", plot_script(m, base + ".dat", base + ".png", points));
+    write_file_atomic(base + ".gp", plot_script(m, base + ".dat", base + ".png", points, lm));
     run_gnuplot(gnuplot, base + ".gp", base + ".gnuplot.log");
   }
   write_file_atomic(out_dir + "/results.md", md.str());

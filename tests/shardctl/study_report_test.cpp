@@ -335,7 +335,7 @@ TEST(StudyCsv, ValidationAccuracyColumn) {
 // the first study's 10) fields, so the CSVs in docs/ read as before and a resumed
 // --out keeps its lines byte for byte.
 TEST(StudyCsv, QueriesColumnOnA4LinesOnly) {
-  EXPECT_EQ(csv_header().substr(csv_header().size() - 21), ",val_accuracy,queries");
+  EXPECT_EQ(csv_header().substr(csv_header().size() - 35), ",val_accuracy,queries,loss,val_loss");
   const auto old = parse_csv("model,row,held,exposure,attack,samples,seed,accuracy,fidelity,wall_s,val_accuracy\n"
                              "vit,s0,0,0.271000,A2,600,1,0.790000,0.830000,20.000,0.800000\n");
   ASSERT_EQ(old.size(), 1u);
@@ -522,4 +522,68 @@ TEST(StudyReportOnly, PlotsInADirectoryWithAQuote) {
   ASSERT_EQ(RunStudyReport(o), 0);
   EXPECT_GT(fs::file_size(dir / "plot-cnn.png"), 1000u);
   EXPECT_FALSE(fs::exists(dir / "plot-cnn.gnuplot.log")) << "the log is kept only when gnuplot fails";
+}
+
+// The language model (issue 19 item 2): its lines carry the losses as fields 13–14
+// (field 12, A4's queries, empty), the image lines keep theirs; its R is on the loss,
+// (scratch − attack) / (scratch − victim); and its rows, with their losses, stay in a
+// table of their own, which says "loss" — an image table shows accuracy.
+TEST(StudyCsv, LanguageModelLossOnItsLinesAndItsOwnTable) {
+  std::vector<CellResult> cells;
+  auto add = [&](const std::string& model, const std::string& row, const std::string& held, const std::string& attack,
+                 int seed, double acc, double loss) {
+    CellResult c = cell_of(row, held, attack, 181, seed, acc);
+    c.model = model;
+    if (model == "gpt") {
+      c.loss = loss;
+      c.val_loss = loss + 0.01;
+    }
+    cells.push_back(c);
+  };
+  for (int seed : {1, 2}) {
+    add("cnn", "-", "", "scratch", seed, 0.50, 0);
+    add("cnn", "-", "", "victim", seed, 0.90, 0);
+    add("cnn", "s0", "0", "A1-frozen", seed, 0.70, 0);
+    // gpt: the accuracies alone would give R 0.9 for s0; the losses give 0.25.
+    add("gpt", "-", "", "scratch", seed, 0.10, 4.0);
+    add("gpt", "-", "", "victim", seed, 0.20, 2.0);
+    add("gpt", "s0", "0", "A1-frozen", seed, 0.19, 3.5);
+  }
+  // CSV: the gpt line has 14 fields, the losses last; the cnn line keeps its 11.
+  const std::string gpt_line = to_csv_line(cells[5]);
+  EXPECT_EQ(gpt_line, "gpt,s0,0,0.500000,A1-frozen,181,1,0.190000,0.190000,1.000,0.190000,,3.500000,3.510000");
+  EXPECT_EQ(to_csv_line(cells[2]), "cnn,s0,0,0.500000,A1-frozen,181,1,0.700000,0.700000,1.000,0.700000");
+  std::string text = csv_header() + "\n";
+  for (const auto& c : cells) text += to_csv_line(c) + "\n";
+  const auto back = parse_csv(text);
+  ASSERT_EQ(back.size(), cells.size());
+  EXPECT_TRUE(back[5].on_loss());
+  EXPECT_DOUBLE_EQ(back[5].loss, 3.5);
+  EXPECT_DOUBLE_EQ(back[5].val_loss, 3.51);
+  EXPECT_EQ(back[5].queries, 0);
+  EXPECT_FALSE(back[2].on_loss());
+  EXPECT_EQ(to_csv_line(back[5]), gpt_line);
+  // 13 fields is no line of any model.
+  EXPECT_TRUE(parse_csv("gpt,s0,0,0.5,A1-frozen,181,1,0.19,0.19,1.0,0.19,,3.5\n").empty());
+
+  const auto aggs = aggregate(back);
+  for (const auto& a : aggs) {
+    if (a.row != "s0") continue;
+    ASSERT_EQ(a.r.n, 2) << a.model;
+    EXPECT_EQ(a.on_loss, a.model == "gpt");
+    EXPECT_NEAR(a.r.mean, a.model == "gpt" ? 0.25 : 0.5, 1e-12) << a.model;
+    EXPECT_NEAR(a.val_r.mean, a.model == "gpt" ? (4.01 - 3.51) / (4.01 - 2.01) : 0.5, 1e-12) << a.model;
+  }
+  const std::string cnn = markdown_table(aggs, "cnn");
+  const std::string gpt = markdown_table(aggs, "gpt");
+  EXPECT_NE(cnn.find("181: acc (± sd) | fid | R (± sd) |"), std::string::npos) << cnn;
+  EXPECT_EQ(cnn.find("loss"), std::string::npos) << cnn;
+  EXPECT_EQ(cnn.find("3.500"), std::string::npos) << cnn;  // no gpt row in the image table
+  EXPECT_NE(cnn.find("| s0 | 0 | 50.0% | A1-frozen | 0.700 ± 0.000 | 0.700 | 0.50 ± 0.00 |"), std::string::npos) << cnn;
+  EXPECT_NE(gpt.find("181: loss, nats/token (± sd) | fid | R on loss (± sd) |"), std::string::npos) << gpt;
+  EXPECT_EQ(gpt.find("acc (± sd)"), std::string::npos) << gpt;
+  EXPECT_EQ(gpt.find("0.700"), std::string::npos) << gpt;  // no cnn row in the gpt table
+  EXPECT_NE(gpt.find("| s0 | 0 | 50.0% | A1-frozen | 3.500 ± 0.000 | 0.190 | 0.25 ± 0.00 |"), std::string::npos) << gpt;
+  EXPECT_NE(headline_table(aggs, "gpt", 181, 4).find("R on test loss"), std::string::npos);
+  EXPECT_EQ(headline_table(aggs, "cnn", 181, 4).find("loss"), std::string::npos);
 }

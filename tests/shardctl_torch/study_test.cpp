@@ -15,6 +15,7 @@
 #include <gtest/gtest.h>
 
 #include "shardguard/common/jobspec.h"
+#include "shardd/test_job.h"
 #include "shardguard/shardctl/torch_commands.h"
 #include "support/temp_dir.h"
 
@@ -25,6 +26,7 @@ namespace testsupport = shardguard::testsupport;
 namespace {
 
 const std::string kCnnJob = std::string(SHARDGUARD_SOURCE_DIR) + "/examples/fashion-mnist-cnn.yaml";
+const std::string kGptJob = std::string(SHARDGUARD_SOURCE_DIR) + "/examples/fortunes-gpt.yaml";
 
 std::string error_of(const StudyOptions& o) {
   try {
@@ -363,4 +365,133 @@ TEST(StudyQuick, QueryAttackerOrderingsHold) {
   EXPECT_EQ(again.accuracy, removed.accuracy);
   EXPECT_EQ(again.fidelity, removed.fidelity);
   EXPECT_EQ(again.val_accuracy, removed.val_accuracy);
+}
+
+// The language model (issue 19 item 2) in a tiny configuration: the gpt example's job
+// shrunk to h = 32, 2 layers, 2 heads, context 32, 2 stages, on a small token file made
+// here; rows none, s0, all; one seed; a few steps. What must hold whatever the noise:
+// every gpt cell carries its loss (nats per token), `all` with nothing trained is the
+// victim (the same loss, fidelity 1, R = 1 on the loss), the victim beats scratch (else
+// nothing is measured), R is on the loss, and the report shows the loss in a table of
+// the gpt alone.
+TEST(StudyQuick, LanguageModelRecoveredFractionOnTheLoss) {
+  const testsupport::TempDir tmp("shardguard-study-gpt");
+  const fs::path dir = tmp.path();
+  shardguard::testing::write_small_tokens((dir / "data").string(), 40000, 8000);
+  std::string yaml;
+  {
+    std::ifstream in(kGptJob);
+    yaml.assign((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }
+  for (const auto& [from, to] : std::vector<std::pair<std::string, std::string>>{
+           {"context: 128", "context: 32"},
+           {"hidden: 192", "hidden: 32"},
+           {"depth: 4", "depth: 2"},
+           {"heads: 4", "heads: 2"},
+           {"shards: 4", "shards: 2"},
+           {"warmupSteps: 100", "warmupSteps: 10"},
+           {"path: /var/tmp/shardguard-data/fortunes", "path: " + (dir / "data").string()}}) {
+    const auto at = yaml.find(from);
+    ASSERT_NE(at, std::string::npos) << from;
+    yaml.replace(at, from.size(), to);
+  }
+  std::ofstream(dir / "tiny-gpt.yaml") << yaml;
+
+  StudyOptions o;
+  o.job_files = {(dir / "tiny-gpt.yaml").string()};
+  o.out_dir = (dir / "out").string();
+  o.rows = "none,s0,all";
+  o.samples = "100";  // training windows of 33 tokens (1 248 in the file)
+  o.seeds = 1;
+  o.steps = 40;
+  o.batch_size = 16;
+  o.scratch_runs = 2;
+  o.val_samples = 200;
+  o.test_samples = 200;
+  o.victim_epochs = 2;  // 78 steps of 32 over all the windows, with the job's warm-up and decay
+  o.no_plots = true;
+
+  // The query attacker generates images: refused for the language model.
+  StudyOptions bad = o;
+  bad.attacks = "A4";
+  testing::internal::CaptureStderr();
+  EXPECT_EQ(RunStudy(bad), 2);
+  EXPECT_NE(testing::internal::GetCapturedStderr().find("--attacks A4"), std::string::npos);
+  // Its samples are training windows: 40 000 tokens hold 1 248 of 33.
+  bad = o;
+  bad.samples = "5000";
+  testing::internal::CaptureStderr();
+  EXPECT_EQ(RunStudy(bad), 2);
+  EXPECT_NE(testing::internal::GetCapturedStderr().find("--samples 5000: above the 1248 training windows"),
+            std::string::npos);
+  EXPECT_FALSE(fs::exists(fs::path(o.out_dir) / "results.csv"));
+
+  ASSERT_EQ(RunStudy(o), 0);
+  std::string text;
+  {
+    std::ifstream in(fs::path(o.out_dir) / "results.csv");
+    text.assign((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }
+  EXPECT_EQ(text.substr(0, text.find('\n')), csv_header());
+  EXPECT_NE(csv_header().find(",loss,val_loss"), std::string::npos);
+  const auto cells = parse_csv(text);
+  std::map<std::string, CellResult> by;  // row|attack
+  for (const auto& c : cells) {
+    EXPECT_EQ(c.model, "gpt");
+    EXPECT_TRUE(c.on_loss()) << c.key();
+    EXPECT_TRUE(std::isfinite(c.val_loss)) << c.key();
+    EXPECT_GT(c.loss, 0) << c.key();
+    by[c.row + "|" + c.attack] = c;
+  }
+  ASSERT_TRUE(by.count("-|victim") && by.count("-|scratch") && by.count("-|scratch-2") && by.count("none|A1-frozen") &&
+              by.count("s0|A1-frozen") && by.count("all|A1-frozen"))
+      << text;
+  const CellResult& victim = by["-|victim"];
+  const double scratch_loss = (by["-|scratch"].loss + by["-|scratch-2"].loss) / 2;
+  EXPECT_LT(victim.loss, scratch_loss) << text;
+  // `all`, nothing trained, is the victim.
+  EXPECT_DOUBLE_EQ(by["all|A1-frozen"].loss, victim.loss);
+  EXPECT_DOUBLE_EQ(by["all|A1-frozen"].val_loss, victim.val_loss);
+  EXPECT_DOUBLE_EQ(by["all|A1-frozen"].fidelity, 1.0);
+
+  // R is on the loss: (scratch − attack) / (scratch − victim), per seed against the
+  // mean of the scratch runs.
+  const auto aggs = aggregate(cells);
+  for (const auto& a : aggs) {
+    EXPECT_TRUE(a.on_loss) << a.row << " " << a.attack;
+    if (a.row == "-") continue;
+    ASSERT_EQ(a.r.n, 1) << a.row << " " << a.attack;
+    const double attack_loss = by[a.row + "|" + a.attack].loss;
+    EXPECT_NEAR(a.r.mean, (scratch_loss - attack_loss) / (scratch_loss - victim.loss), 1e-9) << a.row << " " << a.attack;
+    if (a.row == "all" && a.attack == "A1-frozen") EXPECT_NEAR(a.r.mean, 1.0, 1e-12);
+  }
+
+  // The report: the gpt's own headline and table, with the loss and R on it, and no
+  // accuracy column (an image table's).
+  std::string md;
+  {
+    std::ifstream in(fs::path(o.out_dir) / "results.md");
+    md.assign((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }
+  EXPECT_NE(md.find("### Headline: gpt, 100 training windows (R on the loss"), std::string::npos) << md;
+  EXPECT_NE(md.find("| 100: loss, nats/token (± sd) | fid | R on loss (± sd) |"), std::string::npos) << md;
+  EXPECT_NE(md.find("R on test loss"), std::string::npos) << md;
+  EXPECT_EQ(md.find("acc (± sd)"), std::string::npos) << md;
+  EXPECT_NE(md.find("| all | 0+1 | 100.0% | A1-frozen | " + [&] {
+              char b[32];
+              std::snprintf(b, sizeof b, "%.3f", victim.loss);
+              return std::string(b);
+            }() + " | 1.000 | 1.00 |"),
+            std::string::npos)
+      << md;
+  const std::string settings = [&] {
+    std::ifstream in(fs::path(o.out_dir) / "settings.txt");
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }();
+  EXPECT_NE(settings.find("vocab256,context32"), std::string::npos) << settings;
+
+  // A rerun trains nothing and leaves the CSV as it was.
+  ASSERT_EQ(RunStudy(o), 0);
+  std::ifstream again(fs::path(o.out_dir) / "results.csv");
+  EXPECT_EQ(std::string((std::istreambuf_iterator<char>(again)), std::istreambuf_iterator<char>()), text);
 }

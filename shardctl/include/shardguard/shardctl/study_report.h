@@ -146,6 +146,16 @@ struct CellResult {
   // 0 for every other attack and the controls. A CSV line carries it as a 12th field,
   // on A4 lines only (the other lines keep the 11 — or the first study's 10 — fields).
   int64_t queries = 0;
+  // A language model (spec.dataset.format tokens, the gpt): `samples` counts training
+  // windows of context + 1 tokens, accuracy and fidelity are per predicted token, and
+  // these are the mean next-token cross-entropy in nats per token on the test windows
+  // (validation.tokens) and on the seed's validation windows (training windows no
+  // attacker of that seed trains on). Its R is on the loss (lower is better; see
+  // aggregate). NaN for the image models, whose lines do not carry them: a language
+  // model's line carries them as fields 13 and 14 (field 12, queries, then empty).
+  double loss = std::numeric_limits<double>::quiet_NaN();
+  double val_loss = std::numeric_limits<double>::quiet_NaN();
+  bool on_loss() const { return loss == loss; }  // a language model's cell (loss not NaN)
   std::string key() const;  // model|row|attack|samples|seed, and |q<queries> for A4
 };
 
@@ -193,6 +203,8 @@ struct Aggregate {
   int64_t queries = 0;  // A4's budget (one group per budget); 0 otherwise
   Stat accuracy;
   Stat fidelity;
+  bool on_loss = false;  // a language model's group: R is on the loss, the tables show it (Stat loss)
+  Stat loss;             // nats per token (language models; n = 0 otherwise)
   Stat r;        // per seed R on the test images, against the mean of that seed's scratch runs of the same size
   Stat val_r;    // the same on the validation images (n = 0 without validation accuracies)
   Stat wall;
@@ -200,7 +212,10 @@ struct Aggregate {
 
 // Groups cells by (model, row, attack, samples) in the order first seen; R of
 // each seed uses the scratch runs (their mean accuracy) and the victim cell of the
-// same model, size and seed (cells without both are left out of r). The scratch
+// same model, size and seed (cells without both are left out of r). For a language
+// model's cells (CellResult::on_loss) R is on the loss instead of the accuracy:
+// R = (scratch loss − attack loss) / (scratch loss − victim loss), the same
+// recovered_fraction with the losses. The scratch
 // runs of a seed are one group "scratch": per seed the mean of its runs, then the
 // mean and sd over the seeds.
 std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells);
