@@ -26,6 +26,28 @@ namespace testsupport = shardguard::testsupport;
 namespace {
 
 const std::string kCnnJob = std::string(SHARDGUARD_SOURCE_DIR) + "/examples/fashion-mnist-cnn.yaml";
+
+// The example cnn made smaller (channels and hidden width) in `dir`/`name`; its path.
+// ADD_FAILURE when the example no longer has the fields it edits.
+std::string small_cnn_job(const fs::path& dir, const std::string& name, int channels, int hidden) {
+  std::string yaml;
+  {
+    std::ifstream in(kCnnJob);
+    yaml.assign((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }
+  for (const auto& [from, to] : std::vector<std::pair<std::string, std::string>>{
+           {"channels: 32", "channels: " + std::to_string(channels)}, {"hidden: 64", "hidden: " + std::to_string(hidden)}}) {
+    const auto at = yaml.find(from);
+    if (at == std::string::npos) {
+      ADD_FAILURE() << kCnnJob << " has no \"" << from << "\"";
+      continue;
+    }
+    yaml.replace(at, from.size(), to);
+  }
+  const fs::path file = dir / name;
+  std::ofstream(file) << yaml;
+  return file.string();
+}
 const std::string kGptJob = std::string(SHARDGUARD_SOURCE_DIR) + "/examples/fortunes-gpt.yaml";
 
 std::string error_of(const StudyOptions& o) {
@@ -100,21 +122,10 @@ TEST(StudyQuick, OrderingsHold) {
   const std::map<int64_t, double> r_tol{{60, 0.6}, {600, 0.4}};
   const testsupport::TempDir tmp("shardguard-study-quick");
   const fs::path dir = tmp.path();
-  std::string yaml;
-  {
-    std::ifstream in(kCnnJob);
-    yaml.assign((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  }
-  for (const auto& [from, to] : std::vector<std::pair<std::string, std::string>>{{"channels: 32", "channels: 8"},
-                                                                                  {"hidden: 64", "hidden: 32"}}) {
-    const auto at = yaml.find(from);
-    ASSERT_NE(at, std::string::npos) << from;
-    yaml.replace(at, from.size(), to);
-  }
-  std::ofstream(dir / "small-cnn.yaml") << yaml;
+  const std::string job_file = small_cnn_job(dir, "small-cnn.yaml", 8, 32);
 
   StudyOptions o;
-  o.job_files = {(dir / "small-cnn.yaml").string()};
+  o.job_files = {job_file};
   o.out_dir = (dir / "out").string();
   o.rows = "none,triple,all";
   o.attacks = "A1-frozen";
@@ -164,7 +175,9 @@ TEST(StudyQuick, OrderingsHold) {
   // The validation images are training-set images the victim was not trained on
   // only by chance: it must score on them about as on the test images.
   for (const auto& c : cells) {
-    if (c.attack == "victim") EXPECT_NEAR(c.val_accuracy, c.accuracy, 0.1) << c.key();
+    if (c.attack == "victim") {
+      EXPECT_NEAR(c.val_accuracy, c.accuracy, 0.1) << c.key();
+    }
   }
 
   // Resuming finds every cell done and trains nothing (the CSV is unchanged);
@@ -193,20 +206,9 @@ TEST(StudyQuick, OrderingsHold) {
 // spent exactly --steps.
 TEST(StudyQuick, TwoPhaseAttacksStayWithinTheBudget) {
   const testsupport::TempDir tmp("shardguard-study-budget");
-  std::string yaml;
-  {
-    std::ifstream in(kCnnJob);
-    yaml.assign((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  }
-  for (const auto& [from, to] : std::vector<std::pair<std::string, std::string>>{{"channels: 32", "channels: 4"},
-                                                                                  {"hidden: 64", "hidden: 16"}}) {
-    const auto at = yaml.find(from);
-    ASSERT_NE(at, std::string::npos) << from;
-    yaml.replace(at, from.size(), to);
-  }
-  std::ofstream(tmp.path() / "tiny-cnn.yaml") << yaml;
+  const std::string job_file = small_cnn_job(tmp.path(), "tiny-cnn.yaml", 4, 16);
   StudyOptions o;
-  o.job_files = {(tmp.path() / "tiny-cnn.yaml").string()};
+  o.job_files = {job_file};
   o.out_dir = (tmp.path() / "out").string();
   o.no_plots = true;
   apply_quick(o, {});
@@ -255,21 +257,10 @@ TEST(StudyQuick, QueryAttackerOrderingsHold) {
   const double kMoreQueriesTol = 0.06;
   const testsupport::TempDir tmp("shardguard-study-a4");
   const fs::path dir = tmp.path();
-  std::string yaml;
-  {
-    std::ifstream in(kCnnJob);
-    yaml.assign((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  }
-  for (const auto& [from, to] : std::vector<std::pair<std::string, std::string>>{{"channels: 32", "channels: 8"},
-                                                                                  {"hidden: 64", "hidden: 32"}}) {
-    const auto at = yaml.find(from);
-    ASSERT_NE(at, std::string::npos) << from;
-    yaml.replace(at, from.size(), to);
-  }
-  std::ofstream(dir / "small-cnn.yaml") << yaml;
+  const std::string job_file = small_cnn_job(dir, "small-cnn.yaml", 8, 32);
 
   StudyOptions o;
-  o.job_files = {(dir / "small-cnn.yaml").string()};
+  o.job_files = {job_file};
   o.out_dir = (dir / "out").string();
   o.rows = "none,s0,all";
   o.attacks = "A4";
@@ -463,7 +454,9 @@ TEST(StudyQuick, LanguageModelRecoveredFractionOnTheLoss) {
     ASSERT_EQ(a.r.n, 1) << a.row << " " << a.attack;
     const double attack_loss = by[a.row + "|" + a.attack].loss;
     EXPECT_NEAR(a.r.mean, (scratch_loss - attack_loss) / (scratch_loss - victim.loss), 1e-9) << a.row << " " << a.attack;
-    if (a.row == "all" && a.attack == "A1-frozen") EXPECT_NEAR(a.r.mean, 1.0, 1e-12);
+    if (a.row == "all" && a.attack == "A1-frozen") {
+      EXPECT_NEAR(a.r.mean, 1.0, 1e-12);
+    }
   }
 
   // The report: the gpt's own headline and table, with the loss and R on it, and no
