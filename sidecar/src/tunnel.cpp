@@ -551,10 +551,58 @@ void Tunnels::outbound(size_t index, int plain_fd) {
 }
 
 void Tunnels::adopt(int fd) {
-  if (!spawn("inbound", [this, fd] { inbound(fd); })) ::close(fd);
+  // The source's handshakes in progress: a peer needs no certificate to hold one, so
+  // one address may hold only a few of the inbound slots.
+  std::string source = "?";
+  sockaddr_storage ss{};
+  socklen_t len = sizeof(ss);
+  if (::getpeername(fd, reinterpret_cast<sockaddr*>(&ss), &len) == 0) {
+    char text[INET6_ADDRSTRLEN] = {};
+    const void* addr = ss.ss_family == AF_INET6 ? static_cast<const void*>(&reinterpret_cast<sockaddr_in6*>(&ss)->sin6_addr)
+                                                : static_cast<const void*>(&reinterpret_cast<sockaddr_in*>(&ss)->sin_addr);
+    if (::inet_ntop(ss.ss_family, addr, text, sizeof(text)) != nullptr) source = text;
+  }
+  bool over = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t& n = handshaking_[source];
+    over = n >= kMaxTunnelHandshakesPerSource;
+    if (!over) ++n;
+  }
+  if (over) {
+    refused_.Add({{"direction", "inbound"}, {"reason", "source_limit"}}).Increment();
+    uint64_t suppressed = 0;
+    if (core_.log_limiter.allow("tunnel_source_limit", Clock::now(), &suppressed)) {
+      log::warn("tunnel refused: too many handshakes from one address",
+                {{"source", source}, {"limit", kMaxTunnelHandshakesPerSource}, {"suppressed", suppressed}});
+    }
+    ::close(fd);
+    return;
+  }
+  if (!spawn("inbound", [this, fd, source] { inbound(fd, source); })) {
+    release_handshake(source);
+    ::close(fd);
+  }
 }
 
-void Tunnels::inbound(int tls_fd) {
+void Tunnels::release_handshake(const std::string& source) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const auto it = handshaking_.find(source);
+  if (it != handshaking_.end() && --it->second == 0) handshaking_.erase(it);
+}
+
+void Tunnels::inbound(int tls_fd, const std::string& source) {
+  // Held until the method line is read (or the tunnel ends before that).
+  struct HandshakeSlot {
+    Tunnels* tunnels;
+    const std::string& source;
+    bool held = true;
+    void release() {
+      if (held) tunnels->release_handshake(source);
+      held = false;
+    }
+    ~HandshakeSlot() { release(); }
+  } slot{this, source};
   set_socket_options(tls_fd);
   const Tls contexts = tls();
   std::unique_ptr<h2::Transport> t;
@@ -581,7 +629,9 @@ void Tunnels::inbound(int tls_fd) {
   const std::string peer = t->peer_id();
   const auto line_deadline = Clock::now() + core_.config.first_bytes_timeout;
   std::string method;
-  if (!read_line(*t, tls_fd, kMaxTunnelRequestLine, line_deadline, stop_fd_, &method)) {
+  const bool got_method = read_line(*t, tls_fd, kMaxTunnelRequestLine, line_deadline, stop_fd_, &method);
+  slot.release();
+  if (!got_method) {
     refused_.Add({{"direction", "inbound"}, {"reason", "request"}}).Increment();
     uint64_t suppressed = 0;
     if (core_.log_limiter.allow("tunnel_request", Clock::now(), &suppressed)) {

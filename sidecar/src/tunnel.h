@@ -33,6 +33,9 @@ namespace shardguard::sidecar {
 // The most tunnels (both directions together) open at once; over it a new one is
 // refused (counted under shardguard_tunnel_refused_total{reason="tunnel_limit"}).
 inline constexpr size_t kMaxTunnels = 256;
+// Inbound tunnels from one source address that have not yet completed their handshake
+// and method line (they need no certificate until then); one more is closed at once.
+inline constexpr size_t kMaxTunnelHandshakesPerSource = 16;
 // The longest method line a client may send (with its '\n').
 inline constexpr size_t kMaxTunnelRequestLine = 64;
 // The largest --tunnel-map file read.
@@ -86,7 +89,8 @@ class Tunnels {
   bool spawn(const char* direction, std::function<void()> fn);
   void accept_loop();
   void outbound(size_t index, int fd);
-  void inbound(int fd);
+  void inbound(int fd, const std::string& source);
+  void release_handshake(const std::string& source);
   Tls tls() const;
 
   ProxyCore& core_;
@@ -104,6 +108,7 @@ class Tunnels {
   std::list<std::unique_ptr<Worker>> workers_;
   size_t active_inbound_ = 0;   // each at most kMaxTunnels
   size_t active_outbound_ = 0;
+  std::map<std::string, size_t> handshaking_;  // inbound, by source address
 };
 
 }  // namespace shardguard::sidecar

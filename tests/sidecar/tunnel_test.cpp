@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <map>
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <memory>
@@ -446,6 +447,52 @@ TEST_F(TunnelTest, ATunnelClientWithoutACertificateIsRefused) {
     return metric(*r0_reg_, "shardguard_tls_handshake_failures_total", {{"reason", "no_certificate"}}) == 1;
   }));
   EXPECT_EQ(gloo_.connections(), 0);
+}
+
+// A peer needs no certificate to hold an inbound tunnel's handshake: one address holds
+// at most kMaxTunnelHandshakesPerSource of them; the next is closed at once and counted,
+// and the slots come back when those connections end.
+TEST_F(TunnelTest, OneAddressHoldsOnlyAFewHandshakesAtOnce) {
+  Proxy& r0 = start_replica0(map_line(rid(0, 1), gloo_.address()));
+  Proxy& r1 = start_dialler(rid(0, 1), 0, 1, r0);
+  SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+  ASSERT_NE(ctx, nullptr);
+  SSL_CTX_set_alpn_protos(ctx, reinterpret_cast<const unsigned char*>("\x0bsg-tunnel/1"), 12);
+  constexpr size_t kPerSource = 16;  // kMaxTunnelHandshakesPerSource (sidecar/src/tunnel.h)
+  const auto open = [&] { return metric(*r0_reg_, "shardguard_tunnels_open", {}); };
+  std::vector<std::pair<SSL*, int>> stalled;
+  for (size_t k = 0; k <= kPerSource; ++k) {
+    const int fd = connect_port(r0.inbound_port());
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK), 0);
+    SSL* ssl = SSL_new(ctx);
+    SSL_set_fd(ssl, fd);
+    SSL_set_connect_state(ssl);
+    // The ClientHello goes out; the client then waits for the server's flight and is
+    // never called again, so its handshake stalls.
+    ASSERT_EQ(SSL_do_handshake(ssl), -1);
+    ASSERT_EQ(SSL_get_error(ssl, -1), SSL_ERROR_WANT_READ);
+    stalled.emplace_back(ssl, fd);
+    if (k + 1 == kPerSource) {
+      // Every slot taken by a stalled handshake before the next connection comes.
+      ASSERT_TRUE(eventually([&] { return open() == static_cast<double>(kPerSource); })) << open();
+    }
+  }
+  // Not with a blocking read: the refused connection is closed by the sidecar.
+  EXPECT_TRUE(eventually([&] {
+    return metric(*r0_reg_, "shardguard_tunnel_refused_total", {{"direction", "inbound"}, {"reason", "source_limit"}}) ==
+           1;
+  }));
+  EXPECT_EQ(gloo_.connections(), 0);
+  for (auto& [ssl, fd] : stalled) {
+    SSL_free(ssl);
+    ::close(fd);
+  }
+  SSL_CTX_free(ctx);
+  // Their slots are back: a real tunnel from the same address goes through.
+  EXPECT_TRUE(eventually([&] { return open() == 0; })) << open();
+  const Exchange ex = exchange(r1.tunnel_port(1), "after");
+  EXPECT_EQ(ex.reply, transformed("after"));
 }
 
 TEST_F(TunnelTest, ConfigErrorsNameTheFlagAndValue) {
