@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -233,18 +234,25 @@ struct ShardTraffic {
   double sent = 0, received = 0;
   int reports = 0;
 };
-ShardTraffic shardd_traffic(const std::string& log_file, std::streamoff from) {
-  ShardTraffic t;
+// Calls fn(line) for every JSON log line "msg": `msg` written since `from`.
+void for_each_log_line(const std::string& log_file, std::streamoff from, const std::string& msg,
+                       const std::function<void(const json&)>& fn) {
   std::ifstream in(log_file);
   in.seekg(from);
   std::string line;
   while (std::getline(in, line)) {
     const json j = json::parse(line, nullptr, false);
-    if (!j.is_object() || j.value("msg", "") != "pipeline traffic") continue;
+    if (j.is_object() && j.value("msg", "") == msg) fn(j);
+  }
+}
+
+ShardTraffic shardd_traffic(const std::string& log_file, std::streamoff from) {
+  ShardTraffic t;
+  for_each_log_line(log_file, from, "pipeline traffic", [&](const json& j) {
     t.sent += j.value("message_bytes_sent", 0.0);
     t.received += j.value("message_bytes_received", 0.0);
     ++t.reports;
-  }
+  });
   return t;
 }
 
@@ -252,13 +260,7 @@ ShardTraffic shardd_traffic(const std::string& log_file, std::streamoff from) {
 double json_field_sum(const std::string& log_file, std::streamoff from, const std::string& msg,
                       const std::string& field) {
   double sum = 0;
-  std::ifstream in(log_file);
-  in.seekg(from);
-  std::string line;
-  while (std::getline(in, line)) {
-    const json j = json::parse(line, nullptr, false);
-    if (j.is_object() && j.value("msg", "") == msg) sum += j.value(field, 0.0);
-  }
+  for_each_log_line(log_file, from, msg, [&](const json& j) { sum += j.value(field, 0.0); });
   return sum;
 }
 
@@ -1087,11 +1089,19 @@ int RunLocal(const LocalRunOptions& options) {
   auto print_tunnels = [&](FILE* out) {
     if (replicas < 2) return;
     std::fprintf(out, "  replica groups  Gloo bytes through each sidecar's tunnels vs the gradients its shardd all-reduced\n");
-    const auto gloo = [&](int k, int q, const char* direction) {
-      return prometheus_sum(pages[k], "shardguard_tunnel_bytes_total",
-                            {{"direction", direction}, {"peer", op::spiffe_id_of(run_job, k % n, q)},
-                             {"method", policy::kTunnelGlooMethod}});
-    };
+    // bytes[k][q] = {sent, received}: slot k's sidecar's Gloo bytes for replica q of its
+    // stage, each page parsed once per figure.
+    std::vector<std::vector<std::pair<double, double>>> bytes(processes);
+    for (int k = 0; k < processes; ++k) {
+      for (int q = 0; q < replicas; ++q) {
+        const auto sum = [&](const char* direction) {
+          return prometheus_sum(pages[k], "shardguard_tunnel_bytes_total",
+                                {{"direction", direction}, {"peer", op::spiffe_id_of(run_job, k % n, q)},
+                                 {"method", policy::kTunnelGlooMethod}});
+        };
+        bytes[k].emplace_back(q == k / n ? 0.0 : sum("sent"), q == k / n ? 0.0 : sum("received"));
+      }
+    }
     for (int k = 0; k < processes; ++k) {
       const int i = k % n, r = k / n;
       double sent = 0, received = 0;
@@ -1099,10 +1109,11 @@ int RunLocal(const LocalRunOptions& options) {
       for (int q = 0; q < replicas; ++q) {
         if (q == r) continue;
         const int peer = q * n + i;
-        sent += gloo(k, q, "sent");
-        received += gloo(k, q, "received");
-        paired = paired && !pages[peer].empty() && gloo(k, q, "sent") == gloo(peer, r, "received") &&
-                 gloo(k, q, "received") == gloo(peer, r, "sent");
+        const auto [out_bytes, in_bytes] = bytes[k][q];
+        sent += out_bytes;
+        received += in_bytes;
+        paired = paired && !pages[peer].empty() && out_bytes == bytes[peer][r].second &&
+                 in_bytes == bytes[peer][r].first;
       }
       const double payload = json_field_sum(shards[k].shardd.log_file, shards[k].log_start, "stage finished",
                                             "allreduce_bytes");
