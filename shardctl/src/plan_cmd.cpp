@@ -30,7 +30,13 @@ void print_risk(const std::string& csv, const JobSpec& job, const std::vector<in
               "maxExposure %.4f\n",
               csv.c_str(), risk.model.c_str(), risk.stages, job.protection.max_exposure);
   for (const auto& w : risk.worst) {
-    std::printf("  %6lld samples  R %.2f ± %.2f  row %s (%s), exposure %s\n", static_cast<long long>(w.samples),
+    // "600 samples", "181 training windows" (a language model: R on the loss), or A4's
+    // "0 samples + 100000 queries".
+    char size[32];
+    std::snprintf(size, sizeof size, "%6lld", static_cast<long long>(w.samples));
+    std::string attacker = size + std::string(w.on_loss ? " training windows" : " samples");
+    if (w.queries > 0) attacker += " + " + std::to_string(w.queries) + " queries";
+    std::printf("  %s  R%s %.2f ± %.2f  row %s (%s), exposure %s\n", attacker.c_str(), w.on_loss ? " on the loss" : "",
                 w.r.mean, w.r.std, w.row.c_str(), w.attack.c_str(), format_ratio(w.exposure).c_str());
   }
   if (!risk.out_of_reach.empty()) std::printf("  out of reach: %s\n", join(risk.out_of_reach, ", ").c_str());

@@ -7,6 +7,7 @@
 #include <iostream>
 #include <set>
 #include <sstream>
+#include <tuple>
 
 #include "shardguard/common/files.h"
 #include "shardguard/common/process.h"
@@ -649,6 +650,54 @@ std::string a4_table(const std::vector<Aggregate>& aggs, const std::string& mode
   return o.str();
 }
 
+std::string data_vs_queries_table(const std::vector<Aggregate>& aggs, const std::string& model) {
+  // Rows in table order; the data columns by size, A4's by (labelled samples, budget).
+  std::vector<std::string> rows;
+  std::map<std::string, const Aggregate*> any;  // a row's exposure and holding
+  std::map<std::pair<int64_t, int64_t>, std::map<std::string, const Aggregate*>> a4;
+  for (const auto& a : aggs) {
+    if (a.model != model || a.row == "-" || a.r.n == 0) continue;
+    if (any.emplace(a.row, &a).second) rows.push_back(a.row);
+    if (a.queries > 0) a4[{a.samples, a.queries}][a.row] = &a;
+  }
+  const auto data = best_r_by_size(aggs, model);
+  if (data.empty() || a4.empty()) return "";
+  std::ostringstream o;
+  o << "| row | held | exposure |";
+  for (const auto& [n, points] : data) o << " data: " << n << " samples, best attack R |";
+  for (const auto& [key, by_row] : a4) o << " queries: A4 " << key.second << " (" << key.first << " labelled), R |";
+  o << "\n|---|---|---|";
+  for (size_t i = 0; i < data.size() + a4.size(); ++i) o << "---|";
+  o << "\n";
+  char buf[96];
+  for (const auto& row : rows) {
+    const Aggregate& first = *any.at(row);
+    std::snprintf(buf, sizeof buf, "%.1f%%", 100 * first.exposure);
+    o << "| " << row << " | " << (first.held.empty() ? "–" : first.held) << " | " << buf << " |";
+    for (const auto& [n, points] : data) {
+      const auto p = std::find_if(points.begin(), points.end(), [&](const PlotPoint& x) { return x.row == row; });
+      if (p == points.end()) {
+        o << " … |";
+        continue;
+      }
+      std::snprintf(buf, sizeof buf, " %.2f (%s) |", p->r, p->attack.c_str());
+      o << buf;
+    }
+    for (const auto& [key, by_row] : a4) {
+      const auto it = by_row.find(row);
+      if (it == by_row.end()) {
+        o << " … |";
+        continue;
+      }
+      const Stat& r = it->second->r;
+      std::snprintf(buf, sizeof buf, r.n > 1 ? " %.2f ± %.2f |" : " %.2f |", r.mean, r.std);
+      o << buf;
+    }
+    o << "\n";
+  }
+  return o.str();
+}
+
 void apply_quick(StudyOptions& o, const std::vector<std::string>& given) {
   auto unset = [&](const char* flag) { return std::find(given.begin(), given.end(), flag) == given.end(); };
   if (unset("--seeds")) o.seeds = 1;
@@ -807,6 +856,9 @@ void write_report(const std::string& out_dir, bool plots, const std::map<std::st
     for (int64_t n : sizes) {
       md << "\n### A4 (query attacker): " << m << ", " << n << " labelled samples\n\n" << a4_table(aggs, m, n);
     }
+    if (const std::string t = data_vs_queries_table(aggs, m); !t.empty()) {
+      md << "\n### Attacker with data vs attacker with queries: " << m << "\n\n" << t;
+    }
   }
   for (const auto& m : models) {
     // A model measured with A4 only has no table of the other attacks.
@@ -870,11 +922,11 @@ RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const JobS
     throw StudyError("--risk: the study's " + model + " rows are for " + std::to_string(report.stages) +
                      " stages, the job has " + std::to_string(stages) + " shards");
   }
-  std::map<int64_t, RiskRow> worst;  // by samples
+  // By (A4 or not, samples, queries): the attackers with data first, then A4's budgets.
+  std::map<std::tuple<bool, int64_t, int64_t>, RiskRow> worst;
   std::set<std::string> out_of_reach;
   for (const Aggregate& a : aggregate(cells)) {
-    // A4 (a query budget instead of labelled data) is not in the risk report yet.
-    if (a.model != model || a.row == "-" || a.r.n == 0 || a.queries > 0) continue;
+    if (a.model != model || a.row == "-" || a.r.n == 0) continue;
     const std::set<int> held = held_set(a.held);
     bool reachable = true;
     for (int i : held) reachable = reachable && !trusted.count(i);
@@ -886,10 +938,12 @@ RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const JobS
       continue;
     }
     // The worst (row, attack) chosen as the study's headline chooses: on validation.
-    auto [it, fresh] = worst.try_emplace(a.samples);
-    if (fresh || selection_r(a) > it->second.selection) it->second = {a.samples, a.r, a.row, a.attack, e, selection_r(a)};
+    auto [it, fresh] = worst.try_emplace({a.queries > 0, a.samples, a.queries});
+    if (fresh || selection_r(a) > it->second.selection) {
+      it->second = {a.samples, a.queries, a.on_loss, a.r, a.row, a.attack, e, selection_r(a)};
+    }
   }
-  for (const auto& [samples, row] : worst) report.worst.push_back(row);
+  for (const auto& [key, row] : worst) report.worst.push_back(row);
   return report;
 }
 

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "shardguard/common/files.h"
@@ -108,6 +109,74 @@ TEST(PlanRisk, PlanPrintsTheRiskAndRefusesAnUnreadableStudy) {
   CaptureStdout();
   EXPECT_EQ(RunPlan(dir + "/job.yaml", dir + "/missing.csv"), 2);
   GetCapturedStdout();
+}
+
+// A4's cells get lines of their own (labelled samples + query budget), after the
+// attackers with data, under the same placement rules; a language model's say
+// "training windows" and that R is on the loss.
+TEST(PlanRisk, QueryAttackersAndLanguageModelsGetTheirOwnLines) {
+  const testsupport::TempDir tmp{"plan-risk-a4"};
+  const std::string dir = tmp.str();
+  write_file_atomic(dir + "/job.yaml", kJob);
+  std::vector<CellResult> all = cells();
+  for (int seed : {1, 2}) {
+    all.push_back({"cnn", "-", "", 0, "scratch", 0, seed, 0.1, 0, 1});
+    all.push_back({"cnn", "-", "", 0, "victim", 0, seed, 0.9, 0, 1});
+    CellResult a4{"cnn", "none", "", 0, "A4", 0, seed, 0.5, 0, 1};  // R 0.5
+    a4.queries = 100000;
+    all.push_back(a4);
+    a4.row = "s0", a4.held = "0", a4.accuracy = 0.7;  // R 0.75
+    all.push_back(a4);
+    a4.row = "s0+1", a4.held = "0+1", a4.accuracy = 0.9;  // beyond maxExposure
+    all.push_back(a4);
+  }
+  const JobSpec j = job();
+  const RiskReport r = worst_reachable_risk(all, j, op::stage_parameters(j));
+  ASSERT_EQ(r.worst.size(), 2u);
+  EXPECT_EQ(r.worst[0].queries, 0);
+  EXPECT_EQ(r.worst[1].queries, 100000);
+  EXPECT_EQ(r.worst[1].samples, 0);
+  EXPECT_EQ(r.worst[1].row, "s0");
+  EXPECT_NEAR(r.worst[1].r.mean, 0.75, 1e-9);
+  JobSpec trusted = j;
+  trusted.protection.trusted_stages = {0};
+  const RiskReport rt = worst_reachable_risk(all, trusted, op::stage_parameters(trusted));
+  ASSERT_EQ(rt.worst.size(), 2u);
+  EXPECT_EQ(rt.worst[1].row, "none");  // with stage 0 trusted, pure black-box extraction is the worst
+  EXPECT_NEAR(rt.worst[1].r.mean, 0.5, 1e-9);
+
+  std::string csv = csv_header() + "\n";
+  for (const auto& c : all) csv += to_csv_line(c) + "\n";
+  write_file_atomic(dir + "/results.csv", csv);
+  CaptureStdout();
+  EXPECT_EQ(RunPlan(dir + "/job.yaml", dir + "/results.csv"), 0);
+  std::string out = GetCapturedStdout();
+  EXPECT_NE(out.find("     600 samples  R 0.75 ± 0.07  row s0 (A1-frozen), exposure 0.1126\n"
+                     "       0 samples + 100000 queries  R 0.75 ± 0.00  row s0 (A4), exposure 0.1126\n"),
+            std::string::npos)
+      << out;
+
+  // The same numbers as a language model's: windows, and R on the loss (lower loss is better).
+  std::vector<CellResult> lm;
+  for (int seed : {1, 2}) {
+    for (auto [row, held, loss] : {std::tuple{"-", "", 3.0}, {"s0", "0", 2.0}, {"all", "0+1+2+3", 1.0}}) {
+      CellResult c{"cnn", row, held, 0, row == std::string("-") ? "scratch" : "A1-frozen", 181, seed, 0.3, 0, 1};
+      c.loss = c.val_loss = loss;
+      lm.push_back(c);
+    }
+    CellResult v{"cnn", "-", "", 0, "victim", 181, seed, 0.5, 0, 1};
+    v.loss = v.val_loss = 1.0;
+    lm.push_back(v);
+  }
+  csv = csv_header() + "\n";
+  for (const auto& c : lm) csv += to_csv_line(c) + "\n";
+  write_file_atomic(dir + "/lm.csv", csv);
+  CaptureStdout();
+  EXPECT_EQ(RunPlan(dir + "/job.yaml", dir + "/lm.csv"), 0);
+  out = GetCapturedStdout();
+  EXPECT_NE(out.find("     181 training windows  R on the loss 0.50 ± 0.00  row s0 (A1-frozen), exposure 0.1126\n"),
+            std::string::npos)
+      << out;
 }
 
 // Stage 0 of this MLP holds 85 % of it: above 0.5 unless it is trusted, as the operator

@@ -432,6 +432,37 @@ TEST(StudyReport, A4TableAndTheOtherTablesUnchanged) {
             std::string::npos) << t;
 }
 
+// The attacker with data beside the attacker with queries: one line per row, the best
+// data attack at each size and A4 at each budget, "…" where a row was not measured.
+TEST(StudyReport, DataVersusQueriesTableSetsBothAttackersSideBySide) {
+  std::vector<CellResult> data;
+  std::vector<CellResult> both;
+  for (int seed : {1, 2}) {
+    for (auto* v : {&data, &both}) {
+      v->push_back(cell_of("-", "", "scratch", 60, seed, 0.50));
+      v->push_back(cell_of("-", "", "victim", 60, seed, 0.90));
+      v->push_back(cell_of("s0", "0", "A1-frozen", 60, seed, 0.70));             // R 0.5
+      v->push_back(cell_of("s0", "0", "A2", 60, seed, 0.60 + 0.02 * seed));     // R 0.3, 0.35
+      v->push_back(cell_of("s1", "1", "A1-frozen", 60, seed, 0.54));             // R 0.1
+    }
+    both.push_back(cell_of("-", "", "scratch", 0, seed, 0.10));
+    both.push_back(cell_of("-", "", "victim", 0, seed, 0.90));
+    both.push_back(cell_of("none", "", "A4", 0, seed, 0.30 + 0.08 * seed, 100000));  // R 0.35, 0.45
+    both.push_back(cell_of("s0", "0", "A4", 0, seed, 0.50, 10000));                  // R 0.5
+    both.push_back(cell_of("s0", "0", "A4", 0, seed, 0.74, 100000));                 // R 0.8
+  }
+  EXPECT_EQ(data_vs_queries_table(aggregate(data), "cnn"), "");
+  EXPECT_EQ(data_vs_queries_table(aggregate(both), "vit"), "");
+  const std::string t = data_vs_queries_table(aggregate(both), "cnn");
+  EXPECT_EQ(t,
+            "| row | held | exposure | data: 60 samples, best attack R | queries: A4 10000 (0 labelled), R |"
+            " queries: A4 100000 (0 labelled), R |\n"
+            "|---|---|---|---|---|---|\n"
+            "| s0 | 0 | 50.0% | 0.50 (A1-frozen) | 0.50 ± 0.00 | 0.80 ± 0.00 |\n"
+            "| s1 | 1 | 50.0% | 0.10 (A1-frozen) | … | … |\n"
+            "| none | – | 0.0% | … | … | 0.40 ± 0.07 |\n");
+}
+
 namespace {
 
 // A small CSV of one model: controls, a single and a triple whose exposure was

@@ -244,6 +244,13 @@ std::string headline_table(const std::vector<Aggregate>& aggregates, const std::
 // at that size.
 std::string a4_table(const std::vector<Aggregate>& aggregates, const std::string& model, int64_t samples);
 
+// The attacker with data beside the attacker with queries, for one model: per row
+// (table order), its exposure, the best data attack's test R at each labelled size
+// (chosen as in headline_table, its name given), and A4's R at each (labelled
+// samples, query budget); "…" where a row was not measured. Empty unless the model
+// has cells of both kinds.
+std::string data_vs_queries_table(const std::vector<Aggregate>& aggregates, const std::string& model);
+
 // From mean R per budget (ascending budgets): the smallest measured budget whose
 // mean R is ≥ target (0 when none), and in *interpolated the budget where R crosses
 // target, linear in log(queries) between the last budget below it and that one (the
@@ -336,7 +343,9 @@ int RunStudyReport(const StudyOptions& options);
 // What one untrusted principal (a node or an identity) of a job can recover, by the
 // study's measurements: `shardctl plan JOB --risk STUDY.csv`.
 struct RiskRow {
-  int64_t samples = 0;  // the attacker's labelled samples
+  int64_t samples = 0;  // the attacker's labelled samples (training windows for a language model)
+  int64_t queries = 0;  // A4: the query budget (0: an attacker with data only)
+  bool on_loss = false; // a language model's: R is on the loss
   Stat r;               // R of the worst reachable (row, attack) at that size
   std::string row;
   std::string attack;
@@ -346,15 +355,18 @@ struct RiskRow {
 struct RiskReport {
   std::string model;
   int stages = 0;
-  std::vector<RiskRow> worst;             // one per attacker size, ascending
+  // One per attacker: the attackers with data by size, ascending, then A4's by labelled
+  // samples and query budget, ascending.
+  std::vector<RiskRow> worst;
   std::vector<std::string> out_of_reach;  // rows no untrusted principal can hold, with why
 };
 // A row is within reach of one untrusted principal when it holds no trusted stage and
 // its exposure (held ∪ sandwiched, trusted stages left out: model/exposure.h) fits
 // maxExposure: a node may gather stages up to that bound (the operator's placement
 // history), an identity holds one stage. "none" is always within reach. For each
-// attacker size, the reachable (row, attack) with the highest selection_r (chosen on
-// the validation images where the study has them), and its test R. Throws
+// attacker size, and for each of A4's (labelled samples, query budget), the reachable
+// (row, attack) with the highest selection_r (chosen on the validation images where
+// the study has them), and its test R. Throws
 // StudyError naming --risk when the study has no rows for the job's model or was made
 // for another number of stages.
 RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const JobSpec& job,
