@@ -62,9 +62,12 @@ using Clock = std::chrono::steady_clock;
 // ---------------------------------------------------------------------------
 // Small helpers
 
+// A loopback address (is_loopback_address; IPv6 also in brackets) or "localhost" — not
+// any name that merely starts with "127.".
 bool is_loopback_host(const std::string& host) {
-  if (host == "localhost" || host == "::1" || host == "[::1]") return true;
-  return host.rfind("127.", 0) == 0;
+  if (host == "localhost") return true;
+  const bool bracketed = host.size() > 2 && host.front() == '[' && host.back() == ']';
+  return is_loopback_address(bracketed ? host.substr(1, host.size() - 2) : host);
 }
 
 grpc::ChannelArguments relay_channel_args() {

@@ -430,12 +430,8 @@ bool Tunnels::spawn(const char* direction, std::function<void()> fn) {
   }
   for (auto& w : finished) w->thread.join();
   if (!ok && !stopping_.load()) {
-    refused_.Add({{"direction", direction}, {"reason", "tunnel_limit"}}).Increment();
-    uint64_t suppressed = 0;
-    if (core_.log_limiter.allow("tunnel_limit", Clock::now(), &suppressed)) {
-      log::warn("tunnel refused: too many tunnels open",
-                {{"direction", direction}, {"limit", kMaxTunnels}, {"suppressed", suppressed}});
-    }
+    refuse(direction, "tunnel_limit", "tunnel refused: too many tunnels open",
+           {{"direction", direction}, {"limit", kMaxTunnels}});
   }
   return ok;
 }
@@ -470,11 +466,7 @@ void Tunnels::accept_loop() {
     if (out_of_resources) {
       // The pending connection stays readable while no descriptor is free: wait 100 ms
       // (or for the stop) instead of spinning on it.
-      refused_.Add({{"direction", "outbound"}, {"reason", "accept"}}).Increment();
-      uint64_t suppressed = 0;
-      if (core_.log_limiter.allow("tunnel_accept", Clock::now(), &suppressed)) {
-        log::warn("tunnel listeners: cannot accept", {{"error", std::strerror(accept_errno)}, {"suppressed", suppressed}});
-      }
+      refuse("outbound", "accept", "tunnel listeners: cannot accept", {{"error", std::strerror(accept_errno)}});
       pollfd stop{stop_fd_, POLLIN, 0};
       ::poll(&stop, 1, 100);
     }
@@ -492,15 +484,11 @@ void Tunnels::outbound(size_t index, int plain_fd) {
   }
   const auto deadline = Clock::now() + core_.config.handshake_timeout;
   const auto fail = [&](const char* reason, const std::string& detail) {
-    refused_.Add({{"direction", "outbound"}, {"reason", reason}}).Increment();
-    uint64_t suppressed = 0;
-    if (core_.log_limiter.allow(std::string("tunnel_") + reason, Clock::now(), &suppressed)) {
-      log::warn("tunnel to a peer failed", {{"peer", spec.peer_id},
-                                            {"method", method},
-                                            {"reason", reason},
-                                            {"detail", bounded_text(detail, 2 * kLoggedPrefixBytes)},
-                                            {"suppressed", suppressed}});
-    }
+    refuse("outbound", reason, "tunnel to a peer failed",
+           {{"peer", spec.peer_id},
+            {"method", method},
+            {"reason", reason},
+            {"detail", bounded_text(detail, 2 * kLoggedPrefixBytes)}});
   };
   std::string why;
   const int tls_fd = connect_to(core_.config.peers.at(spec.peer_id), deadline, stop_fd_, &why);
@@ -530,14 +518,8 @@ void Tunnels::outbound(size_t index, int plain_fd) {
     fail("answer", "no answer line from the peer: " + bounded_text(answer));
   } else if (answer != "OK") {
     const std::string rule = answer.rfind("DENIED ", 0) == 0 ? answer.substr(7) : answer;
-    refused_.Add({{"direction", "outbound"}, {"reason", "denied_by_peer"}}).Increment();
-    uint64_t suppressed = 0;
-    if (core_.log_limiter.allow("tunnel_denied_by_peer", Clock::now(), &suppressed)) {
-      log::warn("tunnel refused by the peer", {{"peer", spec.peer_id},
-                                               {"method", method},
-                                               {"rule", bounded_text(rule, 64)},
-                                               {"suppressed", suppressed}});
-    }
+    refuse("outbound", "denied_by_peer", "tunnel refused by the peer",
+           {{"peer", spec.peer_id}, {"method", method}, {"rule", bounded_text(rule, 64)}});
   } else {
     splice(*t, tls_fd, plain_fd, stop_fd_, stopping_,
            {&core_.bytes_counter("sent", spec.peer_id),
@@ -570,18 +552,24 @@ void Tunnels::adopt(int fd) {
     if (!over) ++n;
   }
   if (over) {
-    refused_.Add({{"direction", "inbound"}, {"reason", "source_limit"}}).Increment();
-    uint64_t suppressed = 0;
-    if (core_.log_limiter.allow("tunnel_source_limit", Clock::now(), &suppressed)) {
-      log::warn("tunnel refused: too many handshakes from one address",
-                {{"source", source}, {"limit", kMaxTunnelHandshakesPerSource}, {"suppressed", suppressed}});
-    }
+    refuse("inbound", "source_limit", "tunnel refused: too many handshakes from one address",
+           {{"source", source}, {"limit", kMaxTunnelHandshakesPerSource}});
     ::close(fd);
     return;
   }
   if (!spawn("inbound", [this, fd, source] { inbound(fd, source); })) {
     release_handshake(source);
     ::close(fd);
+  }
+}
+
+void Tunnels::refuse(const char* direction, const std::string& reason, const std::string& message,
+                     nlohmann::json fields) {
+  refused_.Add({{"direction", direction}, {"reason", reason}}).Increment();
+  uint64_t suppressed = 0;
+  if (core_.log_limiter.allow("tunnel_" + reason, Clock::now(), &suppressed)) {
+    fields["suppressed"] = suppressed;
+    log::warn(message, fields);
   }
 }
 
@@ -632,12 +620,8 @@ void Tunnels::inbound(int tls_fd, const std::string& source) {
   const bool got_method = read_line(*t, tls_fd, kMaxTunnelRequestLine, line_deadline, stop_fd_, &method);
   slot.release();
   if (!got_method) {
-    refused_.Add({{"direction", "inbound"}, {"reason", "request"}}).Increment();
-    uint64_t suppressed = 0;
-    if (core_.log_limiter.allow("tunnel_request", Clock::now(), &suppressed)) {
-      log::warn("tunnel refused: no method line (at most 64 bytes, within the first-bytes timeout)",
-                {{"peer", bounded_text(peer)}, {"got", bounded_text(method, 64)}, {"suppressed", suppressed}});
-    }
+    refuse("inbound", "request", "tunnel refused: no method line (at most 64 bytes, within the first-bytes timeout)",
+           {{"peer", bounded_text(peer)}, {"got", bounded_text(method, 64)}});
     t.reset();
     ::close(tls_fd);
     return;
@@ -708,12 +692,8 @@ void Tunnels::inbound(int tls_fd, const std::string& source) {
   std::string why;
   const int plain_fd = connect_to(destination, Clock::now() + core_.config.handshake_timeout, stop_fd_, &why);
   if (plain_fd < 0) {
-    refused_.Add({{"direction", "inbound"}, {"reason", "connect"}}).Increment();
-    uint64_t suppressed = 0;
-    if (core_.log_limiter.allow("tunnel_connect", Clock::now(), &suppressed)) {
-      log::warn("tunnel refused: its local destination does not answer",
-                {{"peer", bounded_text(peer)}, {"method", method}, {"error", why}, {"suppressed", suppressed}});
-    }
+    refuse("inbound", "connect", "tunnel refused: its local destination does not answer",
+           {{"peer", bounded_text(peer)}, {"method", method}, {"error", why}});
     write_all(*t, tls_fd, "DENIED tunnel-unreachable\n", Clock::now() + core_.config.handshake_timeout, stop_fd_);
     t->close_notify();
     t.reset();

@@ -25,6 +25,8 @@
 #include <thread>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "proxy_core.h"
 #include "shardguard/sidecar/h2/tls.h"
 
@@ -91,6 +93,10 @@ class Tunnels {
   void outbound(size_t index, int fd);
   void inbound(int fd, const std::string& source);
   void release_handshake(const std::string& source);
+  // A tunnel refused or failed: counted in shardguard_tunnel_refused_total{direction,
+  // reason} and logged as a warning with `fields`, at most as often as the log limiter
+  // allows for that reason (with how many lines it held back).
+  void refuse(const char* direction, const std::string& reason, const std::string& message, nlohmann::json fields);
   Tls tls() const;
 
   ProxyCore& core_;

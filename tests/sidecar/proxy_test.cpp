@@ -901,6 +901,17 @@ TEST_P(ProxyTest, ConfigErrorsNameTheFieldAndValue) {
   } catch (const std::invalid_argument& e) {
     EXPECT_NE(std::string(e.what()).find("0.0.0.0:7001"), std::string::npos) << e.what();
   }
+  // A name that only starts like a loopback address is not one (it resolves anywhere).
+  c = config_for(1, backend_b_.address());
+  c.upstream = "127.0.0.1.attacker.example:7000";
+  try {
+    Proxy p(c, std::make_shared<prometheus::Registry>());
+    FAIL() << "accepted an upstream name that starts with 127.";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("--upstream) \"127.0.0.1.attacker.example:7000\" must be the local shardd"),
+              std::string::npos)
+        << e.what();
+  }
   c = config_for(1, backend_b_.address());
   c.max_message_bytes = 0;
   EXPECT_THROW(Proxy(c, std::make_shared<prometheus::Registry>()), std::invalid_argument);
