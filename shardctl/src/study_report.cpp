@@ -860,6 +860,18 @@ void write_report(const std::string& out_dir, bool plots, const std::map<std::st
       md << "\n### Attacker with data vs attacker with queries: " << m << "\n\n" << t;
     }
   }
+  // The study turned into placement: the worst R one untrusted principal can reach,
+  // per attacker, with no stage or one stage trusted, under four maxExposure caps.
+  for (const auto& m : models) {
+    const auto sh = shares.find(m);
+    if (sh == shares.end()) continue;
+    if (const std::string t = placement_table(cells, m, sh->second); !t.empty()) {
+      md << "\n### Placement: " << m
+         << ", the worst R one untrusted principal can reach (its row in brackets; a trusted stage stays on the data "
+            "owner's nodes)\n\n"
+         << t;
+    }
+  }
   for (const auto& m : models) {
     // A model measured with A4 only has no table of the other attacks.
     if (std::none_of(cells.begin(), cells.end(),
@@ -903,12 +915,9 @@ int RunStudyReport(const StudyOptions& options) {
   });
 }
 
-RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const JobSpec& job,
-                                const std::vector<int64_t>& stage_params) {
-  const std::string& model = job.model.architecture;
-  const int stages = static_cast<int>(stage_params.size());
-  const std::vector<double> w(stage_params.begin(), stage_params.end());
-  const std::set<int>& trusted = job.protection.trusted_stages;
+RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const std::string& model,
+                                const std::vector<double>& stage_weights, const std::set<int>& trusted,
+                                double max_exposure) {
   RiskReport report;
   report.model = model;
   // The study's stage count: its "all" row holds every stage.
@@ -918,9 +927,9 @@ RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const JobS
   if (report.stages == 0) {
     throw StudyError("--risk: the study has no rows of model " + model + " (with its \"all\" row)");
   }
-  if (report.stages != stages) {
+  if (report.stages != static_cast<int>(stage_weights.size())) {
     throw StudyError("--risk: the study's " + model + " rows are for " + std::to_string(report.stages) +
-                     " stages, the job has " + std::to_string(stages) + " shards");
+                     " stages, the job has " + std::to_string(stage_weights.size()) + " shards");
   }
   // By (A4 or not, samples, queries): the attackers with data first, then A4's budgets.
   std::map<std::tuple<bool, int64_t, int64_t>, RiskRow> worst;
@@ -930,8 +939,8 @@ RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const JobS
     const std::set<int> held = held_set(a.held);
     bool reachable = true;
     for (int i : held) reachable = reachable && !trusted.count(i);
-    const double e = model::exposure_of(w, held, trusted);
-    if (!reachable || e > job.protection.max_exposure + 1e-12) {
+    const double e = model::exposure_of(stage_weights, held, trusted);
+    if (!reachable || e > max_exposure + 1e-12) {
       if (out_of_reach.insert(a.row).second) {
         report.out_of_reach.push_back(a.row + (reachable ? " (exposure " + format_ratio(e) + ")" : " (trusted)"));
       }
@@ -945,6 +954,79 @@ RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const JobS
   }
   for (const auto& [key, row] : worst) report.worst.push_back(row);
   return report;
+}
+
+RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const JobSpec& job,
+                                const std::vector<int64_t>& stage_params) {
+  return worst_reachable_risk(cells, job.model.architecture,
+                              std::vector<double>(stage_params.begin(), stage_params.end()),
+                              job.protection.trusted_stages, job.protection.max_exposure);
+}
+
+std::string placement_table(const std::vector<CellResult>& cells, const std::string& model,
+                            const std::vector<double>& stage_shares) {
+  const std::vector<double> caps{0.25, 0.5, 0.75, 1.0};
+  std::vector<std::set<int>> trusted_sets{{}};
+  const int n = static_cast<int>(stage_shares.size());
+  for (int i = 0; i < n; ++i) trusted_sets.push_back({i});
+  if (n >= 3) trusted_sets.push_back({0, n - 1});  // both ends: the input and the output stage
+  double total = 0;
+  for (double w : stage_shares) total += w;
+  // A cap under an untrusted stage's share refuses the job: no placement exists.
+  auto refused = [&](const std::set<int>& trusted, double cap) {
+    for (int i = 0; i < static_cast<int>(stage_shares.size()); ++i) {
+      if (!trusted.count(i) && stage_shares[i] / total > cap + 1e-12) return true;
+    }
+    return false;
+  };
+  // reports[t][c]: trusted set t, cap c.
+  std::vector<std::vector<RiskReport>> reports;
+  try {
+    for (const auto& t : trusted_sets) {
+      reports.emplace_back();
+      for (double cap : caps) reports.back().push_back(worst_reachable_risk(cells, model, stage_shares, t, cap));
+    }
+  } catch (const StudyError&) {
+    return "";  // no "all" row, or another stage count: nothing to place
+  }
+  // The attackers, in the reports' order (the one with no trusted stage and no cap
+  // reaches every row, so it has every attacker).
+  const std::vector<RiskRow>& attackers = reports[0].back().worst;
+  if (attackers.empty()) return "";
+  std::ostringstream o;
+  o << "| attacker | trusted stages |";
+  for (double cap : caps) o << " maxExposure " << format_ratio(cap).substr(0, 4) << " |";
+  o << "\n|---|---|";
+  for (size_t i = 0; i < caps.size(); ++i) o << "---|";
+  o << "\n";
+  char buf[96];
+  for (const RiskRow& who : attackers) {
+    std::string name = std::to_string(who.samples) + (who.on_loss ? " windows" : " samples");
+    if (who.queries > 0) name += " + " + std::to_string(who.queries) + " queries";
+    for (size_t t = 0; t < trusted_sets.size(); ++t) {
+      std::vector<std::string> listed;
+      for (int i : trusted_sets[t]) listed.push_back(std::to_string(i));
+      o << "| " << name << " | " << (listed.empty() ? "none" : join(listed, ", ")) << " |";
+      for (size_t c = 0; c < caps.size(); ++c) {
+        if (refused(trusted_sets[t], caps[c])) {
+          o << " refused |";
+          continue;
+        }
+        const RiskReport& r = reports[t][c];
+        const auto it = std::find_if(r.worst.begin(), r.worst.end(), [&](const RiskRow& x) {
+          return x.samples == who.samples && x.queries == who.queries;
+        });
+        if (it == r.worst.end()) {
+          o << " – |";
+          continue;
+        }
+        std::snprintf(buf, sizeof buf, " %.2f (%s) |", it->r.mean, it->row.c_str());
+        o << buf;
+      }
+      o << "\n";
+    }
+  }
+  return o.str();
 }
 
 }  // namespace shardguard::shardctl

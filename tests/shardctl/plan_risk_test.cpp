@@ -111,6 +111,40 @@ TEST(PlanRisk, PlanPrintsTheRiskAndRefusesAnUnreadableStudy) {
   GetCapturedStdout();
 }
 
+// results.md's placement table: per attacker, no stage or one stage trusted, four caps.
+TEST(PlanRisk, PlacementTableShowsWhatTrustingAStageAndTheCapBuy) {
+  const JobSpec j = job();
+  const auto params = op::stage_parameters(j);
+  const std::vector<double> shares(params.begin(), params.end());
+  const std::string t = placement_table(cells(), "cnn", shares);
+  EXPECT_NE(t.find("| attacker | trusted stages | maxExposure 0.25 | maxExposure 0.50 | maxExposure 0.75 | "
+                   "maxExposure 1.00 |\n"),
+            std::string::npos)
+      << t;
+  // The input stage is within reach under any cap; s0+1 from 0.75, the victim at 1.
+  // Stages 1 and 2 hold 44.2 % each: a 0.25 cap refuses the job whatever is trusted.
+  // The input stage is within reach under any other cap; s0+1 from 0.75, the victim at 1.
+  EXPECT_NE(t.find("| 600 samples | none | refused | 0.75 (s0) | 0.90 (s0+1) | 1.00 (all) |\n"), std::string::npos)
+      << t;
+  // Trusting stage 0 leaves s2+3 (A2, 0.30).
+  EXPECT_NE(t.find("| 600 samples | 0 | refused | 0.30 (s2+3) | 0.30 (s2+3) | 0.30 (s2+3) |\n"), std::string::npos)
+      << t;
+  EXPECT_NE(t.find("| 600 samples | 1 | refused | 0.75 (s0) | 0.75 (s0) | 0.75 (s0) |\n"), std::string::npos) << t;
+  // With the two large stages alike and a smaller cut (shares 0.1, 0.2, 0.2, 0.5): 0.25
+  // refuses unless stage 3 is trusted, where only s0 (0.1) and the rows of 1 and 2 fit.
+  const std::string small = placement_table(cells(), "cnn", {0.1, 0.2, 0.2, 0.5});
+  EXPECT_NE(small.find("| 600 samples | 3 | 0.75 (s0) |"), std::string::npos) << small;
+  EXPECT_NE(small.find("| 600 samples | 0 | refused |"), std::string::npos) << small;
+  EXPECT_NE(t.find("| 600 samples | 3 |"), std::string::npos) << t;
+  // Both ends trusted: s2+3 and s0 out of reach, `none` the worst left.
+  EXPECT_NE(t.find("| 600 samples | 0, 3 | refused | 0.03 (none) | 0.03 (none) | 0.03 (none) |\n"), std::string::npos)
+      << t;
+  EXPECT_EQ(t.find("| 600 samples | 4 |"), std::string::npos) << t;
+  // Another stage count or model: no table (write_report then leaves it out).
+  EXPECT_EQ(placement_table(cells(), "cnn", {0.5, 0.5}), "");
+  EXPECT_EQ(placement_table(cells(), "vit", shares), "");
+}
+
 // A4's cells get lines of their own (labelled samples + query budget), after the
 // attackers with data, under the same placement rules; a language model's say
 // "training windows" and that R is on the loss.

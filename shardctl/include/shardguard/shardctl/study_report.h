@@ -16,6 +16,7 @@
 #include <limits>
 #include <map>
 #include <optional>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -371,5 +372,20 @@ struct RiskReport {
 // for another number of stages.
 RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const JobSpec& job,
                                 const std::vector<int64_t>& stage_params);
+// The same for a model's cells, its stages' weights (parameters or shares), the
+// trusted stages and a maxExposure cap.
+RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const std::string& model,
+                                const std::vector<double>& stage_weights, const std::set<int>& trusted,
+                                double max_exposure);
+
+// What placement buys, for results.md: per attacker (as worst_reachable_risk lists
+// them), one line with no trusted stage, one per stage trusted alone and (with 3
+// stages or more) one with both ends trusted, the input and the output stage; per
+// maxExposure cap 0.25, 0.5, 0.75 and 1 the worst reachable R with its row, or
+// "refused" where an untrusted stage's share is above the cap (the operator refuses
+// such a job: no placement exists). Empty when
+// the cells have no "all" row of the model or another stage count than the shares.
+std::string placement_table(const std::vector<CellResult>& cells, const std::string& model,
+                            const std::vector<double>& stage_shares);
 
 }  // namespace shardguard::shardctl
