@@ -13,8 +13,10 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <random>
 #include <sstream>
 #include <stdexcept>
 #include <thread>
@@ -198,6 +200,35 @@ int pick_free_port() {
   }
   ::close(fd);
   return ntohs(addr.sin_port);
+}
+
+int pick_listen_port() {
+  int lo = 32768;  // the kernel's default when the range cannot be read
+  if (FILE* f = std::fopen("/proc/sys/net/ipv4/ip_local_port_range", "r")) {
+    int first = 0, last = 0;
+    if (std::fscanf(f, "%d %d", &first, &last) == 2 && first > 0) lo = first;
+    std::fclose(f);
+  }
+  constexpr int kFrom = 20000;
+  if (lo < kFrom + 1000) return pick_free_port();
+  std::random_device seed;
+  std::mt19937 rng(seed());
+  const int span = lo - kFrom;
+  const int start = static_cast<int>(rng() % static_cast<unsigned>(span));
+  for (int i = 0; i < span; ++i) {
+    const int port = kFrom + (start + i) % span;
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) throw std::runtime_error(std::string("socket: ") + std::strerror(errno));
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_ANY);  // free on every interface, as a store binds
+    addr.sin_port = htons(static_cast<uint16_t>(port));
+    const bool free = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+    ::close(fd);
+    if (free) return port;
+  }
+  throw std::runtime_error("cannot find a free port on 0.0.0.0 in " + std::to_string(kFrom) + ".." +
+                           std::to_string(lo - 1));
 }
 
 bool port_free(int port) {

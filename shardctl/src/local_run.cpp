@@ -713,7 +713,9 @@ int RunLocal(const LocalRunOptions& options) {
     std::set<int> taken;  // five distinct ports per shard, none handed out twice
     if (options.prometheus_port != 0) taken.insert(options.prometheus_port);
     auto take_port = [&](int* port) {
-      for (int tries = 0; tries < 100 && (*port == 0 || taken.count(*port)); ++tries) *port = pick_free_port();
+      // Below the ephemeral range: the children bind these later, and the connections the
+      // run opens meanwhile (Gloo's among them) take their source ports from that range.
+      for (int tries = 0; tries < 100 && (*port == 0 || taken.count(*port)); ++tries) *port = pick_listen_port();
       if (!taken.insert(*port).second) throw std::runtime_error("could not find enough free ports on 127.0.0.1");
     };
     for (int k = 0; k < processes; ++k) {
@@ -735,7 +737,7 @@ int RunLocal(const LocalRunOptions& options) {
     }
     if (options.prometheus) {
       for (int tries = 0; tries < 100 && (prometheus_port == 0 || taken.count(prometheus_port)); ++tries) {
-        prometheus_port = pick_free_port();
+        prometheus_port = pick_listen_port();
       }
       if (!taken.insert(prometheus_port).second || prometheus_port == 0) {
         throw std::runtime_error("could not find a free port on 127.0.0.1 for Prometheus");

@@ -4,6 +4,7 @@
 #include <signal.h>
 
 #include <cstdio>
+#include <set>
 #include <string>
 
 #include "shardguard/common/files.h"
@@ -70,6 +71,26 @@ TEST(ProcessTest, FreePortIsOnLoopback) {
   EXPECT_GT(a, 0);
   EXPECT_LT(a, 65536);
   EXPECT_FALSE(self_dir().empty());
+}
+
+// Below the ephemeral range (where outgoing connections take their source ports) and
+// bindable on 127.0.0.1 right after.
+TEST(ProcessTest, ListenPortIsBelowTheEphemeralRangeAndFree) {
+  int lo = 32768;
+  if (FILE* f = std::fopen("/proc/sys/net/ipv4/ip_local_port_range", "r")) {
+    ASSERT_EQ(std::fscanf(f, "%d", &lo), 1);
+    std::fclose(f);
+  }
+  if (lo < 21000) GTEST_SKIP() << "the ephemeral range starts at " << lo << ": pick_listen_port is pick_free_port there";
+  std::set<int> seen;
+  for (int i = 0; i < 20; ++i) {
+    const int p = pick_listen_port();
+    EXPECT_GE(p, 20000);
+    EXPECT_LT(p, lo);
+    EXPECT_TRUE(port_free(p)) << p;
+    seen.insert(p);
+  }
+  EXPECT_GT(seen.size(), 1u);  // random, not the same port for every caller
 }
 
 TEST(FindInPathTest, FindsExecutablesAndRejectsMissingOnes) {

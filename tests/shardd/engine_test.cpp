@@ -1,13 +1,11 @@
 // The engine on the in-memory transport: a whole pipeline of engines in this
 // process, no sockets. Same math as one process, resuming from checkpoints,
 // a refused checkpoint, a stage restarting mid-run.
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
 #include <gtest/gtest.h>
 
 #include <atomic>
 #include <filesystem>
+#include <set>
 #include <thread>
 
 #include "shardguard/common/crypto.h"
@@ -118,27 +116,19 @@ class EngineTest : public ::testing::Test {
   // pipeline of its own on its own in-memory network, the replicas of a stage in one
   // Gloo group on 127.0.0.1; all replicas of a stage share its checkpoint directory.
   // results[r][i]: replica r's stage i. `events(r, i)` as in run().
-  // A port for a group's store, below the kernel's ephemeral range (32768 and up by
-  // default): pick_free_port's port 0 comes from that range, where the Gloo listeners
-  // and connections of the groups already running take ports too, so one of them could
-  // take the store's port before its TCPStore binds it (seen once: "Address already in
-  // use"). Free on every interface now, and not handed out twice by this test.
+  // A port for a group's store: pick_listen_port, below the kernel's ephemeral range,
+  // where the Gloo listeners and connections of the groups already running take ports
+  // (with pick_free_port one of them took a store's port once before its TCPStore bound
+  // it: "Address already in use"). Not handed out twice by this test.
   int store_port() {
-    for (int tries = 0; tries < 2000; ++tries) {
-      const int port = 20000 + static_cast<int>((static_cast<unsigned>(::getpid()) * 7919u + next_store_++ * 37u) % 12000u);
-      const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-      sockaddr_in a{};
-      a.sin_family = AF_INET;
-      a.sin_port = htons(static_cast<uint16_t>(port));
-      a.sin_addr.s_addr = htonl(INADDR_ANY);
-      const bool free = fd >= 0 && ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
-      if (fd >= 0) ::close(fd);
-      if (free) return port;
+    for (int tries = 0; tries < 100; ++tries) {
+      const int port = pick_listen_port();
+      if (store_ports_.insert(port).second) return port;
     }
-    ADD_FAILURE() << "no free port in 20000..31999";
-    return pick_free_port();
+    ADD_FAILURE() << "pick_listen_port gave only ports this test had";
+    return pick_listen_port();
   }
-  unsigned next_store_ = 0;
+  std::set<int> store_ports_;
 
   std::vector<EngineRun> run_replicated(const JobSpec& job, int64_t max_steps = 0,
                                         const std::function<StageEvents(int, int)>& events = {}) {

@@ -64,6 +64,14 @@ class Process {
 // A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read, close).
 int pick_free_port();
 
+// A TCP port for a listener that another process binds later: free a moment ago on
+// every interface, and below the kernel's ephemeral range (net.ipv4.ip_local_port_range,
+// 32768 and up by default), from which the source ports of outgoing connections come —
+// so no connection opened in between (a Gloo pair, a gRPC channel) can take it, as one
+// can take a port pick_free_port returned. Random from 20000 up to that range;
+// pick_free_port where the range starts below 21000.
+int pick_listen_port();
+
 // Whether 127.0.0.1:port can be bound right now (false: in use or not allowed).
 bool port_free(int port);
 
