@@ -301,7 +301,7 @@ std::vector<StageOutcome> run_pipeline(const Settings& s, const fs::path& job_fi
   std::vector<int> ports;
   std::set<int> seen;
   while (static_cast<int>(ports.size()) < stages) {
-    const int p = pick_free_port();
+    const int p = pick_listen_port();
     if (seen.insert(p).second) ports.push_back(p);
   }
   auto addr = [&](int i) { return "127.0.0.1:" + std::to_string(ports[static_cast<size_t>(i)]); };
