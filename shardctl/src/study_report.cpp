@@ -861,7 +861,7 @@ void write_report(const std::string& out_dir, bool plots, const std::map<std::st
     }
   }
   // The study turned into placement: the worst R one untrusted principal can reach,
-  // per attacker, with no stage or one stage trusted, under four maxExposure caps.
+  // per attacker, with no stage, each stage alone or both ends trusted, under four caps.
   for (const auto& m : models) {
     const auto sh = shares.find(m);
     if (sh == shares.end()) continue;
