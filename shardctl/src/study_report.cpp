@@ -367,7 +367,7 @@ std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells) {
   };
   struct Acc {
     Aggregate a;
-    std::vector<double> acc, fid, loss, r, val_r, wall;
+    std::vector<double> acc, fid, loss, r, val_r, r_accuracy, wall;
   };
   std::vector<std::string> order;
   std::map<std::string, Acc> groups;
@@ -408,6 +408,10 @@ std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells) {
     const double vr = on_loss ? recovered_fraction(c.val_loss, mean(s->second.val_loss), v->second->val_loss)
                               : recovered_fraction(c.val_accuracy, mean(s->second.val), v->second->val_accuracy);
     if (!std::isnan(vr)) it->second.val_r.push_back(vr);
+    if (on_loss) {
+      const double ra = recovered_fraction(c.accuracy, mean(s->second.test), v->second->accuracy);
+      if (!std::isnan(ra)) it->second.r_accuracy.push_back(ra);
+    }
   }
   std::vector<Aggregate> out;
   for (const auto& g : order) {
@@ -417,6 +421,7 @@ std::vector<Aggregate> aggregate(const std::vector<CellResult>& cells) {
     x.a.loss = stat_of(x.loss);
     x.a.r = stat_of(x.r);
     x.a.val_r = stat_of(x.val_r);
+    x.a.r_accuracy = stat_of(x.r_accuracy);
     x.a.wall = stat_of(x.wall);
     out.push_back(x.a);
   }
@@ -530,8 +535,9 @@ std::string headline_table(const std::vector<Aggregate>& aggs, const std::string
   const bool on_loss = std::any_of(best.begin(), best.end(), [](const Aggregate* a) { return a->on_loss; });
   std::ostringstream o;
   o << "| group | row | exposure | best attack (chosen on " << (on_validation ? "validation" : "test")
-    << ") | R on test" << (on_loss ? " loss" : "") << ", mean ± sd over seeds | 95 % interval for a rerun's mean | seeds |\n"
-    << "|---|---|---|---|---|---|---|\n";
+    << ") | R on test" << (on_loss ? " loss" : "") << ", mean ± sd over seeds | 95 % interval for a rerun's mean |"
+    << (on_loss ? " R on next-token accuracy (same attack) |" : "") << " seeds |\n"
+    << "|---|---|---|---|---|---|" << (on_loss ? "---|" : "") << "---|\n";
   char buf[96];
   for (const Aggregate* a : best) {
     const size_t held = a->held.empty() ? 0 : split(a->held, '+').size();
@@ -548,6 +554,13 @@ std::string headline_table(const std::vector<Aggregate>& aggs, const std::string
     } else {
       std::snprintf(buf, sizeof buf, "%.2f … %.2f", a->r.mean - h, a->r.mean + h);
       o << buf;
+    }
+    if (on_loss) {
+      // Secondary: a language model's R on the accuracy does not punish the overconfidence
+      // of an attacker that overfit its few windows, which R on the loss does.
+      std::snprintf(buf, sizeof buf, a->r_accuracy.n > 1 ? " | %.2f ± %.2f" : " | %.2f", a->r_accuracy.mean,
+                    a->r_accuracy.std);
+      o << (a->r_accuracy.n > 0 ? buf : " | –");
     }
     o << " | " << a->r.n << " |\n";
   }

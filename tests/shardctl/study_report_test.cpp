@@ -604,6 +604,9 @@ TEST(StudyCsv, LanguageModelLossOnItsLinesAndItsOwnTable) {
     EXPECT_EQ(a.on_loss, a.model == "gpt");
     EXPECT_NEAR(a.r.mean, a.model == "gpt" ? 0.25 : 0.5, 1e-12) << a.model;
     EXPECT_NEAR(a.val_r.mean, a.model == "gpt" ? (4.01 - 3.51) / (4.01 - 2.01) : 0.5, 1e-12) << a.model;
+    // R on the next-token accuracy, beside it for the language model only.
+    EXPECT_EQ(a.r_accuracy.n, a.model == "gpt" ? 2 : 0) << a.model;
+    if (a.model == "gpt") EXPECT_NEAR(a.r_accuracy.mean, 0.9, 1e-12);
   }
   const std::string cnn = markdown_table(aggs, "cnn");
   const std::string gpt = markdown_table(aggs, "gpt");
@@ -615,6 +618,9 @@ TEST(StudyCsv, LanguageModelLossOnItsLinesAndItsOwnTable) {
   EXPECT_EQ(gpt.find("acc (± sd)"), std::string::npos) << gpt;
   EXPECT_EQ(gpt.find("0.700"), std::string::npos) << gpt;  // no cnn row in the gpt table
   EXPECT_NE(gpt.find("| s0 | 0 | 50.0% | A1-frozen | 3.500 ± 0.000 | 0.190 | 0.25 ± 0.00 |"), std::string::npos) << gpt;
-  EXPECT_NE(headline_table(aggs, "gpt", 181, 4).find("R on test loss"), std::string::npos);
+  const std::string gpt_headline = headline_table(aggs, "gpt", 181, 4);
+  EXPECT_NE(gpt_headline.find("R on test loss"), std::string::npos);
+  EXPECT_NE(gpt_headline.find(" | 0.25 ± 0.00 | 0.25 … 0.25 | 0.90 ± 0.00 | 2 |\n"), std::string::npos) << gpt_headline;
   EXPECT_EQ(headline_table(aggs, "cnn", 181, 4).find("loss"), std::string::npos);
+  EXPECT_EQ(headline_table(aggs, "cnn", 181, 4).find("next-token"), std::string::npos);
 }

@@ -208,6 +208,9 @@ struct Aggregate {
   Stat loss;             // nats per token (language models; n = 0 otherwise)
   Stat r;        // per seed R on the test images, against the mean of that seed's scratch runs of the same size
   Stat val_r;    // the same on the validation images (n = 0 without validation accuracies)
+  // A language model's R on the next-token accuracy of the test windows (per seed, against
+  // the mean of its scratch runs): shown beside R on the loss; n = 0 for image models.
+  Stat r_accuracy;
   Stat wall;
 };
 
