@@ -972,16 +972,17 @@ void validate_study(const StudyOptions& o) {
       throw StudyError("--attacks A4: the query attacker generates images; model " + j.model + " of --job " + j.file +
                        " takes tokens");
     }
-    std::vector<int64_t> checked = sizes;
-    if (a4) checked.push_back(o.a4_samples);
-    for (int64_t s : checked) {
+    std::vector<std::pair<const char*, int64_t>> checked;  // (flag, size): the error names the flag given
+    for (int64_t s : sizes) checked.emplace_back("--samples", s);
+    if (a4) checked.emplace_back("--a4-samples", o.a4_samples);
+    for (const auto& [flag, s] : checked) {
       if (s > train_n) {
-        throw StudyError("--samples " + std::to_string(s) + ": above the " + std::to_string(train_n) +
+        throw StudyError(std::string(flag) + " " + std::to_string(s) + ": above the " + std::to_string(train_n) +
                          (is_language_model(j.spec) ? " training windows (of context + 1 tokens) in " : " samples of the training set of ") +
                          j.spec.dataset.path);
       }
       if (s + o.val_samples > train_n) {
-        throw StudyError("--samples " + std::to_string(s) + " with --val-samples " + std::to_string(o.val_samples) +
+        throw StudyError(std::string(flag) + " " + std::to_string(s) + " with --val-samples " + std::to_string(o.val_samples) +
                          ": the attacker's samples and the validation images overlap (" + std::to_string(train_n) +
                          " samples in the training set of " + j.spec.dataset.path + ")");
       }

@@ -79,6 +79,12 @@ TEST(StudyValidate, BadInputNamesFlagAndValue) {
   bad.samples = "60,70000";
   EXPECT_NE(error_of(bad).find("--samples 70000: above the 60000 samples"), std::string::npos) << error_of(bad);
 
+  // A4's labelled samples are checked alike, and the error names their own flag.
+  bad = o;
+  bad.attacks = "A4";
+  bad.a4_samples = 70000;
+  EXPECT_NE(error_of(bad).find("--a4-samples 70000: above the 60000 samples"), std::string::npos) << error_of(bad);
+
   bad = o;
   bad.attacks = "A9";
   EXPECT_NE(error_of(bad).find("--attacks: unknown attack \"A9\""), std::string::npos) << error_of(bad);
