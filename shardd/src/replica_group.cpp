@@ -7,9 +7,9 @@
 
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
-#include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include "shardguard/common/crypto.h"
+#include "shardguard/common/kv_store.h"
 #include "shardguard/common/log.h"
 #include "shardguard/common/metrics_server.h"
 #include "shardguard/common/replica_tunnel.h"
@@ -19,7 +19,7 @@
 namespace shardguard::shardd {
 
 struct ReplicaGroup::State {
-  c10::intrusive_ptr<c10d::TCPStore> store;
+  c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::ProcessGroupGloo> group;
 };
 
@@ -109,32 +109,75 @@ std::string group_prefix(const std::string& secret) {
   return "group-" + sha256_hex(std::string("shardguard replica group keys\n") + secret).substr(0, 32);
 }
 
-// The group's store. Through a tunnel (a replica other than 0), the local sidecar
-// accepts at once and closes the connection again while replica 0's store is not up
-// yet, where a direct connection would have been refused and retried by TCPStore: so
-// the connection is tried with a read that changes nothing, and tried again until
-// timeout_s (backing off from 50 ms to 1 s).
-c10::intrusive_ptr<c10d::TCPStore> connect_store(const std::string& host, const c10d::TCPStoreOptions& so,
-                                                 bool through_tunnel, double timeout_s) {
-  if (!through_tunnel) return c10::make_intrusive<c10d::TCPStore>(host, so);
+// The group's store as c10d sees it: a KvClient (common/kv_store.h) to replica 0's
+// KvServer, which replica 0's own store also holds and serves on its --replica-store
+// address only (LibTorch 1.13's TCPStore would listen on every interface).
+class GroupStore : public c10d::Store {
+ public:
+  GroupStore(std::unique_ptr<KvServer> server, const std::string& host, int port, std::chrono::milliseconds timeout)
+      : Store(timeout), server_(std::move(server)), client_(host, port, timeout),
+        where_(host + ":" + std::to_string(port)) {}
+
+  void set(const std::string& key, const std::vector<uint8_t>& value) override { client_.set(key, value); }
+  std::vector<uint8_t> compareSet(const std::string& key, const std::vector<uint8_t>& expected,
+                                  const std::vector<uint8_t>& desired) override {
+    return client_.compare_set(key, expected, desired);
+  }
+  std::vector<uint8_t> get(const std::string& key) override {
+    auto value = client_.get(key, timeout_);
+    if (!value) throw std::runtime_error("replica group store " + where_ + ": key not set within " + std::to_string(timeout_.count()) + " ms");
+    return *value;
+  }
+  int64_t add(const std::string& key, int64_t value) override { return client_.add(key, value); }
+  bool deleteKey(const std::string& key) override { return client_.remove(key); }
+  bool check(const std::vector<std::string>& keys) override { return client_.check(keys); }
+  int64_t getNumKeys() override { return client_.size(); }
+  void wait(const std::vector<std::string>& keys) override { wait(keys, timeout_); }
+  void wait(const std::vector<std::string>& keys, const std::chrono::milliseconds& timeout) override {
+    if (!client_.wait(keys, timeout)) {
+      throw std::runtime_error("replica group store " + where_ + ": " + std::to_string(keys.size()) +
+                               " key(s) not set within " + std::to_string(timeout.count()) + " ms");
+    }
+  }
+
+ private:
+  std::unique_ptr<KvServer> server_;  // replica 0's; outlives client_ (declared first)
+  KvClient client_;
+  std::string where_;
+};
+
+// The group's store. Replica 0 serves it and connects to it at once. Another replica
+// retries until timeout_s (backing off from 50 ms to 1 s), each try with a read that
+// changes nothing: replica 0 may not be up yet (a refused connection) or, through a
+// tunnel, the local sidecar accepts at once and closes the connection again while
+// replica 0's store is not up.
+c10::intrusive_ptr<GroupStore> connect_store(const std::string& host, int port, bool serve, bool through_tunnel,
+                                             double timeout_s) {
+  const std::string where = host + ":" + std::to_string(port);
+  if (serve) return c10::make_intrusive<GroupStore>(std::make_unique<KvServer>(host, port), host, port, millis(timeout_s));
   const auto deadline = Clock::now() + millis(timeout_s);
   auto pause = std::chrono::milliseconds(50);
   for (int attempt = 1;; ++attempt) {
     try {
-      auto store = c10::make_intrusive<c10d::TCPStore>(host, so);
+      auto store = c10::make_intrusive<GroupStore>(nullptr, host, port, millis(timeout_s));
       store->check({"probe"});
       return store;
     } catch (const std::exception& e) {
-      // A refusal by either sidecar (policy, no --tunnel-store, a wrong certificate) looks
-      // the same from here as a store that is not up yet: its log line says which.
+      // Through a tunnel, a refusal by either sidecar (policy, no --tunnel-store, a wrong
+      // certificate) looks the same from here as a store that is not up yet: its log
+      // line says which.
       if (attempt == 1 || attempt % 10 == 0) {
-        log::warn("replica group store not reachable through the store tunnel yet",
-                  {{"store", host + ":" + std::to_string(so.port)}, {"attempt", attempt}, {"error", e.what()}});
+        log::warn(through_tunnel ? "replica group store not reachable through the store tunnel yet"
+                                 : "replica group store not reachable yet",
+                  {{"store", where}, {"attempt", attempt}, {"error", e.what()}});
       }
       if (Clock::now() + pause >= deadline) {
-        throw std::runtime_error("the store tunnel at " + host + ":" + std::to_string(so.port) + " never reached replica 0's store in " +
-                                 std::to_string(attempt) + " attempts (" + e.what() +
-                                 "; the sidecars' logs and shardguard_tunnel_refused_total say whether they refused it)");
+        throw std::runtime_error(
+            (through_tunnel ? "the store tunnel at " + where + " never reached replica 0's store in "
+                            : "replica 0's store at " + where + " did not answer in ") +
+            std::to_string(attempt) + " attempts (" + e.what() +
+            (through_tunnel ? "; the sidecars' logs and shardguard_tunnel_refused_total say whether they refused it)"
+                            : ")"));
       }
       std::this_thread::sleep_for(pause);  // backoff between connection attempts
       pause = std::min(pause * 2, std::chrono::milliseconds(1000));
@@ -189,13 +232,7 @@ ReplicaGroup::ReplicaGroup(int stage, int replica, int replicas, const std::stri
   const bool tunnelled = !tunnels.empty();
   if (tunnelled) check_tunnels(stage, replica, replicas, tunnels, tunnel_map, own_host);
   try {
-    c10d::TCPStoreOptions so;
-    so.port = static_cast<uint16_t>(port);
-    so.isServer = replica == 0;
-    so.numWorkers = replicas;
-    so.waitWorkers = false;
-    so.timeout = millis(timeout_s);
-    state_->store = connect_store(host, so, tunnelled && replica != 0, timeout_s);
+    state_->store = connect_store(host, port, replica == 0, tunnelled && replica != 0, timeout_s);
     auto options = c10d::ProcessGroupGloo::Options::create(millis(timeout_s));
     // Each replica's own address: replica 0's (the store's host) is not another pod's.
     const std::string gloo_host = tunnelled ? gloo_tunnel_host(replica) : own_host.empty() ? host : own_host;
@@ -205,9 +242,9 @@ ReplicaGroup::ReplicaGroup(int stage, int replica, int replicas, const std::stri
     // whose keys live under their own prefix. A replica restarted while an old member
     // still serves the store therefore never reads the addresses of a group that is gone.
     // Every key lives under a prefix only the stage's replicas can name (from the
-    // stage's checkpoint key): LibTorch's TCPStore listens on every interface, and
-    // whatever else reaches its port must not be able to count a join, read the group's
-    // addresses or overwrite them (docs/pipeline.md#the-replica-tunnels).
+    // stage's checkpoint key): whatever else reaches the store's port (only loopback in
+    // a pod) must not be able to count a join, read the group's addresses or overwrite
+    // them (docs/pipeline.md#the-replica-tunnels).
     auto keys = c10::make_intrusive<c10d::PrefixStore>(group_prefix(group_secret), state_->store);
     const int64_t joins = keys->add("joins", 1);
     incarnation_ = (joins - 1) / replicas;
