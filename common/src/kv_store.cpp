@@ -223,7 +223,8 @@ void check_keys(const std::string& where, const std::vector<std::string>& keys) 
 
 // ---- server ----------------------------------------------------------------------
 
-KvServer::KvServer(const std::string& host, int port) {
+KvServer::KvServer(const std::string& host, int port, std::function<void()> on_refused)
+    : on_refused_(std::move(on_refused)) {
   const std::string where = "replica group store " + endpoint(host, port);
   socklen_t len = 0;
   const sockaddr_storage addr = [&] {
@@ -256,6 +257,11 @@ KvServer::KvServer(const std::string& host, int port) {
 }
 
 KvServer::~KvServer() { stop(); }
+
+void KvServer::refuse() {
+  ++refused_;
+  if (on_refused_) on_refused_();
+}
 
 void KvServer::stop() {
   if (stopping_.exchange(true)) return;
@@ -296,7 +302,7 @@ void KvServer::accept_loop() {
       }
     }
     if (workers_.size() >= kMaxKvConnections) {
-      ++refused_;
+      refuse();
       log::warn("replica group store: connection refused, too many open",
                 {{"port", port_}, {"limit", kMaxKvConnections}});
       ::close(fd);
@@ -311,7 +317,7 @@ void KvServer::accept_loop() {
         raw->done.store(true);
       });
     } catch (const std::system_error&) {
-      ++refused_;
+      refuse();
       ::close(fd);
       continue;
     }
@@ -337,7 +343,7 @@ void KvServer::serve(int fd) {
       ok = handle(request, &reply);
     }
     if (!ok) {
-      ++refused_;
+      refuse();
       log::warn("replica group store: connection closed after a malformed request", {{"port", port_}, {"bytes", n}});
       break;
     }

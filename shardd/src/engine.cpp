@@ -213,7 +213,8 @@ StageResult Engine::Impl::run() {
       // Before the links: a replica joins its group, then its own pipeline.
       group_ = std::make_unique<ReplicaGroup>(opt_.stage, opt_.replica, opt_.job.sharding.replicas,
                                               opt_.replica_store, opt_.replica_host, opt_.replica_tunnels,
-                                              opt_.replica_tunnel_map, opt_.key, opt_.peer_timeout_s);
+                                              opt_.replica_tunnel_map, opt_.key, opt_.peer_timeout_s,
+                                              [this] { metrics_.replica_store_refused.Increment(); });
       log::info("replica group joined", {{"stage", opt_.stage}, {"replica", opt_.replica},
                                          {"replicas", opt_.job.sharding.replicas}, {"store", opt_.replica_store},
                                          {"incarnation", group_->incarnation()},

@@ -82,6 +82,8 @@ StageMetrics::StageMetrics(prometheus::Registry& r, const Labels& l)
                            "Frames dropped because they belong to another pipeline generation (received, or queued for sending).", l)),
       rejected_frames(counter(r, "shardguard_pipeline_rejected_frames_total",
                               "Frames refused for a wrong shape, dtype or size.", l)),
+      replica_store_refused(counter(r, "shardguard_replica_store_refused_total",
+                                    "Connections the replica group's store (replica 0) closed: a malformed request, or too many open.", l)),
       resyncs(counter(r, "shardguard_pipeline_resyncs_total", "Pipeline (re)synchronisations this stage took part in.", l)),
       generated_tokens(counter(r, "shardguard_generated_tokens_total",
                                "Tokens generated through the pipeline (stage 0 of shardctl generate).", l)),

@@ -152,9 +152,12 @@ class GroupStore : public c10d::Store {
 // tunnel, the local sidecar accepts at once and closes the connection again while
 // replica 0's store is not up.
 c10::intrusive_ptr<GroupStore> connect_store(const std::string& host, int port, bool serve, bool through_tunnel,
-                                             double timeout_s) {
+                                             double timeout_s, std::function<void()> on_refused) {
   const std::string where = host + ":" + std::to_string(port);
-  if (serve) return c10::make_intrusive<GroupStore>(std::make_unique<KvServer>(host, port), host, port, millis(timeout_s));
+  if (serve) {
+    return c10::make_intrusive<GroupStore>(std::make_unique<KvServer>(host, port, std::move(on_refused)), host, port,
+                                           millis(timeout_s));
+  }
   const auto deadline = Clock::now() + millis(timeout_s);
   auto pause = std::chrono::milliseconds(50);
   for (int attempt = 1;; ++attempt) {
@@ -220,7 +223,8 @@ void check_tunnels(int stage, int replica, int replicas, const std::map<int, Rep
 
 ReplicaGroup::ReplicaGroup(int stage, int replica, int replicas, const std::string& store_address,
                            const std::string& own_host, const std::map<int, ReplicaTunnel>& tunnels,
-                           const std::string& tunnel_map, const std::string& group_secret, double timeout_s)
+                           const std::string& tunnel_map, const std::string& group_secret, double timeout_s,
+                           std::function<void()> on_store_refused)
     : state_(std::make_unique<State>()), stage_(stage), replica_(replica), replicas_(replicas) {
   const std::string who = "stage " + std::to_string(stage) + " replica " + std::to_string(replica) + " of " +
                           std::to_string(replicas);
@@ -232,7 +236,8 @@ ReplicaGroup::ReplicaGroup(int stage, int replica, int replicas, const std::stri
   const bool tunnelled = !tunnels.empty();
   if (tunnelled) check_tunnels(stage, replica, replicas, tunnels, tunnel_map, own_host);
   try {
-    state_->store = connect_store(host, port, replica == 0, tunnelled && replica != 0, timeout_s);
+    state_->store = connect_store(host, port, replica == 0, tunnelled && replica != 0, timeout_s,
+                                  std::move(on_store_refused));
     auto options = c10d::ProcessGroupGloo::Options::create(millis(timeout_s));
     // Each replica's own address: replica 0's (the store's host) is not another pod's.
     const std::string gloo_host = tunnelled ? gloo_tunnel_host(replica) : own_host.empty() ? host : own_host;

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -28,10 +29,11 @@ class ReplicaGroup {
   // tunnels / tunnel_map: StageOptions::replica_tunnels and replica_tunnel_map (empty:
   // no tunnels); with tunnels every other replica must have one. group_secret: what
   // every replica of the stage holds and nothing else does (the stage's checkpoint key);
-  // the group's keys in the store are named after it.
+  // the group's keys in the store are named after it. on_store_refused (replica 0,
+  // optional): runs for each connection its store refused (a malformed request, too many).
   ReplicaGroup(int stage, int replica, int replicas, const std::string& store_address, const std::string& own_host,
                const std::map<int, ReplicaTunnel>& tunnels, const std::string& tunnel_map,
-               const std::string& group_secret, double timeout_s);
+               const std::string& group_secret, double timeout_s, std::function<void()> on_store_refused = {});
   ~ReplicaGroup();
   ReplicaGroup(const ReplicaGroup&) = delete;
   ReplicaGroup& operator=(const ReplicaGroup&) = delete;

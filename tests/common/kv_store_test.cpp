@@ -8,6 +8,7 @@
 #include <unistd.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <string>
@@ -112,7 +113,8 @@ TEST(KvStore, ListensOnlyOnItsAddress) {
 // A frame too long, an unknown op or a truncated request closes that connection and is
 // counted; nothing stored changes and other clients go on.
 TEST(KvStore, MalformedRequestsCloseTheirConnectionAndLoseNothing) {
-  KvServer server("127.0.0.1", 0);
+  std::atomic<int> reported{0};  // shardd's shardguard_replica_store_refused_total
+  KvServer server("127.0.0.1", 0, [&] { ++reported; });
   KvClient c("127.0.0.1", server.port(), 5s);
   c.set("kept", bytes("v"));
   const std::vector<std::vector<uint8_t>> garbage = {
@@ -130,6 +132,7 @@ TEST(KvStore, MalformedRequestsCloseTheirConnectionAndLoseNothing) {
     ::close(fd);
   }
   EXPECT_EQ(server.refused(), garbage.size());
+  EXPECT_EQ(reported.load(), static_cast<int>(garbage.size()));
   EXPECT_EQ(c.get("kept", 0ms), bytes("v"));
   EXPECT_EQ(c.size(), 1);
 }

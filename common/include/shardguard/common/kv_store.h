@@ -16,6 +16,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <list>
 #include <map>
 #include <memory>
@@ -42,7 +43,8 @@ class KvServer {
  public:
   // Binds host:port (host a literal address or "localhost"; port 0 = any free one) and
   // starts accepting. Throws std::runtime_error naming the address when it cannot.
-  KvServer(const std::string& host, int port);
+  // on_refused (optional) runs, on a server thread, for each connection refused() counts.
+  KvServer(const std::string& host, int port, std::function<void()> on_refused = {});
   ~KvServer();  // stop()
   KvServer(const KvServer&) = delete;
   KvServer& operator=(const KvServer&) = delete;
@@ -63,6 +65,9 @@ class KvServer {
   void serve(int fd);
   // One request's reply (status byte first); false: the request was malformed.
   bool handle(const std::vector<uint8_t>& request, std::vector<uint8_t>* reply);
+  void refuse();
+
+  std::function<void()> on_refused_;
 
   int listen_fd_ = -1;
   int stop_fd_ = -1;  // eventfd, readable once stop() began

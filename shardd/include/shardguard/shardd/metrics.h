@@ -40,6 +40,7 @@ struct StageMetrics {
   prometheus::Counter& serialise_seconds;
   prometheus::Counter& stale_frames;
   prometheus::Counter& rejected_frames;
+  prometheus::Counter& replica_store_refused;   // replica 0: connections its group store closed
   prometheus::Counter& resyncs;
   prometheus::Counter& generated_tokens;        // stage 0 of `shardctl generate`
   prometheus::Counter& checkpoint_writes;
