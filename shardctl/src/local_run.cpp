@@ -784,7 +784,7 @@ int RunLocal(const LocalRunOptions& options) {
       }
       if (replicas > 1) {
         // The group's store at the pod's 127.0.0.1:7100: replica 0's shardd serves it
-        // (on every interface: TCPStore binds no other way); the others' sidecars
+        // (on that loopback address only: common/kv_store.h); the others' sidecars
         // tunnel it there. And the Gloo tunnels' listeners.
         m.addresses[local(op::kReplicaStorePort)] = local(r == 0 ? group_ports[i] : s.ports.store_tunnel);
         for (int q = 0; q < replicas; ++q) {

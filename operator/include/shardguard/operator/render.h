@@ -73,8 +73,9 @@ inline constexpr int kSidecarOutboundPort = 7001;  // sidecar, loopback
 inline constexpr int kSidecarInboundPort = 7443;   // sidecar, mTLS, pod IP
 inline constexpr int kShardMetricsPort = 9100;
 inline constexpr int kSidecarMetricsPort = 9101;
-// Replicas: the TCPStore of a stage's replica group. Replica 0's shardd serves it and
-// every replica reaches it at 127.0.0.1:kReplicaStorePort: replica 0 directly, the
+// Replicas: the store of a stage's replica group (common/kv_store.h). Replica 0's
+// shardd serves it on 127.0.0.1:kReplicaStorePort only, and every replica reaches it
+// there: replica 0 directly, the
 // others through their sidecar's store tunnel. Gloo's connections go through the
 // sidecars' Gloo tunnels at gloo_tunnel_host(q):kGlooTunnelPort (common/replica_tunnel.h).
 inline constexpr int kReplicaStorePort = 7100;
