@@ -76,7 +76,8 @@ inline constexpr int kSidecarMetricsPort = 9101;
 // Replicas: the store of a stage's replica group (common/kv_store.h). Replica 0's
 // shardd serves it on 127.0.0.1:kReplicaStorePort only, and every replica reaches it
 // there: replica 0 directly, the others through their sidecar's store tunnel. Gloo's
-// connections go through the sidecars' Gloo tunnels at gloo_tunnel_host(q):kGlooTunnelPort (common/replica_tunnel.h).
+// connections go through the sidecars' Gloo tunnels at
+// gloo_tunnel_host(q):kGlooTunnelPort (common/replica_tunnel.h).
 inline constexpr int kReplicaStorePort = 7100;
 // The emptyDir where shardd publishes its Gloo listeners for its sidecar's
 // --tunnel-map (shardd writes, the sidecar reads).
