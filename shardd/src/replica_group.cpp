@@ -124,8 +124,11 @@ class GroupStore : public c10d::Store {
     return client_.compare_set(key, expected, desired);
   }
   std::vector<uint8_t> get(const std::string& key) override {
-    auto value = client_.get(key, timeout_);
-    if (!value) throw std::runtime_error("replica group store " + where_ + ": key not set within " + std::to_string(timeout_.count()) + " ms");
+    auto value = client_.get(key, blocking(timeout_));
+    if (!value) {
+      throw std::runtime_error("replica group store " + where_ + ": key not set within " +
+                               std::to_string(blocking(timeout_).count()) + " ms");
+    }
     return *value;
   }
   int64_t add(const std::string& key, int64_t value) override { return client_.add(key, value); }
@@ -134,13 +137,17 @@ class GroupStore : public c10d::Store {
   int64_t getNumKeys() override { return client_.size(); }
   void wait(const std::vector<std::string>& keys) override { wait(keys, timeout_); }
   void wait(const std::vector<std::string>& keys, const std::chrono::milliseconds& timeout) override {
-    if (!client_.wait(keys, timeout)) {
+    if (!client_.wait(keys, blocking(timeout))) {
       throw std::runtime_error("replica group store " + where_ + ": " + std::to_string(keys.size()) +
-                               " key(s) not set within " + std::to_string(timeout.count()) + " ms");
+                               " key(s) not set within " + std::to_string(blocking(timeout).count()) + " ms");
     }
   }
 
  private:
+  // c10d's kNoTimeout (0) means "no limit", as TCPStore reads it: the longest the store
+  // blocks a request (an hour).
+  static std::chrono::milliseconds blocking(std::chrono::milliseconds t) { return t == kNoTimeout ? kMaxKvWait : t; }
+
   std::unique_ptr<KvServer> server_;  // replica 0's; outlives client_ (declared first)
   KvClient client_;
   std::string where_;
