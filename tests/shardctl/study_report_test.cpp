@@ -606,7 +606,9 @@ TEST(StudyCsv, LanguageModelLossOnItsLinesAndItsOwnTable) {
     EXPECT_NEAR(a.val_r.mean, a.model == "gpt" ? (4.01 - 3.51) / (4.01 - 2.01) : 0.5, 1e-12) << a.model;
     // R on the next-token accuracy, beside it for the language model only.
     EXPECT_EQ(a.r_accuracy.n, a.model == "gpt" ? 2 : 0) << a.model;
-    if (a.model == "gpt") EXPECT_NEAR(a.r_accuracy.mean, 0.9, 1e-12);
+    if (a.model == "gpt") {
+      EXPECT_NEAR(a.r_accuracy.mean, 0.9, 1e-12);
+    }
   }
   const std::string cnn = markdown_table(aggs, "cnn");
   const std::string gpt = markdown_table(aggs, "gpt");
