@@ -856,22 +856,6 @@ void Proxy::Impl::start_acceptor() {
   accept_thread = std::thread([this] { accept_loop(); });
 }
 
-// The address of a connection's peer without the port: the key of the per-source cap.
-std::string source_address(const sockaddr_storage& sa) {
-  char text[INET6_ADDRSTRLEN] = "?";
-  if (sa.ss_family == AF_INET) {
-    ::inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in&>(sa).sin_addr, text, sizeof text);
-  } else if (sa.ss_family == AF_INET6) {
-    const auto& a6 = reinterpret_cast<const sockaddr_in6&>(sa).sin6_addr;
-    if (IN6_IS_ADDR_V4MAPPED(&a6)) {  // a dual-stack listener: one IPv4 client, one key
-      ::inet_ntop(AF_INET, a6.s6_addr + 12, text, sizeof text);
-    } else {
-      ::inet_ntop(AF_INET6, &a6, text, sizeof text);
-    }
-  }
-  return text;
-}
-
 // Accepts every connection as it comes (the backlog is drained on each wakeup and
 // accepting never pauses), holds it until its first bytes decide it, and hands the
 // ones that start with an acceptable ClientHello to gRPC. What waits is bounded: per

@@ -1,6 +1,8 @@
 // The plane-independent half of shard-sidecar (proxy_core.h).
 #include "proxy_core.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -14,6 +16,21 @@
 #include "shardguard/v1/pipeline.pb.h"
 
 namespace shardguard::sidecar {
+
+std::string source_address(const sockaddr_storage& sa) {
+  char text[INET6_ADDRSTRLEN] = "?";
+  if (sa.ss_family == AF_INET) {
+    ::inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in&>(sa).sin_addr, text, sizeof text);
+  } else if (sa.ss_family == AF_INET6) {
+    const auto& a6 = reinterpret_cast<const sockaddr_in6&>(sa).sin6_addr;
+    if (IN6_IS_ADDR_V4MAPPED(&a6)) {  // a dual-stack listener: one IPv4 client, one key
+      ::inet_ntop(AF_INET, a6.s6_addr + 12, text, sizeof text);
+    } else {
+      ::inet_ntop(AF_INET6, &a6, text, sizeof text);
+    }
+  }
+  return text;
+}
 
 using Clock = std::chrono::steady_clock;
 

@@ -5,6 +5,7 @@
 // counted, logged and audited the same way whichever engine relays it.
 #pragma once
 
+#include <sys/socket.h>
 #include <sys/types.h>
 
 #include <chrono>
@@ -48,6 +49,10 @@ enum GrpcStatus : int {
 };
 // The label of a gRPC status code in shardguard_proxy_requests_total.
 std::string grpc_code_name(int code);
+
+// The address of a connection's peer without the port (an IPv4 client of a dual-stack
+// listener as IPv4): the key of the per-source caps, the acceptor's and the tunnels'.
+std::string source_address(const sockaddr_storage& sa);
 
 // A file whose contents are re-read when its (inode, size, mtime) changes.
 class WatchedFile {

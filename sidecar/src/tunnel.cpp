@@ -535,15 +535,9 @@ void Tunnels::outbound(size_t index, int plain_fd) {
 void Tunnels::adopt(int fd) {
   // The source's handshakes in progress: a peer needs no certificate to hold one, so
   // one address may hold only a few of the inbound slots.
-  std::string source = "?";
   sockaddr_storage ss{};
   socklen_t len = sizeof(ss);
-  if (::getpeername(fd, reinterpret_cast<sockaddr*>(&ss), &len) == 0) {
-    char text[INET6_ADDRSTRLEN] = {};
-    const void* addr = ss.ss_family == AF_INET6 ? static_cast<const void*>(&reinterpret_cast<sockaddr_in6*>(&ss)->sin6_addr)
-                                                : static_cast<const void*>(&reinterpret_cast<sockaddr_in*>(&ss)->sin_addr);
-    if (::inet_ntop(ss.ss_family, addr, text, sizeof(text)) != nullptr) source = text;
-  }
+  const std::string source = ::getpeername(fd, reinterpret_cast<sockaddr*>(&ss), &len) == 0 ? source_address(ss) : "?";
   bool over = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
