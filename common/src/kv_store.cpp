@@ -160,14 +160,18 @@ bool write_frame(int fd, const std::vector<uint8_t>& payload, int stop_fd, std::
   return write_all(fd, frame.data(), frame.size(), stop_fd, deadline);
 }
 
-// One frame; false on end of stream, a length over kMaxKvFrame, stop or the deadline.
-bool read_frame(int fd, std::vector<uint8_t>* payload, int stop_fd, std::optional<Clock::time_point> deadline) {
+// One frame: kClosed on end of stream, an error, stop or the deadline; kMalformed for a
+// length of 0 or over kMaxKvFrame (*length says which).
+enum class Frame { kOk, kClosed, kMalformed };
+Frame read_frame(int fd, std::vector<uint8_t>* payload, int stop_fd, std::optional<Clock::time_point> deadline,
+                 uint32_t* length = nullptr) {
   uint8_t head[4];
-  if (!read_exact(fd, head, 4, stop_fd, deadline)) return false;
+  if (!read_exact(fd, head, 4, stop_fd, deadline)) return Frame::kClosed;
   const uint32_t n = (uint32_t{head[0]} << 24) | (uint32_t{head[1]} << 16) | (uint32_t{head[2]} << 8) | head[3];
-  if (n == 0 || n > kMaxKvFrame) return false;
+  if (length != nullptr) *length = n;
+  if (n == 0 || n > kMaxKvFrame) return Frame::kMalformed;
   payload->resize(n);
-  return read_exact(fd, payload->data(), n, stop_fd, deadline);
+  return read_exact(fd, payload->data(), n, stop_fd, deadline) ? Frame::kOk : Frame::kClosed;
 }
 
 std::chrono::milliseconds capped(uint32_t ms) {
@@ -332,17 +336,11 @@ void KvServer::serve(int fd) {
   for (;;) {
     // A connection stays as long as its client wants (Gloo keeps one for the group's
     // life); the stop ends it.
-    uint8_t head[4];
-    if (!read_exact(fd, head, 4, stop_fd_, std::nullopt)) break;
-    const uint32_t n = (uint32_t{head[0]} << 24) | (uint32_t{head[1]} << 16) | (uint32_t{head[2]} << 8) | head[3];
-    bool ok = n > 0 && n <= kMaxKvFrame;
-    if (ok) {
-      request.resize(n);
-      if (!read_exact(fd, request.data(), n, stop_fd_, std::nullopt)) break;
-      reply.clear();
-      ok = handle(request, &reply);
-    }
-    if (!ok) {
+    uint32_t n = 0;
+    const Frame got = read_frame(fd, &request, stop_fd_, std::nullopt, &n);
+    if (got == Frame::kClosed) break;
+    reply.clear();
+    if (got == Frame::kMalformed || !handle(request, &reply)) {
       refuse();
       log::warn("replica group store: connection closed after a malformed request", {{"port", port_}, {"bytes", n}});
       break;
@@ -547,7 +545,7 @@ std::vector<uint8_t> KvClient::call(const std::vector<uint8_t>& request, std::ch
   if (fd_ < 0) throw std::runtime_error(where_ + ": the connection was lost by an earlier request");
   const auto deadline = Clock::now() + timeout_ + blocking;
   std::vector<uint8_t> reply;
-  const bool ok = write_frame(fd_, request, -1, deadline) && read_frame(fd_, &reply, -1, deadline);
+  const bool ok = write_frame(fd_, request, -1, deadline) && read_frame(fd_, &reply, -1, deadline) == Frame::kOk;
   if (!ok) {
     // The connection's state is unknown now: no later request may read this one's reply.
     ::close(fd_);
