@@ -30,12 +30,9 @@ void print_risk(const std::string& csv, const JobSpec& job, const std::vector<in
               "maxExposure %.4f\n",
               csv.c_str(), risk.model.c_str(), risk.stages, job.protection.max_exposure);
   for (const auto& w : risk.worst) {
-    // "600 samples", "181 training windows" (a language model: R on the loss), or A4's
-    // "0 samples + 100000 queries".
-    char size[32];
-    std::snprintf(size, sizeof size, "%6lld", static_cast<long long>(w.samples));
-    std::string attacker = size + std::string(w.on_loss ? " training windows" : " samples");
-    if (w.queries > 0) attacker += " + " + std::to_string(w.queries) + " queries";
+    // The attacker's label with its size right-aligned in 6 columns.
+    const size_t digits = std::to_string(w.samples).size();
+    const std::string attacker = std::string(digits < 6 ? 6 - digits : 0, ' ') + attacker_label(w);
     std::printf("  %s  R%s %.2f ± %.2f  row %s (%s), exposure %s\n", attacker.c_str(), w.on_loss ? " on the loss" : "",
                 w.r.mean, w.r.std, w.row.c_str(), w.attack.c_str(), format_ratio(w.exposure).c_str());
   }

@@ -878,7 +878,7 @@ void write_report(const std::string& out_dir, bool plots, const std::map<std::st
   for (const auto& m : models) {
     const auto sh = shares.find(m);
     if (sh == shares.end()) continue;
-    if (const std::string t = placement_table(cells, m, sh->second); !t.empty()) {
+    if (const std::string t = placement_table(aggs, m, sh->second); !t.empty()) {
       md << "\n### Placement: " << m
          << ", the worst R one untrusted principal can reach (its row in brackets; a trusted stage stays on the data "
             "owner's nodes)\n\n"
@@ -928,14 +928,20 @@ int RunStudyReport(const StudyOptions& options) {
   });
 }
 
-RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const std::string& model,
+std::string attacker_label(const RiskRow& w) {
+  std::string label = std::to_string(w.samples) + (w.on_loss ? " training windows" : " samples");
+  if (w.queries > 0) label += " + " + std::to_string(w.queries) + " queries";
+  return label;
+}
+
+RiskReport worst_reachable_risk(const std::vector<Aggregate>& aggregates, const std::string& model,
                                 const std::vector<double>& stage_weights, const std::set<int>& trusted,
                                 double max_exposure) {
   RiskReport report;
   report.model = model;
   // The study's stage count: its "all" row holds every stage.
-  for (const auto& c : cells) {
-    if (c.model == model && c.row == "all") report.stages = static_cast<int>(held_set(c.held).size());
+  for (const auto& a : aggregates) {
+    if (a.model == model && a.row == "all") report.stages = static_cast<int>(held_set(a.held).size());
   }
   if (report.stages == 0) {
     throw StudyError("--risk: the study has no rows of model " + model + " (with its \"all\" row)");
@@ -947,7 +953,7 @@ RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const std:
   // By (A4 or not, samples, queries): the attackers with data first, then A4's budgets.
   std::map<std::tuple<bool, int64_t, int64_t>, RiskRow> worst;
   std::set<std::string> out_of_reach;
-  for (const Aggregate& a : aggregate(cells)) {
+  for (const Aggregate& a : aggregates) {
     if (a.model != model || a.row == "-" || a.r.n == 0) continue;
     const std::set<int> held = held_set(a.held);
     bool reachable = true;
@@ -971,18 +977,24 @@ RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const std:
 
 RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const JobSpec& job,
                                 const std::vector<int64_t>& stage_params) {
-  return worst_reachable_risk(cells, job.model.architecture,
+  return worst_reachable_risk(aggregate(cells), job.model.architecture,
                               std::vector<double>(stage_params.begin(), stage_params.end()),
                               job.protection.trusted_stages, job.protection.max_exposure);
 }
 
-std::string placement_table(const std::vector<CellResult>& cells, const std::string& model,
+std::string placement_table(const std::vector<Aggregate>& aggregates, const std::string& model,
                             const std::vector<double>& stage_shares) {
   const std::vector<double> caps{0.25, 0.5, 0.75, 1.0};
   std::vector<std::set<int>> trusted_sets{{}};
   const int n = static_cast<int>(stage_shares.size());
   for (int i = 0; i < n; ++i) trusted_sets.push_back({i});
   if (n >= 3) trusted_sets.push_back({0, n - 1});  // both ends: the input and the output stage
+  std::vector<std::string> trusted_labels;
+  for (const auto& t : trusted_sets) {
+    std::vector<std::string> listed;
+    for (int i : t) listed.push_back(std::to_string(i));
+    trusted_labels.push_back(listed.empty() ? "none" : join(listed, ", "));
+  }
   double total = 0;
   for (double w : stage_shares) total += w;
   // A cap under an untrusted stage's share refuses the job: no placement exists.
@@ -997,7 +1009,7 @@ std::string placement_table(const std::vector<CellResult>& cells, const std::str
   try {
     for (const auto& t : trusted_sets) {
       reports.emplace_back();
-      for (double cap : caps) reports.back().push_back(worst_reachable_risk(cells, model, stage_shares, t, cap));
+      for (double cap : caps) reports.back().push_back(worst_reachable_risk(aggregates, model, stage_shares, t, cap));
     }
   } catch (const StudyError&) {
     return "";  // no "all" row, or another stage count: nothing to place
@@ -1014,12 +1026,9 @@ std::string placement_table(const std::vector<CellResult>& cells, const std::str
   o << "\n";
   char buf[96];
   for (const RiskRow& who : attackers) {
-    std::string name = std::to_string(who.samples) + (who.on_loss ? " windows" : " samples");
-    if (who.queries > 0) name += " + " + std::to_string(who.queries) + " queries";
+    const std::string name = attacker_label(who);
     for (size_t t = 0; t < trusted_sets.size(); ++t) {
-      std::vector<std::string> listed;
-      for (int i : trusted_sets[t]) listed.push_back(std::to_string(i));
-      o << "| " << name << " | " << (listed.empty() ? "none" : join(listed, ", ")) << " |";
+      o << "| " << name << " | " << trusted_labels[t] << " |";
       for (size_t c = 0; c < caps.size(); ++c) {
         if (refused(trusted_sets[t], caps[c])) {
           o << " refused |";

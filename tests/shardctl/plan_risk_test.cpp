@@ -116,7 +116,7 @@ TEST(PlanRisk, PlacementTableShowsWhatTrustingAStageAndTheCapBuy) {
   const JobSpec j = job();
   const auto params = op::stage_parameters(j);
   const std::vector<double> shares(params.begin(), params.end());
-  const std::string t = placement_table(cells(), "cnn", shares);
+  const std::string t = placement_table(aggregate(cells()), "cnn", shares);
   EXPECT_NE(t.find("| attacker | trusted stages | maxExposure 0.25 | maxExposure 0.50 | maxExposure 0.75 | "
                    "maxExposure 1.00 |\n"),
             std::string::npos)
@@ -132,7 +132,7 @@ TEST(PlanRisk, PlacementTableShowsWhatTrustingAStageAndTheCapBuy) {
   EXPECT_NE(t.find("| 600 samples | 1 | refused | 0.75 (s0) | 0.75 (s0) | 0.75 (s0) |\n"), std::string::npos) << t;
   // With the two large stages alike and a smaller cut (shares 0.1, 0.2, 0.2, 0.5): 0.25
   // refuses unless stage 3 is trusted, where only s0 (0.1) and the rows of 1 and 2 fit.
-  const std::string small = placement_table(cells(), "cnn", {0.1, 0.2, 0.2, 0.5});
+  const std::string small = placement_table(aggregate(cells()), "cnn", {0.1, 0.2, 0.2, 0.5});
   EXPECT_NE(small.find("| 600 samples | 3 | 0.75 (s0) |"), std::string::npos) << small;
   EXPECT_NE(small.find("| 600 samples | 0 | refused |"), std::string::npos) << small;
   EXPECT_NE(t.find("| 600 samples | 3 |"), std::string::npos) << t;
@@ -141,8 +141,8 @@ TEST(PlanRisk, PlacementTableShowsWhatTrustingAStageAndTheCapBuy) {
       << t;
   EXPECT_EQ(t.find("| 600 samples | 4 |"), std::string::npos) << t;
   // Another stage count or model: no table (write_report then leaves it out).
-  EXPECT_EQ(placement_table(cells(), "cnn", {0.5, 0.5}), "");
-  EXPECT_EQ(placement_table(cells(), "vit", shares), "");
+  EXPECT_EQ(placement_table(aggregate(cells()), "cnn", {0.5, 0.5}), "");
+  EXPECT_EQ(placement_table(aggregate(cells()), "vit", shares), "");
 }
 
 // A4's cells get lines of their own (labelled samples + query budget), after the

@@ -356,6 +356,9 @@ struct RiskRow {
   double exposure = 0;  // of that row for this job (trusted stages left out)
   double selection = 0; // what it was chosen by (selection_r: validation R, or test R in a first-study CSV)
 };
+// "600 samples", "181 training windows" (a language model), "0 samples + 100000
+// queries" (A4): who a RiskRow's attacker is, as plan --risk and the placement table say.
+std::string attacker_label(const RiskRow& w);
 struct RiskReport {
   std::string model;
   int stages = 0;
@@ -375,9 +378,9 @@ struct RiskReport {
 // for another number of stages.
 RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const JobSpec& job,
                                 const std::vector<int64_t>& stage_params);
-// The same for a model's cells, its stages' weights (parameters or shares), the
-// trusted stages and a maxExposure cap.
-RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const std::string& model,
+// The same for a model's aggregated cells, its stages' weights (parameters or shares),
+// the trusted stages and a maxExposure cap.
+RiskReport worst_reachable_risk(const std::vector<Aggregate>& aggregates, const std::string& model,
                                 const std::vector<double>& stage_weights, const std::set<int>& trusted,
                                 double max_exposure);
 
@@ -388,7 +391,7 @@ RiskReport worst_reachable_risk(const std::vector<CellResult>& cells, const std:
 // "refused" where an untrusted stage's share is above the cap (the operator refuses
 // such a job: no placement exists). Empty when
 // the cells have no "all" row of the model or another stage count than the shares.
-std::string placement_table(const std::vector<CellResult>& cells, const std::string& model,
+std::string placement_table(const std::vector<Aggregate>& aggregates, const std::string& model,
                             const std::vector<double>& stage_shares);
 
 }  // namespace shardguard::shardctl
