@@ -202,6 +202,23 @@ int pick_free_port() {
   return ntohs(addr.sin_port);
 }
 
+namespace {
+// Whether a TCP socket can bind host:port right now (host in host byte order).
+bool can_bind(uint32_t host, int port, bool reuse_addr) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
+  const int one = 1;
+  if (reuse_addr) ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(host);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+  ::close(fd);
+  return ok;
+}
+}  // namespace
+
 int pick_listen_port() {
   int lo = 32768;  // the kernel's default when the range cannot be read
   if (FILE* f = std::fopen("/proc/sys/net/ipv4/ip_local_port_range", "r")) {
@@ -217,33 +234,15 @@ int pick_listen_port() {
   const int start = static_cast<int>(rng() % static_cast<unsigned>(span));
   for (int i = 0; i < span; ++i) {
     const int port = kFrom + (start + i) % span;
-    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) throw std::runtime_error(std::string("socket: ") + std::strerror(errno));
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_ANY);  // free on every interface, as a store binds
-    addr.sin_port = htons(static_cast<uint16_t>(port));
-    const bool free = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
-    ::close(fd);
-    if (free) return port;
+    // Free on every interface: whatever address the child binds it on.
+    if (can_bind(INADDR_ANY, port, /*reuse_addr=*/false)) return port;
   }
   throw std::runtime_error("cannot find a free port on 0.0.0.0 in " + std::to_string(kFrom) + ".." +
                            std::to_string(lo - 1));
 }
 
-bool port_free(int port) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return false;
-  const int one = 1;
-  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);  // as servers bind: TIME_WAIT is no conflict
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
-  ::close(fd);
-  return ok;
-}
+// As servers bind: TIME_WAIT is no conflict.
+bool port_free(int port) { return can_bind(INADDR_LOOPBACK, port, /*reuse_addr=*/true); }
 
 namespace {
 bool is_executable_file(const std::string& path) {
