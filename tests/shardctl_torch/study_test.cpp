@@ -14,6 +14,7 @@
 
 #include <gtest/gtest.h>
 
+#include "shardguard/common/files.h"
 #include "shardguard/common/jobspec.h"
 #include "shardd/test_job.h"
 #include "shardguard/shardctl/torch_commands.h"
@@ -30,11 +31,7 @@ const std::string kCnnJob = std::string(SHARDGUARD_SOURCE_DIR) + "/examples/fash
 // The example cnn made smaller (channels and hidden width) in `dir`/`name`; its path.
 // ADD_FAILURE when the example no longer has the fields it edits.
 std::string small_cnn_job(const fs::path& dir, const std::string& name, int channels, int hidden) {
-  std::string yaml;
-  {
-    std::ifstream in(kCnnJob);
-    yaml.assign((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  }
+  std::string yaml = shardguard::read_file(kCnnJob);
   for (const auto& [from, to] : std::vector<std::pair<std::string, std::string>>{
            {"channels: 32", "channels: " + std::to_string(channels)}, {"hidden: 64", "hidden: " + std::to_string(hidden)}}) {
     const auto at = yaml.find(from);
@@ -44,9 +41,9 @@ std::string small_cnn_job(const fs::path& dir, const std::string& name, int chan
     }
     yaml.replace(at, from.size(), to);
   }
-  const fs::path file = dir / name;
-  std::ofstream(file) << yaml;
-  return file.string();
+  const std::string file = (dir / name).string();
+  shardguard::write_file_atomic(file, yaml);
+  return file;
 }
 const std::string kGptJob = std::string(SHARDGUARD_SOURCE_DIR) + "/examples/fortunes-gpt.yaml";
 
