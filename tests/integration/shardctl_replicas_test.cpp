@@ -9,6 +9,7 @@
 #include <cmath>
 #include <fstream>
 #include <regex>
+#include <set>
 #include <thread>
 
 #include "integration/pipeline_fixture.h"
@@ -26,6 +27,18 @@ std::map<int64_t, double> step_losses(const std::string& file) {
   while (std::getline(in, line)) {
     auto j = nlohmann::json::parse(line, nullptr, false);
     if (j.is_object() && j.value("msg", "") == "step") out[j.at("step").get<int64_t>()] = j.at("loss").get<double>();
+  }
+  return out;
+}
+
+// The steps a shardd log says its pipeline resumed from (after a restart).
+std::set<int64_t> resumed_steps(const std::string& file) {
+  std::set<int64_t> out;
+  std::ifstream in(file);
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_object() && j.value("msg", "") == "pipeline resumed") out.insert(j.at("step").get<int64_t>());
   }
   return out;
 }
@@ -197,11 +210,22 @@ TEST_F(ShardctlReplicasTest, KilledReplicaIsRestartedAndEveryReplicaResumesWithN
 
   for (const char* log : {"/logs/shard-1.log", "/logs/shard-1-r1.log"}) {
     const auto got = step_losses(work + log);  // the last report of every step
-    ASSERT_EQ(got.size(), want.size()) << log;
+    // A SIGKILL can land after a step's all-reduce but before the victim logs that
+    // step; replica 0 then checkpoints it and everyone resumes after it, so the
+    // victim's log may lack exactly that step and no other: a step its replica group
+    // resumed from. Every step it does report equals the uninterrupted run's.
+    const auto resumed = resumed_steps(work + log);
+    int missing = 0;
     for (const auto& [step, loss] : want) {
-      ASSERT_TRUE(got.count(step)) << log << " step " << step;
+      if (!got.count(step)) {
+        ++missing;
+        EXPECT_TRUE(resumed.count(step)) << log << " lacks step " << step << ", which no restart resumed from";
+        continue;
+      }
       EXPECT_NEAR(got.at(step), loss, 1e-6 * std::max(1.0, std::abs(loss))) << log << " step " << step;
     }
+    EXPECT_LE(missing, 1) << log;
+    EXPECT_EQ(got.size() + static_cast<size_t>(missing), want.size()) << log;  // no step beyond the run's
   }
   // Both groups met again (a later incarnation, or a fresh store), and both pipelines
   // resumed from a checkpoint after the restart.
