@@ -1,9 +1,11 @@
 #include "shardguard/shardd/model.h"
 
+#include <array>
 #include <cmath>
 #include <limits>
 #include <mutex>
 
+#include <torch/autograd.h>
 #include <torch/nn.h>
 
 namespace shardguard::shardd {
@@ -120,6 +122,49 @@ struct LmHeadImpl : nn::Module {
 };
 TORCH_MODULE(LmHead);
 
+// The four strided quarters of x's 2×2 windows, in LibTorch's scan order: (0,0),
+// (0,1), (1,0), (1,1) of each window.
+std::array<torch::Tensor, 4> quarters(const torch::Tensor& x) {
+  using torch::indexing::Slice;
+  const int64_t h = x.size(-2) / 2 * 2, w = x.size(-1) / 2 * 2;
+  std::array<torch::Tensor, 4> q;
+  for (int k = 0; k < 4; ++k) q[k] = x.index({"...", Slice(k / 2, h, 2), Slice(k % 2, w, 2)});
+  return q;
+}
+
+torch::Tensor quarter_max(const std::array<torch::Tensor, 4>& q) {
+  return torch::maximum(torch::maximum(q[0], q[1]), torch::maximum(q[2], q[3]));
+}
+
+// With the gradient: which quarter won each window (its first maximum), saved for
+// the backward pass, which routes each output's gradient to that one input.
+struct MaxPool2x2Fn : torch::autograd::Function<MaxPool2x2Fn> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x) {
+    const auto q = quarters(x);
+    auto out = quarter_max(q);
+    auto winner = torch::full(out.sizes(), 3, out.options().dtype(torch::kUInt8));
+    for (int k = 2; k >= 0; --k) winner.masked_fill_(q[k].eq(out), k);
+    ctx->save_for_backward({winner});
+    ctx->saved_data["sizes"] = x.sizes().vec();
+    return out;
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto winner = ctx->get_saved_variables()[0];
+    const auto& g = grads[0];
+    auto gx = torch::zeros(ctx->saved_data["sizes"].toIntVector(), g.options());
+    const auto q = quarters(gx);  // views of gx
+    for (int k = 0; k < 4; ++k) q[k].copy_(g.masked_fill(winner.ne(k), 0));
+    return {gx};
+  }
+};
+
+// The cnn's pooling layer (see max_pool_2x2).
+struct MaxPool2x2Impl : nn::Module {
+  torch::Tensor forward(const torch::Tensor& x) { return max_pool_2x2(x); }
+};
+TORCH_MODULE(MaxPool2x2);
+
 // One block: a Sequential with a concrete forward, so it can sit inside the
 // stage's Sequential (LibTorch cannot nest plain Sequentials).
 struct BlockImpl : nn::SequentialImpl {
@@ -137,8 +182,7 @@ Block build_block(const ModelSpec& spec, const model::BlockDesc& b, int num_bloc
   }
   if (spec.architecture == "cnn") {
     if (b.index < 3) {
-      return Block(nn::Conv2d(nn::Conv2dOptions(b.in_shape[0], b.out_shape[0], 3).padding(1)), nn::ReLU(),
-                            nn::MaxPool2d(nn::MaxPool2dOptions(2)));
+      return Block(nn::Conv2d(nn::Conv2dOptions(b.in_shape[0], b.out_shape[0], 3).padding(1)), nn::ReLU(), MaxPool2x2());
     }
     if (!last) {
       const int64_t flat = b.in_shape[0] * b.in_shape[1] * b.in_shape[2];
@@ -176,6 +220,15 @@ torch::nn::Sequential build_blocks(const ModelSpec& spec, int first, int end, ui
     stage->push_back("block" + std::to_string(i), build_block(spec, desc.blocks.at(i), static_cast<int>(desc.blocks.size())));
   }
   return stage;
+}
+
+torch::Tensor max_pool_2x2(const torch::Tensor& x) {
+  if (x.dim() < 2 || x.size(-2) < 2 || x.size(-1) < 2) {
+    throw std::invalid_argument("max_pool_2x2: input of shape " + model::shape_str(x.sizes().vec()) +
+                                " has no 2×2 window");
+  }
+  if (torch::GradMode::is_enabled() && x.requires_grad()) return MaxPool2x2Fn::apply(x);
+  return quarter_max(quarters(x));
 }
 
 int64_t count_parameters(const torch::nn::Module& module) {

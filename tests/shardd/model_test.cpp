@@ -129,6 +129,37 @@ TEST(ModelTest, GptIsCausal) {
   EXPECT_FALSE(torch::allclose(ya.slice(1, 10, 11), yb.slice(1, 10, 11))) << "position 10 ignores its own token";
 }
 
+// The cnn's pooling gives torch::max_pool2d(x, 2)'s values and gradient bit for bit,
+// with and without autograd, on odd sizes and on windows with ties (ReLU's zeros,
+// small integers): the gradient goes to each window's first maximum, as LibTorch's.
+TEST(ModelTest, MaxPool2x2IsMaxPool2dBitForBit) {
+  torch::manual_seed(7);
+  const std::vector<std::vector<int64_t>> shapes = {{3, 5, 28, 28}, {2, 4, 7, 7}, {2, 3, 6, 9}, {4, 14, 14}};
+  for (const auto& shape : shapes) {
+    for (int kind = 0; kind < 3; ++kind) {
+      torch::Tensor x = torch::randn(shape);
+      if (kind == 1) x = torch::relu(x);                                 // many zeros: ties
+      if (kind == 2) x = torch::randint(0, 3, shape).to(torch::kFloat);  // ties at every value
+      const std::string what = model::shape_str(shape) + " kind " + std::to_string(kind);
+      {
+        torch::NoGradGuard no_grad;
+        EXPECT_TRUE(torch::equal(max_pool_2x2(x), torch::max_pool2d(x, 2))) << what;
+      }
+      const auto a = x.clone().requires_grad_(true);
+      const auto b = x.clone().requires_grad_(true);
+      const auto ya = max_pool_2x2(a);
+      const auto yb = torch::max_pool2d(b, 2);
+      ASSERT_TRUE(torch::equal(ya, yb)) << what;
+      const auto g = torch::randn(yb.sizes());
+      ya.backward(g);
+      yb.backward(g);
+      EXPECT_TRUE(torch::equal(a.grad(), b.grad())) << what;
+      EXPECT_EQ(a.grad().ne(0).sum().item<int64_t>(), g.ne(0).sum().item<int64_t>()) << what;  // one input per output
+    }
+  }
+  EXPECT_THROW(max_pool_2x2(torch::zeros({1, 1, 1, 4})), std::invalid_argument);
+}
+
 TEST(ScheduleTest, EveryMicroBatchOnceForwardBeforeBackward) {
   for (const char* kind : {"gpipe", "1f1b"}) {
     for (int n : {1, 2, 4}) {
