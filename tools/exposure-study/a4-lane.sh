@@ -1,8 +1,10 @@
 #!/bin/bash
 # One lane of the A4 full run (docs/exposure-study.md, "A4: the query attacker"): model
 # MODEL (cnn or vit) at 10 000 and 100 000 queries, every default row, 3 seeds, into
-# OUT/MODEL-lo; then at 1 000 000 queries for the rows ROWS_1M into OUT/MODEL-1m. Both are
-# resumable: a rerun skips the cells already in their results.csv.
+# OUT/MODEL-lo; then at 1 000 000 queries for the rows ROWS_1M into OUT/MODEL-1m, then for
+# every other default row into the same OUT/MODEL-1m (ROWS_1M first: the rows that decide
+# the question are a result on their own if the lane is stopped). All resumable: a rerun
+# skips the cells already in their results.csv.
 #
 #   tools/exposure-study/a4-lane.sh MODEL OUT [ROWS_1M] [VICTIM.pt] [WAIT_PID]
 #
@@ -28,4 +30,6 @@ echo "a4 lane $m: 10k+100k from $(date -u +%FT%TZ)"
 run --out "$out/$m-lo" --queries 10000,100000
 echo "a4 lane $m: 1M ($rows1m) from $(date -u +%FT%TZ)"
 run --out "$out/$m-1m" --queries 1000000 --rows "$rows1m"
+echo "a4 lane $m: 1M, every other row, from $(date -u +%FT%TZ)"
+run --out "$out/$m-1m" --queries 1000000
 echo "a4 lane $m: done $(date -u +%FT%TZ)"
