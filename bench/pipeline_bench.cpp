@@ -20,6 +20,8 @@
 //                       baseline = the 5% target
 //   serialise_share     per stage, time spent encoding and decoding tensor frames /
 //                       train_seconds, baseline = the 5% target
+// and, for the cnn, its pooling against LibTorch's max_pool2d (in this process):
+//   images_per_second   per pooled shape and pass, baseline = max_pool2d
 // Every child gets OMP_WAIT_POLICY=PASSIVE: spinning OpenMP workers otherwise
 // steal the cores the other processes (or OpenBLAS) need.
 #include <signal.h>
@@ -33,6 +35,7 @@
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -55,6 +58,7 @@
 #include "shardguard/common/process.h"
 #include "shardguard/model/model_desc.h"
 #include "shardguard/model/partition.h"
+#include "shardguard/shardd/model.h"
 #include "shardguard/shardd/threads.h"
 #include "shardguard/shardd/trainer.h"
 
@@ -357,6 +361,53 @@ std::vector<StageOutcome> run_pipeline(const Settings& s, const fs::path& job_fi
   return out;
 }
 
+// The cnn's pooling (max_pool_2x2, shardd/src/model.cpp) against LibTorch's
+// max_pool2d(x, 2), in this process on one thread, at the three shapes the example
+// cnn pools (batch 64, c = 32): images per second forward without autograd (an
+// evaluation, a victim's answer) and forward + backward (a training step's share),
+// the best of 5 repetitions of 20 calls each. Baseline: max_pool2d.
+void pooling_comparison(std::vector<Figure>& figures) {
+  torch::set_num_threads(1);
+  const std::vector<std::vector<int64_t>> shapes = {{64, 32, 28, 28}, {64, 64, 14, 14}, {64, 128, 7, 7}};
+  constexpr int kCalls = 20, kRepetitions = 5;
+  auto images_per_second = [&](const std::function<torch::Tensor(const torch::Tensor&)>& pool, const torch::Tensor& x,
+                               bool backward) {
+    double best = 0;
+    for (int r = 0; r < kRepetitions; ++r) {
+      check_interrupted();
+      const auto t0 = Clock::now();
+      for (int i = 0; i < kCalls; ++i) {
+        if (backward) {
+          const auto xi = x.detach().requires_grad_(true);
+          pool(xi).sum().backward();
+        } else {
+          torch::NoGradGuard no_grad;
+          pool(x);
+        }
+      }
+      best = std::max(best, static_cast<double>(kCalls * x.size(0)) / seconds_since(t0));
+    }
+    return best;
+  };
+  const auto libtorch = [](const torch::Tensor& x) { return torch::max_pool2d(x, 2); };
+  const auto ours = [](const torch::Tensor& x) { return shardd::max_pool_2x2(x); };
+  std::cout << "pooling: max_pool_2x2 vs LibTorch's max_pool2d, 1 thread\n";
+  for (const auto& shape : shapes) {
+    const auto x = torch::relu(torch::randn(shape));
+    const std::string name = std::to_string(shape[1]) + "x" + std::to_string(shape[2]) + "x" + std::to_string(shape[3]);
+    for (const bool backward : {false, true}) {
+      const std::string pass = backward ? "forward+backward" : "forward";
+      const double base = images_per_second(libtorch, x, backward);
+      const double got = images_per_second(ours, x, backward);
+      std::cout << "      " << name << " " << pass << ": " << fixed(got, 0) << " images/s against " << fixed(base, 0)
+                << " (" << fixed(got / base, 2) << "x)\n"
+                << std::flush;
+      figures.push_back({"cnn", "pool " + name + " " + pass,
+                         figure("pipeline.cnn.pool." + name + "." + pass, "images_per_second", got, "images/s", base)});
+    }
+  }
+}
+
 void print_table(const std::vector<Figure>& figures) {
   const std::vector<std::string> head = {"model", "config", "metric", "value", "unit", "baseline", "ratio", "param share"};
   std::vector<std::vector<std::string>> rows;
@@ -386,6 +437,7 @@ struct BenchOptions {
   bool sidecars_only = false;  // run only the sidecar comparison
   int64_t replica_steps = 60;  // steps of each run of the replica comparison
   bool replicas_only = false;  // run only the replica comparison
+  bool pooling_only = false;   // run only the pooling comparison
 };
 
 // The shard-0 "stage finished" figures of a run of `shardctl run`, from the shardd
@@ -597,7 +649,7 @@ int run_bench(const BenchOptions& opt) {
   TempDir tmp("pipeline_bench");
   const std::vector<int> stage_counts = {2, 4};
   const std::vector<std::string> models =
-      opt.sidecars_only || opt.replicas_only ? std::vector<std::string>{} : opt.models;
+      opt.sidecars_only || opt.replicas_only || opt.pooling_only ? std::vector<std::string>{} : opt.models;
   const int total_runs = static_cast<int>(models.size() * (1 + stage_counts.size()));
   std::cout << "pipeline_bench: " << s.cores << " cores; results to " << opt.out.string() << "\n" << std::flush;
 
@@ -684,13 +736,22 @@ int run_bench(const BenchOptions& opt) {
   }
   // The sidecar comparison for cnn and gpt, when they are among --models.
   for (const std::string model : {"cnn", "gpt"}) {
-    if (opt.replicas_only || std::find(opt.models.begin(), opt.models.end(), model) == opt.models.end()) continue;
+    if (opt.replicas_only || opt.pooling_only ||
+        std::find(opt.models.begin(), opt.models.end(), model) == opt.models.end()) {
+      continue;
+    }
     const int64_t base = model == "gpt" ? opt.gpt_steps : opt.sidecar_steps;
     const int64_t steps = std::max<int64_t>(1, std::llround(static_cast<double>(base) * opt.steps_scale));
     sidecar_comparison(s, model, read_example(s, opt.examples, model, tmp.path()), steps, tmp.path(), figures);
   }
+  // The cnn's pooling against LibTorch's, with the full run.
+  if (!opt.sidecars_only && !opt.replicas_only &&
+      std::find(opt.models.begin(), opt.models.end(), "cnn") != opt.models.end()) {
+    pooling_comparison(figures);
+  }
   // The replica comparison for cnn, when it is among --models.
-  if (!opt.sidecars_only && std::find(opt.models.begin(), opt.models.end(), "cnn") != opt.models.end()) {
+  if (!opt.sidecars_only && !opt.pooling_only &&
+      std::find(opt.models.begin(), opt.models.end(), "cnn") != opt.models.end()) {
     const int64_t steps = std::max<int64_t>(1, std::llround(static_cast<double>(opt.replica_steps) * opt.steps_scale));
     replica_comparison(s, "cnn", read_example(s, opt.examples, "cnn", tmp.path()), steps, tmp.path(), figures);
   }
@@ -761,6 +822,8 @@ int main(int argc, char** argv) {
                "and gpt where --models names them");
   app.add_option("--replica-steps", opt.replica_steps, "training steps per run of the cnn replica comparison")
       ->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_flag("--pooling-only", opt.pooling_only,
+               "run only the pooling comparison (the cnn's max_pool_2x2 against LibTorch's max_pool2d, in process)");
   app.add_flag("--replicas-only", opt.replicas_only,
                "run only the replica comparison (cnn, 2 stages x 1 and x 2 replicas with shardctl run)");
   // Internal: the monolithic baseline runs as a child process of the benchmark.

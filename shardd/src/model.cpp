@@ -5,7 +5,6 @@
 #include <limits>
 #include <mutex>
 
-#include <torch/autograd.h>
 #include <torch/nn.h>
 
 namespace shardguard::shardd {
@@ -122,8 +121,8 @@ struct LmHeadImpl : nn::Module {
 };
 TORCH_MODULE(LmHead);
 
-// The four strided quarters of x's 2×2 windows, in LibTorch's scan order: (0,0),
-// (0,1), (1,0), (1,1) of each window.
+// The four strided quarters of x's 2×2 windows: the (0,0), (0,1), (1,0) and (1,1)
+// elements of every window.
 std::array<torch::Tensor, 4> quarters(const torch::Tensor& x) {
   using torch::indexing::Slice;
   const int64_t h = x.size(-2) / 2 * 2, w = x.size(-1) / 2 * 2;
@@ -131,33 +130,6 @@ std::array<torch::Tensor, 4> quarters(const torch::Tensor& x) {
   for (int k = 0; k < 4; ++k) q[k] = x.index({"...", Slice(k / 2, h, 2), Slice(k % 2, w, 2)});
   return q;
 }
-
-torch::Tensor quarter_max(const std::array<torch::Tensor, 4>& q) {
-  return torch::maximum(torch::maximum(q[0], q[1]), torch::maximum(q[2], q[3]));
-}
-
-// With the gradient: which quarter won each window (its first maximum), saved for
-// the backward pass, which routes each output's gradient to that one input.
-struct MaxPool2x2Fn : torch::autograd::Function<MaxPool2x2Fn> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x) {
-    const auto q = quarters(x);
-    auto out = quarter_max(q);
-    auto winner = torch::full(out.sizes(), 3, out.options().dtype(torch::kUInt8));
-    for (int k = 2; k >= 0; --k) winner.masked_fill_(q[k].eq(out), k);
-    ctx->save_for_backward({winner});
-    ctx->saved_data["sizes"] = x.sizes().vec();
-    return out;
-  }
-  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
-                                               torch::autograd::tensor_list grads) {
-    const auto winner = ctx->get_saved_variables()[0];
-    const auto& g = grads[0];
-    auto gx = torch::zeros(ctx->saved_data["sizes"].toIntVector(), g.options());
-    const auto q = quarters(gx);  // views of gx
-    for (int k = 0; k < 4; ++k) q[k].copy_(g.masked_fill(winner.ne(k), 0));
-    return {gx};
-  }
-};
 
 // The cnn's pooling layer (see max_pool_2x2).
 struct MaxPool2x2Impl : nn::Module {
@@ -227,8 +199,12 @@ torch::Tensor max_pool_2x2(const torch::Tensor& x) {
     throw std::invalid_argument("max_pool_2x2: input of shape " + model::shape_str(x.sizes().vec()) +
                                 " has no 2×2 window");
   }
-  if (torch::GradMode::is_enabled() && x.requires_grad()) return MaxPool2x2Fn::apply(x);
-  return quarter_max(quarters(x));
+  // With autograd, LibTorch's kernel: it records each window's winner as it scans, and
+  // its backward is cheap; recording the winner after a quarter maximum costs more than
+  // its scan saves (pipeline_bench --pooling-only measured both).
+  if (torch::GradMode::is_enabled() && x.requires_grad()) return torch::max_pool2d(x, 2);
+  const auto q = quarters(x);
+  return torch::maximum(torch::maximum(q[0], q[1]), torch::maximum(q[2], q[3]));
 }
 
 int64_t count_parameters(const torch::nn::Module& module) {

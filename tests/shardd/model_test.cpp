@@ -130,8 +130,8 @@ TEST(ModelTest, GptIsCausal) {
 }
 
 // The cnn's pooling gives torch::max_pool2d(x, 2)'s values and gradient bit for bit,
-// with and without autograd, on odd sizes and on windows with ties (ReLU's zeros,
-// small integers): the gradient goes to each window's first maximum, as LibTorch's.
+// with and without autograd (two different computations), on odd sizes and on windows
+// with ties (ReLU's zeros, small integers).
 TEST(ModelTest, MaxPool2x2IsMaxPool2dBitForBit) {
   torch::manual_seed(7);
   const std::vector<std::vector<int64_t>> shapes = {{3, 5, 28, 28}, {2, 4, 7, 7}, {2, 3, 6, 9}, {4, 14, 14}};

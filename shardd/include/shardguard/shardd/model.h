@@ -20,13 +20,12 @@ uint64_t block_seed(uint64_t job_seed, int block_index);
 // Thread-safe (construction is serialised: LibTorch's default generator is global).
 torch::nn::Sequential build_blocks(const ModelSpec& spec, int first, int end, uint64_t job_seed);
 
-// 2×2 max-pooling with stride 2 over the last two dimensions of an [N, C, H, W] tensor
-// (odd H or W: the last row or column is dropped), with exactly the values and the
-// gradient of torch::max_pool2d(x, 2) — the gradient goes to the first maximum of each
-// window in row-major order, as LibTorch's kernel gives it — computed as the maximum
-// of the window's four strided quarters. LibTorch 1.13's CPU max_pool2d is a scalar
-// loop that also writes an index per output; this is about 10× faster forward. One
-// difference: a window holding a NaN passes no gradient (LibTorch's gives it to a NaN).
+// 2×2 max-pooling with stride 2 over the last two dimensions (odd H or W: the last row
+// or column is dropped): exactly torch::max_pool2d(x, 2). Without autograd (evaluation,
+// a frozen stage, a victim's answers) it is the maximum of each window's four strided
+// quarters, about 9× faster than LibTorch 1.13's CPU kernel, which scans every window in
+// a scalar loop and writes an index per output; with autograd it is that kernel, whose
+// backward needs the indices.
 torch::Tensor max_pool_2x2(const torch::Tensor& x);
 
 // Number of parameter elements of a module.
