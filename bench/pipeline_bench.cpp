@@ -817,15 +817,17 @@ int main(int argc, char** argv) {
       ->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--sidecar-steps", opt.sidecar_steps, "training steps per run of the cnn sidecar comparison")
       ->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_flag("--sidecars-only", opt.sidecars_only,
+  auto* sidecars_only = app.add_flag("--sidecars-only", opt.sidecars_only,
                "run only the sidecar comparison (2 stages: shardctl run through the sidecars vs direct), for cnn "
                "and gpt where --models names them");
   app.add_option("--replica-steps", opt.replica_steps, "training steps per run of the cnn replica comparison")
       ->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_flag("--pooling-only", opt.pooling_only,
+  auto* pooling_only = app.add_flag("--pooling-only", opt.pooling_only,
                "run only the pooling comparison (the cnn's max_pool_2x2 against LibTorch's max_pool2d, in process)");
-  app.add_flag("--replicas-only", opt.replicas_only,
+  auto* replicas_only = app.add_flag("--replicas-only", opt.replicas_only,
                "run only the replica comparison (cnn, 2 stages x 1 and x 2 replicas with shardctl run)");
+  sidecars_only->excludes(replicas_only)->excludes(pooling_only);
+  replicas_only->excludes(pooling_only);
   // Internal: the monolithic baseline runs as a child process of the benchmark.
   app.add_option("--monolithic", monolithic_job, "(internal) train JOB whole in this process and print one JSON line");
   app.add_option("--threads", threads, "(internal, with --monolithic) compute threads");
@@ -833,6 +835,12 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   opt.out = out;
   opt.examples = examples;
+  const bool cnn = std::find(opt.models.begin(), opt.models.end(), "cnn") != opt.models.end();
+  if ((opt.pooling_only || opt.replicas_only) && !cnn) {
+    std::cerr << "pipeline_bench: " << (opt.pooling_only ? "--pooling-only" : "--replicas-only")
+              << " benchmarks the cnn, which --models leaves out\n";
+    return 2;
+  }
   try {
     if (!monolithic_job.empty()) return run_monolithic_child(monolithic_job, threads, steps);
     return run_bench(opt);

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <mutex>
+#include <stdexcept>
 
 #include <torch/nn.h>
 
@@ -195,9 +196,11 @@ torch::nn::Sequential build_blocks(const ModelSpec& spec, int first, int end, ui
 }
 
 torch::Tensor max_pool_2x2(const torch::Tensor& x) {
-  if (x.dim() < 2 || x.size(-2) < 2 || x.size(-1) < 2) {
-    throw std::invalid_argument("max_pool_2x2: input of shape " + model::shape_str(x.sizes().vec()) +
-                                " has no 2×2 window");
+  // What max_pool2d takes: [C, H, W] or [N, C, H, W] floating point, H and W ≥ 2.
+  if ((x.dim() != 3 && x.dim() != 4) || !x.is_floating_point() || x.size(-2) < 2 || x.size(-1) < 2) {
+    throw std::invalid_argument("max_pool_2x2: input of shape " + model::shape_str(x.sizes().vec()) + " and type " +
+                                std::string(c10::toString(x.scalar_type())) +
+                                ": expected [C, H, W] or [N, C, H, W] floating point with H, W >= 2");
   }
   // With autograd, LibTorch's kernel: it records each window's winner as it scans, and
   // its backward is cheap; recording the winner after a quarter maximum costs more than

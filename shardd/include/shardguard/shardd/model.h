@@ -20,12 +20,13 @@ uint64_t block_seed(uint64_t job_seed, int block_index);
 // Thread-safe (construction is serialised: LibTorch's default generator is global).
 torch::nn::Sequential build_blocks(const ModelSpec& spec, int first, int end, uint64_t job_seed);
 
-// 2×2 max-pooling with stride 2 over the last two dimensions (odd H or W: the last row
-// or column is dropped): exactly torch::max_pool2d(x, 2). Without autograd (evaluation,
-// a frozen stage, a victim's answers) it is the maximum of each window's four strided
-// quarters, about 9× faster than LibTorch 1.13's CPU kernel, which scans every window in
-// a scalar loop and writes an index per output; with autograd it is that kernel, whose
-// backward needs the indices.
+// 2×2 max-pooling with stride 2 of a [C, H, W] or [N, C, H, W] floating-point tensor
+// (odd H or W: the last row or column is dropped): the values of torch::max_pool2d(x, 2).
+// When autograd does not record it (evaluation, a victim's answers, a frozen stage with
+// nothing trainable before it) it is the maximum of each window's four strided
+// quarters, up to 9× faster than LibTorch 1.13's CPU kernel, which scans every window in
+// a scalar loop and writes an index per output; when it does, it is that kernel, whose
+// backward needs the indices. Throws std::invalid_argument on another shape or type.
 torch::Tensor max_pool_2x2(const torch::Tensor& x);
 
 // Number of parameter elements of a module.
