@@ -822,6 +822,50 @@ bool run_gnuplot(const std::string& gnuplot, const std::string& script, const st
 
 }  // namespace
 
+std::string a4_plot_data(const std::vector<Aggregate>& aggs, const std::string& model, int64_t samples) {
+  std::vector<std::string> rows;
+  std::map<std::string, std::vector<const Aggregate*>> by_row;
+  for (const auto& a : aggs) {
+    if (a.model != model || a.samples != samples || a.queries <= 0 || a.attack != "A4" || a.r.n == 0) continue;
+    if (!by_row.count(a.row)) rows.push_back(a.row);
+    by_row[a.row].push_back(&a);
+  }
+  std::ostringstream d;
+  for (const auto& row : rows) {
+    auto& points = by_row[row];
+    std::sort(points.begin(), points.end(), [](const Aggregate* x, const Aggregate* y) { return x->queries < y->queries; });
+    d << "# " << row << " " << points.front()->exposure << "\n";
+    for (const Aggregate* a : points) d << a->queries << " " << a->r.mean << " " << (a->r.n > 1 ? a->r.std : 0.0) << "\n";
+    d << "\n\n";
+  }
+  return d.str();
+}
+
+std::string a4_plot_script(const std::string& model, int64_t samples, const std::string& dat, const std::string& png,
+                           const std::string& data) {
+  std::vector<std::string> rows;
+  std::istringstream in(data);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("# ", 0) == 0) rows.push_back(line.substr(2, line.find(' ', 2) - 2));
+  }
+  std::ostringstream g;
+  g << "set terminal pngcairo size 900,560 font 'sans,10'\n"
+    << "set output " << gnuplot_quote(png) << "\n"
+    << "set title " << gnuplot_quote("Exposure study, " + model + ": A4, the query attacker (" + std::to_string(samples) +
+                                     " labelled samples)") << "\n"
+    << "set xlabel 'queries to the victim (log scale)'\nset ylabel 'recovered fraction R (mean over seeds, ± sd)'\n"
+    << "set logscale x\nset offsets graph 0.04, graph 0.04, 0, 0\nset yrange [*<-0.3:1.15<*]\nset grid\n"
+    << "set key outside right top\n"
+    << "plot 0.5 with lines dt 2 lc 'gray' title 'R = 0.5'";
+  for (size_t i = 0; i < rows.size(); ++i) {
+    g << ", \\\n     " << gnuplot_quote(dat) << " index " << i << " using 1:2:3 with yerrorlines pt " << (1 + i % 13)
+      << " title " << gnuplot_quote(rows[i]);
+  }
+  g << "\n";
+  return g.str();
+}
+
 void write_report(const std::string& out_dir, bool plots, const std::map<std::string, std::vector<double>>& shares) {
   auto cells = parse_csv(read_file(out_dir + "/results.csv"));
   if (const int changed = restate_exposure(cells, shares); changed > 0) {
@@ -868,6 +912,13 @@ void write_report(const std::string& out_dir, bool plots, const std::map<std::st
     }
     for (int64_t n : sizes) {
       md << "\n### A4 (query attacker): " << m << ", " << n << " labelled samples\n\n" << a4_table(aggs, m, n);
+      const std::string data = a4_plot_data(aggs, m, n);
+      if (data.empty()) continue;
+      const std::string base = out_dir + "/plot-" + m + "-a4-n" + std::to_string(n);
+      write_file_atomic(base + ".dat", data);
+      if (gnuplot.empty()) continue;
+      write_file_atomic(base + ".gp", a4_plot_script(m, n, base + ".dat", base + ".png", data));
+      run_gnuplot(gnuplot, base + ".gp", base + ".gnuplot.log");
     }
     if (const std::string t = data_vs_queries_table(aggs, m); !t.empty()) {
       md << "\n### Attacker with data vs attacker with queries: " << m << "\n\n" << t;

@@ -432,6 +432,32 @@ TEST(StudyReport, A4TableAndTheOtherTablesUnchanged) {
             std::string::npos) << t;
 }
 
+// A4's plot: one data block per row with its budgets ascending, R mean and sd per
+// budget, and a script that draws R against log(queries) with the R = 0.5 line.
+TEST(StudyReport, A4PlotHasOneLinePerRowOverTheBudgets) {
+  std::vector<CellResult> cells;
+  for (int seed : {1, 2}) {
+    cells.push_back(cell_of("-", "", "scratch", 0, seed, 0.10));
+    cells.push_back(cell_of("-", "", "victim", 0, seed, 0.90));
+    cells.push_back(cell_of("none", "", "A4", 0, seed, 0.50 + 0.04 * seed, 100000));  // the larger budget first
+    cells.push_back(cell_of("none", "", "A4", 0, seed, 0.20, 10000));
+    cells.push_back(cell_of("s0", "0", "A4", 0, seed, 0.60, 10000));
+  }
+  const auto aggs = aggregate(cells);
+  EXPECT_EQ(a4_plot_data(aggs, "cnn", 60), "");  // no A4 cells at 60 labelled samples
+  EXPECT_EQ(a4_plot_data(aggs, "vit", 0), "");
+  const std::string d = a4_plot_data(aggs, "cnn", 0);
+  // none: R 0.125 at 10 000; (0.54, 0.58) → R 0.55, 0.60: mean 0.575, sd 0.0354 at 100 000.
+  EXPECT_EQ(d.substr(0, d.find("\n\n\n")), "# none 0\n10000 0.125 0\n100000 0.575 0.0353553");
+  EXPECT_NE(d.find("\n\n\n# s0 0.5\n10000 0.625 0\n\n\n"), std::string::npos) << d;
+  const std::string g = a4_plot_script("cnn", 0, "/o/p.dat", "/o/p.png", d);
+  EXPECT_NE(g.find("set logscale x"), std::string::npos) << g;
+  EXPECT_NE(g.find("plot 0.5 with lines"), std::string::npos) << g;
+  EXPECT_NE(g.find("'/o/p.dat' index 0 using 1:2:3 with yerrorlines pt 1 title 'none'"), std::string::npos) << g;
+  EXPECT_NE(g.find("'/o/p.dat' index 1 using 1:2:3 with yerrorlines pt 2 title 's0'"), std::string::npos) << g;
+  EXPECT_EQ(g.find("index 2"), std::string::npos) << g;
+}
+
 // The attacker with data beside the attacker with queries: one line per row, the best
 // data attack at each size and A4 at each budget, "…" where a row was not measured.
 TEST(StudyReport, DataVersusQueriesTableSetsBothAttackersSideBySide) {

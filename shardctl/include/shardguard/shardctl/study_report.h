@@ -248,6 +248,15 @@ std::string headline_table(const std::vector<Aggregate>& aggregates, const std::
 // at that size.
 std::string a4_table(const std::vector<Aggregate>& aggregates, const std::string& model, int64_t samples);
 
+// A4's plot of one model and labelled-sample count: gnuplot data with one block per
+// row (table order; "# <row> <exposure>" then "<queries> <mean R> <sd>" per budget,
+// ascending; rows without R left out), and the script that draws it to `png` — R
+// against the query budget on a log axis, one line per row, and R = 0.5 (where
+// queries_to_reach reads the crossing). Empty data when the model has no A4 R there.
+std::string a4_plot_data(const std::vector<Aggregate>& aggregates, const std::string& model, int64_t samples);
+std::string a4_plot_script(const std::string& model, int64_t samples, const std::string& dat, const std::string& png,
+                           const std::string& data);
+
 // The attacker with data beside the attacker with queries, for one model: per row
 // (table order), its exposure, the best data attack's test R at each labelled size
 // (chosen as in headline_table, its name given), and A4's R at each (labelled
