@@ -120,7 +120,8 @@ TEST_F(RealApiServer, OperatorWithoutCoreApisLogsThemShowsThemAndIsNotReady) {
   for (const auto& r : kCoreNeeded) {
     EXPECT_TRUE(eventually([&] { return op.sample("shardguard_operator_api_missing", metric_labels(r)) == 1.0; }, 20s))
         << r << "\n" << op.metrics();
-    EXPECT_TRUE(logged_missing_at_error(op, r)) << r << "\n" << op.log();
+    // The gauge is set before the line is logged (outside the lock): wait for both.
+    EXPECT_TRUE(eventually([&] { return logged_missing_at_error(op, r); }, 20s)) << r << "\n" << op.log();
   }
   // The CRD is served: its resource is needed and not missing.
   EXPECT_EQ(op.sample("shardguard_operator_api_missing", metric_labels(kJobs)), 0.0) << op.metrics();
@@ -154,7 +155,7 @@ TEST_F(RealApiServer, OperatorWithLeaderElectionBacksOffTheMissingLeaseApiAndIsN
   ASSERT_TRUE(eventually([&] { return op.sample("shardguard_operator_api_missing", metric_labels(kLeases)) == 1.0; },
                          20s))
       << op.metrics() << op.log();
-  EXPECT_TRUE(logged_missing_at_error(op, kLeases)) << op.log();
+  EXPECT_TRUE(eventually([&] { return logged_missing_at_error(op, kLeases); }, 20s)) << op.log();
   EXPECT_TRUE(eventually([&] {
     const Answer a = http_get(hp, "/readyz");
     return a.status == 503 && a.body.find(kLeases) != std::string::npos;
@@ -225,7 +226,7 @@ class TestApiServer : public ::testing::Test {
       return op.sample("shardguard_operator_api_missing", metric_labels(resource)) == 1.0 && a.status == 503 &&
              a.body.find(resource) != std::string::npos;
     }, 20s)) << op.metrics() << op.log();
-    EXPECT_TRUE(logged_missing_at_error(op, resource)) << op.log();
+    EXPECT_TRUE(eventually([&] { return logged_missing_at_error(op, resource); }, 20s)) << op.log();
     EXPECT_TRUE(eventually([&] {
       return op.sample("shardguard_operator_api_missing", metric_labels(resource)) == 0.0 &&
              http_get(hp, "/readyz").status == 200;
