@@ -734,24 +734,20 @@ int run_bench(const BenchOptions& opt) {
       }
     }
   }
+  const auto wanted = [&](const std::string& model) {
+    return std::find(opt.models.begin(), opt.models.end(), model) != opt.models.end();
+  };
   // The sidecar comparison for cnn and gpt, when they are among --models.
   for (const std::string model : {"cnn", "gpt"}) {
-    if (opt.replicas_only || opt.pooling_only ||
-        std::find(opt.models.begin(), opt.models.end(), model) == opt.models.end()) {
-      continue;
-    }
+    if (opt.replicas_only || opt.pooling_only || !wanted(model)) continue;
     const int64_t base = model == "gpt" ? opt.gpt_steps : opt.sidecar_steps;
     const int64_t steps = std::max<int64_t>(1, std::llround(static_cast<double>(base) * opt.steps_scale));
     sidecar_comparison(s, model, read_example(s, opt.examples, model, tmp.path()), steps, tmp.path(), figures);
   }
   // The cnn's pooling against LibTorch's, with the full run.
-  if (!opt.sidecars_only && !opt.replicas_only &&
-      std::find(opt.models.begin(), opt.models.end(), "cnn") != opt.models.end()) {
-    pooling_comparison(figures);
-  }
+  if (!opt.sidecars_only && !opt.replicas_only && wanted("cnn")) pooling_comparison(figures);
   // The replica comparison for cnn, when it is among --models.
-  if (!opt.sidecars_only && !opt.pooling_only &&
-      std::find(opt.models.begin(), opt.models.end(), "cnn") != opt.models.end()) {
+  if (!opt.sidecars_only && !opt.pooling_only && wanted("cnn")) {
     const int64_t steps = std::max<int64_t>(1, std::llround(static_cast<double>(opt.replica_steps) * opt.steps_scale));
     replica_comparison(s, "cnn", read_example(s, opt.examples, "cnn", tmp.path()), steps, tmp.path(), figures);
   }

@@ -820,6 +820,16 @@ bool run_gnuplot(const std::string& gnuplot, const std::string& script, const st
   return true;
 }
 
+// Writes BASE.dat and, with gnuplot (a path; "" for none), BASE.gp from
+// script(dat, png) and draws BASE.png.
+void write_plot(const std::string& gnuplot, const std::string& base, const std::string& data,
+                const std::function<std::string(const std::string&, const std::string&)>& script) {
+  write_file_atomic(base + ".dat", data);
+  if (gnuplot.empty()) return;
+  write_file_atomic(base + ".gp", script(base + ".dat", base + ".png"));
+  run_gnuplot(gnuplot, base + ".gp", base + ".gnuplot.log");
+}
+
 }  // namespace
 
 std::string a4_plot_data(const std::vector<Aggregate>& aggs, const std::string& model, int64_t samples) {
@@ -914,11 +924,8 @@ void write_report(const std::string& out_dir, bool plots, const std::map<std::st
       md << "\n### A4 (query attacker): " << m << ", " << n << " labelled samples\n\n" << a4_table(aggs, m, n);
       const std::string data = a4_plot_data(aggs, m, n);
       if (data.empty()) continue;
-      const std::string base = out_dir + "/plot-" + m + "-a4-n" + std::to_string(n);
-      write_file_atomic(base + ".dat", data);
-      if (gnuplot.empty()) continue;
-      write_file_atomic(base + ".gp", a4_plot_script(m, n, base + ".dat", base + ".png", data));
-      run_gnuplot(gnuplot, base + ".gp", base + ".gnuplot.log");
+      write_plot(gnuplot, out_dir + "/plot-" + m + "-a4-n" + std::to_string(n), data,
+                 [&](const std::string& dat, const std::string& png) { return a4_plot_script(m, n, dat, png, data); });
     }
     if (const std::string t = data_vs_queries_table(aggs, m); !t.empty()) {
       md << "\n### Attacker with data vs attacker with queries: " << m << "\n\n" << t;
@@ -947,11 +954,8 @@ void write_report(const std::string& out_dir, bool plots, const std::map<std::st
        << markdown_table(aggs, m);
     const auto points = best_r_by_size(aggs, m);
     if (points.empty()) continue;
-    const std::string base = out_dir + "/plot-" + m;
-    write_file_atomic(base + ".dat", plot_data(points));
-    if (gnuplot.empty()) continue;
-    write_file_atomic(base + ".gp", plot_script(m, base + ".dat", base + ".png", points, lm));
-    run_gnuplot(gnuplot, base + ".gp", base + ".gnuplot.log");
+    write_plot(gnuplot, out_dir + "/plot-" + m, plot_data(points),
+               [&](const std::string& dat, const std::string& png) { return plot_script(m, dat, png, points, lm); });
   }
   write_file_atomic(out_dir + "/results.md", md.str());
   std::printf("study: wrote %s/results.csv and results.md\n", out_dir.c_str());
