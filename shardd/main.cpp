@@ -116,8 +116,9 @@ int RunShardd(Flags flags) {
   }
   shardd::set_compute_threads(flags.threads);
 
-  // SIGTERM / SIGINT stop the stage from a watcher thread (no work in a handler).
-  sigset_t signals = block_stop_signals();
+  // SIGTERM / SIGINT stop the stage from a watcher thread. Not block-and-sigwait:
+  // OpenBLAS starts its threads before main(), and a signal may go to one of them.
+  StopSignals stops;
 
   auto registry = std::make_shared<prometheus::Registry>();
   MetricsServer metrics(registry);
@@ -133,19 +134,29 @@ int RunShardd(Flags flags) {
                        {"accuracy", r.accuracy}});
   };
   shardd::StageRunner runner(flags.stage, registry, events);
-  runner.start();
+  // From before start(): a stop while the package is fetched ends the fetch.
+  std::thread watcher([&] {
+    if (const int sig = stops.wait(); sig != 0) runner.stop(std::string("stopped by signal ") + strsignal(sig));
+  });
+  const auto end_watcher = [&] {
+    stops.wake();  // if no signal came
+    watcher.join();
+  };
+  try {
+    runner.start();
+  } catch (const shardd::FetchStopped& e) {
+    end_watcher();
+    log::warn("stopped", {{"error", e.what()}});
+    std::cerr << "shardd: " << e.what() << "\n";
+    return 1;  // as any stopped run
+  } catch (...) {
+    end_watcher();
+    throw;
+  }
   metrics.set_ready(true);
   log::info("listening", {{"pipeline_port", runner.port()}, {"metrics_port", metrics.port()}});
-
-  std::thread watcher([&] {
-    int sig = 0;
-    sigwait(&signals, &sig);
-    if (sig == SIGTERM || sig == SIGINT) runner.stop(std::string("stopped by signal ") + strsignal(sig));
-  });
   const auto result = runner.run();
-  // Wake the watcher if no signal came.
-  pthread_kill(watcher.native_handle(), SIGTERM);
-  watcher.join();
+  end_watcher();
   metrics.set_ready(false, "finished");
   metrics.stop();
   return result.ok ? 0 : 1;

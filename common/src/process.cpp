@@ -12,6 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -280,6 +281,59 @@ sigset_t block_stop_signals() {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   return signals;
+}
+
+namespace {
+std::atomic<int> stop_pipe_write{-1};
+
+void on_stop_signal(int sig) {
+  const int saved = errno;
+  const unsigned char byte = static_cast<unsigned char>(sig);
+  const int fd = stop_pipe_write.load();
+  if (fd >= 0) (void)!::write(fd, &byte, 1);  // non-blocking: a flood of signals cannot stall a thread
+  errno = saved;
+}
+}  // namespace
+
+StopSignals::StopSignals() {
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error(std::string("pipe2: ") + std::strerror(errno));
+  ::fcntl(fds[1], F_SETFL, O_NONBLOCK);
+  int expected = -1;
+  if (!stop_pipe_write.compare_exchange_strong(expected, fds[1])) {
+    ::close(fds[0]);
+    ::close(fds[1]);
+    throw std::logic_error("StopSignals: one instance per process");
+  }
+  read_fd_ = fds[0];
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  ::sigaction(SIGTERM, &sa, nullptr);
+  ::sigaction(SIGINT, &sa, nullptr);
+}
+
+StopSignals::~StopSignals() {
+  ::signal(SIGTERM, SIG_DFL);
+  ::signal(SIGINT, SIG_DFL);
+  ::close(stop_pipe_write.exchange(-1));
+  ::close(read_fd_);
+}
+
+int StopSignals::wait() {
+  unsigned char byte = 0;
+  while (true) {
+    const ssize_t n = ::read(read_fd_, &byte, 1);
+    if (n == 1) return byte;
+    if (n < 0 && errno == EINTR) continue;
+    return 0;  // cannot happen while the write end is open
+  }
+}
+
+void StopSignals::wake() {
+  const unsigned char zero = 0;
+  (void)!::write(stop_pipe_write.load(), &zero, 1);
 }
 
 }  // namespace shardguard

@@ -81,7 +81,14 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
   if (!opt_.package_url.empty()) {
     // Only this stage's package, once; kept sealed and opened (digest first) by every
     // fresh start like a file.
-    package_bytes_ = fetch_package(opt_.package_url, manifest_, opt_.stage, opt_.fetch);
+    // A stop (SIGTERM) while fetching abandons the fetch instead of waiting out its
+    // timeouts and retries.
+    FetchOptions fetch = opt_.fetch;
+    fetch.stop_wait = [this](double seconds) {
+      std::unique_lock<std::mutex> lock(mu_);
+      return cv_.wait_for(lock, std::chrono::duration<double>(seconds), [this] { return !stop_reason_.empty(); });
+    };
+    package_bytes_ = fetch_package(opt_.package_url, manifest_, opt_.stage, fetch);
   }
   const int replicas = opt_.job.sharding.replicas;
   if (opt_.replica < 0 || opt_.replica >= replicas) {

@@ -24,6 +24,8 @@ void init_curl_once() {
 
 struct Download {
   CURL* curl = nullptr;
+  const std::function<bool(double)>* stop_wait = nullptr;  // FetchOptions::stop_wait, if set
+  bool stopped = false;
   std::string body;
   size_t limit = 0;
   size_t discarded = 0;  // of an error page
@@ -54,8 +56,16 @@ size_t on_data(char* data, size_t size, size_t n, void* user) {
   return bytes;
 }
 
+// curl's progress callback: called at least once a second while a transfer runs; a
+// non-zero return aborts it (CURLE_ABORTED_BY_CALLBACK).
+int on_progress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
+  auto* d = static_cast<Download*>(user);
+  if (d->stop_wait != nullptr && (*d->stop_wait)(0)) d->stopped = true;
+  return d->stopped ? 1 : 0;
+}
+
 struct Attempt {
-  enum Outcome { kOk, kTransient, kFinal, kTooBig } outcome = kFinal;
+  enum Outcome { kOk, kTransient, kFinal, kTooBig, kStopped } outcome = kFinal;
   std::string error;  // what went wrong, for the message
 };
 
@@ -99,6 +109,12 @@ Attempt attempt(const std::string& url, const FetchOptions& o, Download& d) {
   // A Content-Length above the manifest's size is refused with the first bytes (on_data).
   curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
   curl_easy_setopt(c, CURLOPT_WRITEDATA, &d);
+  if (o.stop_wait) {
+    curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, on_progress);
+    curl_easy_setopt(c, CURLOPT_XFERINFODATA, &d);
+    curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
+    d.stop_wait = &o.stop_wait;
+  }
   d.curl = c;
   d.body.clear();
   d.discarded = 0;
@@ -106,6 +122,7 @@ Attempt attempt(const std::string& url, const FetchOptions& o, Download& d) {
   const CURLcode rc = curl_easy_perform(c);
   long status = 0;
   curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+  if (d.stopped) return {Attempt::kStopped, ""};
   if (d.over) return {Attempt::kTooBig, ""};
   if (rc != CURLE_OK && (status == 0 || status == 200)) {
     std::string what = err[0] != 0 ? std::string(err) : std::string(curl_easy_strerror(rc));
@@ -138,8 +155,13 @@ std::string fetch_package(const std::string& prefix, const model::PackageManifes
   // The manifest records each package's size; an oversized answer is not the package.
   d.limit = bytes > 0 ? static_cast<size_t>(bytes) : size_t{4} << 30;
   double wait = std::max(0.0, o.backoff_s);
+  const auto stopped = [&] {
+    return FetchStopped("package fetch of shard " + std::to_string(shard) + " stopped: GET " + url);
+  };
+  log::info("fetching package", {{"url", url}, {"shard", shard}, {"bytes", bytes}});
   for (int tries = 0;; ++tries) {
     Attempt a = attempt(url, o, d);
+    if (a.outcome == Attempt::kStopped) throw stopped();
     if (a.outcome == Attempt::kOk && bytes > 0 && static_cast<int64_t>(d.body.size()) < bytes) {
       // Fewer bytes than the package has: an upload still in progress, or a "soft 404"
       // page; not a tampered package, so unavailable (retried), not refused.
@@ -162,7 +184,11 @@ std::string fetch_package(const std::string& prefix, const model::PackageManifes
     }
     log::warn("package fetch failed, retrying",
               {{"url", url}, {"shard", shard}, {"error", a.error}, {"attempt", tries + 1}, {"retry_in_s", wait}});
-    std::this_thread::sleep_for(std::chrono::duration<double>(wait));
+    if (!o.stop_wait) {
+      std::this_thread::sleep_for(std::chrono::duration<double>(wait));
+    } else if (o.stop_wait(wait)) {
+      throw stopped();
+    }
     wait = std::min(30.0, wait * 2);
   }
 }

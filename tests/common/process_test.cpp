@@ -4,6 +4,8 @@
 #include <signal.h>
 
 #include <cstdio>
+#include <future>
+#include <thread>
 #include <set>
 #include <string>
 
@@ -15,6 +17,31 @@ namespace shardguard {
 namespace {
 
 using namespace std::chrono_literals;
+
+// A stop signal reaches wait() whichever thread the kernel hands it to: one sent to the
+// process, and one sent to a thread that blocks nothing (as OpenBLAS's threads, started
+// before main(), do not); wake() ends a wait with 0.
+TEST(StopSignalsTest, ASignalToAnyThreadReachesWait) {
+  StopSignals stops;
+  EXPECT_THROW(StopSignals second, std::logic_error);
+  std::promise<void> release;
+  std::thread other([f = release.get_future()]() mutable { f.wait(); });
+  ASSERT_EQ(::kill(::getpid(), SIGTERM), 0);
+  EXPECT_EQ(stops.wait(), SIGTERM);
+  ASSERT_EQ(::pthread_kill(other.native_handle(), SIGINT), 0);
+  EXPECT_EQ(stops.wait(), SIGINT);
+  release.set_value();
+  other.join();
+  stops.wake();
+  EXPECT_EQ(stops.wait(), 0);
+}
+
+TEST(StopSignalsTest, AnotherInstanceAfterTheFirstIsGone) {
+  { StopSignals first; }
+  StopSignals again;
+  again.wake();
+  EXPECT_EQ(again.wait(), 0);
+}
 
 TEST(ProcessTest, CapturesStderrLinesAndExitCode) {
   SpawnOptions o;

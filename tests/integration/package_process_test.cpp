@@ -144,7 +144,9 @@ TEST_F(PackageProcessTest, StagesFetchOnlyTheirOwnPackageFromAUrlAndRefuseWhatTh
     ASSERT_TRUE(st.has_value()) << "stage " << i;
     const std::string log = read_file(dir_ + "/run/stage-" + std::to_string(i) + ".log");
     EXPECT_TRUE(st->exited && st->code == 0) << "stage " << i << ": " << st->str() << "\n" << log;
-    if (i < n - 1) EXPECT_NE(log.find("\"package fetched\""), std::string::npos) << log;
+    if (i < n - 1) {
+      EXPECT_NE(log.find("\"package fetched\""), std::string::npos) << log;
+    }
   }
   EXPECT_TRUE(fetched_last);
   EXPECT_GT(last_step, 0);
@@ -212,6 +214,37 @@ TEST_F(PackageProcessTest, StagesFetchOnlyTheirOwnPackageFromAUrlAndRefuseWhatTh
     EXPECT_NE(out.find("--package-timeout"), std::string::npos) << out;
     EXPECT_NE(out.find("(2 attempts)"), std::string::npos) << out;
     EXPECT_LT(took, 60) << out;
+  }
+  // Stopped while fetching from it (SIGTERM, as a pod is stopped), with a timeout of
+  // 600 s: the fetch is abandoned at once, not after the timeout.
+  {
+    auto argv = with_url(stage_argv(job, dir_ + "/sigterm", 1, n),
+                         "http://127.0.0.1:" + std::to_string(stall_port) + "/pkg/", 1);
+    *(std::find(argv.begin(), argv.end(), "--package-timeout") + 1) = "600";
+    SpawnOptions o;
+    o.argv = argv;
+    o.log_file = dir_ + "/sigterm.out";
+    o.capture_stderr = true;
+    Process stage(o);
+    bool fetching = false;
+    for (int i = 0; i < 200 && !fetching && !stage.eof(); ++i) {
+      const auto line = stage.read_line(30s);
+      fetching = line && line->find("\"fetching package\"") != std::string::npos;
+    }
+    ASSERT_TRUE(fetching) << read_file(dir_ + "/sigterm.out");
+    const auto t0 = std::chrono::steady_clock::now();
+    stage.signal(SIGTERM);
+    const auto st = stage.wait_for(30s);
+    ASSERT_TRUE(st.has_value()) << "SIGTERM did not stop the fetch:\n" << read_file(dir_ + "/sigterm.out");
+    const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::string out;  // stderr, captured: what the stage wrote after the line above
+    for (int i = 0; i < 1000 && !stage.eof(); ++i) out += stage.read_line(5s).value_or("") + "\n";
+    EXPECT_TRUE(st->exited && st->code == 1) << st->str() << "\n" << out;
+    EXPECT_NE(out.find("package fetch of shard 1 stopped: GET http://127.0.0.1:" + std::to_string(stall_port) +
+                       "/pkg/shard-1.sgpkg"),
+              std::string::npos)
+        << out;
+    EXPECT_LT(took, 5) << out;  // the transfer is asked at least once a second
   }
   // Nothing listening: connection refused, retried once, then unavailable.
   {

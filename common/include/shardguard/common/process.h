@@ -88,4 +88,25 @@ std::string self_dir();
 // work happens in a signal handler. Call it before starting any thread.
 sigset_t block_stop_signals();
 
+// SIGTERM and SIGINT as something to wait for, in a process where blocking them cannot
+// reach every thread: a library may start threads before main() (OpenBLAS does, at load
+// time), and a process-directed signal goes to any thread that does not block it. A
+// handler on every thread writes the signal's number to a pipe (the only work it does);
+// wait() reads it. One instance per process; the destructor restores the default actions.
+class StopSignals {
+ public:
+  StopSignals();
+  ~StopSignals();
+  StopSignals(const StopSignals&) = delete;
+  StopSignals& operator=(const StopSignals&) = delete;
+
+  // Blocks until SIGTERM or SIGINT arrives (returns its number; one that came before
+  // the call counts) or wake() is called (returns 0).
+  int wait();
+  void wake();
+
+ private:
+  int read_fd_ = -1;
+};
+
 }  // namespace shardguard

@@ -6,6 +6,8 @@
 // comes from the server) by model::open_package before anything is decrypted.
 #pragma once
 
+#include <functional>
+#include <stdexcept>
 #include <string>
 
 #include "shardguard/model/package.h"
@@ -22,6 +24,15 @@ struct FetchOptions {
   double backoff_s = 1;
   // A PEM CA bundle to verify https servers with instead of the system's trust store.
   std::string ca_file;
+  // Waits up to `seconds` (0: only asks) and says whether the fetch is to be abandoned
+  // (shardd stopped by SIGTERM while fetching): asked between attempts instead of
+  // sleeping, and at least once a second while a transfer runs. Unset: never abandoned.
+  std::function<bool(double seconds)> stop_wait;
+};
+
+// The fetch was abandoned on request (FetchOptions::stop_wait), not failed.
+struct FetchStopped : std::runtime_error {
+  using std::runtime_error::runtime_error;
 };
 
 // "<prefix>shard-<i>.sgpkg".
@@ -31,7 +42,8 @@ std::string package_url(const std::string& prefix, int shard);
 // the server sends more bytes than the manifest's entry for the shard records (a
 // refusal: that is not the package), model::PackageUnavailable naming the URL and the
 // HTTP status or the transport error when no attempt got it (404 and other 4xx at
-// once, transient errors after the retries).
+// once, transient errors after the retries), FetchStopped when stop_wait asked it to
+// end.
 std::string fetch_package(const std::string& prefix, const model::PackageManifest& manifest, int shard,
                           const FetchOptions& options);
 
