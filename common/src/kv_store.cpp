@@ -540,6 +540,24 @@ KvClient::~KvClient() {
   if (fd_ >= 0) ::close(fd_);
 }
 
+namespace {
+
+// The one field of an OK answer to `what`, read by `read`; an answer that is not exactly
+// that field is malformed: an error naming the store and the request.
+template <typename T, typename Read>
+T answer(const std::string& where, const std::vector<uint8_t>& reply, const char* what, Read read) {
+  Reader in(reply, 1);
+  T value{};
+  if (!read(in, &value) || !in.at_end()) throw std::runtime_error(where + ": a malformed answer to " + what);
+  return value;
+}
+
+bool read_value(Reader& in, std::vector<uint8_t>* v) { return in.bytes(v, kMaxKvValue); }
+bool read_i64(Reader& in, int64_t* v) { return in.i64(v); }
+bool read_flag(Reader& in, uint8_t* v) { return in.u8(v) && *v <= 1; }
+
+}  // namespace
+
 std::vector<uint8_t> KvClient::call(const std::vector<uint8_t>& request, std::chrono::milliseconds blocking) {
   std::lock_guard<std::mutex> lock(mu_);
   if (fd_ < 0) throw std::runtime_error(where_ + ": the connection was lost by an earlier request");
@@ -584,10 +602,7 @@ std::optional<std::vector<uint8_t>> KvClient::get(const std::string& key, std::c
   put_u32(req, static_cast<uint32_t>(wait.count()));
   const auto reply = call(req, wait);
   if (reply[0] == kTimedOut) return std::nullopt;
-  Reader in(reply, 1);
-  std::vector<uint8_t> value;
-  if (!in.bytes(&value, kMaxKvValue)) throw std::runtime_error(where_ + ": a malformed answer to get");
-  return value;
+  return answer<std::vector<uint8_t>>(where_, reply, "get", read_value);
 }
 
 int64_t KvClient::add(const std::string& key, int64_t delta) {
@@ -595,11 +610,7 @@ int64_t KvClient::add(const std::string& key, int64_t delta) {
   std::vector<uint8_t> req{kAdd};
   put_str(req, key);
   put_i64(req, delta);
-  const auto reply = call(req, std::chrono::milliseconds(0));
-  Reader in(reply, 1);
-  int64_t sum = 0;
-  if (!in.i64(&sum)) throw std::runtime_error(where_ + ": a malformed answer to add");
-  return sum;
+  return answer<int64_t>(where_, call(req, std::chrono::milliseconds(0)), "add", read_i64);
 }
 
 std::vector<uint8_t> KvClient::compare_set(const std::string& key, const std::vector<uint8_t>& expected,
@@ -611,19 +622,15 @@ std::vector<uint8_t> KvClient::compare_set(const std::string& key, const std::ve
   put_str(req, key);
   put_value(req, expected);
   put_value(req, desired);
-  const auto reply = call(req, std::chrono::milliseconds(0));
-  Reader in(reply, 1);
-  std::vector<uint8_t> now;
-  if (!in.bytes(&now, kMaxKvValue)) throw std::runtime_error(where_ + ": a malformed answer to compare-and-set");
-  return now;
+  return answer<std::vector<uint8_t>>(where_, call(req, std::chrono::milliseconds(0)), "compare-and-set",
+                                      read_value);
 }
 
 bool KvClient::remove(const std::string& key) {
   check_key(where_, key);
   std::vector<uint8_t> req{kDelete};
   put_str(req, key);
-  const auto reply = call(req, std::chrono::milliseconds(0));
-  return reply.size() > 1 && reply[1] == 1;
+  return answer<uint8_t>(where_, call(req, std::chrono::milliseconds(0)), "delete", read_flag) == 1;
 }
 
 bool KvClient::check(const std::vector<std::string>& keys) {
@@ -631,16 +638,11 @@ bool KvClient::check(const std::vector<std::string>& keys) {
   std::vector<uint8_t> req{kCheck};
   put_u32(req, static_cast<uint32_t>(keys.size()));
   for (const auto& k : keys) put_str(req, k);
-  const auto reply = call(req, std::chrono::milliseconds(0));
-  return reply.size() > 1 && reply[1] == 1;
+  return answer<uint8_t>(where_, call(req, std::chrono::milliseconds(0)), "check", read_flag) == 1;
 }
 
 int64_t KvClient::size() {
-  const auto reply = call({kNumKeys}, std::chrono::milliseconds(0));
-  Reader in(reply, 1);
-  int64_t n = 0;
-  if (!in.i64(&n)) throw std::runtime_error(where_ + ": a malformed answer to the key count");
-  return n;
+  return answer<int64_t>(where_, call({kNumKeys}, std::chrono::milliseconds(0)), "the key count", read_i64);
 }
 
 bool KvClient::wait(const std::vector<std::string>& keys, std::chrono::milliseconds timeout) {

@@ -124,10 +124,11 @@ class GroupStore : public c10d::Store {
     return client_.compare_set(key, expected, desired);
   }
   std::vector<uint8_t> get(const std::string& key) override {
-    auto value = client_.get(key, blocking(timeout_));
+    const std::chrono::milliseconds limit = blocking(timeout_);
+    auto value = client_.get(key, limit);
     if (!value) {
       throw std::runtime_error("replica group store " + where_ + ": key not set within " +
-                               std::to_string(blocking(timeout_).count()) + " ms");
+                               std::to_string(limit.count()) + " ms");
     }
     return *value;
   }

@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -184,6 +185,63 @@ TEST(KvStore, StopEndsBlockedWaitsAndLaterCallsFail) {
   } catch (const std::runtime_error& e) {
     EXPECT_NE(std::string(e.what()).find("127.0.0.1:" + std::to_string(port)), std::string::npos) << e.what();
   }
+}
+
+// Answers from something that is not a KvServer: a malformed answer is an error naming
+// the store and the request, never a value or a quiet "false".
+TEST(KvStore, MalformedAnswersAreErrorsNamingTheRequest) {
+  const int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  ::inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+  ASSERT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(::listen(listener, 1), 0);
+  socklen_t len = sizeof a;
+  ::getsockname(listener, reinterpret_cast<sockaddr*>(&a), &len);
+  const int port = ntohs(a.sin_port);
+  const std::vector<std::vector<uint8_t>> answers = {
+      {0},                                // add: OK without the sum
+      {0, 0, 0, 0, 9, 'x'},               // get: 9 bytes announced, 1 sent
+      {0, 7},                             // check: a flag that is neither 0 nor 1
+      {0, 1, 2},                          // delete: a byte after the flag
+      {0, 0, 0, 0, 0, 0, 0, 0, 3, 0xff},  // key count: a byte after the count
+  };
+  std::thread server([&] {
+    const int fd = ::accept(listener, nullptr, nullptr);
+    const auto read_exact = [&](uint8_t* p, size_t n) { return ::recv(fd, p, n, MSG_WAITALL) == static_cast<ssize_t>(n); };
+    for (const auto& answer : answers) {
+      uint8_t head[4];
+      if (!read_exact(head, 4)) break;
+      std::vector<uint8_t> request((size_t{head[2]} << 8) | head[3]);  // these requests are short
+      if (!read_exact(request.data(), request.size())) break;
+      std::vector<uint8_t> frame{0, 0, 0, static_cast<uint8_t>(answer.size())};
+      frame.insert(frame.end(), answer.begin(), answer.end());
+      ::send(fd, frame.data(), frame.size(), MSG_NOSIGNAL);
+    }
+    uint8_t end = 0;
+    ::recv(fd, &end, 1, 0);  // until the client closes
+    ::close(fd);
+  });
+  const auto error_of = [](const std::function<void()>& call) -> std::string {
+    try {
+      call();
+    } catch (const std::runtime_error& e) {
+      return e.what();
+    }
+    return "no error";
+  };
+  {
+    KvClient c("127.0.0.1", port, 5s);
+    const std::string where = "replica group store 127.0.0.1:" + std::to_string(port);
+    const std::string add = error_of([&] { c.add("n", 1); });
+    EXPECT_EQ(add, where + ": a malformed answer to add");
+    EXPECT_NE(error_of([&] { c.get("k", 0ms); }).find("a malformed answer to get"), std::string::npos);
+    EXPECT_NE(error_of([&] { c.check({"k"}); }).find("a malformed answer to check"), std::string::npos);
+    EXPECT_NE(error_of([&] { c.remove("k"); }).find("a malformed answer to delete"), std::string::npos);
+    EXPECT_NE(error_of([&] { c.size(); }).find("a malformed answer to the key count"), std::string::npos);
+  }
+  server.join();
+  ::close(listener);
 }
 
 }  // namespace
