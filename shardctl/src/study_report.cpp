@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <functional>
 #include <iostream>
 #include <set>
@@ -973,10 +974,23 @@ int study_exit_code(const std::function<int()>& body) {
   }
 }
 
+std::unique_ptr<FileLock> lock_study_out(const std::string& out_dir) {
+  if (!std::filesystem::is_directory(out_dir)) return nullptr;
+  try {
+    return std::make_unique<FileLock>(out_dir + "/study.lock");
+  } catch (const FileLockBusy& e) {
+    throw StudyError("--out " + out_dir + ": another shardctl study (" +
+                     (e.holder_pid() > 0 ? "pid " + std::to_string(e.holder_pid()) : std::string("pid unknown")) +
+                     ") is using it; wait for it to end or pass another --out (for a report while it runs, copy "
+                     "its results.csv into a directory of its own and run --report-only there)");
+  }
+}
+
 int RunStudyReport(const StudyOptions& options) {
   return study_exit_code([&] {
     if (options.job_files.empty()) throw StudyError("--job: at least one ShardedTrainingJob file is needed");
     if (options.out_dir.empty()) throw StudyError("--out: an output directory is needed");
+    const auto lock = lock_study_out(options.out_dir);
     const auto jobs = load_study_jobs(options);
     write_report(options.out_dir, !options.no_plots, shares_by_model(jobs));
     return 0;

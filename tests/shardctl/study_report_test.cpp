@@ -565,6 +565,35 @@ TEST(StudyReportOnly, MissingCsvAndBadJobAreRefused) {
   EXPECT_NE(err.find("--job " + (dir / "nope.yaml").string()), std::string::npos) << err;
 }
 
+// One study per --out at a time: while another holds OUT/study.lock (a run appending
+// cells), a report is refused naming the holder and touches nothing; once it is
+// released the report runs. A directory that does not exist has nothing to guard.
+TEST(StudyReportOnly, OneStudyPerOutAtATime) {
+  const testsupport::TempDir tmp("shardguard-study-lock");
+  const fs::path dir = tmp.path();
+  const std::string csv = small_csv();
+  { std::ofstream(dir / "results.csv") << csv; }
+  StudyOptions o;
+  o.job_files = {kCnnJob};
+  o.out_dir = dir.string();
+  o.no_plots = true;
+  {
+    const auto held = lock_study_out(dir.string());
+    ASSERT_NE(held, nullptr);
+    testing::internal::CaptureStderr();
+    EXPECT_EQ(RunStudyReport(o), 2);
+    const std::string err = testing::internal::GetCapturedStderr();
+    EXPECT_NE(err.find("--out " + dir.string() + ": another shardctl study (pid " + std::to_string(::getpid()) + ")"),
+              std::string::npos)
+        << err;
+    EXPECT_FALSE(fs::exists(dir / "results.md"));
+    EXPECT_EQ(slurp(dir / "results.csv"), csv) << "not restated while locked";
+  }
+  EXPECT_EQ(RunStudyReport(o), 0);
+  EXPECT_TRUE(fs::exists(dir / "results.md"));
+  EXPECT_EQ(lock_study_out((dir / "absent").string()), nullptr);
+}
+
 // Plots are drawn by gnuplot without a shell: an output directory whose name has
 // a quote and a space still gets its PNG (gnuplot is a `make deps` package).
 TEST(StudyReportOnly, PlotsInADirectoryWithAQuote) {

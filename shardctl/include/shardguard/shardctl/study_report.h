@@ -15,12 +15,14 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <memory>
 #include <optional>
 #include <set>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "shardguard/common/files.h"
 #include "shardguard/common/jobspec.h"
 #include "shardguard/model/partition.h"
 
@@ -347,8 +349,16 @@ void write_report(const std::string& out_dir, bool plots,
 // message on stderr: StudyError (bad input) → 2, any other exception → 1.
 int study_exit_code(const std::function<int()>& body);
 
+// One shardctl study per --out at a time: OUT/study.lock, held until the returned
+// lock is destroyed. A run appends cells to results.csv and a report may rewrite it
+// (restated exposures), so a second process there could lose cells. Throws StudyError
+// naming the holder's pid when another process holds it; null when out_dir does not
+// exist (nothing there to guard: a run creates it first).
+std::unique_ptr<FileLock> lock_study_out(const std::string& out_dir);
+
 // `shardctl study --report-only`: the report from the CSV and the jobs, without
-// training (and without LibTorch). Exit 0 done, 1 I/O failure, 2 bad input.
+// training (and without LibTorch), under lock_study_out. Exit 0 done, 1 I/O failure,
+// 2 bad input (also: a study is running in --out).
 int RunStudyReport(const StudyOptions& options);
 
 // ---- the study turned into placement (issue 19 item 3) ---------------------------
