@@ -1026,10 +1026,10 @@ int RunStudy(const StudyOptions& options) {
   if (options.report_only) return RunStudyReport(options);
   return study_exit_code([&] {
     validate_study(options);
-    make_dirs(options.out_dir);
-    const auto lock = lock_study_out(options.out_dir);  // held through the run and its report
     keep_freed_memory();
     auto jobs = load_study_jobs(options);
+    make_dirs(options.out_dir);
+    const auto lock = lock_study_out(options.out_dir);  // held through the run and its report
     const auto shares = shares_by_model(jobs);
     Runner runner(options, std::move(jobs));
     const int rc = runner.run();
