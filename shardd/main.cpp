@@ -1,4 +1,5 @@
 // shardd: trains one pipeline stage of a ShardedTrainingJob.
+#include <atomic>
 #include <csignal>
 #include <iostream>
 #include <thread>
@@ -116,9 +117,14 @@ int RunShardd(Flags flags) {
   }
   shardd::set_compute_threads(flags.threads);
 
-  // SIGTERM / SIGINT stop the stage from a watcher thread. Not block-and-sigwait:
-  // OpenBLAS starts its threads before main(), and a signal may go to one of them.
+  // SIGTERM / SIGINT stop the stage from a watcher thread. Not block-and-sigwait alone:
+  // threads started before the block (OpenBLAS's at load time, LibTorch's pool in
+  // set_compute_threads) would take a signal with its default action, killing the
+  // process. The handler (StopSignals) works on any thread; the block keeps the
+  // threads started from here on (gRPC, Gloo) from being interrupted by it, and the
+  // watcher unblocks them for itself.
   StopSignals stops;
+  const sigset_t stop_set = block_stop_signals();
 
   auto registry = std::make_shared<prometheus::Registry>();
   MetricsServer metrics(registry);
@@ -135,28 +141,36 @@ int RunShardd(Flags flags) {
   };
   shardd::StageRunner runner(flags.stage, registry, events);
   // From before start(): a stop while the package is fetched ends the fetch.
+  std::atomic<bool> signalled{false};
   std::thread watcher([&] {
-    if (const int sig = stops.wait(); sig != 0) runner.stop(std::string("stopped by signal ") + strsignal(sig));
+    pthread_sigmask(SIG_UNBLOCK, &stop_set, nullptr);
+    if (const int sig = stops.wait(); sig != 0) {
+      signalled.store(true);
+      runner.stop(std::string("stopped by signal ") + strsignal(sig));
+    }
   });
-  const auto end_watcher = [&] {
-    stops.wake();  // if no signal came
-    watcher.join();
-  };
+  struct EndWatcher {  // on every way out, a thrown exception included
+    StopSignals& stops;
+    std::thread& watcher;
+    ~EndWatcher() {
+      stops.wake();  // if no signal came
+      watcher.join();
+    }
+  } end_watcher{stops, watcher};
   try {
     runner.start();
   } catch (const shardd::FetchStopped& e) {
-    end_watcher();
     log::warn("stopped", {{"error", e.what()}});
     std::cerr << "shardd: " << e.what() << "\n";
     return 1;  // as any stopped run
-  } catch (...) {
-    end_watcher();
-    throw;
+  }
+  if (signalled.load()) {  // during start(), after any fetch: not ready, not run
+    log::warn("stopped", {{"error", "stopped by a signal while starting"}});
+    return 1;
   }
   metrics.set_ready(true);
   log::info("listening", {{"pipeline_port", runner.port()}, {"metrics_port", metrics.port()}});
   const auto result = runner.run();
-  end_watcher();
   metrics.set_ready(false, "finished");
   metrics.stop();
   return result.ok ? 0 : 1;

@@ -548,8 +548,17 @@ template <typename T, typename Read>
 T answer(const std::string& where, const std::vector<uint8_t>& reply, const char* what, Read read) {
   Reader in(reply, 1);
   T value{};
-  if (!read(in, &value) || !in.at_end()) throw std::runtime_error(where + ": a malformed answer to " + what);
+  if (reply[0] != kOk || !read(in, &value) || !in.at_end()) {
+    throw std::runtime_error(where + ": a malformed answer to " + what);
+  }
   return value;
+}
+
+// An answer that is its status alone: OK (set, wait) or timed out (wait, get).
+void bare_answer(const std::string& where, const std::vector<uint8_t>& reply, const char* what, bool may_time_out) {
+  if (reply.size() != 1 || (reply[0] != kOk && !(may_time_out && reply[0] == kTimedOut))) {
+    throw std::runtime_error(where + ": a malformed answer to " + what);
+  }
 }
 
 bool read_value(Reader& in, std::vector<uint8_t>* v) { return in.bytes(v, kMaxKvValue); }
@@ -591,7 +600,8 @@ void KvClient::set(const std::string& key, const std::vector<uint8_t>& value) {
   std::vector<uint8_t> req{kSet};
   put_str(req, key);
   put_value(req, value);
-  call(req, std::chrono::milliseconds(0));
+  const auto reply = call(req, std::chrono::milliseconds(0));
+  bare_answer(where_, reply, "set", false);
 }
 
 std::optional<std::vector<uint8_t>> KvClient::get(const std::string& key, std::chrono::milliseconds wait) {
@@ -601,7 +611,10 @@ std::optional<std::vector<uint8_t>> KvClient::get(const std::string& key, std::c
   put_str(req, key);
   put_u32(req, static_cast<uint32_t>(wait.count()));
   const auto reply = call(req, wait);
-  if (reply[0] == kTimedOut) return std::nullopt;
+  if (reply[0] == kTimedOut) {
+    bare_answer(where_, reply, "get", true);
+    return std::nullopt;
+  }
   return answer<std::vector<uint8_t>>(where_, reply, "get", read_value);
 }
 
@@ -652,7 +665,9 @@ bool KvClient::wait(const std::vector<std::string>& keys, std::chrono::milliseco
   put_u32(req, static_cast<uint32_t>(keys.size()));
   for (const auto& k : keys) put_str(req, k);
   put_u32(req, static_cast<uint32_t>(timeout.count()));
-  return call(req, timeout)[0] == kOk;
+  const auto reply = call(req, timeout);
+  bare_answer(where_, reply, "wait", true);
+  return reply[0] == kOk;
 }
 
 }  // namespace shardguard

@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <random>
 #include <sstream>
 #include <stdexcept>
@@ -284,28 +285,35 @@ sigset_t block_stop_signals() {
 }
 
 namespace {
-std::atomic<int> stop_pipe_write{-1};
+// The pipe is made once per process and never closed: a handler running on another
+// thread may be about to write to it, and a closed descriptor's number can be reused.
+int stop_pipe[2] = {-1, -1};
+std::atomic<bool> stop_signals_active{false};
 
 void on_stop_signal(int sig) {
   const int saved = errno;
-  const unsigned char byte = static_cast<unsigned char>(sig);
-  const int fd = stop_pipe_write.load();
-  if (fd >= 0) (void)!::write(fd, &byte, 1);  // non-blocking: a flood of signals cannot stall a thread
+  if (stop_signals_active.load()) {
+    const unsigned char byte = static_cast<unsigned char>(sig);
+    (void)!::write(stop_pipe[1], &byte, 1);  // non-blocking: a flood of signals cannot stall a thread
+  }
   errno = saved;
 }
 }  // namespace
 
 StopSignals::StopSignals() {
-  int fds[2];
-  if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error(std::string("pipe2: ") + std::strerror(errno));
-  ::fcntl(fds[1], F_SETFL, O_NONBLOCK);
-  int expected = -1;
-  if (!stop_pipe_write.compare_exchange_strong(expected, fds[1])) {
-    ::close(fds[0]);
-    ::close(fds[1]);
+  static std::once_flag made;
+  std::call_once(made, [] {
+    if (::pipe2(stop_pipe, O_CLOEXEC | O_NONBLOCK) != 0) {
+      throw std::runtime_error(std::string("pipe2: ") + std::strerror(errno));
+    }
+  });
+  bool expected = false;
+  if (!stop_signals_active.compare_exchange_strong(expected, true)) {
     throw std::logic_error("StopSignals: one instance per process");
   }
-  read_fd_ = fds[0];
+  unsigned char stale[64];
+  while (::read(stop_pipe[0], stale, sizeof stale) > 0) {
+  }  // a wake() or signal left by an earlier instance
   struct sigaction sa {};
   sa.sa_handler = on_stop_signal;
   sigemptyset(&sa.sa_mask);
@@ -314,26 +322,23 @@ StopSignals::StopSignals() {
   ::sigaction(SIGINT, &sa, nullptr);
 }
 
-StopSignals::~StopSignals() {
-  ::signal(SIGTERM, SIG_DFL);
-  ::signal(SIGINT, SIG_DFL);
-  ::close(stop_pipe_write.exchange(-1));
-  ::close(read_fd_);
-}
+// The handler stays installed and ignores the signals from here on: a process past its
+// work (tearing down) is not killed by a late SIGTERM, and a thread in the handler
+// still writes to an open pipe.
+StopSignals::~StopSignals() { stop_signals_active.store(false); }
 
 int StopSignals::wait() {
-  unsigned char byte = 0;
   while (true) {
-    const ssize_t n = ::read(read_fd_, &byte, 1);
-    if (n == 1) return byte;
-    if (n < 0 && errno == EINTR) continue;
-    return 0;  // cannot happen while the write end is open
+    pollfd p{stop_pipe[0], POLLIN, 0};
+    if (::poll(&p, 1, -1) < 0 && errno != EINTR) return 0;
+    unsigned char byte = 0;
+    if (::read(stop_pipe[0], &byte, 1) == 1) return byte;
   }
 }
 
 void StopSignals::wake() {
   const unsigned char zero = 0;
-  (void)!::write(stop_pipe_write.load(), &zero, 1);
+  (void)!::write(stop_pipe[1], &zero, 1);
 }
 
 }  // namespace shardguard

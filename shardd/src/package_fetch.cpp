@@ -58,9 +58,14 @@ size_t on_data(char* data, size_t size, size_t n, void* user) {
 
 // curl's progress callback: called at least once a second while a transfer runs; a
 // non-zero return aborts it (CURLE_ABORTED_BY_CALLBACK).
-int on_progress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
+// Nothing may be thrown through curl's C frames: a failing stop_wait counts as a stop.
+int on_progress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) noexcept {
   auto* d = static_cast<Download*>(user);
-  if (d->stop_wait != nullptr && (*d->stop_wait)(0)) d->stopped = true;
+  try {
+    if (d->stop_wait != nullptr && (*d->stop_wait)(0)) d->stopped = true;
+  } catch (...) {
+    d->stopped = true;
+  }
   return d->stopped ? 1 : 0;
 }
 

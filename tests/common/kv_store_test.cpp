@@ -205,6 +205,9 @@ TEST(KvStore, MalformedAnswersAreErrorsNamingTheRequest) {
       {0, 7},                             // check: a flag that is neither 0 nor 1
       {0, 1, 2},                          // delete: a byte after the flag
       {0, 0, 0, 0, 0, 0, 0, 0, 3, 0xff},  // key count: a byte after the count
+      {2, 1},                             // delete: "timed out" with a flag
+      {0, 1},                             // set: a byte after OK
+      {2, 7},                             // wait: a byte after "timed out"
   };
   std::thread server([&] {
     const int fd = ::accept(listener, nullptr, nullptr);
@@ -239,6 +242,9 @@ TEST(KvStore, MalformedAnswersAreErrorsNamingTheRequest) {
     EXPECT_NE(error_of([&] { c.check({"k"}); }).find("a malformed answer to check"), std::string::npos);
     EXPECT_NE(error_of([&] { c.remove("k"); }).find("a malformed answer to delete"), std::string::npos);
     EXPECT_NE(error_of([&] { c.size(); }).find("a malformed answer to the key count"), std::string::npos);
+    EXPECT_NE(error_of([&] { c.remove("k"); }).find("a malformed answer to delete"), std::string::npos);
+    EXPECT_NE(error_of([&] { c.set("k", bytes("v")); }).find("a malformed answer to set"), std::string::npos);
+    EXPECT_NE(error_of([&] { c.wait({"k"}, 0ms); }).find("a malformed answer to wait"), std::string::npos);
   }
   server.join();
   ::close(listener);

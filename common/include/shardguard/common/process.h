@@ -89,10 +89,12 @@ std::string self_dir();
 sigset_t block_stop_signals();
 
 // SIGTERM and SIGINT as something to wait for, in a process where blocking them cannot
-// reach every thread: a library may start threads before main() (OpenBLAS does, at load
-// time), and a process-directed signal goes to any thread that does not block it. A
+// reach every thread: a library may start threads before main() or before the signals
+// are blocked (OpenBLAS at load time, LibTorch's thread pool when the thread count is
+// set), and a process-directed signal goes to any thread that does not block it. A
 // handler on every thread writes the signal's number to a pipe (the only work it does);
-// wait() reads it. One instance per process; the destructor restores the default actions.
+// wait() reads it. One instance at a time per process; once it is destroyed the handler
+// ignores the signals (a process tearing down is not killed by a late SIGTERM).
 class StopSignals {
  public:
   StopSignals();
@@ -104,9 +106,6 @@ class StopSignals {
   // the call counts) or wake() is called (returns 0).
   int wait();
   void wake();
-
- private:
-  int read_fd_ = -1;
 };
 
 }  // namespace shardguard
