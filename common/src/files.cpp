@@ -167,6 +167,10 @@ FileLockBusy::FileLockBusy(const std::string& path, long holder_pid)
                 (holder_pid > 0 ? "process " + std::to_string(holder_pid) : std::string("another process"))),
       holder_pid_(holder_pid) {}
 
+std::string FileLockBusy::holder() const {
+  return holder_pid_ > 0 ? "pid " + std::to_string(holder_pid_) : std::string("pid unknown");
+}
+
 FileLock::FileLock(const std::string& path) : path_(path) {
   Fd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
   if (fd.get() < 0) fail("cannot open lock file", path, errno);

@@ -621,9 +621,8 @@ int RunLocal(const LocalRunOptions& options) {
     make_dirs(workdir);
     workdir_lock.emplace(workdir + "/run.lock");
   } catch (const FileLockBusy& e) {
-    std::cerr << who << ": " << workdir << " is in use by another shardctl run ("
-              << (e.holder_pid() > 0 ? "pid " + std::to_string(e.holder_pid()) : std::string("pid unknown"))
-              << ", lock " << workdir << "/run.lock); wait for it to end, stop it, or pass another --workdir\n";
+    std::cerr << who << ": " << workdir << " is in use by another shardctl run (" << e.holder() << ", lock " << workdir
+              << "/run.lock); wait for it to end, stop it, or pass another --workdir\n";
     return 2;
   } catch (const std::exception& e) {
     std::cerr << who << ": --workdir " << workdir << ": " << e.what() << "\n";

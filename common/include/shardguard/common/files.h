@@ -48,6 +48,8 @@ class FileLockBusy : public FileError {
  public:
   FileLockBusy(const std::string& path, long holder_pid);
   long holder_pid() const { return holder_pid_; }
+  // "pid N", or "pid unknown" when the file does not say: for messages naming the holder.
+  std::string holder() const;
 
  private:
   long holder_pid_;
