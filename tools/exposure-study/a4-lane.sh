@@ -19,7 +19,7 @@
 # from OUT/MODEL-1m, with its victim in models/): a machine without OUT starts from them,
 # so that no finished cell is trained again and every 1 M cell of a model measures the one
 # victim (the same command trains a different cnn victim on a CPU with other BLAS kernels:
-# 0.8965 on the AMD EPYC of the 10 k/100 k cells, 0.8930 on an AVX-512 Xeon).
+# 0.8965 for the 10 k/100 k cells, 0.8930 on an AVX-512 Xeon).
 set -euo pipefail
 m=${1:?MODEL (cnn or vit)} out=${2:?OUT directory} rows1m=${3:-none,s0,s1,s0+1,s1+2+3,all}
 victim=${4:-} wait_pid=${5:-}
