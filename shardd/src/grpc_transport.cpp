@@ -139,6 +139,7 @@ void GrpcTransport::connect(const LinkPlan& plan) {
   if (!last && opt_.next.empty()) throw std::invalid_argument("--next is required for stage " + std::to_string(plan.stage));
   stages_ = plan.stages;
   const WireByteCounters wire{&metrics_.message_bytes_sent, &metrics_.message_bytes_received};
+  std::lock_guard<std::mutex> lock(peers_mu_);
   if (!first) {
     prev_ = std::make_unique<GrpcPeer>("stage " + std::to_string(plan.stage - 1), opt_.prev, opt_.retry_budget_s, wire);
     up_ = std::make_unique<LinkSender>(*receiver_, prev_->retrier, metrics_, plan.max_queued);
@@ -250,6 +251,7 @@ std::string GrpcTransport::finish(const FinishMsg& msg) {
 }
 
 void GrpcTransport::wake() {
+  std::lock_guard<std::mutex> lock(peers_mu_);
   if (prev_) prev_->retrier.wake();
   if (next_) next_->retrier.wake();
 }

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -64,6 +65,9 @@ class GrpcTransport final : public Transport, public v1::Pipeline::Service {
   Receiver* receiver_ = nullptr;
   int stages_ = 1;
   std::unique_ptr<grpc::Server> server_;
+  // Set once by connect() on the engine's thread; wake() may run on any thread (a stop
+  // from the signal watcher), so it reads them under peers_mu_.
+  std::mutex peers_mu_;
   std::unique_ptr<GrpcPeer> prev_, next_;
   std::unique_ptr<LinkSender> down_, up_;
   double closed_seconds_ = 0;  // transport seconds of the senders close() took down

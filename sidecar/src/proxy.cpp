@@ -215,6 +215,8 @@ struct Proxy::Impl : ProxyCore {
   bool h2_tls_stale = false;  // a rotation failed: retried on every check until it works
   uint64_t seen_reloads_ok = 0;
   uint64_t seen_reload_errors = 0;
+  std::string own_id;                // the SPIFFE ID of the sidecar's own certificate, "" until it verifies
+  prometheus::Labels published_self;  // the labels of the own-principal exposure series, once set
 
   // --- certificates ---------------------------------------------------------
   // Re-reads cert, key and CA when they change; updates the expiry gauge.
@@ -223,7 +225,13 @@ struct Proxy::Impl : ProxyCore {
       bool c1 = false, c2 = false, c3 = false;
       const std::string cert = cert_file.get(&c1);
       key_file.get(&c2);
-      ca_file.get(&c3);
+      const std::string ca = ca_file.get(&c3);
+      // The principal this sidecar's shardd is (its own SVID's ID: a replica's when the
+      // stage has replicas), for the exposure series of what it holds.
+      if (c1 || c3) {
+        const SvidCheck own = verify_svid(cert, ca, std::chrono::system_clock::now());
+        own_id = own.ok ? own.spiffe_id : "";
+      }
       if (c1) {
         // A certificate that does not parse leaves the sidecar not ready until the
         // file changes again (PkiError below).
@@ -259,10 +267,21 @@ struct Proxy::Impl : ProxyCore {
     // The shard's own principal holds the whole shard (DESIGN.md §5, held(D)): with
     // the export principals' shares this makes shardguard_exposure_ratio the
     // per-shard half of every principal's exposure (docs/sidecar.md gives the query).
+    // That principal is the sidecar's own SVID where it is the shard's ID or one of its
+    // replicas' (spec.sharding.replicas > 1: each replica holds the whole shard),
+    // else the shard's ID.
     if (auto p = policy->current()) {
-      const std::string self =
+      const std::string shard_id =
           spiffe_id_for_shard(p->trust_domain(), p->ns(), p->job(), static_cast<uint32_t>(p->shard()));
-      metrics.exposure_ratio.Add({{"peer", self}, {"shard", std::to_string(p->shard())}}).Set(1.0);
+      const std::string replica_prefix = shard_id + "/replica/";
+      const bool own_is_replica =
+          own_id.size() > replica_prefix.size() && own_id.compare(0, replica_prefix.size(), replica_prefix) == 0;
+      const prometheus::Labels self{{"peer", own_is_replica ? own_id : shard_id}, {"shard", std::to_string(p->shard())}};
+      if (!published_self.empty() && self != published_self) {
+        metrics.exposure_ratio.Remove(&metrics.exposure_ratio.Add(published_self));
+      }
+      published_self = self;
+      metrics.exposure_ratio.Add(self).Set(1.0);
       // Every export principal the policy names has its series from the start, at 0
       // until it receives bytes: dashboards show it, and increase() sees the first export.
       if (p->exports().allowed) {
@@ -296,8 +315,8 @@ struct Proxy::Impl : ProxyCore {
         }
         audit_event(ev);
       }
+      refresh_certs();  // first: the exposure series name the sidecar's own SVID
       refresh_policy_metrics();
-      refresh_certs();
       log_suppressed();
       lock.lock();
     }

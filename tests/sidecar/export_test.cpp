@@ -71,7 +71,8 @@ class ExportTest : public ::testing::TestWithParam<DataPlane> {
     server_ = b.BuildAndStart();
     ASSERT_TRUE(server_ && backend_port_ > 0);
 
-    const CaBundle ca = create_ca("ca", std::chrono::hours(1));
+    ca_ = create_ca("ca", std::chrono::hours(1));
+    const CaBundle& ca = ca_;
     exporter_ = issue_leaf(ca, spiffe_id_for_exporter(kTd, "ml", "fm"), std::chrono::hours(1));
     const Leaf me = issue_leaf(ca, spiffe_id_for_shard(kTd, "ml", "fm", 1), std::chrono::hours(1));
     prev_ = issue_leaf(ca, spiffe_id_for_shard(kTd, "ml", "fm", 0), std::chrono::hours(1));
@@ -92,6 +93,7 @@ class ExportTest : public ::testing::TestWithParam<DataPlane> {
   void start_proxy(bool with_ledger = true, uint64_t ledger_min_sequence = 0) {
     ProxyConfig c;
     c.data_plane = GetParam();
+    c.reload_interval = std::chrono::milliseconds(50);
     c.inbound_listen = c.outbound_listen = "127.0.0.1:0";
     c.upstream = "127.0.0.1:" + std::to_string(backend_port_);
     c.cert_file = dir_ + "/cert.pem";
@@ -137,6 +139,7 @@ class ExportTest : public ::testing::TestWithParam<DataPlane> {
   const testsupport::TempDir tmp_{"export_test"};
   const std::string dir_ = tmp_.str();
   PatternExport backend_;
+  CaBundle ca_;
   int backend_port_ = 0;
   std::unique_ptr<grpc::Server> server_;
   Leaf exporter_;
@@ -330,6 +333,32 @@ TEST_P(ExportTest, WithoutALedgerNothingIsExported) {
   EXPECT_EQ(st.error_code(), grpc::StatusCode::PERMISSION_DENIED);
   EXPECT_NE(st.error_message().find("ledger"), std::string::npos) << st.error_message();
   EXPECT_EQ(backend_.calls.load(), 0);
+}
+
+// A stage with replicas: each replica's sidecar holds an SVID of its own
+// (…/shard/1/replica/<r>), and that replica is the principal holding the shard.
+TEST_P(ExportTest, AReplicasOwnSvidIsThePrincipalHoldingItsShard) {
+  const std::string replica = spiffe_id_for_replica(kTd, "ml", "fm", 1, 2);
+  const Leaf me = issue_leaf(ca_, replica, std::chrono::hours(1));
+  write_file_atomic(dir_ + "/cert.pem", me.cert_pem);
+  write_file_atomic(dir_ + "/key.pem", me.key_pem, 0600);
+  start_proxy();
+  EXPECT_EQ(metric("shardguard_exposure_ratio", {{"peer", replica}, {"shard", "1"}}), 1.0);
+  EXPECT_EQ(testsupport::registry_series(*registry_, "shardguard_exposure_ratio",
+                                         {{"peer", spiffe_id_for_shard(kTd, "ml", "fm", 1)}}),
+            0);
+  // A rotated certificate of another job's shard-1 replica is not this shard's: the
+  // series goes back to the shard's ID, and the replica's goes away.
+  const std::string stranger = spiffe_id_for_replica(kTd, "ml", "other", 1, 2);
+  const Leaf other = issue_leaf(ca_, stranger, std::chrono::hours(1));
+  write_file_atomic(dir_ + "/key.pem", other.key_pem, 0600);
+  write_file_atomic(dir_ + "/cert.pem", other.cert_pem);
+  const prometheus::Labels shard{{"peer", spiffe_id_for_shard(kTd, "ml", "fm", 1)}, {"shard", "1"}};
+  ASSERT_TRUE(testsupport::eventually(
+      [&] { return testsupport::registry_series(*registry_, "shardguard_exposure_ratio", shard) == 1; }));
+  EXPECT_EQ(metric("shardguard_exposure_ratio", shard), 1.0);
+  EXPECT_EQ(testsupport::registry_series(*registry_, "shardguard_exposure_ratio", {{"peer", replica}}), 0);
+  EXPECT_EQ(testsupport::registry_series(*registry_, "shardguard_exposure_ratio", {{"peer", stranger}}), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Planes, ExportTest, ::testing::Values(DataPlane::grpc, DataPlane::h2),
