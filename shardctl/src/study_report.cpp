@@ -979,7 +979,8 @@ std::unique_ptr<FileLock> lock_study_out(const std::string& out_dir) {
   try {
     return std::make_unique<FileLock>(out_dir + "/study.lock");
   } catch (const FileLockBusy& e) {
-    throw StudyError("--out " + out_dir + ": another shardctl study (" + e.holder() + ") is using it; wait for it to end or pass another --out (for a report while it runs, copy "
+    throw StudyError("--out " + out_dir + ": another shardctl study (" + e.holder() +
+                     ") is using it; wait for it to end or pass another --out (for a report while it runs, copy "
                      "its results.csv into a directory of its own and run --report-only there)");
   }
 }
