@@ -35,8 +35,9 @@ struct Flags {
 };
 
 // "spiffe://<td>/ns/<ns>/job/<job>/shard/<stage>/replica/<r>=host:port": replica r
-// of this stage and the local sidecar listener that tunnels Gloo to it.
-std::pair<int, shardd::ReplicaTunnel> parse_replica_tunnel(const std::string& text, int stage) {
+// (< spec.sharding.replicas) of this stage and the local sidecar listener that tunnels
+// Gloo to it.
+std::pair<int, shardd::ReplicaTunnel> parse_replica_tunnel(const std::string& text, int stage, int replicas) {
   const auto bad = [&](const std::string& why) {
     return std::runtime_error("--replica-tunnel \"" + text + "\": " + why);
   };
@@ -44,15 +45,17 @@ std::pair<int, shardd::ReplicaTunnel> parse_replica_tunnel(const std::string& te
   if (eq == std::string::npos) throw bad("not <SPIFFE ID of a replica>=<host:port>");
   shardd::ReplicaTunnel t{text.substr(0, eq), text.substr(eq + 1)};
   if (const std::string why = validate_spiffe_id(t.peer_id); !why.empty()) throw bad(why);
-  const std::string own_shard = "/shard/" + std::to_string(stage) + "/replica/";
-  const size_t at = t.peer_id.rfind(own_shard);
-  const std::string digits = at == std::string::npos ? "" : t.peer_id.substr(at + own_shard.size());
-  if (digits.empty() || digits.size() > 3 || digits.find_first_not_of("0123456789") != std::string::npos) {
+  const auto id = parse_replica_spiffe_id(t.peer_id);
+  if (!id || id->index != static_cast<uint32_t>(stage)) {
     throw bad("the ID is not a replica of this stage (…/shard/" + std::to_string(stage) + "/replica/<r>)");
+  }
+  if (id->replica >= static_cast<uint32_t>(replicas)) {
+    throw bad("replica " + std::to_string(id->replica) + " is not below spec.sharding.replicas (" +
+              std::to_string(replicas) + ")");
   }
   auto [host, port] = split_host_port(t.address);
   if (host.empty() || port <= 0 || port > 65535) throw bad("the address is not host:port with a port in 1..65535");
-  return {std::stoi(digits), t};
+  return {static_cast<int>(id->replica), t};
 }
 
 int RunShardd(Flags flags) {
@@ -98,7 +101,7 @@ int RunShardd(Flags flags) {
     }
   }
   for (const auto& text : flags.replica_tunnels) {
-    const auto [replica, tunnel] = parse_replica_tunnel(text, flags.stage.stage);
+    const auto [replica, tunnel] = parse_replica_tunnel(text, flags.stage.stage, flags.stage.job.sharding.replicas);
     if (!flags.stage.replica_tunnels.emplace(replica, tunnel).second) {
       throw std::runtime_error("--replica-tunnel \"" + text + "\": replica " + std::to_string(replica) +
                                " is given twice");

@@ -316,6 +316,32 @@ std::string spiffe_id_for_replica(const std::string& trust_domain, const std::st
   return spiffe_id_for_shard(trust_domain, ns, job, index) + "/replica/" + std::to_string(replica);
 }
 
+std::optional<ReplicaSpiffeId> parse_replica_spiffe_id(const std::string& id) {
+  if (!is_spiffe_id(id)) return std::nullopt;
+  // The path's segments after the trust domain: ns, <ns>, job, <job>, shard, <i>, replica, <r>.
+  std::vector<std::string> seg;
+  for (size_t at = id.find('/', kSpiffePrefixLen); at != std::string::npos && seg.size() <= 8;) {
+    const size_t next = id.find('/', at + 1);
+    seg.push_back(id.substr(at + 1, next == std::string::npos ? std::string::npos : next - at - 1));
+    at = next;
+  }
+  if (seg.size() != 8 || seg[0] != "ns" || seg[2] != "job" || seg[4] != "shard" || seg[6] != "replica") {
+    return std::nullopt;
+  }
+  const auto number = [](const std::string& s) -> std::optional<uint32_t> {
+    if (s.empty() || s.size() > 10 || s.find_first_not_of("0123456789") != std::string::npos) return std::nullopt;
+    const unsigned long long v = std::stoull(s);
+    if (v > UINT32_MAX) return std::nullopt;
+    return static_cast<uint32_t>(v);
+  };
+  const auto index = number(seg[5]), replica = number(seg[7]);
+  if (!index || !replica) return std::nullopt;
+  ReplicaSpiffeId r{spiffe_id_for_shard(spiffe_trust_domain(id), seg[1], seg[3], *index), *index, *replica};
+  // Only the canonical spelling ("7", not "07"): the ID must be the one the builder makes.
+  if (r.shard_id + "/replica/" + std::to_string(*replica) != id) return std::nullopt;
+  return r;
+}
+
 std::string spiffe_id_for_exporter(const std::string& trust_domain, const std::string& ns,
                                    const std::string& job) {
   check_component("trust domain", trust_domain);

@@ -273,9 +273,8 @@ struct Proxy::Impl : ProxyCore {
     if (auto p = policy->current()) {
       const std::string shard_id =
           spiffe_id_for_shard(p->trust_domain(), p->ns(), p->job(), static_cast<uint32_t>(p->shard()));
-      const std::string replica_prefix = shard_id + "/replica/";
-      const bool own_is_replica =
-          own_id.size() > replica_prefix.size() && own_id.compare(0, replica_prefix.size(), replica_prefix) == 0;
+      const auto own_replica = parse_replica_spiffe_id(own_id);
+      const bool own_is_replica = own_replica && own_replica->shard_id == shard_id;
       const prometheus::Labels self{{"peer", own_is_replica ? own_id : shard_id}, {"shard", std::to_string(p->shard())}};
       if (!published_self.empty() && self != published_self) {
         metrics.exposure_ratio.Remove(&metrics.exposure_ratio.Add(published_self));

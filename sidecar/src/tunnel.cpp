@@ -16,11 +16,14 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
+#include <thread>
 
 #include "shardguard/common/log.h"
 #include "shardguard/common/metrics_server.h"  // split_host_port
+#include "shardguard/sidecar/h2/resolve.h"
 
 namespace shardguard::sidecar {
 
@@ -60,8 +63,45 @@ bool wait_for(int fd, short events, Clock::time_point deadline, int stop_fd) {
 
 short poll_events(Io want) { return want == Io::want_write ? POLLOUT : POLLIN; }
 
-// Connects to host:port (any address getaddrinfo gives) before the deadline. -1 and
-// *why on failure.
+// host:port's addresses before the deadline: a numeric address at once, a name on a
+// thread of its own, since getaddrinfo blocks for seconds when DNS is slow or down and a
+// tunnel must give up at its deadline and when the tunnels stop (Stop joins its thread).
+// An answer that comes later is dropped with the state the thread shares.
+h2::Resolved resolve_before(const std::string& host, const std::string& port, Clock::time_point deadline,
+                            int stop_fd) {
+  h2::Resolved numeric = h2::lookup(host, port, AI_NUMERICHOST | AI_NUMERICSERV);
+  if (numeric.error.empty()) return numeric;
+  struct Pending {
+    std::mutex mu;
+    h2::Resolved answer;
+    int ready_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    ~Pending() {
+      if (ready_fd >= 0) ::close(ready_fd);
+    }
+  };
+  auto pending = std::make_shared<Pending>();
+  h2::Resolved r;
+  if (pending->ready_fd < 0) {
+    r.error = std::string("eventfd: ") + std::strerror(errno);
+    return r;
+  }
+  std::thread([pending, host, port] {
+    h2::Resolved answer = h2::lookup(host, port, 0);
+    std::lock_guard<std::mutex> lock(pending->mu);
+    pending->answer = std::move(answer);
+    const uint64_t one = 1;
+    (void)!::write(pending->ready_fd, &one, sizeof one);
+  }).detach();
+  if (!wait_for(pending->ready_fd, POLLIN, deadline, stop_fd)) {
+    r.error = "no answer before the deadline";
+    return r;
+  }
+  std::lock_guard<std::mutex> lock(pending->mu);
+  return std::move(pending->answer);
+}
+
+// Connects to host:port (any address it resolves to) before the deadline. -1 and *why
+// on failure.
 int connect_to(const std::string& address, Clock::time_point deadline, int stop_fd, std::string* why) {
   std::pair<std::string, int> hp;
   try {
@@ -70,20 +110,18 @@ int connect_to(const std::string& address, Clock::time_point deadline, int stop_
     *why = e.what();
     return -1;
   }
-  addrinfo hints{};
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* res = nullptr;
-  const int rc = ::getaddrinfo(hp.first.c_str(), std::to_string(hp.second).c_str(), &hints, &res);
-  if (rc != 0) {
-    *why = "cannot resolve " + address + ": " + gai_strerror(rc);
+  const h2::Resolved found = resolve_before(hp.first, std::to_string(hp.second), deadline, stop_fd);
+  if (!found.error.empty()) {
+    *why = "cannot resolve " + address + ": " + found.error;
     return -1;
   }
   int fd = -1;
   *why = "no address for " + address;
-  for (addrinfo* ai = res; ai != nullptr && fd < 0; ai = ai->ai_next) {
-    fd = ::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, ai->ai_protocol);
+  for (size_t i = 0; i < found.addresses.size() && fd < 0; ++i) {
+    const auto& a = found.addresses[i];
+    fd = ::socket(a.addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) continue;
-    int r = ::connect(fd, ai->ai_addr, ai->ai_addrlen);
+    int r = ::connect(fd, reinterpret_cast<const sockaddr*>(&a.addr), a.len);
     if (r != 0 && errno == EINPROGRESS) {
       if (wait_for(fd, POLLOUT, deadline, stop_fd)) {
         int err = 0;
@@ -101,7 +139,6 @@ int connect_to(const std::string& address, Clock::time_point deadline, int stop_
       fd = -1;
     }
   }
-  ::freeaddrinfo(res);
   if (fd >= 0) set_socket_options(fd);
   return fd;
 }

@@ -398,6 +398,30 @@ TEST(PkiSpiffeId, PkiBuildersFollowDesign) {
   EXPECT_THROW(spiffe_id_for_shard("shardguard.local/ns/x", "ns", "j", 0), PkiError);
 }
 
+TEST(PkiSpiffeId, ReplicaIdParsesBackToItsBuilder) {
+  const std::string shard = "spiffe://shardguard.local/ns/ml/job/fm/shard/3";
+  for (uint32_t r : {0u, 1u, 15u, 4294967295u}) {
+    const auto p = parse_replica_spiffe_id(spiffe_id_for_replica("shardguard.local", "ml", "fm", 3, r));
+    ASSERT_TRUE(p.has_value()) << r;
+    EXPECT_EQ(p->shard_id, shard);
+    EXPECT_EQ(p->index, 3u);
+    EXPECT_EQ(p->replica, r);
+  }
+  // Anything the builder would not make is no replica's ID.
+  for (const std::string& id :
+       {shard, shard + "/replica", shard + "/replica/", shard + "/replica/01", shard + "/replica/+1",
+        shard + "/replica/-1", shard + "/replica/1x", shard + "/replica/4294967296", shard + "/replica/99999999999",
+        shard + "/replica/1/x", std::string("spiffe://shardguard.local/ns/ml/job/fm/shard/03/replica/1"),
+        std::string("spiffe://shardguard.local/ns/ml/job/fm/role/exporter"),
+        std::string("spiffe://shardguard.local/x/ml/job/fm/shard/3/replica/1"),
+        std::string("spiffe://shardguard.local/ns/ml/job/fm/shard/3/replicas/1"),
+        std::string("spiffe://shardguard.local/extra/ns/ml/job/fm/shard/3/replica/1"),
+        std::string("spiffe://shardguard.local/ns/ml//job/fm/shard/3/replica/1"),
+        std::string("http://shardguard.local/ns/ml/job/fm/shard/3/replica/1"), std::string("")}) {
+    EXPECT_FALSE(parse_replica_spiffe_id(id).has_value()) << id;
+  }
+}
+
 TEST(PkiSpiffeId, PkiValidIds) {
   const std::string max_len = "spiffe://td/" + std::string(kMaxSpiffeIdBytes - 12, 'a');
   ASSERT_EQ(max_len.size(), kMaxSpiffeIdBytes);

@@ -315,6 +315,21 @@ TEST_F(TunnelTest, StoreAndGlooCrossTheSidecarsIntactAndAreCountedExactly) {
   EXPECT_TRUE(eventually([&] { return metric(*r0_reg_, "shardguard_tunnels_open", {}) == 0; }));
 }
 
+// A peer's address may be a host name (a Service's in a cluster): it is looked up off
+// the tunnel's thread, within the tunnel's deadline, and the tunnel goes through.
+TEST_F(TunnelTest, APeerNamedByHostNameIsLookedUpAndReached) {
+  Proxy& r0 = start_replica0("");
+  ProxyConfig c = config(rid(0, 1), 0, 1);
+  c.peers[rid(0, 0)] = "localhost:" + std::to_string(r0.inbound_port());
+  c.tunnels.push_back({"store", "127.0.0.1:0", rid(0, 0)});
+  Proxy& r1 = start(c, &r1_reg_);
+  const std::string payload = pattern(4096 + 3, 5);
+  const Exchange s = exchange(r1.tunnel_port(0), payload);
+  EXPECT_TRUE(s.eof);
+  EXPECT_EQ(s.reply, transformed(payload));
+  EXPECT_EQ(store_.connections(), 1);
+}
+
 // The half-close goes through on its own: the client half-closes, reads the reply to
 // the end, and only the tunnel's own FIN ends it (the echo server answers after EOF).
 TEST_F(TunnelTest, AnIdleTunnelStaysOpenAndShutdownClosesIt) {

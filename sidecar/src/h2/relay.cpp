@@ -1,5 +1,7 @@
 #include "shardguard/sidecar/h2/relay.h"
 
+#include "shardguard/sidecar/h2/resolve.h"
+
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netdb.h>
@@ -127,37 +129,6 @@ bool split_host_port(const std::string& address, std::string* host, std::string*
   *port = address.substr(colon + 1);
   if (host->size() > 2 && host->front() == '[' && host->back() == ']') *host = host->substr(1, host->size() - 2);
   return true;
-}
-
-// The addresses of host:port in getaddrinfo's order, or why there are none.
-struct Resolved {
-  struct Address {
-    sockaddr_storage addr{};
-    socklen_t len = 0;
-  };
-  std::vector<Address> addresses;
-  std::string error;
-};
-
-Resolved lookup(const std::string& host, const std::string& port, int flags) {
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = flags;
-  addrinfo* found = nullptr;
-  Resolved r;
-  if (int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &found); rc != 0 || !found) {
-    r.error = rc != 0 ? gai_strerror(rc) : "no address";
-  } else {
-    for (const addrinfo* a = found; a && r.addresses.size() < 8; a = a->ai_next) {
-      Resolved::Address one;
-      std::memcpy(&one.addr, a->ai_addr, a->ai_addrlen);
-      one.len = a->ai_addrlen;
-      r.addresses.push_back(one);
-    }
-  }
-  if (found) freeaddrinfo(found);
-  return r;
 }
 
 }  // namespace

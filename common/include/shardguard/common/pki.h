@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -81,6 +82,18 @@ std::string spiffe_id_for_shard(const std::string& trust_domain, const std::stri
 // likewise.
 std::string spiffe_id_for_replica(const std::string& trust_domain, const std::string& ns,
                                   const std::string& job, uint32_t index, uint32_t replica);
+
+// The parts of a replica's ID: spiffe_id_for_replica's inverse.
+struct ReplicaSpiffeId {
+  std::string shard_id;  // spiffe://<td>/ns/<namespace>/job/<job>/shard/<index>
+  uint32_t index = 0;
+  uint32_t replica = 0;
+};
+
+// The parts of `id` when it is exactly what spiffe_id_for_replica builds (numbers in
+// decimal without sign or leading zero, each below 2^32), else nullopt: the one reader
+// of that format, for code that checks which shard and replica an ID names.
+std::optional<ReplicaSpiffeId> parse_replica_spiffe_id(const std::string& id);
 
 // spiffe://<td>/ns/<namespace>/job/<job>/role/exporter. Throws PkiError likewise.
 std::string spiffe_id_for_exporter(const std::string& trust_domain, const std::string& ns,
