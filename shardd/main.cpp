@@ -34,10 +34,10 @@ struct Flags {
   int threads = 1;
 };
 
-// "spiffe://<td>/ns/<ns>/job/<job>/shard/<stage>/replica/<r>=host:port": replica r
-// (< spec.sharding.replicas) of this stage and the local sidecar listener that tunnels
-// Gloo to it.
-std::pair<int, shardd::ReplicaTunnel> parse_replica_tunnel(const std::string& text, int stage, int replicas) {
+// "spiffe://<td>/ns/<ns>/job/<job>/shard/<stage>/replica/<r>=host:port": replica r of
+// this stage of this job and the local sidecar listener that tunnels Gloo to it (which
+// r may be is shardd::check_tunnels's to say).
+std::pair<int, shardd::ReplicaTunnel> parse_replica_tunnel(const std::string& text, const JobSpec& job, int stage) {
   const auto bad = [&](const std::string& why) {
     return std::runtime_error("--replica-tunnel \"" + text + "\": " + why);
   };
@@ -45,13 +45,11 @@ std::pair<int, shardd::ReplicaTunnel> parse_replica_tunnel(const std::string& te
   if (eq == std::string::npos) throw bad("not <SPIFFE ID of a replica>=<host:port>");
   shardd::ReplicaTunnel t{text.substr(0, eq), text.substr(eq + 1)};
   if (const std::string why = validate_spiffe_id(t.peer_id); !why.empty()) throw bad(why);
+  const std::string shard_id =
+      spiffe_id_for_shard(job.protection.trust_domain, job.namespace_, job.name, static_cast<uint32_t>(stage));
   const auto id = parse_replica_spiffe_id(t.peer_id);
-  if (!id || id->index != static_cast<uint32_t>(stage)) {
-    throw bad("the ID is not a replica of this stage (…/shard/" + std::to_string(stage) + "/replica/<r>)");
-  }
-  if (id->replica >= static_cast<uint32_t>(replicas)) {
-    throw bad("replica " + std::to_string(id->replica) + " is not below spec.sharding.replicas (" +
-              std::to_string(replicas) + ")");
+  if (!id || id->shard_id != shard_id || id->replica > 4096) {
+    throw bad("the ID is not a replica of this stage of the job (" + shard_id + "/replica/<r>)");
   }
   auto [host, port] = split_host_port(t.address);
   if (host.empty() || port <= 0 || port > 65535) throw bad("the address is not host:port with a port in 1..65535");
@@ -101,7 +99,7 @@ int RunShardd(Flags flags) {
     }
   }
   for (const auto& text : flags.replica_tunnels) {
-    const auto [replica, tunnel] = parse_replica_tunnel(text, flags.stage.stage, flags.stage.job.sharding.replicas);
+    const auto [replica, tunnel] = parse_replica_tunnel(text, flags.stage.job, flags.stage.stage);
     if (!flags.stage.replica_tunnels.emplace(replica, tunnel).second) {
       throw std::runtime_error("--replica-tunnel \"" + text + "\": replica " + std::to_string(replica) +
                                " is given twice");

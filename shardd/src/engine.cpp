@@ -99,6 +99,11 @@ void Engine::Impl::start(const std::function<nlohmann::json()>& open) {
     throw std::invalid_argument("--replica-store: required when spec.sharding.replicas is " +
                                 std::to_string(replicas) + " (host:port of the stage's replica group)");
   }
+  if (replicas == 1 && (!opt_.replica_store.empty() || !opt_.replica_tunnels.empty())) {
+    // A replica group's flags on a job without one would be ignored: say so instead.
+    throw std::invalid_argument(std::string(opt_.replica_store.empty() ? "--replica-tunnel" : "--replica-store") +
+                                ": only for a job with spec.sharding.replicas > 1 (job " + opt_.job.name + " has 1)");
+  }
   generating_ = opt_.generate.enabled();
   if (generating_) {
     if (!opt_.job.model.language_model()) {
