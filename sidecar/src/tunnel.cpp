@@ -65,27 +65,16 @@ bool wait_for(int fd, short events, Clock::time_point deadline, int stop_fd) {
 
 short poll_events(Io want) { return want == Io::want_write ? POLLOUT : POLLIN; }
 
-// Name lookups in flight on their own threads, at most kMaxLookups: with DNS down each
-// outlives its tunnel's deadline (resolver timeouts × attempts), and a peer that keeps
-// dialling must not pile up threads.
-constexpr int kMaxLookups = 16;
-std::atomic<int> lookups_in_flight{0};
-
-// host:port's addresses before the deadline: a numeric address at once, a name on a
-// thread of its own, since getaddrinfo blocks for seconds when DNS is slow or down and a
+// host:port's addresses before the deadline: a numeric address at once, a name with
+// h2::lookup_async, since getaddrinfo blocks for seconds when DNS is slow or down and a
 // tunnel must give up at its deadline and when the tunnels stop (shutdown joins the
 // tunnel's worker, not the lookup). An answer that comes later is dropped with the state
-// the thread shares.
+// the lookup shares.
 h2::Resolved resolve_before(const std::string& host, const std::string& port, Clock::time_point deadline,
                             int stop_fd) {
   h2::Resolved numeric = h2::lookup(host, port, AI_NUMERICHOST | AI_NUMERICSERV);
   if (numeric.error.empty()) return numeric;
   h2::Resolved r;
-  if (lookups_in_flight.fetch_add(1) >= kMaxLookups) {
-    lookups_in_flight.fetch_sub(1);
-    r.error = std::to_string(kMaxLookups) + " name lookups are still waiting for DNS";
-    return r;
-  }
   struct Pending {
     std::mutex mu;
     h2::Resolved answer;
@@ -96,24 +85,19 @@ h2::Resolved resolve_before(const std::string& host, const std::string& port, Cl
   };
   auto pending = std::make_shared<Pending>();
   if (pending->ready_fd < 0) {
-    lookups_in_flight.fetch_sub(1);
     r.error = std::string("eventfd: ") + std::strerror(errno);
     return r;
   }
-  try {
-    std::thread([pending, host, port] {
-      h2::Resolved answer = h2::lookup(host, port, 0);
-      std::lock_guard<std::mutex> lock(pending->mu);
-      pending->answer = std::move(answer);
-      const uint64_t one = 1;
-      (void)!::write(pending->ready_fd, &one, sizeof one);
-      lookups_in_flight.fetch_sub(1);
-    }).detach();
-  } catch (const std::system_error& e) {  // no thread to be had (EAGAIN)
-    lookups_in_flight.fetch_sub(1);
-    r.error = std::string("no thread for the lookup: ") + e.what();
-    return r;
-  }
+  const bool started = h2::lookup_async(
+      host, port,
+      [pending](h2::Resolved answer) {
+        std::lock_guard<std::mutex> lock(pending->mu);
+        pending->answer = std::move(answer);
+        const uint64_t one = 1;
+        (void)!::write(pending->ready_fd, &one, sizeof one);
+      },
+      &r.error);
+  if (!started) return r;
   if (!wait_for(pending->ready_fd, POLLIN, deadline, stop_fd)) {
     r.error = Clock::now() >= deadline ? "no answer within --handshake-timeout" : "the tunnels are stopping";
     return r;

@@ -135,9 +135,10 @@ bool split_host_port(const std::string& address, std::string* host, std::string*
 
 // Name lookups off the loop thread: getaddrinfo blocks, for seconds when DNS is slow or
 // down (a peer's Service name in a cluster), and a blocked loop would stall every stream
-// of its worker. A numeric address is converted at once; a name is looked up on a
-// thread of its own whose answer is posted back to the loop — unless the worker has gone
-// by then (the destructor clears the loop under the mutex the thread posts under).
+// of its worker. A numeric address is converted at once; a name goes to h2::lookup_async
+// (its own thread, a process-wide cap) whose answer is posted back to the loop — unless
+// the worker has gone by then (the destructor clears the loop under the mutex the
+// answer is posted under).
 class Resolver {
  public:
   using Done = std::function<void(const Resolved&)>;
@@ -150,26 +151,30 @@ class Resolver {
   Resolver& operator=(const Resolver&) = delete;
 
   // `done` runs on the loop thread: within this call for a numeric address (or one that
-  // is not host:port), later for a name.
+  // is not host:port, or a lookup that cannot start), later for a name.
   void resolve(const std::string& address, Done done) {
     std::string host, port;
+    Resolved r;
     if (!split_host_port(address, &host, &port)) {
-      Resolved r;
       r.error = "bad address " + address;
       done(r);
       return;
     }
-    Resolved numeric = lookup(host, port, AI_NUMERICHOST | AI_NUMERICSERV);
-    if (numeric.error.empty()) {
-      done(numeric);
+    r = lookup(host, port, AI_NUMERICHOST | AI_NUMERICSERV);
+    if (r.error.empty()) {
+      done(r);
       return;
     }
-    std::thread([shared = shared_, host, port, address, done = std::move(done)]() mutable {
-      Resolved r = lookup(host, port, 0);
-      if (!r.error.empty()) r.error = "resolve " + address + ": " + r.error;
+    auto answered = [shared = shared_, address, done](Resolved found) {
+      if (!found.error.empty()) found.error = "resolve " + address + ": " + found.error;
       std::lock_guard<std::mutex> lock(shared->mu);
-      if (shared->loop) shared->loop->post([r = std::move(r), done = std::move(done)] { done(r); });
-    }).detach();
+      if (shared->loop) shared->loop->post([found = std::move(found), done] { done(found); });
+    };
+    std::string why;
+    if (!lookup_async(host, port, std::move(answered), &why)) {
+      r.error = "resolve " + address + ": " + why;
+      done(r);
+    }
   }
 
  private:
