@@ -65,6 +65,12 @@ bool wait_for(int fd, short events, Clock::time_point deadline, int stop_fd) {
 
 short poll_events(Io want) { return want == Io::want_write ? POLLOUT : POLLIN; }
 
+// The tunnels' name lookups, both directions: at most 16 wait for DNS at once.
+const h2::LookupBudget& tunnel_lookups() {
+  static const h2::LookupBudget budget(16);
+  return budget;
+}
+
 // host:port's addresses before the deadline: a numeric address at once, a name with
 // h2::lookup_async, since getaddrinfo blocks for seconds when DNS is slow or down and a
 // tunnel must give up at its deadline and when the tunnels stop (shutdown joins the
@@ -89,7 +95,7 @@ h2::Resolved resolve_before(const std::string& host, const std::string& port, Cl
     return r;
   }
   const bool started = h2::lookup_async(
-      host, port,
+      tunnel_lookups(), host, port,
       [pending](h2::Resolved answer) {
         std::lock_guard<std::mutex> lock(pending->mu);
         pending->answer = std::move(answer);

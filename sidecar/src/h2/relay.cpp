@@ -135,8 +135,8 @@ bool split_host_port(const std::string& address, std::string* host, std::string*
 
 // Name lookups off the loop thread: getaddrinfo blocks, for seconds when DNS is slow or
 // down (a peer's Service name in a cluster), and a blocked loop would stall every stream
-// of its worker. A numeric address is converted at once; a name goes to h2::lookup_async
-// (its own thread, a process-wide cap) whose answer is posted back to the loop — unless
+// of its worker. A numeric address is converted at once; a name goes to lookup_async (its
+// own thread; at most 16 for all the relays' upstreams in the process) whose answer is posted back to the loop — unless
 // the worker has gone by then (the destructor clears the loop under the mutex the
 // answer is posted under).
 class Resolver {
@@ -171,13 +171,17 @@ class Resolver {
       if (shared->loop) shared->loop->post([found = std::move(found), done] { done(found); });
     };
     std::string why;
-    if (!lookup_async(host, port, std::move(answered), &why)) {
+    if (!lookup_async(budget(), host, port, std::move(answered), &why)) {
       r.error = "resolve " + address + ": " + why;
       done(r);
     }
   }
 
  private:
+  static const LookupBudget& budget() {
+    static const LookupBudget shared_by_all_relays(16);
+    return shared_by_all_relays;
+  }
   struct Shared {
     std::mutex mu;
     EventLoop* loop = nullptr;

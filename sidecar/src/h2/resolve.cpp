@@ -4,6 +4,8 @@
 
 #include <atomic>
 #include <cstring>
+#include <optional>
+#include <stdexcept>
 #include <system_error>
 #include <thread>
 #include <utility>
@@ -31,53 +33,70 @@ Resolved lookup(const std::string& host, const std::string& port, int flags) {
   return r;
 }
 
+struct LookupBudget::State {
+  explicit State(int m) : max(m) {}
+  const int max;
+  std::atomic<int> in_flight{0};
+};
+
+LookupBudget::LookupBudget(int max) : state_(std::make_shared<State>(max)) {
+  if (max < 1) throw std::invalid_argument("a lookup budget needs max >= 1, not " + std::to_string(max));
+}
+
+int LookupBudget::max() const { return state_->max; }
+
+int LookupBudget::in_flight() const { return state_->in_flight.load(std::memory_order_acquire); }
+
 namespace {
 
-std::atomic<int> in_flight{0};
-
-// One of the kMaxNameLookups places: taken by acquire, given back when the last owner
-// goes (the lookup thread after `done`, or lookup_async when the thread never started).
+// One place in a budget, taken only while the count is below the budget's max (so a
+// refused caller never holds one, even for a moment), given back once by whichever
+// owner goes last: the lookup thread after `done`, or lookup_async when the thread
+// never started.
 class Slot {
  public:
-  static bool acquire() {
-    if (in_flight.fetch_add(1, std::memory_order_acq_rel) < kMaxNameLookups) return true;
-    in_flight.fetch_sub(1, std::memory_order_acq_rel);
-    return false;
+  static std::optional<Slot> take(const std::shared_ptr<LookupBudget::State>& state) {
+    int seen = state->in_flight.load(std::memory_order_acquire);
+    while (seen < state->max) {
+      if (state->in_flight.compare_exchange_weak(seen, seen + 1, std::memory_order_acq_rel)) return Slot(state);
+    }
+    return std::nullopt;
   }
-  Slot() = default;
   ~Slot() {
-    if (held_) in_flight.fetch_sub(1, std::memory_order_acq_rel);
+    if (state_) state_->in_flight.fetch_sub(1, std::memory_order_acq_rel);
   }
-  Slot(Slot&& other) noexcept : held_(std::exchange(other.held_, false)) {}
+  Slot(Slot&& other) noexcept : state_(std::move(other.state_)) {}
   Slot(const Slot&) = delete;
   Slot& operator=(const Slot&) = delete;
   Slot& operator=(Slot&&) = delete;
 
  private:
-  bool held_ = true;
+  explicit Slot(std::shared_ptr<LookupBudget::State> state) : state_(std::move(state)) {}
+  std::shared_ptr<LookupBudget::State> state_;
 };
 
 }  // namespace
 
-bool lookup_async(const std::string& host, const std::string& port, std::function<void(Resolved)> done,
-                  std::string* why) {
-  if (!Slot::acquire()) {
-    *why = std::to_string(kMaxNameLookups) + " name lookups are still waiting for DNS";
+bool lookup_async(const LookupBudget& budget, const std::string& host, const std::string& port,
+                  std::function<void(Resolved)> done, std::string* why) {
+  std::optional<Slot> slot = Slot::take(budget.state_);
+  if (!slot) {
+    *why = std::to_string(budget.max()) + " name lookups are still waiting for DNS";
     return false;
   }
-  Slot slot;
   try {
-    std::thread([slot = std::move(slot), host, port, done = std::move(done)]() mutable {
-      done(lookup(host, port, 0));
-      // slot is released when this lambda is destroyed, after done has returned
+    std::thread([slot = std::move(*slot), host, port, done = std::move(done)]() mutable {
+      try {
+        done(lookup(host, port, 0));
+      } catch (...) {  // nothing above this thread could hear of it
+      }
+      // the slot is given back when this lambda is destroyed, after done has returned
     }).detach();
-  } catch (const std::system_error& e) {  // no thread to be had (EAGAIN); the slot goes with the lambda
+  } catch (const std::exception& e) {  // no thread (EAGAIN) or no memory; the slot goes with the lambda
     *why = std::string("no thread for the lookup: ") + e.what();
     return false;
   }
   return true;
 }
-
-int name_lookups_in_flight() { return in_flight.load(std::memory_order_acquire); }
 
 }  // namespace shardguard::sidecar::h2

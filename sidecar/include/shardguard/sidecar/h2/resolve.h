@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -28,20 +29,34 @@ struct Resolved {
 // them it blocks while the name is looked up.
 Resolved lookup(const std::string& host, const std::string& port, int flags);
 
-// Name lookups running on their own threads, in the whole process, at most: with DNS down
-// each lasts the resolver's timeouts × attempts, longer than the caller waits for it, and
-// peers that keep dialling must not pile up threads.
-inline constexpr int kMaxNameLookups = 16;
+// How many name lookups one user (the relay's upstreams, the tunnels) may have running on
+// their own threads at once: with DNS down each lasts the resolver's timeouts ×
+// attempts, longer than its caller waits for it, and peers that keep dialling must not
+// pile up threads. Each user has a budget of its own, so a name that does not resolve
+// for one (a --tunnel-map host) does not starve the other. Copies share one count; a
+// lookup keeps the count alive until it is done, so a budget may go before its lookups.
+class LookupBudget {
+ public:
+  explicit LookupBudget(int max);
+  int max() const;
+  // Lookups started against this budget whose `done` has not yet returned.
+  int in_flight() const;
+
+  struct State;  // the shared count; defined in resolve.cpp
+
+ private:
+  friend bool lookup_async(const LookupBudget&, const std::string&, const std::string&,
+                           std::function<void(Resolved)>, std::string*);
+  std::shared_ptr<State> state_;
+};
 
 // Looks host:port up (lookup with flags 0) on a detached thread of its own and calls
-// `done` there with the answer; the lookup's slot is held until `done` returns. Returns
-// false with *why, and never calls `done`, when no lookup can start: kMaxNameLookups are
-// in flight, or no thread can be had. `done` outlives any caller that stopped waiting,
-// so it must own (or share) whatever it touches.
-bool lookup_async(const std::string& host, const std::string& port, std::function<void(Resolved)> done,
-                  std::string* why);
-
-// Lookups started by lookup_async whose `done` has not yet returned.
-int name_lookups_in_flight();
+// `done` there with the answer; the lookup counts against `budget` until `done` has
+// returned. Returns false with *why, and never calls `done`, when no lookup can start:
+// budget.max() are in flight, or no thread can be had. `done` outlives any caller that
+// stopped waiting, so it must own (or share) whatever it touches; an exception out of it
+// is caught and dropped (the thread has no one to tell).
+bool lookup_async(const LookupBudget& budget, const std::string& host, const std::string& port,
+                  std::function<void(Resolved)> done, std::string* why);
 
 }  // namespace shardguard::sidecar::h2
