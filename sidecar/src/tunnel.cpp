@@ -65,9 +65,9 @@ bool wait_for(int fd, short events, Clock::time_point deadline, int stop_fd) {
 
 short poll_events(Io want) { return want == Io::want_write ? POLLOUT : POLLIN; }
 
-// The tunnels' name lookups, both directions: at most 16 wait for DNS at once.
+// The tunnels' name lookups, both directions, apart from the relays'.
 const h2::LookupBudget& tunnel_lookups() {
-  static const h2::LookupBudget budget(16);
+  static const h2::LookupBudget budget(h2::kLookupsPerUser);
   return budget;
 }
 

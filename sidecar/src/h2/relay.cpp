@@ -136,9 +136,9 @@ bool split_host_port(const std::string& address, std::string* host, std::string*
 // Name lookups off the loop thread: getaddrinfo blocks, for seconds when DNS is slow or
 // down (a peer's Service name in a cluster), and a blocked loop would stall every stream
 // of its worker. A numeric address is converted at once; a name goes to lookup_async (its
-// own thread; at most 16 for all the relays' upstreams in the process) whose answer is posted back to the loop — unless
-// the worker has gone by then (the destructor clears the loop under the mutex the
-// answer is posted under).
+// own thread; one budget for all the relays' upstreams in the process), whose answer is
+// posted back to the loop — unless the worker has gone by then (the destructor clears
+// the loop under the mutex the answer is posted under).
 class Resolver {
  public:
   using Done = std::function<void(const Resolved&)>;
@@ -179,7 +179,7 @@ class Resolver {
 
  private:
   static const LookupBudget& budget() {
-    static const LookupBudget shared_by_all_relays(16);
+    static const LookupBudget shared_by_all_relays(kLookupsPerUser);
     return shared_by_all_relays;
   }
   struct Shared {

@@ -50,6 +50,9 @@ class LookupBudget {
   std::shared_ptr<State> state_;
 };
 
+// The budget the sidecar gives each of its users: the relays' upstreams, the tunnels.
+inline constexpr int kLookupsPerUser = 16;
+
 // Looks host:port up (lookup with flags 0) on a detached thread of its own and calls
 // `done` there with the answer; the lookup counts against `budget` until `done` has
 // returned. Returns false with *why, and never calls `done`, when no lookup can start:
