@@ -25,7 +25,13 @@ void print_risk(const std::string& csv, const JobSpec& job, const std::vector<in
   } catch (const std::exception& e) {
     throw StudyError("--risk: cannot read " + csv + ": " + e.what());
   }
-  const RiskReport risk = worst_reachable_risk(parse_csv(text), job, params);
+  // A study's table is read whole or not at all: a line that is not a result could be
+  // the row that decides the worst case.
+  CsvSkipped skipped;
+  const auto cells = parse_csv(text, &skipped);
+  if (skipped.lines > 0) throw StudyError("--risk: " + describe_skipped(csv, skipped));
+  if (cells.empty()) throw StudyError("--risk: " + csv + " holds no study results (a shardctl study's results.csv)");
+  const RiskReport risk = worst_reachable_risk(cells, job, params);
   std::printf("risk (study %s, %s in %d stages): the worst R one untrusted principal can reach within "
               "maxExposure %.4f\n",
               csv.c_str(), risk.model.c_str(), risk.stages, job.protection.max_exposure);

@@ -820,7 +820,12 @@ int Runner::run() {
   std::set<std::string> done;
   if (fs::exists(csv)) {
     const std::string text = read_file(csv);
-    for (const auto& c : parse_csv(text)) done.insert(c.key());
+    CsvSkipped skipped;
+    for (const auto& c : parse_csv(text, &skipped)) done.insert(c.key());
+    if (skipped.lines > 0) {
+      std::cerr << "study: " << describe_skipped(csv, skipped) << "; they stay in the file, and their cells are "
+                << "measured again\n";
+    }
     const auto last_nl = text.rfind('\n');
     const size_t keep = last_nl == std::string::npos ? 0 : last_nl + 1;
     if (keep != text.size()) fs::resize_file(csv, keep);

@@ -8,7 +8,9 @@
 #include <iostream>
 #include <set>
 #include <sstream>
+#include <stdexcept>
 #include <tuple>
+#include <type_traits>
 
 #include "shardguard/common/files.h"
 #include "shardguard/common/process.h"
@@ -260,46 +262,95 @@ std::string to_csv_line(const CellResult& c) {
   return line;
 }
 
-std::vector<CellResult> parse_csv(const std::string& text) {
+namespace {
+
+// One CSV line that is not a result: the reason, for CsvSkipped.
+struct BadLine : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Field `i` of a line as a whole number or a floating-point number: all of it, or BadLine.
+template <typename T>
+T csv_number(const std::vector<std::string>& f, size_t i) {
+  static const std::vector<std::string> names = split(csv_header(), ',');
+  const std::string& s = f[i];
+  size_t used = 0;
+  T v{};
+  try {
+    if constexpr (std::is_floating_point_v<T>) {
+      v = static_cast<T>(std::stod(s, &used));
+    } else {
+      v = static_cast<T>(std::stoll(s, &used));
+    }
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (s.empty() || used != s.size()) throw BadLine(names[i] + " '" + s + "' is not a number");
+  return v;
+}
+
+// A measured value that must be finite (the controls' and attacks' accuracy, fidelity, time).
+double csv_finite(const std::vector<std::string>& f, size_t i) {
+  const double v = csv_number<double>(f, i);
+  if (!std::isfinite(v)) throw BadLine(split(csv_header(), ',')[i] + " '" + f[i] + "' is not finite");
+  return v;
+}
+
+CellResult parse_csv_line(const std::string& line) {
+  const auto f = split(line, ',');
+  if (f.size() < 10 || f.size() > 14 || f.size() == 13) {
+    throw BadLine(std::to_string(f.size()) + " fields, a result has 10, 11, 12 or 14");
+  }
+  CellResult c;
+  c.model = f[0];
+  c.row = f[1];
+  c.held = f[2];
+  c.exposure = csv_finite(f, 3);
+  if (c.exposure < 0 || c.exposure > 1) throw BadLine("exposure " + f[3] + " is outside [0, 1]");
+  c.attack = f[4];
+  if (c.model.empty() || c.row.empty() || c.attack.empty()) throw BadLine("model, row and attack may not be empty");
+  c.samples = csv_number<long long>(f, 5);
+  c.seed = csv_number<int>(f, 6);
+  c.accuracy = csv_finite(f, 7);
+  c.fidelity = csv_finite(f, 8);
+  c.wall_seconds = csv_finite(f, 9);
+  if (f.size() >= 11) c.val_accuracy = csv_number<double>(f, 10);
+  if (f.size() >= 12 && !f[11].empty()) c.queries = csv_number<long long>(f, 11);
+  if (c.samples < 0 || c.queries < 0) throw BadLine("samples and queries may not be negative");
+  if (f.size() == 14) {
+    c.loss = csv_number<double>(f, 12);
+    c.val_loss = csv_number<double>(f, 13);
+  }
+  return c;
+}
+
+}  // namespace
+
+std::vector<CellResult> parse_csv(const std::string& text, CsvSkipped* skipped) {
   std::vector<CellResult> out;
   size_t pos = 0;
-  bool first = true;
+  int number = 0;
   while (pos < text.size()) {
     const size_t nl = text.find('\n', pos);
     if (nl == std::string::npos) break;  // a line cut short by an interruption
-    const std::string line = text.substr(pos, nl - pos);
+    std::string line = text.substr(pos, nl - pos);
     pos = nl + 1;
-    if (first) {
-      first = false;
-      if (line.rfind("model,", 0) == 0) continue;
-    }
-    const auto f = split(line, ',');
-    if (f.size() < 10 || f.size() > 14 || f.size() == 13) continue;
+    ++number;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.empty() || (number == 1 && line.rfind("model,", 0) == 0)) continue;
     try {
-      CellResult c;
-      c.model = f[0];
-      c.row = f[1];
-      c.held = f[2];
-      c.exposure = std::stod(f[3]);
-      c.attack = f[4];
-      c.samples = std::stoll(f[5]);
-      c.seed = std::stoi(f[6]);
-      c.accuracy = std::stod(f[7]);
-      c.fidelity = std::stod(f[8]);
-      c.wall_seconds = std::stod(f[9]);
-      if (f.size() >= 11) c.val_accuracy = std::stod(f[10]);
-      if (f.size() >= 12 && !f[11].empty()) c.queries = std::stoll(f[11]);
-      if (f.size() == 14) {
-        c.loss = std::stod(f[12]);
-        c.val_loss = std::stod(f[13]);
-      }
-      if (c.queries < 0) continue;
-      out.push_back(c);
-    } catch (const std::exception&) {
-      continue;
+      out.push_back(parse_csv_line(line));
+    } catch (const BadLine& e) {
+      if (skipped == nullptr) continue;
+      if (skipped->lines++ == 0) skipped->first = "line " + std::to_string(number) + ": " + e.what();
     }
   }
   return out;
+}
+
+std::string describe_skipped(const std::string& path, const CsvSkipped& skipped) {
+  return path + ": " + std::to_string(skipped.lines) + (skipped.lines == 1 ? " line is" : " lines are") +
+         " not study results (first: " + skipped.first + ")";
 }
 
 Stat stat_of(const std::vector<double>& v) {
@@ -878,8 +929,14 @@ std::string a4_plot_script(const std::string& model, int64_t samples, const std:
 }
 
 void write_report(const std::string& out_dir, bool plots, const std::map<std::string, std::vector<double>>& shares) {
-  auto cells = parse_csv(read_file(out_dir + "/results.csv"));
-  if (const int changed = restate_exposure(cells, shares); changed > 0) {
+  CsvSkipped skipped;
+  auto cells = parse_csv(read_file(out_dir + "/results.csv"), &skipped);
+  if (skipped.lines > 0) std::cerr << "study: " << describe_skipped(out_dir + "/results.csv", skipped) << "\n";
+  // The file is rewritten only when every line in it is a result: a rewrite drops the others.
+  if (const int changed = restate_exposure(cells, shares); changed > 0 && skipped.lines > 0) {
+    std::printf("study: the exposure of %d cells is restated in the report only; results.csv keeps its lines\n",
+                changed);
+  } else if (changed > 0) {
     std::string csv = csv_header() + "\n";
     for (const auto& c : cells) csv += to_csv_line(c) + "\n";
     write_file_atomic(out_dir + "/results.csv", csv);

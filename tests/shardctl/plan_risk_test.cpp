@@ -109,6 +109,21 @@ TEST(PlanRisk, PlanPrintsTheRiskAndRefusesAnUnreadableStudy) {
   CaptureStdout();
   EXPECT_EQ(RunPlan(dir + "/job.yaml", dir + "/missing.csv"), 2);
   GetCapturedStdout();
+  // A damaged study is refused with its first bad line, not read in part; an empty one
+  // (or another file) is refused as holding no results.
+  write_file_atomic(dir + "/damaged.csv", csv + "cnn,s0,0,0.1126,A1-frozen,600,1,0.9;0.1,0.5,1.0\n");
+  write_file_atomic(dir + "/empty.csv", "");
+  for (const auto& [file, why] : std::vector<std::pair<std::string, std::string>>{
+           {"damaged.csv", "damaged.csv: 1 line is not study results (first: line " +
+                               std::to_string(cells().size() + 2) + ": accuracy '0.9;0.1' is not a number)"},
+           {"empty.csv", "empty.csv holds no study results"}}) {
+    testing::internal::CaptureStderr();
+    CaptureStdout();
+    EXPECT_EQ(RunPlan(dir + "/job.yaml", dir + "/" + file), 2);
+    GetCapturedStdout();
+    const std::string err = testing::internal::GetCapturedStderr();
+    EXPECT_NE(err.find(why), std::string::npos) << err;
+  }
 }
 
 // results.md's placement table: per attacker, no stage or one stage trusted, four caps.

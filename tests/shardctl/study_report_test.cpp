@@ -169,6 +169,41 @@ TEST(StudyCsv, RoundTripAndCutShortLine) {
   EXPECT_TRUE(parse_csv("garbage\nmodel,a\n").empty());
 }
 
+// A line that is not a result is skipped and counted, with the first one's line number
+// and reason; empty lines, a CRLF ending and a last line cut short are not problems.
+TEST(StudyCsv, LinesThatAreNotResultsAreCountedWithTheFirstReason) {
+  const CellResult c{"cnn", "s0", "0", 0.1126, "A1-frozen", 600, 1, 0.81, 0.85, 12.5};
+  const std::string good = to_csv_line(c);
+  std::string bad_number = good;
+  bad_number.replace(bad_number.find("0.810000"), 8, "0.81x");
+  std::string not_finite = good;
+  not_finite.replace(not_finite.find("0.850000"), 8, "nan");
+  std::string exposure = good;
+  exposure.replace(exposure.find("0.112600"), 8, "1.5");
+  const std::string text = csv_header() + "\n" + good + "\n" + bad_number + "\n\n" + "cnn,s0,0\n" + not_finite +
+                           "\n" + exposure + "\n" + good + "\r\n" + good.substr(0, 12);
+  CsvSkipped skipped;
+  const auto cells = parse_csv(text, &skipped);
+  ASSERT_EQ(cells.size(), 2u);
+  EXPECT_EQ(cells[1].key(), c.key()) << "the CRLF line is read";
+  EXPECT_EQ(skipped.lines, 4);
+  EXPECT_EQ(skipped.first, "line 3: accuracy '0.81x' is not a number");
+  EXPECT_EQ(describe_skipped("r.csv", skipped), "r.csv: 4 lines are not study results (first: line 3: accuracy "
+                                                "'0.81x' is not a number)");
+  CsvSkipped one;
+  parse_csv(csv_header() + "\ncnn,s0,0\n", &one);
+  EXPECT_EQ(one.first, "line 2: 3 fields, a result has 10, 11, 12 or 14");
+  CsvSkipped each;
+  parse_csv(not_finite + "\n", &each);
+  EXPECT_EQ(each.first, "line 1: fidelity 'nan' is not finite");
+  each = {};
+  parse_csv(exposure + "\n", &each);
+  EXPECT_EQ(each.first, "line 1: exposure 1.5 is outside [0, 1]");
+  each = {};
+  EXPECT_EQ(parse_csv(csv_header() + "\n" + good + "\n", &each).size(), 1u);
+  EXPECT_EQ(each.lines, 0);
+}
+
 TEST(StudyReport, RecoveredFractionPerSeed) {
   std::vector<CellResult> cells;
   auto add = [&](const std::string& row, const std::string& attack, int seed, double acc) {
@@ -541,6 +576,31 @@ TEST(StudyReportOnly, RestatesAndWritesTheReport) {
   // A second run finds nothing to restate and writes the same report.
   ASSERT_EQ(RunStudyReport(o), 0);
   EXPECT_EQ(slurp(dir / "results.md"), md);
+}
+
+// A results.csv with lines that are not results: the report says so on stderr and is
+// made from the others, and the file is not rewritten (a restatement would drop them).
+TEST(StudyReportOnly, KeepsLinesThatAreNotResults) {
+  const testsupport::TempDir tmp("shardguard-study-report-damaged");
+  const fs::path dir = tmp.path();
+  const std::string csv = small_csv() + "cnn,s0,0,0.1,A1-frozen,60,1,oops,0.5,1.0\n";
+  { std::ofstream(dir / "results.csv") << csv; }
+  StudyOptions o;
+  o.job_files = {kCnnJob};
+  o.out_dir = dir.string();
+  o.report_only = true;
+  o.no_plots = true;
+  testing::internal::CaptureStderr();
+  testing::internal::CaptureStdout();
+  ASSERT_EQ(RunStudyReport(o), 0);
+  const std::string out = testing::internal::GetCapturedStdout();
+  const std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find("1 line is not study results (first: line 6: accuracy 'oops' is not a number)"),
+            std::string::npos)
+      << err;
+  EXPECT_NE(out.find("the exposure of 1 cells is restated in the report only"), std::string::npos) << out;
+  EXPECT_EQ(slurp(dir / "results.csv"), csv);
+  EXPECT_NE(slurp(dir / "results.md").find("| s0+1+3 |"), std::string::npos);
 }
 
 // The CSV missing or unreadable is an I/O failure that names the file (exit 1),

@@ -170,10 +170,20 @@ std::string csv_header();
 // changed: a CSV written before the study counted implicit sandwiches is restated.
 int restate_exposure(std::vector<CellResult>& cells, const std::map<std::string, std::vector<double>>& shares);
 std::string to_csv_line(const CellResult& cell);
-// Parses the CSV text (header line first); malformed lines are skipped, and a
-// last line without its newline (a write cut short) is ignored. Lines of the first
-// study (10 fields, no val_accuracy) are read with val_accuracy NaN.
-std::vector<CellResult> parse_csv(const std::string& text);
+// The lines parse_csv left out because they are not results (a last line cut short
+// and empty lines are not counted): how many, and the first as "line N: why".
+struct CsvSkipped {
+  int lines = 0;
+  std::string first;
+};
+// Parses the CSV text (header line first); a line that is not a result (wrong field
+// count, a field that is not a number, a measurement that is not finite, an exposure
+// outside [0, 1]) is skipped and counted in `skipped`, and a last line without its
+// newline (a write cut short) is ignored. Lines of the first study (10 fields, no
+// val_accuracy) are read with val_accuracy NaN.
+std::vector<CellResult> parse_csv(const std::string& text, CsvSkipped* skipped = nullptr);
+// "PATH: N lines are not study results (first: line K: why)".
+std::string describe_skipped(const std::string& path, const CsvSkipped& skipped);
 
 // ---- the report (pure) ----------------------------------------------------------
 
