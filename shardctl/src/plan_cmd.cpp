@@ -29,7 +29,7 @@ void print_risk(const std::string& csv, const JobSpec& job, const std::vector<in
   // the row that decides the worst case.
   CsvSkipped skipped;
   const auto cells = parse_csv(text, &skipped);
-  if (skipped.lines > 0) throw StudyError("--risk: " + describe_skipped(csv, skipped));
+  if (skipped.any()) throw StudyError("--risk: " + describe_skipped(csv, skipped));
   if (cells.empty()) throw StudyError("--risk: " + csv + " holds no study results (a shardctl study's results.csv)");
   const RiskReport risk = worst_reachable_risk(cells, job, params);
   std::printf("risk (study %s, %s in %d stages): the worst R one untrusted principal can reach within "

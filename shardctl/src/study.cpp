@@ -822,9 +822,10 @@ int Runner::run() {
     const std::string text = read_file(csv);
     CsvSkipped skipped;
     for (const auto& c : parse_csv(text, &skipped)) done.insert(c.key());
+    // A line cut short is the normal trace of an interruption, dropped below; the others
+    // stay in the file, and a cell that only they held is measured again.
     if (skipped.lines > 0) {
-      std::cerr << "study: " << describe_skipped(csv, skipped) << "; they stay in the file, and their cells are "
-                << "measured again\n";
+      std::cerr << "study: " << describe_skipped(csv, CsvSkipped{skipped.lines, skipped.first, 0}) << "\n";
     }
     const auto last_nl = text.rfind('\n');
     const size_t keep = last_nl == std::string::npos ? 0 : last_nl + 1;

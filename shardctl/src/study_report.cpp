@@ -1,11 +1,13 @@
 // The pure half of `shardctl study`: rows, exposure, CSV and the report.
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <functional>
 #include <iostream>
+#include <limits>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -269,7 +271,9 @@ struct BadLine : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// Field `i` of a line as a whole number or a floating-point number: all of it, or BadLine.
+// Field `i` of a line as a whole number or a floating-point number: all of it (no
+// leading space or sign other than '-', as the writer never makes one), within T's
+// range, or BadLine.
 template <typename T>
 T csv_number(const std::vector<std::string>& f, size_t i) {
   static const std::vector<std::string> names = split(csv_header(), ',');
@@ -280,12 +284,15 @@ T csv_number(const std::vector<std::string>& f, size_t i) {
     if constexpr (std::is_floating_point_v<T>) {
       v = static_cast<T>(std::stod(s, &used));
     } else {
-      v = static_cast<T>(std::stoll(s, &used));
+      const long long n = std::stoll(s, &used);
+      if (n < std::numeric_limits<T>::min() || n > std::numeric_limits<T>::max()) used = 0;
+      v = static_cast<T>(n);
     }
   } catch (const std::exception&) {
     used = 0;
   }
-  if (s.empty() || used != s.size()) throw BadLine(names[i] + " '" + s + "' is not a number");
+  const bool plain = !s.empty() && (s[0] == '-' || std::isalnum(static_cast<unsigned char>(s[0])));
+  if (!plain || used != s.size()) throw BadLine(names[i] + " '" + s + "' is not a number");
   return v;
 }
 
@@ -332,13 +339,18 @@ std::vector<CellResult> parse_csv(const std::string& text, CsvSkipped* skipped) 
   int number = 0;
   while (pos < text.size()) {
     const size_t nl = text.find('\n', pos);
-    if (nl == std::string::npos) break;  // a line cut short by an interruption
+    if (nl == std::string::npos) {  // a line cut short by an interruption
+      if (skipped != nullptr) skipped->cut_short = number + 1;
+      break;
+    }
     std::string line = text.substr(pos, nl - pos);
     pos = nl + 1;
     ++number;
     if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (number == 1 && line.rfind("\xEF\xBB\xBF", 0) == 0) line.erase(0, 3);  // a UTF-8 byte order mark
     if (line.empty() || (number == 1 && line.rfind("model,", 0) == 0)) continue;
     try {
+      if (line.rfind("model,", 0) == 0) throw BadLine("a second header line (a study's CSV has one, on line 1)");
       out.push_back(parse_csv_line(line));
     } catch (const BadLine& e) {
       if (skipped == nullptr) continue;
@@ -349,8 +361,17 @@ std::vector<CellResult> parse_csv(const std::string& text, CsvSkipped* skipped) 
 }
 
 std::string describe_skipped(const std::string& path, const CsvSkipped& skipped) {
-  return path + ": " + std::to_string(skipped.lines) + (skipped.lines == 1 ? " line is" : " lines are") +
-         " not study results (first: " + skipped.first + ")";
+  std::string out = path + ":";
+  if (skipped.lines > 0) {
+    out += " " + std::to_string(skipped.lines) +
+           (skipped.lines == 1 ? " line is not a study result" : " lines are not study results") + " (first: " +
+           skipped.first + ")";
+  }
+  if (skipped.cut_short > 0) {
+    out += std::string(skipped.lines > 0 ? ";" : "") + " line " + std::to_string(skipped.cut_short) +
+           " has no newline (a write cut short)";
+  }
+  return out + "; mend or delete such lines to have them read";
 }
 
 Stat stat_of(const std::vector<double>& v) {
@@ -931,9 +952,9 @@ std::string a4_plot_script(const std::string& model, int64_t samples, const std:
 void write_report(const std::string& out_dir, bool plots, const std::map<std::string, std::vector<double>>& shares) {
   CsvSkipped skipped;
   auto cells = parse_csv(read_file(out_dir + "/results.csv"), &skipped);
-  if (skipped.lines > 0) std::cerr << "study: " << describe_skipped(out_dir + "/results.csv", skipped) << "\n";
+  if (skipped.any()) std::cerr << "study: " << describe_skipped(out_dir + "/results.csv", skipped) << "\n";
   // The file is rewritten only when every line in it is a result: a rewrite drops the others.
-  if (const int changed = restate_exposure(cells, shares); changed > 0 && skipped.lines > 0) {
+  if (const int changed = restate_exposure(cells, shares); changed > 0 && skipped.any()) {
     std::printf("study: the exposure of %d cells is restated in the report only; results.csv keeps its lines\n",
                 changed);
   } else if (changed > 0) {

@@ -112,11 +112,16 @@ TEST(PlanRisk, PlanPrintsTheRiskAndRefusesAnUnreadableStudy) {
   // A damaged study is refused with its first bad line, not read in part; an empty one
   // (or another file) is refused as holding no results.
   write_file_atomic(dir + "/damaged.csv", csv + "cnn,s0,0,0.1126,A1-frozen,600,1,0.9;0.1,0.5,1.0\n");
+  write_file_atomic(dir + "/cut.csv", csv + to_csv_line(cells()[0]));
   write_file_atomic(dir + "/empty.csv", "");
+  write_file_atomic(dir + "/header.csv", csv_header() + "\n");
+  const std::string last = std::to_string(cells().size() + 2);
   for (const auto& [file, why] : std::vector<std::pair<std::string, std::string>>{
-           {"damaged.csv", "damaged.csv: 1 line is not study results (first: line " +
-                               std::to_string(cells().size() + 2) + ": accuracy '0.9;0.1' is not a number)"},
-           {"empty.csv", "empty.csv holds no study results"}}) {
+           {"damaged.csv", "damaged.csv: 1 line is not a study result (first: line " + last +
+                               ": accuracy '0.9;0.1' is not a number); mend or delete"},
+           {"cut.csv", "cut.csv: line " + last + " has no newline (a write cut short); mend or delete"},
+           {"empty.csv", "empty.csv holds no study results"},
+           {"header.csv", "header.csv holds no study results"}}) {
     testing::internal::CaptureStderr();
     CaptureStdout();
     EXPECT_EQ(RunPlan(dir + "/job.yaml", dir + "/" + file), 2);

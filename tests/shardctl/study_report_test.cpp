@@ -188,20 +188,32 @@ TEST(StudyCsv, LinesThatAreNotResultsAreCountedWithTheFirstReason) {
   EXPECT_EQ(cells[1].key(), c.key()) << "the CRLF line is read";
   EXPECT_EQ(skipped.lines, 4);
   EXPECT_EQ(skipped.first, "line 3: accuracy '0.81x' is not a number");
-  EXPECT_EQ(describe_skipped("r.csv", skipped), "r.csv: 4 lines are not study results (first: line 3: accuracy "
-                                                "'0.81x' is not a number)");
-  CsvSkipped one;
-  parse_csv(csv_header() + "\ncnn,s0,0\n", &one);
-  EXPECT_EQ(one.first, "line 2: 3 fields, a result has 10, 11, 12 or 14");
-  CsvSkipped each;
-  parse_csv(not_finite + "\n", &each);
-  EXPECT_EQ(each.first, "line 1: fidelity 'nan' is not finite");
-  each = {};
-  parse_csv(exposure + "\n", &each);
-  EXPECT_EQ(each.first, "line 1: exposure 1.5 is outside [0, 1]");
-  each = {};
-  EXPECT_EQ(parse_csv(csv_header() + "\n" + good + "\n", &each).size(), 1u);
-  EXPECT_EQ(each.lines, 0);
+  EXPECT_EQ(skipped.cut_short, 9);
+  EXPECT_EQ(describe_skipped("r.csv", skipped),
+            "r.csv: 4 lines are not study results (first: line 3: accuracy '0.81x' is not a number); line 9 has no "
+            "newline (a write cut short); mend or delete such lines to have them read");
+  // Each rule on its own line: the reason the first (here the only) bad line gets.
+  const auto with = [&](const std::string& from, const std::string& to) {
+    std::string line = good;
+    return line.replace(line.find(from), from.size(), to);
+  };
+  for (const auto& [line, why] : std::vector<std::pair<std::string, std::string>>{
+           {"cnn,s0,0", "3 fields, a result has 10, 11, 12 or 14"},
+           {not_finite, "fidelity 'nan' is not finite"},
+           {exposure, "exposure 1.5 is outside [0, 1]"},
+           {with("0.810000", " 0.81"), "accuracy ' 0.81' is not a number"},
+           {with(",600,", ",+600,"), "samples '+600' is not a number"},
+           {with(",600,", ",-600,"), "samples and queries may not be negative"},
+           {with(",600,1,", ",600,2147483648,"), "seed '2147483648' is not a number"},
+           {with("cnn,", ","), "model, row and attack may not be empty"},
+           {csv_header(), "a second header line (a study's CSV has one, on line 1)"}}) {
+    CsvSkipped each;
+    EXPECT_TRUE(parse_csv(csv_header() + "\n" + line + "\n", &each).empty()) << line;
+    EXPECT_EQ(each.first, "line 2: " + why) << line;
+  }
+  CsvSkipped none;
+  EXPECT_EQ(parse_csv("\xEF\xBB\xBF" + csv_header() + "\n" + good + "\n", &none).size(), 1u) << "a BOM";
+  EXPECT_FALSE(none.any());
 }
 
 TEST(StudyReport, RecoveredFractionPerSeed) {
@@ -595,12 +607,18 @@ TEST(StudyReportOnly, KeepsLinesThatAreNotResults) {
   ASSERT_EQ(RunStudyReport(o), 0);
   const std::string out = testing::internal::GetCapturedStdout();
   const std::string err = testing::internal::GetCapturedStderr();
-  EXPECT_NE(err.find("1 line is not study results (first: line 6: accuracy 'oops' is not a number)"),
+  EXPECT_NE(err.find("1 line is not a study result (first: line 6: accuracy 'oops' is not a number)"),
             std::string::npos)
       << err;
   EXPECT_NE(out.find("the exposure of 1 cells is restated in the report only"), std::string::npos) << out;
   EXPECT_EQ(slurp(dir / "results.csv"), csv);
-  EXPECT_NE(slurp(dir / "results.md").find("| s0+1+3 |"), std::string::npos);
+  // The report shows the restated exposure (s0+1+3 sandwiches stage 2: 100 %, not the CSV's 55.8 %).
+  const std::string md = slurp(dir / "results.md");
+  const size_t row = md.find("| s0+1+3 |");
+  ASSERT_NE(row, std::string::npos) << md;
+  const std::string line = md.substr(row, md.find('\n', row) - row);
+  EXPECT_NE(line.find("100.0%"), std::string::npos) << line;
+  EXPECT_EQ(line.find("55.8%"), std::string::npos) << line;
 }
 
 // The CSV missing or unreadable is an I/O failure that names the file (exit 1),

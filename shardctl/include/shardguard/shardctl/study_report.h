@@ -170,19 +170,23 @@ std::string csv_header();
 // changed: a CSV written before the study counted implicit sandwiches is restated.
 int restate_exposure(std::vector<CellResult>& cells, const std::map<std::string, std::vector<double>>& shares);
 std::string to_csv_line(const CellResult& cell);
-// The lines parse_csv left out because they are not results (a last line cut short
-// and empty lines are not counted): how many, and the first as "line N: why".
+// The lines parse_csv left out (empty lines are not counted): how many are not results,
+// the first of them as "line N: why", and the number of a last line without its newline.
 struct CsvSkipped {
   int lines = 0;
   std::string first;
+  int cut_short = 0;
+  bool any() const { return lines > 0 || cut_short > 0; }
 };
 // Parses the CSV text (header line first); a line that is not a result (wrong field
 // count, a field that is not a number, a measurement that is not finite, an exposure
-// outside [0, 1]) is skipped and counted in `skipped`, and a last line without its
-// newline (a write cut short) is ignored. Lines of the first study (10 fields, no
+// outside [0, 1], a negative count, an empty model, row or attack, a second header) is
+// skipped and counted in `skipped`, and a last line without its newline (a write cut
+// short) is left out and noted there. Lines of the first study (10 fields, no
 // val_accuracy) are read with val_accuracy NaN.
 std::vector<CellResult> parse_csv(const std::string& text, CsvSkipped* skipped = nullptr);
-// "PATH: N lines are not study results (first: line K: why)".
+// "PATH: N lines are not study results (first: line K: why); line M has no newline
+// (a write cut short); mend or delete such lines to have them read".
 std::string describe_skipped(const std::string& path, const CsvSkipped& skipped);
 
 // ---- the report (pure) ----------------------------------------------------------
